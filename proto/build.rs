@@ -1,0 +1,18 @@
+//! Compiles the `.proto` files with protox (pure Rust), so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/isthmus/v1/catalog.proto",
+        "proto/isthmus/v1/watch.proto",
+        "proto/isthmus/v1/ca.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! Small helpers shared by every program's configuration.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{value:?} is not a duration: {why} (examples: 500ms, 30s, 10m, 1h, 7d)")]
+pub struct DurationError {
+    value: String,
+    why: &'static str,
+}
+
+/// Parses `500ms`, `30s`, `10m`, `1h`, `7d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let err = |why| DurationError {
+        value: s.to_string(),
+        why,
+    };
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(err("it does not start with a number"));
+    }
+    let n: u64 = num.parse().map_err(|_| err("the number is too large"))?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| err("it is too long"));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        _ => Err(err("unknown unit")),
+    }
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_millis() != 0 || s == 0 {
+        format!("{}ms", d.as_millis())
+    } else if s % 86400 == 0 {
+        format!("{}d", s / 86400)
+    } else if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("42").unwrap(), Duration::from_secs(42));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+}

@@ -1,0 +1,22 @@
+//! The mesh's shared language, used by every isthmus program: the protobuf definitions and
+//! generated gRPC code, the catalog model converted once from them, SPIFFE identity, the only
+//! rustls builders in the workspace, gRPC over mTLS, and small runtime helpers (config
+//! parsing, drain, admin HTTP, telemetry). It depends on no other workspace crate.
+
+pub mod admin;
+pub mod config;
+pub mod drain;
+pub mod grpc;
+pub mod identity;
+pub mod model;
+pub mod telemetry;
+pub mod tls;
+
+/// Generated protobuf and gRPC code. Only conversion code at the edges uses it; everything
+/// else works with [`model`].
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("isthmus.v1");
+}
+
+pub use identity::{SpiffeId, TrustDomain};

@@ -1,0 +1,912 @@
+//! The catalog model: plain Rust types converted once from protobuf at the edge, so that
+//! code outside this crate never handles generated types.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::identity::SpiffeId;
+use crate::pb;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{field}: {value} is not a valid port (1-65535)")]
+    BadPort { field: String, value: u32 },
+    #[error("{field}: {why}")]
+    Invalid { field: String, why: String },
+    #[error("resource has no kind")]
+    MissingKind,
+}
+
+fn port(field: impl Into<String>, v: u32) -> Result<u16, ModelError> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(ModelError::BadPort {
+            field: field.into(),
+            value: v,
+        }),
+    }
+}
+
+fn port_or_zero(field: impl Into<String>, v: u32) -> Result<u16, ModelError> {
+    if v == 0 {
+        Ok(0)
+    } else {
+        port(field, v)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    /// Parses `region/zone/subzone` (any suffix may be missing).
+    pub fn parse(s: &str) -> Self {
+        let mut it = s.splitn(3, '/');
+        Self {
+            region: it.next().unwrap_or_default().to_string(),
+            zone: it.next().unwrap_or_default().to_string(),
+            subzone: it.next().unwrap_or_default().to_string(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
+    }
+}
+
+impl fmt::Display for Locality {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts = [&self.region, &self.zone, &self.subzone];
+        let n = parts.iter().rposition(|p| !p.is_empty()).map_or(0, |i| i + 1);
+        let s: Vec<&str> = parts[..n].iter().map(|s| s.as_str()).collect();
+        f.write_str(&s.join("/"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    pub address: String,
+    pub sni_port: u16,
+    pub tunnel_port: u16,
+    pub locality: Locality,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub id: String,
+    pub gateways: Vec<Gateway>,
+    pub cidrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub number: u16,
+    pub protocol: String,
+    /// 0 means "same as number".
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resolution {
+    #[default]
+    Static,
+    Dns,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    #[default]
+    Mesh,
+    ClusterLocal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAddress {
+    /// Empty: the same address in every cluster.
+    pub cluster: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Service {
+    pub hostname: String,
+    pub namespace: String,
+    pub name: String,
+    pub cluster: String,
+    pub ports: Vec<ServicePort>,
+    pub addresses: Vec<ServiceAddress>,
+    pub resolution: Resolution,
+    pub scope: Scope,
+    pub labels: BTreeMap<String, String>,
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Health {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    Pod,
+    #[default]
+    WorkloadEntry,
+    Vm,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub address: String,
+    pub network: String,
+    pub cluster: String,
+    pub locality: Locality,
+    pub identity: Option<SpiffeId>,
+    pub labels: BTreeMap<String, String>,
+    pub ports: BTreeMap<String, u16>,
+    pub weight: u32,
+    pub health: Health,
+    pub origin: Origin,
+    pub last_confirmed_ms: i64,
+    pub services: Vec<String>,
+    pub service_account: String,
+}
+
+impl Workload {
+    /// Whether this workload is an endpoint of `svc` (same namespace, and either named
+    /// explicitly or matched by the service's selector).
+    pub fn serves(&self, svc: &Service) -> bool {
+        if self.namespace != svc.namespace {
+            return false;
+        }
+        if self.services.iter().any(|h| h == &svc.hostname) {
+            return true;
+        }
+        !svc.selector.is_empty() && svc.selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+
+    /// The port on this workload for a service port: by name, else the target port, else the
+    /// service port number.
+    pub fn port_for(&self, sp: &ServicePort) -> u16 {
+        if let Some(p) = self.ports.get(&sp.name) {
+            return *p;
+        }
+        if sp.target_port != 0 {
+            sp.target_port
+        } else {
+            sp.number
+        }
+    }
+
+    pub fn effective_weight(&self) -> u32 {
+        self.weight.max(1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAction {
+    HttpGet { path: String, port: u16, host: String, scheme: String },
+    TcpSocket { host: String, port: u16 },
+    Exec { command: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub initial_delay_seconds: u32,
+    pub period_seconds: u32,
+    pub timeout_seconds: u32,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+    pub action: ProbeAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadGroup {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub template: Workload,
+    pub probe: Option<Probe>,
+}
+
+/// Anything the registry stores in its catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    Network(Network),
+    Service(Service),
+    Workload(Workload),
+    WorkloadGroup(WorkloadGroup),
+}
+
+impl Resource {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Resource::Network(_) => "Network",
+            Resource::Service(_) => "Service",
+            Resource::Workload(_) => "Workload",
+            Resource::WorkloadGroup(_) => "WorkloadGroup",
+        }
+    }
+
+    /// A key unique within the catalog: `<kind>/<namespace>/<name>`; services are keyed by
+    /// defining cluster and hostname, since the same hostname may come from several clusters.
+    pub fn key(&self) -> String {
+        match self {
+            Resource::Network(n) => format!("Network//{}", n.id),
+            Resource::Service(s) => format!("Service/{}/{}", s.cluster, s.hostname),
+            Resource::Workload(w) => format!("Workload/{}/{}", w.namespace, w.name),
+            Resource::WorkloadGroup(g) => format!("WorkloadGroup/{}/{}", g.namespace, g.name),
+        }
+    }
+}
+
+/// A resource with the source that owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedResource {
+    pub origin: String,
+    pub resource: Resource,
+}
+
+// ---- what subscribers see ------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NodeKind {
+    #[default]
+    Workload,
+    Gateway,
+    Dns,
+    Vm,
+    Ctl,
+}
+
+impl NodeKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NodeKind::Workload => "workload",
+            NodeKind::Gateway => "gateway",
+            NodeKind::Dns => "dns",
+            NodeKind::Vm => "vm",
+            NodeKind::Ctl => "ctl",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "workload" => NodeKind::Workload,
+            "gateway" => NodeKind::Gateway,
+            "dns" => NodeKind::Dns,
+            "vm" => NodeKind::Vm,
+            "ctl" => NodeKind::Ctl,
+            _ => return None,
+        })
+    }
+}
+
+/// A subscriber of the Watch service, as it describes itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Node {
+    pub id: String,
+    pub kind: NodeKind,
+    pub network: String,
+    pub cluster: String,
+    pub locality: Locality,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointKind {
+    Workload,
+    Gateway,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewEndpoint {
+    pub kind: EndpointKind,
+    pub address: String,
+    /// Service port number -> port to connect to.
+    pub ports: BTreeMap<u16, u16>,
+    pub network: String,
+    pub cluster: String,
+    pub locality: Locality,
+    pub identities: Vec<SpiffeId>,
+    pub weight: u32,
+    pub health: Health,
+    pub labels: BTreeMap<String, String>,
+    pub uid: String,
+    pub tunnel_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub service: Service,
+    pub endpoints: Vec<ViewEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewResource {
+    Service(Arc<ServiceView>),
+    Network(Arc<Network>),
+}
+
+impl ViewResource {
+    pub fn key(&self) -> String {
+        match self {
+            ViewResource::Service(s) => service_view_key(&s.service.hostname),
+            ViewResource::Network(n) => network_view_key(&n.id),
+        }
+    }
+}
+
+pub fn service_view_key(hostname: &str) -> String {
+    format!("svc/{hostname}")
+}
+
+pub fn network_view_key(id: &str) -> String {
+    format!("net/{id}")
+}
+
+// ---- conversions ---------------------------------------------------------------------------
+
+impl From<&Locality> for pb::Locality {
+    fn from(l: &Locality) -> Self {
+        Self {
+            region: l.region.clone(),
+            zone: l.zone.clone(),
+            subzone: l.subzone.clone(),
+        }
+    }
+}
+
+impl From<Option<pb::Locality>> for Locality {
+    fn from(l: Option<pb::Locality>) -> Self {
+        l.map(|l| Locality {
+            region: l.region,
+            zone: l.zone,
+            subzone: l.subzone,
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl From<&Network> for pb::Network {
+    fn from(n: &Network) -> Self {
+        Self {
+            id: n.id.clone(),
+            gateways: n
+                .gateways
+                .iter()
+                .map(|g| pb::Gateway {
+                    address: g.address.clone(),
+                    sni_port: g.sni_port.into(),
+                    tunnel_port: g.tunnel_port.into(),
+                    locality: Some((&g.locality).into()),
+                })
+                .collect(),
+            cidrs: n.cidrs.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::Network> for Network {
+    type Error = ModelError;
+    fn try_from(n: pb::Network) -> Result<Self, ModelError> {
+        let gateways = n
+            .gateways
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                Ok(Gateway {
+                    address: g.address,
+                    sni_port: port(format!("gateways[{i}].sni_port"), g.sni_port)?,
+                    tunnel_port: port_or_zero(format!("gateways[{i}].tunnel_port"), g.tunnel_port)?,
+                    locality: g.locality.into(),
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        Ok(Network {
+            id: n.id,
+            gateways,
+            cidrs: n.cidrs,
+        })
+    }
+}
+
+fn resolution_to_pb(r: Resolution) -> pb::Resolution {
+    match r {
+        Resolution::Static => pb::Resolution::Static,
+        Resolution::Dns => pb::Resolution::Dns,
+        Resolution::None => pb::Resolution::None,
+    }
+}
+
+fn scope_to_pb(s: Scope) -> pb::Scope {
+    match s {
+        Scope::Mesh => pb::Scope::Mesh,
+        Scope::ClusterLocal => pb::Scope::ClusterLocal,
+    }
+}
+
+impl From<&Service> for pb::Service {
+    fn from(s: &Service) -> Self {
+        Self {
+            hostname: s.hostname.clone(),
+            namespace: s.namespace.clone(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| pb::ServicePort {
+                    name: p.name.clone(),
+                    number: p.number.into(),
+                    protocol: p.protocol.clone(),
+                    target_port: p.target_port.into(),
+                })
+                .collect(),
+            addresses: s
+                .addresses
+                .iter()
+                .map(|a| pb::ServiceAddress {
+                    cluster: a.cluster.clone(),
+                    address: a.address.clone(),
+                })
+                .collect(),
+            resolution: resolution_to_pb(s.resolution).into(),
+            scope: scope_to_pb(s.scope).into(),
+            labels: s.labels.clone().into_iter().collect(),
+            selector: s.selector.clone().into_iter().collect(),
+            cluster: s.cluster.clone(),
+            name: s.name.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::Service> for Service {
+    type Error = ModelError;
+    fn try_from(s: pb::Service) -> Result<Self, ModelError> {
+        let resolution = match s.resolution() {
+            pb::Resolution::Dns => Resolution::Dns,
+            pb::Resolution::None => Resolution::None,
+            _ => Resolution::Static,
+        };
+        let scope = match s.scope() {
+            pb::Scope::ClusterLocal => Scope::ClusterLocal,
+            _ => Scope::Mesh,
+        };
+        let ports = s
+            .ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Ok(ServicePort {
+                    number: port(format!("ports[{i}].number"), p.number)?,
+                    target_port: port_or_zero(format!("ports[{i}].target_port"), p.target_port)?,
+                    name: p.name,
+                    protocol: p.protocol,
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        Ok(Service {
+            hostname: s.hostname,
+            namespace: s.namespace,
+            name: s.name,
+            cluster: s.cluster,
+            ports,
+            addresses: s
+                .addresses
+                .into_iter()
+                .map(|a| ServiceAddress {
+                    cluster: a.cluster,
+                    address: a.address,
+                })
+                .collect(),
+            resolution,
+            scope,
+            labels: s.labels.into_iter().collect(),
+            selector: s.selector.into_iter().collect(),
+        })
+    }
+}
+
+fn health_to_pb(h: Health) -> pb::Health {
+    match h {
+        Health::Healthy => pb::Health::Healthy,
+        Health::Unhealthy => pb::Health::Unhealthy,
+    }
+}
+
+fn health_from_pb(h: pb::Health) -> Health {
+    match h {
+        pb::Health::Unhealthy => Health::Unhealthy,
+        _ => Health::Healthy,
+    }
+}
+
+fn identity_from_pb(field: &str, s: &str) -> Result<Option<SpiffeId>, ModelError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    SpiffeId::parse(s).map(Some).map_err(|e| ModelError::Invalid {
+        field: field.to_string(),
+        why: e.to_string(),
+    })
+}
+
+impl From<&Workload> for pb::Workload {
+    fn from(w: &Workload) -> Self {
+        Self {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            address: w.address.clone(),
+            network: w.network.clone(),
+            cluster: w.cluster.clone(),
+            locality: Some((&w.locality).into()),
+            identity: w.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            labels: w.labels.clone().into_iter().collect(),
+            ports: w.ports.iter().map(|(k, v)| (k.clone(), u32::from(*v))).collect(),
+            weight: w.weight,
+            health: health_to_pb(w.health).into(),
+            origin: match w.origin {
+                Origin::Pod => pb::Origin::Pod,
+                Origin::WorkloadEntry => pb::Origin::WorkloadEntry,
+                Origin::Vm => pb::Origin::Vm,
+            }
+            .into(),
+            last_confirmed_ms: w.last_confirmed_ms,
+            services: w.services.clone(),
+            service_account: w.service_account.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::Workload> for Workload {
+    type Error = ModelError;
+    fn try_from(w: pb::Workload) -> Result<Self, ModelError> {
+        let health = health_from_pb(w.health());
+        let origin = match w.origin() {
+            pb::Origin::Pod => Origin::Pod,
+            pb::Origin::Vm => Origin::Vm,
+            _ => Origin::WorkloadEntry,
+        };
+        let ports = w
+            .ports
+            .into_iter()
+            .map(|(k, v)| Ok((k.clone(), port(format!("ports.{k}"), v)?)))
+            .collect::<Result<_, ModelError>>()?;
+        Ok(Workload {
+            identity: identity_from_pb("identity", &w.identity)?,
+            uid: w.uid,
+            name: w.name,
+            namespace: w.namespace,
+            address: w.address,
+            network: w.network,
+            cluster: w.cluster,
+            locality: w.locality.into(),
+            labels: w.labels.into_iter().collect(),
+            ports,
+            weight: w.weight,
+            health,
+            origin,
+            last_confirmed_ms: w.last_confirmed_ms,
+            services: w.services,
+            service_account: w.service_account,
+        })
+    }
+}
+
+impl From<&Probe> for pb::Probe {
+    fn from(p: &Probe) -> Self {
+        Self {
+            initial_delay_seconds: p.initial_delay_seconds,
+            period_seconds: p.period_seconds,
+            timeout_seconds: p.timeout_seconds,
+            success_threshold: p.success_threshold,
+            failure_threshold: p.failure_threshold,
+            action: Some(match &p.action {
+                ProbeAction::HttpGet { path, port, host, scheme } => pb::probe::Action::HttpGet(pb::HttpGet {
+                    path: path.clone(),
+                    port: (*port).into(),
+                    host: host.clone(),
+                    scheme: scheme.clone(),
+                }),
+                ProbeAction::TcpSocket { host, port } => pb::probe::Action::TcpSocket(pb::TcpSocket {
+                    host: host.clone(),
+                    port: (*port).into(),
+                }),
+                ProbeAction::Exec { command } => pb::probe::Action::Exec(pb::Exec { command: command.clone() }),
+            }),
+        }
+    }
+}
+
+impl TryFrom<pb::Probe> for Probe {
+    type Error = ModelError;
+    fn try_from(p: pb::Probe) -> Result<Self, ModelError> {
+        let action = match p.action {
+            Some(pb::probe::Action::HttpGet(h)) => ProbeAction::HttpGet {
+                port: port("probe.httpGet.port", h.port)?,
+                path: h.path,
+                host: h.host,
+                scheme: h.scheme,
+            },
+            Some(pb::probe::Action::TcpSocket(t)) => ProbeAction::TcpSocket {
+                port: port("probe.tcpSocket.port", t.port)?,
+                host: t.host,
+            },
+            Some(pb::probe::Action::Exec(e)) => ProbeAction::Exec { command: e.command },
+            None => {
+                return Err(ModelError::Invalid {
+                    field: "probe".into(),
+                    why: "no httpGet, tcpSocket or exec".into(),
+                })
+            }
+        };
+        Ok(Probe {
+            initial_delay_seconds: p.initial_delay_seconds,
+            period_seconds: p.period_seconds,
+            timeout_seconds: p.timeout_seconds,
+            success_threshold: p.success_threshold,
+            failure_threshold: p.failure_threshold,
+            action,
+        })
+    }
+}
+
+impl From<&WorkloadGroup> for pb::WorkloadGroup {
+    fn from(g: &WorkloadGroup) -> Self {
+        Self {
+            name: g.name.clone(),
+            namespace: g.namespace.clone(),
+            labels: g.labels.clone().into_iter().collect(),
+            template: Some((&g.template).into()),
+            probe: g.probe.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl TryFrom<pb::WorkloadGroup> for WorkloadGroup {
+    type Error = ModelError;
+    fn try_from(g: pb::WorkloadGroup) -> Result<Self, ModelError> {
+        Ok(WorkloadGroup {
+            name: g.name,
+            namespace: g.namespace,
+            labels: g.labels.into_iter().collect(),
+            template: g.template.map(Workload::try_from).transpose()?.unwrap_or_default(),
+            probe: g.probe.map(Probe::try_from).transpose()?,
+        })
+    }
+}
+
+impl From<&OwnedResource> for pb::CatalogResource {
+    fn from(r: &OwnedResource) -> Self {
+        use pb::catalog_resource::Kind;
+        Self {
+            origin: r.origin.clone(),
+            kind: Some(match &r.resource {
+                Resource::Network(n) => Kind::Network(n.into()),
+                Resource::Service(s) => Kind::Service(s.into()),
+                Resource::Workload(w) => Kind::Workload(w.into()),
+                Resource::WorkloadGroup(g) => Kind::WorkloadGroup(g.into()),
+            }),
+        }
+    }
+}
+
+impl TryFrom<pb::CatalogResource> for OwnedResource {
+    type Error = ModelError;
+    fn try_from(r: pb::CatalogResource) -> Result<Self, ModelError> {
+        use pb::catalog_resource::Kind;
+        let resource = match r.kind.ok_or(ModelError::MissingKind)? {
+            Kind::Network(n) => Resource::Network(n.try_into()?),
+            Kind::Service(s) => Resource::Service(s.try_into()?),
+            Kind::Workload(w) => Resource::Workload(w.try_into()?),
+            Kind::WorkloadGroup(g) => Resource::WorkloadGroup(g.try_into()?),
+        };
+        Ok(OwnedResource {
+            origin: r.origin,
+            resource,
+        })
+    }
+}
+
+impl From<&Node> for pb::Node {
+    fn from(n: &Node) -> Self {
+        Self {
+            id: n.id.clone(),
+            kind: match n.kind {
+                NodeKind::Workload => pb::NodeKind::Workload,
+                NodeKind::Gateway => pb::NodeKind::Gateway,
+                NodeKind::Dns => pb::NodeKind::Dns,
+                NodeKind::Vm => pb::NodeKind::Vm,
+                NodeKind::Ctl => pb::NodeKind::Ctl,
+            }
+            .into(),
+            network: n.network.clone(),
+            cluster: n.cluster.clone(),
+            locality: Some((&n.locality).into()),
+        }
+    }
+}
+
+impl TryFrom<pb::Node> for Node {
+    type Error = ModelError;
+    fn try_from(n: pb::Node) -> Result<Self, ModelError> {
+        let kind = match n.kind() {
+            pb::NodeKind::Workload => NodeKind::Workload,
+            pb::NodeKind::Gateway => NodeKind::Gateway,
+            pb::NodeKind::Dns => NodeKind::Dns,
+            pb::NodeKind::Vm => NodeKind::Vm,
+            pb::NodeKind::Ctl => NodeKind::Ctl,
+            pb::NodeKind::Unspecified => {
+                return Err(ModelError::Invalid {
+                    field: "node.kind".into(),
+                    why: "a subscriber must name its kind (workload, gateway, dns, vm or ctl)".into(),
+                })
+            }
+        };
+        if n.network.is_empty() {
+            return Err(ModelError::Invalid {
+                field: "node.network".into(),
+                why: "a subscriber must name its network".into(),
+            });
+        }
+        Ok(Node {
+            id: n.id,
+            kind,
+            network: n.network,
+            cluster: n.cluster,
+            locality: n.locality.into(),
+        })
+    }
+}
+
+impl From<&ViewEndpoint> for pb::ViewEndpoint {
+    fn from(e: &ViewEndpoint) -> Self {
+        Self {
+            kind: match e.kind {
+                EndpointKind::Workload => pb::EndpointKind::Workload,
+                EndpointKind::Gateway => pb::EndpointKind::Gateway,
+            }
+            .into(),
+            address: e.address.clone(),
+            ports: e.ports.iter().map(|(k, v)| (u32::from(*k), u32::from(*v))).collect(),
+            network: e.network.clone(),
+            cluster: e.cluster.clone(),
+            locality: Some((&e.locality).into()),
+            identities: e.identities.iter().map(|i| i.to_string()).collect(),
+            weight: e.weight,
+            health: health_to_pb(e.health).into(),
+            labels: e.labels.clone().into_iter().collect(),
+            uid: e.uid.clone(),
+            tunnel_port: e.tunnel_port.into(),
+        }
+    }
+}
+
+impl TryFrom<pb::ViewEndpoint> for ViewEndpoint {
+    type Error = ModelError;
+    fn try_from(e: pb::ViewEndpoint) -> Result<Self, ModelError> {
+        let kind = match e.kind() {
+            pb::EndpointKind::Gateway => EndpointKind::Gateway,
+            _ => EndpointKind::Workload,
+        };
+        let health = health_from_pb(e.health());
+        let ports = e
+            .ports
+            .iter()
+            .map(|(k, v)| Ok((port("ports", *k)?, port("ports", *v)?)))
+            .collect::<Result<_, ModelError>>()?;
+        let identities = e
+            .identities
+            .iter()
+            .map(|i| {
+                SpiffeId::parse(i).map_err(|err| ModelError::Invalid {
+                    field: "identities".into(),
+                    why: err.to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ViewEndpoint {
+            kind,
+            address: e.address,
+            ports,
+            network: e.network,
+            cluster: e.cluster,
+            locality: e.locality.into(),
+            identities,
+            weight: e.weight,
+            health,
+            labels: e.labels.into_iter().collect(),
+            uid: e.uid,
+            tunnel_port: port_or_zero("tunnel_port", e.tunnel_port)?,
+        })
+    }
+}
+
+impl From<&ServiceView> for pb::ServiceView {
+    fn from(v: &ServiceView) -> Self {
+        Self {
+            service: Some((&v.service).into()),
+            endpoints: v.endpoints.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<&ViewResource> for pb::ViewResource {
+    fn from(r: &ViewResource) -> Self {
+        use pb::view_resource::Resource as R;
+        Self {
+            key: r.key(),
+            resource: Some(match r {
+                ViewResource::Service(s) => R::Service(s.as_ref().into()),
+                ViewResource::Network(n) => R::Network(n.as_ref().into()),
+            }),
+        }
+    }
+}
+
+impl TryFrom<pb::ViewResource> for ViewResource {
+    type Error = ModelError;
+    fn try_from(r: pb::ViewResource) -> Result<Self, ModelError> {
+        use pb::view_resource::Resource as R;
+        Ok(match r.resource.ok_or(ModelError::MissingKind)? {
+            R::Service(s) => ViewResource::Service(Arc::new(ServiceView {
+                service: s.service.ok_or(ModelError::MissingKind)?.try_into()?,
+                endpoints: s.endpoints.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
+            })),
+            R::Network(n) => ViewResource::Network(Arc::new(n.try_into()?)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_round_trips_through_protobuf() {
+        let w = Workload {
+            uid: "u1".into(),
+            name: "web-1".into(),
+            namespace: "shop".into(),
+            address: "10.0.0.1".into(),
+            network: "net-a".into(),
+            cluster: "c1".into(),
+            locality: Locality::parse("eu/eu-1a"),
+            identity: Some(SpiffeId::parse("spiffe://td/ns/shop/sa/web").unwrap()),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ports: [("http".to_string(), 8080)].into(),
+            weight: 2,
+            health: Health::Unhealthy,
+            origin: Origin::Vm,
+            last_confirmed_ms: 42,
+            services: vec!["web.shop.svc.cluster.local".into()],
+            service_account: "web".into(),
+        };
+        let back = Workload::try_from(pb::Workload::from(&w)).unwrap();
+        assert_eq!(back, w);
+        assert_eq!(w.locality.to_string(), "eu/eu-1a");
+    }
+
+    #[test]
+    fn bad_port_from_the_wire_is_named() {
+        let mut p = pb::Service::from(&Service::default());
+        p.ports.push(pb::ServicePort {
+            name: "http".into(),
+            number: 70000,
+            protocol: "HTTP".into(),
+            target_port: 0,
+        });
+        let err = Service::try_from(p).unwrap_err().to_string();
+        assert!(err.contains("ports[0].number") && err.contains("70000"), "{err}");
+    }
+}
