@@ -1,0 +1,3 @@
+//! Catalog sources: where resources come from before they reach the store.
+
+pub mod static_files;

@@ -1,0 +1,1 @@
+//! Static resource files (placeholder).
