@@ -2,3 +2,4 @@
 //! views; views feed Watch subscribers. Also the mesh CA and the admin HTTP server.
 
 pub mod sources;
+pub mod store;
