@@ -4,6 +4,7 @@
 //! parsing, drain, admin HTTP, telemetry). It depends on no other workspace crate.
 
 pub mod admin;
+pub mod certs;
 pub mod config;
 pub mod drain;
 pub mod grpc;

@@ -1,5 +1,6 @@
 //! isthmus-registry: the control plane. Sources feed one store; the store feeds per-network
 //! views; views feed Watch subscribers. Also the mesh CA and the admin HTTP server.
 
+pub mod ca;
 pub mod sources;
 pub mod store;

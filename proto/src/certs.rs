@@ -1,0 +1,107 @@
+//! Workload certificate plumbing shared by every program that holds a mesh identity: key and
+//! CSR generation, the credential directory on disk, and the call to the registry's CA.
+
+use std::path::Path;
+
+use crate::identity::SpiffeId;
+use crate::pb;
+use crate::tls::{CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error("cannot generate a key or CSR: {0}")]
+    Generate(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the CA refused the request: {0}")]
+    Refused(String),
+    #[error("the CA returned an empty certificate chain")]
+    EmptyChain,
+}
+
+/// A fresh ECDSA P-256 key and a CSR for `id` (its only SAN), both PEM.
+pub fn generate_key_and_csr(id: &SpiffeId) -> Result<(String, String), CertsError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CertsError::Generate(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from(id.as_str()).map_err(|e| CertsError::Generate(e.to_string()))?,
+    )];
+    let csr = params.serialize_request(&key).map_err(|e| CertsError::Generate(e.to_string()))?;
+    let csr_pem = csr.pem().map_err(|e| CertsError::Generate(e.to_string()))?;
+    Ok((key.serialize_pem(), csr_pem))
+}
+
+/// Writes `key.pem` (0600), `cert-chain.pem` and `root-cert.pem` into `dir`, each file
+/// replaced atomically so a reader never sees a half-written credential.
+pub fn write_credentials(dir: &Path, key_pem: &str, chain_pems: &[String], root_pem: &str) -> Result<(), CertsError> {
+    std::fs::create_dir_all(dir).map_err(|source| CertsError::Write {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    write_atomic(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
+    write_atomic(&dir.join(CERT_CHAIN_FILE), chain_pems.concat().as_bytes(), 0o644)?;
+    write_atomic(&dir.join(ROOT_CERT_FILE), root_pem.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, with `mode` set before
+/// any content is written (a key is never readable by others, not even briefly).
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
+    use std::io::Write;
+    let err = |source| CertsError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    let mut f = opts.open(&tmp).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(())
+}
+
+/// What the CA returned.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    pub chain_pems: Vec<String>,
+    pub root_pem: String,
+}
+
+/// Asks the registry's CA to sign `csr_pem`, authenticated by `token` (first certificate) or
+/// by the client certificate of `channel`'s TLS session (renewal).
+pub async fn request_certificate(channel: tonic::transport::Channel, csr_pem: String, token: Option<String>, ttl_seconds: u64) -> Result<IssuedCertificate, CertsError> {
+    let mut client = pb::certificates_client::CertificatesClient::new(channel);
+    let resp = client
+        .create_certificate(pb::CertificateRequest {
+            csr_pem,
+            bootstrap_token: token.unwrap_or_default(),
+            ttl_seconds,
+        })
+        .await
+        .map_err(|s| CertsError::Refused(format!("{:?}: {}", s.code(), s.message())))?
+        .into_inner();
+    if resp.cert_chain_pem.is_empty() {
+        return Err(CertsError::EmptyChain);
+    }
+    Ok(IssuedCertificate {
+        chain_pems: resp.cert_chain_pem,
+        root_pem: resp.root_cert_pem,
+    })
+}

@@ -1,0 +1,135 @@
+//! The Certificates gRPC service: signs CSRs authenticated by a bootstrap token or by the
+//! caller's current mesh certificate.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_proto::grpc::PeerInfo;
+use isthmus_proto::pb;
+use ::time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+
+use super::metrics::{CaMetrics, IssuedLabels, RefusedLabels};
+use super::token::{self, TokenError};
+use super::{csr_identity, Authority, CaError};
+use crate::store::{Store, Table};
+
+#[derive(Debug, Clone)]
+pub struct CaPolicy {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+}
+
+impl Default for CaPolicy {
+    fn default() -> Self {
+        Self {
+            default_ttl: super::DEFAULT_LEAF_TTL,
+            max_ttl: super::DEFAULT_MAX_LEAF_TTL,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CertificateService {
+    authority: Arc<Authority>,
+    store: Arc<dyn Store>,
+    policy: CaPolicy,
+    metrics: CaMetrics,
+}
+
+impl CertificateService {
+    pub fn new(authority: Arc<Authority>, store: Arc<dyn Store>, policy: CaPolicy, metrics: CaMetrics) -> Self {
+        Self {
+            authority,
+            store,
+            policy,
+            metrics,
+        }
+    }
+
+    /// Authenticates and signs one request; `caller` is the verified client certificate
+    /// identity, if the caller presented one.
+    pub async fn issue(&self, req: pb::CertificateRequest, caller: Option<&isthmus_proto::SpiffeId>) -> Result<pb::CertificateResponse, CaError> {
+        let now = OffsetDateTime::now_utc();
+        let ttl = match req.ttl_seconds {
+            0 => self.policy.default_ttl,
+            s => Duration::from_secs(s),
+        };
+        if ttl > self.policy.max_ttl {
+            return Err(CaError::TtlTooLong {
+                requested: ttl.as_secs(),
+                max: self.policy.max_ttl.as_secs(),
+            });
+        }
+        let material = self.authority.current();
+        let requested = csr_identity(&req.csr_pem)?;
+        let auth = if !req.bootstrap_token.is_empty() {
+            let claims = token::verify(&material, &req.bootstrap_token, now)?;
+            let token_id = claims.identity()?;
+            if token_id != requested {
+                return Err(TokenError::Scope {
+                    token: token_id.to_string(),
+                    requested: requested.to_string(),
+                }
+                .into());
+            }
+            // Check the CSR fully before spending the token on it.
+            material.sign_csr(&req.csr_pem, &requested, ttl, now)?;
+            let redeemed = self
+                .store
+                .insert_if_absent(Table::RedeemedTokens, &claims.jti, claims.exp.to_string().into_bytes())
+                .await
+                .map_err(|e| CaError::Store(e.to_string()))?;
+            if !redeemed {
+                return Err(TokenError::Reused.into());
+            }
+            "token"
+        } else if let Some(caller) = caller {
+            if caller != &requested {
+                return Err(CaError::IdentityMismatch {
+                    requested: requested.to_string(),
+                    caller: caller.to_string(),
+                });
+            }
+            "renewal"
+        } else {
+            return Err(CaError::Unauthenticated);
+        };
+        let chain = material.sign_csr(&req.csr_pem, &requested, ttl, now)?;
+        self.metrics.issued.get_or_create(&IssuedLabels { auth }).inc();
+        tracing::info!(identity = %requested, auth, ttl_s = ttl.as_secs(), "certificate issued");
+        Ok(pb::CertificateResponse {
+            cert_chain_pem: chain,
+            root_cert_pem: material.root_pem.clone(),
+        })
+    }
+}
+
+/// Maps a CA refusal to its gRPC status, in one place.
+pub fn status_of(e: &CaError) -> Status {
+    let msg = e.to_string();
+    match e {
+        CaError::Unauthenticated => Status::unauthenticated(msg),
+        CaError::Token(_) | CaError::IdentityMismatch { .. } => Status::permission_denied(msg),
+        CaError::BadCsr(_) | CaError::CsrSans { .. } | CaError::CsrKeyType | CaError::TtlTooLong { .. } => Status::invalid_argument(msg),
+        CaError::Store(_) | CaError::Read { .. } | CaError::BadFile { .. } => Status::unavailable(msg),
+        CaError::Sign(_) => Status::internal(msg),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::certificates_server::Certificates for CertificateService {
+    async fn create_certificate(&self, request: Request<pb::CertificateRequest>) -> Result<Response<pb::CertificateResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let caller = peer.as_ref().and_then(|p| p.identity.clone());
+        match self.issue(request.into_inner(), caller.as_ref()).await {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(e) => {
+                let reason = e.reason();
+                self.metrics.refused.get_or_create(&RefusedLabels { reason }).inc();
+                tracing::warn!(reason, error = %e, remote = ?peer.map(|p| p.remote), "certificate request refused");
+                Err(status_of(&e))
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Bootstrap tokens: one-time, expiring credentials scoped to one identity, signed with the
+//! cluster intermediate's key so the registry verifies them without a round trip. The
+//! registry records each redeemed token id in its store, so a token cannot be used twice,
+//! not even across a restart.
+//!
+//! Format: `ist1.<base64url(JSON claims)>.<base64url(ECDSA P-256 signature)>`.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use isthmus_proto::identity::{validate_dns_label, SpiffeId, TrustDomain};
+use rcgen::SigningKey;
+use serde::{Deserialize, Serialize};
+use ::time::OffsetDateTime;
+
+use super::CaMaterial;
+
+pub const TOKEN_PREFIX: &str = "ist1";
+/// Longest lifetime a bootstrap token may have: a VM that has not enrolled within a day
+/// should be given a new one.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenClaims {
+    pub td: String,
+    pub ns: String,
+    pub sa: String,
+    pub cluster: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub jti: String,
+    pub kid: String,
+}
+
+impl TokenClaims {
+    pub fn identity(&self) -> Result<SpiffeId, TokenError> {
+        let td = TrustDomain::new(&self.td).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        SpiffeId::workload(&td, &self.ns, &self.sa).map_err(|e| TokenError::Malformed(e.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("bootstrap token is malformed: {0}")]
+    Malformed(String),
+    #[error("bootstrap token was signed by CA key {token_key}, but this registry signs with {current_key} (was the intermediate rotated, or is the token for another cluster?)")]
+    ForeignKey { token_key: String, current_key: String },
+    #[error("bootstrap token signature is invalid")]
+    BadSignature,
+    #[error("bootstrap token expired at {at} (unix seconds); create a new one with `isthmusctl token create`")]
+    Expired { at: i64 },
+    #[error("bootstrap token is for trust domain {token}, not {ours}")]
+    TrustDomain { token: String, ours: String },
+    #[error("bootstrap token has already been used; create a new one with `isthmusctl token create` (renewals use the current certificate, not a token)")]
+    Reused,
+    #[error("bootstrap token is for {token} but the CSR asks for {requested}")]
+    Scope { token: String, requested: String },
+    #[error("token lifetime {0:?} is above the maximum of 24h")]
+    TtlTooLong(Duration),
+    #[error("cannot sign the token: {0}")]
+    Sign(String),
+}
+
+impl TokenError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::Malformed(_) => "token_malformed",
+            TokenError::ForeignKey { .. } => "token_foreign_key",
+            TokenError::BadSignature => "token_signature",
+            TokenError::Expired { .. } => "token_expired",
+            TokenError::TrustDomain { .. } => "token_trust_domain",
+            TokenError::Reused => "token_reused",
+            TokenError::Scope { .. } => "token_scope",
+            TokenError::TtlTooLong(_) | TokenError::Sign(_) => "token_invalid",
+        }
+    }
+}
+
+/// Creates a token for `spiffe://TD/ns/<ns>/sa/<sa>` valid for `ttl` from `now`.
+pub fn create(material: &CaMaterial, cluster: &str, ns: &str, sa: &str, ttl: Duration, now: OffsetDateTime) -> Result<String, TokenError> {
+    validate_dns_label("namespace", ns).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    validate_dns_label("service account", sa).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    if ttl > MAX_TOKEN_TTL {
+        return Err(TokenError::TtlTooLong(ttl));
+    }
+    let iat = now.unix_timestamp();
+    let claims = TokenClaims {
+        td: material.trust_domain.to_string(),
+        ns: ns.to_string(),
+        sa: sa.to_string(),
+        cluster: cluster.to_string(),
+        iat,
+        exp: iat + ttl.as_secs() as i64,
+        jti: hex::encode(rand::random::<[u8; 16]>()),
+        kid: material.key_id.clone(),
+    };
+    let payload = B64.encode(serde_json::to_vec(&claims).map_err(|e| TokenError::Sign(e.to_string()))?);
+    let signed = format!("{TOKEN_PREFIX}.{payload}");
+    let sig = material.key().sign(signed.as_bytes()).map_err(|e| TokenError::Sign(e.to_string()))?;
+    Ok(format!("{signed}.{}", B64.encode(sig)))
+}
+
+/// Checks the signature, expiry and trust domain of `token`. Redemption (single use) is the
+/// caller's job, against the store.
+pub fn verify(material: &CaMaterial, token: &str, now: OffsetDateTime) -> Result<TokenClaims, TokenError> {
+    let token = token.trim();
+    let mut parts = token.split('.');
+    let (Some(prefix), Some(payload), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(TokenError::Malformed("expected three dot-separated parts".into()));
+    };
+    if prefix != TOKEN_PREFIX {
+        return Err(TokenError::Malformed(format!("unknown token format {prefix:?}")));
+    }
+    let payload_bytes = B64.decode(payload).map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
+    let claims: TokenClaims = serde_json::from_slice(&payload_bytes).map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
+    let sig = B64.decode(sig).map_err(|e| TokenError::Malformed(format!("signature: {e}")))?;
+    if claims.kid != material.key_id {
+        return Err(TokenError::ForeignKey {
+            token_key: claims.kid,
+            current_key: material.key_id.clone(),
+        });
+    }
+    let signed_len = prefix.len() + 1 + payload.len();
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &material.public_key)
+        .verify(&token.as_bytes()[..signed_len], &sig)
+        .map_err(|_| TokenError::BadSignature)?;
+    if claims.td != material.trust_domain.as_str() {
+        return Err(TokenError::TrustDomain {
+            token: claims.td,
+            ours: material.trust_domain.to_string(),
+        });
+    }
+    if now.unix_timestamp() >= claims.exp {
+        return Err(TokenError::Expired { at: claims.exp });
+    }
+    claims.identity()?;
+    Ok(claims)
+}
