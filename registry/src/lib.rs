@@ -2,5 +2,7 @@
 //! views; views feed Watch subscribers. Also the mesh CA and the admin HTTP server.
 
 pub mod ca;
+pub mod catalog;
 pub mod sources;
 pub mod store;
+pub mod views;

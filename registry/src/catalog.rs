@@ -1,0 +1,300 @@
+//! The catalog: every resource the sources know, indexed so that one change finds the
+//! services it touches without scanning the whole catalog. Pure data, no I/O.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use isthmus_proto::model::{Network, OwnedResource, Resource, Service, Workload};
+
+/// What a change touched, for the views to recompute.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub hostnames: BTreeSet<String>,
+    /// A network (its gateways) changed: every remote entry may change.
+    pub networks: BTreeSet<String>,
+}
+
+impl Change {
+    pub fn is_empty(&self) -> bool {
+        self.hostnames.is_empty() && self.networks.is_empty()
+    }
+
+    pub fn merge(&mut self, other: Change) {
+        self.hostnames.extend(other.hostnames);
+        self.networks.extend(other.networks);
+    }
+}
+
+type LabelKey = (String, String, String);
+
+#[derive(Debug, Default)]
+pub struct Catalog {
+    resources: BTreeMap<String, OwnedResource>,
+    /// hostname -> keys of the Service resources defining it (one per cluster).
+    service_defs: HashMap<String, BTreeSet<String>>,
+    /// namespace -> hostnames of services defined in it.
+    hostnames_by_ns: HashMap<String, BTreeSet<String>>,
+    /// (namespace, label, value) -> workload keys.
+    workloads_by_label: HashMap<LabelKey, BTreeSet<String>>,
+    /// hostname -> workloads that name it explicitly.
+    workloads_by_host: HashMap<String, BTreeSet<String>>,
+}
+
+impl Catalog {
+    pub fn len(&self) -> usize {
+        self.resources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.resources.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&OwnedResource> {
+        self.resources.get(key)
+    }
+
+    pub fn resources(&self) -> impl Iterator<Item = &OwnedResource> {
+        self.resources.values()
+    }
+
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.resources.values().filter_map(|r| match &r.resource {
+            Resource::Network(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    pub fn network(&self, id: &str) -> Option<&Network> {
+        match self.resources.get(&format!("Network//{id}")).map(|r| &r.resource) {
+            Some(Resource::Network(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    pub fn hostnames(&self) -> impl Iterator<Item = &String> {
+        self.service_defs.keys()
+    }
+
+    /// The Service resources defining `hostname`, in key order.
+    pub fn service_defs(&self, hostname: &str) -> Vec<&Service> {
+        self.service_defs
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| match self.resources.get(k).map(|r| &r.resource) {
+                Some(Resource::Service(s)) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn workload(&self, key: &str) -> Option<&Workload> {
+        match self.resources.get(key).map(|r| &r.resource) {
+            Some(Resource::Workload(w)) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Every workload serving `hostname` under any of its definitions.
+    pub fn endpoints(&self, hostname: &str) -> Vec<&Workload> {
+        let mut keys: BTreeSet<&String> = BTreeSet::new();
+        for svc in self.service_defs(hostname) {
+            if let Some(explicit) = self.workloads_by_host.get(hostname) {
+                keys.extend(explicit.iter().filter(|k| self.workload(k).is_some_and(|w| w.namespace == svc.namespace)));
+            }
+            if svc.selector.is_empty() {
+                continue;
+            }
+            // Intersect the label index sets, smallest first.
+            let mut sets: Vec<&BTreeSet<String>> = Vec::new();
+            for (k, v) in &svc.selector {
+                match self.workloads_by_label.get(&(svc.namespace.clone(), k.clone(), v.clone())) {
+                    Some(s) => sets.push(s),
+                    None => {
+                        sets.clear();
+                        break;
+                    }
+                }
+            }
+            sets.sort_by_key(|s| s.len());
+            if let Some((first, rest)) = sets.split_first() {
+                keys.extend(first.iter().filter(|k| rest.iter().all(|s| s.contains(*k))));
+            }
+        }
+        keys.into_iter().filter_map(|k| self.workload(k)).collect()
+    }
+
+    /// Hostnames a workload serves, as the catalog stands.
+    fn hostnames_served_by(&self, w: &Workload) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = w.services.iter().filter(|h| self.service_defs.contains_key(*h)).cloned().collect();
+        for h in self.hostnames_by_ns.get(&w.namespace).into_iter().flatten() {
+            if self.service_defs(h).iter().any(|s| w.serves(s)) {
+                out.insert(h.clone());
+            }
+        }
+        out
+    }
+
+    /// Inserts or replaces a resource; returns what it touched (empty if it was identical).
+    pub fn upsert(&mut self, r: OwnedResource) -> Change {
+        let key = r.resource.key();
+        if self.resources.get(&key) == Some(&r) {
+            return Change::default();
+        }
+        let mut change = self.remove(&key);
+        match &r.resource {
+            Resource::Network(n) => {
+                change.networks.insert(n.id.clone());
+            }
+            Resource::Service(s) => {
+                self.service_defs.entry(s.hostname.clone()).or_default().insert(key.clone());
+                self.hostnames_by_ns.entry(s.namespace.clone()).or_default().insert(s.hostname.clone());
+                change.hostnames.insert(s.hostname.clone());
+            }
+            Resource::Workload(w) => {
+                for (k, v) in &w.labels {
+                    self.workloads_by_label.entry((w.namespace.clone(), k.clone(), v.clone())).or_default().insert(key.clone());
+                }
+                for h in &w.services {
+                    self.workloads_by_host.entry(h.clone()).or_default().insert(key.clone());
+                }
+                change.hostnames.extend(self.hostnames_served_by(w));
+            }
+            Resource::WorkloadGroup(_) => {}
+        }
+        self.resources.insert(key, r);
+        change
+    }
+
+    /// Removes a resource; returns what it touched.
+    pub fn remove(&mut self, key: &str) -> Change {
+        let mut change = Change::default();
+        let Some(old) = self.resources.get(key) else {
+            return change;
+        };
+        match &old.resource {
+            Resource::Network(n) => {
+                change.networks.insert(n.id.clone());
+            }
+            Resource::Service(s) => {
+                change.hostnames.insert(s.hostname.clone());
+                let (host, ns) = (s.hostname.clone(), s.namespace.clone());
+                remove_from(&mut self.service_defs, &host, key);
+                if !self.service_defs.contains_key(&host) || self.service_defs(&host).iter().all(|d| d.namespace != ns) {
+                    if let Some(set) = self.hostnames_by_ns.get_mut(&ns) {
+                        set.remove(&host);
+                        if set.is_empty() {
+                            self.hostnames_by_ns.remove(&ns);
+                        }
+                    }
+                }
+            }
+            Resource::Workload(w) => {
+                change.hostnames.extend(self.hostnames_served_by(w));
+                let w = w.clone();
+                for (k, v) in &w.labels {
+                    remove_from(&mut self.workloads_by_label, &(w.namespace.clone(), k.clone(), v.clone()), key);
+                }
+                for h in &w.services {
+                    remove_from(&mut self.workloads_by_host, h, key);
+                }
+            }
+            Resource::WorkloadGroup(_) => {}
+        }
+        self.resources.remove(key);
+        change
+    }
+}
+
+fn remove_from<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, BTreeSet<String>>, k: &K, v: &str) {
+    if let Some(set) = map.get_mut(k) {
+        set.remove(v);
+        if set.is_empty() {
+            map.remove(k);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use isthmus_proto::model::{ServicePort, Workload};
+
+    pub(crate) fn svc(host: &str, ns: &str, cluster: &str, app: &str) -> OwnedResource {
+        OwnedResource {
+            origin: "test".into(),
+            resource: Resource::Service(Service {
+                hostname: host.into(),
+                namespace: ns.into(),
+                name: host.split('.').next().unwrap().into(),
+                cluster: cluster.into(),
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    number: 80,
+                    protocol: "HTTP".into(),
+                    target_port: 8080,
+                }],
+                selector: [("app".to_string(), app.to_string())].into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub(crate) fn wl(name: &str, ns: &str, app: &str, addr: &str, network: &str) -> OwnedResource {
+        OwnedResource {
+            origin: "test".into(),
+            resource: Resource::Workload(Workload {
+                uid: format!("c/{ns}/{name}"),
+                name: name.into(),
+                namespace: ns.into(),
+                address: addr.into(),
+                network: network.into(),
+                cluster: "c".into(),
+                labels: [("app".to_string(), app.to_string())].into(),
+                weight: 1,
+                identity: Some(isthmus_proto::SpiffeId::parse(&format!("spiffe://td/ns/{ns}/sa/{app}")).unwrap()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn selector_membership_follows_labels_and_namespaces() {
+        let mut c = Catalog::default();
+        c.upsert(svc("web.shop", "shop", "c", "web"));
+        let ch = c.upsert(wl("w1", "shop", "web", "10.0.0.1", "a"));
+        assert_eq!(ch.hostnames, ["web.shop".to_string()].into());
+        c.upsert(wl("w2", "other", "web", "10.0.0.2", "a"));
+        c.upsert(wl("w3", "shop", "db", "10.0.0.3", "a"));
+        let eps: Vec<_> = c.endpoints("web.shop").iter().map(|w| w.name.clone()).collect();
+        assert_eq!(eps, vec!["w1"]);
+        // Relabel w3 into the service: the change names the service.
+        let ch = c.upsert(wl("w3", "shop", "web", "10.0.0.3", "a"));
+        assert!(ch.hostnames.contains("web.shop"));
+        assert_eq!(c.endpoints("web.shop").len(), 2);
+        // Relabel out again.
+        let ch = c.upsert(wl("w3", "shop", "db", "10.0.0.3", "a"));
+        assert!(ch.hostnames.contains("web.shop"));
+        assert_eq!(c.endpoints("web.shop").len(), 1);
+        // Identical upsert touches nothing.
+        assert!(c.upsert(wl("w1", "shop", "web", "10.0.0.1", "a")).is_empty());
+        let ch = c.remove("Workload/shop/w1");
+        assert!(ch.hostnames.contains("web.shop"));
+        assert!(c.endpoints("web.shop").is_empty());
+    }
+
+    #[test]
+    fn same_hostname_from_two_clusters_is_one_service() {
+        let mut c = Catalog::default();
+        c.upsert(svc("web.shop", "shop", "c1", "web"));
+        c.upsert(svc("web.shop", "shop", "c2", "web"));
+        c.upsert(wl("w1", "shop", "web", "10.0.0.1", "a"));
+        assert_eq!(c.service_defs("web.shop").len(), 2);
+        assert_eq!(c.endpoints("web.shop").len(), 1);
+        c.remove("Service/c1/web.shop");
+        assert_eq!(c.service_defs("web.shop").len(), 1);
+        assert_eq!(c.endpoints("web.shop").len(), 1);
+        c.remove("Service/c2/web.shop");
+        assert!(c.endpoints("web.shop").is_empty());
+        assert_eq!(c.hostnames().count(), 0);
+    }
+}

@@ -1,0 +1,403 @@
+//! Per-network views (split horizon). For each network the registry keeps one view for
+//! workloads, in which every endpoint on another network is replaced by that network's
+//! gateways weighted by the healthy endpoints behind them, and one view for that network's
+//! gateways, which holds only local endpoints (a gateway never routes to another gateway).
+//!
+//! A catalog change recomputes only the touched keys, once per view: the work is the size
+//! of the change times the number of views, whatever the number of subscribers. Each view
+//! keeps its entries already converted to protobuf, a version counter and a bounded history
+//! of which keys changed at which version; subscribers read from it at their own pace.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use isthmus_proto::model::{
+    network_view_key, service_view_key, EndpointKind, Health, Network, OwnedResource, Scope, Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
+};
+use isthmus_proto::pb;
+use tokio::sync::watch;
+
+use crate::catalog::{Catalog, Change};
+
+/// Versions of history a view keeps for resuming subscribers; older resumes get a snapshot.
+pub const DEFAULT_HISTORY_VERSIONS: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ViewKey {
+    pub network: String,
+    /// The gateway variant: local endpoints only.
+    pub gateway: bool,
+}
+
+impl std::fmt::Display for ViewKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, if self.gateway { "gateway" } else { "workload" })
+    }
+}
+
+#[derive(Debug)]
+pub struct HistoryEntry {
+    pub seq: u64,
+    pub keys: Vec<String>,
+    pub at: Instant,
+}
+
+#[derive(Debug, Default)]
+pub struct ViewState {
+    pub seq: u64,
+    pub entries: BTreeMap<String, Arc<pb::ViewResource>>,
+    pub history: VecDeque<HistoryEntry>,
+}
+
+/// What a subscriber at version `from` needs.
+#[derive(Debug)]
+pub enum Catchup {
+    UpToDate,
+    Delta {
+        seq: u64,
+        upserts: Vec<Arc<pb::ViewResource>>,
+        removals: Vec<String>,
+        /// When the oldest change in this delta was published.
+        oldest_change: Option<Instant>,
+    },
+    Snapshot {
+        seq: u64,
+        entries: Vec<Arc<pb::ViewResource>>,
+    },
+}
+
+impl ViewState {
+    /// Whether history reaches back to `from` (every change after it is recorded).
+    fn can_resume_from(&self, from: u64) -> bool {
+        if from > self.seq {
+            return false;
+        }
+        match self.history.front() {
+            Some(h) => from + 1 >= h.seq,
+            None => from == self.seq,
+        }
+    }
+
+    pub fn catchup(&self, from: Option<u64>) -> Catchup {
+        let snapshot = || Catchup::Snapshot {
+            seq: self.seq,
+            entries: self.entries.values().cloned().collect(),
+        };
+        let Some(from) = from else { return snapshot() };
+        if !self.can_resume_from(from) {
+            return snapshot();
+        }
+        if from == self.seq {
+            return Catchup::UpToDate;
+        }
+        let mut keys = BTreeSet::new();
+        let mut oldest = None;
+        for h in self.history.iter().filter(|h| h.seq > from) {
+            oldest.get_or_insert(h.at);
+            keys.extend(h.keys.iter());
+        }
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for k in keys {
+            match self.entries.get(k) {
+                Some(e) => upserts.push(e.clone()),
+                None => removals.push(k.clone()),
+            }
+        }
+        Catchup::Delta {
+            seq: self.seq,
+            upserts,
+            removals,
+            oldest_change: oldest,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct View {
+    pub key: ViewKey,
+    /// Random per view and per registry run: a version from another view or another run
+    /// never passes for one of ours.
+    pub id: String,
+    pub state: RwLock<ViewState>,
+    notify: watch::Sender<u64>,
+    history_limit: usize,
+}
+
+impl View {
+    fn new(key: ViewKey, history_limit: usize) -> Self {
+        Self {
+            key,
+            id: hex::encode(rand::random::<[u8; 6]>()),
+            state: RwLock::new(ViewState::default()),
+            notify: watch::channel(0).0,
+            history_limit,
+        }
+    }
+
+    pub fn version(&self, seq: u64) -> String {
+        format!("{}.{seq}", self.id)
+    }
+
+    /// The sequence number of one of this view's versions.
+    pub fn parse_version(&self, v: &str) -> Option<u64> {
+        let (id, seq) = v.rsplit_once('.')?;
+        if id != self.id {
+            return None;
+        }
+        seq.parse().ok()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.state.read().expect("view lock").seq
+    }
+
+    /// Replaces the entries under `keys` (None removes) and publishes a version when
+    /// anything actually changed. Returns whether it published.
+    fn publish(&self, updates: Vec<(String, Option<pb::ViewResource>)>) -> bool {
+        let mut st = self.state.write().expect("view lock");
+        let mut changed = Vec::new();
+        for (k, v) in updates {
+            match v {
+                Some(v) => {
+                    if st.entries.get(&k).map(|e| e.as_ref()) != Some(&v) {
+                        st.entries.insert(k.clone(), Arc::new(v));
+                        changed.push(k);
+                    }
+                }
+                None => {
+                    if st.entries.remove(&k).is_some() {
+                        changed.push(k);
+                    }
+                }
+            }
+        }
+        if changed.is_empty() {
+            return false;
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        st.history.push_back(HistoryEntry {
+            seq,
+            keys: changed,
+            at: Instant::now(),
+        });
+        while st.history.len() > self.history_limit {
+            st.history.pop_front();
+        }
+        drop(st);
+        self.notify.send_replace(seq);
+        true
+    }
+}
+
+/// The catalog and every view built from it.
+#[derive(Debug)]
+pub struct Views {
+    inner: Mutex<Inner>,
+    history_limit: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    catalog: Catalog,
+    views: HashMap<ViewKey, Arc<View>>,
+}
+
+impl Default for Views {
+    fn default() -> Self {
+        Self::new(DEFAULT_HISTORY_VERSIONS)
+    }
+}
+
+impl Views {
+    pub fn new(history_limit: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            history_limit,
+        }
+    }
+
+    /// Applies resource upserts and removals (by key) and updates every view.
+    pub fn apply(&self, upserts: Vec<OwnedResource>, removals: Vec<String>) -> Change {
+        let mut inner = self.inner.lock().expect("views lock");
+        let mut change = Change::default();
+        for key in removals {
+            change.merge(inner.catalog.remove(&key));
+        }
+        for r in upserts {
+            change.merge(inner.catalog.upsert(r));
+        }
+        if !change.is_empty() {
+            let Inner { catalog, views } = &*inner;
+            for view in views.values() {
+                refresh(catalog, view, &change);
+            }
+        }
+        change
+    }
+
+    /// The view for `key`, built on first use.
+    pub fn view(&self, key: &ViewKey) -> Arc<View> {
+        let mut inner = self.inner.lock().expect("views lock");
+        if let Some(v) = inner.views.get(key) {
+            return v.clone();
+        }
+        let view = Arc::new(View::new(key.clone(), self.history_limit));
+        let all = Change {
+            hostnames: inner.catalog.hostnames().cloned().collect(),
+            networks: inner.catalog.networks().map(|n| n.id.clone()).collect(),
+        };
+        refresh(&inner.catalog, &view, &all);
+        inner.views.insert(key.clone(), view.clone());
+        view
+    }
+
+    pub fn views(&self) -> Vec<Arc<View>> {
+        let inner = self.inner.lock().expect("views lock");
+        let mut v: Vec<_> = inner.views.values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Runs `f` with read access to the catalog.
+    pub fn with_catalog<T>(&self, f: impl FnOnce(&Catalog) -> T) -> T {
+        f(&self.inner.lock().expect("views lock").catalog)
+    }
+
+    /// The resources whose origin starts with `prefix`.
+    pub fn resources_with_origin(&self, prefix: &str) -> Vec<OwnedResource> {
+        self.with_catalog(|c| c.resources().filter(|r| r.origin.starts_with(prefix)).cloned().collect())
+    }
+}
+
+/// Recomputes the keys `change` touched in `view`.
+fn refresh(catalog: &Catalog, view: &View, change: &Change) {
+    let mut hostnames: BTreeSet<String> = change.hostnames.clone();
+    let mut updates = Vec::new();
+    if !change.networks.is_empty() {
+        // A gateway appeared, moved or vanished: any remote entry may change.
+        hostnames.extend(catalog.hostnames().cloned());
+        for id in &change.networks {
+            let entry = catalog.network(id).map(|n| pb::ViewResource::from(&ViewResource::Network(Arc::new(n.clone()))));
+            updates.push((network_view_key(id), entry));
+        }
+    }
+    for h in &hostnames {
+        let entry = build_service_view(catalog, h, &view.key).map(|sv| pb::ViewResource::from(&ViewResource::Service(Arc::new(sv))));
+        updates.push((service_view_key(h), entry));
+    }
+    view.publish(updates);
+}
+
+/// Merges the definitions of one hostname (namespace sameness): ports and addresses are the
+/// union, the first definition (by key) names the namespace.
+fn merged_service(defs: &[&Service]) -> Option<Service> {
+    let (first, rest) = defs.split_first()?;
+    let mut svc = (*first).clone();
+    for d in rest {
+        for p in &d.ports {
+            if !svc.ports.iter().any(|q| q.number == p.number) {
+                svc.ports.push(p.clone());
+            }
+        }
+        for a in &d.addresses {
+            if !svc.addresses.contains(a) {
+                svc.addresses.push(a.clone());
+            }
+        }
+        for (k, v) in &d.labels {
+            svc.labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        if d.scope == Scope::Mesh {
+            svc.scope = Scope::Mesh;
+        }
+    }
+    svc.ports.sort_by_key(|p| p.number);
+    Some(svc)
+}
+
+fn port_map(ports: &[ServicePort], f: impl Fn(&ServicePort) -> u16) -> BTreeMap<u16, u16> {
+    ports.iter().map(|p| (p.number, f(p))).collect()
+}
+
+/// The view of one service from `key.network`.
+pub fn build_service_view(catalog: &Catalog, hostname: &str, key: &ViewKey) -> Option<ServiceView> {
+    let defs = catalog.service_defs(hostname);
+    let service = merged_service(&defs)?;
+    let cluster_local = defs.iter().all(|d| d.scope == Scope::ClusterLocal);
+    let mut endpoints = Vec::new();
+    // network -> (healthy weight, identities behind it)
+    let mut remote: BTreeMap<&str, (u32, BTreeSet<&isthmus_proto::SpiffeId>)> = BTreeMap::new();
+    for w in catalog.endpoints(hostname) {
+        if w.network == key.network {
+            if cluster_local && !defs.iter().any(|d| d.cluster == w.cluster) {
+                continue;
+            }
+            endpoints.push(ViewEndpoint {
+                kind: EndpointKind::Workload,
+                address: w.address.clone(),
+                ports: port_map(&service.ports, |p| w.port_for(p)),
+                network: w.network.clone(),
+                cluster: w.cluster.clone(),
+                locality: w.locality.clone(),
+                identities: w.identity.iter().cloned().collect(),
+                weight: w.effective_weight(),
+                health: w.health,
+                labels: w.labels.clone(),
+                uid: w.uid.clone(),
+                tunnel_port: 0,
+            });
+        } else if !key.gateway && !cluster_local && w.health == Health::Healthy {
+            let e = remote.entry(w.network.as_str()).or_default();
+            e.0 += w.effective_weight();
+            e.1.extend(w.identity.iter());
+        }
+    }
+    for (net, (weight, identities)) in remote {
+        // A network without a gateway is unreachable from here: hand out nothing for it.
+        let Some(network) = catalog.network(net) else { continue };
+        endpoints.extend(gateway_endpoints(network, &service, weight, identities.into_iter().cloned().collect()));
+    }
+    endpoints.sort_by(|a, b| (a.kind as u8, &a.network, &a.address, &a.uid).cmp(&(b.kind as u8, &b.network, &b.address, &b.uid)));
+    Some(ServiceView { service, endpoints })
+}
+
+/// Splits `weight` over the network's gateways (the remainder to the first ones), dropping
+/// gateways left with nothing.
+fn gateway_endpoints(network: &Network, service: &Service, weight: u32, identities: Vec<isthmus_proto::SpiffeId>) -> Vec<ViewEndpoint> {
+    let n = network.gateways.len() as u32;
+    if n == 0 {
+        return Vec::new();
+    }
+    network
+        .gateways
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| {
+            let w = weight / n + u32::from((i as u32) < weight % n);
+            (w > 0).then(|| ViewEndpoint {
+                kind: EndpointKind::Gateway,
+                address: g.address.clone(),
+                ports: port_map(&service.ports, |_| g.sni_port),
+                network: network.id.clone(),
+                cluster: String::new(),
+                locality: g.locality.clone(),
+                identities: identities.clone(),
+                weight: w,
+                health: Health::Healthy,
+                labels: BTreeMap::new(),
+                uid: format!("gateway/{}/{}", network.id, g.address),
+                tunnel_port: g.tunnel_port,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
