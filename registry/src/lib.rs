@@ -2,7 +2,14 @@
 //! views; views feed Watch subscribers. Also the mesh CA and the admin HTTP server.
 
 pub mod ca;
+pub mod admin;
+pub mod app;
 pub mod catalog;
+pub mod ctl;
+pub mod ingest;
+pub mod metrics;
+pub mod render;
 pub mod sources;
 pub mod store;
 pub mod views;
+pub mod watch;

@@ -1,0 +1,80 @@
+//! The registry's admin routes beyond `/metrics` and the health checks: `/debug/catalog`,
+//! `/debug/resources`, `/debug/subscribers`.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use isthmus_proto::model::ViewResource;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::render;
+use crate::views::{ViewKey, Views};
+use crate::watch::Subscribers;
+
+/// Problems the sources currently report, for `/debug/resources`.
+#[derive(Debug, Default, Clone)]
+pub struct SourceStatus(Arc<Mutex<Vec<String>>>);
+
+impl SourceStatus {
+    pub fn set(&self, errors: Vec<String>) {
+        *self.0.lock().expect("status lock") = errors;
+    }
+    pub fn get(&self) -> Vec<String> {
+        self.0.lock().expect("status lock").clone()
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    views: Arc<Views>,
+    subscribers: Arc<Subscribers>,
+    sources: SourceStatus,
+}
+
+#[derive(Deserialize)]
+struct CatalogQuery {
+    network: Option<String>,
+    kind: Option<String>,
+}
+
+pub fn routes(views: Arc<Views>, subscribers: Arc<Subscribers>, sources: SourceStatus) -> Router {
+    Router::new()
+        .route("/debug/catalog", get(catalog))
+        .route("/debug/resources", get(resources))
+        .route("/debug/subscribers", get(subscribers_status))
+        .with_state(AdminState { views, subscribers, sources })
+}
+
+/// The resources of a view, decoded into the model.
+pub fn view_resources(views: &Views, key: &ViewKey) -> (String, Vec<ViewResource>) {
+    let view = views.view(key);
+    let st = view.state.read().expect("view lock");
+    let resources = st.entries.values().filter_map(|e| ViewResource::try_from(e.as_ref().clone()).ok()).collect();
+    (view.version(st.seq), resources)
+}
+
+async fn catalog(State(s): State<AdminState>, Query(q): Query<CatalogQuery>) -> impl IntoResponse {
+    let Some(network) = q.network.filter(|n| !n.is_empty()) else {
+        let networks: Vec<String> = s.views.with_catalog(|c| c.networks().map(|n| n.id.clone()).collect());
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": "pass ?network=<id>", "networks": networks}))).into_response();
+    };
+    let gateway = q.kind.as_deref() == Some("gateway");
+    let (version, resources) = view_resources(&s.views, &ViewKey { network: network.clone(), gateway });
+    Json(render::view_json(&network, &version, &resources)).into_response()
+}
+
+async fn resources(State(s): State<AdminState>) -> impl IntoResponse {
+    let resources: Vec<_> = s
+        .views
+        .with_catalog(|c| c.resources().map(|r| json!({"key": r.resource.key(), "kind": r.resource.kind(), "origin": r.origin})).collect());
+    Json(json!({"resources": resources, "errors": s.sources.get()}))
+}
+
+async fn subscribers_status(State(s): State<AdminState>) -> impl IntoResponse {
+    Json(json!({"subscribers": s.subscribers.status()}))
+}

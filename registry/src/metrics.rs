@@ -1,0 +1,78 @@
+//! Registry metrics that are not the CA's: subscribers, pushes, resource errors, store
+//! operations. One prometheus registry per process, every name under `isthmus_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PushLabels {
+    /// "snapshot", "delta" or "resume".
+    pub r#type: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOpLabels {
+    pub op: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistryMetrics {
+    pub subscribers: Family<KindLabels, Gauge>,
+    pub pushes: Family<PushLabels, Counter>,
+    pub push_latency: Histogram,
+    pub watch_refused: Family<KindLabels, Counter>,
+    pub resource_errors: Family<SourceLabels, Gauge>,
+    pub resource_error_events: Family<SourceLabels, Counter>,
+    pub catalog_resources: Gauge,
+    pub store_ops: Family<StoreOpLabels, Counter>,
+}
+
+impl Default for RegistryMetrics {
+    fn default() -> Self {
+        Self {
+            subscribers: Default::default(),
+            pushes: Default::default(),
+            // 100 µs .. ~13 s
+            push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            watch_refused: Default::default(),
+            resource_errors: Default::default(),
+            resource_error_events: Default::default(),
+            catalog_resources: Default::default(),
+            store_ops: Default::default(),
+        }
+    }
+}
+
+impl RegistryMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register("registry_subscribers", "Watch subscribers connected, by kind", m.subscribers.clone());
+        registry.register("registry_pushes", "Watch responses sent, by type", m.pushes.clone());
+        registry.register(
+            "registry_push_latency_seconds",
+            "Time from a catalog change to the delta carrying it being handed to the subscriber's stream",
+            m.push_latency.clone(),
+        );
+        registry.register("registry_watch_refused", "Watch streams refused, by reason", m.watch_refused.clone());
+        registry.register("registry_resource_errors", "Resource files currently invalid, by source", m.resource_errors.clone());
+        registry.register("registry_resource_error_events", "Times a source found invalid resources", m.resource_error_events.clone());
+        registry.register("registry_catalog_resources", "Resources in the catalog", m.catalog_resources.clone());
+        registry.register("registry_store_operations", "Store operations, by operation and result", m.store_ops.clone());
+        m
+    }
+}

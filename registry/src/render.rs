@@ -1,0 +1,118 @@
+//! How a network's view is shown to people: a JSON document (`/debug/catalog`,
+//! `isthmusctl catalog --json`) and a table (`isthmusctl catalog`).
+
+use std::fmt::Write;
+
+use isthmus_proto::model::{EndpointKind, Health, ServiceView, ViewResource};
+use serde_json::{json, Value};
+
+fn endpoint_kind(k: EndpointKind) -> &'static str {
+    match k {
+        EndpointKind::Workload => "workload",
+        EndpointKind::Gateway => "gateway",
+    }
+}
+
+fn health(h: Health) -> &'static str {
+    match h {
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
+    }
+}
+
+fn service_json(sv: &ServiceView) -> Value {
+    let s = &sv.service;
+    json!({
+        "hostname": s.hostname,
+        "namespace": s.namespace,
+        "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol, "targetPort": p.target_port})).collect::<Vec<_>>(),
+        "addresses": s.addresses.iter().map(|a| json!({"cluster": a.cluster, "address": a.address})).collect::<Vec<_>>(),
+        "endpoints": sv.endpoints.iter().map(|e| json!({
+            "kind": endpoint_kind(e.kind),
+            "address": e.address,
+            "ports": e.ports.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "network": e.network,
+            "cluster": e.cluster,
+            "locality": e.locality.to_string(),
+            "weight": e.weight,
+            "health": health(e.health),
+            "identities": e.identities.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            "uid": e.uid,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The whole view as JSON: `{network, version, services: [...], networks: [...]}`.
+pub fn view_json(network: &str, version: &str, resources: &[ViewResource]) -> Value {
+    let mut services = Vec::new();
+    let mut networks = Vec::new();
+    for r in resources {
+        match r {
+            ViewResource::Service(sv) => services.push(service_json(sv)),
+            ViewResource::Network(n) => networks.push(json!({
+                "id": n.id,
+                "gateways": n.gateways.iter().map(|g| json!({"address": g.address, "sniPort": g.sni_port, "tunnelPort": g.tunnel_port})).collect::<Vec<_>>(),
+            })),
+        }
+    }
+    json!({"network": network, "version": version, "services": services, "networks": networks})
+}
+
+/// The view as a table for a terminal.
+pub fn view_table(network: &str, version: &str, resources: &[ViewResource]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "view of network {network} (version {version})");
+    let mut nets: Vec<_> = resources
+        .iter()
+        .filter_map(|r| match r {
+            ViewResource::Network(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    nets.sort_by(|a, b| a.id.cmp(&b.id));
+    if !nets.is_empty() {
+        let _ = writeln!(out, "\nNETWORK          GATEWAYS");
+        for n in nets {
+            let gws: Vec<String> = n.gateways.iter().map(|g| format!("{}:{}", g.address, g.sni_port)).collect();
+            let _ = writeln!(out, "{:<16} {}", n.id, if gws.is_empty() { "-".to_string() } else { gws.join(", ") });
+        }
+    }
+    let mut svcs: Vec<_> = resources
+        .iter()
+        .filter_map(|r| match r {
+            ViewResource::Service(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    svcs.sort_by(|a, b| a.service.hostname.cmp(&b.service.hostname));
+    for sv in svcs {
+        let s = &sv.service;
+        let ports: Vec<String> = s.ports.iter().map(|p| format!("{}/{}", p.number, p.protocol)).collect();
+        let _ = writeln!(out, "\nSERVICE {}  ports {}  ({} endpoints)", s.hostname, ports.join(","), sv.endpoints.len());
+        if sv.endpoints.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} IDENTITY", "KIND", "ADDRESS", "NETWORK", "WEIGHT", "HEALTH", "PORTS");
+        for e in &sv.endpoints {
+            let ports: Vec<String> = e.ports.iter().map(|(k, v)| format!("{k}->{v}")).collect();
+            let ids: Vec<String> = e.identities.iter().map(|i| i.to_string()).collect();
+            let ids = match ids.len() {
+                0 => "-".to_string(),
+                1 => ids[0].clone(),
+                n => format!("{} (+{} more)", ids[0], n - 1),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} {}",
+                endpoint_kind(e.kind),
+                e.address,
+                e.network,
+                e.weight,
+                health(e.health),
+                ports.join(","),
+                ids
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,331 @@
+//! The Watch service: a subscriber names itself, gets a full snapshot of its network's view,
+//! then deltas carrying a version, each sent only after the previous one was acknowledged.
+//!
+//! Acknowledgement is the flow control: while a version is unacknowledged nothing more is
+//! sent, and the subscriber's task reads the view's current state when it next sends, so
+//! the changes it missed coalesce per key. A subscriber that stops reading holds at most one
+//! version in flight and never delays anyone else; no queue grows on its behalf.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::Stream;
+use isthmus_proto::drain;
+use isthmus_proto::grpc::PeerInfo;
+use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::pb;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::{KindLabels, PushLabels, RegistryMetrics};
+use crate::views::{Catchup, View, ViewKey, Views};
+
+/// How long a new stream has to send its Subscribe.
+pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Resources per response when a snapshot is split.
+pub const SNAPSHOT_CHUNK: usize = 1000;
+/// Responses buffered between a subscriber's task and its HTTP/2 stream.
+const STREAM_BUFFER: usize = 2;
+
+/// What the registry knows of one connected subscriber (for `/debug/subscribers`).
+#[derive(Debug)]
+pub struct Subscriber {
+    pub node: Node,
+    pub identity: String,
+    pub remote: String,
+    pub view: String,
+    pub connected_at: SystemTime,
+    pub sent_seq: AtomicU64,
+    pub acked_seq: AtomicU64,
+    pub pushes: AtomicU64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SubscriberStatus {
+    pub id: String,
+    pub kind: &'static str,
+    pub network: String,
+    pub cluster: String,
+    pub identity: String,
+    pub remote: String,
+    pub view: String,
+    pub connected_for_s: u64,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    pub pushes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Subscribers {
+    next: AtomicU64,
+    map: Mutex<HashMap<u64, Arc<Subscriber>>>,
+}
+
+impl Subscribers {
+    fn add(&self, s: Subscriber) -> (u64, Arc<Subscriber>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let s = Arc::new(s);
+        self.map.lock().expect("subscribers lock").insert(id, s.clone());
+        (id, s)
+    }
+
+    fn remove(&self, id: u64) {
+        self.map.lock().expect("subscribers lock").remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("subscribers lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn status(&self) -> Vec<SubscriberStatus> {
+        let map = self.map.lock().expect("subscribers lock");
+        let mut out: Vec<_> = map
+            .values()
+            .map(|s| SubscriberStatus {
+                id: s.node.id.clone(),
+                kind: s.node.kind.as_str(),
+                network: s.node.network.clone(),
+                cluster: s.node.cluster.clone(),
+                identity: s.identity.clone(),
+                remote: s.remote.clone(),
+                view: s.view.clone(),
+                connected_for_s: s.connected_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+                sent_version: s.sent_seq.load(Ordering::Relaxed),
+                acked_version: s.acked_seq.load(Ordering::Relaxed),
+                pushes: s.pushes.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.network, &a.id).cmp(&(&b.network, &b.id)));
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchService {
+    views: Arc<Views>,
+    subscribers: Arc<Subscribers>,
+    metrics: RegistryMetrics,
+    shutdown: drain::Watch,
+}
+
+impl WatchService {
+    pub fn new(views: Arc<Views>, subscribers: Arc<Subscribers>, metrics: RegistryMetrics, shutdown: drain::Watch) -> Self {
+        Self {
+            views,
+            subscribers,
+            metrics,
+            shutdown,
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, status: Status) -> Status {
+        self.metrics.watch_refused.get_or_create(&KindLabels { kind: reason }).inc();
+        tracing::warn!(reason, message = status.message(), "watch refused");
+        status
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::watch_server::Watch for WatchService {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<Streaming<pb::WatchRequest>>) -> Result<Response<WatchStream>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let Some(identity) = peer.as_ref().and_then(|p| p.identity.clone()) else {
+            return Err(self.refuse("unauthenticated", Status::unauthenticated("Watch needs a mesh client certificate; get one with `isthmusctl cert request`")));
+        };
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(self.refuse("no_subscribe", Status::deadline_exceeded("no Subscribe within 10s"))),
+            Ok(Err(s)) => return Err(s),
+            Ok(Ok(None)) => return Err(self.refuse("no_subscribe", Status::cancelled("stream closed before Subscribe"))),
+            Ok(Ok(Some(m))) => m,
+        };
+        let Some(pb::watch_request::Request::Subscribe(sub)) = first.request else {
+            return Err(self.refuse("bad_subscribe", Status::invalid_argument("the first message of a Watch stream must be Subscribe")));
+        };
+        let node = sub
+            .node
+            .ok_or_else(|| Status::invalid_argument("subscribe.node: missing"))
+            .and_then(|n| Node::try_from(n).map_err(|e| Status::invalid_argument(e.to_string())))
+            .map_err(|s| self.refuse("bad_subscribe", s))?;
+        let key = ViewKey {
+            network: node.network.clone(),
+            gateway: node.kind == NodeKind::Gateway,
+        };
+        let view = self.views.view(&key);
+        let resume = view.parse_version(&sub.resume_version);
+        let (id, sub_state) = self.subscribers.add(Subscriber {
+            identity: identity.to_string(),
+            remote: peer.map(|p| p.remote.to_string()).unwrap_or_default(),
+            view: key.to_string(),
+            connected_at: SystemTime::now(),
+            sent_seq: AtomicU64::new(0),
+            acked_seq: AtomicU64::new(resume.unwrap_or(0)),
+            pushes: AtomicU64::new(0),
+            node,
+        });
+        let kind = sub_state.node.kind.as_str();
+        self.metrics.subscribers.get_or_create(&KindLabels { kind }).inc();
+        tracing::info!(node = %sub_state.node.id, kind, network = %key.network, %identity, resume = ?resume, "subscriber connected");
+
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let session = Session {
+            view,
+            tx,
+            sub: sub_state.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let subscribers = self.subscribers.clone();
+        let metrics = self.metrics.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let result = session.run(inbound, resume, shutdown).await;
+            subscribers.remove(id);
+            metrics.subscribers.get_or_create(&KindLabels { kind }).dec();
+            tracing::info!(node = %sub_state.node.id, ?result, "subscriber disconnected");
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    view: Arc<View>,
+    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    sub: Arc<Subscriber>,
+    metrics: RegistryMetrics,
+}
+
+/// Why a session ended; logged through Debug when the subscriber disconnects.
+#[derive(Debug)]
+#[allow(dead_code)]
+enum End {
+    ClientClosed,
+    StreamError(String),
+    Protocol(String),
+    Shutdown,
+}
+
+impl Session {
+    async fn run(self, mut inbound: Streaming<pb::WatchRequest>, resume: Option<u64>, shutdown: drain::Watch) -> End {
+        let mut notify = self.view.subscribe();
+        let stop = shutdown.signaled();
+        tokio::pin!(stop);
+        // The version sent and not yet acknowledged, if any.
+        let mut awaiting: Option<u64>;
+        let mut sent: Option<u64> = resume;
+        notify.borrow_and_update();
+        match self.send_catchup(sent, resume.is_some()).await {
+            Ok(Some(seq)) => {
+                sent = Some(seq);
+                awaiting = Some(seq);
+            }
+            Ok(None) => awaiting = None,
+            Err(e) => return e,
+        }
+        loop {
+            tokio::select! {
+                _ = &mut stop => return End::Shutdown,
+                msg = inbound.message() => match msg {
+                    Ok(Some(pb::WatchRequest { request: Some(pb::watch_request::Request::Ack(ack)) })) => {
+                        match self.view.parse_version(&ack.version) {
+                            Some(v) if Some(v) == awaiting => {
+                                awaiting = None;
+                                self.sub.acked_seq.store(v, Ordering::Relaxed);
+                            }
+                            // A stale or foreign ack is ignored; the current one is still awaited.
+                            _ => tracing::debug!(version = %ack.version, "ack for a version not awaited"),
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        let msg = "only Ack may follow Subscribe on a Watch stream";
+                        let _ = self.tx.send(Err(Status::invalid_argument(msg))).await;
+                        return End::Protocol(msg.into());
+                    }
+                    Ok(None) => return End::ClientClosed,
+                    Err(s) => return End::StreamError(s.message().to_string()),
+                },
+                changed = notify.changed(), if awaiting.is_none() => {
+                    if changed.is_err() {
+                        return End::Shutdown;
+                    }
+                }
+            }
+            if awaiting.is_none() && self.view.seq() != sent.unwrap_or(u64::MAX) {
+                notify.borrow_and_update();
+                match self.send_catchup(sent, false).await {
+                    Ok(Some(seq)) => {
+                        sent = Some(seq);
+                        awaiting = Some(seq);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return e,
+                }
+            }
+        }
+    }
+
+    /// Sends what the subscriber at `from` is missing; returns the version sent, if any.
+    /// `confirm` sends an empty delta even when nothing changed (a resume acknowledgement).
+    async fn send_catchup(&self, from: Option<u64>, confirm: bool) -> Result<Option<u64>, End> {
+        let catchup = self.view.state.read().expect("view lock").catchup(from);
+        let (seq, responses, kind, oldest) = match catchup {
+            Catchup::UpToDate if !confirm => return Ok(None),
+            Catchup::UpToDate => {
+                let seq = from.unwrap_or(0);
+                (seq, vec![self.response(seq, false, Vec::new(), Vec::new(), false)], "resume", None)
+            }
+            Catchup::Delta {
+                seq,
+                upserts,
+                removals,
+                oldest_change,
+            } => {
+                let upserts = upserts.iter().map(|u| u.as_ref().clone()).collect();
+                (seq, vec![self.response(seq, false, upserts, removals, false)], if confirm { "resume" } else { "delta" }, oldest_change)
+            }
+            Catchup::Snapshot { seq, entries } => {
+                let mut out = Vec::new();
+                let chunks: Vec<_> = entries.chunks(SNAPSHOT_CHUNK).collect();
+                if chunks.is_empty() {
+                    out.push(self.response(seq, true, Vec::new(), Vec::new(), false));
+                }
+                for (i, chunk) in chunks.iter().enumerate() {
+                    let upserts = chunk.iter().map(|u| u.as_ref().clone()).collect();
+                    out.push(self.response(seq, i == 0, upserts, Vec::new(), i + 1 < chunks.len()));
+                }
+                (seq, out, "snapshot", None)
+            }
+        };
+        for r in responses {
+            self.tx.send(Ok(r)).await.map_err(|_| End::ClientClosed)?;
+        }
+        if let Some(t) = oldest {
+            self.metrics.push_latency.observe(Instant::now().duration_since(t).as_secs_f64());
+        }
+        self.metrics.pushes.get_or_create(&PushLabels { r#type: kind }).inc();
+        self.sub.sent_seq.store(seq, Ordering::Relaxed);
+        self.sub.pushes.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(seq))
+    }
+
+    fn response(&self, seq: u64, snapshot: bool, upserts: Vec<pb::ViewResource>, removals: Vec<String>, more: bool) -> pb::WatchResponse {
+        pb::WatchResponse {
+            version: self.view.version(seq),
+            snapshot,
+            upserts,
+            removals,
+            more,
+        }
+    }
+}
