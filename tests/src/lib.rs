@@ -1,1 +1,193 @@
+//! The harness shared by isthmus's integration tests and benchmark drivers: a registry with
+//! its own CA, store and resources directory, started in-process on loopback, and helpers to
+//! get credentials, open Watch streams and read the admin port.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_proto::certs;
+use isthmus_proto::grpc;
+use isthmus_proto::identity::{SpiffeId, TrustDomain};
+use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::subscription::Subscription;
+use isthmus_proto::tls::{self, Credentials, ServerIdentity, TrustBundle};
+use isthmus_registry::app::{self, RegistryConfig, RegistryHandle};
+use isthmus_registry::ca::{self, init, token, CaMaterial};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const CLUSTER: &str = "cluster-a";
+pub const NETWORK: &str = "network-a";
+
+/// A registry under test and everything it was started from.
+pub struct TestRegistry {
+    pub dir: tempfile::TempDir,
+    pub cfg: RegistryConfig,
+    pub handle: Option<RegistryHandle>,
+}
+
+impl TestRegistry {
+    pub fn ca_root(&self) -> PathBuf {
+        self.dir.path().join("ca").join(ca::ROOT_CERT_FILE)
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.cfg.ca_dir.clone()
+    }
+
+    pub fn resources_dir(&self) -> PathBuf {
+        self.dir.path().join("resources")
+    }
+
+    /// A config on loopback with fast polling, a fresh CA and empty dirs.
+    pub fn config(dir: &Path) -> RegistryConfig {
+        init::init(
+            &init::InitOptions {
+                trust_domain: TrustDomain::new(TRUST_DOMAIN).unwrap(),
+                clusters: vec![CLUSTER.to_string()],
+                out: dir.join("ca"),
+                rotate: false,
+            },
+            ::time::OffsetDateTime::now_utc(),
+        )
+        .expect("ca init");
+        std::fs::create_dir_all(dir.join("resources")).unwrap();
+        let mut cfg = RegistryConfig::new(CLUSTER, NETWORK, dir.join("ca").join(CLUSTER), dir.join("data"));
+        cfg.resources = Some(dir.join("resources"));
+        cfg.grpc_addr = "127.0.0.1:0".parse().unwrap();
+        cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
+        cfg.resource_poll = Duration::from_millis(100);
+        cfg.ca_reload = Duration::from_millis(100);
+        cfg.listener.handshake_timeout = Duration::from_secs(2);
+        cfg
+    }
+
+    /// Starts a registry with `resources` (file name, YAML) in its resources directory.
+    pub async fn start(resources: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let cfg = Self::config(dir.path());
+        for (name, yaml) in resources {
+            std::fs::write(dir.path().join("resources").join(name), yaml)?;
+        }
+        let handle = app::run(cfg.clone()).await?;
+        Ok(Self { dir, cfg, handle: Some(handle) })
+    }
+
+    pub fn handle(&self) -> &RegistryHandle {
+        self.handle.as_ref().expect("registry running")
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.handle().grpc_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.handle().admin_addr
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+    }
+
+    /// Stops and starts again on the same directories (new ports).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop().await;
+        self.handle = Some(app::run(self.cfg.clone()).await?);
+        Ok(())
+    }
+
+    pub fn material(&self) -> CaMaterial {
+        CaMaterial::load(&self.ca_dir(), None).expect("CA material")
+    }
+
+    pub fn token(&self, ns: &str, sa: &str, ttl: Duration) -> String {
+        token::create(&self.material(), CLUSTER, ns, sa, ttl, ::time::OffsetDateTime::now_utc()).expect("token")
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        TrustBundle::from_pem_file(&self.ca_root(), TRUST_DOMAIN).expect("bundle")
+    }
+
+    /// A gRPC channel to the registry, presenting `creds` if given.
+    pub async fn channel(&self, creds: Option<&Credentials>) -> anyhow::Result<tonic::transport::Channel> {
+        let cfg = tls::client_config(creds, &self.bundle(), ServerIdentity::TrustDomain, &[tls::ALPN_H2])?;
+        Ok(grpc::connect(&self.grpc_addr().to_string(), Arc::new(cfg)).await?)
+    }
+
+    /// Requests a certificate with a fresh token, as a new workload would.
+    pub async fn credentials(&self, ns: &str, sa: &str) -> anyhow::Result<Credentials> {
+        let id = SpiffeId::workload(&TrustDomain::new(TRUST_DOMAIN)?, ns, sa)?;
+        let (key, csr) = certs::generate_key_and_csr(&id)?;
+        let issued = certs::request_certificate(self.channel(None).await?, csr, Some(self.token(ns, sa, Duration::from_secs(600))), 0).await?;
+        Ok(Credentials::from_pem(&issued.chain_pems.concat(), &key)?)
+    }
+
+    pub async fn subscribe(&self, creds: &Credentials, node: &Node) -> anyhow::Result<Subscription> {
+        Ok(Subscription::open(self.channel(Some(creds)).await?, node, None).await?)
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin_addr(), "/metrics").await.expect("metrics").1
+    }
+
+    /// Writes a resource file and waits until the registry has applied it (or reported it).
+    pub fn write_resource(&self, name: &str, yaml: &str) {
+        let path = self.resources_dir().join(name);
+        let tmp = path.with_extension("tmp-write");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+}
+
+pub fn node(id: &str, kind: NodeKind, network: &str) -> Node {
+    Node {
+        id: id.to_string(),
+        kind,
+        network: network.to_string(),
+        cluster: CLUSTER.to_string(),
+        ..Default::default()
+    }
+}
+
+/// The value of a metric line (`name{labels} value`), if present.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A minimal HTTP/1.0 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.context("http timeout")??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `f` until it returns Some, for at most `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
