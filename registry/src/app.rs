@@ -144,6 +144,8 @@ pub struct RegistryHandle {
     pub views: Arc<Views>,
     pub subscribers: Arc<Subscribers>,
     pub authority: Arc<Authority>,
+    /// The path by which sources write to the catalog (for in-process sources and drivers).
+    pub ingest: Ingest,
     trigger: drain::Trigger,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -246,6 +248,7 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
         views,
         subscribers,
         authority,
+        ingest,
         trigger,
         tasks,
     })

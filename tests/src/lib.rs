@@ -191,3 +191,33 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// YAML for the resources tests write.
+pub mod yaml {
+    pub fn network(id: &str, gateways: &[&str]) -> String {
+        let gws: String = gateways.iter().map(|g| format!("  - address: {g}\n    sniPort: 15443\n    tunnelPort: 15008\n")).collect();
+        format!("apiVersion: isthmus.io/v1alpha1\nkind: Network\nmetadata:\n  name: {id}\nspec:\n  gateways:\n{gws}")
+    }
+
+    pub fn service(name: &str, ns: &str, port: u32) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  hosts:\n  - {name}.{ns}.svc.cluster.local\n  ports:\n  - number: {port}\n    name: http\n    protocol: HTTP\n  resolution: STATIC\n  workloadSelector:\n    labels:\n      app: {name}\n"
+        )
+    }
+
+    pub fn workload(name: &str, ns: &str, app: &str, address: &str, network: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  address: {address}\n  network: {network}\n  labels:\n    app: {app}\n  serviceAccount: {app}\n"
+        )
+    }
+
+    /// Several documents in one file.
+    pub fn docs(parts: &[String]) -> String {
+        parts.join("---\n")
+    }
+}
+
+/// The hostname the yaml helpers give a service.
+pub fn host(name: &str, ns: &str) -> String {
+    format!("{name}.{ns}.svc.cluster.local")
+}
