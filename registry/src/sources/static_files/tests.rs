@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use isthmus_proto::model::*;
 use isthmus_proto::{SpiffeId, TrustDomain};
@@ -1333,4 +1333,63 @@ fn oversized_and_non_utf8_files_are_refused() {
     assert_eq!(shown.len(), 2, "{shown:#?}");
     assert!(shown[0].contains("big.yaml: is larger than"), "{shown:#?}");
     assert!(shown[1].contains("latin1.yaml: is not UTF-8"), "{shown:#?}");
+}
+
+// ---- the sample catalog --------------------------------------------------------------------
+
+#[test]
+fn deploy_examples_parse_without_errors() {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples"));
+    let mut src = source(&dir);
+    let result = src.scan();
+    assert!(
+        result.errors.is_empty(),
+        "{}",
+        result
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let resources: Vec<Resource> = src.resources().into_iter().map(|r| r.resource).collect();
+    let count = |kind: &str| resources.iter().filter(|r| r.kind() == kind).count();
+    assert_eq!(count("Network"), 2);
+    assert_eq!(count("Service"), 4);
+    assert_eq!(count("Workload"), 13);
+    assert_eq!(count("WorkloadGroup"), 1);
+
+    let services: Vec<&Service> = resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Service(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let workloads: Vec<&Workload> = resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Workload(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    let endpoints = |host: &str, network: &str| {
+        let svc = services.iter().find(|s| s.hostname == host).unwrap();
+        workloads
+            .iter()
+            .filter(|w| w.serves(svc) && w.network == network)
+            .count()
+    };
+    assert_eq!(endpoints("reviews.shop.svc.cluster.local", "network-a"), 3);
+    assert_eq!(endpoints("reviews.shop.svc.cluster.local", "network-b"), 6);
+    assert_eq!(endpoints("ratings.shop.svc.cluster.local", "network-a"), 0);
+    assert!(endpoints("ratings.shop.svc.cluster.local", "network-b") > 0);
+    let networks: BTreeMap<&str, usize> = resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Network(n) => Some((n.id.as_str(), n.gateways.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(networks, [("network-a", 1), ("network-b", 2)].into());
 }
