@@ -27,7 +27,13 @@ impl Readiness {
 }
 
 /// Serves the admin routes on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, metrics: Arc<Mutex<Registry>>, readiness: Readiness, extra: Router, shutdown: drain::Watch) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Mutex<Registry>>,
+    readiness: Readiness,
+    extra: Router,
+    shutdown: drain::Watch,
+) -> std::io::Result<()> {
     let router = Router::new()
         .route(
             "/metrics",
@@ -37,8 +43,17 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Mutex<Registry>>, readine
                     let mut out = String::new();
                     let reg = metrics.lock().expect("metrics registry poisoned");
                     match prometheus_client::encoding::text::encode(&mut out, &reg) {
-                        Ok(()) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response(),
-                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                        Ok(()) => (
+                            [(
+                                header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            out,
+                        )
+                            .into_response(),
+                        Err(e) => {
+                            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                        }
                     }
                 }
             }),
@@ -58,5 +73,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Mutex<Registry>>, readine
             }),
         )
         .merge(extra);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.signaled()).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.signaled())
+        .await
 }

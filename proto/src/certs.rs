@@ -25,26 +25,39 @@ pub enum CertsError {
 
 /// A fresh ECDSA P-256 key and a CSR for `id` (its only SAN), both PEM.
 pub fn generate_key_and_csr(id: &SpiffeId) -> Result<(String, String), CertsError> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CertsError::Generate(e.to_string()))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| CertsError::Generate(e.to_string()))?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.subject_alt_names = vec![rcgen::SanType::URI(
-        rcgen::string::Ia5String::try_from(id.as_str()).map_err(|e| CertsError::Generate(e.to_string()))?,
+        rcgen::string::Ia5String::try_from(id.as_str())
+            .map_err(|e| CertsError::Generate(e.to_string()))?,
     )];
-    let csr = params.serialize_request(&key).map_err(|e| CertsError::Generate(e.to_string()))?;
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| CertsError::Generate(e.to_string()))?;
     let csr_pem = csr.pem().map_err(|e| CertsError::Generate(e.to_string()))?;
     Ok((key.serialize_pem(), csr_pem))
 }
 
 /// Writes `key.pem` (0600), `cert-chain.pem` and `root-cert.pem` into `dir`, each file
 /// replaced atomically so a reader never sees a half-written credential.
-pub fn write_credentials(dir: &Path, key_pem: &str, chain_pems: &[String], root_pem: &str) -> Result<(), CertsError> {
+pub fn write_credentials(
+    dir: &Path,
+    key_pem: &str,
+    chain_pems: &[String],
+    root_pem: &str,
+) -> Result<(), CertsError> {
     std::fs::create_dir_all(dir).map_err(|source| CertsError::Write {
         path: dir.display().to_string(),
         source,
     })?;
     write_atomic(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
-    write_atomic(&dir.join(CERT_CHAIN_FILE), chain_pems.concat().as_bytes(), 0o644)?;
+    write_atomic(
+        &dir.join(CERT_CHAIN_FILE),
+        chain_pems.concat().as_bytes(),
+        0o644,
+    )?;
     write_atomic(&dir.join(ROOT_CERT_FILE), root_pem.as_bytes(), 0o644)?;
     Ok(())
 }
@@ -69,7 +82,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsErr
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(err)?;
     }
     f.write_all(bytes).map_err(err)?;
     f.sync_all().map_err(err)?;
@@ -86,7 +100,12 @@ pub struct IssuedCertificate {
 
 /// Asks the registry's CA to sign `csr_pem`, authenticated by `token` (first certificate) or
 /// by the client certificate of `channel`'s TLS session (renewal).
-pub async fn request_certificate(channel: tonic::transport::Channel, csr_pem: String, token: Option<String>, ttl_seconds: u64) -> Result<IssuedCertificate, CertsError> {
+pub async fn request_certificate(
+    channel: tonic::transport::Channel,
+    csr_pem: String,
+    token: Option<String>,
+    ttl_seconds: u64,
+) -> Result<IssuedCertificate, CertsError> {
     let mut client = pb::certificates_client::CertificatesClient::new(channel);
     let resp = client
         .create_certificate(pb::CertificateRequest {

@@ -22,7 +22,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
         return Err(err("it does not start with a number"));
     }
     let n: u64 = num.parse().map_err(|_| err("the number is too large"))?;
-    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| err("it is too long"));
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| err("it is too long"))
+    };
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => secs(1),

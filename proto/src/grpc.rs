@@ -60,13 +60,21 @@ impl Connected for TlsConnection {
 }
 
 impl AsyncRead for TlsConnection {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -75,7 +83,11 @@ impl AsyncWrite for TlsConnection {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -98,7 +110,11 @@ pub struct ListenerMetrics {
 impl ListenerMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        registry.register("grpc_connections_accepted", "TLS connections accepted on the gRPC port", m.accepted.clone());
+        registry.register(
+            "grpc_connections_accepted",
+            "TLS connections accepted on the gRPC port",
+            m.accepted.clone(),
+        );
         registry.register(
             "grpc_connections_refused",
             "Connections closed before or during the TLS handshake, by reason",
@@ -112,11 +128,15 @@ impl ListenerMetrics {
 pub fn classify_handshake_error(e: &io::Error) -> &'static str {
     if let Some(tls_err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         return match tls_err {
-            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } | rustls::Error::InappropriateHandshakeMessage { .. } => "not_tls",
+            rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. } => "not_tls",
             rustls::Error::NoCertificatesPresented => "no_client_certificate",
             rustls::Error::InvalidCertificate(_) | rustls::Error::General(_) => "peer_rejected",
             rustls::Error::AlertReceived(_) => "peer_alert",
-            rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => "incompatible",
+            rustls::Error::PeerIncompatible(_) | rustls::Error::NoApplicationProtocol => {
+                "incompatible"
+            }
             _ => "tls_error",
         };
     }
@@ -195,7 +215,10 @@ pub fn tls_incoming(
                     Err(_) => "handshake_timeout",
                 };
                 tracing::debug!(%remote, reason, "connection refused during TLS handshake");
-                metrics.refused.get_or_create(&RefusalLabels { reason }).inc();
+                metrics
+                    .refused
+                    .get_or_create(&RefusalLabels { reason })
+                    .inc();
             });
         }
     });
@@ -217,18 +240,27 @@ pub enum ConnectError {
 /// An mTLS gRPC channel to `addr` (`host:port`), verified with `tls`.
 pub async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, ConnectError> {
     let endpoint = endpoint(addr)?;
-    let host = addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_string()).unwrap_or_default();
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+        .unwrap_or_default();
     let connector = TlsConnector::from(tls);
     endpoint
         .connect_with_connector(tower::service_fn(move |uri: http::Uri| {
             let connector = connector.clone();
             let host = host.clone();
             async move {
-                let authority = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+                let authority = uri
+                    .authority()
+                    .map(|a| a.as_str().to_string())
+                    .unwrap_or_default();
                 let tcp = TcpStream::connect(&authority).await?;
                 let _ = tcp.set_nodelay(true);
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
-                    .unwrap_or_else(|_| rustls::pki_types::ServerName::try_from("registry.isthmus").expect("static name"))
+                    .unwrap_or_else(|_| {
+                        rustls::pki_types::ServerName::try_from("registry.isthmus")
+                            .expect("static name")
+                    })
                     .to_owned();
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, io::Error>(TokioIo::new(tls))
@@ -242,7 +274,9 @@ pub async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Chann
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {
-    let bad = || ConnectError::BadAddress { addr: addr.to_string() };
+    let bad = || ConnectError::BadAddress {
+        addr: addr.to_string(),
+    };
     if !addr.contains(':') {
         return Err(bad());
     }

@@ -73,7 +73,9 @@ impl FromStr for TrustDomain {
 
 fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
     if td.is_empty() {
-        return Err(IdentityError::MissingTrustDomain(format!("{SCHEME_PREFIX}{td}")));
+        return Err(IdentityError::MissingTrustDomain(format!(
+            "{SCHEME_PREFIX}{td}"
+        )));
     }
     if td.len() > MAX_TRUST_DOMAIN_LEN {
         return Err(IdentityError::TrustDomainTooLong(td.to_string()));
@@ -149,10 +151,16 @@ impl SpiffeId {
     }
 
     /// The mesh identity of a workload: `spiffe://TD/ns/NS/sa/SA`.
-    pub fn workload(td: &TrustDomain, namespace: &str, service_account: &str) -> Result<Self, IdentityError> {
+    pub fn workload(
+        td: &TrustDomain,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdentityError> {
         validate_dns_label("namespace", namespace)?;
         validate_dns_label("service account", service_account)?;
-        Self::parse(&format!("{SCHEME_PREFIX}{td}/ns/{namespace}/sa/{service_account}"))
+        Self::parse(&format!(
+            "{SCHEME_PREFIX}{td}/ns/{namespace}/sa/{service_account}"
+        ))
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -242,7 +250,11 @@ mod tests {
     fn valid_ids() {
         for (s, td, path) in [
             ("spiffe://example.org", "example.org", ""),
-            ("spiffe://cluster.local/ns/default/sa/web", "cluster.local", "/ns/default/sa/web"),
+            (
+                "spiffe://cluster.local/ns/default/sa/web",
+                "cluster.local",
+                "/ns/default/sa/web",
+            ),
             ("spiffe://a-b_c.9/x/Y.z-_", "a-b_c.9", "/x/Y.z-_"),
             ("spiffe://td/...x/.a", "td", "/...x/.a"),
         ] {
@@ -259,29 +271,73 @@ mod tests {
         let long_td = format!("spiffe://{}/x", "a".repeat(256));
         let cases: Vec<(&str, fn(&IdentityError) -> bool)> = vec![
             ("", |e| matches!(e, IdentityError::Empty)),
-            ("http://td/ns/a/sa/b", |e| matches!(e, IdentityError::WrongScheme(_))),
-            ("SPIFFE://td/ns/a/sa/b", |e| matches!(e, IdentityError::WrongScheme(_))),
-            ("spiffe:/td/ns/a", |e| matches!(e, IdentityError::WrongScheme(_))),
-            ("spiffe://", |e| matches!(e, IdentityError::MissingTrustDomain(_))),
-            ("spiffe:///ns/a", |e| matches!(e, IdentityError::MissingTrustDomain(_))),
-            ("spiffe://Example.org/ns/a", |e| matches!(e, IdentityError::BadTrustDomainChar { .. })),
-            ("spiffe://td:443/ns/a", |e| matches!(e, IdentityError::BadTrustDomainChar { .. })),
-            ("spiffe://user@td/ns/a", |e| matches!(e, IdentityError::BadTrustDomainChar { .. })),
-            ("spiffe://t%64/ns/a", |e| matches!(e, IdentityError::BadTrustDomainChar { .. })),
-            ("spiffe://td/ns//sa/b", |e| matches!(e, IdentityError::EmptySegment(_))),
-            ("spiffe://td//", |e| matches!(e, IdentityError::TrailingSlash(_))),
-            ("spiffe://td/ns/a/", |e| matches!(e, IdentityError::TrailingSlash(_))),
-            ("spiffe://td/", |e| matches!(e, IdentityError::TrailingSlash(_))),
-            ("spiffe://td/ns/../sa/b", |e| matches!(e, IdentityError::DotSegment(_))),
-            ("spiffe://td/./a", |e| matches!(e, IdentityError::DotSegment(_))),
-            ("spiffe://td/ns/a%2Fb", |e| matches!(e, IdentityError::BadPathChar { ch: '%', .. })),
-            ("spiffe://td/ns/a?x=1", |e| matches!(e, IdentityError::BadPathChar { ch: '?', .. })),
-            ("spiffe://td/ns/a#frag", |e| matches!(e, IdentityError::BadPathChar { ch: '#', .. })),
-            ("spiffe://td/ns/a b", |e| matches!(e, IdentityError::BadPathChar { ch: ' ', .. })),
-            ("spiffe://td/ns/\u{e9}", |e| matches!(e, IdentityError::BadPathChar { .. })),
-            ("spiffe://td?q", |e| matches!(e, IdentityError::BadTrustDomainChar { ch: '?', .. })),
+            ("http://td/ns/a/sa/b", |e| {
+                matches!(e, IdentityError::WrongScheme(_))
+            }),
+            ("SPIFFE://td/ns/a/sa/b", |e| {
+                matches!(e, IdentityError::WrongScheme(_))
+            }),
+            ("spiffe:/td/ns/a", |e| {
+                matches!(e, IdentityError::WrongScheme(_))
+            }),
+            ("spiffe://", |e| {
+                matches!(e, IdentityError::MissingTrustDomain(_))
+            }),
+            ("spiffe:///ns/a", |e| {
+                matches!(e, IdentityError::MissingTrustDomain(_))
+            }),
+            ("spiffe://Example.org/ns/a", |e| {
+                matches!(e, IdentityError::BadTrustDomainChar { .. })
+            }),
+            ("spiffe://td:443/ns/a", |e| {
+                matches!(e, IdentityError::BadTrustDomainChar { .. })
+            }),
+            ("spiffe://user@td/ns/a", |e| {
+                matches!(e, IdentityError::BadTrustDomainChar { .. })
+            }),
+            ("spiffe://t%64/ns/a", |e| {
+                matches!(e, IdentityError::BadTrustDomainChar { .. })
+            }),
+            ("spiffe://td/ns//sa/b", |e| {
+                matches!(e, IdentityError::EmptySegment(_))
+            }),
+            ("spiffe://td//", |e| {
+                matches!(e, IdentityError::TrailingSlash(_))
+            }),
+            ("spiffe://td/ns/a/", |e| {
+                matches!(e, IdentityError::TrailingSlash(_))
+            }),
+            ("spiffe://td/", |e| {
+                matches!(e, IdentityError::TrailingSlash(_))
+            }),
+            ("spiffe://td/ns/../sa/b", |e| {
+                matches!(e, IdentityError::DotSegment(_))
+            }),
+            ("spiffe://td/./a", |e| {
+                matches!(e, IdentityError::DotSegment(_))
+            }),
+            ("spiffe://td/ns/a%2Fb", |e| {
+                matches!(e, IdentityError::BadPathChar { ch: '%', .. })
+            }),
+            ("spiffe://td/ns/a?x=1", |e| {
+                matches!(e, IdentityError::BadPathChar { ch: '?', .. })
+            }),
+            ("spiffe://td/ns/a#frag", |e| {
+                matches!(e, IdentityError::BadPathChar { ch: '#', .. })
+            }),
+            ("spiffe://td/ns/a b", |e| {
+                matches!(e, IdentityError::BadPathChar { ch: ' ', .. })
+            }),
+            ("spiffe://td/ns/\u{e9}", |e| {
+                matches!(e, IdentityError::BadPathChar { .. })
+            }),
+            ("spiffe://td?q", |e| {
+                matches!(e, IdentityError::BadTrustDomainChar { ch: '?', .. })
+            }),
             (&long_path, |e| matches!(e, IdentityError::TooLong(_))),
-            (&long_td, |e| matches!(e, IdentityError::TrustDomainTooLong(_))),
+            (&long_td, |e| {
+                matches!(e, IdentityError::TrustDomainTooLong(_))
+            }),
         ];
         for (input, check) in cases {
             let err = SpiffeId::parse(input).expect_err(input);
@@ -298,7 +354,10 @@ mod tests {
         assert!(SpiffeId::workload(&td, "Shop", "cart").is_err());
         assert!(SpiffeId::workload(&td, "shop", "-cart").is_err());
         let other = SpiffeId::parse("spiffe://mesh.example/ns/shop/sa/cart/extra").unwrap();
-        assert!(matches!(other.workload_parts(), Err(IdentityError::NotWorkload(_))));
+        assert!(matches!(
+            other.workload_parts(),
+            Err(IdentityError::NotWorkload(_))
+        ));
         assert!(TrustDomain::new("UPPER").is_err());
     }
 }

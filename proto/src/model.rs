@@ -62,7 +62,10 @@ impl Locality {
 impl fmt::Display for Locality {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts = [&self.region, &self.zone, &self.subzone];
-        let n = parts.iter().rposition(|p| !p.is_empty()).map_or(0, |i| i + 1);
+        let n = parts
+            .iter()
+            .rposition(|p| !p.is_empty())
+            .map_or(0, |i| i + 1);
         let s: Vec<&str> = parts[..n].iter().map(|s| s.as_str()).collect();
         f.write_str(&s.join("/"))
     }
@@ -173,7 +176,11 @@ impl Workload {
         if self.services.iter().any(|h| h == &svc.hostname) {
             return true;
         }
-        !svc.selector.is_empty() && svc.selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+        !svc.selector.is_empty()
+            && svc
+                .selector
+                .iter()
+                .all(|(k, v)| self.labels.get(k) == Some(v))
     }
 
     /// The port on this workload for a service port: by name, else the target port, else the
@@ -196,9 +203,19 @@ impl Workload {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeAction {
-    HttpGet { path: String, port: u16, host: String, scheme: String },
-    TcpSocket { host: String, port: u16 },
-    Exec { command: Vec<String> },
+    HttpGet {
+        path: String,
+        port: u16,
+        host: String,
+        scheme: String,
+    },
+    TcpSocket {
+        host: String,
+        port: u16,
+    },
+    Exec {
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -534,10 +551,12 @@ fn identity_from_pb(field: &str, s: &str) -> Result<Option<SpiffeId>, ModelError
     if s.is_empty() {
         return Ok(None);
     }
-    SpiffeId::parse(s).map(Some).map_err(|e| ModelError::Invalid {
-        field: field.to_string(),
-        why: e.to_string(),
-    })
+    SpiffeId::parse(s)
+        .map(Some)
+        .map_err(|e| ModelError::Invalid {
+            field: field.to_string(),
+            why: e.to_string(),
+        })
 }
 
 impl From<&Workload> for pb::Workload {
@@ -550,9 +569,17 @@ impl From<&Workload> for pb::Workload {
             network: w.network.clone(),
             cluster: w.cluster.clone(),
             locality: Some((&w.locality).into()),
-            identity: w.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            identity: w
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
             labels: w.labels.clone().into_iter().collect(),
-            ports: w.ports.iter().map(|(k, v)| (k.clone(), u32::from(*v))).collect(),
+            ports: w
+                .ports
+                .iter()
+                .map(|(k, v)| (k.clone(), u32::from(*v)))
+                .collect(),
             weight: w.weight,
             health: health_to_pb(w.health).into(),
             origin: match w.origin {
@@ -612,17 +639,26 @@ impl From<&Probe> for pb::Probe {
             success_threshold: p.success_threshold,
             failure_threshold: p.failure_threshold,
             action: Some(match &p.action {
-                ProbeAction::HttpGet { path, port, host, scheme } => pb::probe::Action::HttpGet(pb::HttpGet {
+                ProbeAction::HttpGet {
+                    path,
+                    port,
+                    host,
+                    scheme,
+                } => pb::probe::Action::HttpGet(pb::HttpGet {
                     path: path.clone(),
                     port: (*port).into(),
                     host: host.clone(),
                     scheme: scheme.clone(),
                 }),
-                ProbeAction::TcpSocket { host, port } => pb::probe::Action::TcpSocket(pb::TcpSocket {
-                    host: host.clone(),
-                    port: (*port).into(),
+                ProbeAction::TcpSocket { host, port } => {
+                    pb::probe::Action::TcpSocket(pb::TcpSocket {
+                        host: host.clone(),
+                        port: (*port).into(),
+                    })
+                }
+                ProbeAction::Exec { command } => pb::probe::Action::Exec(pb::Exec {
+                    command: command.clone(),
                 }),
-                ProbeAction::Exec { command } => pb::probe::Action::Exec(pb::Exec { command: command.clone() }),
             }),
         }
     }
@@ -680,7 +716,11 @@ impl TryFrom<pb::WorkloadGroup> for WorkloadGroup {
             name: g.name,
             namespace: g.namespace,
             labels: g.labels.into_iter().collect(),
-            template: g.template.map(Workload::try_from).transpose()?.unwrap_or_default(),
+            template: g
+                .template
+                .map(Workload::try_from)
+                .transpose()?
+                .unwrap_or_default(),
             probe: g.probe.map(Probe::try_from).transpose()?,
         })
     }
@@ -749,7 +789,8 @@ impl TryFrom<pb::Node> for Node {
             pb::NodeKind::Unspecified => {
                 return Err(ModelError::Invalid {
                     field: "node.kind".into(),
-                    why: "a subscriber must name its kind (workload, gateway, dns, vm or ctl)".into(),
+                    why: "a subscriber must name its kind (workload, gateway, dns, vm or ctl)"
+                        .into(),
                 })
             }
         };
@@ -778,7 +819,11 @@ impl From<&ViewEndpoint> for pb::ViewEndpoint {
             }
             .into(),
             address: e.address.clone(),
-            ports: e.ports.iter().map(|(k, v)| (u32::from(*k), u32::from(*v))).collect(),
+            ports: e
+                .ports
+                .iter()
+                .map(|(k, v)| (u32::from(*k), u32::from(*v)))
+                .collect(),
             network: e.network.clone(),
             cluster: e.cluster.clone(),
             locality: Some((&e.locality).into()),
@@ -861,7 +906,11 @@ impl TryFrom<pb::ViewResource> for ViewResource {
         Ok(match r.resource.ok_or(ModelError::MissingKind)? {
             R::Service(s) => ViewResource::Service(Arc::new(ServiceView {
                 service: s.service.ok_or(ModelError::MissingKind)?.try_into()?,
-                endpoints: s.endpoints.into_iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
+                endpoints: s
+                    .endpoints
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<Result<_, _>>()?,
             })),
             R::Network(n) => ViewResource::Network(Arc::new(n.try_into()?)),
         })
@@ -907,6 +956,9 @@ mod tests {
             target_port: 0,
         });
         let err = Service::try_from(p).unwrap_err().to_string();
-        assert!(err.contains("ports[0].number") && err.contains("70000"), "{err}");
+        assert!(
+            err.contains("ports[0].number") && err.contains("70000"),
+            "{err}"
+        );
     }
 }

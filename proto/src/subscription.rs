@@ -57,13 +57,19 @@ pub struct Subscription {
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("version", &self.view.version).finish()
+        f.debug_struct("Subscription")
+            .field("version", &self.view.version)
+            .finish()
     }
 }
 
 impl Subscription {
     /// Subscribes as `node`; with `resume`, the view and version a previous stream left.
-    pub async fn open(channel: Channel, node: &Node, resume: Option<LocalView>) -> Result<Self, WatchError> {
+    pub async fn open(
+        channel: Channel,
+        node: &Node,
+        resume: Option<LocalView>,
+    ) -> Result<Self, WatchError> {
         let view = resume.unwrap_or_default();
         let (tx, rx) = mpsc::channel(4);
         tx.send(pb::WatchRequest {
@@ -74,7 +80,8 @@ impl Subscription {
         })
         .await
         .map_err(|_| WatchError::Closed)?;
-        let mut client = pb::watch_client::WatchClient::new(channel).max_decoding_message_size(crate::grpc::DEFAULT_MAX_MESSAGE_BYTES);
+        let mut client = pb::watch_client::WatchClient::new(channel)
+            .max_decoding_message_size(crate::grpc::DEFAULT_MAX_MESSAGE_BYTES);
         let responses = client.watch(ReceiverStream::new(rx)).await?.into_inner();
         Ok(Self {
             requests: tx,
@@ -121,7 +128,9 @@ impl Subscription {
     pub async fn ack(&mut self, version: &str) -> Result<(), WatchError> {
         self.requests
             .send(pb::WatchRequest {
-                request: Some(pb::watch_request::Request::Ack(pb::Ack { version: version.to_string() })),
+                request: Some(pb::watch_request::Request::Ack(pb::Ack {
+                    version: version.to_string(),
+                })),
             })
             .await
             .map_err(|_| WatchError::Closed)
@@ -129,6 +138,9 @@ impl Subscription {
 
     /// Sends a raw request (for tests of protocol errors).
     pub async fn send_raw(&mut self, req: pb::WatchRequest) -> Result<(), WatchError> {
-        self.requests.send(req).await.map_err(|_| WatchError::Closed)
+        self.requests
+            .send(req)
+            .await
+            .map_err(|_| WatchError::Closed)
     }
 }

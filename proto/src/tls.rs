@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -69,7 +71,11 @@ impl fmt::Debug for TrustBundle {
 
 impl TrustBundle {
     /// `roots` are trusted for identities in `trust_domain` and in each alias.
-    pub fn new(roots: Vec<CertificateDer<'static>>, trust_domain: &str, aliases: &[String]) -> Result<Self, TlsError> {
+    pub fn new(
+        roots: Vec<CertificateDer<'static>>,
+        trust_domain: &str,
+        aliases: &[String],
+    ) -> Result<Self, TlsError> {
         if roots.is_empty() {
             return Err(TlsError::EmptyBundle);
         }
@@ -121,8 +127,16 @@ impl TrustBundle {
             PeerUsage::Client => webpki::KeyUsage::client_auth(),
             PeerUsage::Server => webpki::KeyUsage::server_auth(),
         };
-        ee.verify_for_usage(algs.all, &self.anchors, intermediates, now, usage, None, None)
-            .map_err(pki_error)?;
+        ee.verify_for_usage(
+            algs.all,
+            &self.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(pki_error)?;
         let id = spiffe_id_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         if !self.accepts_domain(id.trust_domain()) {
             return Err(rustls::Error::General(format!(
@@ -148,10 +162,12 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
         webpki::Error::UnknownIssuer => C::UnknownIssuer,
         webpki::Error::CertRevoked => C::Revoked,
         webpki::Error::InvalidSignatureForPublicKey => C::BadSignature,
-        webpki::Error::RequiredEkuNotFoundContext(_) => {
-            C::Other(rustls::OtherError(Arc::new(PlainError("required extended key usage not found".into()))))
-        }
-        other => C::Other(rustls::OtherError(Arc::new(PlainError(format!("{other:?}"))))),
+        webpki::Error::RequiredEkuNotFoundContext(_) => C::Other(rustls::OtherError(Arc::new(
+            PlainError("required extended key usage not found".into()),
+        ))),
+        other => C::Other(rustls::OtherError(Arc::new(PlainError(format!(
+            "{other:?}"
+        ))))),
     };
     rustls::Error::InvalidCertificate(ce)
 }
@@ -168,7 +184,8 @@ impl std::error::Error for PlainError {}
 /// The single SPIFFE ID in a certificate's URI SANs.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, TlsError> {
     use x509_parser::prelude::*;
-    let (_, x509) = X509Certificate::from_der(cert).map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let (_, x509) =
+        X509Certificate::from_der(cert).map_err(|e| TlsError::BadCertificate(e.to_string()))?;
     let mut uris = Vec::new();
     if let Ok(Some(san)) = x509.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -206,12 +223,17 @@ pub struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials").field("identity", &self.identity).finish()
+        f.debug_struct("Credentials")
+            .field("identity", &self.identity)
+            .finish()
     }
 }
 
 impl Credentials {
-    pub fn new(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self, TlsError> {
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
         let leaf = chain.first().ok_or(TlsError::NoSpiffeId)?;
         let identity = spiffe_id_of(leaf)?;
         Ok(Self {
@@ -230,13 +252,17 @@ impl Credentials {
 
     pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let src = Path::new("<memory>");
-        Self::new(parse_certs(src, chain_pem.as_bytes())?, parse_key(src, key_pem.as_bytes())?)
+        Self::new(
+            parse_certs(src, chain_pem.as_bytes())?,
+            parse_key(src, key_pem.as_bytes())?,
+        )
     }
 
     /// Seconds until the leaf expires (negative once expired), and its full lifetime.
     pub fn leaf_validity(&self) -> Result<(i64, i64), TlsError> {
         use x509_parser::prelude::*;
-        let (_, x509) = X509Certificate::from_der(&self.chain[0]).map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        let (_, x509) = X509Certificate::from_der(&self.chain[0])
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
         let nb = x509.validity().not_before.timestamp();
         let na = x509.validity().not_after.timestamp();
         let now = ::time::OffsetDateTime::now_utc().unix_timestamp();
@@ -299,7 +325,12 @@ pub enum ClientAuth {
 }
 
 /// A rustls server config presenting `creds` and verifying clients against `bundle`.
-pub fn server_config(creds: &Credentials, bundle: &TrustBundle, auth: ClientAuth, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+pub fn server_config(
+    creds: &Credentials,
+    bundle: &TrustBundle,
+    auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
     let verifier = Arc::new(SpiffeClientVerifier {
         bundle: bundle.clone(),
         optional: auth == ClientAuth::Optional,
@@ -324,7 +355,12 @@ pub enum ServerIdentity {
 
 /// A rustls client config verifying the server against `bundle` and `expected`, and
 /// presenting `creds` when given.
-pub fn client_config(creds: Option<&Credentials>, bundle: &TrustBundle, expected: ServerIdentity, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+pub fn client_config(
+    creds: Option<&Credentials>,
+    bundle: &TrustBundle,
+    expected: ServerIdentity,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
     let verifier = Arc::new(SpiffeServerVerifier {
         bundle: bundle.clone(),
         expected,
@@ -361,16 +397,32 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         &self.subjects
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
-        self.bundle.verify_peer(end_entity, intermediates, PeerUsage::Client, now)?;
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.bundle
+            .verify_peer(end_entity, intermediates, PeerUsage::Client, now)?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(message, cert, dss, &sig_algs())
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(message, cert, dss, &sig_algs())
     }
 
@@ -386,24 +438,46 @@ struct SpiffeServerVerifier {
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], _server_name: &ServerName<'_>, _ocsp: &[u8], now: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
-        let id = self.bundle.verify_peer(end_entity, intermediates, PeerUsage::Server, now)?;
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = self
+            .bundle
+            .verify_peer(end_entity, intermediates, PeerUsage::Server, now)?;
         if let ServerIdentity::OneOf(ids) = &self.expected {
             if !ids.contains(&id) {
                 return Err(rustls::Error::General(format!(
                     "server identity {id} is not one of the expected identities [{}]",
-                    ids.iter().map(|i| i.as_str()).collect::<Vec<_>>().join(", ")
+                    ids.iter()
+                        .map(|i| i.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(message, cert, dss, &sig_algs())
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls13_signature(message, cert, dss, &sig_algs())
     }
 
@@ -414,5 +488,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 /// The verified SPIFFE ID of the peer of an established connection.
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
-    certs.and_then(|c| c.first()).and_then(|leaf| spiffe_id_of(leaf).ok())
+    certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| spiffe_id_of(leaf).ok())
 }

@@ -47,31 +47,55 @@ pub fn routes(views: Arc<Views>, subscribers: Arc<Subscribers>, sources: SourceS
         .route("/debug/catalog", get(catalog))
         .route("/debug/resources", get(resources))
         .route("/debug/subscribers", get(subscribers_status))
-        .with_state(AdminState { views, subscribers, sources })
+        .with_state(AdminState {
+            views,
+            subscribers,
+            sources,
+        })
 }
 
 /// The resources of a view, decoded into the model.
 pub fn view_resources(views: &Views, key: &ViewKey) -> (String, Vec<ViewResource>) {
     let view = views.view(key);
     let st = view.state.read().expect("view lock");
-    let resources = st.entries.values().filter_map(|e| ViewResource::try_from(e.as_ref().clone()).ok()).collect();
+    let resources = st
+        .entries
+        .values()
+        .filter_map(|e| ViewResource::try_from(e.as_ref().clone()).ok())
+        .collect();
     (view.version(st.seq), resources)
 }
 
 async fn catalog(State(s): State<AdminState>, Query(q): Query<CatalogQuery>) -> impl IntoResponse {
     let Some(network) = q.network.filter(|n| !n.is_empty()) else {
-        let networks: Vec<String> = s.views.with_catalog(|c| c.networks().map(|n| n.id.clone()).collect());
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "pass ?network=<id>", "networks": networks}))).into_response();
+        let networks: Vec<String> = s
+            .views
+            .with_catalog(|c| c.networks().map(|n| n.id.clone()).collect());
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "pass ?network=<id>", "networks": networks})),
+        )
+            .into_response();
     };
     let gateway = q.kind.as_deref() == Some("gateway");
-    let (version, resources) = view_resources(&s.views, &ViewKey { network: network.clone(), gateway });
+    let (version, resources) = view_resources(
+        &s.views,
+        &ViewKey {
+            network: network.clone(),
+            gateway,
+        },
+    );
     Json(render::view_json(&network, &version, &resources)).into_response()
 }
 
 async fn resources(State(s): State<AdminState>) -> impl IntoResponse {
-    let resources: Vec<_> = s
-        .views
-        .with_catalog(|c| c.resources().map(|r| json!({"key": r.resource.key(), "kind": r.resource.kind(), "origin": r.origin})).collect());
+    let resources: Vec<_> = s.views.with_catalog(|c| {
+        c.resources()
+            .map(
+                |r| json!({"key": r.resource.key(), "kind": r.resource.kind(), "origin": r.origin}),
+            )
+            .collect()
+    });
     Json(json!({"resources": resources, "errors": s.sources.get()}))
 }
 

@@ -33,7 +33,7 @@ use crate::watch::{Subscribers, WatchService};
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15014";
 /// How often the resources directory is re-read.
-pub const DEFAULT_RESOURCE_POLL: Duration = Duration::from_secs(1);
+pub const DEFAULT_RESOURCE_POLL: Duration = crate::sources::static_files::POLL_INTERVAL;
 /// Largest request the registry decodes: requests are small (Subscribe, Ack, a CSR), so a
 /// bigger one is a bug or an attack.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -120,8 +120,13 @@ impl RegistryConfig {
 
 /// Parses the resources directory as `--validate` does: every error, named by file and field.
 pub fn validate_resources(cfg: &RegistryConfig) -> Result<usize, Vec<String>> {
-    let Some(dir) = &cfg.resources else { return Ok(0) };
-    let td = match (&cfg.trust_domain, CaMaterial::load(&cfg.ca_dir, cfg.trust_domain.as_ref())) {
+    let Some(dir) = &cfg.resources else {
+        return Ok(0);
+    };
+    let td = match (
+        &cfg.trust_domain,
+        CaMaterial::load(&cfg.ca_dir, cfg.trust_domain.as_ref()),
+    ) {
         (Some(td), _) => td.clone(),
         (None, Ok(m)) => m.trust_domain.clone(),
         (None, Err(_)) => TrustDomain::new("cluster.local").expect("valid"),
@@ -155,7 +160,10 @@ impl RegistryHandle {
     pub async fn shutdown(self) {
         self.trigger.fire();
         for t in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(5), t).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
                 tracing::warn!("a registry task did not stop within 5s");
             }
         }
@@ -170,10 +178,20 @@ impl RegistryHandle {
 }
 
 fn serving_config(material: &CaMaterial) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let id = SpiffeId::workload(&material.trust_domain, REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT)?;
-    let creds = material.self_credentials(&id, SERVING_CERT_TTL, ::time::OffsetDateTime::now_utc())?;
+    let id = SpiffeId::workload(
+        &material.trust_domain,
+        REGISTRY_NAMESPACE,
+        REGISTRY_SERVICE_ACCOUNT,
+    )?;
+    let creds =
+        material.self_credentials(&id, SERVING_CERT_TTL, ::time::OffsetDateTime::now_utc())?;
     let bundle = TrustBundle::new(material.root_der(), material.trust_domain.as_str(), &[])?;
-    Ok(Arc::new(tls::server_config(&creds, &bundle, ClientAuth::Optional, &[tls::ALPN_H2])?))
+    Ok(Arc::new(tls::server_config(
+        &creds,
+        &bundle,
+        ClientAuth::Optional,
+        &[tls::ALPN_H2],
+    )?))
 }
 
 pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
@@ -187,13 +205,22 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
     let listener_metrics = ListenerMetrics::register(&mut prom);
     let prom = Arc::new(Mutex::new(prom));
 
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir).context("opening the embedded store")?);
-    let authority = Arc::new(Authority::load(&cfg.ca_dir, cfg.trust_domain.clone()).context("loading the CA")?);
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&cfg.data_dir).context("opening the embedded store")?);
+    let authority =
+        Arc::new(Authority::load(&cfg.ca_dir, cfg.trust_domain.clone()).context("loading the CA")?);
     let trust_domain = authority.trust_domain();
     let views = Arc::new(Views::default());
     let ingest = Ingest::new(store.clone(), views.clone(), metrics.clone());
-    let restored = ingest.load_from_store().await.context("loading the catalog from the store")?;
-    tracing::info!(resources = restored, store = store.kind(), "catalog restored from the store");
+    let restored = ingest
+        .load_from_store()
+        .await
+        .context("loading the catalog from the store")?;
+    tracing::info!(
+        resources = restored,
+        store = store.kind(),
+        "catalog restored from the store"
+    );
 
     let source_status = SourceStatus::default();
     let mut tasks = Vec::new();
@@ -201,28 +228,69 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
         let mut source = StaticSource::new(dir.clone(), cfg.source_defaults(trust_domain.clone()));
         source.seed(views.resources_with_origin(ORIGIN_PREFIX));
         let source = Arc::new(Mutex::new(source));
-        sync_static(&source, &ingest, &metrics, &source_status).await?;
-        tasks.push(tokio::spawn(poll_static(source, ingest.clone(), metrics.clone(), source_status.clone(), cfg.resource_poll, shutdown.clone())));
+        sync_static(&source, &ingest, &metrics, &source_status, true).await?;
+        tasks.push(tokio::spawn(poll_static(
+            source,
+            ingest.clone(),
+            metrics.clone(),
+            source_status.clone(),
+            cfg.resource_poll,
+            shutdown.clone(),
+        )));
     }
 
     // The registry's serving certificate, reissued when the intermediate changes or at half-life.
     let (tls_tx, tls_rx) = watch::channel(serving_config(&authority.current())?);
-    tasks.push(tokio::spawn(renew_serving_cert(authority.clone(), tls_tx, shutdown.clone())));
-    tasks.push(tokio::spawn(authority.clone().watch_files(cfg.ca_reload, ca_metrics.clone(), shutdown.clone())));
+    tasks.push(tokio::spawn(renew_serving_cert(
+        authority.clone(),
+        tls_tx,
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(authority.clone().watch_files(
+        cfg.ca_reload,
+        ca_metrics.clone(),
+        shutdown.clone(),
+    )));
 
     let subscribers = Arc::new(Subscribers::default());
-    let watch_svc = WatchService::new(views.clone(), subscribers.clone(), metrics.clone(), shutdown.clone());
-    let ca_svc = CertificateService::new(authority.clone(), store.clone(), cfg.ca_policy.clone(), ca_metrics);
+    let watch_svc = WatchService::new(
+        views.clone(),
+        subscribers.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let ca_svc = CertificateService::new(
+        authority.clone(),
+        store.clone(),
+        cfg.ca_policy.clone(),
+        ca_metrics,
+    );
 
-    let grpc_listener = TcpListener::bind(cfg.grpc_addr).await.with_context(|| format!("binding the gRPC port {}", cfg.grpc_addr))?;
-    let admin_listener = TcpListener::bind(cfg.admin_addr).await.with_context(|| format!("binding the admin port {}", cfg.admin_addr))?;
+    let grpc_listener = TcpListener::bind(cfg.grpc_addr)
+        .await
+        .with_context(|| format!("binding the gRPC port {}", cfg.grpc_addr))?;
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin port {}", cfg.admin_addr))?;
     let grpc_addr = grpc_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let incoming = grpc::tls_incoming(grpc_listener, tls_rx, cfg.listener.clone(), listener_metrics, shutdown.clone());
+    let incoming = grpc::tls_incoming(
+        grpc_listener,
+        tls_rx,
+        cfg.listener.clone(),
+        listener_metrics,
+        shutdown.clone(),
+    );
     let server = tonic::transport::Server::builder()
-        .add_service(pb::watch_server::WatchServer::new(watch_svc).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_service(pb::certificates_server::CertificatesServer::new(ca_svc).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(
+            pb::watch_server::WatchServer::new(watch_svc)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::certificates_server::CertificatesServer::new(ca_svc)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown.clone().signaled());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = server.await {
@@ -235,7 +303,10 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
     let admin_shutdown = shutdown.clone();
     let admin_ready = readiness.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = isthmus_proto::admin::serve(admin_listener, prom, admin_ready, routes, admin_shutdown).await {
+        if let Err(e) =
+            isthmus_proto::admin::serve(admin_listener, prom, admin_ready, routes, admin_shutdown)
+                .await
+        {
             tracing::error!(error = %e, "admin server failed");
         }
     }));
@@ -255,17 +326,27 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
 }
 
 /// Scans the static source once and hands its resources to ingest when they changed.
-async fn sync_static(source: &Arc<Mutex<StaticSource>>, ingest: &Ingest, metrics: &RegistryMetrics, status: &SourceStatus) -> anyhow::Result<()> {
+/// `force` hands the resources over even when the scan saw no change (after a failed write).
+async fn sync_static(
+    source: &Arc<Mutex<StaticSource>>,
+    ingest: &Ingest,
+    metrics: &RegistryMetrics,
+    status: &SourceStatus,
+    force: bool,
+) -> anyhow::Result<()> {
     let s = source.clone();
     let (scan, resources, dir) = tokio::task::spawn_blocking(move || {
         let mut s = s.lock().expect("static source lock");
         let scan = s.scan();
-        let resources = scan.changed.then(|| s.resources());
+        let resources = (scan.changed || force).then(|| s.resources());
         (scan, resources, s.dir().to_path_buf())
     })
     .await?;
     let labels = SourceLabels { source: "static" };
-    metrics.resource_errors.get_or_create(&labels).set(scan.errors.len() as i64);
+    metrics
+        .resource_errors
+        .get_or_create(&labels)
+        .set(scan.errors.len() as i64);
     let messages: Vec<String> = scan.errors.iter().map(|e| e.to_string()).collect();
     if messages != status.get() {
         for m in &messages {
@@ -277,30 +358,46 @@ async fn sync_static(source: &Arc<Mutex<StaticSource>>, ingest: &Ingest, metrics
         status.set(messages);
     }
     if let Some(resources) = resources {
-        let report = ingest.replace_origin(ORIGIN_PREFIX, resources).await.context("writing static resources to the store")?;
+        let report = ingest
+            .replace_origin(ORIGIN_PREFIX, resources)
+            .await
+            .context("writing static resources to the store")?;
         tracing::info!(upserted = report.upserted, removed = report.removed, dir = %dir.display(), "static resources applied");
     }
     Ok(())
 }
 
-async fn poll_static(source: Arc<Mutex<StaticSource>>, ingest: Ingest, metrics: RegistryMetrics, status: SourceStatus, every: Duration, shutdown: drain::Watch) {
+async fn poll_static(
+    source: Arc<Mutex<StaticSource>>,
+    ingest: Ingest,
+    metrics: RegistryMetrics,
+    status: SourceStatus,
+    every: Duration,
+    shutdown: drain::Watch,
+) {
     let stop = shutdown.signaled();
     tokio::pin!(stop);
+    let mut retry = false;
     loop {
         tokio::select! {
             _ = &mut stop => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Err(e) = sync_static(&source, &ingest, &metrics, &status).await {
-            // The scan result is kept by the source only once ingest succeeded; force a
-            // full re-apply on the next round.
-            tracing::error!(error = %e, "static source sync failed; retrying");
-            source.lock().expect("static source lock").invalidate();
+        match sync_static(&source, &ingest, &metrics, &status, retry).await {
+            Ok(()) => retry = false,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "static resources not applied; retrying");
+                retry = true;
+            }
         }
     }
 }
 
-async fn renew_serving_cert(authority: Arc<Authority>, tx: watch::Sender<Arc<rustls::ServerConfig>>, shutdown: drain::Watch) {
+async fn renew_serving_cert(
+    authority: Arc<Authority>,
+    tx: watch::Sender<Arc<rustls::ServerConfig>>,
+    shutdown: drain::Watch,
+) {
     let mut ca = authority.subscribe();
     let stop = shutdown.signaled();
     tokio::pin!(stop);
@@ -315,7 +412,9 @@ async fn renew_serving_cert(authority: Arc<Authority>, tx: watch::Sender<Arc<rus
                 tx.send_replace(cfg);
                 tracing::info!("registry serving certificate reissued");
             }
-            Err(e) => tracing::error!(error = %e, "cannot reissue the registry serving certificate; keeping the current one"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reissue the registry serving certificate; keeping the current one")
+            }
         }
     }
 }

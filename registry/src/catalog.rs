@@ -64,7 +64,11 @@ impl Catalog {
     }
 
     pub fn network(&self, id: &str) -> Option<&Network> {
-        match self.resources.get(&format!("Network//{id}")).map(|r| &r.resource) {
+        match self
+            .resources
+            .get(&format!("Network//{id}"))
+            .map(|r| &r.resource)
+        {
             Some(Resource::Network(n)) => Some(n),
             _ => None,
         }
@@ -99,7 +103,10 @@ impl Catalog {
         let mut keys: BTreeSet<&String> = BTreeSet::new();
         for svc in self.service_defs(hostname) {
             if let Some(explicit) = self.workloads_by_host.get(hostname) {
-                keys.extend(explicit.iter().filter(|k| self.workload(k).is_some_and(|w| w.namespace == svc.namespace)));
+                keys.extend(explicit.iter().filter(|k| {
+                    self.workload(k)
+                        .is_some_and(|w| w.namespace == svc.namespace)
+                }));
             }
             if svc.selector.is_empty() {
                 continue;
@@ -107,7 +114,10 @@ impl Catalog {
             // Intersect the label index sets, smallest first.
             let mut sets: Vec<&BTreeSet<String>> = Vec::new();
             for (k, v) in &svc.selector {
-                match self.workloads_by_label.get(&(svc.namespace.clone(), k.clone(), v.clone())) {
+                match self
+                    .workloads_by_label
+                    .get(&(svc.namespace.clone(), k.clone(), v.clone()))
+                {
                     Some(s) => sets.push(s),
                     None => {
                         sets.clear();
@@ -125,7 +135,12 @@ impl Catalog {
 
     /// Hostnames a workload serves, as the catalog stands.
     fn hostnames_served_by(&self, w: &Workload) -> BTreeSet<String> {
-        let mut out: BTreeSet<String> = w.services.iter().filter(|h| self.service_defs.contains_key(*h)).cloned().collect();
+        let mut out: BTreeSet<String> = w
+            .services
+            .iter()
+            .filter(|h| self.service_defs.contains_key(*h))
+            .cloned()
+            .collect();
         for h in self.hostnames_by_ns.get(&w.namespace).into_iter().flatten() {
             if self.service_defs(h).iter().any(|s| w.serves(s)) {
                 out.insert(h.clone());
@@ -146,16 +161,28 @@ impl Catalog {
                 change.networks.insert(n.id.clone());
             }
             Resource::Service(s) => {
-                self.service_defs.entry(s.hostname.clone()).or_default().insert(key.clone());
-                self.hostnames_by_ns.entry(s.namespace.clone()).or_default().insert(s.hostname.clone());
+                self.service_defs
+                    .entry(s.hostname.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.hostnames_by_ns
+                    .entry(s.namespace.clone())
+                    .or_default()
+                    .insert(s.hostname.clone());
                 change.hostnames.insert(s.hostname.clone());
             }
             Resource::Workload(w) => {
                 for (k, v) in &w.labels {
-                    self.workloads_by_label.entry((w.namespace.clone(), k.clone(), v.clone())).or_default().insert(key.clone());
+                    self.workloads_by_label
+                        .entry((w.namespace.clone(), k.clone(), v.clone()))
+                        .or_default()
+                        .insert(key.clone());
                 }
                 for h in &w.services {
-                    self.workloads_by_host.entry(h.clone()).or_default().insert(key.clone());
+                    self.workloads_by_host
+                        .entry(h.clone())
+                        .or_default()
+                        .insert(key.clone());
                 }
                 change.hostnames.extend(self.hostnames_served_by(w));
             }
@@ -179,7 +206,9 @@ impl Catalog {
                 change.hostnames.insert(s.hostname.clone());
                 let (host, ns) = (s.hostname.clone(), s.namespace.clone());
                 remove_from(&mut self.service_defs, &host, key);
-                if !self.service_defs.contains_key(&host) || self.service_defs(&host).iter().all(|d| d.namespace != ns) {
+                if !self.service_defs.contains_key(&host)
+                    || self.service_defs(&host).iter().all(|d| d.namespace != ns)
+                {
                     if let Some(set) = self.hostnames_by_ns.get_mut(&ns) {
                         set.remove(&host);
                         if set.is_empty() {
@@ -192,7 +221,11 @@ impl Catalog {
                 change.hostnames.extend(self.hostnames_served_by(w));
                 let w = w.clone();
                 for (k, v) in &w.labels {
-                    remove_from(&mut self.workloads_by_label, &(w.namespace.clone(), k.clone(), v.clone()), key);
+                    remove_from(
+                        &mut self.workloads_by_label,
+                        &(w.namespace.clone(), k.clone(), v.clone()),
+                        key,
+                    );
                 }
                 for h in &w.services {
                     remove_from(&mut self.workloads_by_host, h, key);
@@ -205,7 +238,11 @@ impl Catalog {
     }
 }
 
-fn remove_from<K: std::hash::Hash + Eq + Clone>(map: &mut HashMap<K, BTreeSet<String>>, k: &K, v: &str) {
+fn remove_from<K: std::hash::Hash + Eq + Clone>(
+    map: &mut HashMap<K, BTreeSet<String>>,
+    k: &K,
+    v: &str,
+) {
     if let Some(set) = map.get_mut(k) {
         set.remove(v);
         if set.is_empty() {
@@ -251,7 +288,10 @@ pub(crate) mod tests {
                 cluster: "c".into(),
                 labels: [("app".to_string(), app.to_string())].into(),
                 weight: 1,
-                identity: Some(isthmus_proto::SpiffeId::parse(&format!("spiffe://td/ns/{ns}/sa/{app}")).unwrap()),
+                identity: Some(
+                    isthmus_proto::SpiffeId::parse(&format!("spiffe://td/ns/{ns}/sa/{app}"))
+                        .unwrap(),
+                ),
                 ..Default::default()
             }),
         }
@@ -265,7 +305,11 @@ pub(crate) mod tests {
         assert_eq!(ch.hostnames, ["web.shop".to_string()].into());
         c.upsert(wl("w2", "other", "web", "10.0.0.2", "a"));
         c.upsert(wl("w3", "shop", "db", "10.0.0.3", "a"));
-        let eps: Vec<_> = c.endpoints("web.shop").iter().map(|w| w.name.clone()).collect();
+        let eps: Vec<_> = c
+            .endpoints("web.shop")
+            .iter()
+            .map(|w| w.name.clone())
+            .collect();
         assert_eq!(eps, vec!["w1"]);
         // Relabel w3 into the service: the change names the service.
         let ch = c.upsert(wl("w3", "shop", "web", "10.0.0.3", "a"));
@@ -276,7 +320,9 @@ pub(crate) mod tests {
         assert!(ch.hostnames.contains("web.shop"));
         assert_eq!(c.endpoints("web.shop").len(), 1);
         // Identical upsert touches nothing.
-        assert!(c.upsert(wl("w1", "shop", "web", "10.0.0.1", "a")).is_empty());
+        assert!(c
+            .upsert(wl("w1", "shop", "web", "10.0.0.1", "a"))
+            .is_empty());
         let ch = c.remove("Workload/shop/w1");
         assert!(ch.hostnames.contains("web.shop"));
         assert!(c.endpoints("web.shop").is_empty());

@@ -80,7 +80,11 @@ enum CertCommand {
     Request {
         #[command(flatten)]
         conn: RegistryConn,
-        #[arg(long, conflicts_with = "cert_dir", required_unless_present = "cert_dir")]
+        #[arg(
+            long,
+            conflicts_with = "cert_dir",
+            required_unless_present = "cert_dir"
+        )]
         token: Option<String>,
         #[arg(long)]
         out: PathBuf,
@@ -122,7 +126,10 @@ struct CatalogArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("isthmusctl: {e}");
@@ -141,7 +148,12 @@ pub fn main() -> ExitCode {
 async fn run(cmd: Command) -> anyhow::Result<()> {
     let now = ::time::OffsetDateTime::now_utc();
     match cmd {
-        Command::Ca(CaCommand::Init { trust_domain, clusters, out, rotate }) => {
+        Command::Ca(CaCommand::Init {
+            trust_domain,
+            clusters,
+            out,
+            rotate,
+        }) => {
             let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
             let report = init::init(
                 &init::InitOptions {
@@ -168,33 +180,55 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
             ttl,
         }) => {
             let material = CaMaterial::load(&ca_dir, None)?;
-            let cluster = ca_dir.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+            let cluster = ca_dir
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default();
             let t = token::create(&material, &cluster, &namespace, &service_account, ttl, now)?;
             println!("{t}");
         }
-        Command::Cert(CertCommand::Request { conn, token, out, ttl }) => {
+        Command::Cert(CertCommand::Request {
+            conn,
+            token,
+            out,
+            ttl,
+        }) => {
             let (identity, creds) = match (&token, &conn.cert_dir) {
                 (Some(t), _) => (identity_in_token(t)?, None),
                 (None, Some(dir)) => {
-                    let c = Credentials::from_dir(dir).with_context(|| format!("--cert-dir {}", dir.display()))?;
+                    let c = Credentials::from_dir(dir)
+                        .with_context(|| format!("--cert-dir {}", dir.display()))?;
                     (c.identity.clone(), Some(c))
                 }
                 (None, None) => bail!("pass --token (first certificate) or --cert-dir (renewal)"),
             };
             let channel = connect(&conn, creds.as_ref()).await?;
             let (key_pem, csr_pem) = certs::generate_key_and_csr(&identity)?;
-            let issued = certs::request_certificate(channel, csr_pem, token, ttl.map(|d| d.as_secs()).unwrap_or(0)).await?;
+            let issued = certs::request_certificate(
+                channel,
+                csr_pem,
+                token,
+                ttl.map(|d| d.as_secs()).unwrap_or(0),
+            )
+            .await?;
             certs::write_credentials(&out, &key_pem, &issued.chain_pems, &issued.root_pem)?;
             let c = Credentials::from_dir(&out)?;
             let (left, _) = c.leaf_validity()?;
-            println!("{} -> {} (valid for {}h)", c.identity, out.display(), left / 3600);
+            println!(
+                "{} -> {} (valid for {}h)",
+                c.identity,
+                out.display(),
+                left / 3600
+            );
         }
         Command::Catalog(args) => {
-            let kind = NodeKind::parse(&args.kind).with_context(|| format!("--kind {:?}: use workload or gateway", args.kind))?;
+            let kind = NodeKind::parse(&args.kind)
+                .with_context(|| format!("--kind {:?}: use workload or gateway", args.kind))?;
             let Some(dir) = &args.conn.cert_dir else {
                 bail!("--cert-dir is required: the registry only serves views over mTLS");
             };
-            let creds = Credentials::from_dir(dir).with_context(|| format!("--cert-dir {}", dir.display()))?;
+            let creds = Credentials::from_dir(dir)
+                .with_context(|| format!("--cert-dir {}", dir.display()))?;
             let channel = connect(&args.conn, Some(&creds)).await?;
             let node = Node {
                 id: format!("isthmusctl-{}", std::process::id()),
@@ -203,12 +237,24 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let mut sub = Subscription::open(channel, &node, None).await?;
-            tokio::time::timeout(Duration::from_secs(30), sub.next()).await.context("no snapshot from the registry within 30s")??;
+            tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .context("no snapshot from the registry within 30s")??;
             let resources: Vec<_> = sub.view.resources.values().cloned().collect();
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&render::view_json(&args.network, &sub.view.version, &resources))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&render::view_json(
+                        &args.network,
+                        &sub.view.version,
+                        &resources
+                    ))?
+                );
             } else {
-                print!("{}", render::view_table(&args.network, &sub.view.version, &resources));
+                print!(
+                    "{}",
+                    render::view_table(&args.network, &sub.view.version, &resources)
+                );
             }
         }
     }
@@ -217,9 +263,15 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
 
 /// The identity a token is for, read from its claims (the registry does the verifying).
 fn identity_in_token(t: &str) -> anyhow::Result<SpiffeId> {
-    let payload = t.split('.').nth(1).context("--token: not an isthmus bootstrap token")?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).context("--token: not an isthmus bootstrap token")?;
-    let claims: token::TokenClaims = serde_json::from_slice(&bytes).context("--token: not an isthmus bootstrap token")?;
+    let payload = t
+        .split('.')
+        .nth(1)
+        .context("--token: not an isthmus bootstrap token")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .context("--token: not an isthmus bootstrap token")?;
+    let claims: token::TokenClaims =
+        serde_json::from_slice(&bytes).context("--token: not an isthmus bootstrap token")?;
     Ok(claims.identity()?)
 }
 
@@ -228,12 +280,21 @@ fn trust_domain_for(conn: &RegistryConn, root: &Path) -> anyhow::Result<String> 
         return Ok(TrustDomain::new(td)?.to_string());
     }
     let certs = tls::read_certs(root)?;
-    ca::trust_domain_of_ca(&certs[0]).with_context(|| format!("{} carries no spiffe:// trust domain; pass --trust-domain", root.display()))
+    ca::trust_domain_of_ca(&certs[0]).with_context(|| {
+        format!(
+            "{} carries no spiffe:// trust domain; pass --trust-domain",
+            root.display()
+        )
+    })
 }
 
-async fn connect(conn: &RegistryConn, creds: Option<&Credentials>) -> anyhow::Result<tonic::transport::Channel> {
+async fn connect(
+    conn: &RegistryConn,
+    creds: Option<&Credentials>,
+) -> anyhow::Result<tonic::transport::Channel> {
     let td = trust_domain_for(conn, &conn.root)?;
-    let bundle = TrustBundle::from_pem_file(&conn.root, &td).with_context(|| format!("--root {}", conn.root.display()))?;
+    let bundle = TrustBundle::from_pem_file(&conn.root, &td)
+        .with_context(|| format!("--root {}", conn.root.display()))?;
     let cfg = tls::client_config(creds, &bundle, ServerIdentity::TrustDomain, &[tls::ALPN_H2])?;
     Ok(grpc::connect(&conn.registry, Arc::new(cfg)).await?)
 }

@@ -29,7 +29,11 @@ pub struct IngestReport {
 
 impl Ingest {
     pub fn new(store: Arc<dyn Store>, views: Arc<Views>, metrics: RegistryMetrics) -> Self {
-        Self { store, views, metrics }
+        Self {
+            store,
+            views,
+            metrics,
+        }
     }
 
     pub fn views(&self) -> &Arc<Views> {
@@ -38,7 +42,10 @@ impl Ingest {
 
     fn count(&self, op: &'static str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.metrics.store_ops.get_or_create(&StoreOpLabels { op, result }).inc();
+        self.metrics
+            .store_ops
+            .get_or_create(&StoreOpLabels { op, result })
+            .inc();
     }
 
     /// Loads the catalog persisted by a previous run into the views. Entries that no longer
@@ -48,28 +55,50 @@ impl Ingest {
         self.count("list", rows.is_ok());
         let mut resources = Vec::new();
         for (key, bytes) in rows? {
-            match pb::CatalogResource::decode(bytes.as_slice()).map_err(|e| e.to_string()).and_then(|r| OwnedResource::try_from(r).map_err(|e| e.to_string())) {
+            match pb::CatalogResource::decode(bytes.as_slice())
+                .map_err(|e| e.to_string())
+                .and_then(|r| OwnedResource::try_from(r).map_err(|e| e.to_string()))
+            {
                 Ok(r) => resources.push(r),
-                Err(e) => tracing::error!(%key, error = %e, "skipping a stored resource that does not decode"),
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "skipping a stored resource that does not decode")
+                }
             }
         }
         let n = resources.len();
         self.views.apply(resources, Vec::new());
-        self.metrics.catalog_resources.set(self.views.with_catalog(|c| c.len()) as i64);
+        self.metrics
+            .catalog_resources
+            .set(self.views.with_catalog(|c| c.len()) as i64);
         Ok(n)
     }
 
     /// Makes the catalog's resources with an origin starting with `origin_prefix` exactly
     /// `resources`.
-    pub async fn replace_origin(&self, origin_prefix: &str, resources: Vec<OwnedResource>) -> Result<IngestReport, StoreError> {
-        let current: BTreeMap<String, OwnedResource> = self.views.resources_with_origin(origin_prefix).into_iter().map(|r| (r.resource.key(), r)).collect();
-        let wanted: BTreeMap<String, OwnedResource> = resources.into_iter().map(|r| (r.resource.key(), r)).collect();
+    pub async fn replace_origin(
+        &self,
+        origin_prefix: &str,
+        resources: Vec<OwnedResource>,
+    ) -> Result<IngestReport, StoreError> {
+        let current: BTreeMap<String, OwnedResource> = self
+            .views
+            .resources_with_origin(origin_prefix)
+            .into_iter()
+            .map(|r| (r.resource.key(), r))
+            .collect();
+        let wanted: BTreeMap<String, OwnedResource> = resources
+            .into_iter()
+            .map(|r| (r.resource.key(), r))
+            .collect();
         let mut ops = Vec::new();
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
         for (k, r) in &wanted {
             if current.get(k) != Some(r) {
-                ops.push(Op::Put(k.clone(), pb::CatalogResource::from(r).encode_to_vec()));
+                ops.push(Op::Put(
+                    k.clone(),
+                    pb::CatalogResource::from(r).encode_to_vec(),
+                ));
                 upserts.push(r.clone());
             }
         }
@@ -90,7 +119,9 @@ impl Ingest {
         self.count("apply", res.is_ok());
         res?;
         self.views.apply(upserts, removals);
-        self.metrics.catalog_resources.set(self.views.with_catalog(|c| c.len()) as i64);
+        self.metrics
+            .catalog_resources
+            .set(self.views.with_catalog(|c| c.len()) as i64);
         Ok(report)
     }
 }

@@ -1,9 +1,9 @@
 //! isthmus-registry: the control plane. Sources feed one store; the store feeds per-network
 //! views; views feed Watch subscribers. Also the mesh CA and the admin HTTP server.
 
-pub mod ca;
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod catalog;
 pub mod ctl;
 pub mod ingest;

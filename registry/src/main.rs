@@ -24,7 +24,11 @@ struct Args {
     #[arg(long, env = "ISTHMUS_CA_DIR")]
     ca_dir: PathBuf,
     /// Where the embedded store keeps its file.
-    #[arg(long, env = "ISTHMUS_DATA_DIR", default_value = "/var/lib/isthmus-registry")]
+    #[arg(
+        long,
+        env = "ISTHMUS_DATA_DIR",
+        default_value = "/var/lib/isthmus-registry"
+    )]
     data_dir: PathBuf,
     /// A directory of ServiceEntry / WorkloadEntry / WorkloadGroup / Network YAML files,
     /// watched for changes.
@@ -44,7 +48,7 @@ struct Args {
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     max_cert_ttl: std::time::Duration,
     /// How often the resources directory is re-read.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
     resource_poll: std::time::Duration,
     /// Check the configuration and the resource files, print every problem, and exit.
     #[arg(long)]
@@ -88,7 +92,10 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("isthmus-registry: cannot start the runtime: {e}");

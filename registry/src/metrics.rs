@@ -61,18 +61,46 @@ impl Default for RegistryMetrics {
 impl RegistryMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        registry.register("registry_subscribers", "Watch subscribers connected, by kind", m.subscribers.clone());
-        registry.register("registry_pushes", "Watch responses sent, by type", m.pushes.clone());
+        registry.register(
+            "registry_subscribers",
+            "Watch subscribers connected, by kind",
+            m.subscribers.clone(),
+        );
+        registry.register(
+            "registry_pushes",
+            "Watch responses sent, by type",
+            m.pushes.clone(),
+        );
         registry.register(
             "registry_push_latency_seconds",
             "Time from a catalog change to the delta carrying it being handed to the subscriber's stream",
             m.push_latency.clone(),
         );
-        registry.register("registry_watch_refused", "Watch streams refused, by reason", m.watch_refused.clone());
-        registry.register("registry_resource_errors", "Resource files currently invalid, by source", m.resource_errors.clone());
-        registry.register("registry_resource_error_events", "Times a source found invalid resources", m.resource_error_events.clone());
-        registry.register("registry_catalog_resources", "Resources in the catalog", m.catalog_resources.clone());
-        registry.register("registry_store_operations", "Store operations, by operation and result", m.store_ops.clone());
+        registry.register(
+            "registry_watch_refused",
+            "Watch streams refused, by reason",
+            m.watch_refused.clone(),
+        );
+        registry.register(
+            "registry_resource_errors",
+            "Resource files currently invalid, by source",
+            m.resource_errors.clone(),
+        );
+        registry.register(
+            "registry_resource_error_events",
+            "Times a source found invalid resources",
+            m.resource_error_events.clone(),
+        );
+        registry.register(
+            "registry_catalog_resources",
+            "Resources in the catalog",
+            m.catalog_resources.clone(),
+        );
+        registry.register(
+            "registry_store_operations",
+            "Store operations, by operation and result",
+            m.store_ops.clone(),
+        );
         m
     }
 }

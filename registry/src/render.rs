@@ -73,8 +73,21 @@ pub fn view_table(network: &str, version: &str, resources: &[ViewResource]) -> S
     if !nets.is_empty() {
         let _ = writeln!(out, "\nNETWORK          GATEWAYS");
         for n in nets {
-            let gws: Vec<String> = n.gateways.iter().map(|g| format!("{}:{}", g.address, g.sni_port)).collect();
-            let _ = writeln!(out, "{:<16} {}", n.id, if gws.is_empty() { "-".to_string() } else { gws.join(", ") });
+            let gws: Vec<String> = n
+                .gateways
+                .iter()
+                .map(|g| format!("{}:{}", g.address, g.sni_port))
+                .collect();
+            let _ = writeln!(
+                out,
+                "{:<16} {}",
+                n.id,
+                if gws.is_empty() {
+                    "-".to_string()
+                } else {
+                    gws.join(", ")
+                }
+            );
         }
     }
     let mut svcs: Vec<_> = resources
@@ -87,12 +100,26 @@ pub fn view_table(network: &str, version: &str, resources: &[ViewResource]) -> S
     svcs.sort_by(|a, b| a.service.hostname.cmp(&b.service.hostname));
     for sv in svcs {
         let s = &sv.service;
-        let ports: Vec<String> = s.ports.iter().map(|p| format!("{}/{}", p.number, p.protocol)).collect();
-        let _ = writeln!(out, "\nSERVICE {}  ports {}  ({} endpoints)", s.hostname, ports.join(","), sv.endpoints.len());
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.number, p.protocol))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nSERVICE {}  ports {}  ({} endpoints)",
+            s.hostname,
+            ports.join(","),
+            sv.endpoints.len()
+        );
         if sv.endpoints.is_empty() {
             continue;
         }
-        let _ = writeln!(out, "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} IDENTITY", "KIND", "ADDRESS", "NETWORK", "WEIGHT", "HEALTH", "PORTS");
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} IDENTITY",
+            "KIND", "ADDRESS", "NETWORK", "WEIGHT", "HEALTH", "PORTS"
+        );
         for e in &sv.endpoints {
             let ports: Vec<String> = e.ports.iter().map(|(k, v)| format!("{k}->{v}")).collect();
             let ids: Vec<String> = e.identities.iter().map(|i| i.to_string()).collect();

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use isthmus_proto::model::{
-    network_view_key, service_view_key, EndpointKind, Health, Network, OwnedResource, Scope, Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
+    network_view_key, service_view_key, EndpointKind, Health, Network, OwnedResource, Scope,
+    Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
 };
 use isthmus_proto::pb;
 use tokio::sync::watch;
@@ -32,7 +33,12 @@ pub struct ViewKey {
 
 impl std::fmt::Display for ViewKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.network, if self.gateway { "gateway" } else { "workload" })
+        write!(
+            f,
+            "{}/{}",
+            self.network,
+            if self.gateway { "gateway" } else { "workload" }
+        )
     }
 }
 
@@ -272,7 +278,12 @@ impl Views {
 
     /// The resources whose origin starts with `prefix`.
     pub fn resources_with_origin(&self, prefix: &str) -> Vec<OwnedResource> {
-        self.with_catalog(|c| c.resources().filter(|r| r.origin.starts_with(prefix)).cloned().collect())
+        self.with_catalog(|c| {
+            c.resources()
+                .filter(|r| r.origin.starts_with(prefix))
+                .cloned()
+                .collect()
+        })
     }
 }
 
@@ -284,12 +295,15 @@ fn refresh(catalog: &Catalog, view: &View, change: &Change) {
         // A gateway appeared, moved or vanished: any remote entry may change.
         hostnames.extend(catalog.hostnames().cloned());
         for id in &change.networks {
-            let entry = catalog.network(id).map(|n| pb::ViewResource::from(&ViewResource::Network(Arc::new(n.clone()))));
+            let entry = catalog
+                .network(id)
+                .map(|n| pb::ViewResource::from(&ViewResource::Network(Arc::new(n.clone()))));
             updates.push((network_view_key(id), entry));
         }
     }
     for h in &hostnames {
-        let entry = build_service_view(catalog, h, &view.key).map(|sv| pb::ViewResource::from(&ViewResource::Service(Arc::new(sv))));
+        let entry = build_service_view(catalog, h, &view.key)
+            .map(|sv| pb::ViewResource::from(&ViewResource::Service(Arc::new(sv))));
         updates.push((service_view_key(h), entry));
     }
     view.publish(updates);
@@ -361,16 +375,35 @@ pub fn build_service_view(catalog: &Catalog, hostname: &str, key: &ViewKey) -> O
     }
     for (net, (weight, identities)) in remote {
         // A network without a gateway is unreachable from here: hand out nothing for it.
-        let Some(network) = catalog.network(net) else { continue };
-        endpoints.extend(gateway_endpoints(network, &service, weight, identities.into_iter().cloned().collect()));
+        let Some(network) = catalog.network(net) else {
+            continue;
+        };
+        endpoints.extend(gateway_endpoints(
+            network,
+            &service,
+            weight,
+            identities.into_iter().cloned().collect(),
+        ));
     }
-    endpoints.sort_by(|a, b| (a.kind as u8, &a.network, &a.address, &a.uid).cmp(&(b.kind as u8, &b.network, &b.address, &b.uid)));
+    endpoints.sort_by(|a, b| {
+        (a.kind as u8, &a.network, &a.address, &a.uid).cmp(&(
+            b.kind as u8,
+            &b.network,
+            &b.address,
+            &b.uid,
+        ))
+    });
     Some(ServiceView { service, endpoints })
 }
 
 /// Splits `weight` over the network's gateways (the remainder to the first ones), dropping
 /// gateways left with nothing.
-fn gateway_endpoints(network: &Network, service: &Service, weight: u32, identities: Vec<isthmus_proto::SpiffeId>) -> Vec<ViewEndpoint> {
+fn gateway_endpoints(
+    network: &Network,
+    service: &Service,
+    weight: u32,
+    identities: Vec<isthmus_proto::SpiffeId>,
+) -> Vec<ViewEndpoint> {
     let n = network.gateways.len() as u32;
     if n == 0 {
         return Vec::new();

@@ -69,7 +69,10 @@ impl Subscribers {
     fn add(&self, s: Subscriber) -> (u64, Arc<Subscriber>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let s = Arc::new(s);
-        self.map.lock().expect("subscribers lock").insert(id, s.clone());
+        self.map
+            .lock()
+            .expect("subscribers lock")
+            .insert(id, s.clone());
         (id, s)
     }
 
@@ -117,7 +120,12 @@ pub struct WatchService {
 }
 
 impl WatchService {
-    pub fn new(views: Arc<Views>, subscribers: Arc<Subscribers>, metrics: RegistryMetrics, shutdown: drain::Watch) -> Self {
+    pub fn new(
+        views: Arc<Views>,
+        subscribers: Arc<Subscribers>,
+        metrics: RegistryMetrics,
+        shutdown: drain::Watch,
+    ) -> Self {
         Self {
             views,
             subscribers,
@@ -127,7 +135,10 @@ impl WatchService {
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
-        self.metrics.watch_refused.get_or_create(&KindLabels { kind: reason }).inc();
+        self.metrics
+            .watch_refused
+            .get_or_create(&KindLabels { kind: reason })
+            .inc();
         tracing::warn!(reason, message = status.message(), "watch refused");
         status
     }
@@ -139,20 +150,41 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> 
 impl pb::watch_server::Watch for WatchService {
     type WatchStream = WatchStream;
 
-    async fn watch(&self, request: Request<Streaming<pb::WatchRequest>>) -> Result<Response<WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let Some(identity) = peer.as_ref().and_then(|p| p.identity.clone()) else {
-            return Err(self.refuse("unauthenticated", Status::unauthenticated("Watch needs a mesh client certificate; get one with `isthmusctl cert request`")));
+            return Err(self.refuse(
+                "unauthenticated",
+                Status::unauthenticated(
+                    "Watch needs a mesh client certificate; get one with `isthmusctl cert request`",
+                ),
+            ));
         };
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message()).await {
-            Err(_) => return Err(self.refuse("no_subscribe", Status::deadline_exceeded("no Subscribe within 10s"))),
+            Err(_) => {
+                return Err(self.refuse(
+                    "no_subscribe",
+                    Status::deadline_exceeded("no Subscribe within 10s"),
+                ))
+            }
             Ok(Err(s)) => return Err(s),
-            Ok(Ok(None)) => return Err(self.refuse("no_subscribe", Status::cancelled("stream closed before Subscribe"))),
+            Ok(Ok(None)) => {
+                return Err(self.refuse(
+                    "no_subscribe",
+                    Status::cancelled("stream closed before Subscribe"),
+                ))
+            }
             Ok(Ok(Some(m))) => m,
         };
         let Some(pb::watch_request::Request::Subscribe(sub)) = first.request else {
-            return Err(self.refuse("bad_subscribe", Status::invalid_argument("the first message of a Watch stream must be Subscribe")));
+            return Err(self.refuse(
+                "bad_subscribe",
+                Status::invalid_argument("the first message of a Watch stream must be Subscribe"),
+            ));
         };
         let node = sub
             .node
@@ -176,7 +208,10 @@ impl pb::watch_server::Watch for WatchService {
             node,
         });
         let kind = sub_state.node.kind.as_str();
-        self.metrics.subscribers.get_or_create(&KindLabels { kind }).inc();
+        self.metrics
+            .subscribers
+            .get_or_create(&KindLabels { kind })
+            .inc();
         tracing::info!(node = %sub_state.node.id, kind, network = %key.network, %identity, resume = ?resume, "subscriber connected");
 
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -192,10 +227,15 @@ impl pb::watch_server::Watch for WatchService {
         tokio::spawn(async move {
             let result = session.run(inbound, resume, shutdown).await;
             subscribers.remove(id);
-            metrics.subscribers.get_or_create(&KindLabels { kind }).dec();
+            metrics
+                .subscribers
+                .get_or_create(&KindLabels { kind })
+                .dec();
             tracing::info!(node = %sub_state.node.id, ?result, "subscriber disconnected");
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -217,7 +257,12 @@ enum End {
 }
 
 impl Session {
-    async fn run(self, mut inbound: Streaming<pb::WatchRequest>, resume: Option<u64>, shutdown: drain::Watch) -> End {
+    async fn run(
+        self,
+        mut inbound: Streaming<pb::WatchRequest>,
+        resume: Option<u64>,
+        shutdown: drain::Watch,
+    ) -> End {
         let mut notify = self.view.subscribe();
         let stop = shutdown.signaled();
         tokio::pin!(stop);
@@ -283,7 +328,12 @@ impl Session {
             Catchup::UpToDate if !confirm => return Ok(None),
             Catchup::UpToDate => {
                 let seq = from.unwrap_or(0);
-                (seq, vec![self.response(seq, false, Vec::new(), Vec::new(), false)], "resume", None)
+                (
+                    seq,
+                    vec![self.response(seq, false, Vec::new(), Vec::new(), false)],
+                    "resume",
+                    None,
+                )
             }
             Catchup::Delta {
                 seq,
@@ -292,7 +342,12 @@ impl Session {
                 oldest_change,
             } => {
                 let upserts = upserts.iter().map(|u| u.as_ref().clone()).collect();
-                (seq, vec![self.response(seq, false, upserts, removals, false)], if confirm { "resume" } else { "delta" }, oldest_change)
+                (
+                    seq,
+                    vec![self.response(seq, false, upserts, removals, false)],
+                    if confirm { "resume" } else { "delta" },
+                    oldest_change,
+                )
             }
             Catchup::Snapshot { seq, entries } => {
                 let mut out = Vec::new();
@@ -311,15 +366,27 @@ impl Session {
             self.tx.send(Ok(r)).await.map_err(|_| End::ClientClosed)?;
         }
         if let Some(t) = oldest {
-            self.metrics.push_latency.observe(Instant::now().duration_since(t).as_secs_f64());
+            self.metrics
+                .push_latency
+                .observe(Instant::now().duration_since(t).as_secs_f64());
         }
-        self.metrics.pushes.get_or_create(&PushLabels { r#type: kind }).inc();
+        self.metrics
+            .pushes
+            .get_or_create(&PushLabels { r#type: kind })
+            .inc();
         self.sub.sent_seq.store(seq, Ordering::Relaxed);
         self.sub.pushes.fetch_add(1, Ordering::Relaxed);
         Ok(Some(seq))
     }
 
-    fn response(&self, seq: u64, snapshot: bool, upserts: Vec<pb::ViewResource>, removals: Vec<String>, more: bool) -> pb::WatchResponse {
+    fn response(
+        &self,
+        seq: u64,
+        snapshot: bool,
+        upserts: Vec<pb::ViewResource>,
+        removals: Vec<String>,
+        more: bool,
+    ) -> pb::WatchResponse {
         pb::WatchResponse {
             version: self.view.version(seq),
             snapshot,

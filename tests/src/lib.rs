@@ -55,7 +55,12 @@ impl TestRegistry {
         )
         .expect("ca init");
         std::fs::create_dir_all(dir.join("resources")).unwrap();
-        let mut cfg = RegistryConfig::new(CLUSTER, NETWORK, dir.join("ca").join(CLUSTER), dir.join("data"));
+        let mut cfg = RegistryConfig::new(
+            CLUSTER,
+            NETWORK,
+            dir.join("ca").join(CLUSTER),
+            dir.join("data"),
+        );
         cfg.resources = Some(dir.join("resources"));
         cfg.grpc_addr = "127.0.0.1:0".parse().unwrap();
         cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
@@ -73,7 +78,11 @@ impl TestRegistry {
             std::fs::write(dir.path().join("resources").join(name), yaml)?;
         }
         let handle = app::run(cfg.clone()).await?;
-        Ok(Self { dir, cfg, handle: Some(handle) })
+        Ok(Self {
+            dir,
+            cfg,
+            handle: Some(handle),
+        })
     }
 
     pub fn handle(&self) -> &RegistryHandle {
@@ -106,7 +115,15 @@ impl TestRegistry {
     }
 
     pub fn token(&self, ns: &str, sa: &str, ttl: Duration) -> String {
-        token::create(&self.material(), CLUSTER, ns, sa, ttl, ::time::OffsetDateTime::now_utc()).expect("token")
+        token::create(
+            &self.material(),
+            CLUSTER,
+            ns,
+            sa,
+            ttl,
+            ::time::OffsetDateTime::now_utc(),
+        )
+        .expect("token")
     }
 
     pub fn bundle(&self) -> TrustBundle {
@@ -114,8 +131,16 @@ impl TestRegistry {
     }
 
     /// A gRPC channel to the registry, presenting `creds` if given.
-    pub async fn channel(&self, creds: Option<&Credentials>) -> anyhow::Result<tonic::transport::Channel> {
-        let cfg = tls::client_config(creds, &self.bundle(), ServerIdentity::TrustDomain, &[tls::ALPN_H2])?;
+    pub async fn channel(
+        &self,
+        creds: Option<&Credentials>,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        let cfg = tls::client_config(
+            creds,
+            &self.bundle(),
+            ServerIdentity::TrustDomain,
+            &[tls::ALPN_H2],
+        )?;
         Ok(grpc::connect(&self.grpc_addr().to_string(), Arc::new(cfg)).await?)
     }
 
@@ -123,16 +148,29 @@ impl TestRegistry {
     pub async fn credentials(&self, ns: &str, sa: &str) -> anyhow::Result<Credentials> {
         let id = SpiffeId::workload(&TrustDomain::new(TRUST_DOMAIN)?, ns, sa)?;
         let (key, csr) = certs::generate_key_and_csr(&id)?;
-        let issued = certs::request_certificate(self.channel(None).await?, csr, Some(self.token(ns, sa, Duration::from_secs(600))), 0).await?;
+        let issued = certs::request_certificate(
+            self.channel(None).await?,
+            csr,
+            Some(self.token(ns, sa, Duration::from_secs(600))),
+            0,
+        )
+        .await?;
         Ok(Credentials::from_pem(&issued.chain_pems.concat(), &key)?)
     }
 
-    pub async fn subscribe(&self, creds: &Credentials, node: &Node) -> anyhow::Result<Subscription> {
+    pub async fn subscribe(
+        &self,
+        creds: &Credentials,
+        node: &Node,
+    ) -> anyhow::Result<Subscription> {
         Ok(Subscription::open(self.channel(Some(creds)).await?, node, None).await?)
     }
 
     pub async fn metrics(&self) -> String {
-        http_get(self.admin_addr(), "/metrics").await.expect("metrics").1
+        http_get(self.admin_addr(), "/metrics")
+            .await
+            .expect("metrics")
+            .1
     }
 
     /// Writes a resource file and waits until the registry has applied it (or reported it).
@@ -165,12 +203,22 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 /// A minimal HTTP/1.0 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.context("http timeout")??;
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .context("http timeout")??;
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -195,7 +243,10 @@ where
 /// YAML for the resources tests write.
 pub mod yaml {
     pub fn network(id: &str, gateways: &[&str]) -> String {
-        let gws: String = gateways.iter().map(|g| format!("  - address: {g}\n    sniPort: 15443\n    tunnelPort: 15008\n")).collect();
+        let gws: String = gateways
+            .iter()
+            .map(|g| format!("  - address: {g}\n    sniPort: 15443\n    tunnelPort: 15008\n"))
+            .collect();
         format!("apiVersion: isthmus.io/v1alpha1\nkind: Network\nmetadata:\n  name: {id}\nspec:\n  gateways:\n{gws}")
     }
 

@@ -24,11 +24,15 @@ async fn identity_echo_server(creds: Credentials, bundle: TrustBundle) -> std::n
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
             tokio::spawn(async move {
                 if let Ok(mut tls_stream) = acceptor.accept(tcp).await {
-                    let peer = tls::peer_identity(tls_stream.get_ref().1.peer_certificates()).map(|i| i.to_string()).unwrap_or_default();
+                    let peer = tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
+                        .map(|i| i.to_string())
+                        .unwrap_or_default();
                     let _ = tls_stream.write_all(peer.as_bytes()).await;
                     let _ = tls_stream.shutdown().await;
                 }
@@ -39,13 +43,29 @@ async fn identity_echo_server(creds: Credentials, bundle: TrustBundle) -> std::n
 }
 
 /// Connects with `creds`, expecting the server to be `expected`; returns what the server saw.
-async fn call(addr: std::net::SocketAddr, creds: &Credentials, bundle: &TrustBundle, expected: &SpiffeId) -> Result<String, String> {
-    let cfg = tls::client_config(Some(creds), bundle, ServerIdentity::OneOf(vec![expected.clone()]), &[]).map_err(|e| e.to_string())?;
+async fn call(
+    addr: std::net::SocketAddr,
+    creds: &Credentials,
+    bundle: &TrustBundle,
+    expected: &SpiffeId,
+) -> Result<String, String> {
+    let cfg = tls::client_config(
+        Some(creds),
+        bundle,
+        ServerIdentity::OneOf(vec![expected.clone()]),
+        &[],
+    )
+    .map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let mut s = connector.connect("workload.mesh".try_into().unwrap(), tcp).await.map_err(|e| e.to_string())?;
+    let mut s = connector
+        .connect("workload.mesh".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = String::new();
-    s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+    s.read_to_string(&mut out)
+        .await
+        .map_err(|e| e.to_string())?;
     if out.is_empty() {
         return Err("server closed the connection without answering (handshake refused)".into());
     }
@@ -60,11 +80,23 @@ async fn issued_certificates_work_in_a_real_mtls_handshake() {
     let bundle = reg.bundle();
     let addr = identity_echo_server(server_creds.clone(), bundle.clone()).await;
 
-    let seen = call(addr, &client_creds, &bundle, &server_creds.identity).await.unwrap();
-    assert_eq!(seen, "spiffe://cluster.local/ns/shop/sa/web", "the server sees the client's SPIFFE identity");
+    let seen = call(addr, &client_creds, &bundle, &server_creds.identity)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen, "spiffe://cluster.local/ns/shop/sa/web",
+        "the server sees the client's SPIFFE identity"
+    );
 
     // The client refuses a server that is not the identity it expects.
-    let err = call(addr, &client_creds, &bundle, &id("spiffe://cluster.local/ns/shop/sa/ratings")).await.unwrap_err();
+    let err = call(
+        addr,
+        &client_creds,
+        &bundle,
+        &id("spiffe://cluster.local/ns/shop/sa/ratings"),
+    )
+    .await
+    .unwrap_err();
     assert!(err.contains("not one of the expected identities"), "{err}");
 
     // A peer from another trust domain (its own root) is refused by the server.
@@ -82,37 +114,71 @@ async fn issued_certificates_work_in_a_real_mtls_handshake() {
     let evil = CaMaterial::load(&other.path().join("x"), None).unwrap();
     let evil_id = id("spiffe://evil.example/ns/shop/sa/web");
     let (key, csr) = certs::generate_key_and_csr(&evil_id).unwrap();
-    let chain = evil.sign_csr(&csr, &evil_id, ca::DEFAULT_LEAF_TTL, ::time::OffsetDateTime::now_utc()).unwrap();
+    let chain = evil
+        .sign_csr(
+            &csr,
+            &evil_id,
+            ca::DEFAULT_LEAF_TTL,
+            ::time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
     let evil_creds = Credentials::from_pem(&chain.concat(), &key).unwrap();
-    assert!(call(addr, &evil_creds, &bundle, &server_creds.identity).await.is_err());
+    assert!(call(addr, &evil_creds, &bundle, &server_creds.identity)
+        .await
+        .is_err());
 
     // Even a bundle that trusts both roots refuses an identity outside its trust domain.
     let mut roots = bundle.roots().to_vec();
     roots.extend(evil.root_der());
     let both = TrustBundle::new(roots, TRUST_DOMAIN, &[]).unwrap();
     let err = both
-        .verify_peer(&evil_creds.chain[0], &evil_creds.chain[1..], tls::PeerUsage::Client, rustls::pki_types::UnixTime::now())
+        .verify_peer(
+            &evil_creds.chain[0],
+            &evil_creds.chain[1..],
+            tls::PeerUsage::Client,
+            rustls::pki_types::UnixTime::now(),
+        )
         .unwrap_err();
-    assert!(err.to_string().contains("outside the trust domain"), "{err}");
+    assert!(
+        err.to_string().contains("outside the trust domain"),
+        "{err}"
+    );
 
     // An expired certificate from our own CA is refused.
     let web = id("spiffe://cluster.local/ns/shop/sa/web");
     let (key, csr) = certs::generate_key_and_csr(&web).unwrap();
     let past = ::time::OffsetDateTime::now_utc() - Duration::from_secs(3 * 86400);
-    let chain = reg.material().sign_csr(&csr, &web, Duration::from_secs(3600), past).unwrap();
+    let chain = reg
+        .material()
+        .sign_csr(&csr, &web, Duration::from_secs(3600), past)
+        .unwrap();
     let expired = Credentials::from_pem(&chain.concat(), &key).unwrap();
     assert!(expired.leaf_validity().unwrap().0 < 0);
-    assert!(call(addr, &expired, &bundle, &server_creds.identity).await.is_err());
+    assert!(call(addr, &expired, &bundle, &server_creds.identity)
+        .await
+        .is_err());
     let err = bundle
-        .verify_peer(&expired.chain[0], &expired.chain[1..], tls::PeerUsage::Client, rustls::pki_types::UnixTime::now())
+        .verify_peer(
+            &expired.chain[0],
+            &expired.chain[1..],
+            tls::PeerUsage::Client,
+            rustls::pki_types::UnixTime::now(),
+        )
         .unwrap_err();
     assert!(format!("{err:?}").contains("Expired"), "{err:?}");
 }
 
-async fn request(reg: &TestRegistry, token: Option<String>, identity: SpiffeId, creds: Option<Credentials>) -> Result<Credentials, certs::CertsError> {
+async fn request(
+    reg: &TestRegistry,
+    token: Option<String>,
+    identity: SpiffeId,
+    creds: Option<Credentials>,
+) -> Result<Credentials, certs::CertsError> {
     let (key, csr) = certs::generate_key_and_csr(&identity).unwrap();
     let ch = reg.channel(creds.as_ref()).await.unwrap();
-    certs::request_certificate(ch, csr, token, 0).await.map(|issued| Credentials::from_pem(&issued.chain_pems.concat(), &key).unwrap())
+    certs::request_certificate(ch, csr, token, 0)
+        .await
+        .map(|issued| Credentials::from_pem(&issued.chain_pems.concat(), &key).unwrap())
 }
 
 #[tokio::test]
@@ -121,39 +187,103 @@ async fn token_rules_over_grpc_including_reuse_after_restart() {
     let web = id("spiffe://cluster.local/ns/shop/sa/web");
     let tok = reg.token("shop", "web", Duration::from_secs(600));
     // A CSR for another identity than the token's is refused, naming both.
-    let err = request(&reg, Some(tok.clone()), id("spiffe://cluster.local/ns/shop/sa/admin"), None).await.unwrap_err().to_string();
-    assert!(err.contains("PermissionDenied") && err.contains("sa/web") && err.contains("sa/admin"), "{err}");
+    let err = request(
+        &reg,
+        Some(tok.clone()),
+        id("spiffe://cluster.local/ns/shop/sa/admin"),
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("PermissionDenied") && err.contains("sa/web") && err.contains("sa/admin"),
+        "{err}"
+    );
 
-    let first = request(&reg, Some(tok.clone()), web.clone(), None).await.unwrap();
+    let first = request(&reg, Some(tok.clone()), web.clone(), None)
+        .await
+        .unwrap();
     assert_eq!(first.identity, web);
-    let err = request(&reg, Some(tok.clone()), web.clone(), None).await.unwrap_err().to_string();
+    let err = request(&reg, Some(tok.clone()), web.clone(), None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already been used"), "{err}");
 
     // Still refused after a restart: redeemed tokens live in the store.
     reg.restart().await.unwrap();
-    let err = request(&reg, Some(tok.clone()), web.clone(), None).await.unwrap_err().to_string();
+    let err = request(&reg, Some(tok.clone()), web.clone(), None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already been used"), "{err}");
 
     // An expired token.
-    let old = token::create(&reg.material(), "cluster-a", "shop", "web", Duration::from_secs(60), ::time::OffsetDateTime::now_utc() - Duration::from_secs(120)).unwrap();
-    let err = request(&reg, Some(old), web.clone(), None).await.unwrap_err().to_string();
+    let old = token::create(
+        &reg.material(),
+        "cluster-a",
+        "shop",
+        "web",
+        Duration::from_secs(60),
+        ::time::OffsetDateTime::now_utc() - Duration::from_secs(120),
+    )
+    .unwrap();
+    let err = request(&reg, Some(old), web.clone(), None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("expired"), "{err}");
 
     // Renewal with the current certificate, no token.
-    let renewed = request(&reg, None, web.clone(), Some(first.clone())).await.unwrap();
+    let renewed = request(&reg, None, web.clone(), Some(first.clone()))
+        .await
+        .unwrap();
     assert_eq!(renewed.identity, web);
     assert_ne!(renewed.chain[0], first.chain[0]);
     // ...but not for someone else's identity.
-    let err = request(&reg, None, id("spiffe://cluster.local/ns/shop/sa/admin"), Some(first)).await.unwrap_err().to_string();
+    let err = request(
+        &reg,
+        None,
+        id("spiffe://cluster.local/ns/shop/sa/admin"),
+        Some(first),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("PermissionDenied"), "{err}");
     // No token and no certificate.
-    let err = request(&reg, None, web.clone(), None).await.unwrap_err().to_string();
+    let err = request(&reg, None, web.clone(), None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("Unauthenticated"), "{err}");
 
     let m = reg.metrics().await;
-    assert_eq!(metric(&m, r#"isthmus_ca_certificates_refused_total{reason="token_expired"}"#), Some(1.0), "{m}");
-    assert_eq!(metric(&m, r#"isthmus_ca_certificates_refused_total{reason="token_reused"}"#), Some(1.0), "{m}");
-    assert_eq!(metric(&m, r#"isthmus_ca_certificates_issued_total{auth="renewal"}"#), Some(1.0), "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            r#"isthmus_ca_certificates_refused_total{reason="token_expired"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"isthmus_ca_certificates_refused_total{reason="token_reused"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"isthmus_ca_certificates_issued_total{auth="renewal"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
     reg.stop().await;
 }
 
@@ -184,15 +314,33 @@ async fn replaced_intermediate_signs_the_next_certificate_without_restart() {
     .expect("the registry reloads the intermediate");
 
     let after = reg.credentials("shop", "web").await.unwrap();
-    let new_inter = tls::parse_certs(Path::new("ca-cert.pem"), new_material.chain_pems[0].as_bytes()).unwrap();
-    assert_eq!(after.chain[1], new_inter[0], "the new leaf chains to the new intermediate");
+    let new_inter = tls::parse_certs(
+        Path::new("ca-cert.pem"),
+        new_material.chain_pems[0].as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        after.chain[1], new_inter[0],
+        "the new leaf chains to the new intermediate"
+    );
     assert_ne!(before.chain[1], after.chain[1]);
     // Both verify against the unchanged root.
     let bundle = reg.bundle();
     for c in [&before, &after] {
-        bundle.verify_peer(&c.chain[0], &c.chain[1..], tls::PeerUsage::Client, rustls::pki_types::UnixTime::now()).unwrap();
+        bundle
+            .verify_peer(
+                &c.chain[0],
+                &c.chain[1..],
+                tls::PeerUsage::Client,
+                rustls::pki_types::UnixTime::now(),
+            )
+            .unwrap();
     }
     let m = reg.metrics().await;
-    assert_eq!(metric(&m, r#"isthmus_ca_reloads_total{result="ok"}"#), Some(1.0), "{m}");
+    assert_eq!(
+        metric(&m, r#"isthmus_ca_reloads_total{result="ok"}"#),
+        Some(1.0),
+        "{m}"
+    );
     reg.stop().await;
 }

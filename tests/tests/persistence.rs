@@ -12,7 +12,13 @@ async fn restart_on_the_same_data_dir_keeps_catalog_and_tokens() {
     let mut reg = TestRegistry::start(&[
         ("nets.yaml", &yaml::network("network-b", &["198.51.100.10"])),
         ("reviews.yaml", &yaml::service("reviews", "shop", 9080)),
-        ("w.yaml", &yaml::docs(&[yaml::workload("r-0", "shop", "reviews", "10.0.0.1", NETWORK), yaml::workload("r-1", "shop", "reviews", "10.0.0.1", "network-b")])),
+        (
+            "w.yaml",
+            &yaml::docs(&[
+                yaml::workload("r-0", "shop", "reviews", "10.0.0.1", NETWORK),
+                yaml::workload("r-1", "shop", "reviews", "10.0.0.1", "network-b"),
+            ]),
+        ),
     ])
     .await
     .unwrap();
@@ -20,9 +26,19 @@ async fn restart_on_the_same_data_dir_keeps_catalog_and_tokens() {
     let used = reg.token("shop", "db", Duration::from_secs(600));
     let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/db").unwrap();
     let (_, csr) = certs::generate_key_and_csr(&id).unwrap();
-    certs::request_certificate(reg.channel(None).await.unwrap(), csr.clone(), Some(used.clone()), 0).await.unwrap();
+    certs::request_certificate(
+        reg.channel(None).await.unwrap(),
+        csr.clone(),
+        Some(used.clone()),
+        0,
+    )
+    .await
+    .unwrap();
 
-    let mut sub = reg.subscribe(&creds, &node("web", NodeKind::Workload, NETWORK)).await.unwrap();
+    let mut sub = reg
+        .subscribe(&creds, &node("web", NodeKind::Workload, NETWORK))
+        .await
+        .unwrap();
     sub.next().await.unwrap();
     let before = sub.view.resources.clone();
     drop(sub);
@@ -31,12 +47,20 @@ async fn restart_on_the_same_data_dir_keeps_catalog_and_tokens() {
     reg.stop().await;
     reg.cfg.resources = None;
     reg.restart().await.unwrap();
-    let mut sub = reg.subscribe(&creds, &node("web", NodeKind::Workload, NETWORK)).await.unwrap();
+    let mut sub = reg
+        .subscribe(&creds, &node("web", NodeKind::Workload, NETWORK))
+        .await
+        .unwrap();
     sub.next().await.unwrap();
     assert_eq!(sub.view.resources, before);
-    assert!(sub.view.resources.contains_key(&format!("svc/{}", host("reviews", "shop"))));
+    assert!(sub
+        .view
+        .resources
+        .contains_key(&format!("svc/{}", host("reviews", "shop"))));
 
-    let err = certs::request_certificate(reg.channel(None).await.unwrap(), csr, Some(used), 0).await.unwrap_err();
+    let err = certs::request_certificate(reg.channel(None).await.unwrap(), csr, Some(used), 0)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("already been used"), "{err}");
     reg.stop().await;
 }

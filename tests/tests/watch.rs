@@ -22,14 +22,29 @@ fn endpoint_count(view: &LocalView, hostname: &str) -> Option<usize> {
 }
 
 fn workloads(n: usize, prefix: &str, app: &str, network: &str) -> String {
-    yaml::docs(&(0..n).map(|i| yaml::workload(&format!("{prefix}-{i}"), "shop", app, &format!("10.0.{}.{}", i / 200, i % 200 + 1), network)).collect::<Vec<_>>())
+    yaml::docs(
+        &(0..n)
+            .map(|i| {
+                yaml::workload(
+                    &format!("{prefix}-{i}"),
+                    "shop",
+                    app,
+                    &format!("10.0.{}.{}", i / 200, i % 200 + 1),
+                    network,
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// Receives updates until `pred` holds on the view; returns the versions seen.
 async fn until(sub: &mut Subscription, pred: impl Fn(&LocalView) -> bool) -> Vec<String> {
     let mut versions = Vec::new();
     while !pred(&sub.view) {
-        let u = tokio::time::timeout(STEP, sub.next()).await.expect("update in time").expect("stream open");
+        let u = tokio::time::timeout(STEP, sub.next())
+            .await
+            .expect("update in time")
+            .expect("stream open");
         versions.push(u.version);
     }
     versions
@@ -37,24 +52,45 @@ async fn until(sub: &mut Subscription, pred: impl Fn(&LocalView) -> bool) -> Vec
 
 #[tokio::test]
 async fn snapshot_then_ordered_deltas() {
-    let reg = TestRegistry::start(&[("reviews.yaml", &yaml::service("reviews", "shop", 9080)), ("w.yaml", &workloads(1, "r", "reviews", NETWORK))]).await.unwrap();
+    let reg = TestRegistry::start(&[
+        ("reviews.yaml", &yaml::service("reviews", "shop", 9080)),
+        ("w.yaml", &workloads(1, "r", "reviews", NETWORK)),
+    ])
+    .await
+    .unwrap();
     let creds = reg.credentials("shop", "web").await.unwrap();
-    let mut sub = reg.subscribe(&creds, &node("web-1", NodeKind::Workload, NETWORK)).await.unwrap();
+    let mut sub = reg
+        .subscribe(&creds, &node("web-1", NodeKind::Workload, NETWORK))
+        .await
+        .unwrap();
     let first = sub.next().await.unwrap();
     assert!(first.snapshot);
     assert_eq!(endpoint_count(&sub.view, &host("reviews", "shop")), Some(1));
 
     reg.write_resource("w.yaml", &workloads(3, "r", "reviews", NETWORK));
-    let delta = tokio::time::timeout(STEP, sub.next()).await.unwrap().unwrap();
+    let delta = tokio::time::timeout(STEP, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!delta.snapshot, "a change arrives as a delta");
-    assert_eq!(delta.upserted, vec![service_view_key(&host("reviews", "shop"))], "only the changed service is sent");
+    assert_eq!(
+        delta.upserted,
+        vec![service_view_key(&host("reviews", "shop"))],
+        "only the changed service is sent"
+    );
     assert!(seq(&delta.version) > seq(&first.version));
     assert_eq!(endpoint_count(&sub.view, &host("reviews", "shop")), Some(3));
 
     std::fs::remove_file(reg.resources_dir().join("reviews.yaml")).unwrap();
-    let versions = until(&mut sub, |v| endpoint_count(v, &host("reviews", "shop")).is_none()).await;
+    let versions = until(&mut sub, |v| {
+        endpoint_count(v, &host("reviews", "shop")).is_none()
+    })
+    .await;
     let seqs: Vec<u64> = versions.iter().map(|v| seq(v)).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]) && seqs[0] > seq(&delta.version), "versions only grow: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]) && seqs[0] > seq(&delta.version),
+        "versions only grow: {seqs:?}"
+    );
 }
 
 #[tokio::test]
@@ -75,7 +111,13 @@ async fn resume_sends_only_what_changed() {
     drop(sub);
 
     // Reconnect with nothing changed: confirmed without a resend.
-    let mut sub = Subscription::open(reg.channel(Some(&creds)).await.unwrap(), &n, Some(saved.clone())).await.unwrap();
+    let mut sub = Subscription::open(
+        reg.channel(Some(&creds)).await.unwrap(),
+        &n,
+        Some(saved.clone()),
+    )
+    .await
+    .unwrap();
     let u = sub.next().await.unwrap();
     assert!(!u.snapshot && u.upserted.is_empty() && u.removed.is_empty());
     assert_eq!(u.version, saved.version);
@@ -86,26 +128,40 @@ async fn resume_sends_only_what_changed() {
     let views = reg.handle().views.clone();
     isthmus_tests::eventually(Duration::from_secs(10), || {
         let views = views.clone();
-        async move { views.with_catalog(|c| (c.endpoints(&host("reviews", "shop")).len() == 4).then_some(())) }
+        async move {
+            views.with_catalog(|c| (c.endpoints(&host("reviews", "shop")).len() == 4).then_some(()))
+        }
     })
     .await
     .expect("change applied");
-    let mut sub = Subscription::open(reg.channel(Some(&creds)).await.unwrap(), &n, Some(saved)).await.unwrap();
+    let mut sub = Subscription::open(reg.channel(Some(&creds)).await.unwrap(), &n, Some(saved))
+        .await
+        .unwrap();
     let u = sub.next().await.unwrap();
     assert!(!u.snapshot, "resumed without a full resend");
     assert_eq!(u.upserted, vec![service_view_key(&host("reviews", "shop"))]);
     assert_eq!(endpoint_count(&sub.view, &host("reviews", "shop")), Some(4));
-    assert_eq!(endpoint_count(&sub.view, &host("ratings", "shop")), Some(2), "kept from before the reconnect");
+    assert_eq!(
+        endpoint_count(&sub.view, &host("ratings", "shop")),
+        Some(2),
+        "kept from before the reconnect"
+    );
 
     // A version the registry does not know (e.g. from before its restart) gets a snapshot.
     let bogus = LocalView {
         version: "0123456789ab.3".into(),
         ..Default::default()
     };
-    let mut sub = Subscription::open(reg.channel(Some(&creds)).await.unwrap(), &n, Some(bogus)).await.unwrap();
+    let mut sub = Subscription::open(reg.channel(Some(&creds)).await.unwrap(), &n, Some(bogus))
+        .await
+        .unwrap();
     assert!(sub.next().await.unwrap().snapshot);
     let m = reg.metrics().await;
-    assert_eq!(metric(&m, r#"isthmus_registry_pushes_total{type="resume"}"#), Some(2.0), "{m}");
+    assert_eq!(
+        metric(&m, r#"isthmus_registry_pushes_total{type="resume"}"#),
+        Some(2.0),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,15 +169,29 @@ async fn fan_out_to_200_subscribers_next_to_one_that_never_reads() {
     const SUBSCRIBERS: usize = 200;
     const CHANGES: usize = 10;
     const ENDPOINTS: usize = 50;
-    let reg = TestRegistry::start(&[("reviews.yaml", &yaml::service("reviews", "shop", 9080)), ("w.yaml", &workloads(ENDPOINTS, "r", "reviews", NETWORK))]).await.unwrap();
+    let reg = TestRegistry::start(&[
+        ("reviews.yaml", &yaml::service("reviews", "shop", 9080)),
+        ("w.yaml", &workloads(ENDPOINTS, "r", "reviews", NETWORK)),
+    ])
+    .await
+    .unwrap();
     let creds = reg.credentials("shop", "web").await.unwrap();
 
     // The stuck subscriber: opens its stream and never reads or acknowledges.
-    let stuck = reg.subscribe(&creds, &node("stuck", NodeKind::Workload, NETWORK)).await.unwrap();
+    let stuck = reg
+        .subscribe(&creds, &node("stuck", NodeKind::Workload, NETWORK))
+        .await
+        .unwrap();
 
     let mut subs = Vec::new();
     for i in 0..SUBSCRIBERS {
-        let mut s = reg.subscribe(&creds, &node(&format!("web-{i}"), NodeKind::Workload, NETWORK)).await.unwrap();
+        let mut s = reg
+            .subscribe(
+                &creds,
+                &node(&format!("web-{i}"), NodeKind::Workload, NETWORK),
+            )
+            .await
+            .unwrap();
         assert!(s.next().await.unwrap().snapshot);
         subs.push(s);
     }
@@ -130,7 +200,10 @@ async fn fan_out_to_200_subscribers_next_to_one_that_never_reads() {
         .into_iter()
         .map(|mut s| {
             tokio::spawn(async move {
-                let versions = until(&mut s, |v| endpoint_count(v, &host("reviews", "shop")) == Some(final_count)).await;
+                let versions = until(&mut s, |v| {
+                    endpoint_count(v, &host("reviews", "shop")) == Some(final_count)
+                })
+                .await;
                 (versions, s.view.version.clone())
             })
         })
@@ -144,17 +217,25 @@ async fn fan_out_to_200_subscribers_next_to_one_that_never_reads() {
         gateway: false,
     });
     for t in tasks {
-        let (versions, last) = tokio::time::timeout(Duration::from_secs(60), t).await.expect("every subscriber gets every change").unwrap();
+        let (versions, last) = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("every subscriber gets every change")
+            .unwrap();
         let seqs: Vec<u64> = versions.iter().map(|v| seq(v)).collect();
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "ordered: {seqs:?}");
         assert_eq!(seq(&last), view.seq());
     }
 
     // The stuck subscriber was sent its snapshot and nothing since: no queue grows for it.
-    let (_, body) = isthmus_tests::http_get(reg.admin_addr(), "/debug/subscribers").await.unwrap();
+    let (_, body) = isthmus_tests::http_get(reg.admin_addr(), "/debug/subscribers")
+        .await
+        .unwrap();
     let doc: Value = serde_json::from_str(&body).unwrap();
     let subs = doc["subscribers"].as_array().unwrap();
-    let stuck_status = subs.iter().find(|s| s["id"] == "stuck").expect("stuck subscriber listed");
+    let stuck_status = subs
+        .iter()
+        .find(|s| s["id"] == "stuck")
+        .expect("stuck subscriber listed");
     assert_eq!(stuck_status["pushes"], 1, "{stuck_status}");
     assert_eq!(stuck_status["acked_version"], 0, "{stuck_status}");
     assert!(view.seq() >= stuck_status["sent_version"].as_u64().unwrap() + CHANGES as u64 / 2);
@@ -164,22 +245,51 @@ async fn fan_out_to_200_subscribers_next_to_one_that_never_reads() {
 #[tokio::test]
 async fn split_horizon_and_gateway_views_over_watch() {
     let mut files = vec![
-        ("nets.yaml".to_string(), yaml::docs(&[yaml::network("network-a", &["192.0.2.10"]), yaml::network("network-b", &["198.51.100.10", "198.51.100.11"])])),
-        ("reviews.yaml".to_string(), yaml::service("reviews", "shop", 9080)),
-        ("a.yaml".to_string(), workloads(3, "a", "reviews", "network-a")),
+        (
+            "nets.yaml".to_string(),
+            yaml::docs(&[
+                yaml::network("network-a", &["192.0.2.10"]),
+                yaml::network("network-b", &["198.51.100.10", "198.51.100.11"]),
+            ]),
+        ),
+        (
+            "reviews.yaml".to_string(),
+            yaml::service("reviews", "shop", 9080),
+        ),
+        (
+            "a.yaml".to_string(),
+            workloads(3, "a", "reviews", "network-a"),
+        ),
     ];
     // Six endpoints in network-b with the same addresses as network-a's (overlap is fine).
-    files.push(("b.yaml".to_string(), workloads(6, "b", "reviews", "network-b")));
-    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    files.push((
+        "b.yaml".to_string(),
+        workloads(6, "b", "reviews", "network-b"),
+    ));
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
     let reg = TestRegistry::start(&refs).await.unwrap();
     let creds = reg.credentials("shop", "web").await.unwrap();
 
-    let mut a = reg.subscribe(&creds, &node("web-a", NodeKind::Workload, "network-a")).await.unwrap();
+    let mut a = reg
+        .subscribe(&creds, &node("web-a", NodeKind::Workload, "network-a"))
+        .await
+        .unwrap();
     a.next().await.unwrap();
-    let Some(ViewResource::Service(sv)) = a.view.resources.get(&service_view_key(&host("reviews", "shop"))) else {
+    let Some(ViewResource::Service(sv)) = a
+        .view
+        .resources
+        .get(&service_view_key(&host("reviews", "shop")))
+    else {
         panic!("reviews in view")
     };
-    let mut weights: Vec<(EndpointKind, String, u32)> = sv.endpoints.iter().map(|e| (e.kind, e.address.clone(), e.weight)).collect();
+    let mut weights: Vec<(EndpointKind, String, u32)> = sv
+        .endpoints
+        .iter()
+        .map(|e| (e.kind, e.address.clone(), e.weight))
+        .collect();
     weights.sort_by(|x, y| (x.0 as u8, &x.1).cmp(&(y.0 as u8, &y.1)));
     assert_eq!(
         weights,
@@ -192,26 +302,53 @@ async fn split_horizon_and_gateway_views_over_watch() {
         ]
     );
 
-    let mut gw = reg.subscribe(&creds, &node("gw-b", NodeKind::Gateway, "network-b")).await.unwrap();
+    let mut gw = reg
+        .subscribe(&creds, &node("gw-b", NodeKind::Gateway, "network-b"))
+        .await
+        .unwrap();
     gw.next().await.unwrap();
-    let Some(ViewResource::Service(sv)) = gw.view.resources.get(&service_view_key(&host("reviews", "shop"))) else {
+    let Some(ViewResource::Service(sv)) = gw
+        .view
+        .resources
+        .get(&service_view_key(&host("reviews", "shop")))
+    else {
         panic!("reviews in gateway view")
     };
     assert_eq!(sv.endpoints.len(), 6);
-    assert!(sv.endpoints.iter().all(|e| e.kind == EndpointKind::Workload && e.network == "network-b"), "a gateway never sees another gateway");
+    assert!(
+        sv.endpoints
+            .iter()
+            .all(|e| e.kind == EndpointKind::Workload && e.network == "network-b"),
+        "a gateway never sees another gateway"
+    );
 
     // The admin endpoint serves the same view.
-    let (status, body) = isthmus_tests::http_get(reg.admin_addr(), "/debug/catalog?network=network-a").await.unwrap();
+    let (status, body) =
+        isthmus_tests::http_get(reg.admin_addr(), "/debug/catalog?network=network-a")
+            .await
+            .unwrap();
     assert_eq!(status, 200);
     let doc: Value = serde_json::from_str(&body).unwrap();
     let eps = doc["services"][0]["endpoints"].as_array().unwrap();
-    assert_eq!(eps.iter().filter(|e| e["kind"] == "gateway").map(|e| e["weight"].as_u64().unwrap()).sum::<u64>(), 6);
+    assert_eq!(
+        eps.iter()
+            .filter(|e| e["kind"] == "gateway")
+            .map(|e| e["weight"].as_u64().unwrap())
+            .sum::<u64>(),
+        6
+    );
 }
 
 #[tokio::test]
 async fn watch_without_a_client_certificate_is_refused() {
     let reg = TestRegistry::start(&[]).await.unwrap();
-    let err = Subscription::open(reg.channel(None).await.unwrap(), &node("anon", NodeKind::Workload, NETWORK), None).await.unwrap_err();
+    let err = Subscription::open(
+        reg.channel(None).await.unwrap(),
+        &node("anon", NodeKind::Workload, NETWORK),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("client certificate"), "{err}");
     let creds = reg.credentials("shop", "web").await.unwrap();
     let mut n = node("x", NodeKind::Workload, "");

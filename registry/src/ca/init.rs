@@ -12,10 +12,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ::time::OffsetDateTime;
 use isthmus_proto::certs::write_atomic;
 use isthmus_proto::identity::{validate_dns_label, TrustDomain};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
-use ::time::OffsetDateTime;
 
 use super::{CA_CERT_FILE, CA_CHAIN_FILE, CA_KEY_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE};
 
@@ -24,7 +24,9 @@ pub const INTERMEDIATE_TTL: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("{0} already exists; pass --rotate to replace the cluster intermediates (the root is kept)")]
+    #[error(
+        "{0} already exists; pass --rotate to replace the cluster intermediates (the root is kept)"
+    )]
     Exists(PathBuf),
     #[error("cluster name {0:?}: {1}")]
     BadCluster(String, String),
@@ -57,7 +59,9 @@ fn gen(e: rcgen::Error) -> InitError {
 }
 
 fn spiffe_td_san(td: &TrustDomain) -> Result<SanType, InitError> {
-    Ok(SanType::URI(rcgen::string::Ia5String::try_from(format!("spiffe://{td}")).map_err(gen)?))
+    Ok(SanType::URI(
+        rcgen::string::Ia5String::try_from(format!("spiffe://{td}")).map_err(gen)?,
+    ))
 }
 
 fn write(path: &Path, content: &str, mode: u32) -> Result<(), InitError> {
@@ -69,7 +73,8 @@ fn write(path: &Path, content: &str, mode: u32) -> Result<(), InitError> {
 
 pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitError> {
     for c in &opts.clusters {
-        validate_dns_label("cluster", c).map_err(|e| InitError::BadCluster(c.clone(), e.to_string()))?;
+        validate_dns_label("cluster", c)
+            .map_err(|e| InitError::BadCluster(c.clone(), e.to_string()))?;
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| InitError::Io {
         path: opts.out.clone(),
@@ -78,24 +83,46 @@ pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitE
     let root_cert_path = opts.out.join(ROOT_CERT_FILE);
     let root_key_path = opts.out.join(ROOT_KEY_FILE);
     let (root_pem, root_key, root_created) = if root_cert_path.exists() {
-        let cert = std::fs::read_to_string(&root_cert_path).map_err(|e| InitError::BadRoot(root_cert_path.clone(), e.to_string()))?;
-        let key_pem = std::fs::read_to_string(&root_key_path).map_err(|e| InitError::BadRoot(root_key_path.clone(), e.to_string()))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| InitError::BadRoot(root_key_path.clone(), e.to_string()))?;
-        let der = isthmus_proto::tls::parse_certs(&root_cert_path, cert.as_bytes()).map_err(|e| InitError::BadRoot(root_cert_path.clone(), e.to_string()))?;
+        let cert = std::fs::read_to_string(&root_cert_path)
+            .map_err(|e| InitError::BadRoot(root_cert_path.clone(), e.to_string()))?;
+        let key_pem = std::fs::read_to_string(&root_key_path)
+            .map_err(|e| InitError::BadRoot(root_key_path.clone(), e.to_string()))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| InitError::BadRoot(root_key_path.clone(), e.to_string()))?;
+        let der = isthmus_proto::tls::parse_certs(&root_cert_path, cert.as_bytes())
+            .map_err(|e| InitError::BadRoot(root_cert_path.clone(), e.to_string()))?;
         match super::trust_domain_of_ca(&der[0]) {
             Some(td) if td == opts.trust_domain.as_str() => {}
-            Some(td) => return Err(InitError::BadRoot(root_cert_path, format!("it is for trust domain {td}, not {}", opts.trust_domain))),
-            None => return Err(InitError::BadRoot(root_cert_path, "it carries no spiffe:// trust domain".into())),
+            Some(td) => {
+                return Err(InitError::BadRoot(
+                    root_cert_path,
+                    format!("it is for trust domain {td}, not {}", opts.trust_domain),
+                ))
+            }
+            None => {
+                return Err(InitError::BadRoot(
+                    root_cert_path,
+                    "it carries no spiffe:// trust domain".into(),
+                ))
+            }
         }
         (cert, key, false)
     } else {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, opts.trust_domain.as_str());
-        params.distinguished_name.push(DnType::CommonName, "isthmus root CA");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, opts.trust_domain.as_str());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "isthmus root CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.subject_alt_names = vec![spiffe_td_san(&opts.trust_domain)?];
         params.not_before = now - super::CLOCK_SKEW_ALLOWANCE;
         params.not_after = now + ROOT_TTL;
@@ -119,10 +146,19 @@ pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitE
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(DnType::OrganizationName, opts.trust_domain.as_str());
-        params.distinguished_name.push(DnType::CommonName, format!("isthmus intermediate CA {cluster}"));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, opts.trust_domain.as_str());
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("isthmus intermediate CA {cluster}"),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.subject_alt_names = vec![spiffe_td_san(&opts.trust_domain)?];
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - super::CLOCK_SKEW_ALLOWANCE;
@@ -134,9 +170,16 @@ pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitE
         // Key first: a reloading registry that sees the new certificate finds its key.
         write(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)?;
         write(&dir.join(ROOT_CERT_FILE), &root_pem, 0o644)?;
-        write(&dir.join(CA_CHAIN_FILE), &format!("{}{}", cert.pem(), root_pem), 0o644)?;
+        write(
+            &dir.join(CA_CHAIN_FILE),
+            &format!("{}{}", cert.pem(), root_pem),
+            0o644,
+        )?;
         write(&dir.join(CA_CERT_FILE), &cert.pem(), 0o644)?;
         cluster_dirs.push(dir);
     }
-    Ok(InitReport { root_created, cluster_dirs })
+    Ok(InitReport {
+        root_created,
+        cluster_dirs,
+    })
 }

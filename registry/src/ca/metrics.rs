@@ -31,9 +31,21 @@ pub struct CaMetrics {
 impl CaMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        registry.register("ca_certificates_issued", "Leaf certificates issued, by how the caller authenticated", m.issued.clone());
-        registry.register("ca_certificates_refused", "Certificate requests refused, by reason", m.refused.clone());
-        registry.register("ca_reloads", "Reloads of the CA files after a change on disk", m.reloads.clone());
+        registry.register(
+            "ca_certificates_issued",
+            "Leaf certificates issued, by how the caller authenticated",
+            m.issued.clone(),
+        );
+        registry.register(
+            "ca_certificates_refused",
+            "Certificate requests refused, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "ca_reloads",
+            "Reloads of the CA files after a change on disk",
+            m.reloads.clone(),
+        );
         m
     }
 }

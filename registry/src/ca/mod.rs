@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::time::OffsetDateTime;
 use isthmus_proto::identity::{SpiffeId, TrustDomain};
 use isthmus_proto::tls;
 use rcgen::{ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
-use ::time::OffsetDateTime;
 use tokio::sync::watch;
 
 /// Files of a cluster's CA directory (Istio's `cacerts` secret layout).
@@ -143,7 +143,10 @@ pub fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
     let (_, x) = X509Certificate::from_der(der).ok()?;
     let san = x.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => u.strip_prefix("spiffe://").filter(|td| !td.contains('/')).map(str::to_string),
+        GeneralName::URI(u) => u
+            .strip_prefix("spiffe://")
+            .filter(|td| !td.contains('/'))
+            .map(str::to_string),
         _ => None,
     })
 }
@@ -161,31 +164,58 @@ impl CaMaterial {
         let cert_pem = String::from_utf8(read(&cert_path)?).map_err(|e| bad(&cert_path, e))?;
         let key_pem = String::from_utf8(read(&key_path)?).map_err(|e| bad(&key_path, e))?;
         let root_pem = String::from_utf8(read(&root_path)?).map_err(|e| bad(&root_path, e))?;
-        let inter = tls::parse_certs(&cert_path, cert_pem.as_bytes()).map_err(|e| bad(&cert_path, e))?;
-        let roots = tls::parse_certs(&root_path, root_pem.as_bytes()).map_err(|e| bad(&root_path, e))?;
+        let inter =
+            tls::parse_certs(&cert_path, cert_pem.as_bytes()).map_err(|e| bad(&cert_path, e))?;
+        let roots =
+            tls::parse_certs(&root_path, root_pem.as_bytes()).map_err(|e| bad(&root_path, e))?;
         let intermediate_der = inter[0].clone().into_owned();
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| bad(&key_path, format!("not a usable private key: {e}")))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| bad(&key_path, format!("not a usable private key: {e}")))?;
 
-        let (_, icert) = X509Certificate::from_der(&intermediate_der).map_err(|e| bad(&cert_path, e))?;
+        let (_, icert) =
+            X509Certificate::from_der(&intermediate_der).map_err(|e| bad(&cert_path, e))?;
         let public_key = icert.public_key().subject_public_key.data.to_vec();
         if public_key != key.public_key_raw() {
-            return Err(bad(&key_path, format!("this key does not belong to the certificate in {}", cert_path.display())));
+            return Err(bad(
+                &key_path,
+                format!(
+                    "this key does not belong to the certificate in {}",
+                    cert_path.display()
+                ),
+            ));
         }
         if !icert.is_ca() {
-            return Err(bad(&cert_path, "not a CA certificate (basicConstraints CA:FALSE)"));
+            return Err(bad(
+                &cert_path,
+                "not a CA certificate (basicConstraints CA:FALSE)",
+            ));
         }
         let (_, rcert) = X509Certificate::from_der(&roots[0]).map_err(|e| bad(&root_path, e))?;
-        if icert.verify_signature(Some(rcert.public_key())).is_err() && intermediate_der.as_ref() != roots[0].as_ref() {
-            return Err(bad(&cert_path, format!("not signed by the root in {}", root_path.display())));
+        if icert.verify_signature(Some(rcert.public_key())).is_err()
+            && intermediate_der.as_ref() != roots[0].as_ref()
+        {
+            return Err(bad(
+                &cert_path,
+                format!("not signed by the root in {}", root_path.display()),
+            ));
         }
-        let td_from_cert = trust_domain_of_ca(&intermediate_der).or_else(|| trust_domain_of_ca(&roots[0]));
+        let td_from_cert =
+            trust_domain_of_ca(&intermediate_der).or_else(|| trust_domain_of_ca(&roots[0]));
         let trust_domain = match (trust_domain, td_from_cert) {
             (Some(td), Some(c)) if td.as_str() != c => {
-                return Err(bad(&cert_path, format!("the CA is for trust domain {c}, not {td}")));
+                return Err(bad(
+                    &cert_path,
+                    format!("the CA is for trust domain {c}, not {td}"),
+                ));
             }
             (Some(td), _) => td.clone(),
             (None, Some(c)) => TrustDomain::new(&c).map_err(|e| bad(&cert_path, e))?,
-            (None, None) => return Err(bad(&cert_path, "no spiffe://<trust-domain> URI SAN; pass --trust-domain")),
+            (None, None) => {
+                return Err(bad(
+                    &cert_path,
+                    "no spiffe://<trust-domain> URI SAN; pass --trust-domain",
+                ))
+            }
         };
 
         // The chain handed out with every leaf: cert-chain.pem without the root, else just the
@@ -202,7 +232,8 @@ impl CaMaterial {
         if chain_pems.is_empty() {
             chain_pems.push(der_to_pem(&intermediate_der));
         }
-        let key_id = hex::encode(&ring::digest::digest(&ring::digest::SHA256, &public_key).as_ref()[..8]);
+        let key_id =
+            hex::encode(&ring::digest::digest(&ring::digest::SHA256, &public_key).as_ref()[..8]);
         let not_after = icert.validity().not_after.to_datetime();
         Ok(Self {
             trust_domain,
@@ -227,8 +258,15 @@ impl CaMaterial {
 
     /// Signs a leaf for `identity` with the public key of `csr_pem`, after checking that the
     /// CSR asks for exactly that identity and nothing else.
-    pub fn sign_csr(&self, csr_pem: &str, identity: &SpiffeId, ttl: Duration, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Vec<String>, CaError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::BadCsr(e.to_string()))?;
         check_csr_sans(&csr.params.subject_alt_names, identity)?;
         if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::CsrKeyType);
@@ -236,14 +274,28 @@ impl CaMaterial {
         self.sign_public_key(&csr.public_key, identity, ttl, now)
     }
 
-    fn sign_public_key(&self, public_key: &impl rcgen::PublicKeyData, identity: &SpiffeId, ttl: Duration, now: OffsetDateTime) -> Result<Vec<String>, CaError> {
+    fn sign_public_key(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        identity: &SpiffeId,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Vec<String>, CaError> {
         let sign_err = |e: rcgen::Error| CaError::Sign(e.to_string());
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(rcgen::string::Ia5String::try_from(identity.as_str()).map_err(sign_err)?)];
+        params.subject_alt_names = vec![SanType::URI(
+            rcgen::string::Ia5String::try_from(identity.as_str()).map_err(sign_err)?,
+        )];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - CLOCK_SKEW_ALLOWANCE;
         // A leaf never outlives the intermediate that signed it.
@@ -251,7 +303,8 @@ impl CaMaterial {
         let mut serial: [u8; 16] = rand::random();
         serial[0] &= 0x7f;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        let issuer = rcgen::Issuer::from_ca_cert_der(&self.intermediate_der, &self.key).map_err(sign_err)?;
+        let issuer =
+            rcgen::Issuer::from_ca_cert_der(&self.intermediate_der, &self.key).map_err(sign_err)?;
         let leaf = params.signed_by(public_key, &issuer).map_err(sign_err)?;
         let mut chain = vec![leaf.pem()];
         chain.extend(self.chain_pems.iter().cloned());
@@ -259,10 +312,17 @@ impl CaMaterial {
     }
 
     /// A key and certificate for the registry's own identity (its serving certificate).
-    pub fn self_credentials(&self, identity: &SpiffeId, ttl: Duration, now: OffsetDateTime) -> Result<tls::Credentials, CaError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CaError::Sign(e.to_string()))?;
+    pub fn self_credentials(
+        &self,
+        identity: &SpiffeId,
+        ttl: Duration,
+        now: OffsetDateTime,
+    ) -> Result<tls::Credentials, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
         let chain = self.sign_public_key(&key, identity, ttl, now)?;
-        tls::Credentials::from_pem(&chain.concat(), &key.serialize_pem()).map_err(|e| CaError::Sign(e.to_string()))
+        tls::Credentials::from_pem(&chain.concat(), &key.serialize_pem())
+            .map_err(|e| CaError::Sign(e.to_string()))
     }
 }
 
@@ -309,9 +369,12 @@ fn check_csr_sans(sans: &[SanType], identity: &SpiffeId) -> Result<(), CaError> 
 
 /// The identity a CSR asks for, when it asks for exactly one URI SAN.
 pub fn csr_identity(csr_pem: &str) -> Result<SpiffeId, CaError> {
-    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| CaError::BadCsr(e.to_string()))?;
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| CaError::BadCsr(e.to_string()))?;
     match csr.params.subject_alt_names.as_slice() {
-        [SanType::URI(u)] => SpiffeId::parse(u.as_str()).map_err(|e| CaError::BadCsr(e.to_string())),
+        [SanType::URI(u)] => {
+            SpiffeId::parse(u.as_str()).map_err(|e| CaError::BadCsr(e.to_string()))
+        }
         other => Err(CaError::CsrSans {
             expected: "spiffe://<trust-domain>/ns/<ns>/sa/<sa>".into(),
             found: format!("{} SANs", other.len()),
@@ -364,7 +427,12 @@ impl Authority {
     }
 
     /// Polls the CA directory until `shutdown`.
-    pub async fn watch_files(self: Arc<Self>, interval: Duration, metrics: metrics::CaMetrics, shutdown: isthmus_proto::drain::Watch) {
+    pub async fn watch_files(
+        self: Arc<Self>,
+        interval: Duration,
+        metrics: metrics::CaMetrics,
+        shutdown: isthmus_proto::drain::Watch,
+    ) {
         let stop = shutdown.signaled();
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(interval);
@@ -379,7 +447,10 @@ impl Authority {
             let res = tokio::task::spawn_blocking(move || this.reload_if_changed()).await;
             match res {
                 Ok(Ok(true)) => {
-                    metrics.reloads.get_or_create(&metrics::ResultLabels { result: "ok" }).inc();
+                    metrics
+                        .reloads
+                        .get_or_create(&metrics::ResultLabels { result: "ok" })
+                        .inc();
                     last_error = None;
                 }
                 Ok(Ok(false)) => last_error = None,
@@ -387,7 +458,10 @@ impl Authority {
                     let msg = e.to_string();
                     if last_error.as_deref() != Some(&msg) {
                         tracing::error!(error = %msg, "CA files changed but cannot be loaded; still signing with the previous intermediate");
-                        metrics.reloads.get_or_create(&metrics::ResultLabels { result: "error" }).inc();
+                        metrics
+                            .reloads
+                            .get_or_create(&metrics::ResultLabels { result: "error" })
+                            .inc();
                     }
                     last_error = Some(msg);
                 }

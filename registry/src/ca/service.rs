@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::time::OffsetDateTime;
 use isthmus_proto::grpc::PeerInfo;
 use isthmus_proto::pb;
-use ::time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
 use super::metrics::{CaMetrics, IssuedLabels, RefusedLabels};
@@ -38,7 +38,12 @@ pub struct CertificateService {
 }
 
 impl CertificateService {
-    pub fn new(authority: Arc<Authority>, store: Arc<dyn Store>, policy: CaPolicy, metrics: CaMetrics) -> Self {
+    pub fn new(
+        authority: Arc<Authority>,
+        store: Arc<dyn Store>,
+        policy: CaPolicy,
+        metrics: CaMetrics,
+    ) -> Self {
         Self {
             authority,
             store,
@@ -49,7 +54,11 @@ impl CertificateService {
 
     /// Authenticates and signs one request; `caller` is the verified client certificate
     /// identity, if the caller presented one.
-    pub async fn issue(&self, req: pb::CertificateRequest, caller: Option<&isthmus_proto::SpiffeId>) -> Result<pb::CertificateResponse, CaError> {
+    pub async fn issue(
+        &self,
+        req: pb::CertificateRequest,
+        caller: Option<&isthmus_proto::SpiffeId>,
+    ) -> Result<pb::CertificateResponse, CaError> {
         let now = OffsetDateTime::now_utc();
         let ttl = match req.ttl_seconds {
             0 => self.policy.default_ttl,
@@ -77,7 +86,11 @@ impl CertificateService {
             material.sign_csr(&req.csr_pem, &requested, ttl, now)?;
             let redeemed = self
                 .store
-                .insert_if_absent(Table::RedeemedTokens, &claims.jti, claims.exp.to_string().into_bytes())
+                .insert_if_absent(
+                    Table::RedeemedTokens,
+                    &claims.jti,
+                    claims.exp.to_string().into_bytes(),
+                )
                 .await
                 .map_err(|e| CaError::Store(e.to_string()))?;
             if !redeemed {
@@ -96,7 +109,10 @@ impl CertificateService {
             return Err(CaError::Unauthenticated);
         };
         let chain = material.sign_csr(&req.csr_pem, &requested, ttl, now)?;
-        self.metrics.issued.get_or_create(&IssuedLabels { auth }).inc();
+        self.metrics
+            .issued
+            .get_or_create(&IssuedLabels { auth })
+            .inc();
         tracing::info!(identity = %requested, auth, ttl_s = ttl.as_secs(), "certificate issued");
         Ok(pb::CertificateResponse {
             cert_chain_pem: chain,
@@ -111,22 +127,33 @@ pub fn status_of(e: &CaError) -> Status {
     match e {
         CaError::Unauthenticated => Status::unauthenticated(msg),
         CaError::Token(_) | CaError::IdentityMismatch { .. } => Status::permission_denied(msg),
-        CaError::BadCsr(_) | CaError::CsrSans { .. } | CaError::CsrKeyType | CaError::TtlTooLong { .. } => Status::invalid_argument(msg),
-        CaError::Store(_) | CaError::Read { .. } | CaError::BadFile { .. } => Status::unavailable(msg),
+        CaError::BadCsr(_)
+        | CaError::CsrSans { .. }
+        | CaError::CsrKeyType
+        | CaError::TtlTooLong { .. } => Status::invalid_argument(msg),
+        CaError::Store(_) | CaError::Read { .. } | CaError::BadFile { .. } => {
+            Status::unavailable(msg)
+        }
         CaError::Sign(_) => Status::internal(msg),
     }
 }
 
 #[tonic::async_trait]
 impl pb::certificates_server::Certificates for CertificateService {
-    async fn create_certificate(&self, request: Request<pb::CertificateRequest>) -> Result<Response<pb::CertificateResponse>, Status> {
+    async fn create_certificate(
+        &self,
+        request: Request<pb::CertificateRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let caller = peer.as_ref().and_then(|p| p.identity.clone());
         match self.issue(request.into_inner(), caller.as_ref()).await {
             Ok(resp) => Ok(Response::new(resp)),
             Err(e) => {
                 let reason = e.reason();
-                self.metrics.refused.get_or_create(&RefusedLabels { reason }).inc();
+                self.metrics
+                    .refused
+                    .get_or_create(&RefusedLabels { reason })
+                    .inc();
                 tracing::warn!(reason, error = %e, remote = ?peer.map(|p| p.remote), "certificate request refused");
                 Err(status_of(&e))
             }

@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
+use ::time::OffsetDateTime;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use isthmus_proto::identity::{validate_dns_label, SpiffeId, TrustDomain};
 use rcgen::SigningKey;
 use serde::{Deserialize, Serialize};
-use ::time::OffsetDateTime;
 
 use super::CaMaterial;
 
@@ -37,7 +37,8 @@ pub struct TokenClaims {
 impl TokenClaims {
     pub fn identity(&self) -> Result<SpiffeId, TokenError> {
         let td = TrustDomain::new(&self.td).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        SpiffeId::workload(&td, &self.ns, &self.sa).map_err(|e| TokenError::Malformed(e.to_string()))
+        SpiffeId::workload(&td, &self.ns, &self.sa)
+            .map_err(|e| TokenError::Malformed(e.to_string()))
     }
 }
 
@@ -46,7 +47,10 @@ pub enum TokenError {
     #[error("bootstrap token is malformed: {0}")]
     Malformed(String),
     #[error("bootstrap token was signed by CA key {token_key}, but this registry signs with {current_key} (was the intermediate rotated, or is the token for another cluster?)")]
-    ForeignKey { token_key: String, current_key: String },
+    ForeignKey {
+        token_key: String,
+        current_key: String,
+    },
     #[error("bootstrap token signature is invalid")]
     BadSignature,
     #[error("bootstrap token expired at {at} (unix seconds); create a new one with `isthmusctl token create`")]
@@ -79,7 +83,14 @@ impl TokenError {
 }
 
 /// Creates a token for `spiffe://TD/ns/<ns>/sa/<sa>` valid for `ttl` from `now`.
-pub fn create(material: &CaMaterial, cluster: &str, ns: &str, sa: &str, ttl: Duration, now: OffsetDateTime) -> Result<String, TokenError> {
+pub fn create(
+    material: &CaMaterial,
+    cluster: &str,
+    ns: &str,
+    sa: &str,
+    ttl: Duration,
+    now: OffsetDateTime,
+) -> Result<String, TokenError> {
     validate_dns_label("namespace", ns).map_err(|e| TokenError::Malformed(e.to_string()))?;
     validate_dns_label("service account", sa).map_err(|e| TokenError::Malformed(e.to_string()))?;
     if ttl > MAX_TOKEN_TTL {
@@ -96,26 +107,45 @@ pub fn create(material: &CaMaterial, cluster: &str, ns: &str, sa: &str, ttl: Dur
         jti: hex::encode(rand::random::<[u8; 16]>()),
         kid: material.key_id.clone(),
     };
-    let payload = B64.encode(serde_json::to_vec(&claims).map_err(|e| TokenError::Sign(e.to_string()))?);
+    let payload =
+        B64.encode(serde_json::to_vec(&claims).map_err(|e| TokenError::Sign(e.to_string()))?);
     let signed = format!("{TOKEN_PREFIX}.{payload}");
-    let sig = material.key().sign(signed.as_bytes()).map_err(|e| TokenError::Sign(e.to_string()))?;
+    let sig = material
+        .key()
+        .sign(signed.as_bytes())
+        .map_err(|e| TokenError::Sign(e.to_string()))?;
     Ok(format!("{signed}.{}", B64.encode(sig)))
 }
 
 /// Checks the signature, expiry and trust domain of `token`. Redemption (single use) is the
 /// caller's job, against the store.
-pub fn verify(material: &CaMaterial, token: &str, now: OffsetDateTime) -> Result<TokenClaims, TokenError> {
+pub fn verify(
+    material: &CaMaterial,
+    token: &str,
+    now: OffsetDateTime,
+) -> Result<TokenClaims, TokenError> {
     let token = token.trim();
     let mut parts = token.split('.');
-    let (Some(prefix), Some(payload), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(TokenError::Malformed("expected three dot-separated parts".into()));
+    let (Some(prefix), Some(payload), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
     };
     if prefix != TOKEN_PREFIX {
-        return Err(TokenError::Malformed(format!("unknown token format {prefix:?}")));
+        return Err(TokenError::Malformed(format!(
+            "unknown token format {prefix:?}"
+        )));
     }
-    let payload_bytes = B64.decode(payload).map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
-    let claims: TokenClaims = serde_json::from_slice(&payload_bytes).map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
-    let sig = B64.decode(sig).map_err(|e| TokenError::Malformed(format!("signature: {e}")))?;
+    let payload_bytes = B64
+        .decode(payload)
+        .map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
+    let claims: TokenClaims = serde_json::from_slice(&payload_bytes)
+        .map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
+    let sig = B64
+        .decode(sig)
+        .map_err(|e| TokenError::Malformed(format!("signature: {e}")))?;
     if claims.kid != material.key_id {
         return Err(TokenError::ForeignKey {
             token_key: claims.kid,
@@ -123,9 +153,12 @@ pub fn verify(material: &CaMaterial, token: &str, now: OffsetDateTime) -> Result
         });
     }
     let signed_len = prefix.len() + 1 + payload.len();
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &material.public_key)
-        .verify(&token.as_bytes()[..signed_len], &sig)
-        .map_err(|_| TokenError::BadSignature)?;
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        &material.public_key,
+    )
+    .verify(&token.as_bytes()[..signed_len], &sig)
+    .map_err(|_| TokenError::BadSignature)?;
     if claims.td != material.trust_domain.as_str() {
         return Err(TokenError::TrustDomain {
             token: claims.td,

@@ -40,7 +40,10 @@ impl EmbeddedStore {
             tx.open_table(def(t)).map_err(|e| open_err(e.to_string()))?;
         }
         tx.commit().map_err(|e| open_err(e.to_string()))?;
-        Ok(Self { db: Arc::new(db), path })
+        Ok(Self {
+            db: Arc::new(db),
+            path,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -104,7 +107,8 @@ impl Store for EmbeddedStore {
                 for op in &ops {
                     match op {
                         Op::Put(k, v) => {
-                            t.insert(k.as_str(), v.as_slice()).map_err(|x| e(x.to_string()))?;
+                            t.insert(k.as_str(), v.as_slice())
+                                .map_err(|x| e(x.to_string()))?;
                         }
                         Op::Delete(k) => {
                             t.remove(k.as_str()).map_err(|x| e(x.to_string()))?;
@@ -117,7 +121,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn insert_if_absent(&self, table: Table, key: &str, value: Vec<u8>) -> Result<bool, StoreError> {
+    async fn insert_if_absent(
+        &self,
+        table: Table,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<bool, StoreError> {
         let key = key.to_string();
         self.blocking(move |db| {
             let e = backend("insert_if_absent", table);
@@ -127,7 +136,8 @@ impl Store for EmbeddedStore {
                 let mut t = tx.open_table(def(table)).map_err(|x| e(x.to_string()))?;
                 let exists = t.get(key.as_str()).map_err(|x| e(x.to_string()))?.is_some();
                 if !exists {
-                    t.insert(key.as_str(), value.as_slice()).map_err(|x| e(x.to_string()))?;
+                    t.insert(key.as_str(), value.as_slice())
+                        .map_err(|x| e(x.to_string()))?;
                 }
                 !exists
             };

@@ -3,9 +3,9 @@
 
 use std::fmt;
 
-mod embedded;
 #[cfg(test)]
 pub(crate) mod battery;
+mod embedded;
 
 pub use embedded::EmbeddedStore;
 
@@ -50,7 +50,11 @@ pub enum StoreError {
     #[error("cannot open the store at {path}: {why} (is another registry using this --data-dir?)")]
     Open { path: String, why: String },
     #[error("store {op} on table {table} failed: {why}")]
-    Backend { op: &'static str, table: Table, why: String },
+    Backend {
+        op: &'static str,
+        table: Table,
+        why: String,
+    },
     #[error("store task failed: {0}")]
     Task(String),
 }
@@ -63,12 +67,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     async fn apply(&self, table: Table, ops: Vec<Op>) -> Result<(), StoreError>;
     /// Writes `value` under `key` only if `key` is absent; returns whether it wrote.
-    async fn insert_if_absent(&self, table: Table, key: &str, value: Vec<u8>) -> Result<bool, StoreError>;
+    async fn insert_if_absent(
+        &self,
+        table: Table,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<bool, StoreError>;
     /// A short name for logs and metrics ("embedded", "etcd").
     fn kind(&self) -> &'static str;
 
     async fn put(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.apply(table, vec![Op::Put(key.to_string(), value)]).await
+        self.apply(table, vec![Op::Put(key.to_string(), value)])
+            .await
     }
 
     async fn delete(&self, table: Table, key: &str) -> Result<(), StoreError> {

@@ -23,7 +23,12 @@ fn net(id: &str, gws: &[&str]) -> OwnedResource {
 
 fn service_entry(view: &View, host: &str) -> ServiceView {
     let st = view.state.read().unwrap();
-    let pbv = st.entries.get(&service_view_key(host)).expect("service in view").as_ref().clone();
+    let pbv = st
+        .entries
+        .get(&service_view_key(host))
+        .expect("service in view")
+        .as_ref()
+        .clone();
     match ViewResource::try_from(pbv).unwrap() {
         ViewResource::Service(s) => (*s).clone(),
         _ => panic!("not a service"),
@@ -34,13 +39,29 @@ fn service_entry(view: &View, host: &str) -> ServiceView {
 /// entries of weight 3 each.
 fn split_horizon_catalog() -> Views {
     let views = Views::default();
-    let mut up = vec![net("net-a", &["192.0.2.10"]), net("net-b", &["198.51.100.10", "198.51.100.11"]), svc("web.shop", "shop", "c", "web")];
+    let mut up = vec![
+        net("net-a", &["192.0.2.10"]),
+        net("net-b", &["198.51.100.10", "198.51.100.11"]),
+        svc("web.shop", "shop", "c", "web"),
+    ];
     for i in 0..3 {
-        up.push(wl(&format!("a{i}"), "shop", "web", &format!("10.0.0.{i}"), "net-a"));
+        up.push(wl(
+            &format!("a{i}"),
+            "shop",
+            "web",
+            &format!("10.0.0.{i}"),
+            "net-a",
+        ));
     }
     for i in 0..6 {
         // Same addresses as in net-a: overlapping pod CIDRs are allowed.
-        up.push(wl(&format!("b{i}"), "shop", "web", &format!("10.0.0.{i}"), "net-b"));
+        up.push(wl(
+            &format!("b{i}"),
+            "shop",
+            "web",
+            &format!("10.0.0.{i}"),
+            "net-b",
+        ));
     }
     views.apply(up, vec![]);
     views
@@ -49,44 +70,95 @@ fn split_horizon_catalog() -> Views {
 #[test]
 fn split_horizon_weights() {
     let views = split_horizon_catalog();
-    let a = views.view(&ViewKey { network: "net-a".into(), gateway: false });
+    let a = views.view(&ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+    });
     let sv = service_entry(&a, "web.shop");
-    let local: Vec<_> = sv.endpoints.iter().filter(|e| e.kind == EndpointKind::Workload).collect();
-    let gws: Vec<_> = sv.endpoints.iter().filter(|e| e.kind == EndpointKind::Gateway).collect();
+    let local: Vec<_> = sv
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Workload)
+        .collect();
+    let gws: Vec<_> = sv
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Gateway)
+        .collect();
     assert_eq!(local.len(), 3);
     assert!(local.iter().all(|e| e.weight == 1 && e.network == "net-a"));
     assert_eq!(gws.len(), 2);
-    assert_eq!(gws.iter().map(|e| (e.address.as_str(), e.weight)).collect::<Vec<_>>(), vec![("198.51.100.10", 3), ("198.51.100.11", 3)]);
-    assert!(gws.iter().all(|g| g.ports.get(&80) == Some(&15443) && g.tunnel_port == 15008));
-    assert_eq!(gws[0].identities.len(), 1, "identities behind the gateway are carried for end-to-end verification");
+    assert_eq!(
+        gws.iter()
+            .map(|e| (e.address.as_str(), e.weight))
+            .collect::<Vec<_>>(),
+        vec![("198.51.100.10", 3), ("198.51.100.11", 3)]
+    );
+    assert!(gws
+        .iter()
+        .all(|g| g.ports.get(&80) == Some(&15443) && g.tunnel_port == 15008));
+    assert_eq!(
+        gws[0].identities.len(),
+        1,
+        "identities behind the gateway are carried for end-to-end verification"
+    );
     // Local entries keep their own target ports.
     assert_eq!(local[0].ports.get(&80), Some(&8080));
 
     // From net-b: 6 local, one gateway entry of weight 3 for net-a.
-    let b = views.view(&ViewKey { network: "net-b".into(), gateway: false });
+    let b = views.view(&ViewKey {
+        network: "net-b".into(),
+        gateway: false,
+    });
     let sv = service_entry(&b, "web.shop");
-    assert_eq!(sv.endpoints.iter().filter(|e| e.kind == EndpointKind::Workload).count(), 6);
-    let gws: Vec<_> = sv.endpoints.iter().filter(|e| e.kind == EndpointKind::Gateway).map(|e| (e.address.clone(), e.weight)).collect();
+    assert_eq!(
+        sv.endpoints
+            .iter()
+            .filter(|e| e.kind == EndpointKind::Workload)
+            .count(),
+        6
+    );
+    let gws: Vec<_> = sv
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Gateway)
+        .map(|e| (e.address.clone(), e.weight))
+        .collect();
     assert_eq!(gws, vec![("192.0.2.10".to_string(), 3)]);
 }
 
 #[test]
 fn gateway_view_has_only_local_endpoints() {
     let views = split_horizon_catalog();
-    let g = views.view(&ViewKey { network: "net-b".into(), gateway: true });
+    let g = views.view(&ViewKey {
+        network: "net-b".into(),
+        gateway: true,
+    });
     let sv = service_entry(&g, "web.shop");
     assert_eq!(sv.endpoints.len(), 6);
-    assert!(sv.endpoints.iter().all(|e| e.kind == EndpointKind::Workload && e.network == "net-b"));
+    assert!(sv
+        .endpoints
+        .iter()
+        .all(|e| e.kind == EndpointKind::Workload && e.network == "net-b"));
 }
 
 #[test]
 fn unhealthy_remote_endpoints_do_not_count_and_gatewayless_networks_contribute_nothing() {
     let views = split_horizon_catalog();
-    let a = views.view(&ViewKey { network: "net-a".into(), gateway: false });
+    let a = views.view(&ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+    });
     // Two of net-b's endpoints go unhealthy: 4 left -> 2 + 2.
     let mut ups = Vec::new();
     for i in 0..2 {
-        let mut r = wl(&format!("b{i}"), "shop", "web", &format!("10.0.0.{i}"), "net-b");
+        let mut r = wl(
+            &format!("b{i}"),
+            "shop",
+            "web",
+            &format!("10.0.0.{i}"),
+            "net-b",
+        );
         if let Resource::Workload(w) = &mut r.resource {
             w.health = Health::Unhealthy;
         }
@@ -96,19 +168,33 @@ fn unhealthy_remote_endpoints_do_not_count_and_gatewayless_networks_contribute_n
     ups.push(wl("c0", "shop", "web", "10.9.0.1", "net-c"));
     views.apply(ups, vec![]);
     let sv = service_entry(&a, "web.shop");
-    let gws: Vec<_> = sv.endpoints.iter().filter(|e| e.kind == EndpointKind::Gateway).map(|e| (e.network.as_str(), e.weight)).collect();
+    let gws: Vec<_> = sv
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Gateway)
+        .map(|e| (e.network.as_str(), e.weight))
+        .collect();
     assert_eq!(gws, vec![("net-b", 2), ("net-b", 2)]);
-    assert!(!sv.endpoints.iter().any(|e| e.network == "net-c" || e.address == "10.9.0.1"));
+    assert!(!sv
+        .endpoints
+        .iter()
+        .any(|e| e.network == "net-c" || e.address == "10.9.0.1"));
     // Removing net-b's Network resource (its gateways) removes its entries.
     views.apply(vec![], vec!["Network//net-b".into()]);
     let sv = service_entry(&a, "web.shop");
-    assert!(sv.endpoints.iter().all(|e| e.kind == EndpointKind::Workload));
+    assert!(sv
+        .endpoints
+        .iter()
+        .all(|e| e.kind == EndpointKind::Workload));
 }
 
 #[test]
 fn versions_history_and_catchup() {
     let views = split_horizon_catalog();
-    let a = views.view(&ViewKey { network: "net-a".into(), gateway: false });
+    let a = views.view(&ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+    });
     let s0 = a.seq();
     // A no-op change publishes nothing.
     views.apply(vec![wl("a0", "shop", "web", "10.0.0.0", "net-a")], vec![]);
@@ -118,7 +204,12 @@ fn versions_history_and_catchup() {
     assert_eq!(a.seq(), s0 + 2);
     let st = a.state.read().unwrap();
     match st.catchup(Some(s0)) {
-        Catchup::Delta { seq, upserts, removals, .. } => {
+        Catchup::Delta {
+            seq,
+            upserts,
+            removals,
+            ..
+        } => {
             assert_eq!(seq, s0 + 2);
             let keys: Vec<_> = upserts.iter().map(|u| u.key.clone()).collect();
             assert_eq!(keys, vec!["svc/db.shop", "svc/web.shop"]);
@@ -127,7 +218,10 @@ fn versions_history_and_catchup() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(st.catchup(Some(s0 + 2)), Catchup::UpToDate));
-    assert!(matches!(st.catchup(Some(s0 + 5)), Catchup::Snapshot { .. }), "a version from the future");
+    assert!(
+        matches!(st.catchup(Some(s0 + 5)), Catchup::Snapshot { .. }),
+        "a version from the future"
+    );
     assert!(matches!(st.catchup(None), Catchup::Snapshot { .. }));
     drop(st);
     assert_eq!(a.parse_version(&a.version(7)), Some(7));
@@ -137,27 +231,44 @@ fn versions_history_and_catchup() {
 #[test]
 fn history_is_bounded_and_old_resumes_get_a_snapshot() {
     let views = Views::new(4);
-    let a = views.view(&ViewKey { network: "net-a".into(), gateway: false });
+    let a = views.view(&ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+    });
     views.apply(vec![svc("web.shop", "shop", "c", "web")], vec![]);
     for i in 0..10 {
-        views.apply(vec![wl(&format!("w{i}"), "shop", "web", "10.0.0.1", "net-a")], vec![]);
+        views.apply(
+            vec![wl(&format!("w{i}"), "shop", "web", "10.0.0.1", "net-a")],
+            vec![],
+        );
     }
     let st = a.state.read().unwrap();
     assert_eq!(st.history.len(), 4);
     assert!(matches!(st.catchup(Some(1)), Catchup::Snapshot { .. }));
-    assert!(matches!(st.catchup(Some(st.seq - 4)), Catchup::Delta { .. }));
-    assert!(matches!(st.catchup(Some(st.seq - 5)), Catchup::Snapshot { .. }));
+    assert!(matches!(
+        st.catchup(Some(st.seq - 4)),
+        Catchup::Delta { .. }
+    ));
+    assert!(matches!(
+        st.catchup(Some(st.seq - 5)),
+        Catchup::Snapshot { .. }
+    ));
 }
 
 #[test]
 fn removed_service_is_a_removal() {
     let views = split_horizon_catalog();
-    let a = views.view(&ViewKey { network: "net-a".into(), gateway: false });
+    let a = views.view(&ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+    });
     let s0 = a.seq();
     views.apply(vec![], vec!["Service/c/web.shop".into()]);
     let st = a.state.read().unwrap();
     match st.catchup(Some(s0)) {
-        Catchup::Delta { removals, upserts, .. } => {
+        Catchup::Delta {
+            removals, upserts, ..
+        } => {
             assert_eq!(removals, vec!["svc/web.shop".to_string()]);
             assert!(upserts.is_empty());
         }

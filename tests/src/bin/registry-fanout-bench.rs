@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use isthmus_proto::certs;
 use isthmus_proto::identity::SpiffeId;
-use isthmus_proto::model::{NodeKind, OwnedResource, Resource, Service, ServicePort, ServiceView, ViewResource, Workload};
+use isthmus_proto::model::{
+    NodeKind, OwnedResource, Resource, Service, ServicePort, ServiceView, ViewResource, Workload,
+};
 use isthmus_proto::subscription::Subscription;
 use isthmus_tests::{node, TestRegistry, NETWORK};
 use tokio::sync::Barrier;
@@ -23,7 +25,10 @@ const ORIGIN: &str = "bench:";
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn rss_mb() -> f64 {
@@ -75,7 +80,9 @@ fn workload(svc: usize, j: usize, network: &str) -> OwnedResource {
             address: format!("10.{}.{}.{}", svc / 250 % 250, svc % 250, j + 1),
             network: network.into(),
             cluster: "cluster-a".into(),
-            identity: Some(SpiffeId::parse(&format!("spiffe://cluster.local/ns/bench/sa/svc-{svc}")).unwrap()),
+            identity: Some(
+                SpiffeId::parse(&format!("spiffe://cluster.local/ns/bench/sa/svc-{svc}")).unwrap(),
+            ),
             labels: [("app".to_string(), format!("svc-{svc}"))].into(),
             ports: BTreeMap::new(),
             weight: 1,
@@ -97,13 +104,21 @@ fn endpoints_of(sub: &Subscription, hostname: &str) -> usize {
 async fn fan_out(reg: &TestRegistry, subscribers: usize, rounds: usize) -> Vec<Duration> {
     let creds = reg.credentials("bench", "client").await.unwrap();
     let ingest = reg.handle().ingest.clone();
-    let base: Vec<OwnedResource> = std::iter::once(service(0)).chain((0..3).map(|j| workload(0, j, NETWORK))).collect();
+    let base: Vec<OwnedResource> = std::iter::once(service(0))
+        .chain((0..3).map(|j| workload(0, j, NETWORK)))
+        .collect();
     ingest.replace_origin(ORIGIN, base.clone()).await.unwrap();
     let hostname = "svc-0.bench.svc.cluster.local".to_string();
 
     let mut subs = Vec::new();
     for i in 0..subscribers {
-        let mut s = reg.subscribe(&creds, &node(&format!("bench-{i}"), NodeKind::Workload, NETWORK)).await.unwrap();
+        let mut s = reg
+            .subscribe(
+                &creds,
+                &node(&format!("bench-{i}"), NodeKind::Workload, NETWORK),
+            )
+            .await
+            .unwrap();
         s.next().await.unwrap();
         subs.push(s);
     }
@@ -137,7 +152,10 @@ async fn fan_out(reg: &TestRegistry, subscribers: usize, rounds: usize) -> Vec<D
         let start = Instant::now();
         ingest.replace_origin(ORIGIN, set).await.unwrap();
         for _ in 0..subscribers {
-            let (r, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("fan-out within 60s").expect("subscriber alive");
+            let (r, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .expect("fan-out within 60s")
+                .expect("subscriber alive");
             assert_eq!(r, round);
             latencies.push(at - start);
         }
@@ -150,13 +168,21 @@ async fn fan_out(reg: &TestRegistry, subscribers: usize, rounds: usize) -> Vec<D
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     raise_nofile();
-    let subscriber_counts: Vec<usize> = arg("--subscribers", "100,1000").split(',').map(|s| s.parse().unwrap()).collect();
+    let subscriber_counts: Vec<usize> = arg("--subscribers", "100,1000")
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
     let services: usize = arg("--services", "10000").parse()?;
     let per_service: usize = arg("--endpoints-per-service", "10").parse()?;
     let cert_seconds: u64 = arg("--cert-seconds", "5").parse()?;
     let rounds: usize = arg("--rounds", "10").parse()?;
 
-    println!("# registry benchmark ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "# registry benchmark ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     for n in subscriber_counts {
         let reg = TestRegistry::start(&[]).await?;
         let lat = fan_out(&reg, n, rounds).await;
@@ -176,7 +202,11 @@ async fn main() -> anyhow::Result<()> {
         all.push(service(i));
         for j in 0..per_service {
             // Every other service also has endpoints in a second network.
-            let net = if j % 2 == 1 && i % 2 == 0 { "network-b" } else { NETWORK };
+            let net = if j % 2 == 1 && i % 2 == 0 {
+                "network-b"
+            } else {
+                NETWORK
+            };
             all.push(workload(i, j, net));
         }
     }
@@ -185,10 +215,23 @@ async fn main() -> anyhow::Result<()> {
     let load = t.elapsed();
     let creds = reg.credentials("bench", "client").await?;
     let t = Instant::now();
-    let mut sub = reg.subscribe(&creds, &node("snap", NodeKind::Workload, NETWORK)).await?;
+    let mut sub = reg
+        .subscribe(&creds, &node("snap", NodeKind::Workload, NETWORK))
+        .await?;
     let u = sub.next().await?;
     let snap = t.elapsed();
-    let eps: usize = sub.view.resources.values().map(|r| if let ViewResource::Service(s) = r { s.endpoints.len() } else { 0 }).sum();
+    let eps: usize = sub
+        .view
+        .resources
+        .values()
+        .map(|r| {
+            if let ViewResource::Service(s) = r {
+                s.endpoints.len()
+            } else {
+                0
+            }
+        })
+        .sum();
     println!(
         "catalog: {services} services / {} endpoints ingested (store + views) in {:.2} s",
         services * per_service,
@@ -197,7 +240,11 @@ async fn main() -> anyhow::Result<()> {
     println!("snapshot: new subscriber received {} services / {eps} view endpoints in {} parts in {:.0} ms", sub.view.resources.len(), u.parts, snap.as_secs_f64() * 1e3);
     drop(sub);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    println!("memory: process RSS {:.0} MB with the catalog loaded ({:.0} MB before loading)", rss_mb(), rss_before);
+    println!(
+        "memory: process RSS {:.0} MB with the catalog loaded ({:.0} MB before loading)",
+        rss_mb(),
+        rss_before
+    );
     drop(reg);
 
     // CA throughput: renewals over mTLS from 8 concurrent clients.
@@ -213,7 +260,9 @@ async fn main() -> anyhow::Result<()> {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let (_, csr) = certs::generate_key_and_csr(&id).unwrap();
-                certs::request_certificate(channel.clone(), csr, None, 0).await.unwrap();
+                certs::request_certificate(channel.clone(), csr, None, 0)
+                    .await
+                    .unwrap();
                 n += 1;
             }
             n
@@ -233,7 +282,11 @@ fn raise_nofile() {
     {
         if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
             if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
-                let soft: u64 = line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or(0);
+                let soft: u64 = line
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
                 if soft < 8192 {
                     eprintln!("note: open-file limit is {soft}; run with `ulimit -n 65536` for 1,000 subscribers");
                 }
