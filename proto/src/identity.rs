@@ -269,7 +269,8 @@ mod tests {
     fn malicious_ids_are_refused() {
         let long_path = format!("spiffe://td/{}", "a".repeat(MAX_SPIFFE_ID_LEN));
         let long_td = format!("spiffe://{}/x", "a".repeat(256));
-        let cases: Vec<(&str, fn(&IdentityError) -> bool)> = vec![
+        type Check = fn(&IdentityError) -> bool;
+        let cases: Vec<(&str, Check)> = vec![
             ("", |e| matches!(e, IdentityError::Empty)),
             ("http://td/ns/a/sa/b", |e| {
                 matches!(e, IdentityError::WrongScheme(_))
