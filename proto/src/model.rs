@@ -268,11 +268,22 @@ impl Resource {
     }
 }
 
-/// A resource with the source that owns it.
+/// A resource with the source that owns it. The resource is shared (a source, the catalog
+/// and a diff in progress hold the same allocation), since a large catalog is mostly
+/// workloads that no one changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnedResource {
     pub origin: String,
-    pub resource: Resource,
+    pub resource: Arc<Resource>,
+}
+
+impl OwnedResource {
+    pub fn new(origin: impl Into<String>, resource: Resource) -> Self {
+        Self {
+            origin: origin.into(),
+            resource: Arc::new(resource),
+        }
+    }
 }
 
 // ---- what subscribers see ------------------------------------------------------------------
@@ -731,7 +742,7 @@ impl From<&OwnedResource> for pb::CatalogResource {
         use pb::catalog_resource::Kind;
         Self {
             origin: r.origin.clone(),
-            kind: Some(match &r.resource {
+            kind: Some(match r.resource.as_ref() {
                 Resource::Network(n) => Kind::Network(n.into()),
                 Resource::Service(s) => Kind::Service(s.into()),
                 Resource::Workload(w) => Kind::Workload(w.into()),
@@ -751,10 +762,7 @@ impl TryFrom<pb::CatalogResource> for OwnedResource {
             Kind::Workload(w) => Resource::Workload(w.try_into()?),
             Kind::WorkloadGroup(g) => Resource::WorkloadGroup(g.try_into()?),
         };
-        Ok(OwnedResource {
-            origin: r.origin,
-            resource,
-        })
+        Ok(OwnedResource::new(r.origin, resource))
     }
 }
 

@@ -24,17 +24,21 @@ impl Change {
     }
 }
 
-type LabelKey = (String, String, String);
+/// `namespace/label=value`: one allocation per index entry instead of three.
+fn label_key(ns: &str, k: &str, v: &str) -> String {
+    format!("{ns}/{k}={v}")
+}
 
 #[derive(Debug, Default)]
 pub struct Catalog {
     resources: BTreeMap<String, OwnedResource>,
     /// hostname -> keys of the Service resources defining it (one per cluster).
     service_defs: HashMap<String, BTreeSet<String>>,
-    /// namespace -> hostnames of services defined in it.
-    hostnames_by_ns: HashMap<String, BTreeSet<String>>,
-    /// (namespace, label, value) -> workload keys.
-    workloads_by_label: HashMap<LabelKey, BTreeSet<String>>,
+    /// `ns/label=value` -> keys of the services whose selector has that pair, so that a
+    /// workload finds the services selecting it without scanning its namespace.
+    services_by_selector: HashMap<String, BTreeSet<String>>,
+    /// `ns/label=value` -> workload keys.
+    workloads_by_label: HashMap<String, BTreeSet<String>>,
     /// hostname -> workloads that name it explicitly.
     workloads_by_host: HashMap<String, BTreeSet<String>>,
 }
@@ -52,12 +56,17 @@ impl Catalog {
         self.resources.get(key)
     }
 
+    /// Resources with their catalog keys, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &OwnedResource)> {
+        self.resources.iter()
+    }
+
     pub fn resources(&self) -> impl Iterator<Item = &OwnedResource> {
         self.resources.values()
     }
 
     pub fn networks(&self) -> impl Iterator<Item = &Network> {
-        self.resources.values().filter_map(|r| match &r.resource {
+        self.resources.values().filter_map(|r| match &*r.resource {
             Resource::Network(n) => Some(n),
             _ => None,
         })
@@ -67,7 +76,7 @@ impl Catalog {
         match self
             .resources
             .get(&format!("Network//{id}"))
-            .map(|r| &r.resource)
+            .map(|r| &*r.resource)
         {
             Some(Resource::Network(n)) => Some(n),
             _ => None,
@@ -84,7 +93,7 @@ impl Catalog {
             .get(hostname)
             .into_iter()
             .flatten()
-            .filter_map(|k| match self.resources.get(k).map(|r| &r.resource) {
+            .filter_map(|k| match self.resources.get(k).map(|r| &*r.resource) {
                 Some(Resource::Service(s)) => Some(s),
                 _ => None,
             })
@@ -92,7 +101,7 @@ impl Catalog {
     }
 
     fn workload(&self, key: &str) -> Option<&Workload> {
-        match self.resources.get(key).map(|r| &r.resource) {
+        match self.resources.get(key).map(|r| &*r.resource) {
             Some(Resource::Workload(w)) => Some(w),
             _ => None,
         }
@@ -116,7 +125,7 @@ impl Catalog {
             for (k, v) in &svc.selector {
                 match self
                     .workloads_by_label
-                    .get(&(svc.namespace.clone(), k.clone(), v.clone()))
+                    .get(&label_key(&svc.namespace, k, v))
                 {
                     Some(s) => sets.push(s),
                     None => {
@@ -141,9 +150,18 @@ impl Catalog {
             .filter(|h| self.service_defs.contains_key(*h))
             .cloned()
             .collect();
-        for h in self.hostnames_by_ns.get(&w.namespace).into_iter().flatten() {
-            if self.service_defs(h).iter().any(|s| w.serves(s)) {
-                out.insert(h.clone());
+        for (k, v) in &w.labels {
+            for key in self
+                .services_by_selector
+                .get(&label_key(&w.namespace, k, v))
+                .into_iter()
+                .flatten()
+            {
+                if let Some(Resource::Service(s)) = self.resources.get(key).map(|r| &*r.resource) {
+                    if !out.contains(&s.hostname) && w.serves(s) {
+                        out.insert(s.hostname.clone());
+                    }
+                }
             }
         }
         out
@@ -156,7 +174,7 @@ impl Catalog {
             return Change::default();
         }
         let mut change = self.remove(&key);
-        match &r.resource {
+        match &*r.resource {
             Resource::Network(n) => {
                 change.networks.insert(n.id.clone());
             }
@@ -165,16 +183,18 @@ impl Catalog {
                     .entry(s.hostname.clone())
                     .or_default()
                     .insert(key.clone());
-                self.hostnames_by_ns
-                    .entry(s.namespace.clone())
-                    .or_default()
-                    .insert(s.hostname.clone());
+                for (k, v) in &s.selector {
+                    self.services_by_selector
+                        .entry(label_key(&s.namespace, k, v))
+                        .or_default()
+                        .insert(key.clone());
+                }
                 change.hostnames.insert(s.hostname.clone());
             }
             Resource::Workload(w) => {
                 for (k, v) in &w.labels {
                     self.workloads_by_label
-                        .entry((w.namespace.clone(), k.clone(), v.clone()))
+                        .entry(label_key(&w.namespace, k, v))
                         .or_default()
                         .insert(key.clone());
                 }
@@ -198,23 +218,17 @@ impl Catalog {
         let Some(old) = self.resources.get(key) else {
             return change;
         };
-        match &old.resource {
+        match &*old.resource {
             Resource::Network(n) => {
                 change.networks.insert(n.id.clone());
             }
             Resource::Service(s) => {
                 change.hostnames.insert(s.hostname.clone());
-                let (host, ns) = (s.hostname.clone(), s.namespace.clone());
+                let (host, ns, selector) =
+                    (s.hostname.clone(), s.namespace.clone(), s.selector.clone());
                 remove_from(&mut self.service_defs, &host, key);
-                if !self.service_defs.contains_key(&host)
-                    || self.service_defs(&host).iter().all(|d| d.namespace != ns)
-                {
-                    if let Some(set) = self.hostnames_by_ns.get_mut(&ns) {
-                        set.remove(&host);
-                        if set.is_empty() {
-                            self.hostnames_by_ns.remove(&ns);
-                        }
-                    }
+                for (k, v) in &selector {
+                    remove_from(&mut self.services_by_selector, &label_key(&ns, k, v), key);
                 }
             }
             Resource::Workload(w) => {
@@ -223,7 +237,7 @@ impl Catalog {
                 for (k, v) in &w.labels {
                     remove_from(
                         &mut self.workloads_by_label,
-                        &(w.namespace.clone(), k.clone(), v.clone()),
+                        &label_key(&w.namespace, k, v),
                         key,
                     );
                 }
@@ -259,7 +273,7 @@ pub(crate) mod tests {
     pub(crate) fn svc(host: &str, ns: &str, cluster: &str, app: &str) -> OwnedResource {
         OwnedResource {
             origin: "test".into(),
-            resource: Resource::Service(Service {
+            resource: std::sync::Arc::new(Resource::Service(Service {
                 hostname: host.into(),
                 namespace: ns.into(),
                 name: host.split('.').next().unwrap().into(),
@@ -272,14 +286,14 @@ pub(crate) mod tests {
                 }],
                 selector: [("app".to_string(), app.to_string())].into(),
                 ..Default::default()
-            }),
+            })),
         }
     }
 
     pub(crate) fn wl(name: &str, ns: &str, app: &str, addr: &str, network: &str) -> OwnedResource {
         OwnedResource {
             origin: "test".into(),
-            resource: Resource::Workload(Workload {
+            resource: std::sync::Arc::new(Resource::Workload(Workload {
                 uid: format!("c/{ns}/{name}"),
                 name: name.into(),
                 namespace: ns.into(),
@@ -293,7 +307,7 @@ pub(crate) mod tests {
                         .unwrap(),
                 ),
                 ..Default::default()
-            }),
+            })),
         }
     }
 
@@ -326,6 +340,44 @@ pub(crate) mod tests {
         let ch = c.remove("Workload/shop/w1");
         assert!(ch.hostnames.contains("web.shop"));
         assert!(c.endpoints("web.shop").is_empty());
+    }
+
+    #[test]
+    fn multi_label_selectors_need_every_label() {
+        let mut c = Catalog::default();
+        let mut front = wl("w1", "shop", "web", "10.0.0.1", "a");
+        let mut back = wl("w2", "shop", "web", "10.0.0.2", "a");
+        if let Resource::Workload(w) = std::sync::Arc::make_mut(&mut front.resource) {
+            w.labels.insert("tier".into(), "front".into());
+        }
+        if let Resource::Workload(w) = std::sync::Arc::make_mut(&mut back.resource) {
+            w.labels.insert("tier".into(), "back".into());
+        }
+        c.upsert(front);
+        c.upsert(back.clone());
+        let mut s = svc("web-front.shop", "shop", "c", "web");
+        if let Resource::Service(svc) = std::sync::Arc::make_mut(&mut s.resource) {
+            svc.selector.insert("tier".into(), "front".into());
+        }
+        c.upsert(s);
+        let names: Vec<_> = c
+            .endpoints("web-front.shop")
+            .iter()
+            .map(|w| w.name.clone())
+            .collect();
+        assert_eq!(names, vec!["w1"]);
+        // Moving w2 to the front tier touches the service; its old labels did not match.
+        if let Resource::Workload(w) = std::sync::Arc::make_mut(&mut back.resource) {
+            w.labels.insert("tier".into(), "front".into());
+        }
+        assert!(c.upsert(back).hostnames.contains("web-front.shop"));
+        assert_eq!(c.endpoints("web-front.shop").len(), 2);
+        c.remove("Service/c/web-front.shop");
+        assert!(
+            c.upsert(wl("w3", "shop", "web", "10.0.0.3", "a"))
+                .is_empty(),
+            "no service selects it any more"
+        );
     }
 
     #[test]

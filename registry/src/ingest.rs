@@ -80,34 +80,33 @@ impl Ingest {
         origin_prefix: &str,
         resources: Vec<OwnedResource>,
     ) -> Result<IngestReport, StoreError> {
-        let current: BTreeMap<String, OwnedResource> = self
-            .views
-            .resources_with_origin(origin_prefix)
+        let mut wanted: BTreeMap<String, OwnedResource> = resources
             .into_iter()
             .map(|r| (r.resource.key(), r))
             .collect();
-        let wanted: BTreeMap<String, OwnedResource> = resources
-            .into_iter()
-            .map(|r| (r.resource.key(), r))
-            .collect();
-        let mut ops = Vec::new();
-        let mut upserts = Vec::new();
-        let mut removals = Vec::new();
-        for (k, r) in &wanted {
-            if current.get(k) != Some(r) {
-                ops.push(Op::Put(
-                    k.clone(),
-                    pb::CatalogResource::from(r).encode_to_vec(),
-                ));
-                upserts.push(r.clone());
-            }
+        // Diff against the catalog in place: no copy of what the source already had.
+        let (changed, removals): (Vec<String>, Vec<String>) = self.views.with_catalog(|c| {
+            let changed = wanted
+                .iter()
+                .filter(|(k, r)| c.get(k) != Some(*r))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let removals = c
+                .iter()
+                .filter(|(k, r)| r.origin.starts_with(origin_prefix) && !wanted.contains_key(*k))
+                .map(|(k, _)| k.clone())
+                .collect();
+            (changed, removals)
+        });
+        let mut ops = Vec::with_capacity(changed.len() + removals.len());
+        for k in &changed {
+            ops.push(Op::Put(
+                k.clone(),
+                pb::CatalogResource::from(&wanted[k]).encode_to_vec(),
+            ));
         }
-        for k in current.keys() {
-            if !wanted.contains_key(k) {
-                ops.push(Op::Delete(k.clone()));
-                removals.push(k.clone());
-            }
-        }
+        ops.extend(removals.iter().map(|k| Op::Delete(k.clone())));
+        let upserts: Vec<OwnedResource> = changed.iter().filter_map(|k| wanted.remove(k)).collect();
         let report = IngestReport {
             upserted: upserts.len(),
             removed: removals.len(),

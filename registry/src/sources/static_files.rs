@@ -20,6 +20,7 @@ use std::fmt;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use isthmus_proto::identity::TrustDomain;
@@ -85,7 +86,12 @@ pub fn parse_file(
     text: &str,
     defaults: &SourceDefaults,
 ) -> Result<Vec<Resource>, Vec<ResourceError>> {
-    parse_located(path, text, defaults).map(|found| found.into_iter().map(|l| l.resource).collect())
+    parse_located(path, text, defaults).map(|found| {
+        found
+            .into_iter()
+            .map(|l| Arc::unwrap_or_clone(l.resource))
+            .collect()
+    })
 }
 
 fn parse_located(

@@ -13,6 +13,9 @@ use redb::{Database, ReadableTable, TableDefinition};
 use super::{Op, Store, StoreError, Table};
 
 pub const DB_FILE: &str = "isthmus.redb";
+/// redb's page cache. The catalog lives in memory anyway (the store is read at start and
+/// written through), so a small cache is enough and keeps the registry's footprint honest.
+pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 fn def(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     TableDefinition::new(table.name())
@@ -33,7 +36,10 @@ impl EmbeddedStore {
             why,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| open_err(e.to_string()))?;
         // Create every table up front so that reads never meet a missing table.
         let tx = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         for t in Table::ALL {

@@ -5,7 +5,7 @@ use isthmus_proto::model::{Gateway, Locality, Resource};
 fn net(id: &str, gws: &[&str]) -> OwnedResource {
     OwnedResource {
         origin: "test".into(),
-        resource: Resource::Network(Network {
+        resource: std::sync::Arc::new(Resource::Network(Network {
             id: id.into(),
             gateways: gws
                 .iter()
@@ -17,7 +17,7 @@ fn net(id: &str, gws: &[&str]) -> OwnedResource {
                 })
                 .collect(),
             cidrs: vec![],
-        }),
+        })),
     }
 }
 
@@ -159,7 +159,7 @@ fn unhealthy_remote_endpoints_do_not_count_and_gatewayless_networks_contribute_n
             &format!("10.0.0.{i}"),
             "net-b",
         );
-        if let Resource::Workload(w) = &mut r.resource {
+        if let Resource::Workload(w) = std::sync::Arc::make_mut(&mut r.resource) {
             w.health = Health::Unhealthy;
         }
         ups.push(r);

@@ -31,6 +31,7 @@ fn arg(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
+#[allow(dead_code)]
 fn rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -53,7 +54,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn service(i: usize) -> OwnedResource {
     OwnedResource {
         origin: ORIGIN.into(),
-        resource: Resource::Service(Service {
+        resource: std::sync::Arc::new(Resource::Service(Service {
             hostname: format!("svc-{i}.bench.svc.cluster.local"),
             namespace: "bench".into(),
             name: format!("svc-{i}"),
@@ -66,14 +67,14 @@ fn service(i: usize) -> OwnedResource {
             }],
             selector: [("app".to_string(), format!("svc-{i}"))].into(),
             ..Default::default()
-        }),
+        })),
     }
 }
 
 fn workload(svc: usize, j: usize, network: &str) -> OwnedResource {
     OwnedResource {
         origin: ORIGIN.into(),
-        resource: Resource::Workload(Workload {
+        resource: std::sync::Arc::new(Resource::Workload(Workload {
             uid: format!("cluster-a/bench/svc-{svc}-{j}"),
             name: format!("svc-{svc}-{j}"),
             namespace: "bench".into(),
@@ -87,7 +88,7 @@ fn workload(svc: usize, j: usize, network: &str) -> OwnedResource {
             ports: BTreeMap::new(),
             weight: 1,
             ..Default::default()
-        }),
+        })),
     }
 }
 
@@ -165,25 +166,44 @@ async fn fan_out(reg: &TestRegistry, subscribers: usize, rounds: usize) -> Vec<D
     latencies
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    raise_nofile();
-    let subscriber_counts: Vec<usize> = arg("--subscribers", "100,1000")
-        .split(',')
-        .map(|s| s.parse().unwrap())
-        .collect();
-    let services: usize = arg("--services", "10000").parse()?;
-    let per_service: usize = arg("--endpoints-per-service", "10").parse()?;
-    let cert_seconds: u64 = arg("--cert-seconds", "5").parse()?;
-    let rounds: usize = arg("--rounds", "10").parse()?;
-
+fn main() -> anyhow::Result<()> {
+    // Each phase runs in a process of its own, so that memory figures are not inflated by
+    // what an earlier phase left in the allocator.
+    if let Some(phase) = std::env::args().skip_while(|a| a != "--phase").nth(1) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(run_phase(&phase));
+    }
+    check_nofile();
     println!(
-        "# registry benchmark ({} cores)",
+        "# registry benchmark ({} cores; registry and clients share them)",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    for n in subscriber_counts {
+    let exe = std::env::current_exe()?;
+    let passthrough: Vec<String> = std::env::args().skip(1).collect();
+    let mut phases: Vec<String> = arg("--subscribers", "100,1000")
+        .split(',')
+        .map(|n| format!("fanout:{n}"))
+        .collect();
+    phases.push("snapshot".into());
+    phases.push("ca".into());
+    for phase in phases {
+        let status = std::process::Command::new(&exe)
+            .args(&passthrough)
+            .args(["--phase", &phase])
+            .status()?;
+        anyhow::ensure!(status.success(), "phase {phase} failed: {status}");
+    }
+    Ok(())
+}
+
+async fn run_phase(phase: &str) -> anyhow::Result<()> {
+    let rounds: usize = arg("--rounds", "10").parse()?;
+    if let Some(n) = phase.strip_prefix("fanout:") {
+        let n: usize = n.parse()?;
         let reg = TestRegistry::start(&[]).await?;
         let lat = fan_out(&reg, n, rounds).await;
         println!(
@@ -192,32 +212,143 @@ async fn main() -> anyhow::Result<()> {
             percentile(&lat, 0.99).as_secs_f64() * 1e3,
             lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3
         );
-        drop(reg);
+        return Ok(());
     }
+    match phase {
+        "snapshot" => snapshot().await,
+        "ca" => ca().await,
+        other => anyhow::bail!("unknown phase {other}"),
+    }
+}
 
-    let reg = TestRegistry::start(&[]).await?;
-    let rss_before = rss_mb();
-    let mut all = Vec::with_capacity(services * (per_service + 1));
-    for i in 0..services {
-        all.push(service(i));
-        for j in 0..per_service {
-            // Every other service also has endpoints in a second network.
-            let net = if j % 2 == 1 && i % 2 == 0 {
-                "network-b"
-            } else {
-                NETWORK
-            };
-            all.push(workload(i, j, net));
-        }
+fn rss_of(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Stops the registry child by its PID when the phase ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
+}
+
+/// A large catalog served by the real `isthmus-registry` binary from resource files, so
+/// its memory is measured on its own: the registry process, not this driver.
+async fn snapshot() -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let services: usize = arg("--services", "10000").parse()?;
+    let per_service: usize = arg("--endpoints-per-service", "10").parse()?;
+    let registry_bin = std::env::current_exe()?.with_file_name("isthmus-registry");
+    anyhow::ensure!(
+        registry_bin.exists(),
+        "{} not found: run `cargo build --release -p isthmus-registry` first",
+        registry_bin.display()
+    );
+
+    let dir = tempfile::tempdir()?;
+    let mut cfg = TestRegistry::config(dir.path());
+    let files = 100;
+    for f in 0..files {
+        let mut text = String::new();
+        for i in (f..services).step_by(files) {
+            let _ = write!(
+                text,
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: svc-{i}\n  namespace: bench\nspec:\n  hosts: [svc-{i}.bench.svc.cluster.local]\n  ports:\n  - {{number: 8080, name: http, protocol: HTTP}}\n  resolution: STATIC\n  workloadSelector:\n    labels: {{app: svc-{i}}}\n---\n"
+            );
+            for j in 0..per_service {
+                let net = if j % 2 == 1 && i % 2 == 0 {
+                    "network-b"
+                } else {
+                    NETWORK
+                };
+                let _ = write!(
+                    text,
+                    "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: svc-{i}-{j}\n  namespace: bench\nspec:\n  address: 10.{}.{}.{}\n  network: {net}\n  labels: {{app: svc-{i}}}\n  serviceAccount: svc-{i}\n---\n",
+                    i / 250 % 250,
+                    i % 250,
+                    j + 1
+                );
+            }
+        }
+        std::fs::write(
+            dir.path()
+                .join("resources")
+                .join(format!("bench-{f:03}.yaml")),
+            text,
+        )?;
+    }
+    std::fs::write(
+        dir.path().join("resources").join("networks.yaml"),
+        isthmus_tests::yaml::network("network-b", &["198.51.100.10", "198.51.100.11"]),
+    )?;
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    cfg.grpc_addr = grpc;
+    cfg.admin_addr = admin;
     let t = Instant::now();
-    reg.handle().ingest.replace_origin(ORIGIN, all).await?;
-    let load = t.elapsed();
-    let creds = reg.credentials("bench", "client").await?;
+    let child = Child(
+        std::process::Command::new(&registry_bin)
+            .args(["--cluster", isthmus_tests::CLUSTER, "--network", NETWORK])
+            .arg("--ca-dir")
+            .arg(&cfg.ca_dir)
+            .arg("--data-dir")
+            .arg(&cfg.data_dir)
+            .arg("--resources")
+            .arg(dir.path().join("resources"))
+            .args([
+                "--grpc-addr",
+                &grpc.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+            ])
+            .env("RUST_LOG", "warn")
+            .env("MALLOC_ARENA_MAX", "1")
+            .spawn()?,
+    );
+    let pid = child.0.id();
+    let want = (services * (per_service + 1) + 1) as f64;
+    loop {
+        if let Ok((_, m)) = isthmus_tests::http_get(admin, "/metrics").await {
+            if isthmus_tests::metric(&m, "isthmus_registry_catalog_resources") == Some(want) {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "the registry did not load the catalog within 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "catalog: {services} services / {} endpoints in {files} files parsed, stored and indexed by isthmus-registry in {:.2} s",
+        services * per_service,
+        t.elapsed().as_secs_f64()
+    );
+    let idle = rss_of(pid);
+
+    // A client of the registry in this process, as a workload would be.
+    let reg = RemoteRegistry {
+        dir: dir.path().to_path_buf(),
+        grpc,
+    };
+    let creds = reg.credentials().await?;
     let t = Instant::now();
-    let mut sub = reg
-        .subscribe(&creds, &node("snap", NodeKind::Workload, NETWORK))
-        .await?;
+    let mut sub = Subscription::open(
+        reg.channel(Some(&creds)).await?,
+        &node("snap", NodeKind::Workload, NETWORK),
+        None,
+    )
+    .await?;
     let u = sub.next().await?;
     let snap = t.elapsed();
     let eps: usize = sub
@@ -233,21 +364,84 @@ async fn main() -> anyhow::Result<()> {
         })
         .sum();
     println!(
-        "catalog: {services} services / {} endpoints ingested (store + views) in {:.2} s",
-        services * per_service,
-        load.as_secs_f64()
+        "snapshot: a new subscriber received {} services / {eps} view endpoints ({} parts) in {:.0} ms (its network's view built on first use)",
+        sub.view.resources.len(),
+        u.parts,
+        snap.as_secs_f64() * 1e3
     );
-    println!("snapshot: new subscriber received {} services / {eps} view endpoints in {} parts in {:.0} ms", sub.view.resources.len(), u.parts, snap.as_secs_f64() * 1e3);
-    drop(sub);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let mut sub2 = Subscription::open(
+        reg.channel(Some(&creds)).await?,
+        &node("snap2", NodeKind::Workload, NETWORK),
+        None,
+    )
+    .await?;
+    sub2.next().await?;
     println!(
-        "memory: process RSS {:.0} MB with the catalog loaded ({:.0} MB before loading)",
-        rss_mb(),
-        rss_before
+        "snapshot: a second subscriber of the same view received it in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
     );
-    drop(reg);
+    println!("memory: isthmus-registry RSS {:.0} MB with the catalog loaded, {:.0} MB with one network view built and two subscribers", idle, rss_of(pid));
+    drop(child);
+    Ok(())
+}
 
-    // CA throughput: renewals over mTLS from 8 concurrent clients.
+/// Credentials and channels for a registry in another process, from its CA directory.
+struct RemoteRegistry {
+    dir: std::path::PathBuf,
+    grpc: std::net::SocketAddr,
+}
+
+impl RemoteRegistry {
+    fn bundle(&self) -> isthmus_proto::tls::TrustBundle {
+        isthmus_proto::tls::TrustBundle::from_pem_file(
+            &self.dir.join("ca").join("root-cert.pem"),
+            isthmus_tests::TRUST_DOMAIN,
+        )
+        .expect("bundle")
+    }
+
+    async fn channel(
+        &self,
+        creds: Option<&isthmus_proto::tls::Credentials>,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        use isthmus_proto::tls;
+        let cfg = tls::client_config(
+            creds,
+            &self.bundle(),
+            tls::ServerIdentity::TrustDomain,
+            &[tls::ALPN_H2],
+        )?;
+        Ok(isthmus_proto::grpc::connect(&self.grpc.to_string(), Arc::new(cfg)).await?)
+    }
+
+    async fn credentials(&self) -> anyhow::Result<isthmus_proto::tls::Credentials> {
+        let material = isthmus_registry::ca::CaMaterial::load(
+            &self.dir.join("ca").join(isthmus_tests::CLUSTER),
+            None,
+        )?;
+        let token = isthmus_registry::ca::token::create(
+            &material,
+            isthmus_tests::CLUSTER,
+            "bench",
+            "client",
+            Duration::from_secs(600),
+            ::time::OffsetDateTime::now_utc(),
+        )?;
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/bench/sa/client")?;
+        let (key, csr) = certs::generate_key_and_csr(&id)?;
+        let issued =
+            certs::request_certificate(self.channel(None).await?, csr, Some(token), 0).await?;
+        Ok(isthmus_proto::tls::Credentials::from_pem(
+            &issued.chain_pems.concat(),
+            &key,
+        )?)
+    }
+}
+
+async fn ca() -> anyhow::Result<()> {
+    let cert_seconds: u64 = arg("--cert-seconds", "5").parse()?;
+    // Renewals over mTLS from 8 concurrent clients.
     let reg = Arc::new(TestRegistry::start(&[]).await?);
     let creds = reg.credentials("bench", "client").await?;
     let id = creds.identity.clone();
@@ -272,12 +466,12 @@ async fn main() -> anyhow::Result<()> {
     for t in tasks {
         total += t.await?;
     }
-    println!("ca: {:.0} certificates/s (8 concurrent clients, key + CSR generated client-side in the same process)", total as f64 / cert_seconds as f64);
+    println!("ca: {:.0} certificates/s over gRPC (8 concurrent clients; key and CSR generated client-side in the same process)", total as f64 / cert_seconds as f64);
     Ok(())
 }
 
 /// 1,000 subscribers need 2,000 descriptors in one process (both ends of each connection).
-fn raise_nofile() {
+fn check_nofile() {
     #[cfg(target_os = "linux")]
     {
         if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
@@ -287,8 +481,8 @@ fn raise_nofile() {
                     .nth(3)
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                if soft < 8192 {
-                    eprintln!("note: open-file limit is {soft}; run with `ulimit -n 65536` for 1,000 subscribers");
+                if soft < 4096 {
+                    eprintln!("note: the open-file limit is {soft}; 1,000 subscribers need about 2,100 (ulimit -n)");
                 }
             }
         }

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use isthmus_proto::identity::{validate_dns_label, SpiffeId};
 use isthmus_proto::model::{
@@ -65,7 +66,8 @@ const MAX_STRUCTURE_ERRORS: usize = 32;
 /// A resource and where it was defined, so a later conflict can point at the definition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Located {
-    pub resource: Resource,
+    /// Shared with the effective set and the catalog.
+    pub resource: Arc<Resource>,
     /// `None` for resources that came from the store rather than from a file.
     pub document: Option<usize>,
     pub field: String,
@@ -112,7 +114,7 @@ pub(crate) fn parse(
             }
             seen.insert(key, (number, field.clone()));
             out.push(Located {
-                resource,
+                resource: Arc::new(resource),
                 document: Some(number),
                 field,
             });

@@ -996,7 +996,7 @@ fn address_of(source: &StaticSource, name: &str) -> String {
     source
         .resources()
         .into_iter()
-        .find_map(|r| match r.resource {
+        .find_map(|r| match std::sync::Arc::unwrap_or_clone(r.resource) {
             Resource::Workload(w) if w.name == name => Some(w.address),
             _ => None,
         })
@@ -1173,12 +1173,12 @@ fn seed_serves_store_resources_for_a_file_invalid_at_first_scan() {
     write(dir, "fine.yaml", &workload_entry("b", "10.0.0.2"));
     let stored = |origin: &str, name: &str, address: &str| OwnedResource {
         origin: origin.into(),
-        resource: Resource::Workload(Workload {
+        resource: std::sync::Arc::new(Resource::Workload(Workload {
             name: name.into(),
             namespace: "shop".into(),
             address: address.into(),
             ..Workload::default()
-        }),
+        })),
     };
     let mut src = source(dir);
     src.seed(vec![
@@ -1352,7 +1352,11 @@ fn deploy_examples_parse_without_errors() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let resources: Vec<Resource> = src.resources().into_iter().map(|r| r.resource).collect();
+    let resources: Vec<Resource> = src
+        .resources()
+        .into_iter()
+        .map(|r| std::sync::Arc::unwrap_or_clone(r.resource))
+        .collect();
     let count = |kind: &str| resources.iter().filter(|r| r.kind() == kind).count();
     assert_eq!(count("Network"), 2);
     assert_eq!(count("Service"), 4);
