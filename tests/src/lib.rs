@@ -18,6 +18,8 @@ use isthmus_registry::app::{self, RegistryConfig, RegistryHandle};
 use isthmus_registry::ca::{self, init, token, CaMaterial};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod fuzz;
+
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const CLUSTER: &str = "cluster-a";
 pub const NETWORK: &str = "network-a";
@@ -44,16 +46,7 @@ impl TestRegistry {
 
     /// A config on loopback with fast polling, a fresh CA and empty dirs.
     pub fn config(dir: &Path) -> RegistryConfig {
-        init::init(
-            &init::InitOptions {
-                trust_domain: TrustDomain::new(TRUST_DOMAIN).unwrap(),
-                clusters: vec![CLUSTER.to_string()],
-                out: dir.join("ca"),
-                rotate: false,
-            },
-            ::time::OffsetDateTime::now_utc(),
-        )
-        .expect("ca init");
+        init_ca(&dir.join("ca"), TRUST_DOMAIN, CLUSTER, false);
         std::fs::create_dir_all(dir.join("resources")).unwrap();
         let mut cfg = RegistryConfig::new(
             CLUSTER,
@@ -180,6 +173,20 @@ impl TestRegistry {
         std::fs::write(&tmp, yaml).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
     }
+}
+
+/// `isthmusctl ca init` for one cluster (`rotate` replaces its intermediate).
+pub fn init_ca(out: &Path, trust_domain: &str, cluster: &str, rotate: bool) {
+    init::init(
+        &init::InitOptions {
+            trust_domain: TrustDomain::new(trust_domain).expect("trust domain"),
+            clusters: vec![cluster.to_string()],
+            out: out.to_path_buf(),
+            rotate,
+        },
+        ::time::OffsetDateTime::now_utc(),
+    )
+    .expect("ca init");
 }
 
 pub fn node(id: &str, kind: NodeKind, network: &str) -> Node {

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_proto::certs;
-use isthmus_proto::identity::{SpiffeId, TrustDomain};
+use isthmus_proto::identity::SpiffeId;
 use isthmus_proto::tls::{self, ClientAuth, Credentials, ServerIdentity, TrustBundle};
-use isthmus_registry::ca::{self, init, token, CaMaterial};
+use isthmus_registry::ca::{self, token, CaMaterial};
 use isthmus_tests::{eventually, metric, TestRegistry, TRUST_DOMAIN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -101,16 +101,7 @@ async fn issued_certificates_work_in_a_real_mtls_handshake() {
 
     // A peer from another trust domain (its own root) is refused by the server.
     let other = tempfile::tempdir().unwrap();
-    init::init(
-        &init::InitOptions {
-            trust_domain: TrustDomain::new("evil.example").unwrap(),
-            clusters: vec!["x".into()],
-            out: other.path().to_path_buf(),
-            rotate: false,
-        },
-        ::time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
+    isthmus_tests::init_ca(other.path(), "evil.example", "x", false);
     let evil = CaMaterial::load(&other.path().join("x"), None).unwrap();
     let evil_id = id("spiffe://evil.example/ns/shop/sa/web");
     let (key, csr) = certs::generate_key_and_csr(&evil_id).unwrap();
@@ -292,16 +283,12 @@ async fn replaced_intermediate_signs_the_next_certificate_without_restart() {
     let mut reg = TestRegistry::start(&[]).await.unwrap();
     let before = reg.credentials("shop", "web").await.unwrap();
     let old_key_id = reg.material().key_id;
-    init::init(
-        &init::InitOptions {
-            trust_domain: TrustDomain::new(TRUST_DOMAIN).unwrap(),
-            clusters: vec![isthmus_tests::CLUSTER.into()],
-            out: reg.dir.path().join("ca"),
-            rotate: true,
-        },
-        ::time::OffsetDateTime::now_utc(),
-    )
-    .unwrap();
+    isthmus_tests::init_ca(
+        &reg.dir.path().join("ca"),
+        TRUST_DOMAIN,
+        isthmus_tests::CLUSTER,
+        true,
+    );
     let new_material = reg.material();
     assert_ne!(new_material.key_id, old_key_id);
     let authority = reg.handle().authority.clone();

@@ -71,6 +71,36 @@ fn write(path: &Path, content: &str, mode: u32) -> Result<(), InitError> {
     })
 }
 
+/// Parameters of a CA certificate for `td`: the `spiffe://TD` URI SAN, CA key usages, a
+/// random serial, valid from a little before `now` for `ttl`.
+fn ca_params(
+    td: &TrustDomain,
+    common_name: String,
+    constraints: BasicConstraints,
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> Result<CertificateParams, InitError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, td.as_str());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![spiffe_td_san(td)?];
+    params.not_before = now - super::CLOCK_SKEW_ALLOWANCE;
+    params.not_after = now + ttl;
+    params.serial_number = Some(super::random_serial());
+    Ok(params)
+}
+
 pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitError> {
     for c in &opts.clusters {
         validate_dns_label("cluster", c)
@@ -109,23 +139,13 @@ pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitE
         (cert, key, false)
     } else {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, opts.trust_domain.as_str());
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "isthmus root CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.subject_alt_names = vec![spiffe_td_san(&opts.trust_domain)?];
-        params.not_before = now - super::CLOCK_SKEW_ALLOWANCE;
-        params.not_after = now + ROOT_TTL;
+        let params = ca_params(
+            &opts.trust_domain,
+            "isthmus root CA".into(),
+            BasicConstraints::Unconstrained,
+            now,
+            ROOT_TTL,
+        )?;
         let cert = params.self_signed(&key).map_err(gen)?;
         write(&root_key_path, &key.serialize_pem(), 0o600)?;
         write(&root_cert_path, &cert.pem(), 0o644)?;
@@ -144,28 +164,14 @@ pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitE
             why: e.to_string(),
         })?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, opts.trust_domain.as_str());
-        params.distinguished_name.push(
-            DnType::CommonName,
+        let mut params = ca_params(
+            &opts.trust_domain,
             format!("isthmus intermediate CA {cluster}"),
-        );
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.subject_alt_names = vec![spiffe_td_san(&opts.trust_domain)?];
+            BasicConstraints::Constrained(0),
+            now,
+            INTERMEDIATE_TTL,
+        )?;
         params.use_authority_key_identifier_extension = true;
-        params.not_before = now - super::CLOCK_SKEW_ALLOWANCE;
-        params.not_after = now + INTERMEDIATE_TTL;
-        let mut serial: [u8; 16] = rand::random();
-        serial[0] &= 0x7f;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let cert = params.signed_by(&key, &issuer).map_err(gen)?;
         // Key first: a reloading registry that sees the new certificate finds its key.
         write(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)?;

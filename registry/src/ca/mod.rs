@@ -300,9 +300,7 @@ impl CaMaterial {
         params.not_before = now - CLOCK_SKEW_ALLOWANCE;
         // A leaf never outlives the intermediate that signed it.
         params.not_after = (now + ttl).min(self.not_after);
-        let mut serial: [u8; 16] = rand::random();
-        serial[0] &= 0x7f;
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        params.serial_number = Some(random_serial());
         let issuer =
             rcgen::Issuer::from_ca_cert_der(&self.intermediate_der, &self.key).map_err(sign_err)?;
         let leaf = params.signed_by(public_key, &issuer).map_err(sign_err)?;
@@ -324,6 +322,13 @@ impl CaMaterial {
         tls::Credentials::from_pem(&chain.concat(), &key.serialize_pem())
             .map_err(|e| CaError::Sign(e.to_string()))
     }
+}
+
+/// A random positive 128-bit serial number (RFC 5280 asks for at most 20 octets, positive).
+fn random_serial() -> rcgen::SerialNumber {
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] &= 0x7f;
+    rcgen::SerialNumber::from_slice(&serial)
 }
 
 pub fn der_to_pem(der: &[u8]) -> String {

@@ -104,8 +104,7 @@ fn parse_located(
     std::panic::catch_unwind(|| manifest::parse(path, text, defaults)).unwrap_or_else(|_| {
         Err(vec![file_error(
             path,
-            "the YAML parser failed on this file; check its syntax (and please report the file)"
-                .into(),
+            "the YAML parser could not read this file; check its syntax".into(),
         )])
     })
 }

@@ -1333,18 +1333,9 @@ pub(crate) fn check_dns_name(what: &str, name: &str, wildcard_ok: bool) -> Resul
         if label.is_empty() {
             return bad("it has an empty label (two dots in a row, or a dot at either end)");
         }
-        if label.len() > 63 {
-            return bad("a label is longer than 63 characters");
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return bad("only lower-case letters, digits, '-' and '.' are allowed");
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return bad("a label must start and end with a letter or digit");
-        }
+        // Each label follows the same rule as a namespace name.
+        validate_dns_label("label", label)
+            .map_err(|e| format!("{what} {name:?} is not a valid DNS name: {e}"))?;
     }
     Ok(())
 }
