@@ -67,16 +67,17 @@ pub fn view_resources(views: &Views, key: &ViewKey) -> (String, Vec<ViewResource
 }
 
 async fn catalog(State(s): State<AdminState>, Query(q): Query<CatalogQuery>) -> impl IntoResponse {
+    let networks = s.views.known_networks();
     let Some(network) = q.network.filter(|n| !n.is_empty()) else {
-        let networks: Vec<String> = s
-            .views
-            .with_catalog(|c| c.networks().map(|n| n.id.clone()).collect());
         return (
             StatusCode::BAD_REQUEST,
             Json(json!({"error": "pass ?network=<id>", "networks": networks})),
         )
             .into_response();
     };
+    if !s.views.knows_network(&network) {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": format!("no network {network:?} in the catalog and no subscriber in it"), "networks": networks}))).into_response();
+    }
     let gateway = q.kind.as_deref() == Some("gateway");
     let (version, resources) = view_resources(
         &s.views,

@@ -40,6 +40,8 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// The namespace and service account of the registry's own serving certificate.
 pub const REGISTRY_NAMESPACE: &str = "isthmus-system";
 pub const REGISTRY_SERVICE_ACCOUNT: &str = "isthmus-registry";
+/// How often redeemed bootstrap tokens past their expiry are forgotten.
+pub const TOKEN_GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// Lifetime of the registry's serving certificate; renewed at half-life.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -246,6 +248,10 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
         tls_tx,
         shutdown.clone(),
     )));
+    tasks.push(tokio::spawn(forget_expired_tokens(
+        store.clone(),
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn(authority.clone().watch_files(
         cfg.ca_reload,
         ca_metrics.clone(),
@@ -389,6 +395,24 @@ async fn poll_static(
                 tracing::error!(error = %format!("{e:#}"), "static resources not applied; retrying");
                 retry = true;
             }
+        }
+    }
+}
+
+async fn forget_expired_tokens(store: Arc<dyn Store>, shutdown: drain::Watch) {
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(TOKEN_GC_INTERVAL) => {}
+        }
+        match crate::ca::token::forget_expired(store.as_ref(), ::time::OffsetDateTime::now_utc())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(tokens = n, "forgot expired redeemed bootstrap tokens"),
+            Err(e) => tracing::warn!(error = %e, "cannot clean up redeemed bootstrap tokens"),
         }
     }
 }

@@ -264,6 +264,22 @@ impl Views {
         view
     }
 
+    /// Whether `network` is one the registry knows: it has a Network resource, or a
+    /// subscriber in it has a view. The admin port builds views only for these, so that a
+    /// stray query cannot make the registry build and keep views for made-up networks.
+    pub fn knows_network(&self, network: &str) -> bool {
+        let inner = self.inner.lock().expect("views lock");
+        inner.catalog.network(network).is_some() || inner.views.keys().any(|k| k.network == network)
+    }
+
+    /// Every network the registry knows (see [`Self::knows_network`]).
+    pub fn known_networks(&self) -> Vec<String> {
+        let inner = self.inner.lock().expect("views lock");
+        let mut out: BTreeSet<String> = inner.catalog.networks().map(|n| n.id.clone()).collect();
+        out.extend(inner.views.keys().map(|k| k.network.clone()));
+        out.into_iter().collect()
+    }
+
     pub fn views(&self) -> Vec<Arc<View>> {
         let inner = self.inner.lock().expect("views lock");
         let mut v: Vec<_> = inner.views.values().cloned().collect();

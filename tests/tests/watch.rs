@@ -337,6 +337,12 @@ async fn split_horizon_and_gateway_views_over_watch() {
             .sum::<u64>(),
         6
     );
+    // A network nobody knows is a 404 listing the known ones, not a new view.
+    let (status, body) = isthmus_tests::http_get(reg.admin_addr(), "/debug/catalog?network=made-up")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    assert!(body.contains("network-b"), "{body}");
 }
 
 #[tokio::test]

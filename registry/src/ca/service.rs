@@ -72,7 +72,9 @@ impl CertificateService {
         }
         let material = self.authority.current();
         let requested = csr_identity(&req.csr_pem)?;
-        let auth = if !req.bootstrap_token.is_empty() {
+        // Authenticate, sign, and only then spend the token: a CSR that cannot be signed
+        // does not burn the token it came with.
+        let (auth, token_claims) = if !req.bootstrap_token.is_empty() {
             let claims = token::verify(&material, &req.bootstrap_token, now)?;
             let token_id = claims.identity()?;
             if token_id != requested {
@@ -82,8 +84,20 @@ impl CertificateService {
                 }
                 .into());
             }
-            // Check the CSR fully before spending the token on it.
-            material.sign_csr(&req.csr_pem, &requested, ttl, now)?;
+            ("token", Some(claims))
+        } else if let Some(caller) = caller {
+            if caller != &requested {
+                return Err(CaError::IdentityMismatch {
+                    requested: requested.to_string(),
+                    caller: caller.to_string(),
+                });
+            }
+            ("renewal", None)
+        } else {
+            return Err(CaError::Unauthenticated);
+        };
+        let chain = material.sign_csr(&req.csr_pem, &requested, ttl, now)?;
+        if let Some(claims) = token_claims {
             let redeemed = self
                 .store
                 .insert_if_absent(
@@ -96,19 +110,7 @@ impl CertificateService {
             if !redeemed {
                 return Err(TokenError::Reused.into());
             }
-            "token"
-        } else if let Some(caller) = caller {
-            if caller != &requested {
-                return Err(CaError::IdentityMismatch {
-                    requested: requested.to_string(),
-                    caller: caller.to_string(),
-                });
-            }
-            "renewal"
-        } else {
-            return Err(CaError::Unauthenticated);
-        };
-        let chain = material.sign_csr(&req.csr_pem, &requested, ttl, now)?;
+        }
         self.metrics
             .issued
             .get_or_create(&IssuedLabels { auth })

@@ -242,6 +242,44 @@ async fn token_is_single_use_even_across_a_restart() {
 }
 
 #[tokio::test]
+async fn expired_redemptions_are_forgotten_and_live_ones_kept() {
+    let data = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(data.path()).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let t = now.unix_timestamp();
+    use crate::store::{Store, Table};
+    store
+        .put(
+            Table::RedeemedTokens,
+            "old",
+            (t - 10).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    store
+        .put(
+            Table::RedeemedTokens,
+            "live",
+            (t + 600).to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    store
+        .put(Table::RedeemedTokens, "junk", b"x".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(token::forget_expired(&store, now).await.unwrap(), 2);
+    let left: Vec<String> = store
+        .list(Table::RedeemedTokens)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(left, vec!["live".to_string()]);
+}
+
+#[tokio::test]
 async fn token_scope_renewal_and_ttl_rules() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();

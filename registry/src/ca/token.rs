@@ -171,3 +171,28 @@ pub fn verify(
     claims.identity()?;
     Ok(claims)
 }
+
+/// Forgets redeemed tokens that have expired: an expired token is refused for its expiry,
+/// so its redemption record no longer protects anything. Returns how many were dropped.
+pub async fn forget_expired(
+    store: &dyn crate::store::Store,
+    now: OffsetDateTime,
+) -> Result<usize, crate::store::StoreError> {
+    use crate::store::{Op, Table};
+    let now = now.unix_timestamp();
+    let ops: Vec<Op> = store
+        .list(Table::RedeemedTokens)
+        .await?
+        .into_iter()
+        .filter(|(_, v)| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .is_none_or(|exp| exp <= now)
+        })
+        .map(|(k, _)| Op::Delete(k))
+        .collect();
+    let n = ops.len();
+    store.apply(Table::RedeemedTokens, ops).await?;
+    Ok(n)
+}
