@@ -50,9 +50,19 @@ echo "==> starting isthmus-registry on $grpc (admin $admin), log in $state/regis
   --grpc-addr "$grpc" --admin-addr "$admin" >"$state/registry.log" 2>&1 &
 echo $! >"$state/registry.pid"
 
+# GET /readyz with bash alone, so the quick start needs nothing beyond a shell and cargo.
+readyz() {
+  local host=${admin%:*} port=${admin##*:} status
+  exec 3<>"/dev/tcp/$host/$port" || return 1
+  printf 'GET /readyz HTTP/1.0\r\nHost: %s\r\n\r\n' "$admin" >&3
+  read -r _ status _ <&3 || true
+  exec 3<&- 3>&-
+  [ "$status" = 200 ]
+}
+
 ready=""
 for _ in $(seq 100); do
-  if curl -fsS "http://$admin/readyz" >/dev/null 2>&1; then ready=yes; break; fi
+  if readyz 2>/dev/null; then ready=yes; break; fi
   if ! kill -0 "$(cat "$state/registry.pid")" 2>/dev/null; then break; fi
   sleep 0.1
 done
