@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Ordered maps encode deterministically, so equal views hash equal (see views.rs).
+        .btree_map(".")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -2,8 +2,12 @@
 //! copy of the view, acknowledge each version, resume from the last one after a reconnect.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
@@ -97,32 +101,48 @@ impl Subscription {
         Ok(update)
     }
 
-    /// Receives and applies the next complete version without acknowledging it.
+    /// Receives and applies the next complete version without acknowledging it. A version
+    /// in several parts is applied only once its last part arrived, so a stream that breaks
+    /// halfway leaves the view (and the version to resume from) as it was.
     pub async fn receive(&mut self) -> Result<Update, WatchError> {
-        let mut update = Update::default();
+        let mut parts = Vec::new();
         loop {
             let resp = self.responses.message().await?.ok_or(WatchError::Closed)?;
-            if resp.snapshot {
-                self.view.resources.clear();
-                update.snapshot = true;
-            }
-            for r in resp.upserts {
-                let key = r.key.clone();
-                let res = ViewResource::try_from(r)?;
-                self.view.resources.insert(key.clone(), res);
-                update.upserted.push(key);
-            }
-            for k in resp.removals {
-                self.view.resources.remove(&k);
-                update.removed.push(k);
-            }
-            update.parts += 1;
-            update.version = resp.version.clone();
-            if !resp.more {
-                self.view.version = resp.version;
-                return Ok(update);
+            let more = resp.more;
+            parts.push(resp);
+            if !more {
+                break;
             }
         }
+        // Decode everything before touching the view: a bad resource changes nothing.
+        let mut update = Update {
+            parts: parts.len(),
+            ..Default::default()
+        };
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for resp in parts {
+            update.snapshot |= resp.snapshot;
+            update.version = resp.version;
+            for r in resp.upserts {
+                let key = r.key.clone();
+                upserts.push((key, ViewResource::try_from(r)?));
+            }
+            removals.extend(resp.removals);
+        }
+        if update.snapshot {
+            self.view.resources.clear();
+        }
+        for (key, res) in upserts {
+            self.view.resources.insert(key.clone(), res);
+            update.upserted.push(key);
+        }
+        for k in removals {
+            self.view.resources.remove(&k);
+            update.removed.push(k);
+        }
+        self.view.version = update.version.clone();
+        Ok(update)
     }
 
     pub async fn ack(&mut self, version: &str) -> Result<(), WatchError> {
@@ -142,5 +162,173 @@ impl Subscription {
             .send(req)
             .await
             .map_err(|_| WatchError::Closed)
+    }
+}
+
+/// How a [`WatchClient`] retries.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self {
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What a [`WatchClient`] knows, published after every change.
+#[derive(Debug, Clone, Default)]
+pub struct SyncState {
+    /// The last complete view; kept through disconnects (serve from it when the registry is
+    /// unreachable).
+    pub view: Arc<LocalView>,
+    pub connected: bool,
+    /// When the view was last confirmed by the registry (a snapshot, a delta or a resume).
+    pub last_sync: Option<SystemTime>,
+    /// Full snapshots received; a reconnect that resumed does not add one.
+    pub snapshots: u64,
+    /// Reconnects that resumed without a full resend.
+    pub resumes: u64,
+    pub last_error: Option<String>,
+}
+
+impl SyncState {
+    pub fn synced(&self) -> bool {
+        self.last_sync.is_some()
+    }
+}
+
+type Connect = Box<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Channel, crate::grpc::ConnectError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Keeps a view of the registry current across disconnects and registry restarts: it
+/// reconnects with exponential back-off and resumes from its last version, which the
+/// registry honours from its history or, after a restart, by content digest.
+pub struct WatchClient {
+    connect: Connect,
+    node: Node,
+    opts: WatchOptions,
+    state: watch::Sender<Arc<SyncState>>,
+}
+
+impl std::fmt::Debug for WatchClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchClient")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+impl WatchClient {
+    /// `connect` makes a fresh channel for every attempt, so it can pick up a renewed
+    /// certificate; `initial` is a view persisted by an earlier run, served until the
+    /// registry answers.
+    pub fn new<F, Fut>(
+        connect: F,
+        node: Node,
+        initial: Option<LocalView>,
+        opts: WatchOptions,
+    ) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Channel, crate::grpc::ConnectError>> + Send + 'static,
+    {
+        let state = SyncState {
+            view: Arc::new(initial.unwrap_or_default()),
+            ..Default::default()
+        };
+        Self {
+            connect: Box::new(move || Box::pin(connect())),
+            node,
+            opts,
+            state: watch::channel(Arc::new(state)).0,
+        }
+    }
+
+    pub fn state(&self) -> watch::Receiver<Arc<SyncState>> {
+        self.state.subscribe()
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut SyncState)) {
+        self.state.send_modify(|s| {
+            let mut next = (**s).clone();
+            f(&mut next);
+            *s = Arc::new(next);
+        });
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: crate::drain::Watch) {
+        let stop = shutdown.signaled();
+        tokio::pin!(stop);
+        let mut backoff = self.opts.backoff_min;
+        loop {
+            let resume = (*self.state.borrow().view).clone();
+            let attempt = async {
+                let channel = (self.connect)().await.map_err(|e| e.to_string())?;
+                Subscription::open(channel, &self.node, Some(resume))
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            let result = tokio::select! {
+                _ = &mut stop => return,
+                r = attempt => r,
+            };
+            match result {
+                Ok(mut sub) => loop {
+                    let next = tokio::select! {
+                        _ = &mut stop => return,
+                        n = sub.next() => n,
+                    };
+                    match next {
+                        Ok(update) => {
+                            backoff = self.opts.backoff_min;
+                            let view = Arc::new(sub.view.clone());
+                            self.publish(|s| {
+                                if update.snapshot {
+                                    s.snapshots += 1;
+                                } else if !s.connected {
+                                    // The first answer on a new stream, and not a snapshot.
+                                    s.resumes += 1;
+                                }
+                                s.view = view;
+                                s.connected = true;
+                                s.last_sync = Some(SystemTime::now());
+                                s.last_error = None;
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "registry watch interrupted; serving the last view and reconnecting");
+                            self.publish(|s| {
+                                s.connected = false;
+                                s.last_error = Some(e.to_string());
+                            });
+                            break;
+                        }
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot reach the registry");
+                    self.publish(|s| {
+                        s.connected = false;
+                        s.last_error = Some(e);
+                    });
+                }
+            }
+            let jitter = rand::random::<f64>() * 0.4 + 0.8;
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            }
+            backoff = (backoff * 2).min(self.opts.backoff_max);
+        }
     }
 }

@@ -63,7 +63,7 @@ pub fn view_resources(views: &Views, key: &ViewKey) -> (String, Vec<ViewResource
         .values()
         .filter_map(|e| ViewResource::try_from(e.as_ref().clone()).ok())
         .collect();
-    (view.version(st.seq), resources)
+    (view.version_of(&st), resources)
 }
 
 async fn catalog(State(s): State<AdminState>, Query(q): Query<CatalogQuery>) -> impl IntoResponse {

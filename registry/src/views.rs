@@ -49,18 +49,60 @@ pub struct HistoryEntry {
     pub at: Instant,
 }
 
+/// A digest of a view's whole content: the XOR of a hash of every entry, so that it is
+/// updated per changed key and equal content gives an equal digest whatever the order of
+/// changes that led to it.
+pub type Digest = [u8; 16];
+
+fn entry_hash(key: &str, entry: &pb::ViewResource) -> Digest {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(key.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(&prost::Message::encode_to_vec(entry));
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&ctx.finish().as_ref()[..16]);
+    out
+}
+
+fn xor(acc: &mut Digest, h: &Digest) {
+    acc.iter_mut().zip(h).for_each(|(a, b)| *a ^= b);
+}
+
 #[derive(Debug, Default)]
 pub struct ViewState {
     pub seq: u64,
+    pub digest: Digest,
     pub entries: BTreeMap<String, Arc<pb::ViewResource>>,
     pub history: VecDeque<HistoryEntry>,
 }
 
-/// What a subscriber at version `from` needs.
+/// Where a subscriber says it is, from the version it last applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// A sequence number of this very view (same view id).
+    pub seq: Option<u64>,
+    /// The content digest at that version, from any view id (e.g. before a registry restart).
+    pub digest: Option<Digest>,
+}
+
+impl Resume {
+    pub fn at(seq: u64) -> Self {
+        Self {
+            seq: Some(seq),
+            digest: None,
+        }
+    }
+}
+
+/// What a subscriber needs, with the version it brings it to.
 #[derive(Debug)]
 pub enum Catchup {
-    UpToDate,
+    UpToDate {
+        version: String,
+        seq: u64,
+    },
     Delta {
+        version: String,
         seq: u64,
         upserts: Vec<Arc<pb::ViewResource>>,
         removals: Vec<String>,
@@ -68,6 +110,7 @@ pub enum Catchup {
         oldest_change: Option<Instant>,
     },
     Snapshot {
+        version: String,
         seq: u64,
         entries: Vec<Arc<pb::ViewResource>>,
     },
@@ -85,18 +128,7 @@ impl ViewState {
         }
     }
 
-    pub fn catchup(&self, from: Option<u64>) -> Catchup {
-        let snapshot = || Catchup::Snapshot {
-            seq: self.seq,
-            entries: self.entries.values().cloned().collect(),
-        };
-        let Some(from) = from else { return snapshot() };
-        if !self.can_resume_from(from) {
-            return snapshot();
-        }
-        if from == self.seq {
-            return Catchup::UpToDate;
-        }
+    fn delta_since(&self, from: u64) -> (Vec<Arc<pb::ViewResource>>, Vec<String>, Option<Instant>) {
         let mut keys = BTreeSet::new();
         let mut oldest = None;
         for h in self.history.iter().filter(|h| h.seq > from) {
@@ -111,20 +143,15 @@ impl ViewState {
                 None => removals.push(k.clone()),
             }
         }
-        Catchup::Delta {
-            seq: self.seq,
-            upserts,
-            removals,
-            oldest_change: oldest,
-        }
+        (upserts, removals, oldest)
     }
 }
 
 #[derive(Debug)]
 pub struct View {
     pub key: ViewKey,
-    /// Random per view and per registry run: a version from another view or another run
-    /// never passes for one of ours.
+    /// Random per view and per registry run: a sequence number from another view or another
+    /// run never passes for one of ours (its digest still may).
     pub id: String,
     pub state: RwLock<ViewState>,
     notify: watch::Sender<u64>,
@@ -142,17 +169,67 @@ impl View {
         }
     }
 
-    pub fn version(&self, seq: u64) -> String {
-        format!("{}.{seq}", self.id)
+    /// `<view id>.<sequence>.<content digest>`.
+    pub fn version_of(&self, st: &ViewState) -> String {
+        format!("{}.{}.{}", self.id, st.seq, hex::encode(st.digest))
     }
 
-    /// The sequence number of one of this view's versions.
-    pub fn parse_version(&self, v: &str) -> Option<u64> {
-        let (id, seq) = v.rsplit_once('.')?;
-        if id != self.id {
-            return None;
+    pub fn version(&self) -> String {
+        self.version_of(&self.state.read().expect("view lock"))
+    }
+
+    /// Reads a version a subscriber sends back (as its resume point or an ack).
+    pub fn parse_version(&self, v: &str) -> Resume {
+        let mut parts = v.split('.');
+        let (Some(id), Some(seq), Some(digest), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Resume::default();
+        };
+        let digest = hex::decode(digest)
+            .ok()
+            .and_then(|d| Digest::try_from(d.as_slice()).ok());
+        let seq = if id == self.id {
+            seq.parse().ok()
+        } else {
+            None
+        };
+        Resume { seq, digest }
+    }
+
+    /// What a subscriber at `resume` needs: the changes since its version while history
+    /// reaches back to it; nothing when its content equals ours (even from before a registry
+    /// restart); else a snapshot.
+    pub fn catchup(&self, resume: &Resume) -> Catchup {
+        let st = self.state.read().expect("view lock");
+        let version = self.version_of(&st);
+        if let Some(from) = resume.seq.filter(|f| st.can_resume_from(*f)) {
+            if from == st.seq {
+                return Catchup::UpToDate {
+                    version,
+                    seq: st.seq,
+                };
+            }
+            let (upserts, removals, oldest_change) = st.delta_since(from);
+            return Catchup::Delta {
+                version,
+                seq: st.seq,
+                upserts,
+                removals,
+                oldest_change,
+            };
         }
-        seq.parse().ok()
+        if resume.digest == Some(st.digest) {
+            return Catchup::UpToDate {
+                version,
+                seq: st.seq,
+            };
+        }
+        Catchup::Snapshot {
+            version,
+            seq: st.seq,
+            entries: st.entries.values().cloned().collect(),
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -169,19 +246,25 @@ impl View {
         let mut st = self.state.write().expect("view lock");
         let mut changed = Vec::new();
         for (k, v) in updates {
+            let old = st.entries.get(&k).cloned();
+            if old.as_deref() == v.as_ref() {
+                continue;
+            }
+            if let Some(old) = &old {
+                let h = entry_hash(&k, old);
+                xor(&mut st.digest, &h);
+            }
             match v {
                 Some(v) => {
-                    if st.entries.get(&k).map(|e| e.as_ref()) != Some(&v) {
-                        st.entries.insert(k.clone(), Arc::new(v));
-                        changed.push(k);
-                    }
+                    let h = entry_hash(&k, &v);
+                    xor(&mut st.digest, &h);
+                    st.entries.insert(k.clone(), Arc::new(v));
                 }
                 None => {
-                    if st.entries.remove(&k).is_some() {
-                        changed.push(k);
-                    }
+                    st.entries.remove(&k);
                 }
             }
+            changed.push(k);
         }
         if changed.is_empty() {
             return false;

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::{KindLabels, PushLabels, RegistryMetrics};
-use crate::views::{Catchup, View, ViewKey, Views};
+use crate::views::{Catchup, Resume, View, ViewKey, Views};
 
 /// How long a new stream has to send its Subscribe.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -203,7 +203,7 @@ impl pb::watch_server::Watch for WatchService {
             view: key.to_string(),
             connected_at: SystemTime::now(),
             sent_seq: AtomicU64::new(0),
-            acked_seq: AtomicU64::new(resume.unwrap_or(0)),
+            acked_seq: AtomicU64::new(resume.seq.unwrap_or(0)),
             pushes: AtomicU64::new(0),
             node,
         });
@@ -260,7 +260,7 @@ impl Session {
     async fn run(
         self,
         mut inbound: Streaming<pb::WatchRequest>,
-        resume: Option<u64>,
+        resume: Resume,
         shutdown: drain::Watch,
     ) -> End {
         let mut notify = self.view.subscribe();
@@ -268,9 +268,10 @@ impl Session {
         tokio::pin!(stop);
         // The version sent and not yet acknowledged, if any.
         let mut awaiting: Option<u64>;
-        let mut sent: Option<u64> = resume;
+        let mut sent: Option<u64> = None;
         notify.borrow_and_update();
-        match self.send_catchup(sent, resume.is_some()).await {
+        let resuming = resume != Resume::default();
+        match self.send_catchup(&resume, resuming).await {
             Ok(Some(seq)) => {
                 sent = Some(seq);
                 awaiting = Some(seq);
@@ -283,7 +284,7 @@ impl Session {
                 _ = &mut stop => return End::Shutdown,
                 msg = inbound.message() => match msg {
                     Ok(Some(pb::WatchRequest { request: Some(pb::watch_request::Request::Ack(ack)) })) => {
-                        match self.view.parse_version(&ack.version) {
+                        match self.view.parse_version(&ack.version).seq {
                             Some(v) if Some(v) == awaiting => {
                                 awaiting = None;
                                 self.sub.acked_seq.store(v, Ordering::Relaxed);
@@ -308,7 +309,11 @@ impl Session {
             }
             if awaiting.is_none() && self.view.seq() != sent.unwrap_or(u64::MAX) {
                 notify.borrow_and_update();
-                match self.send_catchup(sent, false).await {
+                let from = Resume {
+                    seq: sent,
+                    digest: None,
+                };
+                match self.send_catchup(&from, false).await {
                     Ok(Some(seq)) => {
                         sent = Some(seq);
                         awaiting = Some(seq);
@@ -322,20 +327,17 @@ impl Session {
 
     /// Sends what the subscriber at `from` is missing; returns the version sent, if any.
     /// `confirm` sends an empty delta even when nothing changed (a resume acknowledgement).
-    async fn send_catchup(&self, from: Option<u64>, confirm: bool) -> Result<Option<u64>, End> {
-        let catchup = self.view.state.read().expect("view lock").catchup(from);
-        let (seq, responses, kind, oldest) = match catchup {
-            Catchup::UpToDate if !confirm => return Ok(None),
-            Catchup::UpToDate => {
-                let seq = from.unwrap_or(0);
-                (
-                    seq,
-                    vec![self.response(seq, false, Vec::new(), Vec::new(), false)],
-                    "resume",
-                    None,
-                )
-            }
+    async fn send_catchup(&self, from: &Resume, confirm: bool) -> Result<Option<u64>, End> {
+        let (seq, responses, kind, oldest) = match self.view.catchup(from) {
+            Catchup::UpToDate { .. } if !confirm => return Ok(None),
+            Catchup::UpToDate { version, seq } => (
+                seq,
+                vec![response(version, false, Vec::new(), Vec::new(), false)],
+                "resume",
+                None,
+            ),
             Catchup::Delta {
+                version,
                 seq,
                 upserts,
                 removals,
@@ -344,20 +346,36 @@ impl Session {
                 let upserts = upserts.iter().map(|u| u.as_ref().clone()).collect();
                 (
                     seq,
-                    vec![self.response(seq, false, upserts, removals, false)],
+                    vec![response(version, false, upserts, removals, false)],
                     if confirm { "resume" } else { "delta" },
                     oldest_change,
                 )
             }
-            Catchup::Snapshot { seq, entries } => {
+            Catchup::Snapshot {
+                version,
+                seq,
+                entries,
+            } => {
                 let mut out = Vec::new();
                 let chunks: Vec<_> = entries.chunks(SNAPSHOT_CHUNK).collect();
                 if chunks.is_empty() {
-                    out.push(self.response(seq, true, Vec::new(), Vec::new(), false));
+                    out.push(response(
+                        version.clone(),
+                        true,
+                        Vec::new(),
+                        Vec::new(),
+                        false,
+                    ));
                 }
                 for (i, chunk) in chunks.iter().enumerate() {
                     let upserts = chunk.iter().map(|u| u.as_ref().clone()).collect();
-                    out.push(self.response(seq, i == 0, upserts, Vec::new(), i + 1 < chunks.len()));
+                    out.push(response(
+                        version.clone(),
+                        i == 0,
+                        upserts,
+                        Vec::new(),
+                        i + 1 < chunks.len(),
+                    ));
                 }
                 (seq, out, "snapshot", None)
             }
@@ -378,21 +396,20 @@ impl Session {
         self.sub.pushes.fetch_add(1, Ordering::Relaxed);
         Ok(Some(seq))
     }
+}
 
-    fn response(
-        &self,
-        seq: u64,
-        snapshot: bool,
-        upserts: Vec<pb::ViewResource>,
-        removals: Vec<String>,
-        more: bool,
-    ) -> pb::WatchResponse {
-        pb::WatchResponse {
-            version: self.view.version(seq),
-            snapshot,
-            upserts,
-            removals,
-            more,
-        }
+fn response(
+    version: String,
+    snapshot: bool,
+    upserts: Vec<pb::ViewResource>,
+    removals: Vec<String>,
+    more: bool,
+) -> pb::WatchResponse {
+    pb::WatchResponse {
+        version,
+        snapshot,
+        upserts,
+        removals,
+        more,
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use isthmus_proto::certs;
 use isthmus_proto::identity::SpiffeId;
 use isthmus_proto::model::NodeKind;
+use isthmus_proto::subscription::Subscription;
 use isthmus_tests::{host, node, yaml, TestRegistry, NETWORK};
 
 #[tokio::test]
@@ -41,6 +42,7 @@ async fn restart_on_the_same_data_dir_keeps_catalog_and_tokens() {
         .unwrap();
     sub.next().await.unwrap();
     let before = sub.view.resources.clone();
+    let saved = sub.view.clone();
     drop(sub);
 
     // Restart without the resources directory: what it serves comes from the store alone.
@@ -57,6 +59,22 @@ async fn restart_on_the_same_data_dir_keeps_catalog_and_tokens() {
         .view
         .resources
         .contains_key(&format!("svc/{}", host("reviews", "shop"))));
+
+    // A subscriber that was connected before the restart resumes without a resend: the
+    // registry recognises the content digest in its version.
+    let mut resumed = Subscription::open(
+        reg.channel(Some(&creds)).await.unwrap(),
+        &node("web", NodeKind::Workload, NETWORK),
+        Some(saved),
+    )
+    .await
+    .unwrap();
+    let u = resumed.next().await.unwrap();
+    assert!(
+        !u.snapshot && u.upserted.is_empty() && u.removed.is_empty(),
+        "{u:?}"
+    );
+    assert_eq!(resumed.view.resources, before);
 
     let err = certs::request_certificate(reg.channel(None).await.unwrap(), csr, Some(used), 0)
         .await

@@ -10,8 +10,9 @@ use serde_json::Value;
 
 const STEP: Duration = Duration::from_secs(20);
 
+/// The sequence number in a version (`<view>.<seq>.<digest>`).
 fn seq(version: &str) -> u64 {
-    version.rsplit_once('.').unwrap().1.parse().unwrap()
+    version.split('.').nth(1).unwrap().parse().unwrap()
 }
 
 fn endpoint_count(view: &LocalView, hostname: &str) -> Option<usize> {
@@ -338,9 +339,10 @@ async fn split_horizon_and_gateway_views_over_watch() {
         6
     );
     // A network nobody knows is a 404 listing the known ones, not a new view.
-    let (status, body) = isthmus_tests::http_get(reg.admin_addr(), "/debug/catalog?network=made-up")
-        .await
-        .unwrap();
+    let (status, body) =
+        isthmus_tests::http_get(reg.admin_addr(), "/debug/catalog?network=made-up")
+            .await
+            .unwrap();
     assert_eq!(status, 404);
     assert!(body.contains("network-b"), "{body}");
 }

@@ -202,8 +202,7 @@ fn versions_history_and_catchup() {
     views.apply(vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")], vec![]);
     views.apply(vec![svc("db.shop", "shop", "c", "db")], vec![]);
     assert_eq!(a.seq(), s0 + 2);
-    let st = a.state.read().unwrap();
-    match st.catchup(Some(s0)) {
+    match a.catchup(&Resume::at(s0)) {
         Catchup::Delta {
             seq,
             upserts,
@@ -217,15 +216,74 @@ fn versions_history_and_catchup() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(st.catchup(Some(s0 + 2)), Catchup::UpToDate));
+    assert!(matches!(
+        a.catchup(&Resume::at(s0 + 2)),
+        Catchup::UpToDate { .. }
+    ));
     assert!(
-        matches!(st.catchup(Some(s0 + 5)), Catchup::Snapshot { .. }),
+        matches!(a.catchup(&Resume::at(s0 + 5)), Catchup::Snapshot { .. }),
         "a version from the future"
     );
-    assert!(matches!(st.catchup(None), Catchup::Snapshot { .. }));
-    drop(st);
-    assert_eq!(a.parse_version(&a.version(7)), Some(7));
-    assert_eq!(a.parse_version("other.7"), None);
+    assert!(matches!(
+        a.catchup(&Resume::default()),
+        Catchup::Snapshot { .. }
+    ));
+    let v = a.version();
+    assert_eq!(a.parse_version(&v).seq, Some(s0 + 2));
+    assert_eq!(a.parse_version("other.7").seq, None);
+    assert_eq!(
+        a.parse_version(&v.replacen(&a.id, "0123456789ab", 1)).seq,
+        None,
+        "another view's sequence numbers mean nothing here"
+    );
+}
+
+#[test]
+fn equal_content_has_an_equal_digest_whatever_the_history() {
+    // Two registries reach the same catalog by different paths.
+    let one = split_horizon_catalog();
+    let two = Views::default();
+    let key = ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+    };
+    let v2 = two.view(&key);
+    two.apply(vec![svc("db.shop", "shop", "c", "db")], vec![]);
+    let one_v = one.view(&key);
+    two.apply(vec![], vec!["Service/c/db.shop".into()]);
+    let mut up = vec![svc("web.shop", "shop", "c", "web")];
+    for i in (0..3).rev() {
+        up.push(wl(
+            &format!("a{i}"),
+            "shop",
+            "web",
+            &format!("10.0.0.{i}"),
+            "net-a",
+        ));
+    }
+    for i in 0..6 {
+        up.push(wl(
+            &format!("b{i}"),
+            "shop",
+            "web",
+            &format!("10.0.0.{i}"),
+            "net-b",
+        ));
+    }
+    up.push(net("net-b", &["198.51.100.10", "198.51.100.11"]));
+    up.push(net("net-a", &["192.0.2.10"]));
+    two.apply(up, vec![]);
+    let d1 = one_v.state.read().unwrap().digest;
+    let d2 = v2.state.read().unwrap().digest;
+    assert_ne!(d1, [0; 16]);
+    assert_eq!(d1, d2);
+    // A subscriber of the first, resuming on the second: nothing to resend.
+    let resume = v2.parse_version(&one_v.version());
+    assert_eq!(resume.seq, None);
+    assert!(matches!(v2.catchup(&resume), Catchup::UpToDate { .. }));
+    // One change later the digests part.
+    two.apply(vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")], vec![]);
+    assert!(matches!(v2.catchup(&resume), Catchup::Snapshot { .. }));
 }
 
 #[test]
@@ -242,15 +300,21 @@ fn history_is_bounded_and_old_resumes_get_a_snapshot() {
             vec![],
         );
     }
-    let st = a.state.read().unwrap();
-    assert_eq!(st.history.len(), 4);
-    assert!(matches!(st.catchup(Some(1)), Catchup::Snapshot { .. }));
+    let (len, seq) = {
+        let st = a.state.read().unwrap();
+        (st.history.len(), st.seq)
+    };
+    assert_eq!(len, 4);
     assert!(matches!(
-        st.catchup(Some(st.seq - 4)),
+        a.catchup(&Resume::at(1)),
+        Catchup::Snapshot { .. }
+    ));
+    assert!(matches!(
+        a.catchup(&Resume::at(seq - 4)),
         Catchup::Delta { .. }
     ));
     assert!(matches!(
-        st.catchup(Some(st.seq - 5)),
+        a.catchup(&Resume::at(seq - 5)),
         Catchup::Snapshot { .. }
     ));
 }
@@ -264,8 +328,7 @@ fn removed_service_is_a_removal() {
     });
     let s0 = a.seq();
     views.apply(vec![], vec!["Service/c/web.shop".into()]);
-    let st = a.state.read().unwrap();
-    match st.catchup(Some(s0)) {
+    match a.catchup(&Resume::at(s0)) {
         Catchup::Delta {
             removals, upserts, ..
         } => {
