@@ -1,0 +1,366 @@
+//! The binaries as an operator runs them: `isthmusctl` and `isthmus-registry` as separate
+//! processes, checked by exit status and what they print.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const CTL: &str = env!("CARGO_BIN_EXE_isthmusctl");
+const REGISTRY: &str = env!("CARGO_BIN_EXE_isthmus-registry");
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin).args(args).output().expect("run binary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Stops the registry by its PID when the test ends, however it ends.
+struct Registry(Child);
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ready(admin: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(admin) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
+}
+
+fn start_registry(dir: &Path, resources: &Path) -> (Registry, SocketAddr) {
+    let (grpc, admin) = (free_addr(), free_addr());
+    let child = Command::new(REGISTRY)
+        .args(["--cluster", "cluster-a", "--network", "network-a"])
+        .arg("--ca-dir")
+        .arg(dir.join("ca/cluster-a"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--resources")
+        .arg(resources)
+        .args([
+            "--grpc-addr",
+            &grpc.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start isthmus-registry");
+    let reg = Registry(child);
+    let t = Instant::now();
+    while !ready(admin) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "registry not ready within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (reg, grpc)
+}
+
+#[test]
+fn operator_workflow_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = dir.join("ca");
+    let out = run(
+        CTL,
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--cluster",
+            "cluster-a",
+            "--out",
+            ca.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(ca.join("cluster-a/ca-key.pem").exists());
+    // A second init refuses to overwrite and says how to rotate.
+    let out = run(
+        CTL,
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--cluster",
+            "cluster-a",
+            "--out",
+            ca.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--rotate"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let (_reg, grpc) = start_registry(dir, &examples);
+    let grpc = grpc.to_string();
+    let root = ca.join("root-cert.pem");
+    let root = root.to_str().unwrap();
+
+    let out = run(
+        CTL,
+        &[
+            "token",
+            "create",
+            "--ca-dir",
+            ca.join("cluster-a").to_str().unwrap(),
+            "--namespace",
+            "shop",
+            "--service-account",
+            "web",
+            "--ttl",
+            "10m",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout).trim().to_string();
+    assert!(token.starts_with("ist1."));
+
+    let creds = dir.join("web");
+    let out = run(
+        CTL,
+        &[
+            "cert",
+            "request",
+            "--registry",
+            &grpc,
+            "--root",
+            root,
+            "--token",
+            &token,
+            "--out",
+            creds.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("spiffe://cluster.local/ns/shop/sa/web"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(creds.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    // The same token again: refused, and the message says why and what to do.
+    let out = run(
+        CTL,
+        &[
+            "cert",
+            "request",
+            "--registry",
+            &grpc,
+            "--root",
+            root,
+            "--token",
+            &token,
+            "--out",
+            dir.join("again").to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("already been used") && err.contains("isthmusctl token create"),
+        "{err}"
+    );
+
+    // Renewal with the certificate instead of a token.
+    let out = run(
+        CTL,
+        &[
+            "cert",
+            "request",
+            "--registry",
+            &grpc,
+            "--root",
+            root,
+            "--cert-dir",
+            creds.to_str().unwrap(),
+            "--out",
+            dir.join("renewed").to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // The view of network-a, as JSON and as a table.
+    let out = run(
+        CTL,
+        &[
+            "catalog",
+            "--registry",
+            &grpc,
+            "--root",
+            root,
+            "--cert-dir",
+            creds.to_str().unwrap(),
+            "--network",
+            "network-a",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reviews = doc["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["hostname"] == "reviews.shop.svc.cluster.local")
+        .expect("reviews in the view");
+    let gateway_weight: u64 = reviews["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "gateway")
+        .map(|e| e["weight"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        gateway_weight, 6,
+        "network-b's six endpoints stand behind its gateways"
+    );
+    let out = run(
+        CTL,
+        &[
+            "catalog",
+            "--registry",
+            &grpc,
+            "--root",
+            root,
+            "--cert-dir",
+            creds.to_str().unwrap(),
+            "--network",
+            "network-b",
+            "--kind",
+            "gateway",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("SERVICE reviews.shop.svc.cluster.local") && !table.contains("gateway  "),
+        "{table}"
+    );
+
+    // Without a certificate the view is not served.
+    let out = run(
+        CTL,
+        &[
+            "catalog",
+            "--registry",
+            &grpc,
+            "--root",
+            root,
+            "--network",
+            "network-a",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--cert-dir"));
+}
+
+#[test]
+fn validate_names_every_bad_file_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = dir.join("ca");
+    assert!(run(
+        CTL,
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--cluster",
+            "c1",
+            "--out",
+            ca.to_str().unwrap()
+        ]
+    )
+    .status
+    .success());
+    let res = dir.join("res");
+    std::fs::create_dir_all(&res).unwrap();
+    std::fs::write(
+        res.join("bad.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: x\n  namespace: shop\nspec:\n  hosts: [x.shop.svc.cluster.local]\n  ports:\n  - number: 70000\n    name: http\n    protocol: HTTP\n",
+    )
+    .unwrap();
+    let args = |res: &Path| {
+        vec![
+            "--cluster".to_string(),
+            "c1".into(),
+            "--network".into(),
+            "n1".into(),
+            "--ca-dir".into(),
+            ca.join("c1").to_string_lossy().to_string(),
+            "--resources".into(),
+            res.to_string_lossy().to_string(),
+            "--validate".into(),
+        ]
+    };
+    let out = Command::new(REGISTRY).args(args(&res)).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.yaml") && err.contains("spec.ports[0].number") && err.contains("70000"),
+        "{err}"
+    );
+
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let out = Command::new(REGISTRY)
+        .args(args(&examples))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("configuration is valid"));
+
+    // A bad flag value is named too.
+    let out = Command::new(REGISTRY)
+        .args([
+            "--cluster",
+            "Bad_Cluster",
+            "--network",
+            "n1",
+            "--ca-dir",
+            "/nonexistent",
+            "--validate",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--cluster") && err.contains("--ca-dir"),
+        "{err}"
+    );
+}
