@@ -20,6 +20,7 @@ use isthmus_proto::pb;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::metrics::{KindLabels, PushLabels, RegistryMetrics};
 use crate::views::{Catchup, Resume, View, ViewKey, Views};
@@ -224,15 +225,20 @@ impl pb::watch_server::Watch for WatchService {
         let subscribers = self.subscribers.clone();
         let metrics = self.metrics.clone();
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let result = session.run(inbound, resume, shutdown).await;
-            subscribers.remove(id);
-            metrics
-                .subscribers
-                .get_or_create(&KindLabels { kind })
-                .dec();
-            tracing::info!(node = %sub_state.node.id, ?result, "subscriber disconnected");
-        });
+        // One span per subscriber: every line it logs names the node and its identity.
+        let span = tracing::info_span!("watch", node = %sub_state.node.id, %identity, view = %key);
+        tokio::spawn(
+            async move {
+                let result = session.run(inbound, resume, shutdown).await;
+                subscribers.remove(id);
+                metrics
+                    .subscribers
+                    .get_or_create(&KindLabels { kind })
+                    .dec();
+                tracing::info!(?result, "subscriber disconnected");
+            }
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
