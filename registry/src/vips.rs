@@ -58,8 +58,6 @@ pub enum VipError {
     },
     #[error("stored VIP allocation for {hostname} does not decode ({why}); it is dropped")]
     Corrupt { hostname: String, why: String },
-    #[error("VIP allocations not stored: {0}")]
-    Store(#[from] StoreError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -297,6 +295,9 @@ pub struct VipTable {
     by_host: BTreeMap<String, Allocation>,
     v4: HashMap<Ipv4Addr, String>,
     v6: HashMap<Ipv6Addr, String>,
+    /// Allocations in their grace period, counted as they change so that metrics cost
+    /// nothing per change.
+    released: usize,
 }
 
 impl VipTable {
@@ -321,8 +322,7 @@ impl VipTable {
 
     /// (active, released in their grace period).
     pub fn counts(&self) -> (usize, usize) {
-        let active = self.by_host.values().filter(|a| a.is_active()).count();
-        (active, self.by_host.len() - active)
+        (self.by_host.len() - self.released, self.released)
     }
 
     pub fn get(&self, hostname: &str) -> Option<&Allocation> {
@@ -357,6 +357,7 @@ impl VipTable {
                 self.free(&a.hostname);
                 self.v4.insert(a.ipv4, a.hostname.clone());
                 self.v6.insert(a.ipv6, a.hostname.clone());
+                self.released += usize::from(!a.is_active());
                 self.by_host.insert(a.hostname.clone(), a.clone());
             }
             VipChange::Free(h) => self.free(h),
@@ -366,6 +367,7 @@ impl VipTable {
 
     fn free(&mut self, hostname: &str) {
         if let Some(old) = self.by_host.remove(hostname) {
+            self.released -= usize::from(!old.is_active());
             self.v4.remove(&old.ipv4);
             self.v6.remove(&old.ipv6);
         }
@@ -463,7 +465,7 @@ fn probe(
 pub async fn load(
     store: &dyn Store,
     pools: VipPools,
-) -> Result<(VipTable, Vec<VipError>), VipError> {
+) -> Result<(VipTable, Vec<VipError>), StoreError> {
     let mut table = VipTable::new(pools);
     let mut problems = Vec::new();
     for (hostname, bytes) in store.list(Table::Vips).await? {
@@ -478,14 +480,13 @@ pub async fn load(
 }
 
 /// Writes `changes` to the store in one atomic batch.
-pub async fn persist(store: &dyn Store, changes: &[VipChange]) -> Result<(), VipError> {
+pub async fn persist(store: &dyn Store, changes: &[VipChange]) -> Result<(), StoreError> {
     if changes.is_empty() {
         return Ok(());
     }
     store
         .apply(Table::Vips, changes.iter().map(VipChange::to_op).collect())
-        .await?;
-    Ok(())
+        .await
 }
 
 #[cfg(test)]
