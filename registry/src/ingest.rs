@@ -221,11 +221,8 @@ impl Ingest {
             if touched.is_empty() {
                 return VipPlan::default();
             }
-            let replaced: HashSet<&str> = removals
-                .iter()
-                .chain(changed)
-                .map(String::as_str)
-                .collect();
+            let replaced: HashSet<&str> =
+                removals.iter().chain(changed).map(String::as_str).collect();
             let wants = touched
                 .into_iter()
                 .map(|h| {

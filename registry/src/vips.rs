@@ -96,7 +96,10 @@ impl fmt::Display for Pool {
 impl Pool {
     /// `prefix` must leave at least two host bits.
     pub fn ipv4(network: Ipv4Addr, prefix: u8) -> Self {
-        assert!(prefix <= 30, "an IPv4 VIP pool needs at least two host bits");
+        assert!(
+            prefix <= 30,
+            "an IPv4 VIP pool needs at least two host bits"
+        );
         let size = 1u128 << (32 - prefix);
         let base = u128::from(u32::from(network)) & !(size - 1);
         Self {
@@ -268,7 +271,9 @@ pub fn wants_vip(defs: &[&Service]) -> bool {
 }
 
 /// Whether each hostname defined by `services` wants a VIP.
-pub fn wants_by_hostname<'a>(services: impl Iterator<Item = &'a Service>) -> BTreeMap<String, bool> {
+pub fn wants_by_hostname<'a>(
+    services: impl Iterator<Item = &'a Service>,
+) -> BTreeMap<String, bool> {
     let mut defs: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
     for s in services {
         defs.entry(s.hostname.as_str()).or_default().push(s);
@@ -383,14 +388,19 @@ impl VipTable {
         let mut taken6 = HashSet::new();
         for (hostname, &want) in wants {
             match (self.by_host.get(hostname), want) {
-                (Some(a), true) if !a.is_active() => plan.changes.push(VipChange::Put(Allocation {
-                    released_at: None,
-                    ..a.clone()
-                })),
-                (Some(a), false) if a.is_active() => plan.changes.push(VipChange::Put(Allocation {
-                    released_at: Some(now),
-                    ..a.clone()
-                })),
+                (Some(a), true) if !a.is_active() => {
+                    plan.changes.push(VipChange::Put(Allocation {
+                        released_at: None,
+                        ..a.clone()
+                    }))
+                }
+                (Some(a), false) if a.is_active() => {
+                    plan.changes.push(VipChange::Put(Allocation {
+                        // As stored, so the table reads the same after a restart.
+                        released_at: Some(UNIX_EPOCH + Duration::from_millis(unix_ms(now))),
+                        ..a.clone()
+                    }))
+                }
                 (None, true) => match self.find_free(hostname, &taken4, &taken6) {
                     Ok((ipv4, ipv6)) => {
                         taken4.insert(ipv4);
@@ -426,14 +436,26 @@ impl VipTable {
         taken6: &HashSet<Ipv6Addr>,
     ) -> Result<(Ipv4Addr, Ipv6Addr), VipError> {
         let (o4, o6) = start_offsets(hostname);
-        let ipv4 = probe(&self.pools.ipv4, hostname, o4, self.v4.len() + taken4.len(), |n| {
-            let a = Ipv4Addr::from(n as u32);
-            !self.v4.contains_key(&a) && !taken4.contains(&a)
-        })?;
-        let ipv6 = probe(&self.pools.ipv6, hostname, o6, self.v6.len() + taken6.len(), |n| {
-            let a = Ipv6Addr::from(n);
-            !self.v6.contains_key(&a) && !taken6.contains(&a)
-        })?;
+        let ipv4 = probe(
+            &self.pools.ipv4,
+            hostname,
+            o4,
+            self.v4.len() + taken4.len(),
+            |n| {
+                let a = Ipv4Addr::from(n as u32);
+                !self.v4.contains_key(&a) && !taken4.contains(&a)
+            },
+        )?;
+        let ipv6 = probe(
+            &self.pools.ipv6,
+            hostname,
+            o6,
+            self.v6.len() + taken6.len(),
+            |n| {
+                let a = Ipv6Addr::from(n);
+                !self.v6.contains_key(&a) && !taken6.contains(&a)
+            },
+        )?;
         Ok((Ipv4Addr::from(ipv4 as u32), Ipv6Addr::from(ipv6)))
     }
 }
@@ -469,9 +491,7 @@ pub async fn load(
     let mut table = VipTable::new(pools);
     let mut problems = Vec::new();
     for (hostname, bytes) in store.list(Table::Vips).await? {
-        match Allocation::decode(&hostname, &bytes)
-            .and_then(|a| table.apply(&VipChange::Put(a)))
-        {
+        match Allocation::decode(&hostname, &bytes).and_then(|a| table.apply(&VipChange::Put(a))) {
             Ok(()) => {}
             Err(e) => problems.push(e),
         }

@@ -197,9 +197,17 @@ fn versions_history_and_catchup() {
     });
     let s0 = a.seq();
     // A no-op change publishes nothing.
-    views.apply(vec![wl("a0", "shop", "web", "10.0.0.0", "net-a")], vec![], vec![]);
+    views.apply(
+        vec![wl("a0", "shop", "web", "10.0.0.0", "net-a")],
+        vec![],
+        vec![],
+    );
     assert_eq!(a.seq(), s0);
-    views.apply(vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")], vec![], vec![]);
+    views.apply(
+        vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")],
+        vec![],
+        vec![],
+    );
     views.apply(vec![svc("db.shop", "shop", "c", "db")], vec![], vec![]);
     assert_eq!(a.seq(), s0 + 2);
     match a.catchup(&Resume::at(s0)) {
@@ -282,7 +290,11 @@ fn equal_content_has_an_equal_digest_whatever_the_history() {
     assert_eq!(resume.seq, None);
     assert!(matches!(v2.catchup(&resume), Catchup::UpToDate { .. }));
     // One change later the digests part.
-    two.apply(vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")], vec![], vec![]);
+    two.apply(
+        vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")],
+        vec![],
+        vec![],
+    );
     assert!(matches!(v2.catchup(&resume), Catchup::Snapshot { .. }));
 }
 
@@ -343,12 +355,11 @@ fn removed_service_is_a_removal() {
 /// What ingest does: plan the VIPs the catalog's hostnames want, then apply both together.
 fn apply_with_vips(views: &Views, upserts: Vec<OwnedResource>) {
     let plan = views.with_catalog_and_vips(|_, vips| {
-        let wants = crate::vips::wants_by_hostname(upserts.iter().filter_map(|r| {
-            match &*r.resource {
+        let wants =
+            crate::vips::wants_by_hostname(upserts.iter().filter_map(|r| match &*r.resource {
                 Resource::Service(s) => Some(s),
                 _ => None,
-            }
-        }));
+            }));
         vips.plan(&wants, std::time::SystemTime::now())
     });
     assert!(plan.failures.is_empty(), "{:?}", plan.failures);

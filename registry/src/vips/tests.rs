@@ -98,7 +98,10 @@ fn addresses_in_one_plan_are_distinct_and_exhaustion_is_named() {
         ),
         "{err}"
     );
-    assert!(err.contains("240.240.0.0/30") && err.contains("IPv4"), "{err}");
+    assert!(
+        err.contains("240.240.0.0/30") && err.contains("IPv4"),
+        "{err}"
+    );
     let mut v4: Vec<_> = table.iter().map(|a| a.ipv4).collect();
     v4.sort();
     assert_eq!(
@@ -165,7 +168,9 @@ fn released_vips_are_kept_through_the_grace_period_then_reused() {
     // Released again and past the grace period: freed, and reused by another hostname.
     let at = t(grace.as_secs());
     run(&mut table, &[("a", false)], at);
-    assert!(table.expired(at + grace - Duration::from_secs(1), grace).is_empty());
+    assert!(table
+        .expired(at + grace - Duration::from_secs(1), grace)
+        .is_empty());
     let expired = table.expired(at + grace, grace);
     assert_eq!(expired, vec![VipChange::Free("a".into())]);
     for c in &expired {
@@ -253,7 +258,10 @@ async fn stored_allocations_load_back_and_bad_rows_are_reported() {
     let mut thief = table.get("a").unwrap().clone();
     thief.hostname = "z".into();
     store.put(Table::Vips, "z", thief.encode()).await.unwrap();
-    store.put(Table::Vips, "y", b"garbage".to_vec()).await.unwrap();
+    store
+        .put(Table::Vips, "y", b"garbage".to_vec())
+        .await
+        .unwrap();
 
     let (loaded, problems) = load(&store, VipPools::default()).await.unwrap();
     assert_eq!(loaded.get("a"), table.get("a"));
