@@ -104,6 +104,17 @@ async fn service_entry_without_addresses_gets_a_vip_pair_subscribers_see() {
     assert_eq!(json["allocations"][0]["hostname"], hostname.as_str());
     assert_eq!(json["allocations"][0]["ipv4"], v4.to_string());
     assert_eq!(json["allocations"][0]["state"], "active");
+    let (_, body) = http_get(
+        reg.admin_addr(),
+        &format!("/debug/catalog?network={NETWORK}"),
+    )
+    .await
+    .unwrap();
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        json["services"][0]["allocatedAddresses"],
+        serde_json::json!([v4.to_string(), v6.to_string()])
+    );
 }
 
 #[tokio::test]
