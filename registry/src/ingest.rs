@@ -277,3 +277,50 @@ fn service(r: &OwnedResource) -> Option<&Service> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::tests::svc;
+    use crate::store::EmbeddedStore;
+    use crate::vips::{Allocation, DEFAULT_VIP_GRACE};
+
+    #[tokio::test]
+    async fn released_vips_are_freed_in_the_store_after_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let ingest = Ingest::new(
+            store.clone(),
+            Arc::new(Views::default()),
+            RegistryMetrics::default(),
+        );
+        ingest
+            .replace_origin("test", vec![svc("web.shop", "shop", "c", "web")])
+            .await
+            .unwrap();
+        assert_eq!(store.list(Table::Vips).await.unwrap().len(), 1);
+        ingest.replace_origin("test", vec![]).await.unwrap();
+        let stored = store.get(Table::Vips, "web.shop").await.unwrap().unwrap();
+        let released = Allocation::decode("web.shop", &stored).unwrap();
+        assert!(!released.is_active());
+
+        let now = SystemTime::now();
+        assert_eq!(
+            ingest
+                .free_expired_vips(now, DEFAULT_VIP_GRACE)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            ingest
+                .free_expired_vips(now + DEFAULT_VIP_GRACE, DEFAULT_VIP_GRACE)
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(store.list(Table::Vips).await.unwrap().is_empty());
+        assert!(ingest.views().with_vips(|v| v.is_empty()));
+        assert_eq!(ingest.metrics.vip_allocation_failures.get(), 0);
+    }
+}
