@@ -125,6 +125,9 @@ pub struct Service {
     pub cluster: String,
     pub ports: Vec<ServicePort>,
     pub addresses: Vec<ServiceAddress>,
+    /// VIPs the registry allocated for this hostname (see `allocated_addresses` in
+    /// `catalog.proto`); filled in view entries only, empty in the resources sources own.
+    pub allocated_addresses: Vec<String>,
     pub resolution: Resolution,
     pub scope: Scope,
     pub labels: BTreeMap<String, String>,
@@ -487,6 +490,7 @@ impl From<&Service> for pb::Service {
                     address: a.address.clone(),
                 })
                 .collect(),
+            allocated_addresses: s.allocated_addresses.clone(),
             resolution: resolution_to_pb(s.resolution).into(),
             scope: scope_to_pb(s.scope).into(),
             labels: s.labels.clone().into_iter().collect(),
@@ -536,6 +540,7 @@ impl TryFrom<pb::Service> for Service {
                     address: a.address,
                 })
                 .collect(),
+            allocated_addresses: s.allocated_addresses,
             resolution,
             scope,
             labels: s.labels.into_iter().collect(),
@@ -928,6 +933,18 @@ impl TryFrom<pb::ViewResource> for ViewResource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_allocated_addresses_round_trip_through_protobuf() {
+        let s = Service {
+            hostname: "web.shop.svc.cluster.local".into(),
+            allocated_addresses: vec!["240.240.1.2".into(), "2001:2::1:2".into()],
+            ..Default::default()
+        };
+        let p = pb::Service::from(&s);
+        assert_eq!(p.allocated_addresses, s.allocated_addresses);
+        assert_eq!(Service::try_from(p).unwrap(), s);
+    }
 
     #[test]
     fn workload_round_trips_through_protobuf() {

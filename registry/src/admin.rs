@@ -1,5 +1,5 @@
 //! The registry's admin routes beyond `/metrics` and the health checks: `/debug/catalog`,
-//! `/debug/resources`, `/debug/subscribers`.
+//! `/debug/resources`, `/debug/subscribers`, `/debug/vips`.
 
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +47,7 @@ pub fn routes(views: Arc<Views>, subscribers: Arc<Subscribers>, sources: SourceS
         .route("/debug/catalog", get(catalog))
         .route("/debug/resources", get(resources))
         .route("/debug/subscribers", get(subscribers_status))
+        .route("/debug/vips", get(vips))
         .with_state(AdminState {
             views,
             subscribers,
@@ -98,6 +99,33 @@ async fn resources(State(s): State<AdminState>) -> impl IntoResponse {
             .collect()
     });
     Json(json!({"resources": resources, "errors": s.sources.get()}))
+}
+
+async fn vips(State(s): State<AdminState>) -> impl IntoResponse {
+    let (allocations, pools) = s.views.with_vips(|t| {
+        let allocations: Vec<_> = t
+            .iter()
+            .map(|a| {
+                json!({
+                    "hostname": a.hostname,
+                    "ipv4": a.ipv4.to_string(),
+                    "ipv6": a.ipv6.to_string(),
+                    "state": if a.is_active() { "active" } else { "released" },
+                    "released_at": a.released_at.map(|t| {
+                        ::time::OffsetDateTime::from(t)
+                            .format(&::time::format_description::well_known::Rfc3339)
+                            .unwrap_or_default()
+                    }),
+                })
+            })
+            .collect();
+        let p = t.pools();
+        (
+            allocations,
+            json!({"ipv4": p.ipv4.to_string(), "ipv6": p.ipv6.to_string()}),
+        )
+    });
+    Json(json!({"pools": pools, "allocations": allocations}))
 }
 
 async fn subscribers_status(State(s): State<AdminState>) -> impl IntoResponse {

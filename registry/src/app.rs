@@ -28,6 +28,7 @@ use crate::metrics::{RegistryMetrics, SourceLabels};
 use crate::sources::static_files::{SourceDefaults, StaticSource, ORIGIN_PREFIX};
 use crate::store::{EmbeddedStore, Store};
 use crate::views::Views;
+use crate::vips::{DEFAULT_VIP_GRACE, VIP_GC_INTERVAL};
 use crate::watch::{Subscribers, WatchService};
 
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
@@ -59,6 +60,8 @@ pub struct RegistryConfig {
     pub ca_reload: Duration,
     pub ca_policy: CaPolicy,
     pub listener: ListenerOptions,
+    /// How long a released VIP stays reserved for its hostname.
+    pub vip_grace: Duration,
 }
 
 impl RegistryConfig {
@@ -77,6 +80,7 @@ impl RegistryConfig {
             ca_reload: crate::ca::DEFAULT_RELOAD_INTERVAL,
             ca_policy: CaPolicy::default(),
             listener: ListenerOptions::default(),
+            vip_grace: DEFAULT_VIP_GRACE,
         }
     }
 
@@ -252,6 +256,11 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
         store.clone(),
         shutdown.clone(),
     )));
+    tasks.push(tokio::spawn(free_expired_vips(
+        ingest.clone(),
+        cfg.vip_grace,
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn(authority.clone().watch_files(
         cfg.ca_reload,
         ca_metrics.clone(),
@@ -413,6 +422,28 @@ async fn forget_expired_tokens(store: Arc<dyn Store>, shutdown: drain::Watch) {
             Ok(0) => {}
             Ok(n) => tracing::info!(tokens = n, "forgot expired redeemed bootstrap tokens"),
             Err(e) => tracing::warn!(error = %e, "cannot clean up redeemed bootstrap tokens"),
+        }
+    }
+}
+
+async fn free_expired_vips(ingest: Ingest, grace: Duration, shutdown: drain::Watch) {
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(VIP_GC_INTERVAL) => {}
+        }
+        match ingest
+            .free_expired_vips(std::time::SystemTime::now(), grace)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                allocations = n,
+                "freed VIPs past their release grace period"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot free expired VIPs; retrying later"),
         }
     }
 }

@@ -100,6 +100,19 @@ impl Catalog {
             .collect()
     }
 
+    /// The Service resources defining `hostname` with their keys, in key order.
+    pub fn service_def_entries(&self, hostname: &str) -> Vec<(&String, &Service)> {
+        self.service_defs
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| match self.resources.get(k).map(|r| &*r.resource) {
+                Some(Resource::Service(s)) => Some((k, s)),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn workload(&self, key: &str) -> Option<&Workload> {
         match self.resources.get(key).map(|r| &*r.resource) {
             Some(Resource::Workload(w)) => Some(w),

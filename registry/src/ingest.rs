@@ -1,23 +1,30 @@
 //! Ingest: the one path by which resources reach the catalog. A source hands over the full
-//! set it owns; ingest diffs it against what the catalog holds for that source, writes the
-//! difference to the store (durably, first), then to the views.
+//! set it owns; ingest diffs it against what the catalog holds for that source, allocates
+//! or releases the VIPs of the hostnames the difference adds or removes, writes both to the
+//! store (durably, first), then to the views.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use isthmus_proto::model::OwnedResource;
+use isthmus_proto::model::{OwnedResource, Resource, Service};
 use isthmus_proto::pb;
 use prost::Message;
 
-use crate::metrics::{RegistryMetrics, StoreOpLabels};
+use crate::metrics::{RegistryMetrics, StoreOpLabels, VipStateLabels};
 use crate::store::{Op, Store, StoreError, Table};
 use crate::views::Views;
+use crate::vips::{self, VipChange, VipError, VipPlan};
 
 #[derive(Debug, Clone)]
 pub struct Ingest {
     store: Arc<dyn Store>,
     views: Arc<Views>,
     metrics: RegistryMetrics,
+    /// One writer at a time: a VIP plan is made against the table as it stands and must be
+    /// stored and applied before the next one is made, or two writers could hand the same
+    /// address to two hostnames.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What one `replace_origin` did.
@@ -33,6 +40,7 @@ impl Ingest {
             store,
             views,
             metrics,
+            writer: Arc::default(),
         }
     }
 
@@ -48,9 +56,18 @@ impl Ingest {
             .inc();
     }
 
-    /// Loads the catalog persisted by a previous run into the views. Entries that no longer
-    /// decode are skipped with an error log, never fatal: the sources will rewrite them.
+    /// Loads the VIP allocations and the catalog persisted by a previous run into the views.
+    /// Entries that no longer decode are skipped with an error log, never fatal: the sources
+    /// will rewrite them, and their hostnames get VIPs again.
     pub async fn load_from_store(&self) -> Result<usize, StoreError> {
+        let _writer = self.writer.lock().await;
+        let pools = self.views.with_vips(|v| *v.pools());
+        let loaded = vips::load(self.store.as_ref(), pools).await;
+        self.count("list", loaded.is_ok());
+        let (mut table, problems) = loaded?;
+        for e in problems {
+            tracing::error!(error = %e, "skipping a stored VIP allocation");
+        }
         let rows = self.store.list(Table::Catalog).await;
         self.count("list", rows.is_ok());
         let mut resources = Vec::new();
@@ -66,10 +83,27 @@ impl Ingest {
             }
         }
         let n = resources.len();
-        self.views.apply(resources, Vec::new());
+        // Reconcile before anything is served: hostnames that want a VIP and have none get
+        // one (say, a catalog stored before VIPs existed, or a write that failed halfway),
+        // allocations of hostnames that went away are released (their grace starts now).
+        let mut wants = vips::wants_by_hostname(resources.iter().filter_map(service));
+        for a in table.iter() {
+            wants.entry(a.hostname.clone()).or_insert(false);
+        }
+        let plan = table.plan(&wants, SystemTime::now());
+        self.store_vips(&plan.changes).await?;
+        for c in &plan.changes {
+            if let Err(e) = table.apply(c) {
+                tracing::error!(error = %e, "VIP change not applied");
+            }
+        }
+        self.report_vip_failures(plan.failures);
+        let allocations = table.iter().cloned().map(VipChange::Put).collect();
+        self.views.apply(resources, Vec::new(), allocations);
         self.metrics
             .catalog_resources
             .set(self.views.with_catalog(|c| c.len()) as i64);
+        self.update_vip_gauges();
         Ok(n)
     }
 
@@ -80,6 +114,7 @@ impl Ingest {
         origin_prefix: &str,
         resources: Vec<OwnedResource>,
     ) -> Result<IngestReport, StoreError> {
+        let _writer = self.writer.lock().await;
         let mut wanted: BTreeMap<String, OwnedResource> = resources
             .into_iter()
             .map(|r| (r.resource.key(), r))
@@ -114,13 +149,178 @@ impl Ingest {
         if ops.is_empty() {
             return Ok(report);
         }
+        // VIPs first: a hostname is never served without the VIP it is due. Should the
+        // catalog write then fail, the source retries and the same plan comes out again.
+        let plan = self.plan_vips(&upserts, &changed, &removals);
+        self.store_vips(&plan.changes).await?;
         let res = self.store.apply(Table::Catalog, ops).await;
         self.count("apply", res.is_ok());
         res?;
-        self.views.apply(upserts, removals);
+        let vips_changed = !plan.changes.is_empty();
+        self.views.apply(upserts, removals, plan.changes);
+        self.report_vip_failures(plan.failures);
         self.metrics
             .catalog_resources
             .set(self.views.with_catalog(|c| c.len()) as i64);
+        if vips_changed {
+            self.update_vip_gauges();
+        }
         Ok(report)
+    }
+
+    /// Frees the allocations released at least `grace` before `now`, then gives hostnames
+    /// that found the pool full another chance. Returns how many allocations it freed.
+    pub async fn free_expired_vips(
+        &self,
+        now: SystemTime,
+        grace: Duration,
+    ) -> Result<usize, StoreError> {
+        let _writer = self.writer.lock().await;
+        let expired = self.views.with_vips(|v| v.expired(now, grace));
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let freed = expired.len();
+        self.store_vips(&expired).await?;
+        self.views.apply(Vec::new(), Vec::new(), expired);
+        let plan = self.views.with_catalog_and_vips(|catalog, table| {
+            let wants = catalog
+                .hostnames()
+                .filter(|h| table.get(h).is_none() && vips::wants_vip(&catalog.service_defs(h)))
+                .map(|h| (h.clone(), true))
+                .collect();
+            table.plan(&wants, now)
+        });
+        self.store_vips(&plan.changes).await?;
+        self.views.apply(Vec::new(), Vec::new(), plan.changes);
+        self.report_vip_failures(plan.failures);
+        self.update_vip_gauges();
+        Ok(freed)
+    }
+
+    /// The VIP changes a catalog change calls for: only the hostnames of the Services it
+    /// upserts or removes are looked at, as they will be defined once it is applied.
+    fn plan_vips(
+        &self,
+        upserts: &[OwnedResource],
+        changed: &[String],
+        removals: &[String],
+    ) -> VipPlan {
+        self.views.with_catalog_and_vips(|catalog, table| {
+            let mut new_defs: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
+            for s in upserts.iter().filter_map(service) {
+                new_defs.entry(s.hostname.as_str()).or_default().push(s);
+            }
+            let mut touched: BTreeSet<&str> = new_defs.keys().copied().collect();
+            touched.extend(
+                removals
+                    .iter()
+                    .filter_map(|k| catalog.get(k).and_then(service))
+                    .map(|s| s.hostname.as_str()),
+            );
+            if touched.is_empty() {
+                return VipPlan::default();
+            }
+            let replaced: HashSet<&str> =
+                removals.iter().chain(changed).map(String::as_str).collect();
+            let wants = touched
+                .into_iter()
+                .map(|h| {
+                    let mut defs: Vec<&Service> = catalog
+                        .service_def_entries(h)
+                        .into_iter()
+                        .filter(|(k, _)| !replaced.contains(k.as_str()))
+                        .map(|(_, s)| s)
+                        .collect();
+                    defs.extend(new_defs.get(h).into_iter().flatten());
+                    (h.to_string(), vips::wants_vip(&defs))
+                })
+                .collect();
+            table.plan(&wants, SystemTime::now())
+        })
+    }
+
+    async fn store_vips(&self, changes: &[VipChange]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let res = vips::persist(self.store.as_ref(), changes).await;
+        self.count("apply", res.is_ok());
+        res
+    }
+
+    /// A hostname the pool has no room for is served without a VIP; it gets one when it
+    /// changes again or when the sweep frees addresses.
+    fn report_vip_failures(&self, failures: Vec<VipError>) {
+        for e in failures {
+            tracing::error!(error = %e, "service left without a VIP");
+            self.metrics.vip_allocation_failures.inc();
+        }
+    }
+
+    fn update_vip_gauges(&self) {
+        let (active, released) = self.views.with_vips(|v| v.counts());
+        let set = |state, n: usize| {
+            self.metrics
+                .vips_allocated
+                .get_or_create(&VipStateLabels { state })
+                .set(n as i64)
+        };
+        set("active", active);
+        set("released", released);
+    }
+}
+
+fn service(r: &OwnedResource) -> Option<&Service> {
+    match &*r.resource {
+        Resource::Service(s) => Some(s),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::tests::svc;
+    use crate::store::EmbeddedStore;
+    use crate::vips::{Allocation, DEFAULT_VIP_GRACE};
+
+    #[tokio::test]
+    async fn released_vips_are_freed_in_the_store_after_the_grace_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let ingest = Ingest::new(
+            store.clone(),
+            Arc::new(Views::default()),
+            RegistryMetrics::default(),
+        );
+        ingest
+            .replace_origin("test", vec![svc("web.shop", "shop", "c", "web")])
+            .await
+            .unwrap();
+        assert_eq!(store.list(Table::Vips).await.unwrap().len(), 1);
+        ingest.replace_origin("test", vec![]).await.unwrap();
+        let stored = store.get(Table::Vips, "web.shop").await.unwrap().unwrap();
+        let released = Allocation::decode("web.shop", &stored).unwrap();
+        assert!(!released.is_active());
+
+        let now = SystemTime::now();
+        assert_eq!(
+            ingest
+                .free_expired_vips(now, DEFAULT_VIP_GRACE)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            ingest
+                .free_expired_vips(now + DEFAULT_VIP_GRACE, DEFAULT_VIP_GRACE)
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(store.list(Table::Vips).await.unwrap().is_empty());
+        assert!(ingest.views().with_vips(|v| v.is_empty()));
+        assert_eq!(ingest.metrics.vip_allocation_failures.get(), 0);
     }
 }

@@ -12,4 +12,5 @@ pub mod render;
 pub mod sources;
 pub mod store;
 pub mod views;
+pub mod vips;
 pub mod watch;

@@ -50,6 +50,9 @@ struct Args {
     /// How often the resources directory is re-read.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     resource_poll: std::time::Duration,
+    /// How long a deleted service's VIPs stay reserved for it before another may get them.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    vip_grace: std::time::Duration,
     /// Check the configuration and the resource files, print every problem, and exit.
     #[arg(long)]
     validate: bool,
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
     cfg.ca_policy.default_ttl = args.cert_ttl;
     cfg.ca_policy.max_ttl = args.max_cert_ttl;
     cfg.resource_poll = args.resource_poll;
+    cfg.vip_grace = args.vip_grace;
     if let Err(e) = cfg.validate() {
         errors.extend(e);
     }

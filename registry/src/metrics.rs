@@ -1,5 +1,6 @@
 //! Registry metrics that are not the CA's: subscribers, pushes, resource errors, store
-//! operations. One prometheus registry per process, every name under `isthmus_`.
+//! operations, VIP allocations. One prometheus registry per process, every name under
+//! `isthmus_`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -30,6 +31,12 @@ pub struct SourceLabels {
     pub source: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VipStateLabels {
+    /// "active", or "released" (held for its hostname through the grace period).
+    pub state: &'static str,
+}
+
 #[derive(Debug, Clone)]
 pub struct RegistryMetrics {
     pub subscribers: Family<KindLabels, Gauge>,
@@ -40,6 +47,8 @@ pub struct RegistryMetrics {
     pub resource_error_events: Family<SourceLabels, Counter>,
     pub catalog_resources: Gauge,
     pub store_ops: Family<StoreOpLabels, Counter>,
+    pub vips_allocated: Family<VipStateLabels, Gauge>,
+    pub vip_allocation_failures: Counter,
 }
 
 impl Default for RegistryMetrics {
@@ -54,6 +63,8 @@ impl Default for RegistryMetrics {
             resource_error_events: Default::default(),
             catalog_resources: Default::default(),
             store_ops: Default::default(),
+            vips_allocated: Default::default(),
+            vip_allocation_failures: Default::default(),
         }
     }
 }
@@ -100,6 +111,16 @@ impl RegistryMetrics {
             "registry_store_operations",
             "Store operations, by operation and result",
             m.store_ops.clone(),
+        );
+        registry.register(
+            "registry_vips_allocated",
+            "VIP allocations held, by state",
+            m.vips_allocated.clone(),
+        );
+        registry.register(
+            "registry_vip_allocation_failures",
+            "Hostnames left without a VIP because a pool was exhausted",
+            m.vip_allocation_failures.clone(),
         );
         m
     }

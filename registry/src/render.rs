@@ -27,6 +27,7 @@ fn service_json(sv: &ServiceView) -> Value {
         "namespace": s.namespace,
         "ports": s.ports.iter().map(|p| json!({"name": p.name, "number": p.number, "protocol": p.protocol, "targetPort": p.target_port})).collect::<Vec<_>>(),
         "addresses": s.addresses.iter().map(|a| json!({"cluster": a.cluster, "address": a.address})).collect::<Vec<_>>(),
+        "allocatedAddresses": s.allocated_addresses,
         "endpoints": sv.endpoints.iter().map(|e| json!({
             "kind": endpoint_kind(e.kind),
             "address": e.address,
@@ -105,11 +106,17 @@ pub fn view_table(network: &str, version: &str, resources: &[ViewResource]) -> S
             .iter()
             .map(|p| format!("{}/{}", p.number, p.protocol))
             .collect();
+        let vips = if s.allocated_addresses.is_empty() {
+            String::new()
+        } else {
+            format!("  vips {}", s.allocated_addresses.join(","))
+        };
         let _ = writeln!(
             out,
-            "\nSERVICE {}  ports {}  ({} endpoints)",
+            "\nSERVICE {}  ports {}{}  ({} endpoints)",
             s.hostname,
             ports.join(","),
+            vips,
             sv.endpoints.len()
         );
         if sv.endpoints.is_empty() {

@@ -20,6 +20,7 @@ use isthmus_proto::pb;
 use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Change};
+use crate::vips::{self, VipChange, VipTable};
 
 /// Versions of history a view keeps for resuming subscribers; older resumes get a snapshot.
 pub const DEFAULT_HISTORY_VERSIONS: usize = 4096;
@@ -285,7 +286,7 @@ impl View {
     }
 }
 
-/// The catalog and every view built from it.
+/// The catalog, the VIP allocations, and every view built from them.
 #[derive(Debug)]
 pub struct Views {
     inner: Mutex<Inner>,
@@ -295,6 +296,9 @@ pub struct Views {
 #[derive(Debug, Default)]
 struct Inner {
     catalog: Catalog,
+    /// Kept beside the catalog, under the same lock, so a view entry always carries the
+    /// VIPs of the catalog state it was built from.
+    vips: VipTable,
     views: HashMap<ViewKey, Arc<View>>,
 }
 
@@ -312,10 +316,25 @@ impl Views {
         }
     }
 
-    /// Applies resource upserts and removals (by key) and updates every view.
-    pub fn apply(&self, upserts: Vec<OwnedResource>, removals: Vec<String>) -> Change {
+    /// Applies resource upserts and removals (by key) and VIP allocation changes (already
+    /// stored), and updates every view.
+    pub fn apply(
+        &self,
+        upserts: Vec<OwnedResource>,
+        removals: Vec<String>,
+        vip_changes: Vec<VipChange>,
+    ) -> Change {
         let mut inner = self.inner.lock().expect("views lock");
         let mut change = Change::default();
+        for c in vip_changes {
+            match inner.vips.apply(&c) {
+                Ok(()) => {
+                    change.hostnames.insert(c.hostname().to_string());
+                }
+                // Plans never conflict with the table they came from; this would be a bug.
+                Err(e) => tracing::error!(error = %e, "VIP change not applied"),
+            }
+        }
         for key in removals {
             change.merge(inner.catalog.remove(&key));
         }
@@ -323,9 +342,13 @@ impl Views {
             change.merge(inner.catalog.upsert(r));
         }
         if !change.is_empty() {
-            let Inner { catalog, views } = &*inner;
+            let Inner {
+                catalog,
+                vips,
+                views,
+            } = &*inner;
             for view in views.values() {
-                refresh(catalog, view, &change);
+                refresh(catalog, vips, view, &change);
             }
         }
         change
@@ -342,7 +365,7 @@ impl Views {
             hostnames: inner.catalog.hostnames().cloned().collect(),
             networks: inner.catalog.networks().map(|n| n.id.clone()).collect(),
         };
-        refresh(&inner.catalog, &view, &all);
+        refresh(&inner.catalog, &inner.vips, &view, &all);
         inner.views.insert(key.clone(), view.clone());
         view
     }
@@ -375,6 +398,17 @@ impl Views {
         f(&self.inner.lock().expect("views lock").catalog)
     }
 
+    /// Runs `f` with read access to the catalog and the VIP allocations.
+    pub fn with_catalog_and_vips<T>(&self, f: impl FnOnce(&Catalog, &VipTable) -> T) -> T {
+        let inner = self.inner.lock().expect("views lock");
+        f(&inner.catalog, &inner.vips)
+    }
+
+    /// Runs `f` with read access to the VIP allocations.
+    pub fn with_vips<T>(&self, f: impl FnOnce(&VipTable) -> T) -> T {
+        f(&self.inner.lock().expect("views lock").vips)
+    }
+
     /// The resources whose origin starts with `prefix`.
     pub fn resources_with_origin(&self, prefix: &str) -> Vec<OwnedResource> {
         self.with_catalog(|c| {
@@ -387,7 +421,7 @@ impl Views {
 }
 
 /// Recomputes the keys `change` touched in `view`.
-fn refresh(catalog: &Catalog, view: &View, change: &Change) {
+fn refresh(catalog: &Catalog, vips: &VipTable, view: &View, change: &Change) {
     let mut hostnames: BTreeSet<String> = change.hostnames.clone();
     let mut updates = Vec::new();
     if !change.networks.is_empty() {
@@ -401,7 +435,7 @@ fn refresh(catalog: &Catalog, view: &View, change: &Change) {
         }
     }
     for h in &hostnames {
-        let entry = build_service_view(catalog, h, &view.key)
+        let entry = build_service_view(catalog, vips, h, &view.key)
             .map(|sv| pb::ViewResource::from(&ViewResource::Service(Arc::new(sv))));
         updates.push((service_view_key(h), entry));
     }
@@ -409,10 +443,17 @@ fn refresh(catalog: &Catalog, view: &View, change: &Change) {
 }
 
 /// Merges the definitions of one hostname (namespace sameness): ports and addresses are the
-/// union, the first definition (by key) names the namespace.
-fn merged_service(defs: &[&Service]) -> Option<Service> {
+/// union, the first definition (by key) names the namespace. The allocated addresses are
+/// the hostname's active VIPs when its definitions want one; the registry's table is the
+/// only authority for them, whatever a source wrote.
+fn merged_service(defs: &[&Service], vips: &VipTable) -> Option<Service> {
     let (first, rest) = defs.split_first()?;
     let mut svc = (*first).clone();
+    svc.allocated_addresses = vips
+        .active(&first.hostname)
+        .filter(|_| vips::wants_vip(defs))
+        .map(|a| a.addresses())
+        .unwrap_or_default();
     for d in rest {
         for p in &d.ports {
             if !svc.ports.iter().any(|q| q.number == p.number) {
@@ -440,9 +481,14 @@ fn port_map(ports: &[ServicePort], f: impl Fn(&ServicePort) -> u16) -> BTreeMap<
 }
 
 /// The view of one service from `key.network`.
-pub fn build_service_view(catalog: &Catalog, hostname: &str, key: &ViewKey) -> Option<ServiceView> {
+pub fn build_service_view(
+    catalog: &Catalog,
+    vips: &VipTable,
+    hostname: &str,
+    key: &ViewKey,
+) -> Option<ServiceView> {
     let defs = catalog.service_defs(hostname);
-    let service = merged_service(&defs)?;
+    let service = merged_service(&defs, vips)?;
     let cluster_local = defs.iter().all(|d| d.scope == Scope::ClusterLocal);
     let mut endpoints = Vec::new();
     // network -> (healthy weight, identities behind it)

@@ -63,7 +63,7 @@ fn split_horizon_catalog() -> Views {
             "net-b",
         ));
     }
-    views.apply(up, vec![]);
+    views.apply(up, vec![], vec![]);
     views
 }
 
@@ -166,7 +166,7 @@ fn unhealthy_remote_endpoints_do_not_count_and_gatewayless_networks_contribute_n
     }
     // A third network with endpoints but no gateway.
     ups.push(wl("c0", "shop", "web", "10.9.0.1", "net-c"));
-    views.apply(ups, vec![]);
+    views.apply(ups, vec![], vec![]);
     let sv = service_entry(&a, "web.shop");
     let gws: Vec<_> = sv
         .endpoints
@@ -180,7 +180,7 @@ fn unhealthy_remote_endpoints_do_not_count_and_gatewayless_networks_contribute_n
         .iter()
         .any(|e| e.network == "net-c" || e.address == "10.9.0.1"));
     // Removing net-b's Network resource (its gateways) removes its entries.
-    views.apply(vec![], vec!["Network//net-b".into()]);
+    views.apply(vec![], vec!["Network//net-b".into()], vec![]);
     let sv = service_entry(&a, "web.shop");
     assert!(sv
         .endpoints
@@ -197,10 +197,18 @@ fn versions_history_and_catchup() {
     });
     let s0 = a.seq();
     // A no-op change publishes nothing.
-    views.apply(vec![wl("a0", "shop", "web", "10.0.0.0", "net-a")], vec![]);
+    views.apply(
+        vec![wl("a0", "shop", "web", "10.0.0.0", "net-a")],
+        vec![],
+        vec![],
+    );
     assert_eq!(a.seq(), s0);
-    views.apply(vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")], vec![]);
-    views.apply(vec![svc("db.shop", "shop", "c", "db")], vec![]);
+    views.apply(
+        vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")],
+        vec![],
+        vec![],
+    );
+    views.apply(vec![svc("db.shop", "shop", "c", "db")], vec![], vec![]);
     assert_eq!(a.seq(), s0 + 2);
     match a.catchup(&Resume::at(s0)) {
         Catchup::Delta {
@@ -248,9 +256,9 @@ fn equal_content_has_an_equal_digest_whatever_the_history() {
         gateway: false,
     };
     let v2 = two.view(&key);
-    two.apply(vec![svc("db.shop", "shop", "c", "db")], vec![]);
+    two.apply(vec![svc("db.shop", "shop", "c", "db")], vec![], vec![]);
     let one_v = one.view(&key);
-    two.apply(vec![], vec!["Service/c/db.shop".into()]);
+    two.apply(vec![], vec!["Service/c/db.shop".into()], vec![]);
     let mut up = vec![svc("web.shop", "shop", "c", "web")];
     for i in (0..3).rev() {
         up.push(wl(
@@ -272,7 +280,7 @@ fn equal_content_has_an_equal_digest_whatever_the_history() {
     }
     up.push(net("net-b", &["198.51.100.10", "198.51.100.11"]));
     up.push(net("net-a", &["192.0.2.10"]));
-    two.apply(up, vec![]);
+    two.apply(up, vec![], vec![]);
     let d1 = one_v.state.read().unwrap().digest;
     let d2 = v2.state.read().unwrap().digest;
     assert_ne!(d1, [0; 16]);
@@ -282,7 +290,11 @@ fn equal_content_has_an_equal_digest_whatever_the_history() {
     assert_eq!(resume.seq, None);
     assert!(matches!(v2.catchup(&resume), Catchup::UpToDate { .. }));
     // One change later the digests part.
-    two.apply(vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")], vec![]);
+    two.apply(
+        vec![wl("a9", "shop", "web", "10.0.0.9", "net-a")],
+        vec![],
+        vec![],
+    );
     assert!(matches!(v2.catchup(&resume), Catchup::Snapshot { .. }));
 }
 
@@ -293,10 +305,11 @@ fn history_is_bounded_and_old_resumes_get_a_snapshot() {
         network: "net-a".into(),
         gateway: false,
     });
-    views.apply(vec![svc("web.shop", "shop", "c", "web")], vec![]);
+    views.apply(vec![svc("web.shop", "shop", "c", "web")], vec![], vec![]);
     for i in 0..10 {
         views.apply(
             vec![wl(&format!("w{i}"), "shop", "web", "10.0.0.1", "net-a")],
+            vec![],
             vec![],
         );
     }
@@ -327,7 +340,7 @@ fn removed_service_is_a_removal() {
         gateway: false,
     });
     let s0 = a.seq();
-    views.apply(vec![], vec!["Service/c/web.shop".into()]);
+    views.apply(vec![], vec!["Service/c/web.shop".into()], vec![]);
     match a.catchup(&Resume::at(s0)) {
         Catchup::Delta {
             removals, upserts, ..
@@ -337,4 +350,135 @@ fn removed_service_is_a_removal() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// What ingest does: plan the VIPs the catalog's hostnames want, then apply both together.
+fn apply_with_vips(views: &Views, upserts: Vec<OwnedResource>) {
+    let plan = views.with_catalog_and_vips(|_, vips| {
+        let wants =
+            crate::vips::wants_by_hostname(upserts.iter().filter_map(|r| match &*r.resource {
+                Resource::Service(s) => Some(s),
+                _ => None,
+            }));
+        vips.plan(&wants, std::time::SystemTime::now())
+    });
+    assert!(plan.failures.is_empty(), "{:?}", plan.failures);
+    views.apply(upserts, vec![], plan.changes);
+}
+
+fn with_service(r: OwnedResource, f: impl FnOnce(&mut Service)) -> OwnedResource {
+    let mut r = r;
+    if let Resource::Service(s) = Arc::make_mut(&mut r.resource) {
+        f(s);
+    }
+    r
+}
+
+#[test]
+fn service_entry_carries_its_allocated_vips_in_every_view() {
+    let views = split_horizon_catalog();
+    let keys = [
+        ViewKey {
+            network: "net-a".into(),
+            gateway: false,
+        },
+        ViewKey {
+            network: "net-b".into(),
+            gateway: true,
+        },
+    ];
+    let before: Vec<_> = keys.iter().map(|k| views.view(k)).collect();
+    apply_with_vips(&views, vec![svc("web.shop", "shop", "c", "web")]);
+    // A view built after the allocation carries it too.
+    let late = views.view(&ViewKey {
+        network: "net-c".into(),
+        gateway: false,
+    });
+    let alloc = views
+        .with_vips(|v| v.active("web.shop").cloned())
+        .expect("allocated");
+    for view in before.iter().chain([&late]) {
+        let sv = service_entry(view, "web.shop");
+        assert_eq!(sv.service.allocated_addresses, alloc.addresses());
+        let v4: std::net::Ipv4Addr = sv.service.allocated_addresses[0].parse().unwrap();
+        let v6: std::net::Ipv6Addr = sv.service.allocated_addresses[1].parse().unwrap();
+        assert_eq!(&v4.octets()[..2], &[240, 240]);
+        assert_eq!(&v6.segments()[..3], &[0x2001, 2, 0]);
+    }
+    // The catalog's resource stays as the source wrote it.
+    views.with_catalog(|c| {
+        assert!(c.service_defs("web.shop")[0].allocated_addresses.is_empty());
+    });
+
+    // Released: the entry loses it, though the table keeps it for the grace period.
+    let plan = views.with_vips(|v| {
+        v.plan(
+            &[("web.shop".to_string(), false)].into(),
+            std::time::SystemTime::now(),
+        )
+    });
+    views.apply(vec![], vec![], plan.changes);
+    assert!(service_entry(&before[0], "web.shop")
+        .service
+        .allocated_addresses
+        .is_empty());
+    assert!(views.with_vips(|v| v.get("web.shop").is_some()));
+}
+
+#[test]
+fn opted_out_service_has_no_vip_in_its_entry() {
+    let views = Views::default();
+    let a = views.view(&ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+    });
+    apply_with_vips(
+        &views,
+        vec![with_service(svc("web.shop", "shop", "c", "web"), |s| {
+            s.labels.insert(
+                crate::vips::VIP_LABEL.into(),
+                crate::vips::VIP_LABEL_NONE.into(),
+            );
+        })],
+    );
+    assert!(service_entry(&a, "web.shop")
+        .service
+        .allocated_addresses
+        .is_empty());
+    assert!(views.with_vips(|v| v.is_empty()));
+}
+
+#[test]
+fn service_with_its_own_addresses_has_no_vip_in_its_entry() {
+    let views = Views::default();
+    let a = views.view(&ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+    });
+    let own = with_service(svc("web.shop", "shop", "c", "web"), |s| {
+        s.addresses.push(isthmus_proto::model::ServiceAddress {
+            cluster: String::new(),
+            address: "10.96.0.10".into(),
+        });
+    });
+    apply_with_vips(&views, vec![own]);
+    let sv = service_entry(&a, "web.shop");
+    assert!(sv.service.allocated_addresses.is_empty());
+    assert_eq!(sv.service.addresses.len(), 1);
+    assert!(views.with_vips(|v| v.is_empty()));
+
+    // Even with an allocation in the table (say, from before the addresses were added),
+    // an entry whose definitions carry addresses shows none.
+    let plan = views.with_vips(|v| {
+        v.plan(
+            &[("web.shop".to_string(), true)].into(),
+            std::time::SystemTime::now(),
+        )
+    });
+    views.apply(vec![], vec![], plan.changes);
+    assert!(views.with_vips(|v| v.active("web.shop").is_some()));
+    assert!(service_entry(&a, "web.shop")
+        .service
+        .allocated_addresses
+        .is_empty());
 }

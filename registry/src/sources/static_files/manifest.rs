@@ -757,6 +757,8 @@ fn service_entry(
                 cluster: d.cluster.clone(),
                 ports: ports.clone(),
                 addresses: addresses.clone(),
+                // Allocated by the registry, in the views only.
+                allocated_addresses: Vec::new(),
                 resolution,
                 scope,
                 labels: meta.labels.clone(),

@@ -112,6 +112,7 @@ spec:
                     address: "2001:db8::/64".into(),
                 },
             ],
+            allocated_addresses: vec![],
             resolution: Resolution::Static,
             scope: Scope::ClusterLocal,
             labels: labels(&[("team", "books")]),
