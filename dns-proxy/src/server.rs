@@ -212,7 +212,7 @@ impl Resolver {
         };
         if let Some(hit) = self.cache.get(&key, std::time::Instant::now()) {
             self.metrics.query(qtype, Outcome::cache_hit);
-            return Step::Reply(self.from_upstream(&request, hit, limit));
+            return Step::Reply(self.upstream_answer(&request, hit, limit));
         }
         match self.inflight.clone().try_acquire_owned() {
             Ok(permit) => Step::Forward(Box::new(Pending {
@@ -267,7 +267,7 @@ impl Resolver {
                     authorities: answer.authorities,
                     additionals: answer.additionals,
                 };
-                self.from_upstream(&request, cached, limit)
+                self.upstream_answer(&request, cached, limit)
             }
             Err(e) => {
                 tracing::debug!(name = %query.name, error = %e, "forwarding failed");
@@ -317,7 +317,7 @@ impl Resolver {
         }
     }
 
-    fn from_upstream(&self, request: &Message, answer: CachedAnswer, limit: usize) -> Vec<u8> {
+    fn upstream_answer(&self, request: &Message, answer: CachedAnswer, limit: usize) -> Vec<u8> {
         let mut m = self.response(request, answer.response_code, false);
         m.metadata.authentic_data = answer.authentic_data;
         m.answers = answer.answers;
@@ -523,5 +523,254 @@ async fn connection(mut stream: TcpStream, resolver: &Resolver, metrics: &Metric
             Ok(Ok(())) => {}
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheLimits;
+    use crate::forwarder::UpstreamMode;
+    use crate::names::Locale;
+    use hickory_proto::op::MessageType;
+    use isthmus_proto::model::{Resolution, Service, ServiceAddress, ServiceView, ViewResource};
+    use isthmus_proto::subscription::LocalView;
+    use prometheus_client::registry::Registry;
+
+    fn locale() -> Locale {
+        Locale {
+            network: "net-a".into(),
+            cluster: "c1".into(),
+            namespace: "shop".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    fn resolver(services: &[(&str, Vec<&str>)], synced: bool) -> Resolver {
+        let view = LocalView {
+            version: "v1".into(),
+            resources: services
+                .iter()
+                .map(|(host, addrs)| {
+                    let r = ViewResource::Service(Arc::new(ServiceView {
+                        service: Service {
+                            hostname: host.to_string(),
+                            addresses: addrs
+                                .iter()
+                                .map(|a| ServiceAddress {
+                                    cluster: String::new(),
+                                    address: a.to_string(),
+                                })
+                                .collect(),
+                            resolution: Resolution::Static,
+                            ..Default::default()
+                        },
+                        endpoints: vec![],
+                    }));
+                    (r.key(), r)
+                })
+                .collect(),
+        };
+        let metrics = Arc::new(Metrics::register(&mut Registry::default()));
+        Resolver::new(
+            Arc::new(ArcSwap::from_pointee(NameTable::build(
+                &view,
+                &locale(),
+                synced,
+            ))),
+            Cache::new(CacheLimits {
+                max_entries: 10,
+                max_ttl: Duration::from_secs(60),
+                max_negative_ttl: Duration::from_secs(60),
+            }),
+            Forwarder::new(
+                vec![],
+                UpstreamMode::Sequential,
+                Duration::from_secs(1),
+                metrics.clone(),
+            ),
+            metrics,
+            4,
+            Duration::from_secs(30),
+            1232,
+            "cluster.local",
+        )
+    }
+
+    fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.queries
+            .push(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn reply(r: &Resolver, packet: &[u8], transport: Transport) -> Message {
+        match r.begin(packet, transport) {
+            Step::Reply(b) => Message::from_vec(&b).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn many() -> Vec<&'static str> {
+        // 200 addresses: far more than 512 or 1232 bytes of A records.
+        let v: Vec<String> = (0..200)
+            .map(|i| format!("10.1.{}.{}", i / 250, i % 250 + 1))
+            .collect();
+        v.into_iter()
+            .map(|s| &*Box::leak(s.into_boxed_str()))
+            .collect()
+    }
+
+    #[test]
+    fn mesh_answers_are_authoritative_with_the_configured_ttl() {
+        let r = resolver(
+            &[("web.shop.svc.cluster.local", vec!["10.96.0.1", "fd00::1"])],
+            true,
+        );
+        let m = reply(&r, &query("web.", RecordType::A, None), Transport::Udp);
+        assert_eq!(m.metadata.id, 7);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.answers[0].ttl, 30);
+        assert_eq!(m.answers[0].name.to_ascii(), "web.");
+        let m = reply(
+            &r,
+            &query("WEB.shop.svc.cluster.local.", RecordType::AAAA, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.answers.len(), 1, "case-insensitive");
+    }
+
+    #[test]
+    fn wrong_family_and_other_types_are_nodata_never_nxdomain() {
+        let r = resolver(&[("web.shop.svc.cluster.local", vec!["10.96.0.1"])], true);
+        for t in [RecordType::AAAA, RecordType::TXT, RecordType::HTTPS] {
+            let m = reply(
+                &r,
+                &query("web.shop.svc.cluster.local.", t, None),
+                Transport::Udp,
+            );
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{t}");
+            assert!(m.answers.is_empty(), "{t}");
+        }
+    }
+
+    #[test]
+    fn unknown_service_domain_names_are_nxdomain_once_synced_servfail_before() {
+        let r = resolver(&[], true);
+        let m = reply(
+            &r,
+            &query("gone.shop.svc.cluster.local.", RecordType::A, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert!(
+            matches!(m.authorities[0].data, RData::SOA(_)),
+            "SOA for negative caching"
+        );
+        let r = resolver(&[], false);
+        let m = reply(
+            &r,
+            &query("web.shop.svc.cluster.local.", RecordType::A, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+
+    #[test]
+    fn truncates_to_the_client_udp_size_with_tc() {
+        let r = resolver(&[("big.example.com", many())], true);
+        let plain = match r.begin(
+            &query("big.example.com.", RecordType::A, None),
+            Transport::Udp,
+        ) {
+            Step::Reply(b) => b,
+            other => panic!("{other:?}"),
+        };
+        assert!(plain.len() <= 512, "{}", plain.len());
+        let m = Message::from_vec(&plain).unwrap();
+        assert!(m.metadata.truncation);
+        assert!(!m.answers.is_empty() && m.answers.len() < 200);
+
+        let edns = match r.begin(
+            &query("big.example.com.", RecordType::A, Some(4096)),
+            Transport::Udp,
+        ) {
+            Step::Reply(b) => b,
+            other => panic!("{other:?}"),
+        };
+        assert!(edns.len() <= 1232 && edns.len() > 512, "{}", edns.len());
+        let m = Message::from_vec(&edns).unwrap();
+        assert!(m.metadata.truncation);
+        assert!(m.edns.is_some(), "an EDNS query gets an EDNS answer");
+
+        let m = reply(
+            &r,
+            &query("big.example.com.", RecordType::A, None),
+            Transport::Tcp,
+        );
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 200, "TCP carries everything");
+    }
+
+    #[test]
+    fn malformed_packets_are_dropped_or_formerr() {
+        let r = resolver(&[], true);
+        assert!(matches!(r.begin(&[1, 2, 3], Transport::Udp), Step::Drop));
+        // A response is never answered (two resolvers must not loop).
+        let mut resp = query("x.", RecordType::A, None);
+        resp[2] |= 0x80;
+        assert!(matches!(r.begin(&resp, Transport::Udp), Step::Drop));
+        // A label longer than the packet; a compression pointer to itself; garbage.
+        let mut bad_label = query("x.", RecordType::A, None)[..12].to_vec();
+        bad_label.extend_from_slice(&[63, b'a', b'b']);
+        let mut looped = query("x.", RecordType::A, None)[..12].to_vec();
+        looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        let mut garbage = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        garbage.extend(std::iter::repeat_n(0xff, 40));
+        for p in [bad_label, looped, garbage] {
+            let m = reply(&r, &p, Transport::Udp);
+            assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+            assert_eq!(m.metadata.id, u16::from_be_bytes([p[0], p[1]]));
+        }
+        // No question.
+        let mut none = query("x.", RecordType::A, None)[..12].to_vec();
+        none[5] = 0;
+        assert_eq!(
+            reply(&r, &none, Transport::Udp).metadata.response_code,
+            ResponseCode::FormErr
+        );
+        assert!(matches!(
+            r.begin(&vec![0u8; MAX_QUERY_BYTES + 1], Transport::Udp),
+            Step::Drop
+        ));
+    }
+
+    #[test]
+    fn encode_within_keeps_what_fits() {
+        let mut m = Message::response(1, OpCode::Query);
+        m.queries
+            .push(Query::query(Name::from_ascii("a.").unwrap(), RecordType::A));
+        for i in 0..100u8 {
+            m.answers.push(Record::from_rdata(
+                Name::from_ascii("a.").unwrap(),
+                60,
+                RData::A(A::new(10, 0, 0, i)),
+            ));
+        }
+        let b = encode_within(m.clone(), 100);
+        assert!(b.len() <= 100);
+        assert!(Message::from_vec(&b).unwrap().metadata.truncation);
+        let b = encode_within(m, 65535);
+        let back = Message::from_vec(&b).unwrap();
+        assert_eq!(back.answers.len(), 100);
+        assert!(!back.metadata.truncation);
     }
 }
