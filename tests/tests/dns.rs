@@ -424,6 +424,21 @@ async fn failover_to_the_second_upstream_and_servfail_when_all_are_dead() {
     );
     s.stop().await;
 
+    // Parallel: a silent first upstream does not delay the answer of the second.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s = Setup::start(&mesh_catalog(), |c| {
+        c.upstreams = vec![silent.local_addr().unwrap(), upstream.addr];
+        c.upstream_mode = isthmus_dns::forwarder::UpstreamMode::Parallel;
+        c.query_timeout = Duration::from_secs(30);
+    })
+    .await;
+    s.synced().await;
+    let d = dig(s.addr(), &["www.example.test", "A", "+time=10", "+tries=1"]).await;
+    assert_eq!(d.answers, ["192.0.2.10"], "{}", d.output);
+    assert_eq!(s.count("A", "forwarded").await, 1.0);
+    s.stop().await;
+    drop(silent);
+
     // Every upstream dead: one refuses, one never answers. SERVFAIL within the timeout.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let s = Setup::start(&mesh_catalog(), |c| {
