@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 
-/// What an answer is cached under: the question, with the name lowercased.
+/// What an answer is cached under: the question, with the name lowercased, and whether the
+/// client asked for DNSSEC records (an answer stripped of them must not serve one that did).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     pub name: Box<str>,
     pub qtype: RecordType,
     pub qclass: DNSClass,
+    pub dnssec_ok: bool,
 }
 
 /// A cached answer, its TTLs already lowered by the time it spent in the cache.
@@ -195,6 +197,7 @@ mod tests {
             name: name.into(),
             qtype: RecordType::A,
             qclass: DNSClass::IN,
+            dnssec_ok: false,
         }
     }
 

@@ -209,6 +209,7 @@ impl Resolver {
             name: name.into_boxed_str(),
             qtype,
             qclass: query.query_class,
+            dnssec_ok: request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
         };
         if let Some(hit) = self.cache.get(&key, std::time::Instant::now()) {
             self.metrics.query(qtype, Outcome::cache_hit);
@@ -245,7 +246,7 @@ impl Resolver {
             _permit,
         } = pending;
         let query = &request.queries[0];
-        let dnssec_ok = request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
+        let dnssec_ok = key.dnssec_ok;
         self.metrics.upstream_inflight.inc();
         let result = self.forwarder.forward(query, dnssec_ok).await;
         self.metrics.upstream_inflight.dec();
