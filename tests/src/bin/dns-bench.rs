@@ -85,6 +85,35 @@ struct Perf {
     qps: f64,
     avg_latency: f64,
     lost: String,
+    /// Server CPU time per answered query: meaningful even when dnsperf, not the server, is
+    /// the bottleneck (on two cores it usually is).
+    cpu_per_query: Duration,
+}
+
+/// CPU time (user + system) a process has used, from /proc.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    let hz: u64 = String::from_utf8(Command::new("getconf").arg("CLK_TCK").output()?.stdout)?
+        .trim()
+        .parse()
+        .unwrap_or(100);
+    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+fn measure(server: &Server, queries: &Path, seconds: u64, cpu: &str) -> anyhow::Result<Perf> {
+    let before = cpu_time(server.child.id())?;
+    let mut perf = dnsperf(server.addr, queries, seconds, cpu)?;
+    let after = cpu_time(server.child.id())?;
+    let used = after.saturating_sub(before);
+    let answered = perf.qps * seconds as f64;
+    if answered > 0.0 {
+        perf.cpu_per_query = used.div_f64(answered);
+    }
+    Ok(perf)
 }
 
 fn dnsperf(addr: SocketAddr, queries: &Path, seconds: u64, cpu: &str) -> anyhow::Result<Perf> {
@@ -115,6 +144,7 @@ fn dnsperf(addr: SocketAddr, queries: &Path, seconds: u64, cpu: &str) -> anyhow:
         qps,
         avg_latency,
         lost,
+        cpu_per_query: Duration::ZERO,
     })
 }
 
@@ -202,10 +232,7 @@ fn main() -> anyhow::Result<()> {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         wait_answering(&mut s, &probe)?;
-        results.push((
-            "isthmus-dns",
-            dnsperf(s.addr, &queries, seconds, &client_cpu)?,
-        ));
+        results.push(("isthmus-dns", measure(&s, &queries, seconds, &client_cpu)?));
     }
 
     // unbound with local-data.
@@ -233,7 +260,7 @@ fn main() -> anyhow::Result<()> {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         wait_answering(&mut s, &probe)?;
-        results.push(("unbound", dnsperf(s.addr, &queries, seconds, &client_cpu)?));
+        results.push(("unbound", measure(&s, &queries, seconds, &client_cpu)?));
     }
 
     // dnsmasq with a hosts file.
@@ -267,31 +294,41 @@ fn main() -> anyhow::Result<()> {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         wait_answering(&mut s, &probe)?;
-        results.push(("dnsmasq", dnsperf(s.addr, &queries, seconds, &client_cpu)?));
+        results.push(("dnsmasq", measure(&s, &queries, seconds, &client_cpu)?));
     }
 
     println!(
-        "{:<12} {:>12} {:>16} {:>14}",
-        "server", "QPS", "avg latency", "lost"
+        "{:<12} {:>10} {:>14} {:>14} {:>16}",
+        "server", "QPS", "avg latency", "CPU/query", "lost"
     );
     for (label, p) in &results {
         println!(
-            "{label:<12} {:>12.0} {:>13.3} ms {:>14}",
+            "{label:<12} {:>10.0} {:>11.3} ms {:>11.2} µs {:>16}",
             p.qps,
             p.avg_latency * 1000.0,
+            p.cpu_per_query.as_secs_f64() * 1e6,
             p.lost
         );
     }
     let isthmus = &results[0].1;
     for (label, p) in &results[1..] {
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         println!(
-            "isthmus-dns / {label}: QPS x{:.2}, average latency x{:.2}",
-            isthmus.qps / p.qps,
-            if p.avg_latency > 0.0 {
-                isthmus.avg_latency / p.avg_latency
-            } else {
-                0.0
-            }
+            "isthmus-dns / {label}: QPS x{:.2}, average latency x{:.2}, CPU per query x{:.2}",
+            ratio(isthmus.qps, p.qps),
+            ratio(isthmus.avg_latency, p.avg_latency),
+            ratio(
+                isthmus.cpu_per_query.as_secs_f64(),
+                p.cpu_per_query.as_secs_f64()
+            ),
+        );
+    }
+    let (lo, hi) = results.iter().fold((f64::MAX, 0.0f64), |(lo, hi), (_, p)| {
+        (lo.min(p.qps), hi.max(p.qps))
+    });
+    if hi > 0.0 && lo / hi > 0.9 {
+        println!(
+            "note: every server answered within 10% of the same rate, so dnsperf's core was the limit; compare CPU per query"
         );
     }
     rt.block_on(async {
