@@ -128,3 +128,83 @@ pub fn tls_front_door(data: &[u8]) {
         }
     }
 }
+
+/// The DNS proxy's request path on raw client bytes (UDP and TCP limits): it must answer or
+/// drop, and an answer carries the query's ID.
+pub fn dns_query(data: &[u8]) {
+    use isthmus_dns::server::{Step, Transport};
+    let resolver = dns_resolver();
+    for transport in [Transport::Udp, Transport::Tcp] {
+        match resolver.begin(data, transport) {
+            Step::Reply(b) => {
+                assert!(b.len() >= 12, "an answer is at least a header");
+                assert_eq!(b[..2], data[..2], "an answer carries the query's ID");
+                assert!(b[2] & 0x80 != 0, "an answer has the response bit");
+            }
+            Step::Drop | Step::Forward(_) => {}
+        }
+    }
+}
+
+fn dns_resolver() -> &'static isthmus_dns::server::Resolver {
+    use isthmus_dns::cache::{Cache, CacheLimits};
+    use isthmus_dns::forwarder::{Forwarder, UpstreamMode};
+    use isthmus_dns::metrics::Metrics;
+    use isthmus_dns::names::{Locale, NameTable};
+    use isthmus_proto::model::{Resolution, Service, ServiceAddress, ServiceView, ViewResource};
+    use isthmus_proto::subscription::LocalView;
+    static R: OnceLock<isthmus_dns::server::Resolver> = OnceLock::new();
+    R.get_or_init(|| {
+        let view = LocalView {
+            version: "fuzz".into(),
+            resources: ["web.shop.svc.cluster.local", "*.wild.example.com"]
+                .iter()
+                .map(|h| {
+                    let r = ViewResource::Service(Arc::new(ServiceView {
+                        service: Service {
+                            hostname: h.to_string(),
+                            addresses: vec![ServiceAddress {
+                                cluster: String::new(),
+                                address: "10.96.0.1".into(),
+                            }],
+                            resolution: Resolution::Static,
+                            ..Default::default()
+                        },
+                        endpoints: vec![],
+                    }));
+                    (r.key(), r)
+                })
+                .collect(),
+        };
+        let locale = Locale {
+            network: "net".into(),
+            cluster: "c".into(),
+            namespace: "shop".into(),
+            cluster_domain: "cluster.local".into(),
+        };
+        let metrics = Arc::new(Metrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        isthmus_dns::server::Resolver::new(
+            Arc::new(arc_swap::ArcSwap::from_pointee(NameTable::build(
+                &view, &locale, true,
+            ))),
+            Cache::new(CacheLimits {
+                max_entries: 16,
+                max_ttl: Duration::from_secs(60),
+                max_negative_ttl: Duration::from_secs(60),
+            }),
+            Forwarder::new(
+                vec![],
+                UpstreamMode::Sequential,
+                Duration::from_secs(1),
+                metrics.clone(),
+            ),
+            metrics,
+            16,
+            Duration::from_secs(30),
+            1232,
+            "cluster.local",
+        )
+    })
+}

@@ -18,6 +18,7 @@ use isthmus_registry::app::{self, RegistryConfig, RegistryHandle};
 use isthmus_registry::ca::{self, init, token, CaMaterial};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod dns;
 pub mod fuzz;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
@@ -149,6 +150,22 @@ impl TestRegistry {
         )
         .await?;
         Ok(Credentials::from_pem(&issued.chain_pems.concat(), &key)?)
+    }
+
+    /// Requests a certificate as [`Self::credentials`] does and writes it to `dir` the way
+    /// `isthmusctl cert request` does (`key.pem`, `cert-chain.pem`, `root-cert.pem`).
+    pub async fn credentials_dir(&self, ns: &str, sa: &str, dir: &Path) -> anyhow::Result<()> {
+        let id = SpiffeId::workload(&TrustDomain::new(TRUST_DOMAIN)?, ns, sa)?;
+        let (key, csr) = certs::generate_key_and_csr(&id)?;
+        let issued = certs::request_certificate(
+            self.channel(None).await?,
+            csr,
+            Some(self.token(ns, sa, Duration::from_secs(600))),
+            0,
+        )
+        .await?;
+        certs::write_credentials(dir, &key, &issued.chain_pems, &issued.root_pem)?;
+        Ok(())
     }
 
     pub async fn subscribe(

@@ -157,3 +157,15 @@ fn tls_front_door() {
         &[hello, b"GET / HTTP/1.1\r\n\r\n".to_vec()],
     );
 }
+
+#[test]
+fn dns_query() {
+    // A query for a mesh name, one with EDNS, and a header claiming many records.
+    let mut seeds = vec![
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x04shop\x03svc\x07cluster\x05local\x00\x00\x01\x00\x01".to_vec(),
+        b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01\x01a\x04wild\x07example\x03com\x00\x00\x1c\x00\x01\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00".to_vec(),
+        b"\x00\x01\x01\x00\xff\xff\xff\xff\xff\xff\xff\xff\xc0\x0c".to_vec(),
+    ];
+    seeds.push(seeds[0][..20].to_vec());
+    run(fuzz::dns_query, &seeds);
+}

@@ -1,0 +1,360 @@
+//! Wiring: the Watch client feeding the name table, the resolver, the UDP and TCP listeners
+//! and the admin server, all stopped by one trigger.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use axum::routing::get;
+use axum::{Json, Router};
+use isthmus_proto::admin::{self, Readiness};
+use isthmus_proto::drain;
+use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
+use isthmus_proto::tls::{self, Credentials, ServerIdentity, TrustBundle};
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cache::{Cache, CacheLimits};
+use crate::config::{upstreams_from_resolv_conf, Config};
+use crate::forwarder::Forwarder;
+use crate::metrics::Metrics;
+use crate::names::{Locale, NameTable};
+use crate::server::{self, Resolver, TcpLimits};
+
+/// A running DNS proxy.
+pub struct DnsHandle {
+    /// Where DNS is served, over both UDP and TCP.
+    pub dns_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub resolver: Arc<Resolver>,
+    pub metrics: Arc<Metrics>,
+    pub sync: watch::Receiver<Arc<SyncState>>,
+    trigger: drain::Trigger,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for DnsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsHandle")
+            .field("dns_addr", &self.dns_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+impl DnsHandle {
+    pub fn names(&self) -> Arc<NameTable> {
+        self.resolver.names()
+    }
+
+    /// Stops every task and waits for them (bounded).
+    pub async fn shutdown(self) {
+        self.trigger.fire();
+        for t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a dns task did not stop within 5s");
+            }
+        }
+    }
+
+    pub async fn run_until_signal(self) {
+        drain::os_signal().await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}
+
+/// Binds UDP and TCP on the same port (the kernel picks one for port 0).
+async fn bind_dns(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding DNS on udp {addr}"))?;
+        let bound = udp.local_addr()?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            // Only a kernel-chosen port can be retried: that one was free for UDP only.
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(e) => return Err(e).with_context(|| format!("binding DNS on tcp {bound}")),
+        }
+    }
+    Err(last.expect("tried at least once")).context("no port free for both UDP and TCP")
+}
+
+pub async fn run(config: Config) -> anyhow::Result<DnsHandle> {
+    config.validate()?;
+    let (trigger, shutdown) = drain::channel();
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let registry = Arc::new(Mutex::new(registry));
+    let readiness = Readiness::default();
+    let mut tasks = Vec::new();
+
+    let mut upstreams = config.upstreams.clone();
+    if upstreams.is_empty() {
+        let text = std::fs::read_to_string(&config.resolv_conf).unwrap_or_default();
+        upstreams = upstreams_from_resolv_conf(&text, config.listen);
+        if upstreams.is_empty() {
+            tracing::warn!(
+                file = %config.resolv_conf.display(),
+                "no upstream resolvers: names outside the mesh will get SERVFAIL"
+            );
+        }
+    }
+
+    let locale = Locale {
+        network: config.network.clone(),
+        cluster: config.cluster.clone(),
+        namespace: config.namespace.clone(),
+        cluster_domain: config.cluster_domain.clone(),
+    };
+    let names = Arc::new(ArcSwap::from_pointee(NameTable::unsynced(&locale)));
+
+    // The catalog: a Watch client, and a task that rebuilds the table after every view.
+    let client = watch_client(&config)?;
+    let sync = client.state();
+    tasks.push(tokio::spawn(client.run(shutdown.clone())));
+    tasks.push(tokio::spawn(maintain_table(
+        sync.clone(),
+        names.clone(),
+        locale,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )));
+
+    let cache = Cache::new(CacheLimits {
+        max_entries: config.cache_entries,
+        max_ttl: config.cache_max_ttl,
+        max_negative_ttl: config.negative_max_ttl,
+    });
+    let forwarder = Forwarder::new(
+        upstreams.clone(),
+        config.upstream_mode,
+        config.query_timeout,
+        metrics.clone(),
+    );
+    let resolver = Arc::new(Resolver::new(
+        names.clone(),
+        cache,
+        forwarder,
+        metrics.clone(),
+        config.max_inflight,
+        config.ttl,
+        config.max_udp_payload,
+        &config.cluster_domain,
+    ));
+
+    let (udp, tcp) = bind_dns(config.listen).await?;
+    let dns_addr = udp.local_addr()?;
+    let udp = Arc::new(udp);
+    let workers = if config.udp_workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        config.udp_workers
+    };
+    for _ in 0..workers {
+        tasks.push(tokio::spawn(server::serve_udp(
+            udp.clone(),
+            resolver.clone(),
+            shutdown.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(server::serve_tcp(
+        tcp,
+        resolver.clone(),
+        metrics.clone(),
+        TcpLimits {
+            max_connections: config.max_tcp_connections,
+            idle_timeout: config.tcp_idle_timeout,
+        },
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(purge_cache(
+        resolver.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )));
+
+    let admin_addr = match config.admin_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin on {addr}"))?;
+            let bound = listener.local_addr()?;
+            let dump_resolver = resolver.clone();
+            let dump_sync = sync.clone();
+            let effective = serde_json::json!({
+                "config": &config,
+                "upstreams": upstreams,
+                "upstream_mode": format!("{:?}", config.upstream_mode).to_lowercase(),
+            });
+            let extra = Router::new().route(
+                "/config_dump",
+                get(move || {
+                    let names = dump_resolver.names();
+                    let state = dump_sync.borrow().clone();
+                    let effective = effective.clone();
+                    async move {
+                        Json(serde_json::json!({
+                            "effective": effective,
+                            "catalog": {
+                                "connected": state.connected,
+                                "last_error": state.last_error,
+                                "snapshots": state.snapshots,
+                                "resumes": state.resumes,
+                            },
+                            "cache_entries": dump_resolver.cache().len(),
+                            "name_table": names.dump(),
+                        }))
+                    }
+                }),
+            );
+            let shutdown = shutdown.clone();
+            let readiness = readiness.clone();
+            let registry = registry.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = admin::serve(listener, registry, readiness, extra, shutdown).await {
+                    tracing::error!(error = %e, "admin server failed");
+                }
+            }));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    tracing::info!(%dns_addr, ?admin_addr, upstreams = ?upstreams, "dns proxy serving");
+    Ok(DnsHandle {
+        dns_addr,
+        admin_addr,
+        resolver,
+        metrics,
+        sync,
+        trigger,
+        tasks,
+    })
+}
+
+fn watch_client(config: &Config) -> anyhow::Result<WatchClient> {
+    let r = &config.registry;
+    let bundle = TrustBundle::from_pem_file(&r.root_cert, &r.trust_domain)
+        .with_context(|| format!("reading the mesh root {}", r.root_cert.display()))?;
+    let tls_config =
+        move |cert_dir: &std::path::Path| -> anyhow::Result<Arc<rustls::ClientConfig>> {
+            let creds = Credentials::from_dir(cert_dir)
+                .with_context(|| format!("reading credentials in {}", cert_dir.display()))?;
+            Ok(Arc::new(tls::client_config(
+                Some(&creds),
+                &bundle,
+                ServerIdentity::TrustDomain,
+                &[tls::ALPN_H2],
+            )?))
+        };
+    // Unreadable credentials fail the start; later, a connect re-reads them (to pick up a
+    // renewal) and keeps the last good ones if the files are mid-rewrite.
+    let last_good = Arc::new(Mutex::new(tls_config(&r.cert_dir)?));
+    let addr = r.addr.clone();
+    let cert_dir = r.cert_dir.clone();
+    let node = Node {
+        id: config.node_id.clone(),
+        kind: NodeKind::Dns,
+        network: config.network.clone(),
+        cluster: config.cluster.clone(),
+        locality: Default::default(),
+    };
+    Ok(WatchClient::new(
+        move || {
+            let cfg = match tls_config(&cert_dir) {
+                Ok(cfg) => {
+                    *last_good.lock().expect("tls config poisoned") = cfg.clone();
+                    cfg
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping the previous credentials");
+                    last_good.lock().expect("tls config poisoned").clone()
+                }
+            };
+            let addr = addr.clone();
+            async move { isthmus_proto::grpc::connect(&addr, cfg).await }
+        },
+        node,
+        None,
+        WatchOptions::default(),
+    ))
+}
+
+/// Rebuilds the name table whenever the Watch client publishes a new view, and keeps the
+/// catalog metrics current.
+async fn maintain_table(
+    mut sync: watch::Receiver<Arc<SyncState>>,
+    names: Arc<ArcSwap<NameTable>>,
+    locale: Locale,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    shutdown: drain::Watch,
+) {
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut built: Option<(Arc<isthmus_proto::subscription::LocalView>, bool)> = None;
+    loop {
+        let state = sync.borrow_and_update().clone();
+        let synced = state.synced();
+        let fresh = built
+            .as_ref()
+            .is_none_or(|(v, s)| !Arc::ptr_eq(v, &state.view) || *s != synced);
+        if fresh {
+            let table = NameTable::build(&state.view, &locale, synced);
+            tracing::debug!(
+                names = table.len(),
+                version = table.version(),
+                "name table rebuilt"
+            );
+            metrics.names.set(table.len() as i64);
+            names.store(Arc::new(table));
+            built = Some((state.view.clone(), synced));
+            if synced {
+                readiness.set(true);
+            }
+        }
+        metrics.catalog_synced.set(i64::from(synced));
+        metrics.catalog_connected.set(i64::from(state.connected));
+        metrics.catalog_sync_age_seconds.set(match state.last_sync {
+            Some(t) => SystemTime::now()
+                .duration_since(t)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            None => -1.0,
+        });
+        tokio::select! {
+            _ = &mut stop => return,
+            r = sync.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Drops expired cache entries now and then, so the size gauge tells the truth.
+async fn purge_cache(resolver: Arc<Resolver>, metrics: Arc<Metrics>, shutdown: drain::Watch) {
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {
+                let n = resolver.cache().purge(std::time::Instant::now());
+                metrics.cache_entries.set(n as i64);
+            }
+        }
+    }
+}

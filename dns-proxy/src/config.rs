@@ -1,0 +1,236 @@
+//! The DNS proxy's configuration: one typed struct, every default a named constant, checked
+//! in one pass that reports every bad field.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::forwarder::UpstreamMode;
+
+/// Istio's DNS proxy port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15053";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+pub const DEFAULT_REGISTRY: &str = "127.0.0.1:15012";
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// TTL of mesh answers: short, so a moved VIP or endpoint is picked up quickly, long enough
+/// that a client's own cache absorbs bursts.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_CACHE_ENTRIES: usize = 10_000;
+pub const DEFAULT_CACHE_MAX_TTL: Duration = Duration::from_secs(3600);
+/// RFC 2308 suggests one to three hours at most; a mesh changes faster than that.
+pub const DEFAULT_NEGATIVE_MAX_TTL: Duration = Duration::from_secs(300);
+/// Queries waiting on upstreams at once; beyond this new ones are refused at once instead
+/// of queueing (a flood of unique names must not exhaust memory or sockets).
+pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
+/// A client TCP connection idle this long (or slow to send a whole message) is closed.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest UDP answer sent to a client that advertises a larger EDNS size (flag day 2020).
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1232;
+/// Largest query accepted (UDP or TCP); a query is a header and one question, plus EDNS.
+pub const MAX_QUERY_BYTES: usize = 4096;
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// How to reach the registry.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegistrySettings {
+    pub addr: String,
+    /// The mesh root certificate (`root-cert.pem`).
+    pub root_cert: PathBuf,
+    /// `key.pem` and `cert-chain.pem`, re-read on every connect so a renewal is picked up.
+    pub cert_dir: PathBuf,
+    pub trust_domain: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub registry: RegistrySettings,
+    pub node_id: String,
+    pub network: String,
+    pub cluster: String,
+    pub namespace: String,
+    pub cluster_domain: String,
+    /// Empty: the nameservers of `resolv_conf`.
+    pub upstreams: Vec<SocketAddr>,
+    pub resolv_conf: PathBuf,
+    #[serde(skip)]
+    pub upstream_mode: UpstreamMode,
+    pub query_timeout: Duration,
+    pub ttl: Duration,
+    pub cache_entries: usize,
+    pub cache_max_ttl: Duration,
+    pub negative_max_ttl: Duration,
+    pub max_inflight: usize,
+    pub max_tcp_connections: usize,
+    pub tcp_idle_timeout: Duration,
+    pub max_udp_payload: u16,
+    /// Tasks reading the UDP socket; 0 means one per core.
+    pub udp_workers: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Config {
+    pub fn new(network: &str, cluster: &str, registry: RegistrySettings) -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("literal"),
+            admin_addr: Some(DEFAULT_ADMIN.parse().expect("literal")),
+            registry,
+            node_id: format!("dns-{}", std::process::id()),
+            network: network.into(),
+            cluster: cluster.into(),
+            namespace: DEFAULT_NAMESPACE.into(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.into(),
+            upstreams: Vec::new(),
+            resolv_conf: RESOLV_CONF.into(),
+            upstream_mode: UpstreamMode::default(),
+            query_timeout: DEFAULT_QUERY_TIMEOUT,
+            ttl: DEFAULT_TTL,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
+            cache_max_ttl: DEFAULT_CACHE_MAX_TTL,
+            negative_max_ttl: DEFAULT_NEGATIVE_MAX_TTL,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
+            udp_workers: 0,
+        }
+    }
+
+    /// Checks every field and reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                p.push(msg);
+            }
+        };
+        need(
+            !self.network.is_empty(),
+            "network: must name this proxy's network".into(),
+        );
+        need(
+            !self.registry.addr.is_empty(),
+            "registry: must name the registry's address".into(),
+        );
+        for (field, v) in [
+            ("namespace", &self.namespace),
+            ("cluster-domain", &self.cluster_domain),
+        ] {
+            need(
+                !v.is_empty() && v.split('.').all(|l| !l.is_empty() && l.len() <= 63),
+                format!("{field}: {v:?} is not a DNS name"),
+            );
+        }
+        need(
+            self.ttl.as_secs() >= 1 && self.ttl.as_secs() <= u64::from(i32::MAX as u32),
+            format!("ttl: {:?} must be between 1s and 68 years", self.ttl),
+        );
+        need(
+            !self.query_timeout.is_zero(),
+            "query-timeout: must be above zero".into(),
+        );
+        need(
+            self.max_inflight > 0,
+            "max-inflight: must be at least 1".into(),
+        );
+        need(
+            self.max_tcp_connections > 0,
+            "max-tcp-connections: must be at least 1".into(),
+        );
+        need(
+            self.max_udp_payload >= 512,
+            format!(
+                "max-udp-payload: {} is below the 512 bytes every DNS client accepts",
+                self.max_udp_payload
+            ),
+        );
+        for u in &self.upstreams {
+            need(
+                *u != self.listen,
+                format!("upstream: {u} is this proxy's own address (a forwarding loop)"),
+            );
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(p))
+        }
+    }
+}
+
+/// The `nameserver` lines of a resolv.conf, on port 53, less `exclude` (this proxy itself:
+/// on a VM whose resolv.conf points at the proxy, forwarding there would loop).
+pub fn upstreams_from_resolv_conf(text: &str, exclude: SocketAddr) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some("nameserver"))
+                .then(|| it.next())
+                .flatten()
+        })
+        // A scoped IPv6 address (fe80::1%eth0) is not supported by SocketAddr parsing.
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .filter(|a| *a != exclude)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::new(
+            "net-a",
+            "c1",
+            RegistrySettings {
+                addr: "127.0.0.1:15012".into(),
+                root_cert: "root.pem".into(),
+                cert_dir: "certs".into(),
+                trust_domain: "cluster.local".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid_and_every_bad_field_is_named() {
+        cfg().validate().unwrap();
+        let mut c = cfg();
+        c.network.clear();
+        c.cluster_domain = "bad..domain".into();
+        c.max_udp_payload = 100;
+        c.upstreams = vec![c.listen];
+        let err = c.validate().unwrap_err().to_string();
+        for field in [
+            "network:",
+            "cluster-domain:",
+            "max-udp-payload:",
+            "upstream:",
+        ] {
+            assert!(err.contains(field), "{field} in {err}");
+        }
+    }
+
+    #[test]
+    fn resolv_conf_nameservers() {
+        let text = "# comment\nsearch example.com\nnameserver 10.0.0.2\nnameserver ::1\nnameserver 127.0.0.1\nnameserver fe80::1%eth0\noptions ndots:5\n";
+        let got = upstreams_from_resolv_conf(text, "127.0.0.1:53".parse().unwrap());
+        assert_eq!(
+            got,
+            vec![
+                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:53".parse().unwrap()
+            ]
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! isthmus-dns, the smart DNS proxy. It answers mesh hostnames (with Kubernetes short
+//! names and ServiceEntry wildcards) from the catalog view it watches, and forwards
+//! everything else to upstream resolvers through a TTL-honouring cache.
+//!
+//! Modules: [`names`] (the name table built from the view), [`server`] (the request path,
+//! UDP and TCP), [`forwarder`] (upstreams), [`cache`], [`metrics`], [`config`], and
+//! [`app`], which wires them and is what the binary and the tests start.
+
+pub mod app;
+pub mod cache;
+pub mod config;
+pub mod forwarder;
+pub mod metrics;
+pub mod names;
+pub mod server;
+
+pub use app::{run, DnsHandle};
+pub use config::Config;

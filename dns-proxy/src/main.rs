@@ -1,0 +1,121 @@
+//! `isthmus-dns`: parses arguments and runs the DNS proxy until SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use isthmus_dns::config::{self, Config, RegistrySettings};
+use isthmus_dns::forwarder::UpstreamMode;
+use isthmus_proto::config::parse_duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "The isthmus DNS proxy: mesh names from the catalog, everything else forwarded and cached"
+)]
+struct Args {
+    /// UDP and TCP address to serve DNS on.
+    #[arg(long, default_value = config::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Admin HTTP address (/metrics, /healthz, /readyz, /config_dump).
+    #[arg(long, default_value = config::DEFAULT_ADMIN)]
+    admin_addr: SocketAddr,
+    /// The registry's gRPC address.
+    #[arg(long, default_value = config::DEFAULT_REGISTRY)]
+    registry: String,
+    /// The mesh root certificate.
+    #[arg(long)]
+    root: PathBuf,
+    /// Directory with this proxy's key.pem and cert-chain.pem.
+    #[arg(long)]
+    cert_dir: PathBuf,
+    #[arg(long, default_value = config::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// This proxy's network (it sees the catalog as this network does).
+    #[arg(long, env = "ISTHMUS_NETWORK")]
+    network: String,
+    /// This proxy's cluster (picks the cluster's VIP of a service).
+    #[arg(long, env = "ISTHMUS_CLUSTER", default_value = "")]
+    cluster: String,
+    /// The namespace short names are relative to.
+    #[arg(long, default_value = config::DEFAULT_NAMESPACE)]
+    namespace: String,
+    #[arg(long, default_value = config::DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
+    /// Upstream resolver (ip:port; repeatable). Default: the nameservers of /etc/resolv.conf.
+    #[arg(long = "upstream")]
+    upstreams: Vec<SocketAddr>,
+    /// sequential (failover in order) or parallel (first answer wins).
+    #[arg(long, default_value = "sequential")]
+    upstream_mode: UpstreamMode,
+    /// Deadline for one forwarded query, over all upstreams.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    query_timeout: Duration,
+    /// TTL of mesh answers.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    ttl: Duration,
+    #[arg(long, default_value_t = config::DEFAULT_CACHE_ENTRIES)]
+    cache_entries: usize,
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    cache_max_ttl: Duration,
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    negative_max_ttl: Duration,
+    /// Queries waiting on upstreams at once; more are refused.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_INFLIGHT)]
+    max_inflight: usize,
+    #[arg(long, default_value_t = config::DEFAULT_MAX_TCP_CONNECTIONS)]
+    max_tcp_connections: usize,
+    /// Tasks reading the UDP socket (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    udp_workers: usize,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    validate: bool,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    isthmus_proto::telemetry::init();
+    let a = Args::parse();
+    let mut cfg = Config::new(
+        &a.network,
+        &a.cluster,
+        RegistrySettings {
+            addr: a.registry,
+            root_cert: a.root,
+            cert_dir: a.cert_dir,
+            trust_domain: a.trust_domain,
+        },
+    );
+    cfg.listen = a.listen;
+    cfg.admin_addr = Some(a.admin_addr);
+    cfg.namespace = a.namespace;
+    cfg.cluster_domain = a.cluster_domain;
+    cfg.upstreams = a.upstreams;
+    cfg.upstream_mode = a.upstream_mode;
+    cfg.query_timeout = a.query_timeout;
+    cfg.ttl = a.ttl;
+    cfg.cache_entries = a.cache_entries;
+    cfg.cache_max_ttl = a.cache_max_ttl;
+    cfg.negative_max_ttl = a.negative_max_ttl;
+    cfg.max_inflight = a.max_inflight;
+    cfg.max_tcp_connections = a.max_tcp_connections;
+    cfg.udp_workers = a.udp_workers;
+    cfg.validate()?;
+    if a.validate {
+        println!("configuration is valid");
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let handle = isthmus_dns::run(cfg).await?;
+        handle.run_until_signal().await;
+        Ok(())
+    })
+}

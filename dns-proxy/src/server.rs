@@ -1,0 +1,777 @@
+//! The request path and its two transports.
+//!
+//! [`Resolver::begin`] does everything that needs no upstream synchronously: it parses the
+//! query, answers mesh names from the name table and known answers from the cache, and
+//! refuses what it must. Only a query that needs an upstream becomes a task
+//! ([`Resolver::finish`]), bounded by a semaphore. So the common case (a mesh name, a cached
+//! name) costs one parse, one table or cache lookup and one encode, with no task, no lock
+//! shared with catalog updates and no allocation beyond the answer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, SOA};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use isthmus_proto::drain;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::cache::{Cache, CacheKey, CachedAnswer};
+use crate::config::MAX_QUERY_BYTES;
+use crate::forwarder::Forwarder;
+use crate::metrics::{MalformedReason, Metrics, Outcome};
+use crate::names::{normalize, MeshName, NameTable};
+
+/// Size of a DNS header.
+const HEADER_LEN: usize = 12;
+/// What every DNS client accepts over UDP without EDNS (RFC 1035).
+const CLASSIC_UDP_PAYLOAD: usize = 512;
+const TCP_MAX_MESSAGE: usize = u16::MAX as usize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What to do with one packet from a client.
+#[derive(Debug)]
+pub enum Step {
+    Reply(Vec<u8>),
+    /// Not worth an answer (too short to carry an ID, or itself a response); counted.
+    Drop,
+    /// Needs an upstream: run [`Resolver::finish`] on it.
+    Forward(Box<Pending>),
+}
+
+/// A query waiting on an upstream, holding its place among the bounded in-flight queries.
+#[derive(Debug)]
+pub struct Pending {
+    request: Message,
+    key: CacheKey,
+    limit: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Answers queries: the name table first, then the cache, then the upstreams.
+#[derive(Debug)]
+pub struct Resolver {
+    names: Arc<ArcSwap<NameTable>>,
+    cache: Cache,
+    forwarder: Forwarder,
+    metrics: Arc<Metrics>,
+    inflight: Arc<Semaphore>,
+    ttl: u32,
+    max_udp_payload: u16,
+    /// The SOA of the cluster domain, in our NXDOMAIN answers (negative caching downstream).
+    soa: Record,
+}
+
+impl Resolver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        names: Arc<ArcSwap<NameTable>>,
+        cache: Cache,
+        forwarder: Forwarder,
+        metrics: Arc<Metrics>,
+        max_inflight: usize,
+        ttl: Duration,
+        max_udp_payload: u16,
+        cluster_domain: &str,
+    ) -> Self {
+        let ttl = ttl.as_secs().clamp(1, i32::MAX as u64) as u32;
+        let zone = Name::from_ascii(format!("{}.", normalize(cluster_domain)))
+            .unwrap_or_else(|_| Name::root());
+        let mname = zone.prepend_label("ns").unwrap_or_else(|_| zone.clone());
+        let rname = zone
+            .prepend_label("hostmaster")
+            .unwrap_or_else(|_| zone.clone());
+        let soa = Record::from_rdata(
+            zone,
+            ttl,
+            RData::SOA(SOA::new(mname, rname, 1, 3600, 600, 86400, ttl)),
+        );
+        Self {
+            names,
+            cache,
+            forwarder,
+            metrics,
+            inflight: Arc::new(Semaphore::new(max_inflight)),
+            ttl,
+            max_udp_payload,
+            soa,
+        }
+    }
+
+    pub fn names(&self) -> Arc<NameTable> {
+        self.names.load_full()
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Handles a packet completely (forwarding inline if needed).
+    pub async fn handle(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        match self.begin(packet, transport) {
+            Step::Reply(b) => Some(b),
+            Step::Drop => None,
+            Step::Forward(p) => Some(self.finish(*p).await),
+        }
+    }
+
+    /// The synchronous part of a query: everything but the upstream.
+    pub fn begin(&self, packet: &[u8], transport: Transport) -> Step {
+        if packet.len() < HEADER_LEN {
+            self.metrics.malformed(MalformedReason::short);
+            return Step::Drop;
+        }
+        if packet.len() > MAX_QUERY_BYTES {
+            self.metrics.malformed(MalformedReason::oversize);
+            return Step::Drop;
+        }
+        if packet[2] & 0x80 != 0 {
+            self.metrics.malformed(MalformedReason::response);
+            return Step::Drop;
+        }
+        let id = u16::from_be_bytes([packet[0], packet[1]]);
+        let opcode = (packet[2] >> 3) & 0x0f;
+        let rd = packet[2] & 0x01 != 0;
+        let request = match Message::from_vec(packet) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "unparseable query");
+                self.metrics.malformed(MalformedReason::unparseable);
+                self.metrics.query(RecordType::NULL, Outcome::formerr);
+                return Step::Reply(header_only(id, opcode, rd, ResponseCode::FormErr));
+            }
+        };
+        if request.queries.len() != 1 {
+            self.metrics.malformed(MalformedReason::questions);
+            self.metrics.query(RecordType::NULL, Outcome::formerr);
+            return Step::Reply(header_only(id, opcode, rd, ResponseCode::FormErr));
+        }
+        let query = &request.queries[0];
+        let qtype = query.query_type;
+        if request.metadata.op_code != OpCode::Query {
+            self.metrics.query(qtype, Outcome::refused);
+            return Step::Reply(header_only(id, opcode, rd, ResponseCode::NotImp));
+        }
+        let limit = self.limit(&request, transport);
+        let name = normalize(&query.name.to_ascii());
+
+        if query.query_class == DNSClass::IN {
+            let table = self.names.load();
+            if let Some(found) = table.lookup(&name) {
+                self.metrics.query(qtype, Outcome::mesh_hit);
+                let answers = self.mesh_records(query, found);
+                return Step::Reply(self.respond(
+                    &request,
+                    ResponseCode::NoError,
+                    true,
+                    answers,
+                    Vec::new(),
+                    limit,
+                ));
+            }
+            if table.is_service_domain(&name) {
+                // This proxy is the authority for the service domain: a name the catalog
+                // does not have does not exist, and is never sent upstream. Before the first
+                // sync it cannot know yet.
+                if !table.synced() {
+                    self.metrics.query(qtype, Outcome::servfail);
+                    return Step::Reply(self.respond(
+                        &request,
+                        ResponseCode::ServFail,
+                        false,
+                        Vec::new(),
+                        Vec::new(),
+                        limit,
+                    ));
+                }
+                self.metrics.query(qtype, Outcome::nxdomain);
+                return Step::Reply(self.respond(
+                    &request,
+                    ResponseCode::NXDomain,
+                    true,
+                    Vec::new(),
+                    vec![self.soa.clone()],
+                    limit,
+                ));
+            }
+        }
+
+        let key = CacheKey {
+            name: name.into_boxed_str(),
+            qtype,
+            qclass: query.query_class,
+            dnssec_ok: request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
+        };
+        if let Some(hit) = self.cache.get(&key, std::time::Instant::now()) {
+            self.metrics.query(qtype, Outcome::cache_hit);
+            return Step::Reply(self.upstream_answer(&request, hit, limit));
+        }
+        match self.inflight.clone().try_acquire_owned() {
+            Ok(permit) => Step::Forward(Box::new(Pending {
+                request,
+                key,
+                limit,
+                _permit: permit,
+            })),
+            Err(_) => {
+                // Shedding load beats queueing: the client retries, perhaps elsewhere.
+                self.metrics.query(qtype, Outcome::refused);
+                Step::Reply(self.respond(
+                    &request,
+                    ResponseCode::Refused,
+                    false,
+                    Vec::new(),
+                    Vec::new(),
+                    limit,
+                ))
+            }
+        }
+    }
+
+    /// Asks the upstreams for a query [`Resolver::begin`] could not answer.
+    pub async fn finish(&self, pending: Pending) -> Vec<u8> {
+        let Pending {
+            request,
+            key,
+            limit,
+            _permit,
+        } = pending;
+        let query = &request.queries[0];
+        let dnssec_ok = key.dnssec_ok;
+        self.metrics.upstream_inflight.inc();
+        let result = self.forwarder.forward(query, dnssec_ok).await;
+        self.metrics.upstream_inflight.dec();
+        match result {
+            Ok(answer) => {
+                self.metrics.query(query.query_type, Outcome::forwarded);
+                let answer = answer.maybe_strip_dnssec_records(dnssec_ok);
+                if self
+                    .cache
+                    .insert(key, &answer, std::time::Instant::now())
+                    .is_some()
+                {
+                    self.metrics.cache_entries.set(self.cache.len() as i64);
+                }
+                let cached = CachedAnswer {
+                    response_code: answer.metadata.response_code,
+                    authentic_data: answer.metadata.authentic_data,
+                    answers: answer.answers,
+                    authorities: answer.authorities,
+                    additionals: answer.additionals,
+                };
+                self.upstream_answer(&request, cached, limit)
+            }
+            Err(e) => {
+                tracing::debug!(name = %query.name, error = %e, "forwarding failed");
+                self.metrics.query(query.query_type, Outcome::servfail);
+                self.respond(
+                    &request,
+                    ResponseCode::ServFail,
+                    false,
+                    Vec::new(),
+                    Vec::new(),
+                    limit,
+                )
+            }
+        }
+    }
+
+    fn limit(&self, request: &Message, transport: Transport) -> usize {
+        match transport {
+            Transport::Tcp => TCP_MAX_MESSAGE,
+            Transport::Udp => match &request.edns {
+                Some(e) => {
+                    usize::from(e.max_payload().min(self.max_udp_payload)).max(CLASSIC_UDP_PAYLOAD)
+                }
+                None => CLASSIC_UDP_PAYLOAD,
+            },
+        }
+    }
+
+    fn mesh_records(&self, query: &Query, found: &MeshName) -> Vec<Record> {
+        // Answers carry the name as asked: a short name is answered under itself, which
+        // every stub resolver accepts without a CNAME.
+        let name = &query.name;
+        match query.query_type {
+            RecordType::A => found
+                .v4
+                .iter()
+                .map(|a| Record::from_rdata(name.clone(), self.ttl, RData::A(A(*a))))
+                .collect(),
+            RecordType::AAAA => found
+                .v6
+                .iter()
+                .map(|a| Record::from_rdata(name.clone(), self.ttl, RData::AAAA(AAAA(*a))))
+                .collect(),
+            // A known name has no other records: NOERROR with nothing, never NXDOMAIN (a
+            // client that also asks HTTPS or TXT must not conclude the name is gone).
+            _ => Vec::new(),
+        }
+    }
+
+    fn upstream_answer(&self, request: &Message, answer: CachedAnswer, limit: usize) -> Vec<u8> {
+        let mut m = self.response(request, answer.response_code, false);
+        m.metadata.authentic_data = answer.authentic_data;
+        m.answers = answer.answers;
+        m.authorities = answer.authorities;
+        m.additionals = answer.additionals;
+        encode_within(m, limit)
+    }
+
+    fn respond(
+        &self,
+        request: &Message,
+        code: ResponseCode,
+        authoritative: bool,
+        answers: Vec<Record>,
+        authorities: Vec<Record>,
+        limit: usize,
+    ) -> Vec<u8> {
+        let mut m = self.response(request, code, authoritative);
+        m.answers = answers;
+        m.authorities = authorities;
+        encode_within(m, limit)
+    }
+
+    fn response(&self, request: &Message, code: ResponseCode, authoritative: bool) -> Message {
+        let mut m = Message::response(request.metadata.id, request.metadata.op_code);
+        m.metadata.response_code = code;
+        m.metadata.authoritative = authoritative;
+        m.metadata.recursion_desired = request.metadata.recursion_desired;
+        m.metadata.recursion_available = true;
+        m.metadata.checking_disabled = request.metadata.checking_disabled;
+        m.queries = request.queries.clone();
+        if let Some(e) = &request.edns {
+            let mut edns = Edns::new();
+            edns.set_max_payload(self.max_udp_payload);
+            edns.set_dnssec_ok(e.flags().dnssec_ok);
+            m.set_edns(edns);
+        }
+        m
+    }
+}
+
+/// Encodes `m` in at most `limit` bytes: additional records go first, then authority and
+/// answer records (halving), with TC set whenever an answer or authority record was cut so
+/// the client retries over TCP.
+pub fn encode_within(mut m: Message, limit: usize) -> Vec<u8> {
+    loop {
+        let bytes = match m.to_vec() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode an answer; sending SERVFAIL");
+                return header_only(
+                    m.metadata.id,
+                    u8::from(m.metadata.op_code),
+                    m.metadata.recursion_desired,
+                    ResponseCode::ServFail,
+                );
+            }
+        };
+        if bytes.len() <= limit {
+            return bytes;
+        }
+        if !m.additionals.is_empty() {
+            m.additionals.clear();
+        } else if !m.authorities.is_empty() {
+            m.authorities.clear();
+            m.metadata.truncation = true;
+        } else if !m.answers.is_empty() {
+            let keep = m.answers.len() / 2;
+            m.answers.truncate(keep);
+            m.metadata.truncation = true;
+        } else {
+            // Only the question is left and it does not fit: the query itself was too big.
+            return bytes;
+        }
+    }
+}
+
+/// A response that is only a header: for queries whose question cannot be echoed.
+fn header_only(id: u16, opcode: u8, rd: bool, code: ResponseCode) -> Vec<u8> {
+    let code = u16::from(code) as u8 & 0x0f;
+    let mut b = vec![0u8; HEADER_LEN];
+    b[0..2].copy_from_slice(&id.to_be_bytes());
+    b[2] = 0x80 | ((opcode & 0x0f) << 3) | u8::from(rd);
+    b[3] = 0x80 | code;
+    b
+}
+
+/// Serves UDP on `socket` until `shutdown`; several of these may share one socket.
+pub async fn serve_udp(socket: Arc<UdpSocket>, resolver: Arc<Resolver>, shutdown: drain::Watch) {
+    // Larger than any datagram, so an oversized query is seen as such, not cut short.
+    let mut buf = vec![0u8; 65536];
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = &mut stop => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // An ICMP error from an earlier send can surface here; the socket is fine.
+                    tracing::debug!(error = %e, "udp receive error");
+                    continue;
+                }
+            },
+        };
+        match resolver.begin(&buf[..n], Transport::Udp) {
+            Step::Reply(b) => send(&socket, &b, peer).await,
+            Step::Drop => {}
+            Step::Forward(p) => {
+                let socket = socket.clone();
+                let resolver = resolver.clone();
+                tokio::spawn(async move {
+                    let b = resolver.finish(*p).await;
+                    send(&socket, &b, peer).await;
+                });
+            }
+        }
+    }
+}
+
+async fn send(socket: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
+    if let Err(e) = socket.send_to(bytes, peer).await {
+        tracing::debug!(%peer, error = %e, "udp send failed");
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TcpLimits {
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Serves DNS over TCP (RFC 7766: length-prefixed messages, several per connection).
+pub async fn serve_tcp(
+    listener: TcpListener,
+    resolver: Arc<Resolver>,
+    metrics: Arc<Metrics>,
+    limits: TcpLimits,
+    shutdown: drain::Watch,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let stop = shutdown.clone().signaled();
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut stop => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "tcp accept error");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many tcp clients; closing");
+            continue;
+        };
+        let resolver = resolver.clone();
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            metrics.tcp_connections.inc();
+            tokio::select! {
+                _ = shutdown.signaled() => {}
+                _ = connection(stream, &resolver, &metrics, limits.idle_timeout) => {}
+            }
+            metrics.tcp_connections.dec();
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(mut stream: TcpStream, resolver: &Resolver, metrics: &Metrics, idle: Duration) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    loop {
+        let len = match tokio::time::timeout(idle, stream.read_u16()).await {
+            Ok(Ok(l)) => usize::from(l),
+            _ => return,
+        };
+        if len < HEADER_LEN {
+            metrics.malformed(MalformedReason::short);
+            return;
+        }
+        if len > MAX_QUERY_BYTES {
+            metrics.malformed(MalformedReason::oversize);
+            return;
+        }
+        buf.resize(len, 0);
+        match tokio::time::timeout(idle, stream.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let Some(reply) = resolver.handle(&buf, Transport::Tcp).await else {
+            return;
+        };
+        let mut out = Vec::with_capacity(reply.len() + 2);
+        out.extend_from_slice(&(reply.len() as u16).to_be_bytes());
+        out.extend_from_slice(&reply);
+        match tokio::time::timeout(idle, stream.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheLimits;
+    use crate::forwarder::UpstreamMode;
+    use crate::names::Locale;
+    use hickory_proto::op::MessageType;
+    use isthmus_proto::model::{Resolution, Service, ServiceAddress, ServiceView, ViewResource};
+    use isthmus_proto::subscription::LocalView;
+    use prometheus_client::registry::Registry;
+
+    fn locale() -> Locale {
+        Locale {
+            network: "net-a".into(),
+            cluster: "c1".into(),
+            namespace: "shop".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    fn resolver(services: &[(&str, Vec<&str>)], synced: bool) -> Resolver {
+        let view = LocalView {
+            version: "v1".into(),
+            resources: services
+                .iter()
+                .map(|(host, addrs)| {
+                    let r = ViewResource::Service(Arc::new(ServiceView {
+                        service: Service {
+                            hostname: host.to_string(),
+                            addresses: addrs
+                                .iter()
+                                .map(|a| ServiceAddress {
+                                    cluster: String::new(),
+                                    address: a.to_string(),
+                                })
+                                .collect(),
+                            resolution: Resolution::Static,
+                            ..Default::default()
+                        },
+                        endpoints: vec![],
+                    }));
+                    (r.key(), r)
+                })
+                .collect(),
+        };
+        let metrics = Arc::new(Metrics::register(&mut Registry::default()));
+        Resolver::new(
+            Arc::new(ArcSwap::from_pointee(NameTable::build(
+                &view,
+                &locale(),
+                synced,
+            ))),
+            Cache::new(CacheLimits {
+                max_entries: 10,
+                max_ttl: Duration::from_secs(60),
+                max_negative_ttl: Duration::from_secs(60),
+            }),
+            Forwarder::new(
+                vec![],
+                UpstreamMode::Sequential,
+                Duration::from_secs(1),
+                metrics.clone(),
+            ),
+            metrics,
+            4,
+            Duration::from_secs(30),
+            1232,
+            "cluster.local",
+        )
+    }
+
+    fn query(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.queries
+            .push(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn reply(r: &Resolver, packet: &[u8], transport: Transport) -> Message {
+        match r.begin(packet, transport) {
+            Step::Reply(b) => Message::from_vec(&b).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn many() -> Vec<&'static str> {
+        // 200 addresses: far more than 512 or 1232 bytes of A records.
+        let v: Vec<String> = (0..200)
+            .map(|i| format!("10.1.{}.{}", i / 250, i % 250 + 1))
+            .collect();
+        v.into_iter()
+            .map(|s| &*Box::leak(s.into_boxed_str()))
+            .collect()
+    }
+
+    #[test]
+    fn mesh_answers_are_authoritative_with_the_configured_ttl() {
+        let r = resolver(
+            &[("web.shop.svc.cluster.local", vec!["10.96.0.1", "fd00::1"])],
+            true,
+        );
+        let m = reply(&r, &query("web.", RecordType::A, None), Transport::Udp);
+        assert_eq!(m.metadata.id, 7);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.answers[0].ttl, 30);
+        assert_eq!(m.answers[0].name.to_ascii(), "web.");
+        let m = reply(
+            &r,
+            &query("WEB.shop.svc.cluster.local.", RecordType::AAAA, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.answers.len(), 1, "case-insensitive");
+    }
+
+    #[test]
+    fn wrong_family_and_other_types_are_nodata_never_nxdomain() {
+        let r = resolver(&[("web.shop.svc.cluster.local", vec!["10.96.0.1"])], true);
+        for t in [RecordType::AAAA, RecordType::TXT, RecordType::HTTPS] {
+            let m = reply(
+                &r,
+                &query("web.shop.svc.cluster.local.", t, None),
+                Transport::Udp,
+            );
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{t}");
+            assert!(m.answers.is_empty(), "{t}");
+        }
+    }
+
+    #[test]
+    fn unknown_service_domain_names_are_nxdomain_once_synced_servfail_before() {
+        let r = resolver(&[], true);
+        let m = reply(
+            &r,
+            &query("gone.shop.svc.cluster.local.", RecordType::A, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert!(
+            matches!(m.authorities[0].data, RData::SOA(_)),
+            "SOA for negative caching"
+        );
+        let r = resolver(&[], false);
+        let m = reply(
+            &r,
+            &query("web.shop.svc.cluster.local.", RecordType::A, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+
+    #[test]
+    fn truncates_to_the_client_udp_size_with_tc() {
+        let r = resolver(&[("big.example.com", many())], true);
+        let plain = match r.begin(
+            &query("big.example.com.", RecordType::A, None),
+            Transport::Udp,
+        ) {
+            Step::Reply(b) => b,
+            other => panic!("{other:?}"),
+        };
+        assert!(plain.len() <= 512, "{}", plain.len());
+        let m = Message::from_vec(&plain).unwrap();
+        assert!(m.metadata.truncation);
+        assert!(!m.answers.is_empty() && m.answers.len() < 200);
+
+        let edns = match r.begin(
+            &query("big.example.com.", RecordType::A, Some(4096)),
+            Transport::Udp,
+        ) {
+            Step::Reply(b) => b,
+            other => panic!("{other:?}"),
+        };
+        assert!(edns.len() <= 1232 && edns.len() > 512, "{}", edns.len());
+        let m = Message::from_vec(&edns).unwrap();
+        assert!(m.metadata.truncation);
+        assert!(m.edns.is_some(), "an EDNS query gets an EDNS answer");
+
+        let m = reply(
+            &r,
+            &query("big.example.com.", RecordType::A, None),
+            Transport::Tcp,
+        );
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 200, "TCP carries everything");
+    }
+
+    #[test]
+    fn malformed_packets_are_dropped_or_formerr() {
+        let r = resolver(&[], true);
+        assert!(matches!(r.begin(&[1, 2, 3], Transport::Udp), Step::Drop));
+        // A response is never answered (two resolvers must not loop).
+        let mut resp = query("x.", RecordType::A, None);
+        resp[2] |= 0x80;
+        assert!(matches!(r.begin(&resp, Transport::Udp), Step::Drop));
+        // A label longer than the packet; a compression pointer to itself; garbage.
+        let mut bad_label = query("x.", RecordType::A, None)[..12].to_vec();
+        bad_label.extend_from_slice(&[63, b'a', b'b']);
+        let mut looped = query("x.", RecordType::A, None)[..12].to_vec();
+        looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        let mut garbage = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        garbage.extend(std::iter::repeat_n(0xff, 40));
+        for p in [bad_label, looped, garbage] {
+            let m = reply(&r, &p, Transport::Udp);
+            assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+            assert_eq!(m.metadata.id, u16::from_be_bytes([p[0], p[1]]));
+        }
+        // No question.
+        let mut none = query("x.", RecordType::A, None)[..12].to_vec();
+        none[5] = 0;
+        assert_eq!(
+            reply(&r, &none, Transport::Udp).metadata.response_code,
+            ResponseCode::FormErr
+        );
+        assert!(matches!(
+            r.begin(&vec![0u8; MAX_QUERY_BYTES + 1], Transport::Udp),
+            Step::Drop
+        ));
+    }
+
+    #[test]
+    fn encode_within_keeps_what_fits() {
+        let mut m = Message::response(1, OpCode::Query);
+        m.queries
+            .push(Query::query(Name::from_ascii("a.").unwrap(), RecordType::A));
+        for i in 0..100u8 {
+            m.answers.push(Record::from_rdata(
+                Name::from_ascii("a.").unwrap(),
+                60,
+                RData::A(A::new(10, 0, 0, i)),
+            ));
+        }
+        let b = encode_within(m.clone(), 100);
+        assert!(b.len() <= 100);
+        assert!(Message::from_vec(&b).unwrap().metadata.truncation);
+        let b = encode_within(m, 65535);
+        let back = Message::from_vec(&b).unwrap();
+        assert_eq!(back.answers.len(), 100);
+        assert!(!back.metadata.truncation);
+    }
+}

@@ -1,0 +1,548 @@
+//! The DNS proxy against a real registry, a real upstream (unbound) and the real `dig`:
+//! mesh names, short names, wildcards, headless services, catalog changes, forwarding,
+//! caching, failover, and malformed input.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use isthmus_dns::DnsHandle;
+use isthmus_proto::subscription::SyncState;
+use isthmus_tests::dns::{dead_upstream, dig_at, proxy_config, require, Dig, Unbound};
+use isthmus_tests::{eventually, http_get, metric, yaml, TestRegistry, NETWORK};
+use tokio::sync::watch;
+
+async fn dig(addr: SocketAddr, args: &[&str]) -> Dig {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        dig_at(addr, &args)
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// A ServiceEntry with explicit hosts, addresses and resolution.
+fn service_entry(name: &str, ns: &str, hosts: &[&str], addresses: &[&str], extra: &str) -> String {
+    let list = |v: &[&str]| {
+        v.iter()
+            .map(|h| format!("  - \"{h}\"\n"))
+            .collect::<String>()
+    };
+    let addrs = if addresses.is_empty() {
+        String::new()
+    } else {
+        format!("  addresses:\n{}", list(addresses))
+    };
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  hosts:\n{hosts}{addrs}  ports:\n  - number: 80\n    name: http\n    protocol: HTTP\n{extra}",
+        hosts = list(hosts),
+    )
+}
+
+fn mesh_catalog() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "reviews.yaml",
+            service_entry(
+                "reviews",
+                "shop",
+                &["reviews.shop.svc.cluster.local"],
+                &["10.96.0.10"],
+                "  resolution: STATIC\n",
+            ),
+        ),
+        (
+            "ratings.yaml",
+            service_entry(
+                "ratings",
+                "books",
+                &["ratings.books.svc.cluster.local"],
+                &["10.96.0.20"],
+                "  resolution: STATIC\n",
+            ),
+        ),
+        (
+            "wild.yaml",
+            service_entry(
+                "wild",
+                "shop",
+                &["*.wild.example.com"],
+                &["240.240.0.7"],
+                "  resolution: STATIC\n",
+            ),
+        ),
+        (
+            "db.yaml",
+            service_entry(
+                "db",
+                "shop",
+                &["db.shop.svc.cluster.local"],
+                &[],
+                "  resolution: STATIC\n  workloadSelector:\n    labels:\n      app: db\n",
+            ),
+        ),
+        (
+            "db-workloads.yaml",
+            yaml::docs(&[
+                yaml::workload("db-1", "shop", "db", "10.0.0.1", NETWORK),
+                yaml::workload("db-2", "shop", "db", "10.0.0.2", NETWORK),
+                yaml::workload("db-3", "shop", "db", "10.1.0.1", "network-b"),
+            ]),
+        ),
+        ("network-b.yaml", yaml::network("network-b", &["192.0.2.1"])),
+    ]
+}
+
+struct Setup {
+    reg: TestRegistry,
+    dns: DnsHandle,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(
+        catalog: &[(&str, String)],
+        tune: impl FnOnce(&mut isthmus_dns::Config),
+    ) -> Setup {
+        let files: Vec<(&str, &str)> = catalog.iter().map(|(n, y)| (*n, y.as_str())).collect();
+        let reg = TestRegistry::start(&files).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = proxy_config(&reg, dir.path()).await.unwrap();
+        cfg.namespace = "shop".into();
+        tune(&mut cfg);
+        let dns = isthmus_dns::run(cfg).await.unwrap();
+        Setup { reg, dns, dir }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.dns.dns_addr
+    }
+
+    async fn synced(&self) -> Arc<SyncState> {
+        let mut rx: watch::Receiver<Arc<SyncState>> = self.dns.sync.clone();
+        let state = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| s.synced()))
+            .await
+            .expect("the proxy synced with the registry")
+            .unwrap()
+            .clone();
+        state
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(self.dns.admin_addr.unwrap(), "/metrics")
+            .await
+            .unwrap()
+            .1
+    }
+
+    async fn count(&self, qtype: &str, outcome: &str) -> f64 {
+        metric(
+            &self.metrics().await,
+            &format!("isthmus_dns_queries_total{{qtype=\"{qtype}\",outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(0.0)
+    }
+
+    async fn stop(mut self) {
+        self.dns.shutdown().await;
+        self.reg.stop().await;
+        drop(self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_names_from_the_catalog() {
+    if !require("dig", "dnsutils") || !require("unbound", "unbound") {
+        return;
+    }
+    let upstream = Unbound::start(&[("example.test", 60)], &[]).unwrap();
+    let s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![upstream.addr]).await;
+    s.synced().await;
+    let a = s.addr();
+
+    // A mesh service by its full name: authoritative, the configured TTL.
+    let d = dig(a, &["reviews.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert_eq!(d.answers, ["10.96.0.10"], "{}", d.output);
+    assert!(d.flags.contains(&"aa".to_string()), "{}", d.output);
+    assert_eq!(d.ttls, [30], "{}", d.output);
+
+    // Short names in the proxy's namespace, and another namespace's with its namespace.
+    for name in ["reviews", "reviews.shop", "reviews.shop.svc"] {
+        let d = dig(a, &[name, "A"]).await;
+        assert_eq!(d.answers, ["10.96.0.10"], "{name}: {}", d.output);
+    }
+    for name in ["ratings.books", "ratings.books.svc"] {
+        let d = dig(a, &[name, "A"]).await;
+        assert_eq!(d.answers, ["10.96.0.20"], "{name}: {}", d.output);
+    }
+    // Out of the namespace without it: not a mesh name, so it goes upstream (NXDOMAIN there).
+    let d = dig(a, &["ratings", "A"]).await;
+    assert!(d.answers.is_empty(), "{}", d.output);
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.output);
+
+    // A wildcard host matches at any depth, not its parent.
+    for name in ["api.wild.example.com", "a.b.c.wild.example.com"] {
+        let d = dig(a, &[name, "A"]).await;
+        assert_eq!(d.answers, ["240.240.0.7"], "{name}: {}", d.output);
+    }
+
+    // Headless: the workloads on this network only, never the other network or its gateway.
+    let d = dig(a, &["db.shop.svc.cluster.local", "A"]).await;
+    let mut got = d.answers.clone();
+    got.sort();
+    assert_eq!(got, ["10.0.0.1", "10.0.0.2"], "{}", d.output);
+
+    // A v4-only service asked for AAAA: NOERROR and no answer, never NXDOMAIN.
+    let d = dig(a, &["reviews.shop.svc.cluster.local", "AAAA"]).await;
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert!(d.answers.is_empty(), "{}", d.output);
+
+    // A name in the service domain the catalog does not have.
+    let d = dig(a, &["nope.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.output);
+
+    // Over TCP too.
+    let d = dig(a, &["+tcp", "reviews.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(d.answers, ["10.96.0.10"], "{}", d.output);
+
+    assert!(s.count("A", "mesh_hit").await >= 10.0);
+    assert_eq!(s.count("AAAA", "mesh_hit").await, 1.0);
+    assert_eq!(s.count("A", "nxdomain").await, 1.0);
+
+    // The name table is on the admin port.
+    let (code, dump) = http_get(s.dns.admin_addr.unwrap(), "/config_dump")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let names: Vec<&str> = dump["name_table"]["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["hostname"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"*.wild.example.com"), "{names:?}");
+    assert_eq!(
+        http_get(s.dns.admin_addr.unwrap(), "/readyz")
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+
+    s.stop().await;
+    drop(upstream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_changes_arrive_as_one_delta_and_outages_keep_the_last_table() {
+    if !require("dig", "dnsutils") {
+        return;
+    }
+    let mut s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![dead_upstream()]).await;
+    let first = s.synced().await;
+    assert_eq!(first.snapshots, 1);
+    let a = s.addr();
+    let fresh = "fresh.shop.svc.cluster.local";
+    assert_eq!(dig(a, &[fresh, "A"]).await.status, "NXDOMAIN");
+
+    // Added.
+    s.reg.write_resource(
+        "fresh.yaml",
+        &service_entry(
+            "fresh",
+            "shop",
+            &[fresh],
+            &["10.96.0.99"],
+            "  resolution: STATIC\n",
+        ),
+    );
+    let added = eventually(Duration::from_secs(20), || async {
+        let d = dig(a, &[fresh, "A"]).await;
+        (d.answers == ["10.96.0.99"]).then_some(d)
+    })
+    .await;
+    assert!(added.is_some(), "the new service is answered");
+    let state = s.dns.sync.borrow().clone();
+    assert_eq!(state.snapshots, 1, "a delta, not a new snapshot");
+
+    // Removed.
+    std::fs::remove_file(s.reg.resources_dir().join("fresh.yaml")).unwrap();
+    let removed = eventually(Duration::from_secs(20), || async {
+        let d = dig(a, &[fresh, "A"]).await;
+        (d.status == "NXDOMAIN").then_some(d)
+    })
+    .await;
+    assert!(removed.is_some(), "the removed service is gone");
+    assert_eq!(s.dns.sync.borrow().snapshots, 1);
+
+    // The registry goes away: the last table keeps answering.
+    s.reg.stop().await;
+    let mut rx = s.dns.sync.clone();
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|st| !st.connected))
+        .await
+        .unwrap()
+        .unwrap();
+    let d = dig(a, &["reviews", "A"]).await;
+    assert_eq!(d.answers, ["10.96.0.10"], "{}", d.output);
+    assert!(metric(&s.metrics().await, "isthmus_dns_catalog_connected").is_some());
+
+    s.dns.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_names_are_servfail_before_the_first_sync_and_the_rest_is_forwarded() {
+    if !require("dig", "dnsutils") || !require("unbound", "unbound") {
+        return;
+    }
+    let upstream = Unbound::start(
+        &[("example.test", 60)],
+        &["www.example.test. 300 IN A 192.0.2.10".into()],
+    )
+    .unwrap();
+    // Credentials from a registry that is then stopped: the proxy never syncs.
+    let mut reg = TestRegistry::start(&[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = proxy_config(&reg, dir.path()).await.unwrap();
+    reg.stop().await;
+    cfg.upstreams = vec![upstream.addr];
+    let dns = isthmus_dns::run(cfg).await.unwrap();
+    let d = dig(dns.dns_addr, &["reviews.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    let d = dig(dns.dns_addr, &["www.example.test", "A"]).await;
+    assert_eq!(d.answers, ["192.0.2.10"], "{}", d.output);
+    assert_eq!(
+        http_get(dns.admin_addr.unwrap(), "/readyz")
+            .await
+            .unwrap()
+            .0,
+        503
+    );
+    dns.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_and_caching_through_a_real_unbound() {
+    if !require("dig", "dnsutils") || !require("unbound", "unbound") {
+        return;
+    }
+    let mut records = vec![
+        "www.example.test. 300 IN A 192.0.2.10".to_string(),
+        "www.example.test. 300 IN TXT \"hello\"".to_string(),
+    ];
+    // More A records than fit in 1232 bytes: unbound truncates, the proxy retries over TCP.
+    records.extend((1..=120).map(|i| {
+        format!(
+            "big.example.test. 300 IN A 10.2.{}.{}",
+            i / 200,
+            i % 200 + 1
+        )
+    }));
+    let upstream = Unbound::start(&[("example.test", 45)], &records).unwrap();
+    let s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![upstream.addr]).await;
+    s.synced().await;
+    let a = s.addr();
+
+    let d = dig(a, &["www.example.test", "A"]).await;
+    assert_eq!(d.answers, ["192.0.2.10"], "{}", d.output);
+    assert!(
+        !d.flags.contains(&"aa".to_string()),
+        "a forwarded answer is not ours: {}",
+        d.output
+    );
+    assert_eq!(s.count("A", "forwarded").await, 1.0);
+    assert_eq!(s.count("A", "cache_hit").await, 0.0);
+
+    // Again: from the cache, TTL counting down from unbound's.
+    let d = dig(a, &["www.example.test", "A"]).await;
+    assert_eq!(d.answers, ["192.0.2.10"], "{}", d.output);
+    assert_eq!(s.count("A", "cache_hit").await, 1.0);
+    assert_eq!(s.count("A", "forwarded").await, 1.0);
+
+    // Other types are forwarded too.
+    let d = dig(a, &["www.example.test", "TXT"]).await;
+    assert_eq!(d.answers, ["\"hello\""], "{}", d.output);
+
+    // NXDOMAIN is cached negatively (the SOA minimum is 45 s).
+    for _ in 0..2 {
+        let d = dig(a, &["nope.example.test", "A"]).await;
+        assert_eq!(d.status, "NXDOMAIN", "{}", d.output);
+    }
+    assert_eq!(s.count("A", "forwarded").await, 2.0);
+    assert_eq!(s.count("A", "cache_hit").await, 2.0);
+
+    // A truncated upstream answer is fetched again over TCP; dig, truncated in turn over
+    // UDP, retries over TCP and gets all of it (from the cache).
+    let d = dig(a, &["big.example.test", "A"]).await;
+    assert_eq!(d.answers.len(), 120, "{}", d.output);
+    let m = s.metrics().await;
+    assert!(
+        metric(&m, "isthmus_dns_upstream_tcp_retries_total").unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "isthmus_dns_cache_entries").unwrap() >= 3.0,
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "isthmus_dns_upstream_duration_seconds_count{{upstream=\"{}\"}}",
+            upstream.addr
+        )),
+        "{m}"
+    );
+
+    s.stop().await;
+    drop(upstream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_the_second_upstream_and_servfail_when_all_are_dead() {
+    if !require("dig", "dnsutils") || !require("unbound", "unbound") {
+        return;
+    }
+    let upstream = Unbound::start(
+        &[("example.test", 60)],
+        &["www.example.test. 300 IN A 192.0.2.10".into()],
+    )
+    .unwrap();
+    let s = Setup::start(&mesh_catalog(), |c| {
+        c.upstreams = vec![dead_upstream(), upstream.addr];
+        c.query_timeout = Duration::from_secs(2);
+    })
+    .await;
+    s.synced().await;
+    let d = dig(s.addr(), &["www.example.test", "A"]).await;
+    assert_eq!(d.answers, ["192.0.2.10"], "{}", d.output);
+    let m = s.metrics().await;
+    assert!(
+        m.contains("isthmus_dns_upstream_errors_total{upstream=\""),
+        "{m}"
+    );
+    s.stop().await;
+
+    // Parallel: a silent first upstream does not delay the answer of the second.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s = Setup::start(&mesh_catalog(), |c| {
+        c.upstreams = vec![silent.local_addr().unwrap(), upstream.addr];
+        c.upstream_mode = isthmus_dns::forwarder::UpstreamMode::Parallel;
+        c.query_timeout = Duration::from_secs(30);
+    })
+    .await;
+    s.synced().await;
+    let d = dig(s.addr(), &["www.example.test", "A", "+time=10", "+tries=1"]).await;
+    assert_eq!(d.answers, ["192.0.2.10"], "{}", d.output);
+    assert_eq!(s.count("A", "forwarded").await, 1.0);
+    s.stop().await;
+    drop(silent);
+
+    // Every upstream dead: one refuses, one never answers. SERVFAIL within the timeout.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s = Setup::start(&mesh_catalog(), |c| {
+        c.upstreams = vec![dead_upstream(), silent.local_addr().unwrap()];
+        c.query_timeout = Duration::from_secs(1);
+    })
+    .await;
+    s.synced().await;
+    let started = Instant::now();
+    let d = dig(s.addr(), &["www.example.test", "A", "+time=5", "+tries=1"]).await;
+    let took = started.elapsed();
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    assert!(
+        took < Duration::from_secs(4),
+        "answered after {took:?}, timeout 1s"
+    );
+    assert_eq!(s.count("A", "servfail").await, 1.0);
+    // The mesh still answers.
+    assert_eq!(
+        dig(s.addr(), &["reviews", "A"]).await.answers,
+        ["10.96.0.10"]
+    );
+    s.stop().await;
+    drop(upstream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_packets_are_counted_and_never_crash() {
+    if !require("dig", "dnsutils") {
+        return;
+    }
+    let s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![dead_upstream()]).await;
+    s.synced().await;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(s.addr()).await.unwrap();
+
+    let header = |id: u16, qd: u16| {
+        let mut h = id.to_be_bytes().to_vec();
+        h.extend_from_slice(&[0x01, 0x00]);
+        h.extend_from_slice(&qd.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        h
+    };
+    let with = |mut h: Vec<u8>, rest: &[u8]| {
+        h.extend_from_slice(rest);
+        h
+    };
+    let formerr_cases: Vec<Vec<u8>> = vec![
+        // A label running past the end.
+        with(header(1, 1), &[63, b'a', b'b']),
+        // A compression pointer to itself.
+        with(header(2, 1), &[0xc0, 12, 0, 1, 0, 1]),
+        // Garbage after a valid header.
+        with(header(3, 1), &[0xff; 64]),
+        // No question.
+        header(4, 0),
+        // A label length with the reserved 0b01 prefix.
+        with(header(5, 1), &[0x41, b'a', 0, 0, 1, 0, 1]),
+    ];
+    let mut buf = [0u8; 512];
+    for p in &formerr_cases {
+        sock.send(p).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+            .await
+            .expect("a FORMERR answer")
+            .unwrap();
+        assert_eq!(&buf[..2], &p[..2], "the answer carries the query's ID");
+        assert_eq!(buf[3] & 0x0f, 1, "FORMERR");
+        assert!(n >= 12);
+    }
+    // Dropped: too short to carry an ID, a response, oversized.
+    let mut response = header(9, 1);
+    response[2] |= 0x80;
+    for p in [vec![0x12], vec![1, 2, 3, 4, 5], response, vec![0u8; 5000]] {
+        sock.send(&p).await.unwrap();
+    }
+    // Still alive and answering.
+    let d = dig(s.addr(), &["reviews.shop.svc.cluster.local", "A"]).await;
+    assert_eq!(d.answers, ["10.96.0.10"], "{}", d.output);
+    let m = s.metrics().await;
+    let count = |reason: &str| {
+        metric(
+            &m,
+            &format!("isthmus_dns_malformed_packets_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(count("unparseable"), 4.0, "{m}");
+    assert_eq!(count("questions"), 1.0, "{m}");
+    assert_eq!(count("short"), 2.0, "{m}");
+    assert_eq!(count("response"), 1.0, "{m}");
+    assert_eq!(count("oversize"), 1.0, "{m}");
+
+    // Over TCP: a bad length prefix closes the connection, nothing else.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    tcp.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    let d = dig(s.addr(), &["+tcp", "reviews", "A"]).await;
+    assert_eq!(d.answers, ["10.96.0.10"], "{}", d.output);
+    s.stop().await;
+}
