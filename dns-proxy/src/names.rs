@@ -256,12 +256,13 @@ fn host_address(s: &str) -> Option<IpAddr> {
     }
 }
 
-/// ALLOCATED-VIP PLUG-IN POINT. The registry is gaining per-service allocated VIPs
-/// (240.240.0.0/16, 2001:2::/48), stable and the same on every node, for services that have
-/// no address of their own. When `Service` carries them, return them here (parsed with
-/// `host_address`); nothing else in the proxy changes.
-fn allocated_addresses(_svc: &Service) -> Vec<IpAddr> {
-    Vec::new()
+/// The VIPs the registry allocated for a service without addresses of its own
+/// (240.240.0.0/16, 2001:2::/48): stable, and the same in every view and on every node.
+fn allocated_addresses(svc: &Service) -> Vec<IpAddr> {
+    svc.allocated_addresses
+        .iter()
+        .filter_map(|a| host_address(a))
+        .collect()
 }
 
 #[cfg(test)]

@@ -75,12 +75,17 @@ fn mesh_catalog() -> Vec<(&'static str, String)> {
         ),
         (
             "db.yaml",
+            // Headless: opted out of a registry-allocated VIP, so its endpoints are the answer.
             service_entry(
                 "db",
                 "shop",
                 &["db.shop.svc.cluster.local"],
                 &[],
                 "  resolution: STATIC\n  workloadSelector:\n    labels:\n      app: db\n",
+            )
+            .replace(
+                "  namespace: shop\n",
+                "  namespace: shop\n  labels:\n    isthmus.io/vip: none\n",
             ),
         ),
         (
@@ -544,5 +549,86 @@ async fn malformed_packets_are_counted_and_never_crash() {
     assert_eq!(n, 0, "closed without an answer");
     let d = dig(s.addr(), &["+tcp", "reviews", "A"]).await;
     assert_eq!(d.answers, ["10.96.0.10"], "{}", d.output);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocated_vips_are_answered_distinct_and_stable_across_a_registry_restart() {
+    if !require("dig", "dnsutils") {
+        return;
+    }
+    // Two ServiceEntries without addresses, on the same port.
+    let catalog = vec![
+        (
+            "api.yaml",
+            service_entry(
+                "api",
+                "shop",
+                &["api.shop.svc.cluster.local"],
+                &[],
+                "  resolution: STATIC\n",
+            ),
+        ),
+        (
+            "billing.yaml",
+            service_entry(
+                "billing",
+                "shop",
+                &["billing.shop.svc.cluster.local"],
+                &[],
+                "  resolution: STATIC\n",
+            ),
+        ),
+    ];
+    let mut s = Setup::start(&catalog, |_| {}).await;
+    s.synced().await;
+    let a = s.addr();
+    let answer = |name: &'static str, qtype: &'static str| async move {
+        let d = dig(a, &[name, qtype]).await;
+        assert_eq!(d.status, "NOERROR", "{}", d.output);
+        assert_eq!(d.answers.len(), 1, "{}", d.output);
+        d.answers[0].clone()
+    };
+    let api4 = answer("api.shop.svc.cluster.local", "A").await;
+    let api6 = answer("api.shop.svc.cluster.local", "AAAA").await;
+    let billing4 = answer("billing.shop.svc.cluster.local", "A").await;
+    assert!(
+        api4.starts_with("240.240.") && billing4.starts_with("240.240."),
+        "{api4} {billing4}"
+    );
+    assert!(api6.starts_with("2001:2:"), "{api6}");
+    assert_ne!(api4, billing4, "two services never share a VIP");
+
+    // Restart the registry on the same address; the proxy reconnects. A service added after
+    // the restart proves the answers come from the new registry.
+    s.reg.cfg.grpc_addr = s.reg.grpc_addr();
+    s.reg.cfg.admin_addr = s.reg.admin_addr();
+    s.reg.restart().await.unwrap();
+    s.reg.write_resource(
+        "late.yaml",
+        &service_entry(
+            "late",
+            "shop",
+            &["late.shop.svc.cluster.local"],
+            &[],
+            "  resolution: STATIC\n",
+        ),
+    );
+    eventually(Duration::from_secs(20), || async {
+        let d = dig(a, &["late.shop.svc.cluster.local", "A"]).await;
+        (d.status == "NOERROR" && !d.answers.is_empty()).then_some(())
+    })
+    .await
+    .expect("the proxy follows the restarted registry");
+    assert_eq!(
+        answer("api.shop.svc.cluster.local", "A").await,
+        api4,
+        "stable across a registry restart"
+    );
+    assert_eq!(answer("api.shop.svc.cluster.local", "AAAA").await, api6);
+    assert_eq!(
+        answer("billing.shop.svc.cluster.local", "A").await,
+        billing4
+    );
     s.stop().await;
 }
