@@ -143,16 +143,23 @@ pub async fn run(config: Config) -> anyhow::Result<DnsHandle> {
         config.query_timeout,
         metrics.clone(),
     );
-    let resolver = Arc::new(Resolver::new(
-        names.clone(),
-        cache,
-        forwarder,
-        metrics.clone(),
-        config.max_inflight,
-        config.ttl,
-        config.max_udp_payload,
-        &config.cluster_domain,
-    ));
+    let resolver = Arc::new(
+        Resolver::new(
+            names.clone(),
+            cache,
+            forwarder,
+            metrics.clone(),
+            config.max_inflight,
+            config.ttl,
+            config.max_udp_payload,
+            &config.cluster_domain,
+        )
+        .with_client_rate_limit(
+            config.client_rate,
+            config.client_burst,
+            crate::config::DEFAULT_RATE_LIMITED_CLIENTS,
+        ),
+    );
 
     let (udp, tcp) = bind_dns(config.listen).await?;
     let dns_addr = udp.local_addr()?;

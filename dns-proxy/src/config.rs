@@ -28,6 +28,13 @@ pub const DEFAULT_NEGATIVE_MAX_TTL: Duration = Duration::from_secs(300);
 /// of queueing (a flood of unique names must not exhaust memory or sockets).
 pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
 pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
+/// Queries a second one client address may send (0 turns the limit off). Far above what an
+/// application resolves, so only a runaway or hostile client meets it.
+pub const DEFAULT_CLIENT_RATE: u32 = 10_000;
+/// Queries one client may send at once on top of the steady rate.
+pub const DEFAULT_CLIENT_BURST: u32 = 20_000;
+/// Client addresses the rate limit tracks at most.
+pub const DEFAULT_RATE_LIMITED_CLIENTS: usize = 65_536;
 /// A client TCP connection idle this long (or slow to send a whole message) is closed.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest UDP answer sent to a client that advertises a larger EDNS size (flag day 2020).
@@ -69,6 +76,9 @@ pub struct Config {
     pub negative_max_ttl: Duration,
     pub max_inflight: usize,
     pub max_tcp_connections: usize,
+    /// Queries a second per client address; 0 disables the limit.
+    pub client_rate: u32,
+    pub client_burst: u32,
     pub tcp_idle_timeout: Duration,
     pub max_udp_payload: u16,
     /// Tasks reading the UDP socket; 0 means one per core.
@@ -100,6 +110,8 @@ impl Config {
             negative_max_ttl: DEFAULT_NEGATIVE_MAX_TTL,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            client_rate: DEFAULT_CLIENT_RATE,
+            client_burst: DEFAULT_CLIENT_BURST,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             udp_workers: 0,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod forwarder;
 pub mod metrics;
 pub mod names;
+pub mod ratelimit;
 pub mod server;
 
 pub use app::{run, DnsHandle};

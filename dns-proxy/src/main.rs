@@ -66,6 +66,12 @@ struct Args {
     max_inflight: usize,
     #[arg(long, default_value_t = config::DEFAULT_MAX_TCP_CONNECTIONS)]
     max_tcp_connections: usize,
+    /// Queries a second one client address may send; 0 turns the limit off.
+    #[arg(long, default_value_t = config::DEFAULT_CLIENT_RATE)]
+    client_rate_limit: u32,
+    /// Queries one client may send at once above that rate.
+    #[arg(long, default_value_t = config::DEFAULT_CLIENT_BURST)]
+    client_burst: u32,
     /// Tasks reading the UDP socket (0: one per core).
     #[arg(long, default_value_t = 0)]
     udp_workers: usize,
@@ -104,6 +110,8 @@ fn main() -> anyhow::Result<()> {
     cfg.negative_max_ttl = a.negative_max_ttl;
     cfg.max_inflight = a.max_inflight;
     cfg.max_tcp_connections = a.max_tcp_connections;
+    cfg.client_rate = a.client_rate_limit;
+    cfg.client_burst = a.client_burst;
     cfg.udp_workers = a.udp_workers;
     cfg.validate()?;
     if a.validate {

@@ -130,6 +130,7 @@ pub struct Metrics {
     pub catalog_connected: Gauge,
     pub catalog_sync_age_seconds: Gauge<f64, AtomicU64>,
     pub tcp_connections: Gauge,
+    pub rate_limited: Counter,
 }
 
 fn upstream_histogram() -> Histogram {
@@ -152,6 +153,7 @@ impl Metrics {
             catalog_connected: Gauge::default(),
             catalog_sync_age_seconds: Gauge::default(),
             tcp_connections: Gauge::default(),
+            rate_limited: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("isthmus_dns");
         r.register(
@@ -213,6 +215,11 @@ impl Metrics {
             "tcp_connections",
             "Open client TCP connections",
             m.tcp_connections.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Queries dropped (UDP) or connections closed (TCP) by the per-client rate limit",
+            m.rate_limited.clone(),
         );
         m
     }

@@ -7,9 +7,9 @@
 //! name) costs one parse, one table or cache lookup and one encode, with no task, no lock
 //! shared with catalog updates and no allocation beyond the answer.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
@@ -25,6 +25,7 @@ use crate::config::MAX_QUERY_BYTES;
 use crate::forwarder::Forwarder;
 use crate::metrics::{MalformedReason, Metrics, Outcome};
 use crate::names::{normalize, MeshName, NameTable};
+use crate::ratelimit::RateLimiter;
 
 /// Size of a DNS header.
 const HEADER_LEN: usize = 12;
@@ -69,6 +70,7 @@ pub struct Resolver {
     max_udp_payload: u16,
     /// The SOA of the cluster domain, in our NXDOMAIN answers (negative caching downstream).
     soa: Record,
+    limiter: Option<RateLimiter>,
 }
 
 impl Resolver {
@@ -104,7 +106,29 @@ impl Resolver {
             ttl,
             max_udp_payload,
             soa,
+            limiter: None,
         }
+    }
+
+    /// Limits each client address to `per_second` queries (with `burst`); 0 turns it off.
+    pub fn with_client_rate_limit(
+        mut self,
+        per_second: u32,
+        burst: u32,
+        max_clients: usize,
+    ) -> Self {
+        self.limiter = (per_second > 0).then(|| RateLimiter::new(per_second, burst, max_clients));
+        self
+    }
+
+    /// Whether `client` may send another query now; a refusal is counted.
+    pub fn admit(&self, client: IpAddr) -> bool {
+        let Some(l) = &self.limiter else { return true };
+        let ok = l.allow(client, Instant::now());
+        if !ok {
+            self.metrics.rate_limited.inc();
+        }
+        ok
     }
 
     pub fn names(&self) -> Arc<NameTable> {
@@ -424,6 +448,10 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, resolver: Arc<Resolver>, shutdown
                 }
             },
         };
+        // Over the limit: drop silently, as answering a flood would only amplify it.
+        if !resolver.admit(peer.ip()) {
+            continue;
+        }
         match resolver.begin(&buf[..n], Transport::Udp) {
             Step::Reply(b) => send(&socket, &b, peer).await,
             Step::Drop => {}
@@ -495,6 +523,7 @@ pub async fn serve_tcp(
 
 async fn connection(mut stream: TcpStream, resolver: &Resolver, metrics: &Metrics, idle: Duration) {
     let _ = stream.set_nodelay(true);
+    let client = stream.peer_addr().map(|a| a.ip()).ok();
     let mut buf = Vec::new();
     loop {
         let len = match tokio::time::timeout(idle, stream.read_u16()).await {
@@ -513,6 +542,9 @@ async fn connection(mut stream: TcpStream, resolver: &Resolver, metrics: &Metric
         match tokio::time::timeout(idle, stream.read_exact(&mut buf)).await {
             Ok(Ok(_)) => {}
             _ => return,
+        }
+        if client.is_some_and(|c| !resolver.admit(c)) {
+            return;
         }
         let Some(reply) = resolver.handle(&buf, Transport::Tcp).await else {
             return;

@@ -632,3 +632,76 @@ async fn allocated_vips_are_answered_distinct_and_stable_across_a_registry_resta
     );
     s.stop().await;
 }
+
+/// An A query for `name` with `id`, as raw bytes.
+fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_limit_is_dropped_and_others_are_not() {
+    let s = Setup::start(&mesh_catalog(), |c| {
+        c.upstreams = vec![dead_upstream()];
+        c.client_rate = 5;
+        c.client_burst = 5;
+    })
+    .await;
+    s.synced().await;
+    let flood = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    flood.connect(s.addr()).await.unwrap();
+    for id in 0..50u16 {
+        flood
+            .send(&a_query(id, "reviews.shop.svc.cluster.local"))
+            .await
+            .unwrap();
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 512];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(500), flood.recv(&mut buf)).await
+    {
+        answered += 1;
+    }
+    assert!(answered >= 5, "the burst is answered ({answered})");
+    assert!(
+        answered < 50,
+        "the rest of the flood is dropped ({answered})"
+    );
+    let limited = metric(&s.metrics().await, "isthmus_dns_rate_limited_total").unwrap_or(0.0);
+    assert_eq!(
+        limited as usize,
+        50 - answered,
+        "every dropped query is counted"
+    );
+
+    // Another client (another source address) is answered meanwhile.
+    let other = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other.connect(s.addr()).await.unwrap();
+    other
+        .send(&a_query(7, "reviews.shop.svc.cluster.local"))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), other.recv(&mut buf))
+        .await
+        .expect("the other client is answered")
+        .unwrap();
+
+    // The flooder gets answers again once its bucket refills.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    flood
+        .send(&a_query(99, "reviews.shop.svc.cluster.local"))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), flood.recv(&mut buf))
+        .await
+        .expect("answered after a pause")
+        .unwrap();
+    s.stop().await;
+}

@@ -1,0 +1,116 @@
+//! The per-client rate limit: a token bucket per client address, refilled at a steady rate
+//! with a burst allowance. Pure logic with `now` passed in, so it is tested in simulated
+//! time; the memory it holds is bounded by a maximum number of tracked clients.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    max_clients: usize,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+impl RateLimiter {
+    /// `per_second` queries a second per client, `burst` at once; `max_clients` addresses are
+    /// tracked at most.
+    pub fn new(per_second: u32, burst: u32, max_clients: usize) -> Self {
+        Self {
+            per_second: f64::from(per_second),
+            burst: f64::from(burst.max(1)),
+            max_clients: max_clients.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn refilled(&self, b: &Bucket, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        (b.tokens + elapsed * self.per_second).min(self.burst)
+    }
+
+    /// Whether `client` may send one more query at `now`.
+    pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        if !buckets.contains_key(&client) && buckets.len() >= self.max_clients {
+            // Forget clients whose buckets have refilled: they are idle and lose nothing.
+            buckets.retain(|_, b| self.refilled(b, now) < self.burst);
+            if buckets.len() >= self.max_clients {
+                // Every tracked client is busy: a flood from many addresses. Refuse the new
+                // one rather than grow without bound.
+                return false;
+            }
+        }
+        let b = buckets.entry(client).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        b.tokens = self.refilled(b, now);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn tracked_clients(&self) -> usize {
+        self.buckets.lock().expect("rate limiter lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[test]
+    fn burst_then_steady_rate() {
+        let rl = RateLimiter::new(10, 5, 100);
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            assert!(rl.allow(ip(1), t0));
+        }
+        assert!(!rl.allow(ip(1), t0), "burst spent");
+        // Another client is not affected.
+        assert!(rl.allow(ip(2), t0));
+        // 100 ms later one token is back (10/s).
+        assert!(rl.allow(ip(1), t0 + Duration::from_millis(100)));
+        assert!(!rl.allow(ip(1), t0 + Duration::from_millis(100)));
+        // A long pause refills only up to the burst.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..5 {
+            assert!(rl.allow(ip(1), later));
+        }
+        assert!(!rl.allow(ip(1), later));
+    }
+
+    #[test]
+    fn tracked_clients_are_bounded_and_idle_ones_forgotten() {
+        let rl = RateLimiter::new(1, 2, 3);
+        let t0 = Instant::now();
+        for i in 1..=3 {
+            assert!(rl.allow(ip(i), t0));
+        }
+        // All three are mid-bucket: a fourth client is refused, nothing grows.
+        assert!(!rl.allow(ip(4), t0));
+        assert_eq!(rl.tracked_clients(), 3);
+        // Once they have refilled they are forgotten and the newcomer is admitted.
+        assert!(rl.allow(ip(4), t0 + Duration::from_secs(5)));
+        assert_eq!(rl.tracked_clients(), 1);
+    }
+}
