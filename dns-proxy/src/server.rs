@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use isthmus_proto::drain;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -322,24 +322,43 @@ impl Resolver {
     }
 
     fn mesh_records(&self, query: &Query, found: &MeshName) -> Vec<Record> {
-        // Answers carry the name as asked: a short name is answered under itself, which
-        // every stub resolver accepts without a CNAME.
-        let name = &query.name;
-        match query.query_type {
-            RecordType::A => found
-                .v4
-                .iter()
-                .map(|a| Record::from_rdata(name.clone(), self.ttl, RData::A(A(*a))))
-                .collect(),
-            RecordType::AAAA => found
-                .v6
-                .iter()
-                .map(|a| Record::from_rdata(name.clone(), self.ttl, RData::AAAA(AAAA(*a))))
-                .collect(),
+        let asked = &query.name;
+        let mut out = Vec::new();
+        if !matches!(query.query_type, RecordType::A | RecordType::AAAA) {
             // A known name has no other records: NOERROR with nothing, never NXDOMAIN (a
             // client that also asks HTTPS or TXT must not conclude the name is gone).
-            _ => Vec::new(),
+            return out;
         }
+        // A short name found through the search list is answered with the CNAME chain a
+        // resolver would have followed (asked name -> service hostname -> addresses), so
+        // the client learns the canonical name; a full name or a wildcard match is answered
+        // under the name as asked.
+        let mut owner = asked.clone();
+        if !found.hostname.starts_with("*.") && normalize(&asked.to_ascii()) != found.hostname {
+            if let Ok(canonical) = Name::from_ascii(format!("{}.", found.hostname)) {
+                out.push(Record::from_rdata(
+                    asked.clone(),
+                    self.ttl,
+                    RData::CNAME(CNAME(canonical.clone())),
+                ));
+                owner = canonical;
+            }
+        }
+        match query.query_type {
+            RecordType::A => out.extend(
+                found
+                    .v4
+                    .iter()
+                    .map(|a| Record::from_rdata(owner.clone(), self.ttl, RData::A(A(*a)))),
+            ),
+            _ => out.extend(
+                found
+                    .v6
+                    .iter()
+                    .map(|a| Record::from_rdata(owner.clone(), self.ttl, RData::AAAA(AAAA(*a)))),
+            ),
+        }
+        out
     }
 
     fn upstream_answer(&self, request: &Message, answer: CachedAnswer, limit: usize) -> Vec<u8> {
@@ -670,9 +689,13 @@ mod tests {
         assert_eq!(m.metadata.id, 7);
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert!(m.metadata.authoritative);
-        assert_eq!(m.answers.len(), 1);
-        assert_eq!(m.answers[0].ttl, 30);
+        // The short name is answered with its CNAME chain to the service hostname.
+        assert_eq!(m.answers.len(), 2);
+        assert!(m.answers.iter().all(|r| r.ttl == 30));
         assert_eq!(m.answers[0].name.to_ascii(), "web.");
+        assert_eq!(m.answers[0].record_type(), RecordType::CNAME);
+        assert_eq!(m.answers[1].name.to_ascii(), "web.shop.svc.cluster.local.");
+        assert_eq!(m.answers[1].record_type(), RecordType::A);
         let m = reply(
             &r,
             &query("WEB.shop.svc.cluster.local.", RecordType::AAAA, None),
