@@ -506,6 +506,10 @@ fn main() -> anyhow::Result<()> {
             .args(["--cluster", isthmus_tests::CLUSTER])
             .args(["--upstream", &format!("127.0.0.1:{up}")])
             .args(["--udp-workers", "1"])
+            // dnsperf is one client sending far above any application's rate; the peers
+            // have no per-client limit by default (unbound's ip-ratelimit is 0), so neither
+            // does the server measured beside them.
+            .args(["--client-rate-limit", "0"])
             .env("RUST_LOG", "warn");
         let mut s = Server {
             label: "isthmus-dns",
