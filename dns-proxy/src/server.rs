@@ -188,7 +188,10 @@ impl Resolver {
         let limit = self.limit(&request, transport);
         let name = normalize(&query.name.to_ascii());
 
-        if query.query_class == DNSClass::IN {
+        // The mesh owns the A and AAAA records of its names; any other type (TXT, SRV,
+        // HTTPS, ...) of any name is the upstream's to answer.
+        let mesh_type = matches!(query.query_type, RecordType::A | RecordType::AAAA);
+        if query.query_class == DNSClass::IN && mesh_type {
             let table = self.names.load();
             if let Some(found) = table.lookup(&name) {
                 self.metrics.query(qtype, Outcome::mesh_hit);
@@ -324,11 +327,6 @@ impl Resolver {
     fn mesh_records(&self, query: &Query, found: &MeshName) -> Vec<Record> {
         let asked = &query.name;
         let mut out = Vec::new();
-        if !matches!(query.query_type, RecordType::A | RecordType::AAAA) {
-            // A known name has no other records: NOERROR with nothing, never NXDOMAIN (a
-            // client that also asks HTTPS or TXT must not conclude the name is gone).
-            return out;
-        }
         // A short name found through the search list is answered with the CNAME chain a
         // resolver would have followed (asked name -> service hostname -> addresses), so
         // the client learns the canonical name; a full name or a wildcard match is answered
@@ -705,16 +703,21 @@ mod tests {
     }
 
     #[test]
-    fn wrong_family_and_other_types_are_nodata_never_nxdomain() {
+    fn wrong_family_is_nodata_never_nxdomain_and_other_types_go_upstream() {
         let r = resolver(&[("web.shop.svc.cluster.local", vec!["10.96.0.1"])], true);
-        for t in [RecordType::AAAA, RecordType::TXT, RecordType::HTTPS] {
-            let m = reply(
-                &r,
+        let m = reply(
+            &r,
+            &query("web.shop.svc.cluster.local.", RecordType::AAAA, None),
+            Transport::Udp,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        for t in [RecordType::TXT, RecordType::HTTPS, RecordType::SRV] {
+            let step = r.begin(
                 &query("web.shop.svc.cluster.local.", t, None),
                 Transport::Udp,
             );
-            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{t}");
-            assert!(m.answers.is_empty(), "{t}");
+            assert!(matches!(step, Step::Forward(_)), "{t}: {step:?}");
         }
     }
 

@@ -354,6 +354,8 @@ async fn forwarding_and_caching_through_a_real_unbound() {
     let mut records = vec![
         "www.example.test. 300 IN A 192.0.2.10".to_string(),
         "www.example.test. 300 IN TXT \"hello\"".to_string(),
+        // A TXT record for a mesh name lives upstream: only A and AAAA are the mesh's.
+        "reviews.shop.svc.cluster.local. 300 IN TXT \"from-upstream\"".to_string(),
     ];
     // More A records than fit in 1232 bytes: unbound truncates, the proxy retries over TCP.
     records.extend((1..=120).map(|i| {
@@ -363,7 +365,8 @@ async fn forwarding_and_caching_through_a_real_unbound() {
             i % 200 + 1
         )
     }));
-    let upstream = Unbound::start(&[("example.test", 45)], &records).unwrap();
+    let upstream =
+        Unbound::start(&[("example.test", 45), ("cluster.local", 45)], &records).unwrap();
     let s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![upstream.addr]).await;
     s.synced().await;
     let a = s.addr();
@@ -384,9 +387,12 @@ async fn forwarding_and_caching_through_a_real_unbound() {
     assert_eq!(s.count("A", "cache_hit").await, 1.0);
     assert_eq!(s.count("A", "forwarded").await, 1.0);
 
-    // Other types are forwarded too.
+    // Other types are forwarded too, also for mesh names.
     let d = dig(a, &["www.example.test", "TXT"]).await;
     assert_eq!(d.answers, ["\"hello\""], "{}", d.output);
+    let d = dig(a, &["reviews.shop.svc.cluster.local", "TXT"]).await;
+    assert_eq!(d.answers, ["\"from-upstream\""], "{}", d.output);
+    assert_eq!(s.count("TXT", "forwarded").await, 2.0);
 
     // NXDOMAIN is cached negatively (the SOA minimum is 45 s).
     for _ in 0..2 {
