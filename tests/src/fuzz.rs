@@ -208,3 +208,27 @@ fn dns_resolver() -> &'static isthmus_dns::server::Resolver {
         )
     })
 }
+
+/// The first bytes of a connection to the gateway's SNI port, fed in the pieces the input
+/// itself chooses (its first byte sets the piece size), then the SNI key parse.
+pub fn client_hello(data: &[u8]) {
+    use isthmus_proto::sni::{ClientHelloReader, Hello, SniKey};
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let piece = usize::from(split).max(1);
+    let mut reader = ClientHelloReader::new();
+    for chunk in rest.chunks(piece) {
+        match reader.feed(chunk) {
+            Ok(Hello::NeedMore) => continue,
+            Ok(Hello::ServerName(name)) => {
+                if let Ok(key) = SniKey::parse(&name) {
+                    assert_eq!(SniKey::parse(&key.to_string()).as_ref(), Ok(&key));
+                }
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(reader.received().len() <= isthmus_proto::sni::MAX_CLIENT_HELLO + 64);
+}

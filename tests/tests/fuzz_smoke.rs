@@ -169,3 +169,29 @@ fn dns_query() {
     seeds.push(seeds[0][..20].to_vec());
     run(fuzz::dns_query, &seeds);
 }
+
+#[test]
+fn client_hello() {
+    let hello = |sni: &str| {
+        let cfg = rustls::ClientConfig::builder_with_provider(isthmus_proto::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let mut c = rustls::ClientConnection::new(
+            std::sync::Arc::new(cfg),
+            sni.to_string().try_into().unwrap(),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        c.write_tls(&mut out).unwrap();
+        out
+    };
+    let mut seeds = Vec::new();
+    for split in [1u8, 7, 255] {
+        let mut s = vec![split];
+        s.extend(hello("outbound_.9080_._.reviews.shop.svc.cluster.local"));
+        seeds.push(s);
+    }
+    run(fuzz::client_hello, &seeds);
+}
