@@ -1,0 +1,393 @@
+//! Endpoint selection for one destination: locality first (same zone, then same region,
+//! then anywhere), then the load-balancing policy among the closest healthy endpoints, with
+//! outlier detection that ejects an endpoint after consecutive connect failures for a
+//! back-off that grows with each ejection. Pure logic: `now` is passed in, so it is tested
+//! in simulated time, and the data plane calls it without I/O.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use isthmus_proto::model::Locality;
+use rand::Rng;
+
+/// Consecutive connect failures that eject an endpoint (Envoy's and Istio's default).
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// First ejection; each further ejection of the same endpoint doubles it.
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Power of two choices: of two random endpoints, the one with fewer open connections
+    /// per unit of weight.
+    LeastConnections,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            base_ejection: DEFAULT_BASE_EJECTION,
+            max_ejection: DEFAULT_MAX_EJECTION,
+        }
+    }
+}
+
+/// One endpoint as the balancer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Stable across updates (the view's uid), so state survives a catalog change.
+    pub id: String,
+    pub locality: Locality,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+struct State {
+    active: u32,
+    /// Smooth weighted round robin's running weight.
+    current: i64,
+    failures: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// How close an endpoint is to the caller; lower is preferred.
+fn tier(caller: &Locality, ep: &Locality) -> u8 {
+    if !caller.region.is_empty() && caller.region == ep.region {
+        if !caller.zone.is_empty() && caller.zone == ep.zone {
+            0
+        } else {
+            1
+        }
+    } else {
+        2
+    }
+}
+
+/// What happened to an endpoint after a failed connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureOutcome {
+    Counted,
+    /// Ejected until this instant.
+    Ejected(Instant),
+}
+
+#[derive(Debug)]
+pub struct Balancer {
+    policy: Policy,
+    outlier: OutlierConfig,
+    caller: Locality,
+    endpoints: Vec<Endpoint>,
+    state: Vec<State>,
+}
+
+impl Balancer {
+    pub fn new(
+        policy: Policy,
+        outlier: OutlierConfig,
+        caller: Locality,
+        endpoints: Vec<Endpoint>,
+    ) -> Self {
+        let state = vec![State::default(); endpoints.len()];
+        Self {
+            policy,
+            outlier,
+            caller,
+            endpoints,
+            state,
+        }
+    }
+
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Replaces the endpoint set, keeping the state (connections, ejections) of endpoints
+    /// whose id is still there.
+    pub fn update(&mut self, endpoints: Vec<Endpoint>) {
+        let mut old: HashMap<String, State> = self
+            .endpoints
+            .drain(..)
+            .map(|e| e.id)
+            .zip(self.state.drain(..))
+            .collect();
+        self.state = endpoints
+            .iter()
+            .map(|e| old.remove(&e.id).unwrap_or_default())
+            .collect();
+        self.endpoints = endpoints;
+    }
+
+    fn available(&self, i: usize, now: Instant) -> bool {
+        self.endpoints[i].weight > 0 && self.state[i].ejected_until.is_none_or(|t| now >= t)
+    }
+
+    /// Whether the endpoint is ejected at `now`.
+    pub fn is_ejected(&self, i: usize, now: Instant) -> bool {
+        self.state[i].ejected_until.is_some_and(|t| now < t)
+    }
+
+    /// Picks an endpoint, skipping `exclude` (those already tried for this connection).
+    /// None when no endpoint is available at all.
+    pub fn pick(&mut self, now: Instant, exclude: &[usize]) -> Option<usize> {
+        // The closest tier that has anything available; failover to farther tiers only
+        // when the closer ones are empty or ejected.
+        let mut best_tier = u8::MAX;
+        for i in 0..self.endpoints.len() {
+            if self.available(i, now) && !exclude.contains(&i) {
+                best_tier = best_tier.min(tier(&self.caller, &self.endpoints[i].locality));
+            }
+        }
+        if best_tier == u8::MAX {
+            return None;
+        }
+        let candidates: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| {
+                self.available(i, now)
+                    && !exclude.contains(&i)
+                    && tier(&self.caller, &self.endpoints[i].locality) == best_tier
+            })
+            .collect();
+        Some(match self.policy {
+            Policy::RoundRobin => self.smooth_round_robin(&candidates),
+            Policy::LeastConnections => self.two_choices(&candidates),
+        })
+    }
+
+    fn smooth_round_robin(&mut self, candidates: &[usize]) -> usize {
+        let total: i64 = candidates
+            .iter()
+            .map(|&i| i64::from(self.endpoints[i].weight))
+            .sum();
+        let mut best = candidates[0];
+        for &i in candidates {
+            self.state[i].current += i64::from(self.endpoints[i].weight);
+            if self.state[i].current > self.state[best].current {
+                best = i;
+            }
+        }
+        self.state[best].current -= total;
+        best
+    }
+
+    fn two_choices(&self, candidates: &[usize]) -> usize {
+        if candidates.len() == 1 {
+            return candidates[0];
+        }
+        let mut rng = rand::thread_rng();
+        let a = candidates[rng.gen_range(0..candidates.len())];
+        let mut b = candidates[rng.gen_range(0..candidates.len() - 1)];
+        if b == a {
+            b = candidates[candidates.len() - 1];
+        }
+        // Compare active/weight without division: a.active * b.weight vs b.active * a.weight.
+        let load = |x: usize, y: usize| {
+            u64::from(self.state[x].active) * u64::from(self.endpoints[y].weight.max(1))
+        };
+        if load(a, b) <= load(b, a) {
+            a
+        } else {
+            b
+        }
+    }
+
+    /// A connection to `i` succeeded: it is open until [`Self::on_close`].
+    pub fn on_connected(&mut self, i: usize) {
+        let s = &mut self.state[i];
+        s.active += 1;
+        s.failures = 0;
+    }
+
+    pub fn on_close(&mut self, i: usize) {
+        self.state[i].active = self.state[i].active.saturating_sub(1);
+    }
+
+    /// A connect to `i` failed (refused, timed out): counts towards ejection.
+    pub fn on_connect_failed(&mut self, i: usize, now: Instant) -> FailureOutcome {
+        let cfg = self.outlier;
+        let s = &mut self.state[i];
+        s.failures += 1;
+        if s.failures < cfg.consecutive_failures {
+            return FailureOutcome::Counted;
+        }
+        s.failures = 0;
+        let factor = 1u32.checked_shl(s.ejections.min(16)).unwrap_or(u32::MAX);
+        let ejection = cfg
+            .base_ejection
+            .saturating_mul(factor)
+            .min(cfg.max_ejection);
+        s.ejections += 1;
+        let until = now + ejection;
+        s.ejected_until = Some(until);
+        FailureOutcome::Ejected(until)
+    }
+
+    /// Connections open to `i`.
+    pub fn active(&self, i: usize) -> u32 {
+        self.state[i].active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(id: &str, region: &str, zone: &str, weight: u32) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            locality: Locality {
+                region: region.into(),
+                zone: zone.into(),
+                subzone: String::new(),
+            },
+            weight,
+        }
+    }
+
+    fn caller() -> Locality {
+        Locality::parse("eu/eu-1a")
+    }
+
+    #[test]
+    fn round_robin_follows_weights_smoothly() {
+        let mut b = Balancer::new(
+            Policy::RoundRobin,
+            OutlierConfig::default(),
+            Locality::default(),
+            vec![ep("a", "", "", 3), ep("b", "", "", 1)],
+        );
+        let now = Instant::now();
+        let picks: Vec<usize> = (0..8).map(|_| b.pick(now, &[]).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 6);
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 2);
+        // Smooth: never three of "b"'s share in a row at the start, and b appears within 4.
+        assert!(picks[..4].contains(&1), "{picks:?}");
+    }
+
+    #[test]
+    fn locality_first_then_failover() {
+        let eps = vec![
+            ep("far", "us", "us-1a", 1),
+            ep("region", "eu", "eu-1b", 1),
+            ep("zone", "eu", "eu-1a", 1),
+        ];
+        let mut b = Balancer::new(Policy::RoundRobin, OutlierConfig::default(), caller(), eps);
+        let now = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(b.pick(now, &[]), Some(2), "same zone first");
+        }
+        // The zone's endpoint tried already (retry on another endpoint): same region next.
+        assert_eq!(b.pick(now, &[2]), Some(1));
+        assert_eq!(b.pick(now, &[2, 1]), Some(0));
+        assert_eq!(b.pick(now, &[2, 1, 0]), None);
+    }
+
+    #[test]
+    fn consecutive_failures_eject_with_growing_back_off() {
+        let cfg = OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(35),
+        };
+        let mut b = Balancer::new(
+            Policy::RoundRobin,
+            cfg,
+            caller(),
+            vec![ep("zone", "eu", "eu-1a", 1), ep("region", "eu", "eu-1b", 1)],
+        );
+        let t0 = Instant::now();
+        assert_eq!(b.on_connect_failed(0, t0), FailureOutcome::Counted);
+        b.on_connected(0); // a success resets the count
+        b.on_close(0);
+        assert_eq!(b.on_connect_failed(0, t0), FailureOutcome::Counted);
+        assert_eq!(b.on_connect_failed(0, t0), FailureOutcome::Counted);
+        assert_eq!(
+            b.on_connect_failed(0, t0),
+            FailureOutcome::Ejected(t0 + Duration::from_secs(10))
+        );
+        assert!(b.is_ejected(0, t0));
+        // Ejected: traffic fails over to the region.
+        assert_eq!(b.pick(t0, &[]), Some(1));
+        // Back after the ejection.
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(b.pick(t1, &[]), Some(0));
+        // Ejected again: twice as long; the third time capped at the maximum.
+        for _ in 0..3 {
+            b.on_connect_failed(0, t1);
+        }
+        assert!(b.is_ejected(0, t1 + Duration::from_secs(19)));
+        assert!(!b.is_ejected(0, t1 + Duration::from_secs(20)));
+        let t2 = t1 + Duration::from_secs(20);
+        let mut last = FailureOutcome::Counted;
+        for _ in 0..3 {
+            last = b.on_connect_failed(0, t2);
+        }
+        assert_eq!(last, FailureOutcome::Ejected(t2 + Duration::from_secs(35)));
+    }
+
+    #[test]
+    fn least_connections_prefers_the_less_loaded() {
+        let mut b = Balancer::new(
+            Policy::LeastConnections,
+            OutlierConfig::default(),
+            Locality::default(),
+            vec![ep("busy", "", "", 1), ep("idle", "", "", 1)],
+        );
+        for _ in 0..10 {
+            b.on_connected(0);
+        }
+        let now = Instant::now();
+        // With two endpoints the two choices are both of them: always the idle one.
+        for _ in 0..50 {
+            assert_eq!(b.pick(now, &[]), Some(1));
+        }
+        // Weight counts: 10 open on weight 20 is lighter than 1 open on weight 1.
+        let mut w = Balancer::new(
+            Policy::LeastConnections,
+            OutlierConfig::default(),
+            Locality::default(),
+            vec![ep("big", "", "", 20), ep("small", "", "", 1)],
+        );
+        for _ in 0..10 {
+            w.on_connected(0);
+        }
+        w.on_connected(1);
+        assert_eq!(w.pick(now, &[]), Some(0));
+    }
+
+    #[test]
+    fn updates_keep_the_state_of_endpoints_that_stay() {
+        let mut b = Balancer::new(
+            Policy::RoundRobin,
+            OutlierConfig::default(),
+            caller(),
+            vec![ep("a", "eu", "eu-1a", 1), ep("b", "eu", "eu-1a", 1)],
+        );
+        let t0 = Instant::now();
+        for _ in 0..DEFAULT_CONSECUTIVE_FAILURES {
+            b.on_connect_failed(1, t0);
+        }
+        b.on_connected(0);
+        b.update(vec![ep("b", "eu", "eu-1a", 1), ep("c", "eu", "eu-1a", 1)]);
+        assert!(
+            b.is_ejected(0, t0),
+            "b is still ejected at its new position"
+        );
+        assert_eq!(b.active(0), 0);
+        assert_eq!(b.pick(t0, &[]), Some(1));
+        // Zero weight is never picked.
+        b.update(vec![ep("z", "eu", "eu-1a", 0)]);
+        assert_eq!(b.pick(t0, &[]), None);
+    }
+}
