@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -13,7 +13,6 @@ use isthmus_proto::admin::{self, Readiness};
 use isthmus_proto::drain;
 use isthmus_proto::model::{Node, NodeKind};
 use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
-use isthmus_proto::tls::{self, Credentials, ServerIdentity, TrustBundle};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
@@ -252,25 +251,6 @@ pub async fn run(config: Config) -> anyhow::Result<DnsHandle> {
 }
 
 fn watch_client(config: &Config) -> anyhow::Result<WatchClient> {
-    let r = &config.registry;
-    let bundle = TrustBundle::from_pem_file(&r.root_cert, &r.trust_domain)
-        .with_context(|| format!("reading the mesh root {}", r.root_cert.display()))?;
-    let tls_config =
-        move |cert_dir: &std::path::Path| -> anyhow::Result<Arc<rustls::ClientConfig>> {
-            let creds = Credentials::from_dir(cert_dir)
-                .with_context(|| format!("reading credentials in {}", cert_dir.display()))?;
-            Ok(Arc::new(tls::client_config(
-                Some(&creds),
-                &bundle,
-                ServerIdentity::TrustDomain,
-                &[tls::ALPN_H2],
-            )?))
-        };
-    // Unreadable credentials fail the start; later, a connect re-reads them (to pick up a
-    // renewal) and keeps the last good ones if the files are mid-rewrite.
-    let last_good = Arc::new(Mutex::new(tls_config(&r.cert_dir)?));
-    let addr = r.addr.clone();
-    let cert_dir = r.cert_dir.clone();
     let node = Node {
         id: config.node_id.clone(),
         kind: NodeKind::Dns,
@@ -278,25 +258,15 @@ fn watch_client(config: &Config) -> anyhow::Result<WatchClient> {
         cluster: config.cluster.clone(),
         locality: Default::default(),
     };
-    Ok(WatchClient::new(
-        move || {
-            let cfg = match tls_config(&cert_dir) {
-                Ok(cfg) => {
-                    *last_good.lock().expect("tls config poisoned") = cfg.clone();
-                    cfg
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "keeping the previous credentials");
-                    last_good.lock().expect("tls config poisoned").clone()
-                }
-            };
-            let addr = addr.clone();
-            async move { isthmus_proto::grpc::connect(&addr, cfg).await }
+    WatchClient::over_mtls(&config.registry, node, None, WatchOptions::default()).with_context(
+        || {
+            format!(
+                "loading the registry credentials (root {}, certificates in {})",
+                config.registry.root_cert.display(),
+                config.registry.cert_dir.display()
+            )
         },
-        node,
-        None,
-        WatchOptions::default(),
-    ))
+    )
 }
 
 /// Rebuilds the name table whenever the Watch client publishes a new view, and keeps the
@@ -333,15 +303,7 @@ async fn maintain_table(
                 readiness.set(true);
             }
         }
-        metrics.catalog_synced.set(i64::from(synced));
-        metrics.catalog_connected.set(i64::from(state.connected));
-        metrics.catalog_sync_age_seconds.set(match state.last_sync {
-            Some(t) => SystemTime::now()
-                .duration_since(t)
-                .unwrap_or_default()
-                .as_secs_f64(),
-            None => -1.0,
-        });
+        metrics.catalog.observe(&state);
         tokio::select! {
             _ = &mut stop => return,
             r = sync.changed() => if r.is_err() { return },

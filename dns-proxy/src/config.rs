@@ -43,16 +43,7 @@ pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1232;
 pub const MAX_QUERY_BYTES: usize = 4096;
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// How to reach the registry.
-#[derive(Debug, Clone, Serialize)]
-pub struct RegistrySettings {
-    pub addr: String,
-    /// The mesh root certificate (`root-cert.pem`).
-    pub root_cert: PathBuf,
-    /// `key.pem` and `cert-chain.pem`, re-read on every connect so a renewal is picked up.
-    pub cert_dir: PathBuf,
-    pub trust_domain: String,
-}
+pub use isthmus_proto::subscription::RegistrySettings;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {

@@ -6,7 +6,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
 
 use hickory_proto::rr::RecordType;
 
@@ -126,9 +125,7 @@ pub struct Metrics {
     pub upstream_inflight: Gauge,
     pub cache_entries: Gauge,
     pub names: Gauge,
-    pub catalog_synced: Gauge,
-    pub catalog_connected: Gauge,
-    pub catalog_sync_age_seconds: Gauge<f64, AtomicU64>,
+    pub catalog: isthmus_proto::subscription::SyncMetrics,
     pub tcp_connections: Gauge,
     pub rate_limited: Counter,
 }
@@ -149,9 +146,7 @@ impl Metrics {
             upstream_inflight: Gauge::default(),
             cache_entries: Gauge::default(),
             names: Gauge::default(),
-            catalog_synced: Gauge::default(),
-            catalog_connected: Gauge::default(),
-            catalog_sync_age_seconds: Gauge::default(),
+            catalog: Default::default(),
             tcp_connections: Gauge::default(),
             rate_limited: Counter::default(),
         };
@@ -196,21 +191,7 @@ impl Metrics {
             "Mesh names in the name table (wildcards count once)",
             m.names.clone(),
         );
-        r.register(
-            "catalog_synced",
-            "1 once the name table was built from a registry view",
-            m.catalog_synced.clone(),
-        );
-        r.register(
-            "catalog_connected",
-            "1 while the Watch stream to the registry is up",
-            m.catalog_connected.clone(),
-        );
-        r.register(
-            "catalog_sync_age_seconds",
-            "Seconds since the registry last confirmed the view (-1 before the first sync)",
-            m.catalog_sync_age_seconds.clone(),
-        );
+        m.catalog.register_into(r);
         r.register(
             "tcp_connections",
             "Open client TCP connections",

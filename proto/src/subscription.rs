@@ -332,3 +332,110 @@ impl WatchClient {
         }
     }
 }
+
+/// How a program reaches the registry's Watch.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RegistrySettings {
+    pub addr: String,
+    /// The mesh root certificate (`root-cert.pem`).
+    pub root_cert: std::path::PathBuf,
+    /// `key.pem` and `cert-chain.pem`, re-read on every connect so a renewal is picked up.
+    pub cert_dir: std::path::PathBuf,
+    pub trust_domain: String,
+}
+
+impl WatchClient {
+    /// A client that connects over mTLS with the credentials in `registry.cert_dir`.
+    /// Unreadable credentials fail here; later, every connect re-reads them (to pick up a
+    /// renewal) and keeps the last good ones if the files are mid-rewrite.
+    pub fn over_mtls(
+        registry: &RegistrySettings,
+        node: Node,
+        initial: Option<LocalView>,
+        opts: WatchOptions,
+    ) -> Result<Self, crate::tls::TlsError> {
+        use crate::tls::{self, Credentials, ServerIdentity, TrustBundle};
+        let bundle = TrustBundle::from_pem_file(&registry.root_cert, &registry.trust_domain)?;
+        let tls_config = move |cert_dir: &std::path::Path| {
+            let creds = Credentials::from_dir(cert_dir)?;
+            tls::client_config(
+                Some(&creds),
+                &bundle,
+                ServerIdentity::TrustDomain,
+                &[tls::ALPN_H2],
+            )
+            .map(Arc::new)
+        };
+        let last_good = Arc::new(std::sync::Mutex::new(tls_config(&registry.cert_dir)?));
+        let addr = registry.addr.clone();
+        let cert_dir = registry.cert_dir.clone();
+        Ok(WatchClient::new(
+            move || {
+                let cfg = match tls_config(&cert_dir) {
+                    Ok(cfg) => {
+                        *last_good.lock().expect("tls config poisoned") = cfg.clone();
+                        cfg
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "keeping the previous credentials");
+                        last_good.lock().expect("tls config poisoned").clone()
+                    }
+                };
+                let addr = addr.clone();
+                async move { crate::grpc::connect(&addr, cfg).await }
+            },
+            node,
+            initial,
+            opts,
+        ))
+    }
+}
+
+/// The catalog-sync gauges every subscriber exports (under its own prefix).
+#[derive(Debug, Clone, Default)]
+pub struct SyncMetrics {
+    pub synced: prometheus_client::metrics::gauge::Gauge,
+    pub connected: prometheus_client::metrics::gauge::Gauge,
+    pub age_seconds:
+        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl SyncMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self::default();
+        m.register_into(registry);
+        m
+    }
+
+    pub fn register_into(&self, registry: &mut prometheus_client::registry::Registry) {
+        let m = self;
+        registry.register(
+            "catalog_synced",
+            "1 once a view from the registry is in use",
+            m.synced.clone(),
+        );
+        registry.register(
+            "catalog_connected",
+            "1 while the Watch stream to the registry is up",
+            m.connected.clone(),
+        );
+        registry.register(
+            "catalog_sync_age_seconds",
+            "Seconds since the registry last confirmed the view (-1 before the first sync)",
+            m.age_seconds.clone(),
+        );
+    }
+
+    pub fn observe(&self, state: &SyncState) {
+        self.synced.set(i64::from(state.synced()));
+        self.connected.set(i64::from(state.connected));
+        self.age_seconds.set(match state.last_sync {
+            Some(t) => SystemTime::now()
+                .duration_since(t)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            None => -1.0,
+        });
+    }
+}
+

@@ -1,0 +1,461 @@
+//! The routing table of the proxy core: every (service hostname, service port, subset) the
+//! caller's network view names becomes a [`Destination`] with its endpoints, its balancer
+//! and its connection limit. The table is rebuilt off the data path whenever the view
+//! changes and swapped in atomically; a destination that survives a rebuild is the same
+//! object, updated in place, so open connections, round-robin position and outlier
+//! ejections carry over.
+//!
+//! Subsets: the SNI key's subset names endpoints by their `version` label (the label Istio
+//! subsets are conventionally defined on); `_` (empty) is every endpoint.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use isthmus_proto::model::{EndpointKind, Health, Locality, Scope, ServiceView, ViewResource};
+use isthmus_proto::subscription::LocalView;
+use isthmus_proto::SpiffeId;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::balancer::{self, Balancer, FailureOutcome, OutlierConfig, Policy};
+
+/// The endpoint label a non-empty subset selects on.
+pub const SUBSET_LABEL: &str = "version";
+
+/// Which endpoints of a view a table routes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Only workloads on the caller's own network (the east-west gateway: it never sends
+    /// a connection on to another network).
+    LocalWorkloads,
+    /// Local workloads directly and remote networks through their gateways (a workload's
+    /// outbound).
+    Mesh,
+}
+
+/// How destinations pick and bound their endpoints.
+#[derive(Debug, Clone)]
+pub struct RouteOptions {
+    pub reach: Reach,
+    pub policy: Policy,
+    pub outlier: OutlierConfig,
+    /// The caller's locality, for locality-priority load balancing.
+    pub locality: Locality,
+    /// Connections open to one destination at once; more are refused.
+    pub max_connections_per_destination: usize,
+}
+
+impl Default for RouteOptions {
+    fn default() -> Self {
+        Self {
+            reach: Reach::Mesh,
+            policy: Policy::RoundRobin,
+            outlier: OutlierConfig::default(),
+            locality: Locality::default(),
+            max_connections_per_destination: crate::config::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
+        }
+    }
+}
+
+/// What a destination is called: the SNI key's parts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct DestinationKey {
+    pub hostname: String,
+    pub port: u16,
+    /// Empty: every endpoint.
+    pub subset: String,
+}
+
+impl std::fmt::Display for DestinationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let subset = if self.subset.is_empty() {
+            ""
+        } else {
+            &self.subset
+        };
+        write!(f, "{}:{}", self.hostname, self.port)?;
+        if !subset.is_empty() {
+            write!(f, "/{subset}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One place a connection to a destination can go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    /// Stable across view updates (the workload's uid, or the gateway's).
+    pub uid: String,
+    pub addr: SocketAddr,
+    /// A remote network's gateway (the connection carries the SNI key through it) rather
+    /// than the workload itself.
+    pub via_gateway: bool,
+    pub network: String,
+    #[serde(serialize_with = "display")]
+    pub locality: Locality,
+    #[serde(serialize_with = "display_all")]
+    pub identities: Vec<SpiffeId>,
+    pub weight: u32,
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn display_all<T: std::fmt::Display, S: serde::Serializer>(
+    v: &[T],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_string()))
+}
+
+struct Endpoints {
+    targets: Vec<Target>,
+    by_uid: HashMap<String, usize>,
+    balancer: Balancer,
+}
+
+/// One service port (and subset) and the endpoints serving it.
+pub struct Destination {
+    pub key: DestinationKey,
+    /// Whether other networks may reach it through this network's gateway.
+    exported: Mutex<bool>,
+    /// Every identity the service's endpoints run as: what a client accepts from the server.
+    identities: Mutex<Vec<SpiffeId>>,
+    endpoints: Mutex<Endpoints>,
+    /// Connections open to this destination (the per-destination limit).
+    pub(crate) limit: Arc<Semaphore>,
+    max_connections: usize,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// What happened to a target after a failed connect, for metrics and logs.
+pub type Failure = FailureOutcome;
+
+impl Destination {
+    fn new(key: DestinationKey, opts: &RouteOptions) -> Self {
+        Self {
+            key,
+            exported: Mutex::new(true),
+            identities: Mutex::new(Vec::new()),
+            endpoints: Mutex::new(Endpoints {
+                targets: Vec::new(),
+                by_uid: HashMap::new(),
+                balancer: Balancer::new(
+                    opts.policy,
+                    opts.outlier,
+                    opts.locality.clone(),
+                    Vec::new(),
+                ),
+            }),
+            limit: Arc::new(Semaphore::new(opts.max_connections_per_destination)),
+            max_connections: opts.max_connections_per_destination,
+        }
+    }
+
+    fn set(&self, targets: Vec<Target>, identities: Vec<SpiffeId>, exported: bool) {
+        *self.exported.lock().expect("destination poisoned") = exported;
+        *self.identities.lock().expect("destination poisoned") = identities;
+        let mut e = self.endpoints.lock().expect("destination poisoned");
+        e.balancer.update(
+            targets
+                .iter()
+                .map(|t| balancer::Endpoint {
+                    id: t.uid.clone(),
+                    locality: t.locality.clone(),
+                    weight: t.weight,
+                })
+                .collect(),
+        );
+        e.by_uid = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.uid.clone(), i))
+            .collect();
+        e.targets = targets;
+    }
+
+    pub fn exported(&self) -> bool {
+        *self.exported.lock().expect("destination poisoned")
+    }
+
+    pub fn identities(&self) -> Vec<SpiffeId> {
+        self.identities.lock().expect("destination poisoned").clone()
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        self.endpoints
+            .lock()
+            .expect("destination poisoned")
+            .targets
+            .clone()
+    }
+
+    /// Picks a target that is not ejected and not in `tried`.
+    pub fn pick(&self, now: Instant, tried: &[String]) -> Option<Target> {
+        let mut e = self.endpoints.lock().expect("destination poisoned");
+        let exclude: Vec<usize> = tried
+            .iter()
+            .filter_map(|uid| e.by_uid.get(uid).copied())
+            .collect();
+        let i = e.balancer.pick(now, &exclude)?;
+        Some(e.targets[i].clone())
+    }
+
+    pub fn on_connected(&self, uid: &str) {
+        let mut e = self.endpoints.lock().expect("destination poisoned");
+        if let Some(&i) = e.by_uid.get(uid) {
+            e.balancer.on_connected(i);
+        }
+    }
+
+    pub fn on_close(&self, uid: &str) {
+        let mut e = self.endpoints.lock().expect("destination poisoned");
+        if let Some(&i) = e.by_uid.get(uid) {
+            e.balancer.on_close(i);
+        }
+    }
+
+    /// None when the target left the view meanwhile.
+    pub fn on_connect_failed(&self, uid: &str, now: Instant) -> Option<Failure> {
+        let mut e = self.endpoints.lock().expect("destination poisoned");
+        let i = *e.by_uid.get(uid)?;
+        Some(e.balancer.on_connect_failed(i, now))
+    }
+
+    fn dump(&self, now: Instant) -> DestinationDump {
+        let e = self.endpoints.lock().expect("destination poisoned");
+        DestinationDump {
+            key: self.key.clone(),
+            exported: self.exported(),
+            identities: self.identities().iter().map(|i| i.to_string()).collect(),
+            open_connections: self.max_connections - self.limit.available_permits(),
+            endpoints: e
+                .targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| EndpointDump {
+                    target: t.clone(),
+                    active: e.balancer.active(i),
+                    ejected: e.balancer.is_ejected(i, now),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointDump {
+    #[serde(flatten)]
+    pub target: Target,
+    pub active: u32,
+    pub ejected: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DestinationDump {
+    pub key: DestinationKey,
+    pub exported: bool,
+    pub identities: Vec<String>,
+    pub open_connections: usize,
+    pub endpoints: Vec<EndpointDump>,
+}
+
+/// Why a destination lookup found nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("no service {0} in this network's view")]
+    UnknownService(String),
+    #[error("service {hostname} has no port {port}")]
+    UnknownPort { hostname: String, port: u16 },
+    #[error("service {hostname} has no endpoints of subset {subset} (label {SUBSET_LABEL})")]
+    UnknownSubset { hostname: String, subset: String },
+}
+
+impl LookupError {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LookupError::UnknownService(_) => "unknown_service",
+            LookupError::UnknownPort { .. } => "unknown_port",
+            LookupError::UnknownSubset { .. } => "unknown_subset",
+        }
+    }
+}
+
+/// Every destination of one view.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    version: String,
+    destinations: HashMap<DestinationKey, Arc<Destination>>,
+    /// hostname -> its ports, to tell an unknown service from an unknown port.
+    ports: HashMap<String, BTreeSet<u16>>,
+    /// Service addresses (cluster VIPs and allocated VIPs) -> hostname, for traffic that
+    /// names a VIP rather than a hostname.
+    addresses: HashMap<IpAddr, String>,
+}
+
+impl RouteTable {
+    /// Builds the table of `view`, reusing the destinations of `previous` that are still
+    /// there (same objects, updated in place).
+    pub fn build(view: &LocalView, previous: &RouteTable, opts: &RouteOptions) -> RouteTable {
+        let mut table = RouteTable {
+            version: view.version.clone(),
+            ..Default::default()
+        };
+        for res in view.resources.values() {
+            let ViewResource::Service(sv) = res else {
+                continue;
+            };
+            table.add_service(sv, previous, opts);
+        }
+        table
+    }
+
+    fn add_service(&mut self, sv: &ServiceView, previous: &RouteTable, opts: &RouteOptions) {
+        let svc = &sv.service;
+        let exported = svc.scope == Scope::Mesh;
+        for a in svc.addresses.iter().map(|a| &a.address) {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                self.addresses.insert(ip, svc.hostname.clone());
+            }
+        }
+        for a in &svc.allocated_addresses {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                self.addresses.insert(ip, svc.hostname.clone());
+            }
+        }
+        let identities: Vec<SpiffeId> = sv
+            .endpoints
+            .iter()
+            .flat_map(|e| e.identities.iter().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut subsets: BTreeSet<String> = BTreeSet::new();
+        subsets.insert(String::new());
+        for e in &sv.endpoints {
+            if let Some(v) = e.labels.get(SUBSET_LABEL) {
+                subsets.insert(v.clone());
+            }
+        }
+        let ports = self.ports.entry(svc.hostname.clone()).or_default();
+        for sp in &svc.ports {
+            ports.insert(sp.number);
+            for subset in &subsets {
+                let key = DestinationKey {
+                    hostname: svc.hostname.clone(),
+                    port: sp.number,
+                    subset: subset.clone(),
+                };
+                let targets = targets_of(sv, sp.number, subset, opts.reach);
+                let dest = previous
+                    .destinations
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Destination::new(key.clone(), opts)));
+                dest.set(targets, identities.clone(), exported);
+                self.destinations.insert(key, dest);
+            }
+        }
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn len(&self) -> usize {
+        self.destinations.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.destinations.is_empty()
+    }
+
+    /// The destination for a hostname, port and subset (empty for all endpoints).
+    pub fn lookup(
+        &self,
+        hostname: &str,
+        port: u16,
+        subset: &str,
+    ) -> Result<Arc<Destination>, LookupError> {
+        let key = DestinationKey {
+            hostname: hostname.to_string(),
+            port,
+            subset: subset.to_string(),
+        };
+        if let Some(d) = self.destinations.get(&key) {
+            return Ok(d.clone());
+        }
+        match self.ports.get(hostname) {
+            None => Err(LookupError::UnknownService(hostname.to_string())),
+            Some(p) if !p.contains(&port) => Err(LookupError::UnknownPort {
+                hostname: hostname.to_string(),
+                port,
+            }),
+            Some(_) => Err(LookupError::UnknownSubset {
+                hostname: hostname.to_string(),
+                subset: subset.to_string(),
+            }),
+        }
+    }
+
+    /// The hostname a service address (VIP) belongs to.
+    pub fn hostname_of(&self, ip: IpAddr) -> Option<&str> {
+        self.addresses.get(&ip).map(String::as_str)
+    }
+
+    /// Every destination with its endpoints and their state, for `/config_dump`.
+    pub fn dump(&self) -> Vec<DestinationDump> {
+        let now = Instant::now();
+        let mut keys: Vec<&DestinationKey> = self.destinations.keys().collect();
+        keys.sort();
+        keys.into_iter()
+            .map(|k| self.destinations[k].dump(now))
+            .collect()
+    }
+}
+
+/// The healthy endpoints of `sv` for one service port and subset, as connect targets.
+fn targets_of(sv: &ServiceView, port: u16, subset: &str, reach: Reach) -> Vec<Target> {
+    sv.endpoints
+        .iter()
+        .filter(|e| e.health == Health::Healthy)
+        .filter(|e| match reach {
+            Reach::LocalWorkloads => e.kind == EndpointKind::Workload,
+            Reach::Mesh => true,
+        })
+        .filter(|e| {
+            // A gateway carries every subset of the services behind it: the remote gateway
+            // applies the subset.
+            subset.is_empty()
+                || e.kind == EndpointKind::Gateway
+                || e.labels.get(SUBSET_LABEL).map(String::as_str) == Some(subset)
+        })
+        .filter_map(|e| {
+            let ip: IpAddr = e.address.parse().ok()?;
+            let to = *e.ports.get(&port)?;
+            Some(Target {
+                uid: e.uid.clone(),
+                addr: SocketAddr::new(ip, to),
+                via_gateway: e.kind == EndpointKind::Gateway,
+                network: e.network.clone(),
+                locality: e.locality.clone(),
+                identities: e.identities.clone(),
+                weight: e.weight.max(1),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
