@@ -1,7 +1,27 @@
-//! isthmus-gateway: the proxy core that the east-west gateway and the VM agent share.
+//! isthmus-gateway: the proxy core that the east-west gateway and the VM agent share, and
+//! the east-west gateway's wiring.
 //!
-//! Built so far: endpoint selection (`balancer`: round robin and power-of-two-choices
-//! least-connections, locality priority with failover, outlier ejection with growing
-//! back-off). The SNI routing key and the ClientHello reader live in `isthmus_proto::sni`.
+//! - `routes`: the routing table built from a network view (destinations, their endpoints,
+//!   balancers and connection limits); `balancer`: endpoint selection; `upstream`:
+//!   connecting with timeout, retry on another endpoint and outlier reporting;
+//!   `relay`: moving bytes both ways until both sides close; `connection`: drain tracking
+//!   and the access log.
+//! - `passthrough`: the SNI passthrough listener (the gateway's data path).
+//! - `inbound` / `outbound` / `authz`: the workload side (mTLS termination with
+//!   authorization in front of a local app; mTLS origination towards a service).
+//! - `app` and `config`: the east-west gateway program.
+//!
+//! The SNI routing key and the ClientHello reader live in `isthmus_proto::sni`.
 
+pub mod app;
 pub mod balancer;
+pub mod config;
+pub mod connection;
+pub mod metrics;
+pub mod passthrough;
+pub mod relay;
+pub mod routes;
+pub mod upstream;
+
+pub use app::{run, GatewayHandle};
+pub use config::GatewayConfig;

@@ -13,13 +13,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
+use isthmus_proto::admin::Readiness;
+use isthmus_proto::drain;
 use isthmus_proto::model::{EndpointKind, Health, Locality, Scope, ServiceView, ViewResource};
-use isthmus_proto::subscription::LocalView;
+use isthmus_proto::subscription::{LocalView, SyncState};
 use isthmus_proto::SpiffeId;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::balancer::{self, Balancer, FailureOutcome, OutlierConfig, Policy};
+use crate::metrics::Metrics;
 
 /// The endpoint label a non-empty subset selects on.
 pub const SUBSET_LABEL: &str = "version";
@@ -184,12 +188,20 @@ impl Destination {
         e.targets = targets;
     }
 
+    /// The connection limit.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
     pub fn exported(&self) -> bool {
         *self.exported.lock().expect("destination poisoned")
     }
 
     pub fn identities(&self) -> Vec<SpiffeId> {
-        self.identities.lock().expect("destination poisoned").clone()
+        self.identities
+            .lock()
+            .expect("destination poisoned")
+            .clone()
     }
 
     pub fn targets(&self) -> Vec<Target> {
@@ -422,6 +434,49 @@ impl RouteTable {
         keys.into_iter()
             .map(|k| self.destinations[k].dump(now))
             .collect()
+    }
+}
+
+/// Rebuilds `routes` whenever the Watch client publishes a new view, keeps the catalog
+/// gauges current, and marks `ready` once a view from the registry is in use. Runs until
+/// `shutdown`; the last table stays in place through registry outages.
+pub async fn follow(
+    mut sync: tokio::sync::watch::Receiver<Arc<SyncState>>,
+    routes: Arc<ArcSwap<RouteTable>>,
+    opts: RouteOptions,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+    shutdown: drain::Watch,
+) {
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut built: Option<Arc<LocalView>> = None;
+    let mut marked_ready = false;
+    loop {
+        let state = sync.borrow_and_update().clone();
+        if built.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &state.view)) {
+            let table = RouteTable::build(&state.view, &routes.load(), &opts);
+            tracing::info!(
+                version = table.version(),
+                destinations = table.len(),
+                "routing table rebuilt"
+            );
+            metrics.destinations.set(table.len() as i64);
+            routes.store(Arc::new(table));
+            built = Some(state.view.clone());
+        }
+        // Once: after that, readiness is the program's (drain turns it off).
+        if state.synced() && !marked_ready {
+            ready.set(true);
+            marked_ready = true;
+        }
+        metrics.catalog.observe(&state);
+        tokio::select! {
+            _ = &mut stop => return,
+            r = sync.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
     }
 }
 

@@ -396,8 +396,7 @@ impl WatchClient {
 pub struct SyncMetrics {
     pub synced: prometheus_client::metrics::gauge::Gauge,
     pub connected: prometheus_client::metrics::gauge::Gauge,
-    pub age_seconds:
-        prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub age_seconds: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl SyncMetrics {
@@ -438,4 +437,3 @@ impl SyncMetrics {
         });
     }
 }
-

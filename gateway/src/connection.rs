@@ -1,0 +1,224 @@
+//! What every proxied connection shares, whichever listener took it: the tracker that
+//! drain waits on (stop accepting, let open connections finish until a deadline, then
+//! close them), and the access-log line written once per connection when it ends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use isthmus_proto::drain;
+use tokio::sync::Notify;
+
+use crate::metrics::{ConnResult, Direction};
+
+/// Counts open connections and tells them when the drain deadline has passed.
+#[derive(Debug)]
+pub struct Tracker {
+    open: AtomicUsize,
+    next_id: AtomicU64,
+    idle: Notify,
+    force: drain::Trigger,
+    force_watch: drain::Watch,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        let (force, force_watch) = drain::channel();
+        Self {
+            open: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            idle: Notify::new(),
+            force,
+            force_watch,
+        }
+    }
+}
+
+impl Tracker {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A connection is open until the guard drops.
+    pub fn register(self: &Arc<Self>) -> ConnGuard {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        ConnGuard {
+            tracker: self.clone(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Fires when open connections must close now (the drain deadline passed).
+    pub fn closing(&self) -> drain::Watch {
+        self.force_watch.clone()
+    }
+
+    /// Waits until every connection has closed or `deadline` has passed, then tells the
+    /// rest to close and waits (bounded) for them. Returns how many were closed by force.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let wait_idle = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.open() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(deadline, wait_idle).await.is_ok() {
+            return 0;
+        }
+        let left = self.open();
+        tracing::warn!(
+            open = left,
+            ?deadline,
+            "drain deadline passed: closing the connections still open"
+        );
+        self.force.fire();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.open() > 0 {
+                let notified = self.idle.notified();
+                if self.open() == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        left
+    }
+}
+
+/// One open connection; dropping it marks the connection closed.
+#[derive(Debug)]
+pub struct ConnGuard {
+    tracker: Arc<Tracker>,
+    pub id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.tracker.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle_notify();
+        }
+    }
+}
+
+impl ConnGuard {
+    fn idle_notify(&self) {
+        self.tracker.idle.notify_waiters();
+    }
+}
+
+/// One access-log line: what a connection was, where it went and how it ended.
+#[derive(Debug)]
+pub struct AccessRecord {
+    pub id: u64,
+    pub direction: Direction,
+    pub started: Instant,
+    pub client: SocketAddr,
+    /// The SNI the client sent (passthrough), or the destination it asked for.
+    pub destination: String,
+    /// The service, once known.
+    pub service: Option<String>,
+    pub endpoint: Option<SocketAddr>,
+    /// The verified SPIFFE identity of the peer (inbound), or of the server (outbound).
+    pub peer_identity: Option<String>,
+    pub bytes_to_upstream: u64,
+    pub bytes_from_upstream: u64,
+    pub result: &'static str,
+    pub error: Option<String>,
+}
+
+impl AccessRecord {
+    pub fn new(id: u64, direction: Direction, client: SocketAddr) -> Self {
+        Self {
+            id,
+            direction,
+            started: Instant::now(),
+            client,
+            destination: String::new(),
+            service: None,
+            endpoint: None,
+            peer_identity: None,
+            bytes_to_upstream: 0,
+            bytes_from_upstream: 0,
+            result: "",
+            error: None,
+        }
+    }
+
+    pub fn finish(&mut self, result: ConnResult) {
+        self.result = result_str(result);
+    }
+
+    /// Writes the line (target `isthmus::access`, so it can be filtered or routed alone).
+    pub fn emit(&self) {
+        tracing::info!(
+            target: "isthmus::access",
+            conn = self.id,
+            direction = self.direction.as_str(),
+            client = %self.client,
+            destination = %self.destination,
+            service = self.service.as_deref().unwrap_or("-"),
+            endpoint = %self.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            peer = self.peer_identity.as_deref().unwrap_or("-"),
+            bytes_to_upstream = self.bytes_to_upstream,
+            bytes_from_upstream = self.bytes_from_upstream,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            result = self.result,
+            error = self.error.as_deref().unwrap_or("-"),
+            "connection"
+        );
+    }
+}
+
+pub fn result_str(r: ConnResult) -> &'static str {
+    match r {
+        ConnResult::ok => "ok",
+        ConnResult::error => "error",
+        ConnResult::drained => "drained",
+        ConnResult::upstream_connect_failed => "upstream_connect_failed",
+        ConnResult::no_healthy_endpoint => "no_healthy_endpoint",
+        ConnResult::connection_limit => "connection_limit",
+        ConnResult::denied => "denied",
+        ConnResult::handshake_failed => "handshake_failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drain_returns_once_the_last_connection_closes() {
+        let t = Tracker::new();
+        let g = t.register();
+        let t2 = t.clone();
+        let waiter = tokio::spawn(async move { t2.drain(Duration::from_secs(30)).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(g);
+        assert_eq!(waiter.await.unwrap(), 0);
+        assert!(!t.closing().is_signaled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_deadline_tells_open_connections_to_close() {
+        let t = Tracker::new();
+        let g = t.register();
+        let closing = t.closing();
+        let conn = tokio::spawn(async move {
+            closing.signaled().await;
+            drop(g);
+        });
+        assert_eq!(t.drain(Duration::from_secs(5)).await, 1);
+        conn.await.unwrap();
+        assert_eq!(t.open(), 0);
+    }
+}

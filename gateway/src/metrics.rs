@@ -1,0 +1,200 @@
+//! The proxy core's metrics. The program picks the prefix (`isthmus_gateway_` for the
+//! east-west gateway, `isthmus_agent_` for the VM agent); label sets are typed and bounded
+//! (service hostnames come from the catalog, reasons and results are enums).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use isthmus_proto::subscription::SyncMetrics;
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    /// SNI passthrough on the east-west gateway.
+    passthrough,
+    /// mTLS terminated in front of a local app.
+    inbound,
+    /// A local app's connection, originated as mTLS.
+    outbound,
+}
+
+impl Direction {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Direction::passthrough => "passthrough",
+            Direction::inbound => "inbound",
+            Direction::outbound => "outbound",
+        }
+    }
+}
+
+/// How a connection to a known destination ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ConnResult {
+    /// Relayed until both sides closed.
+    ok,
+    /// Relayed, then ended by an error (a reset, a broken pipe).
+    error,
+    /// Closed by the drain deadline.
+    drained,
+    /// No endpoint could be connected to (all tried, or none available).
+    upstream_connect_failed,
+    no_healthy_endpoint,
+    /// The destination's connection limit was reached.
+    connection_limit,
+    /// Refused by authorization.
+    denied,
+    /// The mTLS handshake with the peer failed.
+    handshake_failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: Direction,
+    pub service: String,
+    pub result: ConnResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OpenLabels {
+    pub direction: Direction,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Flow {
+    /// From the connecting side towards the endpoint.
+    to_upstream,
+    /// From the endpoint back to the connecting side.
+    from_upstream,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: Direction,
+    pub service: String,
+    pub flow: Flow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub direction: Direction,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub connections: Family<ConnLabels, Counter>,
+    pub connections_open: Family<OpenLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub refused: Family<RefusalLabels, Counter>,
+    pub connect_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
+    pub connect_failures: Family<ServiceLabels, Counter>,
+    pub ejections: Family<ServiceLabels, Counter>,
+    pub destinations: Gauge,
+    pub draining: Gauge,
+    pub catalog: SyncMetrics,
+}
+
+fn connect_histogram() -> Histogram {
+    // 50 µs to ~3.3 s.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            connections: Family::default(),
+            connections_open: Family::default(),
+            bytes: Family::default(),
+            refused: Family::default(),
+            connect_duration: Family::new_with_constructor(connect_histogram),
+            connect_failures: Family::default(),
+            ejections: Family::default(),
+            destinations: Gauge::default(),
+            draining: Gauge::default(),
+            catalog: SyncMetrics::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers under `prefix` (e.g. `isthmus_gateway`).
+    pub fn register(registry: &mut Registry, prefix: &str) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix(prefix);
+        r.register(
+            "connections",
+            "Connections to a known service that ended, by listener, service and result",
+            m.connections.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Connections open now, by listener and service",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "bytes",
+            "Bytes relayed, by listener, service and flow",
+            m.bytes.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed before a service was chosen (not TLS, no SNI, unknown service, handshake timeout ...), by reason",
+            m.refused.clone(),
+        );
+        r.register(
+            "upstream_connect_duration_seconds",
+            "Time to establish a TCP connection to an endpoint",
+            m.connect_duration.clone(),
+        );
+        r.register(
+            "upstream_connect_failures",
+            "Failed connects to an endpoint (each is retried on another endpoint), by service",
+            m.connect_failures.clone(),
+        );
+        r.register(
+            "endpoint_ejections",
+            "Endpoints ejected by outlier detection after consecutive connect failures, by service",
+            m.ejections.clone(),
+        );
+        r.register(
+            "destinations",
+            "Service ports (and subsets) in the routing table",
+            m.destinations.clone(),
+        );
+        r.register(
+            "draining",
+            "1 while shutting down: no new connections, open ones finishing",
+            m.draining.clone(),
+        );
+        m.catalog.register_into(r);
+        m
+    }
+
+    pub fn refuse(&self, direction: Direction, reason: &str) {
+        self.refused
+            .get_or_create(&RefusalLabels {
+                direction,
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,247 @@
+//! The SNI passthrough listener (15443): the east-west gateway's data path. It reads the
+//! client's ClientHello without terminating TLS, routes on the SNI key
+//! `outbound_.<port>_.<subset>_.<hostname>` to a healthy local endpoint of that service,
+//! replays the bytes it read and relays both directions until both sides close. The
+//! mTLS session is the client's and the endpoint's: the gateway holds no key for it.
+//!
+//! A connection that is not TLS, has no SNI, names something that is not a mesh key, or a
+//! service this network does not export, is closed at once and counted by reason; one that
+//! sends nothing is closed when the handshake timeout passes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use isthmus_proto::drain;
+use isthmus_proto::sni::{ClientHelloReader, Hello, SniKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::connection::{AccessRecord, Tracker};
+use crate::metrics::{BytesLabels, ConnLabels, ConnResult, Direction, Flow, Metrics, OpenLabels};
+use crate::routes::RouteTable;
+use crate::upstream::{self, ConnectOptions};
+
+const DIRECTION: Direction = Direction::passthrough;
+
+/// What the listener needs, shared by every connection.
+#[derive(Debug)]
+pub struct Passthrough {
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub metrics: Arc<Metrics>,
+    pub tracker: Arc<Tracker>,
+    pub handshake_timeout: Duration,
+    pub connect: ConnectOptions,
+    /// Connections held at once.
+    pub max_connections: usize,
+}
+
+/// Accepts until `shutdown`, then returns (open connections carry on; the caller drains
+/// them through the tracker).
+pub async fn serve(listener: TcpListener, p: Arc<Passthrough>, shutdown: drain::Watch) {
+    let slots = Arc::new(Semaphore::new(p.max_connections));
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            _ = &mut stop => break,
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+        };
+        let accepted = tokio::select! {
+            _ = &mut stop => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let guard = p.tracker.register();
+        let span = tracing::debug_span!("passthrough", conn = guard.id, %client);
+        let p = p.clone();
+        tokio::spawn(
+            async move {
+                let _slot = slot;
+                let mut rec = AccessRecord::new(guard.id, DIRECTION, client);
+                handle(&p, tcp, &mut rec).await;
+                rec.emit();
+                drop(guard);
+            }
+            .instrument(span),
+        );
+    }
+    tracing::info!("passthrough listener stopped accepting");
+}
+
+/// Why a connection was refused before a service was chosen.
+#[derive(Debug)]
+struct Refusal {
+    reason: &'static str,
+    detail: String,
+}
+
+fn refusal(reason: &'static str, detail: impl ToString) -> Refusal {
+    Refusal {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+/// Reads until the ClientHello's server name is known; returns it and every byte read.
+async fn read_server_name(
+    tcp: &mut TcpStream,
+    timeout: Duration,
+) -> Result<(String, Vec<u8>), Refusal> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut reader = ClientHelloReader::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => {
+                return Err(refusal(
+                    "handshake_timeout",
+                    format!(
+                        "no complete ClientHello within {timeout:?} ({} bytes received)",
+                        reader.received().len()
+                    ),
+                ))
+            }
+            Ok(Err(e)) => return Err(refusal("client_error", e)),
+            Ok(Ok(0)) => {
+                return Err(refusal(
+                    "closed_before_client_hello",
+                    format!(
+                        "client closed after {} bytes, before a complete ClientHello",
+                        reader.received().len()
+                    ),
+                ))
+            }
+            Ok(Ok(n)) => n,
+        };
+        match reader.feed(&buf[..n]) {
+            Ok(Hello::NeedMore) => continue,
+            Ok(Hello::ServerName(name)) => return Ok((name, reader.into_received())),
+            Err(e) => return Err(refusal(e.reason(), e)),
+        }
+    }
+}
+
+async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
+    let _ = tcp.set_nodelay(true);
+    let routed = async {
+        let (sni, hello) = read_server_name(&mut tcp, p.handshake_timeout).await?;
+        rec.destination = sni.clone();
+        let key = SniKey::parse(&sni).map_err(|e| refusal("not_mesh_key", e))?;
+        let table = p.routes.load();
+        let dest = table
+            .lookup(&key.hostname, key.port, &key.subset)
+            .map_err(|e| refusal(e.reason(), e))?;
+        if !dest.exported() {
+            return Err(refusal(
+                "not_exported",
+                format!(
+                    "{} is cluster-local: not reachable from other networks",
+                    key.hostname
+                ),
+            ));
+        }
+        Ok((dest, hello))
+    };
+    let (dest, hello) = match routed.await {
+        Ok(r) => r,
+        Err(r) => {
+            p.metrics.refuse(DIRECTION, r.reason);
+            rec.result = r.reason;
+            rec.error = Some(r.detail);
+            return;
+        }
+    };
+    let service = dest.key.hostname.clone();
+    rec.service = Some(service.clone());
+    let open = p
+        .metrics
+        .connections_open
+        .get_or_create(&OpenLabels {
+            direction: DIRECTION,
+            service: service.clone(),
+        })
+        .clone();
+    open.inc();
+    let result = relay(p, tcp, &dest, hello, rec).await;
+    open.dec();
+    rec.finish(result);
+    p.metrics
+        .connections
+        .get_or_create(&ConnLabels {
+            direction: DIRECTION,
+            service: service.clone(),
+            result,
+        })
+        .inc();
+    for (flow, n) in [
+        (Flow::to_upstream, rec.bytes_to_upstream),
+        (Flow::from_upstream, rec.bytes_from_upstream),
+    ] {
+        if n > 0 {
+            p.metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    direction: DIRECTION,
+                    service: service.clone(),
+                    flow,
+                })
+                .inc_by(n);
+        }
+    }
+}
+
+async fn relay(
+    p: &Passthrough,
+    tcp: TcpStream,
+    dest: &Arc<crate::routes::Destination>,
+    hello: Vec<u8>,
+    rec: &mut AccessRecord,
+) -> ConnResult {
+    let hello = Arc::new(hello);
+    let up = upstream::connect(dest, p.connect, &p.metrics, DIRECTION, |mut s, _t| {
+        let hello = hello.clone();
+        async move {
+            s.write_all(&hello).await?;
+            Ok(s)
+        }
+    })
+    .await;
+    let up = match up {
+        Ok(up) => up,
+        Err(e) => {
+            rec.error = Some(e.to_string());
+            return e.result();
+        }
+    };
+    rec.endpoint = Some(up.target.addr);
+    rec.bytes_to_upstream = hello.len() as u64;
+    let closing = p.tracker.closing();
+    let outcome = tokio::select! {
+        o = crate::relay::relay_tcp(tcp, up.stream) => o,
+        _ = closing.signaled() => {
+            rec.error = Some("closed by the drain deadline".into());
+            return ConnResult::drained;
+        }
+    };
+    drop(up.lease);
+    rec.bytes_to_upstream += outcome.transferred.client_to_upstream;
+    rec.bytes_from_upstream = outcome.transferred.upstream_to_client;
+    match outcome.error {
+        None => ConnResult::ok,
+        Some(e) => {
+            rec.error = Some(e.to_string());
+            ConnResult::error
+        }
+    }
+}

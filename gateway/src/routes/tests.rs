@@ -1,0 +1,212 @@
+use std::collections::BTreeMap;
+
+use isthmus_proto::model::{Service, ServicePort, ViewEndpoint};
+use isthmus_proto::TrustDomain;
+
+use super::*;
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::workload(&TrustDomain::new("cluster.local").unwrap(), "shop", sa).unwrap()
+}
+
+fn endpoint(kind: EndpointKind, addr: &str, port: u16, version: &str) -> ViewEndpoint {
+    let mut labels = BTreeMap::new();
+    if !version.is_empty() {
+        labels.insert("version".to_string(), version.to_string());
+    }
+    ViewEndpoint {
+        kind,
+        address: addr.into(),
+        ports: [(9080, port)].into_iter().collect(),
+        network: if kind == EndpointKind::Gateway {
+            "network-b".into()
+        } else {
+            "network-a".into()
+        },
+        cluster: String::new(),
+        locality: Locality::default(),
+        identities: vec![id(if version.is_empty() { "gw" } else { "reviews" })],
+        weight: 1,
+        health: Health::Healthy,
+        labels,
+        uid: format!("{addr}:{port}"),
+        tunnel_port: 0,
+    }
+}
+
+fn view(endpoints: Vec<ViewEndpoint>, scope: Scope) -> LocalView {
+    let service = Service {
+        hostname: "reviews.shop.svc.cluster.local".into(),
+        namespace: "shop".into(),
+        name: "reviews".into(),
+        ports: vec![ServicePort {
+            name: "http".into(),
+            number: 9080,
+            protocol: "TCP".into(),
+            target_port: 0,
+        }],
+        allocated_addresses: vec!["240.240.0.7".into()],
+        scope,
+        ..Default::default()
+    };
+    let sv = ServiceView { service, endpoints };
+    let mut resources = std::collections::BTreeMap::new();
+    resources.insert(
+        "svc/reviews.shop.svc.cluster.local".to_string(),
+        ViewResource::Service(Arc::new(sv)),
+    );
+    LocalView {
+        version: "v.1".into(),
+        resources,
+    }
+}
+
+const HOST: &str = "reviews.shop.svc.cluster.local";
+
+#[test]
+fn lookup_names_what_is_missing() {
+    let v = view(
+        vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1")],
+        Scope::Mesh,
+    );
+    let t = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    assert!(t.lookup(HOST, 9080, "").is_ok());
+    assert!(t.lookup(HOST, 9080, "v1").is_ok());
+    assert_eq!(
+        t.lookup("ratings.shop.svc.cluster.local", 9080, "")
+            .unwrap_err()
+            .reason(),
+        "unknown_service"
+    );
+    assert_eq!(
+        t.lookup(HOST, 9081, "").unwrap_err().reason(),
+        "unknown_port"
+    );
+    assert_eq!(
+        t.lookup(HOST, 9080, "v9").unwrap_err().reason(),
+        "unknown_subset"
+    );
+    assert_eq!(
+        t.hostname_of("240.240.0.7".parse().unwrap()),
+        Some(HOST),
+        "an allocated VIP leads to its service"
+    );
+}
+
+#[test]
+fn gateway_reach_keeps_local_workloads_and_maps_ports() {
+    let v = view(
+        vec![
+            endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1"),
+            endpoint(EndpointKind::Workload, "10.0.0.2", 8081, "v2"),
+            endpoint(EndpointKind::Gateway, "198.51.100.10", 15443, ""),
+        ],
+        Scope::Mesh,
+    );
+    let local = RouteOptions {
+        reach: Reach::LocalWorkloads,
+        ..Default::default()
+    };
+    let t = RouteTable::build(&v, &RouteTable::default(), &local);
+    let all: Vec<SocketAddr> = t
+        .lookup(HOST, 9080, "")
+        .unwrap()
+        .targets()
+        .iter()
+        .map(|t| t.addr)
+        .collect();
+    assert_eq!(
+        all,
+        vec![
+            "10.0.0.1:8080".parse().unwrap(),
+            "10.0.0.2:8081".parse().unwrap()
+        ]
+    );
+    let v2 = t.lookup(HOST, 9080, "v2").unwrap().targets();
+    assert_eq!(v2.len(), 1);
+    assert_eq!(v2[0].addr, "10.0.0.2:8081".parse().unwrap());
+
+    // A workload's outbound also goes through the remote gateway, for every subset.
+    let mesh = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    let v2 = mesh.lookup(HOST, 9080, "v2").unwrap().targets();
+    assert_eq!(v2.len(), 2);
+    assert!(v2.iter().any(|t| t.via_gateway && t.addr.port() == 15443));
+}
+
+#[test]
+fn unhealthy_endpoints_are_not_targets_and_scope_is_kept() {
+    let mut sick = endpoint(EndpointKind::Workload, "10.0.0.2", 8080, "v1");
+    sick.health = Health::Unhealthy;
+    let v = view(
+        vec![
+            endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1"),
+            sick,
+        ],
+        Scope::ClusterLocal,
+    );
+    let t = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    let d = t.lookup(HOST, 9080, "").unwrap();
+    assert_eq!(d.targets().len(), 1);
+    assert!(!d.exported());
+    assert_eq!(d.identities(), vec![id("reviews")]);
+}
+
+#[test]
+fn a_rebuild_keeps_the_destination_and_its_state() {
+    let v = view(
+        vec![
+            endpoint(EndpointKind::Workload, "10.0.0.1", 8080, ""),
+            endpoint(EndpointKind::Workload, "10.0.0.2", 8080, ""),
+        ],
+        Scope::Mesh,
+    );
+    let opts = RouteOptions {
+        outlier: OutlierConfig {
+            consecutive_failures: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let t1 = RouteTable::build(&v, &RouteTable::default(), &opts);
+    let d1 = t1.lookup(HOST, 9080, "").unwrap();
+    let now = Instant::now();
+    assert!(matches!(
+        d1.on_connect_failed("10.0.0.1:8080", now),
+        Some(FailureOutcome::Ejected(_))
+    ));
+    d1.on_connected("10.0.0.2:8080");
+
+    let t2 = RouteTable::build(&v, &t1, &opts);
+    let d2 = t2.lookup(HOST, 9080, "").unwrap();
+    assert!(Arc::ptr_eq(&d1, &d2), "the same destination object");
+    for _ in 0..10 {
+        assert_eq!(
+            d2.pick(now, &[]).unwrap().uid,
+            "10.0.0.2:8080",
+            "the ejection survived the rebuild"
+        );
+    }
+    let dump = t2.dump();
+    assert_eq!(dump[0].endpoints.iter().filter(|e| e.ejected).count(), 1);
+    assert_eq!(dump[0].endpoints.iter().map(|e| e.active).sum::<u32>(), 1);
+}
+
+#[test]
+fn tried_endpoints_are_skipped() {
+    let v = view(
+        vec![
+            endpoint(EndpointKind::Workload, "10.0.0.1", 8080, ""),
+            endpoint(EndpointKind::Workload, "10.0.0.2", 8080, ""),
+        ],
+        Scope::Mesh,
+    );
+    let t = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    let d = t.lookup(HOST, 9080, "").unwrap();
+    let now = Instant::now();
+    let first = d.pick(now, &[]).unwrap();
+    let second = d.pick(now, std::slice::from_ref(&first.uid)).unwrap();
+    assert_ne!(first.uid, second.uid);
+    assert!(d
+        .pick(now, &[first.uid.clone(), second.uid.clone()])
+        .is_none());
+}

@@ -1,0 +1,191 @@
+//! Connecting to a destination: pick an endpoint, connect within the timeout, run the
+//! caller's first step on the new connection (replay the ClientHello, or the mTLS
+//! handshake), and on failure count it against the endpoint (outlier detection) and try
+//! another one, up to a number of attempts. The destination's connection limit is taken
+//! before anything is dialled.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::balancer::FailureOutcome;
+use crate::metrics::{Direction, DirectionLabels, Metrics, ServiceLabels};
+use crate::routes::{Destination, Target};
+
+/// Istio's default connect timeout is 10 s; a mesh endpoint that has not answered a SYN
+/// in 5 s is better retried elsewhere.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Endpoints tried for one connection before giving up (the first and two retries).
+pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// For the TCP connect and, separately, for the caller's first step.
+    pub timeout: Duration,
+    pub attempts: u32,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_CONNECT_TIMEOUT,
+            attempts: DEFAULT_CONNECT_ATTEMPTS,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{destination}: no healthy endpoint (none in the view, or all ejected)")]
+    NoHealthyEndpoint { destination: String },
+    #[error("{destination}: connection limit of {limit} reached")]
+    LimitReached { destination: String, limit: usize },
+    #[error("{destination}: {attempts} endpoint(s) tried, last {endpoint}: {source}")]
+    Failed {
+        destination: String,
+        attempts: u32,
+        endpoint: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Holds a connection's share of its destination: the connection-limit permit and the
+/// endpoint's open-connection count, both released on drop.
+#[derive(Debug)]
+pub struct Lease {
+    destination: Arc<Destination>,
+    uid: String,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.destination.on_close(&self.uid);
+    }
+}
+
+/// A connected endpoint.
+#[derive(Debug)]
+pub struct Upstream<S> {
+    pub stream: S,
+    pub target: Target,
+    pub lease: Lease,
+}
+
+/// Connects to one endpoint of `destination`; `first_step` runs on each new TCP
+/// connection (its failure counts as the endpoint's failure, and another is tried).
+pub async fn connect<S, F, Fut>(
+    destination: &Arc<Destination>,
+    opts: ConnectOptions,
+    metrics: &Metrics,
+    direction: Direction,
+    first_step: F,
+) -> Result<Upstream<S>, ConnectError>
+where
+    F: Fn(TcpStream, Target) -> Fut,
+    Fut: Future<Output = io::Result<S>>,
+{
+    let name = destination.key.to_string();
+    let limit = destination.limit.clone();
+    let max = destination_limit(destination);
+    let Ok(permit) = limit.try_acquire_owned() else {
+        return Err(ConnectError::LimitReached {
+            destination: name,
+            limit: max,
+        });
+    };
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<(std::net::SocketAddr, io::Error)> = None;
+    for _ in 0..opts.attempts.max(1) {
+        let Some(target) = destination.pick(Instant::now(), &tried) else {
+            break;
+        };
+        tried.push(target.uid.clone());
+        let started = Instant::now();
+        let attempt = async {
+            let tcp = tokio::time::timeout(opts.timeout, TcpStream::connect(target.addr))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connect timed out after {:?}", opts.timeout),
+                    )
+                })??;
+            metrics
+                .connect_duration
+                .get_or_create(&DirectionLabels { direction })
+                .observe(started.elapsed().as_secs_f64());
+            let _ = tcp.set_nodelay(true);
+            tokio::time::timeout(opts.timeout, first_step(tcp, target.clone()))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer within {:?} after connecting", opts.timeout),
+                    )
+                })?
+        };
+        match attempt.await {
+            Ok(stream) => {
+                destination.on_connected(&target.uid);
+                return Ok(Upstream {
+                    stream,
+                    lease: Lease {
+                        destination: destination.clone(),
+                        uid: target.uid.clone(),
+                        _permit: permit,
+                    },
+                    target,
+                });
+            }
+            Err(e) => {
+                let service = ServiceLabels {
+                    service: destination.key.hostname.clone(),
+                };
+                metrics.connect_failures.get_or_create(&service).inc();
+                if let Some(FailureOutcome::Ejected(until)) =
+                    destination.on_connect_failed(&target.uid, Instant::now())
+                {
+                    metrics.ejections.get_or_create(&service).inc();
+                    tracing::warn!(
+                        destination = %name,
+                        endpoint = %target.addr,
+                        ejected_for = ?until.saturating_duration_since(Instant::now()),
+                        "endpoint ejected after consecutive connect failures"
+                    );
+                }
+                tracing::debug!(destination = %name, endpoint = %target.addr, error = %e, "connect failed; trying another endpoint");
+                last = Some((target.addr, e));
+            }
+        }
+    }
+    match last {
+        Some((endpoint, source)) => Err(ConnectError::Failed {
+            destination: name,
+            attempts: tried.len() as u32,
+            endpoint,
+            source,
+        }),
+        None => Err(ConnectError::NoHealthyEndpoint { destination: name }),
+    }
+}
+
+fn destination_limit(d: &Destination) -> usize {
+    d.max_connections()
+}
+
+impl ConnectError {
+    pub fn result(&self) -> crate::metrics::ConnResult {
+        use crate::metrics::ConnResult;
+        match self {
+            ConnectError::NoHealthyEndpoint { .. } => ConnResult::no_healthy_endpoint,
+            ConnectError::LimitReached { .. } => ConnResult::connection_limit,
+            ConnectError::Failed { .. } => ConnResult::upstream_connect_failed,
+        }
+    }
+}
