@@ -7,8 +7,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+
 use isthmus_proto::drain;
-use tokio::sync::Notify;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
 
 use crate::metrics::{ConnResult, Direction};
 
@@ -113,6 +117,58 @@ impl ConnGuard {
     fn idle_notify(&self) {
         self.tracker.idle.notify_waiters();
     }
+}
+
+/// The accept loop every listener shares: at most `max_connections` held at once (the rest
+/// wait in the listen backlog), each registered with the tracker, run in its own task and
+/// span by `handle`, and logged once when it ends. Returns when `shutdown` fires; open
+/// connections carry on and the caller drains them through the tracker.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    direction: Direction,
+    tracker: Arc<Tracker>,
+    max_connections: usize,
+    shutdown: drain::Watch,
+    handle: F,
+) where
+    F: Fn(TcpStream, AccessRecord) -> Fut,
+    Fut: Future<Output = AccessRecord> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            _ = &mut stop => break,
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+        };
+        let (tcp, client) = tokio::select! {
+            _ = &mut stop => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let guard = tracker.register();
+        let span = tracing::debug_span!("conn", id = guard.id, dir = direction.as_str(), %client);
+        let work = handle(tcp, AccessRecord::new(guard.id, direction, client));
+        tokio::spawn(
+            async move {
+                let rec = work.await;
+                rec.emit();
+                drop(guard);
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+    tracing::info!(direction = direction.as_str(), "listener stopped accepting");
 }
 
 /// One access-log line: what a connection was, where it went and how it ended.

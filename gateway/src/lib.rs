@@ -18,6 +18,7 @@ pub mod balancer;
 pub mod config;
 pub mod connection;
 pub mod metrics;
+pub mod outbound;
 pub mod passthrough;
 pub mod relay;
 pub mod routes;

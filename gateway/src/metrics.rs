@@ -197,4 +197,59 @@ impl Metrics {
             })
             .inc();
     }
+
+    /// Counts a connection to `service` as open until the returned guard drops.
+    pub fn open(&self, direction: Direction, service: &str) -> OpenConnection {
+        let gauge = self
+            .connections_open
+            .get_or_create(&OpenLabels {
+                direction,
+                service: service.to_string(),
+            })
+            .clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    /// Counts a finished connection and the bytes it moved.
+    pub fn closed(
+        &self,
+        direction: Direction,
+        service: &str,
+        result: ConnResult,
+        to_upstream: u64,
+        from_upstream: u64,
+    ) {
+        self.connections
+            .get_or_create(&ConnLabels {
+                direction,
+                service: service.to_string(),
+                result,
+            })
+            .inc();
+        for (flow, n) in [
+            (Flow::to_upstream, to_upstream),
+            (Flow::from_upstream, from_upstream),
+        ] {
+            if n > 0 {
+                self.bytes
+                    .get_or_create(&BytesLabels {
+                        direction,
+                        service: service.to_string(),
+                        flow,
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+}
+
+/// An open connection in `connections_open`.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

@@ -16,11 +16,9 @@ use isthmus_proto::drain;
 use isthmus_proto::sni::{ClientHelloReader, Hello, SniKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tracing::Instrument;
 
-use crate::connection::{AccessRecord, Tracker};
-use crate::metrics::{BytesLabels, ConnLabels, ConnResult, Direction, Flow, Metrics, OpenLabels};
+use crate::connection::{accept_loop, AccessRecord, Tracker};
+use crate::metrics::{ConnResult, Direction, Metrics};
 use crate::routes::RouteTable;
 use crate::upstream::{self, ConnectOptions};
 
@@ -41,42 +39,22 @@ pub struct Passthrough {
 /// Accepts until `shutdown`, then returns (open connections carry on; the caller drains
 /// them through the tracker).
 pub async fn serve(listener: TcpListener, p: Arc<Passthrough>, shutdown: drain::Watch) {
-    let slots = Arc::new(Semaphore::new(p.max_connections));
-    let stop = shutdown.signaled();
-    tokio::pin!(stop);
-    loop {
-        let slot = tokio::select! {
-            _ = &mut stop => break,
-            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
-        };
-        let accepted = tokio::select! {
-            _ = &mut stop => break,
-            a = listener.accept() => a,
-        };
-        let (tcp, client) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let guard = p.tracker.register();
-        let span = tracing::debug_span!("passthrough", conn = guard.id, %client);
-        let p = p.clone();
-        tokio::spawn(
+    let (tracker, max) = (p.tracker.clone(), p.max_connections);
+    accept_loop(
+        listener,
+        DIRECTION,
+        tracker,
+        max,
+        shutdown,
+        move |tcp, mut rec| {
+            let p = p.clone();
             async move {
-                let _slot = slot;
-                let mut rec = AccessRecord::new(guard.id, DIRECTION, client);
                 handle(&p, tcp, &mut rec).await;
-                rec.emit();
-                drop(guard);
+                rec
             }
-            .instrument(span),
-        );
-    }
-    tracing::info!("passthrough listener stopped accepting");
+        },
+    )
+    .await;
 }
 
 /// Why a connection was refused before a service was chosen.
@@ -133,7 +111,6 @@ async fn read_server_name(
 }
 
 async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
-    let _ = tcp.set_nodelay(true);
     let routed = async {
         let (sni, hello) = read_server_name(&mut tcp, p.handshake_timeout).await?;
         rec.destination = sni.clone();
@@ -164,41 +141,17 @@ async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
     };
     let service = dest.key.hostname.clone();
     rec.service = Some(service.clone());
-    let open = p
-        .metrics
-        .connections_open
-        .get_or_create(&OpenLabels {
-            direction: DIRECTION,
-            service: service.clone(),
-        })
-        .clone();
-    open.inc();
+    let open = p.metrics.open(DIRECTION, &service);
     let result = relay(p, tcp, &dest, hello, rec).await;
-    open.dec();
+    drop(open);
     rec.finish(result);
-    p.metrics
-        .connections
-        .get_or_create(&ConnLabels {
-            direction: DIRECTION,
-            service: service.clone(),
-            result,
-        })
-        .inc();
-    for (flow, n) in [
-        (Flow::to_upstream, rec.bytes_to_upstream),
-        (Flow::from_upstream, rec.bytes_from_upstream),
-    ] {
-        if n > 0 {
-            p.metrics
-                .bytes
-                .get_or_create(&BytesLabels {
-                    direction: DIRECTION,
-                    service: service.clone(),
-                    flow,
-                })
-                .inc_by(n);
-        }
-    }
+    p.metrics.closed(
+        DIRECTION,
+        &service,
+        result,
+        rec.bytes_to_upstream,
+        rec.bytes_from_upstream,
+    );
 }
 
 async fn relay(

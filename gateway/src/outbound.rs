@@ -1,0 +1,256 @@
+//! The workload side's outbound path: for a destination service and port, pick an endpoint
+//! from the caller's network view (a local workload directly, a remote network through
+//! its gateway), originate mTLS with the workload's certificate and the SNI key
+//! `outbound_.<port>_.<subset>_.<hostname>`, and accept the server only if its verified
+//! identity is one of the service's identities. Through a remote gateway the session is
+//! still end to end: the gateway routes on the SNI and never terminates it.
+//!
+//! [`serve`] is the explicit local listener a plaintext app connects to (no capture):
+//! every connection on it is carried as mTLS to one configured destination.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use isthmus_proto::drain;
+use isthmus_proto::sni::SniKey;
+use isthmus_proto::tls::{self, Credentials, ServerIdentity, TlsError, TrustBundle};
+use isthmus_proto::SpiffeId;
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::connection::{accept_loop, AccessRecord, Tracker};
+use crate::metrics::{ConnResult, Direction, Metrics};
+use crate::routes::{LookupError, RouteTable, Target};
+use crate::upstream::{self, ConnectError, ConnectOptions, Lease};
+
+const DIRECTION: Direction = Direction::outbound;
+
+/// The workload's credentials and the mesh roots, with client configs cached per set of
+/// accepted server identities (a config per connection would re-parse the roots).
+pub struct ClientTls {
+    creds: Credentials,
+    bundle: TrustBundle,
+    configs: Mutex<HashMap<Vec<SpiffeId>, Arc<rustls::ClientConfig>>>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("identity", &self.creds.identity)
+            .finish()
+    }
+}
+
+/// Distinct server-identity sets cached before the cache is cleared (bounded memory).
+const MAX_CACHED_CONFIGS: usize = 1024;
+
+impl ClientTls {
+    pub fn new(creds: Credentials, bundle: TrustBundle) -> Self {
+        Self {
+            creds,
+            bundle,
+            configs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn identity(&self) -> &SpiffeId {
+        &self.creds.identity
+    }
+
+    /// A config that accepts exactly `expected` (any identity of the trust domain when
+    /// the catalog names none).
+    pub fn config(&self, expected: &[SpiffeId]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let mut cache = self.configs.lock().expect("tls cache poisoned");
+        if let Some(c) = cache.get(expected) {
+            return Ok(c.clone());
+        }
+        let identity = if expected.is_empty() {
+            ServerIdentity::TrustDomain
+        } else {
+            ServerIdentity::OneOf(expected.to_vec())
+        };
+        let cfg = Arc::new(tls::client_config(
+            Some(&self.creds),
+            &self.bundle,
+            identity,
+            &[],
+        )?);
+        if cache.len() >= MAX_CACHED_CONFIGS {
+            cache.clear();
+        }
+        cache.insert(expected.to_vec(), cfg.clone());
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("cannot build the client TLS config: {0}")]
+    Tls(#[from] TlsError),
+    #[error("SNI {0:?} is not a valid TLS server name")]
+    ServerName(String),
+}
+
+impl OutboundError {
+    pub fn result(&self) -> ConnResult {
+        match self {
+            OutboundError::Connect(e) => e.result(),
+            _ => ConnResult::upstream_connect_failed,
+        }
+    }
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundTarget {
+    pub hostname: String,
+    pub port: u16,
+    /// Empty: every endpoint.
+    pub subset: String,
+}
+
+/// An established mTLS connection to a service endpoint.
+#[derive(Debug)]
+pub struct OutboundStream {
+    pub stream: TlsStream<TcpStream>,
+    /// Where the TCP connection went: the workload, or the remote network's gateway.
+    pub target: Target,
+    /// The server's verified identity (the workload's, also through a gateway).
+    pub server_identity: Option<SpiffeId>,
+    pub lease: Lease,
+}
+
+/// What outbound connections need.
+#[derive(Debug)]
+pub struct Outbound {
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    /// Swapped when the certificate is renewed.
+    pub tls: Arc<ArcSwap<ClientTls>>,
+    pub metrics: Arc<Metrics>,
+    pub tracker: Arc<Tracker>,
+    pub connect: ConnectOptions,
+}
+
+impl Outbound {
+    /// Connects to `target` over mTLS; a failed TCP connect or handshake is counted
+    /// against the endpoint and another one is tried.
+    pub async fn connect(&self, target: &OutboundTarget) -> Result<OutboundStream, OutboundError> {
+        let dest = self
+            .routes
+            .load()
+            .lookup(&target.hostname, target.port, &target.subset)?;
+        let sni = SniKey::new(target.port, &target.subset, &target.hostname).to_string();
+        let server_name = ServerName::try_from(sni.clone())
+            .map_err(|_| OutboundError::ServerName(sni.clone()))?;
+        let client_tls = self.tls.load_full();
+        let service_identities = dest.identities();
+        let up = upstream::connect(&dest, self.connect, &self.metrics, DIRECTION, |tcp, t| {
+            let expected = if t.identities.is_empty() {
+                service_identities.clone()
+            } else {
+                t.identities.clone()
+            };
+            let config = client_tls.config(&expected);
+            let server_name = server_name.clone();
+            async move {
+                let config = config.map_err(io::Error::other)?;
+                TlsConnector::from(config).connect(server_name, tcp).await
+            }
+        })
+        .await?;
+        let server_identity = tls::peer_identity(up.stream.get_ref().1.peer_certificates());
+        Ok(OutboundStream {
+            stream: up.stream,
+            target: up.target,
+            server_identity,
+            lease: up.lease,
+        })
+    }
+}
+
+/// Accepts plaintext connections from the local app until `shutdown` and carries each as
+/// mTLS to `target`.
+pub async fn serve(
+    listener: TcpListener,
+    outbound: Arc<Outbound>,
+    target: OutboundTarget,
+    max_connections: usize,
+    shutdown: drain::Watch,
+) {
+    let tracker = outbound.tracker.clone();
+    let target = Arc::new(target);
+    accept_loop(
+        listener,
+        DIRECTION,
+        tracker,
+        max_connections,
+        shutdown,
+        move |tcp, mut rec| {
+            let (outbound, target) = (outbound.clone(), target.clone());
+            async move {
+                handle(&outbound, tcp, &target, &mut rec).await;
+                rec
+            }
+        },
+    )
+    .await;
+}
+
+async fn handle(
+    outbound: &Outbound,
+    tcp: TcpStream,
+    target: &OutboundTarget,
+    rec: &mut AccessRecord,
+) {
+    let service = target.hostname.clone();
+    rec.destination = format!("{}:{}", target.hostname, target.port);
+    rec.service = Some(service.clone());
+    let m = &outbound.metrics;
+    let open = m.open(DIRECTION, &service);
+    let result = async {
+        let up = match outbound.connect(target).await {
+            Ok(up) => up,
+            Err(e) => {
+                rec.error = Some(e.to_string());
+                return e.result();
+            }
+        };
+        rec.endpoint = Some(up.target.addr);
+        rec.peer_identity = up.server_identity.as_ref().map(|i| i.to_string());
+        let closing = outbound.tracker.closing();
+        let outcome = tokio::select! {
+            o = crate::relay::relay(tcp, up.stream) => o,
+            _ = closing.signaled() => {
+                rec.error = Some("closed by the drain deadline".into());
+                return ConnResult::drained;
+            }
+        };
+        rec.bytes_to_upstream = outcome.transferred.client_to_upstream;
+        rec.bytes_from_upstream = outcome.transferred.upstream_to_client;
+        match outcome.error {
+            None => ConnResult::ok,
+            Some(e) => {
+                rec.error = Some(e.to_string());
+                ConnResult::error
+            }
+        }
+    }
+    .await;
+    drop(open);
+    rec.finish(result);
+    m.closed(
+        DIRECTION,
+        &service,
+        result,
+        rec.bytes_to_upstream,
+        rec.bytes_from_upstream,
+    );
+}
