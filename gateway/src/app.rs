@@ -123,6 +123,24 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
         None => None,
     };
 
+    let has_creds = config
+        .registry
+        .cert_dir
+        .join(isthmus_proto::tls::CERT_CHAIN_FILE)
+        .is_file();
+    if let (false, Some(token)) = (has_creds, &config.token) {
+        let creds =
+            isthmus_proto::certs::enroll(&config.registry, token, &config.registry.cert_dir)
+                .await
+                .with_context(|| {
+                    format!(
+                        "obtaining a certificate with the bootstrap token into {}",
+                        config.registry.cert_dir.display()
+                    )
+                })?;
+        tracing::info!(identity = %creds.identity, dir = %config.registry.cert_dir.display(), "enrolled with the bootstrap token");
+    }
+
     let node = Node {
         id: config.node_id.clone(),
         kind: NodeKind::Gateway,

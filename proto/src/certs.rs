@@ -21,6 +21,12 @@ pub enum CertsError {
     Refused(String),
     #[error("the CA returned an empty certificate chain")]
     EmptyChain,
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenFormatError),
+    #[error("the bootstrap token expired at {at} (unix seconds); ask for a new one (`isthmusctl token create`)")]
+    TokenExpired { at: i64 },
+    #[error("cannot reach the registry's CA: {0}")]
+    Connect(String),
 }
 
 /// A fresh ECDSA P-256 key and a CSR for `id` (its only SAN), both PEM.
@@ -123,4 +129,42 @@ pub async fn request_certificate(
         chain_pems: resp.cert_chain_pem,
         root_pem: resp.root_cert_pem,
     })
+}
+
+/// First enrolment: exchanges a bootstrap token for a certificate of the identity the token
+/// names and writes the credentials into `dir`. An expired or malformed token is refused
+/// here, before anything is sent.
+pub async fn enroll(
+    registry: &crate::subscription::RegistrySettings,
+    token: &str,
+    dir: &Path,
+) -> Result<crate::tls::Credentials, CertsError> {
+    let claims = crate::token::parse(token)?.claims;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    if now >= claims.exp {
+        return Err(CertsError::TokenExpired { at: claims.exp });
+    }
+    let id = claims
+        .identity()
+        .map_err(crate::token::TokenFormatError::from)?;
+    let bundle =
+        crate::tls::TrustBundle::from_pem_file(&registry.root_cert, &registry.trust_domain)
+            .map_err(|e| CertsError::Connect(e.to_string()))?;
+    let cfg = crate::tls::client_config(
+        None,
+        &bundle,
+        crate::tls::ServerIdentity::TrustDomain,
+        &[crate::tls::ALPN_H2],
+    )
+    .map_err(|e| CertsError::Connect(e.to_string()))?;
+    let channel = crate::grpc::connect(&registry.addr, std::sync::Arc::new(cfg))
+        .await
+        .map_err(|e| CertsError::Connect(e.to_string()))?;
+    let (key_pem, csr_pem) = generate_key_and_csr(&id)?;
+    let issued = request_certificate(channel, csr_pem, Some(token.trim().to_string()), 0).await?;
+    write_credentials(dir, &key_pem, &issued.chain_pems, &issued.root_pem)?;
+    crate::tls::Credentials::from_dir(dir).map_err(|e| CertsError::Generate(e.to_string()))
 }

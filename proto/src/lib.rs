@@ -14,6 +14,7 @@ pub mod sni;
 pub mod subscription;
 pub mod telemetry;
 pub mod tls;
+pub mod token;
 
 /// Generated protobuf and gRPC code. Only conversion code at the edges uses it; everything
 /// else works with [`model`].

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use isthmus_proto::config::parse_duration;
 use isthmus_proto::identity::{SpiffeId, TrustDomain};
@@ -263,16 +262,8 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
 
 /// The identity a token is for, read from its claims (the registry does the verifying).
 fn identity_in_token(t: &str) -> anyhow::Result<SpiffeId> {
-    let payload = t
-        .split('.')
-        .nth(1)
-        .context("--token: not an isthmus bootstrap token")?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .context("--token: not an isthmus bootstrap token")?;
-    let claims: token::TokenClaims =
-        serde_json::from_slice(&bytes).context("--token: not an isthmus bootstrap token")?;
-    Ok(claims.identity()?)
+    let claims = isthmus_proto::token::parse(t).context("--token")?.claims;
+    Ok(claims.identity().context("--token")?)
 }
 
 fn trust_domain_for(conn: &RegistryConn, root: &Path) -> anyhow::Result<String> {

@@ -76,7 +76,9 @@ impl CertificateService {
         // does not burn the token it came with.
         let (auth, token_claims) = if !req.bootstrap_token.is_empty() {
             let claims = token::verify(&material, &req.bootstrap_token, now)?;
-            let token_id = claims.identity()?;
+            let token_id = claims
+                .identity()
+                .map_err(|e| TokenError::Malformed(e.to_string()))?;
             if token_id != requested {
                 return Err(TokenError::Scope {
                     token: token_id.to_string(),

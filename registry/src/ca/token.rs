@@ -8,39 +8,16 @@
 use std::time::Duration;
 
 use ::time::OffsetDateTime;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use base64::Engine;
-use isthmus_proto::identity::{validate_dns_label, SpiffeId, TrustDomain};
+use isthmus_proto::identity::validate_dns_label;
 use rcgen::SigningKey;
-use serde::{Deserialize, Serialize};
 
 use super::CaMaterial;
 
-pub const TOKEN_PREFIX: &str = "ist1";
+pub use isthmus_proto::token::{TokenClaims, TOKEN_PREFIX};
+
 /// Longest lifetime a bootstrap token may have: a VM that has not enrolled within a day
 /// should be given a new one.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenClaims {
-    pub td: String,
-    pub ns: String,
-    pub sa: String,
-    pub cluster: String,
-    pub iat: i64,
-    pub exp: i64,
-    pub jti: String,
-    pub kid: String,
-}
-
-impl TokenClaims {
-    pub fn identity(&self) -> Result<SpiffeId, TokenError> {
-        let td = TrustDomain::new(&self.td).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        SpiffeId::workload(&td, &self.ns, &self.sa)
-            .map_err(|e| TokenError::Malformed(e.to_string()))
-    }
-}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
@@ -107,14 +84,16 @@ pub fn create(
         jti: hex::encode(rand::random::<[u8; 16]>()),
         kid: material.key_id.clone(),
     };
-    let payload =
-        B64.encode(serde_json::to_vec(&claims).map_err(|e| TokenError::Sign(e.to_string()))?);
-    let signed = format!("{TOKEN_PREFIX}.{payload}");
+    let signed =
+        isthmus_proto::token::signed_text(&claims).map_err(|e| TokenError::Sign(e.to_string()))?;
     let sig = material
         .key()
         .sign(signed.as_bytes())
         .map_err(|e| TokenError::Sign(e.to_string()))?;
-    Ok(format!("{signed}.{}", B64.encode(sig)))
+    Ok(format!(
+        "{signed}.{}",
+        isthmus_proto::token::encode_signature(&sig)
+    ))
 }
 
 /// Checks the signature, expiry and trust domain of `token`. Redemption (single use) is the
@@ -124,40 +103,23 @@ pub fn verify(
     token: &str,
     now: OffsetDateTime,
 ) -> Result<TokenClaims, TokenError> {
-    let token = token.trim();
-    let mut parts = token.split('.');
-    let (Some(prefix), Some(payload), Some(sig), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(TokenError::Malformed(
-            "expected three dot-separated parts".into(),
-        ));
-    };
-    if prefix != TOKEN_PREFIX {
-        return Err(TokenError::Malformed(format!(
-            "unknown token format {prefix:?}"
-        )));
-    }
-    let payload_bytes = B64
-        .decode(payload)
-        .map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
-    let claims: TokenClaims = serde_json::from_slice(&payload_bytes)
-        .map_err(|e| TokenError::Malformed(format!("claims: {e}")))?;
-    let sig = B64
-        .decode(sig)
-        .map_err(|e| TokenError::Malformed(format!("signature: {e}")))?;
+    let parsed = isthmus_proto::token::parse(token).map_err(|e| match e {
+        isthmus_proto::token::TokenFormatError::Malformed(m) => TokenError::Malformed(m),
+        other => TokenError::Malformed(other.to_string()),
+    })?;
+    let claims = parsed.claims;
+    let sig = parsed.signature;
     if claims.kid != material.key_id {
         return Err(TokenError::ForeignKey {
             token_key: claims.kid,
             current_key: material.key_id.clone(),
         });
     }
-    let signed_len = prefix.len() + 1 + payload.len();
     ring::signature::UnparsedPublicKey::new(
         &ring::signature::ECDSA_P256_SHA256_ASN1,
         &material.public_key,
     )
-    .verify(&token.as_bytes()[..signed_len], &sig)
+    .verify(parsed.signed.as_bytes(), &sig)
     .map_err(|_| TokenError::BadSignature)?;
     if claims.td != material.trust_domain.as_str() {
         return Err(TokenError::TrustDomain {
@@ -168,7 +130,9 @@ pub fn verify(
     if now.unix_timestamp() >= claims.exp {
         return Err(TokenError::Expired { at: claims.exp });
     }
-    claims.identity()?;
+    claims
+        .identity()
+        .map_err(|e| TokenError::Malformed(e.to_string()))?;
     Ok(claims)
 }
 
