@@ -20,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod dns;
 pub mod fuzz;
+pub mod mesh;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const CLUSTER: &str = "cluster-a";
@@ -66,8 +67,18 @@ impl TestRegistry {
 
     /// Starts a registry with `resources` (file name, YAML) in its resources directory.
     pub async fn start(resources: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_with(resources, |_| {}).await
+    }
+
+    /// As [`Self::start`], with the config adjusted first (e.g. to listen where network
+    /// namespaces can reach it).
+    pub async fn start_with(
+        resources: &[(&str, &str)],
+        adjust: impl FnOnce(&mut RegistryConfig),
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let cfg = Self::config(dir.path());
+        let mut cfg = Self::config(dir.path());
+        adjust(&mut cfg);
         for (name, yaml) in resources {
             std::fs::write(dir.path().join("resources").join(name), yaml)?;
         }
@@ -95,6 +106,19 @@ impl TestRegistry {
         if let Some(h) = self.handle.take() {
             h.shutdown().await;
         }
+    }
+
+    /// Stops, remembering the gRPC port so that [`Self::start_again`] listens there again
+    /// (clients configured with the address find it after an outage).
+    pub async fn stop_keeping_port(&mut self) {
+        self.cfg.grpc_addr = self.grpc_addr();
+        self.stop().await;
+    }
+
+    /// Starts again on the same directories after [`Self::stop_keeping_port`].
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        self.handle = Some(app::run(self.cfg.clone()).await?);
+        Ok(())
     }
 
     /// Stops and starts again on the same directories (new ports).

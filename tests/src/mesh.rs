@@ -1,0 +1,344 @@
+//! Mesh scenarios for the proxy core and the east-west gateway: sample apps that say who
+//! they are, workloads (the proxy core's inbound in front of an app), a workload's
+//! outbound side following the registry, gateways in-process or as real processes, and
+//! the YAML that puts them in the catalog.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use isthmus_gateway::authz::AuthorizationPolicy;
+use isthmus_gateway::connection::Tracker;
+use isthmus_gateway::inbound::{self, AppTarget, Inbound, InboundConnection, Mode};
+use isthmus_gateway::metrics::Metrics;
+use isthmus_gateway::outbound::{ClientTls, Outbound, OutboundStream, OutboundTarget};
+use isthmus_gateway::routes::{self, RouteOptions, RouteTable};
+use isthmus_gateway::upstream::ConnectOptions;
+use isthmus_proto::admin::Readiness;
+use isthmus_proto::drain;
+use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
+use isthmus_proto::tls::{self, Credentials, ServerIdentity};
+use isthmus_proto::SpiffeId;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::{TestRegistry, CLUSTER};
+
+
+/// A plain TCP app: greets every connection with `<name>\n`, then echoes what it reads.
+/// Stops (and refuses new connections) when dropped.
+pub struct EchoApp {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoApp {
+    /// Binds `addr` on the current runtime (so, in a network namespace, on its runtime).
+    pub async fn start(addr: SocketAddr, name: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let greeting = format!("{name}\n").into_bytes();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    if s.write_all(&greeting).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+}
+
+impl Drop for EchoApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A workload: the proxy core's inbound (mTLS, authorization) in front of an [`EchoApp`],
+/// recording the identity of every peer it let through.
+pub struct Workload {
+    /// The mTLS address other workloads and gateways connect to.
+    pub addr: SocketAddr,
+    /// What its app greets with.
+    pub name: String,
+    pub app: EchoApp,
+    pub peers: Arc<Mutex<Vec<Option<SpiffeId>>>>,
+    pub inbound: Arc<Inbound>,
+    trigger: drain::Trigger,
+}
+
+impl Workload {
+    /// Starts on the current runtime: the app on an ephemeral port of `app_ip`, the inbound
+    /// listener on `addr`.
+    pub async fn start(
+        addr: SocketAddr,
+        name: &str,
+        creds: &Credentials,
+        reg_bundle: &tls::TrustBundle,
+        policy: AuthorizationPolicy,
+        mode: Mode,
+    ) -> anyhow::Result<Self> {
+        let app = EchoApp::start(SocketAddr::new(addr.ip(), 0), name).await?;
+        let peers: Arc<Mutex<Vec<Option<SpiffeId>>>> = Arc::default();
+        let seen = peers.clone();
+        let metrics = Arc::new(Metrics::default());
+        let inbound = Arc::new(Inbound {
+            tls: Arc::new(ArcSwap::from_pointee(Inbound::server_config(
+                creds, reg_bundle,
+            )?)),
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            mode,
+            app: AppTarget::Fixed(app.addr),
+            metrics,
+            tracker: Tracker::new(),
+            handshake_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            on_connection: Some(Arc::new(move |c: &InboundConnection| {
+                seen.lock().unwrap().push(c.peer.clone());
+            })),
+        });
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (trigger, shutdown) = drain::channel();
+        tokio::spawn(inbound::serve(listener, inbound.clone(), shutdown));
+        Ok(Self {
+            addr,
+            name: name.to_string(),
+            app,
+            peers,
+            inbound,
+            trigger,
+        })
+    }
+
+    /// Stops accepting (the port refuses connections from now on).
+    pub fn stop(&self) {
+        self.trigger.fire();
+    }
+
+    pub fn app_name(&self) -> String {
+        self.name.clone()
+    }
+
+    pub fn last_peer(&self) -> Option<SpiffeId> {
+        self.peers.lock().unwrap().last().cloned().flatten()
+    }
+}
+
+/// A workload's outbound side: a routing table that follows the registry's view of its
+/// network, and mTLS origination with its certificate.
+pub struct Client {
+    pub outbound: Arc<Outbound>,
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub sync: watch::Receiver<Arc<SyncState>>,
+    _trigger: drain::Trigger,
+}
+
+impl Client {
+    /// Subscribes as a workload of `network` (with a connect that goes to `registry`, which
+    /// the current runtime must be able to reach).
+    pub async fn start(
+        bundle: tls::TrustBundle,
+        registry: SocketAddr,
+        network: &str,
+        creds: Credentials,
+        opts: RouteOptions,
+    ) -> anyhow::Result<Self> {
+        let cfg = Arc::new(tls::client_config(
+            Some(&creds),
+            &bundle,
+            ServerIdentity::TrustDomain,
+            &[tls::ALPN_H2],
+        )?);
+        let node = Node {
+            id: format!("client-{network}-{}", creds.identity),
+            kind: NodeKind::Workload,
+            network: network.to_string(),
+            cluster: CLUSTER.to_string(),
+            ..Default::default()
+        };
+        let client = WatchClient::new(
+            move || {
+                let cfg = cfg.clone();
+                async move { isthmus_proto::grpc::connect(&registry.to_string(), cfg).await }
+            },
+            node,
+            None,
+            WatchOptions {
+                backoff_min: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(500),
+            },
+        );
+        let sync = client.state();
+        let (trigger, shutdown) = drain::channel();
+        tokio::spawn(client.run(shutdown.clone()));
+        let metrics = Arc::new(Metrics::default());
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+        tokio::spawn(routes::follow(
+            sync.clone(),
+            routes.clone(),
+            opts,
+            metrics.clone(),
+            Readiness::default(),
+            shutdown,
+        ));
+        let outbound = Arc::new(Outbound {
+            routes: routes.clone(),
+            tls: Arc::new(ArcSwap::from_pointee(ClientTls::new(creds, bundle))),
+            metrics,
+            tracker: Tracker::new(),
+            connect: ConnectOptions {
+                timeout: Duration::from_secs(2),
+                attempts: 3,
+            },
+        });
+        Ok(Self {
+            outbound,
+            routes,
+            sync,
+            _trigger: trigger,
+        })
+    }
+
+    /// Waits until the destination has `n` targets.
+    pub async fn wait_for_targets(&self, hostname: &str, port: u16, n: usize) {
+        let ok = crate::eventually(Duration::from_secs(20), || async {
+            let t = self.routes.load().lookup(hostname, port, "").ok()?;
+            (t.targets().len() == n).then_some(())
+        })
+        .await;
+        assert!(
+            ok.is_some(),
+            "{hostname}:{port} never had {n} targets: {:?}",
+            self.routes
+                .load()
+                .lookup(hostname, port, "")
+                .map(|d| d.targets())
+        );
+    }
+
+    /// Connects through the proxy core and reads the app's greeting: (greeting, stream).
+    pub async fn call(
+        &self,
+        hostname: &str,
+        port: u16,
+    ) -> anyhow::Result<(String, OutboundStream)> {
+        let mut s = self
+            .outbound
+            .connect(&OutboundTarget {
+                hostname: hostname.to_string(),
+                port,
+                subset: String::new(),
+            })
+            .await?;
+        let greeting = read_line(&mut s.stream).await?;
+        Ok((greeting, s))
+    }
+}
+
+/// One `\n`-terminated line (without it), bounded in time.
+pub async fn read_line<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<String> {
+    let mut line = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut b = [0u8; 1];
+        loop {
+            let n = s.read(&mut b).await?;
+            if n == 0 || b[0] == b'\n' {
+                return Ok::<_, std::io::Error>(());
+            }
+            line.push(b[0]);
+        }
+    })
+    .await??;
+    Ok(String::from_utf8(line)?)
+}
+
+/// Sends `msg` and reads the echo back.
+pub async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &str,
+) -> anyhow::Result<String> {
+    s.write_all(format!("{msg}\n").as_bytes()).await?;
+    s.flush().await?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await??;
+    Ok(line.trim_end().to_string())
+}
+
+/// Writes `isthmusctl cert request`-style credentials for a gateway into `dir`.
+pub async fn gateway_credentials(reg: &TestRegistry, network: &str, dir: &Path) -> PathBuf {
+    let d = dir.join(format!("gateway-{network}"));
+    std::fs::create_dir_all(&d).unwrap();
+    reg.credentials_dir("istio-system", &format!("gateway-{network}"), &d)
+        .await
+        .expect("gateway credentials");
+    d
+}
+
+/// YAML for the catalog of mesh scenarios.
+pub mod yaml {
+    /// A Network with gateways given as `ip:port`.
+    pub fn network(id: &str, gateways: &[SocketAddrLike]) -> String {
+        let gws: String = gateways
+            .iter()
+            .map(|g| format!("  - address: {}\n    sniPort: {}\n", g.0, g.1))
+            .collect();
+        format!("apiVersion: isthmus.io/v1alpha1\nkind: Network\nmetadata:\n  name: {id}\nspec:\n  gateways:\n{gws}")
+    }
+
+    /// `(ip, port)` of a gateway.
+    #[derive(Debug, Clone)]
+    pub struct SocketAddrLike(pub String, pub u16);
+
+    impl From<std::net::SocketAddr> for SocketAddrLike {
+        fn from(a: std::net::SocketAddr) -> Self {
+            SocketAddrLike(a.ip().to_string(), a.port())
+        }
+    }
+
+    /// A ServiceEntry selecting workloads labelled `app: <name>`, with one TCP port named
+    /// `tcp`.
+    pub fn service(name: &str, ns: &str, port: u16) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  hosts:\n  - {name}.{ns}.svc.cluster.local\n  ports:\n  - number: {port}\n    name: tcp\n    protocol: TCP\n  resolution: STATIC\n  workloadSelector:\n    labels:\n      app: {name}\n"
+        )
+    }
+
+    /// A WorkloadEntry of service `app` (service account `app`) at `address`, whose `tcp`
+    /// port is `port`.
+    pub fn workload(
+        name: &str,
+        ns: &str,
+        app: &str,
+        address: &str,
+        port: u16,
+        network: &str,
+    ) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  address: {address}\n  network: {network}\n  ports:\n    tcp: {port}\n  labels:\n    app: {app}\n  serviceAccount: {app}\n"
+        )
+    }
+}
+
+/// Connects a raw TCP client, for tests that speak to a listener byte by byte.
+pub async fn raw_connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).unwrap();
+    s
+}
