@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub mod dns;
 pub mod fuzz;
 pub mod mesh;
+pub mod netns;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const CLUSTER: &str = "cluster-a";
