@@ -14,6 +14,7 @@
 //! The SNI routing key and the ClientHello reader live in `isthmus_proto::sni`.
 
 pub mod app;
+pub mod authz;
 pub mod balancer;
 pub mod config;
 pub mod connection;
