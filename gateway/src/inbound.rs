@@ -18,6 +18,9 @@
 //! plaintext in STRICT mode) is counted in `connections_refused{direction="inbound"}` by
 //! reason; one the policy refuses is counted in `connections{result="denied"}`.
 
+#[cfg(test)]
+mod tests;
+
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;

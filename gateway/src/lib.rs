@@ -25,5 +25,8 @@ pub mod relay;
 pub mod routes;
 pub mod upstream;
 
+#[cfg(test)]
+pub(crate) mod test_pki;
+
 pub use app::{run, GatewayHandle};
 pub use config::GatewayConfig;
