@@ -7,22 +7,27 @@
 //!   `relay`: moving bytes both ways until both sides close; `connection`: drain tracking
 //!   and the access log.
 //! - `passthrough`: the SNI passthrough listener (the gateway's data path).
-//! - `inbound` / `outbound` / `authz`: the workload side (mTLS termination with
-//!   authorization in front of a local app; mTLS origination towards a service).
+//! - `inbound`: the workload side's mTLS termination in front of a local app (STRICT or
+//!   PERMISSIVE), with `authz`, the authorization policy applied to each verified peer.
 //! - `app` and `config`: the east-west gateway program.
 //!
 //! The SNI routing key and the ClientHello reader live in `isthmus_proto::sni`.
 
 pub mod app;
+pub mod authz;
 pub mod balancer;
 pub mod config;
 pub mod connection;
+pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod passthrough;
 pub mod relay;
 pub mod routes;
 pub mod upstream;
+
+#[cfg(test)]
+pub(crate) mod test_pki;
 
 pub use app::{run, GatewayHandle};
 pub use config::GatewayConfig;

@@ -1,0 +1,460 @@
+//! The workload side's inbound path: terminate mTLS in front of a local app. Each
+//! connection's peer is verified against the trust domain by the TLS layer, its SPIFFE ID
+//! is checked against the [`AuthorizationPolicy`], and only then is the app connected to
+//! and the bytes relayed. The app sees plain TCP from the proxy.
+//!
+//! The peer identity reaches the operator through the access-log line (`peer=`) and the
+//! connection's span, and in-process users (the VM agent, tests) through
+//! [`Inbound::on_connection`]. It is deliberately not put into metric labels: identities
+//! are as many as the mesh has workloads, and a denial is already counted per app.
+//!
+//! [`Mode::Permissive`] also accepts plaintext, told apart by the first byte (a TLS
+//! connection opens with a handshake record, 0x16); a plaintext peer has no identity and
+//! passes only policies that allow it. Like Istio's PERMISSIVE mode this needs the client to
+//! speak first: a server-first protocol (the app sends a greeting before the client says
+//! anything) waits for the handshake timeout and is refused, so such apps need STRICT mTLS.
+//!
+//! A connection refused before the app is chosen (handshake timeout, failed handshake,
+//! plaintext in STRICT mode) is counted in `connections_refused{direction="inbound"}` by
+//! reason; one the policy refuses is counted in `connections{result="denied"}`.
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use isthmus_proto::drain;
+use isthmus_proto::grpc::classify_handshake_error;
+use isthmus_proto::identity::SpiffeId;
+use isthmus_proto::tls::{self, ClientAuth, Credentials, TlsError, TrustBundle};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use crate::authz::{AuthorizationPolicy, Decision};
+use crate::connection::{AccessRecord, Tracker};
+use crate::metrics::{
+    BytesLabels, ConnLabels, ConnResult, Direction, DirectionLabels, Flow, Metrics, OpenLabels,
+    ServiceLabels,
+};
+
+const DIRECTION: Direction = Direction::inbound;
+
+/// The first byte of every TLS connection: the content type of a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Time for a peer to complete the mTLS handshake (or, in PERMISSIVE mode, to send its
+/// first byte); a slow peer holds a connection slot only this long.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The app is local: a connect that takes longer than this is not going to succeed.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+
+/// Whether plaintext is accepted beside mTLS (Istio's `PeerAuthentication` modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// mTLS only: a plaintext connection is refused.
+    Strict,
+    /// mTLS and plaintext; plaintext peers have no identity.
+    Permissive,
+}
+
+impl Mode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Strict => "STRICT",
+            Mode::Permissive => "PERMISSIVE",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    /// `STRICT` or `PERMISSIVE`, in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("strict") {
+            Ok(Mode::Strict)
+        } else if s.eq_ignore_ascii_case("permissive") {
+            Ok(Mode::Permissive)
+        } else {
+            Err(format!(
+                "{s:?} is not an mTLS mode; use STRICT or PERMISSIVE"
+            ))
+        }
+    }
+}
+
+/// Where the local app listens. An enum so that a later variant can choose per connection
+/// (e.g. by the original destination port of a redirected connection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AppTarget {
+    /// Every connection goes to this address.
+    Fixed(SocketAddr),
+}
+
+impl AppTarget {
+    /// The app address for a connection accepted as `downstream`; fallible so that a
+    /// variant reading the socket (its original destination) can say why it could not.
+    pub fn resolve(&self, _downstream: &TcpStream) -> io::Result<SocketAddr> {
+        match self {
+            AppTarget::Fixed(addr) => Ok(*addr),
+        }
+    }
+}
+
+/// What [`Inbound::on_connection`] is told about an authorized connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundConnection {
+    /// The verified SPIFFE ID of the peer; `None` for plaintext (PERMISSIVE mode).
+    pub peer: Option<SpiffeId>,
+    pub client: SocketAddr,
+    /// The server name the client sent in its ClientHello, if any.
+    pub sni: Option<String>,
+}
+
+/// Called for each connection the policy allowed, before the app is connected to.
+pub type ConnectionHook = Arc<dyn Fn(&InboundConnection) + Send + Sync>;
+
+/// What the listener needs, shared by every connection.
+pub struct Inbound {
+    /// Swapped when the workload certificate is renewed; each handshake uses the current one.
+    pub tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    /// Swapped when the policy changes; each connection is decided with the current one.
+    pub policy: Arc<ArcSwap<AuthorizationPolicy>>,
+    pub mode: Mode,
+    pub app: AppTarget,
+    pub metrics: Arc<Metrics>,
+    pub tracker: Arc<Tracker>,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Connections held at once.
+    pub max_connections: usize,
+    pub on_connection: Option<ConnectionHook>,
+}
+
+impl fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inbound")
+            .field("policy", &self.policy.load())
+            .field("mode", &self.mode)
+            .field("app", &self.app)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("on_connection", &self.on_connection.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    /// The server config for the inbound listener: `creds` presented, a client certificate
+    /// from `bundle`'s trust domains required, no ALPN (the app's protocol is opaque).
+    pub fn server_config(
+        creds: &Credentials,
+        bundle: &TrustBundle,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        tls::server_config(creds, bundle, ClientAuth::Required, &[])
+    }
+}
+
+/// Accepts until `shutdown`, then returns (open connections carry on; the caller drains
+/// them through the tracker).
+pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, shutdown: drain::Watch) {
+    let slots = Arc::new(Semaphore::new(inbound.max_connections));
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        let slot = tokio::select! {
+            _ = &mut stop => break,
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+        };
+        let accepted = tokio::select! {
+            _ = &mut stop => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let guard = inbound.tracker.register();
+        let span = tracing::debug_span!(
+            "inbound",
+            conn = guard.id,
+            %client,
+            peer = tracing::field::Empty
+        );
+        let inbound = inbound.clone();
+        tokio::spawn(
+            async move {
+                let _slot = slot;
+                let mut rec = AccessRecord::new(guard.id, DIRECTION, client);
+                handle(&inbound, tcp, &mut rec).await;
+                rec.emit();
+                drop(guard);
+            }
+            .instrument(span),
+        );
+    }
+    tracing::info!("inbound listener stopped accepting");
+}
+
+/// Why a connection was refused before it was authorized.
+#[derive(Debug)]
+struct Refusal {
+    reason: &'static str,
+    detail: String,
+}
+
+fn refusal(reason: &'static str, detail: impl ToString) -> Refusal {
+    Refusal {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+/// The accepted connection, after the handshake.
+enum Downstream {
+    Tls(Box<TlsStream<TcpStream>>),
+    Plaintext(TcpStream),
+}
+
+struct Accepted {
+    stream: Downstream,
+    peer: Option<SpiffeId>,
+    sni: Option<String>,
+}
+
+/// Tells TLS from plaintext, completes the mTLS handshake and reads the peer's identity,
+/// all within the handshake timeout.
+async fn accept(ib: &Inbound, tcp: TcpStream) -> Result<Accepted, Refusal> {
+    let timeout = ib.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Err(_) => {
+            return Err(refusal(
+                "handshake_timeout",
+                format!("the client sent nothing within {timeout:?}"),
+            ))
+        }
+        Ok(Err(e)) => return Err(refusal(classify_handshake_error(&e), e)),
+        Ok(Ok(0)) => {
+            return Err(refusal(
+                "closed_early",
+                "the client closed before sending anything",
+            ))
+        }
+        Ok(Ok(_)) => {}
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        return match ib.mode {
+            Mode::Permissive => Ok(Accepted {
+                stream: Downstream::Plaintext(tcp),
+                peer: None,
+                sni: None,
+            }),
+            Mode::Strict => Err(refusal(
+                "plaintext_in_strict_mode",
+                format!(
+                    "the first byte is {:#04x}, not a TLS handshake record: the client is not \
+                     using mTLS, and STRICT mode accepts nothing else",
+                    first[0]
+                ),
+            )),
+        };
+    }
+    let acceptor = TlsAcceptor::from(ib.tls.load_full());
+    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Err(_) => {
+            return Err(refusal(
+                "handshake_timeout",
+                format!("the TLS handshake did not complete within {timeout:?}"),
+            ))
+        }
+        Ok(Err(e)) => return Err(refusal(classify_handshake_error(&e), e)),
+        Ok(Ok(s)) => s,
+    };
+    let (_, conn) = stream.get_ref();
+    let sni = conn.server_name().map(str::to_owned);
+    // With `ClientAuth::Required` a completed handshake has a verified certificate; a
+    // config swapped in without it must still not let an anonymous TLS peer through as if
+    // it were plaintext.
+    let Some(peer) = tls::peer_identity(conn.peer_certificates()) else {
+        return Err(refusal(
+            "no_client_certificate",
+            "the TLS handshake completed without a client certificate; inbound requires mTLS",
+        ));
+    };
+    Ok(Accepted {
+        stream: Downstream::Tls(Box::new(stream)),
+        peer: Some(peer),
+        sni,
+    })
+}
+
+async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
+    let _ = tcp.set_nodelay(true);
+    let app = match ib.app.resolve(&tcp) {
+        Ok(a) => a,
+        Err(e) => {
+            refuse(ib, rec, refusal("no_app_target", e));
+            return;
+        }
+    };
+    // The app address, not the client's SNI: labels stay bounded whatever clients send.
+    let service = app.to_string();
+    rec.service = Some(service.clone());
+    let accepted = match accept(ib, tcp).await {
+        Ok(a) => a,
+        Err(r) => {
+            refuse(ib, rec, r);
+            return;
+        }
+    };
+    rec.destination = accepted.sni.clone().unwrap_or_default();
+    if let Some(peer) = &accepted.peer {
+        rec.peer_identity = Some(peer.to_string());
+        tracing::Span::current().record("peer", tracing::field::display(peer));
+    }
+    let decision = ib.policy.load().decide(accepted.peer.as_ref());
+    if let Decision::Deny { reason } = decision {
+        tracing::info!(%reason, "connection denied by the authorization policy");
+        rec.error = Some(reason);
+        count(ib, rec, &service, ConnResult::denied);
+        return;
+    }
+    if let Some(hook) = &ib.on_connection {
+        hook(&InboundConnection {
+            peer: accepted.peer,
+            client: rec.client,
+            sni: accepted.sni,
+        });
+    }
+    let open = ib
+        .metrics
+        .connections_open
+        .get_or_create(&OpenLabels {
+            direction: DIRECTION,
+            service: service.clone(),
+        })
+        .clone();
+    open.inc();
+    let result = relay(ib, accepted.stream, app, &service, rec).await;
+    open.dec();
+    count(ib, rec, &service, result);
+}
+
+fn refuse(ib: &Inbound, rec: &mut AccessRecord, r: Refusal) {
+    tracing::debug!(reason = r.reason, detail = %r.detail, "inbound connection refused");
+    ib.metrics.refuse(DIRECTION, r.reason);
+    rec.result = r.reason;
+    rec.error = Some(r.detail);
+}
+
+/// Records how a connection to the app ended, in the access record and the metrics.
+fn count(ib: &Inbound, rec: &mut AccessRecord, service: &str, result: ConnResult) {
+    rec.finish(result);
+    ib.metrics
+        .connections
+        .get_or_create(&ConnLabels {
+            direction: DIRECTION,
+            service: service.to_string(),
+            result,
+        })
+        .inc();
+    for (flow, n) in [
+        (Flow::to_upstream, rec.bytes_to_upstream),
+        (Flow::from_upstream, rec.bytes_from_upstream),
+    ] {
+        if n > 0 {
+            ib.metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    direction: DIRECTION,
+                    service: service.to_string(),
+                    flow,
+                })
+                .inc_by(n);
+        }
+    }
+}
+
+async fn relay(
+    ib: &Inbound,
+    down: Downstream,
+    app: SocketAddr,
+    service: &str,
+    rec: &mut AccessRecord,
+) -> ConnResult {
+    let started = tokio::time::Instant::now();
+    let up = match tokio::time::timeout(ib.connect_timeout, TcpStream::connect(app)).await {
+        Ok(Ok(s)) => s,
+        failed => {
+            rec.error = Some(match failed {
+                Ok(Err(e)) => format!("cannot connect to the app at {app}: {e} (is it listening?)"),
+                _ => format!(
+                    "connecting to the app at {app} timed out after {:?}",
+                    ib.connect_timeout
+                ),
+            });
+            ib.metrics
+                .connect_failures
+                .get_or_create(&ServiceLabels {
+                    service: service.to_string(),
+                })
+                .inc();
+            return ConnResult::upstream_connect_failed;
+        }
+    };
+    ib.metrics
+        .connect_duration
+        .get_or_create(&DirectionLabels {
+            direction: DIRECTION,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    let _ = up.set_nodelay(true);
+    rec.endpoint = Some(app);
+    let closing = ib.tracker.closing();
+    let relayed = async {
+        match down {
+            Downstream::Tls(tls) => crate::relay::relay(*tls, up).await,
+            Downstream::Plaintext(tcp) => crate::relay::relay_tcp(tcp, up).await,
+        }
+    };
+    let outcome = tokio::select! {
+        o = relayed => o,
+        _ = closing.signaled() => {
+            rec.error = Some("closed by the drain deadline".into());
+            return ConnResult::drained;
+        }
+    };
+    rec.bytes_to_upstream = outcome.transferred.client_to_upstream;
+    rec.bytes_from_upstream = outcome.transferred.upstream_to_client;
+    match outcome.error {
+        None => ConnResult::ok,
+        Some(e) => {
+            rec.error = Some(e.to_string());
+            ConnResult::error
+        }
+    }
+}
