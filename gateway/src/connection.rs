@@ -226,7 +226,7 @@ impl AccessRecord {
             peer = self.peer_identity.as_deref().unwrap_or("-"),
             bytes_to_upstream = self.bytes_to_upstream,
             bytes_from_upstream = self.bytes_from_upstream,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = %format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1000.0),
             result = self.result,
             error = self.error.as_deref().unwrap_or("-"),
             "connection"

@@ -6,7 +6,10 @@ use std::process::Command;
 const GATEWAY: &str = env!("CARGO_BIN_EXE_isthmus-gateway");
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(GATEWAY).args(args).output().expect("run binary");
+    let out = Command::new(GATEWAY)
+        .args(args)
+        .output()
+        .expect("run binary");
     (
         out.status.success(),
         format!(
@@ -46,16 +49,40 @@ fn validate_names_every_bad_setting() {
         "connect-attempts",
         "outlier-max-ejection",
     ] {
-        assert!(text.contains(expected), "{expected:?} not named in:\n{text}");
+        assert!(
+            text.contains(expected),
+            "{expected:?} not named in:\n{text}"
+        );
     }
 }
 
 #[test]
 fn unknown_policy_and_bad_durations_are_refused_by_name() {
-    let (ok, text) = run(&["--network", "b", "--root", "r", "--cert-dir", "c", "--lb-policy", "random"]);
+    let (ok, text) = run(&[
+        "--network",
+        "b",
+        "--root",
+        "r",
+        "--cert-dir",
+        "c",
+        "--lb-policy",
+        "random",
+    ]);
     assert!(!ok);
-    assert!(text.contains("--lb-policy") && text.contains("least-connections"), "{text}");
-    let (ok, text) = run(&["--network", "b", "--root", "r", "--cert-dir", "c", "--drain-deadline", "soon"]);
+    assert!(
+        text.contains("--lb-policy") && text.contains("least-connections"),
+        "{text}"
+    );
+    let (ok, text) = run(&[
+        "--network",
+        "b",
+        "--root",
+        "r",
+        "--cert-dir",
+        "c",
+        "--drain-deadline",
+        "soon",
+    ]);
     assert!(!ok);
     assert!(text.contains("--drain-deadline"), "{text}");
 }

@@ -29,7 +29,12 @@ pub fn init() {
             .try_init()
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colour only for a person at a terminal, never into files or journals.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init()
     };
     if installed.is_ok() {

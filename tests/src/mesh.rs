@@ -28,7 +28,6 @@ use tokio::sync::watch;
 
 use crate::{TestRegistry, CLUSTER};
 
-
 /// A plain TCP app: greets every connection with `<name>\n`, then echoes what it reads.
 /// Stops (and refuses new connections) when dropped.
 pub struct EchoApp {
