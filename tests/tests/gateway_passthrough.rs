@@ -34,9 +34,17 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let reg = TestRegistry::start(&[("svc.yaml", &yaml::service("reviews", "shop", 9080))])
-        .await
-        .unwrap();
+    // `internal` is exported to its own namespace only: cluster-local, not for other networks.
+    let internal = format!(
+        "{}  exportTo:\n  - \".\"\n",
+        yaml::service("internal", "shop", 9080)
+    );
+    let reg = TestRegistry::start(&[
+        ("svc.yaml", &yaml::service("reviews", "shop", 9080)),
+        ("internal.yaml", &internal),
+    ])
+    .await
+    .unwrap();
     let server = reg.credentials("shop", "reviews").await.unwrap();
     let workload = Workload::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -50,14 +58,25 @@ async fn setup() -> Setup {
     .unwrap();
     reg.write_resource(
         "wl.yaml",
-        &yaml::workload(
-            "reviews-1",
-            "shop",
-            "reviews",
-            "127.0.0.1",
-            workload.addr.port(),
-            "network-a",
-        ),
+        &[
+            yaml::workload(
+                "reviews-1",
+                "shop",
+                "reviews",
+                "127.0.0.1",
+                workload.addr.port(),
+                "network-a",
+            ),
+            yaml::workload(
+                "internal-1",
+                "shop",
+                "internal",
+                "127.0.0.1",
+                workload.addr.port(),
+                "network-a",
+            ),
+        ]
+        .join("---\n"),
     );
     let dir = tempfile::tempdir().unwrap();
     let cert_dir = mesh::gateway_credentials(&reg, "network-a", dir.path()).await;
@@ -79,7 +98,12 @@ async fn setup() -> Setup {
     let gw = isthmus_gateway::run(cfg).await.unwrap();
     let routed = eventually(Duration::from_secs(20), || async {
         let d = gw.routes.load().lookup(REVIEWS, 9080, "").ok()?;
-        (d.targets().len() == 1).then_some(())
+        let i = gw
+            .routes
+            .load()
+            .lookup("internal.shop.svc.cluster.local", 9080, "")
+            .ok()?;
+        (d.targets().len() == 1 && i.targets().len() == 1).then_some(())
     })
     .await;
     assert!(routed.is_some(), "the gateway never routed reviews");
@@ -193,6 +217,10 @@ async fn refusals_are_counted_and_the_gateway_keeps_serving() {
     let wrong_port = ServerName::try_from(SniKey::new(9999, "", REVIEWS).to_string()).unwrap();
     assert!(tls_through(&s, gw, wrong_port).await.is_err());
     wait_refused(&s, "unknown_port", 1.0).await;
+    assert!(tls_through(&s, gw, key("internal.shop.svc.cluster.local"))
+        .await
+        .is_err());
+    wait_refused(&s, "not_exported", 1.0).await;
     good_call(&s, gw).await;
 
     // A client that connects and says nothing is closed once the handshake timeout passes.
