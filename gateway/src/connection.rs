@@ -156,7 +156,13 @@ pub async fn accept_loop<F, Fut>(
         };
         let _ = tcp.set_nodelay(true);
         let guard = tracker.register();
-        let span = tracing::debug_span!("conn", id = guard.id, dir = direction.as_str(), %client);
+        let span = tracing::debug_span!(
+            "conn",
+            id = guard.id,
+            dir = direction.as_str(),
+            %client,
+            peer = tracing::field::Empty
+        );
         let work = handle(tcp, AccessRecord::new(guard.id, direction, client));
         tokio::spawn(
             async move {
@@ -169,6 +175,46 @@ pub async fn accept_loop<F, Fut>(
         );
     }
     tracing::info!(direction = direction.as_str(), "listener stopped accepting");
+}
+
+/// Why a connection was refused before it reached a destination: a metric label and the
+/// detail for the access log.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+pub fn refusal(reason: &'static str, detail: impl ToString) -> Refusal {
+    Refusal {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+/// Runs a relay to its end or until the drain deadline tells open connections to close,
+/// and writes what it moved and how it ended into `rec`.
+pub async fn finish_relay(
+    rec: &mut AccessRecord,
+    closing: drain::Watch,
+    relay: impl Future<Output = crate::relay::RelayOutcome>,
+) -> ConnResult {
+    let outcome = tokio::select! {
+        o = relay => o,
+        _ = closing.signaled() => {
+            rec.error = Some("closed by the drain deadline".into());
+            return ConnResult::drained;
+        }
+    };
+    rec.bytes_to_upstream += outcome.transferred.client_to_upstream;
+    rec.bytes_from_upstream += outcome.transferred.upstream_to_client;
+    match outcome.error {
+        None => ConnResult::ok,
+        Some(e) => {
+            rec.error = Some(e.to_string());
+            ConnResult::error
+        }
+    }
 }
 
 /// One access-log line: what a connection was, where it went and how it ended.

@@ -34,13 +34,11 @@ use isthmus_proto::grpc::classify_handshake_error;
 use isthmus_proto::identity::SpiffeId;
 use isthmus_proto::tls::{self, ClientAuth, Credentials, TlsError, TrustBundle};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tracing::Instrument;
 
 use crate::authz::{AuthorizationPolicy, Decision};
-use crate::connection::{AccessRecord, Tracker};
+use crate::connection::{accept_loop, finish_relay, refusal, AccessRecord, Refusal, Tracker};
 use crate::metrics::{
     BytesLabels, ConnLabels, ConnResult, Direction, DirectionLabels, Flow, Metrics, OpenLabels,
     ServiceLabels,
@@ -175,61 +173,22 @@ impl Inbound {
 /// Accepts until `shutdown`, then returns (open connections carry on; the caller drains
 /// them through the tracker).
 pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, shutdown: drain::Watch) {
-    let slots = Arc::new(Semaphore::new(inbound.max_connections));
-    let stop = shutdown.signaled();
-    tokio::pin!(stop);
-    loop {
-        let slot = tokio::select! {
-            _ = &mut stop => break,
-            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
-        };
-        let accepted = tokio::select! {
-            _ = &mut stop => break,
-            a = listener.accept() => a,
-        };
-        let (tcp, client) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let guard = inbound.tracker.register();
-        let span = tracing::debug_span!(
-            "inbound",
-            conn = guard.id,
-            %client,
-            peer = tracing::field::Empty
-        );
-        let inbound = inbound.clone();
-        tokio::spawn(
+    let (tracker, max) = (inbound.tracker.clone(), inbound.max_connections);
+    accept_loop(
+        listener,
+        DIRECTION,
+        tracker,
+        max,
+        shutdown,
+        move |tcp, mut rec| {
+            let inbound = inbound.clone();
             async move {
-                let _slot = slot;
-                let mut rec = AccessRecord::new(guard.id, DIRECTION, client);
                 handle(&inbound, tcp, &mut rec).await;
-                rec.emit();
-                drop(guard);
+                rec
             }
-            .instrument(span),
-        );
-    }
-    tracing::info!("inbound listener stopped accepting");
-}
-
-/// Why a connection was refused before it was authorized.
-#[derive(Debug)]
-struct Refusal {
-    reason: &'static str,
-    detail: String,
-}
-
-fn refusal(reason: &'static str, detail: impl ToString) -> Refusal {
-    Refusal {
-        reason,
-        detail: detail.to_string(),
-    }
+        },
+    )
+    .await;
 }
 
 /// The accepted connection, after the handshake.
@@ -434,27 +393,11 @@ async fn relay(
         .observe(started.elapsed().as_secs_f64());
     let _ = up.set_nodelay(true);
     rec.endpoint = Some(app);
-    let closing = ib.tracker.closing();
     let relayed = async {
         match down {
             Downstream::Tls(tls) => crate::relay::relay(*tls, up).await,
             Downstream::Plaintext(tcp) => crate::relay::relay_tcp(tcp, up).await,
         }
     };
-    let outcome = tokio::select! {
-        o = relayed => o,
-        _ = closing.signaled() => {
-            rec.error = Some("closed by the drain deadline".into());
-            return ConnResult::drained;
-        }
-    };
-    rec.bytes_to_upstream = outcome.transferred.client_to_upstream;
-    rec.bytes_from_upstream = outcome.transferred.upstream_to_client;
-    match outcome.error {
-        None => ConnResult::ok,
-        Some(e) => {
-            rec.error = Some(e.to_string());
-            ConnResult::error
-        }
-    }
+    finish_relay(rec, ib.tracker.closing(), relayed).await
 }

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::connection::{accept_loop, AccessRecord, Tracker};
+use crate::connection::{accept_loop, finish_relay, AccessRecord, Tracker};
 use crate::metrics::{ConnResult, Direction, Metrics};
 use crate::routes::{LookupError, RouteTable, Target};
 use crate::upstream::{self, ConnectError, ConnectOptions, Lease};
@@ -225,23 +225,12 @@ async fn handle(
         };
         rec.endpoint = Some(up.target.addr);
         rec.peer_identity = up.server_identity.as_ref().map(|i| i.to_string());
-        let closing = outbound.tracker.closing();
-        let outcome = tokio::select! {
-            o = crate::relay::relay(tcp, up.stream) => o,
-            _ = closing.signaled() => {
-                rec.error = Some("closed by the drain deadline".into());
-                return ConnResult::drained;
-            }
-        };
-        rec.bytes_to_upstream = outcome.transferred.client_to_upstream;
-        rec.bytes_from_upstream = outcome.transferred.upstream_to_client;
-        match outcome.error {
-            None => ConnResult::ok,
-            Some(e) => {
-                rec.error = Some(e.to_string());
-                ConnResult::error
-            }
-        }
+        finish_relay(
+            rec,
+            outbound.tracker.closing(),
+            crate::relay::relay(tcp, up.stream),
+        )
+        .await
     }
     .await;
     drop(open);

@@ -17,7 +17,7 @@ use isthmus_proto::sni::{ClientHelloReader, Hello, SniKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::connection::{accept_loop, AccessRecord, Tracker};
+use crate::connection::{accept_loop, finish_relay, refusal, AccessRecord, Refusal, Tracker};
 use crate::metrics::{ConnResult, Direction, Metrics};
 use crate::routes::RouteTable;
 use crate::upstream::{self, ConnectOptions};
@@ -55,20 +55,6 @@ pub async fn serve(listener: TcpListener, p: Arc<Passthrough>, shutdown: drain::
         },
     )
     .await;
-}
-
-/// Why a connection was refused before a service was chosen.
-#[derive(Debug)]
-struct Refusal {
-    reason: &'static str,
-    detail: String,
-}
-
-fn refusal(reason: &'static str, detail: impl ToString) -> Refusal {
-    Refusal {
-        reason,
-        detail: detail.to_string(),
-    }
 }
 
 /// Reads until the ClientHello's server name is known; returns it and every byte read.
@@ -179,22 +165,12 @@ async fn relay(
     };
     rec.endpoint = Some(up.target.addr);
     rec.bytes_to_upstream = hello.len() as u64;
-    let closing = p.tracker.closing();
-    let outcome = tokio::select! {
-        o = crate::relay::relay_tcp(tcp, up.stream) => o,
-        _ = closing.signaled() => {
-            rec.error = Some("closed by the drain deadline".into());
-            return ConnResult::drained;
-        }
-    };
+    let result = finish_relay(
+        rec,
+        p.tracker.closing(),
+        crate::relay::relay_tcp(tcp, up.stream),
+    )
+    .await;
     drop(up.lease);
-    rec.bytes_to_upstream += outcome.transferred.client_to_upstream;
-    rec.bytes_from_upstream = outcome.transferred.upstream_to_client;
-    match outcome.error {
-        None => ConnResult::ok,
-        Some(e) => {
-            rec.error = Some(e.to_string());
-            ConnResult::error
-        }
-    }
+    result
 }
