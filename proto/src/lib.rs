@@ -10,6 +10,7 @@ pub mod drain;
 pub mod grpc;
 pub mod identity;
 pub mod model;
+pub mod registration;
 pub mod sni;
 pub mod subscription;
 pub mod telemetry;
