@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod ctl;
 pub mod ingest;
 pub mod metrics;
+pub mod onboard;
 pub mod registration;
 pub mod render;
 pub mod sources;
