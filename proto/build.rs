@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/isthmus/v1/catalog.proto",
         "proto/isthmus/v1/watch.proto",
         "proto/isthmus/v1/ca.proto",
+        "proto/isthmus/v1/registration.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -1,15 +1,18 @@
 //! The mesh's shared language, used by every isthmus program: the protobuf definitions and
 //! generated gRPC code, the catalog model converted once from them, SPIFFE identity, the only
-//! rustls builders in the workspace, gRPC over mTLS, and small runtime helpers (config
-//! parsing, drain, admin HTTP, telemetry). It depends on no other workspace crate.
+//! rustls builders in the workspace, gRPC over mTLS, the VM onboarding bundle, and small
+//! runtime helpers (config parsing, drain, admin HTTP, telemetry). It depends on no other
+//! workspace crate.
 
 pub mod admin;
+pub mod bundle;
 pub mod certs;
 pub mod config;
 pub mod drain;
 pub mod grpc;
 pub mod identity;
 pub mod model;
+pub mod registration;
 pub mod sni;
 pub mod subscription;
 pub mod telemetry;

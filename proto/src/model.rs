@@ -265,10 +265,20 @@ impl Resource {
         match self {
             Resource::Network(n) => format!("Network//{}", n.id),
             Resource::Service(s) => format!("Service/{}/{}", s.cluster, s.hostname),
-            Resource::Workload(w) => format!("Workload/{}/{}", w.namespace, w.name),
-            Resource::WorkloadGroup(g) => format!("WorkloadGroup/{}/{}", g.namespace, g.name),
+            Resource::Workload(w) => workload_key(&w.namespace, &w.name),
+            Resource::WorkloadGroup(g) => workload_group_key(&g.namespace, &g.name),
         }
     }
+}
+
+/// The catalog key of the Workload `namespace/name` (see [`Resource::key`]).
+pub fn workload_key(namespace: &str, name: &str) -> String {
+    format!("Workload/{namespace}/{name}")
+}
+
+/// The catalog key of the WorkloadGroup `namespace/name` (see [`Resource::key`]).
+pub fn workload_group_key(namespace: &str, name: &str) -> String {
+    format!("WorkloadGroup/{namespace}/{name}")
 }
 
 /// A resource with the source that owns it. The resource is shared (a source, the catalog

@@ -1,5 +1,5 @@
 //! The registry's admin routes beyond `/metrics` and the health checks: `/debug/catalog`,
-//! `/debug/resources`, `/debug/subscribers`, `/debug/vips`.
+//! `/debug/resources`, `/debug/subscribers`, `/debug/vips`, `/debug/registrations`.
 
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::render;
+use crate::sources::vm_registrations::VmRegistrations;
 use crate::views::{ViewKey, Views};
 use crate::watch::Subscribers;
 
@@ -34,6 +35,7 @@ struct AdminState {
     views: Arc<Views>,
     subscribers: Arc<Subscribers>,
     sources: SourceStatus,
+    registrations: Arc<VmRegistrations>,
 }
 
 #[derive(Deserialize)]
@@ -42,16 +44,23 @@ struct CatalogQuery {
     kind: Option<String>,
 }
 
-pub fn routes(views: Arc<Views>, subscribers: Arc<Subscribers>, sources: SourceStatus) -> Router {
+pub fn routes(
+    views: Arc<Views>,
+    subscribers: Arc<Subscribers>,
+    sources: SourceStatus,
+    registrations: Arc<VmRegistrations>,
+) -> Router {
     Router::new()
         .route("/debug/catalog", get(catalog))
         .route("/debug/resources", get(resources))
         .route("/debug/subscribers", get(subscribers_status))
         .route("/debug/vips", get(vips))
+        .route("/debug/registrations", get(registrations_status))
         .with_state(AdminState {
             views,
             subscribers,
             sources,
+            registrations,
         })
 }
 
@@ -130,4 +139,11 @@ async fn vips(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn subscribers_status(State(s): State<AdminState>) -> impl IntoResponse {
     Json(json!({"subscribers": s.subscribers.status()}))
+}
+
+async fn registrations_status(State(s): State<AdminState>) -> impl IntoResponse {
+    Json(json!({
+        "grace_s": s.registrations.grace().as_secs_f64(),
+        "registrations": s.registrations.status().await,
+    }))
 }

@@ -25,7 +25,10 @@ use crate::ca::service::{CaPolicy, CertificateService};
 use crate::ca::{Authority, CaMaterial};
 use crate::ingest::Ingest;
 use crate::metrics::{RegistryMetrics, SourceLabels};
+use crate::registration::metrics::RegistrationMetrics;
+use crate::registration::RegistrationService;
 use crate::sources::static_files::{SourceDefaults, StaticSource, ORIGIN_PREFIX};
+use crate::sources::vm_registrations::{VmRegistrations, DEFAULT_VM_GRACE};
 use crate::store::{EmbeddedStore, Store};
 use crate::views::Views;
 use crate::vips::{DEFAULT_VIP_GRACE, VIP_GC_INTERVAL};
@@ -35,8 +38,8 @@ pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15014";
 /// How often the resources directory is re-read.
 pub const DEFAULT_RESOURCE_POLL: Duration = crate::sources::static_files::POLL_INTERVAL;
-/// Largest request the registry decodes: requests are small (Subscribe, Ack, a CSR), so a
-/// bigger one is a bug or an attack.
+/// Largest request the registry decodes: requests are small (Subscribe, Ack, a CSR, a
+/// Hello), so a bigger one is a bug or an attack.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// The namespace and service account of the registry's own serving certificate.
 pub const REGISTRY_NAMESPACE: &str = "isthmus-system";
@@ -45,6 +48,11 @@ pub const REGISTRY_SERVICE_ACCOUNT: &str = "isthmus-registry";
 pub const TOKEN_GC_INTERVAL: Duration = Duration::from_secs(3600);
 /// Lifetime of the registry's serving certificate; renewed at half-life.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// HTTP/2 pings on idle gRPC connections: a VM agent whose network was cut sends no
+/// FIN, and its registration should start its grace period within seconds, not when TCP
+/// gives up minutes later.
+const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -62,6 +70,8 @@ pub struct RegistryConfig {
     pub listener: ListenerOptions,
     /// How long a released VIP stays reserved for its hostname.
     pub vip_grace: Duration,
+    /// How long a registered VM's entry stays after its agent's stream ended.
+    pub vm_grace: Duration,
 }
 
 impl RegistryConfig {
@@ -81,6 +91,7 @@ impl RegistryConfig {
             ca_policy: CaPolicy::default(),
             listener: ListenerOptions::default(),
             vip_grace: DEFAULT_VIP_GRACE,
+            vm_grace: DEFAULT_VM_GRACE,
         }
     }
 
@@ -157,6 +168,8 @@ pub struct RegistryHandle {
     pub authority: Arc<Authority>,
     /// The path by which sources write to the catalog (for in-process sources and drivers).
     pub ingest: Ingest,
+    /// Registered VMs and their leases.
+    pub registrations: Arc<VmRegistrations>,
     trigger: drain::Trigger,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -208,6 +221,7 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
     let mut prom = Registry::with_prefix("isthmus");
     let metrics = RegistryMetrics::register(&mut prom);
     let ca_metrics = CaMetrics::register(&mut prom);
+    let registration_metrics = RegistrationMetrics::register(&mut prom);
     let listener_metrics = ListenerMetrics::register(&mut prom);
     let prom = Arc::new(Mutex::new(prom));
 
@@ -230,6 +244,30 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
 
     let source_status = SourceStatus::default();
     let mut tasks = Vec::new();
+    // VM leases do not survive a restart: entries a previous run registered get a grace
+    // period from now, within which their agents reconnect.
+    let registrations = Arc::new(VmRegistrations::new(
+        ingest.clone(),
+        cfg.vm_grace,
+        registration_metrics.clone(),
+    ));
+    let adopted = registrations
+        .adopt_stored(std::time::SystemTime::now())
+        .await;
+    if adopted > 0 {
+        tracing::info!(
+            entries = adopted,
+            grace_s = cfg.vm_grace.as_secs_f64(),
+            "VM registrations from the previous run are kept for the grace period; their agents register again"
+        );
+    }
+    {
+        let registrations = registrations.clone();
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(
+            async move { registrations.run(shutdown).await },
+        ));
+    }
     if let Some(dir) = &cfg.resources {
         let mut source = StaticSource::new(dir.clone(), cfg.source_defaults(trust_domain.clone()));
         source.seed(views.resources_with_origin(ORIGIN_PREFIX));
@@ -274,6 +312,13 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
         metrics.clone(),
         shutdown.clone(),
     );
+    let registration_svc = RegistrationService::new(
+        registrations.clone(),
+        views.clone(),
+        trust_domain.clone(),
+        registration_metrics,
+        shutdown.clone(),
+    );
     let ca_svc = CertificateService::new(
         authority.clone(),
         store.clone(),
@@ -298,12 +343,18 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
         shutdown.clone(),
     );
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(GRPC_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
         .add_service(
             pb::watch_server::WatchServer::new(watch_svc)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
             pb::certificates_server::CertificatesServer::new(ca_svc)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            pb::registration_server::RegistrationServer::new(registration_svc)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown.clone().signaled());
@@ -314,7 +365,12 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
     }));
 
     let readiness = Readiness::default();
-    let routes = admin::routes(views.clone(), subscribers.clone(), source_status);
+    let routes = admin::routes(
+        views.clone(),
+        subscribers.clone(),
+        source_status,
+        registrations.clone(),
+    );
     let admin_shutdown = shutdown.clone();
     let admin_ready = readiness.clone();
     tasks.push(tokio::spawn(async move {
@@ -335,6 +391,7 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
         subscribers,
         authority,
         ingest,
+        registrations,
         trigger,
         tasks,
     })

@@ -1,4 +1,5 @@
-//! `isthmusctl`: CA setup, bootstrap tokens, certificate requests, and a network's view.
+//! `isthmusctl`: CA setup, bootstrap tokens, certificate requests, VM onboarding bundles,
+//! and a network's view.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ use isthmus_proto::tls::{self, Credentials, ServerIdentity, TrustBundle};
 use isthmus_proto::{certs, grpc};
 
 use crate::ca::{self, init, token, CaMaterial};
+use crate::onboard::{self, OnboardOptions};
 use crate::render;
 
 #[derive(Debug, Parser)]
@@ -37,6 +39,46 @@ enum Command {
     Cert(CertCommand),
     /// Print the view a subscriber in a network gets.
     Catalog(CatalogArgs),
+    /// VMs joining the mesh.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Write the bundle a VM agent starts from into --out: agent.yaml (registry, network,
+    /// cluster, group, identity), root-cert.pem, and a one-time bootstrap token (0600).
+    Onboard(OnboardArgs),
+}
+
+#[derive(Debug, Args)]
+struct OnboardArgs {
+    /// The registry's gRPC address (host:port), as the VM reaches it.
+    #[arg(long)]
+    registry: String,
+    /// The cluster CA directory (DIR/<cluster>) whose registry the VM joins.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// The WorkloadGroup the VM registers from.
+    #[arg(long)]
+    group: String,
+    /// The group's namespace.
+    #[arg(long)]
+    namespace: String,
+    /// The group template's service account: the VM's identity.
+    #[arg(long)]
+    service_account: String,
+    /// The VM's network.
+    #[arg(long)]
+    network: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// Lifetime of the bootstrap token (at most 24h).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    token_ttl: Duration,
+    /// The trust domain; by default the CA's.
+    #[arg(long)]
+    trust_domain: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +260,57 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
                 c.identity,
                 out.display(),
                 left / 3600
+            );
+        }
+        Command::Vm(VmCommand::Onboard(args)) => {
+            let trust_domain = args
+                .trust_domain
+                .as_deref()
+                .map(TrustDomain::new)
+                .transpose()
+                .context("--trust-domain")?;
+            let done = onboard::onboard(
+                &OnboardOptions {
+                    registry: args.registry,
+                    ca_dir: args.ca_dir,
+                    group: args.group,
+                    namespace: args.namespace,
+                    service_account: args.service_account,
+                    network: args.network,
+                    out: args.out.clone(),
+                    token_ttl: args.token_ttl,
+                    trust_domain,
+                },
+                now,
+            )?;
+            let b = &done.bundle;
+            let expires = done
+                .token_expires
+                .format(&::time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            let [config, root, token] = &done.files[..] else {
+                bail!("the bundle was written incompletely");
+            };
+            println!(
+                "wrote {}: registers into WorkloadGroup {}/{} as {} on network {}, through the registry at {} (cluster {})",
+                config.display(),
+                b.namespace,
+                b.group,
+                done.identity,
+                b.network,
+                b.registry,
+                b.cluster
+            );
+            println!("wrote {}: the mesh root certificate", root.display());
+            println!(
+                "wrote {}: a one-time bootstrap token (mode 0600), valid until {expires}",
+                token.display()
+            );
+            println!(
+                "next: copy {dir} to the VM keeping the token private (e.g. `scp -rp {dir} VM:/etc/isthmus`) and start isthmus-vm-agent with it before {expires}; WorkloadGroup {}/{} must be in the registry's resources",
+                b.namespace,
+                b.group,
+                dir = args.out.display()
             );
         }
         Command::Catalog(args) => {

@@ -1,7 +1,8 @@
 //! Ingest: the one path by which resources reach the catalog. A source hands over the full
-//! set it owns; ingest diffs it against what the catalog holds for that source, allocates
-//! or releases the VIPs of the hostnames the difference adds or removes, writes both to the
-//! store (durably, first), then to the views.
+//! set it owns (or, if its resources change one at a time, just the changed ones); ingest
+//! diffs it against what the catalog holds for that source, allocates or releases the VIPs
+//! of the hostnames the difference adds or removes, writes both to the store (durably,
+//! first), then to the views.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -133,15 +134,57 @@ impl Ingest {
                 .collect();
             (changed, removals)
         });
+        let upserts = changed.iter().filter_map(|k| wanted.remove(k)).collect();
+        self.commit(upserts, removals).await
+    }
+
+    /// Changes some of a source's resources without handing over the rest: `upserts` (each
+    /// with an origin starting with `origin_prefix`) are written where they differ from the
+    /// catalog, `removals` (keys) are removed where the catalog holds them from this source.
+    /// For sources whose resources change one at a time (VM registrations), so a change
+    /// costs its own size rather than the size of the source.
+    pub async fn update_origin(
+        &self,
+        origin_prefix: &str,
+        upserts: Vec<OwnedResource>,
+        removals: Vec<String>,
+    ) -> Result<IngestReport, StoreError> {
+        let _writer = self.writer.lock().await;
+        debug_assert!(upserts.iter().all(|r| r.origin.starts_with(origin_prefix)));
+        let (upserts, removals) = self.views.with_catalog(|c| {
+            let upserts: Vec<OwnedResource> = upserts
+                .into_iter()
+                .filter(|r| c.get(&r.resource.key()) != Some(r))
+                .collect();
+            let removals = removals
+                .into_iter()
+                .filter(|k| {
+                    c.get(k)
+                        .is_some_and(|r| r.origin.starts_with(origin_prefix))
+                })
+                .filter(|k| !upserts.iter().any(|r| &r.resource.key() == k))
+                .collect();
+            (upserts, removals)
+        });
+        self.commit(upserts, removals).await
+    }
+
+    /// Stores and applies changed resources and removals, with the VIP changes they call
+    /// for. The caller holds the writer lock and has dropped what does not change.
+    async fn commit(
+        &self,
+        upserts: Vec<OwnedResource>,
+        removals: Vec<String>,
+    ) -> Result<IngestReport, StoreError> {
+        let changed: Vec<String> = upserts.iter().map(|r| r.resource.key()).collect();
         let mut ops = Vec::with_capacity(changed.len() + removals.len());
-        for k in &changed {
+        for (k, r) in changed.iter().zip(&upserts) {
             ops.push(Op::Put(
                 k.clone(),
-                pb::CatalogResource::from(&wanted[k]).encode_to_vec(),
+                pb::CatalogResource::from(r).encode_to_vec(),
             ));
         }
         ops.extend(removals.iter().map(|k| Op::Delete(k.clone())));
-        let upserts: Vec<OwnedResource> = changed.iter().filter_map(|k| wanted.remove(k)).collect();
         let report = IngestReport {
             upserted: upserts.len(),
             removed: removals.len(),
@@ -281,7 +324,7 @@ fn service(r: &OwnedResource) -> Option<&Service> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::tests::svc;
+    use crate::catalog::tests::{svc, wl};
     use crate::store::EmbeddedStore;
     use crate::vips::{Allocation, DEFAULT_VIP_GRACE};
 
@@ -322,5 +365,60 @@ mod tests {
         assert!(store.list(Table::Vips).await.unwrap().is_empty());
         assert!(ingest.views().with_vips(|v| v.is_empty()));
         assert_eq!(ingest.metrics.vip_allocation_failures.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn update_origin_changes_only_its_own_resources_and_only_what_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let ingest = Ingest::new(
+            store.clone(),
+            Arc::new(Views::default()),
+            RegistryMetrics::default(),
+        );
+        let with_origin = |mut r: OwnedResource, origin: &str| {
+            r.origin = origin.into();
+            r
+        };
+        let stat = with_origin(wl("a", "shop", "web", "10.0.0.1", "n"), "static:a.yaml");
+        let vm = with_origin(wl("b", "shop", "web", "10.0.0.2", "n"), "vm:shop/g");
+        ingest
+            .replace_origin("static:", vec![stat.clone()])
+            .await
+            .unwrap();
+        let report = ingest
+            .update_origin("vm:", vec![vm.clone()], vec![stat.resource.key()])
+            .await
+            .unwrap();
+        assert_eq!(
+            report,
+            IngestReport {
+                upserted: 1,
+                removed: 0
+            },
+            "another source's resource is not this source's to remove"
+        );
+        assert_eq!(store.list(Table::Catalog).await.unwrap().len(), 2);
+        let report = ingest
+            .update_origin("vm:", vec![vm.clone()], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            report,
+            IngestReport::default(),
+            "unchanged: nothing written"
+        );
+        let report = ingest
+            .update_origin("vm:", Vec::new(), vec![vm.resource.key()])
+            .await
+            .unwrap();
+        assert_eq!(report.removed, 1);
+        assert_eq!(
+            ingest
+                .views()
+                .with_catalog(|c| c.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()),
+            vec![stat.resource.key()]
+        );
+        assert_eq!(store.list(Table::Catalog).await.unwrap().len(), 1);
     }
 }

@@ -1,5 +1,6 @@
 //! isthmus-registry: the control plane. Sources feed one store; the store feeds per-network
-//! views; views feed Watch subscribers. Also the mesh CA and the admin HTTP server.
+//! views; views feed Watch subscribers. VM agents register their VMs over the Registration
+//! service. Also the mesh CA and the admin HTTP server.
 
 pub mod admin;
 pub mod app;
@@ -8,6 +9,8 @@ pub mod catalog;
 pub mod ctl;
 pub mod ingest;
 pub mod metrics;
+pub mod onboard;
+pub mod registration;
 pub mod render;
 pub mod sources;
 pub mod store;

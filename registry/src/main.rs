@@ -53,6 +53,10 @@ struct Args {
     /// How long a deleted service's VIPs stay reserved for it before another may get them.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     vip_grace: std::time::Duration,
+    /// How long a registered VM's entry stays (unhealthy) after its agent's stream ended
+    /// without deregistering, for the agent to reconnect.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    vm_grace: std::time::Duration,
     /// Check the configuration and the resource files, print every problem, and exit.
     #[arg(long)]
     validate: bool,
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
     cfg.ca_policy.max_ttl = args.max_cert_ttl;
     cfg.resource_poll = args.resource_poll;
     cfg.vip_grace = args.vip_grace;
+    cfg.vm_grace = args.vm_grace;
     if let Err(e) = cfg.validate() {
         errors.extend(e);
     }

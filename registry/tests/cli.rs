@@ -364,3 +364,131 @@ fn validate_names_every_bad_file_and_field() {
         "{err}"
     );
 }
+
+#[test]
+fn vm_onboard_writes_a_bundle_the_agent_reads() {
+    use isthmus_proto::bundle::AgentBundle;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ca = dir.join("ca");
+    assert!(run(
+        CTL,
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--cluster",
+            "cluster-a",
+            "--out",
+            ca.to_str().unwrap()
+        ]
+    )
+    .status
+    .success());
+    let out_dir = dir.join("vm-bundle");
+    let onboard = |ttl: &str, out_dir: &Path| {
+        run(
+            CTL,
+            &[
+                "vm",
+                "onboard",
+                "--registry",
+                "10.0.0.2:15012",
+                "--ca-dir",
+                ca.join("cluster-a").to_str().unwrap(),
+                "--group",
+                "vm-web",
+                "--namespace",
+                "shop",
+                "--service-account",
+                "web",
+                "--network",
+                "network-a",
+                "--out",
+                out_dir.to_str().unwrap(),
+                "--token-ttl",
+                ttl,
+            ],
+        )
+    };
+
+    // Past the longest token lifetime: refused, named, nothing written.
+    let out = onboard("25h", &out_dir);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--token-ttl") && err.contains("24h"), "{err}");
+    assert!(!out_dir.exists());
+
+    let out = onboard("30m", &out_dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    for file in ["agent.yaml", "root-cert.pem", "token"] {
+        assert!(
+            printed.contains(&out_dir.join(file).display().to_string()),
+            "{file}: {printed}"
+        );
+    }
+    assert!(printed.contains("next:"), "{printed}");
+
+    let bundle = AgentBundle::load(&out_dir).unwrap();
+    assert_eq!(
+        bundle,
+        AgentBundle {
+            registry: "10.0.0.2:15012".into(),
+            trust_domain: "cluster.local".into(),
+            cluster: "cluster-a".into(),
+            network: "network-a".into(),
+            group: "vm-web".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+        }
+    );
+    assert_eq!(
+        std::fs::read(out_dir.join("root-cert.pem")).unwrap(),
+        std::fs::read(ca.join("root-cert.pem")).unwrap()
+    );
+    let token = AgentBundle::read_token(&out_dir).unwrap().unwrap();
+    let claims = isthmus_proto::token::parse(&token).unwrap().claims;
+    assert_eq!(
+        claims.identity().unwrap().as_str(),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(claims.cluster, "cluster-a");
+    assert!(
+        (claims.exp - claims.iat - 1800).abs() <= 1,
+        "lives --token-ttl: {claims:?}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out_dir.join("token"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    // The agent's reader names a missing file and a bad field.
+    std::fs::remove_file(out_dir.join("root-cert.pem")).unwrap();
+    let err = AgentBundle::load(&out_dir).unwrap_err().to_string();
+    assert!(
+        err.contains(&out_dir.join("root-cert.pem").display().to_string()),
+        "{err}"
+    );
+    std::fs::copy(ca.join("root-cert.pem"), out_dir.join("root-cert.pem")).unwrap();
+    let config = out_dir.join("agent.yaml");
+    let yaml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        yaml.replace("network: network-a", "network: Net_A"),
+    )
+    .unwrap();
+    let err = AgentBundle::load(&out_dir).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&config.display().to_string()) && err.contains("network: "),
+        "{err}"
+    );
+}

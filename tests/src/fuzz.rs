@@ -111,6 +111,57 @@ pub fn watch_request(data: &[u8]) {
     }
 }
 
+/// A RegisterRequest off the wire, through the Hello's checks and the entry built from a
+/// WorkloadGroup: an accepted Hello gives an entry at its own address, named after its group.
+pub fn register_request(data: &[u8]) {
+    use isthmus_proto::model::{Workload, WorkloadGroup};
+    use isthmus_proto::registration::RegisterRequest;
+    let Ok(req) = pb::RegisterRequest::decode(data) else {
+        return;
+    };
+    let Ok(RegisterRequest::Hello(hello)) = RegisterRequest::try_from(req) else {
+        return;
+    };
+    let group = WorkloadGroup {
+        name: "vm-web".into(),
+        namespace: "shop".into(),
+        template: Workload {
+            namespace: "shop".into(),
+            network: "network-a".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            service_account: "web".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+    if let Ok((w, _)) = isthmus_registry::registration::entry_from_group(
+        &group,
+        &hello,
+        id,
+        std::time::SystemTime::now(),
+    ) {
+        assert_eq!(w.address.parse().ok(), Some(hello.address));
+        assert!(w.name.starts_with(&hello.group));
+        assert_eq!(w.labels.get("app").map(String::as_str), Some("web"));
+    }
+}
+
+/// A VM agent's `agent.yaml`; what is accepted reads back the same once written.
+pub fn agent_bundle(data: &[u8]) {
+    use isthmus_proto::bundle::AgentBundle;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new("agent.yaml");
+    if let Ok(bundle) = AgentBundle::from_yaml(path, text) {
+        assert_eq!(
+            AgentBundle::from_yaml(path, &bundle.to_yaml()).unwrap(),
+            bundle
+        );
+    }
+}
+
 /// Bytes arriving on the registry's TLS port before and during the handshake.
 pub fn tls_front_door(data: &[u8]) {
     let Ok(mut conn) = rustls::ServerConnection::new(fixture().server.clone()) else {

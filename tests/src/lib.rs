@@ -1,6 +1,6 @@
 //! The harness shared by isthmus's integration tests and benchmark drivers: a registry with
 //! its own CA, store and resources directory, started in-process on loopback, and helpers to
-//! get credentials, open Watch streams and read the admin port.
+//! get credentials, open Watch streams, register VMs and read the admin port.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ pub mod dns;
 pub mod fuzz;
 pub mod mesh;
 pub mod netns;
+pub mod vm;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const CLUSTER: &str = "cluster-a";
@@ -193,6 +194,19 @@ impl TestRegistry {
         Ok(())
     }
 
+    /// Registers a VM as its agent would, presenting `creds`.
+    pub async fn register_vm(
+        &self,
+        creds: Option<&Credentials>,
+        hello: &isthmus_proto::registration::Hello,
+    ) -> Result<vm::Registrar, tonic::Status> {
+        let channel = self
+            .channel(creds)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        vm::Registrar::register(channel, hello).await
+    }
+
     pub async fn subscribe(
         &self,
         creds: &Credentials,
@@ -302,6 +316,19 @@ pub mod yaml {
     pub fn service(name: &str, ns: &str, port: u32) -> String {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  hosts:\n  - {name}.{ns}.svc.cluster.local\n  ports:\n  - number: {port}\n    name: http\n    protocol: HTTP\n  resolution: STATIC\n  workloadSelector:\n    labels:\n      app: {name}\n"
+        )
+    }
+
+    /// A WorkloadGroup whose VMs carry `app: <app>`, run as `sa`, and serve `http` on 8080;
+    /// with `probe`, an HTTP readiness probe (so a VM starts unhealthy until it reports).
+    pub fn workload_group(name: &str, ns: &str, app: &str, sa: &str, probe: bool) -> String {
+        let probe = if probe {
+            "  probe:\n    periodSeconds: 5\n    httpGet:\n      path: /healthz\n      port: 8080\n"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  metadata:\n    labels:\n      app: {app}\n  template:\n    serviceAccount: {sa}\n    ports:\n      http: 8080\n{probe}"
         )
     }
 

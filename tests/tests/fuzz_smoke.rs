@@ -137,6 +137,33 @@ fn watch_request() {
 }
 
 #[test]
+fn register_request() {
+    use isthmus_proto::registration::{HealthReport, RegisterRequest};
+    let mut hello = isthmus_tests::vm::with_labels(
+        isthmus_tests::vm::hello("vm-web", "shop", "10.1.0.5", "network-a"),
+        &[("version", "v2")],
+    );
+    let v4 = pb::RegisterRequest::from(&RegisterRequest::Hello(hello.clone())).encode_to_vec();
+    hello.address = "2001:db8::5".parse().unwrap();
+    let v6 = pb::RegisterRequest::from(&RegisterRequest::Hello(hello)).encode_to_vec();
+    let health = pb::RegisterRequest::from(&RegisterRequest::Health(HealthReport {
+        healthy: true,
+        reason: "ok".into(),
+    }))
+    .encode_to_vec();
+    run(fuzz::register_request, &[v4, v6, health]);
+}
+
+#[test]
+fn agent_bundle() {
+    let seed = "registry: 10.0.0.2:15012\ntrustDomain: cluster.local\ncluster: cluster-a\nnetwork: network-a\ngroup: vm-web\nnamespace: shop\nserviceAccount: web\n";
+    run(
+        fuzz::agent_bundle,
+        &[seed.as_bytes().to_vec(), b"registry: [a, *b]\n".to_vec()],
+    );
+}
+
+#[test]
 fn tls_front_door() {
     // A real ClientHello as a seed.
     let mut client = rustls::ClientConnection::new(

@@ -28,6 +28,8 @@ use isthmus_proto::model::{OwnedResource, Resource};
 use tracing::{info, warn};
 
 use manifest::Located;
+/// Label syntax, shared with the labels a registering VM brings.
+pub(crate) use manifest::{check_label_key, check_label_value};
 
 /// Every resource from this source has an origin `static:<path relative to the directory>`.
 pub const ORIGIN_PREFIX: &str = "static:";

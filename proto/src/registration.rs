@@ -1,0 +1,345 @@
+//! The Registration protocol in the mesh's model: what a VM agent says on its stream (a
+//! Hello, health reports, a Deregister) and what the registry acknowledges, converted once
+//! from protobuf with every problem named by its field; and the name a registered VM's
+//! WorkloadEntry gets, so the agent and the registry agree on it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::identity::validate_dns_label;
+use crate::model::{Health, Locality, ModelError};
+use crate::pb;
+use crate::pb::register_request::Request as PbRequest;
+
+/// The first message of a registration stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The WorkloadGroup to register from.
+    pub group: String,
+    /// The group's namespace.
+    pub namespace: String,
+    /// The VM's address, as other workloads on its network reach it.
+    pub address: IpAddr,
+    /// The VM's network; empty means the group template's.
+    pub network: String,
+    /// Empty means the group template's.
+    pub locality: Locality,
+    /// Labels the VM adds to the template's.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Hello {
+    /// A Hello with no network, locality or labels of its own.
+    pub fn new(group: &str, namespace: &str, address: IpAddr) -> Self {
+        Self {
+            group: group.to_string(),
+            namespace: namespace.to_string(),
+            address,
+            network: String::new(),
+            locality: Locality::default(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// The name of the WorkloadEntry this Hello registers (see [`entry_name`]).
+    pub fn entry_name(&self) -> String {
+        entry_name(&self.group, &self.address, &self.network)
+    }
+}
+
+/// A VM's readiness, as its agent's probe last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    pub healthy: bool,
+    pub reason: String,
+}
+
+impl HealthReport {
+    pub fn health(&self) -> Health {
+        if self.healthy {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        }
+    }
+}
+
+/// One request on a registration stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterRequest {
+    Hello(Hello),
+    Health(HealthReport),
+    Deregister,
+}
+
+/// The registry's acknowledgement of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterAck {
+    pub entry_name: String,
+    pub namespace: String,
+    /// The entry's health in the catalog once the request was applied.
+    pub health: Health,
+    /// Parts of the request the registry ignored, each saying why.
+    pub warnings: Vec<String>,
+    /// The registration took over an entry that already existed (a reconnect within the
+    /// grace period, or a second stream of the same VM).
+    pub resumed: bool,
+}
+
+/// The WorkloadEntry name of a VM registered from `group`: `<group>-<address>` with `.` and
+/// `:` turned into `-`, then `-<network>` when the VM names its network (Istio's naming for
+/// auto-registered entries, so two VMs with the same address on different networks get
+/// different entries).
+pub fn entry_name(group: &str, address: &IpAddr, network: &str) -> String {
+    let mut name = format!("{group}-{}", address.to_string().replace(['.', ':'], "-"));
+    if !network.is_empty() {
+        name.push('-');
+        name.push_str(network);
+    }
+    name
+}
+
+fn invalid(field: &str, why: impl Into<String>) -> ModelError {
+    ModelError::Invalid {
+        field: field.to_string(),
+        why: why.into(),
+    }
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain): dot-separated labels, 253 bytes at most.
+fn check_object_name(field: &str, name: &str) -> Result<(), ModelError> {
+    if name.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    if name.len() > 253 {
+        return Err(invalid(
+            field,
+            format!("{name:?} is longer than 253 characters"),
+        ));
+    }
+    for label in name.split('.') {
+        validate_dns_label("name", label).map_err(|e| invalid(field, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The VM's address: an IP that other workloads can dial.
+fn parse_address(field: &str, s: &str) -> Result<IpAddr, ModelError> {
+    if s.is_empty() {
+        return Err(invalid(field, "is required (the VM's IP address)"));
+    }
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| invalid(field, format!("{s:?} is not an IP address")))?;
+    let what = if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast address")
+    } else {
+        None
+    };
+    match what {
+        Some(what) => Err(invalid(
+            field,
+            format!("{ip} is {what}; register the address other workloads reach the VM at"),
+        )),
+        None => Ok(ip),
+    }
+}
+
+impl TryFrom<pb::register_request::Hello> for Hello {
+    type Error = ModelError;
+    fn try_from(h: pb::register_request::Hello) -> Result<Self, ModelError> {
+        check_object_name("hello.group", &h.group)?;
+        if h.namespace.is_empty() {
+            return Err(invalid("hello.namespace", "is required"));
+        }
+        validate_dns_label("namespace", &h.namespace)
+            .map_err(|e| invalid("hello.namespace", e.to_string()))?;
+        let address = parse_address("hello.address", &h.address)?;
+        if !h.network.is_empty() {
+            validate_dns_label("network", &h.network)
+                .map_err(|e| invalid("hello.network", e.to_string()))?;
+        }
+        Ok(Hello {
+            group: h.group,
+            namespace: h.namespace,
+            address,
+            network: h.network,
+            locality: h.locality.into(),
+            labels: h.labels.into_iter().collect(),
+        })
+    }
+}
+
+impl From<&Hello> for pb::register_request::Hello {
+    fn from(h: &Hello) -> Self {
+        Self {
+            group: h.group.clone(),
+            namespace: h.namespace.clone(),
+            address: h.address.to_string(),
+            network: h.network.clone(),
+            locality: Some((&h.locality).into()),
+            labels: h.labels.clone().into_iter().collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::RegisterRequest> for RegisterRequest {
+    type Error = ModelError;
+    fn try_from(r: pb::RegisterRequest) -> Result<Self, ModelError> {
+        Ok(match r.request.ok_or(ModelError::MissingKind)? {
+            PbRequest::Hello(h) => RegisterRequest::Hello(h.try_into()?),
+            PbRequest::Health(h) => RegisterRequest::Health(HealthReport {
+                healthy: h.healthy,
+                reason: h.reason,
+            }),
+            PbRequest::Deregister(_) => RegisterRequest::Deregister,
+        })
+    }
+}
+
+impl From<&RegisterRequest> for pb::RegisterRequest {
+    fn from(r: &RegisterRequest) -> Self {
+        let request = match r {
+            RegisterRequest::Hello(h) => PbRequest::Hello(h.into()),
+            RegisterRequest::Health(h) => PbRequest::Health(pb::register_request::Health {
+                healthy: h.healthy,
+                reason: h.reason.clone(),
+            }),
+            RegisterRequest::Deregister => {
+                PbRequest::Deregister(pb::register_request::Deregister {})
+            }
+        };
+        Self {
+            request: Some(request),
+        }
+    }
+}
+
+impl From<&RegisterAck> for pb::RegisterResponse {
+    fn from(a: &RegisterAck) -> Self {
+        Self {
+            response: Some(pb::register_response::Response::Ack(
+                pb::register_response::Ack {
+                    entry_name: a.entry_name.clone(),
+                    namespace: a.namespace.clone(),
+                    health: match a.health {
+                        Health::Healthy => pb::Health::Healthy,
+                        Health::Unhealthy => pb::Health::Unhealthy,
+                    }
+                    .into(),
+                    warnings: a.warnings.clone(),
+                    resumed: a.resumed,
+                },
+            )),
+        }
+    }
+}
+
+impl TryFrom<pb::RegisterResponse> for RegisterAck {
+    type Error = ModelError;
+    fn try_from(r: pb::RegisterResponse) -> Result<Self, ModelError> {
+        let pb::register_response::Response::Ack(a) = r.response.ok_or(ModelError::MissingKind)?;
+        let health = match a.health() {
+            pb::Health::Healthy => Health::Healthy,
+            pb::Health::Unhealthy => Health::Unhealthy,
+            pb::Health::Unspecified => return Err(invalid("ack.health", "is missing")),
+        };
+        Ok(RegisterAck {
+            entry_name: a.entry_name,
+            namespace: a.namespace,
+            health,
+            warnings: a.warnings,
+            resumed: a.resumed,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pb_hello(address: &str) -> pb::register_request::Hello {
+        pb::register_request::Hello {
+            group: "vm-web".into(),
+            namespace: "shop".into(),
+            address: address.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn entry_names_follow_istio() {
+        let v4: IpAddr = "10.1.0.5".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(entry_name("vm-web", &v4, ""), "vm-web-10-1-0-5");
+        assert_eq!(
+            entry_name("vm-web", &v4, "network-a"),
+            "vm-web-10-1-0-5-network-a"
+        );
+        assert_eq!(entry_name("vm-web", &v6, ""), "vm-web-2001-db8--1");
+    }
+
+    #[test]
+    fn hello_round_trips_through_protobuf() {
+        let mut h = Hello::new("vm-web", "shop", "10.1.0.5".parse().unwrap());
+        h.network = "network-a".into();
+        h.locality = Locality::parse("eu/eu-1a");
+        h.labels.insert("version".into(), "v2".into());
+        let req = RegisterRequest::Hello(h);
+        let back = RegisterRequest::try_from(pb::RegisterRequest::from(&req)).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn bad_hellos_name_the_field() {
+        for (address, want) in [
+            ("", "is required"),
+            ("10.0.0.300", "is not an IP address"),
+            ("vm.example.com", "is not an IP address"),
+            ("127.0.0.1", "loopback"),
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("ff02::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+        ] {
+            let err = Hello::try_from(pb_hello(address)).unwrap_err().to_string();
+            assert!(
+                err.starts_with("hello.address: ") && err.contains(want),
+                "{address:?}: {err}"
+            );
+        }
+        let mut h = pb_hello("10.0.0.1");
+        h.group = String::new();
+        let err = Hello::try_from(h).unwrap_err().to_string();
+        assert!(err.starts_with("hello.group: "), "{err}");
+        let mut h = pb_hello("10.0.0.1");
+        h.namespace = "Shop".into();
+        let err = Hello::try_from(h).unwrap_err().to_string();
+        assert!(err.starts_with("hello.namespace: "), "{err}");
+        let mut h = pb_hello("10.0.0.1");
+        h.network = "net_a".into();
+        let err = Hello::try_from(h).unwrap_err().to_string();
+        assert!(err.starts_with("hello.network: "), "{err}");
+    }
+
+    #[test]
+    fn ack_round_trips_through_protobuf() {
+        let ack = RegisterAck {
+            entry_name: "vm-web-10-1-0-5".into(),
+            namespace: "shop".into(),
+            health: Health::Unhealthy,
+            warnings: vec!["labels.app: ignored".into()],
+            resumed: true,
+        };
+        assert_eq!(
+            RegisterAck::try_from(pb::RegisterResponse::from(&ack)).unwrap(),
+            ack
+        );
+    }
+}
