@@ -60,8 +60,7 @@ pub struct LiveBytes {
 }
 
 /// Relays between two TCP sockets with the fastest method on this platform: `splice(2)` on
-/// Linux (see the module docs and `relay-bench`); elsewhere, or when the pipes cannot be
-/// created (out of file descriptors), the copy loop of [`relay`].
+/// Linux (see the module docs and `relay-bench`), elsewhere the copy loop of [`relay`].
 pub async fn relay_tcp(client: TcpStream, upstream: TcpStream) -> RelayOutcome {
     relay_tcp_impl(client, upstream, None).await
 }
@@ -102,16 +101,16 @@ async fn relay_tcp_impl(
     live: Option<&LiveBytes>,
 ) -> RelayOutcome {
     #[cfg(target_os = "linux")]
-    if let (Ok(to_upstream), Ok(to_client)) = (splice::Pipe::new(), splice::Pipe::new()) {
-        return splice::relay(&client, &upstream, [to_upstream, to_client], live).await;
-    }
+    return splice::relay(&client, &upstream, live).await;
+    #[cfg(not(target_os = "linux"))]
     relay_impl(client, upstream, live).await
 }
 
 #[cfg(target_os = "linux")]
 mod splice {
+    use std::cell::RefCell;
     use std::io;
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use nix::errno::Errno;
@@ -123,20 +122,46 @@ mod splice {
 
     use super::{LiveBytes, RelayOutcome, Transferred};
 
-    /// Asked for each pipe; the kernel may give less (an unprivileged user past
-    /// `fs.pipe-user-pages-soft` gets its default), and the relay uses what it got.
+    /// Asked for each pipe. The kernel may give less: past `fs.pipe-user-pages-soft` (64 MiB
+    /// of pipe capacity per user, so 64 pipes this size) an unprivileged process gets 8 KiB
+    /// pipes, which still work, only with more system calls per byte. A process with
+    /// `CAP_SYS_RESOURCE` is not limited.
     const PIPE_SIZE: i32 = 1 << 20;
+    /// Empty pipes kept per thread for the next burst.
+    const POOL_MAX: usize = 8;
 
-    /// One direction's pipe. Its capacity only bounds how much one `splice` moves: the pipe
-    /// holds references to the socket's pages, not copies.
-    pub(super) struct Pipe {
+    thread_local! {
+        static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A pipe is held only while bytes move: taken when the source becomes readable, given
+    /// back once it is empty and the source has nothing more. So idle connections hold no
+    /// pipes (no file descriptors, no pipe quota), and only directions moving data at the
+    /// same moment count against the per-user pipe limit.
+    struct Pipe {
         read: OwnedFd,
         write: OwnedFd,
         capacity: usize,
     }
 
     impl Pipe {
-        pub(super) fn new() -> io::Result<Pipe> {
+        fn take() -> io::Result<Pipe> {
+            match POOL.with_borrow_mut(Vec::pop) {
+                Some(pipe) => Ok(pipe),
+                None => Pipe::new(),
+            }
+        }
+
+        /// Only for an empty pipe; one holding bytes is dropped (closed) instead.
+        fn give_back(self) {
+            POOL.with_borrow_mut(|pool| {
+                if pool.len() < POOL_MAX {
+                    pool.push(self);
+                }
+            });
+        }
+
+        fn new() -> io::Result<Pipe> {
             let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
             let capacity = match fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)) {
                 Ok(size) => size,
@@ -153,7 +178,6 @@ mod splice {
     pub(super) async fn relay(
         client: &TcpStream,
         upstream: &TcpStream,
-        [to_upstream, to_client]: [Pipe; 2],
         live: Option<&LiveBytes>,
     ) -> RelayOutcome {
         let mut transferred = Transferred::default();
@@ -161,14 +185,12 @@ mod splice {
             one_way(
                 client,
                 upstream,
-                &to_upstream,
                 &mut transferred.client_to_upstream,
                 live.map(|l| &l.client_to_upstream),
             ),
             one_way(
                 upstream,
                 client,
-                &to_client,
                 &mut transferred.upstream_to_client,
                 live.map(|l| &l.upstream_to_client),
             ),
@@ -185,58 +207,57 @@ mod splice {
     /// `EAGAIN` from the socket-to-pipe splice can only mean that `src` has nothing to read,
     /// and with bytes in the pipe, `EAGAIN` from the pipe-to-socket splice only that `dst`'s
     /// send buffer is full. So each `EAGAIN` clears the readiness of the right socket, and
-    /// whatever was read is written before the shutdown or the next read.
+    /// whatever was read is written before the shutdown, the next read or the pipe's return.
     async fn one_way(
         src: &TcpStream,
         dst: &TcpStream,
-        pipe: &Pipe,
         moved: &mut u64,
         live: Option<&AtomicU64>,
     ) -> io::Result<()> {
         loop {
-            let mut in_pipe = loop {
-                match src.try_io(Interest::READABLE, || {
+            src.readable().await?;
+            let pipe = Pipe::take()?;
+            let ended = loop {
+                let mut in_pipe = match src.try_io(Interest::READABLE, || {
                     splice_io(src, &pipe.write, pipe.capacity)
                 }) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => src.readable().await?,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Ok(0) => break true,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
+                };
+                while in_pipe > 0 {
+                    match dst.try_io(Interest::WRITABLE, || splice_io(&pipe.read, dst, in_pipe)) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => {
+                            in_pipe -= n;
+                            *moved += n as u64;
+                            if let Some(live) = live {
+                                live.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
                 }
+                // `try_io` does not count against the task's budget: a socket that always
+                // has data would otherwise keep this task (and its worker) busy forever.
+                tokio::task::coop::consume_budget().await;
             };
-            if in_pipe == 0 {
+            pipe.give_back();
+            if ended {
                 return match shutdown(dst.as_raw_fd(), Shutdown::Write) {
                     // `dst` is already gone entirely; its reader reports how it went.
                     Ok(()) | Err(Errno::ENOTCONN) => Ok(()),
                     Err(e) => Err(e.into()),
                 };
             }
-            while in_pipe > 0 {
-                match dst.try_io(Interest::WRITABLE, || splice_io(&pipe.read, dst, in_pipe)) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => {
-                        in_pipe -= n;
-                        *moved += n as u64;
-                        if let Some(live) = live {
-                            live.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            // `try_io` does not count against the task's budget: a socket that always has
-            // data would otherwise keep this task (and its worker) busy forever.
-            tokio::task::coop::consume_budget().await;
         }
     }
 
-    fn splice_io(
-        from: impl std::os::fd::AsFd,
-        to: impl std::os::fd::AsFd,
-        len: usize,
-    ) -> io::Result<usize> {
+    fn splice_io(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
         Ok(splice(from, None, to, None, len, FLAGS)?)
     }
 }
