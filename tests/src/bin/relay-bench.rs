@@ -26,6 +26,8 @@
 //!
 //! Latency: `--pings` round trips of 64 bytes (after 1,000 unmeasured) between a client and
 //! an echo server through the relay, `TCP_NODELAY` everywhere; p50 and p99 in microseconds.
+//! With `--pin` all three threads share CPU 0 for this, so that a round trip costs what the
+//! relay does rather than cross-core wake-ups (expensive in a virtual machine).
 //!
 //! Each measurement runs `--runs` times, the relays interleaved so that drift in the machine
 //! spreads over all of them; the summary gives medians. CPU used by other processes during
@@ -93,6 +95,11 @@ impl Pinning {
         self.pin(|(_, endpoints)| endpoints)
     }
 
+    /// The relay on the endpoints' CPU.
+    fn together(self) -> Pinning {
+        Pinning(self.0.map(|(_, endpoints)| (endpoints, endpoints)))
+    }
+
     fn pin(self, which: impl Fn((usize, usize)) -> usize) -> anyhow::Result<()> {
         if let Some(cpus) = self.0 {
             let mut set = CpuSet::new();
@@ -138,6 +145,15 @@ fn ticks() -> anyhow::Result<(u64, u64, u64)> {
         .collect();
     let mine = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     Ok((total - idle, total, mine))
+}
+
+/// The share of the machine's CPU time that other processes used between two `ticks()`.
+fn others_share(
+    (busy0, total0, mine0): (u64, u64, u64),
+    (busy1, total1, mine1): (u64, u64, u64),
+) -> f64 {
+    let others = (busy1 - busy0).saturating_sub(mine1 - mine0);
+    others as f64 / (total1 - total0).max(1) as f64
 }
 
 fn nodelay_timeouts(s: &TcpStream) -> anyhow::Result<()> {
@@ -335,7 +351,9 @@ fn ping_pong(way: Way, pings: usize, pinning: Pinning) -> anyhow::Result<Vec<f64
                     }
                 }
             })?;
-    let (addr, relay) = front(way, echo_addr, pinning)?;
+    // All on one core: a round trip then costs what the relay does, not the wake-ups of
+    // threads on other cores (which in a virtual machine dominate).
+    let (addr, relay) = front(way, echo_addr, pinning.together())?;
     let client =
         thread::Builder::new()
             .name("ping".into())
@@ -418,16 +436,18 @@ fn main() -> anyhow::Result<()> {
             None => "threads not pinned".to_string(),
         }
     );
-    let (busy0, total0, mine0) = ticks()?;
+    let start = ticks()?;
 
     println!("throughput: {gib} GiB per run, {runs} runs per relay, interleaved");
     let mut results: Vec<Vec<Throughput>> = ways.iter().map(|_| Vec::new()).collect();
     for run in 1..=runs {
         for (i, &way) in ways.iter().enumerate() {
+            let before = ticks()?;
             let t = throughput(way, bytes, pinning)?;
+            let others = others_share(before, ticks()?);
             println!(
                 "  run {run} {:<10} {:6.2} Gbit/s  CPU-s/GB: relay {:.3}  sender {:.3}  \
-                 sink {:.3}  all {:.3}  relay core {:3.0}% busy",
+                 sink {:.3}  all {:.3}  relay core {:3.0}% busy  others {:2.0}%",
                 way.name(),
                 t.gbit_per_s,
                 t.relay_cpu_per_gb,
@@ -435,6 +455,7 @@ fn main() -> anyhow::Result<()> {
                 t.sink_cpu_per_gb,
                 t.all_cpu_per_gb,
                 t.relay_load * 100.0,
+                others * 100.0,
             );
             results[i].push(t);
         }
@@ -453,11 +474,9 @@ fn main() -> anyhow::Result<()> {
             latencies[i].push((p50, p99));
         }
     }
-    let (busy1, total1, mine1) = ticks()?;
-    let others = (busy1 - busy0).saturating_sub(mine1 - mine0);
     println!(
         "other processes used {:.1}% of the machine's CPU time during the runs",
-        100.0 * others as f64 / (total1 - total0).max(1) as f64
+        100.0 * others_share(start, ticks()?)
     );
 
     println!();
