@@ -13,7 +13,11 @@
 //! `/proc/thread-self/schedstat` (nanoseconds, user + system, including the softirq work the
 //! kernel does in that thread's context). Figures: Gbit/s (10^9 bits) from the first byte
 //! sent to the last received; CPU seconds per GB (10^9 bytes) of the relay thread, of the
-//! sender and sink, and of all three; how busy the relay's core was.
+//! sender and sink, of all three, and of the whole machine (every busy CPU tick in
+//! `/proc/stat` during the run: this includes kernel threads such as `ksoftirqd` that finish
+//! network work deferred from the three, and anything else running, so it means something
+//! only on an otherwise idle machine — the share outside this process is printed per run);
+//! how busy the relay's core was.
 //!
 //! By default (`--pin`, on machines with two or more CPUs) the relay runs on CPU 1 and the
 //! sender and sink on CPU 0, so the relay's core is its own and runs vary less. Read the CPU
@@ -147,13 +151,26 @@ fn ticks() -> anyhow::Result<(u64, u64, u64)> {
     Ok((total - idle, total, mine))
 }
 
-/// The share of the machine's CPU time that other processes used between two `ticks()`.
-fn others_share(
+/// The share of the machine's CPU time spent outside this process between two `ticks()`:
+/// other programs, and kernel threads (such as `ksoftirqd`) doing network work deferred from
+/// this one.
+fn outside_share(
     (busy0, total0, mine0): (u64, u64, u64),
     (busy1, total1, mine1): (u64, u64, u64),
 ) -> f64 {
-    let others = (busy1 - busy0).saturating_sub(mine1 - mine0);
-    others as f64 / (total1 - total0).max(1) as f64
+    let outside = (busy1 - busy0).saturating_sub(mine1 - mine0);
+    outside as f64 / (total1 - total0).max(1) as f64
+}
+
+/// Clock ticks per second, the unit of `/proc/stat`.
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn nodelay_timeouts(s: &TcpStream) -> anyhow::Result<()> {
@@ -248,6 +265,8 @@ struct Throughput {
     sender_cpu_per_gb: f64,
     sink_cpu_per_gb: f64,
     all_cpu_per_gb: f64,
+    /// Everything busy on the machine during the run, per GB (set by the caller).
+    machine_cpu_per_gb: f64,
     /// The relay thread's CPU time over the run's duration.
     relay_load: f64,
 }
@@ -329,6 +348,7 @@ fn throughput(way: Way, bytes: u64, pinning: Pinning) -> anyhow::Result<Throughp
         sink_cpu_per_gb: sink_cpu.as_secs_f64() / gb,
         all_cpu_per_gb: (relay_cpu + sender_cpu + sink_cpu).as_secs_f64() / gb,
         relay_load: relay_cpu.as_secs_f64() / seconds,
+        machine_cpu_per_gb: 0.0,
     })
 }
 
@@ -437,25 +457,29 @@ fn main() -> anyhow::Result<()> {
         }
     );
     let start = ticks()?;
+    let hz = clock_ticks();
 
     println!("throughput: {gib} GiB per run, {runs} runs per relay, interleaved");
     let mut results: Vec<Vec<Throughput>> = ways.iter().map(|_| Vec::new()).collect();
     for run in 1..=runs {
         for (i, &way) in ways.iter().enumerate() {
             let before = ticks()?;
-            let t = throughput(way, bytes, pinning)?;
-            let others = others_share(before, ticks()?);
+            let mut t = throughput(way, bytes, pinning)?;
+            let after = ticks()?;
+            t.machine_cpu_per_gb = (after.0 - before.0) as f64 / hz / (bytes as f64 / 1e9);
             println!(
                 "  run {run} {:<10} {:6.2} Gbit/s  CPU-s/GB: relay {:.3}  sender {:.3}  \
-                 sink {:.3}  all {:.3}  relay core {:3.0}% busy  others {:2.0}%",
+                 sink {:.3}  threads {:.3}  machine {:.3}  relay core {:3.0}% busy  \
+                 outside {:2.0}%",
                 way.name(),
                 t.gbit_per_s,
                 t.relay_cpu_per_gb,
                 t.sender_cpu_per_gb,
                 t.sink_cpu_per_gb,
                 t.all_cpu_per_gb,
+                t.machine_cpu_per_gb,
                 t.relay_load * 100.0,
-                others * 100.0,
+                outside_share(before, after) * 100.0,
             );
             results[i].push(t);
         }
@@ -475,15 +499,22 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "other processes used {:.1}% of the machine's CPU time during the runs",
-        100.0 * others_share(start, ticks()?)
+        "CPU time outside this process (other programs, kernel threads): {:.1}% of the \
+         machine's during the runs",
+        100.0 * outside_share(start, ticks()?)
     );
 
     println!();
     println!("medians over {runs} runs (throughput) / {runs} runs (ping-pong):");
     println!(
-        "{:<10} {:>7} {:>21} {:>10} {:>10} {:>8} {:>8}",
-        "relay", "Gbit/s", "CPU-s/GB relay (all)", "relay core", "capacity", "p50 us", "p99 us"
+        "{:<10} {:>7}  {:>28}  {:>10} {:>10} {:>7} {:>7}",
+        "relay",
+        "Gbit/s",
+        "CPU-s/GB relay/threads/mach.",
+        "relay core",
+        "capacity",
+        "p50 us",
+        "p99 us"
     );
     for (i, &way) in ways.iter().enumerate() {
         let t = &results[i];
@@ -496,11 +527,12 @@ fn main() -> anyhow::Result<()> {
             "-".to_string()
         };
         println!(
-            "{:<10} {:>7.2} {:>13.3} ({:.3}) {:>9.0}% {:>10} {:>8.1} {:>8.1}",
+            "{:<10} {:>7.2}  {:>12.3} / {:.3} / {:.3}  {:>9.0}% {:>10} {:>7.1} {:>7.1}",
             way.name(),
             median(t.iter().map(|t| t.gbit_per_s).collect()),
             relay_cpu,
             median(t.iter().map(|t| t.all_cpu_per_gb).collect()),
+            median(t.iter().map(|t| t.machine_cpu_per_gb).collect()),
             100.0 * median(t.iter().map(|t| t.relay_load).collect()),
             capacity,
             median(l.iter().map(|l| l.0).collect()),
