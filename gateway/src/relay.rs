@@ -5,9 +5,10 @@
 //!
 //! Two implementations:
 //!
-//! - [`relay_tcp`], for two TCP sockets: on Linux `splice(2)` through one pipe per direction,
+//! - [`relay_tcp`], for two TCP sockets: on Linux `splice(2)` through a pipe per direction,
 //!   so the payload never enters user space (socket → pipe → socket, pages moved, not copied).
-//!   It is driven by tokio readiness, one task for both directions, like any other socket.
+//!   A direction holds its pipe only while bytes move (idle connections hold none), and it is
+//!   driven by tokio readiness, one task for both directions, like any other socket.
 //! - [`relay`], for any two byte streams (a TLS stream on one side): a copy loop whose buffer
 //!   starts small, so that idle and chatty connections stay cheap, and doubles while reads
 //!   fill it, so that bulk transfers move in large chunks.
@@ -75,6 +76,11 @@ pub struct LiveBytes {
 
 /// Relays between two TCP sockets with the fastest method on this platform: `splice(2)` on
 /// Linux (see the module docs and `relay-bench`), elsewhere the copy loop of [`relay`].
+///
+/// With splice, a write to a connection the peer has reset raises `SIGPIPE`, which Rust
+/// programs ignore from the start (the write then fails with `EPIPE`); a program that
+/// restores the default action must not use this. When no pipe can be had (out of file
+/// descriptors), the relay ends with that error.
 pub async fn relay_tcp(client: TcpStream, upstream: TcpStream) -> RelayOutcome {
     relay_tcp_impl(client, upstream, None).await
 }
@@ -700,6 +706,40 @@ mod tests {
     async fn upstream_reset_ends_the_relay_with_an_error() {
         for kind in KINDS {
             reset_ends_the_relay(kind, false).await;
+        }
+    }
+
+    /// The upstream resets while the client is still streaming: the relay is writing to it
+    /// when it goes, and must end with an error, closing the client's connection too.
+    #[tokio::test]
+    async fn reset_while_streaming_ends_the_relay() {
+        for kind in KINDS {
+            let (client, mut server, relay) = relayed(kind, None).await;
+            let (mut client_read, mut client_write) = client.into_split();
+            let streaming = tokio::spawn(async move {
+                let chunk = payload(64 << 10, 10);
+                // Ends when the relay has closed the client's connection.
+                while client_write.write_all(&chunk).await.is_ok() {}
+            });
+            let mut got = vec![0; 1 << 20];
+            server.read_exact(&mut got).await.unwrap();
+            server.set_zero_linger().unwrap();
+            drop(server);
+
+            let outcome = finish(relay).await;
+            assert!(outcome.error.is_some(), "{kind:?}");
+            assert!(
+                outcome.transferred.client_to_upstream >= 1 << 20,
+                "{kind:?}"
+            );
+            tokio::time::timeout(LIMIT, streaming)
+                .await
+                .expect("the client's connection was closed")
+                .unwrap();
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(LIMIT, client_read.read_to_end(&mut rest))
+                .await
+                .expect("the client's connection was closed");
         }
     }
 
