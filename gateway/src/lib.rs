@@ -4,11 +4,13 @@
 //! - `routes`: the routing table built from a network view (destinations, their endpoints,
 //!   balancers and connection limits); `balancer`: endpoint selection; `upstream`:
 //!   connecting with timeout, retry on another endpoint and outlier reporting;
-//!   `relay`: moving bytes both ways until both sides close; `connection`: drain tracking
-//!   and the access log.
+//!   `relay`: moving bytes both ways until both sides close (`splice(2)` between two TCP
+//!   sockets, a copy loop with growing buffers for TLS streams); `connection`: the shared
+//!   accept loop, drain tracking and the access log.
 //! - `passthrough`: the SNI passthrough listener (the gateway's data path).
 //! - `inbound`: the workload side's mTLS termination in front of a local app (STRICT or
-//!   PERMISSIVE), with `authz`, the authorization policy applied to each verified peer.
+//!   PERMISSIVE), with `authz`, the authorization policy applied to each verified peer;
+//!   `outbound`: mTLS origination towards a service, verified against its identities.
 //! - `app` and `config`: the east-west gateway program.
 //!
 //! The SNI routing key and the ClientHello reader live in `isthmus_proto::sni`.
