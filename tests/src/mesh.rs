@@ -78,6 +78,7 @@ pub struct Workload {
     pub peers: Arc<Mutex<Vec<Option<SpiffeId>>>>,
     pub inbound: Arc<Inbound>,
     trigger: drain::Trigger,
+    serving: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Workload {
@@ -114,7 +115,7 @@ impl Workload {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (trigger, shutdown) = drain::channel();
-        tokio::spawn(inbound::serve(listener, inbound.clone(), shutdown));
+        let serving = tokio::spawn(inbound::serve(listener, inbound.clone(), shutdown));
         Ok(Self {
             addr,
             name: name.to_string(),
@@ -122,12 +123,18 @@ impl Workload {
             peers,
             inbound,
             trigger,
+            serving: Mutex::new(Some(serving)),
         })
     }
 
-    /// Stops accepting (the port refuses connections from now on).
-    pub fn stop(&self) {
+    /// Stops accepting and returns once the listener is closed (the port refuses
+    /// connections from then on).
+    pub async fn stop(&self) {
         self.trigger.fire();
+        let serving = self.serving.lock().unwrap().take();
+        if let Some(task) = serving {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
     }
 
     pub fn app_name(&self) -> String {

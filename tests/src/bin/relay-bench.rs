@@ -2,7 +2,7 @@
 //! between two TCP sockets on loopback, for each way of relaying:
 //!
 //! - `direct`: no relay, the sender connected straight to the sink (the baseline);
-//! - `splice`: `isthmus_gateway::relay::relay_tcp` (`splice(2)` through a pipe per direction);
+//! - `splice`: `isthmus_gateway::relay::relay_splice` (`splice(2)` through a pipe per direction);
 //! - `copy`: `isthmus_gateway::relay::relay`, the generic copy loop (buffers 8 → 256 KiB);
 //! - `tokio-64k`: `tokio::io::copy_bidirectional_with_sizes` with 64 KiB buffers, for
 //!   reference.
@@ -47,7 +47,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use isthmus_gateway::relay::{relay, relay_tcp, RelayOutcome, Transferred};
+use isthmus_gateway::relay::{relay, relay_splice, RelayOutcome, Transferred};
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
@@ -206,7 +206,7 @@ impl Relay {
                 let start = thread_cpu()?;
                 let outcome = match way {
                     Way::Direct => unreachable!("no relay"),
-                    Way::Splice => relay_tcp(client, upstream).await,
+                    Way::Splice => relay_splice(client, upstream).await,
                     Way::Copy => relay(client, upstream).await,
                     Way::Tokio64k => tokio_copy(client, upstream).await,
                 };
