@@ -123,12 +123,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
         None => None,
     };
 
-    let has_creds = config
-        .registry
-        .cert_dir
-        .join(isthmus_proto::tls::CERT_CHAIN_FILE)
-        .is_file();
-    if let (false, Some(token)) = (has_creds, &config.token) {
+    if let (false, Some(token)) = (config.has_credentials(), &config.token) {
         let creds =
             isthmus_proto::certs::enroll(&config.registry, token, &config.registry.cert_dir)
                 .await

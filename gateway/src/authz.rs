@@ -25,9 +25,9 @@
 //!   - principals: ["spiffe://cluster.local/ns/ops/sa/*"]
 //! ```
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use isthmus_proto::config::FieldProblem;
 use isthmus_proto::identity::{validate_dns_label, SpiffeId};
 use serde::Deserialize;
 
@@ -74,24 +74,6 @@ impl Decision {
     }
 }
 
-/// One problem at one place in a policy; `field` is a path such as `allow[0].principals[1]`,
-/// empty when the problem is with the document as a whole (not YAML, wrong shape).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldProblem {
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for FieldProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.field, self.message)
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("cannot read the authorization policy {}: {source}", .path.display())]
@@ -103,19 +85,11 @@ pub enum PolicyError {
     #[error("authorization policy {} is larger than {MAX_POLICY_BYTES} bytes; is it the right file?", .path.display())]
     TooLarge { path: PathBuf },
     /// Display: `FILE: FIELD: message[; FIELD: message ...]`, every problem found.
-    #[error("{}: {}", .path.display(), join(.problems))]
+    #[error("{}: {}", .path.display(), FieldProblem::join(.problems))]
     Invalid {
         path: PathBuf,
         problems: Vec<FieldProblem>,
     },
-}
-
-fn join(problems: &[FieldProblem]) -> String {
-    problems
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 impl AuthorizationPolicy {

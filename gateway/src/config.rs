@@ -110,6 +110,15 @@ impl GatewayConfig {
         }
     }
 
+    /// Whether the certificate directory holds a certificate already (else the token is
+    /// exchanged for one at start).
+    pub fn has_credentials(&self) -> bool {
+        self.registry
+            .cert_dir
+            .join(isthmus_proto::tls::CERT_CHAIN_FILE)
+            .is_file()
+    }
+
     /// Every problem at once, each naming its setting.
     pub fn validate(&self) -> anyhow::Result<()> {
         let mut problems: Vec<String> = Vec::new();
@@ -130,12 +139,7 @@ impl GatewayConfig {
                 self.registry.root_cert.display()
             ));
         }
-        let has_creds = self
-            .registry
-            .cert_dir
-            .join(isthmus_proto::tls::CERT_CHAIN_FILE)
-            .is_file();
-        if !has_creds && self.token.is_none() {
+        if !self.has_credentials() && self.token.is_none() {
             problems.push(format!(
                 "cert-dir {}: no {} there; pass --token to obtain one with a bootstrap token",
                 self.registry.cert_dir.display(),

@@ -256,7 +256,7 @@ impl AccessRecord {
     }
 
     pub fn finish(&mut self, result: ConnResult) {
-        self.result = result_str(result);
+        self.result = result.as_str();
     }
 
     /// Writes the line (target `isthmus::access`, so it can be filtered or routed alone).
@@ -277,19 +277,6 @@ impl AccessRecord {
             error = self.error.as_deref().unwrap_or("-"),
             "connection"
         );
-    }
-}
-
-pub fn result_str(r: ConnResult) -> &'static str {
-    match r {
-        ConnResult::ok => "ok",
-        ConnResult::error => "error",
-        ConnResult::drained => "drained",
-        ConnResult::upstream_connect_failed => "upstream_connect_failed",
-        ConnResult::no_healthy_endpoint => "no_healthy_endpoint",
-        ConnResult::connection_limit => "connection_limit",
-        ConnResult::denied => "denied",
-        ConnResult::handshake_failed => "handshake_failed",
     }
 }
 

@@ -54,6 +54,21 @@ pub enum ConnResult {
     handshake_failed,
 }
 
+impl ConnResult {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ConnResult::ok => "ok",
+            ConnResult::error => "error",
+            ConnResult::drained => "drained",
+            ConnResult::upstream_connect_failed => "upstream_connect_failed",
+            ConnResult::no_healthy_endpoint => "no_healthy_endpoint",
+            ConnResult::connection_limit => "connection_limit",
+            ConnResult::denied => "denied",
+            ConnResult::handshake_failed => "handshake_failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ConnLabels {
     pub direction: Direction,

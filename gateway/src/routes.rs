@@ -142,9 +142,6 @@ impl std::fmt::Debug for Destination {
     }
 }
 
-/// What happened to a target after a failed connect, for metrics and logs.
-pub type Failure = FailureOutcome;
-
 impl Destination {
     fn new(key: DestinationKey, opts: &RouteOptions) -> Self {
         Self {
@@ -238,7 +235,7 @@ impl Destination {
     }
 
     /// None when the target left the view meanwhile.
-    pub fn on_connect_failed(&self, uid: &str, now: Instant) -> Option<Failure> {
+    pub fn on_connect_failed(&self, uid: &str, now: Instant) -> Option<FailureOutcome> {
         let mut e = self.endpoints.lock().expect("destination poisoned");
         let i = *e.by_uid.get(uid)?;
         Some(e.balancer.on_connect_failed(i, now))

@@ -92,7 +92,7 @@ where
 {
     let name = destination.key.to_string();
     let limit = destination.limit.clone();
-    let max = destination_limit(destination);
+    let max = destination.max_connections();
     let Ok(permit) = limit.try_acquire_owned() else {
         return Err(ConnectError::LimitReached {
             destination: name,
@@ -173,10 +173,6 @@ where
         }),
         None => Err(ConnectError::NoHealthyEndpoint { destination: name }),
     }
-}
-
-fn destination_limit(d: &Destination) -> usize {
-    d.max_connections()
 }
 
 impl ConnectError {

@@ -7,12 +7,12 @@
 //! - `token`: a one-time bootstrap token for the group's identity (0600). It is spent on the
 //!   first certificate; later starts renew with the certificate, so the file may be gone.
 
-use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::FieldProblem;
 use crate::identity::{validate_dns_label, IdentityError, SpiffeId, TrustDomain};
 pub use crate::tls::ROOT_CERT_FILE;
 
@@ -42,24 +42,6 @@ pub struct AgentBundle {
     pub service_account: String,
 }
 
-/// One problem with one field of `agent.yaml` (or of the token, checked against it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldProblem {
-    /// Empty when the problem is with the document as a whole.
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for FieldProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.field, self.message)
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("cannot read {}: {source} (is {} a bundle written by `isthmusctl vm onboard`?)", .path.display(), .path.parent().unwrap_or(Path::new(".")).display())]
@@ -69,7 +51,7 @@ pub enum BundleError {
         source: std::io::Error,
     },
     /// Display: `FILE: FIELD: message[; FIELD: message ...]`, every problem found.
-    #[error("{}: {}", .path.display(), join(.problems))]
+    #[error("{}: {}", .path.display(), FieldProblem::join(.problems))]
     Invalid {
         path: PathBuf,
         problems: Vec<FieldProblem>,
@@ -80,21 +62,6 @@ pub enum BundleError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn join(problems: &[FieldProblem]) -> String {
-    problems
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-fn problem(field: &str, message: impl Into<String>) -> FieldProblem {
-    FieldProblem {
-        field: field.to_string(),
-        message: message.into(),
-    }
 }
 
 impl AgentBundle {
@@ -121,7 +88,10 @@ impl AgentBundle {
         let root = read_bounded(&root_path)?;
         crate::tls::parse_certs(&root_path, root.as_bytes()).map_err(|e| BundleError::Invalid {
             path: root_path.clone(),
-            problems: vec![problem("", format!("not the mesh root certificate: {e}"))],
+            problems: vec![FieldProblem::new(
+                "",
+                format!("not the mesh root certificate: {e}"),
+            )],
         })?;
         if let Some(token) = Self::read_token(dir)? {
             bundle.check_token(&Self::token_path(dir), &token)?;
@@ -156,11 +126,11 @@ impl AgentBundle {
                         "the YAML parser could not read this file; check its syntax",
                     ))
                 })
-                .map_err(|e| invalid(vec![problem("", e.to_string())]))?;
+                .map_err(|e| invalid(vec![FieldProblem::new("", e.to_string())]))?;
         let bundle: Self = serde_path_to_error::deserialize(value).map_err(|e| {
             let field = e.path().to_string();
             let field = if field == "." { String::new() } else { field };
-            invalid(vec![problem(&field, e.inner().to_string())])
+            invalid(vec![FieldProblem::new(&field, e.inner().to_string())])
         })?;
         bundle.check().map_err(invalid)?;
         Ok(bundle)
@@ -170,10 +140,10 @@ impl AgentBundle {
     pub fn check(&self) -> Result<(), Vec<FieldProblem>> {
         let mut problems = Vec::new();
         if let Err(why) = check_host_port(&self.registry) {
-            problems.push(problem("registry", why));
+            problems.push(FieldProblem::new("registry", why));
         }
         if let Err(e) = TrustDomain::new(&self.trust_domain) {
-            problems.push(problem("trustDomain", e.to_string()));
+            problems.push(FieldProblem::new("trustDomain", e.to_string()));
         }
         for (field, what, value) in [
             ("cluster", "cluster", &self.cluster),
@@ -182,11 +152,11 @@ impl AgentBundle {
             ("serviceAccount", "service account", &self.service_account),
         ] {
             if let Err(e) = validate_dns_label(what, value) {
-                problems.push(problem(field, e.to_string()));
+                problems.push(FieldProblem::new(field, e.to_string()));
             }
         }
         if self.group.is_empty() || self.group.len() > 253 {
-            problems.push(problem(
+            problems.push(FieldProblem::new(
                 "group",
                 format!(
                     "{:?} is not a WorkloadGroup name (1-253 characters)",
@@ -198,7 +168,7 @@ impl AgentBundle {
             .split('.')
             .find_map(|l| validate_dns_label("WorkloadGroup name", l).err())
         {
-            problems.push(problem("group", e.to_string()));
+            problems.push(FieldProblem::new("group", e.to_string()));
         }
         if problems.is_empty() {
             Ok(())
@@ -220,7 +190,7 @@ impl AgentBundle {
     fn check_token(&self, path: &Path, token: &str) -> Result<(), BundleError> {
         let invalid = |message: String| BundleError::Invalid {
             path: path.to_path_buf(),
-            problems: vec![problem("", message)],
+            problems: vec![FieldProblem::new("", message)],
         };
         let claims = crate::token::parse(token)
             .map_err(|e| invalid(e.to_string()))?
@@ -325,7 +295,7 @@ fn read_bounded(path: &Path) -> Result<String, BundleError> {
         .map_err(read_err)?;
     let invalid = |message: String| BundleError::Invalid {
         path: path.to_path_buf(),
-        problems: vec![problem("", message)],
+        problems: vec![FieldProblem::new("", message)],
     };
     if bytes.len() as u64 > MAX_BUNDLE_FILE_BYTES {
         return Err(invalid(format!(

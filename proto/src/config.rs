@@ -1,6 +1,43 @@
 //! Small helpers shared by every program's configuration.
 
+use std::fmt;
 use std::time::Duration;
+
+/// One problem at one place in a configuration file; `field` is a path such as
+/// `allow[0].principals[1]`, empty when the problem is with the document as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldProblem {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldProblem {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Every problem on one line, `; `-separated.
+    pub fn join(problems: &[FieldProblem]) -> String {
+        problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+impl fmt::Display for FieldProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("{value:?} is not a duration: {why} (examples: 500ms, 30s, 10m, 1h, 7d)")]

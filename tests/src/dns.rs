@@ -3,13 +3,14 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_dns::config::{Config, RegistrySettings};
 use isthmus_proto::tls::ROOT_CERT_FILE;
 
+use crate::process::ServerProcess;
 use crate::{TestRegistry, CLUSTER, NETWORK, TRUST_DOMAIN};
 
 /// Whether a program is on PATH.
@@ -52,7 +53,7 @@ pub fn dead_upstream() -> SocketAddr {
 /// other name is NXDOMAIN (it never recurses off the machine). Stopped by PID when dropped,
 /// also when the test fails.
 pub struct Unbound {
-    child: Child,
+    child: ServerProcess,
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
 }
@@ -88,7 +89,7 @@ impl Unbound {
             .spawn()
             .context("starting unbound")?;
         let mut me = Self {
-            child,
+            child: ServerProcess::new(child),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
         };
@@ -116,23 +117,6 @@ impl Unbound {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-}
-
-impl Drop for Unbound {
-    fn drop(&mut self) {
-        // SIGTERM to this PID, then reap it; SIGKILL if it lingers.
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -22,6 +22,7 @@ pub mod dns;
 pub mod fuzz;
 pub mod mesh;
 pub mod netns;
+pub mod process;
 pub mod vm;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";

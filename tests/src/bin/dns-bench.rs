@@ -22,20 +22,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_tests::dns::{dig_at, free_port, have};
+use isthmus_tests::process::{arg, ServerProcess};
 use isthmus_tests::{yaml, TestRegistry, TRUST_DOMAIN};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 fn name(i: usize) -> String {
     format!("svc-{i}.bench.svc.cluster.local")
@@ -60,24 +53,8 @@ const FWD_TTL: u32 = 3600;
 /// A server process, stopped by its PID when dropped.
 struct Server {
     label: &'static str,
-    child: Child,
+    child: ServerProcess,
     addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn pinned(cpu: &str, program: &str) -> Command {
@@ -467,7 +444,7 @@ fn main() -> anyhow::Result<()> {
         c.arg("-d").arg("-c").arg(&path);
         let mut s = Server {
             label: "upstream unbound",
-            child: c.spawn().context("starting the upstream unbound")?,
+            child: ServerProcess::new(c.spawn().context("starting the upstream unbound")?),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         wait_answering(&mut s, &fwd_probe)?;
@@ -513,7 +490,7 @@ fn main() -> anyhow::Result<()> {
             .env("RUST_LOG", "warn");
         let mut s = Server {
             label: "isthmus-dns",
-            child: c.spawn().context("starting isthmus-dns")?,
+            child: ServerProcess::new(c.spawn().context("starting isthmus-dns")?),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         wait_answering(&mut s, &probe)?;
@@ -543,7 +520,7 @@ fn main() -> anyhow::Result<()> {
         c.arg("-d").arg("-c").arg(&path);
         let mut s = Server {
             label: "unbound",
-            child: c.spawn().context("starting unbound")?,
+            child: ServerProcess::new(c.spawn().context("starting unbound")?),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         wait_answering(&mut s, &probe)?;
@@ -578,7 +555,7 @@ fn main() -> anyhow::Result<()> {
         .arg(format!("--server=/fwd.test/127.0.0.1#{up}"));
         let mut s = Server {
             label: "dnsmasq",
-            child: c.spawn().context("starting dnsmasq")?,
+            child: ServerProcess::new(c.spawn().context("starting dnsmasq")?),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         wait_answering(&mut s, &probe)?;

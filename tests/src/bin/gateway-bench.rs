@@ -52,7 +52,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -63,6 +63,7 @@ use isthmus_proto::sni::SniKey;
 use isthmus_proto::tls::{self, ClientAuth, ServerIdentity};
 use isthmus_tests::dns::{free_port, have};
 use isthmus_tests::mesh::{self, yaml};
+use isthmus_tests::process::{arg, ServerProcess};
 use isthmus_tests::{http_get, TestRegistry, CLUSTER, NETWORK, TRUST_DOMAIN};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -82,18 +83,10 @@ const ACK: u8 = b'K';
 /// Time for a proxy to finish closing connections before its CPU is read again.
 const SETTLE: Duration = Duration::from_millis(300);
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
-
 /// A proxy process, stopped by its PID when dropped.
 struct Proxy {
     label: &'static str,
-    child: Child,
+    child: ServerProcess,
     addr: SocketAddr,
     log: PathBuf,
 }
@@ -107,22 +100,6 @@ impl Proxy {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1017,7 +994,7 @@ async fn run(
             .env("LOG_FORMAT", "plain");
         let mut p = Proxy {
             label: "isthmus-gateway",
-            child: c.spawn().context("starting isthmus-gateway")?,
+            child: ServerProcess::new(c.spawn().context("starting isthmus-gateway")?),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log,
         };
@@ -1036,7 +1013,7 @@ async fn run(
         c.arg("-db").arg("-f").arg(&conf);
         let mut p = Proxy {
             label: "haproxy",
-            child: c.spawn().context("starting haproxy")?,
+            child: ServerProcess::new(c.spawn().context("starting haproxy")?),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log,
         };
@@ -1058,7 +1035,7 @@ async fn run(
             .arg(&conf);
         let mut p = Proxy {
             label: "nginx",
-            child: c.spawn().context("starting nginx")?,
+            child: ServerProcess::new(c.spawn().context("starting nginx")?),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             log: dir.path().join("nginx-error.log"),
         };

@@ -18,18 +18,11 @@ use isthmus_proto::model::{
     NodeKind, OwnedResource, Resource, Service, ServicePort, ServiceView, ViewResource, Workload,
 };
 use isthmus_proto::subscription::Subscription;
+use isthmus_tests::process::{arg, ServerProcess};
 use isthmus_tests::{node, TestRegistry, NETWORK};
 use tokio::sync::Barrier;
 
 const ORIGIN: &str = "bench:";
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -220,16 +213,6 @@ fn rss_of(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Stops the registry child by its PID when the phase ends, however it ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A large catalog served by the real `isthmus-registry` binary from resource files, so
 /// its memory is measured on its own: the registry process, not this driver.
 async fn snapshot() -> anyhow::Result<()> {
@@ -284,7 +267,7 @@ async fn snapshot() -> anyhow::Result<()> {
     cfg.grpc_addr = grpc;
     cfg.admin_addr = admin;
     let t = Instant::now();
-    let child = Child(
+    let child = ServerProcess::new(
         std::process::Command::new(&registry_bin)
             .args(["--cluster", isthmus_tests::CLUSTER, "--network", NETWORK])
             .arg("--ca-dir")
@@ -303,7 +286,7 @@ async fn snapshot() -> anyhow::Result<()> {
             .env("MALLOC_ARENA_MAX", "1")
             .spawn()?,
     );
-    let pid = child.0.id();
+    let pid = child.id();
     let want = (services * (per_service + 1) + 1) as f64;
     loop {
         if let Ok((_, m)) = isthmus_tests::http_get(admin, "/metrics").await {

@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use isthmus_gateway::relay::{relay, relay_splice, RelayOutcome, Transferred};
+use isthmus_tests::process::arg;
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
@@ -75,14 +76,6 @@ impl Way {
             Way::Tokio64k => "tokio-64k",
         }
     }
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
 }
 
 /// Where the threads run: the relay on `relay`, the sender, the sink and the ping client and
