@@ -1,15 +1,20 @@
 //! The Registration protocol in the mesh's model: what a VM agent says on its stream (a
 //! Hello, health reports, a Deregister) and what the registry acknowledges, converted once
 //! from protobuf with every problem named by its field; and the name a registered VM's
-//! WorkloadEntry gets, so the agent and the registry agree on it.
+//! WorkloadEntry gets, so the agent and the registry agree on it; and [`Registrar`], the
+//! client side of one stream.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::identity::validate_dns_label;
-use crate::model::{Health, Locality, ModelError};
+use crate::model::{Health, Locality, ModelError, WorkloadGroup};
 use crate::pb;
 use crate::pb::register_request::Request as PbRequest;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
 
 /// The first message of a registration stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +89,9 @@ pub struct RegisterAck {
     /// The registration took over an entry that already existed (a reconnect within the
     /// grace period, or a second stream of the same VM).
     pub resumed: bool,
+    /// The WorkloadGroup the entry was built from (its probe and ports), when the registry
+    /// sent it.
+    pub group: Option<WorkloadGroup>,
 }
 
 /// The WorkloadEntry name of a VM registered from `group`: `<group>-<address>` with `.` and
@@ -97,6 +105,100 @@ pub fn entry_name(group: &str, address: &IpAddr, network: &str) -> String {
         name.push_str(network);
     }
     name
+}
+
+/// One open Registration stream.
+pub struct Registrar {
+    requests: mpsc::Sender<pb::RegisterRequest>,
+    responses: Streaming<pb::RegisterResponse>,
+    /// The acknowledgement of the Hello.
+    pub ack: RegisterAck,
+}
+
+impl std::fmt::Debug for Registrar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registrar").field("ack", &self.ack).finish()
+    }
+}
+
+impl Registrar {
+    /// Opens a stream on `channel` (whose client certificate is the VM's identity) and
+    /// registers with `hello`. A refusal is the registry's status.
+    pub async fn register(channel: Channel, hello: &Hello) -> Result<Self, Status> {
+        Self::open(
+            channel,
+            pb::RegisterRequest::from(&RegisterRequest::Hello(hello.clone())),
+        )
+        .await
+    }
+
+    /// Opens a stream whose first request is `first`, whatever it is (for protocol tests).
+    pub async fn open(channel: Channel, first: pb::RegisterRequest) -> Result<Self, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(first)
+            .await
+            .map_err(|_| Status::internal("request channel closed"))?;
+        let mut client = pb::registration_client::RegistrationClient::new(channel);
+        let responses = client.register(ReceiverStream::new(rx)).await?.into_inner();
+        let mut registrar = Self {
+            requests: tx,
+            responses,
+            ack: RegisterAck {
+                entry_name: String::new(),
+                namespace: String::new(),
+                health: Default::default(),
+                warnings: Vec::new(),
+                resumed: false,
+                group: None,
+            },
+        };
+        registrar.ack = registrar.next_ack().await?;
+        Ok(registrar)
+    }
+
+    /// Reports the VM's health; returns the ack (the entry's health in the catalog now).
+    pub async fn health(&mut self, healthy: bool, reason: &str) -> Result<RegisterAck, Status> {
+        self.send(RegisterRequest::Health(HealthReport {
+            healthy,
+            reason: reason.to_string(),
+        }))
+        .await
+    }
+
+    /// Removes the entry and ends the stream.
+    pub async fn deregister(mut self) -> Result<RegisterAck, Status> {
+        self.send(RegisterRequest::Deregister).await
+    }
+
+    /// Sends one request and waits for its ack.
+    pub async fn send(&mut self, req: RegisterRequest) -> Result<RegisterAck, Status> {
+        self.requests
+            .send(pb::RegisterRequest::from(&req))
+            .await
+            .map_err(|_| Status::internal("request channel closed"))?;
+        self.next_ack().await
+    }
+
+    /// Waits until the registry ends the stream; returns its status (`Ok` for a clean end,
+    /// e.g. ABORTED when a newer stream of the same VM took over).
+    pub async fn closed(&mut self) -> Status {
+        loop {
+            match self.responses.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Status::ok("stream ended"),
+                Err(s) => return s,
+            }
+        }
+    }
+
+    async fn next_ack(&mut self) -> Result<RegisterAck, Status> {
+        let resp = self
+            .responses
+            .message()
+            .await?
+            .ok_or_else(|| Status::unavailable("the registry ended the stream"))?;
+        RegisterAck::try_from(resp).map_err(|e| Status::internal(e.to_string()))
+    }
 }
 
 fn invalid(field: &str, why: impl Into<String>) -> ModelError {
@@ -235,6 +337,7 @@ impl From<&RegisterAck> for pb::RegisterResponse {
                     .into(),
                     warnings: a.warnings.clone(),
                     resumed: a.resumed,
+                    group: a.group.as_ref().map(Into::into),
                 },
             )),
         }
@@ -256,6 +359,7 @@ impl TryFrom<pb::RegisterResponse> for RegisterAck {
             health,
             warnings: a.warnings,
             resumed: a.resumed,
+            group: a.group.map(WorkloadGroup::try_from).transpose()?,
         })
     }
 }
@@ -336,6 +440,11 @@ mod tests {
             health: Health::Unhealthy,
             warnings: vec!["labels.app: ignored".into()],
             resumed: true,
+            group: Some(WorkloadGroup {
+                name: "vm-web".into(),
+                namespace: "shop".into(),
+                ..Default::default()
+            }),
         };
         assert_eq!(
             RegisterAck::try_from(pb::RegisterResponse::from(&ack)).unwrap(),

@@ -110,6 +110,7 @@ impl RegistrationService {
             health: holder.workload.health,
             warnings,
             resumed: holder.takeover != Takeover::New,
+            group: Some(group),
         };
         Ok((holder, ack, inbound))
     }
@@ -282,6 +283,7 @@ impl Session {
             health,
             warnings,
             resumed: false,
+            group: None,
         };
         let _ = self.tx.send(Ok(pb::RegisterResponse::from(&ack))).await;
     }
