@@ -89,12 +89,31 @@ async fn bind_dns(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
     Err(last.expect("tried at least once")).context("no port free for both UDP and TCP")
 }
 
+/// How a program that already follows the catalog embeds the DNS proxy (the VM agent): the
+/// proxy reads that program's view instead of opening a Watch of its own, and registers its
+/// metrics in that program's registry.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub sync: watch::Receiver<Arc<SyncState>>,
+    pub metrics: Arc<Mutex<Registry>>,
+}
+
+/// The DNS proxy as its own program: its own Watch of the registry and its own metrics.
 pub async fn run(config: Config) -> anyhow::Result<DnsHandle> {
+    run_with(config, None).await
+}
+
+/// The DNS proxy, standalone (`None`) or embedded in a program that follows the catalog.
+pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::Result<DnsHandle> {
     config.validate()?;
     let (trigger, shutdown) = drain::channel();
-    let mut registry = Registry::default();
-    let metrics = Arc::new(Metrics::register(&mut registry));
-    let registry = Arc::new(Mutex::new(registry));
+    let (registry, shared_sync) = match embedding {
+        Some(e) => (e.metrics, Some(e.sync)),
+        None => (Arc::new(Mutex::new(Registry::default())), None),
+    };
+    let metrics = Arc::new(Metrics::register(
+        &mut registry.lock().expect("metrics registry poisoned"),
+    ));
     let readiness = Readiness::default();
     let mut tasks = Vec::new();
 
@@ -119,9 +138,15 @@ pub async fn run(config: Config) -> anyhow::Result<DnsHandle> {
     let names = Arc::new(ArcSwap::from_pointee(NameTable::unsynced(&locale)));
 
     // The catalog: a Watch client, and a task that rebuilds the table after every view.
-    let client = watch_client(&config)?;
-    let sync = client.state();
-    tasks.push(tokio::spawn(client.run(shutdown.clone())));
+    let sync = match shared_sync {
+        Some(sync) => sync,
+        None => {
+            let client = watch_client(&config)?;
+            let sync = client.state();
+            tasks.push(tokio::spawn(client.run(shutdown.clone())));
+            sync
+        }
+    };
     tasks.push(tokio::spawn(maintain_table(
         sync.clone(),
         names.clone(),

@@ -15,5 +15,5 @@ pub mod names;
 pub mod ratelimit;
 pub mod server;
 
-pub use app::{run, DnsHandle};
+pub use app::{run, run_with, DnsHandle, Embedding};
 pub use config::Config;
