@@ -1,11 +1,13 @@
 //! What every proxied connection shares, whichever listener took it: the tracker that
 //! drain waits on (stop accepting, let open connections finish until a deadline, then
-//! close them), and the access-log line written once per connection when it ends.
+//! close them), the access-log line written once per connection when it ends, and the last
+//! few of those lines kept for `/debug/connections`.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::future::Future;
 
@@ -24,7 +26,11 @@ pub struct Tracker {
     idle: Notify,
     force: drain::Trigger,
     force_watch: drain::Watch,
+    recent: Mutex<VecDeque<ConnectionSummary>>,
 }
+
+/// Finished connections remembered for `/debug/connections` (oldest dropped first).
+pub const RECENT_CONNECTIONS: usize = 64;
 
 impl Default for Tracker {
     fn default() -> Self {
@@ -35,6 +41,7 @@ impl Default for Tracker {
             idle: Notify::new(),
             force,
             force_watch,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_CONNECTIONS)),
         }
     }
 }
@@ -55,6 +62,21 @@ impl Tracker {
 
     pub fn open(&self) -> usize {
         self.open.load(Ordering::SeqCst)
+    }
+
+    /// Keeps `rec`'s summary among the recent connections.
+    pub fn remember(&self, rec: &AccessRecord) {
+        let mut recent = self.recent.lock().expect("recent connections poisoned");
+        if recent.len() >= RECENT_CONNECTIONS {
+            recent.pop_front();
+        }
+        recent.push_back(rec.summary());
+    }
+
+    /// The last connections that ended, newest first.
+    pub fn recent(&self) -> Vec<ConnectionSummary> {
+        let recent = self.recent.lock().expect("recent connections poisoned");
+        recent.iter().rev().cloned().collect()
     }
 
     /// Fires when open connections must close now (the drain deadline passed).
@@ -168,6 +190,7 @@ pub async fn accept_loop<F, Fut>(
             async move {
                 let rec = work.await;
                 rec.emit();
+                guard.tracker.remember(&rec);
                 drop(guard);
                 drop(slot);
             }
@@ -237,7 +260,46 @@ pub struct AccessRecord {
     pub error: Option<String>,
 }
 
+/// An access-log line as data: what `/debug/connections` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionSummary {
+    pub id: u64,
+    pub direction: &'static str,
+    pub client: SocketAddr,
+    pub destination: String,
+    pub service: Option<String>,
+    pub endpoint: Option<SocketAddr>,
+    pub peer_identity: Option<String>,
+    pub bytes_to_upstream: u64,
+    pub bytes_from_upstream: u64,
+    pub duration_ms: f64,
+    pub result: &'static str,
+    pub error: Option<String>,
+    /// When it ended, in seconds since the Unix epoch.
+    pub ended_unix: u64,
+}
+
 impl AccessRecord {
+    pub fn summary(&self) -> ConnectionSummary {
+        ConnectionSummary {
+            id: self.id,
+            direction: self.direction.as_str(),
+            client: self.client,
+            destination: self.destination.clone(),
+            service: self.service.clone(),
+            endpoint: self.endpoint,
+            peer_identity: self.peer_identity.clone(),
+            bytes_to_upstream: self.bytes_to_upstream,
+            bytes_from_upstream: self.bytes_from_upstream,
+            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            result: self.result,
+            error: self.error.clone(),
+            ended_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
     pub fn new(id: u64, direction: Direction, client: SocketAddr) -> Self {
         Self {
             id,

@@ -7,6 +7,8 @@
 //!
 //! [`serve`] is the explicit local listener a plaintext app connects to (no capture):
 //! every connection on it is carried as mTLS to one configured destination.
+//! [`serve_with`] takes the destination from each connection instead (the VM agent's
+//! capture listener: the original destination of a redirected connection).
 
 use std::collections::HashMap;
 use std::io;
@@ -185,8 +187,30 @@ pub async fn serve(
     max_connections: usize,
     shutdown: drain::Watch,
 ) {
-    let tracker = outbound.tracker.clone();
     let target = Arc::new(target);
+    serve_with(listener, outbound, max_connections, shutdown, move |_| {
+        Ok((*target).clone())
+    })
+    .await;
+}
+
+/// Why [`serve_with`]'s `destination` found nowhere to send a connection: a metric label
+/// (`isthmus_gateway_connections_refused_total{reason}`) and the detail for the log.
+pub type NoDestination = crate::connection::Refusal;
+
+/// Accepts plaintext connections until `shutdown` and carries each as mTLS to the target
+/// `destination` names for it; a connection it names none for is closed and counted.
+pub async fn serve_with<D>(
+    listener: TcpListener,
+    outbound: Arc<Outbound>,
+    max_connections: usize,
+    shutdown: drain::Watch,
+    destination: D,
+) where
+    D: Fn(&TcpStream) -> Result<OutboundTarget, NoDestination> + Send + Sync + 'static,
+{
+    let tracker = outbound.tracker.clone();
+    let destination = Arc::new(destination);
     accept_loop(
         listener,
         DIRECTION,
@@ -194,9 +218,17 @@ pub async fn serve(
         max_connections,
         shutdown,
         move |tcp, mut rec| {
-            let (outbound, target) = (outbound.clone(), target.clone());
+            let outbound = outbound.clone();
+            let target = destination(&tcp);
             async move {
-                handle(&outbound, tcp, &target, &mut rec).await;
+                match target {
+                    Ok(target) => handle(&outbound, tcp, &target, &mut rec).await,
+                    Err(refused) => {
+                        outbound.metrics.refuse(DIRECTION, refused.reason);
+                        rec.error = Some(refused.detail);
+                        rec.result = refused.reason;
+                    }
+                }
                 rec
             }
         },

@@ -423,6 +423,11 @@ impl RouteTable {
         self.addresses.get(&ip).map(String::as_str)
     }
 
+    /// Every service address (VIP) in the table: what the VM agent captures.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses.keys().copied()
+    }
+
     /// Every destination with its endpoints and their state, for `/config_dump`.
     pub fn dump(&self) -> Vec<DestinationDump> {
         let now = Instant::now();
