@@ -86,13 +86,24 @@ impl AgentBundle {
         let bundle = Self::from_yaml(&config_path, &text)?;
         let root_path = Self::root_cert_path(dir);
         let root = read_bounded(&root_path)?;
-        crate::tls::parse_certs(&root_path, root.as_bytes()).map_err(|e| BundleError::Invalid {
-            path: root_path.clone(),
-            problems: vec![FieldProblem::new(
-                "",
-                format!("not the mesh root certificate: {e}"),
-            )],
+        let roots = crate::tls::parse_certs(&root_path, root.as_bytes()).map_err(|e| {
+            BundleError::Invalid {
+                path: root_path.clone(),
+                problems: vec![FieldProblem::new(
+                    "",
+                    format!("not the mesh root certificate: {e}"),
+                )],
+            }
         })?;
+        if let Some(why) = roots
+            .iter()
+            .find_map(|c| root_problem(c, &bundle.trust_domain))
+        {
+            return Err(BundleError::Invalid {
+                path: root_path,
+                problems: vec![FieldProblem::new("", why)],
+            });
+        }
         if let Some(token) = Self::read_token(dir)? {
             bundle.check_token(&Self::token_path(dir), &token)?;
         }
@@ -261,6 +272,47 @@ impl AgentBundle {
     }
 }
 
+/// Why `cert` cannot be the root of `trust_domain`'s mesh: not a CA, expired, or the root
+/// of another trust domain (our CA names its trust domain in a URI SAN).
+fn root_problem(
+    cert: &rustls_pki_types::CertificateDer<'_>,
+    trust_domain: &str,
+) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, x509) = match X509Certificate::from_der(cert) {
+        Ok(c) => c,
+        Err(e) => return Some(format!("not a certificate: {e}")),
+    };
+    let subject = x509.subject().to_string();
+    if !x509.is_ca() {
+        return Some(format!(
+            "{subject:?} is not a CA certificate; the bundle needs the mesh root (the CA's root-cert.pem)"
+        ));
+    }
+    if !x509.validity().is_valid() {
+        return Some(format!(
+            "the root {subject:?} is not valid now (valid {} to {})",
+            x509.validity().not_before,
+            x509.validity().not_after
+        ));
+    }
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                if let Some(td) = u.strip_prefix("spiffe://") {
+                    let td = td.trim_end_matches('/');
+                    if td != trust_domain {
+                        return Some(format!(
+                            "this is the root of trust domain {td:?}, but {AGENT_CONFIG_FILE} says trustDomain {trust_domain:?}: wrong root-cert.pem"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
 fn check_host_port(s: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("{s:?} is not host:port: {why}"));
     let Some((host, port)) = s.rsplit_once(':') else {
@@ -340,15 +392,45 @@ mod tests {
         )
     }
 
+    /// A CA certificate naming `trust_domain` in a URI SAN, as the mesh CA's root does.
+    fn root(trust_domain: &str) -> String {
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(format!("spiffe://{trust_domain}")).unwrap(),
+        )];
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    }
+
     fn written() -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("bundle");
-        let root = rcgen::generate_simple_self_signed(vec!["root.test".into()])
+        bundle()
+            .write(&dir, &root(&bundle().trust_domain), &token("shop", "web"))
+            .unwrap();
+        (tmp, dir)
+    }
+
+    #[test]
+    fn a_root_that_cannot_be_the_mesh_root_is_named() {
+        let (_tmp, dir) = written();
+        let root_path = AgentBundle::root_cert_path(&dir);
+        let leaf = rcgen::generate_simple_self_signed(vec!["leaf.test".into()])
             .unwrap()
             .cert
             .pem();
-        bundle().write(&dir, &root, &token("shop", "web")).unwrap();
-        (tmp, dir)
+        for (pem, want) in [
+            (leaf, "is not a CA certificate"),
+            (root("other.example"), "root of trust domain \"other.example\""),
+        ] {
+            std::fs::write(&root_path, pem).unwrap();
+            let err = AgentBundle::load(&dir).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&root_path.display().to_string()) && err.contains(want),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -41,6 +41,51 @@ pub struct LocalView {
     pub resources: BTreeMap<String, ViewResource>,
 }
 
+impl LocalView {
+    /// The view as bytes to keep on disk (a protobuf `WatchResponse` snapshot), so a
+    /// program can start from it when the registry is unreachable.
+    pub fn encode(&self) -> Vec<u8> {
+        use prost::Message;
+        pb::WatchResponse {
+            version: self.version.clone(),
+            snapshot: true,
+            upserts: self.resources.values().map(Into::into).collect(),
+            removals: Vec::new(),
+            more: false,
+        }
+        .encode_to_vec()
+    }
+
+    /// A view [`encode`](Self::encode)d earlier; a damaged file is an error, never a
+    /// partial view.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        use prost::Message;
+        let resp = pb::WatchResponse::decode(bytes)?;
+        if !resp.snapshot || resp.more {
+            return Err(SnapshotError::NotASnapshot);
+        }
+        let mut view = LocalView {
+            version: resp.version,
+            resources: BTreeMap::new(),
+        };
+        for r in resp.upserts {
+            let key = r.key.clone();
+            view.resources.insert(key, ViewResource::try_from(r)?);
+        }
+        Ok(view)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not a catalog snapshot: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("not a catalog snapshot: a partial or incremental response")]
+    NotASnapshot,
+    #[error("a resource in the snapshot is invalid: {0}")]
+    Invalid(#[from] ModelError),
+}
+
 /// What one complete version changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Update {
@@ -255,6 +300,20 @@ impl WatchClient {
 
     pub fn state(&self) -> watch::Receiver<Arc<SyncState>> {
         self.state.subscribe()
+    }
+
+    /// Marks the initial view as confirmed by the registry at `when` (a snapshot persisted
+    /// by an earlier run), so that it is served as synced until the registry answers; the
+    /// sync age then tells how old it is.
+    pub fn restored_at(self, when: SystemTime) -> Self {
+        self.state.send_modify(|s| {
+            if !s.view.resources.is_empty() {
+                let mut next = (**s).clone();
+                next.last_sync = Some(when);
+                *s = Arc::new(next);
+            }
+        });
+        self
     }
 
     fn publish(&self, f: impl FnOnce(&mut SyncState)) {
