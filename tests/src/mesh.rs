@@ -3,30 +3,37 @@
 //! outbound side following the registry, gateways in-process or as real processes, and
 //! the YAML that puts them in the catalog.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use isthmus_gateway::authz::AuthorizationPolicy;
+use isthmus_gateway::balancer::OutlierConfig;
 use isthmus_gateway::connection::Tracker;
 use isthmus_gateway::inbound::{self, AppTarget, Inbound, InboundConnection, Mode};
 use isthmus_gateway::metrics::Metrics;
 use isthmus_gateway::outbound::{ClientTls, Outbound, OutboundStream, OutboundTarget};
-use isthmus_gateway::routes::{self, RouteOptions, RouteTable};
+use isthmus_gateway::routes::{self, RouteOptions, RouteTable, Target};
 use isthmus_gateway::upstream::ConnectOptions;
+use isthmus_gateway::GatewayConfig;
+use isthmus_gateway::GatewayHandle;
 use isthmus_proto::admin::Readiness;
 use isthmus_proto::drain;
+use isthmus_proto::identity::TrustDomain;
 use isthmus_proto::model::{Node, NodeKind};
-use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
+use isthmus_proto::subscription::{RegistrySettings, SyncState, WatchClient, WatchOptions};
 use isthmus_proto::tls::{self, Credentials, ServerIdentity};
 use isthmus_proto::SpiffeId;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::{TestRegistry, CLUSTER};
+use tokio::runtime::Runtime;
+
+use crate::netns::{Net, Topology};
+use crate::{TestRegistry, CLUSTER, TRUST_DOMAIN};
 
 /// A plain TCP app: greets every connection with `<name>\n`, then echoes what it reads.
 /// Stops (and refuses new connections) when dropped.
@@ -285,6 +292,210 @@ pub async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await??;
     Ok(line.trim_end().to_string())
+}
+
+// ---- The two-network mesh of topology tests ----
+
+/// The service port of mesh scenarios.
+pub const SVC_PORT: u16 = 9080;
+/// The port their apps listen on.
+pub const APP_PORT: u16 = 8080;
+pub const SNI_PORT: u16 = 15443;
+
+/// `<name>.shop.svc.cluster.local`.
+pub fn host(name: &str) -> String {
+    format!("{name}.shop.svc.cluster.local")
+}
+
+/// The identity of service account `sa` in `shop`.
+pub fn id(sa: &str) -> SpiffeId {
+    SpiffeId::workload(&TrustDomain::new(TRUST_DOMAIN).unwrap(), "shop", sa).unwrap()
+}
+
+/// The catalog's name of `net`.
+pub fn network(net: Net) -> &'static str {
+    match net {
+        Net::A => "network-a",
+        Net::B => "network-b",
+    }
+}
+
+/// Runs `fut` on `rt` (inside its namespace) and waits for it from the test's runtime.
+pub async fn on<T: Send + 'static>(
+    rt: &Runtime,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    rt.spawn(fut).await.expect("task in namespace panicked")
+}
+
+/// A two-network mesh: the topology, a runtime in each network, and the registry.
+pub struct Mesh {
+    pub reg: TestRegistry,
+    pub registry_addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    rt_a: Option<Runtime>,
+    rt_b: Option<Runtime>,
+    pub topo: Topology,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // Runtimes cannot be dropped from async code; their threads must also leave
+        // before the namespaces go.
+        for rt in [self.rt_a.take(), self.rt_b.take()].into_iter().flatten() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Mesh {
+    /// None (with a message) where namespaces cannot be made outside CI.
+    pub async fn start(name: &str, catalog: &[String]) -> Option<Mesh> {
+        let topo = Topology::create(name)?;
+        let host_ip = IpAddr::V4(topo.host_addr());
+        let reg = TestRegistry::start_with(&[], |cfg| {
+            cfg.grpc_addr = SocketAddr::new(host_ip, 0);
+        })
+        .await
+        .expect("registry");
+        let registry_addr = reg.grpc_addr();
+        let mut docs = vec![
+            yaml::network(
+                "network-a",
+                &[SocketAddr::new(topo.gateway_addr(Net::A).into(), SNI_PORT).into()],
+            ),
+            yaml::network(
+                "network-b",
+                &[SocketAddr::new(topo.gateway_addr(Net::B).into(), SNI_PORT).into()],
+            ),
+        ];
+        docs.extend(catalog.iter().cloned());
+        reg.write_resource("mesh.yaml", &docs.join("---\n"));
+        let rt_a = topo.netns(Net::A).runtime();
+        let rt_b = topo.netns(Net::B).runtime();
+        Some(Mesh {
+            reg,
+            registry_addr,
+            dir: tempfile::tempdir().unwrap(),
+            rt_a: Some(rt_a),
+            rt_b: Some(rt_b),
+            topo,
+        })
+    }
+
+    pub fn rt(&self, net: Net) -> &Runtime {
+        match net {
+            Net::A => self.rt_a.as_ref().unwrap(),
+            Net::B => self.rt_b.as_ref().unwrap(),
+        }
+    }
+
+    pub fn gateway_config(&self, net: Net, cert_dir: PathBuf) -> GatewayConfig {
+        let mut cfg = GatewayConfig::new(
+            network(net),
+            CLUSTER,
+            RegistrySettings {
+                addr: self.registry_addr.to_string(),
+                root_cert: self.reg.ca_root(),
+                cert_dir,
+                trust_domain: TRUST_DOMAIN.into(),
+            },
+        );
+        cfg.sni_addr = SocketAddr::new(self.topo.gateway_addr(net).into(), SNI_PORT);
+        cfg.admin_addr = Some(SocketAddr::new(self.topo.gateway_addr(net).into(), 15000));
+        cfg.health_addr = Some(SocketAddr::new(self.topo.gateway_addr(net).into(), 15021));
+        cfg.connect_timeout = Duration::from_secs(1);
+        cfg.outlier_failures = 2;
+        cfg.outlier_base_ejection = Duration::from_secs(5);
+        cfg
+    }
+
+    /// The east-west gateway of `net`, in-process inside the namespace.
+    pub async fn gateway(&self, net: Net) -> GatewayHandle {
+        let cert_dir = gateway_credentials(&self.reg, network(net), self.dir.path()).await;
+        let cfg = self.gateway_config(net, cert_dir);
+        on(self.rt(net), async move { isthmus_gateway::run(cfg).await })
+            .await
+            .expect("gateway")
+    }
+
+    /// A workload of service `sa` at `ip` in `net` (its app greets with `name`).
+    pub async fn workload(
+        &self,
+        net: Net,
+        ip: &str,
+        name: &str,
+        sa: &str,
+        policy: AuthorizationPolicy,
+    ) -> Workload {
+        let ip: IpAddr = ip.parse().unwrap();
+        self.topo.netns(net).add_ip(ip);
+        let creds = self.reg.credentials("shop", sa).await.unwrap();
+        let bundle = self.reg.bundle();
+        let name = name.to_string();
+        on(self.rt(net), async move {
+            Workload::start(
+                SocketAddr::new(ip, APP_PORT),
+                &name,
+                &creds,
+                &bundle,
+                policy,
+                Mode::Strict,
+            )
+            .await
+        })
+        .await
+        .expect("workload")
+    }
+
+    /// A client workload (service account `sa`) in `net`.
+    pub async fn client(&self, net: Net, sa: &str) -> Arc<Client> {
+        let creds = self.reg.credentials("shop", sa).await.unwrap();
+        let bundle = self.reg.bundle();
+        let registry = self.registry_addr;
+        let opts = RouteOptions {
+            outlier: OutlierConfig {
+                consecutive_failures: 2,
+                base_ejection: Duration::from_secs(5),
+                max_ejection: Duration::from_secs(30),
+            },
+            ..Default::default()
+        };
+        let net_name = network(net).to_string();
+        Arc::new(
+            on(self.rt(net), async move {
+                Client::start(bundle, registry, &net_name, creds, opts).await
+            })
+            .await
+            .expect("client"),
+        )
+    }
+
+    /// One call from `client` (in `net`) to `name`: who answered, who the client
+    /// verified, where the TCP connection went; the echo is checked too.
+    pub async fn call(&self, net: Net, client: &Arc<Client>, name: &str) -> anyhow::Result<Call> {
+        let client = client.clone();
+        let hostname = host(name);
+        on(self.rt(net), async move {
+            let (greeting, mut s) = client.call(&hostname, SVC_PORT).await?;
+            let echoed = echo(&mut s.stream, "across").await?;
+            anyhow::ensure!(echoed == "across", "echo came back as {echoed:?}");
+            Ok(Call {
+                greeting,
+                server: s.server_identity.clone(),
+                target: s.target.clone(),
+            })
+        })
+        .await
+    }
+}
+
+/// One call's outcome: who answered, who the client verified, where TCP went.
+#[derive(Debug)]
+pub struct Call {
+    pub greeting: String,
+    pub server: Option<SpiffeId>,
+    pub target: Target,
 }
 
 /// Writes `isthmusctl cert request`-style credentials for a gateway into `dir`.

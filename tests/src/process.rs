@@ -58,3 +58,23 @@ pub fn arg(name: &str, default: &str) -> String {
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| default.to_string())
 }
+
+/// The workspace binary `bin` of `package`, next to the running test's executable; built
+/// first (a no-op when it is fresh), so a test never runs a stale build of another crate.
+pub fn workspace_binary(package: &str, bin: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(bin);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-q", "-p", package, "--bin", bin]);
+    if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("cargo build");
+    assert!(status.success(), "cannot build {bin}");
+    path
+}

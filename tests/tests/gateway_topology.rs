@@ -7,218 +7,16 @@
 //! As root these always run (and in CI they must: they fail if namespaces cannot be made);
 //! elsewhere they skip with a message.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use isthmus_gateway::authz::{AuthorizationPolicy, Rule};
-use isthmus_gateway::balancer::OutlierConfig;
-use isthmus_gateway::inbound::Mode;
-use isthmus_gateway::routes::{RouteOptions, Target};
-use isthmus_gateway::{GatewayConfig, GatewayHandle};
-use isthmus_proto::identity::{SpiffeId, TrustDomain};
-use isthmus_proto::subscription::RegistrySettings;
-use isthmus_tests::mesh::{self, yaml, Client, Workload};
-use isthmus_tests::netns::{Net, Topology};
-use isthmus_tests::{eventually, http_get, TestRegistry, CLUSTER, TRUST_DOMAIN};
-use tokio::runtime::Runtime;
-
-const SVC_PORT: u16 = 9080;
-const APP_PORT: u16 = 8080;
-const SNI_PORT: u16 = 15443;
-
-fn host(name: &str) -> String {
-    format!("{name}.shop.svc.cluster.local")
-}
-
-fn id(sa: &str) -> SpiffeId {
-    SpiffeId::workload(&TrustDomain::new(TRUST_DOMAIN).unwrap(), "shop", sa).unwrap()
-}
-
-fn network(net: Net) -> &'static str {
-    match net {
-        Net::A => "network-a",
-        Net::B => "network-b",
-    }
-}
-
-/// Runs `fut` on `rt` (inside its namespace) and waits for it from the test's runtime.
-async fn on<T: Send + 'static>(
-    rt: &Runtime,
-    fut: impl std::future::Future<Output = T> + Send + 'static,
-) -> T {
-    rt.spawn(fut).await.expect("task in namespace panicked")
-}
-
-/// A two-network mesh: the topology, a runtime in each network, and the registry.
-struct Mesh {
-    reg: TestRegistry,
-    registry_addr: SocketAddr,
-    dir: tempfile::TempDir,
-    rt_a: Option<Runtime>,
-    rt_b: Option<Runtime>,
-    topo: Topology,
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        // Runtimes cannot be dropped from async code; their threads must also leave
-        // before the namespaces go.
-        for rt in [self.rt_a.take(), self.rt_b.take()].into_iter().flatten() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Mesh {
-    /// None (with a message) where namespaces cannot be made outside CI.
-    async fn start(name: &str, catalog: &[String]) -> Option<Mesh> {
-        let topo = Topology::create(name)?;
-        let host_ip = IpAddr::V4(topo.host_addr());
-        let reg = TestRegistry::start_with(&[], |cfg| {
-            cfg.grpc_addr = SocketAddr::new(host_ip, 0);
-        })
-        .await
-        .expect("registry");
-        let registry_addr = reg.grpc_addr();
-        let mut docs = vec![
-            yaml::network(
-                "network-a",
-                &[SocketAddr::new(topo.gateway_addr(Net::A).into(), SNI_PORT).into()],
-            ),
-            yaml::network(
-                "network-b",
-                &[SocketAddr::new(topo.gateway_addr(Net::B).into(), SNI_PORT).into()],
-            ),
-        ];
-        docs.extend(catalog.iter().cloned());
-        reg.write_resource("mesh.yaml", &docs.join("---\n"));
-        let rt_a = topo.netns(Net::A).runtime();
-        let rt_b = topo.netns(Net::B).runtime();
-        Some(Mesh {
-            reg,
-            registry_addr,
-            dir: tempfile::tempdir().unwrap(),
-            rt_a: Some(rt_a),
-            rt_b: Some(rt_b),
-            topo,
-        })
-    }
-
-    fn rt(&self, net: Net) -> &Runtime {
-        match net {
-            Net::A => self.rt_a.as_ref().unwrap(),
-            Net::B => self.rt_b.as_ref().unwrap(),
-        }
-    }
-
-    fn gateway_config(&self, net: Net, cert_dir: PathBuf) -> GatewayConfig {
-        let mut cfg = GatewayConfig::new(
-            network(net),
-            CLUSTER,
-            RegistrySettings {
-                addr: self.registry_addr.to_string(),
-                root_cert: self.reg.ca_root(),
-                cert_dir,
-                trust_domain: TRUST_DOMAIN.into(),
-            },
-        );
-        cfg.sni_addr = SocketAddr::new(self.topo.gateway_addr(net).into(), SNI_PORT);
-        cfg.admin_addr = Some(SocketAddr::new(self.topo.gateway_addr(net).into(), 15000));
-        cfg.health_addr = Some(SocketAddr::new(self.topo.gateway_addr(net).into(), 15021));
-        cfg.connect_timeout = Duration::from_secs(1);
-        cfg.outlier_failures = 2;
-        cfg.outlier_base_ejection = Duration::from_secs(5);
-        cfg
-    }
-
-    /// The east-west gateway of `net`, in-process inside the namespace.
-    async fn gateway(&self, net: Net) -> GatewayHandle {
-        let cert_dir = mesh::gateway_credentials(&self.reg, network(net), self.dir.path()).await;
-        let cfg = self.gateway_config(net, cert_dir);
-        on(self.rt(net), async move { isthmus_gateway::run(cfg).await })
-            .await
-            .expect("gateway")
-    }
-
-    /// A workload of service `sa` at `ip` in `net` (its app greets with `name`).
-    async fn workload(
-        &self,
-        net: Net,
-        ip: &str,
-        name: &str,
-        sa: &str,
-        policy: AuthorizationPolicy,
-    ) -> Workload {
-        let ip: IpAddr = ip.parse().unwrap();
-        self.topo.netns(net).add_ip(ip);
-        let creds = self.reg.credentials("shop", sa).await.unwrap();
-        let bundle = self.reg.bundle();
-        let name = name.to_string();
-        on(self.rt(net), async move {
-            Workload::start(
-                SocketAddr::new(ip, APP_PORT),
-                &name,
-                &creds,
-                &bundle,
-                policy,
-                Mode::Strict,
-            )
-            .await
-        })
-        .await
-        .expect("workload")
-    }
-
-    /// A client workload (service account `sa`) in `net`.
-    async fn client(&self, net: Net, sa: &str) -> Arc<Client> {
-        let creds = self.reg.credentials("shop", sa).await.unwrap();
-        let bundle = self.reg.bundle();
-        let registry = self.registry_addr;
-        let opts = RouteOptions {
-            outlier: OutlierConfig {
-                consecutive_failures: 2,
-                base_ejection: Duration::from_secs(5),
-                max_ejection: Duration::from_secs(30),
-            },
-            ..Default::default()
-        };
-        let net_name = network(net).to_string();
-        Arc::new(
-            on(self.rt(net), async move {
-                Client::start(bundle, registry, &net_name, creds, opts).await
-            })
-            .await
-            .expect("client"),
-        )
-    }
-
-    /// One call from `client` (in `net`) to `name`: who answered, who the client
-    /// verified, where the TCP connection went; the echo is checked too.
-    async fn call(&self, net: Net, client: &Arc<Client>, name: &str) -> anyhow::Result<Call> {
-        let client = client.clone();
-        let hostname = host(name);
-        on(self.rt(net), async move {
-            let (greeting, mut s) = client.call(&hostname, SVC_PORT).await?;
-            let echoed = mesh::echo(&mut s.stream, "across").await?;
-            anyhow::ensure!(echoed == "across", "echo came back as {echoed:?}");
-            Ok(Call {
-                greeting,
-                server: s.server_identity.clone(),
-                target: s.target.clone(),
-            })
-        })
-        .await
-    }
-}
-
-#[derive(Debug)]
-struct Call {
-    greeting: String,
-    server: Option<SpiffeId>,
-    target: Target,
-}
+use isthmus_tests::mesh::{
+    self, host, id, yaml, Call, Mesh, Workload, APP_PORT, SNI_PORT, SVC_PORT,
+};
+use isthmus_tests::netns::Net;
+use isthmus_tests::process::workspace_binary;
+use isthmus_tests::{eventually, http_get, CLUSTER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_network_calls_are_end_to_end_mtls_routed_by_sni() {
@@ -541,22 +339,6 @@ async fn gateway_keeps_routing_through_a_registry_outage_and_resumes() {
     );
 }
 
-/// The built `isthmus-gateway` binary next to this test's executable, built if missing.
-fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("isthmus-gateway");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "isthmus-gateway", "--bin", "isthmus-gateway"])
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "cannot build isthmus-gateway");
-    }
-    bin
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_gateway_process() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -587,7 +369,10 @@ async fn sigterm_drains_the_gateway_process() {
     let cert_dir = mesh::gateway_credentials(&m.reg, "network-b", m.dir.path()).await;
     let gw_ip = m.topo.gateway_addr(Net::B);
     let log = std::fs::File::create(m.dir.path().join("gateway.log")).unwrap();
-    let mut cmd = m.topo.netns(Net::B).command(gateway_binary());
+    let mut cmd = m
+        .topo
+        .netns(Net::B)
+        .command(workspace_binary("isthmus-gateway", "isthmus-gateway"));
     cmd.args([
         "--network",
         "network-b",
