@@ -7,73 +7,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_proto::bundle::AgentBundle;
-use isthmus_proto::model::{service_view_key, Health, NodeKind, ViewEndpoint, ViewResource};
+use isthmus_proto::model::{Health, NodeKind};
 use isthmus_proto::pb;
 use isthmus_proto::registration::RegisterRequest;
 use isthmus_proto::subscription::{LocalView, Subscription};
 use isthmus_proto::{certs, grpc, tls};
 use isthmus_registry::onboard::{self, OnboardOptions};
-use isthmus_tests::vm::{hello, with_labels, Registrar};
+use isthmus_tests::vm::{
+    always_for, endpoint, hello, until, until_keeping, with_labels, Registrar, STEP,
+};
 use isthmus_tests::{eventually, host, metric, node, yaml, TestRegistry, NETWORK};
 use serde_json::Value;
 use tonic::Code;
 
-const STEP: Duration = Duration::from_secs(20);
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
-
-/// The endpoint at `address` of `hostname` in a subscriber's view.
-fn endpoint<'a>(view: &'a LocalView, hostname: &str, address: &str) -> Option<&'a ViewEndpoint> {
-    match view.resources.get(&service_view_key(hostname)) {
-        Some(ViewResource::Service(sv)) => sv.endpoints.iter().find(|e| e.address == address),
-        _ => None,
-    }
-}
-
-/// Receives updates until `pred` holds on the view.
-async fn until(sub: &mut Subscription, pred: impl Fn(&LocalView) -> bool) {
-    while !pred(&sub.view) {
-        tokio::time::timeout(STEP, sub.next())
-            .await
-            .expect("update in time")
-            .expect("stream open");
-    }
-}
-
-/// Receives updates until `pred` holds on the view, asserting `keep` after each one.
-async fn until_keeping(
-    sub: &mut Subscription,
-    keep: impl Fn(&LocalView) -> bool,
-    pred: impl Fn(&LocalView) -> bool,
-) {
-    assert!(keep(&sub.view));
-    while !pred(&sub.view) {
-        tokio::time::timeout(STEP, sub.next())
-            .await
-            .expect("update in time")
-            .expect("stream open");
-        assert!(
-            keep(&sub.view),
-            "view at {}: {:?}",
-            sub.view.version,
-            sub.view
-        );
-    }
-}
-
-/// Receives every update for `d`, asserting `pred` after each one.
-async fn always_for(sub: &mut Subscription, d: Duration, pred: impl Fn(&LocalView) -> bool) {
-    let deadline = tokio::time::Instant::now() + d;
-    assert!(pred(&sub.view));
-    while let Ok(update) = tokio::time::timeout_at(deadline, sub.next()).await {
-        update.expect("stream open");
-        assert!(
-            pred(&sub.view),
-            "view at {}: {:?}",
-            sub.view.version,
-            sub.view
-        );
-    }
-}
 
 fn health_of(view: &LocalView, address: &str) -> Option<Health> {
     endpoint(view, &host("web", "shop"), address).map(|e| e.health)
