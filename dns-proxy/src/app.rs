@@ -141,7 +141,8 @@ pub async fn run(config: Config) -> anyhow::Result<DnsHandle> {
         config.upstream_mode,
         config.query_timeout,
         metrics.clone(),
-    );
+    )
+    .with_socket_mark(config.socket_mark);
     let resolver = Arc::new(
         Resolver::new(
             names.clone(),
