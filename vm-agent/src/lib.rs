@@ -2,3 +2,6 @@
 //! registers its app from a WorkloadGroup template, keeps its health honest, captures its
 //! traffic, answers its DNS, and keeps working from its last catalog snapshot when the
 //! registry is unreachable. See `ARCHITECTURE.md`.
+
+/// Traffic capture with nftables: the rules, the mesh address sets, the cleanup.
+pub mod capture;
