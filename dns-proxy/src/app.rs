@@ -166,7 +166,8 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
         config.upstream_mode,
         config.query_timeout,
         metrics.clone(),
-    );
+    )
+    .with_socket_mark(config.socket_mark);
     let resolver = Arc::new(
         Resolver::new(
             names.clone(),

@@ -74,6 +74,9 @@ pub struct Config {
     pub max_udp_payload: u16,
     /// Tasks reading the UDP socket; 0 means one per core.
     pub udp_workers: usize,
+    /// `SO_MARK` on the sockets that query upstreams: set when this proxy runs inside the
+    /// VM agent, whose capture rules redirect DNS to it except packets with its mark.
+    pub socket_mark: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +109,7 @@ impl Config {
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             udp_workers: 0,
+            socket_mark: None,
         }
     }
 

@@ -4,13 +4,15 @@
 //! answer of all of them in parallel, inside one deadline per query.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::time::Instant;
 
 use crate::metrics::{Metrics, UpstreamError, UpstreamLabels};
@@ -85,6 +87,9 @@ pub struct Forwarder {
     mode: UpstreamMode,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    /// `SO_MARK` on upstream sockets, so that capture rules exempting the mark let the
+    /// forwarded queries through (see [`Forwarder::with_socket_mark`]).
+    mark: Option<u32>,
 }
 
 impl Forwarder {
@@ -106,7 +111,16 @@ impl Forwarder {
             mode,
             timeout,
             metrics,
+            mark: None,
         }
+    }
+
+    /// Marks every upstream socket with `mark` (`SO_MARK`, which needs CAP_NET_ADMIN). On a
+    /// VM whose DNS traffic is redirected to this proxy, the redirect rules let marked
+    /// packets through; unmarked, the proxy's own queries would come back to it.
+    pub fn with_socket_mark(mut self, mark: Option<u32>) -> Self {
+        self.mark = mark;
+        self
     }
 
     pub fn upstreams(&self) -> &[SocketAddr] {
@@ -165,17 +179,22 @@ impl Forwarder {
         let started = Instant::now();
         let result = async {
             let (id, bytes) = encode_query(query, dnssec_ok)?;
-            let answer =
-                tokio::time::timeout_at(deadline, exchange_udp(upstream, id, &bytes, query))
-                    .await
-                    .map_err(|_| AttemptError::Timeout)??;
+            let answer = tokio::time::timeout_at(
+                deadline,
+                exchange_udp(upstream, self.mark, id, &bytes, query),
+            )
+            .await
+            .map_err(|_| AttemptError::Timeout)??;
             if !answer.metadata.truncation {
                 return Ok(answer);
             }
             self.metrics.upstream_tcp_retries.inc();
-            tokio::time::timeout_at(deadline, exchange_tcp(upstream, id, &bytes, query))
-                .await
-                .map_err(|_| AttemptError::Timeout)?
+            tokio::time::timeout_at(
+                deadline,
+                exchange_tcp(upstream, self.mark, id, &bytes, query),
+            )
+            .await
+            .map_err(|_| AttemptError::Timeout)?
         }
         .await;
         let result = result.and_then(|m| match m.metadata.response_code {
@@ -221,6 +240,15 @@ fn encode_query(query: &Query, dnssec_ok: bool) -> Result<(u16, Vec<u8>), Attemp
     Ok((id, bytes))
 }
 
+fn set_mark(socket: &impl AsFd, mark: u32) -> Result<(), AttemptError> {
+    setsockopt(socket, sockopt::Mark, &mark).map_err(|errno| {
+        AttemptError::Io(std::io::Error::new(
+            std::io::Error::from(errno).kind(),
+            format!("cannot set SO_MARK {mark:#x} on the upstream socket: {errno} (it needs CAP_NET_ADMIN)"),
+        ))
+    })
+}
+
 fn io_error(e: std::io::Error) -> AttemptError {
     if e.kind() == std::io::ErrorKind::ConnectionRefused {
         AttemptError::Refused
@@ -241,6 +269,7 @@ fn matches(m: &Message, id: u16, query: &Query) -> bool {
 
 async fn exchange_udp(
     upstream: SocketAddr,
+    mark: Option<u32>,
     id: u16,
     bytes: &[u8],
     query: &Query,
@@ -251,6 +280,9 @@ async fn exchange_udp(
         "[::]:0".parse().expect("literal")
     };
     let socket = UdpSocket::bind(bind).await?;
+    if let Some(mark) = mark {
+        set_mark(&socket, mark)?;
+    }
     socket.connect(upstream).await.map_err(io_error)?;
     socket.send(bytes).await.map_err(io_error)?;
     let mut buf = vec![0u8; MAX_UDP_RESPONSE];
@@ -266,11 +298,24 @@ async fn exchange_udp(
 
 async fn exchange_tcp(
     upstream: SocketAddr,
+    mark: Option<u32>,
     id: u16,
     bytes: &[u8],
     query: &Query,
 ) -> Result<Message, AttemptError> {
-    let mut stream = TcpStream::connect(upstream).await.map_err(io_error)?;
+    let mut stream = match mark {
+        None => TcpStream::connect(upstream).await,
+        Some(mark) => {
+            let socket = if upstream.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            set_mark(&socket, mark)?;
+            socket.connect(upstream).await
+        }
+    }
+    .map_err(io_error)?;
     let mut out = Vec::with_capacity(bytes.len() + 2);
     out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
     out.extend_from_slice(bytes);

@@ -99,6 +99,7 @@ impl GatewayConfig {
         ConnectOptions {
             timeout: self.connect_timeout,
             attempts: self.connect_attempts,
+            mark: None,
         }
     }
 

@@ -23,7 +23,7 @@ mod tests;
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +43,7 @@ use crate::metrics::{
     BytesLabels, ConnLabels, ConnResult, Direction, DirectionLabels, Flow, Metrics, OpenLabels,
     ServiceLabels,
 };
+use crate::original_dst::original_destination;
 
 const DIRECTION: Direction = Direction::inbound;
 
@@ -96,21 +97,45 @@ impl FromStr for Mode {
     }
 }
 
-/// Where the local app listens. An enum so that a later variant can choose per connection
-/// (e.g. by the original destination port of a redirected connection).
+/// Where the local app listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AppTarget {
     /// Every connection goes to this address.
     Fixed(SocketAddr),
+    /// `host` on the port the client originally asked for: for connections that the
+    /// capture rules redirected to the inbound listener, so one listener serves every
+    /// captured app port.
+    OriginalPort { host: IpAddr },
 }
 
 impl AppTarget {
     /// The app address for a connection accepted as `downstream`; fallible so that a
     /// variant reading the socket (its original destination) can say why it could not.
-    pub fn resolve(&self, _downstream: &TcpStream) -> io::Result<SocketAddr> {
+    pub fn resolve(&self, downstream: &TcpStream) -> io::Result<SocketAddr> {
         match self {
             AppTarget::Fixed(addr) => Ok(*addr),
+            AppTarget::OriginalPort { host } => {
+                let original = original_destination(downstream)?;
+                let local = downstream.local_addr()?;
+                // A connection made straight to the listener (nothing redirected it) has
+                // the listener's own address as its original destination, and forwarding
+                // it to that port would come back here. The port alone decides: the
+                // listener may be dual-stack (a v4-mapped local address) or bound to every
+                // address, so `host` on its port is very likely the listener again.
+                if original.port() == local.port() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "the connection to {original} was made to the inbound listener's \
+                             own port, not redirected from an app port: forwarding it to \
+                             {host} port {} would loop",
+                            original.port()
+                        ),
+                    ));
+                }
+                Ok(SocketAddr::new(*host, original.port()))
+            }
         }
     }
 }

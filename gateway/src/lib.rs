@@ -10,7 +10,8 @@
 //! - `passthrough`: the SNI passthrough listener (the gateway's data path).
 //! - `inbound`: the workload side's mTLS termination in front of a local app (STRICT or
 //!   PERMISSIVE), with `authz`, the authorization policy applied to each verified peer;
-//!   `outbound`: mTLS origination towards a service, verified against its identities.
+//!   `outbound`: mTLS origination towards a service, verified against its identities;
+//!   `original_dst`: the destination a captured (redirected) connection was made to.
 //! - `app` and `config`: the east-west gateway program.
 //!
 //! The SNI routing key and the ClientHello reader live in `isthmus_proto::sni`.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod connection;
 pub mod inbound;
 pub mod metrics;
+pub mod original_dst;
 pub mod outbound;
 pub mod passthrough;
 pub mod relay;

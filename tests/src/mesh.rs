@@ -218,6 +218,7 @@ impl Client {
             connect: ConnectOptions {
                 timeout: Duration::from_secs(2),
                 attempts: 3,
+                mark: None,
             },
         });
         Ok(Self {

@@ -595,3 +595,23 @@ fn modes_parse_as_istio_spells_them() {
     assert!(err.contains("STRICT or PERMISSIVE"), "{err}");
     assert_eq!(Mode::Permissive.to_string(), "PERMISSIVE");
 }
+
+/// Without capture rules nothing redirected the connection: `OriginalPort` must not send it
+/// anywhere (its original destination, if conntrack knows one, is the listener itself).
+#[tokio::test]
+async fn original_port_refuses_a_connection_that_was_not_redirected() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    let target = AppTarget::OriginalPort {
+        host: "127.0.0.1".parse().unwrap(),
+    };
+    let err = target.resolve(&server).unwrap_err();
+    match err.kind() {
+        io::ErrorKind::InvalidInput => assert!(err.to_string().contains("would loop"), "{err}"),
+        io::ErrorKind::NotFound => assert!(err.to_string().contains("redirect"), "{err}"),
+        other => panic!("unexpected {other:?}: {err}"),
+    }
+}
