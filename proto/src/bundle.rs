@@ -274,10 +274,7 @@ impl AgentBundle {
 
 /// Why `cert` cannot be the root of `trust_domain`'s mesh: not a CA, expired, or the root
 /// of another trust domain (our CA names its trust domain in a URI SAN).
-fn root_problem(
-    cert: &rustls_pki_types::CertificateDer<'_>,
-    trust_domain: &str,
-) -> Option<String> {
+fn root_problem(cert: &rustls_pki_types::CertificateDer<'_>, trust_domain: &str) -> Option<String> {
     use x509_parser::prelude::*;
     let (_, x509) = match X509Certificate::from_der(cert) {
         Ok(c) => c,
@@ -422,7 +419,10 @@ mod tests {
             .pem();
         for (pem, want) in [
             (leaf, "is not a CA certificate"),
-            (root("other.example"), "root of trust domain \"other.example\""),
+            (
+                root("other.example"),
+                "root of trust domain \"other.example\"",
+            ),
         ] {
             std::fs::write(&root_path, pem).unwrap();
             let err = AgentBundle::load(&dir).unwrap_err().to_string();

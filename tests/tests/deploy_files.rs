@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use isthmus_gateway::config::DEFAULT_DRAIN_DEADLINE;
+use isthmus_vm_agent::config::DEFAULT_DRAIN_DEADLINE;
 use isthmus_proto::config::parse_duration;
 
 const AGENT: &str = "/usr/local/bin/isthmus-vm-agent";

@@ -1,0 +1,234 @@
+//! The VM's mesh identity: the first start exchanges the bundle's one-time token for a
+//! certificate; the key (0600) and chain stay in the state directory; renewal at half-life
+//! authenticates with the current certificate, so restarts and reboots need no new token.
+//! An expired or missing credential stops the start with what to do about it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_proto::bundle::AgentBundle;
+use isthmus_proto::certs::{self, CertsError};
+use isthmus_proto::drain;
+use isthmus_proto::subscription::RegistrySettings;
+use isthmus_proto::tls::{self, Credentials, ServerIdentity, TlsError, TrustBundle};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(
+        "no certificate in {cert_dir} and no bootstrap token in {token}: this VM has not \
+         enrolled yet, or its state was lost. Onboard it (`isthmusctl vm onboard ... --out DIR`) \
+         and copy DIR's files into {bundle}"
+    )]
+    NoCredential {
+        cert_dir: PathBuf,
+        token: PathBuf,
+        bundle: PathBuf,
+    },
+    #[error(
+        "the certificate in {cert_dir} expired {ago}s ago and cannot renew itself: onboard \
+         the VM again (`isthmusctl vm onboard`), put the new token in {token}, and remove \
+         {cert_dir}"
+    )]
+    Expired {
+        cert_dir: PathBuf,
+        token: PathBuf,
+        ago: i64,
+    },
+    #[error(
+        "the certificate in {cert_dir} is for {held}, but the bundle registers as {wanted}: \
+         remove {cert_dir} (and give the bundle a fresh token) or use the matching bundle"
+    )]
+    WrongIdentity {
+        cert_dir: PathBuf,
+        held: String,
+        wanted: String,
+    },
+    #[error("cannot read the credentials in {cert_dir}: {source}")]
+    Unreadable {
+        cert_dir: PathBuf,
+        #[source]
+        source: TlsError,
+    },
+    #[error(
+        "enrolling with the bootstrap token in {token} failed: {source}. A token works once \
+         and expires: if this VM enrolled before, its certificate in {cert_dir} was lost; \
+         onboard it again (`isthmusctl vm onboard`) for a new token"
+    )]
+    Enroll {
+        token: PathBuf,
+        cert_dir: PathBuf,
+        #[source]
+        source: CertsError,
+    },
+    #[error(transparent)]
+    Bundle(#[from] isthmus_proto::bundle::BundleError),
+}
+
+/// Whether `cert_dir` holds a key and chain (not whether they are good).
+pub fn has_credentials(cert_dir: &Path) -> bool {
+    cert_dir.join(tls::KEY_FILE).exists() && cert_dir.join(tls::CERT_CHAIN_FILE).exists()
+}
+
+/// The VM's credentials: those in `cert_dir` if they are valid and for the bundle's
+/// identity, else a first enrolment with the bundle's token. Only the enrolment touches the
+/// network, and only after the token was checked (well-formed, for this identity, unexpired).
+pub async fn ensure(
+    bundle: &AgentBundle,
+    bundle_dir: &Path,
+    registry: &RegistrySettings,
+) -> Result<(Credentials, bool), IdentityError> {
+    let cert_dir = &registry.cert_dir;
+    let token_path = AgentBundle::token_path(bundle_dir);
+    let wanted = bundle
+        .identity()
+        .map_err(|e| IdentityError::WrongIdentity {
+            cert_dir: cert_dir.clone(),
+            held: String::new(),
+            wanted: e.to_string(),
+        })?;
+    if has_credentials(cert_dir) {
+        let creds =
+            Credentials::from_dir(cert_dir).map_err(|source| IdentityError::Unreadable {
+                cert_dir: cert_dir.clone(),
+                source,
+            })?;
+        if creds.identity != wanted {
+            return Err(IdentityError::WrongIdentity {
+                cert_dir: cert_dir.clone(),
+                held: creds.identity.to_string(),
+                wanted: wanted.to_string(),
+            });
+        }
+        let (remaining, _) = creds
+            .leaf_validity()
+            .map_err(|source| IdentityError::Unreadable {
+                cert_dir: cert_dir.clone(),
+                source,
+            })?;
+        if remaining <= 0 {
+            return Err(IdentityError::Expired {
+                cert_dir: cert_dir.clone(),
+                token: token_path,
+                ago: -remaining,
+            });
+        }
+        return Ok((creds, false));
+    }
+    let Some(token) = AgentBundle::read_token(bundle_dir)? else {
+        return Err(IdentityError::NoCredential {
+            cert_dir: cert_dir.clone(),
+            token: token_path,
+            bundle: bundle_dir.to_path_buf(),
+        });
+    };
+    let creds = certs::enroll(registry, &token, cert_dir)
+        .await
+        .map_err(|source| IdentityError::Enroll {
+            token: token_path,
+            cert_dir: cert_dir.clone(),
+            source,
+        })?;
+    Ok((creds, true))
+}
+
+/// When to renew: at half the certificate's lifetime, i.e. once `remaining` is at most
+/// half of `lifetime` (now, if it already is).
+pub fn renew_in(remaining: i64, lifetime: i64) -> Duration {
+    let wait = remaining - lifetime / 2;
+    Duration::from_secs(wait.max(0) as u64)
+}
+
+/// Renews once, authenticating with `current`; writes the new key and chain into the cert
+/// directory and returns them.
+pub async fn renew(
+    registry: &RegistrySettings,
+    current: &Credentials,
+) -> Result<Credentials, CertsError> {
+    let bundle = TrustBundle::from_pem_file(&registry.root_cert, &registry.trust_domain)
+        .map_err(|e| CertsError::Connect(e.to_string()))?;
+    let cfg = tls::client_config(
+        Some(current),
+        &bundle,
+        ServerIdentity::TrustDomain,
+        &[tls::ALPN_H2],
+    )
+    .map_err(|e| CertsError::Connect(e.to_string()))?;
+    let channel = isthmus_proto::grpc::connect(&registry.addr, Arc::new(cfg))
+        .await
+        .map_err(|e| CertsError::Connect(e.to_string()))?;
+    let (key_pem, csr_pem) = certs::generate_key_and_csr(&current.identity)?;
+    let issued = certs::request_certificate(channel, csr_pem, None, 0).await?;
+    certs::write_credentials(
+        &registry.cert_dir,
+        &key_pem,
+        &issued.chain_pems,
+        &issued.root_pem,
+    )?;
+    Credentials::from_dir(&registry.cert_dir).map_err(|e| CertsError::Generate(e.to_string()))
+}
+
+/// Keeps the credentials fresh until `shutdown`: renews at half-life, retries failures
+/// with back-off (the certificate stays valid meanwhile), and publishes every renewal.
+pub async fn keep_renewed(
+    registry: RegistrySettings,
+    creds: watch::Sender<Arc<Credentials>>,
+    metrics: crate::metrics::AgentMetrics,
+    shutdown: drain::Watch,
+) {
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let current = creds.borrow().clone();
+        let (remaining, lifetime) = current.leaf_validity().unwrap_or((0, 0));
+        metrics.cert_expiry_seconds.set(remaining.max(0) as f64);
+        let wait = renew_in(remaining, lifetime);
+        tracing::debug!(?wait, remaining, "next certificate renewal");
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match renew(&registry, &current).await {
+            Ok(fresh) => {
+                retry = Duration::from_secs(1);
+                let (left, _) = fresh.leaf_validity().unwrap_or((0, 0));
+                tracing::info!(identity = %fresh.identity, valid_for_s = left, "certificate renewed");
+                metrics
+                    .renewals
+                    .get_or_create(&crate::metrics::Outcome::ok())
+                    .inc();
+                creds.send_replace(Arc::new(fresh));
+            }
+            Err(e) => {
+                let (left, _) = current.leaf_validity().unwrap_or((0, 0));
+                tracing::warn!(error = %e, valid_for_s = left, retry_in = ?retry, "certificate renewal failed; the current one stays in use");
+                metrics
+                    .renewals
+                    .get_or_create(&crate::metrics::Outcome::error())
+                    .inc();
+                // Never sleep past expiry by much: retries speed up as it nears.
+                let cap = Duration::from_secs((left.max(2) / 4) as u64).max(Duration::from_secs(1));
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(retry.min(cap)) => {}
+                }
+                retry = (retry * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_at_half_life() {
+        assert_eq!(renew_in(86_400, 86_400), Duration::from_secs(43_200));
+        assert_eq!(renew_in(43_200, 86_400), Duration::ZERO);
+        assert_eq!(renew_in(10, 86_400), Duration::ZERO);
+        assert_eq!(renew_in(30, 40), Duration::from_secs(10));
+    }
+}

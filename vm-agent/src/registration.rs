@@ -1,0 +1,255 @@
+//! The VM's registration: one Registration stream to the registry that registers the VM's
+//! WorkloadEntry from its group, reports every change of the probe's verdict, and holds
+//! the entry's lease while it is open. When it breaks the agent reconnects with back-off
+//! (within the registry's grace period the entry is kept); on shutdown it deregisters, so
+//! the entry leaves the views at once.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_proto::drain;
+use isthmus_proto::model::{Health, WorkloadGroup};
+use isthmus_proto::pb;
+use isthmus_proto::registration::{HealthReport, Hello, Registrar};
+use isthmus_proto::subscription::RegistrySettings;
+use isthmus_proto::tls::{self, Credentials, ServerIdentity, TrustBundle};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::metrics::{AgentMetrics, Outcome};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the registry to acknowledge the Deregister.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the registration stream is doing, for `/config_dump` and STATUS lines.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RegistrationState {
+    pub connected: bool,
+    pub entry: Option<String>,
+    pub namespace: Option<String>,
+    /// The entry's health in the catalog, as last acknowledged.
+    pub health: Option<String>,
+    pub resumed: bool,
+    pub warnings: Vec<String>,
+    pub last_error: Option<String>,
+    /// Streams opened so far.
+    pub registrations: u64,
+}
+
+/// The address the VM registers: the source address of the route towards the registry
+/// (no packet is sent; a UDP socket's connect only picks the route).
+pub fn detect_address(registry: &str) -> std::io::Result<IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target: SocketAddr = registry.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::other(format!("{registry} does not resolve to an address"))
+    })?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = UdpSocket::bind(bind)?;
+    s.connect(target)?;
+    Ok(s.local_addr()?.ip())
+}
+
+/// Everything the registration task needs.
+pub struct Registration {
+    pub registry: RegistrySettings,
+    pub hello: Hello,
+    pub creds: watch::Receiver<Arc<Credentials>>,
+    pub health: watch::Receiver<HealthReport>,
+    /// Where the group template from the registry goes (the probe and the app's ports).
+    pub group: watch::Sender<Option<WorkloadGroup>>,
+    /// Where the last group template is kept for starts without the registry.
+    pub group_path: PathBuf,
+    pub state: watch::Sender<RegistrationState>,
+    pub metrics: AgentMetrics,
+}
+
+impl Registration {
+    /// Runs until `shutdown`, then deregisters (bounded by [`DEREGISTER_TIMEOUT`]).
+    pub async fn run(mut self, shutdown: drain::Watch) {
+        let stop = shutdown.signaled();
+        tokio::pin!(stop);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let opened = tokio::select! {
+                _ = &mut stop => return,
+                r = self.open() => r,
+            };
+            let mut registrar = match opened {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot register with the registry");
+                    self.metrics
+                        .registration_attempts
+                        .get_or_create(&Outcome::error())
+                        .inc();
+                    self.state.send_modify(|s| {
+                        s.connected = false;
+                        s.last_error = Some(e);
+                    });
+                    let jitter = rand_jitter();
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = BACKOFF_MIN;
+            self.metrics
+                .registration_attempts
+                .get_or_create(&Outcome::ok())
+                .inc();
+            self.metrics.registered.set(1);
+            // Hold the stream, reporting every change of verdict, until it breaks or we stop.
+            let ended = loop {
+                let closed = tokio::select! {
+                    _ = &mut stop => None,
+                    status = registrar.closed() => Some(format!("the registry ended the registration stream: {}", status.message())),
+                    r = self.health.changed() => {
+                        if r.is_err() {
+                            None
+                        } else {
+                            let report = self.health.borrow_and_update().clone();
+                            match registrar.health(report.healthy, &report.reason).await {
+                                Ok(ack) => {
+                                    self.state.send_modify(|s| {
+                                        s.health = Some(health_str(ack.health).into());
+                                        s.warnings = ack.warnings.clone();
+                                    });
+                                    continue;
+                                }
+                                Err(status) => Some(format!("health report refused: {}", status.message())),
+                            }
+                        }
+                    }
+                };
+                break closed;
+            };
+            self.metrics.registered.set(0);
+            match ended {
+                Some(why) => {
+                    tracing::warn!(reason = %why, "registration stream lost; registering again");
+                    self.state.send_modify(|s| {
+                        s.connected = false;
+                        s.last_error = Some(why);
+                    });
+                }
+                None => {
+                    let outcome =
+                        tokio::time::timeout(DEREGISTER_TIMEOUT, registrar.deregister()).await;
+                    match outcome {
+                        Ok(Ok(_)) => tracing::info!("deregistered"),
+                        Ok(Err(s)) => {
+                            tracing::warn!(error = %s.message(), "deregistration refused; the registry removes the entry after its grace period")
+                        }
+                        Err(_) => {
+                            tracing::warn!("no answer to the deregistration; the registry removes the entry after its grace period")
+                        }
+                    }
+                    self.state.send_modify(|s| s.connected = false);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Opens a stream with the current credentials and registers; then reports the
+    /// current verdict at once, since the registry may hold an older one.
+    async fn open(&mut self) -> Result<Registrar, String> {
+        let creds = self.creds.borrow().clone();
+        let bundle =
+            TrustBundle::from_pem_file(&self.registry.root_cert, &self.registry.trust_domain)
+                .map_err(|e| e.to_string())?;
+        let cfg = tls::client_config(
+            Some(&creds),
+            &bundle,
+            ServerIdentity::TrustDomain,
+            &[tls::ALPN_H2],
+        )
+        .map_err(|e| e.to_string())?;
+        let channel = isthmus_proto::grpc::connect(&self.registry.addr, Arc::new(cfg))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut registrar = Registrar::register(channel, &self.hello)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        let ack = registrar.ack.clone();
+        for w in &ack.warnings {
+            tracing::warn!(warning = %w, "the registry ignored part of the registration");
+        }
+        tracing::info!(entry = %ack.entry_name, namespace = %ack.namespace, resumed = ack.resumed, "registered");
+        if let Some(group) = ack.group.clone() {
+            self.keep_group(&group);
+            self.group.send_if_modified(|g| {
+                let changed = g.as_ref() != Some(&group);
+                *g = Some(group);
+                changed
+            });
+        }
+        let report = self.health.borrow_and_update().clone();
+        let health = registrar
+            .health(report.healthy, &report.reason)
+            .await
+            .map_err(|s| format!("health report refused: {}", s.message()))?
+            .health;
+        self.state.send_modify(|s| {
+            s.connected = true;
+            s.entry = Some(ack.entry_name.clone());
+            s.namespace = Some(ack.namespace.clone());
+            s.health = Some(health_str(health).into());
+            s.resumed = ack.resumed;
+            s.warnings = ack.warnings.clone();
+            s.last_error = None;
+            s.registrations += 1;
+        });
+        Ok(registrar)
+    }
+
+    fn keep_group(&self, group: &WorkloadGroup) {
+        use prost::Message;
+        let bytes = pb::WorkloadGroup::from(group).encode_to_vec();
+        if let Err(e) = isthmus_proto::certs::write_atomic(&self.group_path, &bytes, 0o600) {
+            tracing::warn!(error = %e, "cannot keep the WorkloadGroup template for starts without the registry");
+        }
+    }
+}
+
+/// The group template an earlier run kept, if any (a damaged file is ignored with a warning).
+pub fn load_group(path: &std::path::Path) -> Option<WorkloadGroup> {
+    use prost::Message;
+    let bytes = std::fs::read(path).ok()?;
+    match pb::WorkloadGroup::decode(bytes.as_slice())
+        .map_err(|e| e.to_string())
+        .and_then(|g| WorkloadGroup::try_from(g).map_err(|e| e.to_string()))
+    {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring the kept WorkloadGroup template");
+            None
+        }
+    }
+}
+
+fn health_str(h: Health) -> &'static str {
+    match h {
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
+    }
+}
+
+fn rand_jitter() -> f64 {
+    // 0.8..1.2 without a dependency: the clock's nanoseconds are random enough here.
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    0.8 + f64::from(n % 400) / 1000.0
+}
