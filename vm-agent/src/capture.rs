@@ -6,7 +6,7 @@
 //! table inet isthmus`). The table holds:
 //!
 //! - two sets, `mesh4` and `mesh6`: the mesh's service addresses (VIPs), replaced as the
-//!   catalog changes ([`set_destinations`]);
+//!   catalog changes ([`set_destinations`](crate::capture::set_destinations));
 //! - chain `output` (NAT, hook output): the app's outbound TCP to a mesh address is
 //!   redirected to the agent's outbound listener, and DNS (UDP and TCP port 53) to the
 //!   VM's resolvers to the agent's DNS proxy;
@@ -14,9 +14,10 @@
 //!   redirected to the agent's inbound mTLS listener.
 //!
 //! The agent's own connections must not be captured, or it would proxy to itself in a
-//! loop: it puts [`CapturePlan::mark`] on its sockets (`SO_MARK`) and the output chain
-//! lets that mark through first. The proxies read where a redirected connection was going
-//! with [`isthmus_gateway::original_dst::original_destination`].
+//! loop: it puts [`CapturePlan::mark`](crate::capture::CapturePlan::mark) on its sockets
+//! (`SO_MARK`) and the output chain lets that mark through first. The proxies read where a
+//! redirected connection was going with
+//! [`isthmus_gateway::original_dst::original_destination`].
 //!
 //! Where the listeners must be, because of how REDIRECT rewrites a destination:
 //!
