@@ -381,14 +381,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
             )));
             let out = bind(config.outbound_addr, "outbound").await?;
             let out_bound = out.local_addr()?;
-            let table = routes.clone();
-            accept_tasks.push(tokio::spawn(outbound::serve_with(
-                out,
-                outbound.clone(),
-                config.max_connections,
-                accept_shutdown.clone(),
-                move |tcp: &TcpStream| captured_target(tcp, &table.load()),
-            )));
+            let mut outs = vec![out];
+            // REDIRECT sends IPv6 to ::1: listen there too when the host has IPv6.
+            if out_bound.is_ipv4() {
+                let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), out_bound.port());
+                match TcpListener::bind(v6).await {
+                    Ok(l) => outs.push(l),
+                    Err(e) => tracing::info!(addr = %v6, error = %e, "no IPv6 outbound capture listener"),
+                }
+            }
+            for out in outs {
+                let table = routes.clone();
+                accept_tasks.push(tokio::spawn(outbound::serve_with(
+                    out,
+                    outbound.clone(),
+                    config.max_connections,
+                    accept_shutdown.clone(),
+                    move |tcp: &TcpStream| captured_target(tcp, &table.load()),
+                )));
+            }
             (bound, out_bound)
         }
         CaptureMode::None => {

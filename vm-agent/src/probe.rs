@@ -57,8 +57,12 @@ pub struct Verdict {
 impl Verdict {
     /// A probed app starts unhealthy until it passes.
     pub fn new() -> Self {
+        Self::starting(false)
+    }
+
+    pub fn starting(healthy: bool) -> Self {
         Self {
-            healthy: false,
+            healthy,
             successes: 0,
             failures: 0,
         }
@@ -221,18 +225,24 @@ pub async fn run(
     let stop = shutdown.signaled();
     tokio::pin!(stop);
     loop {
-        let probe = group
-            .borrow_and_update()
-            .as_ref()
-            .and_then(|g| g.probe.clone());
+        let template = group.borrow_and_update().clone();
         let follow = async {
-            match probe {
+            match template {
+                // Until the registry (or a kept copy) says what to probe, the app is not
+                // known to be ready.
                 None => {
+                    metrics.app_healthy.set(0);
+                    publish(&health, false, "waiting for the WorkloadGroup template");
+                    std::future::pending::<()>().await
+                }
+                Some(WorkloadGroup { probe: None, .. }) => {
                     metrics.app_healthy.set(1);
                     publish(&health, true, "the WorkloadGroup has no readiness probe");
                     std::future::pending::<()>().await
                 }
-                Some(p) => probe_loop(&p, app_host, &health, &metrics).await,
+                Some(WorkloadGroup { probe: Some(p), .. }) => {
+                    probe_loop(&p, app_host, &health, &metrics).await
+                }
             }
         };
         tokio::select! {
@@ -250,7 +260,8 @@ async fn probe_loop(
     metrics: &AgentMetrics,
 ) {
     let s = Schedule::of(p);
-    let mut verdict = Verdict::new();
+    // A changed probe carries on from the current verdict rather than flapping.
+    let mut verdict = Verdict::starting(health.borrow().healthy);
     if !health.borrow().healthy {
         publish(health, false, "waiting for the readiness probe");
     }
