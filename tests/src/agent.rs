@@ -69,7 +69,9 @@ impl Vm {
     /// `sa`), with a resolv.conf naming [`RESOLVER`].
     pub fn create(m: &Mesh, net: Net, name: &str, ip: Ipv4Addr, group: &str, sa: &str) -> Vm {
         let ns = m.topo.add_vm(net, name, ip);
-        ns.set_resolv_conf(&format!("nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"));
+        ns.set_resolv_conf(&format!(
+            "nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"
+        ));
         let dir = m.dir.path().join(format!("vm-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
         let rt = ns.runtime();
@@ -200,7 +202,9 @@ impl Vm {
     /// The sample app (an HTTP server answering `hello from <name>`) on `port` in the VM;
     /// with `healthy_file`, `/healthz` answers 503 while that file is missing.
     pub fn start_app(&self, m: &Mesh, port: u16, healthy_file: Option<&Path>) -> ChildGuard {
-        let mut cmd = self.ns.command(env!("CARGO_BIN_EXE_sample-app"));
+        let mut cmd = self
+            .ns
+            .command(workspace_binary("isthmus-tests", "sample-app"));
         cmd.args(["--listen", &format!("0.0.0.0:{port}"), "--name", &self.name]);
         if let Some(f) = healthy_file {
             cmd.arg("--healthy-file").arg(f);

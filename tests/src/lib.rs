@@ -18,6 +18,7 @@ use isthmus_registry::app::{self, RegistryConfig, RegistryHandle};
 use isthmus_registry::ca::{self, init, token, CaMaterial};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod agent;
 pub mod dns;
 pub mod fuzz;
 pub mod mesh;

@@ -352,10 +352,20 @@ impl Drop for Mesh {
 impl Mesh {
     /// None (with a message) where namespaces cannot be made outside CI.
     pub async fn start(name: &str, catalog: &[String]) -> Option<Mesh> {
+        Self::start_with(name, catalog, |_| {}).await
+    }
+
+    /// As [`Mesh::start`], with the registry's config adjusted first.
+    pub async fn start_with(
+        name: &str,
+        catalog: &[String],
+        adjust: impl FnOnce(&mut isthmus_registry::app::RegistryConfig),
+    ) -> Option<Mesh> {
         let topo = Topology::create(name)?;
         let host_ip = IpAddr::V4(topo.host_addr());
         let reg = TestRegistry::start_with(&[], |cfg| {
             cfg.grpc_addr = SocketAddr::new(host_ip, 0);
+            adjust(cfg);
         })
         .await
         .expect("registry");

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use isthmus_vm_agent::config::DEFAULT_DRAIN_DEADLINE;
 use isthmus_proto::config::parse_duration;
+use isthmus_vm_agent::config::DEFAULT_DRAIN_DEADLINE;
 
 const AGENT: &str = "/usr/local/bin/isthmus-vm-agent";
 

@@ -1,0 +1,347 @@
+//! The VM agent end to end: the real `isthmus-vm-agent` binary in a VM namespace behind
+//! network A of the two-network mesh (registry in this process, east-west gateways in the
+//! network namespaces), with the sample app behind it. Onboarding, calls both ways through
+//! the gateways with capture on, DNS, the probe and the lease, restarts, a registry outage,
+//! cleanup, sd_notify, and bad bundles.
+//!
+//! As root these always run (and in CI they must: they fail if namespaces cannot be made);
+//! elsewhere they skip with a message.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use isthmus_gateway::outbound::OutboundTarget;
+use isthmus_proto::model::{Health, NodeKind};
+use isthmus_proto::subscription::{LocalView, Subscription};
+use isthmus_tests::agent::{group_yaml, Vm};
+use isthmus_tests::mesh::{host, id, on, yaml, Mesh, APP_PORT, SVC_PORT};
+use isthmus_tests::netns::{ChildGuard, Net};
+use isthmus_tests::vm::{endpoint, until, until_keeping};
+use isthmus_tests::{eventually, metric, node};
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
+const WAIT: Duration = Duration::from_secs(30);
+
+/// web: the VM's group and service; reviews: a workload in B.
+fn catalog(probe: bool) -> Vec<String> {
+    vec![
+        group_yaml("web", "web", "web", APP_PORT, probe),
+        yaml::service("web", "shop", SVC_PORT),
+        yaml::service("reviews", "shop", SVC_PORT),
+        yaml::workload(
+            "reviews-b1",
+            "shop",
+            "reviews",
+            "10.10.0.5",
+            APP_PORT,
+            "network-b",
+        ),
+    ]
+}
+
+/// A Watch of network A's view, as a workload there sees it.
+async fn watch_a(m: &Mesh) -> Subscription {
+    let creds = m.reg.credentials("shop", "watcher").await.unwrap();
+    let mut sub = m
+        .reg
+        .subscribe(&creds, &node("watcher", NodeKind::Workload, "network-a"))
+        .await
+        .unwrap();
+    sub.next().await.unwrap();
+    sub
+}
+
+fn vm_health(view: &LocalView) -> Option<Health> {
+    endpoint(view, &host("web"), &VM_IP.to_string()).map(|e| e.health)
+}
+
+/// An HTTP GET through `stream`; returns the whole response.
+async fn http_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+) -> anyhow::Result<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A minimal DNS server for the VM's network: answers every A query with `answer`, and
+/// records who asked.
+async fn fake_resolver(
+    bind: SocketAddr,
+    answer: Ipv4Addr,
+) -> tokio::sync::mpsc::Receiver<SocketAddr> {
+    let sock = UdpSocket::bind(bind).await.expect("bind the fake resolver");
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let _ = tx.try_send(from);
+            // The header and the question, without the EDNS record that may follow.
+            let Some(qname_end) = buf[12..n].iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let question_end = 12 + qname_end + 1 + 4;
+            if question_end > n {
+                continue;
+            }
+            let mut resp = buf[..question_end].to_vec();
+            resp[2] = 0x81; // QR, RD
+            resp[3] = 0x80; // RA, NOERROR
+            resp[6..8].copy_from_slice(&1u16.to_be_bytes()); // one answer
+            resp[8..12].copy_from_slice(&[0, 0, 0, 0]); // no authority, no additional
+            resp.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+            resp.extend_from_slice(&answer.octets());
+            let _ = sock.send_to(&resp, from).await;
+        }
+    });
+    rx
+}
+
+/// The mesh with gateways in A and B, reviews in B, and the web VM in A running the sample
+/// app and its agent (capture on). Returns once the agent is ready and registered.
+struct Scene {
+    vm: Vm,
+    agent: Option<ChildGuard>,
+    _app: ChildGuard,
+    _reviews: isthmus_tests::mesh::Workload,
+    _gateways: Vec<isthmus_gateway::GatewayHandle>,
+    m: Mesh,
+}
+
+impl Scene {
+    async fn start(name: &str, probe: bool, grace: Duration) -> Option<Scene> {
+        let m = Mesh::start_with(name, &catalog(probe), |cfg| cfg.vm_grace = grace).await?;
+        let gateways = vec![m.gateway(Net::A).await, m.gateway(Net::B).await];
+        let reviews = m
+            .workload(
+                Net::B,
+                "10.10.0.5",
+                "reviews-b1",
+                "reviews",
+                Default::default(),
+            )
+            .await;
+        let vm = Vm::create(&m, Net::A, "web", VM_IP, "web", "web");
+        let healthy = vm.dir.join("healthy");
+        std::fs::write(&healthy, "").unwrap();
+        let app = vm.start_app(&m, APP_PORT, Some(&healthy));
+        let agent = vm.start_agent(&m, &[], &[]);
+        vm.wait_ready().await;
+        Some(Scene {
+            vm,
+            agent: Some(agent),
+            _app: app,
+            _reviews: reviews,
+            _gateways: gateways,
+            m,
+        })
+    }
+
+    async fn wait_registered(&self) {
+        let ok = eventually(WAIT, || async {
+            let dump = self.vm.admin("/config_dump").await;
+            (dump["registration"]["connected"] == true).then_some(dump)
+        })
+        .await;
+        assert!(ok.is_some(), "never registered:\n{}", self.vm.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_joins_the_mesh_both_ways_through_the_gateways() {
+    let Some(s) = Scene::start("vm-e2e", false, Duration::from_secs(10)).await else {
+        return;
+    };
+    s.wait_registered().await;
+    let dump = s.vm.admin("/config_dump").await;
+    assert_eq!(dump["identity"]["spiffe_id"], id("web").to_string());
+    assert_eq!(dump["registration"]["entry"], "web-10-10-0-7-network-a");
+
+    // B calls the VM by its mesh name: through A's gateway to the VM's inbound.
+    let client = s.m.client(Net::B, "ratings").await;
+    client.wait_for_targets(&host("web"), SVC_PORT, 1).await;
+    let c = client.clone();
+    let (response, server) = on(s.m.rt(Net::B), async move {
+        let mut up = c
+            .outbound
+            .connect(&OutboundTarget {
+                hostname: host("web"),
+                port: SVC_PORT,
+                subset: String::new(),
+            })
+            .await?;
+        let response = http_over(&mut up.stream).await?;
+        // A clean TLS close (close_notify), as the agent's own outbound does.
+        let _ = up.stream.shutdown().await;
+        Ok::<_, anyhow::Error>((response, up.server_identity))
+    })
+    .await
+    .unwrap();
+    assert!(response.contains("hello from web"), "{response}");
+    assert_eq!(server, Some(id("web")), "the client verified the VM itself");
+    let seen = eventually(WAIT, || async {
+        let conns = s.vm.admin("/debug/connections").await;
+        conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["direction"] == "inbound")
+            .cloned()
+    })
+    .await
+    .expect("the agent recorded the inbound connection");
+    assert_eq!(seen["peer_identity"], id("ratings").to_string(), "{seen}");
+    assert_eq!(seen["result"], "ok", "{seen}");
+
+    // The VM's processes call reviews in B by its DNS name, with no change: capture sends
+    // the name to the agent's DNS and the connection to its outbound.
+    let (ok, vip, err) = s.vm.sh("getent ahostsv4 reviews.shop.svc.cluster.local");
+    assert!(
+        ok && vip.starts_with("240.240."),
+        "{vip} {err}\n{}",
+        s.vm.log()
+    );
+    let (ok, out, err) =
+        s.vm.sh("exec bash -c 'exec 3<>/dev/tcp/reviews.shop.svc.cluster.local/9080; head -1 <&3'");
+    assert!(
+        ok && out.trim() == "reviews-b1",
+        "{out} {err}\n{}",
+        s.vm.log()
+    );
+    let conns = s.vm.admin("/debug/connections").await;
+    let out_conn = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["direction"] == "outbound")
+        .cloned()
+        .expect("an outbound record");
+    assert_eq!(out_conn["peer_identity"], id("reviews").to_string());
+    assert_eq!(
+        out_conn["endpoint"],
+        format!("{}:15443", s.m.topo.gateway_addr(Net::B)),
+        "through B's gateway: {out_conn}"
+    );
+
+    // Names outside the mesh go to the VM's own resolver: the agent forwards them with
+    // its mark, so its own query is not captured again (no loop).
+    let resolver: SocketAddr = "10.10.0.53:53".parse().unwrap();
+    s.m.topo.netns(Net::A).add_ip(resolver.ip());
+    let mut asked = on(s.m.rt(Net::A), async move {
+        fake_resolver(resolver, Ipv4Addr::new(192, 0, 2, 53)).await
+    })
+    .await;
+    let (ok, out, err) = s.vm.sh("getent ahostsv4 db.example.internal");
+    assert!(
+        ok && out.starts_with("192.0.2.53"),
+        "{out} {err}\n{}",
+        s.vm.log()
+    );
+    let from = asked.try_recv().expect("the resolver was asked");
+    assert_eq!(
+        from.ip(),
+        std::net::IpAddr::V4(VM_IP),
+        "asked by the VM's agent"
+    );
+
+    // SSH-style excluded ports stay untouched; app ports are mTLS only.
+    let ssh = s.vm.rt().spawn(async {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:22").await.unwrap();
+        let (mut c, _) = l.accept().await.unwrap();
+        c.write_all(b"ssh-stand-in\n").await.unwrap();
+    });
+    let greeting = on(s.m.rt(Net::A), async move {
+        let mut c = TcpStream::connect((VM_IP, 22)).await?;
+        let mut buf = String::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut buf)).await??;
+        Ok::<_, anyhow::Error>(buf)
+    })
+    .await
+    .unwrap();
+    assert_eq!(greeting, "ssh-stand-in\n");
+    ssh.await.unwrap();
+    let plain = on(s.m.rt(Net::A), async move {
+        let mut c = TcpStream::connect((VM_IP, APP_PORT)).await?;
+        http_over(&mut c).await
+    })
+    .await
+    .unwrap_or_default();
+    assert!(
+        !plain.contains("hello from"),
+        "plaintext reached the app: {plain}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_and_the_lease_decide_the_vms_place_in_the_views() {
+    let Some(mut s) = Scene::start("vm-lease", true, Duration::from_secs(3)).await else {
+        return;
+    };
+    let mut sub = watch_a(&s.m).await;
+    let is = |h: Health| move |v: &LocalView| vm_health(v) == Some(h);
+    let absent = |v: &LocalView| vm_health(v).is_none();
+    until(&mut sub, is(Health::Healthy)).await;
+
+    // The probe fails (the app's /healthz answers 503): unhealthy; it recovers: healthy.
+    let healthy_file = s.vm.dir.join("healthy");
+    std::fs::remove_file(&healthy_file).unwrap();
+    until(&mut sub, is(Health::Unhealthy)).await;
+    std::fs::write(&healthy_file, "").unwrap();
+    until(&mut sub, is(Health::Healthy)).await;
+
+    // SIGKILL: the stream breaks, the entry waits out the grace period, then goes.
+    let agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGKILL).unwrap();
+    agent.wait_timeout(WAIT).expect("killed");
+    until(&mut sub, is(Health::Unhealthy)).await;
+    until(&mut sub, absent).await;
+    let expired =
+        |text: &str| metric(text, "isthmus_registry_vm_registrations_expired_total").unwrap_or(0.0);
+    let expired_before = expired(&s.m.reg.metrics().await);
+    assert!(
+        expired_before >= 1.0,
+        "the entry expired after the grace period"
+    );
+
+    // Back: registered again, and healthy once the probe passes.
+    let agent = s.vm.start_agent(&s.m, &[], &[]);
+    until(&mut sub, is(Health::Healthy)).await;
+
+    // Killed and restarted within the grace period: the entry is taken over, never removed.
+    agent.signal(Signal::SIGKILL).unwrap();
+    agent.wait_timeout(WAIT).expect("killed");
+    let agent = s.vm.start_agent(&s.m, &[], &[]);
+    s.vm.wait_ready().await;
+    let resumed = eventually(WAIT, || async {
+        let d = s.vm.admin("/config_dump").await;
+        (d["registration"]["connected"] == true).then_some(d["registration"]["resumed"] == true)
+    })
+    .await;
+    assert_eq!(
+        resumed,
+        Some(true),
+        "the restart took the entry over:\n{}",
+        s.vm.log()
+    );
+    until_keeping(&mut sub, |v| !absent(v), is(Health::Healthy)).await;
+
+    // SIGTERM: deregistered at once, not expired.
+    agent.signal(Signal::SIGTERM).unwrap();
+    let status = agent.wait_timeout(WAIT).expect("the agent stopped");
+    assert!(status.success(), "{status:?}\n{}", s.vm.log());
+    until(&mut sub, absent).await;
+    assert_eq!(
+        expired(&s.m.reg.metrics().await),
+        expired_before,
+        "removed by the deregistration"
+    );
+    assert!(s.vm.log().contains("deregistered"), "{}", s.vm.log());
+}
