@@ -387,7 +387,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
                 let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), out_bound.port());
                 match TcpListener::bind(v6).await {
                     Ok(l) => outs.push(l),
-                    Err(e) => tracing::info!(addr = %v6, error = %e, "no IPv6 outbound capture listener"),
+                    Err(e) => {
+                        tracing::info!(addr = %v6, error = %e, "no IPv6 outbound capture listener")
+                    }
                 }
             }
             for out in outs {
