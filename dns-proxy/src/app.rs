@@ -134,6 +134,7 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
         cluster: config.cluster.clone(),
         namespace: config.namespace.clone(),
         cluster_domain: config.cluster_domain.clone(),
+        ipv6: config.ipv6,
     };
     let names = Arc::new(ArcSwap::from_pointee(NameTable::unsynced(&locale)));
 

@@ -77,6 +77,9 @@ pub struct Config {
     /// `SO_MARK` on the sockets that query upstreams: set when this proxy runs inside the
     /// VM agent, whose capture rules redirect DNS to it except packets with its mark.
     pub socket_mark: Option<u32>,
+    /// Answer AAAA for mesh names with their IPv6 addresses (off where the host has no
+    /// IPv6 route: an app would try the address first and fail).
+    pub ipv6: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +113,7 @@ impl Config {
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             udp_workers: 0,
             socket_mark: None,
+            ipv6: true,
         }
     }
 

@@ -21,6 +21,9 @@ pub struct Locale {
     pub namespace: String,
     /// The cluster domain, `cluster.local` by default, without a trailing dot.
     pub cluster_domain: String,
+    /// Whether mesh names get IPv6 addresses (AAAA). Off on hosts without an IPv6 route:
+    /// an app offered an address it cannot reach may try it first and fail.
+    pub ipv6: bool,
 }
 
 /// The addresses one mesh name resolves to.
@@ -215,7 +218,7 @@ pub fn mesh_name(sv: &ServiceView, locale: &Locale) -> Option<MeshName> {
     for a in addrs {
         match a {
             IpAddr::V4(a) if !v4.contains(&a) => v4.push(a),
-            IpAddr::V6(a) if !v6.contains(&a) => v6.push(a),
+            IpAddr::V6(a) if locale.ipv6 && !v6.contains(&a) => v6.push(a),
             _ => {}
         }
     }
@@ -277,6 +280,7 @@ mod tests {
             cluster: "c1".into(),
             namespace: "shop".into(),
             cluster_domain: "cluster.local".into(),
+            ipv6: true,
         }
     }
 

@@ -593,6 +593,7 @@ mod tests {
             cluster: "c1".into(),
             namespace: "shop".into(),
             cluster_domain: "cluster.local".into(),
+            ipv6: true,
         }
     }
 

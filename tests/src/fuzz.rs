@@ -232,6 +232,7 @@ fn dns_resolver() -> &'static isthmus_dns::server::Resolver {
             cluster: "c".into(),
             namespace: "shop".into(),
             cluster_domain: "cluster.local".into(),
+            ipv6: true,
         };
         let metrics = Arc::new(Metrics::register(
             &mut prometheus_client::registry::Registry::default(),

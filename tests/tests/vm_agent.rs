@@ -8,6 +8,7 @@
 //! elsewhere they skip with a message.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use isthmus_gateway::outbound::OutboundTarget;
@@ -118,7 +119,15 @@ struct Scene {
 
 impl Scene {
     async fn start(name: &str, probe: bool, grace: Duration) -> Option<Scene> {
-        let m = Mesh::start_with(name, &catalog(probe), |cfg| cfg.vm_grace = grace).await?;
+        Self::start_with(name, probe, |cfg| cfg.vm_grace = grace).await
+    }
+
+    async fn start_with(
+        name: &str,
+        probe: bool,
+        adjust: impl FnOnce(&mut isthmus_registry::app::RegistryConfig),
+    ) -> Option<Scene> {
+        let m = Mesh::start_with(name, &catalog(probe), adjust).await?;
         let gateways = vec![m.gateway(Net::A).await, m.gateway(Net::B).await];
         let reviews = m
             .workload(
@@ -344,4 +353,282 @@ async fn the_probe_and_the_lease_decide_the_vms_place_in_the_views() {
         "removed by the deregistration"
     );
     assert!(s.vm.log().contains("deregistered"), "{}", s.vm.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_renew_with_the_kept_certificate_and_a_spent_token_is_refused() {
+    // Leaves of 20 s: the agent renews every ~10 s, with its current certificate.
+    let Some(mut s) = Scene::start_with("vm-renew", false, |cfg| {
+        cfg.ca_policy.default_ttl = Duration::from_secs(20);
+    })
+    .await
+    else {
+        return;
+    };
+    s.wait_registered().await;
+    let token = std::fs::read_to_string(s.vm.bundle_dir().join("token")).unwrap();
+    let renewed = |text: &str| {
+        metric(
+            text,
+            "isthmus_vm_agent_certificate_renewals_total{outcome=\"ok\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let twice = eventually(Duration::from_secs(60), || async {
+        (renewed(&s.vm.metrics().await) >= 2.0).then_some(())
+    })
+    .await;
+    assert!(twice.is_some(), "no renewals:\n{}", s.vm.log());
+
+    // Restart with no token left: the kept certificate is enough.
+    let agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    assert!(agent.wait_timeout(WAIT).expect("stopped").success());
+    std::fs::remove_file(s.vm.bundle_dir().join("token")).unwrap();
+    s.agent = Some(s.vm.start_agent(&s.m, &[], &[]));
+    s.vm.wait_ready().await;
+    s.wait_registered().await;
+    assert!(
+        s.vm.log()
+            .contains("using the certificate in the state directory"),
+        "{}",
+        s.vm.log()
+    );
+
+    // The spent token again, with an empty state directory: refused, and said why.
+    let second = s.vm.dir.join("second");
+    let bundle2 = second.join("bundle");
+    std::fs::create_dir_all(&bundle2).unwrap();
+    for f in ["agent.yaml", "root-cert.pem"] {
+        std::fs::copy(s.vm.bundle_dir().join(f), bundle2.join(f)).unwrap();
+    }
+    std::fs::write(bundle2.join("token"), &token).unwrap();
+    let out =
+        s.vm.ns
+            .command(isthmus_tests::agent::agent_binary())
+            .args(["run", "--capture", "none", "--bundle"])
+            .arg(&bundle2)
+            .arg("--state-dir")
+            .arg(second.join("state"))
+            .args([
+                "--admin-addr",
+                "127.0.0.1:15100",
+                "--health-addr",
+                "127.0.0.1:15121",
+                "--dns-addr",
+                "127.0.0.1:15153",
+                "--outbound-addr",
+                "127.0.0.1:15101",
+                "--inbound-addr",
+                "0.0.0.0:15106",
+            ])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for want in ["already been used", "token", "onboard it again"] {
+        assert!(err.contains(want), "{want:?} missing: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_registry_the_agent_serves_its_snapshot_and_catches_up() {
+    let Some(mut s) = Scene::start("vm-snapshot", false, Duration::from_secs(10)).await else {
+        return;
+    };
+    s.wait_registered().await;
+    let snapshot = s.vm.state_dir().join("catalog.snapshot");
+    assert!(snapshot.exists(), "no snapshot:\n{}", s.vm.log());
+    let agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    assert!(agent.wait_timeout(WAIT).expect("stopped").success());
+
+    // Registry down, agent starts: ready from the snapshot, and the VM's calls work.
+    s.m.reg.stop_keeping_port().await;
+    s.agent = Some(s.vm.start_agent(&s.m, &[], &[]));
+    s.vm.wait_ready().await;
+    let dump = s.vm.admin("/config_dump").await;
+    assert_eq!(dump["catalog"]["connected"], false, "{}", dump["catalog"]);
+    assert_eq!(dump["catalog"]["synced"], true, "{}", dump["catalog"]);
+    let (ok, out, err) =
+        s.vm.sh("exec bash -c 'exec 3<>/dev/tcp/reviews.shop.svc.cluster.local/9080; head -1 <&3'");
+    if !ok {
+        eprintln!("DEBUG {:?}", s.vm.sh("ip route; ip -6 route; getent ahosts reviews.shop.svc.cluster.local; nft list ruleset"));
+    }
+    assert!(
+        ok && out.trim() == "reviews-b1",
+        "{out} {err}\n{}",
+        s.vm.log()
+    );
+
+    // A service added while the registry was down appears once it is back.
+    s.m.reg
+        .write_resource("late.yaml", &yaml::service("ratings", "shop", SVC_PORT));
+    s.m.reg.start_again().await.unwrap();
+    let caught_up = eventually(Duration::from_secs(60), || async {
+        let (ok, out, _) = s.vm.sh("getent ahostsv4 ratings.shop.svc.cluster.local");
+        (ok && out.starts_with("240.240.")).then_some(())
+    })
+    .await;
+    assert!(caught_up.is_some(), "never caught up:\n{}", s.vm.log());
+    s.wait_registered().await;
+    assert_eq!(
+        s.vm.admin("/config_dump").await["catalog"]["connected"],
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_leaves_no_rule_behind_even_after_a_sigkill() {
+    let Some(mut s) = Scene::start("vm-cleanup", false, Duration::from_secs(10)).await else {
+        return;
+    };
+    assert!(
+        s.vm.nft_tables().contains("inet isthmus"),
+        "{}",
+        s.vm.nft_tables()
+    );
+
+    // SIGTERM: the agent removes its rules itself.
+    let agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    assert!(agent.wait_timeout(WAIT).expect("stopped").success());
+    assert!(
+        !s.vm.nft_tables().contains("isthmus"),
+        "{}",
+        s.vm.nft_tables()
+    );
+
+    // SIGKILL: the rules stay until `cleanup`, which is idempotent.
+    let agent = s.vm.start_agent(&s.m, &[], &[]);
+    s.vm.wait_ready().await;
+    assert!(s.vm.nft_tables().contains("inet isthmus"));
+    agent.signal(Signal::SIGKILL).unwrap();
+    agent.wait_timeout(WAIT).expect("killed");
+    assert!(s.vm.nft_tables().contains("inet isthmus"));
+    let (ok, out) = s.vm.cleanup();
+    assert!(ok && out.contains("removed"), "{out}");
+    assert!(
+        !s.vm.nft_tables().contains("isthmus"),
+        "{}",
+        s.vm.nft_tables()
+    );
+    let (ok, out) = s.vm.cleanup();
+    assert!(ok && out.contains("no capture rules"), "{out}");
+    let (_, rules, _) = s.vm.sh("nft list ruleset");
+    assert!(rules.trim().is_empty(), "left behind:\n{rules}");
+}
+
+/// Datagrams from the agent on a test notify socket.
+struct NotifySocket {
+    sock: UnixDatagram,
+    pub path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(dir: &std::path::Path) -> Self {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Self { sock, path }
+    }
+
+    /// Every message received during `d`.
+    fn during(&self, d: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + d;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        out
+    }
+
+    /// Messages until one satisfies `pred` (bounded by `d`); the last is the match.
+    fn until(&self, d: Duration, pred: impl Fn(&str) -> bool) -> Option<Vec<String>> {
+        let deadline = std::time::Instant::now() + d;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = pred(&m);
+                out.push(m);
+                if hit {
+                    return Some(out);
+                }
+            }
+        }
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_after_the_catalog_and_no_watchdog_while_unhealthy() {
+    let Some(mut s) = Scene::start("vm-notify", false, Duration::from_secs(10)).await else {
+        return;
+    };
+    // A certificate is kept; the catalog snapshot is not; the registry is down.
+    let agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    assert!(agent.wait_timeout(WAIT).expect("stopped").success());
+    std::fs::remove_file(s.vm.state_dir().join("catalog.snapshot")).unwrap();
+    s.m.reg.stop_keeping_port().await;
+
+    let notify = NotifySocket::bind(&s.vm.dir);
+    let path = notify.path.to_str().unwrap().to_string();
+    s.agent = Some(s.vm.start_agent(
+        &s.m,
+        &[],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "1000000")],
+    ));
+    let before = tokio::task::block_in_place(|| notify.during(Duration::from_secs(4)));
+    assert!(
+        before
+            .iter()
+            .any(|m| m.contains("STATUS=waiting for the first catalog")),
+        "{before:?}\n{}",
+        s.vm.log()
+    );
+    assert!(
+        !before.iter().any(|m| m.contains("READY=1")),
+        "READY before any catalog: {before:?}"
+    );
+
+    s.m.reg.start_again().await.unwrap();
+    let ready = tokio::task::block_in_place(|| {
+        notify.until(Duration::from_secs(60), |m| m.contains("READY=1"))
+    });
+    assert!(ready.is_some(), "no READY:\n{}", s.vm.log());
+    let pings = tokio::task::block_in_place(|| notify.during(Duration::from_secs(2)));
+    assert!(
+        pings.iter().any(|m| m.contains("WATCHDOG=1")),
+        "no watchdog pings while healthy: {pings:?}"
+    );
+
+    // The data plane breaks (its rules are gone): the pings stop, the reason is told.
+    let (ok, _, err) = s.vm.sh("nft delete table inet isthmus");
+    assert!(ok, "{err}");
+    let told = tokio::task::block_in_place(|| {
+        notify.until(Duration::from_secs(10), |m| m.contains("STATUS=unhealthy"))
+    });
+    assert!(told.is_some(), "no unhealthy STATUS:\n{}", s.vm.log());
+    let after = tokio::task::block_in_place(|| notify.during(Duration::from_secs(3)));
+    assert!(
+        !after.iter().any(|m| m.contains("WATCHDOG=1")),
+        "watchdog pings while unhealthy: {after:?}"
+    );
+    // And STOPPING on the way out.
+    let agent = s.agent.take().unwrap();
+    agent.signal(Signal::SIGTERM).unwrap();
+    agent.wait_timeout(WAIT).expect("stopped");
+    let last = tokio::task::block_in_place(|| notify.during(Duration::from_millis(500)));
+    assert!(
+        last.iter().any(|m| m.contains("STOPPING=1")),
+        "no STOPPING: {last:?}"
+    );
 }

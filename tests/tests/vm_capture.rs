@@ -382,6 +382,7 @@ fn forwarding_resolver(upstream: SocketAddr, mark: Option<u32>) -> Resolver {
         cluster: "cluster-a".into(),
         namespace: "default".into(),
         cluster_domain: "cluster.local".into(),
+        ipv6: true,
     };
     let names = NameTable::build(&LocalView::default(), &locale, true);
     Resolver::new(

@@ -75,6 +75,8 @@ pub struct AgentHandle {
     readiness: Readiness,
     notifier: Arc<Notifier>,
     capture: Option<Arc<Mutex<CapturePlan>>>,
+    /// Keeps the rules in step with the catalog; stopped before the rules are removed.
+    capture_task: Option<JoinHandle<()>>,
     drain_deadline: Duration,
     trackers: Vec<Arc<Tracker>>,
     dns: isthmus_dns::DnsHandle,
@@ -139,6 +141,10 @@ impl AgentHandle {
             forced += d.await.unwrap_or(0);
         }
         tracing::info!(forced, "drained");
+        if let Some(t) = self.capture_task {
+            t.abort();
+            let _ = t.await;
+        }
         if self.capture.is_some() {
             match tokio::task::spawn_blocking(capture::cleanup).await {
                 Ok(Ok(_)) => tracing::info!("capture rules removed"),
@@ -191,6 +197,14 @@ pub fn resolvers(text: &str) -> Vec<IpAddr> {
         }
     }
     out
+}
+
+/// Whether this host can route to IPv6 service addresses (the allocated VIP range).
+fn has_ipv6_route() -> bool {
+    let probe: SocketAddr = "[2001:2::1]:9".parse().expect("literal");
+    std::net::UdpSocket::bind("[::]:0")
+        .and_then(|s| s.connect(probe))
+        .is_ok()
 }
 
 /// The app ports of a group template, deduplicated and sorted.
@@ -316,6 +330,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     dns_config.resolv_conf = config.resolv_conf.clone();
     dns_config.node_id = format!("{}-dns", hello.entry_name());
     dns_config.socket_mark = Some(config.mark);
+    // A VM without an IPv6 route cannot reach IPv6 service addresses (capture redirects
+    // only what the kernel could route): give its apps IPv4 addresses only.
+    dns_config.ipv6 = has_ipv6_route();
+    if !dns_config.ipv6 {
+        tracing::info!("no IPv6 route: mesh names are answered with IPv4 addresses only");
+    }
     let dns = isthmus_dns::run_with(
         dns_config,
         Some(isthmus_dns::Embedding {
@@ -446,6 +466,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     )));
 
     // 5. Capture, once the listeners answer.
+    let (capture_progress_tx, capture_progress) = watch::channel(CaptureProgress::default());
+    let mut capture_task = None;
     let capture = match config.capture {
         CaptureMode::Nftables => {
             let resolv = std::fs::read_to_string(&config.resolv_conf).unwrap_or_default();
@@ -466,17 +488,24 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
             install(plan.clone()).await?;
             agent_metrics.capture_installed.set(1);
             let plan = Arc::new(Mutex::new(plan));
-            tasks.push(tokio::spawn(follow_capture(
+            capture_task = Some(tokio::spawn(follow_capture(
                 plan.clone(),
                 routes.clone(),
                 sync.clone(),
                 group_rx.clone(),
+                capture_progress_tx,
                 agent_metrics.clone(),
-                shutdown.clone(),
             )));
             Some(plan)
         }
-        CaptureMode::None => None,
+        CaptureMode::None => {
+            // Nothing to wait for: the inbound listeners are the app's ports.
+            capture_progress_tx.send_replace(CaptureProgress {
+                ports: None,
+                addresses: Some(0),
+            });
+            None
+        }
     };
 
     // 6. Registration, probe, renewal.
@@ -502,6 +531,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
             group_path: config.group_path(),
             state: reg_state_tx,
             metrics: agent_metrics.clone(),
+            captured: capture_progress.clone(),
         }
         .run(registration_shutdown),
     );
@@ -602,6 +632,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         creds: creds_rx,
         capture: capture.clone(),
         accept_alive,
+        capture_progress,
         metrics: agent_metrics,
         shutdown: shutdown.clone(),
     })));
@@ -633,6 +664,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         readiness,
         notifier,
         capture,
+        capture_task,
         drain_deadline: config.drain_deadline,
         trackers,
         dns,
@@ -717,6 +749,14 @@ async fn follow_credentials(
     }
 }
 
+/// What the capture rules cover so far: the app ports captured inbound, and how many
+/// service addresses outbound (`None` until first applied).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureProgress {
+    pub ports: Option<Vec<u16>>,
+    pub addresses: Option<usize>,
+}
+
 /// Keeps the capture rules in step with the catalog (the service addresses to redirect)
 /// and with the group template (the app ports to capture inbound).
 async fn follow_capture(
@@ -724,11 +764,9 @@ async fn follow_capture(
     routes: Arc<ArcSwap<RouteTable>>,
     mut sync: watch::Receiver<Arc<SyncState>>,
     mut group: watch::Receiver<Option<WorkloadGroup>>,
+    progress: watch::Sender<CaptureProgress>,
     metrics: AgentMetrics,
-    shutdown: drain::Watch,
 ) {
-    let stop = shutdown.signaled();
-    tokio::pin!(stop);
     let mut applied: Option<BTreeSet<IpAddr>> = None;
     loop {
         let ports = app_ports(group.borrow_and_update().as_ref());
@@ -743,10 +781,20 @@ async fn follow_capture(
         };
         if let Some(p) = reinstall {
             tracing::info!(ports = ?p.inbound_ports, "capturing inbound to the app's ports");
-            if let Err(e) = install(p).await {
-                tracing::error!(error = %e, "cannot update the capture rules");
+            let ports = p.inbound_ports.clone();
+            match install(p).await {
+                Ok(()) => progress.send_modify(|c| c.ports = Some(ports)),
+                Err(e) => tracing::error!(error = %e, "cannot update the capture rules"),
             }
+            // A reinstall empties the address sets.
             applied = None;
+        } else if progress.borrow().ports.is_none() {
+            let ports = plan
+                .lock()
+                .expect("capture plan poisoned")
+                .inbound_ports
+                .clone();
+            progress.send_modify(|c| c.ports = Some(ports));
         }
         // The routing table follows the view; give it a moment to rebuild.
         sync.borrow_and_update();
@@ -773,6 +821,7 @@ async fn follow_capture(
                     tracing::debug!(addresses = n, "captured service addresses updated");
                     metrics.captured_addresses.set(n as i64);
                     applied = Some(wanted);
+                    progress.send_modify(|c| c.addresses = Some(n));
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "cannot update the captured service addresses")
@@ -781,7 +830,6 @@ async fn follow_capture(
             }
         }
         tokio::select! {
-            _ = &mut stop => return,
             r = sync.changed() => if r.is_err() { return },
             r = group.changed() => if r.is_err() { return },
             // A failed update is retried.
@@ -799,6 +847,7 @@ struct Supervisor {
     creds: watch::Receiver<Arc<Credentials>>,
     capture: Option<Arc<Mutex<CapturePlan>>>,
     accept_alive: Vec<tokio::task::AbortHandle>,
+    capture_progress: watch::Receiver<CaptureProgress>,
     metrics: AgentMetrics,
     shutdown: drain::Watch,
 }
@@ -818,7 +867,10 @@ async fn supervise(s: Supervisor) {
     let mut sync = s.sync.clone();
     loop {
         let check = self_check(&s).await;
-        let catalog_up = s.sync.borrow().synced() || s.catalog_ready.is_ready();
+        // Ready also means the captured addresses are in place: an app that resolves a
+        // name must find its connection redirected.
+        let catalog_up = (s.sync.borrow().synced() || s.catalog_ready.is_ready())
+            && s.capture_progress.borrow().addresses.is_some();
         match &check {
             Ok(()) => {
                 s.metrics.data_plane_healthy.set(1);

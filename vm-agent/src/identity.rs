@@ -180,11 +180,19 @@ pub async fn keep_renewed(
     let stop = shutdown.signaled();
     tokio::pin!(stop);
     let mut retry = Duration::from_secs(1);
+    // A certificate issued in this run renews at half of what it had left when it came;
+    // one found on disk at half of its validity (which starts a little in the past, for
+    // clock skew, so a very short-lived one renews at once).
+    let mut issued_here = false;
     loop {
         let current = creds.borrow().clone();
         let (remaining, lifetime) = current.leaf_validity().unwrap_or((0, 0));
         metrics.cert_expiry_seconds.set(remaining.max(0) as f64);
-        let wait = renew_in(remaining, lifetime);
+        let wait = if issued_here {
+            Duration::from_secs((remaining.max(0) / 2) as u64)
+        } else {
+            renew_in(remaining, lifetime)
+        };
         tracing::debug!(?wait, remaining, "next certificate renewal");
         tokio::select! {
             _ = &mut stop => return,
@@ -200,6 +208,7 @@ pub async fn keep_renewed(
                     .get_or_create(&crate::metrics::Outcome::ok())
                     .inc();
                 creds.send_replace(Arc::new(fresh));
+                issued_here = true;
             }
             Err(e) => {
                 let (left, _) = current.leaf_validity().unwrap_or((0, 0));

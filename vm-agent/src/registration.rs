@@ -69,7 +69,13 @@ pub struct Registration {
     pub group_path: PathBuf,
     pub state: watch::Sender<RegistrationState>,
     pub metrics: AgentMetrics,
+    /// What capture covers: the first health report waits (bounded) until the group's app
+    /// ports are captured, so peers never reach the app around the agent.
+    pub captured: watch::Receiver<crate::app::CaptureProgress>,
 }
+
+/// How long the first health report waits for the app's ports to be captured.
+const CAPTURE_WAIT: Duration = Duration::from_secs(5);
 
 impl Registration {
     /// Runs until `shutdown`, then deregisters (bounded by [`DEREGISTER_TIMEOUT`]).
@@ -189,11 +195,30 @@ impl Registration {
         tracing::info!(entry = %ack.entry_name, namespace = %ack.namespace, resumed = ack.resumed, "registered");
         if let Some(group) = ack.group.clone() {
             self.keep_group(&group);
+            let mut ports: Vec<u16> = group.template.ports.values().copied().collect();
+            ports.sort_unstable();
+            ports.dedup();
             self.group.send_if_modified(|g| {
                 let changed = g.as_ref() != Some(&group);
                 *g = Some(group);
                 changed
             });
+            let captured = tokio::time::timeout(
+                CAPTURE_WAIT,
+                self.captured
+                    // Without capture (`ports: None` once settled) there is nothing to wait for.
+                    .wait_for(|c| match &c.ports {
+                        Some(p) => *p == ports,
+                        None => c.addresses.is_some(),
+                    }),
+            )
+            .await;
+            if captured.is_err() {
+                tracing::warn!(
+                    ?ports,
+                    "the app's ports are not captured yet; reporting health anyway"
+                );
+            }
         }
         let report = self.health.borrow_and_update().clone();
         let health = registrar
