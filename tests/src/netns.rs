@@ -113,7 +113,8 @@ impl Netns {
     }
 
     /// Adds `ip` (as a /32 or /128) to the workload interface `wl0` in A and B (to the
-    /// bridge in wan). Workload addresses are not routed outside their namespace.
+    /// bridge in wan). Workload addresses are not routed outside their namespace. An IPv6
+    /// address is usable (routed locally) when this returns.
     pub fn add_ip(&self, ip: IpAddr) {
         let cidr = match ip {
             IpAddr::V4(v4) => format!("{v4}/32"),
@@ -133,6 +134,31 @@ impl Netns {
             args.push("nodad");
         }
         ip_ok(&args);
+        if let IpAddr::V6(v6) = ip {
+            self.wait_local(v6);
+        }
+    }
+
+    /// Waits until the kernel routes IPv6 `ip` locally. Even without DAD an address stays
+    /// tentative (it binds, but a connection to it leaves by the interface and fails with
+    /// "no route to host") until the kernel has seen its link operationally up, which it
+    /// learns asynchronously: late on a busy machine.
+    fn wait_local(&self, ip: std::net::Ipv6Addr) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = ip.to_string();
+        loop {
+            let out = ip_output(&["-n", &self.name, "-6", "route", "get", &addr])
+                .unwrap_or_else(|e| panic!("`ip route get` in {}: {e}", self.name));
+            if String::from_utf8_lossy(&out.stdout).starts_with("local ") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr} in {} is still not routed locally after 10 s",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// A multi-thread tokio runtime (2 workers, all drivers) every thread of which, workers
