@@ -238,7 +238,7 @@ down() {
   for ns in isthmus-vm-a isthmus-vm-b; do
     if netns_exists "$ns" && [ -x "$bin/isthmus-vm-agent" ]; then
       if out=$(in_ns "$ns" "$bin/isthmus-vm-agent" cleanup 2>&1); then
-        echo "ran isthmus-vm-agent cleanup in $ns (removes the agent's nftables rules)"
+        echo "isthmus-vm-agent cleanup in $ns: ${out:-done}"
       else
         echo "isthmus-vm-agent cleanup in $ns failed (its rules go with the namespace):"
         printf '%s\n' "$out" | tail -n 5 | sed 's/^/  /'
@@ -504,10 +504,11 @@ demo() {
   conns_b=$(in_ns isthmus-vm-b curl -fsS --max-time 2 http://127.0.0.1:15000/debug/connections 2>/dev/null || true)
   out_rec=$(json_records <<<"$conns_a" | grep '"direction"[[:space:]]*:[[:space:]]*"outbound"' | grep 'reviews' | tail -n 1 || true)
   in_rec=$(json_records <<<"$conns_b" | grep '"direction"[[:space:]]*:[[:space:]]*"inbound"' | tail -n 1 || true)
-  local server_id endpoint client_id
+  local server_id endpoint client_id from
   server_id=$(json_field peer_identity <<<"$out_rec")
   endpoint=$(json_field endpoint <<<"$out_rec")
   client_id=$(json_field peer_identity <<<"$in_rec")
+  from=$(json_field client <<<"$in_rec")
 
   echo
   say "the path"
@@ -518,7 +519,8 @@ demo() {
       (server verified as ${server_id:-?})
     → gateway of network-b ${endpoint:-$(gw_ip b):15443} (SNI passthrough: routes by SNI, never decrypts)
     → gateway B connects to vm-b ($vm_ip in network-b, the same address as vm-a's)
-    → agent B terminates mTLS (saw ${client_id:-?}) and forwards to the sample app
+    → agent B accepts it${from:+ from ${from%:*}}, terminates mTLS (saw ${client_id:-?}),
+      and forwards to the sample app on 127.0.0.1:9080
     → sample app: "$(head -n 1 <<<"$answer")"
 EOF
   if [ -z "$out_rec" ] || [ -z "$in_rec" ]; then
@@ -537,20 +539,24 @@ print_help() {
   cat <<EOF
 
 The local mesh keeps running. Poke around (as root):
-  ip netns exec isthmus-vm-a curl -s http://reviews.shop.svc.cluster.local:9080/
-  ip netns exec isthmus-vm-b curl -s http://frontend.shop.svc.cluster.local:9080/
-  ip netns exec isthmus-vm-a dig reviews.shop.svc.cluster.local
-  ip netns exec isthmus-vm-a curl -s http://127.0.0.1:15000/debug/connections   # agent A admin
-  ip netns exec isthmus-vm-a curl -s http://127.0.0.1:15021/healthz/ready       # agent A health
-  ip netns exec isthmus-vm-a nft list ruleset                                     # agent A capture
-  curl -s http://$admin/debug/catalog?network=network-a                     # registry
-  curl -s http://$admin/debug/registrations
-  curl -s http://$(gw_ip b):15000/config_dump                                  # gateway B
-  $bin/isthmusctl catalog --registry $grpc --root $state/ca/root-cert.pem --cert-dir $state/gateway-a --network network-a
-  ip netns exec isthmus-vm-a bash                                                # a shell on VM A
+  VMs call services by name (the agent answers DNS and captures the connection):
+    ip netns exec isthmus-vm-a curl -s http://reviews.shop.svc.cluster.local:9080/
+    ip netns exec isthmus-vm-b curl -s http://frontend.shop.svc.cluster.local:9080/
+    ip netns exec isthmus-vm-a dig reviews.shop.svc.cluster.local
+    ip netns exec isthmus-vm-a bash          (a shell on VM A)
+  The agents (admin on 127.0.0.1:15000, health on :15021, inside each VM):
+    ip netns exec isthmus-vm-a curl -s http://127.0.0.1:15000/debug/connections
+    ip netns exec isthmus-vm-b curl -s http://127.0.0.1:15021/healthz/ready
+    ip netns exec isthmus-vm-a nft list ruleset
+  The registry and the gateways, from this shell:
+    curl -s 'http://$admin/debug/catalog?network=network-a'
+    curl -s http://$admin/debug/registrations
+    curl -s http://$(gw_ip b):15000/config_dump
+    $bin/isthmusctl catalog --registry $grpc \\
+      --root $state/ca/root-cert.pem --cert-dir $state/gateway-a --network network-a
   sudo deploy/quickstart.sh status
 Logs: $logs/{registry,gateway-a,gateway-b,app-a,app-b,agent-a,agent-b}.log
-Edit the live catalog in $state/resources/ (the registry re-reads it).
+The live catalog is in $state/resources/ (the registry re-reads it when it changes).
 Tear everything down with: sudo deploy/quickstart.sh down
 EOF
 }
