@@ -1,125 +1,629 @@
 #!/usr/bin/env bash
-# The README's quick start: a registry on its embedded store, serving the sample
-# multi-network catalog in deploy/examples, and the view each network gets.
+# The README's quick start: a whole multi-network mesh on one Linux machine, built from
+# network namespaces. Two networks that use the same addresses inside (the VM of each is
+# 10.10.0.7), a WAN between them that only their east-west gateways are on, one registry,
+# and in each network a VM running a sample app behind isthmus-vm-agent. A process on VM A
+# then calls the app on VM B by its mesh name, with no change to either app.
 #
-#   deploy/quickstart.sh        build, start the registry in the background, print the views
-#   deploy/quickstart.sh down   stop the registry and remove everything this script created
+#   sudo deploy/quickstart.sh        build (release), bring the mesh up, show a call across
+#                                    the networks and who saw which identity on the way
+#   sudo deploy/quickstart.sh down   stop everything it started and remove every namespace,
+#                                    interface, /etc/netns entry and file it created
+#   sudo deploy/quickstart.sh status what is up
 #
-# State (CA, store, credentials, logs) lives in .isthmus-local/ at the repository root.
-# Ports: ISTHMUS_GRPC_ADDR (127.0.0.1:15012), ISTHMUS_ADMIN_ADDR (127.0.0.1:15014), and for
-# the DNS proxy of network-a ISTHMUS_DNS_ADDR (127.0.0.1:15053), ISTHMUS_DNS_ADMIN_ADDR
-# (127.0.0.1:15000).
+# `up` refuses to start over a mesh that is up, or over what a failed `up` left for a look
+# (it says what failed, with the log's tail): run `down` first. `down` is idempotent.
+#
+# Root is needed: it creates network namespaces and veth pairs (CAP_SYS_ADMIN,
+# CAP_NET_ADMIN) and nftables rules, and needs `ip` (iproute2), `nft` (nftables) and
+# `curl`. `up` builds as the user who ran sudo when there is one. ISTHMUS_NO_BUILD=1 skips
+# the build (use binaries built already); CARGO_TARGET_DIR is honoured.
+#
+# Layout (ISTHMUS_WAN_PREFIX, 198.18.0 by default, is a /24 of the RFC 2544 benchmarking
+# range, never a real network; the test harness uses 198.18.1-250):
+#
+#   root namespace: isthmus-root 198.18.0.1/24, isthmus-registry on 198.18.0.1
+#        |                                        (gRPC 15012, admin 15014)
+#   isthmus-wan: bridge br0 ── vh
+#                           ├─ va ── wan0 198.18.0.10/24 in isthmus-net-a (network-a)
+#                           └─ vb ── wan0 198.18.0.20/24 in isthmus-net-b (network-b)
+#
+#   isthmus-net-X: the gateway of network-X on its wan0 address (SNI 15443, admin 15000,
+#                  health 15021); forwarding on (in this namespace only); the nftables
+#                  table inet isthmus-quickstart masquerades what the VM sends out of wan0
+#     vm-X 169.254.1.1/32 ── eth0 10.10.0.7/32 in isthmus-vm-X (the VM), whose default
+#     route 10.10.0.7/32 dev vm-X                route is via 169.254.1.1
+#
+#   isthmus-vm-X: sample-app on 0.0.0.0:9080, isthmus-vm-agent (admin 127.0.0.1:15000,
+#                 health 0.0.0.0:15021); /etc/netns/isthmus-vm-X/resolv.conf says
+#                 nameserver 10.10.0.53, and the agent answers the mesh names sent there
+#
+# Both VMs are 10.10.0.7: nothing outside a network can route to its VM, hence the
+# masquerade; gateway X reaches VM X directly. The script never touches the root
+# namespace's forwarding, and no namespace gets a default route: the VMs reach the registry
+# and the gateways, nothing beyond. The catalog is rendered from
+# deploy/examples/mesh/*.yaml.in into .isthmus-local/resources/ (watched by the registry).
+# State, credentials, PIDs and logs live in .isthmus-local/ at the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 state="$root/.isthmus-local"
-grpc=${ISTHMUS_GRPC_ADDR:-127.0.0.1:15012}
-admin=${ISTHMUS_ADMIN_ADDR:-127.0.0.1:15014}
-dns=${ISTHMUS_DNS_ADDR:-127.0.0.1:15053}
-dns_admin=${ISTHMUS_DNS_ADMIN_ADDR:-127.0.0.1:15000}
-bin="$root/target/release"
+pids="$state/pids"
+logs="$state/logs"
+target=${CARGO_TARGET_DIR:-$root/target}
+bin="$target/release"
 
-stop_pid() {
-  local file="$state/$1.pid"
-  if [ -f "$file" ]; then
-    pid=$(cat "$file")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill "$pid"
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    fi
-    rm -f "$file"
+wan=${ISTHMUS_WAN_PREFIX:-198.18.0}
+registry_ip="$wan.1"
+grpc="$registry_ip:15012"
+admin="$registry_ip:15014"
+vm_ip=10.10.0.7
+nameserver=10.10.0.53
+next_hop=169.254.1.1
+root_link=isthmus-root
+ns_wan=isthmus-wan
+nets=(a b)
+trust_domain=cluster.local
+cluster="cluster-a"
+ready_timeout=${ISTHMUS_READY_TIMEOUT:-60}
+
+# Per network (a or b): its namespace, its VM's namespace, the network id, the gateway's
+# WAN address, and the VM's WorkloadGroup (also its service account and app label).
+ns_net() { echo "isthmus-net-$1"; }
+ns_vm() { echo "isthmus-vm-$1"; }
+network() { echo "network-$1"; }
+gw_ip() { case $1 in a) echo "$wan.10" ;; b) echo "$wan.20" ;; esac; }
+group() { case $1 in a) echo frontend ;; b) echo reviews ;; esac; }
+all_namespaces() { echo isthmus-vm-a isthmus-vm-b isthmus-net-a isthmus-net-b "$ns_wan"; }
+
+say() { printf '==> %s\n' "$*"; }
+die() {
+  printf 'quickstart: %s\n' "$*" >&2
+  exit 1
+}
+
+require_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    die "the local mesh creates network namespaces, veth pairs and nftables rules: run it as root (sudo deploy/quickstart.sh${1:+ $1})"
   fi
 }
 
-stop_all() {
-  stop_pid dns
-  stop_pid registry
-}
-
-if [ "${1:-up}" = "down" ]; then
-  stop_all
-  rm -rf "$state"
-  echo "stopped; removed $state"
-  exit 0
-fi
-
-echo "==> building (release)"
-cargo build --release --quiet -p isthmus-registry -p isthmus-dns
-
-stop_all
-mkdir -p "$state"
-if [ ! -f "$state/ca/cluster-a/ca-cert.pem" ]; then
-  echo "==> creating the mesh CA (trust domain cluster.local, cluster cluster-a)"
-  "$bin/isthmusctl" ca init --trust-domain cluster.local --cluster cluster-a --out "$state/ca"
-fi
-
-echo "==> starting isthmus-registry on $grpc (admin $admin), log in $state/registry.log"
-"$bin/isthmus-registry" --cluster cluster-a --network network-a \
-  --ca-dir "$state/ca/cluster-a" --data-dir "$state/data" \
-  --resources "$root/deploy/examples" \
-  --grpc-addr "$grpc" --admin-addr "$admin" >"$state/registry.log" 2>&1 &
-echo $! >"$state/registry.pid"
-
-# GET /readyz with bash alone, so the quick start needs nothing beyond a shell and cargo.
-readyz() {
-  local addr=$1 host=${1%:*} port=${1##*:} status
-  exec 3<>"/dev/tcp/$host/$port" || return 1
-  printf 'GET /readyz HTTP/1.0\r\nHost: %s\r\n\r\n' "$addr" >&3
-  read -r _ status _ <&3 || true
-  exec 3<&- 3>&-
-  [ "$status" = 200 ]
-}
-
-ready=""
-for _ in $(seq 100); do
-  if readyz "$admin" 2>/dev/null; then ready=yes; break; fi
-  if ! kill -0 "$(cat "$state/registry.pid")" 2>/dev/null; then break; fi
-  sleep 0.1
-done
-if [ -z "$ready" ]; then
-  echo "the registry did not become ready; its log:" >&2
-  cat "$state/registry.log" >&2
-  stop_all
-  exit 1
-fi
-
-echo "==> getting a workload certificate with a one-time bootstrap token"
-token=$("$bin/isthmusctl" token create --ca-dir "$state/ca/cluster-a" --namespace shop --service-account web --ttl 10m)
-"$bin/isthmusctl" cert request --registry "$grpc" --root "$state/ca/root-cert.pem" --token "$token" --out "$state/web"
-
-for net in network-a network-b; do
-  echo
-  echo "==> what a workload in $net sees"
-  "$bin/isthmusctl" catalog --registry "$grpc" --root "$state/ca/root-cert.pem" --cert-dir "$state/web" --network "$net"
-done
-
-echo
-echo "==> starting isthmus-dns for network-a on $dns (admin $dns_admin), log in $state/dns.log"
-token=$("$bin/isthmusctl" token create --ca-dir "$state/ca/cluster-a" --namespace isthmus-system --service-account isthmus-dns --ttl 10m)
-"$bin/isthmusctl" cert request --registry "$grpc" --root "$state/ca/root-cert.pem" --token "$token" --out "$state/dns" >/dev/null
-"$bin/isthmus-dns" --registry "$grpc" --root "$state/ca/root-cert.pem" --cert-dir "$state/dns" \
-  --network network-a --cluster cluster-a --namespace shop \
-  --listen "$dns" --admin-addr "$dns_admin" >"$state/dns.log" 2>&1 &
-echo $! >"$state/dns.pid"
-for _ in $(seq 100); do
-  if readyz "$dns_admin" 2>/dev/null; then break; fi
-  sleep 0.1
-done
-if command -v dig >/dev/null 2>&1; then
-  for name in reviews reviews.shop.svc.cluster.local db.example.internal; do
-    echo "\$ dig @${dns%:*} -p ${dns##*:} +short $name"
-    dig @"${dns%:*}" -p "${dns##*:}" +short "$name" A
+require_tools() {
+  local missing=() tool package
+  for tool in ip:iproute2 nft:nftables curl:curl; do
+    package=${tool#*:} tool=${tool%%:*}
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool (package $package)")
   done
-else
-  echo "(install dnsutils to query it with dig: dig @${dns%:*} -p ${dns##*:} reviews.shop.svc.cluster.local)"
-fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    die "missing: ${missing[*]}; on Debian/Ubuntu: apt-get install iproute2 nftables curl"
+  fi
+}
 
-cat <<EOT
+netns_exists() { [ -e "/var/run/netns/$1" ]; }
 
-The registry (pid $(cat "$state/registry.pid")) and the DNS proxy (pid $(cat "$state/dns.pid")) keep running. Try:
-  curl -s http://$admin/debug/catalog?network=network-b
-  curl -s http://$admin/metrics | grep isthmus_
-  curl -s http://$dns_admin/config_dump
-  edit deploy/examples/*.yaml and run isthmusctl catalog or dig again
-Stop them and remove their state with: deploy/quickstart.sh down
-EOT
+# ---- processes -----------------------------------------------------------------------------
+
+# start NAME NAMESPACE|- PROGRAM ARGS...: runs PROGRAM in its own session (so closing the
+# terminal or ^C on this script leaves it running), logs to logs/NAME.log, records
+# "PID PROGRAM" in pids/NAME. `ip netns exec` and `setsid` both exec, so $! is PROGRAM's
+# PID.
+start() {
+  local name=$1 ns=$2 program=$3
+  shift 3
+  local log="$logs/$name.log"
+  program=$(readlink -f "$program")
+  if [ "$ns" = - ]; then
+    setsid "$program" "$@" </dev/null >"$log" 2>&1 &
+  else
+    ip netns exec "$ns" setsid "$program" "$@" </dev/null >"$log" 2>&1 &
+  fi
+  echo "$! $program" >"$pids/$name"
+}
+
+# The PID recorded for NAME if that process still runs the recorded program (a PID the
+# kernel handed to someone else since is not ours; a rebuilt binary shows as deleted).
+live_pid() {
+  local file="$pids/$1" pid program exe
+  [ -f "$file" ] || return 1
+  read -r pid program <"$file" || return 1
+  [ -n "$pid" ] || return 1
+  exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  [ "${exe% (deleted)}" = "$program" ] || return 1
+  echo "$pid"
+}
+
+running() { live_pid "$1" >/dev/null; }
+
+# Whether PID runs: exists and is not a zombie (an exited process waits there until its
+# parent, often init by now, reaps it).
+alive() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
+
+# stop PID LABEL: SIGTERM, up to 10 s (a gateway drains), then SIGKILL.
+stop_pid() {
+  local pid=$1 label=$2
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do
+    alive "$pid" || {
+      echo "stopped $label (pid $pid)"
+      return 0
+    }
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  echo "killed $label (pid $pid): it did not exit within 10 s of SIGTERM"
+}
+
+log_tail() {
+  local name=$1 lines=${2:-30} log="$logs/$1.log"
+  if [ -s "$log" ]; then
+    echo "--- last $lines lines of $log" >&2
+    tail -n "$lines" "$log" >&2
+    echo "---" >&2
+  else
+    echo "($log is empty)" >&2
+  fi
+}
+
+# How process NAME, started by this run and gone, ended.
+exit_status() {
+  local pid status
+  read -r pid _ <"$pids/$1" || return 0
+  wait "$pid" 2>/dev/null && status=0 || status=$?
+  case $status in
+  127) echo "exited" ;;
+  0) echo "exited with status 0" ;;
+  *) if [ "$status" -gt 128 ]; then echo "was killed by signal $((status - 128))"; else echo "exited with status $status"; fi ;;
+  esac
+}
+
+# wait_for NAME|- WHAT COMMAND...: runs COMMAND until it succeeds, for at most
+# $ready_timeout seconds, as long as process NAME runs; on failure shows NAME's log.
+wait_for() {
+  local name=$1 what=$2
+  shift 2
+  local deadline=$((SECONDS + ready_timeout))
+  while [ $SECONDS -lt $deadline ]; do
+    if "$@" >/dev/null 2>&1; then
+      return 0
+    fi
+    if [ "$name" != - ] && ! running "$name"; then
+      echo "quickstart: $name $(exit_status "$name") before $what" >&2
+      log_tail "$name"
+      return 1
+    fi
+    sleep 0.5
+  done
+  if [ "$name" = - ]; then
+    echo "quickstart: no success within ${ready_timeout}s: $what" >&2
+  else
+    echo "quickstart: $name did not become ready within ${ready_timeout}s ($what)" >&2
+    log_tail "$name"
+  fi
+  return 1
+}
+
+http_ok() { curl -fsS --max-time 2 -o /dev/null "$1"; }
+in_ns() {
+  local ns=$1
+  shift
+  ip netns exec "$ns" "$@"
+}
+
+# ---- down ----------------------------------------------------------------------------------
+
+down() {
+  require_root down
+  local removed=0 name pid ns out file
+  # The agents first (they undo their capture), then the apps, the gateways, the registry.
+  for name in agent-a agent-b app-a app-b gateway-a gateway-b registry; do
+    if pid=$(live_pid "$name"); then
+      stop_pid "$pid" "$name"
+      removed=1
+    fi
+  done
+  # What an earlier version of this script started (a registry and a DNS proxy on
+  # loopback), recorded as a bare PID: stopped if it still runs one of our binaries.
+  for file in "$state/registry.pid" "$state/dns.pid"; do
+    [ -f "$file" ] || continue
+    pid=$(cat "$file")
+    case $(readlink "/proc/$pid/exe" 2>/dev/null) in
+    "$(readlink -f "$bin")"/isthmus-*) stop_pid "$pid" "$(basename "$file" .pid)" ;;
+    esac
+  done
+  for ns in isthmus-vm-a isthmus-vm-b; do
+    if netns_exists "$ns" && [ -x "$bin/isthmus-vm-agent" ]; then
+      if out=$(in_ns "$ns" "$bin/isthmus-vm-agent" cleanup 2>&1); then
+        echo "isthmus-vm-agent cleanup in $ns: ${out:-done}"
+      else
+        echo "isthmus-vm-agent cleanup in $ns failed (its rules go with the namespace):"
+        printf '%s\n' "$out" | tail -n 5 | sed 's/^/  /'
+      fi
+    fi
+  done
+  # Anything else still in our namespaces was started there by hand: it would keep a
+  # namespace's interfaces alive after `ip netns del`.
+  for ns in $(all_namespaces); do
+    netns_exists "$ns" || continue
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do
+      echo "killing pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null || echo '?')), left in $ns"
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+  done
+  if ip link show dev "$root_link" >/dev/null 2>&1; then
+    ip link del "$root_link"
+    echo "deleted interface $root_link"
+    removed=1
+  fi
+  for ns in $(all_namespaces); do
+    if netns_exists "$ns"; then
+      ip netns del "$ns"
+      echo "deleted network namespace $ns"
+      removed=1
+    fi
+    if [ -d "/etc/netns/$ns" ]; then
+      rm -rf "/etc/netns/$ns"
+      echo "removed /etc/netns/$ns"
+      removed=1
+    fi
+  done
+  # /etc/netns itself only if we made it and it is empty now.
+  if [ -f "$state/created-etc-netns" ]; then
+    rmdir /etc/netns 2>/dev/null && echo "removed /etc/netns (empty)"
+  fi
+  if [ -d "$state" ]; then
+    rm -rf "$state"
+    echo "removed $state"
+    removed=1
+  fi
+  if [ "$removed" = 0 ]; then
+    echo "nothing to remove: the local mesh is not up"
+  fi
+}
+
+# ---- status --------------------------------------------------------------------------------
+
+status() {
+  local name ns any=0 pid
+  for name in registry gateway-a gateway-b app-a app-b agent-a agent-b; do
+    if pid=$(live_pid "$name"); then
+      echo "$name: running (pid $pid), log $logs/$name.log"
+      any=1
+    elif [ -f "$pids/$name" ]; then
+      echo "$name: not running; log $logs/$name.log"
+      any=1
+    fi
+  done
+  for ns in $(all_namespaces); do
+    if netns_exists "$ns"; then
+      echo "namespace $ns"
+      any=1
+    fi
+  done
+  [ "$any" = 1 ] || echo "the local mesh is not up"
+}
+
+# ---- up ------------------------------------------------------------------------------------
+
+already_up() {
+  local ns
+  [ -e "$state" ] && return 0
+  ip link show dev "$root_link" >/dev/null 2>&1 && return 0
+  for ns in $(all_namespaces); do
+    netns_exists "$ns" && return 0
+  done
+  return 1
+}
+
+build() {
+  if [ "${ISTHMUS_NO_BUILD:-}" = 1 ]; then
+    say "not building (ISTHMUS_NO_BUILD=1); using $bin"
+    return
+  fi
+  say "building (release): registry, isthmusctl, gateway, VM agent, sample app"
+  local args=(build --release --quiet
+    -p isthmus-registry --bin isthmus-registry --bin isthmusctl
+    -p isthmus-gateway --bin isthmus-gateway
+    -p isthmus-vm-agent --bin isthmus-vm-agent
+    -p isthmus-tests --bin sample-app)
+  if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+    # As the user who ran sudo: their toolchain, and target/ stays theirs.
+    local home
+    home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+    sudo -u "$SUDO_USER" env "PATH=$home/.cargo/bin:$PATH" "HOME=$home" \
+      ${CARGO_TARGET_DIR:+"CARGO_TARGET_DIR=$CARGO_TARGET_DIR"} cargo "${args[@]}"
+  else
+    command -v cargo >/dev/null 2>&1 ||
+      die "cargo is not on PATH: install a Rust toolchain, or build first and run with ISTHMUS_NO_BUILD=1"
+    cargo "${args[@]}"
+  fi
+}
+
+check_binaries() {
+  local b
+  for b in isthmus-registry isthmusctl isthmus-gateway isthmus-vm-agent sample-app; do
+    [ -x "$bin/$b" ] || die "$bin/$b is missing: build it (cargo build --release ...) or drop ISTHMUS_NO_BUILD"
+  done
+}
+
+render_catalog() {
+  mkdir -p "$state/resources"
+  local t
+  for t in "$root"/deploy/examples/mesh/*.yaml.in; do
+    sed "s/@WAN@/$wan/g" "$t" >"$state/resources/$(basename "${t%.in}")"
+  done
+}
+
+# The WAN, both networks and their VMs.
+make_namespaces() {
+  local x ns vm gw
+  say "creating namespaces: $ns_wan, isthmus-net-a, isthmus-net-b, isthmus-vm-a, isthmus-vm-b"
+  ip netns add "$ns_wan"
+  ip -n "$ns_wan" link set lo up
+  ip -n "$ns_wan" link add br0 type bridge
+  ip -n "$ns_wan" link set br0 up
+  ip link add "$root_link" type veth peer name vh netns "$ns_wan"
+  ip -n "$ns_wan" link set vh master br0 up
+  ip addr add "$registry_ip/24" dev "$root_link"
+  ip link set "$root_link" up
+
+  for x in "${nets[@]}"; do
+    ns=$(ns_net "$x") vm=$(ns_vm "$x") gw=$(gw_ip "$x")
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip -n "$ns_wan" link add "v$x" type veth peer name wan0 netns "$ns"
+    ip -n "$ns_wan" link set "v$x" master br0 up
+    ip -n "$ns" addr add "$gw/24" dev wan0
+    ip -n "$ns" link set wan0 up
+
+    # The VM: a /32 behind its network, which routes for it and masquerades what it sends
+    # to the WAN (nothing outside the network can route back to 10.10.0.7: both have it).
+    ip netns add "$vm"
+    ip -n "$vm" link set lo up
+    ip -n "$ns" link add "vm-$x" type veth peer name eth0 netns "$vm"
+    ip -n "$ns" addr add "$next_hop/32" dev "vm-$x" scope link
+    ip -n "$ns" link set "vm-$x" up
+    ip -n "$ns" route add "$vm_ip/32" dev "vm-$x" src "$gw"
+    ip -n "$vm" addr add "$vm_ip/32" dev eth0
+    ip -n "$vm" link set eth0 up
+    ip -n "$vm" route add default via "$next_hop" dev eth0 onlink
+    # Per namespace: the root namespace's forwarding is left alone.
+    in_ns "$ns" sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'
+    in_ns "$ns" nft -f - <<EOF
+table inet isthmus-quickstart {
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "wan0" fib saddr type != local masquerade
+  }
+}
+EOF
+    # `ip netns exec` bind-mounts this over /etc/resolv.conf for the VM's processes.
+    [ -d /etc/netns ] || {
+      mkdir -p /etc/netns
+      touch "$state/created-etc-netns"
+    }
+    mkdir -p "/etc/netns/$vm"
+    printf 'nameserver %s\n' "$nameserver" >"/etc/netns/$vm/resolv.conf"
+  done
+}
+
+start_registry() {
+  say "starting isthmus-registry on $grpc (admin http://$admin), log $logs/registry.log"
+  start registry - "$bin/isthmus-registry" --cluster "$cluster" --network network-a \
+    --ca-dir "$state/ca/$cluster" --data-dir "$state/data" --resources "$state/resources" \
+    --grpc-addr "$grpc" --admin-addr "$admin"
+  wait_for registry "GET http://$admin/readyz" http_ok "http://$admin/readyz"
+}
+
+start_gateway() {
+  local x=$1 gw token
+  gw=$(gw_ip "$x")
+  token=$("$bin/isthmusctl" token create --ca-dir "$state/ca/$cluster" \
+    --namespace isthmus-system --service-account "eastwest-$(network "$x")" --ttl 10m)
+  say "starting the gateway of $(network "$x") in $(ns_net "$x") on $gw:15443, log $logs/gateway-$x.log"
+  mkdir -p "$state/gateway-$x"
+  start "gateway-$x" "$(ns_net "$x")" "$bin/isthmus-gateway" \
+    --network "$(network "$x")" --cluster "$cluster" --registry "$grpc" \
+    --root "$state/ca/root-cert.pem" --cert-dir "$state/gateway-$x" --token "$token" \
+    --sni-addr "$gw:15443" --admin-addr "$gw:15000" --health-addr "$gw:15021" \
+    --drain-deadline 5s
+}
+
+start_app() {
+  local x=$1
+  say "starting sample-app vm-$x in $(ns_vm "$x") on 0.0.0.0:9080, log $logs/app-$x.log"
+  start "app-$x" "$(ns_vm "$x")" "$bin/sample-app" --listen 0.0.0.0:9080 --name "vm-$x"
+}
+
+start_agent() {
+  local x=$1 g dir
+  g=$(group "$x") dir="$state/vm-$x"
+  mkdir -p "$dir/state"
+  "$bin/isthmusctl" vm onboard --registry "$grpc" --ca-dir "$state/ca/$cluster" \
+    --group "$g" --namespace shop --service-account "$g" --network "$(network "$x")" \
+    --out "$dir/bundle" >/dev/null
+  say "starting isthmus-vm-agent in $(ns_vm "$x") (group $g, network $(network "$x")), log $logs/agent-$x.log"
+  start "agent-$x" "$(ns_vm "$x")" "$bin/isthmus-vm-agent" run --bundle "$dir/bundle" \
+    --state-dir "$dir/state" --admin-addr 127.0.0.1:15000 --health-addr 0.0.0.0:15021
+}
+
+vm_http_ok() { in_ns "$(ns_vm "$1")" curl -fsS --max-time 2 -o /dev/null "$2"; }
+# The VM reaches the registry through its network (bash's /dev/tcp: nothing to install).
+vm_reaches_registry() {
+  in_ns "$(ns_vm "$1")" timeout 3 bash -c "exec 3<>/dev/tcp/${grpc%:*}/${grpc##*:}"
+}
+
+# The records of a JSON array (or of an object's "connections" array), one per line: with
+# jq where it is installed, else with sed for an array of flat objects. Then a string field
+# of one record.
+json_records() {
+  if command -v jq >/dev/null 2>&1; then
+    jq -c '(if type == "array" then . else (.connections // []) end)[]' 2>/dev/null
+  else
+    tr -d '\n' | sed 's/^[[:space:]]*\[//; s/\][[:space:]]*$//; s/}[[:space:]]*,[[:space:]]*{/}\n{/g'
+    echo
+  fi
+}
+json_field() { sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\\([^\"]*\\)\".*/\\1/p"; }
+
+demo() {
+  local url=http://reviews.shop.svc.cluster.local:9080/ answer="" err="" vip out_rec in_rec
+  echo
+  say "from VM A, by mesh name: ip netns exec isthmus-vm-a curl -sS $url"
+  local deadline=$((SECONDS + ready_timeout))
+  while [ $SECONDS -lt $deadline ]; do
+    if answer=$(in_ns isthmus-vm-a curl -sS --max-time 5 "$url" 2>"$state/curl.err") &&
+      grep -q "hello from vm-b" <<<"$answer"; then
+      break
+    fi
+    answer=""
+    sleep 1
+  done
+  if [ -z "$answer" ]; then
+    err=$(cat "$state/curl.err" 2>/dev/null)
+    echo "quickstart: VM A could not call reviews within ${ready_timeout}s: ${err:-no answer from vm-b}" >&2
+    log_tail agent-a 20
+    log_tail gateway-b 10
+    log_tail agent-b 20
+    return 1
+  fi
+  printf '%s\n' "$answer" | sed 's/^/    /'
+
+  if command -v dig >/dev/null 2>&1; then
+    vip=$(in_ns isthmus-vm-a dig +short +time=2 +tries=1 reviews.shop.svc.cluster.local A | tail -n 1)
+  else
+    vip=$(in_ns isthmus-vm-a getent ahostsv4 reviews.shop.svc.cluster.local | awk 'NR == 1 { print $1 }')
+  fi
+
+  local conns_a conns_b
+  conns_a=$(in_ns isthmus-vm-a curl -fsS --max-time 2 http://127.0.0.1:15000/debug/connections 2>/dev/null || true)
+  conns_b=$(in_ns isthmus-vm-b curl -fsS --max-time 2 http://127.0.0.1:15000/debug/connections 2>/dev/null || true)
+  out_rec=$(json_records <<<"$conns_a" | grep '"direction"[[:space:]]*:[[:space:]]*"outbound"' | grep 'reviews' | tail -n 1 || true)
+  in_rec=$(json_records <<<"$conns_b" | grep '"direction"[[:space:]]*:[[:space:]]*"inbound"' | tail -n 1 || true)
+  local server_id endpoint client_id from
+  server_id=$(json_field peer_identity <<<"$out_rec")
+  endpoint=$(json_field endpoint <<<"$out_rec")
+  client_id=$(json_field peer_identity <<<"$in_rec")
+  from=$(json_field client <<<"$in_rec")
+
+  echo
+  say "the path"
+  echo "  reviews.shop.svc.cluster.local resolved on VM A (its agent answers DNS) to ${vip:-?}"
+  cat <<EOF
+  vm-a (network-a, $vm_ip): curl, unchanged, connects to ${vip:-the VIP}:9080
+    → agent A captures it, originates mTLS as spiffe://$trust_domain/ns/shop/sa/frontend
+      (server verified as ${server_id:-?})
+    → gateway of network-b ${endpoint:-$(gw_ip b):15443} (SNI passthrough: routes by SNI, never decrypts)
+    → gateway B connects to vm-b ($vm_ip in network-b, the same address as vm-a's)
+    → agent B accepts it${from:+ from ${from%:*}}, terminates mTLS (saw ${client_id:-?}),
+      and forwards to the sample app on 127.0.0.1:9080
+    → sample app: "$(head -n 1 <<<"$answer")"
+EOF
+  if [ -z "$out_rec" ] || [ -z "$in_rec" ]; then
+    echo
+    echo "  (the agents' /debug/connections did not have the expected records; raw:)"
+    echo "  agent A: ${conns_a:-(nothing)}"
+    echo "  agent B: ${conns_b:-(nothing)}"
+  else
+    echo
+    echo "  agent A's outbound record: $out_rec"
+    echo "  agent B's inbound record:  $in_rec"
+  fi
+}
+
+print_help() {
+  cat <<EOF
+
+The local mesh keeps running. Poke around (as root):
+  VMs call services by name (the agent answers DNS and captures the connection):
+    ip netns exec isthmus-vm-a curl -s http://reviews.shop.svc.cluster.local:9080/
+    ip netns exec isthmus-vm-b curl -s http://frontend.shop.svc.cluster.local:9080/
+    ip netns exec isthmus-vm-a dig reviews.shop.svc.cluster.local
+    ip netns exec isthmus-vm-a bash          (a shell on VM A)
+  The agents (admin on 127.0.0.1:15000, health on :15021, inside each VM):
+    ip netns exec isthmus-vm-a curl -s http://127.0.0.1:15000/debug/connections
+    ip netns exec isthmus-vm-b curl -s http://127.0.0.1:15021/healthz/ready
+    ip netns exec isthmus-vm-a nft list ruleset
+  The registry and the gateways, from this shell:
+    curl -s 'http://$admin/debug/catalog?network=network-a'
+    curl -s http://$admin/debug/registrations
+    curl -s http://$(gw_ip b):15000/config_dump
+    $bin/isthmusctl catalog --registry $grpc \\
+      --root $state/ca/root-cert.pem --cert-dir $state/gateway-a --network network-a
+  sudo deploy/quickstart.sh status
+Logs: $logs/{registry,gateway-a,gateway-b,app-a,app-b,agent-a,agent-b}.log
+The live catalog is in $state/resources/ (the registry re-reads it when it changes).
+Tear everything down with: sudo deploy/quickstart.sh down
+EOF
+}
+
+on_up_exit() {
+  local rc=$?
+  if [ "$rc" -ne 0 ] && [ -d "$state" ]; then
+    echo >&2
+    echo "quickstart: up failed; what it started is left as it is for a look (logs in $logs)." >&2
+    echo "Remove it all with: sudo deploy/quickstart.sh down" >&2
+  fi
+}
+
+up() {
+  require_root
+  require_tools
+  if [ ! -e /proc/self/ns/net ]; then
+    die "this kernel has no network namespaces"
+  fi
+  [[ $wan =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] ||
+    die "ISTHMUS_WAN_PREFIX must be the first three octets of a /24 (like 198.18.0), not $wan"
+  if already_up; then
+    status
+    die "the local mesh is already up (or left over from a failed run): run 'sudo deploy/quickstart.sh down' first"
+  fi
+  build
+  check_binaries
+
+  mkdir -p "$pids" "$logs"
+  trap on_up_exit EXIT
+  render_catalog
+  say "creating the mesh CA (trust domain $trust_domain, cluster $cluster)"
+  "$bin/isthmusctl" ca init --trust-domain "$trust_domain" --cluster "$cluster" --out "$state/ca" >/dev/null
+  "$bin/isthmus-registry" --cluster "$cluster" --network network-a --ca-dir "$state/ca/$cluster" \
+    --data-dir "$state/data" --resources "$state/resources" --validate >"$logs/validate.log" 2>&1 || {
+    cat "$logs/validate.log" >&2
+    die "the catalog in $state/resources is invalid (rendered from deploy/examples/mesh)"
+  }
+
+  make_namespaces
+  start_registry
+  local x
+  for x in "${nets[@]}"; do start_gateway "$x"; done
+  for x in "${nets[@]}"; do
+    wait_for "gateway-$x" "GET http://$(gw_ip "$x"):15021/healthz/ready" \
+      http_ok "http://$(gw_ip "$x"):15021/healthz/ready"
+  done
+  for x in "${nets[@]}"; do
+    wait_for - "VM $x reaching the registry at $grpc" vm_reaches_registry "$x"
+    start_app "$x"
+  done
+  for x in "${nets[@]}"; do
+    wait_for "app-$x" "the sample app answering on VM $x" vm_http_ok "$x" http://127.0.0.1:9080/
+  done
+  for x in "${nets[@]}"; do start_agent "$x"; done
+  for x in "${nets[@]}"; do
+    wait_for "agent-$x" "GET http://127.0.0.1:15021/healthz/ready in $(ns_vm "$x")" \
+      vm_http_ok "$x" http://127.0.0.1:15021/healthz/ready
+  done
+  demo
+  print_help
+}
+
+case "${1:-up}" in
+up) up ;;
+down) down ;;
+status) status ;;
+-h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
+*) die "unknown command '$1': use up (the default), down or status" ;;
+esac

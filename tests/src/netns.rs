@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //!
-//! Each [`Topology`] claims an index `N` (1..=250) and creates three namespaces:
+//! Each [`Topology`] claims an index `N` (1..=250) and creates three namespaces, plus one
+//! per VM added with [`Topology::add_vm`]:
 //!
 //! ```text
 //!   root namespace (the test process, the registry)
@@ -14,6 +15,12 @@
 //!                             └─ vb ── wan0 198.18.N.20/24  in istNb (network B; B's gateway)
 //!
 //!   istNa, istNb: lo up; wl0 holds workload addresses (Netns::add_ip), e.g. 10.10.0.5/32
+//!
+//!   VMs (Topology::add_vm(Net::A, "web", 10.10.0.7)), the k-th VM of a network:
+//!   istNa: vmK 169.254.1.1/32 ── eth0 10.10.0.7/32  in istNaK (the VM)
+//!          route 10.10.0.7/32 dev vmK src 198.18.N.10        default via 169.254.1.1 onlink
+//!          ip_forward=1 (this namespace only)
+//!          table inet isthmus-harness: masquerade what a VM sends out of wan0
 //! ```
 //!
 //! Only 198.18.N.0/24 (from the RFC 2544 benchmarking range, so it never clashes with a
@@ -25,8 +32,39 @@
 //!
 //! The root namespace's 198.18.N.1 is how processes in A and B reach a control plane (a
 //! registry) running in the test process, bound to 0.0.0.0 or to [`Topology::host_addr`].
-//! The root namespace does not forward (nothing here turns `ip_forward` on), so the
+//! The root namespace does not forward (nothing here turns its `ip_forward` on), so the
 //! namespaces cannot reach anything beyond it.
+//!
+//! # VMs
+//!
+//! A VM is a namespace of its own behind its network's namespace, as a machine behind a
+//! router: one veth pair, `eth0` in the VM holding its address as a /32 with a default
+//! route to the link-local next hop 169.254.1.1 ([`VM_NEXT_HOP`]) that the network side
+//! `vmK` holds, and a /32 route back to the VM in the network namespace. Its processes
+//! reach, like the network's own, every address of the network namespace (the gateway's
+//! `wan0` address, `wl0` workload addresses: delivered locally, they see the VM's own
+//! address as the peer), and, through the network namespace, which forwards, what its
+//! network reaches over the wan: the host address and the other network's gateway. Since
+//! VM addresses may be the same in A and B, nothing outside a network can route back to
+//! them, so what a VM sends out of `wan0` is masqueraded to the network's wan address
+//! (198.18.N.10 or .20) by the nftables table `inet isthmus-harness` in the network
+//! namespace (never the name of a table the VM agent manages). Other networks' workload
+//! addresses stay unreachable from a VM ("network unreachable", from its network
+//! namespace). The first VM of a network turns forwarding on in that namespace alone
+//! (the root's `ip_forward` is never touched) and installs the table; a topology without
+//! VMs has neither. VMs need `nft` (nftables) besides `ip`.
+//!
+//! Connections from the network namespace to a VM come from the network's wan address
+//! (the route's `src`), or from the workload address a process bound.
+//!
+//! # Name resolution
+//!
+//! `ip netns exec` (hence every [`Netns::command`]) bind-mounts the files of
+//! `/etc/netns/<name>/` over their namesakes in `/etc` for the process it starts, so
+//! [`Netns::set_resolv_conf`] gives the processes of one namespace their own
+//! `/etc/resolv.conf` (a VM whose agent captures DNS to its nameservers, say). Threads of
+//! [`Netns::run`] and [`Netns::runtime`] only enter the network namespace and read the
+//! machine's `/etc/resolv.conf`.
 //!
 //! # Running code inside a namespace
 //!
@@ -44,14 +82,18 @@
 //! Tests run in parallel threads of one binary, and other test processes may run beside it,
 //! so every name carries the index, and an index is claimed by creating `istNw`: `ip netns
 //! add` creates the namespace file exclusively, so two claimants can never both win, and
-//! whoever holds `istNw` owns every `istN*` name (leftovers of `istNa`, `istNb` and `istNh`
-//! from a killed run are removed when the index is claimed again). Within a process indices
-//! are handed out round robin, so a just-released index is not reused at once.
+//! whoever holds `istNw` owns every `istN<letter>*` name (leftovers of `istNa`, `istNb`,
+//! `istNh` and VMs from a killed run are removed when the index is claimed again). Within a
+//! process indices are handed out round robin, so a just-released index is not reused at
+//! once.
 //!
 //! Dropping the [`Topology`], also while unwinding from a panic, kills the processes started
 //! with [`Topology::spawn`] and any other process left in its namespaces, deletes the
 //! root-namespace end of the veth (explicitly: namespaces are destroyed asynchronously, and
-//! only once nothing holds them), and deletes the three namespaces, `istNw` last.
+//! only once nothing holds them), deletes the namespaces (VMs first, `istNw` last, with them
+//! their interfaces and nftables tables) and removes `/etc/netns/<name>/` of each. Claiming
+//! an index also removes leftover VM namespaces and `/etc/netns/istN*` directories of a run
+//! that was killed.
 //!
 //! Runtimes from [`Netns::runtime`] belong to the caller, who must drop them before the
 //! topology: their threads hold the namespace alive otherwise. Dropping a runtime inside an
@@ -86,12 +128,33 @@ const WORKLOAD_LINK: &str = "wl0";
 const BRIDGE: &str = "br0";
 /// The number of indices, hence of topologies that can exist at once on a machine.
 const MAX_INDEX: usize = 250;
+/// Where `ip netns exec` finds the files it bind-mounts over `/etc` for a namespace.
+const ETC_NETNS_DIR: &str = "/etc/netns";
+/// A VM's interface.
+const VM_LINK: &str = "eth0";
+/// The network's wan interface, out of which VM traffic is masqueraded.
+const WAN_LINK: &str = "wan0";
+/// The nftables table of the network namespaces that have VMs; never the agent's.
+pub const NFT_TABLE: &str = "inet isthmus-harness";
+/// The next hop of a VM's default route: held by the network namespace's end of every
+/// VM's veth.
+pub const VM_NEXT_HOP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 /// One of the two networks of a [`Topology`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Net {
     A,
     B,
+}
+
+impl Net {
+    /// The letter of the network's names: `a` in `istNa`.
+    pub fn letter(self) -> char {
+        match self {
+            Net::A => 'a',
+            Net::B => 'b',
+        }
+    }
 }
 
 /// A named network namespace (`ip netns` style, a file under `/var/run/netns`).
@@ -113,7 +176,8 @@ impl Netns {
     }
 
     /// Adds `ip` (as a /32 or /128) to the workload interface `wl0` in A and B (to the
-    /// bridge in wan). Workload addresses are not routed outside their namespace.
+    /// bridge in wan, to `eth0` in a VM). Workload addresses are not routed outside their
+    /// namespace. An IPv6 address is usable (routed locally) when this returns.
     pub fn add_ip(&self, ip: IpAddr) {
         let cidr = match ip {
             IpAddr::V4(v4) => format!("{v4}/32"),
@@ -133,6 +197,31 @@ impl Netns {
             args.push("nodad");
         }
         ip_ok(&args);
+        if let IpAddr::V6(v6) = ip {
+            self.wait_local(v6);
+        }
+    }
+
+    /// Waits until the kernel routes IPv6 `ip` locally. Even without DAD an address stays
+    /// tentative (it binds, but a connection to it leaves by the interface and fails with
+    /// "no route to host") until the kernel has seen its link operationally up, which it
+    /// learns asynchronously: late on a busy machine.
+    fn wait_local(&self, ip: std::net::Ipv6Addr) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = ip.to_string();
+        loop {
+            let out = ip_output(&["-n", &self.name, "-6", "route", "get", &addr])
+                .unwrap_or_else(|e| panic!("`ip route get` in {}: {e}", self.name));
+            if String::from_utf8_lossy(&out.stdout).starts_with("local ") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr} in {} is still not routed locally after 10 s",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// A multi-thread tokio runtime (2 workers, all drivers) every thread of which, workers
@@ -190,6 +279,22 @@ impl Netns {
         cmd
     }
 
+    /// Writes `/etc/netns/<name>/resolv.conf`, which `ip netns exec` bind-mounts over
+    /// `/etc/resolv.conf` for the processes of [`Netns::command`] (not for [`Netns::run`] or
+    /// [`Netns::runtime`]). Removed with the topology.
+    pub fn set_resolv_conf(&self, text: &str) {
+        let dir = self.etc_dir();
+        let file = dir.join("resolv.conf");
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&file, text))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
+    }
+
+    /// `/etc/netns/<name>`.
+    pub fn etc_dir(&self) -> PathBuf {
+        PathBuf::from(ETC_NETNS_DIR).join(&self.name)
+    }
+
     fn open(&self) -> File {
         File::open(self.path()).unwrap_or_else(|e| panic!("opening {}: {e}", self.path().display()))
     }
@@ -219,6 +324,17 @@ pub struct Topology {
     test_name: String,
     host_link: String,
     children: Mutex<Vec<Weak<Mutex<ChildSlot>>>>,
+    /// Every VM, in the order added (tracked before it is built, so a failure half-way is
+    /// cleaned up too).
+    vms: Mutex<Vec<Vm>>,
+}
+
+/// A VM of a [`Topology`].
+#[derive(Debug, Clone)]
+struct Vm {
+    net: Net,
+    name: String,
+    netns: Netns,
 }
 
 impl std::fmt::Debug for Topology {
@@ -261,6 +377,7 @@ impl Topology {
             test_name: test_name.to_string(),
             host_link: name('h'),
             children: Mutex::new(Vec::new()),
+            vms: Mutex::new(Vec::new()),
         };
         // From here on a panic drops `topo`, which removes whatever exists.
         topo.build();
@@ -278,8 +395,14 @@ impl Topology {
         // Leftovers of a run that was killed before it could tear down; holding `w`, this
         // index is ours.
         let _ = ip(&["link", "del", host]);
-        let _ = ip(&["netns", "del", a]);
-        let _ = ip(&["netns", "del", b]);
+        for ns in owned_entries(NETNS_DIR, self.index) {
+            if ns != w {
+                let _ = ip(&["netns", "del", &ns]);
+            }
+        }
+        for dir in owned_entries(ETC_NETNS_DIR, self.index) {
+            let _ = std::fs::remove_dir_all(PathBuf::from(ETC_NETNS_DIR).join(dir));
+        }
         ip_ok(&["netns", "add", a]);
         ip_ok(&["netns", "add", b]);
 
@@ -299,12 +422,12 @@ impl Topology {
             let ns = self.netns(net).name();
             ip_ok(&["-n", ns, "link", "set", "lo", "up"]);
             ip_ok(&[
-                "-n", w, "link", "add", port, "type", "veth", "peer", "name", "wan0", "netns", ns,
+                "-n", w, "link", "add", port, "type", "veth", "peer", "name", WAN_LINK, "netns", ns,
             ]);
             ip_ok(&["-n", w, "link", "set", port, "master", BRIDGE, "up"]);
             let cidr = format!("{}/24", self.gateway_addr(net));
-            ip_ok(&["-n", ns, "addr", "add", &cidr, "dev", "wan0"]);
-            ip_ok(&["-n", ns, "link", "set", "wan0", "up"]);
+            ip_ok(&["-n", ns, "addr", "add", &cidr, "dev", WAN_LINK]);
+            ip_ok(&["-n", ns, "link", "set", WAN_LINK, "up"]);
 
             let dummy = ["-n", ns, "link", "add", WORKLOAD_LINK, "type", "dummy"];
             if ip(&dummy).is_err() {
@@ -362,6 +485,99 @@ impl Topology {
         &self.host_link
     }
 
+    /// Adds a VM named `name` (unique in the topology) with address `ip` to network `net`:
+    /// a namespace `istN<a|b>K` (K counting the network's VMs from 0) whose `eth0` holds
+    /// `ip`/32, routed through the network's namespace as the [module docs](self#vms)
+    /// describe. The VM reaches its network's addresses (its gateway's, its workloads'), the
+    /// host address and the other network's gateway, masqueraded on the wan; never another
+    /// network's workloads. [`Netns::add_ip`] on the VM adds addresses to `eth0` (not
+    /// routed from the network). Removed with the topology.
+    ///
+    /// Panics if `nft` is missing (check with [`crate::dns::require`]`("nft", "nftables")`
+    /// first, to skip), if `name` is taken, or if the setup fails.
+    pub fn add_vm(&self, net: Net, name: &str, ip: Ipv4Addr) -> Netns {
+        assert!(
+            crate::dns::have("nft"),
+            "{}: VMs need `nft` (apt-get install nftables)",
+            self.test_name
+        );
+        let mut vms = self.vms.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(
+            vms.iter().all(|vm| vm.name != name),
+            "{}: there is a VM named {name} already",
+            self.test_name
+        );
+        let k = vms.iter().filter(|vm| vm.net == net).count();
+        let vm = Netns {
+            name: format!("ist{}{}{k}", self.index, net.letter()),
+            addr_link: VM_LINK,
+        };
+        vms.push(Vm {
+            net,
+            name: name.to_string(),
+            netns: vm.clone(),
+        });
+        if k == 0 {
+            self.route_vms(net);
+        }
+
+        let (ns, v) = (self.netns(net).name(), vm.name());
+        let port = format!("vm{k}");
+        let next_hop = VM_NEXT_HOP.to_string();
+        let cidr = format!("{ip}/32");
+        let src = self.gateway_addr(net).to_string();
+        ip_ok(&["netns", "add", v]);
+        ip_ok(&["-n", v, "link", "set", "lo", "up"]);
+        ip_ok(&[
+            "-n", ns, "link", "add", &port, "type", "veth", "peer", "name", VM_LINK, "netns", v,
+        ]);
+        // The same next hop on every VM's veth: each VM sees one router, the network.
+        ip_ok(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{next_hop}/32"),
+            "dev",
+            &port,
+            "scope",
+            "link",
+        ]);
+        ip_ok(&["-n", ns, "link", "set", &port, "up"]);
+        ip_ok(&["-n", ns, "route", "add", &cidr, "dev", &port, "src", &src]);
+        ip_ok(&["-n", v, "addr", "add", &cidr, "dev", VM_LINK]);
+        ip_ok(&["-n", v, "link", "set", VM_LINK, "up"]);
+        ip_ok(&[
+            "-n", v, "route", "add", "default", "via", &next_hop, "dev", VM_LINK, "onlink",
+        ]);
+        eprintln!(
+            "{}: VM {name} ({ip}) in namespace {v}, on network {}",
+            self.test_name,
+            net.letter().to_ascii_uppercase()
+        );
+        vm
+    }
+
+    /// Lets a network's namespace carry its VMs' traffic: forwarding on there (only), and
+    /// what a VM sends out of the wan masqueraded to the network's wan address, since
+    /// nothing outside can route back to VM addresses.
+    fn route_vms(&self, net: Net) {
+        let ns = self.netns(net);
+        ns.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+            .unwrap_or_else(|e| panic!("turning forwarding on in {}: {e}", ns.name()));
+        // `fib saddr type != local`: forwarded packets only, not the namespace's own.
+        let rules = format!(
+            "table {NFT_TABLE} {{
+                chain postrouting {{
+                    type nat hook postrouting priority srcnat; policy accept;
+                    oifname \"{WAN_LINK}\" fib saddr type != local masquerade
+                }}
+            }}
+            "
+        );
+        nft_ok(ns, &rules);
+    }
+
     /// Starts `cmd` (typically from [`Netns::command`]); the process is killed when the
     /// guard or this topology is dropped, whichever comes first.
     pub fn spawn(&self, mut cmd: Command) -> std::io::Result<ChildGuard> {
@@ -403,28 +619,49 @@ impl Drop for Topology {
         for slot in children.iter().filter_map(Weak::upgrade) {
             slot.lock().unwrap_or_else(PoisonError::into_inner).reap();
         }
+        // VMs first, wan last.
+        let vms = std::mem::take(self.vms.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let all: Vec<&Netns> = vms
+            .iter()
+            .map(|vm| &vm.netns)
+            .chain([&self.a, &self.b, &self.wan])
+            .collect();
         // Whatever else runs there: grandchildren, commands spawned without `spawn`. They
         // are not our children, so they are not reaped here.
-        for ns in [&self.a, &self.b, &self.wan] {
+        for ns in &all {
             for pid in self.pids_in(ns) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
         // Deleting a namespace destroys its interfaces only later, in the kernel's own
-        // time; deleting this end now takes its peer in wan with it.
+        // time; deleting this end now takes its peer in wan with it. VM veths have no end
+        // here.
         let _ = ip(&["link", "del", &self.host_link]);
-        for ns in [&self.a, &self.b, &self.wan] {
+        // The /etc/netns directories first: once `istNw` is gone, the index (and its
+        // names) may be someone else's.
+        for ns in &all {
+            match std::fs::remove_dir_all(ns.etc_dir()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => eprintln!(
+                    "{}: cannot remove {}: {e}",
+                    self.test_name,
+                    ns.etc_dir().display()
+                ),
+                _ => {}
+            }
+        }
+        for ns in &all {
             let _ = ip(&["netns", "del", ns.name()]);
         }
-        let left: Vec<&str> = [&self.a, &self.b, &self.wan]
-            .into_iter()
-            .filter(|ns| ns.path().exists())
-            .map(Netns::name)
+        let left: Vec<&str> = all
+            .iter()
+            .filter(|ns| ns.path().exists() || ns.etc_dir().exists())
+            .map(|ns| ns.name())
             .collect();
         let link_left = ip(&["link", "show", "dev", &self.host_link]).is_ok();
         if !left.is_empty() || link_left {
             eprintln!(
-                "{}: teardown of topology {} left namespaces {left:?}{}",
+                "{}: teardown of topology {} left namespaces or their /etc/netns directories \
+                 {left:?}{}",
                 self.test_name,
                 self.index,
                 if link_left {
@@ -628,4 +865,53 @@ fn ip_ok(args: &[&str]) {
     if let Err(e) = ip(args) {
         panic!("setting up network namespaces: {e}");
     }
+}
+
+/// Runs `nft -f -` with `rules` inside `ns`; panics with what nft printed if it fails.
+fn nft_ok(ns: &Netns, rules: &str) {
+    use std::io::Write as _;
+    let mut child = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running nft in {}: {e}", ns.name()));
+    let written = child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(rules.as_bytes());
+    let out = child.wait_with_output().expect("waiting for nft");
+    if let Err(e) = written {
+        panic!("writing rules to nft in {}: {e}", ns.name());
+    }
+    assert!(
+        out.status.success(),
+        "setting up network namespaces: `nft -f -` in {} failed ({}): {}\nrules: {rules}",
+        ns.name(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// Whether `name` is one of topology `index`'s: `ist<index>` followed by a letter (so
+/// `ist1a0` is topology 1's, `ist12a` is not).
+pub fn owned_by(index: u8, name: &str) -> bool {
+    name.strip_prefix(&format!("ist{index}"))
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_alphabetic()))
+}
+
+/// The entries of `dir` that belong to topology `index` (see [`owned_by`]).
+fn owned_entries(dir: &str, index: u8) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| owned_by(index, name))
+                .collect()
+        })
+        .unwrap_or_default()
 }

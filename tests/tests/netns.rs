@@ -1,11 +1,13 @@
 //! The network-namespace topology: gateways reach each other across the wan, workload
 //! addresses do not, A and B may hold the same workload address, the root namespace is
 //! reachable at the host address, runtimes and `run` really execute inside the namespace,
-//! and dropping a topology (also while unwinding) kills its processes and removes every
-//! namespace and interface it created.
+//! VMs behind a network reach what their network reaches (masqueraded on the wan) and
+//! nothing of another network but its gateway, and dropping a topology (also while
+//! unwinding) kills its processes and removes every namespace, interface and
+//! `/etc/netns` directory it created.
 //!
-//! Skipped without root and `ip` (failing instead when CI=true). No traffic leaves the
-//! topology's namespaces and the root namespace's end of its veth.
+//! Skipped without root and `ip` (and `nft` for VMs), failing instead when CI=true. No
+//! traffic leaves the topology's namespaces and the root namespace's end of its veth.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -15,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use isthmus_tests::netns::{block_on_in, ChildGuard, Net, Netns, Topology};
+use isthmus_tests::netns::{block_on_in, owned_by, ChildGuard, Net, Netns, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
@@ -73,28 +75,39 @@ fn netns_list() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Nothing named after `index` remains: no namespace istN{a,b,w}, no root interface istN*.
+/// Nothing named after `index` remains: no namespace istN<letter>*, no root interface
+/// istN*, no /etc/netns/istN* directory.
 fn assert_gone(index: u8) {
+    let list = netns_list();
     let names = [
         format!("ist{index}a"),
         format!("ist{index}b"),
         format!("ist{index}w"),
     ];
-    let list = netns_list();
     for name in &names {
         assert!(
             !list.split_whitespace().any(|w| w == name),
             "namespace {name} still exists:\n{list}"
         );
-        assert!(!Path::new("/var/run/netns").join(name).exists());
     }
-    let prefix = format!("ist{index}");
+    let owned = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| owned_by(index, n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let left = owned("/var/run/netns");
+    assert!(left.is_empty(), "namespaces {left:?} still exist:\n{list}");
+    let left = owned("/etc/netns");
+    assert!(left.is_empty(), "/etc/netns still has {left:?}");
     let left: Vec<String> = root_links()
         .into_iter()
-        .filter(|n| {
-            n.strip_prefix(&prefix)
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_alphabetic()))
-        })
+        .filter(|n| owned_by(index, n))
         .collect();
     assert!(left.is_empty(), "root namespace still has {left:?}");
 }
@@ -384,13 +397,188 @@ fn drop_during_a_panic_removes_everything() {
         *index.lock().unwrap() = Some(topo.index);
         topo.a.add_ip(WORKLOAD.into());
         *child.lock().unwrap() = Some(sleep_in_b(&topo));
+        topo.b.set_resolv_conf("nameserver 10.10.0.53\n");
+        if isthmus_tests::dns::have("nft") {
+            let vm = topo.add_vm(Net::A, "web", WORKLOAD);
+            vm.set_resolv_conf("nameserver 10.10.0.53\n");
+        }
         let _rt = topo.a.runtime();
         panic!("a test failing with its topology up (expected by this test)");
     });
     let Some(index) = index.into_inner().unwrap() else {
         return; // skipped
     };
-    assert!(result.is_err());
+    // The test's own panic, not one of the setup.
+    let panic = result.expect_err("the closure panics");
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or_default();
+    assert!(message.contains("expected by this test"), "{message}");
     assert_killed(child.lock().unwrap().as_ref().unwrap());
     assert_gone(index);
+}
+
+/// `net.ipv4.ip_forward` of the namespace the calling thread is in.
+fn ip_forward() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Connects from a thread in `ns` to `addr`: the connection's local address, or the error.
+fn connect_from(ns: &Netns, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    ns.run(move || {
+        let s = TcpStream::connect_timeout(&addr, WAIT)?;
+        s.local_addr()
+    })
+}
+
+/// Accepts the connection just made (it waits in the backlog) and returns its peer.
+fn accepted_peer(listener: &TcpListener) -> SocketAddr {
+    listener.set_nonblocking(false).unwrap();
+    listener.accept().expect("accept").1
+}
+
+#[test]
+fn vms_reach_their_network_and_the_host_masqueraded_and_no_other_workload() {
+    const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
+    const ONLY_IN_B: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 6);
+    let name = "vms_reach_their_network_and_the_host_masqueraded_and_no_other_workload";
+    let Some(topo) = Topology::create(name) else {
+        return;
+    };
+    if !isthmus_tests::dns::require("nft", "nftables") {
+        return;
+    }
+    let index = topo.index;
+    let root_forward = ip_forward();
+    topo.a.add_ip(WORKLOAD.into());
+    topo.b.add_ip(ONLY_IN_B.into());
+    // The same address in both networks, as overlapping VM subnets have.
+    let vm_a = topo.add_vm(Net::A, "web", VM_IP);
+    let vm_b = topo.add_vm(Net::B, "reviews", VM_IP);
+    let vm_a2_ip = Ipv4Addr::new(10, 10, 0, 8);
+    let vm_a2 = topo.add_vm(Net::A, "web-2", vm_a2_ip);
+    assert_eq!(vm_a.name(), format!("ist{index}a0"));
+    assert_eq!(vm_b.name(), format!("ist{index}b0"));
+    assert_eq!(vm_a2.name(), format!("ist{index}a1"));
+
+    // Forwarding is on in the networks with VMs only, never in the root namespace.
+    assert_eq!(ip_forward(), root_forward);
+    assert_eq!(topo.a.run(ip_forward), "1");
+    assert_eq!(topo.b.run(ip_forward), "1");
+    assert_eq!(topo.wan.run(ip_forward), "0");
+    assert_eq!(vm_a.run(ip_forward), "0");
+
+    // The host address, from a listener of this process: the peer is the VM's network
+    // (masqueraded), while the VM sees its own address.
+    let host = TcpListener::bind((topo.host_addr(), 0)).unwrap();
+    let host_addr = host.local_addr().unwrap();
+    for (vm, net, ip) in [
+        (&vm_a, Net::A, VM_IP),
+        (&vm_b, Net::B, VM_IP),
+        (&vm_a2, Net::A, vm_a2_ip),
+    ] {
+        let local = connect_from(vm, host_addr)
+            .unwrap_or_else(|e| panic!("{} does not reach the host address: {e}", vm.name()));
+        assert_eq!(local.ip(), IpAddr::V4(ip));
+        let peer = accepted_peer(&host);
+        assert_eq!(
+            peer.ip(),
+            IpAddr::V4(topo.gateway_addr(net)),
+            "{} was not masqueraded to its network's wan address",
+            vm.name()
+        );
+        assert_ne!(peer.ip(), local.ip());
+    }
+
+    // Its network's workload and gateway addresses: delivered in the network namespace,
+    // no translation.
+    let a = topo.a.clone();
+    for ip in [WORKLOAD, topo.gateway_addr(Net::A)] {
+        let listener = a.run(move || TcpListener::bind((ip, 0)).expect("bind in A"));
+        let addr = listener.local_addr().unwrap();
+        let local = connect_from(&vm_a, addr)
+            .unwrap_or_else(|e| panic!("the VM does not reach {addr} in its network: {e}"));
+        assert_eq!(accepted_peer(&listener), local);
+        assert_eq!(local.ip(), IpAddr::V4(VM_IP));
+    }
+
+    // The other network's gateway: reached over the wan, masqueraded.
+    let gw_b = topo.gateway_addr(Net::B);
+    let listener = topo
+        .b
+        .run(move || TcpListener::bind((gw_b, 0)).expect("bind B's gateway address"));
+    connect_from(&vm_a, listener.local_addr().unwrap()).expect("the VM reaches B's gateway");
+    assert_eq!(
+        accepted_peer(&listener).ip(),
+        IpAddr::V4(topo.gateway_addr(Net::A))
+    );
+
+    // The other network's workloads: unreachable, at once.
+    let listener = topo
+        .b
+        .run(move || TcpListener::bind((ONLY_IN_B, 0)).expect("bind in B"));
+    let addr = listener.local_addr().unwrap();
+    let started = Instant::now();
+    let err = connect_from(&vm_a, addr).expect_err("a VM in A reached a workload of B");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::NetworkUnreachable | std::io::ErrorKind::HostUnreachable
+        ),
+        "{err}"
+    );
+    assert!(started.elapsed() < WAIT, "refused only by the timeout");
+    // B itself does reach it, and so does its VM.
+    assert!(topo
+        .b
+        .run(move || TcpStream::connect_timeout(&addr, WAIT))
+        .is_ok());
+    connect_from(&vm_b, addr).expect("B's VM reaches B's workload");
+
+    // The network namespace reaches its VM, from its wan address (the gateway's, as a
+    // gateway forwarding to a VM endpoint would).
+    let listener = vm_a.run(|| TcpListener::bind((VM_IP, 0)).expect("bind in the VM"));
+    let addr = listener.local_addr().unwrap();
+    let local = connect_from(&topo.a, addr).expect("A reaches its VM");
+    assert_eq!(local.ip(), IpAddr::V4(topo.gateway_addr(Net::A)));
+    assert_eq!(accepted_peer(&listener), local);
+    // Not from the wan or the other network (no route to VM addresses there).
+    assert!(connect_from(&topo.wan, addr).is_err());
+
+    // The masquerade rule lives in the harness's own table of the network namespace.
+    let out = topo
+        .a
+        .command("nft")
+        .args(["list", "table", "inet", "isthmus-harness"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("masquerade"));
+
+    // resolv.conf per namespace, for the processes of `command`.
+    let text = "nameserver 10.10.0.53\noptions ndots:1\n";
+    vm_a.set_resolv_conf(text);
+    topo.a.set_resolv_conf("nameserver 10.10.0.54\n");
+    let out = vm_a
+        .command("cat")
+        .arg("/etc/resolv.conf")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+    assert!(vm_a.etc_dir().join("resolv.conf").is_file());
+    let mut child = vm_a.command("sleep");
+    child.arg("60").stdin(Stdio::null());
+    let child = topo.spawn(child).unwrap();
+    wait_sleeping_in(child.pid(), &vm_a, || child.try_wait().is_some());
+
+    drop(topo);
+    assert_killed(&child);
+    assert_gone(index);
+    assert_eq!(ip_forward(), root_forward);
 }
