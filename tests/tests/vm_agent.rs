@@ -262,8 +262,12 @@ async fn a_vm_joins_the_mesh_both_ways_through_the_gateways() {
     );
 
     // SSH-style excluded ports stay untouched; app ports are mTLS only.
-    let ssh = s.vm.rt().spawn(async {
-        let l = tokio::net::TcpListener::bind("0.0.0.0:22").await.unwrap();
+    let l = on(s.vm.rt(), async {
+        tokio::net::TcpListener::bind("0.0.0.0:22").await
+    })
+    .await
+    .unwrap();
+    let ssh = s.vm.rt().spawn(async move {
         let (mut c, _) = l.accept().await.unwrap();
         c.write_all(b"ssh-stand-in\n").await.unwrap();
     });
@@ -631,4 +635,133 @@ async fn systemd_hears_ready_after_the_catalog_and_no_watchdog_while_unhealthy()
         last.iter().any(|m| m.contains("STOPPING=1")),
         "no STOPPING: {last:?}"
     );
+}
+
+/// Runs the agent on `bundle` against a "registry" that only counts connections; returns
+/// (exit success, stderr, connections it received).
+async fn run_on_bundle(
+    bundle: &std::path::Path,
+    state: &std::path::Path,
+    registry: tokio::net::TcpListener,
+) -> (bool, String, usize) {
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let counter = tokio::spawn(async move {
+        while registry.accept().await.is_ok() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let out = tokio::process::Command::new(isthmus_tests::agent::agent_binary())
+        .args([
+            "run",
+            "--capture",
+            "none",
+            "--address",
+            "192.0.2.7",
+            "--bundle",
+        ])
+        .arg(bundle)
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--health-addr",
+            "127.0.0.1:0",
+            "--dns-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, out)
+        .await
+        .expect("the agent exits")
+        .unwrap();
+    // Any connection it made has been accepted by now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    counter.abort();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+    )
+}
+
+#[tokio::test]
+async fn a_bad_bundle_fails_before_the_network_naming_the_file_or_field() {
+    use isthmus_proto::bundle::AgentBundle;
+    let reg = isthmus_tests::TestRegistry::start(&[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::read_to_string(reg.ca_root()).unwrap();
+    let other_ca = dir.path().join("other-ca");
+    isthmus_tests::init_ca(&other_ca, "other.example", "cluster-x", false);
+    let other_root = std::fs::read_to_string(other_ca.join("root-cert.pem")).unwrap();
+
+    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, Vec<&str>)> = vec![
+        (
+            "missing root",
+            Box::new(|b: &std::path::Path| std::fs::remove_file(b.join("root-cert.pem")).unwrap()),
+            vec!["root-cert.pem", "cannot read"],
+        ),
+        (
+            "wrong root",
+            Box::new(move |b: &std::path::Path| {
+                std::fs::write(b.join("root-cert.pem"), &other_root).unwrap()
+            }),
+            vec!["root-cert.pem", "trust domain \"other.example\""],
+        ),
+        (
+            "bad field",
+            Box::new(|b: &std::path::Path| {
+                let text = std::fs::read_to_string(b.join("agent.yaml")).unwrap();
+                std::fs::write(
+                    b.join("agent.yaml"),
+                    text.replace("network: network-a", "network: Network_A"),
+                )
+                .unwrap()
+            }),
+            vec!["agent.yaml", "network"],
+        ),
+        (
+            "expired token",
+            Box::new(|_: &std::path::Path| std::thread::sleep(Duration::from_millis(2100))),
+            vec!["token", "expired"],
+        ),
+    ];
+    for (name, spoil, wants) in cases {
+        let registry = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bundle_dir = dir.path().join(name.replace(' ', "-"));
+        let ttl = if name == "expired token" { 1 } else { 600 };
+        AgentBundle {
+            registry: registry.local_addr().unwrap().to_string(),
+            trust_domain: "cluster.local".into(),
+            cluster: "cluster-a".into(),
+            network: "network-a".into(),
+            group: "web".into(),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+        }
+        .write(
+            &bundle_dir,
+            &root,
+            &reg.token("shop", "web", Duration::from_secs(ttl)),
+        )
+        .unwrap();
+        spoil(&bundle_dir);
+        let (ok, err, connections) =
+            run_on_bundle(&bundle_dir, &bundle_dir.join("state"), registry).await;
+        assert!(!ok, "{name}: the agent started");
+        for want in wants {
+            assert!(err.contains(want), "{name}: {want:?} missing in: {err}");
+        }
+        assert_eq!(
+            connections, 0,
+            "{name}: the agent reached for the network: {err}"
+        );
+    }
 }
