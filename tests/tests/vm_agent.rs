@@ -692,6 +692,9 @@ async fn run_on_bundle(
     )
 }
 
+/// What a case does to a good bundle.
+type Spoil = Box<dyn Fn(&std::path::Path)>;
+
 #[tokio::test]
 async fn a_bad_bundle_fails_before_the_network_naming_the_file_or_field() {
     use isthmus_proto::bundle::AgentBundle;
@@ -702,7 +705,7 @@ async fn a_bad_bundle_fails_before_the_network_naming_the_file_or_field() {
     isthmus_tests::init_ca(&other_ca, "other.example", "cluster-x", false);
     let other_root = std::fs::read_to_string(other_ca.join("root-cert.pem")).unwrap();
 
-    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, Spoil, Vec<&str>)> = vec![
         (
             "missing root",
             Box::new(|b: &std::path::Path| std::fs::remove_file(b.join("root-cert.pem")).unwrap()),
