@@ -225,14 +225,18 @@ async fn a_vm_joins_the_mesh_both_ways_through_the_gateways() {
         "{out} {err}\n{}",
         s.vm.log()
     );
-    let conns = s.vm.admin("/debug/connections").await;
-    let out_conn = conns
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["direction"] == "outbound")
-        .cloned()
-        .expect("an outbound record");
+    // Recorded when the connection has closed on both sides.
+    let out_conn = eventually(WAIT, || async {
+        let conns = s.vm.admin("/debug/connections").await;
+        conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["direction"] == "outbound")
+            .cloned()
+    })
+    .await
+    .expect("an outbound record");
     assert_eq!(out_conn["peer_identity"], id("reviews").to_string());
     assert_eq!(
         out_conn["endpoint"],
