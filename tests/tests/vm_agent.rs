@@ -702,7 +702,13 @@ async fn a_bad_bundle_fails_before_the_network_naming_the_file_or_field() {
     isthmus_tests::init_ca(&other_ca, "other.example", "cluster-x", false);
     let other_root = std::fs::read_to_string(other_ca.join("root-cert.pem")).unwrap();
 
-    let cases: Vec<(&str, Box<dyn Fn(&std::path::Path)>, Vec<&str>)> = vec![
+    /// A case: its name, how it spoils the bundle, what the error must say.
+    type Case = (
+        &'static str,
+        Box<dyn Fn(&std::path::Path)>,
+        Vec<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
         (
             "missing root",
             Box::new(|b: &std::path::Path| std::fs::remove_file(b.join("root-cert.pem")).unwrap()),
