@@ -131,12 +131,24 @@ impl Vm {
     /// The agent as an operator runs it, with `args` added (and `env`), logging into
     /// [`Vm::log_path`] (appended across restarts).
     pub fn start_agent(&self, m: &Mesh, args: &[&str], env: &[(&str, &str)]) -> ChildGuard {
+        let cmd = self.agent_command(&agent_binary(), args, env);
+        m.topo.spawn(cmd).expect("start the agent")
+    }
+
+    /// The command [`Vm::start_agent`] runs, with the agent `binary` given (benchmark
+    /// drivers run the one next to them rather than building it).
+    pub fn agent_command(
+        &self,
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> std::process::Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut cmd = self.ns.command(agent_binary());
+        let mut cmd = self.ns.command(binary);
         cmd.args(["run", "--bundle"])
             .arg(self.bundle_dir())
             .arg("--state-dir")
@@ -158,7 +170,7 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        m.topo.spawn(cmd).expect("start the agent")
+        cmd
     }
 
     /// Waits until the agent's `/healthz/ready` answers 200; panics with its log if not.

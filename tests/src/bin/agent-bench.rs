@@ -1,0 +1,1392 @@
+//! VM agent benchmark: the release `isthmus-vm-agent` in VM namespaces of the two-network
+//! topology (the same harness as the end-to-end tests: registry in this process, capture
+//! on, as an operator runs the agent), measured three ways.
+//!
+//! 1. **Idle memory.** A catalog of `--services` ServiceEntries (each selecting one
+//!    WorkloadEntry in the VM's network, so the agent's routing table holds that many
+//!    destinations and its DNS proxy that many names, every VIP in its nftables set) plus
+//!    the VM's WorkloadGroup; and, for comparison, a catalog holding only the group. The
+//!    agent starts (after one unmeasured enrolment, so every start is a normal restart with
+//!    the certificate in its state directory), becomes ready (`/healthz/ready`), idles
+//!    `--idle` seconds, and `VmRSS`, `VmHWM`, `RssAnon`, `RssFile` and `Threads` are read
+//!    from `/proc/<pid>/status`. Only then is `/config_dump` read, to confirm the number of
+//!    destinations and names (the RSS once it has rendered that dump is shown too: a dump
+//!    of a large catalog is itself an allocation). Besides the default, three variants show
+//!    what the figure is made of: `--worker-threads 1`, glibc's `MALLOC_ARENA_MAX=2`, and
+//!    both. Each variant is started `--mem-rounds` times; medians are printed.
+//! 2. **Start to READY.** With `NOTIFY_SOCKET` pointing at a datagram socket this process
+//!    binds, the time from spawning the agent to its `READY=1`, `--starts` times each: (a)
+//!    a restart (certificate and catalog snapshot in the state directory, registry up), (b)
+//!    a first start (empty state directory, a fresh bootstrap token from a new onboarding
+//!    each time, so the time includes key generation and the certificate request). Both
+//!    catalogs. The agent says READY from its periodic self-check (every 5 s, or half the
+//!    watchdog timeout when that is shorter), so both cases are run again with
+//!    `WATCHDOG_USEC=400000` (a check every 0.2 s): when it could say READY, to within
+//!    0.2 s. The time to its first notification of any kind is printed too. The spawn goes
+//!    through `ip netns exec`, whose own cost (`ip netns exec <vm> true`) is printed beside.
+//! 3. **CPU per request.** Two VMs in network A, each with its agent: the client VM
+//!    (10.10.0.7) and the server VM (10.10.0.8), whose group's app port 8080 is captured
+//!    inbound. The server is this binary in server mode (a fixed-size echo: `--size`-byte
+//!    request, same-size reply), listening on 8080 and on 7070, a port outside the group's
+//!    (not captured). The client, this binary in client mode in the client VM, makes
+//!    `--requests` sequential requests (a) through the mesh, to the service's VIP (from the
+//!    client VM's DNS, that is its agent's), captured into the client agent's outbound, mTLS
+//!    to the server VM, captured into the server agent's inbound, to the app; (b) directly
+//!    to 7070. Two modes: a new TCP connection per request (connect, request, reply, close;
+//!    the mesh path makes a fresh mTLS connection between the agents for each) and all
+//!    requests on one persistent connection. Per run: each agent's CPU, the server's, the
+//!    client's (over its timed loop), wall time and each request's latency (p50/p99).
+//!    `--rounds` rounds, the paths taking turns; medians are printed, every round too.
+//!
+//! CPU time is each process's CPU-time clock (`clock_getcpuclockid`: user + system time of
+//! all its threads, the figure `/proc/<pid>/stat` gives in clock ticks, in nanoseconds),
+//! read before and after each run (after a short settle, so closing is counted). Kernel
+//! work done in softirq context on another process's time is not attributed; "others" is
+//! what the rest of the machine used during a run (from `/proc/stat`, less the processes
+//! measured and this one), printed so a disturbed round shows. No pinning: the four
+//! processes of the mesh path share the cores as they would on a VM. The agents log at
+//! `--agent-log` (their default, `info`), into files.
+//!
+//! Run (as root, with `ip` and `nft`; about six minutes with the defaults):
+//! `cargo build --release -p isthmus-vm-agent -p isthmus-tests && target/release/agent-bench
+//! [--services 1000] [--idle 5] [--mem-rounds 3] [--starts 5] [--requests 1000]
+//! [--rounds 3] [--size 64] [--agent-log info]`
+//!
+//! Everything runs in namespaces this process creates and removes (traffic never leaves
+//! them or loopback). The agent binary is the one next to this one.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use isthmus_proto::model::{NodeKind, ViewResource};
+use isthmus_tests::agent::{group_yaml, Vm};
+use isthmus_tests::dns::have;
+use isthmus_tests::mesh::{yaml, Mesh};
+use isthmus_tests::netns::{ChildGuard, Net};
+use isthmus_tests::node;
+use isthmus_tests::process::{arg, ServerProcess};
+use nix::sys::signal::Signal;
+use nix::time::{clock_getcpuclockid, clock_gettime, ClockId};
+use nix::unistd::Pid;
+
+/// The memory VM's group, service account and app port.
+const MEM_GROUP: &str = "web";
+const APP_PORT: u16 = 8080;
+/// Every service's port in the catalog.
+const SVC_PORT: u16 = 9080;
+/// A port outside the server group's ports: not captured inbound.
+const DIRECT_PORT: u16 = 7070;
+/// The client VM's group port (nothing listens there).
+const CLIENT_APP_PORT: u16 = 8081;
+const MEM_VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
+const CLIENT_VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
+const SERVER_VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 8);
+/// Time for the processes to finish closing before their CPU is read again.
+const SETTLE: Duration = Duration::from_millis(300);
+/// Bounds every wait for the agent (ready, READY=1, exit).
+const WAIT: Duration = Duration::from_secs(60);
+
+fn main() -> anyhow::Result<()> {
+    match arg("--role", "bench").as_str() {
+        "server" => return server_main(),
+        "client" => return client_main(),
+        "bench" => {}
+        other => anyhow::bail!("unknown --role {other:?}"),
+    }
+    let opts = Opts {
+        services: arg("--services", "1000").parse()?,
+        idle: Duration::from_secs_f64(arg("--idle", "5").parse()?),
+        mem_rounds: arg("--mem-rounds", "3").parse()?,
+        starts: arg("--starts", "5").parse()?,
+        requests: arg("--requests", "1000").parse()?,
+        rounds: arg("--rounds", "3").parse()?,
+        size: arg("--size", "64").parse()?,
+        agent_log: arg("--agent-log", "info"),
+    };
+    anyhow::ensure!(opts.services >= 1, "--services must be at least 1");
+    anyhow::ensure!(opts.mem_rounds >= 1, "--mem-rounds must be at least 1");
+    anyhow::ensure!(opts.starts >= 1, "--starts must be at least 1");
+    anyhow::ensure!(opts.requests >= 1, "--requests must be at least 1");
+    anyhow::ensure!(opts.rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(opts.size >= 1, "--size must be at least 1");
+    for p in ["ip", "nft", "getent"] {
+        anyhow::ensure!(have(p), "{p} is not installed");
+    }
+    let exe = std::env::current_exe()?;
+    let agent = exe
+        .parent()
+        .context("no executable directory")?
+        .join("isthmus-vm-agent");
+    anyhow::ensure!(
+        agent.is_file(),
+        "{} is missing: build it with cargo build --release -p isthmus-vm-agent",
+        agent.display()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(&opts, &exe, &agent))
+}
+
+struct Opts {
+    services: usize,
+    idle: Duration,
+    mem_rounds: usize,
+    starts: usize,
+    requests: usize,
+    rounds: usize,
+    size: usize,
+    agent_log: String,
+}
+
+async fn run(opts: &Opts, exe: &Path, agent: &Path) -> anyhow::Result<()> {
+    print_context(opts, agent);
+
+    let mut memory: Vec<MemRow> = Vec::new();
+    let mut ready: Vec<ReadyRow> = Vec::new();
+    let catalogs = [
+        (
+            format!("{} services", thousands(opts.services)),
+            opts.services,
+        ),
+        ("group only".to_string(), 0),
+    ];
+    for (label, n) in &catalogs {
+        eprintln!("memory and start-up with a catalog of {label}");
+        let (m, rows, r) = memory_and_ready(opts, agent, label, *n).await?;
+        memory.extend(rows);
+        ready.extend(r);
+        drop(m);
+    }
+    print_memory(opts, &memory);
+    print_ready(opts, &ready);
+
+    eprintln!("requests through the mesh and direct");
+    let rounds = requests(opts, exe, agent).await?;
+    print_requests(opts, &rounds);
+    Ok(())
+}
+
+// ---- Context ----
+
+fn print_context(opts: &Opts, agent: &Path) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "# VM agent benchmark: {cores} cores ({}{}, kernel {}), {} MiB of memory, {} clock ticks/s",
+        cpu_model(),
+        if virtualized() { ", virtualized" } else { "" },
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        mem_total_mib(),
+        clock_ticks(),
+    );
+    println!(
+        "# agent: {} ({:.1} MiB on disk), run as an operator does: capture nftables (the default), RUST_LOG={}, --worker-threads 2 (the default) unless a row says otherwise; glibc {}",
+        first_line(agent, &["--version"]),
+        std::fs::metadata(agent).map_or(0.0, |m| m.len() as f64 / 1048576.0),
+        opts.agent_log,
+        glibc_version(),
+    );
+    println!(
+        "# memory: catalogs of {} ServiceEntries (one WorkloadEntry each) and of the VM's group only; {} starts per variant, {:.0} s idle before reading /proc/<pid>/status",
+        thousands(opts.services),
+        opts.mem_rounds,
+        opts.idle.as_secs_f64()
+    );
+    println!(
+        "# start to READY=1: {} starts per case; requests: {} sequential {}-byte requests with {}-byte replies per run, {} rounds",
+        opts.starts, opts.requests, opts.size, opts.size, opts.rounds
+    );
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn virtualized() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.starts_with("flags") && l.contains(" hypervisor"))
+        })
+        .unwrap_or(false)
+}
+
+fn mem_total_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| status_field(&t, "MemTotal:"))
+        .map_or(0, |kb| kb / 1024)
+}
+
+fn glibc_version() -> String {
+    let line = first_line(Path::new("ldd"), &["--version"]);
+    line.rsplit(' ').next().unwrap_or("?").to_string()
+}
+
+/// The first line a command prints (stdout, else stderr).
+fn first_line(program: &Path, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+static CLOCK_TICKS: OnceLock<u64> = OnceLock::new();
+
+fn clock_ticks() -> u64 {
+    *CLOCK_TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+// ---- CPU ----
+
+/// CPU time (user + system, all threads) of process `pid`: its CPU-time clock, to the
+/// nanosecond; `/proc/<pid>/stat` (to the clock tick) where that clock is unavailable.
+fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
+    let clock = clock_getcpuclockid(Pid::from_raw(pid as i32))
+        .and_then(clock_gettime)
+        .map(Duration::from);
+    match clock {
+        Ok(d) => Ok(d),
+        Err(_) => cpu_from_stat(pid),
+    }
+}
+
+fn cpu_from_stat(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
+fn own_cpu() -> Duration {
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+/// Busy time of all CPUs together, from /proc/stat.
+fn machine_busy() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return Duration::ZERO;
+    };
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return Duration::ZERO;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    Duration::from_secs_f64(busy as f64 / clock_ticks() as f64)
+}
+
+// ---- Agents ----
+
+/// The agent in `vm`, as [`Vm::start_agent`] starts it, from `bin`.
+fn start_agent(
+    m: &Mesh,
+    vm: &Vm,
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<ChildGuard> {
+    let cmd = vm.agent_command(bin, args, env);
+    m.topo.spawn(cmd).context("starting the agent")
+}
+
+/// SIGTERM, and waits for the agent to exit.
+fn stop(vm: &Vm, agent: ChildGuard) -> anyhow::Result<()> {
+    let _ = agent.signal(Signal::SIGTERM);
+    let status = agent
+        .wait_timeout(WAIT)
+        .with_context(|| format!("the agent in {} did not stop\n{}", vm.name, log_tail(vm)))?;
+    anyhow::ensure!(
+        status.success(),
+        "the agent in {} exited with {status}\n{}",
+        vm.name,
+        log_tail(vm)
+    );
+    Ok(())
+}
+
+fn log_tail(vm: &Vm) -> String {
+    let text = vm.log();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Waits until the registry's view of network A holds both networks and `n` services with
+/// an endpoint: the whole catalog is in, so an agent starting now gets it all at once.
+async fn wait_catalog(m: &Mesh, n: usize) -> anyhow::Result<()> {
+    let creds = m.reg.credentials("shop", "watcher").await?;
+    let mut sub = m
+        .reg
+        .subscribe(&creds, &node("watcher", NodeKind::Workload, "network-a"))
+        .await?;
+    let complete = |sub: &isthmus_proto::subscription::Subscription| {
+        let (mut networks, mut services) = (0, 0);
+        for r in sub.view.resources.values() {
+            match r {
+                ViewResource::Network(_) => networks += 1,
+                ViewResource::Service(sv) if !sv.endpoints.is_empty() => services += 1,
+                ViewResource::Service(_) => {}
+            }
+        }
+        networks >= 2 && services >= n
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !complete(&sub) {
+        tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .context("the registry never held the whole catalog")??;
+    }
+    Ok(())
+}
+
+// ---- 1 and 2: memory and start-up ----
+
+fn mem_catalog(n: usize) -> Vec<String> {
+    let mut docs = vec![group_yaml(MEM_GROUP, MEM_GROUP, MEM_GROUP, APP_PORT, false)];
+    for i in 0..n {
+        let name = format!("svc-{i}");
+        docs.push(yaml::service(&name, "bench", SVC_PORT));
+        docs.push(yaml::workload(
+            &format!("{name}-1"),
+            "bench",
+            &name,
+            &format!("10.20.{}.{}", i / 250, i % 250 + 1),
+            APP_PORT,
+            "network-a",
+        ));
+    }
+    docs
+}
+
+/// A row of the memory table: the agent with extra arguments and environment.
+struct Variant {
+    label: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+}
+
+const VARIANTS: [Variant; 4] = [
+    Variant {
+        label: "default",
+        args: &[],
+        env: &[],
+    },
+    Variant {
+        label: "--worker-threads 1",
+        args: &["--worker-threads", "1"],
+        env: &[],
+    },
+    Variant {
+        label: "MALLOC_ARENA_MAX=2",
+        args: &[],
+        env: &[("MALLOC_ARENA_MAX", "2")],
+    },
+    Variant {
+        label: "both",
+        args: &["--worker-threads", "1"],
+        env: &[("MALLOC_ARENA_MAX", "2")],
+    },
+];
+
+/// One idle agent's memory, in kB, from /proc/<pid>/status.
+#[derive(Clone, Default)]
+struct MemSample {
+    rss: u64,
+    hwm: u64,
+    anon: u64,
+    file: u64,
+    /// Private_Dirty (smaps_rollup): pages only this process holds and that cannot simply be
+    /// dropped (heap, stacks, written data).
+    dirty: u64,
+    threads: u64,
+    /// Rss by mapping (the file's name, `[heap]`, `[anon]`…), largest first.
+    by_mapping: Vec<(String, u64)>,
+    /// VmRSS once `/config_dump` has been rendered.
+    rss_after_dump: u64,
+    destinations: usize,
+    names: usize,
+}
+
+struct MemRow {
+    catalog: String,
+    variant: &'static str,
+    sample: MemSample,
+}
+
+struct ReadyRow {
+    catalog: String,
+    case: &'static str,
+    times: Vec<Duration>,
+    /// Spawn to the agent's first notification of any kind (its supervisor running).
+    first: Vec<Duration>,
+    /// `ip netns exec <vm> true`, the launcher's own share of each spawn.
+    launcher: Vec<Duration>,
+}
+
+fn status_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l[name.len()..].split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn proc_status(pid: u32) -> anyhow::Result<MemSample> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let f = |name| status_field(&text, name).unwrap_or(0);
+    Ok(MemSample {
+        rss: f("VmRSS:"),
+        hwm: f("VmHWM:"),
+        anon: f("RssAnon:"),
+        file: f("RssFile:"),
+        dirty: status_field(&rollup, "Private_Dirty:").unwrap_or(0),
+        threads: f("Threads:"),
+        by_mapping: rss_by_mapping(pid),
+        ..MemSample::default()
+    })
+}
+
+/// Rss (kB) of `pid` grouped by what is mapped, from /proc/<pid>/smaps, largest first.
+fn rss_by_mapping(pid: u32) -> Vec<(String, u64)> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let mut sums: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut current = String::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // address perms offset dev inode [pathname]
+            current = match words.nth(4) {
+                Some(path) if path.starts_with('/') => {
+                    path.rsplit('/').next().unwrap_or(path).to_string()
+                }
+                Some(other) => other.to_string(),
+                None => "[anon]".to_string(),
+            };
+        } else if first == "Rss:" {
+            let kb: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *sums.entry(current.clone()).or_default() += kb;
+        }
+    }
+    let mut v: Vec<(String, u64)> = sums.into_iter().filter(|(_, kb)| *kb > 0).collect();
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
+    v
+}
+
+async fn memory_and_ready(
+    opts: &Opts,
+    bin: &Path,
+    label: &str,
+    n: usize,
+) -> anyhow::Result<(Mesh, Vec<MemRow>, Vec<ReadyRow>)> {
+    let m = Mesh::start_with(&format!("agent-bench-{n}"), &mem_catalog(n), |cfg| {
+        // Nothing changes once the catalog is in: the registry stays idle.
+        cfg.resource_poll = Duration::from_millis(500);
+    })
+    .await
+    .context("network namespaces are unavailable (run as root with iproute2)")?;
+    wait_catalog(&m, n).await?;
+    let vm = Vm::create(&m, Net::A, "mem", MEM_VM, MEM_GROUP, MEM_GROUP);
+    let log_env = ("RUST_LOG", opts.agent_log.as_str());
+
+    // Enrolment, unmeasured: every measured start below finds its certificate.
+    let agent = start_agent(&m, &vm, bin, &[], &[log_env])?;
+    vm.wait_ready().await;
+    stop(&vm, agent)?;
+
+    let mut rows = Vec::new();
+    for round in 0..opts.mem_rounds {
+        for Variant {
+            label: variant,
+            args,
+            env,
+        } in VARIANTS
+        {
+            let mut env = env.to_vec();
+            env.push(log_env);
+            let agent = start_agent(&m, &vm, bin, args, &env)?;
+            vm.wait_ready().await;
+            tokio::time::sleep(opts.idle).await;
+            let mut s = proc_status(agent.pid())?;
+            let dump = vm.admin("/config_dump").await;
+            s.destinations = dump["destinations"].as_array().map_or(0, Vec::len);
+            s.names = dump["name_table"]["names"].as_array().map_or(0, Vec::len);
+            s.rss_after_dump = proc_status(agent.pid())?.rss;
+            stop(&vm, agent)?;
+            anyhow::ensure!(
+                s.destinations >= n && s.names >= n,
+                "{label}, {variant}: the agent held {} destinations and {} names, not {n}",
+                s.destinations,
+                s.names
+            );
+            eprintln!(
+                "  memory round {}/{}: {variant}: {} kB",
+                round + 1,
+                opts.mem_rounds,
+                s.rss
+            );
+            rows.push(MemRow {
+                catalog: label.to_string(),
+                variant,
+                sample: s,
+            });
+        }
+    }
+
+    let notify = NotifySocket::bind(&vm.dir)?;
+    let mut ready = Vec::new();
+    // The third case shows what READY waits for: the agent's self-check runs every
+    // min(5 s, watchdog / 2), and READY comes from it; a short watchdog makes it frequent.
+    let cases = [
+        ("restart", false, None),
+        ("first start", true, None),
+        ("restart, 0.2 s check", false, Some("400000")),
+        ("first, 0.2 s check", true, Some("400000")),
+    ];
+    for (case, enrol, watchdog) in cases {
+        let mut times = Vec::new();
+        let mut first = Vec::new();
+        let mut launcher = Vec::new();
+        for _ in 0..opts.starts {
+            if enrol {
+                match std::fs::remove_dir_all(vm.state_dir()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).context("emptying the state directory")
+                    }
+                    _ => {}
+                }
+                vm.onboard(&m, Duration::from_secs(600));
+            }
+            notify.drain();
+            let mut env = vec![log_env, ("NOTIFY_SOCKET", notify.path_str()?)];
+            if let Some(usec) = watchdog {
+                env.push(("WATCHDOG_USEC", usec));
+            }
+            let started = Instant::now();
+            let agent = start_agent(&m, &vm, bin, &[], &env)?;
+            let got = tokio::task::block_in_place(|| notify.wait_ready(&agent, started, WAIT));
+            let (at_first, at_ready) =
+                got.with_context(|| format!("{label}, {case}: no READY=1\n{}", log_tail(&vm)))?;
+            times.push(at_ready);
+            first.push(at_first);
+            stop(&vm, agent)?;
+            launcher.push(tokio::task::block_in_place(|| launcher_cost(&vm))?);
+        }
+        eprintln!(
+            "  start to READY, {case}: median {:.0} ms",
+            median_d(&times).as_secs_f64() * 1000.0
+        );
+        ready.push(ReadyRow {
+            catalog: label.to_string(),
+            case,
+            times,
+            first,
+            launcher,
+        });
+    }
+    drop(vm);
+    Ok((m, rows, ready))
+}
+
+/// How long `ip netns exec <vm> true` takes: the part of a spawn that is not the agent.
+fn launcher_cost(vm: &Vm) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let status = vm
+        .ns
+        .command("true")
+        .stdin(Stdio::null())
+        .status()
+        .context("ip netns exec")?;
+    anyhow::ensure!(
+        status.success(),
+        "ip netns exec {} true failed",
+        vm.ns.name()
+    );
+    Ok(started.elapsed())
+}
+
+/// The datagram socket standing in for systemd's.
+struct NotifySocket {
+    sock: UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).context("binding the notify socket")?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(Self { sock, path })
+    }
+
+    fn path_str(&self) -> anyhow::Result<&str> {
+        self.path.to_str().context("the notify socket path")
+    }
+
+    /// Discards what earlier agents sent (STOPPING=1 and the like).
+    fn drain(&self) {
+        let mut buf = [0u8; 4096];
+        while self.sock.recv(&mut buf).is_ok() {}
+    }
+
+    /// Waits for a READY=1 line: the times from `started` to the first notification and to
+    /// READY=1; None if `agent` exits first or `limit` passes.
+    fn wait_ready(
+        &self,
+        agent: &ChildGuard,
+        started: Instant,
+        limit: Duration,
+    ) -> Option<(Duration, Duration)> {
+        let mut first = None;
+        let mut buf = [0u8; 4096];
+        while started.elapsed() < limit {
+            match self.sock.recv(&mut buf) {
+                Ok(n) => {
+                    let at = started.elapsed();
+                    let first = *first.get_or_insert(at);
+                    if String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .any(|l| l == "READY=1")
+                    {
+                        return Some((first, at));
+                    }
+                }
+                Err(_) => {
+                    if agent.try_wait().is_some() {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+// ---- 3: requests ----
+
+/// One run of the client: (mesh or direct) × (mode).
+#[derive(Clone, Default)]
+struct Run {
+    wall: Duration,
+    client_cpu: Duration,
+    server_cpu: Duration,
+    client_agent_cpu: Duration,
+    server_agent_cpu: Duration,
+    p50: Duration,
+    p99: Duration,
+    /// The rest of the machine, in cores.
+    others: f64,
+}
+
+impl Run {
+    fn agents(&self) -> Duration {
+        self.client_agent_cpu + self.server_agent_cpu
+    }
+
+    fn total(&self) -> Duration {
+        self.client_cpu + self.server_cpu + self.agents()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    NewConnection,
+    Persistent,
+}
+
+impl Mode {
+    fn arg(self) -> &'static str {
+        match self {
+            Mode::NewConnection => "new",
+            Mode::Persistent => "persistent",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Mode::NewConnection => "a new TCP connection per request",
+            Mode::Persistent => "one persistent connection",
+        }
+    }
+}
+
+const MODES: [Mode; 2] = [Mode::NewConnection, Mode::Persistent];
+const PATHS: [&str; 2] = ["mesh", "direct"];
+
+/// Every run, by path and mode: `runs[path][mode]` holds one [`Run`] per round.
+type Rounds = [[Vec<Run>; 2]; 2];
+
+fn req_catalog() -> Vec<String> {
+    vec![
+        group_yaml("client", "client", "client", CLIENT_APP_PORT, false),
+        group_yaml("echo", "echo", "echo", APP_PORT, false),
+        yaml::service("echo", "shop", SVC_PORT),
+    ]
+}
+
+struct Scene<'a> {
+    exe: &'a Path,
+    client: &'a Vm,
+    pids: [u32; 3],
+    opts: &'a Opts,
+}
+
+impl Scene<'_> {
+    /// The client binary in the client VM, sending `n` requests to `addr` after `warmup`
+    /// unmeasured ones; `at_go` runs once the warm-up is done, just before the measured
+    /// requests start. Returns what the client reported.
+    fn client(
+        &self,
+        addr: SocketAddr,
+        mode: Mode,
+        n: usize,
+        warmup: usize,
+        at_go: impl FnOnce(),
+    ) -> anyhow::Result<ClientReport> {
+        use std::io::BufRead;
+        let mut child = ServerProcess::new(
+            self.client
+                .ns
+                .command(self.exe)
+                .args(["--role", "client", "--addr", &addr.to_string()])
+                .args(["--mode", mode.arg()])
+                .args(["--requests", &n.to_string()])
+                .args(["--warmup", &warmup.to_string()])
+                .args(["--size", &self.opts.size.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("running the client")?,
+        );
+        let mut stdin = child.stdin.take().context("client stdin")?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().context("client stdout")?);
+        let mut stderr = child.stderr.take().context("client stderr")?;
+        let failed = |mut stderr: std::process::ChildStderr, what: &str| {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err);
+            anyhow::anyhow!("the client to {addr} {what}: {}", err.trim())
+        };
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim() != "WARM" {
+            return Err(failed(stderr, "failed while warming up"));
+        }
+        at_go();
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+        let mut text = String::new();
+        stdout.read_to_string(&mut text)?;
+        let status = child.wait()?;
+        if !status.success() {
+            return Err(failed(stderr, "failed"));
+        }
+        let _ = stderr.read_to_string(&mut String::new());
+        ClientReport::parse(&text)
+    }
+
+    /// One measured run.
+    fn run(&self, addr: SocketAddr, mode: Mode) -> anyhow::Result<Run> {
+        let cpus = || -> anyhow::Result<[Duration; 3]> {
+            Ok([
+                cpu_of(self.pids[0])?,
+                cpu_of(self.pids[1])?,
+                cpu_of(self.pids[2])?,
+            ])
+        };
+        let mut start = None;
+        let r = self.client(
+            addr,
+            mode,
+            self.opts.requests,
+            self.opts.requests / 10,
+            || start = Some((machine_busy(), own_cpu(), Instant::now(), cpus())),
+        )?;
+        let (busy0, own0, at, before) = start.context("the client never started")?;
+        let before = before?;
+        std::thread::sleep(SETTLE);
+        let after = cpus()?;
+        let (busy, own, wall) = (
+            machine_busy().saturating_sub(busy0),
+            own_cpu().saturating_sub(own0),
+            at.elapsed(),
+        );
+        let d = |i: usize| after[i].saturating_sub(before[i]);
+        let run = Run {
+            wall: r.wall,
+            client_cpu: r.cpu,
+            server_cpu: d(2),
+            client_agent_cpu: d(0),
+            server_agent_cpu: d(1),
+            p50: r.p50,
+            p99: r.p99,
+            others: 0.0,
+        };
+        // The client's exit and this process's waiting are in `busy` too.
+        let measured = run.total() + own;
+        let others = busy.saturating_sub(measured).as_secs_f64() / wall.as_secs_f64();
+        Ok(Run { others, ..run })
+    }
+}
+
+/// Whether `vm`'s agent has recorded a connection in `direction`.
+async fn recorded(vm: &Vm, direction: &str) -> bool {
+    vm.admin("/debug/connections")
+        .await
+        .as_array()
+        .is_some_and(|a| a.iter().any(|c| c["direction"] == direction))
+}
+
+async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds> {
+    let m = Mesh::start_with("agent-bench-requests", &req_catalog(), |cfg| {
+        cfg.resource_poll = Duration::from_millis(500);
+    })
+    .await
+    .context("network namespaces are unavailable (run as root with iproute2)")?;
+    wait_catalog(&m, 0).await?;
+    let client = Vm::create(&m, Net::A, "client", CLIENT_VM, "client", "client");
+    let server = Vm::create(&m, Net::A, "echo", SERVER_VM, "echo", "echo");
+
+    let mut app = server.ns.command(exe);
+    app.args(["--role", "server"])
+        .args([
+            "--listen",
+            &format!("0.0.0.0:{APP_PORT},0.0.0.0:{DIRECT_PORT}"),
+        ])
+        .args(["--size", &opts.size.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let app = m.topo.spawn(app).context("starting the server")?;
+    let log_env = [("RUST_LOG", opts.agent_log.as_str())];
+    let server_agent = start_agent(&m, &server, bin, &[], &log_env)?;
+    let client_agent = start_agent(&m, &client, bin, &[], &log_env)?;
+    server.wait_ready().await;
+    client.wait_ready().await;
+
+    // The service's VIP, as the client VM resolves it (through its agent's DNS).
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| client.sh("getent ahostsv4 echo.shop.svc.cluster.local"));
+    anyhow::ensure!(ok, "cannot resolve the service in the client VM: {err}");
+    let vip: Ipv4Addr = out
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no address in {out:?}"))?;
+    anyhow::ensure!(vip.octets()[0] == 240, "{vip} is not a mesh VIP: {out}");
+    let mesh_addr = SocketAddr::from((vip, SVC_PORT));
+    let direct_addr = SocketAddr::from((SERVER_VM, DIRECT_PORT));
+    println!(
+        "\n# requests: client VM {CLIENT_VM}, server VM {SERVER_VM}; mesh path: echo.shop.svc.cluster.local = {mesh_addr} (VIP, captured outbound) -> client agent -> mTLS -> {SERVER_VM}:{APP_PORT} (captured inbound) -> server agent -> 127.0.0.1:{APP_PORT}; direct path: {direct_addr} (not captured); {} unmeasured requests before each run",
+        opts.requests / 10
+    );
+
+    let scene = Scene {
+        exe,
+        client: &client,
+        pids: [client_agent.pid(), server_agent.pid(), app.pid()],
+        opts,
+    };
+    // The server VM registers once its agent is up; the client agent then routes to it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match tokio::task::block_in_place(|| {
+            scene.client(mesh_addr, Mode::NewConnection, 10, 0, || {})
+        }) {
+            Ok(_) => break,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e.context(format!(
+                    "the mesh path never worked\nclient agent:\n{}\nserver agent:\n{}",
+                    log_tail(&client),
+                    log_tail(&server)
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    tokio::task::block_in_place(|| scene.client(direct_addr, Mode::NewConnection, 10, 0, || {}))
+        .context("the direct path")?;
+    // Both agents carried the mesh path's connections.
+    anyhow::ensure!(
+        recorded(&client, "outbound").await && recorded(&server, "inbound").await,
+        "the agents did not record the mesh path's connections"
+    );
+
+    let mut rounds: Rounds = Default::default();
+    for round in 0..opts.rounds {
+        for i in 0..PATHS.len() {
+            // Each round starts with the other path.
+            let p = (round + i) % PATHS.len();
+            let addr = if p == 0 { mesh_addr } else { direct_addr };
+            for (k, mode) in MODES.iter().enumerate() {
+                let r =
+                    tokio::task::block_in_place(|| scene.run(addr, *mode)).with_context(|| {
+                        format!("{}, {}, round {}", PATHS[p], mode.arg(), round + 1)
+                    })?;
+                eprintln!(
+                    "  round {}/{}: {} {}: {:.0} requests/s",
+                    round + 1,
+                    opts.rounds,
+                    PATHS[p],
+                    mode.arg(),
+                    opts.requests as f64 / r.wall.as_secs_f64()
+                );
+                rounds[p][k].push(r);
+            }
+        }
+    }
+    stop(&client, client_agent)?;
+    stop(&server, server_agent)?;
+    drop(app);
+    drop(client);
+    drop(server);
+    drop(m);
+    Ok(rounds)
+}
+
+// ---- Client and server roles (run by the benchmark inside the VMs) ----
+
+/// What the client prints: `RESULT wall_ns=… cpu_ns=… p50_ns=… p99_ns=…`.
+struct ClientReport {
+    wall: Duration,
+    cpu: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl ClientReport {
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("RESULT "))
+            .with_context(|| format!("no RESULT line in {text:?}"))?;
+        let field = |name: &str| -> anyhow::Result<Duration> {
+            let v = line
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .with_context(|| format!("no {name} in {line:?}"))?;
+            Ok(Duration::from_nanos(v.parse()?))
+        };
+        Ok(Self {
+            wall: field("wall_ns")?,
+            cpu: field("cpu_ns")?,
+            p50: field("p50_ns")?,
+            p99: field("p99_ns")?,
+        })
+    }
+}
+
+/// `--role client`: sequential requests with blocking sockets, one request in flight.
+fn client_main() -> anyhow::Result<()> {
+    let addr: SocketAddr = arg("--addr", "").parse().context("--addr")?;
+    let n: usize = arg("--requests", "1000").parse()?;
+    let warmup: usize = arg("--warmup", "0").parse()?;
+    let size: usize = arg("--size", "64").parse()?;
+    let persistent = arg("--mode", "new") == "persistent";
+    let msg: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let mut back = vec![0u8; size];
+    let connect = || -> anyhow::Result<TcpStream> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(s)
+    };
+    let mut exchange = |s: &mut TcpStream| -> anyhow::Result<()> {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("reading the reply")?;
+        anyhow::ensure!(back == msg, "the reply differs from the request");
+        Ok(())
+    };
+    // Tells the benchmark the warm-up is done and waits for its go (it reads the other
+    // processes' CPU in between).
+    let ready = || -> anyhow::Result<()> {
+        println!("WARM");
+        std::io::stdout().flush()?;
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go)?;
+        anyhow::ensure!(go.trim() == "go", "no go from the benchmark");
+        Ok(())
+    };
+    let mut latencies: Vec<Duration> = Vec::with_capacity(n);
+    let (wall, cpu) = if persistent {
+        let mut s = connect()?;
+        for _ in 0..warmup {
+            exchange(&mut s)?;
+        }
+        ready()?;
+        let (t0, c0) = (Instant::now(), own_cpu());
+        for _ in 0..n {
+            let t = Instant::now();
+            exchange(&mut s)?;
+            latencies.push(t.elapsed());
+        }
+        (t0.elapsed(), own_cpu().saturating_sub(c0))
+    } else {
+        for _ in 0..warmup {
+            exchange(&mut connect()?)?;
+        }
+        ready()?;
+        let (t0, c0) = (Instant::now(), own_cpu());
+        for _ in 0..n {
+            let t = Instant::now();
+            let mut s = connect()?;
+            exchange(&mut s)?;
+            drop(s);
+            latencies.push(t.elapsed());
+        }
+        (t0.elapsed(), own_cpu().saturating_sub(c0))
+    };
+    latencies.sort_unstable();
+    let pct = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
+    println!(
+        "RESULT wall_ns={} cpu_ns={} p50_ns={} p99_ns={}",
+        wall.as_nanos(),
+        cpu.as_nanos(),
+        pct(50).as_nanos(),
+        pct(99).as_nanos()
+    );
+    Ok(())
+}
+
+/// `--role server`: on every `--listen` address, echoes each `--size`-byte request.
+fn server_main() -> anyhow::Result<()> {
+    let size: usize = arg("--size", "64").parse()?;
+    let listen: Vec<SocketAddr> = arg("--listen", "")
+        .split(',')
+        .map(|a| a.parse().with_context(|| format!("--listen {a:?}")))
+        .collect::<anyhow::Result<_>>()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for addr in listen {
+            let l = tokio::net::TcpListener::bind(addr).await?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut s, _)) = l.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; size];
+                        while s.read_exact(&mut buf).await.is_ok() {
+                            if s.write_all(&buf).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        term.recv().await;
+        anyhow::Ok(())
+    })
+}
+
+// ---- Output ----
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn median_d(v: &[Duration]) -> Duration {
+    Duration::from_secs_f64(median(v.iter().map(Duration::as_secs_f64).collect()))
+}
+
+fn mib(kb: f64) -> String {
+    format!("{:.1}", kb / 1024.0)
+}
+
+fn print_memory(opts: &Opts, rows: &[MemRow]) {
+    println!(
+        "\n## Idle memory: median of {} starts, {:.0} s after ready (MiB; /proc/<pid>/status)",
+        opts.mem_rounds,
+        opts.idle.as_secs_f64()
+    );
+    println!(
+        "{:<16} {:<20} {:>6} {:>6} {:>7} {:>11} {:>7} {:>8} {:>8} {:>10} {:>7} {:>10}",
+        "catalog",
+        "variant",
+        "dests",
+        "names",
+        "VmRSS",
+        "(min-max)",
+        "VmHWM",
+        "RssAnon",
+        "RssFile",
+        "PrivDirty",
+        "threads",
+        "after dump"
+    );
+    let mut groups: Vec<(&str, &str)> = Vec::new();
+    for r in rows {
+        if !groups.contains(&(r.catalog.as_str(), r.variant)) {
+            groups.push((r.catalog.as_str(), r.variant));
+        }
+    }
+    let mut default_rss: Vec<(&str, f64)> = Vec::new();
+    for (catalog, variant) in groups {
+        let s: Vec<&MemSample> = rows
+            .iter()
+            .filter(|r| r.catalog == catalog && r.variant == variant)
+            .map(|r| &r.sample)
+            .collect();
+        let m = |pick: fn(&MemSample) -> u64| median(s.iter().map(|x| pick(x) as f64).collect());
+        let lo = s.iter().map(|x| x.rss).min().unwrap_or(0) as f64;
+        let hi = s.iter().map(|x| x.rss).max().unwrap_or(0) as f64;
+        println!(
+            "{catalog:<16} {variant:<20} {:>6.0} {:>6.0} {:>7} {:>11} {:>7} {:>8} {:>8} {:>10} {:>7.0} {:>10}",
+            m(|x| x.destinations as u64),
+            m(|x| x.names as u64),
+            mib(m(|x| x.rss)),
+            format!("{}-{}", mib(lo), mib(hi)),
+            mib(m(|x| x.hwm)),
+            mib(m(|x| x.anon)),
+            mib(m(|x| x.file)),
+            mib(m(|x| x.dirty)),
+            m(|x| x.threads),
+            mib(m(|x| x.rss_after_dump)),
+        );
+        if variant == "default" {
+            default_rss.push((catalog, m(|x| x.rss)));
+        }
+    }
+    if let [(big, b), (small, s)] = default_rss[..] {
+        println!(
+            "default agent: {} MiB with {big}, {} MiB with the {small}: the catalog adds {} MiB ({:.1} KiB per service); goal <= 12 MiB: x{:.2} of it",
+            mib(b),
+            mib(s),
+            mib(b - s),
+            (b - s) / opts.services as f64,
+            b / 1024.0 / 12.0
+        );
+    }
+    // The make-up of one start per catalog (the first with the default settings).
+    let mut shown: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.variant == "default") {
+        if shown.contains(&r.catalog.as_str()) || r.sample.by_mapping.is_empty() {
+            continue;
+        }
+        shown.push(&r.catalog);
+        let top: Vec<String> = r
+            .sample
+            .by_mapping
+            .iter()
+            .take(6)
+            .map(|(name, kb)| format!("{name} {}", mib(*kb as f64)))
+            .collect();
+        let rest: u64 = r.sample.by_mapping.iter().skip(6).map(|(_, kb)| kb).sum();
+        println!(
+            "RSS by mapping, {}, default, first start (MiB): {}, the rest {}",
+            r.catalog,
+            top.join(", "),
+            mib(rest as f64)
+        );
+    }
+    println!(
+        "notes: dests/names are what /config_dump showed after the reading (routing-table destinations, DNS names); RssFile is the mapped binary and libraries (clean pages of the page cache, shared and reclaimable), RssAnon the heap and stacks, PrivDirty what only this process holds (smaps_rollup); \"after dump\" is VmRSS once /config_dump has been rendered; 1 MiB = 1,048,576 bytes"
+    );
+}
+
+fn print_ready(opts: &Opts, rows: &[ReadyRow]) {
+    println!(
+        "\n## Start to READY=1 (sd_notify): median of {} starts (ms)",
+        opts.starts
+    );
+    println!(
+        "{:<16} {:<21} {:>8} {:>8} {:>8} {:>20} {:>14}",
+        "catalog", "case", "median", "min", "max", "first notification", "ip netns exec"
+    );
+    for r in rows {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "{:<16} {:<21} {:>8.0} {:>8.0} {:>8.0} {:>20.0} {:>14.1}",
+            r.catalog,
+            r.case,
+            ms(median_d(&r.times)),
+            ms(*r.times.iter().min().expect("a start")),
+            ms(*r.times.iter().max().expect("a start")),
+            ms(median_d(&r.first)),
+            ms(median_d(&r.launcher)),
+        );
+    }
+    println!(
+        "notes: from spawning `ip netns exec <vm> isthmus-vm-agent run …` to the READY=1 datagram; \"first notification\" is the median time to the agent's first datagram of any kind (its supervisor is running; STATUS=waiting for the first catalog, or READY at once); \"ip netns exec\" is the median of `ip netns exec <vm> true`, the launcher's share; a restart finds its certificate and catalog snapshot in the state directory (registry up); a first start has an empty state directory and a fresh token, so it generates a key, requests its certificate with the token and saves both; READY=1 is sent by the agent's periodic self-check (every 5 s, or half the watchdog timeout if shorter) once certificate, catalog and captured addresses are in place: the \"0.2 s check\" cases set WATCHDOG_USEC=400000, which makes that check run every 0.2 s, so they show when the agent could say READY, to within 0.2 s"
+    );
+}
+
+fn print_requests(opts: &Opts, rounds: &Rounds) {
+    type Pick = fn(&Run, f64) -> f64;
+    let figures: [(&str, Pick); 11] = [
+        ("requests/s", |r, n| n / r.wall.as_secs_f64()),
+        ("latency p50 (µs)", |r, _| r.p50.as_secs_f64() * 1e6),
+        ("latency p99 (µs)", |r, _| r.p99.as_secs_f64() * 1e6),
+        ("client CPU (ms/1k)", |r, n| {
+            r.client_cpu.as_secs_f64() * 1e6 / n
+        }),
+        ("server CPU (ms/1k)", |r, n| {
+            r.server_cpu.as_secs_f64() * 1e6 / n
+        }),
+        ("client agent CPU (ms/1k)", |r, n| {
+            r.client_agent_cpu.as_secs_f64() * 1e6 / n
+        }),
+        ("server agent CPU (ms/1k)", |r, n| {
+            r.server_agent_cpu.as_secs_f64() * 1e6 / n
+        }),
+        ("both agents CPU (ms/1k)", |r, n| {
+            r.agents().as_secs_f64() * 1e6 / n
+        }),
+        ("total CPU (ms/1k)", |r, n| {
+            r.total().as_secs_f64() * 1e6 / n
+        }),
+        ("wall (s)", |r, _| r.wall.as_secs_f64()),
+        ("others (% of a core)", |r, _| r.others * 100.0),
+    ];
+    let n = opts.requests as f64;
+    for (k, mode) in MODES.iter().enumerate() {
+        println!(
+            "\n## {} sequential requests, {}: median of {} rounds",
+            thousands(opts.requests),
+            mode.title(),
+            opts.rounds
+        );
+        println!(
+            "{:<28} {:>12} {:>12} {:>12}",
+            "", "mesh", "direct", "mesh/direct"
+        );
+        for (name, pick) in figures {
+            let med = |p: usize| median(rounds[p][k].iter().map(|r| pick(r, n)).collect());
+            let (mesh, direct) = (med(0), med(1));
+            let ratio = if direct > 0.0 && !name.starts_with("others") && !name.contains("agent") {
+                format!("x{:.2}", mesh / direct)
+            } else {
+                "-".to_string()
+            };
+            println!("{name:<28} {mesh:>12.1} {direct:>12.1} {ratio:>12}");
+        }
+    }
+
+    println!("\n## Every round (CPU in ms per 1,000 requests; latency in µs)");
+    println!(
+        "{:<8} {:<11} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "path",
+        "mode",
+        "round",
+        "req/s",
+        "p50",
+        "p99",
+        "client",
+        "server",
+        "c-agent",
+        "s-agent",
+        "total",
+        "others%"
+    );
+    for (p, path) in PATHS.iter().enumerate() {
+        for (k, mode) in MODES.iter().enumerate() {
+            for (i, r) in rounds[p][k].iter().enumerate() {
+                let c = |d: Duration| d.as_secs_f64() * 1e6 / n;
+                println!(
+                    "{path:<8} {:<11} {:>5} {:>9.0} {:>8.0} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.0}",
+                    mode.arg(),
+                    i + 1,
+                    n / r.wall.as_secs_f64(),
+                    r.p50.as_secs_f64() * 1e6,
+                    r.p99.as_secs_f64() * 1e6,
+                    c(r.client_cpu),
+                    c(r.server_cpu),
+                    c(r.client_agent_cpu),
+                    c(r.server_agent_cpu),
+                    c(r.total()),
+                    r.others * 100.0
+                );
+            }
+        }
+    }
+    println!(
+        "notes: total = client (its timed loop) + server + both agents; on the direct path the agents only idle (their CPU there is their background work). Per request on the mesh path with new connections: two captured TCP connections on each VM, and a full mTLS handshake (no resumption) between the agents. Kernel work done in softirq on other processes' time is not attributed. others = what the rest of the machine used during the measured requests, in % of a core"
+    );
+    for (p, path) in PATHS.iter().enumerate() {
+        for (k, mode) in MODES.iter().enumerate() {
+            for (i, r) in rounds[p][k].iter().enumerate() {
+                if r.others > 0.15 {
+                    println!(
+                        "warning: {path} {}, round {}: the rest of the machine used {:.0}% of a core: that round is disturbed",
+                        mode.arg(),
+                        i + 1,
+                        r.others * 100.0
+                    );
+                }
+            }
+        }
+    }
+}
