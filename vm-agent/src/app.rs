@@ -865,6 +865,7 @@ async fn supervise(s: Supervisor) {
     let mut announced = false;
     let mut tick = tokio::time::interval(interval);
     let mut sync = s.sync.clone();
+    let mut progress = s.capture_progress.clone();
     loop {
         let check = self_check(&s).await;
         // Ready also means the captured addresses are in place: an app that resolves a
@@ -908,8 +909,9 @@ async fn supervise(s: Supervisor) {
         tokio::select! {
             _ = &mut stop => return,
             _ = tick.tick() => {}
-            // Announce READY as soon as the first catalog arrives.
+            // Announce READY as soon as the first catalog and its capture are in place.
             r = sync.changed(), if !announced => if r.is_err() { return },
+            r = progress.changed(), if !announced => if r.is_err() { return },
         }
     }
 }
