@@ -171,6 +171,7 @@ async fn run(opts: &Opts, exe: &Path, agent: &Path) -> anyhow::Result<()> {
     eprintln!("requests through the mesh and direct");
     let rounds = requests(opts, exe, agent).await?;
     print_requests(opts, &rounds);
+    print_summary(opts, &memory, &ready, &rounds);
     Ok(())
 }
 
@@ -1308,7 +1309,7 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
         ("total CPU (ms/1k)", |r, n| {
             r.total().as_secs_f64() * 1e6 / n
         }),
-        ("wall (s)", |r, _| r.wall.as_secs_f64()),
+        ("wall (ms)", |r, _| r.wall.as_secs_f64() * 1000.0),
         ("others (% of a core)", |r, _| r.others * 100.0),
     ];
     let n = opts.requests as f64;
@@ -1388,5 +1389,62 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
                 }
             }
         }
+    }
+}
+
+/// The headline figures, each from the tables above.
+fn print_summary(opts: &Opts, memory: &[MemRow], ready: &[ReadyRow], rounds: &Rounds) {
+    let rss = |catalog_is_big: bool| {
+        let v: Vec<f64> = memory
+            .iter()
+            .filter(|r| r.variant == "default")
+            .filter(|r| r.catalog.ends_with("services") == catalog_is_big)
+            .map(|r| r.sample.rss as f64)
+            .collect();
+        median(v) / 1024.0
+    };
+    let ready_ms = |case: &str| {
+        ready
+            .iter()
+            .find(|r| r.catalog.ends_with("services") && r.case == case)
+            .map_or(0.0, |r| median_d(&r.times).as_secs_f64() * 1000.0)
+    };
+    let n = opts.requests as f64;
+    let med = |p: usize, k: usize, pick: &dyn Fn(&Run) -> f64| {
+        median(rounds[p][k].iter().map(pick).collect())
+    };
+    let per_k = |d: Duration| d.as_secs_f64() * 1e6 / n;
+    println!("\n## Summary");
+    println!(
+        "idle RSS: {:.1} MiB with {} services, {:.1} MiB with the group only (goal: 12 MiB)",
+        rss(true),
+        thousands(opts.services),
+        rss(false)
+    );
+    println!(
+        "start to READY=1 with {} services: restart {:.0} ms, first start {:.0} ms; with a check every 0.2 s: {:.0} ms and {:.0} ms",
+        thousands(opts.services),
+        ready_ms("restart"),
+        ready_ms("first start"),
+        ready_ms("restart, 0.2 s check"),
+        ready_ms("first, 0.2 s check"),
+    );
+    for (k, mode) in MODES.iter().enumerate() {
+        let agents = med(0, k, &|r| per_k(r.agents()));
+        let (mesh, direct) = (
+            med(0, k, &|r| per_k(r.total())),
+            med(1, k, &|r| per_k(r.total())),
+        );
+        let p50 = |p| med(p, k, &|r| r.p50.as_secs_f64() * 1e6);
+        let p99 = |p| med(p, k, &|r| r.p99.as_secs_f64() * 1e6);
+        println!(
+            "{}: both agents {agents:.0} ms CPU per 1,000 requests; total CPU per 1,000 requests {mesh:.0} ms through the mesh, {direct:.0} ms direct (x{:.2}); latency p50 {:.0} µs vs {:.0} µs, p99 {:.0} µs vs {:.0} µs",
+            mode.title(),
+            if direct > 0.0 { mesh / direct } else { 0.0 },
+            p50(0),
+            p50(1),
+            p99(0),
+            p99(1),
+        );
     }
 }
