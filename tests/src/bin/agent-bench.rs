@@ -19,11 +19,13 @@
 //!    a restart (certificate and catalog snapshot in the state directory, registry up), (b)
 //!    a first start (empty state directory, a fresh bootstrap token from a new onboarding
 //!    each time, so the time includes key generation and the certificate request). Both
-//!    catalogs. The agent says READY from its periodic self-check (every 5 s, or half the
-//!    watchdog timeout when that is shorter), so both cases are run again with
-//!    `WATCHDOG_USEC=400000` (a check every 0.2 s): when it could say READY, to within
-//!    0.2 s. The time to its first notification of any kind is printed too. The spawn goes
-//!    through `ip netns exec`, whose own cost (`ip netns exec <vm> true`) is printed beside.
+//!    catalogs. The agent's supervisor says READY once certificate, catalog and captured
+//!    addresses are in place; it also runs a self-check every 5 s (or half the watchdog
+//!    timeout when that is shorter), so both cases are run again with
+//!    `WATCHDOG_USEC=400000` (a check every 0.2 s): equal times mean READY does not wait
+//!    for that check (an agent that did would show its period). The time to the first
+//!    notification of any kind is printed too. The spawn goes through `ip netns exec`, whose
+//!    own cost (`ip netns exec <vm> true`) is printed beside.
 //! 3. **CPU per request.** Two VMs in network A, each with its agent: the client VM
 //!    (10.10.0.7) and the server VM (10.10.0.8), whose group's app port 8080 is captured
 //!    inbound. The server is this binary in server mode (a fixed-size echo: `--size`-byte
@@ -596,8 +598,8 @@ async fn memory_and_ready(
 
     let notify = NotifySocket::bind(&vm.dir)?;
     let mut ready = Vec::new();
-    // The third case shows what READY waits for: the agent's self-check runs every
-    // min(5 s, watchdog / 2), and READY comes from it; a short watchdog makes it frequent.
+    // The last two show whether READY waits for the agent's periodic self-check (every
+    // min(5 s, watchdog / 2)): a short watchdog makes that check frequent.
     let cases = [
         ("restart", false, None),
         ("first start", true, None),
@@ -1281,7 +1283,7 @@ fn print_ready(opts: &Opts, rows: &[ReadyRow]) {
         );
     }
     println!(
-        "notes: from spawning `ip netns exec <vm> isthmus-vm-agent run …` to the READY=1 datagram; \"first notification\" is the median time to the agent's first datagram of any kind (its supervisor is running; STATUS=waiting for the first catalog, or READY at once); \"ip netns exec\" is the median of `ip netns exec <vm> true`, the launcher's share; a restart finds its certificate and catalog snapshot in the state directory (registry up); a first start has an empty state directory and a fresh token, so it generates a key, requests its certificate with the token and saves both; READY=1 is sent by the agent's periodic self-check (every 5 s, or half the watchdog timeout if shorter) once certificate, catalog and captured addresses are in place: the \"0.2 s check\" cases set WATCHDOG_USEC=400000, which makes that check run every 0.2 s, so they show when the agent could say READY, to within 0.2 s"
+        "notes: from spawning `ip netns exec <vm> isthmus-vm-agent run …` to the READY=1 datagram; \"first notification\" is the median time to the agent's first datagram of any kind (its supervisor is running; STATUS=waiting for the first catalog, or READY at once); \"ip netns exec\" is the median of `ip netns exec <vm> true`, the launcher's share; a restart finds its certificate and catalog snapshot in the state directory (registry up); a first start has an empty state directory and a fresh token, so it generates a key, requests its certificate with the token and saves both; READY=1 comes once certificate, catalog and captured addresses are in place; the \"0.2 s check\" cases set WATCHDOG_USEC=400000, which makes the agent's periodic self-check (otherwise every 5 s) run every 0.2 s: if READY waited for that check, they would be faster"
     );
 }
 
