@@ -61,24 +61,38 @@ pub async fn serve(
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let readiness = readiness.clone();
-                async move {
-                    if readiness.is_ready() {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                    }
-                }
-            }),
-        )
+        .route("/readyz", ready_route(readiness))
         .route("/logging", get(show_logging).post(set_logging))
         .merge(extra);
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.signaled())
         .await
+}
+
+/// 200 `ready` or 503 `not ready`, as `readiness` says at each request.
+fn ready_route(readiness: Readiness) -> axum::routing::MethodRouter {
+    get(move || {
+        let ready = readiness.is_ready();
+        async move {
+            if ready {
+                (StatusCode::OK, "ready\n")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+    })
+}
+
+/// Serves the health port (`/healthz/ready`, Istio's path, for load balancers and
+/// orchestrators) on `listener` until `shutdown` fires; a failure is logged.
+pub async fn serve_health(listener: TcpListener, readiness: Readiness, shutdown: drain::Watch) {
+    let router = Router::new().route("/healthz/ready", ready_route(readiness));
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.signaled())
+        .await
+    {
+        tracing::error!(error = %e, "health server failed");
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -22,7 +22,6 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use isthmus_gateway::authz::AuthorizationPolicy;
@@ -593,29 +592,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         Some(addr) => {
             let listener = bind(addr, "health").await?;
             let bound = listener.local_addr()?;
-            let readiness = readiness.clone();
-            let router = Router::new().route(
-                "/healthz/ready",
-                get(move || {
-                    let ready = readiness.is_ready();
-                    async move {
-                        if ready {
-                            (StatusCode::OK, "ready\n")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                        }
-                    }
-                }),
-            );
-            let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, router)
-                    .with_graceful_shutdown(shutdown.signaled())
-                    .await
-                {
-                    tracing::error!(error = %e, "health server failed");
-                }
-            }));
+            tasks.push(tokio::spawn(admin::serve_health(
+                listener,
+                readiness.clone(),
+                shutdown.clone(),
+            )));
             Some(bound)
         }
         None => None,
