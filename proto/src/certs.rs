@@ -150,17 +150,8 @@ pub async fn enroll(
     let id = claims
         .identity()
         .map_err(crate::token::TokenFormatError::from)?;
-    let bundle =
-        crate::tls::TrustBundle::from_pem_file(&registry.root_cert, &registry.trust_domain)
-            .map_err(|e| CertsError::Connect(e.to_string()))?;
-    let cfg = crate::tls::client_config(
-        None,
-        &bundle,
-        crate::tls::ServerIdentity::TrustDomain,
-        &[crate::tls::ALPN_H2],
-    )
-    .map_err(|e| CertsError::Connect(e.to_string()))?;
-    let channel = crate::grpc::connect(&registry.addr, std::sync::Arc::new(cfg))
+    let channel = registry
+        .connect(None)
         .await
         .map_err(|e| CertsError::Connect(e.to_string()))?;
     let (key_pem, csr_pem) = generate_key_and_csr(&id)?;

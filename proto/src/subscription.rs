@@ -403,6 +403,30 @@ pub struct RegistrySettings {
     pub trust_domain: String,
 }
 
+/// Why [`RegistrySettings::connect`] has no channel.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryConnectError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Connect(#[from] crate::grpc::ConnectError),
+}
+
+impl RegistrySettings {
+    /// A gRPC channel to the registry, verified as a server of the trust domain by the
+    /// root in `root_cert`; with `creds`, the client authenticates with them (mTLS),
+    /// without, it is anonymous (a bootstrap token request).
+    pub async fn connect(
+        &self,
+        creds: Option<&crate::tls::Credentials>,
+    ) -> Result<Channel, RegistryConnectError> {
+        use crate::tls::{self, ServerIdentity, TrustBundle};
+        let bundle = TrustBundle::from_pem_file(&self.root_cert, &self.trust_domain)?;
+        let cfg = tls::client_config(creds, &bundle, ServerIdentity::TrustDomain, &[tls::ALPN_H2])?;
+        Ok(crate::grpc::connect(&self.addr, Arc::new(cfg)).await?)
+    }
+}
+
 impl WatchClient {
     /// A client that connects over mTLS with the credentials in `registry.cert_dir`.
     /// Unreadable credentials fail here; later, every connect re-reads them (to pick up a

@@ -207,7 +207,7 @@ fn has_ipv6_route() -> bool {
 }
 
 /// The app ports of a group template, deduplicated and sorted.
-fn app_ports(group: Option<&WorkloadGroup>) -> Vec<u16> {
+pub(crate) fn app_ports(group: Option<&WorkloadGroup>) -> Vec<u16> {
     let ports: BTreeSet<u16> = group
         .map(|g| g.template.ports.values().copied().collect())
         .unwrap_or_default();
@@ -777,9 +777,15 @@ async fn follow_capture(
                 .clone();
             progress.send_modify(|c| c.ports = Some(ports));
         }
-        // The routing table follows the view; give it a moment to rebuild.
-        sync.borrow_and_update();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The routing table follows the view: wait (bounded) until it is built from this
+        // version, then take its addresses.
+        let version = sync.borrow_and_update().view.version.clone();
+        for _ in 0..200 {
+            if routes.load().version() == version {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let wanted: BTreeSet<IpAddr> = routes.load().addresses().collect();
         if applied.as_ref() != Some(&wanted) {
             let v4: Vec<_> = wanted

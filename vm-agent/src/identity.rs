@@ -11,7 +11,7 @@ use isthmus_proto::bundle::AgentBundle;
 use isthmus_proto::certs::{self, CertsError};
 use isthmus_proto::drain;
 use isthmus_proto::subscription::RegistrySettings;
-use isthmus_proto::tls::{self, Credentials, ServerIdentity, TlsError, TrustBundle};
+use isthmus_proto::tls::{self, Credentials, TlsError};
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
@@ -146,16 +146,8 @@ pub async fn renew(
     registry: &RegistrySettings,
     current: &Credentials,
 ) -> Result<Credentials, CertsError> {
-    let bundle = TrustBundle::from_pem_file(&registry.root_cert, &registry.trust_domain)
-        .map_err(|e| CertsError::Connect(e.to_string()))?;
-    let cfg = tls::client_config(
-        Some(current),
-        &bundle,
-        ServerIdentity::TrustDomain,
-        &[tls::ALPN_H2],
-    )
-    .map_err(|e| CertsError::Connect(e.to_string()))?;
-    let channel = isthmus_proto::grpc::connect(&registry.addr, Arc::new(cfg))
+    let channel = registry
+        .connect(Some(current))
         .await
         .map_err(|e| CertsError::Connect(e.to_string()))?;
     let (key_pem, csr_pem) = certs::generate_key_and_csr(&current.identity)?;

@@ -14,7 +14,7 @@ use isthmus_proto::model::{Health, WorkloadGroup};
 use isthmus_proto::pb;
 use isthmus_proto::registration::{HealthReport, Hello, Registrar};
 use isthmus_proto::subscription::RegistrySettings;
-use isthmus_proto::tls::{self, Credentials, ServerIdentity, TrustBundle};
+use isthmus_proto::tls::Credentials;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -100,7 +100,7 @@ impl Registration {
                         s.connected = false;
                         s.last_error = Some(e);
                     });
-                    let jitter = rand_jitter();
+                    let jitter = rand::random::<f64>() * 0.4 + 0.8;
                     tokio::select! {
                         _ = &mut stop => return,
                         _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
@@ -172,17 +172,9 @@ impl Registration {
     /// current verdict at once, since the registry may hold an older one.
     async fn open(&mut self) -> Result<Registrar, String> {
         let creds = self.creds.borrow().clone();
-        let bundle =
-            TrustBundle::from_pem_file(&self.registry.root_cert, &self.registry.trust_domain)
-                .map_err(|e| e.to_string())?;
-        let cfg = tls::client_config(
-            Some(&creds),
-            &bundle,
-            ServerIdentity::TrustDomain,
-            &[tls::ALPN_H2],
-        )
-        .map_err(|e| e.to_string())?;
-        let channel = isthmus_proto::grpc::connect(&self.registry.addr, Arc::new(cfg))
+        let channel = self
+            .registry
+            .connect(Some(&creds))
             .await
             .map_err(|e| e.to_string())?;
         let mut registrar = Registrar::register(channel, &self.hello)
@@ -195,9 +187,7 @@ impl Registration {
         tracing::info!(entry = %ack.entry_name, namespace = %ack.namespace, resumed = ack.resumed, "registered");
         if let Some(group) = ack.group.clone() {
             self.keep_group(&group);
-            let mut ports: Vec<u16> = group.template.ports.values().copied().collect();
-            ports.sort_unstable();
-            ports.dedup();
+            let ports = crate::app::app_ports(Some(&group));
             self.group.send_if_modified(|g| {
                 let changed = g.as_ref() != Some(&group);
                 *g = Some(group);
@@ -269,12 +259,4 @@ fn health_str(h: Health) -> &'static str {
         Health::Healthy => "healthy",
         Health::Unhealthy => "unhealthy",
     }
-}
-
-fn rand_jitter() -> f64 {
-    // 0.8..1.2 without a dependency: the clock's nanoseconds are random enough here.
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    0.8 + f64::from(n % 400) / 1000.0
 }
