@@ -19,6 +19,7 @@ use isthmus_registry::ca::{self, init, token, CaMaterial};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub mod agent;
+pub mod bench;
 pub mod dns;
 pub mod fuzz;
 pub mod mesh;

@@ -62,12 +62,12 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_proto::model::{NodeKind, ViewResource};
 use isthmus_tests::agent::{group_yaml, Vm};
+use isthmus_tests::bench::{clock_ticks, cpu_model, median, virtualized};
 use isthmus_tests::dns::have;
 use isthmus_tests::mesh::{yaml, Mesh};
 use isthmus_tests::netns::{ChildGuard, Net};
@@ -210,27 +210,6 @@ fn print_context(opts: &Opts, agent: &Path) {
     );
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn virtualized() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|t| {
-            t.lines()
-                .any(|l| l.starts_with("flags") && l.contains(" hypervisor"))
-        })
-        .unwrap_or(false)
-}
-
 fn mem_total_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -273,20 +252,6 @@ fn thousands(n: usize) -> String {
         out.push(c);
     }
     out
-}
-
-static CLOCK_TICKS: OnceLock<u64> = OnceLock::new();
-
-fn clock_ticks() -> u64 {
-    *CLOCK_TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100)
-    })
 }
 
 // ---- CPU ----
@@ -1151,15 +1116,6 @@ fn server_main() -> anyhow::Result<()> {
 }
 
 // ---- Output ----
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
 
 fn median_d(v: &[Duration]) -> Duration {
     Duration::from_secs_f64(median(v.iter().map(Duration::as_secs_f64).collect()))

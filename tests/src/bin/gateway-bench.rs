@@ -54,13 +54,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_proto::identity::{SpiffeId, TrustDomain};
 use isthmus_proto::sni::SniKey;
 use isthmus_proto::tls::{self, ClientAuth, ServerIdentity};
+use isthmus_tests::bench::{clock_ticks, cpu_model, median, virtualized};
 use isthmus_tests::dns::{free_port, have};
 use isthmus_tests::mesh::{self, yaml};
 use isthmus_tests::process::{arg, ServerProcess};
@@ -113,8 +114,6 @@ fn pinned(cpu: &str, program: &Path, log: &Path) -> anyhow::Result<Command> {
     Ok(c)
 }
 
-static CLOCK_TICKS: OnceLock<u64> = OnceLock::new();
-
 /// CPU time (user + system) a process has used, from /proc.
 fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -122,18 +121,8 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    let hz = *CLOCK_TICKS.get_or_init(clock_ticks);
+    let hz = clock_ticks();
     Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
-}
-
-fn clock_ticks() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100)
 }
 
 /// The proxy's CPU, if there is a proxy (none for the direct baseline).
@@ -458,7 +447,7 @@ impl OthersWatch {
             .saturating_sub(ours.saturating_sub(self.ours));
         // Each counter is read to a clock tick, so two ticks of difference are rounding, not
         // load (they would read as several % of a core in a short phase).
-        let hz = *CLOCK_TICKS.get_or_init(clock_ticks) as f64;
+        let hz = clock_ticks() as f64;
         if others.as_secs_f64() * hz <= 2.0 {
             others = Duration::ZERO;
         }
@@ -516,7 +505,7 @@ fn machine_cpu() -> anyhow::Result<(Duration, Duration)> {
     // user nice system idle iowait irq softirq steal
     let at = |i: usize| v.get(i).copied().unwrap_or(0);
     let busy = at(0) + at(1) + at(2) + at(5) + at(6);
-    let hz = *CLOCK_TICKS.get_or_init(clock_ticks) as f64;
+    let hz = clock_ticks() as f64;
     Ok((
         Duration::from_secs_f64(busy as f64 / hz),
         Duration::from_secs_f64(at(7) as f64 / hz),
@@ -620,27 +609,6 @@ fn first_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn virtualized() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|t| {
-            t.lines()
-                .any(|l| l.starts_with("flags") && l.contains(" hypervisor"))
-        })
-        .unwrap_or(false)
-}
-
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 && a > 0.0 {
         format!("x{:.2}", a / b)
@@ -734,15 +702,6 @@ fn print_table(results: &[(&str, Figures)]) {
             print!(" {:>16}", ratio(pick(isthmus, direct), pick(f, direct)));
         }
         println!();
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 

@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use isthmus_gateway::relay::{relay, relay_splice, RelayOutcome, Transferred};
+use isthmus_tests::bench::{clock_ticks, median};
 use isthmus_tests::process::arg;
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -153,17 +154,6 @@ fn outside_share(
 ) -> f64 {
     let outside = (busy1 - busy0).saturating_sub(mine1 - mine0);
     outside as f64 / (total1 - total0).max(1) as f64
-}
-
-/// Clock ticks per second, the unit of `/proc/stat`.
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn nodelay_timeouts(s: &TcpStream) -> anyhow::Result<()> {
@@ -406,11 +396,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> anyhow::Result<()> {
     let gib: f64 = arg("--gib", "1").parse().context("--gib")?;
     let runs: usize = arg("--runs", "9").parse().context("--runs")?;
@@ -450,7 +435,7 @@ fn main() -> anyhow::Result<()> {
         }
     );
     let start = ticks()?;
-    let hz = clock_ticks();
+    let hz = clock_ticks() as f64;
 
     println!("throughput: {gib} GiB per run, {runs} runs per relay, interleaved");
     let mut results: Vec<Vec<Throughput>> = ways.iter().map(|_| Vec::new()).collect();
