@@ -64,6 +64,8 @@ pub enum IdentityError {
     },
     #[error(transparent)]
     Bundle(#[from] isthmus_proto::bundle::BundleError),
+    #[error("the bundle's identity: {0}")]
+    BundleIdentity(#[from] isthmus_proto::identity::IdentityError),
 }
 
 /// Whether `cert_dir` holds a key and chain (not whether they are good).
@@ -81,13 +83,7 @@ pub async fn ensure(
 ) -> Result<(Credentials, bool), IdentityError> {
     let cert_dir = &registry.cert_dir;
     let token_path = AgentBundle::token_path(bundle_dir);
-    let wanted = bundle
-        .identity()
-        .map_err(|e| IdentityError::WrongIdentity {
-            cert_dir: cert_dir.clone(),
-            held: String::new(),
-            wanted: e.to_string(),
-        })?;
+    let wanted = bundle.identity()?;
     if has_credentials(cert_dir) {
         let creds =
             Credentials::from_dir(cert_dir).map_err(|source| IdentityError::Unreadable {
