@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use isthmus_proto::admin::{self, Readiness};
 use isthmus_proto::drain;
 use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::program::ReadyPart;
 use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, UdpSocket};
@@ -153,7 +154,7 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
         names.clone(),
         locale,
         metrics.clone(),
-        readiness.clone(),
+        readiness.part("catalog"),
         shutdown.clone(),
     )));
 
@@ -299,24 +300,19 @@ fn watch_client(config: &Config) -> anyhow::Result<WatchClient> {
 /// Rebuilds the name table whenever the Watch client publishes a new view, and keeps the
 /// catalog metrics current.
 async fn maintain_table(
-    mut sync: watch::Receiver<Arc<SyncState>>,
+    sync: watch::Receiver<Arc<SyncState>>,
     names: Arc<ArcSwap<NameTable>>,
     locale: Locale,
     metrics: Arc<Metrics>,
-    readiness: Readiness,
+    ready: ReadyPart,
     shutdown: drain::Watch,
 ) {
-    let stop = shutdown.signaled();
-    tokio::pin!(stop);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut built: Option<(Arc<isthmus_proto::subscription::LocalView>, bool)> = None;
-    loop {
-        let state = sync.borrow_and_update().clone();
+    let mut ready = Some(ready);
+    // The table also depends on whether the view is confirmed (unsynced answers differ).
+    let mut built_synced: Option<bool> = None;
+    let turn = |state: Arc<SyncState>, view_changed: bool| {
         let synced = state.synced();
-        let fresh = built
-            .as_ref()
-            .is_none_or(|(v, s)| !Arc::ptr_eq(v, &state.view) || *s != synced);
-        if fresh {
+        if view_changed || built_synced != Some(synced) {
             let table = NameTable::build(&state.view, &locale, synced);
             tracing::debug!(
                 names = table.len(),
@@ -325,18 +321,15 @@ async fn maintain_table(
             );
             metrics.names.set(table.len() as i64);
             names.store(Arc::new(table));
-            built = Some((state.view.clone(), synced));
+            built_synced = Some(synced);
             if synced {
-                readiness.set(true);
+                ready.take();
             }
         }
         metrics.catalog.observe(&state);
-        tokio::select! {
-            _ = &mut stop => return,
-            r = sync.changed() => if r.is_err() { return },
-            _ = tick.tick() => {}
-        }
-    }
+        std::future::ready(())
+    };
+    isthmus_proto::subscription::follow(sync, shutdown, Some(Duration::from_secs(1)), turn).await;
 }
 
 /// Drops expired cache entries now and then, so the size gauge tells the truth.

@@ -63,7 +63,7 @@ impl GatewayHandle {
     /// Drains: reports not-ready, stops accepting, lets open connections finish until the
     /// drain deadline, closes the rest, then stops every task.
     pub async fn shutdown(self) {
-        self.readiness.set(false);
+        self.readiness.drain();
         self.metrics.draining.set(1);
         self.accept_trigger.fire();
         let _ = self.accept_task.await;
@@ -166,7 +166,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
         routes.clone(),
         route_opts,
         metrics.clone(),
-        readiness.clone(),
+        readiness.part("catalog"),
         shutdown.clone(),
     )));
 

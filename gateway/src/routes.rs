@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use isthmus_proto::admin::Readiness;
 use isthmus_proto::drain;
 use isthmus_proto::model::{EndpointKind, Health, Locality, Scope, ServiceView, ViewResource};
-use isthmus_proto::subscription::{LocalView, SyncState};
+use isthmus_proto::program::ReadyPart;
+use isthmus_proto::subscription::{self, LocalView, SyncState};
 use isthmus_proto::SpiffeId;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -440,24 +440,19 @@ impl RouteTable {
 }
 
 /// Rebuilds `routes` whenever the Watch client publishes a new view, keeps the catalog
-/// gauges current, and marks `ready` once a view from the registry is in use. Runs until
+/// gauges current, and reports `ready` once a view from the registry is in use. Runs until
 /// `shutdown`; the last table stays in place through registry outages.
 pub async fn follow(
-    mut sync: tokio::sync::watch::Receiver<Arc<SyncState>>,
+    sync: tokio::sync::watch::Receiver<Arc<SyncState>>,
     routes: Arc<ArcSwap<RouteTable>>,
     opts: RouteOptions,
     metrics: Arc<Metrics>,
-    ready: Readiness,
+    ready: ReadyPart,
     shutdown: drain::Watch,
 ) {
-    let stop = shutdown.signaled();
-    tokio::pin!(stop);
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    let mut built: Option<Arc<LocalView>> = None;
-    let mut marked_ready = false;
-    loop {
-        let state = sync.borrow_and_update().clone();
-        if built.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &state.view)) {
+    let mut ready = Some(ready);
+    let turn = |state: Arc<SyncState>, view_changed: bool| {
+        if view_changed {
             let table = RouteTable::build(&state.view, &routes.load(), &opts);
             tracing::info!(
                 version = table.version(),
@@ -466,20 +461,20 @@ pub async fn follow(
             );
             metrics.destinations.set(table.len() as i64);
             routes.store(Arc::new(table));
-            built = Some(state.view.clone());
         }
-        // Once: after that, readiness is the program's (drain turns it off).
-        if state.synced() && !marked_ready {
-            ready.set(true);
-            marked_ready = true;
+        if state.synced() {
+            ready.take();
         }
         metrics.catalog.observe(&state);
-        tokio::select! {
-            _ = &mut stop => return,
-            r = sync.changed() => if r.is_err() { return },
-            _ = tick.tick() => {}
-        }
-    }
+        std::future::ready(())
+    };
+    subscription::follow(
+        sync,
+        shutdown,
+        Some(std::time::Duration::from_secs(1)),
+        turn,
+    )
+    .await;
 }
 
 /// The healthy endpoints of `sv` for one service port and subset, as connect targets.

@@ -2,7 +2,6 @@
 //! (GET shows the log filter, POST `?level=<filter>` changes it), plus the program's own
 //! routes (`/debug/*`, `/config_dump`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::Query;
@@ -15,18 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::drain;
 
-/// Whether the process is ready to serve; flipped by the program's wiring.
-#[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
-    }
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
+pub use crate::program::Readiness;
 
 /// Serves the admin routes on `listener` until `shutdown` fires.
 pub async fn serve(
@@ -73,11 +61,15 @@ pub async fn serve(
 fn ready_route(readiness: Readiness) -> axum::routing::MethodRouter {
     get(move || {
         let ready = readiness.is_ready();
+        let why = readiness.describe();
         async move {
             if ready {
-                (StatusCode::OK, "ready\n")
+                (StatusCode::OK, "ready\n".to_string())
             } else {
-                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                )
             }
         }
     })
@@ -150,6 +142,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let readiness = Readiness::default();
+        let started = readiness.part("started");
         let (trigger, watch) = crate::drain::channel();
         let mut reg = Registry::with_prefix("isthmus");
         let c = prometheus_client::metrics::counter::Counter::<u64>::default();
@@ -165,7 +158,11 @@ mod tests {
 
         assert_eq!(request(addr, "GET", "/healthz").await.0, 200);
         assert_eq!(request(addr, "GET", "/readyz").await.0, 503);
-        readiness.set(true);
+        assert!(request(addr, "GET", "/readyz")
+            .await
+            .1
+            .contains("waiting for started"));
+        started.ready();
         assert_eq!(request(addr, "GET", "/readyz").await.0, 200);
         let (_, metrics) = request(addr, "GET", "/metrics").await;
         assert!(metrics.contains("isthmus_test_events_total 1"), "{metrics}");

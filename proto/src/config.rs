@@ -39,6 +39,73 @@ impl fmt::Display for FieldProblem {
     }
 }
 
+/// Every problem found in one configuration, collected in one pass and reported at once:
+/// the one configuration-error type of every program (flags, config files, bundles).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigProblems {
+    /// What was checked (`the gateway's flags`, `agent.yaml`), when it helps to say.
+    pub source: String,
+    pub problems: Vec<FieldProblem>,
+}
+
+impl ConfigProblems {
+    pub fn new(source: impl Into<String>) -> Self {
+        Self {
+            source: source.into(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// Records a problem with `field` (a flag such as `--connect-timeout`, or a path such
+    /// as `ports[0].number`).
+    pub fn push(&mut self, field: &str, message: impl Into<String>) {
+        self.problems.push(FieldProblem::new(field, message));
+    }
+
+    /// Records a problem unless `ok`.
+    pub fn check(&mut self, ok: bool, field: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.push(field, message());
+        }
+    }
+
+    pub fn extend(&mut self, problems: impl IntoIterator<Item = FieldProblem>) {
+        self.problems.extend(problems);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.problems.len()
+    }
+
+    /// `Ok` when nothing was found, else every problem at once.
+    pub fn into_result(self) -> Result<(), ConfigProblems> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl fmt::Display for ConfigProblems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.source.is_empty() {
+            write!(f, "{}: ", self.source)?;
+        }
+        let n = self.problems.len();
+        if n > 1 {
+            write!(f, "{n} problems: ")?;
+        }
+        f.write_str(&FieldProblem::join(&self.problems))
+    }
+}
+
+impl std::error::Error for ConfigProblems {}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{value:?} is not a duration: {why} (examples: 500ms, 30s, 10m, 1h, 7d)")]
 pub struct DurationError {
@@ -104,5 +171,19 @@ mod tests {
         assert!(parse_duration("99999999999999999999d").is_err());
         assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn problems_are_reported_together() {
+        let mut p = ConfigProblems::new("the gateway's flags");
+        assert!(p.clone().into_result().is_ok());
+        p.push("--connect-timeout", "must be above 0");
+        p.check(false, "--network", || "must not be empty".into());
+        p.check(true, "--cluster", || unreachable!());
+        let err = p.into_result().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the gateway's flags: 2 problems: --connect-timeout: must be above 0; --network: must not be empty"
+        );
     }
 }

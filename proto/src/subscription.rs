@@ -248,6 +248,46 @@ impl SyncState {
     }
 }
 
+/// The one loop every consumer of a view runs (the routing table, the DNS names, the
+/// agent's capture and snapshot): `on_turn` is called with the newest state at once, after
+/// every change the Watch client publishes, and every `tick` when one is given (so age
+/// gauges stay current), with `view_changed` true when the view itself is new since the
+/// last turn. It returns at `shutdown` or when the client is gone.
+pub async fn follow<F, Fut>(
+    mut sync: watch::Receiver<Arc<SyncState>>,
+    shutdown: crate::drain::Watch,
+    tick: Option<Duration>,
+    mut on_turn: F,
+) where
+    F: FnMut(Arc<SyncState>, bool) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    let mut ticker = tick.map(tokio::time::interval);
+    let mut seen: Option<Arc<LocalView>> = None;
+    loop {
+        let state = sync.borrow_and_update().clone();
+        let view_changed = seen.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &state.view));
+        seen = Some(state.view.clone());
+        tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            _ = on_turn(state, view_changed) => {}
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            r = sync.changed() => if r.is_err() { return },
+            _ = async {
+                match ticker.as_mut() {
+                    Some(t) => { t.tick().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    }
+}
+
 type Connect = Box<
     dyn Fn() -> Pin<Box<dyn Future<Output = Result<Channel, crate::grpc::ConnectError>> + Send>>
         + Send

@@ -381,7 +381,6 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
             tracing::error!(error = %e, "admin server failed");
         }
     }));
-    readiness.set(true);
     tracing::info!(%grpc_addr, %admin_addr, cluster = %cfg.cluster, network = %cfg.network, trust_domain = %trust_domain, "registry serving");
     Ok(RegistryHandle {
         grpc_addr,

@@ -207,7 +207,7 @@ impl Client {
             routes.clone(),
             opts,
             metrics.clone(),
-            Readiness::default(),
+            Readiness::default().part("catalog"),
             shutdown,
         ));
         let outbound = Arc::new(Outbound {

@@ -112,7 +112,7 @@ impl AgentHandle {
             ("STOPPING", "1"),
             ("STATUS", "stopping: deregistering and draining"),
         ]);
-        self.readiness.set(false);
+        self.readiness.drain();
         self.registration_trigger.fire();
         if tokio::time::timeout(Duration::from_secs(5), self.registration_task)
             .await
@@ -306,7 +306,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         shutdown.clone(),
     )));
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    // Ready once the routing table follows a view from the registry (or the snapshot).
     let catalog_ready = Readiness::default();
+    let catalog_part = catalog_ready.part("catalog");
     tasks.push(tokio::spawn(routes::follow(
         sync.clone(),
         routes.clone(),
@@ -316,7 +318,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
             ..RouteOptions::default()
         },
         metrics.clone(),
-        catalog_ready.clone(),
+        catalog_part,
         shutdown.clone(),
     )));
 
@@ -850,6 +852,9 @@ async fn supervise(s: Supervisor) {
         .watchdog_interval()
         .map_or(SELF_CHECK_INTERVAL, |w| w.min(SELF_CHECK_INTERVAL));
     let mut announced = false;
+    // Held while the agent is not ready to serve: before the first catalog and capture,
+    // and while the self-check fails.
+    let mut not_ready = Some(s.readiness.part("data plane"));
     let mut tick = tokio::time::interval(interval);
     let mut sync = s.sync.clone();
     let mut progress = s.capture_progress.clone();
@@ -863,7 +868,7 @@ async fn supervise(s: Supervisor) {
             Ok(()) => {
                 s.metrics.data_plane_healthy.set(1);
                 if catalog_up {
-                    s.readiness.set(true);
+                    not_ready.take();
                     let status = status_line(&s);
                     if !announced {
                         tracing::info!(status = %status, "ready");
@@ -888,7 +893,9 @@ async fn supervise(s: Supervisor) {
                         reason: (*reason).to_string(),
                     })
                     .inc();
-                s.readiness.set(false);
+                if not_ready.is_none() {
+                    not_ready = Some(s.readiness.part("data plane"));
+                }
                 tracing::error!(reason, why = %why, "data plane unhealthy: not telling the watchdog");
                 let _ = s.notifier.status(&format!("unhealthy: {why}"));
             }
