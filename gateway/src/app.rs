@@ -1,7 +1,11 @@
-//! The east-west gateway's wiring: the Watch client (as a gateway of its network, so the
-//! view holds only local endpoints), the routing table that follows it, the SNI
-//! passthrough listener, the admin server and the health server; one trigger stops them
-//! and drain lets open connections finish.
+//! The east-west gateway's wiring, as the phases it starts in: bind every listener (a port
+//! in use fails the start before the registry is asked anything), make sure there is a
+//! certificate (enrol with the bootstrap token when the directory has none), follow the
+//! catalog (the Watch client, as a gateway of its network so the view holds only local
+//! endpoints, and the routing table that follows it: readiness part "catalog"), serve the
+//! data path (SNI passthrough), the admin server (with `/config_dump`) and the health
+//! server. The handle it returns stops them in the skeleton's order: not ready, stop
+//! accepting, let open connections finish until the drain deadline, stop the rest.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,20 +15,23 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use axum::routing::get;
 use axum::{Json, Router};
-use isthmus_proto::admin::{self, Readiness};
+use isthmus_proto::admin;
 use isthmus_proto::drain;
 use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::program::{self, Program, Readiness, Stop, Tasks};
 use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
+use isthmus_proxy::connection::Tracker;
+use isthmus_proxy::metrics::Metrics;
+use isthmus_proxy::routes::{self, Reach, RouteOptions, RouteTable};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::config::GatewayConfig;
-use crate::connection::Tracker;
-use crate::metrics::Metrics;
 use crate::passthrough::{self, Passthrough};
-use crate::routes::{self, Reach, RouteOptions, RouteTable};
+
+/// The prefix of every metric the gateway exports.
+pub const METRICS_PREFIX: &str = "isthmus_gateway";
 
 /// A running gateway.
 pub struct GatewayHandle {
@@ -35,14 +42,8 @@ pub struct GatewayHandle {
     pub metrics: Arc<Metrics>,
     pub sync: watch::Receiver<Arc<SyncState>>,
     pub tracker: Arc<Tracker>,
-    readiness: Readiness,
     drain_deadline: Duration,
-    /// Stops accepting.
-    accept_trigger: drain::Trigger,
-    /// Stops everything else (Watch, admin, health).
-    trigger: drain::Trigger,
-    accept_task: JoinHandle<()>,
-    tasks: Vec<JoinHandle<()>>,
+    stop: Stop,
 }
 
 impl std::fmt::Debug for GatewayHandle {
@@ -57,84 +58,152 @@ impl std::fmt::Debug for GatewayHandle {
 
 impl GatewayHandle {
     pub fn is_ready(&self) -> bool {
-        self.readiness.is_ready()
+        self.stop.readiness.is_ready()
     }
 
     /// Drains: reports not-ready, stops accepting, lets open connections finish until the
     /// drain deadline, closes the rest, then stops every task.
     pub async fn shutdown(self) {
-        self.readiness.drain();
         self.metrics.draining.set(1);
-        self.accept_trigger.fire();
-        let _ = self.accept_task.await;
-        let open = self.tracker.open();
-        tracing::info!(
-            open,
-            deadline = ?self.drain_deadline,
-            "draining: no new connections; waiting for open ones"
-        );
-        let forced = self.tracker.drain(self.drain_deadline).await;
-        tracing::info!(forced, "drained");
-        self.trigger.fire();
-        for t in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(5), t)
-                .await
-                .is_err()
-            {
-                tracing::warn!("a gateway task did not stop within 5s");
-            }
-        }
-    }
-
-    pub async fn run_until_signal(self) {
-        drain::os_signal().await;
-        tracing::info!("SIGTERM: shutting down");
-        self.shutdown().await;
+        let (tracker, deadline) = (self.tracker, self.drain_deadline);
+        self.stop
+            .run(async move {
+                tracing::info!(
+                    open = tracker.open(),
+                    ?deadline,
+                    "draining: no new connections; waiting for open ones"
+                );
+                let forced = tracker.drain(deadline).await;
+                tracing::info!(forced, "drained");
+            })
+            .await;
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the {what} listener on {addr}"))
+impl Program for GatewayHandle {
+    fn shutdown(self) -> impl std::future::Future<Output = ()> + Send {
+        GatewayHandle::shutdown(self)
+    }
+}
+
+/// Every listener, bound before anything else starts.
+struct Listeners {
+    sni: TcpListener,
+    admin: Option<TcpListener>,
+    health: Option<TcpListener>,
+}
+
+/// What the phases share: the two stop triggers' watches, the tasks they start, readiness
+/// and the metrics.
+struct Wiring {
+    /// Fires first, to stop accepting.
+    accept_shutdown: drain::Watch,
+    /// Fires once open connections are done, to stop everything else.
+    shutdown: drain::Watch,
+    accepting: Tasks,
+    tasks: Tasks,
+    readiness: Readiness,
+    registry: Arc<Mutex<Registry>>,
+    metrics: Arc<Metrics>,
+    tracker: Arc<Tracker>,
+}
+
+/// What following the catalog gives the rest of the gateway.
+struct Catalog {
+    sync: watch::Receiver<Arc<SyncState>>,
+    routes: Arc<ArcSwap<RouteTable>>,
 }
 
 pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     config.validate()?;
-    let (trigger, shutdown) = drain::channel();
+    let listeners = bind(&config).await?;
+    ensure_credentials(&config).await?;
+
     let (accept_trigger, accept_shutdown) = drain::channel();
+    let (trigger, shutdown) = drain::channel();
     let mut registry = Registry::default();
-    let metrics = Arc::new(Metrics::register(&mut registry, "isthmus_gateway"));
-    let registry = Arc::new(Mutex::new(registry));
-    let readiness = Readiness::default();
-    let tracker = Tracker::new();
-    let mut tasks = Vec::new();
-
-    // Bind first: a port in use is an error at start, not after the registry answered.
-    let sni = bind(config.sni_addr, "SNI passthrough").await?;
-    let sni_addr = sni.local_addr()?;
-    let admin = match config.admin_addr {
-        Some(a) => Some(bind(a, "admin").await?),
-        None => None,
-    };
-    let health = match config.health_addr {
-        Some(a) => Some(bind(a, "health").await?),
-        None => None,
+    let metrics = Arc::new(Metrics::register(&mut registry, METRICS_PREFIX));
+    let mut w = Wiring {
+        accept_shutdown,
+        shutdown,
+        accepting: Tasks::default(),
+        tasks: Tasks::default(),
+        readiness: Readiness::default(),
+        registry: Arc::new(Mutex::new(registry)),
+        metrics,
+        tracker: Tracker::new(),
     };
 
-    if let (false, Some(token)) = (config.has_credentials(), &config.token) {
-        let creds =
-            isthmus_proto::certs::enroll(&config.registry, token, &config.registry.cert_dir)
-                .await
-                .with_context(|| {
-                    format!(
-                        "obtaining a certificate with the bootstrap token into {}",
-                        config.registry.cert_dir.display()
-                    )
-                })?;
-        tracing::info!(identity = %creds.identity, dir = %config.registry.cert_dir.display(), "enrolled with the bootstrap token");
-    }
+    let catalog = follow_catalog(&config, &mut w)?;
+    let sni_addr = serve_passthrough(&config, listeners.sni, &catalog, &mut w)?;
+    let admin_addr = match listeners.admin {
+        Some(l) => Some(serve_admin(&config, l, &catalog, &mut w)?),
+        None => None,
+    };
+    let health_addr = match listeners.health {
+        Some(l) => Some(serve_health(l, &mut w)?),
+        None => None,
+    };
 
+    tracing::info!(
+        network = %config.network,
+        %sni_addr,
+        ?admin_addr,
+        ?health_addr,
+        registry = %config.registry.addr,
+        "east-west gateway serving"
+    );
+    Ok(GatewayHandle {
+        sni_addr,
+        admin_addr,
+        health_addr,
+        routes: catalog.routes,
+        metrics: w.metrics,
+        sync: catalog.sync,
+        tracker: w.tracker,
+        drain_deadline: config.drain_deadline,
+        stop: Stop {
+            readiness: w.readiness,
+            accept: accept_trigger,
+            accepting: w.accepting,
+            rest: trigger,
+            tasks: w.tasks,
+        },
+    })
+}
+
+/// Phase 1: every listener, so a port in use is an error at start, not after the registry
+/// answered.
+async fn bind(config: &GatewayConfig) -> anyhow::Result<Listeners> {
+    Ok(Listeners {
+        sni: program::bind(config.sni_addr, "SNI passthrough").await?,
+        admin: program::bind_optional(config.admin_addr, "admin").await?,
+        health: program::bind_optional(config.health_addr, "health").await?,
+    })
+}
+
+/// Phase 2: a certificate in the certificate directory, obtained with the bootstrap token
+/// when there is none yet.
+async fn ensure_credentials(config: &GatewayConfig) -> anyhow::Result<()> {
+    let (false, Some(token)) = (config.has_credentials(), &config.token) else {
+        return Ok(());
+    };
+    let dir = &config.registry.cert_dir;
+    let creds = isthmus_proto::certs::enroll(&config.registry, token, dir)
+        .await
+        .with_context(|| {
+            format!(
+                "obtaining a certificate with the bootstrap token into {}",
+                dir.display()
+            )
+        })?;
+    tracing::info!(identity = %creds.identity, dir = %dir.display(), "enrolled with the bootstrap token");
+    Ok(())
+}
+
+/// Phase 3: the Watch client (as a gateway of its network) and the route follower, which
+/// holds the readiness part "catalog" until the first view is in use.
+fn follow_catalog(config: &GatewayConfig, w: &mut Wiring) -> anyhow::Result<Catalog> {
     let node = Node {
         id: config.node_id.clone(),
         kind: NodeKind::Gateway,
@@ -151,112 +220,114 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
             )
         })?;
     let sync = client.state();
-    tasks.push(tokio::spawn(client.run(shutdown.clone())));
+    w.tasks.spawn("watch", client.run(w.shutdown.clone()));
 
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-    let route_opts = RouteOptions {
+    let opts = RouteOptions {
         reach: Reach::LocalWorkloads,
         policy: config.policy,
         outlier: config.outlier(),
         locality: config.locality.clone(),
         max_connections_per_destination: config.max_connections_per_destination,
     };
-    tasks.push(tokio::spawn(routes::follow(
-        sync.clone(),
-        routes.clone(),
-        route_opts,
-        metrics.clone(),
-        readiness.part("catalog"),
-        shutdown.clone(),
-    )));
+    w.tasks.spawn(
+        "route follower",
+        routes::follow(
+            sync.clone(),
+            routes.clone(),
+            opts,
+            w.metrics.clone(),
+            w.readiness.part("catalog"),
+            w.shutdown.clone(),
+        ),
+    );
+    Ok(Catalog { sync, routes })
+}
 
+/// Phase 4: the data path, SNI passthrough; it stops accepting on the first trigger and
+/// its open connections are drained through the tracker.
+fn serve_passthrough(
+    config: &GatewayConfig,
+    listener: TcpListener,
+    catalog: &Catalog,
+    w: &mut Wiring,
+) -> anyhow::Result<SocketAddr> {
+    let bound = listener.local_addr()?;
     let p = Arc::new(Passthrough {
-        routes: routes.clone(),
-        metrics: metrics.clone(),
-        tracker: tracker.clone(),
+        routes: catalog.routes.clone(),
+        metrics: w.metrics.clone(),
+        tracker: w.tracker.clone(),
         handshake_timeout: config.handshake_timeout,
         connect: config.connect_options(),
         max_connections: config.max_connections,
     });
-    let accept_task = tokio::spawn(passthrough::serve(sni, p, accept_shutdown));
-
-    let admin_addr = match admin {
-        Some(listener) => {
-            let bound = listener.local_addr()?;
-            let dump_routes = routes.clone();
-            let dump_sync = sync.clone();
-            let dump_tracker = tracker.clone();
-            let effective = serde_json::to_value(&config)?;
-            let extra = Router::new().route(
-                "/config_dump",
-                get(move || {
-                    let table = dump_routes.load_full();
-                    let state = dump_sync.borrow().clone();
-                    let effective = effective.clone();
-                    let open = dump_tracker.open();
-                    async move {
-                        Json(serde_json::json!({
-                            "effective": effective,
-                            "catalog": {
-                                "version": state.view.version,
-                                "connected": state.connected,
-                                "synced": state.synced(),
-                                "last_error": state.last_error,
-                                "snapshots": state.snapshots,
-                                "resumes": state.resumes,
-                            },
-                            "open_connections": open,
-                            "destinations": table.dump(),
-                        }))
-                    }
-                }),
-            );
-            let (shutdown, readiness, registry) =
-                (shutdown.clone(), readiness.clone(), registry.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = admin::serve(listener, registry, readiness, extra, shutdown).await {
-                    tracing::error!(error = %e, "admin server failed");
-                }
-            }));
-            Some(bound)
-        }
-        None => None,
-    };
-
-    let health_addr = match health {
-        Some(listener) => {
-            let bound = listener.local_addr()?;
-            tasks.push(tokio::spawn(admin::serve_health(
-                listener,
-                readiness.clone(),
-                shutdown.clone(),
-            )));
-            Some(bound)
-        }
-        None => None,
-    };
-
-    tracing::info!(
-        network = %config.network,
-        %sni_addr,
-        ?admin_addr,
-        ?health_addr,
-        registry = %config.registry.addr,
-        "east-west gateway serving"
+    w.accepting.spawn(
+        "SNI passthrough",
+        passthrough::serve(listener, p, w.accept_shutdown.clone()),
     );
-    Ok(GatewayHandle {
-        sni_addr,
-        admin_addr,
-        health_addr,
-        routes,
-        metrics,
-        sync,
-        tracker,
-        readiness,
-        drain_deadline: config.drain_deadline,
-        accept_trigger,
-        trigger,
-        accept_task,
-        tasks,
-    })
+    Ok(bound)
+}
+
+/// Phase 5: the admin server, with the gateway's `/config_dump`.
+fn serve_admin(
+    config: &GatewayConfig,
+    listener: TcpListener,
+    catalog: &Catalog,
+    w: &mut Wiring,
+) -> anyhow::Result<SocketAddr> {
+    let bound = listener.local_addr()?;
+    let extra = config_dump(config, catalog, w.tracker.clone())?;
+    let (registry, readiness, shutdown) =
+        (w.registry.clone(), w.readiness.clone(), w.shutdown.clone());
+    w.tasks.spawn("admin", async move {
+        if let Err(e) = admin::serve(listener, registry, readiness, extra, shutdown).await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    Ok(bound)
+}
+
+/// `/config_dump`: the effective configuration, the catalog's sync state, open connections
+/// and every destination with its endpoints.
+fn config_dump(
+    config: &GatewayConfig,
+    catalog: &Catalog,
+    tracker: Arc<Tracker>,
+) -> anyhow::Result<Router> {
+    let effective = serde_json::to_value(config)?;
+    let (routes, sync) = (catalog.routes.clone(), catalog.sync.clone());
+    Ok(Router::new().route(
+        "/config_dump",
+        get(move || {
+            let table = routes.load_full();
+            let state = sync.borrow().clone();
+            let effective = effective.clone();
+            let open = tracker.open();
+            async move {
+                Json(serde_json::json!({
+                    "effective": effective,
+                    "catalog": {
+                        "version": state.view.version,
+                        "connected": state.connected,
+                        "synced": state.synced(),
+                        "last_error": state.last_error,
+                        "snapshots": state.snapshots,
+                        "resumes": state.resumes,
+                    },
+                    "open_connections": open,
+                    "destinations": table.dump(),
+                }))
+            }
+        }),
+    ))
+}
+
+/// Phase 6: the health server (`/healthz/ready`, from the same readiness as `/readyz`).
+fn serve_health(listener: TcpListener, w: &mut Wiring) -> anyhow::Result<SocketAddr> {
+    let bound = listener.local_addr()?;
+    w.tasks.spawn(
+        "health",
+        admin::serve_health(listener, w.readiness.clone(), w.shutdown.clone()),
+    );
+    Ok(bound)
 }

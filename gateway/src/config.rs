@@ -4,12 +4,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use isthmus_proto::config::{format_duration, ConfigProblems};
+use isthmus_proto::identity::validate_dns_label;
 use isthmus_proto::model::Locality;
 use isthmus_proto::subscription::RegistrySettings;
+use isthmus_proxy::balancer::{OutlierConfig, Policy};
+use isthmus_proxy::routes;
+use isthmus_proxy::upstream::{self, ConnectOptions};
 use serde::Serialize;
-
-use crate::balancer::{OutlierConfig, Policy};
-use crate::upstream::ConnectOptions;
 
 pub const DEFAULT_SNI_ADDR: &str = "0.0.0.0:15443";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15000";
@@ -24,9 +26,6 @@ pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 /// Connections the gateway holds at once (all services); further clients wait in the
 /// listen backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
-/// Connections to one service port at once (Envoy's circuit-breaker default is 1,024 per
-/// cluster; a gateway fans in a whole network's clients, so more).
-pub const DEFAULT_MAX_CONNECTIONS_PER_DESTINATION: usize = 16_384;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GatewayConfig {
@@ -67,6 +66,8 @@ fn debug<T: std::fmt::Debug, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok,
 }
 
 impl GatewayConfig {
+    /// The defaults: the gateway's own constants above, and the proxy core's for what the
+    /// core does (connect, balancing, outlier detection, per-destination limit).
     pub fn new(network: &str, cluster: &str, registry: RegistrySettings) -> Self {
         let outlier = OutlierConfig::default();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -83,14 +84,14 @@ impl GatewayConfig {
             admin_addr: Some(DEFAULT_ADMIN_ADDR.parse().expect("valid default")),
             health_addr: Some(DEFAULT_HEALTH_ADDR.parse().expect("valid default")),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            connect_timeout: ConnectOptions::default().timeout,
-            connect_attempts: ConnectOptions::default().attempts,
-            policy: Policy::RoundRobin,
+            connect_timeout: upstream::DEFAULT_CONNECT_TIMEOUT,
+            connect_attempts: upstream::DEFAULT_CONNECT_ATTEMPTS,
+            policy: Policy::default(),
             outlier_failures: outlier.consecutive_failures,
             outlier_base_ejection: outlier.base_ejection,
             outlier_max_ejection: outlier.max_ejection,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_connections_per_destination: DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
+            max_connections_per_destination: routes::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
             drain_deadline: DEFAULT_DRAIN_DEADLINE,
         }
     }
@@ -120,63 +121,141 @@ impl GatewayConfig {
             .is_file()
     }
 
-    /// Every problem at once, each naming its setting.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        let mut problems: Vec<String> = Vec::new();
-        if let Err(e) = isthmus_proto::identity::validate_dns_label("network", &self.network) {
-            problems.push(e.to_string());
-        }
+    /// Every problem at once, each naming its flag, fields checked against each other in
+    /// the same pass.
+    pub fn validate(&self) -> Result<(), ConfigProblems> {
+        let mut p = ConfigProblems::new("the gateway's configuration");
+        check_label(&mut p, "--network", "network", &self.network);
         if !self.cluster.is_empty() {
-            if let Err(e) = isthmus_proto::identity::validate_dns_label("cluster", &self.cluster) {
-                problems.push(e.to_string());
-            }
+            check_label(&mut p, "--cluster", "cluster", &self.cluster);
         }
-        if self.registry.addr.is_empty() {
-            problems.push("registry: must name the registry's address".into());
-        }
-        if !self.registry.root_cert.is_file() {
-            problems.push(format!(
-                "root {}: no such file (the mesh root certificate, root-cert.pem)",
+        p.check(!self.registry.addr.is_empty(), "--registry", || {
+            "must name the registry's address".into()
+        });
+        p.check(self.registry.root_cert.is_file(), "--root", || {
+            format!(
+                "{}: no such file (the mesh root certificate, root-cert.pem)",
                 self.registry.root_cert.display()
-            ));
-        }
-        if !self.has_credentials() && self.token.is_none() {
-            problems.push(format!(
-                "cert-dir {}: no {} there; pass --token to obtain one with a bootstrap token",
-                self.registry.cert_dir.display(),
-                isthmus_proto::tls::CERT_CHAIN_FILE
-            ));
-        }
-        for (name, d) in [
-            ("handshake-timeout", self.handshake_timeout),
-            ("connect-timeout", self.connect_timeout),
+            )
+        });
+        p.check(
+            self.has_credentials() || self.token.is_some(),
+            "--cert-dir",
+            || {
+                format!(
+                    "{}: no {} there; pass --token to obtain one with a bootstrap token",
+                    self.registry.cert_dir.display(),
+                    isthmus_proto::tls::CERT_CHAIN_FILE
+                )
+            },
+        );
+        for (flag, d) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--connect-timeout", self.connect_timeout),
         ] {
-            if d.is_zero() {
-                problems.push(format!("{name}: must be more than 0"));
+            p.check(!d.is_zero(), flag, || "must be more than 0".into());
+        }
+        for (flag, n) in [
+            ("--connect-attempts", self.connect_attempts as usize),
+            ("--outlier-failures", self.outlier_failures as usize),
+            ("--max-connections", self.max_connections),
+            (
+                "--max-connections-per-destination",
+                self.max_connections_per_destination,
+            ),
+        ] {
+            p.check(n >= 1, flag, || "must be at least 1".into());
+        }
+        p.check(
+            self.outlier_max_ejection >= self.outlier_base_ejection,
+            "--outlier-max-ejection",
+            || {
+                format!(
+                    "{} is shorter than --outlier-base-ejection {}",
+                    format_duration(self.outlier_max_ejection),
+                    format_duration(self.outlier_base_ejection)
+                )
+            },
+        );
+        self.check_listeners(&mut p);
+        p.into_result()
+    }
+
+    /// Two listeners on one address (other than port 0, "any free port") cannot both bind.
+    fn check_listeners(&self, p: &mut ConfigProblems) {
+        let listeners = [
+            ("--sni-addr", Some(self.sni_addr)),
+            ("--admin-addr", self.admin_addr),
+            ("--health-addr", self.health_addr),
+        ];
+        for (i, (flag, addr)) in listeners.iter().enumerate() {
+            let Some(addr) = addr.filter(|a| a.port() != 0) else {
+                continue;
+            };
+            if let Some((other, _)) = listeners[..i].iter().find(|(_, a)| *a == Some(addr)) {
+                p.push(
+                    flag,
+                    format!("{addr} is also {other}: each listener needs its own port"),
+                );
             }
         }
-        if self.connect_attempts == 0 {
-            problems.push("connect-attempts: must be at least 1".into());
-        }
-        if self.outlier_failures == 0 {
-            problems.push("outlier-failures: must be at least 1".into());
-        }
-        if self.outlier_max_ejection < self.outlier_base_ejection {
-            problems.push(format!(
-                "outlier-max-ejection {:?} is shorter than outlier-base-ejection {:?}",
-                self.outlier_max_ejection, self.outlier_base_ejection
-            ));
-        }
-        if self.max_connections == 0 {
-            problems.push("max-connections: must be at least 1".into());
-        }
-        if self.max_connections_per_destination == 0 {
-            problems.push("max-connections-per-destination: must be at least 1".into());
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            anyhow::bail!("invalid configuration:\n  {}", problems.join("\n  "))
-        }
+    }
+}
+
+fn check_label(p: &mut ConfigProblems, flag: &str, what: &'static str, value: &str) {
+    if let Err(e) = validate_dns_label(what, value) {
+        p.push(flag, e.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> GatewayConfig {
+        GatewayConfig::new(
+            "network-b",
+            "",
+            RegistrySettings {
+                addr: DEFAULT_REGISTRY.into(),
+                root_cert: "/nonexistent/root-cert.pem".into(),
+                cert_dir: "/nonexistent/certs".into(),
+                trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            },
+        )
+    }
+
+    #[test]
+    fn every_problem_is_named_at_once() {
+        let mut c = config();
+        c.connect_timeout = Duration::ZERO;
+        c.max_connections = 0;
+        let err = c.validate().unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "--root",
+                "--cert-dir",
+                "--connect-timeout",
+                "--max-connections"
+            ]
+        );
+    }
+
+    #[test]
+    fn two_listeners_on_one_port_are_a_problem_but_port_zero_is_not() {
+        let mut c = config();
+        c.sni_addr = "127.0.0.1:0".parse().unwrap();
+        c.admin_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.health_addr = Some("127.0.0.1:15021".parse().unwrap());
+        let mut p = ConfigProblems::default();
+        c.check_listeners(&mut p);
+        assert!(p.is_empty(), "{p}");
+        c.admin_addr = c.health_addr;
+        c.check_listeners(&mut p);
+        assert_eq!(p.len(), 1);
+        assert!(p.to_string().contains("--health-addr"), "{p}");
+        assert!(p.to_string().contains("--admin-addr"), "{p}");
     }
 }

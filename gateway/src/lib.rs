@@ -1,37 +1,20 @@
-//! isthmus-gateway: the proxy core that the east-west gateway and the VM agent share, and
-//! the east-west gateway's wiring.
+//! isthmus-gateway: the east-west gateway, a program that composes the proxy core
+//! (`isthmus-proxy`) into one data path, SNI passthrough from other networks to this
+//! network's workloads, the way linkerd2-proxy's gateway composes its inbound and outbound
+//! stacks. The core (routing, balancing, connect, relay, connection accounting) is a crate
+//! of its own that the VM agent links too; nothing here is shared with the agent.
 //!
-//! - `routes`: the routing table built from a network view (destinations, their endpoints,
-//!   balancers and connection limits); `balancer`: endpoint selection; `upstream`:
-//!   connecting with timeout, retry on another endpoint and outlier reporting;
-//!   `relay`: moving bytes both ways until both sides close (`splice(2)` between two TCP
-//!   sockets, a copy loop with growing buffers for TLS streams); `connection`: the shared
-//!   accept loop, drain tracking and the access log.
-//! - `passthrough`: the SNI passthrough listener (the gateway's data path).
-//! - `inbound`: the workload side's mTLS termination in front of a local app (STRICT or
-//!   PERMISSIVE), with `authz`, the authorization policy applied to each verified peer;
-//!   `outbound`: mTLS origination towards a service, verified against its identities;
-//!   `original_dst`: the destination a captured (redirected) connection was made to.
-//! - `app` and `config`: the east-west gateway program.
-//!
-//! The SNI routing key and the ClientHello reader live in `isthmus_proto::sni`.
+//! - `passthrough`: the SNI passthrough listener (15443): reads the ClientHello with the
+//!   core's `client_hello` reader, routes on the SNI key, connects through the core's
+//!   `upstream` and relays with the core's copy loop (`relay::relay_tcp`).
+//! - `config`: the gateway's settings, their defaults (its own; the core's for what the
+//!   core does) and the one-pass check that reports every problem.
+//! - `app`: the wiring, as phases: bind, credentials, catalog, data path, admin, health; it
+//!   returns a [`GatewayHandle`] that tests start and stop in-process.
 
 pub mod app;
-pub mod authz;
-pub mod balancer;
 pub mod config;
-pub mod connection;
-pub mod inbound;
-pub mod metrics;
-pub mod original_dst;
-pub mod outbound;
 pub mod passthrough;
-pub mod relay;
-pub mod routes;
-pub mod upstream;
-
-#[cfg(test)]
-pub(crate) mod test_pki;
 
 pub use app::{run, GatewayHandle};
 pub use config::GatewayConfig;

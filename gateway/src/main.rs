@@ -1,15 +1,22 @@
 //! `isthmus-gateway`: parses arguments and runs the east-west gateway until SIGTERM.
+//! Every flag's default is the named constant of the config or of the proxy core, shown in
+//! `--help` as it is parsed.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
-use isthmus_gateway::balancer::Policy;
 use isthmus_gateway::config::{self, GatewayConfig};
-use isthmus_proto::config::parse_duration;
+use isthmus_proto::config::{format_duration, parse_duration, DurationError};
 use isthmus_proto::model::Locality;
+use isthmus_proto::program;
 use isthmus_proto::subscription::RegistrySettings;
+use isthmus_proxy::balancer::{self, Policy};
+use isthmus_proxy::{routes, upstream};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,88 +56,103 @@ struct Args {
     #[arg(long, default_value = config::DEFAULT_HEALTH_ADDR)]
     health_addr: SocketAddr,
     /// Time a client has to send its ClientHello.
-    #[arg(long, default_value = "5s", value_parser = duration)]
-    handshake_timeout: Duration,
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_HANDSHAKE_TIMEOUT))]
+    handshake_timeout: DurationFlag,
     /// Time to connect to one endpoint before trying another.
-    #[arg(long, default_value = "5s", value_parser = duration)]
-    connect_timeout: Duration,
+    #[arg(long, default_value_t = DurationFlag(upstream::DEFAULT_CONNECT_TIMEOUT))]
+    connect_timeout: DurationFlag,
     /// Endpoints tried per connection.
-    #[arg(long, default_value_t = isthmus_gateway::upstream::DEFAULT_CONNECT_ATTEMPTS)]
+    #[arg(long, default_value_t = upstream::DEFAULT_CONNECT_ATTEMPTS)]
     connect_attempts: u32,
     /// round-robin or least-connections (power of two choices).
-    #[arg(long, default_value = "round-robin", value_parser = policy)]
+    #[arg(long, default_value_t = Policy::default())]
     lb_policy: Policy,
     /// Consecutive connect failures that eject an endpoint.
-    #[arg(long, default_value_t = isthmus_gateway::balancer::DEFAULT_CONSECUTIVE_FAILURES)]
+    #[arg(long, default_value_t = balancer::DEFAULT_CONSECUTIVE_FAILURES)]
     outlier_failures: u32,
     /// First ejection; doubles with each further ejection of the same endpoint.
-    #[arg(long, default_value = "30s", value_parser = duration)]
-    outlier_base_ejection: Duration,
-    #[arg(long, default_value = "5m", value_parser = duration)]
-    outlier_max_ejection: Duration,
+    #[arg(long, default_value_t = DurationFlag(balancer::DEFAULT_BASE_EJECTION))]
+    outlier_base_ejection: DurationFlag,
+    /// The longest an ejection grows to.
+    #[arg(long, default_value_t = DurationFlag(balancer::DEFAULT_MAX_EJECTION))]
+    outlier_max_ejection: DurationFlag,
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
-    #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION)]
+    #[arg(long, default_value_t = routes::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION)]
     max_connections_per_destination: usize,
     /// Time open connections get to finish after SIGTERM.
-    #[arg(long, default_value = "20s", value_parser = duration)]
-    drain_deadline: Duration,
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_DRAIN_DEADLINE))]
+    drain_deadline: DurationFlag,
     /// Check the configuration and exit.
     #[arg(long)]
     validate: bool,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
+/// A duration flag: read with `parse_duration`, its default written with `format_duration`
+/// from the constant, so no default is spelled out twice.
+#[derive(Debug, Clone, Copy)]
+struct DurationFlag(Duration);
+
+impl FromStr for DurationFlag {
+    type Err = DurationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_duration(s).map(DurationFlag)
+    }
 }
 
-fn policy(s: &str) -> Result<Policy, String> {
-    match s {
-        "round-robin" => Ok(Policy::RoundRobin),
-        "least-connections" => Ok(Policy::LeastConnections),
-        other => Err(format!("{other:?}: use round-robin or least-connections")),
+impl fmt::Display for DurationFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}
+
+impl Args {
+    fn into_config(self) -> GatewayConfig {
+        let a = self;
+        let mut cfg = GatewayConfig::new(
+            &a.network,
+            &a.cluster,
+            RegistrySettings {
+                addr: a.registry,
+                root_cert: a.root,
+                cert_dir: a.cert_dir,
+                trust_domain: a.trust_domain,
+            },
+        );
+        cfg.token = a.token;
+        cfg.locality = Locality::parse(&a.locality);
+        cfg.sni_addr = a.sni_addr;
+        cfg.admin_addr = Some(a.admin_addr);
+        cfg.health_addr = Some(a.health_addr);
+        cfg.handshake_timeout = a.handshake_timeout.0;
+        cfg.connect_timeout = a.connect_timeout.0;
+        cfg.connect_attempts = a.connect_attempts;
+        cfg.policy = a.lb_policy;
+        cfg.outlier_failures = a.outlier_failures;
+        cfg.outlier_base_ejection = a.outlier_base_ejection.0;
+        cfg.outlier_max_ejection = a.outlier_max_ejection.0;
+        cfg.max_connections = a.max_connections;
+        cfg.max_connections_per_destination = a.max_connections_per_destination;
+        cfg.drain_deadline = a.drain_deadline.0;
+        cfg
     }
 }
 
 fn main() -> anyhow::Result<()> {
     isthmus_proto::telemetry::init();
-    let a = Args::parse();
-    let mut cfg = GatewayConfig::new(
-        &a.network,
-        &a.cluster,
-        RegistrySettings {
-            addr: a.registry,
-            root_cert: a.root,
-            cert_dir: a.cert_dir,
-            trust_domain: a.trust_domain,
-        },
-    );
-    cfg.token = a.token;
-    cfg.locality = Locality::parse(&a.locality);
-    cfg.sni_addr = a.sni_addr;
-    cfg.admin_addr = Some(a.admin_addr);
-    cfg.health_addr = Some(a.health_addr);
-    cfg.handshake_timeout = a.handshake_timeout;
-    cfg.connect_timeout = a.connect_timeout;
-    cfg.connect_attempts = a.connect_attempts;
-    cfg.policy = a.lb_policy;
-    cfg.outlier_failures = a.outlier_failures;
-    cfg.outlier_base_ejection = a.outlier_base_ejection;
-    cfg.outlier_max_ejection = a.outlier_max_ejection;
-    cfg.max_connections = a.max_connections;
-    cfg.max_connections_per_destination = a.max_connections_per_destination;
-    cfg.drain_deadline = a.drain_deadline;
+    let args = Args::parse();
+    let validate_only = args.validate;
+    let cfg = args.into_config();
     cfg.validate()?;
-    if a.validate {
+    if validate_only {
         println!("configuration is valid");
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let handle = isthmus_gateway::run(cfg).await?;
-        handle.run_until_signal().await;
-        Ok(())
-    })
+    program::runtime(None)
+        .context("starting the runtime")?
+        .block_on(async {
+            let handle = isthmus_gateway::run(cfg).await?;
+            program::run_until_signal(handle).await;
+            Ok(())
+        })
 }

@@ -1,8 +1,9 @@
 //! The SNI passthrough listener (15443): the east-west gateway's data path. It reads the
 //! client's ClientHello without terminating TLS, routes on the SNI key
 //! `outbound_.<port>_.<subset>_.<hostname>` to a healthy local endpoint of that service,
-//! replays the bytes it read and relays both directions until both sides close. The
-//! mTLS session is the client's and the endpoint's: the gateway holds no key for it.
+//! replays the bytes it read and relays both directions until both sides close (the proxy
+//! core's copy loop, `relay::relay_tcp`). The mTLS session is the client's and the
+//! endpoint's: the gateway holds no key for it.
 //!
 //! A connection that is not TLS, has no SNI, names something that is not a mesh key, or a
 //! service this network does not export, is closed at once and counted by reason; one that
@@ -13,14 +14,17 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use isthmus_proto::drain;
-use isthmus_proto::sni::{ClientHelloReader, Hello, SniKey};
+use isthmus_proto::sni::SniKey;
+use isthmus_proxy::client_hello::{ClientHelloReader, Hello};
+use isthmus_proxy::connection::{
+    accept_loop, finish_relay, refusal, AccessRecord, Refusal, Tracker,
+};
+use isthmus_proxy::metrics::{ConnResult, Direction, Metrics};
+use isthmus_proxy::relay;
+use isthmus_proxy::routes::{Destination, RouteTable};
+use isthmus_proxy::upstream::{self, ConnectOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-use crate::connection::{accept_loop, finish_relay, refusal, AccessRecord, Refusal, Tracker};
-use crate::metrics::{ConnResult, Direction, Metrics};
-use crate::routes::RouteTable;
-use crate::upstream::{self, ConnectOptions};
 
 const DIRECTION: Direction = Direction::passthrough;
 
@@ -128,7 +132,7 @@ async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
     let service = dest.key.hostname.clone();
     rec.service = Some(service.clone());
     let open = p.metrics.open(DIRECTION, &service);
-    let result = relay(p, tcp, &dest, hello, rec).await;
+    let result = connect_and_relay(p, tcp, &dest, hello, rec).await;
     drop(open);
     rec.finish(result);
     p.metrics.closed(
@@ -140,10 +144,10 @@ async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
     );
 }
 
-async fn relay(
+async fn connect_and_relay(
     p: &Passthrough,
     tcp: TcpStream,
-    dest: &Arc<crate::routes::Destination>,
+    dest: &Arc<Destination>,
     hello: Vec<u8>,
     rec: &mut AccessRecord,
 ) -> ConnResult {
@@ -165,12 +169,7 @@ async fn relay(
     };
     rec.endpoint = Some(up.target.addr);
     rec.bytes_to_upstream = hello.len() as u64;
-    let result = finish_relay(
-        rec,
-        p.tracker.closing(),
-        crate::relay::relay_tcp(tcp, up.stream),
-    )
-    .await;
+    let result = finish_relay(rec, p.tracker.closing(), relay::relay_tcp(tcp, up.stream)).await;
     drop(up.lease);
     result
 }

@@ -264,7 +264,8 @@ fn dns_resolver() -> &'static isthmus_dns::server::Resolver {
 /// The first bytes of a connection to the gateway's SNI port, fed in the pieces the input
 /// itself chooses (its first byte sets the piece size), then the SNI key parse.
 pub fn client_hello(data: &[u8]) {
-    use isthmus_proto::sni::{ClientHelloReader, Hello, SniKey};
+    use isthmus_proto::sni::SniKey;
+    use isthmus_proxy::client_hello::{ClientHelloReader, Hello, MAX_CLIENT_HELLO};
     let Some((&split, rest)) = data.split_first() else {
         return;
     };
@@ -282,5 +283,5 @@ pub fn client_hello(data: &[u8]) {
             Err(_) => break,
         }
     }
-    assert!(reader.received().len() <= isthmus_proto::sni::MAX_CLIENT_HELLO + 64);
+    assert!(reader.received().len() <= MAX_CLIENT_HELLO + 64);
 }

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_gateway::authz::AuthorizationPolicy;
-use isthmus_gateway::inbound::Mode;
 use isthmus_gateway::{GatewayConfig, GatewayHandle};
 use isthmus_proto::identity::{SpiffeId, TrustDomain};
 use isthmus_proto::sni::SniKey;
 use isthmus_proto::subscription::RegistrySettings;
 use isthmus_proto::tls::{self, Credentials, ServerIdentity};
+use isthmus_proxy::authz::AuthorizationPolicy;
+use isthmus_proxy::inbound::Mode;
 use isthmus_tests::mesh::{self, yaml, Workload};
 use isthmus_tests::{eventually, http_get, metric, TestRegistry, CLUSTER, TRUST_DOMAIN};
 use rustls::pki_types::ServerName;

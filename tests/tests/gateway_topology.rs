@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use isthmus_gateway::authz::{AuthorizationPolicy, Rule};
+use isthmus_proxy::authz::{AuthorizationPolicy, Rule};
 use isthmus_tests::mesh::{
     self, host, id, yaml, Call, Mesh, Workload, APP_PORT, SNI_PORT, SVC_PORT,
 };
@@ -134,10 +134,10 @@ async fn cross_network_calls_are_end_to_end_mtls_routed_by_sni() {
         .inbound
         .metrics
         .connections
-        .get_or_create(&isthmus_gateway::metrics::ConnLabels {
-            direction: isthmus_gateway::metrics::Direction::inbound,
+        .get_or_create(&isthmus_proxy::metrics::ConnLabels {
+            direction: isthmus_proxy::metrics::Direction::inbound,
             service: ratings.app.addr.to_string(),
-            result: isthmus_gateway::metrics::ConnResult::denied,
+            result: isthmus_proxy::metrics::ConnResult::denied,
         })
         .get();
     assert!(denied >= 1, "the refusal was not counted");

@@ -11,9 +11,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use isthmus_gateway::outbound::OutboundTarget;
 use isthmus_proto::model::{Health, NodeKind};
 use isthmus_proto::subscription::{LocalView, Subscription};
+use isthmus_proxy::outbound::OutboundTarget;
 use isthmus_tests::agent::{group_yaml, Vm};
 use isthmus_tests::mesh::{host, id, on, yaml, Mesh, APP_PORT, SVC_PORT};
 use isthmus_tests::netns::{ChildGuard, Net};

@@ -24,14 +24,6 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use axum::routing::get;
 use axum::{Json, Router};
-use isthmus_gateway::authz::AuthorizationPolicy;
-use isthmus_gateway::connection::{refusal, Tracker};
-use isthmus_gateway::inbound::{self, AppTarget, Inbound, Mode};
-use isthmus_gateway::metrics::Metrics;
-use isthmus_gateway::original_dst::original_destination;
-use isthmus_gateway::outbound::{self, ClientTls, Outbound, OutboundTarget};
-use isthmus_gateway::routes::{self, Reach, RouteOptions, RouteTable};
-use isthmus_gateway::upstream::ConnectOptions;
 use isthmus_proto::admin::{self, Readiness};
 use isthmus_proto::bundle::AgentBundle;
 use isthmus_proto::drain;
@@ -39,6 +31,14 @@ use isthmus_proto::model::{Node, NodeKind, WorkloadGroup};
 use isthmus_proto::registration::{HealthReport, Hello};
 use isthmus_proto::subscription::{RegistrySettings, SyncState, WatchClient, WatchOptions};
 use isthmus_proto::tls::{Credentials, TrustBundle};
+use isthmus_proxy::authz::AuthorizationPolicy;
+use isthmus_proxy::connection::{refusal, Tracker};
+use isthmus_proxy::inbound::{self, AppTarget, Inbound, Mode};
+use isthmus_proxy::metrics::Metrics;
+use isthmus_proxy::original_dst::original_destination;
+use isthmus_proxy::outbound::{self, ClientTls, Outbound, OutboundTarget};
+use isthmus_proxy::routes::{self, Reach, RouteOptions, RouteTable};
+use isthmus_proxy::upstream::ConnectOptions;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -665,7 +665,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
 fn captured_target(
     tcp: &TcpStream,
     routes: &RouteTable,
-) -> Result<OutboundTarget, isthmus_gateway::outbound::NoDestination> {
+) -> Result<OutboundTarget, isthmus_proxy::outbound::NoDestination> {
     let original = original_destination(tcp).map_err(|e| {
         refusal(
             "no_original_destination",

@@ -17,7 +17,7 @@
 //! loop: it puts [`CapturePlan::mark`](crate::capture::CapturePlan::mark) on its sockets
 //! (`SO_MARK`) and the output chain lets that mark through first. The proxies read where a
 //! redirected connection was going with
-//! [`isthmus_gateway::original_dst::original_destination`].
+//! [`isthmus_proxy::original_dst::original_destination`].
 //!
 //! Where the listeners must be, because of how REDIRECT rewrites a destination:
 //!

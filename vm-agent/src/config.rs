@@ -6,8 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use isthmus_gateway::outbound::OutboundTarget;
 use isthmus_proto::model::Locality;
+use isthmus_proxy::outbound::OutboundTarget;
 use serde::Serialize;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/isthmus";

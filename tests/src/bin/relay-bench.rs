@@ -2,8 +2,8 @@
 //! between two TCP sockets on loopback, for each way of relaying:
 //!
 //! - `direct`: no relay, the sender connected straight to the sink (the baseline);
-//! - `splice`: `isthmus_gateway::relay::relay_splice` (`splice(2)` through a pipe per direction);
-//! - `copy`: `isthmus_gateway::relay::relay`, the generic copy loop (buffers 8 → 256 KiB);
+//! - `splice`: `isthmus_proxy::relay::relay_splice` (`splice(2)` through a pipe per direction);
+//! - `copy`: `isthmus_proxy::relay::relay`, the generic copy loop (buffers 8 → 256 KiB);
 //! - `tokio-64k`: `tokio::io::copy_bidirectional_with_sizes` with 64 KiB buffers, for
 //!   reference.
 //!
@@ -47,7 +47,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use isthmus_gateway::relay::{relay, relay_splice, RelayOutcome, Transferred};
+use isthmus_proxy::relay::{relay, relay_splice, RelayOutcome, Transferred};
 use isthmus_tests::bench::{clock_ticks, median};
 use isthmus_tests::process::arg;
 use nix::sched::{sched_setaffinity, CpuSet};

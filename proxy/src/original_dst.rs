@@ -7,7 +7,7 @@
 //! rewrote still has a conntrack entry when conntrack runs in the namespace (any NAT rule
 //! turns it on), and then its "original" destination is simply the listener's own address:
 //! callers that would connect there must check for that (see
-//! [`AppTarget::OriginalPort`](crate::inbound::AppTarget::OriginalPort)).
+//! `inbound::AppTarget::OriginalPort`, which does).
 
 use std::io;
 use std::net::SocketAddr;

@@ -53,8 +53,12 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Time for a peer to complete the mTLS handshake (or, in PERMISSIVE mode, to send its
 /// first byte); a slow peer holds a connection slot only this long.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The app is local: a connect that takes longer than this is not going to succeed.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time to connect to the local app. The app is local, so a connect either succeeds at once
+/// or is refused; the bound is the same 5 s as for an endpoint
+/// ([`upstream::DEFAULT_CONNECT_TIMEOUT`](crate::upstream::DEFAULT_CONNECT_TIMEOUT)) because
+/// the VM agent sets both from its one `--connect-timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = crate::upstream::DEFAULT_CONNECT_TIMEOUT;
+/// Connections the inbound listener holds at once; further peers wait in the listen backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 
 /// Whether plaintext is accepted beside mTLS (Istio's `PeerAuthentication` modes).
@@ -163,7 +167,9 @@ pub struct Inbound {
     pub app: AppTarget,
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<Tracker>,
+    /// For the mTLS handshake (or a PERMISSIVE peer's first byte).
     pub handshake_timeout: Duration,
+    /// For the TCP connect to the local app.
     pub connect_timeout: Duration,
     /// Connections held at once.
     pub max_connections: usize,

@@ -26,6 +26,38 @@ pub enum Policy {
     LeastConnections,
 }
 
+impl Policy {
+    /// The name an operator writes (`--lb-policy`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastConnections => "least-connections",
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A policy name that is neither `round-robin` nor `least-connections`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?}: use round-robin or least-connections")]
+pub struct UnknownPolicy(pub String);
+
+impl std::str::FromStr for Policy {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" => Ok(Policy::RoundRobin),
+            "least-connections" => Ok(Policy::LeastConnections),
+            other => Err(UnknownPolicy(other.to_string())),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct OutlierConfig {
     pub consecutive_failures: u32,
@@ -242,6 +274,15 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policy_names_round_trip() {
+        for p in [Policy::RoundRobin, Policy::LeastConnections] {
+            assert_eq!(p.to_string().parse::<Policy>(), Ok(p));
+        }
+        let err = "random".parse::<Policy>().unwrap_err().to_string();
+        assert!(err.contains("least-connections"), "{err}");
+    }
 
     fn ep(id: &str, region: &str, zone: &str, weight: u32) -> Endpoint {
         Endpoint {

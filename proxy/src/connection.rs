@@ -4,12 +4,11 @@
 //! few of those lines kept for `/debug/connections`.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use std::future::Future;
 
 use isthmus_proto::drain;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,6 +30,13 @@ pub struct Tracker {
 
 /// Finished connections remembered for `/debug/connections` (oldest dropped first).
 pub const RECENT_CONNECTIONS: usize = 64;
+/// Once the drain deadline has passed and open connections were told to close, how long
+/// [`Tracker::drain`] waits for them to go: closing a socket takes no time, so this only
+/// bounds a connection task that is slow to notice.
+pub const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long the accept loop waits after a failed `accept` (out of file descriptors and
+/// the like) before it tries again, instead of spinning.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 impl Default for Tracker {
     fn default() -> Self {
@@ -106,7 +112,7 @@ impl Tracker {
             "drain deadline passed: closing the connections still open"
         );
         self.force.fire();
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = tokio::time::timeout(FORCED_CLOSE_WAIT, async {
             while self.open() > 0 {
                 let notified = self.idle.notified();
                 if self.open() == 0 {
@@ -169,9 +175,8 @@ pub async fn accept_loop<F, Fut>(
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 }
             },

@@ -27,6 +27,13 @@ use crate::metrics::Metrics;
 
 /// The endpoint label a non-empty subset selects on.
 pub const SUBSET_LABEL: &str = "version";
+/// Connections to one service port at once (Envoy's circuit-breaker default is 1,024 per
+/// cluster; an east-west gateway fans in a whole network's clients, so more). The VM agent
+/// and the gateway both take this default.
+pub const DEFAULT_MAX_CONNECTIONS_PER_DESTINATION: usize = 16_384;
+/// How often the route follower looks at the sync state even when no view arrived, so the
+/// catalog gauges (staleness) stay current through registry outages.
+const FOLLOW_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Which endpoints of a view a table routes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +65,7 @@ impl Default for RouteOptions {
             policy: Policy::RoundRobin,
             outlier: OutlierConfig::default(),
             locality: Locality::default(),
-            max_connections_per_destination: crate::config::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
+            max_connections_per_destination: DEFAULT_MAX_CONNECTIONS_PER_DESTINATION,
         }
     }
 }
@@ -468,13 +475,7 @@ pub async fn follow(
         metrics.catalog.observe(&state);
         std::future::ready(())
     };
-    subscription::follow(
-        sync,
-        shutdown,
-        Some(std::time::Duration::from_secs(1)),
-        turn,
-    )
-    .await;
+    subscription::follow(sync, shutdown, Some(FOLLOW_TICK), turn).await;
 }
 
 /// The healthy endpoints of `sv` for one service port and subset, as connect targets.

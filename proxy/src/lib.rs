@@ -1,0 +1,40 @@
+//! isthmus-proxy: the proxy core that the east-west gateway and the VM agent share. It
+//! depends on `isthmus-proto` and on no program; each program composes the parts it needs
+//! (the gateway: routes, upstream, relay and connection behind its SNI passthrough listener;
+//! the VM agent: inbound and outbound in front of its app) and passes its own settings in,
+//! falling back on the defaults named here.
+//!
+//! - `routes`: the routing table built from a network view (destinations, their endpoints,
+//!   balancers and connection limits) and the follower that rebuilds it when the view
+//!   changes; `balancer`: endpoint selection (locality, round robin or least connections,
+//!   outlier ejection), pure logic in simulated time; `upstream`: connecting with a timeout,
+//!   retry on another endpoint and outlier reporting.
+//! - `relay`: moving bytes both ways until both sides close. Every listener uses the copy
+//!   loop (its buffer grows from 8 KiB to 256 KiB); a `splice(2)` relay is there and
+//!   measured, but not on the data path (the relay's module docs say why).
+//! - `connection`: the accept loop every listener shares, the tracker that drain waits on,
+//!   and the access log.
+//! - `client_hello`: reads the server name from a client's first bytes without terminating
+//!   TLS (the gateway's passthrough routes on it; the SNI key itself is
+//!   `isthmus_proto::sni::SniKey`).
+//! - `inbound`: mTLS termination in front of a local app (STRICT or PERMISSIVE), with
+//!   `authz`, the authorization policy applied to each verified peer; `outbound`: mTLS
+//!   origination towards a service, verified against its identities; `original_dst`: the
+//!   destination a captured (redirected) connection was made to.
+//! - `metrics`: the core's metrics, registered under the prefix the program picks
+//!   (`isthmus_gateway_`, `isthmus_agent_`).
+
+pub mod authz;
+pub mod balancer;
+pub mod client_hello;
+pub mod connection;
+pub mod inbound;
+pub mod metrics;
+pub mod original_dst;
+pub mod outbound;
+pub mod relay;
+pub mod routes;
+pub mod upstream;
+
+#[cfg(test)]
+pub(crate) mod test_pki;
