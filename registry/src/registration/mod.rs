@@ -17,8 +17,8 @@ use tonic::Status;
 
 pub use service::RegistrationService;
 
-use crate::sources::static_files::{check_label_key, check_label_value};
 use crate::sources::vm_registrations::VmSourceError;
+use crate::validate::{check_label_key, check_label_value};
 
 /// How long a new stream has to send its Hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,7 +137,11 @@ pub fn entry_from_group(
         let field = format!("hello.labels.{key}");
         let checked = check_label_key(key).and_then(|()| check_label_value(key, value));
         if let Err(why) = checked {
-            return Err(ModelError::Invalid { field, why }.into());
+            return Err(ModelError::Invalid {
+                field,
+                why: why.into(),
+            }
+            .into());
         }
         match t.labels.get(key) {
             Some(ours) if ours != value => warnings.push(format!(
