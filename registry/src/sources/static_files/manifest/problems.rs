@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use isthmus_proto::config::FieldProblem;
+
 use crate::validate::{self, check_label_key, check_label_value, Invalid};
 
 /// One problem in one file; Display is "FILE[ (document N)]: FIELD.PATH: message", e.g.
@@ -29,6 +31,21 @@ impl fmt::Display for ResourceError {
             write!(f, ": {}", self.field)?;
         }
         write!(f, ": {}", self.message)
+    }
+}
+
+impl ResourceError {
+    /// The problem as a configuration problem: `field` is where (file, document, field),
+    /// so it reads the same as this error.
+    pub fn problem(&self) -> FieldProblem {
+        let mut at = self.file.display().to_string();
+        if let Some(n) = self.document {
+            at += &format!(" (document {n})");
+        }
+        if !self.field.is_empty() {
+            at += &format!(": {}", self.field);
+        }
+        FieldProblem::new(&at, self.message.clone())
     }
 }
 
