@@ -141,7 +141,8 @@ fn kind_names() -> String {
 }
 
 /// One document: its envelope is checked by hand (so a wrong `kind` does not hide a wrong
-/// `metadata`), then `metadata` and `spec` go through serde separately.
+/// `metadata`), then `metadata` and `spec` go through serde separately, then the spec is
+/// converted by its kind.
 fn parse_document(
     mut value: Value,
     defaults: &SourceDefaults,
@@ -165,22 +166,70 @@ fn parse_document(
         return Vec::new();
     };
     let before = p.errors.len();
-    let (mut api_version, mut kind, mut metadata, mut spec) = (None, None, None, None);
-    for (key, v) in map {
-        match key.as_str() {
-            Some("apiVersion") => api_version = Some(v),
-            Some("kind") => kind = Some(v),
-            Some("metadata") => metadata = Some(v),
-            Some("spec") => spec = Some(v),
-            Some(other) => p.add(
-                other,
-                "unknown field; a resource has only apiVersion, kind, metadata and spec",
-            ),
-            None => p.add("", format!("unknown field {}", describe(&key))),
-        }
+    let envelope = Envelope::split(map, p);
+    let kind = kind(envelope.kind, p);
+    check_api_version(envelope.api_version, kind, p);
+    let Some(kind) = kind else {
+        return Vec::new();
+    };
+    let Some((metadata, spec)) = sections(kind, envelope.metadata, envelope.spec, p) else {
+        return Vec::new();
+    };
+    let naming = if kind == Kind::Network {
+        Naming::Network
+    } else {
+        Naming::Namespaced
+    };
+    let meta = check_metadata(naming, metadata, p);
+    let resources = match spec {
+        Spec::ServiceEntry(spec) => service_entry(&meta, spec, defaults, p),
+        Spec::WorkloadEntry(spec) => workload_entry(&meta, spec, defaults, p),
+        Spec::WorkloadGroup(spec) => workload_group(&meta, spec, defaults, p),
+        Spec::Network(spec) => network(&meta, spec, p),
+    };
+    if p.errors.len() > before {
+        // Resources built around an error would only produce duplicate-key noise.
+        return Vec::new();
     }
+    resources
+}
 
-    let kind = match kind {
+/// A document's four top-level fields, each as written.
+struct Envelope {
+    api_version: Option<Value>,
+    kind: Option<Value>,
+    metadata: Option<Value>,
+    spec: Option<Value>,
+}
+
+impl Envelope {
+    /// Takes the four fields out of the document, reporting any other.
+    fn split(map: serde_yaml_ng::Mapping, p: &mut Problems) -> Self {
+        let mut e = Envelope {
+            api_version: None,
+            kind: None,
+            metadata: None,
+            spec: None,
+        };
+        for (key, v) in map {
+            match key.as_str() {
+                Some("apiVersion") => e.api_version = Some(v),
+                Some("kind") => e.kind = Some(v),
+                Some("metadata") => e.metadata = Some(v),
+                Some("spec") => e.spec = Some(v),
+                Some(other) => p.add(
+                    other,
+                    "unknown field; a resource has only apiVersion, kind, metadata and spec",
+                ),
+                None => p.add("", format!("unknown field {}", describe(&key))),
+            }
+        }
+        e
+    }
+}
+
+fn kind(value: Option<Value>, p: &mut Problems) -> Option<Kind> {
+    match value {
         None | Some(Value::Null) => {
             p.add("kind", format!("is required (one of {})", kind_names()));
             None
@@ -205,8 +254,12 @@ fn parse_document(
             );
             None
         }
-    };
-    match (api_version, kind) {
+    }
+}
+
+/// `apiVersion` is required, and must be one the kind (when known) is served under.
+fn check_api_version(value: Option<Value>, kind: Option<Kind>, p: &mut Problems) {
+    match (value, kind) {
         (None | Some(Value::Null), _) => p.add("apiVersion", "is required"),
         (Some(Value::String(v)), Some(kind)) if !kind.accepts(&v) => p.add(
             "apiVersion",
@@ -222,10 +275,16 @@ fn parse_document(
             format!("must be a string; found {}", describe(&other)),
         ),
     }
-    let Some(kind) = kind else {
-        return Vec::new();
-    };
+}
 
+/// The structural pass over `metadata` and `spec`; `None` when either has an error, since
+/// values guessed around it would only produce follow-on errors.
+fn sections(
+    kind: Kind,
+    metadata: Option<Value>,
+    spec: Option<Value>,
+    p: &mut Problems,
+) -> Option<(RawMetadata, Spec)> {
     let structure_before = p.errors.len();
     let metadata: Option<RawMetadata> = section(p, "metadata", metadata, false);
     let required = kind != Kind::Network;
@@ -242,29 +301,9 @@ fn parse_document(
         Kind::Network => section::<NetworkSpec>(p, "spec", spec, required).map(Spec::Network),
     };
     let (Some(metadata), Some(spec)) = (metadata, built) else {
-        return Vec::new();
+        return None;
     };
-    if p.errors.len() > structure_before {
-        return Vec::new();
-    }
-
-    let naming = if kind == Kind::Network {
-        Naming::Network
-    } else {
-        Naming::Namespaced
-    };
-    let meta = check_metadata(naming, metadata, p);
-    let resources = match spec {
-        Spec::ServiceEntry(spec) => service_entry(&meta, spec, defaults, p),
-        Spec::WorkloadEntry(spec) => workload_entry(&meta, spec, defaults, p),
-        Spec::WorkloadGroup(spec) => workload_group(&meta, spec, defaults, p),
-        Spec::Network(spec) => network(&meta, spec, p),
-    };
-    if p.errors.len() > before {
-        // Resources built around an error would only produce duplicate-key noise.
-        return Vec::new();
-    }
-    resources
+    (p.errors.len() == structure_before).then_some((metadata, spec))
 }
 
 enum Spec {

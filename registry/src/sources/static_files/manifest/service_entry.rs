@@ -60,115 +60,21 @@ pub(super) fn service_entry(
     d: &SourceDefaults,
     p: &mut Problems,
 ) -> Vec<(Resource, String)> {
-    let mut hosts: Vec<(String, String)> = Vec::new();
-    if spec.hosts.is_empty() {
-        p.add("spec.hosts", "at least one host is required");
-    }
-    for (i, host) in spec.hosts.iter().enumerate() {
-        let field = format!("spec.hosts[{i}]");
-        if !p.check(&field, check_hostname(host, true)) {
-            continue;
-        }
-        if hosts.iter().any(|(h, _)| h == host) {
-            p.add(field, format!("{host:?} is listed twice"));
-            continue;
-        }
-        hosts.push((host.clone(), field));
-    }
-
-    let mut addresses = Vec::new();
-    for (i, a) in spec.addresses.iter().enumerate() {
-        match parse_ip_or_cidr(a) {
-            Ok(address) => addresses.push(ServiceAddress {
-                cluster: String::new(),
-                address,
-            }),
-            Err(m) => p.add(format!("spec.addresses[{i}]"), m),
-        }
-    }
-
+    let hosts = hosts(&spec.hosts, p);
+    let addresses = addresses(&spec.addresses, p);
     let ports = service_ports(&spec.ports, p);
-
     let has_selector = spec.workload_selector.is_some();
-    let resolution = match spec.resolution.as_deref() {
-        // Istio's default is NONE, which would make the endpoints the manifest lists
-        // unreachable; an entry that names its endpoints means them to be used.
-        None if !spec.endpoints.is_empty() || has_selector => Resolution::Static,
-        None | Some("NONE") => Resolution::None,
-        Some("STATIC") => Resolution::Static,
-        Some("DNS" | "DNS_ROUND_ROBIN") => Resolution::Dns,
-        Some(other) => {
-            p.add(
-                "spec.resolution",
-                format!("{other:?} is not a resolution; use NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
-            );
-            Resolution::Static
-        }
-    };
+    let has_endpoints = !spec.endpoints.is_empty();
+    let resolution = resolution(spec.resolution.as_deref(), has_endpoints || has_selector, p);
+    check_location(spec.location.as_deref(), p);
+    let selector = selector(spec.workload_selector, p);
+    check_istio_rules(&hosts, resolution, has_endpoints, has_selector, p);
+    let scope = scope(&spec.export_to, p);
 
-    if let Some(location) = &spec.location {
-        if location != "MESH_INTERNAL" && location != "MESH_EXTERNAL" {
-            p.add(
-                "spec.location",
-                format!("{location:?} is not a location; use MESH_INTERNAL or MESH_EXTERNAL"),
-            );
-        }
-    }
-
-    let mut selector = BTreeMap::new();
-    if let Some(ws) = spec.workload_selector {
-        if ws.labels.is_empty() {
-            // An empty selector would silently select nothing (or, read Kubernetes' way,
-            // everything in the namespace): refuse the ambiguity.
-            p.add(
-                "spec.workloadSelector.labels",
-                "at least one label is required",
-            );
-        }
-        check_labels(p, "spec.workloadSelector.labels", &ws.labels);
-        selector = ws.labels;
-    }
-
-    if has_selector && !spec.endpoints.is_empty() {
-        p.add(
-            "spec.endpoints",
-            "a ServiceEntry has either endpoints or a workloadSelector, not both (Istio forbids it); \
-             move the endpoints into WorkloadEntries with the selector's labels, or drop the selector",
-        );
-    }
-    if resolution == Resolution::None && !spec.endpoints.is_empty() {
-        p.add(
-            "spec.resolution",
-            "resolution NONE takes no endpoints; use STATIC for IP endpoints or DNS for hostnames",
-        );
-    }
-    if resolution == Resolution::Dns && spec.endpoints.is_empty() && !has_selector {
-        for (host, field) in &hosts {
-            if host.starts_with("*.") {
-                p.add(
-                    field.clone(),
-                    format!("{host:?}: a wildcard host cannot be resolved with DNS when there are no endpoints"),
-                );
-            }
-        }
-    }
-
-    let mut scope = Scope::Mesh;
-    for (i, e) in spec.export_to.iter().enumerate() {
-        if e != "." && e != "*" {
-            p.check(format!("spec.exportTo[{i}]"), dns_label("namespace", e));
-        }
-    }
-    if !spec.export_to.is_empty() && spec.export_to.iter().all(|e| e == ".") {
-        scope = Scope::ClusterLocal;
-    }
-
-    let host_names: Vec<String> = hosts.iter().map(|(h, _)| h.clone()).collect();
-    let port_names: BTreeSet<&str> = ports.iter().map(|sp| sp.name.as_str()).collect();
-    let mut out = Vec::new();
-    for (host, field) in &hosts {
-        out.push((
-            Resource::Service(Service {
+    let mut out: Vec<(Resource, String)> = hosts
+        .iter()
+        .map(|(host, field)| {
+            let service = Service {
                 hostname: host.clone(),
                 namespace: meta.namespace.clone(),
                 name: meta.name.clone(),
@@ -181,11 +87,164 @@ pub(super) fn service_entry(
                 scope,
                 labels: meta.labels.clone(),
                 selector: selector.clone(),
-            }),
-            field.clone(),
-        ));
+            };
+            (Resource::Service(service), field.clone())
+        })
+        .collect();
+    let host_names: Vec<String> = hosts.into_iter().map(|(h, _)| h).collect();
+    out.extend(endpoints(
+        meta,
+        spec.endpoints,
+        &host_names,
+        &ports,
+        resolution,
+        d,
+        p,
+    ));
+    out
+}
+
+/// The hosts with the field each was written at; at least one, each a valid name, none twice.
+fn hosts(specs: &[String], p: &mut Problems) -> Vec<(String, String)> {
+    let mut hosts: Vec<(String, String)> = Vec::new();
+    if specs.is_empty() {
+        p.add("spec.hosts", "at least one host is required");
     }
-    for (i, endpoint) in spec.endpoints.into_iter().enumerate() {
+    for (i, host) in specs.iter().enumerate() {
+        let field = format!("spec.hosts[{i}]");
+        if !p.check(&field, check_hostname(host, true)) {
+            continue;
+        }
+        if hosts.iter().any(|(h, _)| h == host) {
+            p.add(field, format!("{host:?} is listed twice"));
+            continue;
+        }
+        hosts.push((host.clone(), field));
+    }
+    hosts
+}
+
+fn addresses(specs: &[String], p: &mut Problems) -> Vec<ServiceAddress> {
+    let mut addresses = Vec::new();
+    for (i, a) in specs.iter().enumerate() {
+        match parse_ip_or_cidr(a) {
+            Ok(address) => addresses.push(ServiceAddress {
+                cluster: String::new(),
+                address,
+            }),
+            Err(m) => p.add(format!("spec.addresses[{i}]"), m),
+        }
+    }
+    addresses
+}
+
+/// `spec.resolution`; `names_endpoints` when the entry lists endpoints or selects workloads.
+fn resolution(spec: Option<&str>, names_endpoints: bool, p: &mut Problems) -> Resolution {
+    match spec {
+        // Istio's default is NONE, which would make the endpoints the manifest lists
+        // unreachable; an entry that names its endpoints means them to be used.
+        None if names_endpoints => Resolution::Static,
+        None | Some("NONE") => Resolution::None,
+        Some("STATIC") => Resolution::Static,
+        Some("DNS" | "DNS_ROUND_ROBIN") => Resolution::Dns,
+        Some(other) => {
+            p.add(
+                "spec.resolution",
+                format!("{other:?} is not a resolution; use NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
+            );
+            Resolution::Static
+        }
+    }
+}
+
+fn check_location(location: Option<&str>, p: &mut Problems) {
+    if let Some(location) = location {
+        if location != "MESH_INTERNAL" && location != "MESH_EXTERNAL" {
+            p.add(
+                "spec.location",
+                format!("{location:?} is not a location; use MESH_INTERNAL or MESH_EXTERNAL"),
+            );
+        }
+    }
+}
+
+fn selector(spec: Option<WorkloadSelectorSpec>, p: &mut Problems) -> BTreeMap<String, String> {
+    let Some(ws) = spec else {
+        return BTreeMap::new();
+    };
+    if ws.labels.is_empty() {
+        // An empty selector would silently select nothing (or, read Kubernetes' way,
+        // everything in the namespace): refuse the ambiguity.
+        p.add(
+            "spec.workloadSelector.labels",
+            "at least one label is required",
+        );
+    }
+    check_labels(p, "spec.workloadSelector.labels", &ws.labels);
+    ws.labels
+}
+
+/// Istio's rules across fields: endpoints or a selector, never both; no endpoints with
+/// resolution NONE; no wildcard host to resolve with DNS.
+fn check_istio_rules(
+    hosts: &[(String, String)],
+    resolution: Resolution,
+    has_endpoints: bool,
+    has_selector: bool,
+    p: &mut Problems,
+) {
+    if has_selector && has_endpoints {
+        p.add(
+            "spec.endpoints",
+            "a ServiceEntry has either endpoints or a workloadSelector, not both (Istio forbids it); \
+             move the endpoints into WorkloadEntries with the selector's labels, or drop the selector",
+        );
+    }
+    if resolution == Resolution::None && has_endpoints {
+        p.add(
+            "spec.resolution",
+            "resolution NONE takes no endpoints; use STATIC for IP endpoints or DNS for hostnames",
+        );
+    }
+    if resolution == Resolution::Dns && !has_endpoints && !has_selector {
+        for (host, field) in hosts {
+            if host.starts_with("*.") {
+                p.add(
+                    field.clone(),
+                    format!("{host:?}: a wildcard host cannot be resolved with DNS when there are no endpoints"),
+                );
+            }
+        }
+    }
+}
+
+/// `spec.exportTo`: only `.` keeps the service in its cluster.
+fn scope(export_to: &[String], p: &mut Problems) -> Scope {
+    for (i, e) in export_to.iter().enumerate() {
+        if e != "." && e != "*" {
+            p.check(format!("spec.exportTo[{i}]"), dns_label("namespace", e));
+        }
+    }
+    if !export_to.is_empty() && export_to.iter().all(|e| e == ".") {
+        Scope::ClusterLocal
+    } else {
+        Scope::Mesh
+    }
+}
+
+/// The inline endpoints, each a workload of every host, named `<entry>-<index>`.
+fn endpoints(
+    meta: &Meta,
+    specs: Vec<WorkloadEntrySpec>,
+    host_names: &[String],
+    ports: &[ServicePort],
+    resolution: Resolution,
+    d: &SourceDefaults,
+    p: &mut Problems,
+) -> Vec<(Resource, String)> {
+    let port_names: BTreeSet<&str> = ports.iter().map(|sp| sp.name.as_str()).collect();
+    let mut out = Vec::new();
+    for (i, endpoint) in specs.into_iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
         for name in endpoint.ports.keys() {
             if !port_names.contains(name.as_str()) {
@@ -203,7 +262,7 @@ pub(super) fn service_entry(
             name: format!("{}-{i}", meta.name),
             meta,
             base_labels: None,
-            services: host_names.clone(),
+            services: host_names.to_vec(),
             origin: Origin::WorkloadEntry,
             address: if resolution == Resolution::Dns {
                 AddressRule::IpOrHostname

@@ -86,7 +86,50 @@ pub(super) fn workload(
     p: &mut Problems,
 ) -> Workload {
     let f = ctx.field;
-    let address = match (ctx.address, spec.address.as_deref()) {
+    let address = address(f, ctx.address, spec.address.as_deref(), p);
+    let ports = ports(f, &spec.ports, p);
+    let labels = labels(ctx, &spec.labels, p);
+    let network = network(ctx, &spec, &labels, d, p);
+    let locality = match &spec.locality {
+        Some(l) => {
+            p.check(format!("{f}.locality"), check_locality(l));
+            Locality::parse(l)
+        }
+        None => Locality {
+            region: labels.get(LABEL_REGION).cloned().unwrap_or_default(),
+            zone: labels.get(LABEL_ZONE).cloned().unwrap_or_default(),
+            subzone: labels.get(LABEL_SUBZONE).cloned().unwrap_or_default(),
+        },
+    };
+    let (service_account, identity) = identity(ctx, spec.service_account, d, p);
+    let uid = if ctx.name.is_empty() {
+        String::new()
+    } else {
+        format!("{}/{}/{}", d.cluster, ctx.meta.namespace, ctx.name)
+    };
+    Workload {
+        uid,
+        name: ctx.name.clone(),
+        namespace: ctx.meta.namespace.clone(),
+        address,
+        network,
+        cluster: d.cluster.clone(),
+        locality,
+        identity,
+        labels,
+        ports,
+        weight: spec.weight.unwrap_or(DEFAULT_WEIGHT),
+        health: Health::Healthy,
+        origin: ctx.origin,
+        last_confirmed_ms: 0,
+        services: ctx.services.clone(),
+        service_account,
+    }
+}
+
+/// The address by `rule`, canonical when it is an IP; empty when absent or refused.
+fn address(f: &str, rule: AddressRule, spec: Option<&str>, p: &mut Problems) -> String {
+    match (rule, spec) {
         (AddressRule::Absent, _) => String::new(),
         (_, None | Some("")) => {
             p.add(format!("{f}.address"), "is required");
@@ -114,99 +157,89 @@ pub(super) fn workload(
                 String::new()
             }
         },
-    };
+    }
+}
 
+fn ports(f: &str, specs: &BTreeMap<String, u32>, p: &mut Problems) -> BTreeMap<String, u16> {
     let mut ports = BTreeMap::new();
-    for (name, number) in &spec.ports {
+    for (name, number) in specs {
         let field = format!("{f}.ports.{name}");
         let name_ok = p.check(&field, dns_label("port name", name));
         if let (true, Some(port)) = (name_ok, port_or_report(p, field, *number)) {
             ports.insert(name.clone(), port);
         }
     }
+    ports
+}
 
-    // Kubernetes habit puts a workload's labels in metadata, Istio's in spec; selectors and
-    // topology labels see both, the entry's own winning.
-    check_labels(p, &format!("{f}.labels"), &spec.labels);
+/// Kubernetes habit puts a workload's labels in metadata, Istio's in spec; selectors and
+/// topology labels see both, the entry's own winning.
+fn labels(
+    ctx: &WorkloadContext<'_>,
+    own: &BTreeMap<String, String>,
+    p: &mut Problems,
+) -> BTreeMap<String, String> {
+    check_labels(p, &format!("{}.labels", ctx.field), own);
     let mut labels: BTreeMap<String, String> =
         ctx.base_labels.map(|(_, l)| l.clone()).unwrap_or_default();
-    labels.extend(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let label_field = |key: &str| -> String {
-        if spec.labels.contains_key(key) {
-            format!("{f}.labels.{key}")
-        } else {
-            let base = ctx
-                .base_labels
-                .map_or("metadata.labels", |(field, _)| field);
-            format!("{base}.{key}")
-        }
-    };
+    labels.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
+}
 
-    let network = match (&spec.network, labels.get(LABEL_NETWORK)) {
+/// The network: the entry's own field, else Istio's network label, else the registry's.
+fn network(
+    ctx: &WorkloadContext<'_>,
+    spec: &WorkloadEntrySpec,
+    labels: &BTreeMap<String, String>,
+    d: &SourceDefaults,
+    p: &mut Problems,
+) -> String {
+    let f = ctx.field;
+    match (&spec.network, labels.get(LABEL_NETWORK)) {
         (Some(n), _) => {
             p.check(format!("{f}.network"), check_network_id(n));
             n.clone()
         }
         (None, Some(n)) => {
-            p.check(label_field(LABEL_NETWORK), check_network_id(n));
+            // Named where the label was written: the entry's own labels, or the base ones.
+            let field = if spec.labels.contains_key(LABEL_NETWORK) {
+                format!("{f}.labels.{LABEL_NETWORK}")
+            } else {
+                let base = ctx
+                    .base_labels
+                    .map_or("metadata.labels", |(field, _)| field);
+                format!("{base}.{LABEL_NETWORK}")
+            };
+            p.check(field, check_network_id(n));
             n.clone()
         }
         (None, None) => d.network.clone(),
-    };
+    }
+}
 
-    let locality = match &spec.locality {
-        Some(l) => {
-            p.check(format!("{f}.locality"), check_locality(l));
-            Locality::parse(l)
-        }
-        None => Locality {
-            region: labels.get(LABEL_REGION).cloned().unwrap_or_default(),
-            zone: labels.get(LABEL_ZONE).cloned().unwrap_or_default(),
-            subzone: labels.get(LABEL_SUBZONE).cloned().unwrap_or_default(),
-        },
-    };
-
+/// The service account (Kubernetes' `default` when unset) and the SPIFFE identity it gives
+/// in the entry's namespace, when both are valid.
+fn identity(
+    ctx: &WorkloadContext<'_>,
+    spec: Option<String>,
+    d: &SourceDefaults,
+    p: &mut Problems,
+) -> (String, Option<SpiffeId>) {
+    let field = format!("{}.serviceAccount", ctx.field);
     let service_account = spec
-        .service_account
         .filter(|sa| !sa.is_empty())
         .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.into());
-    let sa_ok = p.check(
-        format!("{f}.serviceAccount"),
-        dns_label("service account", &service_account),
-    );
+    let sa_ok = p.check(&field, dns_label("service account", &service_account));
     let identity = if sa_ok && ctx.meta.namespace_ok {
         match SpiffeId::workload(&d.trust_domain, &ctx.meta.namespace, &service_account) {
             Ok(id) => Some(id),
             Err(e) => {
-                p.add(format!("{f}.serviceAccount"), e.to_string());
+                p.add(field, e.to_string());
                 None
             }
         }
     } else {
         None
     };
-
-    let uid = if ctx.name.is_empty() {
-        String::new()
-    } else {
-        format!("{}/{}/{}", d.cluster, ctx.meta.namespace, ctx.name)
-    };
-    Workload {
-        uid,
-        name: ctx.name.clone(),
-        namespace: ctx.meta.namespace.clone(),
-        address,
-        network,
-        cluster: d.cluster.clone(),
-        locality,
-        identity,
-        labels,
-        ports,
-        weight: spec.weight.unwrap_or(DEFAULT_WEIGHT),
-        health: Health::Healthy,
-        origin: ctx.origin,
-        last_confirmed_ms: 0,
-        services: ctx.services.clone(),
-        service_account,
-    }
+    (service_account, identity)
 }

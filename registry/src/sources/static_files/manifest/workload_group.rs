@@ -142,50 +142,7 @@ pub(super) fn workload_group(
 }
 
 fn convert_probe(spec: ProbeSpec, p: &mut Problems) -> Option<Probe> {
-    let mut actions = Vec::new();
-    if let Some(h) = spec.http_get {
-        let port = required_port(p, "spec.probe.httpGet.port", h.port);
-        let path = h.path.unwrap_or_else(|| DEFAULT_PROBE_PATH.into());
-        if !path.starts_with('/') {
-            p.add(
-                "spec.probe.httpGet.path",
-                format!("{path:?} must start with '/'"),
-            );
-        }
-        let scheme = h
-            .scheme
-            .unwrap_or_else(|| "HTTP".into())
-            .to_ascii_uppercase();
-        if scheme != "HTTP" && scheme != "HTTPS" {
-            p.add(
-                "spec.probe.httpGet.scheme",
-                format!("{scheme:?} is not a scheme; use HTTP or HTTPS"),
-            );
-        }
-        let host = h.host.unwrap_or_default();
-        check_probe_host(p, "spec.probe.httpGet.host", &host);
-        actions.push(port.map(|port| ProbeAction::HttpGet {
-            path,
-            port,
-            host,
-            scheme,
-        }));
-    }
-    if let Some(t) = spec.tcp_socket {
-        let port = required_port(p, "spec.probe.tcpSocket.port", t.port);
-        let host = t.host.unwrap_or_default();
-        check_probe_host(p, "spec.probe.tcpSocket.host", &host);
-        actions.push(port.map(|port| ProbeAction::TcpSocket { host, port }));
-    }
-    if let Some(e) = spec.exec {
-        if e.command.is_empty() || e.command[0].is_empty() {
-            p.add(
-                "spec.probe.exec.command",
-                "needs at least the program to run",
-            );
-        }
-        actions.push(Some(ProbeAction::Exec { command: e.command }));
-    }
+    let mut actions = probe_actions(spec.http_get, spec.tcp_socket, spec.exec, p);
     let mut at_least_one = |field: &str, value: Option<u32>, default: u32| -> u32 {
         let v = value.unwrap_or(default);
         if v == 0 {
@@ -240,4 +197,58 @@ fn check_probe_host(p: &mut Problems, field: &str, host: &str) {
     if !host.is_empty() && host.parse::<IpAddr>().is_err() {
         p.check(field, check_hostname(host, false));
     }
+}
+
+/// Each action the probe names, `None` where its port was refused; exactly one is allowed.
+fn probe_actions(
+    http_get: Option<HttpGetSpec>,
+    tcp_socket: Option<TcpSocketSpec>,
+    exec: Option<ExecSpec>,
+    p: &mut Problems,
+) -> Vec<Option<ProbeAction>> {
+    let mut actions = Vec::new();
+    if let Some(h) = http_get {
+        let port = required_port(p, "spec.probe.httpGet.port", h.port);
+        let path = h.path.unwrap_or_else(|| DEFAULT_PROBE_PATH.into());
+        if !path.starts_with('/') {
+            p.add(
+                "spec.probe.httpGet.path",
+                format!("{path:?} must start with '/'"),
+            );
+        }
+        let scheme = h
+            .scheme
+            .unwrap_or_else(|| "HTTP".into())
+            .to_ascii_uppercase();
+        if scheme != "HTTP" && scheme != "HTTPS" {
+            p.add(
+                "spec.probe.httpGet.scheme",
+                format!("{scheme:?} is not a scheme; use HTTP or HTTPS"),
+            );
+        }
+        let host = h.host.unwrap_or_default();
+        check_probe_host(p, "spec.probe.httpGet.host", &host);
+        actions.push(port.map(|port| ProbeAction::HttpGet {
+            path,
+            port,
+            host,
+            scheme,
+        }));
+    }
+    if let Some(t) = tcp_socket {
+        let port = required_port(p, "spec.probe.tcpSocket.port", t.port);
+        let host = t.host.unwrap_or_default();
+        check_probe_host(p, "spec.probe.tcpSocket.host", &host);
+        actions.push(port.map(|port| ProbeAction::TcpSocket { host, port }));
+    }
+    if let Some(e) = exec {
+        if e.command.is_empty() || e.command[0].is_empty() {
+            p.add(
+                "spec.probe.exec.command",
+                "needs at least the program to run",
+            );
+        }
+        actions.push(Some(ProbeAction::Exec { command: e.command }));
+    }
+    actions
 }
