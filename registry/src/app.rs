@@ -24,6 +24,8 @@ mod grpc;
 mod listeners;
 mod state;
 mod static_resources;
+#[cfg(test)]
+mod tests;
 mod upkeep;
 
 use std::net::SocketAddr;
