@@ -14,6 +14,7 @@ pub mod registration;
 pub mod render;
 pub mod sources;
 pub mod store;
+pub mod validate;
 pub mod views;
 pub mod vips;
 pub mod watch;

@@ -5,9 +5,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use isthmus_proto::config::parse_duration;
+use isthmus_proto::config::ConfigProblems;
+use isthmus_proto::program;
 use isthmus_proto::TrustDomain;
-use isthmus_registry::app::{self, RegistryConfig, DEFAULT_ADMIN_ADDR, DEFAULT_GRPC_ADDR};
+use isthmus_registry::app::{
+    self, DurationFlag, RegistryConfig, DEFAULT_ADMIN_ADDR, DEFAULT_GRPC_ADDR,
+};
+use isthmus_registry::ca::{DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL};
+use isthmus_registry::sources::vm_registrations::DEFAULT_VM_GRACE;
+use isthmus_registry::vips::DEFAULT_VIP_GRACE;
 
 /// The isthmus control plane: catalog, per-network views, Watch and the mesh CA.
 #[derive(Debug, Parser)]
@@ -42,69 +48,76 @@ struct Args {
     #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
     admin_addr: SocketAddr,
     /// Default leaf certificate lifetime.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    cert_ttl: std::time::Duration,
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_LEAF_TTL), value_parser = DurationFlag::parse)]
+    cert_ttl: DurationFlag,
     /// Longest leaf certificate lifetime a caller may ask for.
-    #[arg(long, default_value = "7d", value_parser = parse_duration)]
-    max_cert_ttl: std::time::Duration,
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_MAX_LEAF_TTL), value_parser = DurationFlag::parse)]
+    max_cert_ttl: DurationFlag,
     /// How often the resources directory is re-read.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    resource_poll: std::time::Duration,
+    #[arg(long, default_value_t = DurationFlag(app::DEFAULT_RESOURCE_POLL), value_parser = DurationFlag::parse)]
+    resource_poll: DurationFlag,
     /// How long a deleted service's VIPs stay reserved for it before another may get them.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    vip_grace: std::time::Duration,
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_VIP_GRACE), value_parser = DurationFlag::parse)]
+    vip_grace: DurationFlag,
     /// How long a registered VM's entry stays (unhealthy) after its agent's stream ended
     /// without deregistering, for the agent to reconnect.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    vm_grace: std::time::Duration,
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_VM_GRACE), value_parser = DurationFlag::parse)]
+    vm_grace: DurationFlag,
     /// Check the configuration and the resource files, print every problem, and exit.
     #[arg(long)]
     validate: bool,
 }
 
+impl Args {
+    /// The registry's config from the flags, and every problem with them.
+    fn into_config(self) -> (RegistryConfig, ConfigProblems) {
+        let mut problems = ConfigProblems::new("isthmus-registry");
+        let mut cfg = RegistryConfig::new(&self.cluster, &self.network, self.ca_dir, self.data_dir);
+        if let Some(td) = &self.trust_domain {
+            match TrustDomain::new(td) {
+                Ok(td) => cfg.trust_domain = Some(td),
+                Err(e) => problems.push("--trust-domain", e.to_string()),
+            }
+        }
+        cfg.resources = self.resources;
+        cfg.grpc_addr = self.grpc_addr;
+        cfg.admin_addr = self.admin_addr;
+        cfg.ca_policy.default_ttl = self.cert_ttl.0;
+        cfg.ca_policy.max_ttl = self.max_cert_ttl.0;
+        cfg.resource_poll = self.resource_poll.0;
+        cfg.vip_grace = self.vip_grace.0;
+        cfg.vm_grace = self.vm_grace.0;
+        cfg.check(&mut problems);
+        (cfg, problems)
+    }
+}
+
+/// Exit status for a configuration that cannot run (as with a usage error).
+const EXIT_INVALID_CONFIG: u8 = 2;
+
 fn main() -> ExitCode {
     isthmus_proto::telemetry::init();
     let args = Args::parse();
-    let mut cfg = RegistryConfig::new(&args.cluster, &args.network, args.ca_dir, args.data_dir);
-    let mut errors = Vec::new();
-    if let Some(td) = &args.trust_domain {
-        match TrustDomain::new(td) {
-            Ok(td) => cfg.trust_domain = Some(td),
-            Err(e) => errors.push(format!("--trust-domain: {e}")),
-        }
-    }
-    cfg.resources = args.resources;
-    cfg.grpc_addr = args.grpc_addr;
-    cfg.admin_addr = args.admin_addr;
-    cfg.ca_policy.default_ttl = args.cert_ttl;
-    cfg.ca_policy.max_ttl = args.max_cert_ttl;
-    cfg.resource_poll = args.resource_poll;
-    cfg.vip_grace = args.vip_grace;
-    cfg.vm_grace = args.vm_grace;
-    if let Err(e) = cfg.validate() {
-        errors.extend(e);
-    }
-    if args.validate {
+    let validate_only = args.validate;
+    let (cfg, mut problems) = args.into_config();
+    if validate_only {
         match app::validate_resources(&cfg) {
-            Ok(n) if errors.is_empty() => {
+            Ok(n) if problems.is_empty() => {
                 println!("configuration is valid; {n} resources");
                 return ExitCode::SUCCESS;
             }
             Ok(_) => {}
-            Err(e) => errors.extend(e),
+            Err(e) => problems.extend(e.problems),
         }
     }
-    if !errors.is_empty() {
+    if !problems.is_empty() {
         eprintln!("isthmus-registry: invalid configuration:");
-        for e in &errors {
-            eprintln!("  {e}");
+        for p in &problems.problems {
+            eprintln!("  {p}");
         }
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_INVALID_CONFIG);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match program::runtime(None) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("isthmus-registry: cannot start the runtime: {e}");
@@ -114,7 +127,7 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         match app::run(cfg).await {
             Ok(handle) => {
-                handle.run_until_signal().await;
+                program::run_until_signal(handle).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -1,6 +1,6 @@
-//! Registry metrics that are not the CA's: subscribers, pushes, resource errors, store
-//! operations, VIP allocations. One prometheus registry per process, every name under
-//! `isthmus_`.
+//! Registry metrics that are not the CA's or the VM registrations': subscribers, pushes,
+//! resource errors, store operations, VIP allocations. One prometheus registry per process,
+//! every name under `isthmus_`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

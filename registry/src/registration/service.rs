@@ -5,7 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures_util::Stream;
 use isthmus_proto::drain;
@@ -18,11 +18,14 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::entry::{entry_from_group, group_identity};
+use super::error::{status_of, RegistrationError};
 use super::metrics::{RefusedLabels, RegistrationMetrics, TakeoverLabels};
-use super::{entry_from_group, group_identity, status_of, RegistrationError, HELLO_TIMEOUT};
 use crate::sources::vm_registrations::{Holder, StreamId, Takeover, VmRegistrations};
 use crate::views::Views;
 
+/// How long a new stream has to send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Responses buffered between a stream's task and its HTTP/2 stream: one ack per request,
 /// and an agent waits for each before it sends the next.
 const STREAM_BUFFER: usize = 4;

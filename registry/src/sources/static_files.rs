@@ -16,20 +16,17 @@ mod manifest;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use isthmus_proto::identity::TrustDomain;
 use isthmus_proto::model::{OwnedResource, Resource};
 use tracing::{info, warn};
 
 use manifest::Located;
-/// Label syntax, shared with the labels a registering VM brings.
-pub(crate) use manifest::{check_label_key, check_label_value};
+pub use manifest::{ResourceError, SourceDefaults};
 
 /// Every resource from this source has an origin `static:<path relative to the directory>`.
 pub const ORIGIN_PREFIX: &str = "static:";
@@ -46,39 +43,6 @@ pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// same mtime tick without its size changing; such a file is re-read (and hashed) on the next
 /// scan instead of trusted (git's "racy clean" problem).
 const RACY_WINDOW: Duration = Duration::from_secs(2);
-
-/// Values a resource falls back to when it does not say (from the registry's flags).
-#[derive(Debug, Clone)]
-pub struct SourceDefaults {
-    pub cluster: String,
-    pub network: String,
-    pub trust_domain: TrustDomain,
-}
-
-/// One problem in one file; Display is "FILE[ (document N)]: FIELD.PATH: message", e.g.
-/// "deploy/examples/web.yaml (document 2): spec.ports[0].number: 70000 is not a valid port
-/// (1-65535)". `field` is empty for problems with the file as a whole (unreadable, not YAML).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ResourceError {
-    pub file: PathBuf,
-    /// 1-based position of the YAML document in the file.
-    pub document: Option<usize>,
-    pub field: String,
-    pub message: String,
-}
-
-impl fmt::Display for ResourceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(n) = self.document {
-            write!(f, " (document {n})")?;
-        }
-        if !self.field.is_empty() {
-            write!(f, ": {}", self.field)?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
 
 /// Parses one file's text into model resources, or every error found in it (all of them, not
 /// just the first). A file is all or nothing: one bad document makes the whole file invalid,

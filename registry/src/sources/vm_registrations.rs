@@ -15,6 +15,7 @@
 //! the whole set when a write to the store failed.
 
 mod leases;
+pub mod metrics;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,9 +27,9 @@ use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
 
 pub use leases::{Disconnect, Lease, LeaseError, Leases, Registration, StreamId, Takeover};
+use metrics::{LeaseMetrics, LeaseStateLabels};
 
 use crate::ingest::Ingest;
-use crate::registration::metrics::{LeaseStateLabels, RegistrationMetrics};
 use crate::store::StoreError;
 
 /// Every resource from this source has an origin `vm:<namespace>/<group>`.
@@ -114,7 +115,7 @@ pub struct VmRegistrations {
     /// Wakes the timer task when a deadline may have moved.
     wake: Notify,
     next_stream: AtomicU64,
-    metrics: RegistrationMetrics,
+    metrics: LeaseMetrics,
 }
 
 fn owned(reg: &Registration) -> OwnedResource {
@@ -131,7 +132,7 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 impl VmRegistrations {
-    pub fn new(ingest: Ingest, grace: Duration, metrics: RegistrationMetrics) -> Self {
+    pub fn new(ingest: Ingest, grace: Duration, metrics: LeaseMetrics) -> Self {
         Self {
             state: Default::default(),
             ingest,

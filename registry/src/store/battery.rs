@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{Op, Store, Table};
+use super::backend::{Op, Store, Table};
 
 pub(crate) async fn run(store: &dyn Store) {
     empty_tables(store).await;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableTable, TableDefinition};
 
-use super::{Op, Store, StoreError, Table};
+use super::backend::{Op, Store, StoreError, Table};
 
 pub const DB_FILE: &str = "isthmus.redb";
 /// redb's page cache. The catalog lives in memory anyway (the store is read at start and

@@ -735,34 +735,6 @@ fn every_validation_error_names_file_document_field_and_value() {
 }
 
 #[test]
-fn label_keys_follow_kubernetes_rules() {
-    for key in [
-        "app",
-        "example.com/app",
-        "a.b-c_d",
-        "topology.istio.io/network",
-    ] {
-        manifest::check_label_key(key).unwrap_or_else(|e| panic!("{key}: {e}"));
-    }
-    for key in [
-        "",
-        "-app",
-        "app-",
-        "Example.com/app",
-        "/app",
-        "example.com/",
-        "a b",
-        &"x".repeat(64),
-    ] {
-        let err = manifest::check_label_key(key).expect_err(key);
-        assert!(err.contains(&format!("{key:?}")), "{err}");
-    }
-    assert!(manifest::check_label_value("app", "").is_ok());
-    assert!(manifest::check_label_value("app", "v1.2_x").is_ok());
-    assert!(manifest::check_label_value("app", "v1 ").is_err());
-}
-
-#[test]
 fn every_error_in_a_file_is_reported_not_just_the_first() {
     let text = r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry

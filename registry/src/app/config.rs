@@ -1,0 +1,148 @@
+//! The registry's configuration: one typed struct with a named default for every setting,
+//! checked in one pass that reports every problem at once.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use isthmus_proto::config::{format_duration, parse_duration, ConfigProblems, DurationError};
+use isthmus_proto::grpc::ListenerOptions;
+use isthmus_proto::identity::{validate_dns_label, TrustDomain};
+
+use crate::ca::service::CaPolicy;
+use crate::ca::CaMaterial;
+use crate::sources::static_files::{SourceDefaults, StaticSource};
+use crate::sources::vm_registrations::DEFAULT_VM_GRACE;
+use crate::vips::DEFAULT_VIP_GRACE;
+
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15014";
+/// How often the resources directory is re-read.
+pub const DEFAULT_RESOURCE_POLL: Duration = crate::sources::static_files::POLL_INTERVAL;
+/// The trust domain `--validate` reads resources with when neither the flag nor the CA
+/// names one (the CA's problem is reported on its own).
+const FALLBACK_TRUST_DOMAIN: &str = "cluster.local";
+
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub cluster: String,
+    pub network: String,
+    pub trust_domain: Option<TrustDomain>,
+    pub ca_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub resources: Option<PathBuf>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub resource_poll: Duration,
+    pub ca_reload: Duration,
+    pub ca_policy: CaPolicy,
+    pub listener: ListenerOptions,
+    /// How long a released VIP stays reserved for its hostname.
+    pub vip_grace: Duration,
+    /// How long a registered VM's entry stays after its agent's stream ended.
+    pub vm_grace: Duration,
+}
+
+impl RegistryConfig {
+    /// A config with the defaults for everything but the required settings.
+    pub fn new(cluster: &str, network: &str, ca_dir: PathBuf, data_dir: PathBuf) -> Self {
+        Self {
+            cluster: cluster.to_string(),
+            network: network.to_string(),
+            trust_domain: None,
+            ca_dir,
+            data_dir,
+            resources: None,
+            grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("default address"),
+            admin_addr: DEFAULT_ADMIN_ADDR.parse().expect("default address"),
+            resource_poll: DEFAULT_RESOURCE_POLL,
+            ca_reload: crate::ca::DEFAULT_RELOAD_INTERVAL,
+            ca_policy: CaPolicy::default(),
+            listener: ListenerOptions::default(),
+            vip_grace: DEFAULT_VIP_GRACE,
+            vm_grace: DEFAULT_VM_GRACE,
+        }
+    }
+
+    /// Checks every setting and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigProblems> {
+        let mut problems = ConfigProblems::new("the registry's configuration");
+        self.check(&mut problems);
+        problems.into_result()
+    }
+
+    /// Adds every problem with these settings to `problems` (which may already hold those
+    /// found while reading the flags).
+    pub fn check(&self, problems: &mut ConfigProblems) {
+        if let Err(e) = validate_dns_label("cluster", &self.cluster) {
+            problems.push("--cluster", e.to_string());
+        }
+        if let Err(e) = validate_dns_label("network", &self.network) {
+            problems.push("--network", e.to_string());
+        }
+        let (ttl, max) = (self.ca_policy.default_ttl, self.ca_policy.max_ttl);
+        problems.check(ttl <= max, "--cert-ttl", || {
+            format!(
+                "{} is above --max-cert-ttl ({})",
+                format_duration(ttl),
+                format_duration(max)
+            )
+        });
+        if let Err(e) = CaMaterial::load(&self.ca_dir, self.trust_domain.as_ref()) {
+            problems.push("--ca-dir", e.to_string());
+        }
+        if let Some(dir) = &self.resources {
+            problems.check(dir.is_dir(), "--resources", || {
+                format!("{}: not a directory", dir.display())
+            });
+        }
+    }
+
+    pub(super) fn source_defaults(&self, td: TrustDomain) -> SourceDefaults {
+        SourceDefaults {
+            cluster: self.cluster.clone(),
+            network: self.network.clone(),
+            trust_domain: td,
+        }
+    }
+}
+
+/// Parses the resources directory as `--validate` does: every error, named by file and
+/// field; the number of resources when there is none.
+pub fn validate_resources(cfg: &RegistryConfig) -> Result<usize, ConfigProblems> {
+    let Some(dir) = &cfg.resources else {
+        return Ok(0);
+    };
+    let td = match (
+        &cfg.trust_domain,
+        CaMaterial::load(&cfg.ca_dir, cfg.trust_domain.as_ref()),
+    ) {
+        (Some(td), _) => td.clone(),
+        (None, Ok(m)) => m.trust_domain.clone(),
+        (None, Err(_)) => TrustDomain::new(FALLBACK_TRUST_DOMAIN).expect("valid"),
+    };
+    let mut source = StaticSource::new(dir.clone(), cfg.source_defaults(td));
+    let scan = source.scan();
+    let mut problems = ConfigProblems::new(format!("the resources in {}", dir.display()));
+    problems.extend(scan.errors.iter().map(|e| e.problem()));
+    problems.into_result().map(|()| source.resources().len())
+}
+
+/// A duration flag of the registry's programs whose default is a library constant: clap
+/// shows it in `--help` the way [`parse_duration`] reads it, so each default is defined once
+/// (`#[arg(default_value_t = DurationFlag(CONST), value_parser = DurationFlag::parse)]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationFlag(pub Duration);
+
+impl DurationFlag {
+    pub fn parse(s: &str) -> Result<Self, DurationError> {
+        parse_duration(s).map(Self)
+    }
+}
+
+impl fmt::Display for DurationFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}

@@ -1,0 +1,105 @@
+use std::net::SocketAddr;
+use std::path::Path;
+
+use isthmus_proto::identity::TrustDomain;
+
+use super::*;
+use crate::ca::init::{self, InitOptions};
+
+/// A config on loopback over a fresh CA, store and (empty) resources directory.
+fn config(dir: &Path) -> RegistryConfig {
+    init::init(
+        &InitOptions {
+            trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            clusters: vec!["cluster-a".into()],
+            out: dir.join("ca"),
+            rotate: false,
+        },
+        ::time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("resources")).unwrap();
+    let mut cfg = RegistryConfig::new(
+        "cluster-a",
+        "network-a",
+        dir.join("ca").join("cluster-a"),
+        dir.join("data"),
+    );
+    cfg.resources = Some(dir.join("resources"));
+    cfg.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    cfg.admin_addr = "127.0.0.1:0".parse().unwrap();
+    cfg
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn ready_once_started_and_draining_from_shutdown_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let handle = run(config(tmp.path())).await.unwrap();
+    let readiness = handle.readiness.clone();
+    assert_eq!(readiness.describe(), "ready");
+    handle.shutdown().await;
+    assert_eq!(readiness.describe(), "draining");
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.admin_addr = held.local_addr().unwrap();
+    let err = format!("{:#}", run(cfg).await.unwrap_err());
+    assert!(err.contains("admin HTTP server"), "{err}");
+    assert!(
+        err.contains(&held.local_addr().unwrap().to_string()),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_start_leaves_no_port_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    // The store cannot open a file as its directory: start-up fails after binding.
+    std::fs::write(tmp.path().join("not-a-dir"), "").unwrap();
+    cfg.data_dir = tmp.path().join("not-a-dir");
+    cfg.grpc_addr = free_addr();
+    cfg.admin_addr = free_addr();
+    let err = format!("{:#}", run(cfg.clone()).await.unwrap_err());
+    assert!(err.contains("embedded store"), "{err}");
+    std::net::TcpListener::bind(cfg.grpc_addr).expect("gRPC port released");
+    std::net::TcpListener::bind(cfg.admin_addr).expect("admin port released");
+}
+
+#[test]
+fn every_configuration_problem_is_reported_at_once() {
+    let mut cfg = RegistryConfig::new(
+        "Bad_Cluster",
+        "bad network",
+        "/nonexistent/ca".into(),
+        "/tmp".into(),
+    );
+    cfg.ca_policy.default_ttl = cfg.ca_policy.max_ttl * 2;
+    cfg.resources = Some("/nonexistent/resources".into());
+    let problems = cfg.validate().unwrap_err();
+    let fields: Vec<&str> = problems.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "--cluster",
+            "--network",
+            "--cert-ttl",
+            "--ca-dir",
+            "--resources"
+        ]
+    );
+    let shown = problems.to_string();
+    assert!(shown.contains("\"Bad_Cluster\""), "{shown}");
+    assert!(shown.contains("above --max-cert-ttl"), "{shown}");
+}

@@ -1,0 +1,245 @@
+//! `WorkloadEntry`, and the workload conversion it shares with a ServiceEntry's inline
+//! endpoints and a WorkloadGroup's template: address, ports, labels, network and locality
+//! (from fields or Istio's well-known labels), identity.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use isthmus_proto::identity::SpiffeId;
+use isthmus_proto::model::{Health, Locality, Origin, Resource, Workload};
+use serde::Deserialize;
+
+use super::defaults::SourceDefaults;
+use super::metadata::{nullable, Meta};
+use super::problems::{check_labels, port_or_report, Problems};
+use crate::validate::{check_hostname, check_locality, check_network_id, dns_label};
+
+/// Kubernetes runs a pod without a service account as `default`; so do we.
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+const DEFAULT_WEIGHT: u32 = 1;
+
+const LABEL_NETWORK: &str = "topology.istio.io/network";
+const LABEL_REGION: &str = "topology.kubernetes.io/region";
+const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+const LABEL_SUBZONE: &str = "topology.istio.io/subzone";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub(super) struct WorkloadEntrySpec {
+    pub(super) address: Option<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub(super) ports: BTreeMap<String, u32>,
+    #[serde(deserialize_with = "nullable")]
+    pub(super) labels: BTreeMap<String, String>,
+    pub(super) network: Option<String>,
+    pub(super) locality: Option<String>,
+    pub(super) weight: Option<u32>,
+    pub(super) service_account: Option<String>,
+}
+
+pub(super) fn workload_entry(
+    meta: &Meta,
+    spec: WorkloadEntrySpec,
+    d: &SourceDefaults,
+    p: &mut Problems,
+) -> Vec<(Resource, String)> {
+    let ctx = WorkloadContext {
+        field: "spec",
+        name: meta.name.clone(),
+        meta,
+        base_labels: Some(("metadata.labels", &meta.labels)),
+        services: Vec::new(),
+        origin: Origin::WorkloadEntry,
+        // A WorkloadEntry does not know its ServiceEntry's resolution; Istio accepts both.
+        address: AddressRule::IpOrHostname,
+    };
+    let w = workload(&ctx, spec, d, p);
+    vec![(Resource::Workload(w), "metadata.name".into())]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AddressRule {
+    /// Inline endpoints of a STATIC entry: dialled directly, so an IP.
+    Ip,
+    /// A WorkloadEntry, or an endpoint of a DNS entry: an IP or a name to resolve.
+    IpOrHostname,
+    /// A WorkloadGroup template: the VM brings its address.
+    Absent,
+}
+
+pub(super) struct WorkloadContext<'a> {
+    /// Path of the WorkloadEntry-shaped mapping, e.g. `spec` or `spec.endpoints[2]`.
+    pub(super) field: &'a str,
+    pub(super) name: String,
+    pub(super) meta: &'a Meta,
+    /// Labels that apply under the entry's own `labels`, and where they were written.
+    pub(super) base_labels: Option<(&'a str, &'a BTreeMap<String, String>)>,
+    pub(super) services: Vec<String>,
+    pub(super) origin: Origin,
+    pub(super) address: AddressRule,
+}
+
+pub(super) fn workload(
+    ctx: &WorkloadContext<'_>,
+    spec: WorkloadEntrySpec,
+    d: &SourceDefaults,
+    p: &mut Problems,
+) -> Workload {
+    let f = ctx.field;
+    let address = address(f, ctx.address, spec.address.as_deref(), p);
+    let ports = ports(f, &spec.ports, p);
+    let labels = labels(ctx, &spec.labels, p);
+    let network = network(ctx, &spec, &labels, d, p);
+    let locality = match &spec.locality {
+        Some(l) => {
+            p.check(format!("{f}.locality"), check_locality(l));
+            Locality::parse(l)
+        }
+        None => Locality {
+            region: labels.get(LABEL_REGION).cloned().unwrap_or_default(),
+            zone: labels.get(LABEL_ZONE).cloned().unwrap_or_default(),
+            subzone: labels.get(LABEL_SUBZONE).cloned().unwrap_or_default(),
+        },
+    };
+    let (service_account, identity) = identity(ctx, spec.service_account, d, p);
+    let uid = if ctx.name.is_empty() {
+        String::new()
+    } else {
+        format!("{}/{}/{}", d.cluster, ctx.meta.namespace, ctx.name)
+    };
+    Workload {
+        uid,
+        name: ctx.name.clone(),
+        namespace: ctx.meta.namespace.clone(),
+        address,
+        network,
+        cluster: d.cluster.clone(),
+        locality,
+        identity,
+        labels,
+        ports,
+        weight: spec.weight.unwrap_or(DEFAULT_WEIGHT),
+        health: Health::Healthy,
+        origin: ctx.origin,
+        last_confirmed_ms: 0,
+        services: ctx.services.clone(),
+        service_account,
+    }
+}
+
+/// The address by `rule`, canonical when it is an IP; empty when absent or refused.
+fn address(f: &str, rule: AddressRule, spec: Option<&str>, p: &mut Problems) -> String {
+    match (rule, spec) {
+        (AddressRule::Absent, _) => String::new(),
+        (_, None | Some("")) => {
+            p.add(format!("{f}.address"), "is required");
+            String::new()
+        }
+        (rule, Some(a)) => match a.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) if rule == AddressRule::IpOrHostname => {
+                if check_hostname(a, false).is_err() {
+                    p.add(
+                        format!("{f}.address"),
+                        format!("{a:?} is neither an IP address nor a DNS name"),
+                    );
+                }
+                a.to_string()
+            }
+            Err(_) => {
+                p.add(
+                    format!("{f}.address"),
+                    format!(
+                        "{a:?} is not an IP address; a STATIC ServiceEntry dials its endpoints directly \
+                         (use resolution: DNS for hostnames)"
+                    ),
+                );
+                String::new()
+            }
+        },
+    }
+}
+
+fn ports(f: &str, specs: &BTreeMap<String, u32>, p: &mut Problems) -> BTreeMap<String, u16> {
+    let mut ports = BTreeMap::new();
+    for (name, number) in specs {
+        let field = format!("{f}.ports.{name}");
+        let name_ok = p.check(&field, dns_label("port name", name));
+        if let (true, Some(port)) = (name_ok, port_or_report(p, field, *number)) {
+            ports.insert(name.clone(), port);
+        }
+    }
+    ports
+}
+
+/// Kubernetes habit puts a workload's labels in metadata, Istio's in spec; selectors and
+/// topology labels see both, the entry's own winning.
+fn labels(
+    ctx: &WorkloadContext<'_>,
+    own: &BTreeMap<String, String>,
+    p: &mut Problems,
+) -> BTreeMap<String, String> {
+    check_labels(p, &format!("{}.labels", ctx.field), own);
+    let mut labels: BTreeMap<String, String> =
+        ctx.base_labels.map(|(_, l)| l.clone()).unwrap_or_default();
+    labels.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels
+}
+
+/// The network: the entry's own field, else Istio's network label, else the registry's.
+fn network(
+    ctx: &WorkloadContext<'_>,
+    spec: &WorkloadEntrySpec,
+    labels: &BTreeMap<String, String>,
+    d: &SourceDefaults,
+    p: &mut Problems,
+) -> String {
+    let f = ctx.field;
+    match (&spec.network, labels.get(LABEL_NETWORK)) {
+        (Some(n), _) => {
+            p.check(format!("{f}.network"), check_network_id(n));
+            n.clone()
+        }
+        (None, Some(n)) => {
+            // Named where the label was written: the entry's own labels, or the base ones.
+            let field = if spec.labels.contains_key(LABEL_NETWORK) {
+                format!("{f}.labels.{LABEL_NETWORK}")
+            } else {
+                let base = ctx
+                    .base_labels
+                    .map_or("metadata.labels", |(field, _)| field);
+                format!("{base}.{LABEL_NETWORK}")
+            };
+            p.check(field, check_network_id(n));
+            n.clone()
+        }
+        (None, None) => d.network.clone(),
+    }
+}
+
+/// The service account (Kubernetes' `default` when unset) and the SPIFFE identity it gives
+/// in the entry's namespace, when both are valid.
+fn identity(
+    ctx: &WorkloadContext<'_>,
+    spec: Option<String>,
+    d: &SourceDefaults,
+    p: &mut Problems,
+) -> (String, Option<SpiffeId>) {
+    let field = format!("{}.serviceAccount", ctx.field);
+    let service_account = spec
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.into());
+    let sa_ok = p.check(&field, dns_label("service account", &service_account));
+    let identity = if sa_ok && ctx.meta.namespace_ok {
+        match SpiffeId::workload(&d.trust_domain, &ctx.meta.namespace, &service_account) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                p.add(field, e.to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    (service_account, identity)
+}

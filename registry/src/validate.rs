@@ -1,0 +1,238 @@
+//! The value checks every way into the catalog shares: names (DNS labels and names, host
+//! names, network ids), Kubernetes label keys and values, localities, ports, IPs and CIDRs.
+//! The static files check their manifests with them and the VM registrations check what an
+//! agent brings, so a value one path accepts the other does too. Each check returns the
+//! message an operator reads, naming the value and what is wrong with it.
+
+use std::net::IpAddr;
+
+use isthmus_proto::identity::validate_dns_label;
+
+/// A value that failed its check; the message names the value and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(String);
+
+impl Invalid {
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Invalid> for String {
+    fn from(invalid: Invalid) -> Self {
+        invalid.0
+    }
+}
+
+/// A port number, 1-65535.
+pub fn port(v: u32) -> Result<u16, Invalid> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(Invalid(format!("{v} is not a valid port (1-65535)"))),
+    }
+}
+
+/// A DNS-1123 label (namespaces, service accounts, port names); `what` names the value.
+pub fn dns_label(what: &'static str, value: &str) -> Result<(), Invalid> {
+    validate_dns_label(what, value).map_err(|e| Invalid(e.to_string()))
+}
+
+/// Network ids travel as label values (`topology.istio.io/network`) and as object names, so
+/// they must be valid as both: a DNS-1123 label.
+pub fn check_network_id(id: &str) -> Result<(), Invalid> {
+    dns_label("network", id)
+}
+
+/// A DNS name (RFC 1123, lower case), optionally with `*` as the whole first label.
+pub fn check_dns_name(what: &str, name: &str, wildcard_ok: bool) -> Result<(), Invalid> {
+    let bad = |why: &str| {
+        Err(Invalid(format!(
+            "{what} {name:?} is not a valid DNS name: {why}"
+        )))
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 253 {
+        return bad("it is longer than 253 characters");
+    }
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        let lower = name.to_ascii_lowercase();
+        if check_dns_name(what, &lower, wildcard_ok).is_ok() {
+            return Err(Invalid(format!(
+                "{what} {name:?} has upper-case letters; names are lower case (did you mean {lower:?}?)"
+            )));
+        }
+    }
+    let rest = match name.strip_prefix("*.") {
+        Some(rest) if wildcard_ok => rest,
+        Some(_) => return bad("a wildcard is not allowed here"),
+        None => name,
+    };
+    if rest.contains('*') {
+        return bad("a wildcard is allowed only as the whole first label, as in \"*.example.com\"");
+    }
+    for label in rest.split('.') {
+        if label.is_empty() {
+            return bad("it has an empty label (two dots in a row, or a dot at either end)");
+        }
+        // Each label follows the same rule as a namespace name.
+        validate_dns_label("label", label)
+            .map_err(|e| Invalid(format!("{what} {name:?} is not a valid DNS name: {e}")))?;
+    }
+    Ok(())
+}
+
+/// A name to resolve: a DNS name whose last label is not all digits, so that a mistyped IP
+/// address (`10.0.0.300`) is not taken for a hostname.
+pub fn check_hostname(name: &str, wildcard_ok: bool) -> Result<(), Invalid> {
+    check_dns_name("host", name, wildcard_ok)?;
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(Invalid(format!(
+            "host {name:?} is not a valid DNS name or IP address (its last label is all digits)"
+        )));
+    }
+    Ok(())
+}
+
+/// Kubernetes label syntax: `[prefix/]name`, prefix a DNS subdomain, name 1-63 characters.
+pub fn check_label_key(key: &str) -> Result<(), Invalid> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        if prefix.is_empty() || check_dns_name("prefix", prefix, false).is_err() {
+            return Err(Invalid(format!(
+                "label key {key:?} is not valid: the prefix before '/' must be a lower-case DNS name"
+            )));
+        }
+    }
+    if name.is_empty() {
+        return Err(Invalid(format!(
+            "label key {key:?} is not valid: the name is empty"
+        )));
+    }
+    label_name_chars(name).map_err(|why| Invalid(format!("label key {key:?} is not valid: {why}")))
+}
+
+pub fn check_label_value(key: &str, value: &str) -> Result<(), Invalid> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    label_name_chars(value).map_err(|why| {
+        Invalid(format!(
+            "label {key:?} has the value {value:?}, which is not valid: {why}"
+        ))
+    })
+}
+
+fn label_name_chars(s: &str) -> Result<(), &'static str> {
+    if s.len() > 63 {
+        return Err("it is longer than 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("only letters, digits, '-', '_' and '.' are allowed");
+    }
+    let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    if !alnum(s.bytes().next()) || !alnum(s.bytes().last()) {
+        return Err("it must start and end with a letter or digit");
+    }
+    Ok(())
+}
+
+pub fn check_locality(l: &str) -> Result<(), Invalid> {
+    let parts: Vec<&str> = l.split('/').collect();
+    if parts.len() > 3 {
+        return Err(Invalid(format!(
+            "{l:?} is not a locality: use region/zone/subzone"
+        )));
+    }
+    for part in parts {
+        if part.is_empty() {
+            return Err(Invalid(format!(
+                "{l:?} is not a locality: a part is empty (use region/zone/subzone)"
+            )));
+        }
+        if let Err(why) = label_name_chars(part) {
+            return Err(Invalid(format!("{l:?} is not a locality: {part:?}: {why}")));
+        }
+    }
+    Ok(())
+}
+
+pub fn parse_ip_or_cidr(s: &str) -> Result<String, Invalid> {
+    if s.contains('/') {
+        parse_cidr(s)
+    } else {
+        s.parse::<IpAddr>()
+            .map(|ip| ip.to_string())
+            .map_err(|_| Invalid(format!("{s:?} is not an IP address or CIDR")))
+    }
+}
+
+/// A CIDR in canonical form. Host bits must be zero: `10.1.2.3/8` is nearly always a typo for
+/// either an address or `10.0.0.0/8`, and guessing which would route the wrong traffic.
+pub fn parse_cidr(s: &str) -> Result<String, Invalid> {
+    let bad = |why: String| Err(Invalid(format!("{s:?} is not a CIDR: {why}")));
+    let Some((addr, len)) = s.split_once('/') else {
+        return bad("expected address/prefix-length, as in 10.0.0.0/16".into());
+    };
+    let Ok(ip) = addr.parse::<IpAddr>() else {
+        return bad(format!("{addr:?} is not an IP address"));
+    };
+    let max: u32 = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len.parse::<u32>() {
+        Ok(n) if n <= max && !len.starts_with('+') => n,
+        _ => return bad(format!("the prefix length must be 0-{max}")),
+    };
+    let host_bits_set = match ip {
+        IpAddr::V4(v4) => u32::from(v4).checked_shl(len).unwrap_or(0) != 0,
+        IpAddr::V6(v6) => u128::from(v6).checked_shl(len).unwrap_or(0) != 0,
+    };
+    if host_bits_set {
+        return bad(format!("the address has bits set beyond the /{len} prefix"));
+    }
+    Ok(format!("{ip}/{len}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_keys_follow_kubernetes_rules() {
+        for key in [
+            "app",
+            "example.com/app",
+            "a.b-c_d",
+            "topology.istio.io/network",
+        ] {
+            check_label_key(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+        }
+        for key in [
+            "",
+            "-app",
+            "app-",
+            "Example.com/app",
+            "/app",
+            "example.com/",
+            "a b",
+            &"x".repeat(64),
+        ] {
+            let err = check_label_key(key).expect_err(key).to_string();
+            assert!(err.contains(&format!("{key:?}")), "{err}");
+        }
+        assert!(check_label_value("app", "").is_ok());
+        assert!(check_label_value("app", "v1.2_x").is_ok());
+        assert!(check_label_value("app", "v1 ").is_err());
+    }
+}
