@@ -34,7 +34,7 @@
 #     vm-X 169.254.1.1/32 ── eth0 10.10.0.7/32 in isthmus-vm-X (the VM), whose default
 #     route 10.10.0.7/32 dev vm-X                route is via 169.254.1.1
 #
-#   isthmus-vm-X: sample-app on 0.0.0.0:9080, isthmus-vm-agent (admin 127.0.0.1:15000,
+#   isthmus-vm-X: sample-app (deploy/sample-app) on 0.0.0.0:9080, isthmus-vm-agent (admin 127.0.0.1:15000,
 #                 health 0.0.0.0:15021); /etc/netns/isthmus-vm-X/resolv.conf says
 #                 nameserver 10.10.0.53, and the agent answers the mesh names sent there
 #
@@ -329,7 +329,7 @@ build() {
     -p isthmus-registry --bin isthmus-registry --bin isthmusctl
     -p isthmus-gateway --bin isthmus-gateway
     -p isthmus-vm-agent --bin isthmus-vm-agent
-    -p isthmus-tests --bin sample-app)
+    -p isthmus-sample-app --bin sample-app)
   if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
     # As the user who ran sudo: their toolchain, and target/ stays theirs.
     local home

@@ -1,30 +1,43 @@
-//! Wiring: the Watch client feeding the name table, the resolver, the UDP and TCP listeners
-//! and the admin server, all stopped by one trigger.
+//! Wiring: the DNS proxy as a list of phases, each a small function in its own file under
+//! `app/`, started in this order by [`run_with`]:
+//!
+//! 1. **config check** ([`Config::validate`]): every bad field at once, before anything runs;
+//! 2. **listeners bound** ([`listeners::bind`]): UDP and TCP on one port, and the admin port,
+//!    so a port in use fails the start before the proxy talks to anyone;
+//! 3. **catalog** ([`catalog::start`]): its own Watch of the registry, or the view of the
+//!    program that embeds the proxy;
+//! 4. **name table follower** ([`catalog::follow_names`]): rebuilds the table from every view;
+//!    the proxy is ready (part `catalog`) once a confirmed view is in it;
+//! 5. **request path** ([`resolver`]): cache, forwarder and resolver over the name table;
+//! 6. **serving** ([`listeners::serve`]): the UDP workers and the TCP server;
+//! 7. **cache purge** ([`purge::start`]);
+//! 8. **admin** ([`admin::start`]): `/metrics`, `/healthz`, `/readyz`, `/config_dump`.
+//!
+//! [`DnsHandle`] stops them in the order every isthmus program stops in
+//! ([`isthmus_proto::program::Stop`]): not ready, stop serving, then the rest.
+
+mod admin;
+mod catalog;
+mod listeners;
+mod purge;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use anyhow::Context;
 use arc_swap::ArcSwap;
-use axum::routing::get;
-use axum::{Json, Router};
-use isthmus_proto::admin::{self, Readiness};
+use isthmus_proto::admin::Readiness;
 use isthmus_proto::drain;
-use isthmus_proto::model::{Node, NodeKind};
-use isthmus_proto::program::ReadyPart;
-use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
+use isthmus_proto::program::{Program, Stop, Tasks};
+use isthmus_proto::subscription::SyncState;
 use prometheus_client::registry::Registry;
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::cache::{Cache, CacheLimits};
 use crate::config::{upstreams_from_resolv_conf, Config};
 use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
 use crate::names::{Locale, NameTable};
-use crate::server::{self, Resolver, TcpLimits};
+use crate::server::Resolver;
 
 /// A running DNS proxy.
 pub struct DnsHandle {
@@ -34,8 +47,7 @@ pub struct DnsHandle {
     pub resolver: Arc<Resolver>,
     pub metrics: Arc<Metrics>,
     pub sync: watch::Receiver<Arc<SyncState>>,
-    trigger: drain::Trigger,
-    tasks: Vec<JoinHandle<()>>,
+    stop: Stop,
 }
 
 impl std::fmt::Debug for DnsHandle {
@@ -52,42 +64,18 @@ impl DnsHandle {
         self.resolver.names()
     }
 
-    /// Stops every task and waits for them (bounded).
+    /// Not ready, stop serving, then stop the catalog, the purge and the admin server; every
+    /// task is joined within the skeleton's deadline. A query waiting on an upstream is not
+    /// waited for: its client retries, as it would after any lost datagram.
     pub async fn shutdown(self) {
-        self.trigger.fire();
-        for t in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(5), t)
-                .await
-                .is_err()
-            {
-                tracing::warn!("a dns task did not stop within 5s");
-            }
-        }
-    }
-
-    pub async fn run_until_signal(self) {
-        drain::os_signal().await;
-        tracing::info!("shutting down");
-        self.shutdown().await;
+        self.stop.run(std::future::ready(())).await;
     }
 }
 
-/// Binds UDP and TCP on the same port (the kernel picks one for port 0).
-async fn bind_dns(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
-    let mut last = None;
-    for _ in 0..16 {
-        let udp = UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("binding DNS on udp {addr}"))?;
-        let bound = udp.local_addr()?;
-        match TcpListener::bind(bound).await {
-            Ok(tcp) => return Ok((udp, tcp)),
-            // Only a kernel-chosen port can be retried: that one was free for UDP only.
-            Err(e) if addr.port() == 0 => last = Some(e),
-            Err(e) => return Err(e).with_context(|| format!("binding DNS on tcp {bound}")),
-        }
+impl Program for DnsHandle {
+    fn shutdown(self) -> impl std::future::Future<Output = ()> + Send {
+        DnsHandle::shutdown(self)
     }
-    Err(last.expect("tried at least once")).context("no port free for both UDP and TCP")
 }
 
 /// How a program that already follows the catalog embeds the DNS proxy (the VM agent): the
@@ -107,7 +95,7 @@ pub async fn run(config: Config) -> anyhow::Result<DnsHandle> {
 /// The DNS proxy, standalone (`None`) or embedded in a program that follows the catalog.
 pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::Result<DnsHandle> {
     config.validate()?;
-    let (trigger, shutdown) = drain::channel();
+    let bound = listeners::bind(&config).await?;
     let (registry, shared_sync) = match embedding {
         Some(e) => (e.metrics, Some(e.sync)),
         None => (Arc::new(Mutex::new(Registry::default())), None),
@@ -116,8 +104,63 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
         &mut registry.lock().expect("metrics registry poisoned"),
     ));
     let readiness = Readiness::default();
-    let mut tasks = Vec::new();
+    let (accept, accept_watch) = drain::channel();
+    let (rest, rest_watch) = drain::channel();
+    let (mut accepting, mut tasks) = (Tasks::default(), Tasks::default());
 
+    let upstreams = upstreams(&config);
+    let locale = locale(&config);
+    let names = Arc::new(ArcSwap::from_pointee(NameTable::unsynced(&locale)));
+    let sync = catalog::start(&config, shared_sync, &mut tasks, &rest_watch)?;
+    tasks.spawn(
+        "name table",
+        catalog::follow_names(
+            sync.clone(),
+            names.clone(),
+            locale,
+            metrics.clone(),
+            readiness.part("catalog"),
+            rest_watch.clone(),
+        ),
+    );
+    let resolver = resolver(&config, names, upstreams.clone(), metrics.clone());
+    let dns_addr = listeners::serve(
+        bound.dns,
+        &config,
+        &resolver,
+        &metrics,
+        &mut accepting,
+        &accept_watch,
+    )?;
+    purge::start(&resolver, &metrics, &mut tasks, &rest_watch);
+    let admin_addr = admin::start(
+        bound.admin,
+        admin::Dump::new(&config, &upstreams, &resolver, &sync),
+        registry,
+        readiness.clone(),
+        &mut tasks,
+        &rest_watch,
+    )?;
+
+    tracing::info!(%dns_addr, ?admin_addr, upstreams = ?upstreams, "dns proxy serving");
+    Ok(DnsHandle {
+        dns_addr,
+        admin_addr,
+        resolver,
+        metrics,
+        sync,
+        stop: Stop {
+            readiness,
+            accept,
+            accepting,
+            rest,
+            tasks,
+        },
+    })
+}
+
+/// The configured upstreams, else the nameservers of the resolv.conf file (less this proxy).
+fn upstreams(config: &Config) -> Vec<SocketAddr> {
     let mut upstreams = config.upstreams.clone();
     if upstreams.is_empty() {
         let text = std::fs::read_to_string(&config.resolv_conf).unwrap_or_default();
@@ -129,53 +172,45 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
             );
         }
     }
+    upstreams
+}
 
-    let locale = Locale {
+/// Where this proxy stands in the mesh: what the name table is built for.
+fn locale(config: &Config) -> Locale {
+    Locale {
         network: config.network.clone(),
         cluster: config.cluster.clone(),
         namespace: config.namespace.clone(),
         cluster_domain: config.cluster_domain.clone(),
         ipv6: config.ipv6,
-    };
-    let names = Arc::new(ArcSwap::from_pointee(NameTable::unsynced(&locale)));
+    }
+}
 
-    // The catalog: a Watch client, and a task that rebuilds the table after every view.
-    let sync = match shared_sync {
-        Some(sync) => sync,
-        None => {
-            let client = watch_client(&config)?;
-            let sync = client.state();
-            tasks.push(tokio::spawn(client.run(shutdown.clone())));
-            sync
-        }
-    };
-    tasks.push(tokio::spawn(maintain_table(
-        sync.clone(),
-        names.clone(),
-        locale,
-        metrics.clone(),
-        readiness.part("catalog"),
-        shutdown.clone(),
-    )));
-
+/// The request path: the name table, then the cache, then the upstreams.
+fn resolver(
+    config: &Config,
+    names: Arc<ArcSwap<NameTable>>,
+    upstreams: Vec<SocketAddr>,
+    metrics: Arc<Metrics>,
+) -> Arc<Resolver> {
     let cache = Cache::new(CacheLimits {
         max_entries: config.cache_entries,
         max_ttl: config.cache_max_ttl,
         max_negative_ttl: config.negative_max_ttl,
     });
     let forwarder = Forwarder::new(
-        upstreams.clone(),
+        upstreams,
         config.upstream_mode,
         config.query_timeout,
         metrics.clone(),
     )
     .with_socket_mark(config.socket_mark);
-    let resolver = Arc::new(
+    Arc::new(
         Resolver::new(
-            names.clone(),
+            names,
             cache,
             forwarder,
-            metrics.clone(),
+            metrics,
             config.max_inflight,
             config.ttl,
             config.max_udp_payload,
@@ -186,164 +221,5 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
             config.client_burst,
             crate::config::DEFAULT_RATE_LIMITED_CLIENTS,
         ),
-    );
-
-    let (udp, tcp) = bind_dns(config.listen).await?;
-    let dns_addr = udp.local_addr()?;
-    let udp = Arc::new(udp);
-    let workers = if config.udp_workers == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        config.udp_workers
-    };
-    for _ in 0..workers {
-        tasks.push(tokio::spawn(server::serve_udp(
-            udp.clone(),
-            resolver.clone(),
-            shutdown.clone(),
-        )));
-    }
-    tasks.push(tokio::spawn(server::serve_tcp(
-        tcp,
-        resolver.clone(),
-        metrics.clone(),
-        TcpLimits {
-            max_connections: config.max_tcp_connections,
-            idle_timeout: config.tcp_idle_timeout,
-        },
-        shutdown.clone(),
-    )));
-    tasks.push(tokio::spawn(purge_cache(
-        resolver.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    )));
-
-    let admin_addr = match config.admin_addr {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding admin on {addr}"))?;
-            let bound = listener.local_addr()?;
-            let dump_resolver = resolver.clone();
-            let dump_sync = sync.clone();
-            let effective = serde_json::json!({
-                "config": &config,
-                "upstreams": upstreams,
-                "upstream_mode": format!("{:?}", config.upstream_mode).to_lowercase(),
-            });
-            let extra = Router::new().route(
-                "/config_dump",
-                get(move || {
-                    let names = dump_resolver.names();
-                    let state = dump_sync.borrow().clone();
-                    let effective = effective.clone();
-                    async move {
-                        Json(serde_json::json!({
-                            "effective": effective,
-                            "catalog": {
-                                "connected": state.connected,
-                                "last_error": state.last_error,
-                                "snapshots": state.snapshots,
-                                "resumes": state.resumes,
-                            },
-                            "cache_entries": dump_resolver.cache().len(),
-                            "name_table": names.dump(),
-                        }))
-                    }
-                }),
-            );
-            let shutdown = shutdown.clone();
-            let readiness = readiness.clone();
-            let registry = registry.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = admin::serve(listener, registry, readiness, extra, shutdown).await {
-                    tracing::error!(error = %e, "admin server failed");
-                }
-            }));
-            Some(bound)
-        }
-        None => None,
-    };
-
-    tracing::info!(%dns_addr, ?admin_addr, upstreams = ?upstreams, "dns proxy serving");
-    Ok(DnsHandle {
-        dns_addr,
-        admin_addr,
-        resolver,
-        metrics,
-        sync,
-        trigger,
-        tasks,
-    })
-}
-
-fn watch_client(config: &Config) -> anyhow::Result<WatchClient> {
-    let node = Node {
-        id: config.node_id.clone(),
-        kind: NodeKind::Dns,
-        network: config.network.clone(),
-        cluster: config.cluster.clone(),
-        locality: Default::default(),
-    };
-    WatchClient::over_mtls(&config.registry, node, None, WatchOptions::default()).with_context(
-        || {
-            format!(
-                "loading the registry credentials (root {}, certificates in {})",
-                config.registry.root_cert.display(),
-                config.registry.cert_dir.display()
-            )
-        },
     )
-}
-
-/// Rebuilds the name table whenever the Watch client publishes a new view, and keeps the
-/// catalog metrics current.
-async fn maintain_table(
-    sync: watch::Receiver<Arc<SyncState>>,
-    names: Arc<ArcSwap<NameTable>>,
-    locale: Locale,
-    metrics: Arc<Metrics>,
-    ready: ReadyPart,
-    shutdown: drain::Watch,
-) {
-    let mut ready = Some(ready);
-    // The table also depends on whether the view is confirmed (unsynced answers differ).
-    let mut built_synced: Option<bool> = None;
-    let turn = |state: Arc<SyncState>, view_changed: bool| {
-        let synced = state.synced();
-        if view_changed || built_synced != Some(synced) {
-            let table = NameTable::build(&state.view, &locale, synced);
-            tracing::debug!(
-                names = table.len(),
-                version = table.version(),
-                "name table rebuilt"
-            );
-            metrics.names.set(table.len() as i64);
-            names.store(Arc::new(table));
-            built_synced = Some(synced);
-            if synced {
-                ready.take();
-            }
-        }
-        metrics.catalog.observe(&state);
-        std::future::ready(())
-    };
-    isthmus_proto::subscription::follow(sync, shutdown, Some(Duration::from_secs(1)), turn).await;
-}
-
-/// Drops expired cache entries now and then, so the size gauge tells the truth.
-async fn purge_cache(resolver: Arc<Resolver>, metrics: Arc<Metrics>, shutdown: drain::Watch) {
-    let stop = shutdown.signaled();
-    tokio::pin!(stop);
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tick.tick() => {
-                let n = resolver.cache().purge(std::time::Instant::now());
-                metrics.cache_entries.set(n as i64);
-            }
-        }
-    }
 }

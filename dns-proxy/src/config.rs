@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use isthmus_proto::config::ConfigProblems;
 use serde::Serialize;
 
 use crate::forwarder::UpstreamMode;
@@ -82,10 +83,6 @@ pub struct Config {
     pub ipv6: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .0.join("\n  "))]
-pub struct ConfigError(pub Vec<String>);
-
 impl Config {
     pub fn new(network: &str, cluster: &str, registry: RegistrySettings) -> Self {
         Self {
@@ -118,64 +115,50 @@ impl Config {
     }
 
     /// Checks every field and reports every problem at once.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut p = Vec::new();
-        let mut need = |ok: bool, msg: String| {
-            if !ok {
-                p.push(msg);
-            }
-        };
-        need(
-            !self.network.is_empty(),
-            "network: must name this proxy's network".into(),
-        );
-        need(
-            !self.registry.addr.is_empty(),
-            "registry: must name the registry's address".into(),
-        );
+    pub fn validate(&self) -> Result<(), ConfigProblems> {
+        let mut p = ConfigProblems::new("invalid configuration");
+        p.check(!self.network.is_empty(), "network", || {
+            "must name this proxy's network".into()
+        });
+        p.check(!self.registry.addr.is_empty(), "registry", || {
+            "must name the registry's address".into()
+        });
         for (field, v) in [
             ("namespace", &self.namespace),
             ("cluster-domain", &self.cluster_domain),
         ] {
-            need(
+            p.check(
                 !v.is_empty() && v.split('.').all(|l| !l.is_empty() && l.len() <= 63),
-                format!("{field}: {v:?} is not a DNS name"),
+                field,
+                || format!("{v:?} is not a DNS name"),
             );
         }
-        need(
+        p.check(
             self.ttl.as_secs() >= 1 && self.ttl.as_secs() <= u64::from(i32::MAX as u32),
-            format!("ttl: {:?} must be between 1s and 68 years", self.ttl),
+            "ttl",
+            || format!("{:?} must be between 1s and 68 years", self.ttl),
         );
-        need(
-            !self.query_timeout.is_zero(),
-            "query-timeout: must be above zero".into(),
-        );
-        need(
-            self.max_inflight > 0,
-            "max-inflight: must be at least 1".into(),
-        );
-        need(
-            self.max_tcp_connections > 0,
-            "max-tcp-connections: must be at least 1".into(),
-        );
-        need(
-            self.max_udp_payload >= 512,
+        p.check(!self.query_timeout.is_zero(), "query-timeout", || {
+            "must be above zero".into()
+        });
+        p.check(self.max_inflight > 0, "max-inflight", || {
+            "must be at least 1".into()
+        });
+        p.check(self.max_tcp_connections > 0, "max-tcp-connections", || {
+            "must be at least 1".into()
+        });
+        p.check(self.max_udp_payload >= 512, "max-udp-payload", || {
             format!(
-                "max-udp-payload: {} is below the 512 bytes every DNS client accepts",
+                "{} is below the 512 bytes every DNS client accepts",
                 self.max_udp_payload
-            ),
-        );
+            )
+        });
         for u in &self.upstreams {
-            need(
-                *u != self.listen,
-                format!("upstream: {u} is this proxy's own address (a forwarding loop)"),
-            );
+            p.check(*u != self.listen, "upstream", || {
+                format!("{u} is this proxy's own address (a forwarding loop)")
+            });
         }
-        if p.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError(p))
-        }
+        p.into_result()
     }
 }
 

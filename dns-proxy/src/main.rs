@@ -8,6 +8,7 @@ use clap::Parser;
 use isthmus_dns::config::{self, Config, RegistrySettings};
 use isthmus_dns::forwarder::UpstreamMode;
 use isthmus_proto::config::parse_duration;
+use isthmus_proto::program;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -118,12 +119,9 @@ fn main() -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+    program::runtime(None)?.block_on(async {
         let handle = isthmus_dns::run(cfg).await?;
-        handle.run_until_signal().await;
+        program::run_until_signal(handle).await;
         Ok(())
     })
 }

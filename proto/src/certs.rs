@@ -1,7 +1,12 @@
 //! Workload certificate plumbing shared by every program that holds a mesh identity: key and
-//! CSR generation, the credential directory on disk, and the call to the registry's CA.
+//! CSR generation, the credential directory on disk, the call to the registry's CA, and the
+//! one profile of a mesh leaf certificate ([`leaf_params`]) that the CA signs and the test
+//! PKI copies by calling it, so the two cannot drift apart.
 
 use std::path::Path;
+use std::time::Duration;
+
+use time::OffsetDateTime;
 
 use crate::identity::SpiffeId;
 use crate::pb;
@@ -44,6 +49,58 @@ pub fn generate_key_and_csr(id: &SpiffeId) -> Result<(String, String), CertsErro
         .map_err(|e| CertsError::Generate(e.to_string()))?;
     let csr_pem = csr.pem().map_err(|e| CertsError::Generate(e.to_string()))?;
     Ok((key.serialize_pem(), csr_pem))
+}
+
+/// Leaves start this far in the past so that a peer with a slightly slow clock accepts them.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
+
+/// When a leaf certificate is valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafValidity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl LeafValidity {
+    /// A leaf issued at `now` for `ttl`: valid from [`CLOCK_SKEW_ALLOWANCE`] before `now`,
+    /// and never past `issuer_not_after` (a leaf never outlives the CA that signed it).
+    pub fn issued(now: OffsetDateTime, ttl: Duration, issuer_not_after: OffsetDateTime) -> Self {
+        Self {
+            not_before: now - CLOCK_SKEW_ALLOWANCE,
+            not_after: (now + ttl).min(issuer_not_after),
+        }
+    }
+}
+
+/// The profile of every mesh leaf certificate: an empty subject, exactly one SAN (the URI
+/// `identity`), not a CA, digital signature and key encipherment, usable by both ends of a
+/// TLS connection (server and client auth), the issuer's key named (authority key id),
+/// valid for `validity`, with `serial`.
+pub fn leaf_params(
+    identity: &SpiffeId,
+    validity: LeafValidity,
+    serial: rcgen::SerialNumber,
+) -> Result<rcgen::CertificateParams, rcgen::Error> {
+    use rcgen::{ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(rcgen::string::Ia5String::try_from(
+        identity.as_str(),
+    )?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.serial_number = Some(serial);
+    Ok(params)
 }
 
 /// Writes `key.pem` (0600), `cert-chain.pem` and `root-cert.pem` into `dir`, each file

@@ -18,6 +18,8 @@ pub mod registration;
 pub mod sni;
 pub mod subscription;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-pki"))]
+pub mod test_pki;
 pub mod tls;
 pub mod token;
 

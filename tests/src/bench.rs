@@ -1,5 +1,5 @@
-//! What the benchmark drivers share: the machine they describe, the kernel's clock tick,
-//! and medians.
+//! What the benchmark drivers (`src/bin/*-bench.rs`) share: their flags, the machine they
+//! describe, the kernel's clock tick, and medians.
 
 use std::sync::OnceLock;
 
@@ -48,4 +48,13 @@ pub fn virtualized() -> bool {
                 .any(|l| l.starts_with("flags") && l.contains(" hypervisor"))
         })
         .unwrap_or(false)
+}
+
+/// The value after `name` on the command line, or `default` (benchmark drivers' flags).
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
 }

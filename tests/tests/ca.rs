@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use isthmus_proto::certs;
 use isthmus_proto::identity::SpiffeId;
+use isthmus_proto::test_pki::TestCa;
 use isthmus_proto::tls::{self, ClientAuth, Credentials, ServerIdentity, TrustBundle};
-use isthmus_registry::ca::{self, token, CaMaterial};
+use isthmus_registry::ca::token;
 use isthmus_tests::{eventually, metric, TestRegistry, TRUST_DOMAIN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -100,27 +101,16 @@ async fn issued_certificates_work_in_a_real_mtls_handshake() {
     assert!(err.contains("not one of the expected identities"), "{err}");
 
     // A peer from another trust domain (its own root) is refused by the server.
-    let other = tempfile::tempdir().unwrap();
-    isthmus_tests::init_ca(other.path(), "evil.example", "x", false);
-    let evil = CaMaterial::load(&other.path().join("x"), None).unwrap();
+    let evil = TestCa::with_intermediate("evil.example");
     let evil_id = id("spiffe://evil.example/ns/shop/sa/web");
-    let (key, csr) = certs::generate_key_and_csr(&evil_id).unwrap();
-    let chain = evil
-        .sign_csr(
-            &csr,
-            &evil_id,
-            ca::DEFAULT_LEAF_TTL,
-            ::time::OffsetDateTime::now_utc(),
-        )
-        .unwrap();
-    let evil_creds = Credentials::from_pem(&chain.concat(), &key).unwrap();
+    let evil_creds = evil.leaf(&evil_id);
     assert!(call(addr, &evil_creds, &bundle, &server_creds.identity)
         .await
         .is_err());
 
     // Even a bundle that trusts both roots refuses an identity outside its trust domain.
     let mut roots = bundle.roots().to_vec();
-    roots.extend(evil.root_der());
+    roots.push(evil.root());
     let both = TrustBundle::new(roots, TRUST_DOMAIN, &[]).unwrap();
     let err = both
         .verify_peer(

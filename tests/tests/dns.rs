@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use isthmus_dns::DnsHandle;
 use isthmus_proto::subscription::SyncState;
-use isthmus_tests::dns::{dead_upstream, dig_at, proxy_config, require, Dig, Unbound};
+use isthmus_tests::harness::dns::{dead_upstream, dig_at, proxy_config, require, Dig, Unbound};
 use isthmus_tests::{eventually, http_get, metric, yaml, TestRegistry, NETWORK};
 use tokio::sync::watch;
 

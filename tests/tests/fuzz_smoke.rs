@@ -139,8 +139,8 @@ fn watch_request() {
 #[test]
 fn register_request() {
     use isthmus_proto::registration::{HealthReport, RegisterRequest};
-    let mut hello = isthmus_tests::vm::with_labels(
-        isthmus_tests::vm::hello("vm-web", "shop", "10.1.0.5", "network-a"),
+    let mut hello = isthmus_tests::harness::vm::with_labels(
+        isthmus_tests::harness::vm::hello("vm-web", "shop", "10.1.0.5", "network-a"),
         &[("version", "v2")],
     );
     let v4 = pb::RegisterRequest::from(&RegisterRequest::Hello(hello.clone())).encode_to_vec();

@@ -13,7 +13,7 @@ use isthmus_proto::subscription::RegistrySettings;
 use isthmus_proto::tls::{self, Credentials, ServerIdentity};
 use isthmus_proxy::authz::AuthorizationPolicy;
 use isthmus_proxy::inbound::Mode;
-use isthmus_tests::mesh::{self, yaml, Workload};
+use isthmus_tests::harness::mesh::{self, yaml, Workload};
 use isthmus_tests::{eventually, http_get, metric, TestRegistry, CLUSTER, TRUST_DOMAIN};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -11,11 +11,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use isthmus_proxy::authz::{AuthorizationPolicy, Rule};
-use isthmus_tests::mesh::{
+use isthmus_tests::harness::mesh::{
     self, host, id, yaml, Call, Mesh, Workload, APP_PORT, SNI_PORT, SVC_PORT,
 };
-use isthmus_tests::netns::Net;
-use isthmus_tests::process::workspace_binary;
+use isthmus_tests::harness::netns::Net;
+use isthmus_tests::harness::process::workspace_binary;
 use isthmus_tests::{eventually, http_get, CLUSTER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use isthmus_tests::netns::{block_on_in, owned_by, ChildGuard, Net, Netns, Topology};
+use isthmus_tests::harness::netns::{block_on_in, owned_by, ChildGuard, Net, Netns, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
@@ -398,7 +398,7 @@ fn drop_during_a_panic_removes_everything() {
         topo.a.add_ip(WORKLOAD.into());
         *child.lock().unwrap() = Some(sleep_in_b(&topo));
         topo.b.set_resolv_conf("nameserver 10.10.0.53\n");
-        if isthmus_tests::dns::have("nft") {
+        if isthmus_tests::harness::dns::have("nft") {
             let vm = topo.add_vm(Net::A, "web", WORKLOAD);
             vm.set_resolv_conf("nameserver 10.10.0.53\n");
         }
@@ -450,7 +450,7 @@ fn vms_reach_their_network_and_the_host_masqueraded_and_no_other_workload() {
     let Some(topo) = Topology::create(name) else {
         return;
     };
-    if !isthmus_tests::dns::require("nft", "nftables") {
+    if !isthmus_tests::harness::dns::require("nft", "nftables") {
         return;
     }
     let index = topo.index;

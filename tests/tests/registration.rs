@@ -13,7 +13,7 @@ use isthmus_proto::registration::RegisterRequest;
 use isthmus_proto::subscription::{LocalView, Subscription};
 use isthmus_proto::{certs, grpc, tls};
 use isthmus_registry::onboard::{self, OnboardOptions};
-use isthmus_tests::vm::{
+use isthmus_tests::harness::vm::{
     always_for, endpoint, hello, until, until_keeping, with_labels, Registrar, STEP,
 };
 use isthmus_tests::{eventually, host, metric, node, yaml, TestRegistry, NETWORK};

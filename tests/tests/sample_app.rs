@@ -4,17 +4,25 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use isthmus_tests::process::ServerProcess;
+use isthmus_tests::harness::process::{workspace_binary, ServerProcess};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The sample app's binary (package `isthmus-sample-app`, in `deploy/sample-app`), built
+/// once for all the tests here.
+fn sample_app() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("isthmus-sample-app", "sample-app"))
+}
+
 /// Starts the app on a free loopback port; its address comes from the first stdout line.
 fn start(extra: &[&str]) -> (ServerProcess, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sample-app"))
+    let mut child = Command::new(sample_app())
         .args(["--listen", "127.0.0.1:0", "--name", "vm-b"])
         .args(extra)
         .stdout(Stdio::piped())

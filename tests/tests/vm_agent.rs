@@ -14,10 +14,10 @@ use std::time::Duration;
 use isthmus_proto::model::{Health, NodeKind};
 use isthmus_proto::subscription::{LocalView, Subscription};
 use isthmus_proxy::outbound::OutboundTarget;
-use isthmus_tests::agent::{group_yaml, Vm};
-use isthmus_tests::mesh::{host, id, on, yaml, Mesh, APP_PORT, SVC_PORT};
-use isthmus_tests::netns::{ChildGuard, Net};
-use isthmus_tests::vm::{endpoint, until, until_keeping};
+use isthmus_tests::harness::agent::{group_yaml, Vm};
+use isthmus_tests::harness::mesh::{host, id, on, yaml, Mesh, APP_PORT, SVC_PORT};
+use isthmus_tests::harness::netns::{ChildGuard, Net};
+use isthmus_tests::harness::vm::{endpoint, until, until_keeping};
 use isthmus_tests::{eventually, metric, node};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -112,7 +112,7 @@ struct Scene {
     vm: Vm,
     agent: Option<ChildGuard>,
     _app: ChildGuard,
-    _reviews: isthmus_tests::mesh::Workload,
+    _reviews: isthmus_tests::harness::mesh::Workload,
     _gateways: Vec<isthmus_gateway::GatewayHandle>,
     m: Mesh,
 }
@@ -413,7 +413,7 @@ async fn restarts_renew_with_the_kept_certificate_and_a_spent_token_is_refused()
     std::fs::write(bundle2.join("token"), &token).unwrap();
     let out =
         s.vm.ns
-            .command(isthmus_tests::agent::agent_binary())
+            .command(isthmus_tests::harness::agent::agent_binary())
             .args(["run", "--capture", "none", "--bundle"])
             .arg(&bundle2)
             .arg("--state-dir")
@@ -655,7 +655,7 @@ async fn run_on_bundle(
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
-    let out = tokio::process::Command::new(isthmus_tests::agent::agent_binary())
+    let out = tokio::process::Command::new(isthmus_tests::harness::agent::agent_binary())
         .args([
             "run",
             "--capture",
@@ -705,9 +705,7 @@ async fn a_bad_bundle_fails_before_the_network_naming_the_file_or_field() {
     let reg = isthmus_tests::TestRegistry::start(&[]).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = std::fs::read_to_string(reg.ca_root()).unwrap();
-    let other_ca = dir.path().join("other-ca");
-    isthmus_tests::init_ca(&other_ca, "other.example", "cluster-x", false);
-    let other_root = std::fs::read_to_string(other_ca.join("root-cert.pem")).unwrap();
+    let other_root = isthmus_proto::test_pki::TestCa::new("other.example").root_pem();
 
     let cases: Vec<(&str, Spoil, Vec<&str>)> = vec![
         (

@@ -34,7 +34,7 @@ use isthmus_proto::subscription::LocalView;
 use isthmus_proxy::inbound::AppTarget;
 use isthmus_proxy::original_dst::original_destination;
 use isthmus_proxy::upstream::connect_tcp;
-use isthmus_tests::netns::{block_on_in, Net, Netns, Topology};
+use isthmus_tests::harness::netns::{block_on_in, Net, Netns, Topology};
 use isthmus_vm_agent::capture::{self, CaptureError, CapturePlan, DEFAULT_MARK};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

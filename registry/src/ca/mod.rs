@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use ::time::OffsetDateTime;
 use isthmus_proto::identity::{SpiffeId, TrustDomain};
-use isthmus_proto::tls;
-use rcgen::{ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use isthmus_proto::{certs, tls};
+use rcgen::{KeyPair, SanType};
 use tokio::sync::watch;
 
 /// Files of a cluster's CA directory (Istio's `cacerts` secret layout).
@@ -27,8 +27,9 @@ pub const ROOT_KEY_FILE: &str = "root-key.pem";
 pub const DEFAULT_LEAF_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest leaf lifetime the CA signs unless configured otherwise.
 pub const DEFAULT_MAX_LEAF_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Leaves start this far in the past so that a peer with a slightly slow clock accepts them.
-pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
+/// Certificates start this far in the past so that a peer with a slightly slow clock accepts
+/// them (the leaf profile and this allowance live in `isthmus_proto::certs`).
+pub use isthmus_proto::certs::CLOCK_SKEW_ALLOWANCE;
 /// How often the CA directory is checked for a replaced intermediate.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -282,25 +283,8 @@ impl CaMaterial {
         now: OffsetDateTime,
     ) -> Result<Vec<String>, CaError> {
         let sign_err = |e: rcgen::Error| CaError::Sign(e.to_string());
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            rcgen::string::Ia5String::try_from(identity.as_str()).map_err(sign_err)?,
-        )];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = now - CLOCK_SKEW_ALLOWANCE;
-        // A leaf never outlives the intermediate that signed it.
-        params.not_after = (now + ttl).min(self.not_after);
-        params.serial_number = Some(random_serial());
+        let validity = certs::LeafValidity::issued(now, ttl, self.not_after);
+        let params = certs::leaf_params(identity, validity, random_serial()).map_err(sign_err)?;
         let issuer =
             rcgen::Issuer::from_ca_cert_der(&self.intermediate_der, &self.key).map_err(sign_err)?;
         let leaf = params.signed_by(public_key, &issuer).map_err(sign_err)?;

@@ -26,8 +26,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use isthmus_tests::dns::{dig_at, free_port, have};
-use isthmus_tests::process::{arg, ServerProcess};
+use isthmus_tests::bench::arg;
+use isthmus_tests::harness::dns::{dig_at, free_port, have};
+use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::{yaml, TestRegistry, TRUST_DOMAIN};
 
 fn name(i: usize) -> String {

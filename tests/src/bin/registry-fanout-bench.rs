@@ -18,7 +18,8 @@ use isthmus_proto::model::{
     NodeKind, OwnedResource, Resource, Service, ServicePort, ServiceView, ViewResource, Workload,
 };
 use isthmus_proto::subscription::Subscription;
-use isthmus_tests::process::{arg, ServerProcess};
+use isthmus_tests::bench::arg;
+use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::{node, TestRegistry, NETWORK};
 use tokio::sync::Barrier;
 

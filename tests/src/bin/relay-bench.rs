@@ -48,8 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use isthmus_proxy::relay::{relay, relay_splice, RelayOutcome, Transferred};
-use isthmus_tests::bench::{clock_ticks, median};
-use isthmus_tests::process::arg;
+use isthmus_tests::bench::{arg, clock_ticks, median};
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 

@@ -50,15 +50,6 @@ impl Drop for ServerProcess {
     }
 }
 
-/// The value after `name` on the command line, or `default` (benchmark drivers' flags).
-pub fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
-
 /// The workspace binary `bin` of `package`, next to the running test's executable; built
 /// first (a no-op when it is fresh), so a test never runs a stale build of another crate.
 pub fn workspace_binary(package: &str, bin: &str) -> std::path::PathBuf {

@@ -10,8 +10,8 @@ use anyhow::Context;
 use isthmus_dns::config::{Config, RegistrySettings};
 use isthmus_proto::tls::ROOT_CERT_FILE;
 
-use crate::process::ServerProcess;
-use crate::{TestRegistry, CLUSTER, NETWORK, TRUST_DOMAIN};
+use super::process::ServerProcess;
+use super::registry::{TestRegistry, CLUSTER, NETWORK, TRUST_DOMAIN};
 
 /// Whether a program is on PATH.
 pub fn have(program: &str) -> bool {

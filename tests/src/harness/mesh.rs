@@ -32,8 +32,8 @@ use tokio::sync::watch;
 
 use tokio::runtime::Runtime;
 
-use crate::netns::{Net, Topology};
-use crate::{TestRegistry, CLUSTER, TRUST_DOMAIN};
+use super::netns::{Net, Topology};
+use super::registry::{TestRegistry, CLUSTER, TRUST_DOMAIN};
 
 /// A plain TCP app: greets every connection with `<name>\n`, then echoes what it reads.
 /// Stops (and refuses new connections) when dropped.
@@ -231,7 +231,7 @@ impl Client {
 
     /// Waits until the destination has `n` targets.
     pub async fn wait_for_targets(&self, hostname: &str, port: u16, n: usize) {
-        let ok = crate::eventually(Duration::from_secs(20), || async {
+        let ok = super::registry::eventually(Duration::from_secs(20), || async {
             let t = self.routes.load().lookup(hostname, port, "").ok()?;
             (t.targets().len() == n).then_some(())
         })

@@ -12,10 +12,10 @@ use isthmus_registry::onboard::{self, OnboardOptions};
 use serde_json::Value;
 use tokio::runtime::Runtime;
 
-use crate::mesh::{network, on, Mesh};
-use crate::netns::{ChildGuard, Net, Netns};
-use crate::process::workspace_binary;
-use crate::{eventually, http_get, CLUSTER};
+use super::mesh::{network, on, Mesh};
+use super::netns::{ChildGuard, Net, Netns};
+use super::process::workspace_binary;
+use super::registry::{eventually, http_get, CLUSTER};
 
 /// The agent's admin and health ports inside a VM (loopback of the VM's namespace).
 pub const ADMIN: &str = "127.0.0.1:15000";
@@ -216,7 +216,7 @@ impl Vm {
     pub fn start_app(&self, m: &Mesh, port: u16, healthy_file: Option<&Path>) -> ChildGuard {
         let mut cmd = self
             .ns
-            .command(workspace_binary("isthmus-tests", "sample-app"));
+            .command(workspace_binary("isthmus-sample-app", "sample-app"));
         cmd.args(["--listen", &format!("0.0.0.0:{port}"), "--name", &self.name]);
         if let Some(f) = healthy_file {
             cmd.arg("--healthy-file").arg(f);

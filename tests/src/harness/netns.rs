@@ -493,11 +493,11 @@ impl Topology {
     /// network's workloads. [`Netns::add_ip`] on the VM adds addresses to `eth0` (not
     /// routed from the network). Removed with the topology.
     ///
-    /// Panics if `nft` is missing (check with [`crate::dns::require`]`("nft", "nftables")`
+    /// Panics if `nft` is missing (check with [`super::dns::require`]`("nft", "nftables")`
     /// first, to skip), if `name` is taken, or if the setup fails.
     pub fn add_vm(&self, net: Net, name: &str, ip: Ipv4Addr) -> Netns {
         assert!(
-            crate::dns::have("nft"),
+            super::dns::have("nft"),
             "{}: VMs need `nft` (apt-get install nftables)",
             self.test_name
         );
@@ -795,7 +795,7 @@ fn skip(test_name: &str, why: &str) -> Option<Topology> {
 }
 
 fn missing_requirement() -> Option<String> {
-    if !crate::dns::have("ip") {
+    if !super::dns::have("ip") {
         return Some("`ip` is not installed (apt-get install iproute2)".to_string());
     }
     match effective_uid() {

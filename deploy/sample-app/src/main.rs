@@ -1,4 +1,5 @@
-//! sample-app: the small HTTP/1.1 service behind each VM in the demo and the tests. Every
+//! sample-app: the small HTTP/1.1 service behind each VM in the quick start
+//! (`deploy/quickstart.sh`) and the VM tests; it lives beside the quick start it serves. Every
 //! request gets `200 OK` and a body naming the app and the client address it saw, so a test
 //! can tell which VM answered and from where the connection came:
 //!
@@ -28,8 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::Parser;
 use isthmus_proto::config::parse_duration;
-use isthmus_tests::process::arg;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -53,19 +54,35 @@ struct App {
     header_timeout: Duration,
 }
 
+#[derive(Debug, Parser)]
+#[command(about = "The sample app: answers every request with its name and the client it saw")]
+struct Args {
+    /// Address to listen on (port 0: any free port, printed on the first line).
+    #[arg(long, default_value = "0.0.0.0:9080")]
+    listen: SocketAddr,
+    /// The name in every answer (`hello from NAME`).
+    #[arg(long, default_value = "sample-app")]
+    name: String,
+    /// `/healthz` answers 503 while this file is absent; empty or unset: always healthy.
+    #[arg(long)]
+    healthy_file: Option<PathBuf>,
+    /// How long a request head (and body) may take to arrive.
+    #[arg(long, default_value = DEFAULT_HEADER_TIMEOUT, value_parser = duration)]
+    header_timeout: Duration,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let listen: SocketAddr = arg("--listen", "0.0.0.0:9080")
-        .parse()
-        .context("--listen: expected ADDRESS:PORT")?;
-    let header_timeout = parse_duration(&arg("--header-timeout", DEFAULT_HEADER_TIMEOUT))
-        .context("--header-timeout")?;
+    let args = Args::parse();
+    let listen = args.listen;
     let app = Arc::new(App {
-        name: arg("--name", "sample-app"),
-        healthy_file: Some(arg("--healthy-file", ""))
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from),
-        header_timeout,
+        name: args.name,
+        healthy_file: args.healthy_file.filter(|p| !p.as_os_str().is_empty()),
+        header_timeout: args.header_timeout,
     });
 
     let listener = TcpListener::bind(listen)
