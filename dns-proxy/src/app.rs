@@ -20,10 +20,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cache::{Cache, CacheLimits};
-use crate::config::{upstreams_from_resolv_conf, Config};
+use crate::config::Config;
 use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
 use crate::names::{Locale, NameTable};
+use crate::resolv_conf::ResolvConf;
 use crate::server::{self, Resolver, TcpLimits};
 
 /// A running DNS proxy.
@@ -120,8 +121,7 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
 
     let mut upstreams = config.upstreams.clone();
     if upstreams.is_empty() {
-        let text = std::fs::read_to_string(&config.resolv_conf).unwrap_or_default();
-        upstreams = upstreams_from_resolv_conf(&text, config.listen);
+        upstreams = ResolvConf::read(&config.resolv_conf).upstreams(config.listen);
         if upstreams.is_empty() {
             tracing::warn!(
                 file = %config.resolv_conf.display(),
