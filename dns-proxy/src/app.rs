@@ -33,11 +33,12 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::cache::{Cache, CacheLimits};
-use crate::config::{upstreams_from_resolv_conf, Config};
+use crate::config::Config;
 use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
 use crate::names::{Locale, NameTable};
 use crate::server::Resolver;
+use crate::resolv_conf::ResolvConf;
 
 /// A running DNS proxy.
 pub struct DnsHandle {
@@ -163,8 +164,7 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
 fn upstreams(config: &Config) -> Vec<SocketAddr> {
     let mut upstreams = config.upstreams.clone();
     if upstreams.is_empty() {
-        let text = std::fs::read_to_string(&config.resolv_conf).unwrap_or_default();
-        upstreams = upstreams_from_resolv_conf(&text, config.listen);
+        upstreams = ResolvConf::read(&config.resolv_conf).upstreams(config.listen);
         if upstreams.is_empty() {
             tracing::warn!(
                 file = %config.resolv_conf.display(),

@@ -1,7 +1,7 @@
 //! The DNS proxy's configuration: one typed struct, every default a named constant, checked
 //! in one pass that reports every bad field.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -162,23 +162,6 @@ impl Config {
     }
 }
 
-/// The `nameserver` lines of a resolv.conf, on port 53, less `exclude` (this proxy itself:
-/// on a VM whose resolv.conf points at the proxy, forwarding there would loop).
-pub fn upstreams_from_resolv_conf(text: &str, exclude: SocketAddr) -> Vec<SocketAddr> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            (it.next() == Some("nameserver"))
-                .then(|| it.next())
-                .flatten()
-        })
-        // A scoped IPv6 address (fe80::1%eth0) is not supported by SocketAddr parsing.
-        .filter_map(|a| a.parse::<IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, 53))
-        .filter(|a| *a != exclude)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,18 +196,5 @@ mod tests {
         ] {
             assert!(err.contains(field), "{field} in {err}");
         }
-    }
-
-    #[test]
-    fn resolv_conf_nameservers() {
-        let text = "# comment\nsearch example.com\nnameserver 10.0.0.2\nnameserver ::1\nnameserver 127.0.0.1\nnameserver fe80::1%eth0\noptions ndots:5\n";
-        let got = upstreams_from_resolv_conf(text, "127.0.0.1:53".parse().unwrap());
-        assert_eq!(
-            got,
-            vec![
-                "10.0.0.2:53".parse::<SocketAddr>().unwrap(),
-                "[::1]:53".parse().unwrap()
-            ]
-        );
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::FieldProblem;
+pub use crate::config::{ConfigProblems, FieldProblem};
 use crate::identity::{validate_dns_label, IdentityError, SpiffeId, TrustDomain};
 pub use crate::tls::ROOT_CERT_FILE;
 
@@ -143,18 +143,18 @@ impl AgentBundle {
             let field = if field == "." { String::new() } else { field };
             invalid(vec![FieldProblem::new(&field, e.inner().to_string())])
         })?;
-        bundle.check().map_err(invalid)?;
+        bundle.check().map_err(|p| invalid(p.problems))?;
         Ok(bundle)
     }
 
     /// Every field whose value cannot work, each named.
-    pub fn check(&self) -> Result<(), Vec<FieldProblem>> {
-        let mut problems = Vec::new();
+    pub fn check(&self) -> Result<(), ConfigProblems> {
+        let mut problems = ConfigProblems::new(AGENT_CONFIG_FILE);
         if let Err(why) = check_host_port(&self.registry) {
-            problems.push(FieldProblem::new("registry", why));
+            problems.push("registry", why);
         }
         if let Err(e) = TrustDomain::new(&self.trust_domain) {
-            problems.push(FieldProblem::new("trustDomain", e.to_string()));
+            problems.push("trustDomain", e.to_string());
         }
         for (field, what, value) in [
             ("cluster", "cluster", &self.cluster),
@@ -163,29 +163,25 @@ impl AgentBundle {
             ("serviceAccount", "service account", &self.service_account),
         ] {
             if let Err(e) = validate_dns_label(what, value) {
-                problems.push(FieldProblem::new(field, e.to_string()));
+                problems.push(field, e.to_string());
             }
         }
         if self.group.is_empty() || self.group.len() > 253 {
-            problems.push(FieldProblem::new(
+            problems.push(
                 "group",
                 format!(
                     "{:?} is not a WorkloadGroup name (1-253 characters)",
                     self.group
                 ),
-            ));
+            );
         } else if let Some(e) = self
             .group
             .split('.')
             .find_map(|l| validate_dns_label("WorkloadGroup name", l).err())
         {
-            problems.push(FieldProblem::new("group", e.to_string()));
+            problems.push("group", e.to_string());
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
+        problems.into_result()
     }
 
     /// The identity the VM holds: the group's.

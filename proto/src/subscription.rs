@@ -210,7 +210,7 @@ impl Subscription {
     }
 }
 
-/// How a [`WatchClient`] retries.
+/// How a [`WatchClient`] retries: a [`Backoff`](crate::backoff::Backoff) between these.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
     pub backoff_min: Duration,
@@ -220,8 +220,8 @@ pub struct WatchOptions {
 impl Default for WatchOptions {
     fn default() -> Self {
         Self {
-            backoff_min: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(15),
+            backoff_min: crate::backoff::DEFAULT_MIN,
+            backoff_max: crate::backoff::DEFAULT_MAX,
         }
     }
 }
@@ -254,7 +254,25 @@ impl SyncState {
 /// gauges stay current), with `view_changed` true when the view itself is new since the
 /// last turn. It returns at `shutdown` or when the client is gone.
 pub async fn follow<F, Fut>(
+    sync: watch::Receiver<Arc<SyncState>>,
+    shutdown: crate::drain::Watch,
+    tick: Option<Duration>,
+    on_turn: F,
+) where
+    F: FnMut(Arc<SyncState>, bool) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    // A second trigger that never fires (its sender lives as long as the loop).
+    let (_never_sent, never) = watch::channel(());
+    follow_with(sync, never, shutdown, tick, on_turn).await;
+}
+
+/// [`follow`] with a second trigger: a turn also follows every change of `also` (the VM
+/// agent's capture follows its group template as well as the view; `on_turn` reads it
+/// through its own receiver). Returns, too, when `also`'s sender is gone.
+pub async fn follow_with<T, F, Fut>(
     mut sync: watch::Receiver<Arc<SyncState>>,
+    mut also: watch::Receiver<T>,
     shutdown: crate::drain::Watch,
     tick: Option<Duration>,
     mut on_turn: F,
@@ -266,6 +284,7 @@ pub async fn follow<F, Fut>(
     tokio::pin!(stop);
     let mut ticker = tick.map(tokio::time::interval);
     let mut seen: Option<Arc<LocalView>> = None;
+    also.borrow_and_update();
     loop {
         let state = sync.borrow_and_update().clone();
         let view_changed = seen.as_ref().is_none_or(|v| !Arc::ptr_eq(v, &state.view));
@@ -278,6 +297,7 @@ pub async fn follow<F, Fut>(
         tokio::select! {
             _ = &mut stop => return,
             r = sync.changed() => if r.is_err() { return },
+            r = also.changed() => if r.is_err() { return },
             _ = async {
                 match ticker.as_mut() {
                     Some(t) => { t.tick().await; }
@@ -368,7 +388,8 @@ impl WatchClient {
     pub async fn run(self, shutdown: crate::drain::Watch) {
         let stop = shutdown.signaled();
         tokio::pin!(stop);
-        let mut backoff = self.opts.backoff_min;
+        let mut backoff =
+            crate::backoff::Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
         loop {
             let resume = (*self.state.borrow().view).clone();
             let attempt = async {
@@ -389,7 +410,7 @@ impl WatchClient {
                     };
                     match next {
                         Ok(update) => {
-                            backoff = self.opts.backoff_min;
+                            backoff.reset();
                             let view = Arc::new(sub.view.clone());
                             self.publish(|s| {
                                 if update.snapshot {
@@ -422,12 +443,10 @@ impl WatchClient {
                     });
                 }
             }
-            let jitter = rand::random::<f64>() * 0.4 + 0.8;
             tokio::select! {
                 _ = &mut stop => return,
-                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = backoff.wait() => {}
             }
-            backoff = (backoff * 2).min(self.opts.backoff_max);
         }
     }
 }
@@ -558,5 +577,57 @@ impl SyncMetrics {
                 .as_secs_f64(),
             None => -1.0,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn next_turn(
+        turns: &mut tokio::sync::mpsc::UnboundedReceiver<(String, bool)>,
+    ) -> (String, bool) {
+        tokio::time::timeout(Duration::from_secs(5), turns.recv())
+            .await
+            .expect("a turn")
+            .expect("the loop is running")
+    }
+
+    #[tokio::test]
+    async fn follow_with_turns_on_either_trigger_and_stops() {
+        let (sync_tx, sync) = watch::channel(Arc::new(SyncState::default()));
+        let (group_tx, group) = watch::channel(0u32);
+        let (trigger, shutdown) = crate::drain::channel();
+        let (turns_tx, mut turns) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(follow_with(
+            sync,
+            group,
+            shutdown,
+            None,
+            move |state: Arc<SyncState>, view_changed| {
+                let _ = turns_tx.send((state.view.version.clone(), view_changed));
+                std::future::ready(())
+            },
+        ));
+        // At once, with the view new.
+        assert_eq!(next_turn(&mut turns).await, (String::new(), true));
+        // After a change of the second trigger: the same view.
+        group_tx.send_replace(1);
+        assert_eq!(next_turn(&mut turns).await, (String::new(), false));
+        // After a new view.
+        let view = LocalView {
+            version: "v2".into(),
+            ..Default::default()
+        };
+        sync_tx.send_replace(Arc::new(SyncState {
+            view: Arc::new(view),
+            ..Default::default()
+        }));
+        assert_eq!(next_turn(&mut turns).await, ("v2".to_string(), true));
+        trigger.fire();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops at shutdown")
+            .unwrap();
     }
 }

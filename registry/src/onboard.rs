@@ -91,6 +91,7 @@ pub fn onboard(opts: &OnboardOptions, now: OffsetDateTime) -> Result<Onboarded, 
     let mut problems: Vec<String> = match bundle.check() {
         Ok(()) => Vec::new(),
         Err(problems) => problems
+            .problems
             .iter()
             .map(|p| format!("{}: {}", flag_of(&p.field), p.message))
             .collect(),

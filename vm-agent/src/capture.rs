@@ -41,6 +41,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Command, ExitStatus, Stdio};
 
+use isthmus_proto::config::ConfigProblems;
 use serde::Serialize;
 
 /// The nftables table that holds everything the agent adds (family `inet`: IPv4 and IPv6).
@@ -99,37 +100,45 @@ pub struct CapturePlan {
     pub exempt_uid: Option<u32>,
 }
 
+/// What the capture rules cover so far: the app ports captured inbound (`None` until
+/// first applied, and without capture), and how many service addresses outbound (`None`
+/// until first applied). Registration waits on it before its first health report, so peers
+/// never reach the app around the agent; readiness waits for the addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureProgress {
+    pub ports: Option<Vec<u16>>,
+    pub addresses: Option<usize>,
+}
+
 impl CapturePlan {
-    /// What is wrong with the plan, one line per problem; empty when it can be installed.
-    pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        if self.mark == 0 {
-            p.push(
-                "mark: 0 is the mark of every unmarked packet; exempting it would capture \
-                 nothing"
-                    .to_string(),
-            );
-        }
+    /// What is wrong with the plan, every problem at once; empty when it can be installed.
+    pub fn problems(&self) -> ConfigProblems {
+        let mut p = ConfigProblems::default();
+        p.check(self.mark != 0, "mark", || {
+            "0 is the mark of every unmarked packet; exempting it would capture nothing".into()
+        });
         for (field, port) in [
             ("outbound-port", self.outbound_port),
             ("inbound-port", self.inbound_port),
             ("dns-port", self.dns_port),
         ] {
-            if port == 0 {
-                p.push(format!(
-                    "{field}: 0 is not a port a listener can be found on"
-                ));
-            }
-            if self.inbound_ports.contains(&port) && port != 0 {
-                p.push(format!(
-                    "inbound-ports: {port} is the agent's own {field}; capturing it would \
-                     expose the agent's listener through the inbound path"
-                ));
-            }
+            p.check(port != 0, field, || {
+                "0 is not a port a listener can be found on".into()
+            });
+            p.check(
+                port == 0 || !self.inbound_ports.contains(&port),
+                "inbound-ports",
+                || {
+                    format!(
+                        "{port} is the agent's own {field}; capturing it would expose the \
+                         agent's listener through the inbound path"
+                    )
+                },
+            );
         }
-        if self.inbound_ports.contains(&0) {
-            p.push("inbound-ports: 0 is not a port".to_string());
-        }
+        p.check(!self.inbound_ports.contains(&0), "inbound-ports", || {
+            "0 is not a port".into()
+        });
         p
     }
 
@@ -226,8 +235,8 @@ fn set_literal<T: Ord + std::fmt::Display>(items: impl IntoIterator<Item = T>) -
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("the capture plan cannot be installed:\n  {}", .0.join("\n  "))]
-    Plan(Vec<String>),
+    #[error("the capture plan cannot be installed: {0}")]
+    Plan(ConfigProblems),
     #[error(
         "{what}: cannot run `{NFT}`: {source}; is nftables installed (the nft command on \
          PATH)? {FALLBACK_HINT}"
@@ -661,7 +670,7 @@ mod tests {
             inbound_ports: vec![8080, 15001, 0],
             ..plan()
         };
-        let problems = bad.problems().join("\n");
+        let problems = bad.problems().to_string();
         for needle in [
             "mark: 0",
             "dns-port: 0",

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use isthmus_proto::config::ConfigProblems;
 use isthmus_proto::model::Locality;
 use isthmus_proxy::outbound::OutboundTarget;
 use serde::Serialize;
@@ -32,6 +33,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 /// The mark on the agent's own sockets, which the capture rules let pass.
 pub use crate::capture::DEFAULT_MARK;
+
+/// What [`AgentConfig::validate`]'s problems are about.
+pub const CONFIG_SOURCE: &str = "the agent's configuration";
 
 /// The files the agent keeps in its state directory.
 pub const CERT_SUBDIR: &str = "certs";
@@ -133,10 +137,6 @@ fn serialize_locality<S: serde::Serializer>(l: &Locality, s: S) -> Result<S::Ok,
     s.serialize_str(&l.to_string())
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .0.join("\n  "))]
-pub struct ConfigError(pub Vec<String>);
-
 impl AgentConfig {
     pub fn new(bundle_dir: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
         let addr = |s: &str| s.parse().expect("literal address");
@@ -179,16 +179,46 @@ impl AgentConfig {
     }
 
     /// Every problem at once, each naming its flag.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut p = Vec::new();
+    pub fn validate(&self) -> Result<(), ConfigProblems> {
+        let mut p = ConfigProblems::new(CONFIG_SOURCE);
         if let Some(ip) = self.address {
-            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-                p.push(format!(
-                    "--address: {ip} cannot be the VM's address; give the address other workloads reach the VM at"
-                ));
-            }
+            p.check(
+                !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast()),
+                "--address",
+                || format!("{ip} cannot be the VM's address; give the address other workloads reach the VM at"),
+            );
         }
-        let mut ports: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+        let ports = self.check_listeners(&mut p);
+        for l in &self.outbound_listeners {
+            p.check(
+                !ports.contains_key(&l.listen),
+                "--outbound-listener",
+                || format!("{} is already used by another listener", l.listen),
+            );
+        }
+        for (flag, d) in [
+            ("--drain-deadline", self.drain_deadline),
+            ("--connect-timeout", self.connect_timeout),
+            ("--handshake-timeout", self.handshake_timeout),
+        ] {
+            p.check(!d.is_zero(), flag, || "must be more than 0".into());
+        }
+        p.check(self.max_connections != 0, "--max-connections", || {
+            "must be at least 1".into()
+        });
+        for key in self.labels.keys() {
+            p.check(!key.is_empty(), "--label", || {
+                "a label needs a key (KEY=VALUE)".into()
+            });
+        }
+        p.into_result()
+    }
+
+    /// The listeners' addresses: fixed where capture points at them, loopback where
+    /// REDIRECT lands, none used twice. Returns the addresses in use, by flag.
+    fn check_listeners(&self, p: &mut ConfigProblems) -> BTreeMap<SocketAddr, &'static str> {
+        let nftables = self.capture == CaptureMode::Nftables;
+        let mut ports: BTreeMap<SocketAddr, &'static str> = BTreeMap::new();
         for (flag, addr) in [
             ("--inbound-addr", Some(self.inbound_addr)),
             ("--outbound-addr", Some(self.outbound_addr)),
@@ -198,59 +228,25 @@ impl AgentConfig {
         ] {
             let Some(addr) = addr else { continue };
             let captured = matches!(flag, "--inbound-addr" | "--outbound-addr" | "--dns-addr");
-            if captured && addr.port() == 0 && self.capture == CaptureMode::Nftables {
-                p.push(format!(
-                    "{flag}: port 0 cannot be captured to; give a fixed port (or --capture none)"
-                ));
-            }
+            p.check(!(captured && addr.port() == 0 && nftables), flag, || {
+                "port 0 cannot be captured to; give a fixed port (or --capture none)".into()
+            });
             if addr.port() != 0 {
                 if let Some(other) = ports.insert(addr, flag) {
-                    p.push(format!("{flag}: {addr} is also {other}"));
+                    p.push(flag, format!("{addr} is also {other}"));
                 }
             }
         }
-        if self.capture == CaptureMode::Nftables && !self.outbound_addr.ip().is_loopback() {
-            p.push(format!(
-                "--outbound-addr: {} must be a loopback address: REDIRECT sends captured connections to 127.0.0.1 (::1)",
-                self.outbound_addr
-            ));
-        }
-        if self.capture == CaptureMode::Nftables && !self.dns_addr.ip().is_loopback() {
-            p.push(format!(
-                "--dns-addr: {} must be a loopback address: REDIRECT sends captured queries to 127.0.0.1 (::1)",
-                self.dns_addr
-            ));
-        }
-        for l in &self.outbound_listeners {
-            if ports.contains_key(&l.listen) {
-                p.push(format!(
-                    "--outbound-listener: {} is already used by another listener",
-                    l.listen
-                ));
-            }
-        }
-        for (flag, d) in [
-            ("--drain-deadline", self.drain_deadline),
-            ("--connect-timeout", self.connect_timeout),
-            ("--handshake-timeout", self.handshake_timeout),
+        for (flag, addr) in [
+            ("--outbound-addr", self.outbound_addr),
+            ("--dns-addr", self.dns_addr),
         ] {
-            if d.is_zero() {
-                p.push(format!("{flag}: must be more than 0"));
-            }
+            p.check(!nftables || addr.ip().is_loopback(), flag, || {
+                format!("{addr} must be a loopback address: REDIRECT sends captured {} to 127.0.0.1 (::1)",
+                    if flag == "--dns-addr" { "queries" } else { "connections" })
+            });
         }
-        if self.max_connections == 0 {
-            p.push("--max-connections: must be at least 1".into());
-        }
-        for key in self.labels.keys() {
-            if key.is_empty() {
-                p.push("--label: a label needs a key (KEY=VALUE)".into());
-            }
-        }
-        if p.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError(p))
-        }
+        ports
     }
 }
 
@@ -325,8 +321,7 @@ mod tests {
         c.outbound_addr = "0.0.0.0:15001".parse().unwrap();
         c.dns_addr = "127.0.0.1:15000".parse().unwrap();
         c.drain_deadline = Duration::ZERO;
-        let err = c.validate().unwrap_err().0;
-        let all = err.join("\n");
+        let all = c.validate().unwrap_err().to_string();
         for want in [
             "--address",
             "--outbound-addr",

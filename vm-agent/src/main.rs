@@ -8,7 +8,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use isthmus_proto::config::parse_duration;
 use isthmus_proto::model::Locality;
+use isthmus_proto::program;
 use isthmus_vm_agent::config::{self, AgentConfig, CaptureMode, OutboundListener};
+
+/// Threads for blocking work (the `nft` command, file writes) at most.
+const MAX_BLOCKING_THREADS: usize = 4;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -161,14 +165,16 @@ fn main() -> anyhow::Result<()> {
         println!("configuration and bundle are valid");
         return Ok(());
     }
+    // Not `program::runtime`: the agent also bounds the blocking pool, where `nft` runs
+    // (see ARCHITECTURE.md), so that a slow nftables never takes more than a few threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(a.worker_threads.max(1))
-        .max_blocking_threads(4)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()?;
     rt.block_on(async {
         let handle = isthmus_vm_agent::run(cfg).await?;
-        handle.run_until_signal().await;
+        program::run_until_signal(handle).await;
         Ok(())
     })
 }

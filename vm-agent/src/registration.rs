@@ -4,11 +4,15 @@
 //! (within the registry's grace period the entry is kept); on shutdown it deregisters, so
 //! the entry leaves the views at once.
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_proto::backoff::Backoff;
 use isthmus_proto::drain;
 use isthmus_proto::model::{Health, WorkloadGroup};
 use isthmus_proto::pb;
@@ -18,6 +22,7 @@ use isthmus_proto::tls::Credentials;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::capture::CaptureProgress;
 use crate::metrics::{AgentMetrics, Outcome};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -71,7 +76,7 @@ pub struct Registration {
     pub metrics: AgentMetrics,
     /// What capture covers: the first health report waits (bounded) until the group's app
     /// ports are captured, so peers never reach the app around the agent.
-    pub captured: watch::Receiver<crate::app::CaptureProgress>,
+    pub captured: watch::Receiver<CaptureProgress>,
 }
 
 /// How long the first health report waits for the app's ports to be captured.
@@ -82,7 +87,7 @@ impl Registration {
     pub async fn run(mut self, shutdown: drain::Watch) {
         let stop = shutdown.signaled();
         tokio::pin!(stop);
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             let opened = tokio::select! {
                 _ = &mut stop => return,
@@ -91,7 +96,7 @@ impl Registration {
             let mut registrar = match opened {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot register with the registry");
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot register with the registry");
                     self.metrics
                         .registration_attempts
                         .get_or_create(&Outcome::error())
@@ -100,46 +105,20 @@ impl Registration {
                         s.connected = false;
                         s.last_error = Some(e);
                     });
-                    let jitter = rand::random::<f64>() * 0.4 + 0.8;
                     tokio::select! {
                         _ = &mut stop => return,
-                        _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                        _ = backoff.wait() => {}
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
             };
-            backoff = BACKOFF_MIN;
+            backoff.reset();
             self.metrics
                 .registration_attempts
                 .get_or_create(&Outcome::ok())
                 .inc();
             self.metrics.registered.set(1);
-            // Hold the stream, reporting every change of verdict, until it breaks or we stop.
-            let ended = loop {
-                let closed = tokio::select! {
-                    _ = &mut stop => None,
-                    status = registrar.closed() => Some(format!("the registry ended the registration stream: {}", status.message())),
-                    r = self.health.changed() => {
-                        if r.is_err() {
-                            None
-                        } else {
-                            let report = self.health.borrow_and_update().clone();
-                            match registrar.health(report.healthy, &report.reason).await {
-                                Ok(ack) => {
-                                    self.state.send_modify(|s| {
-                                        s.health = Some(health_str(ack.health).into());
-                                        s.warnings = ack.warnings.clone();
-                                    });
-                                    continue;
-                                }
-                                Err(status) => Some(format!("health report refused: {}", status.message())),
-                            }
-                        }
-                    }
-                };
-                break closed;
-            };
+            let ended = self.hold(&mut registrar, &mut stop).await;
             self.metrics.registered.set(0);
             match ended {
                 Some(why) => {
@@ -150,22 +129,55 @@ impl Registration {
                     });
                 }
                 None => {
-                    let outcome =
-                        tokio::time::timeout(DEREGISTER_TIMEOUT, registrar.deregister()).await;
-                    match outcome {
-                        Ok(Ok(_)) => tracing::info!("deregistered"),
-                        Ok(Err(s)) => {
-                            tracing::warn!(error = %s.message(), "deregistration refused; the registry removes the entry after its grace period")
-                        }
-                        Err(_) => {
-                            tracing::warn!("no answer to the deregistration; the registry removes the entry after its grace period")
-                        }
-                    }
-                    self.state.send_modify(|s| s.connected = false);
+                    self.deregister(registrar).await;
                     return;
                 }
             }
         }
+    }
+
+    /// Holds the stream, reporting every change of verdict, until it breaks (`Some(why)`)
+    /// or we stop (`None`).
+    async fn hold<S: Future<Output = ()>>(
+        &mut self,
+        registrar: &mut Registrar,
+        stop: &mut Pin<&mut S>,
+    ) -> Option<String> {
+        loop {
+            tokio::select! {
+                _ = stop.as_mut() => return None,
+                status = registrar.closed() => return Some(format!("the registry ended the registration stream: {}", status.message())),
+                r = self.health.changed() => {
+                    if r.is_err() {
+                        return None;
+                    }
+                    let report = self.health.borrow_and_update().clone();
+                    match registrar.health(report.healthy, &report.reason).await {
+                        Ok(ack) => {
+                            self.state.send_modify(|s| {
+                                s.health = Some(health_str(ack.health).into());
+                                s.warnings = ack.warnings.clone();
+                            });
+                        }
+                        Err(status) => return Some(format!("health report refused: {}", status.message())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deregisters (bounded by [`DEREGISTER_TIMEOUT`]): the entry leaves the views at once.
+    async fn deregister(&mut self, registrar: Registrar) {
+        match tokio::time::timeout(DEREGISTER_TIMEOUT, registrar.deregister()).await {
+            Ok(Ok(_)) => tracing::info!("deregistered"),
+            Ok(Err(s)) => {
+                tracing::warn!(error = %s.message(), "deregistration refused; the registry removes the entry after its grace period")
+            }
+            Err(_) => {
+                tracing::warn!("no answer to the deregistration; the registry removes the entry after its grace period")
+            }
+        }
+        self.state.send_modify(|s| s.connected = false);
     }
 
     /// Opens a stream with the current credentials and registers; then reports the
@@ -187,7 +199,7 @@ impl Registration {
         tracing::info!(entry = %ack.entry_name, namespace = %ack.namespace, resumed = ack.resumed, "registered");
         if let Some(group) = ack.group.clone() {
             self.keep_group(&group);
-            let ports = crate::app::app_ports(Some(&group));
+            let ports = app_ports(Some(&group));
             self.group.send_if_modified(|g| {
                 let changed = g.as_ref() != Some(&group);
                 *g = Some(group);
@@ -252,6 +264,15 @@ pub fn load_group(path: &std::path::Path) -> Option<WorkloadGroup> {
             None
         }
     }
+}
+
+/// The app ports of a group template, deduplicated and sorted: what capture redirects
+/// inbound (or, without capture, where the inbound listeners are).
+pub fn app_ports(group: Option<&WorkloadGroup>) -> Vec<u16> {
+    let ports: BTreeSet<u16> = group
+        .map(|g| g.template.ports.values().copied().collect())
+        .unwrap_or_default();
+    ports.into_iter().collect()
 }
 
 fn health_str(h: Health) -> &'static str {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use isthmus_proto::drain;
-use isthmus_proto::subscription::{LocalView, SyncState};
+use isthmus_proto::subscription::{self, LocalView, SyncState};
 use tokio::sync::watch;
 
 use crate::metrics::{AgentMetrics, Outcome};
@@ -41,41 +41,43 @@ pub fn load(path: &Path) -> Option<(LocalView, SystemTime)> {
 /// Keeps `path` holding the latest view confirmed by the registry, until `shutdown`.
 pub async fn keep(
     path: PathBuf,
-    mut sync: watch::Receiver<Arc<SyncState>>,
+    sync: watch::Receiver<Arc<SyncState>>,
     metrics: AgentMetrics,
     shutdown: drain::Watch,
 ) {
-    let stop = shutdown.signaled();
-    tokio::pin!(stop);
-    let mut written: Option<String> = sync.borrow().view.version.clone().into();
-    loop {
-        let state = sync.borrow_and_update().clone();
-        if state.connected && written.as_deref() != Some(state.view.version.as_str()) {
-            let bytes = state.view.encode();
-            let result = isthmus_proto::certs::write_atomic(&path, &bytes, 0o600);
-            match result {
-                Ok(()) => {
-                    tracing::debug!(version = %state.view.version, bytes = bytes.len(), "catalog snapshot written");
-                    metrics.snapshot_writes.get_or_create(&Outcome::ok()).inc();
-                    written = Some(state.view.version.clone());
-                }
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot write the catalog snapshot");
-                    metrics
-                        .snapshot_writes
-                        .get_or_create(&Outcome::error())
-                        .inc();
-                }
-            }
-            tokio::select! {
-                _ = &mut stop => return,
-                _ = tokio::time::sleep(MIN_INTERVAL) => {}
-            }
-            continue;
+    let mut written: Option<String> = Some(sync.borrow().view.version.clone());
+    let turn = move |state: Arc<SyncState>, _view_changed: bool| {
+        let attempt = state.connected && written.as_deref() != Some(state.view.version.as_str());
+        if attempt && write(&path, &state, &metrics) {
+            written = Some(state.view.version.clone());
         }
-        tokio::select! {
-            _ = &mut stop => return,
-            r = sync.changed() => if r.is_err() { return },
+        // The next attempt waits: a busy catalog costs one write a second, and a failed
+        // write is retried a second later (the tick).
+        async move {
+            if attempt {
+                tokio::time::sleep(MIN_INTERVAL).await;
+            }
+        }
+    };
+    subscription::follow(sync, shutdown, Some(MIN_INTERVAL), turn).await;
+}
+
+/// Writes the view; false (said in the log and counted) when it could not.
+fn write(path: &Path, state: &SyncState, metrics: &AgentMetrics) -> bool {
+    let bytes = state.view.encode();
+    match isthmus_proto::certs::write_atomic(path, &bytes, 0o600) {
+        Ok(()) => {
+            tracing::debug!(version = %state.view.version, bytes = bytes.len(), "catalog snapshot written");
+            metrics.snapshot_writes.get_or_create(&Outcome::ok()).inc();
+            true
+        }
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot write the catalog snapshot");
+            metrics
+                .snapshot_writes
+                .get_or_create(&Outcome::error())
+                .inc();
+            false
         }
     }
 }

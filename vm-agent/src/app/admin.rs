@@ -1,0 +1,142 @@
+//! The admin and health ports, served once everything they report on is running (they
+//! were bound with the other listeners). Admin: `/metrics`, `/logging`, `/readyz`,
+//! `/config_dump` (the effective flags and what the agent holds now: identity,
+//! registration, the app's health, the group template, the catalog, the capture plan, the
+//! routing table and the DNS names) and `/debug/connections`. Health: `/healthz/ready`.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use axum::routing::get;
+use axum::{Json, Router};
+use isthmus_proxy::connection::Tracker;
+use isthmus_proxy::routes::RouteTable;
+use isthmus_proto::admin::{self, Readiness};
+use isthmus_proto::drain;
+use isthmus_proto::model::WorkloadGroup;
+use isthmus_proto::program::Tasks;
+use isthmus_proto::registration::HealthReport;
+use isthmus_proto::subscription::SyncState;
+use isthmus_proto::tls::Credentials;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::capture::CapturePlan;
+use crate::identity;
+use crate::registration::RegistrationState;
+
+/// What `/config_dump` shows.
+pub(crate) struct Dump {
+    pub effective: serde_json::Value,
+    pub address: IpAddr,
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub sync: watch::Receiver<Arc<SyncState>>,
+    pub registration: watch::Receiver<RegistrationState>,
+    pub health: watch::Receiver<HealthReport>,
+    pub group: watch::Receiver<Option<WorkloadGroup>>,
+    pub creds: watch::Receiver<Arc<Credentials>>,
+    pub capture: Option<Arc<Mutex<CapturePlan>>>,
+    pub dns_names: Arc<isthmus_dns::server::Resolver>,
+}
+
+/// The admin port's parts besides its listener.
+pub(crate) struct Admin {
+    pub dump: Dump,
+    pub trackers: Vec<Arc<Tracker>>,
+    pub registry: Arc<Mutex<Registry>>,
+    pub readiness: Readiness,
+}
+
+/// Serves the admin port (when bound) and the health port (when bound) until `shutdown`.
+pub(crate) fn serve(
+    admin: Admin,
+    admin_listener: Option<TcpListener>,
+    health_listener: Option<TcpListener>,
+    tasks: &mut Tasks,
+    shutdown: &drain::Watch,
+) {
+    if let Some(listener) = admin_listener {
+        let extra = routes(admin.dump, admin.trackers);
+        let (registry, readiness, shutdown) = (
+            admin.registry.clone(),
+            admin.readiness.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn("admin", async move {
+            if let Err(e) = admin::serve(listener, registry, readiness, extra, shutdown).await {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        });
+    }
+    if let Some(listener) = health_listener {
+        tasks.spawn(
+            "health",
+            admin::serve_health(listener, admin.readiness, shutdown.clone()),
+        );
+    }
+}
+
+/// The agent's own admin routes: `/config_dump` and `/debug/connections`.
+fn routes(dump: Dump, trackers: Vec<Arc<Tracker>>) -> Router {
+    let dump = Arc::new(dump);
+    Router::new()
+        .route(
+            "/config_dump",
+            get(move || {
+                let dump = dump.clone();
+                async move { Json(dump.render()) }
+            }),
+        )
+        .route(
+            "/debug/connections",
+            get(move || {
+                let mut all: Vec<_> = trackers.iter().flat_map(|t| t.recent()).collect();
+                all.sort_by(|a, b| b.ended_unix.cmp(&a.ended_unix).then(b.id.cmp(&a.id)));
+                async move { Json(all) }
+            }),
+        )
+}
+
+impl Dump {
+    fn render(&self) -> serde_json::Value {
+        let state = self.sync.borrow().clone();
+        let creds = self.creds.borrow().clone();
+        let (remaining, lifetime) = creds.leaf_validity().unwrap_or((0, 0));
+        let health = self.health.borrow().clone();
+        let group = self.group.borrow().clone();
+        let capture = self.capture.as_ref().map(|p| {
+            serde_json::to_value(&*p.lock().expect("capture plan poisoned")).unwrap_or_default()
+        });
+        serde_json::json!({
+            "effective": self.effective,
+            "address": self.address,
+            "identity": {
+                "spiffe_id": creds.identity.to_string(),
+                "valid_for_seconds": remaining,
+                "lifetime_seconds": lifetime,
+                "renews_in_seconds": identity::renew_in(remaining, lifetime).as_secs(),
+            },
+            "registration": *self.registration.borrow(),
+            "app_health": { "healthy": health.healthy, "reason": health.reason },
+            "workload_group": group.map(|g| serde_json::json!({
+                "name": g.name,
+                "namespace": g.namespace,
+                "ports": g.template.ports,
+                "probe": g.probe.is_some(),
+            })),
+            "catalog": {
+                "version": state.view.version,
+                "connected": state.connected,
+                "synced": state.synced(),
+                "last_error": state.last_error,
+                "snapshots": state.snapshots,
+                "resumes": state.resumes,
+            },
+            "capture": capture,
+            "destinations": self.routes.load().dump(),
+            "name_table": self.dns_names.names().dump(),
+        })
+    }
+}
