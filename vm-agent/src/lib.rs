@@ -9,7 +9,10 @@
 //! - `snapshot`: the last catalog view on disk.
 //! - `capture`: the nftables rules (outbound, inbound, DNS) and their removal.
 //! - `notify`: the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
-//! - `app` and `config`: the wiring, on the gateway crate's proxy core and the DNS proxy.
+//! - `config`: the one typed configuration, every bad flag reported at once.
+//! - `app`: the wiring, one file per start-up phase, on the gateway crate's proxy core, the
+//!   DNS proxy and the program skeleton of `isthmus-proto`. The modules above never import
+//!   it.
 
 pub mod app;
 pub mod capture;

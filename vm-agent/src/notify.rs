@@ -24,7 +24,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use isthmus_proto::config::FieldProblem;
+use isthmus_proto::config::{ConfigProblems, FieldProblem};
 
 /// Where systemd listens: an absolute path, or an abstract socket name after `@`.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -48,9 +48,9 @@ pub enum NotifyError {
     #[error(
         "invalid systemd notification environment: {} (these are set by systemd for a \
          Type=notify service; unset them to run without systemd)",
-        FieldProblem::join(.0)
+        FieldProblem::join(&.0.problems)
     )]
-    Env(Vec<FieldProblem>),
+    Env(ConfigProblems),
     #[error("cannot create the socket for systemd notifications: {0}")]
     Socket(#[source] io::Error),
 }
@@ -85,15 +85,12 @@ impl Notifier {
     /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` from the process
     /// environment; see [`Notifier::from_vars`].
     pub fn from_env() -> Result<Self, NotifyError> {
-        let mut problems = Vec::new();
+        let mut problems = ConfigProblems::default();
         let mut read = |name: &str| match std::env::var(name) {
             Ok(value) => Some(value),
             Err(std::env::VarError::NotPresent) => None,
             Err(std::env::VarError::NotUnicode(value)) => {
-                problems.push(FieldProblem::new(
-                    name,
-                    format!("{value:?} is not valid UTF-8"),
-                ));
+                problems.push(name, format!("{value:?} is not valid UTF-8"));
                 None
             }
         };
@@ -126,7 +123,7 @@ impl Notifier {
             watchdog_usec,
             watchdog_pid,
             our_pid,
-            Vec::new(),
+            ConfigProblems::default(),
         )
     }
 
@@ -135,7 +132,7 @@ impl Notifier {
         watchdog_usec: Option<&str>,
         watchdog_pid: Option<&str>,
         our_pid: u32,
-        mut problems: Vec<FieldProblem>,
+        mut problems: ConfigProblems,
     ) -> Result<Self, NotifyError> {
         fn set(v: Option<&str>) -> Option<&str> {
             v.filter(|v| !v.is_empty())
@@ -143,7 +140,7 @@ impl Notifier {
 
         let addr = set(notify_socket).and_then(|value| {
             parse_socket_addr(value)
-                .map_err(|why| problems.push(FieldProblem::new(NOTIFY_SOCKET, why)))
+                .map_err(|why| problems.push(NOTIFY_SOCKET, why))
                 .ok()
         });
 
@@ -151,10 +148,10 @@ impl Notifier {
             // 0 means "no watchdog" and u64::MAX "infinity" to systemd; it never sends either.
             Ok(usec) if usec > 0 && usec < u64::MAX => Some(Duration::from_micros(usec)),
             _ => {
-                problems.push(FieldProblem::new(
+                problems.push(
                     WATCHDOG_USEC,
                     format!("{value:?} is not a number of microseconds greater than zero"),
-                ));
+                );
                 None
             }
         });
@@ -164,10 +161,7 @@ impl Notifier {
             Some(value) => match value.parse::<u32>() {
                 Ok(pid) if pid > 0 => pid == our_pid,
                 _ => {
-                    problems.push(FieldProblem::new(
-                        WATCHDOG_PID,
-                        format!("{value:?} is not a process id"),
-                    ));
+                    problems.push(WATCHDOG_PID, format!("{value:?} is not a process id"));
                     false
                 }
             },
@@ -347,7 +341,7 @@ mod tests {
 
     fn problems(err: NotifyError) -> Vec<FieldProblem> {
         match err {
-            NotifyError::Env(problems) => problems,
+            NotifyError::Env(problems) => problems.problems,
             other => panic!("expected an environment error, got {other}"),
         }
     }
