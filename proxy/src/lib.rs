@@ -36,5 +36,3 @@ pub mod relay;
 pub mod routes;
 pub mod upstream;
 
-#[cfg(test)]
-pub(crate) mod test_pki;

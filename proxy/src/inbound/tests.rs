@@ -13,7 +13,7 @@ use tokio_rustls::TlsConnector;
 use super::*;
 use crate::authz::Rule;
 use crate::metrics::RefusalLabels;
-use crate::test_pki::TestCa;
+use isthmus_proto::test_pki::TestCa;
 
 const TD: &str = "cluster.local";
 /// What clients put in their ClientHello.
