@@ -2,16 +2,13 @@
 //! Every flag's default is the named constant of the config or of the proxy core, shown in
 //! `--help` as it is parsed.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use isthmus_gateway::config::{self, GatewayConfig};
-use isthmus_proto::config::{format_duration, parse_duration, DurationError};
+use isthmus_proto::config::DurationFlag;
 use isthmus_proto::model::Locality;
 use isthmus_proto::program;
 use isthmus_proto::subscription::RegistrySettings;
@@ -86,24 +83,6 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     validate: bool,
-}
-
-/// A duration flag: read with `parse_duration`, its default written with `format_duration`
-/// from the constant, so no default is spelled out twice.
-#[derive(Debug, Clone, Copy)]
-struct DurationFlag(Duration);
-
-impl FromStr for DurationFlag {
-    type Err = DurationError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_duration(s).map(DurationFlag)
-    }
-}
-
-impl fmt::Display for DurationFlag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_duration(self.0))
-    }
 }
 
 impl Args {

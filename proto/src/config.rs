@@ -141,6 +141,32 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     }
 }
 
+/// A duration given as a flag: read with [`parse_duration`] and shown with
+/// [`format_duration`], so a flag's default is written once, as its constant
+/// (`#[arg(default_value_t = DurationFlag(DEFAULT_DRAIN_DEADLINE))]`), and `--help` shows it
+/// the way an operator types it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationFlag(pub Duration);
+
+impl std::str::FromStr for DurationFlag {
+    type Err = DurationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_duration(s).map(DurationFlag)
+    }
+}
+
+impl fmt::Display for DurationFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}
+
+impl From<DurationFlag> for Duration {
+    fn from(d: DurationFlag) -> Duration {
+        d.0
+    }
+}
+
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
@@ -171,6 +197,14 @@ mod tests {
         assert!(parse_duration("99999999999999999999d").is_err());
         assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn a_duration_flag_shows_its_default_as_it_is_typed() {
+        let d: DurationFlag = "90s".parse().unwrap();
+        assert_eq!(d.0, Duration::from_secs(90));
+        assert_eq!(DurationFlag(Duration::from_secs(20)).to_string(), "20s");
+        assert!("soon".parse::<DurationFlag>().is_err());
     }
 
     #[test]

@@ -28,9 +28,12 @@ pub const DEFAULT_APP_HOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 /// Below systemd's stop timeout in the shipped unit (30 s), with room for deregistration.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// The proxy core's own defaults: the agent runs the same data path as the gateway.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = isthmus_proxy::upstream::DEFAULT_CONNECT_TIMEOUT;
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = isthmus_proxy::inbound::DEFAULT_HANDSHAKE_TIMEOUT;
+pub const DEFAULT_MAX_CONNECTIONS: usize = isthmus_proxy::inbound::DEFAULT_MAX_CONNECTIONS;
+/// A VM agent carries one VM's traffic: two workers are plenty and keep its memory small.
+pub const DEFAULT_WORKER_THREADS: usize = 2;
 /// The mark on the agent's own sockets, which the capture rules let pass.
 pub use crate::capture::DEFAULT_MARK;
 

@@ -3,10 +3,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use isthmus_proto::config::parse_duration;
+use isthmus_proto::config::DurationFlag;
 use isthmus_proto::model::Locality;
 use isthmus_proto::program;
 use isthmus_vm_agent::config::{self, AgentConfig, CaptureMode, OutboundListener};
@@ -88,27 +87,25 @@ struct RunArgs {
     #[arg(long, default_value = config::DEFAULT_RESOLV_CONF)]
     resolv_conf: PathBuf,
     /// Time open connections get to finish after SIGTERM.
-    #[arg(long, default_value = "10s", value_parser = duration)]
-    drain_deadline: Duration,
-    #[arg(long, default_value = "5s", value_parser = duration)]
-    connect_timeout: Duration,
-    #[arg(long, default_value = "5s", value_parser = duration)]
-    handshake_timeout: Duration,
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_DRAIN_DEADLINE))]
+    drain_deadline: DurationFlag,
+    /// Time to connect to one endpoint (or the local app) before trying another.
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_CONNECT_TIMEOUT))]
+    connect_timeout: DurationFlag,
+    /// Time a peer has to complete its TLS handshake with the inbound listener.
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_HANDSHAKE_TIMEOUT))]
+    handshake_timeout: DurationFlag,
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// The mark on the agent's own sockets, which capture lets pass.
     #[arg(long, default_value_t = config::DEFAULT_MARK, value_parser = mark)]
     mark: u32,
     /// Runtime worker threads (a VM agent needs few).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = config::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
     /// Check the configuration and the bundle, then exit (nothing is sent).
     #[arg(long)]
     validate: bool,
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn mark(s: &str) -> Result<u32, String> {
@@ -154,9 +151,9 @@ fn main() -> anyhow::Result<()> {
     cfg.labels = a.labels.into_iter().collect();
     cfg.locality = Locality::parse(&a.locality);
     cfg.resolv_conf = a.resolv_conf;
-    cfg.drain_deadline = a.drain_deadline;
-    cfg.connect_timeout = a.connect_timeout;
-    cfg.handshake_timeout = a.handshake_timeout;
+    cfg.drain_deadline = a.drain_deadline.into();
+    cfg.connect_timeout = a.connect_timeout.into();
+    cfg.handshake_timeout = a.handshake_timeout.into();
     cfg.max_connections = a.max_connections;
     cfg.mark = a.mark;
     cfg.validate()?;
