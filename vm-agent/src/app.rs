@@ -91,19 +91,25 @@ impl Program for AgentHandle {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
+    // 1. Everything that can be checked without the network.
     let checked = check::check(&config).await?;
+    // 2. The identity: the kept certificate, or a first enrolment.
     let id = identity::obtain(&config, &checked).await?;
     let (cx, publish) = Inputs::new(config, checked, &id);
     let mut tasks = Tasks::default();
+    // 3. The catalog, from the snapshot first when there is one.
     let catalog = catalog::start(&cx, &mut tasks)?;
+    // 4. Every listener bound: DNS, inbound, outbound, admin, health.
     let dns = dns::start(&cx, &catalog.sync, &mut tasks).await?;
     let listeners = listeners::bind(&cx, &catalog.routes, &mut tasks).await?;
+    // 5. Capture, once the listeners answer.
     let ports = capture::Ports {
         inbound: listeners.inbound_addr,
         outbound: listeners.outbound_addr,
         dns: dns.addr,
     };
     let capture = capture::start(&cx, ports, &catalog.routes, &catalog.sync).await?;
+    // 6. Probe, registration, renewal; then the admin and health ports are served.
     let control = control::start(
         &cx,
         publish.creds,
@@ -119,6 +125,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         &mut tasks,
         &cx.shutdown,
     );
+    // 7. READY, then the watchdog.
     let (sync, registration) = (&catalog.sync, &control.registration);
     let alive = listeners.accepting.alive;
     supervisor::start(&cx, sync, registration, &capture, alive, &mut tasks);
