@@ -1,23 +1,23 @@
 //! The agent's wiring: `run` starts the phases in order (each only once the one before
 //! worked), each in its own file:
 //!
-//! 1. [`check`]: the bundle and the configuration; nothing touches the network before;
-//! 2. [`identity`]: the certificate in the state directory, or a first enrolment with the
+//! 1. `check`: the bundle and the configuration; nothing touches the network before;
+//! 2. `identity`: the certificate in the state directory, or a first enrolment with the
 //!    bundle's token;
-//! 3. [`catalog`]: the Watch client, starting from the persisted snapshot when there is
+//! 3. `catalog`: the Watch client, starting from the persisted snapshot when there is
 //!    one, and the snapshot writer; the routing table follows it;
-//! 4. [`dns`] and [`listeners`]: the embedded DNS proxy (its name table follows the same
+//! 4. `dns` and `listeners`: the embedded DNS proxy (its name table follows the same
 //!    client), inbound mTLS, outbound, and the admin and health ports, all bound;
-//! 5. [`capture`]: the capture rules (they point at listeners that already answer) and the
+//! 5. `capture`: the capture rules (they point at listeners that already answer) and the
 //!    capture follower;
-//! 6. [`control`]: registration, the probe and renewal beside the data plane; then
-//!    [`admin`] serves the admin port (`/config_dump`) and the health port;
-//! 7. [`supervisor`]: READY once certificate, catalog and DNS are up; then WATCHDOG while
+//! 6. `control`: registration, the probe and renewal beside the data plane; then
+//!    `admin` serves the admin port (`/config_dump`) and the health port;
+//! 7. `supervisor`: READY once certificate, catalog and DNS are up; then WATCHDOG while
 //!    the self-check passes.
 //!
-//! [`shutdown`] reverses it: STOPPING, deregister (the entry leaves the views at once), stop
+//! `shutdown` reverses it: STOPPING, deregister (the entry leaves the views at once), stop
 //! accepting, drain open connections until the deadline, remove the capture rules, stop
-//! the rest. What the phases after the identity share is in [`inputs`].
+//! the rest. What the phases after the identity share is in `inputs`.
 
 mod admin;
 mod capture;
