@@ -1,23 +1,23 @@
 //! The agent's wiring: `run` starts the phases in order (each only once the one before
 //! worked), each in its own file:
 //!
-//! 1. [`check`]: the bundle and the configuration; nothing touches the network before;
-//! 2. [`identity`]: the certificate in the state directory, or a first enrolment with the
+//! 1. `check`: the bundle and the configuration; nothing touches the network before;
+//! 2. `identity`: the certificate in the state directory, or a first enrolment with the
 //!    bundle's token;
-//! 3. [`catalog`]: the Watch client, starting from the persisted snapshot when there is
+//! 3. `catalog`: the Watch client, starting from the persisted snapshot when there is
 //!    one, and the snapshot writer; the routing table follows it;
-//! 4. [`dns`] and [`listeners`]: the embedded DNS proxy (its name table follows the same
+//! 4. `dns` and `listeners`: the embedded DNS proxy (its name table follows the same
 //!    client), inbound mTLS, outbound, and the admin and health ports, all bound;
-//! 5. [`capture`]: the capture rules (they point at listeners that already answer) and the
+//! 5. `capture`: the capture rules (they point at listeners that already answer) and the
 //!    capture follower;
-//! 6. [`control`]: registration, the probe and renewal beside the data plane; then
-//!    [`admin`] serves the admin port (`/config_dump`) and the health port;
-//! 7. [`supervisor`]: READY once certificate, catalog and DNS are up; then WATCHDOG while
+//! 6. `control`: registration, the probe and renewal beside the data plane; then
+//!    `admin` serves the admin port (`/config_dump`) and the health port;
+//! 7. `supervisor`: READY once certificate, catalog and DNS are up; then WATCHDOG while
 //!    the self-check passes.
 //!
-//! [`shutdown`] reverses it: STOPPING, deregister (the entry leaves the views at once), stop
+//! `shutdown` reverses it: STOPPING, deregister (the entry leaves the views at once), stop
 //! accepting, drain open connections until the deadline, remove the capture rules, stop
-//! the rest. What the phases after the identity share is in [`inputs`].
+//! the rest. What the phases after the identity share is in `inputs`.
 
 mod admin;
 mod capture;
@@ -91,19 +91,25 @@ impl Program for AgentHandle {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
+    // 1. Everything that can be checked without the network.
     let checked = check::check(&config).await?;
+    // 2. The identity: the kept certificate, or a first enrolment.
     let id = identity::obtain(&config, &checked).await?;
     let (cx, publish) = Inputs::new(config, checked, &id);
     let mut tasks = Tasks::default();
+    // 3. The catalog, from the snapshot first when there is one.
     let catalog = catalog::start(&cx, &mut tasks)?;
+    // 4. Every listener bound: DNS, inbound, outbound, admin, health.
     let dns = dns::start(&cx, &catalog.sync, &mut tasks).await?;
     let listeners = listeners::bind(&cx, &catalog.routes, &mut tasks).await?;
+    // 5. Capture, once the listeners answer.
     let ports = capture::Ports {
         inbound: listeners.inbound_addr,
         outbound: listeners.outbound_addr,
         dns: dns.addr,
     };
     let capture = capture::start(&cx, ports, &catalog.routes, &catalog.sync).await?;
+    // 6. Probe, registration, renewal; then the admin and health ports are served.
     let control = control::start(
         &cx,
         publish.creds,
@@ -119,6 +125,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         &mut tasks,
         &cx.shutdown,
     );
+    // 7. READY, then the watchdog.
     let (sync, registration) = (&catalog.sync, &control.registration);
     let alive = listeners.accepting.alive;
     supervisor::start(&cx, sync, registration, &capture, alive, &mut tasks);
