@@ -37,8 +37,8 @@ use crate::config::Config;
 use crate::forwarder::Forwarder;
 use crate::metrics::Metrics;
 use crate::names::{Locale, NameTable};
-use crate::server::Resolver;
 use crate::resolv_conf::ResolvConf;
+use crate::server::Resolver;
 
 /// A running DNS proxy.
 pub struct DnsHandle {

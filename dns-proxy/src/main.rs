@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
-    program::runtime(None)?.block_on(async {
+    program::runtime(program::RuntimeSize::default())?.block_on(async {
         let handle = isthmus_dns::run(cfg).await?;
         program::run_until_signal(handle).await;
         Ok(())

@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
-    program::runtime(None)
+    program::runtime(program::RuntimeSize::default())
         .context("starting the runtime")?
         .block_on(async {
             let handle = isthmus_gateway::run(cfg).await?;

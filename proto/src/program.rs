@@ -247,12 +247,24 @@ pub async fn run_until_signal<P: Program>(program: P) {
     program.shutdown().await;
 }
 
-/// The runtime every program runs on; `worker_threads` of `None` is one per core.
-pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+/// How big a program's runtime is; the defaults are tokio's (a worker per core, 512
+/// blocking threads).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RuntimeSize {
+    pub worker_threads: Option<usize>,
+    /// Bounds the pool that blocking work (files, `nft`) runs on.
+    pub max_blocking_threads: Option<usize>,
+}
+
+/// The runtime every program runs on.
+pub fn runtime(size: RuntimeSize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.enable_all();
-    if let Some(n) = worker_threads {
+    if let Some(n) = size.worker_threads {
         b.worker_threads(n.max(1));
+    }
+    if let Some(n) = size.max_blocking_threads {
+        b.max_blocking_threads(n.max(1));
     }
     b.build()
 }

@@ -117,7 +117,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
-    let rt = match program::runtime(None) {
+    let rt = match program::runtime(program::RuntimeSize::default()) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("isthmus-registry: cannot start the runtime: {e}");

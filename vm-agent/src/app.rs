@@ -36,10 +36,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use isthmus_proxy::routes::RouteTable;
 use isthmus_proto::admin::Readiness;
 use isthmus_proto::program::{Program, Stop, Tasks};
 use isthmus_proto::subscription::SyncState;
+use isthmus_proxy::routes::RouteTable;
 use tokio::sync::watch;
 
 use crate::config::AgentConfig;

@@ -3,6 +3,7 @@
 //! authenticates with the current certificate, so restarts and reboots need no new token.
 //! An expired or missing credential stops the start with what to do about it.
 
+use isthmus_proto::backoff::Backoff;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,6 +158,10 @@ pub async fn renew(
     Credentials::from_dir(&registry.cert_dir).map_err(|e| CertsError::Generate(e.to_string()))
 }
 
+/// Renewal retries: the certificate stays valid meanwhile, so they can start slow.
+const RENEWAL_RETRY_MIN: Duration = Duration::from_secs(1);
+const RENEWAL_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// Keeps the credentials fresh until `shutdown`: renews at half-life, retries failures
 /// with back-off (the certificate stays valid meanwhile), and publishes every renewal.
 pub async fn keep_renewed(
@@ -167,7 +172,7 @@ pub async fn keep_renewed(
 ) {
     let stop = shutdown.signaled();
     tokio::pin!(stop);
-    let mut retry = Duration::from_secs(1);
+    let mut retry = Backoff::new(RENEWAL_RETRY_MIN, RENEWAL_RETRY_MAX);
     // A certificate issued in this run renews at half of what it had left when it came;
     // one found on disk at half of its validity (which starts a little in the past, for
     // clock skew, so a very short-lived one renews at once).
@@ -188,7 +193,7 @@ pub async fn keep_renewed(
         }
         match renew(&registry, &current).await {
             Ok(fresh) => {
-                retry = Duration::from_secs(1);
+                retry.reset();
                 let (left, _) = fresh.leaf_validity().unwrap_or((0, 0));
                 tracing::info!(identity = %fresh.identity, valid_for_s = left, "certificate renewed");
                 metrics
@@ -200,7 +205,7 @@ pub async fn keep_renewed(
             }
             Err(e) => {
                 let (left, _) = current.leaf_validity().unwrap_or((0, 0));
-                tracing::warn!(error = %e, valid_for_s = left, retry_in = ?retry, "certificate renewal failed; the current one stays in use");
+                tracing::warn!(error = %e, valid_for_s = left, retry_in = ?retry.peek(), "certificate renewal failed; the current one stays in use");
                 metrics
                     .renewals
                     .get_or_create(&crate::metrics::Outcome::error())
@@ -209,9 +214,8 @@ pub async fn keep_renewed(
                 let cap = Duration::from_secs((left.max(2) / 4) as u64).max(Duration::from_secs(1));
                 tokio::select! {
                     _ = &mut stop => return,
-                    _ = tokio::time::sleep(retry.min(cap)) => {}
+                    _ = tokio::time::sleep(retry.next_delay().min(cap)) => {}
                 }
-                retry = (retry * 2).min(Duration::from_secs(60));
             }
         }
     }

@@ -162,13 +162,12 @@ fn main() -> anyhow::Result<()> {
         println!("configuration and bundle are valid");
         return Ok(());
     }
-    // Not `program::runtime`: the agent also bounds the blocking pool, where `nft` runs
-    // (see ARCHITECTURE.md), so that a slow nftables never takes more than a few threads.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(a.worker_threads.max(1))
-        .max_blocking_threads(MAX_BLOCKING_THREADS)
-        .enable_all()
-        .build()?;
+    // The blocking pool is bounded: `nft` runs there (see ARCHITECTURE.md), and a slow
+    // nftables must never take more than a few threads.
+    let rt = program::runtime(program::RuntimeSize {
+        worker_threads: Some(a.worker_threads),
+        max_blocking_threads: Some(MAX_BLOCKING_THREADS),
+    })?;
     rt.block_on(async {
         let handle = isthmus_vm_agent::run(cfg).await?;
         program::run_until_signal(handle).await;

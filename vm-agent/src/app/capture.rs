@@ -13,11 +13,11 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use isthmus_dns::resolv_conf::ResolvConf;
-use isthmus_proxy::routes::RouteTable;
 use isthmus_proto::drain;
 use isthmus_proto::model::WorkloadGroup;
 use isthmus_proto::program::ReadyPart;
 use isthmus_proto::subscription::{self, SyncState};
+use isthmus_proxy::routes::RouteTable;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use isthmus_proxy::routes::{self, Reach, RouteOptions, RouteTable};
 use isthmus_proto::model::{Node, NodeKind};
 use isthmus_proto::program::Tasks;
 use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
+use isthmus_proxy::routes::{self, Reach, RouteOptions, RouteTable};
 use tokio::sync::watch;
 
 use super::inputs::Inputs;

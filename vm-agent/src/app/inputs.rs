@@ -6,7 +6,6 @@
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use isthmus_proxy::metrics::Metrics;
 use isthmus_proto::admin::Readiness;
 use isthmus_proto::bundle::AgentBundle;
 use isthmus_proto::drain;
@@ -15,6 +14,7 @@ use isthmus_proto::model::WorkloadGroup;
 use isthmus_proto::registration::Hello;
 use isthmus_proto::subscription::RegistrySettings;
 use isthmus_proto::tls::{Credentials, TrustBundle};
+use isthmus_proxy::metrics::Metrics;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 

@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_proxy::connection::Tracker;
 use isthmus_proto::drain;
 use isthmus_proto::program::{Stop, TASK_STOP_DEADLINE};
+use isthmus_proxy::connection::Tracker;
 use tokio::task::JoinHandle;
 
 use super::capture::{self, Capture};
