@@ -1,17 +1,18 @@
-//! Wiring: the DNS proxy as a list of phases, each a small function in its own file under
-//! `app/`, started in this order by [`run_with`]:
+//! Wiring: the DNS proxy as a list of phases, each a small function (in its own file under
+//! `app/`, but for the few lines that build the request path), started in this order by
+//! [`run_with`]:
 //!
 //! 1. **config check** ([`Config::validate`]): every bad field at once, before anything runs;
-//! 2. **listeners bound** ([`listeners::bind`]): UDP and TCP on one port, and the admin port,
+//! 2. **listeners bound** (`listeners::bind`): UDP and TCP on one port, and the admin port,
 //!    so a port in use fails the start before the proxy talks to anyone;
-//! 3. **catalog** ([`catalog::start`]): its own Watch of the registry, or the view of the
+//! 3. **catalog** (`catalog::start`): its own Watch of the registry, or the view of the
 //!    program that embeds the proxy;
-//! 4. **name table follower** ([`catalog::follow_names`]): rebuilds the table from every view;
+//! 4. **name table follower** (`catalog::follow_names`): rebuilds the table from every view;
 //!    the proxy is ready (part `catalog`) once a confirmed view is in it;
-//! 5. **request path** ([`resolver`]): cache, forwarder and resolver over the name table;
-//! 6. **serving** ([`listeners::serve`]): the UDP workers and the TCP server;
-//! 7. **cache purge** ([`purge::start`]);
-//! 8. **admin** ([`admin::start`]): `/metrics`, `/healthz`, `/readyz`, `/config_dump`.
+//! 5. **request path** (`resolver`): cache, forwarder and resolver over the name table;
+//! 6. **serving** (`listeners::serve`): the UDP workers and the TCP server;
+//! 7. **cache purge** (`purge::start`);
+//! 8. **admin** (`admin::start`): `/metrics`, `/healthz`, `/readyz`, `/config_dump`.
 //!
 //! [`DnsHandle`] stops them in the order every isthmus program stops in
 //! ([`isthmus_proto::program::Stop`]): not ready, stop serving, then the rest.

@@ -38,6 +38,8 @@ pub const DEFAULT_CLIENT_BURST: u32 = 20_000;
 pub const DEFAULT_RATE_LIMITED_CLIENTS: usize = 65_536;
 /// A client TCP connection idle this long (or slow to send a whole message) is closed.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tasks reading the UDP socket; 0 means one per core.
+pub const DEFAULT_UDP_WORKERS: usize = 0;
 /// Largest UDP answer sent to a client that advertises a larger EDNS size (flag day 2020).
 pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1232;
 /// Largest query accepted (UDP or TCP); a query is a header and one question, plus EDNS.
@@ -108,7 +110,7 @@ impl Config {
             client_burst: DEFAULT_CLIENT_BURST,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
-            udp_workers: 0,
+            udp_workers: DEFAULT_UDP_WORKERS,
             socket_mark: None,
             ipv6: true,
         }

@@ -32,6 +32,15 @@ pub enum UpstreamMode {
     Parallel,
 }
 
+impl std::fmt::Display for UpstreamMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sequential => "sequential",
+            Self::Parallel => "parallel",
+        })
+    }
+}
+
 impl std::str::FromStr for UpstreamMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

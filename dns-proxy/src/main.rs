@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use isthmus_dns::config::{self, Config, RegistrySettings};
 use isthmus_dns::forwarder::UpstreamMode;
-use isthmus_proto::config::parse_duration;
+use isthmus_proto::config::{format_duration, parse_duration, DurationError};
 use isthmus_proto::program;
 
 #[derive(Debug, Parser)]
@@ -48,20 +48,20 @@ struct Args {
     #[arg(long = "upstream")]
     upstreams: Vec<SocketAddr>,
     /// sequential (failover in order) or parallel (first answer wins).
-    #[arg(long, default_value = "sequential")]
+    #[arg(long, default_value_t = UpstreamMode::default())]
     upstream_mode: UpstreamMode,
     /// Deadline for one forwarded query, over all upstreams.
-    #[arg(long, default_value = "5s", value_parser = duration)]
-    query_timeout: Duration,
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_QUERY_TIMEOUT))]
+    query_timeout: DurationFlag,
     /// TTL of mesh answers.
-    #[arg(long, default_value = "30s", value_parser = duration)]
-    ttl: Duration,
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_TTL))]
+    ttl: DurationFlag,
     #[arg(long, default_value_t = config::DEFAULT_CACHE_ENTRIES)]
     cache_entries: usize,
-    #[arg(long, default_value = "1h", value_parser = duration)]
-    cache_max_ttl: Duration,
-    #[arg(long, default_value = "5m", value_parser = duration)]
-    negative_max_ttl: Duration,
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_CACHE_MAX_TTL))]
+    cache_max_ttl: DurationFlag,
+    #[arg(long, default_value_t = DurationFlag(config::DEFAULT_NEGATIVE_MAX_TTL))]
+    negative_max_ttl: DurationFlag,
     /// Queries waiting on upstreams at once; more are refused.
     #[arg(long, default_value_t = config::DEFAULT_MAX_INFLIGHT)]
     max_inflight: usize,
@@ -74,15 +74,29 @@ struct Args {
     #[arg(long, default_value_t = config::DEFAULT_CLIENT_BURST)]
     client_burst: u32,
     /// Tasks reading the UDP socket (0: one per core).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = config::DEFAULT_UDP_WORKERS)]
     udp_workers: usize,
     /// Check the configuration and exit.
     #[arg(long)]
     validate: bool,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
+/// A duration flag, read with the workspace's one duration parser and shown (in `--help`,
+/// for its default) the way it is read, so each default is the config's constant, once.
+#[derive(Debug, Clone, Copy)]
+struct DurationFlag(Duration);
+
+impl std::str::FromStr for DurationFlag {
+    type Err = DurationError;
+    fn from_str(s: &str) -> Result<Self, DurationError> {
+        parse_duration(s).map(Self)
+    }
+}
+
+impl std::fmt::Display for DurationFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,11 +118,11 @@ fn main() -> anyhow::Result<()> {
     cfg.cluster_domain = a.cluster_domain;
     cfg.upstreams = a.upstreams;
     cfg.upstream_mode = a.upstream_mode;
-    cfg.query_timeout = a.query_timeout;
-    cfg.ttl = a.ttl;
+    cfg.query_timeout = a.query_timeout.0;
+    cfg.ttl = a.ttl.0;
     cfg.cache_entries = a.cache_entries;
-    cfg.cache_max_ttl = a.cache_max_ttl;
-    cfg.negative_max_ttl = a.negative_max_ttl;
+    cfg.cache_max_ttl = a.cache_max_ttl.0;
+    cfg.negative_max_ttl = a.negative_max_ttl.0;
     cfg.max_inflight = a.max_inflight;
     cfg.max_tcp_connections = a.max_tcp_connections;
     cfg.client_rate = a.client_rate_limit;
