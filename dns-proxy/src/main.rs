@@ -2,12 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use isthmus_dns::config::{self, Config, RegistrySettings};
 use isthmus_dns::forwarder::UpstreamMode;
-use isthmus_proto::config::{format_duration, parse_duration, DurationError};
+use isthmus_proto::config::DurationFlag;
 use isthmus_proto::program;
 
 #[derive(Debug, Parser)]
@@ -79,24 +78,6 @@ struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     validate: bool,
-}
-
-/// A duration flag, read with the workspace's one duration parser and shown (in `--help`,
-/// for its default) the way it is read, so each default is the config's constant, once.
-#[derive(Debug, Clone, Copy)]
-struct DurationFlag(Duration);
-
-impl std::str::FromStr for DurationFlag {
-    type Err = DurationError;
-    fn from_str(s: &str) -> Result<Self, DurationError> {
-        parse_duration(s).map(Self)
-    }
-}
-
-impl std::fmt::Display for DurationFlag {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&format_duration(self.0))
-    }
 }
 
 fn main() -> anyhow::Result<()> {
