@@ -88,7 +88,7 @@ impl Program for RegistryHandle {
     }
 }
 
-/// The two stop signals and the tasks each stops.
+/// What the tasks watch to stop: the two triggers of the handle's [`Stop`].
 struct Signals {
     /// Fired first: the gRPC server stops accepting and ends its streams.
     accept: drain::Watch,

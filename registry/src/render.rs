@@ -63,6 +63,23 @@ pub fn view_json(network: &str, version: &str, resources: &[ViewResource]) -> Va
 pub fn view_table(network: &str, version: &str, resources: &[ViewResource]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "view of network {network} (version {version})");
+    networks_table(&mut out, resources);
+    let mut svcs: Vec<_> = resources
+        .iter()
+        .filter_map(|r| match r {
+            ViewResource::Service(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    svcs.sort_by(|a, b| a.service.hostname.cmp(&b.service.hostname));
+    for sv in svcs {
+        service_table(&mut out, sv);
+    }
+    out
+}
+
+/// The networks and their gateways, one line each.
+fn networks_table(out: &mut String, resources: &[ViewResource]) {
     let mut nets: Vec<_> = resources
         .iter()
         .filter_map(|r| match r {
@@ -91,62 +108,55 @@ pub fn view_table(network: &str, version: &str, resources: &[ViewResource]) -> S
             );
         }
     }
-    let mut svcs: Vec<_> = resources
+}
+
+/// One service's line, then its endpoints (when it has any), one line each.
+fn service_table(out: &mut String, sv: &ServiceView) {
+    let s = &sv.service;
+    let ports: Vec<String> = s
+        .ports
         .iter()
-        .filter_map(|r| match r {
-            ViewResource::Service(s) => Some(s),
-            _ => None,
-        })
+        .map(|p| format!("{}/{}", p.number, p.protocol))
         .collect();
-    svcs.sort_by(|a, b| a.service.hostname.cmp(&b.service.hostname));
-    for sv in svcs {
-        let s = &sv.service;
-        let ports: Vec<String> = s
-            .ports
-            .iter()
-            .map(|p| format!("{}/{}", p.number, p.protocol))
-            .collect();
-        let vips = if s.allocated_addresses.is_empty() {
-            String::new()
-        } else {
-            format!("  vips {}", s.allocated_addresses.join(","))
+    let vips = if s.allocated_addresses.is_empty() {
+        String::new()
+    } else {
+        format!("  vips {}", s.allocated_addresses.join(","))
+    };
+    let _ = writeln!(
+        out,
+        "\nSERVICE {}  ports {}{}  ({} endpoints)",
+        s.hostname,
+        ports.join(","),
+        vips,
+        sv.endpoints.len()
+    );
+    if sv.endpoints.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} IDENTITY",
+        "KIND", "ADDRESS", "NETWORK", "WEIGHT", "HEALTH", "PORTS"
+    );
+    for e in &sv.endpoints {
+        let ports: Vec<String> = e.ports.iter().map(|(k, v)| format!("{k}->{v}")).collect();
+        let ids: Vec<String> = e.identities.iter().map(|i| i.to_string()).collect();
+        let ids = match ids.len() {
+            0 => "-".to_string(),
+            1 => ids[0].clone(),
+            n => format!("{} (+{} more)", ids[0], n - 1),
         };
         let _ = writeln!(
             out,
-            "\nSERVICE {}  ports {}{}  ({} endpoints)",
-            s.hostname,
+            "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} {}",
+            endpoint_kind(e.kind),
+            e.address,
+            e.network,
+            e.weight,
+            health(e.health),
             ports.join(","),
-            vips,
-            sv.endpoints.len()
+            ids
         );
-        if sv.endpoints.is_empty() {
-            continue;
-        }
-        let _ = writeln!(
-            out,
-            "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} IDENTITY",
-            "KIND", "ADDRESS", "NETWORK", "WEIGHT", "HEALTH", "PORTS"
-        );
-        for e in &sv.endpoints {
-            let ports: Vec<String> = e.ports.iter().map(|(k, v)| format!("{k}->{v}")).collect();
-            let ids: Vec<String> = e.identities.iter().map(|i| i.to_string()).collect();
-            let ids = match ids.len() {
-                0 => "-".to_string(),
-                1 => ids[0].clone(),
-                n => format!("{} (+{} more)", ids[0], n - 1),
-            };
-            let _ = writeln!(
-                out,
-                "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} {}",
-                endpoint_kind(e.kind),
-                e.address,
-                e.network,
-                e.weight,
-                health(e.health),
-                ports.join(","),
-                ids
-            );
-        }
     }
-    out
 }

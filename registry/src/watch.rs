@@ -143,28 +143,13 @@ impl WatchService {
         tracing::warn!(reason, message = status.message(), "watch refused");
         status
     }
-}
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::watch_server::Watch for WatchService {
-    type WatchStream = WatchStream;
-
-    async fn watch(
+    /// The stream's first message: a Subscribe naming the node, and the version it resumes
+    /// from; any other start is refused and counted.
+    async fn subscribe(
         &self,
-        request: Request<Streaming<pb::WatchRequest>>,
-    ) -> Result<Response<WatchStream>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        let Some(identity) = peer.as_ref().and_then(|p| p.identity.clone()) else {
-            return Err(self.refuse(
-                "unauthenticated",
-                Status::unauthenticated(
-                    "Watch needs a mesh client certificate; get one with `isthmusctl cert request`",
-                ),
-            ));
-        };
-        let mut inbound = request.into_inner();
+        inbound: &mut Streaming<pb::WatchRequest>,
+    ) -> Result<(Node, String), Status> {
         let first = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, inbound.message()).await {
             Err(_) => {
                 return Err(self.refuse(
@@ -192,12 +177,37 @@ impl pb::watch_server::Watch for WatchService {
             .ok_or_else(|| Status::invalid_argument("subscribe.node: missing"))
             .and_then(|n| Node::try_from(n).map_err(|e| Status::invalid_argument(e.to_string())))
             .map_err(|s| self.refuse("bad_subscribe", s))?;
+        Ok((node, sub.resume_version))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::watch_server::Watch for WatchService {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let Some(identity) = peer.as_ref().and_then(|p| p.identity.clone()) else {
+            return Err(self.refuse(
+                "unauthenticated",
+                Status::unauthenticated(
+                    "Watch needs a mesh client certificate; get one with `isthmusctl cert request`",
+                ),
+            ));
+        };
+        let mut inbound = request.into_inner();
+        let (node, resume_version) = self.subscribe(&mut inbound).await?;
         let key = ViewKey {
             network: node.network.clone(),
             gateway: node.kind == NodeKind::Gateway,
         };
         let view = self.views.view(&key);
-        let resume = view.parse_version(&sub.resume_version);
+        let resume = view.parse_version(&resume_version);
         let (id, sub_state) = self.subscribers.add(Subscriber {
             identity: identity.to_string(),
             remote: peer.map(|p| p.remote.to_string()).unwrap_or_default(),

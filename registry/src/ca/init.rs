@@ -113,43 +113,11 @@ pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitE
     let root_cert_path = opts.out.join(ROOT_CERT_FILE);
     let root_key_path = opts.out.join(ROOT_KEY_FILE);
     let (root_pem, root_key, root_created) = if root_cert_path.exists() {
-        let cert = std::fs::read_to_string(&root_cert_path)
-            .map_err(|e| InitError::BadRoot(root_cert_path.clone(), e.to_string()))?;
-        let key_pem = std::fs::read_to_string(&root_key_path)
-            .map_err(|e| InitError::BadRoot(root_key_path.clone(), e.to_string()))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| InitError::BadRoot(root_key_path.clone(), e.to_string()))?;
-        let der = isthmus_proto::tls::parse_certs(&root_cert_path, cert.as_bytes())
-            .map_err(|e| InitError::BadRoot(root_cert_path.clone(), e.to_string()))?;
-        match super::trust_domain_of_ca(&der[0]) {
-            Some(td) if td == opts.trust_domain.as_str() => {}
-            Some(td) => {
-                return Err(InitError::BadRoot(
-                    root_cert_path,
-                    format!("it is for trust domain {td}, not {}", opts.trust_domain),
-                ))
-            }
-            None => {
-                return Err(InitError::BadRoot(
-                    root_cert_path,
-                    "it carries no spiffe:// trust domain".into(),
-                ))
-            }
-        }
+        let (cert, key) = existing_root(opts, root_cert_path, &root_key_path)?;
         (cert, key, false)
     } else {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
-        let params = ca_params(
-            &opts.trust_domain,
-            "isthmus root CA".into(),
-            BasicConstraints::Unconstrained,
-            now,
-            ROOT_TTL,
-        )?;
-        let cert = params.self_signed(&key).map_err(gen)?;
-        write(&root_key_path, &key.serialize_pem(), 0o600)?;
-        write(&root_cert_path, &cert.pem(), 0o644)?;
-        (cert.pem(), key, true)
+        let (cert, key) = new_root(opts, &root_cert_path, &root_key_path, now)?;
+        (cert, key, true)
     };
     let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, &root_key).map_err(gen)?;
 
@@ -163,29 +131,91 @@ pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitE
             path: dir.clone(),
             why: e.to_string(),
         })?;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
-        let mut params = ca_params(
-            &opts.trust_domain,
-            format!("isthmus intermediate CA {cluster}"),
-            BasicConstraints::Constrained(0),
-            now,
-            INTERMEDIATE_TTL,
-        )?;
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &issuer).map_err(gen)?;
-        // Key first: a reloading registry that sees the new certificate finds its key.
-        write(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)?;
-        write(&dir.join(ROOT_CERT_FILE), &root_pem, 0o644)?;
-        write(
-            &dir.join(CA_CHAIN_FILE),
-            &format!("{}{}", cert.pem(), root_pem),
-            0o644,
-        )?;
-        write(&dir.join(CA_CERT_FILE), &cert.pem(), 0o644)?;
+        write_intermediate(opts, cluster, &dir, &issuer, &root_pem, now)?;
         cluster_dirs.push(dir);
     }
     Ok(InitReport {
         root_created,
         cluster_dirs,
     })
+}
+
+/// The root already in `out`: read back, and refused unless it is for the same trust domain.
+fn existing_root(
+    opts: &InitOptions,
+    root_cert_path: PathBuf,
+    root_key_path: &Path,
+) -> Result<(String, KeyPair), InitError> {
+    let cert = std::fs::read_to_string(&root_cert_path)
+        .map_err(|e| InitError::BadRoot(root_cert_path.clone(), e.to_string()))?;
+    let key_pem = std::fs::read_to_string(root_key_path)
+        .map_err(|e| InitError::BadRoot(root_key_path.to_path_buf(), e.to_string()))?;
+    let key = KeyPair::from_pem(&key_pem)
+        .map_err(|e| InitError::BadRoot(root_key_path.to_path_buf(), e.to_string()))?;
+    let der = isthmus_proto::tls::parse_certs(&root_cert_path, cert.as_bytes())
+        .map_err(|e| InitError::BadRoot(root_cert_path.clone(), e.to_string()))?;
+    match super::trust_domain_of_ca(&der[0]) {
+        Some(td) if td == opts.trust_domain.as_str() => Ok((cert, key)),
+        Some(td) => Err(InitError::BadRoot(
+            root_cert_path,
+            format!("it is for trust domain {td}, not {}", opts.trust_domain),
+        )),
+        None => Err(InitError::BadRoot(
+            root_cert_path,
+            "it carries no spiffe:// trust domain".into(),
+        )),
+    }
+}
+
+/// A new self-signed root, written to `out` (its key 0600).
+fn new_root(
+    opts: &InitOptions,
+    root_cert_path: &Path,
+    root_key_path: &Path,
+    now: OffsetDateTime,
+) -> Result<(String, KeyPair), InitError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
+    let params = ca_params(
+        &opts.trust_domain,
+        "isthmus root CA".into(),
+        BasicConstraints::Unconstrained,
+        now,
+        ROOT_TTL,
+    )?;
+    let cert = params.self_signed(&key).map_err(gen)?;
+    write(root_key_path, &key.serialize_pem(), 0o600)?;
+    write(root_cert_path, &cert.pem(), 0o644)?;
+    Ok((cert.pem(), key))
+}
+
+/// One cluster's intermediate, signed by the root, written into `dir` in Istio's `cacerts`
+/// layout.
+fn write_intermediate(
+    opts: &InitOptions,
+    cluster: &str,
+    dir: &Path,
+    issuer: &rcgen::Issuer<'_, &KeyPair>,
+    root_pem: &str,
+    now: OffsetDateTime,
+) -> Result<(), InitError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen)?;
+    let mut params = ca_params(
+        &opts.trust_domain,
+        format!("isthmus intermediate CA {cluster}"),
+        BasicConstraints::Constrained(0),
+        now,
+        INTERMEDIATE_TTL,
+    )?;
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, issuer).map_err(gen)?;
+    // Key first: a reloading registry that sees the new certificate finds its key.
+    write(&dir.join(CA_KEY_FILE), &key.serialize_pem(), 0o600)?;
+    write(&dir.join(ROOT_CERT_FILE), root_pem, 0o644)?;
+    write(
+        &dir.join(CA_CHAIN_FILE),
+        &format!("{}{}", cert.pem(), root_pem),
+        0o644,
+    )?;
+    write(&dir.join(CA_CERT_FILE), &cert.pem(), 0o644)?;
+    Ok(())
 }

@@ -152,6 +152,52 @@ pub fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
     })
 }
 
+/// The trust domain of a CA directory: `given` (which must match the certificates' when they
+/// name one), else the intermediate's or the root's spiffe:// URI SAN.
+fn ca_trust_domain(
+    given: Option<&TrustDomain>,
+    intermediate_der: &[u8],
+    roots: &[rustls::pki_types::CertificateDer<'_>],
+    cert_path: &Path,
+) -> Result<TrustDomain, CaError> {
+    let td_from_cert =
+        trust_domain_of_ca(intermediate_der).or_else(|| trust_domain_of_ca(&roots[0]));
+    match (given, td_from_cert) {
+        (Some(td), Some(c)) if td.as_str() != c => Err(bad(
+            cert_path,
+            format!("the CA is for trust domain {c}, not {td}"),
+        )),
+        (Some(td), _) => Ok(td.clone()),
+        (None, Some(c)) => TrustDomain::new(&c).map_err(|e| bad(cert_path, e)),
+        (None, None) => Err(bad(
+            cert_path,
+            "no spiffe://<trust-domain> URI SAN; pass --trust-domain",
+        )),
+    }
+}
+
+/// The chain handed out with every leaf: cert-chain.pem without the root, else just the
+/// intermediate.
+fn chain_pems(
+    chain_path: &Path,
+    roots: &[rustls::pki_types::CertificateDer<'_>],
+    intermediate_der: &[u8],
+) -> Result<Vec<String>, CaError> {
+    let mut chain_pems = Vec::new();
+    if let Ok(bytes) = std::fs::read(chain_path) {
+        for c in tls::parse_certs(chain_path, &bytes).map_err(|e| bad(chain_path, e))? {
+            if roots.iter().any(|r| r.as_ref() == c.as_ref()) {
+                continue;
+            }
+            chain_pems.push(der_to_pem(&c));
+        }
+    }
+    if chain_pems.is_empty() {
+        chain_pems.push(der_to_pem(intermediate_der));
+    }
+    Ok(chain_pems)
+}
+
 impl CaMaterial {
     /// Loads and checks a cluster CA directory: the key matches the intermediate, the
     /// intermediate is signed by the root, and the trust domain is known.
@@ -200,39 +246,8 @@ impl CaMaterial {
                 format!("not signed by the root in {}", root_path.display()),
             ));
         }
-        let td_from_cert =
-            trust_domain_of_ca(&intermediate_der).or_else(|| trust_domain_of_ca(&roots[0]));
-        let trust_domain = match (trust_domain, td_from_cert) {
-            (Some(td), Some(c)) if td.as_str() != c => {
-                return Err(bad(
-                    &cert_path,
-                    format!("the CA is for trust domain {c}, not {td}"),
-                ));
-            }
-            (Some(td), _) => td.clone(),
-            (None, Some(c)) => TrustDomain::new(&c).map_err(|e| bad(&cert_path, e))?,
-            (None, None) => {
-                return Err(bad(
-                    &cert_path,
-                    "no spiffe://<trust-domain> URI SAN; pass --trust-domain",
-                ))
-            }
-        };
-
-        // The chain handed out with every leaf: cert-chain.pem without the root, else just the
-        // intermediate.
-        let mut chain_pems = Vec::new();
-        if let Ok(bytes) = std::fs::read(&chain_path) {
-            for c in tls::parse_certs(&chain_path, &bytes).map_err(|e| bad(&chain_path, e))? {
-                if roots.iter().any(|r| r.as_ref() == c.as_ref()) {
-                    continue;
-                }
-                chain_pems.push(der_to_pem(&c));
-            }
-        }
-        if chain_pems.is_empty() {
-            chain_pems.push(der_to_pem(&intermediate_der));
-        }
+        let trust_domain = ca_trust_domain(trust_domain, &intermediate_der, &roots, &cert_path)?;
+        let chain_pems = chain_pems(&chain_path, &roots, &intermediate_der)?;
         let key_id =
             hex::encode(&ring::digest::digest(&ring::digest::SHA256, &public_key).as_ref()[..8]);
         let not_after = icert.validity().not_after.to_datetime();

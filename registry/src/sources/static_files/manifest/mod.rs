@@ -13,7 +13,8 @@
 //! [`workload_entry`], [`workload_group`], [`network`]); [`metadata`] checks the metadata
 //! every kind shares; [`problems`] collects what is wrong, by file, document and field. The
 //! value checks themselves (names, labels, ports, CIDRs) are [`crate::validate`]'s, shared
-//! with the VM registrations.
+//! with the VM registrations. The tests (`tests.rs`) read documents the way the source does,
+//! through [`super::parse_file`], kind by kind and then error by error.
 
 mod defaults;
 mod document;
@@ -21,6 +22,8 @@ mod metadata;
 mod network;
 mod problems;
 mod service_entry;
+#[cfg(test)]
+mod tests;
 mod workload_entry;
 mod workload_group;
 

@@ -1,0 +1,936 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use isthmus_proto::model::*;
+use isthmus_proto::{SpiffeId, TrustDomain};
+
+use crate::sources::static_files::{parse_file, ResourceError, SourceDefaults};
+
+fn defaults() -> SourceDefaults {
+    SourceDefaults {
+        cluster: "cluster-a".into(),
+        network: "network-a".into(),
+        trust_domain: TrustDomain::new("cluster.local").unwrap(),
+    }
+}
+
+fn parse(text: &str) -> Vec<Resource> {
+    parse_file(Path::new("test.yaml"), text, &defaults()).unwrap_or_else(|errors| {
+        panic!(
+            "unexpected errors:\n{}",
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })
+}
+
+fn parse_errors(text: &str) -> Vec<ResourceError> {
+    match parse_file(Path::new("bad.yaml"), text, &defaults()) {
+        Ok(resources) => panic!("expected errors, got {resources:#?}"),
+        Err(errors) => errors,
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn id(ns: &str, sa: &str) -> Option<SpiffeId> {
+    Some(SpiffeId::parse(&format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")).unwrap())
+}
+
+// ---- conversion ----------------------------------------------------------------------------
+
+#[test]
+fn service_entry_with_selector_becomes_one_service_per_host() {
+    let resources = parse(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: reviews
+  namespace: shop
+  labels:
+    team: books
+spec:
+  hosts:
+  - reviews.shop.svc.cluster.local
+  - "*.reviews.example.com"
+  addresses:
+  - 240.240.0.10
+  - 2001:db8::/64
+  ports:
+  - number: 9080
+    name: http
+    protocol: http
+    targetPort: 8080
+  - number: 9443
+    name: https
+    protocol: HTTPS
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector:
+    labels:
+      app: reviews
+  exportTo: ["."]
+"#,
+    );
+    let service = |hostname: &str| {
+        Resource::Service(Service {
+            hostname: hostname.into(),
+            namespace: "shop".into(),
+            name: "reviews".into(),
+            cluster: "cluster-a".into(),
+            ports: vec![
+                ServicePort {
+                    name: "http".into(),
+                    number: 9080,
+                    protocol: "HTTP".into(),
+                    target_port: 8080,
+                },
+                ServicePort {
+                    name: "https".into(),
+                    number: 9443,
+                    protocol: "HTTPS".into(),
+                    target_port: 0,
+                },
+            ],
+            addresses: vec![
+                ServiceAddress {
+                    cluster: String::new(),
+                    address: "240.240.0.10".into(),
+                },
+                ServiceAddress {
+                    cluster: String::new(),
+                    address: "2001:db8::/64".into(),
+                },
+            ],
+            allocated_addresses: vec![],
+            resolution: Resolution::Static,
+            scope: Scope::ClusterLocal,
+            labels: labels(&[("team", "books")]),
+            selector: labels(&[("app", "reviews")]),
+        })
+    };
+    assert_eq!(
+        resources,
+        vec![
+            service("reviews.shop.svc.cluster.local"),
+            service("*.reviews.example.com")
+        ]
+    );
+}
+
+#[test]
+fn service_entry_inline_endpoints_become_workloads_of_every_host() {
+    let resources = parse(
+        r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: db
+spec:
+  hosts: [db.example.internal, postgres.example.internal]
+  ports:
+  - {number: 5432, name: tcp-postgres, protocol: tcp}
+  location: MESH_EXTERNAL
+  endpoints:
+  - address: 10.1.0.5
+    labels: {role: primary}
+    locality: eu-west/eu-west-1a
+  - address: 10.2.0.5
+    network: network-b
+    weight: 3
+    serviceAccount: postgres
+    ports: {tcp-postgres: 15432}
+"#,
+    );
+    assert_eq!(resources.len(), 4, "{resources:#?}");
+    let Resource::Service(svc) = &resources[0] else {
+        panic!("{:?}", resources[0])
+    };
+    // No resolution given, but endpoints are: they are meant to be used.
+    assert_eq!(svc.resolution, Resolution::Static);
+    assert_eq!(svc.scope, Scope::Mesh);
+    assert_eq!(svc.namespace, "default");
+    let hosts = vec![
+        "db.example.internal".to_string(),
+        "postgres.example.internal".to_string(),
+    ];
+    assert_eq!(
+        resources[2],
+        Resource::Workload(Workload {
+            uid: "cluster-a/default/db-0".into(),
+            name: "db-0".into(),
+            namespace: "default".into(),
+            address: "10.1.0.5".into(),
+            network: "network-a".into(),
+            cluster: "cluster-a".into(),
+            locality: Locality::parse("eu-west/eu-west-1a"),
+            identity: id("default", "default"),
+            labels: labels(&[("role", "primary")]),
+            ports: BTreeMap::new(),
+            weight: 1,
+            health: Health::Healthy,
+            origin: Origin::WorkloadEntry,
+            last_confirmed_ms: 0,
+            services: hosts.clone(),
+            service_account: "default".into(),
+        })
+    );
+    assert_eq!(
+        resources[3],
+        Resource::Workload(Workload {
+            uid: "cluster-a/default/db-1".into(),
+            name: "db-1".into(),
+            namespace: "default".into(),
+            address: "10.2.0.5".into(),
+            network: "network-b".into(),
+            cluster: "cluster-a".into(),
+            locality: Locality::default(),
+            identity: id("default", "postgres"),
+            labels: BTreeMap::new(),
+            ports: [("tcp-postgres".to_string(), 15432)].into(),
+            weight: 3,
+            health: Health::Healthy,
+            origin: Origin::WorkloadEntry,
+            last_confirmed_ms: 0,
+            services: hosts,
+            service_account: "postgres".into(),
+        })
+    );
+}
+
+#[test]
+fn workload_entry_converts_with_istio_semantics() {
+    let resources = parse(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: reviews-b-1
+  namespace: shop
+  labels:
+    app: reviews
+    version: v1
+spec:
+  address: 10.0.0.11
+  ports:
+    http: 9080
+  labels:
+    version: v2
+  network: network-b
+  locality: us-east/us-east-1b/rack-7
+  weight: 5
+  serviceAccount: reviews
+"#,
+    );
+    assert_eq!(
+        resources,
+        vec![Resource::Workload(Workload {
+            uid: "cluster-a/shop/reviews-b-1".into(),
+            name: "reviews-b-1".into(),
+            namespace: "shop".into(),
+            address: "10.0.0.11".into(),
+            network: "network-b".into(),
+            cluster: "cluster-a".into(),
+            locality: Locality {
+                region: "us-east".into(),
+                zone: "us-east-1b".into(),
+                subzone: "rack-7".into(),
+            },
+            identity: id("shop", "reviews"),
+            // metadata labels and spec labels both select; the entry's own win.
+            labels: labels(&[("app", "reviews"), ("version", "v2")]),
+            ports: [("http".to_string(), 9080)].into(),
+            weight: 5,
+            health: Health::Healthy,
+            origin: Origin::WorkloadEntry,
+            last_confirmed_ms: 0,
+            services: vec![],
+            service_account: "reviews".into(),
+        })]
+    );
+}
+
+#[test]
+fn workload_entry_takes_network_and_locality_from_well_known_labels() {
+    let resources = parse(
+        r#"
+apiVersion: isthmus.io/v1alpha1
+kind: WorkloadEntry
+metadata:
+  name: legacy
+  labels:
+    topology.istio.io/network: network-c
+spec:
+  address: legacy.corp.example.com
+  labels:
+    topology.kubernetes.io/region: eu-west
+    topology.kubernetes.io/zone: eu-west-1c
+"#,
+    );
+    let Resource::Workload(w) = &resources[0] else {
+        panic!("{resources:?}")
+    };
+    assert_eq!(w.network, "network-c");
+    assert_eq!(w.locality, Locality::parse("eu-west/eu-west-1c"));
+    assert_eq!(w.address, "legacy.corp.example.com");
+    assert_eq!(w.namespace, "default");
+    assert_eq!(w.weight, 1);
+    assert_eq!(w.identity, id("default", "default"));
+
+    // Without either, the registry's default network applies.
+    let resources = parse(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: plain}\nspec: {address: 10.9.9.9}\n",
+    );
+    let Resource::Workload(w) = &resources[0] else {
+        panic!("{resources:?}")
+    };
+    assert_eq!(w.network, "network-a");
+    assert!(w.locality.is_empty());
+}
+
+#[test]
+fn workload_group_converts_with_probe_defaults() {
+    let resources = parse(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata:
+  name: vm-web
+  namespace: shop
+  labels:
+    owner: web-team
+spec:
+  metadata:
+    labels:
+      app: web
+    annotations:
+      example.com/note: anything goes here
+  template:
+    ports:
+      http: 8080
+    labels:
+      version: v1
+    serviceAccount: web
+    network: network-b
+  probe:
+    initialDelaySeconds: 2
+    httpGet:
+      path: /healthz
+      port: 8080
+"#,
+    );
+    assert_eq!(
+        resources,
+        vec![Resource::WorkloadGroup(WorkloadGroup {
+            name: "vm-web".into(),
+            namespace: "shop".into(),
+            labels: labels(&[("owner", "web-team")]),
+            template: Workload {
+                uid: String::new(),
+                name: String::new(),
+                namespace: "shop".into(),
+                address: String::new(),
+                network: "network-b".into(),
+                cluster: "cluster-a".into(),
+                locality: Locality::default(),
+                identity: id("shop", "web"),
+                labels: labels(&[("app", "web"), ("version", "v1")]),
+                ports: [("http".to_string(), 8080)].into(),
+                weight: 1,
+                health: Health::Healthy,
+                origin: Origin::Vm,
+                last_confirmed_ms: 0,
+                services: vec![],
+                service_account: "web".into(),
+            },
+            probe: Some(Probe {
+                initial_delay_seconds: 2,
+                period_seconds: 5,
+                timeout_seconds: 1,
+                success_threshold: 1,
+                failure_threshold: 3,
+                action: ProbeAction::HttpGet {
+                    path: "/healthz".into(),
+                    port: 8080,
+                    host: String::new(),
+                    scheme: "HTTP".into(),
+                },
+            }),
+        })]
+    );
+}
+
+#[test]
+fn workload_group_probe_kinds() {
+    let group = |probe: &str| {
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {{name: g}}\nspec:\n  template: {{}}\n  probe:\n{probe}"
+        );
+        match parse(&text).pop() {
+            Some(Resource::WorkloadGroup(g)) => g.probe.unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let tcp =
+        group("    periodSeconds: 10\n    failureThreshold: 1\n    tcpSocket: {port: 3306}\n");
+    assert_eq!(
+        tcp.action,
+        ProbeAction::TcpSocket {
+            host: String::new(),
+            port: 3306
+        }
+    );
+    assert_eq!((tcp.period_seconds, tcp.failure_threshold), (10, 1));
+    let exec = group("    exec: {command: [/bin/check, --quick]}\n");
+    assert_eq!(
+        exec.action,
+        ProbeAction::Exec {
+            command: vec!["/bin/check".into(), "--quick".into()]
+        }
+    );
+}
+
+#[test]
+fn network_converts_with_default_ports() {
+    let resources = parse(
+        r#"
+apiVersion: isthmus.io/v1alpha1
+kind: Network
+metadata:
+  name: network-b
+spec:
+  gateways:
+  - address: 198.51.100.10
+    locality: us-east/us-east-1a
+  - address: 2001:db8::10
+    sniPort: 443
+    tunnelPort: 4433
+  cidrs: [10.0.0.0/16, "2001:db8:1::/48"]
+"#,
+    );
+    assert_eq!(
+        resources,
+        vec![Resource::Network(Network {
+            id: "network-b".into(),
+            gateways: vec![
+                Gateway {
+                    address: "198.51.100.10".into(),
+                    sni_port: 15443,
+                    tunnel_port: 15008,
+                    locality: Locality::parse("us-east/us-east-1a"),
+                },
+                Gateway {
+                    address: "2001:db8::10".into(),
+                    sni_port: 443,
+                    tunnel_port: 4433,
+                    locality: Locality::default(),
+                },
+            ],
+            cidrs: vec!["10.0.0.0/16".into(), "2001:db8:1::/48".into()],
+        })]
+    );
+    // A network with nothing but a name is valid: its workloads are reachable only directly.
+    let bare = parse("apiVersion: isthmus.io/v1alpha1\nkind: Network\nmetadata: {name: flat}\n");
+    assert_eq!(bare.len(), 1);
+}
+
+#[test]
+fn multi_document_files_skip_empty_documents() {
+    let resources = parse(
+        r#"# a comment before the first separator makes an empty document
+---
+apiVersion: isthmus.io/v1alpha1
+kind: Network
+metadata: {name: network-a}
+---
+---
+# only a comment
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: one, namespace: shop}
+spec: {address: 10.0.0.1}
+...
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: two, namespace: shop}
+spec: {address: 10.0.0.2}
+"#,
+    );
+    let keys: Vec<String> = resources.iter().map(Resource::key).collect();
+    assert_eq!(
+        keys,
+        [
+            "Network//network-a",
+            "Workload/shop/one",
+            "Workload/shop/two"
+        ]
+    );
+    assert!(parse("").is_empty());
+    assert!(parse("---\n---\n").is_empty());
+}
+
+// ---- errors --------------------------------------------------------------------------------
+
+const GOOD_DOC: &str =
+    "apiVersion: isthmus.io/v1alpha1\nkind: Network\nmetadata: {name: network-a}\n";
+
+const SERVICE_ENTRY: &str = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: web
+  namespace: shop
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  ports:
+  - {number: 80, name: http, protocol: HTTP}
+  workloadSelector:
+    labels: {app: web}
+"#;
+
+/// Each bad input sits in document 2 of its file, after a valid one, so the table also proves
+/// that the error points at the right document.
+#[test]
+fn every_validation_error_names_file_document_field_and_value() {
+    let se = |from: &str, to: &str| {
+        assert!(SERVICE_ENTRY.contains(from), "{from}");
+        SERVICE_ENTRY.replacen(from, to, 1)
+    };
+    let we = |spec: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: w, namespace: shop}}\nspec: {spec}\n")
+    };
+    let net = |spec: &str| {
+        format!(
+            "apiVersion: isthmus.io/v1alpha1\nkind: Network\nmetadata: {{name: n}}\nspec: {spec}\n"
+        )
+    };
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        // (what, document, field, a piece of the message naming the bad value)
+        (
+            "bad port",
+            se("number: 80", "number: 70000"),
+            "spec.ports[0].number",
+            "70000 is not a valid port",
+        ),
+        (
+            "zero port",
+            se("number: 80", "number: 0"),
+            "spec.ports[0].number",
+            "0 is not a valid port",
+        ),
+        (
+            "unknown field",
+            se("hosts:", "hostz:"),
+            "spec.hostz",
+            "unknown field `hostz`",
+        ),
+        (
+            "unknown field in a list",
+            se("protocol: HTTP}", "protocol: HTTP, weight: 2}"),
+            "spec.ports[0].weight",
+            "unknown field `weight`",
+        ),
+        (
+            "wrong type",
+            se("number: 80", "number: eighty"),
+            "spec.ports[0].number",
+            "\"eighty\"",
+        ),
+        (
+            "negative number",
+            se("number: 80", "number: -80"),
+            "spec.ports[0].number",
+            "-80",
+        ),
+        (
+            "missing name",
+            se("  name: web\n", ""),
+            "metadata.name",
+            "is required",
+        ),
+        (
+            "bad host",
+            se("[web.shop.svc.cluster.local]", "[web_1.shop.example.com]"),
+            "spec.hosts[0]",
+            "\"web_1.shop.example.com\"",
+        ),
+        (
+            "upper-case host",
+            se("[web.shop.svc.cluster.local]", "[Web.shop.example.com]"),
+            "spec.hosts[0]",
+            "\"Web.shop.example.com\" has upper-case",
+        ),
+        (
+            "wildcard in the middle",
+            se("[web.shop.svc.cluster.local]", "[web.*.example.com]"),
+            "spec.hosts[0]",
+            "\"web.*.example.com\"",
+        ),
+        (
+            "upper-case namespace",
+            se("namespace: shop", "namespace: Shop"),
+            "metadata.namespace",
+            "\"Shop\"",
+        ),
+        (
+            "bad protocol",
+            se("protocol: HTTP", "protocol: QUIC"),
+            "spec.ports[0].protocol",
+            "\"QUIC\"",
+        ),
+        (
+            "bad port name",
+            se("name: http", "name: HTTP_1"),
+            "spec.ports[0].name",
+            "\"HTTP_1\"",
+        ),
+        (
+            "bad resolution",
+            se("hosts:", "resolution: dns\n  hosts:"),
+            "spec.resolution",
+            "\"dns\"",
+        ),
+        (
+            "endpoints and selector",
+            se(
+                "  workloadSelector:",
+                "  endpoints: [{address: 10.0.0.1}]\n  workloadSelector:",
+            ),
+            "spec.endpoints",
+            "not both",
+        ),
+        (
+            "bad address",
+            se("hosts:", "addresses: [10.0.0.0/33]\n  hosts:"),
+            "spec.addresses[0]",
+            "\"10.0.0.0/33\"",
+        ),
+        (
+            "bad label value",
+            se("{app: web}", "{app: \"web app\"}"),
+            "spec.workloadSelector.labels.app",
+            "\"web app\"",
+        ),
+        (
+            "bad label key",
+            se(
+                "namespace: shop",
+                "namespace: shop\n  labels: {\"bad key\": x}",
+            ),
+            "metadata.labels.bad key",
+            "\"bad key\"",
+        ),
+        (
+            "bad IP",
+            we("{address: 10.0.0.300}"),
+            "spec.address",
+            "\"10.0.0.300\"",
+        ),
+        (
+            "hostname endpoint of a STATIC entry",
+            se(
+                "  workloadSelector:\n    labels: {app: web}\n",
+                "  endpoints: [{address: web.example.com}]\n",
+            ),
+            "spec.endpoints[0].address",
+            "\"web.example.com\" is not an IP address",
+        ),
+        (
+            "bad locality",
+            we("{address: 10.0.0.1, locality: a/b/c/d}"),
+            "spec.locality",
+            "\"a/b/c/d\"",
+        ),
+        (
+            "bad network",
+            we("{address: 10.0.0.1, network: Net_B}"),
+            "spec.network",
+            "\"Net_B\"",
+        ),
+        (
+            "bad service account",
+            we("{address: 10.0.0.1, serviceAccount: Web}"),
+            "spec.serviceAccount",
+            "\"Web\"",
+        ),
+        (
+            "bad workload port",
+            we("{address: 10.0.0.1, ports: {http: 99999}}"),
+            "spec.ports.http",
+            "99999",
+        ),
+        (
+            "gateway by name",
+            net("{gateways: [{address: gw.example.com}]}"),
+            "spec.gateways[0].address",
+            "\"gw.example.com\"",
+        ),
+        (
+            "bad gateway port",
+            net("{gateways: [{address: 192.0.2.1, sniPort: 65536}]}"),
+            "spec.gateways[0].sniPort",
+            "65536",
+        ),
+        (
+            "bad cidr",
+            net("{cidrs: [10.1.0.0/8]}"),
+            "spec.cidrs[0]",
+            "\"10.1.0.0/8\"",
+        ),
+        (
+            "unknown kind",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n".into(),
+            "kind",
+            "\"Service\"",
+        ),
+        (
+            "wrong apiVersion",
+            net("{}").replace("isthmus.io/v1alpha1", "networking.istio.io/v1"),
+            "apiVersion",
+            "\"networking.istio.io/v1\"",
+        ),
+        (
+            "namespaced network",
+            net("{}").replace("{name: n}", "{name: n, namespace: shop}"),
+            "metadata.namespace",
+            "\"shop\"",
+        ),
+        (
+            "unknown top-level field",
+            format!("{GOOD_DOC}status: {{}}\n"),
+            "status",
+            "unknown field",
+        ),
+    ];
+    for (what, doc, field, needle) in cases {
+        let text = format!("{GOOD_DOC}---\n{doc}");
+        let errors = parse_errors(&text);
+        let error = errors
+            .iter()
+            .find(|e| e.field == field)
+            .unwrap_or_else(|| panic!("{what}: no error at {field}; got {errors:#?}"));
+        assert_eq!(error.file, Path::new("bad.yaml"), "{what}");
+        assert_eq!(error.document, Some(2), "{what}: {error}");
+        let shown = error.to_string();
+        assert!(
+            shown.starts_with(&format!("bad.yaml (document 2): {field}: ")),
+            "{what}: {shown}"
+        );
+        assert!(
+            shown.contains(needle),
+            "{what}: {shown:?} does not contain {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn every_error_in_a_file_is_reported_not_just_the_first() {
+    let text = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: web
+  namespace: Shop
+spec:
+  hosts: [web.shop.svc.cluster.local, bad_host]
+  ports:
+  - {number: 70000, name: http, protocol: HTTP}
+  - {number: 81, name: http2, protocol: QUIC}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: w
+  colour: blue
+  labels: {version: 2}
+spec:
+  adress: 10.0.0.1
+  ports: {http: eighty}
+"#;
+    let errors = parse_errors(text);
+    let got: Vec<(Option<usize>, &str)> = errors
+        .iter()
+        .map(|e| (e.document, e.field.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some(1), "metadata.namespace"),
+            (Some(1), "spec.hosts[1]"),
+            (Some(1), "spec.ports[0].number"),
+            (Some(1), "spec.ports[1].protocol"),
+            (Some(2), "metadata.colour"),
+            (Some(2), "metadata.labels.version"),
+            (Some(2), "spec.adress"),
+            (Some(2), "spec.ports.http"),
+        ],
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn yaml_syntax_error_names_file_and_line() {
+    let text = format!("{GOOD_DOC}---\napiVersion: isthmus.io/v1alpha1\nkind: Network\nmetadata:\n  name: [network-b\n");
+    let errors = parse_errors(&text);
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    let shown = errors[0].to_string();
+    assert!(
+        shown.starts_with("bad.yaml (document 2): invalid YAML: "),
+        "{shown}"
+    );
+    assert!(shown.contains("line 8"), "{shown}");
+
+    for text in [
+        "a: 'unterminated\n",
+        "key: *unknown_anchor\n---\nb: 1\n",
+        "- a\nb: c\n",
+        "a: 1\na: 2\n",
+    ] {
+        let errors = parse_errors(text);
+        assert!(
+            errors[0].message.starts_with("invalid YAML"),
+            "{text:?}: {errors:#?}"
+        );
+        assert!(errors[0].message.contains("line"), "{text:?}: {errors:#?}");
+    }
+}
+
+#[test]
+fn documents_that_are_not_resources_are_refused() {
+    for (text, needle) in [
+        ("- a\n- b\n", "found a list"),
+        ("just a string\n", "found the string"),
+        (
+            "kind: Network\nmetadata: {name: x}\n",
+            "apiVersion: is required",
+        ),
+        (
+            "apiVersion: isthmus.io/v1alpha1\nmetadata: {name: x}\n",
+            "kind: is required",
+        ),
+        (
+            "apiVersion: isthmus.io/v1alpha1\nkind: ServiceEntry\nmetadata: {name: x}\n",
+            "spec: is required",
+        ),
+        (
+            "apiVersion: isthmus.io/v1alpha1\nkind: [Network]\nmetadata: {name: x}\n",
+            "kind: must be a string",
+        ),
+    ] {
+        let errors = parse_errors(text);
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            shown.iter().any(|s| s.contains(needle)),
+            "{text:?}: {shown:#?}"
+        );
+    }
+}
+
+#[test]
+fn istio_cross_field_rules() {
+    let cases = [
+        (
+            "resolution NONE with endpoints",
+            "hosts: [x.example.com]\n  resolution: NONE\n  endpoints: [{address: 10.0.0.1}]",
+            "spec.resolution",
+        ),
+        (
+            "DNS wildcard without endpoints",
+            "hosts: [\"*.example.com\"]\n  resolution: DNS",
+            "spec.hosts[0]",
+        ),
+        ("no hosts", "hosts: []", "spec.hosts"),
+        ("host twice", "hosts: [a.example.com, a.example.com]", "spec.hosts[1]"),
+        (
+            "endpoint port not declared",
+            "hosts: [a.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  endpoints: [{address: 10.0.0.1, ports: {grpc: 9000}}]",
+            "spec.endpoints[0].ports.grpc",
+        ),
+        (
+            "duplicate port number",
+            "hosts: [a.example.com]\n  ports: [{number: 80, name: http, protocol: HTTP}, {number: 80, name: web, protocol: HTTP}]",
+            "spec.ports[1].number",
+        ),
+        ("empty selector", "hosts: [a.example.com]\n  workloadSelector: {labels: {}}", "spec.workloadSelector.labels"),
+        ("bad location", "hosts: [a.example.com]\n  location: INTERNAL", "spec.location"),
+    ];
+    for (what, spec, field) in cases {
+        let text = format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: x}}\nspec:\n  {spec}\n");
+        let errors = parse_errors(&text);
+        assert!(
+            errors.iter().any(|e| e.field == field),
+            "{what}: {errors:#?}"
+        );
+    }
+    // DNS endpoints may be names, and a DNS wildcard with endpoints is fine.
+    parse("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec:\n  hosts: [\"*.example.com\"]\n  resolution: DNS_ROUND_ROBIN\n  endpoints: [{address: egress.example.com}]\n");
+
+    let probe = |p: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {{name: g}}\nspec:\n  template: {{}}\n  probe: {p}\n")
+    };
+    for (what, text, field) in [
+        (
+            "two probe actions",
+            probe("{httpGet: {port: 80}, tcpSocket: {port: 80}}"),
+            "spec.probe",
+        ),
+        ("no probe action", probe("{periodSeconds: 3}"), "spec.probe"),
+        (
+            "probe port missing",
+            probe("{httpGet: {path: /}}"),
+            "spec.probe.httpGet.port",
+        ),
+        (
+            "probe path relative",
+            probe("{httpGet: {port: 80, path: healthz}}"),
+            "spec.probe.httpGet.path",
+        ),
+        (
+            "zero period",
+            probe("{periodSeconds: 0, exec: {command: [/bin/true]}}"),
+            "spec.probe.periodSeconds",
+        ),
+        (
+            "template with address",
+            probe("{}").replace("template: {}", "template: {address: 10.0.0.1}"),
+            "spec.template.address",
+        ),
+    ] {
+        let errors = parse_errors(&text);
+        assert!(
+            errors.iter().any(|e| e.field == field),
+            "{what}: {errors:#?}"
+        );
+    }
+}
+
+#[test]
+fn the_same_key_twice_in_one_file_is_an_error() {
+    let doc = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: 10.0.0.1}\n";
+    let errors = parse_errors(&format!("{doc}---\n{doc}"));
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        errors[0].to_string(),
+        "bad.yaml (document 2): metadata.name: Workload/default/w is already defined in document 1 (metadata.name)"
+    );
+}
+
+#[test]
+fn display_without_document_or_field() {
+    let e = ResourceError {
+        file: "dir/x.yaml".into(),
+        document: None,
+        field: String::new(),
+        message: "cannot read the file".into(),
+    };
+    assert_eq!(e.to_string(), "dir/x.yaml: cannot read the file");
+}
