@@ -35,4 +35,3 @@ pub mod outbound;
 pub mod relay;
 pub mod routes;
 pub mod upstream;
-
