@@ -204,7 +204,7 @@ pub fn mesh_name(sv: &ServiceView, locale: &Locale) -> Option<MeshName> {
                                 && e.network == locale.network
                                 && e.health == Health::Healthy
                         })
-                        .filter_map(|e| e.address.parse::<IpAddr>().ok())
+                        .filter_map(|e| e.address.ip())
                         .collect(),
                     "endpoints",
                 )
@@ -303,7 +303,7 @@ mod tests {
     fn endpoint(addr: &str, network: &str, kind: EndpointKind, health: Health) -> ViewEndpoint {
         ViewEndpoint {
             kind,
-            address: addr.into(),
+            address: isthmus_proto::model::Address::parse(addr).unwrap(),
             ports: BTreeMap::new(),
             network: network.into(),
             cluster: "c1".into(),

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::identity::SpiffeId;
@@ -34,6 +35,109 @@ fn port_or_zero(field: impl Into<String>, v: u32) -> Result<u16, ModelError> {
     } else {
         port(field, v)
     }
+}
+
+/// Where a workload (or a view endpoint) is reached, parsed once where it enters the
+/// process, so no consumer re-parses a string and silently drops what does not parse: an IP
+/// address; a DNS name (an endpoint of a `resolution: DNS` ServiceEntry, resolved by whoever
+/// connects); or none (a WorkloadGroup's template, before a VM registers an address).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Address {
+    #[default]
+    None,
+    Ip(IpAddr),
+    Dns(String),
+}
+
+impl Address {
+    /// Reads the wire form: empty, an IP address, or a DNS name.
+    pub fn parse(s: &str) -> Result<Address, String> {
+        if s.is_empty() {
+            return Ok(Address::None);
+        }
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Address::Ip(ip));
+        }
+        if is_dns_name(s) {
+            return Ok(Address::Dns(s.to_ascii_lowercase()));
+        }
+        Err(format!("{s:?} is neither an IP address nor a DNS name"))
+    }
+
+    /// The IP address, for consumers that connect or answer by address only.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Address::Ip(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        matches!(self, Address::None)
+    }
+}
+
+impl From<IpAddr> for Address {
+    fn from(ip: IpAddr) -> Self {
+        Address::Ip(ip)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::None => Ok(()),
+            Address::Ip(ip) => write!(f, "{ip}"),
+            Address::Dns(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Compares with the wire form (`""`, `"10.0.0.1"`, `"db.example.com"`).
+impl PartialEq<&str> for Address {
+    fn eq(&self, other: &&str) -> bool {
+        match self {
+            Address::None => other.is_empty(),
+            Address::Ip(ip) => other.parse::<IpAddr>().is_ok_and(|o| o == *ip),
+            Address::Dns(name) => name.eq_ignore_ascii_case(other),
+        }
+    }
+}
+
+impl serde::Serialize for Address {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A DNS name as RFC 1123 has it (labels of letters, digits and hyphens, not starting or
+/// ending with a hyphen; `_` allowed as in service labels), at most 253 characters.
+fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+fn address_from_pb(field: &str, s: &str) -> Result<Address, ModelError> {
+    Address::parse(s).map_err(|why| ModelError::Invalid {
+        field: field.to_string(),
+        why,
+    })
+}
+
+fn ip_from_pb(field: &str, s: &str) -> Result<IpAddr, ModelError> {
+    s.parse().map_err(|_| ModelError::Invalid {
+        field: field.to_string(),
+        why: format!("{s:?} is not an IP address"),
+    })
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -73,7 +177,8 @@ impl fmt::Display for Locality {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gateway {
-    pub address: String,
+    /// A gateway is dialled by address, never by name.
+    pub address: IpAddr,
     pub sni_port: u16,
     pub tunnel_port: u16,
     pub locality: Locality,
@@ -154,7 +259,7 @@ pub struct Workload {
     pub uid: String,
     pub name: String,
     pub namespace: String,
-    pub address: String,
+    pub address: Address,
     pub network: String,
     pub cluster: String,
     pub locality: Locality,
@@ -353,7 +458,7 @@ pub enum EndpointKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ViewEndpoint {
     pub kind: EndpointKind,
-    pub address: String,
+    pub address: Address,
     /// Service port number -> port to connect to.
     pub ports: BTreeMap<u16, u16>,
     pub network: String,
@@ -427,7 +532,7 @@ impl From<&Network> for pb::Network {
                 .gateways
                 .iter()
                 .map(|g| pb::Gateway {
-                    address: g.address.clone(),
+                    address: g.address.to_string(),
                     sni_port: g.sni_port.into(),
                     tunnel_port: g.tunnel_port.into(),
                     locality: Some((&g.locality).into()),
@@ -447,7 +552,7 @@ impl TryFrom<pb::Network> for Network {
             .enumerate()
             .map(|(i, g)| {
                 Ok(Gateway {
-                    address: g.address,
+                    address: ip_from_pb(&format!("gateways[{i}].address"), &g.address)?,
                     sni_port: port(format!("gateways[{i}].sni_port"), g.sni_port)?,
                     tunnel_port: port_or_zero(format!("gateways[{i}].tunnel_port"), g.tunnel_port)?,
                     locality: g.locality.into(),
@@ -591,7 +696,7 @@ impl From<&Workload> for pb::Workload {
             uid: w.uid.clone(),
             name: w.name.clone(),
             namespace: w.namespace.clone(),
-            address: w.address.clone(),
+            address: w.address.to_string(),
             network: w.network.clone(),
             cluster: w.cluster.clone(),
             locality: Some((&w.locality).into()),
@@ -637,10 +742,10 @@ impl TryFrom<pb::Workload> for Workload {
             .collect::<Result<_, ModelError>>()?;
         Ok(Workload {
             identity: identity_from_pb("identity", &w.identity)?,
+            address: address_from_pb("address", &w.address)?,
             uid: w.uid,
             name: w.name,
             namespace: w.namespace,
-            address: w.address,
             network: w.network,
             cluster: w.cluster,
             locality: w.locality.into(),
@@ -841,7 +946,7 @@ impl From<&ViewEndpoint> for pb::ViewEndpoint {
                 EndpointKind::Gateway => pb::EndpointKind::Gateway,
             }
             .into(),
-            address: e.address.clone(),
+            address: e.address.to_string(),
             ports: e
                 .ports
                 .iter()
@@ -885,7 +990,7 @@ impl TryFrom<pb::ViewEndpoint> for ViewEndpoint {
             .collect::<Result<_, _>>()?;
         Ok(ViewEndpoint {
             kind,
-            address: e.address,
+            address: address_from_pb("address", &e.address)?,
             ports,
             network: e.network,
             cluster: e.cluster,
@@ -962,7 +1067,7 @@ mod tests {
             uid: "u1".into(),
             name: "web-1".into(),
             namespace: "shop".into(),
-            address: "10.0.0.1".into(),
+            address: Address::Ip("10.0.0.1".parse().unwrap()),
             network: "net-a".into(),
             cluster: "c1".into(),
             locality: Locality::parse("eu/eu-1a"),
@@ -979,6 +1084,55 @@ mod tests {
         let back = Workload::try_from(pb::Workload::from(&w)).unwrap();
         assert_eq!(back, w);
         assert_eq!(w.locality.to_string(), "eu/eu-1a");
+    }
+
+    #[test]
+    fn addresses_are_parsed_once_at_the_edge() {
+        assert_eq!(Address::parse("").unwrap(), Address::None);
+        assert_eq!(
+            Address::parse("fd00::7").unwrap(),
+            Address::Ip("fd00::7".parse().unwrap())
+        );
+        assert_eq!(
+            Address::parse("DB.Example.com").unwrap(),
+            Address::Dns("db.example.com".into())
+        );
+        assert_eq!(
+            Address::parse("10.0.0.1").unwrap().ip(),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(Address::Dns("db.example.com".into()).ip(), None);
+        for bad in ["10.0.0.1:80", "a b", "-x.example.com", "x..y", "10.0.0.1\n"] {
+            let err = Address::parse(bad).unwrap_err();
+            assert!(
+                err.contains("neither an IP address nor a DNS name"),
+                "{bad}: {err}"
+            );
+        }
+        // A bad address from the wire is refused with its field named, never dropped later.
+        let mut w = pb::Workload::from(&Workload::default());
+        w.address = "not an address".into();
+        let err = Workload::try_from(w).unwrap_err().to_string();
+        assert!(err.starts_with("address: "), "{err}");
+        let mut n = pb::Network {
+            id: "net-a".into(),
+            gateways: vec![pb::Gateway {
+                address: "gw.example.com".into(),
+                sni_port: 15443,
+                ..Default::default()
+            }],
+            cidrs: vec![],
+        };
+        let err = Network::try_from(n.clone()).unwrap_err().to_string();
+        assert!(
+            err.contains("gateways[0].address") && err.contains("not an IP address"),
+            "{err}"
+        );
+        n.gateways[0].address = "198.18.0.10".into();
+        assert_eq!(
+            Network::try_from(n).unwrap().gateways[0].address,
+            "198.18.0.10".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

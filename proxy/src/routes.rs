@@ -495,7 +495,9 @@ fn targets_of(sv: &ServiceView, port: u16, subset: &str, reach: Reach) -> Vec<Ta
                 || e.labels.get(SUBSET_LABEL).map(String::as_str) == Some(subset)
         })
         .filter_map(|e| {
-            let ip: IpAddr = e.address.parse().ok()?;
+            // The proxy connects by address: an endpoint known only by a DNS name (a
+            // `resolution: DNS` ServiceEntry's) is not a connect target here.
+            let ip = e.address.ip()?;
             let to = *e.ports.get(&port)?;
             Some(Target {
                 uid: e.uid.clone(),

@@ -310,7 +310,7 @@ pub(crate) mod tests {
                 uid: format!("c/{ns}/{name}"),
                 name: name.into(),
                 namespace: ns.into(),
-                address: addr.into(),
+                address: isthmus_proto::model::Address::parse(addr).unwrap(),
                 network: network.into(),
                 cluster: "c".into(),
                 labels: [("app".to_string(), app.to_string())].into(),

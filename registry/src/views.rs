@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use isthmus_proto::model::{
-    network_view_key, service_view_key, EndpointKind, Health, Network, OwnedResource, Scope,
-    Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
+    network_view_key, service_view_key, Address, EndpointKind, Health, Network, OwnedResource,
+    Scope, Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
 };
 use isthmus_proto::pb;
 use tokio::sync::watch;
@@ -561,7 +561,7 @@ fn gateway_endpoints(
             let w = weight / n + u32::from((i as u32) < weight % n);
             (w > 0).then(|| ViewEndpoint {
                 kind: EndpointKind::Gateway,
-                address: g.address.clone(),
+                address: Address::Ip(g.address),
                 ports: port_map(&service.ports, |_| g.sni_port),
                 network: network.id.clone(),
                 cluster: String::new(),

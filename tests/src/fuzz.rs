@@ -141,7 +141,7 @@ pub fn register_request(data: &[u8]) {
         id,
         std::time::SystemTime::now(),
     ) {
-        assert_eq!(w.address.parse().ok(), Some(hello.address));
+        assert_eq!(w.address.ip(), Some(hello.address));
         assert!(w.name.starts_with(&hello.group));
         assert_eq!(w.labels.get("app").map(String::as_str), Some("web"));
     }

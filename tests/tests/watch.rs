@@ -289,7 +289,7 @@ async fn split_horizon_and_gateway_views_over_watch() {
     let mut weights: Vec<(EndpointKind, String, u32)> = sv
         .endpoints
         .iter()
-        .map(|e| (e.kind, e.address.clone(), e.weight))
+        .map(|e| (e.kind, e.address.to_string(), e.weight))
         .collect();
     weights.sort_by(|x, y| (x.0 as u8, &x.1).cmp(&(y.0 as u8, &y.1)));
     assert_eq!(

@@ -16,7 +16,7 @@ fn endpoint(kind: EndpointKind, addr: &str, port: u16, version: &str) -> ViewEnd
     }
     ViewEndpoint {
         kind,
-        address: addr.into(),
+        address: isthmus_proto::model::Address::parse(addr).unwrap(),
         ports: [(9080, port)].into_iter().collect(),
         network: if kind == EndpointKind::Gateway {
             "network-b".into()

@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use isthmus_proto::identity::SpiffeId;
-use isthmus_proto::model::{Health, ModelError, Origin, Workload, WorkloadGroup};
+use isthmus_proto::model::{Address, Health, ModelError, Origin, Workload, WorkloadGroup};
 use isthmus_proto::registration::Hello;
 
 use super::error::RegistrationError;
@@ -82,7 +82,7 @@ pub fn entry_from_group(
         uid: format!("{}/{}/{}", t.cluster, group.namespace, name),
         name,
         namespace: group.namespace.clone(),
-        address: hello.address.to_string(),
+        address: Address::Ip(hello.address),
         network,
         cluster: t.cluster.clone(),
         locality: if hello.locality.is_empty() {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use isthmus_proto::drain;
-use isthmus_proto::model::{workload_key, Health, OwnedResource, Resource, Workload};
+use isthmus_proto::model::{workload_key, Address, Health, OwnedResource, Resource, Workload};
 use serde::Serialize;
 use tokio::sync::{oneshot, Notify};
 
@@ -77,7 +77,7 @@ pub struct RegistrationStatus {
     pub entry: String,
     pub namespace: String,
     pub group: String,
-    pub address: String,
+    pub address: Address,
     pub network: String,
     pub identity: String,
     pub health: &'static str,

@@ -10,7 +10,7 @@ fn net(id: &str, gws: &[&str]) -> OwnedResource {
             gateways: gws
                 .iter()
                 .map(|a| Gateway {
-                    address: a.to_string(),
+                    address: a.parse().unwrap(),
                     sni_port: 15443,
                     tunnel_port: 15008,
                     locality: Locality::default(),
@@ -90,9 +90,12 @@ fn split_horizon_weights() {
     assert_eq!(gws.len(), 2);
     assert_eq!(
         gws.iter()
-            .map(|e| (e.address.as_str(), e.weight))
+            .map(|e| (e.address.to_string(), e.weight))
             .collect::<Vec<_>>(),
-        vec![("198.51.100.10", 3), ("198.51.100.11", 3)]
+        vec![
+            ("198.51.100.10".to_string(), 3),
+            ("198.51.100.11".to_string(), 3)
+        ]
     );
     assert!(gws
         .iter()
@@ -122,7 +125,7 @@ fn split_horizon_weights() {
         .endpoints
         .iter()
         .filter(|e| e.kind == EndpointKind::Gateway)
-        .map(|e| (e.address.clone(), e.weight))
+        .map(|e| (e.address.to_string(), e.weight))
         .collect();
     assert_eq!(gws, vec![("192.0.2.10".to_string(), 3)]);
 }

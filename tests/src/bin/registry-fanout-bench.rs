@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use isthmus_proto::certs;
 use isthmus_proto::identity::SpiffeId;
 use isthmus_proto::model::{
-    NodeKind, OwnedResource, Resource, Service, ServicePort, ServiceView, ViewResource, Workload,
+    Address, NodeKind, OwnedResource, Resource, Service, ServicePort, ServiceView, ViewResource,
+    Workload,
 };
 use isthmus_proto::subscription::Subscription;
 use isthmus_tests::bench::arg;
@@ -60,7 +61,12 @@ fn workload(svc: usize, j: usize, network: &str) -> OwnedResource {
             uid: format!("cluster-a/bench/svc-{svc}-{j}"),
             name: format!("svc-{svc}-{j}"),
             namespace: "bench".into(),
-            address: format!("10.{}.{}.{}", svc / 250 % 250, svc % 250, j + 1),
+            address: Address::Ip(std::net::IpAddr::from([
+                10,
+                (svc / 250 % 250) as u8,
+                (svc % 250) as u8,
+                (j + 1) as u8,
+            ])),
             network: network.into(),
             cluster: "cluster-a".into(),
             identity: Some(

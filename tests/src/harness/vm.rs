@@ -41,7 +41,10 @@ pub fn endpoint<'a>(
     address: &str,
 ) -> Option<&'a ViewEndpoint> {
     match view.resources.get(&service_view_key(hostname)) {
-        Some(ViewResource::Service(sv)) => sv.endpoints.iter().find(|e| e.address == address),
+        Some(ViewResource::Service(sv)) => sv
+            .endpoints
+            .iter()
+            .find(|e| e.address.to_string() == address),
         _ => None,
     }
 }

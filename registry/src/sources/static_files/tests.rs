@@ -48,7 +48,7 @@ fn address_of(source: &StaticSource, name: &str) -> String {
         .resources()
         .into_iter()
         .find_map(|r| match std::sync::Arc::unwrap_or_clone(r.resource) {
-            Resource::Workload(w) if w.name == name => Some(w.address),
+            Resource::Workload(w) if w.name == name => Some(w.address.to_string()),
             _ => None,
         })
         .unwrap_or_else(|| panic!("no workload {name}"))
@@ -227,7 +227,7 @@ fn seed_serves_store_resources_for_a_file_invalid_at_first_scan() {
         resource: std::sync::Arc::new(Resource::Workload(Workload {
             name: name.into(),
             namespace: "shop".into(),
-            address: address.into(),
+            address: Address::parse(address).unwrap(),
             ..Workload::default()
         })),
     };

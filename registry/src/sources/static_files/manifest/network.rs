@@ -42,7 +42,7 @@ pub(super) fn network(meta: &Meta, spec: NetworkSpec, p: &mut Problems) -> Vec<(
                 None
             }
             Some(a) => match a.parse::<IpAddr>() {
-                Ok(ip) => Some(ip.to_string()),
+                Ok(ip) => Some(ip),
                 Err(_) => {
                     p.add(
                         format!("{field}.address"),

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use isthmus_proto::identity::SpiffeId;
-use isthmus_proto::model::{Health, Locality, Origin, Resource, Workload};
+use isthmus_proto::model::{Address, Health, Locality, Origin, Resource, Workload};
 use serde::Deserialize;
 
 use super::defaults::SourceDefaults;
@@ -127,24 +127,25 @@ pub(super) fn workload(
     }
 }
 
-/// The address by `rule`, canonical when it is an IP; empty when absent or refused.
-fn address(f: &str, rule: AddressRule, spec: Option<&str>, p: &mut Problems) -> String {
+/// The address by `rule`, typed; none when absent or refused.
+fn address(f: &str, rule: AddressRule, spec: Option<&str>, p: &mut Problems) -> Address {
     match (rule, spec) {
-        (AddressRule::Absent, _) => String::new(),
+        (AddressRule::Absent, _) => Address::None,
         (_, None | Some("")) => {
             p.add(format!("{f}.address"), "is required");
-            String::new()
+            Address::None
         }
         (rule, Some(a)) => match a.parse::<IpAddr>() {
-            Ok(ip) => ip.to_string(),
+            Ok(ip) => Address::Ip(ip),
             Err(_) if rule == AddressRule::IpOrHostname => {
                 if check_hostname(a, false).is_err() {
                     p.add(
                         format!("{f}.address"),
                         format!("{a:?} is neither an IP address nor a DNS name"),
                     );
+                    return Address::None;
                 }
-                a.to_string()
+                Address::Dns(a.to_ascii_lowercase())
             }
             Err(_) => {
                 p.add(
@@ -154,7 +155,7 @@ fn address(f: &str, rule: AddressRule, spec: Option<&str>, p: &mut Problems) -> 
                          (use resolution: DNS for hostnames)"
                     ),
                 );
-                String::new()
+                Address::None
             }
         },
     }
