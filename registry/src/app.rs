@@ -37,7 +37,7 @@ use isthmus_proto::identity::TrustDomain;
 use isthmus_proto::program::{Program, Readiness, Stop, Tasks};
 
 pub use config::{
-    validate_resources, DurationFlag, RegistryConfig, DEFAULT_ADMIN_ADDR, DEFAULT_GRPC_ADDR,
+    validate_resources, RegistryConfig, DEFAULT_ADMIN_ADDR, DEFAULT_GRPC_ADDR,
     DEFAULT_RESOURCE_POLL,
 };
 pub use grpc::{MAX_REQUEST_BYTES, REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT};

@@ -6,11 +6,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use isthmus_proto::config::ConfigProblems;
+use isthmus_proto::config::DurationFlag;
 use isthmus_proto::program;
 use isthmus_proto::TrustDomain;
-use isthmus_registry::app::{
-    self, DurationFlag, RegistryConfig, DEFAULT_ADMIN_ADDR, DEFAULT_GRPC_ADDR,
-};
+use isthmus_registry::app::{self, RegistryConfig, DEFAULT_ADMIN_ADDR, DEFAULT_GRPC_ADDR};
 use isthmus_registry::ca::{DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL};
 use isthmus_registry::sources::vm_registrations::DEFAULT_VM_GRACE;
 use isthmus_registry::vips::DEFAULT_VIP_GRACE;
@@ -48,20 +47,20 @@ struct Args {
     #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
     admin_addr: SocketAddr,
     /// Default leaf certificate lifetime.
-    #[arg(long, default_value_t = DurationFlag(DEFAULT_LEAF_TTL), value_parser = DurationFlag::parse)]
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_LEAF_TTL))]
     cert_ttl: DurationFlag,
     /// Longest leaf certificate lifetime a caller may ask for.
-    #[arg(long, default_value_t = DurationFlag(DEFAULT_MAX_LEAF_TTL), value_parser = DurationFlag::parse)]
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_MAX_LEAF_TTL))]
     max_cert_ttl: DurationFlag,
     /// How often the resources directory is re-read.
-    #[arg(long, default_value_t = DurationFlag(app::DEFAULT_RESOURCE_POLL), value_parser = DurationFlag::parse)]
+    #[arg(long, default_value_t = DurationFlag(app::DEFAULT_RESOURCE_POLL))]
     resource_poll: DurationFlag,
     /// How long a deleted service's VIPs stay reserved for it before another may get them.
-    #[arg(long, default_value_t = DurationFlag(DEFAULT_VIP_GRACE), value_parser = DurationFlag::parse)]
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_VIP_GRACE))]
     vip_grace: DurationFlag,
     /// How long a registered VM's entry stays (unhealthy) after its agent's stream ended
     /// without deregistering, for the agent to reconnect.
-    #[arg(long, default_value_t = DurationFlag(DEFAULT_VM_GRACE), value_parser = DurationFlag::parse)]
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_VM_GRACE))]
     vm_grace: DurationFlag,
     /// Check the configuration and the resource files, print every problem, and exit.
     #[arg(long)]

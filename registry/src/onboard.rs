@@ -4,6 +4,7 @@
 //! the group's identity. The layout and its checks are `isthmus_proto::bundle`'s, shared
 //! with the agent.
 
+use isthmus_proto::config::ConfigProblems;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,8 +50,8 @@ pub enum OnboardError {
     #[error("--ca-dir: {0}")]
     Ca(#[from] CaError),
     /// Every bad flag, each named.
-    #[error("{}", .0.join("; "))]
-    Flags(Vec<String>),
+    #[error("{0}")]
+    Flags(ConfigProblems),
     #[error("--token-ttl: {0}")]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -88,30 +89,32 @@ pub fn onboard(opts: &OnboardOptions, now: OffsetDateTime) -> Result<Onboarded, 
         namespace: opts.namespace.clone(),
         service_account: opts.service_account.clone(),
     };
-    let mut problems: Vec<String> = match bundle.check() {
-        Ok(()) => Vec::new(),
-        Err(problems) => problems
-            .problems
-            .iter()
-            .map(|p| format!("{}: {}", flag_of(&p.field), p.message))
-            .collect(),
-    };
-    if opts.token_ttl.is_zero() {
-        problems.push("--token-ttl: must be longer than 0s".into());
+    let mut problems = ConfigProblems::default();
+    if let Err(bundle_problems) = bundle.check() {
+        for p in bundle_problems.problems {
+            problems.push(flag_of(&p.field), p.message);
+        }
     }
-    if opts.token_ttl > token::MAX_TOKEN_TTL {
-        problems.push(format!(
-            "--token-ttl: {} is above the maximum of {}h; a VM that has not enrolled by then gets a new bundle",
+    problems.check(!opts.token_ttl.is_zero(), "--token-ttl", || {
+        "must be longer than 0s".into()
+    });
+    problems.check(
+        opts.token_ttl <= token::MAX_TOKEN_TTL,
+        "--token-ttl",
+        || {
+            format!(
+            "{} is above the maximum of {}h; a VM that has not enrolled by then gets a new bundle",
             isthmus_proto::config::format_duration(opts.token_ttl),
             token::MAX_TOKEN_TTL.as_secs() / 3600
-        ));
-    }
-    if !problems.is_empty() {
-        return Err(OnboardError::Flags(problems));
-    }
-    let identity = bundle
-        .identity()
-        .map_err(|e| OnboardError::Flags(vec![e.to_string()]))?;
+        )
+        },
+    );
+    problems.into_result().map_err(OnboardError::Flags)?;
+    let identity = bundle.identity().map_err(|e| {
+        let mut p = ConfigProblems::default();
+        p.push("", e.to_string());
+        OnboardError::Flags(p)
+    })?;
     let token = token::create(
         &material,
         &bundle.cluster,

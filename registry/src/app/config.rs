@@ -1,12 +1,11 @@
 //! The registry's configuration: one typed struct with a named default for every setting,
 //! checked in one pass that reports every problem at once.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use isthmus_proto::config::{format_duration, parse_duration, ConfigProblems, DurationError};
+use isthmus_proto::config::{format_duration, ConfigProblems};
 use isthmus_proto::grpc::ListenerOptions;
 use isthmus_proto::identity::{validate_dns_label, TrustDomain};
 
@@ -127,22 +126,4 @@ pub fn validate_resources(cfg: &RegistryConfig) -> Result<usize, ConfigProblems>
     let mut problems = ConfigProblems::new(format!("the resources in {}", dir.display()));
     problems.extend(scan.errors.iter().map(|e| e.problem()));
     problems.into_result().map(|()| source.resources().len())
-}
-
-/// A duration flag of the registry's programs whose default is a library constant: clap
-/// shows it in `--help` the way [`parse_duration`] reads it, so each default is defined once
-/// (`#[arg(default_value_t = DurationFlag(CONST), value_parser = DurationFlag::parse)]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DurationFlag(pub Duration);
-
-impl DurationFlag {
-    pub fn parse(s: &str) -> Result<Self, DurationError> {
-        parse_duration(s).map(Self)
-    }
-}
-
-impl fmt::Display for DurationFlag {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_duration(self.0))
-    }
 }

@@ -9,9 +9,9 @@ use clap::Args;
 use isthmus_proto::identity::TrustDomain;
 use time::OffsetDateTime;
 
-use crate::app::DurationFlag;
 use crate::ca::{self, init, token, CaMaterial};
 use crate::onboard::DEFAULT_TOKEN_TTL;
+use isthmus_proto::config::DurationFlag;
 
 #[derive(Debug, Args)]
 pub(super) struct InitArgs {
@@ -36,7 +36,7 @@ pub(super) struct TokenArgs {
     namespace: String,
     #[arg(long)]
     service_account: String,
-    #[arg(long, default_value_t = DurationFlag(DEFAULT_TOKEN_TTL), value_parser = DurationFlag::parse)]
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_TOKEN_TTL))]
     ttl: DurationFlag,
 }
 

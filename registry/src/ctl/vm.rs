@@ -7,8 +7,8 @@ use clap::Args;
 use isthmus_proto::identity::TrustDomain;
 use time::OffsetDateTime;
 
-use crate::app::DurationFlag;
 use crate::onboard::{self, OnboardOptions, DEFAULT_TOKEN_TTL};
+use isthmus_proto::config::DurationFlag;
 
 #[derive(Debug, Args)]
 pub(super) struct OnboardArgs {
@@ -33,7 +33,7 @@ pub(super) struct OnboardArgs {
     #[arg(long)]
     out: PathBuf,
     /// Lifetime of the bootstrap token (at most 24h).
-    #[arg(long, default_value_t = DurationFlag(DEFAULT_TOKEN_TTL), value_parser = DurationFlag::parse)]
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_TOKEN_TTL))]
     token_ttl: DurationFlag,
     /// The trust domain; by default the CA's.
     #[arg(long)]
