@@ -1,13 +1,13 @@
 //! `isthmus-dns`: parses arguments and runs the DNS proxy until SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Parser;
-use isthmus_dns::config::{self, Config, RegistrySettings};
+use isthmus_dns::config::{self, Config};
 use isthmus_dns::forwarder::UpstreamMode;
 use isthmus_proto::config::DurationFlag;
 use isthmus_proto::program;
+use isthmus_proto::subscription::RegistryFlags;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,17 +21,8 @@ struct Args {
     /// Admin HTTP address (/metrics, /healthz, /readyz, /config_dump).
     #[arg(long, default_value = config::DEFAULT_ADMIN)]
     admin_addr: SocketAddr,
-    /// The registry's gRPC address.
-    #[arg(long, default_value = config::DEFAULT_REGISTRY)]
-    registry: String,
-    /// The mesh root certificate.
-    #[arg(long)]
-    root: PathBuf,
-    /// Directory with this proxy's key.pem and cert-chain.pem.
-    #[arg(long)]
-    cert_dir: PathBuf,
-    #[arg(long, default_value = config::DEFAULT_TRUST_DOMAIN)]
-    trust_domain: String,
+    #[command(flatten)]
+    registry: RegistryFlags,
     /// This proxy's network (it sees the catalog as this network does).
     #[arg(long, env = "ISTHMUS_NETWORK")]
     network: String,
@@ -83,16 +74,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     isthmus_proto::telemetry::init();
     let a = Args::parse();
-    let mut cfg = Config::new(
-        &a.network,
-        &a.cluster,
-        RegistrySettings {
-            addr: a.registry,
-            root_cert: a.root,
-            cert_dir: a.cert_dir,
-            trust_domain: a.trust_domain,
-        },
-    );
+    let mut cfg = Config::new(&a.network, &a.cluster, a.registry.into());
     cfg.listen = a.listen;
     cfg.admin_addr = Some(a.admin_addr);
     cfg.namespace = a.namespace;

@@ -306,14 +306,7 @@ fn config_dump(
             async move {
                 Json(serde_json::json!({
                     "effective": effective,
-                    "catalog": {
-                        "version": state.view.version,
-                        "connected": state.connected,
-                        "synced": state.synced(),
-                        "last_error": state.last_error,
-                        "snapshots": state.snapshots,
-                        "resumes": state.resumes,
-                    },
+                    "catalog": state.dump(),
                     "open_connections": open,
                     "destinations": table.dump(),
                 }))

@@ -16,8 +16,9 @@ use serde::Serialize;
 pub const DEFAULT_SNI_ADDR: &str = "0.0.0.0:15443";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15000";
 pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
-pub const DEFAULT_REGISTRY: &str = "127.0.0.1:15012";
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub use isthmus_proto::subscription::{
+    DEFAULT_REGISTRY_ADDR as DEFAULT_REGISTRY, DEFAULT_TRUST_DOMAIN,
+};
 /// Time a client has to send a complete ClientHello. Real clients send it in their first
 /// segment; the bound is for clients that connect and say nothing.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -3,7 +3,6 @@
 //! `--help` as it is parsed.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
@@ -11,7 +10,7 @@ use isthmus_gateway::config::{self, GatewayConfig};
 use isthmus_proto::config::DurationFlag;
 use isthmus_proto::model::Locality;
 use isthmus_proto::program;
-use isthmus_proto::subscription::RegistrySettings;
+use isthmus_proto::subscription::RegistryFlags;
 use isthmus_proxy::balancer::{self, Policy};
 use isthmus_proxy::{routes, upstream};
 
@@ -26,20 +25,11 @@ struct Args {
     network: String,
     #[arg(long, env = "ISTHMUS_CLUSTER", default_value = "")]
     cluster: String,
-    /// The registry's gRPC address.
-    #[arg(long, default_value = config::DEFAULT_REGISTRY)]
-    registry: String,
-    /// The mesh root certificate.
-    #[arg(long)]
-    root: PathBuf,
-    /// Directory with this gateway's key.pem and cert-chain.pem.
-    #[arg(long)]
-    cert_dir: PathBuf,
+    #[command(flatten)]
+    registry: RegistryFlags,
     /// A bootstrap token to obtain the certificate when --cert-dir has none.
     #[arg(long, env = "ISTHMUS_TOKEN")]
     token: Option<String>,
-    #[arg(long, default_value = config::DEFAULT_TRUST_DOMAIN)]
-    trust_domain: String,
     /// region/zone/subzone of this gateway (locality-priority load balancing).
     #[arg(long, default_value = "")]
     locality: String,
@@ -88,16 +78,7 @@ struct Args {
 impl Args {
     fn into_config(self) -> GatewayConfig {
         let a = self;
-        let mut cfg = GatewayConfig::new(
-            &a.network,
-            &a.cluster,
-            RegistrySettings {
-                addr: a.registry,
-                root_cert: a.root,
-                cert_dir: a.cert_dir,
-                trust_domain: a.trust_domain,
-            },
-        );
+        let mut cfg = GatewayConfig::new(&a.network, &a.cluster, a.registry.into());
         cfg.token = a.token;
         cfg.locality = Locality::parse(&a.locality);
         cfg.sni_addr = a.sni_addr;

@@ -9,6 +9,7 @@
 //! service this network does not export, is closed at once and counted by reason; one that
 //! sends nothing is closed when the handshake timeout passes.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use isthmus_proto::drain;
 use isthmus_proto::sni::SniKey;
 use isthmus_proxy::client_hello::{ClientHelloReader, Hello};
 use isthmus_proxy::connection::{
-    accept_loop, finish_relay, refusal, AccessRecord, Refusal, Tracker,
+    self, finish_relay, refusal, AccessRecord, ConnectionHandler, Refusal, Tracker,
 };
 use isthmus_proxy::metrics::{ConnResult, Direction, Metrics};
 use isthmus_proxy::relay;
@@ -43,22 +44,20 @@ pub struct Passthrough {
 /// Accepts until `shutdown`, then returns (open connections carry on; the caller drains
 /// them through the tracker).
 pub async fn serve(listener: TcpListener, p: Arc<Passthrough>, shutdown: drain::Watch) {
-    let (tracker, max) = (p.tracker.clone(), p.max_connections);
-    accept_loop(
-        listener,
-        DIRECTION,
-        tracker,
-        max,
-        shutdown,
-        move |tcp, mut rec| {
-            let p = p.clone();
-            async move {
-                handle(&p, tcp, &mut rec).await;
-                rec
-            }
-        },
-    )
-    .await;
+    connection::serve(listener, p, shutdown).await;
+}
+
+impl ConnectionHandler for Passthrough {
+    const DIRECTION: Direction = DIRECTION;
+    fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+    fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+    fn handle(&self, tcp: TcpStream, rec: &mut AccessRecord) -> impl Future<Output = ()> + Send {
+        handle(self, tcp, rec)
+    }
 }
 
 /// Reads until the ClientHello's server name is known; returns it and every byte read.

@@ -103,6 +103,41 @@ pub fn leaf_params(
     Ok(params)
 }
 
+/// The profile of every mesh CA certificate (the root and the per-cluster intermediates):
+/// subject `O=<trust domain>, CN=<common_name>`, the URI SAN `spiffe://<trust domain>`, a CA
+/// with `constraints`, allowed to sign certificates and CRLs, valid for `validity`, with
+/// `serial`.
+pub fn ca_params(
+    trust_domain: &str,
+    common_name: String,
+    constraints: rcgen::BasicConstraints,
+    validity: LeafValidity,
+    serial: rcgen::SerialNumber,
+) -> Result<rcgen::CertificateParams, rcgen::Error> {
+    use rcgen::{DnType, IsCa, KeyUsagePurpose, SanType};
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.subject_alt_names = vec![SanType::URI(rcgen::string::Ia5String::try_from(format!(
+        "spiffe://{trust_domain}"
+    ))?)];
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.serial_number = Some(serial);
+    Ok(params)
+}
+
 /// Writes `key.pem` (0600), `cert-chain.pem` and `root-cert.pem` into `dir`, each file
 /// replaced atomically so a reader never sees a half-written credential.
 pub fn write_credentials(

@@ -246,6 +246,18 @@ impl SyncState {
     pub fn synced(&self) -> bool {
         self.last_sync.is_some()
     }
+
+    /// The catalog part of every program's `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": self.view.version,
+            "connected": self.connected,
+            "synced": self.synced(),
+            "last_error": self.last_error,
+            "snapshots": self.snapshots,
+            "resumes": self.resumes,
+        })
+    }
 }
 
 /// The one loop every consumer of a view runs (the routing table, the DNS names, the
@@ -452,6 +464,39 @@ impl WatchClient {
 }
 
 /// How a program reaches the registry's Watch.
+/// The registry's gRPC address when none is given: a registry on the same host.
+pub const DEFAULT_REGISTRY_ADDR: &str = "127.0.0.1:15012";
+/// The trust domain when none is given (Istio's default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// The flags every data-plane program takes to reach the registry, written once.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryFlags {
+    /// The registry's gRPC address.
+    #[arg(long, default_value = DEFAULT_REGISTRY_ADDR)]
+    pub registry: String,
+    /// The mesh root certificate.
+    #[arg(long)]
+    pub root: std::path::PathBuf,
+    /// Directory with this program's key.pem and cert-chain.pem.
+    #[arg(long)]
+    pub cert_dir: std::path::PathBuf,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+impl From<RegistryFlags> for RegistrySettings {
+    fn from(f: RegistryFlags) -> Self {
+        RegistrySettings {
+            addr: f.registry,
+            root_cert: f.root,
+            cert_dir: f.cert_dir,
+            trust_domain: f.trust_domain,
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RegistrySettings {
     pub addr: String,

@@ -16,10 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, KeyPair};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
@@ -53,10 +50,6 @@ fn serial_number(n: u64) -> rcgen::SerialNumber {
 
 fn new_key() -> KeyPair {
     KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key generation")
-}
-
-fn uri_san(uri: &str) -> SanType {
-    SanType::URI(rcgen::string::Ia5String::try_from(uri).expect("a URI is IA5"))
 }
 
 /// A root CA for a trust domain, with an optional intermediate that then signs the leaves.
@@ -186,29 +179,22 @@ impl TestCa {
     }
 }
 
-/// A CA certificate for `trust_domain` with the next serial of `serial`.
+/// A CA certificate for `trust_domain` (the mesh's CA profile) with the next serial of
+/// `serial`.
 fn ca_params(
     trust_domain: &str,
     common_name: String,
     constraints: BasicConstraints,
     serial: &AtomicU64,
 ) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    params.is_ca = IsCa::Ca(constraints);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))];
-    params.not_before = test_validity().not_before;
-    params.not_after = test_validity().not_after;
-    params.serial_number = Some(serial_number(serial.fetch_add(1, Ordering::Relaxed)));
-    params
+    certs::ca_params(
+        trust_domain,
+        common_name,
+        constraints,
+        test_validity(),
+        serial_number(serial.fetch_add(1, Ordering::Relaxed)),
+    )
+    .expect("a trust domain is IA5")
 }
 
 /// An expired validity window ending `ago` before `now`, for tests of refusal.

@@ -147,6 +147,44 @@ impl ConnGuard {
     }
 }
 
+/// A listener's handling of one accepted connection; [`serve`] runs the shared accept loop
+/// for it. The SNI passthrough, the inbound mTLS listener and the like implement it.
+pub trait ConnectionHandler: Send + Sync + 'static {
+    /// The listener's label in metrics and the access log.
+    const DIRECTION: Direction;
+    /// Where its open connections are counted (drain waits for them).
+    fn tracker(&self) -> &Arc<Tracker>;
+    /// Connections held at once; the rest wait in the listen backlog.
+    fn max_connections(&self) -> usize;
+    /// Handles `tcp` to the end, filling in `rec`.
+    fn handle(&self, tcp: TcpStream, rec: &mut AccessRecord) -> impl Future<Output = ()> + Send;
+}
+
+/// Accepts for `handler` until `shutdown`, then returns (open connections carry on; the
+/// caller drains them through the tracker).
+pub async fn serve<H: ConnectionHandler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    shutdown: drain::Watch,
+) {
+    let (tracker, max) = (handler.tracker().clone(), handler.max_connections());
+    accept_loop(
+        listener,
+        H::DIRECTION,
+        tracker,
+        max,
+        shutdown,
+        move |tcp, mut rec| {
+            let handler = handler.clone();
+            async move {
+                handler.handle(tcp, &mut rec).await;
+                rec
+            }
+        },
+    )
+    .await;
+}
+
 /// The accept loop every listener shares: at most `max_connections` held at once (the rest
 /// wait in the listen backlog), each registered with the tracker, run in its own task and
 /// span by `handle`, and logged once when it ends. Returns when `shutdown` fires; open

@@ -22,6 +22,7 @@
 mod tests;
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -38,7 +39,9 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::authz::{AuthorizationPolicy, Decision};
-use crate::connection::{accept_loop, finish_relay, refusal, AccessRecord, Refusal, Tracker};
+use crate::connection::{
+    self, finish_relay, refusal, AccessRecord, ConnectionHandler, Refusal, Tracker,
+};
 use crate::metrics::{
     BytesLabels, ConnLabels, ConnResult, Direction, DirectionLabels, Flow, Metrics, OpenLabels,
     ServiceLabels,
@@ -204,22 +207,20 @@ impl Inbound {
 /// Accepts until `shutdown`, then returns (open connections carry on; the caller drains
 /// them through the tracker).
 pub async fn serve(listener: TcpListener, inbound: Arc<Inbound>, shutdown: drain::Watch) {
-    let (tracker, max) = (inbound.tracker.clone(), inbound.max_connections);
-    accept_loop(
-        listener,
-        DIRECTION,
-        tracker,
-        max,
-        shutdown,
-        move |tcp, mut rec| {
-            let inbound = inbound.clone();
-            async move {
-                handle(&inbound, tcp, &mut rec).await;
-                rec
-            }
-        },
-    )
-    .await;
+    connection::serve(listener, inbound, shutdown).await;
+}
+
+impl ConnectionHandler for Inbound {
+    const DIRECTION: Direction = DIRECTION;
+    fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+    fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+    fn handle(&self, tcp: TcpStream, rec: &mut AccessRecord) -> impl Future<Output = ()> + Send {
+        handle(self, tcp, rec)
+    }
 }
 
 /// The accepted connection, after the handshake.

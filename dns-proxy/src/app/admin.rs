@@ -48,12 +48,7 @@ impl Dump {
         let state = self.sync.borrow().clone();
         serde_json::json!({
             "effective": self.effective,
-            "catalog": {
-                "connected": state.connected,
-                "last_error": state.last_error,
-                "snapshots": state.snapshots,
-                "resumes": state.resumes,
-            },
+            "catalog": state.dump(),
             "cache_entries": self.resolver.cache().len(),
             "name_table": names.dump(),
         })

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ::time::OffsetDateTime;
-use isthmus_proto::certs::write_atomic;
+use isthmus_proto::certs::{self, write_atomic, LeafValidity};
 use isthmus_proto::identity::{validate_dns_label, TrustDomain};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{BasicConstraints, CertificateParams, KeyPair};
 
 use super::{CA_CERT_FILE, CA_CHAIN_FILE, CA_KEY_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE};
 
@@ -58,12 +58,6 @@ fn gen(e: rcgen::Error) -> InitError {
     InitError::Generate(e.to_string())
 }
 
-fn spiffe_td_san(td: &TrustDomain) -> Result<SanType, InitError> {
-    Ok(SanType::URI(
-        rcgen::string::Ia5String::try_from(format!("spiffe://{td}")).map_err(gen)?,
-    ))
-}
-
 fn write(path: &Path, content: &str, mode: u32) -> Result<(), InitError> {
     write_atomic(path, content.as_bytes(), mode).map_err(|e| InitError::Io {
         path: path.to_path_buf(),
@@ -71,8 +65,8 @@ fn write(path: &Path, content: &str, mode: u32) -> Result<(), InitError> {
     })
 }
 
-/// Parameters of a CA certificate for `td`: the `spiffe://TD` URI SAN, CA key usages, a
-/// random serial, valid from a little before `now` for `ttl`.
+/// Parameters of a CA certificate for `td` (the mesh's one CA profile): a random serial,
+/// valid from a little before `now` for `ttl`.
 fn ca_params(
     td: &TrustDomain,
     common_name: String,
@@ -80,25 +74,18 @@ fn ca_params(
     now: OffsetDateTime,
     ttl: Duration,
 ) -> Result<CertificateParams, InitError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, td.as_str());
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    params.is_ca = IsCa::Ca(constraints);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.subject_alt_names = vec![spiffe_td_san(td)?];
-    params.not_before = now - super::CLOCK_SKEW_ALLOWANCE;
-    params.not_after = now + ttl;
-    params.serial_number = Some(super::random_serial());
-    Ok(params)
+    let validity = LeafValidity {
+        not_before: now - super::CLOCK_SKEW_ALLOWANCE,
+        not_after: now + ttl,
+    };
+    certs::ca_params(
+        td.as_str(),
+        common_name,
+        constraints,
+        validity,
+        super::random_serial(),
+    )
+    .map_err(gen)
 }
 
 pub fn init(opts: &InitOptions, now: OffsetDateTime) -> Result<InitReport, InitError> {
