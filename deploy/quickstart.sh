@@ -34,8 +34,9 @@
 #     vm-X 169.254.1.1/32 ── eth0 10.10.0.7/32 in isthmus-vm-X (the VM), whose default
 #     route 10.10.0.7/32 dev vm-X                route is via 169.254.1.1
 #
-#   isthmus-vm-X: sample-app (deploy/sample-app) on 0.0.0.0:9080, isthmus-vm-agent (admin 127.0.0.1:15000,
-#                 health 0.0.0.0:15021); /etc/netns/isthmus-vm-X/resolv.conf says
+#   isthmus-vm-X: sample-app on 0.0.0.0:9080 (its source is deploy/sample-app),
+#                 isthmus-vm-agent (admin 127.0.0.1:15000, health 0.0.0.0:15021);
+#                 /etc/netns/isthmus-vm-X/resolv.conf says
 #                 nameserver 10.10.0.53, and the agent answers the mesh names sent there
 #
 # Both VMs are 10.10.0.7: nothing outside a network can route to its VM, hence the
