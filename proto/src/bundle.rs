@@ -385,15 +385,9 @@ mod tests {
         )
     }
 
-    /// A CA certificate naming `trust_domain` in a URI SAN, as the mesh CA's root does.
+    /// The root of a test CA for `trust_domain` (the one test PKI).
     fn root(trust_domain: &str) -> String {
-        let mut params = rcgen::CertificateParams::default();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            rcgen::string::Ia5String::try_from(format!("spiffe://{trust_domain}")).unwrap(),
-        )];
-        let key = rcgen::KeyPair::generate().unwrap();
-        params.self_signed(&key).unwrap().pem()
+        crate::test_pki::TestCa::new(trust_domain).root_pem()
     }
 
     fn written() -> (tempfile::TempDir, PathBuf) {
