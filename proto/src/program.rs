@@ -24,20 +24,21 @@ pub const TASK_STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A listener that could not be bound, with what it was for and where.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen for {what} on {addr}: {source}{hint}")]
+// The I/O error is part of the message, not a `source()`: printing the error chain would
+// otherwise say the cause twice.
+#[error("cannot listen for {what} on {addr}: {error}{hint}")]
 pub struct BindError {
     pub what: &'static str,
     pub addr: SocketAddr,
-    #[source]
-    pub source: std::io::Error,
+    pub error: std::io::Error,
     hint: &'static str,
 }
 
 /// Binds a TCP listener for `what` (the listener's role, e.g. "SNI passthrough"). Programs
 /// bind every port before they talk to anyone, so a port in use fails the start at once.
 pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr).await.map_err(|source| {
-        let hint = match source.kind() {
+    TcpListener::bind(addr).await.map_err(|error| {
+        let hint = match error.kind() {
             std::io::ErrorKind::AddrInUse => {
                 " (another process holds the port: stop it or choose another address)"
             }
@@ -52,7 +53,7 @@ pub async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, B
         BindError {
             what,
             addr,
-            source,
+            error,
             hint,
         }
     })
@@ -311,6 +312,9 @@ mod tests {
         assert!(msg.contains("SNI passthrough"), "{msg}");
         assert!(msg.contains(&addr.to_string()), "{msg}");
         assert!(msg.contains("another process holds the port"), "{msg}");
+        // The cause is said once: it is in the message, not a second link of the chain.
+        assert!(std::error::Error::source(&err).is_none());
+        assert_eq!(msg.matches("in use").count(), 1, "{msg}");
     }
 
     #[tokio::test]

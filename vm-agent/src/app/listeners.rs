@@ -165,7 +165,7 @@ async fn bind_captured(
         match program::bind(v6, "outbound").await {
             Ok(l) => outs.push(l),
             Err(e) => {
-                tracing::info!(addr = %v6, error = %e.source, "no IPv6 outbound capture listener")
+                tracing::info!(addr = %v6, error = %e.error, "no IPv6 outbound capture listener")
             }
         }
     }
