@@ -41,10 +41,7 @@ pub fn endpoint<'a>(
     address: &str,
 ) -> Option<&'a ViewEndpoint> {
     match view.resources.get(&service_view_key(hostname)) {
-        Some(ViewResource::Service(sv)) => sv
-            .endpoints
-            .iter()
-            .find(|e| e.address.to_string() == address),
+        Some(ViewResource::Service(sv)) => sv.endpoints.iter().find(|e| e.address == address),
         _ => None,
     }
 }
