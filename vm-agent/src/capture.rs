@@ -477,13 +477,20 @@ pub fn nft_version() -> Result<String, CaptureError> {
 }
 
 /// Runs `nft args`, feeding `stdin` if given; its stdout on success.
+/// `nft`, started without the agent's systemd variables.
+fn nft_command() -> Command {
+    let mut cmd = Command::new(NFT);
+    crate::notify::without_notify_env(&mut cmd);
+    cmd
+}
+
 fn nft(
     args: &[&str],
     stdin: Option<&str>,
     what: &'static str,
     hint: &'static str,
 ) -> Result<String, CaptureError> {
-    let mut child = Command::new(NFT)
+    let mut child = nft_command()
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -525,6 +532,11 @@ fn nft(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nft_runs_without_the_agents_systemd_variables() {
+        crate::notify::tests::assert_no_notify_env(&nft_command());
+    }
 
     fn plan() -> CapturePlan {
         CapturePlan {

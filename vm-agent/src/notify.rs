@@ -36,6 +36,15 @@ pub const WATCHDOG_PID: &str = "WATCHDOG_PID";
 /// they never mistake the agent's watchdog for their own.
 pub const ENV_VARS: [&str; 3] = [NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID];
 
+/// Removes [`ENV_VARS`] from what `cmd` passes to its child: every process the agent starts
+/// (`nft`, exec probes) is started through this.
+pub fn without_notify_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in ENV_VARS {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// The longest notification systemd accepts: it reads one pipe buffer's worth
 /// (`PIPE_BUF`) and ignores a longer datagram entirely.
 pub const MAX_MESSAGE_LEN: usize = 4096;
@@ -308,7 +317,7 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A socket standing in for systemd's, bound at `path` in a fresh directory.
@@ -475,6 +484,24 @@ mod tests {
             Notifier::from_vars(Some("run/notify"), Some("30s"), Some("self"), 42).unwrap_err();
         let fields: Vec<String> = problems(err).into_iter().map(|p| p.field).collect();
         assert_eq!(fields, [NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID]);
+    }
+
+    /// The child is started without the agent's systemd variables, whatever the agent's own
+    /// environment holds.
+    pub(crate) fn assert_no_notify_env(cmd: &std::process::Command) {
+        for var in ENV_VARS {
+            let set = cmd
+                .get_envs()
+                .find(|(k, _)| *k == std::ffi::OsStr::new(var))
+                .map(|(_, v)| v);
+            assert_eq!(set, Some(None), "{var} is not removed for the child");
+        }
+    }
+
+    #[test]
+    fn children_do_not_inherit_the_notify_variables() {
+        let mut cmd = std::process::Command::new("true");
+        assert_no_notify_env(without_notify_env(&mut cmd));
 
         let long = format!("/{}", "x".repeat(200));
         let err = Notifier::from_vars(Some(&long), None, None, 42).unwrap_err();

@@ -182,16 +182,25 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
     }
 }
 
+/// The exec probe's command: no stdin or stdout, stderr kept for the reason, and not the
+/// agent's systemd variables (a probe must never ping the agent's watchdog).
+fn exec_command(program: &str, args: &[String]) -> tokio::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    crate::notify::without_notify_env(&mut cmd)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    cmd
+}
+
 async fn exec(command: &[String]) -> Result<(), String> {
     let Some((program, args)) = command.split_first() else {
         return Err("exec probe without a command".into());
     };
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
+    let out = exec_command(program, args)
         .output()
         .await
         .map_err(|e| format!("exec {program}: {e}"))?;
@@ -313,6 +322,12 @@ fn publish(health: &watch::Sender<HealthReport>, healthy: bool, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exec_probe_runs_without_the_agents_systemd_variables() {
+        let cmd = exec_command("sh", &["-c".into(), "true".into()]);
+        crate::notify::tests::assert_no_notify_env(cmd.as_std());
+    }
 
     fn schedule(success: u32, failure: u32) -> Schedule {
         Schedule {
