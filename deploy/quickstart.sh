@@ -5,11 +5,11 @@
 # and in each network a VM running a sample app behind isthmus-vm-agent. A process on VM A
 # then calls the app on VM B by its mesh name, with no change to either app.
 #
-#   sudo deploy/quickstart.sh        build (release), bring the mesh up, show a call across
+#   deploy/quickstart.sh             build (release), bring the mesh up, show a call across
 #                                    the networks and who saw which identity on the way
-#   sudo deploy/quickstart.sh down   stop everything it started and remove every namespace,
+#   deploy/quickstart.sh down        stop everything it started and remove every namespace,
 #                                    interface, /etc/netns entry and file it created
-#   sudo deploy/quickstart.sh status what is up
+#   deploy/quickstart.sh status      what is up
 #
 # `up` refuses to start over a mesh that is up, or over what a failed `up` left for a look
 # (it says what failed, with the log's tail): run `down` first. `down` is idempotent.
@@ -85,7 +85,7 @@ die() {
 
 require_root() {
   if [ "$(id -u)" -ne 0 ]; then
-    die "the local mesh creates network namespaces, veth pairs and nftables rules: run it as root (sudo deploy/quickstart.sh${1:+ $1})"
+    die "the local mesh creates network namespaces, veth pairs and nftables rules: run it as root (deploy/quickstart.sh${1:+ $1} as root, or with sudo in front)"
   fi
 }
 
@@ -555,10 +555,10 @@ The local mesh keeps running. Poke around (as root):
     curl -s http://$(gw_ip b):15000/config_dump
     $bin/isthmusctl catalog --registry $grpc \\
       --root $state/ca/root-cert.pem --cert-dir $state/gateway-a --network network-a
-  sudo deploy/quickstart.sh status
+  deploy/quickstart.sh status        (as root)
 Logs: $logs/{registry,gateway-a,gateway-b,app-a,app-b,agent-a,agent-b}.log
 The live catalog is in $state/resources/ (the registry re-reads it when it changes).
-Tear everything down with: sudo deploy/quickstart.sh down
+Tear everything down with (as root): deploy/quickstart.sh down
 EOF
 }
 
@@ -567,7 +567,7 @@ on_up_exit() {
   if [ "$rc" -ne 0 ] && [ -d "$state" ]; then
     echo >&2
     echo "quickstart: up failed; what it started is left as it is for a look (logs in $logs)." >&2
-    echo "Remove it all with: sudo deploy/quickstart.sh down" >&2
+    echo "Remove it all with (as root): deploy/quickstart.sh down" >&2
   fi
 }
 
@@ -581,7 +581,7 @@ up() {
     die "ISTHMUS_WAN_PREFIX must be the first three octets of a /24 (like 198.18.0), not $wan"
   if already_up; then
     status
-    die "the local mesh is already up (or left over from a failed run): run 'sudo deploy/quickstart.sh down' first"
+    die "the local mesh is already up (or left over from a failed run): run 'deploy/quickstart.sh down' (as root) first"
   fi
   build
   check_binaries

@@ -32,6 +32,7 @@ struct Args {
     /// The namespace short names are relative to.
     #[arg(long, default_value = config::DEFAULT_NAMESPACE)]
     namespace: String,
+    /// The clusters' DNS domain (`name.ns.svc.<domain>`).
     #[arg(long, default_value = config::DEFAULT_CLUSTER_DOMAIN)]
     cluster_domain: String,
     /// Upstream resolver (ip:port; repeatable). Default: the nameservers of /etc/resolv.conf.
@@ -46,15 +47,19 @@ struct Args {
     /// TTL of mesh answers.
     #[arg(long, default_value_t = DurationFlag(config::DEFAULT_TTL))]
     ttl: DurationFlag,
+    /// Answers from upstream kept in the cache at most.
     #[arg(long, default_value_t = config::DEFAULT_CACHE_ENTRIES)]
     cache_entries: usize,
+    /// The longest an upstream answer is cached, whatever its TTL says.
     #[arg(long, default_value_t = DurationFlag(config::DEFAULT_CACHE_MAX_TTL))]
     cache_max_ttl: DurationFlag,
+    /// The longest a negative answer (NXDOMAIN, no data) is cached.
     #[arg(long, default_value_t = DurationFlag(config::DEFAULT_NEGATIVE_MAX_TTL))]
     negative_max_ttl: DurationFlag,
     /// Queries waiting on upstreams at once; more are refused.
     #[arg(long, default_value_t = config::DEFAULT_MAX_INFLIGHT)]
     max_inflight: usize,
+    /// DNS-over-TCP clients served at once.
     #[arg(long, default_value_t = config::DEFAULT_MAX_TCP_CONNECTIONS)]
     max_tcp_connections: usize,
     /// Queries a second one client address may send; 0 turns the limit off.

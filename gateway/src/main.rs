@@ -23,6 +23,7 @@ struct Args {
     /// This gateway's network (it routes only to workloads on it).
     #[arg(long, env = "ISTHMUS_NETWORK")]
     network: String,
+    /// This gateway's cluster, as the registry names it.
     #[arg(long, env = "ISTHMUS_CLUSTER", default_value = "")]
     cluster: String,
     #[command(flatten)]
@@ -63,8 +64,10 @@ struct Args {
     /// The longest an ejection grows to.
     #[arg(long, default_value_t = DurationFlag(balancer::DEFAULT_MAX_EJECTION))]
     outlier_max_ejection: DurationFlag,
+    /// Connections held at once (all services); further clients wait in the listen backlog.
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Connections to one service port at once; the excess is refused and counted.
     #[arg(long, default_value_t = routes::DEFAULT_MAX_CONNECTIONS_PER_DESTINATION)]
     max_connections_per_destination: usize,
     /// Time open connections get to finish after SIGTERM.

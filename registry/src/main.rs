@@ -42,8 +42,10 @@ struct Args {
     /// The trust domain; by default read from the CA certificate's spiffe:// URI SAN.
     #[arg(long, env = "ISTHMUS_TRUST_DOMAIN")]
     trust_domain: Option<String>,
+    /// gRPC (Watch, Registration, CA) over mTLS.
     #[arg(long, default_value = DEFAULT_GRPC_ADDR)]
     grpc_addr: SocketAddr,
+    /// Admin HTTP (/metrics, /healthz, /readyz, /debug/*, /logging).
     #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
     admin_addr: SocketAddr,
     /// Default leaf certificate lifetime.

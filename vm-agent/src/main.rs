@@ -84,6 +84,7 @@ struct RunArgs {
     /// region/zone/subzone of this VM.
     #[arg(long, default_value = "")]
     locality: String,
+    /// The resolver configuration whose nameservers are captured and forwarded to.
     #[arg(long, default_value = config::DEFAULT_RESOLV_CONF)]
     resolv_conf: PathBuf,
     /// Time open connections get to finish after SIGTERM.
@@ -95,6 +96,7 @@ struct RunArgs {
     /// Time a peer has to complete its TLS handshake with the inbound listener.
     #[arg(long, default_value_t = DurationFlag(config::DEFAULT_HANDSHAKE_TIMEOUT))]
     handshake_timeout: DurationFlag,
+    /// Connections each listener holds at once; more wait in the listen backlog.
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// The mark on the agent's own sockets, which capture lets pass.

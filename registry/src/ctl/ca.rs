@@ -15,11 +15,13 @@ use isthmus_proto::config::DurationFlag;
 
 #[derive(Debug, Args)]
 pub(super) struct InitArgs {
+    /// The mesh's trust domain (the `spiffe://` authority of every identity).
     #[arg(long)]
     trust_domain: String,
     /// Repeat for several clusters.
     #[arg(long = "cluster", required = true)]
     clusters: Vec<String>,
+    /// Directory for the root and one sub-directory per cluster (Istio's cacerts layout).
     #[arg(long)]
     out: PathBuf,
     /// Replace existing cluster intermediates, keeping the root.
@@ -32,10 +34,13 @@ pub(super) struct TokenArgs {
     /// The cluster CA directory (DIR/<cluster>) whose registry will redeem the token.
     #[arg(long)]
     ca_dir: PathBuf,
+    /// The namespace of the identity the token is for.
     #[arg(long)]
     namespace: String,
+    /// The service account of the identity the token is for.
     #[arg(long)]
     service_account: String,
+    /// How long the token can be redeemed (at most 24h).
     #[arg(long, default_value_t = DurationFlag(DEFAULT_TOKEN_TTL))]
     ttl: DurationFlag,
 }

@@ -19,6 +19,7 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) struct CatalogArgs {
     #[command(flatten)]
     conn: RegistryConn,
+    /// The network whose view to show.
     #[arg(long)]
     network: String,
     /// Whose view: a workload's (split horizon) or a gateway's (local endpoints only).

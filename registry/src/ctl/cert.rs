@@ -17,12 +17,14 @@ use super::connect::{connect, RegistryConn};
 pub(super) struct RequestArgs {
     #[command(flatten)]
     conn: RegistryConn,
+    /// A bootstrap token for a first certificate (else --cert-dir renews the one there).
     #[arg(
         long,
         conflicts_with = "cert_dir",
         required_unless_present = "cert_dir"
     )]
     token: Option<String>,
+    /// Directory to write key.pem (0600), cert-chain.pem and root-cert.pem into.
     #[arg(long)]
     out: PathBuf,
     /// Requested lifetime (the CA's default when absent).

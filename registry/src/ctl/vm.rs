@@ -30,6 +30,7 @@ pub(super) struct OnboardArgs {
     /// The VM's network.
     #[arg(long)]
     network: String,
+    /// Directory to write the bundle into (agent.yaml, root-cert.pem, token).
     #[arg(long)]
     out: PathBuf,
     /// Lifetime of the bootstrap token (at most 24h).
