@@ -13,6 +13,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{
     verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
 };
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -279,7 +280,7 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 pub fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = rustls_pemfile::certs(&mut &pem[..])
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadPem {
             path: path.to_path_buf(),
@@ -303,15 +304,13 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 pub fn parse_key(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| TlsError::BadPem {
-            path: path.to_path_buf(),
-            why: e.to_string(),
-        })?
-        .ok_or_else(|| TlsError::BadPem {
-            path: path.to_path_buf(),
-            why: "no PRIVATE KEY block found".into(),
-        })
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| TlsError::BadPem {
+        path: path.to_path_buf(),
+        why: match e {
+            pem::Error::NoItemsFound => "no PRIVATE KEY block found".into(),
+            e => e.to_string(),
+        },
+    })
 }
 
 /// Whether a server requires a client certificate.
@@ -491,4 +490,33 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     certs
         .and_then(|c| c.first())
         .and_then(|leaf| spiffe_id_of(leaf).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_pki::{test_validity, TestCa};
+
+    #[test]
+    fn pem_certificates_and_keys_are_read_and_their_absence_named() {
+        let ca = TestCa::with_intermediate("cluster.local");
+        let (chain, key) = ca.leaf_pem(&ca.id("shop", "web"), test_validity());
+        let path = Path::new("cert-chain.pem");
+        let certs = parse_certs(path, chain.as_bytes()).unwrap();
+        assert_eq!(certs.len(), 2, "leaf and intermediate");
+        assert!(parse_key(Path::new("key.pem"), key.as_bytes()).is_ok());
+        // A file holding the key before the chain still yields just the certificates.
+        let mixed = format!("{key}{chain}");
+        assert_eq!(parse_certs(path, mixed.as_bytes()).unwrap().len(), 2);
+        let err = parse_certs(path, key.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("no CERTIFICATE block found"), "{err}");
+        let err = parse_key(Path::new("key.pem"), chain.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no PRIVATE KEY block found"), "{err}");
+        let err = parse_certs(path, b"not pem at all")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cert-chain.pem"), "{err}");
+    }
 }
