@@ -160,6 +160,11 @@ fn tokens_verify_and_refuse_tampering_expiry_and_foreign_keys() {
         claims.identity().unwrap().as_str(),
         "spiffe://mesh.test/ns/shop/sa/web"
     );
+    // A lifetime under a second would be expired when printed: refused, named.
+    for ttl in [Duration::ZERO, Duration::from_millis(500)] {
+        let err = token::create(&m1, "c1", "shop", "web", ttl, now).unwrap_err();
+        assert!(err.to_string().contains("below the minimum of 1s"), "{err}");
+    }
     // Expired.
     let err = token::verify(&m1, &t, now + Duration::from_secs(3601)).unwrap_err();
     assert_eq!(err.reason(), "token_expired");

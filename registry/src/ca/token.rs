@@ -18,6 +18,8 @@ pub use isthmus_proto::token::{TokenClaims, TOKEN_PREFIX};
 /// Longest lifetime a bootstrap token may have: a VM that has not enrolled within a day
 /// should be given a new one.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Expiry is kept in whole seconds: a shorter lifetime would print an expired token.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
@@ -40,6 +42,8 @@ pub enum TokenError {
     Scope { token: String, requested: String },
     #[error("token lifetime {0:?} is above the maximum of 24h")]
     TtlTooLong(Duration),
+    #[error("token lifetime {0:?} is below the minimum of 1s: the token would be expired when it is printed")]
+    TtlTooShort(Duration),
     #[error("cannot sign the token: {0}")]
     Sign(String),
 }
@@ -54,7 +58,9 @@ impl TokenError {
             TokenError::TrustDomain { .. } => "token_trust_domain",
             TokenError::Reused => "token_reused",
             TokenError::Scope { .. } => "token_scope",
-            TokenError::TtlTooLong(_) | TokenError::Sign(_) => "token_invalid",
+            TokenError::TtlTooLong(_) | TokenError::TtlTooShort(_) | TokenError::Sign(_) => {
+                "token_invalid"
+            }
         }
     }
 }
@@ -72,6 +78,9 @@ pub fn create(
     validate_dns_label("service account", sa).map_err(|e| TokenError::Malformed(e.to_string()))?;
     if ttl > MAX_TOKEN_TTL {
         return Err(TokenError::TtlTooLong(ttl));
+    }
+    if ttl < MIN_TOKEN_TTL {
+        return Err(TokenError::TtlTooShort(ttl));
     }
     let iat = now.unix_timestamp();
     let claims = TokenClaims {
