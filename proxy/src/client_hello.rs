@@ -183,28 +183,39 @@ fn server_name(body: &[u8]) -> Result<String, HelloError> {
     if c.0.is_empty() {
         return Err(HelloError::NoSni);
     }
+    // Every extension is read: RFC 8446 4.2 allows one extension of each type and RFC 6066 3
+    // one name of each type, so a second server name (which another reader might route on
+    // instead) makes the hello malformed rather than routable by its first.
     let mut exts = Cursor(c.vec16()?);
+    let mut found: Option<String> = None;
+    let mut seen_server_name = false;
     while !exts.0.is_empty() {
         let ty = exts.u16()?;
         let data = exts.vec16()?;
         if ty != EXT_SERVER_NAME {
             continue;
         }
+        if std::mem::replace(&mut seen_server_name, true) {
+            return Err(HelloError::Malformed);
+        }
         let mut list = Cursor(Cursor(data).vec16()?);
         while !list.0.is_empty() {
             let name_type = list.u8()?;
             let name = list.vec16()?;
-            if name_type == NAME_TYPE_HOST {
-                let name = std::str::from_utf8(name).map_err(|_| HelloError::Malformed)?;
-                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(HelloError::Malformed);
-                }
-                return Ok(name.to_ascii_lowercase());
+            if name_type != NAME_TYPE_HOST {
+                continue;
             }
+            if found.is_some() {
+                return Err(HelloError::Malformed);
+            }
+            let name = std::str::from_utf8(name).map_err(|_| HelloError::Malformed)?;
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(HelloError::Malformed);
+            }
+            found = Some(name.to_ascii_lowercase());
         }
-        return Err(HelloError::NoSni);
     }
-    Err(HelloError::NoSni)
+    found.ok_or(HelloError::NoSni)
 }
 
 #[cfg(test)]
@@ -319,6 +330,63 @@ mod tests {
         }
         assert!(result.is_err(), "bounded");
         assert!(r.received().len() <= MAX_CLIENT_HELLO + 64);
+    }
+
+    /// A hand-built TLS 1.3 ClientHello record with `extensions` (type, data) in order.
+    fn hello_with(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut exts = Vec::new();
+        for (ty, data) in extensions {
+            exts.extend_from_slice(&ty.to_be_bytes());
+            exts.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            exts.extend_from_slice(data);
+        }
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]); // random
+        body.push(0); // no session id
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+        body.extend_from_slice(&[1, 0]); // null compression
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(&exts);
+        let mut hs = vec![1];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(&body);
+        let mut rec = vec![22, 3, 1];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    /// A server_name extension's data naming `hosts`, each as a host_name entry.
+    fn sni(hosts: &[&str]) -> Vec<u8> {
+        let mut list = Vec::new();
+        for h in hosts {
+            list.push(NAME_TYPE_HOST);
+            list.extend_from_slice(&(h.len() as u16).to_be_bytes());
+            list.extend_from_slice(h.as_bytes());
+        }
+        let mut data = (list.len() as u16).to_be_bytes().to_vec();
+        data.extend_from_slice(&list);
+        data
+    }
+
+    #[test]
+    fn a_second_server_name_makes_the_hello_malformed() {
+        let read = |rec: Vec<u8>| ClientHelloReader::new().feed(&rec);
+        let one = hello_with(&[(EXT_SERVER_NAME, sni(&["a.example"]))]);
+        assert_eq!(read(one), Ok(Hello::ServerName("a.example".into())));
+        // Two server_name extensions: whichever a reader takes, another may take the other.
+        let twice = hello_with(&[
+            (EXT_SERVER_NAME, sni(&["a.example"])),
+            (10, vec![0, 2, 0, 29]),
+            (EXT_SERVER_NAME, sni(&["b.example"])),
+        ]);
+        assert_eq!(read(twice), Err(HelloError::Malformed));
+        // Two host names in one extension.
+        let two_names = hello_with(&[(EXT_SERVER_NAME, sni(&["a.example", "b.example"]))]);
+        assert_eq!(read(two_names), Err(HelloError::Malformed));
+        // Other extensions after the server name are still read (and checked).
+        let after = hello_with(&[(EXT_SERVER_NAME, sni(&["a.example"])), (43, vec![2, 3, 4])]);
+        assert_eq!(read(after), Ok(Hello::ServerName("a.example".into())));
     }
 
     #[test]
