@@ -123,6 +123,21 @@ impl AgentBundle {
         }
     }
 
+    /// A warning when the token file can be read by anyone but its owner: whoever reads it
+    /// first can take the VM's identity. `None` when it is private or absent.
+    pub fn token_exposure(dir: &Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = Self::token_path(dir);
+        let mode = std::fs::metadata(&path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "{} is readable by other users (mode {mode:04o}): anyone who reads it before the \
+                 agent spends it can take this VM's identity; run chmod 600 on it",
+                path.display()
+            )
+        })
+    }
+
     /// Parses `agent.yaml`'s text; `path` names it in errors.
     pub fn from_yaml(path: &Path, text: &str) -> Result<Self, BundleError> {
         let invalid = |problems| BundleError::Invalid {
@@ -492,6 +507,28 @@ mod tests {
                 "{to:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_token_others_can_read_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_tmp, dir) = written();
+        assert_eq!(AgentBundle::token_exposure(&dir), None, "written 0600");
+        let path = dir.join(TOKEN_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = AgentBundle::token_exposure(&dir).unwrap();
+        assert!(
+            warning.contains(&path.display().to_string())
+                && warning.contains("0644")
+                && warning.contains("chmod 600"),
+            "{warning}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            AgentBundle::token_exposure(&dir),
+            None,
+            "no token, nothing exposed"
+        );
     }
 
     #[test]

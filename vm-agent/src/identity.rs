@@ -113,6 +113,9 @@ pub async fn ensure(
         }
         return Ok((creds, false));
     }
+    if let Some(warning) = AgentBundle::token_exposure(bundle_dir) {
+        tracing::warn!("{warning}");
+    }
     let Some(token) = AgentBundle::read_token(bundle_dir)? else {
         return Err(IdentityError::NoCredential {
             cert_dir: cert_dir.clone(),
