@@ -402,6 +402,7 @@ impl WatchClient {
         tokio::pin!(stop);
         let mut backoff =
             crate::backoff::Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
+        let mut last_unreachable: Option<String> = None;
         loop {
             let resume = (*self.state.borrow().view).clone();
             let attempt = async {
@@ -423,6 +424,7 @@ impl WatchClient {
                     match next {
                         Ok(update) => {
                             backoff.reset();
+                            last_unreachable = None;
                             let view = Arc::new(sub.view.clone());
                             self.publish(|s| {
                                 if update.snapshot {
@@ -448,7 +450,14 @@ impl WatchClient {
                     }
                 },
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot reach the registry");
+                    // Said at warn once per distinct cause (a program waiting for its first
+                    // catalog must say why), then at debug while it repeats.
+                    if last_unreachable.as_deref() != Some(e.as_str()) {
+                        tracing::warn!(error = %e, retry_in = ?backoff.peek(), "cannot reach the registry; retrying");
+                        last_unreachable = Some(e.clone());
+                    } else {
+                        tracing::debug!(error = %e, "cannot reach the registry");
+                    }
                     self.publish(|s| {
                         s.connected = false;
                         s.last_error = Some(e);
@@ -463,7 +472,6 @@ impl WatchClient {
     }
 }
 
-/// How a program reaches the registry's Watch.
 /// The registry's gRPC address when none is given: a registry on the same host.
 pub const DEFAULT_REGISTRY_ADDR: &str = "127.0.0.1:15012";
 /// The trust domain when none is given (Istio's default).
@@ -497,6 +505,7 @@ impl From<RegistryFlags> for RegistrySettings {
     }
 }
 
+/// How a program reaches the registry's Watch.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RegistrySettings {
     pub addr: String,
@@ -628,6 +637,84 @@ impl SyncMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Log lines written while a test runs, at every level.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_unreachable_registry_is_said_at_warn_once_per_cause() {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .finish();
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = attempts.clone();
+        let client = WatchClient::new(
+            move || {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async {
+                    Err(crate::grpc::ConnectError::BadAddress {
+                        addr: "registry.invalid".into(),
+                    })
+                }
+            },
+            crate::model::Node {
+                id: "gw".into(),
+                kind: crate::model::NodeKind::Gateway,
+                network: "net-a".into(),
+                cluster: String::new(),
+                locality: Default::default(),
+            },
+            None,
+            WatchOptions {
+                backoff_min: Duration::from_millis(1),
+                backoff_max: Duration::from_millis(2),
+            },
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            rt.block_on(async {
+                let (trigger, shutdown) = crate::drain::channel();
+                let task = tokio::spawn(client.run(shutdown));
+                while attempts.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                trigger.fire();
+                task.await.unwrap();
+            })
+        });
+        let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let warns = text
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("cannot reach the registry"))
+            .count();
+        assert_eq!(warns, 1, "{text}");
+        assert!(
+            text.contains("registry.invalid"),
+            "the cause is named: {text}"
+        );
+        assert!(
+            text.lines().filter(|l| l.contains("DEBUG")).count() >= 3,
+            "repeats at debug: {text}"
+        );
+    }
 
     async fn next_turn(
         turns: &mut tokio::sync::mpsc::UnboundedReceiver<(String, bool)>,
