@@ -27,6 +27,8 @@ pub enum Outcome {
     refused,
     /// The query could not be parsed, or asked zero or several questions.
     formerr,
+    /// An EDNS version this proxy does not implement (RFC 6891: BADVERS).
+    badvers,
 }
 
 /// Query types worth a label; everything else is `OTHER` (the label set stays bounded).

@@ -174,6 +174,24 @@ impl Resolver {
                 return Step::Reply(header_only(id, opcode, rd, ResponseCode::FormErr));
             }
         };
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            // RFC 6891 6.1.3: only EDNS version 0 exists; a higher one is answered BADVERS
+            // (with our OPT at version 0) so the client can fall back.
+            let qtype = request
+                .queries
+                .first()
+                .map_or(RecordType::NULL, |q| q.query_type);
+            self.metrics.query(qtype, Outcome::badvers);
+            let limit = self.limit(&request, transport);
+            return Step::Reply(self.respond(
+                &request,
+                ResponseCode::BADVERS,
+                false,
+                Vec::new(),
+                Vec::new(),
+                limit,
+            ));
+        }
         if request.queries.len() != 1 {
             self.metrics.malformed(MalformedReason::questions);
             self.metrics.query(RecordType::NULL, Outcome::formerr);
@@ -188,20 +206,26 @@ impl Resolver {
         let limit = self.limit(&request, transport);
         let name = normalize(&query.name.to_ascii());
 
-        // The mesh owns the A and AAAA records of its names; any other type (TXT, SRV,
-        // HTTPS, ...) of any name is the upstream's to answer.
+        // The mesh owns its names: A and AAAA come from the catalog, and any other type
+        // (TXT, MX, SRV, HTTPS, ANY, ...) of a mesh name is NOERROR with no data, never sent
+        // upstream, whose NXDOMAIN would deny every type of the name (RFC 8020) and break
+        // the A answer for caching resolvers and browsers' HTTPS queries.
         let mesh_type = matches!(query.query_type, RecordType::A | RecordType::AAAA);
-        if query.query_class == DNSClass::IN && mesh_type {
+        if query.query_class == DNSClass::IN {
             let table = self.names.load();
             if let Some(found) = table.lookup(&name) {
                 self.metrics.query(qtype, Outcome::mesh_hit);
-                let answers = self.mesh_records(query, found);
+                let (answers, authorities) = if mesh_type {
+                    (self.mesh_records(query, found), Vec::new())
+                } else {
+                    (Vec::new(), vec![self.soa.clone()])
+                };
                 return Step::Reply(self.respond(
                     &request,
                     ResponseCode::NoError,
                     true,
                     answers,
-                    Vec::new(),
+                    authorities,
                     limit,
                 ));
             }
@@ -704,7 +728,7 @@ mod tests {
     }
 
     #[test]
-    fn wrong_family_is_nodata_never_nxdomain_and_other_types_go_upstream() {
+    fn wrong_family_and_other_types_of_a_mesh_name_are_nodata_never_forwarded() {
         let r = resolver(&[("web.shop.svc.cluster.local", vec!["10.96.0.1"])], true);
         let m = reply(
             &r,
@@ -713,13 +737,56 @@ mod tests {
         );
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert!(m.answers.is_empty());
-        for t in [RecordType::TXT, RecordType::HTTPS, RecordType::SRV] {
-            let step = r.begin(
-                &query("web.shop.svc.cluster.local.", t, None),
-                Transport::Udp,
+        for t in [
+            RecordType::TXT,
+            RecordType::HTTPS,
+            RecordType::SRV,
+            RecordType::MX,
+            RecordType::ANY,
+        ] {
+            let packet = query("web.shop.svc.cluster.local.", t, None);
+            let step = r.begin(&packet, Transport::Udp);
+            assert!(
+                matches!(step, Step::Reply(_)),
+                "{t} is never forwarded: {step:?}"
             );
-            assert!(matches!(step, Step::Forward(_)), "{t}: {step:?}");
+            let m = reply(&r, &packet, Transport::Udp);
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{t}");
+            assert!(m.answers.is_empty(), "{t}");
+            assert!(m.metadata.authoritative, "{t}");
+            assert!(
+                matches!(m.authorities[0].data, RData::SOA(_)),
+                "{t}: SOA for negative caching"
+            );
         }
+        // A name outside the mesh still goes upstream, whatever its type.
+        let step = r.begin(
+            &query("example.org.", RecordType::TXT, None),
+            Transport::Udp,
+        );
+        assert!(matches!(step, Step::Forward(_)), "{step:?}");
+    }
+
+    #[test]
+    fn an_edns_version_above_zero_is_badvers() {
+        let r = resolver(&[("web.shop.svc.cluster.local", vec!["10.96.0.1"])], true);
+        let mut m = Message::new(9, MessageType::Query, OpCode::Query);
+        m.queries.push(Query::query(
+            Name::from_ascii("web.shop.svc.cluster.local.").unwrap(),
+            RecordType::A,
+        ));
+        let mut e = Edns::new();
+        e.set_version(1);
+        m.set_edns(e);
+        let answer = reply(&r, &m.to_vec().unwrap(), Transport::Udp);
+        // Code 16 is both BADVERS and TSIG's BADSIG; a decoder names it either way.
+        assert_eq!(u16::from(answer.metadata.response_code), 16);
+        assert!(answer.answers.is_empty());
+        assert_eq!(
+            answer.edns.as_ref().map(|e| e.version()),
+            Some(0),
+            "our OPT is version 0"
+        );
     }
 
     #[test]
