@@ -271,6 +271,28 @@ fn operator_workflow_end_to_end() {
         "{table}"
     );
 
+    // A network nobody names is an error that lists the ones that exist, not an empty view.
+    let out = run(
+        CTL,
+        &[
+            "catalog",
+            "--registry",
+            &grpc,
+            "--root",
+            root,
+            "--cert-dir",
+            creds.to_str().unwrap(),
+            "--network",
+            "network-typo",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("\"network-typo\"") && err.contains("network-a, network-b"),
+        "{err}"
+    );
+
     // Without a certificate the view is not served.
     let out = run(
         CTL,

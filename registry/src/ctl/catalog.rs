@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::model::{Node, NodeKind, ViewResource};
 use isthmus_proto::subscription::Subscription;
 use isthmus_proto::tls::Credentials;
 
@@ -28,6 +28,35 @@ pub(super) struct CatalogArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// The registry serves a view to any network name, so a typo would print an empty view:
+/// refuse a network that no Network resource and no endpoint names, listing those that are.
+fn check_network_known(network: &str, resources: &[ViewResource]) -> anyhow::Result<()> {
+    let mut known = std::collections::BTreeSet::new();
+    for r in resources {
+        match r {
+            ViewResource::Network(n) => {
+                known.insert(n.id.clone());
+            }
+            ViewResource::Service(sv) => {
+                known.extend(sv.endpoints.iter().map(|e| e.network.clone()));
+            }
+        }
+    }
+    known.remove("");
+    if known.contains(network) {
+        return Ok(());
+    }
+    let list = if known.is_empty() {
+        "none yet".to_string()
+    } else {
+        known.into_iter().collect::<Vec<_>>().join(", ")
+    };
+    bail!(
+        "--network {network:?}: no such network in the catalog (no Network resource or \
+         workload names it); known networks: {list}"
+    )
 }
 
 /// Subscribes once, waits for the snapshot and prints it.
@@ -56,6 +85,7 @@ pub(super) async fn show(args: CatalogArgs) -> anyhow::Result<()> {
             )
         })??;
     let resources: Vec<_> = sub.view.resources.values().cloned().collect();
+    check_network_known(&args.network, &resources)?;
     if args.json {
         println!(
             "{}",
