@@ -176,9 +176,51 @@ impl WatchService {
             .node
             .ok_or_else(|| Status::invalid_argument("subscribe.node: missing"))
             .and_then(|n| Node::try_from(n).map_err(|e| Status::invalid_argument(e.to_string())))
+            .and_then(|n| {
+                check_subscriber(&n).map_err(Status::invalid_argument)?;
+                Ok(n)
+            })
             .map_err(|s| self.refuse("bad_subscribe", s))?;
         Ok((node, sub.resume_version))
     }
+}
+
+/// Longest subscriber id accepted (a DNS name's length: ids are names, not documents).
+const MAX_NODE_ID: usize = 253;
+
+/// A subscriber's names are checked as the names they are before anything logs or keys on
+/// them: the network and cluster as DNS labels, the locality as label values, the id as
+/// printable ASCII without spaces (an agent's id holds its address, `:` included), bounded.
+/// A refusal quotes the value escaped, so a newline or terminal escape never reaches the log
+/// as it came.
+fn check_subscriber(node: &Node) -> Result<(), String> {
+    use crate::validate::{check_locality, check_network_id, dns_label};
+    let id_ok = !node.id.is_empty()
+        && node.id.len() <= MAX_NODE_ID
+        && node.id.bytes().all(|b| b.is_ascii_graphic());
+    if !id_ok {
+        return Err(format!(
+            "subscribe.node.id {:?}: 1 to {MAX_NODE_ID} printable characters without spaces",
+            truncated(&node.id)
+        ));
+    }
+    check_network_id(&node.network)
+        .map_err(|e| format!("subscribe.node.network {:?}: {e}", truncated(&node.network)))?;
+    if !node.cluster.is_empty() {
+        dns_label("cluster", &node.cluster)
+            .map_err(|e| format!("subscribe.node.cluster {:?}: {e}", truncated(&node.cluster)))?;
+    }
+    let locality = node.locality.to_string();
+    if !locality.is_empty() {
+        check_locality(&locality)
+            .map_err(|e| format!("subscribe.node.locality {:?}: {e}", truncated(&locality)))?;
+    }
+    Ok(())
+}
+
+/// At most 64 characters of a refused value, for messages and logs.
+fn truncated(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;

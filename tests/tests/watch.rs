@@ -366,4 +366,27 @@ async fn watch_without_a_client_certificate_is_refused() {
         Ok(mut sub) => sub.next().await.unwrap_err().to_string(),
     };
     assert!(err.contains("node.network"), "{err}");
+
+    // Names are checked as names before anything logs them: a newline and a terminal escape
+    // in the network, an id with spaces or of any length, a cluster that is no DNS label.
+    let mut bad = vec![
+        node("x", NodeKind::Workload, "net\n\u{1b}[31mred"),
+        node("two words", NodeKind::Workload, NETWORK),
+        node(&"x".repeat(300), NodeKind::Workload, NETWORK),
+        node("x", NodeKind::Workload, NETWORK),
+    ];
+    bad[3].cluster = "Cluster_A".into();
+    for (n, field) in bad.iter().zip(["network", "id", "id", "cluster"]) {
+        let err = match reg.subscribe(&creds, n).await {
+            Err(e) => e.to_string(),
+            Ok(mut sub) => sub.next().await.unwrap_err().to_string(),
+        };
+        assert!(err.contains(&format!("subscribe.node.{field}")), "{err}");
+        assert!(
+            !err.contains('\n') && !err.contains('\u{1b}'),
+            "escaped: {err:?}"
+        );
+    }
+    let metrics = reg.metrics().await;
+    assert!(metrics.contains("bad_subscribe"), "{metrics}");
 }
