@@ -369,7 +369,7 @@ async fn watch_without_a_client_certificate_is_refused() {
 
     // Names are checked as names before anything logs them: a newline and a terminal escape
     // in the network, an id with spaces or of any length, a cluster that is no DNS label.
-    let mut bad = vec![
+    let mut bad = [
         node("x", NodeKind::Workload, "net\n\u{1b}[31mred"),
         node("two words", NodeKind::Workload, NETWORK),
         node(&"x".repeat(300), NodeKind::Workload, NETWORK),
