@@ -144,15 +144,8 @@ impl AgentBundle {
             path: path.to_path_buf(),
             problems,
         };
-        // serde_yaml_ng has `panic!`s reachable from malformed input.
-        let value =
-            std::panic::catch_unwind(|| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text))
-                .unwrap_or_else(|_| {
-                    Err(serde::de::Error::custom(
-                        "the YAML parser could not read this file; check its syntax",
-                    ))
-                })
-                .map_err(|e| invalid(vec![FieldProblem::new("", e.to_string())]))?;
+        let value = crate::config::yaml_value(text)
+            .map_err(|why| invalid(vec![FieldProblem::new("", why)]))?;
         let bundle: Self = serde_path_to_error::deserialize(value).map_err(|e| {
             let field = e.path().to_string();
             let field = if field == "." { String::new() } else { field };

@@ -116,21 +116,13 @@ impl AuthorizationPolicy {
             path: origin.to_path_buf(),
             problems,
         };
-        // serde_yaml_ng has `panic!`s reachable from malformed input; a typo in a policy
-        // must not take the proxy down with it.
-        let value =
-            std::panic::catch_unwind(|| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text))
-                .unwrap_or_else(|_| {
-                    Err(serde::de::Error::custom(
-                        "the YAML parser could not read this document; check its syntax",
-                    ))
-                })
-                .map_err(|e| {
-                    invalid(vec![FieldProblem {
-                        field: String::new(),
-                        message: e.to_string(),
-                    }])
-                })?;
+        // A typo (or a bomb) in a policy must not take the proxy down with it.
+        let value = isthmus_proto::config::yaml_value(text).map_err(|why| {
+            invalid(vec![FieldProblem {
+                field: String::new(),
+                message: why,
+            }])
+        })?;
         if value.is_null() {
             return Ok(Self::default());
         }

@@ -301,6 +301,18 @@ impl StaticSource {
                             e.utf8_error().valid_up_to()
                         ),
                     )]),
+                    // An empty file that had resources is most likely a torn or unfinished
+                    // write: it is refused like an unreadable one (its last good state stays)
+                    // and deleting the resources takes removing the file.
+                    Ok(text) if text.trim().is_empty() && state.good.as_ref().is_some_and(|g| !g.is_empty()) => {
+                        Err(vec![file_error(
+                            &path,
+                            format!(
+                                "is empty (a torn or unfinished write?): its {} resources stay in force until it has content again; remove the file to delete them",
+                                state.good.as_ref().map_or(0, |g| g.len())
+                            ),
+                        )])
+                    }
                     Ok(text) => parse_located(&path, &text, &self.defaults),
                 }
             }

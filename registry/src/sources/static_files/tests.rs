@@ -153,6 +153,66 @@ fn a_broken_edit_keeps_the_last_good_resources_until_fixed() {
 }
 
 #[test]
+fn an_emptied_file_keeps_its_resources_until_it_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write(dir, "a.yaml", &workload_entry("a", "10.0.0.1"));
+    let mut src = source(dir);
+    src.scan();
+
+    // A torn write: the file is there, but empty.
+    write(dir, "a.yaml", "");
+    let torn = src.scan();
+    assert!(
+        !torn.changed,
+        "an emptied file must not delete its resources"
+    );
+    assert_eq!(address_of(&src, "a"), "10.0.0.1");
+    assert_eq!(torn.errors.len(), 1, "{torn:?}");
+    let shown = torn.errors[0].to_string();
+    assert!(
+        shown.contains("is empty") && shown.contains("remove the file"),
+        "{shown}"
+    );
+
+    // Content back: loaded again; then removing the file deletes deliberately.
+    write(dir, "a.yaml", &workload_entry("a", "10.0.0.2"));
+    assert!(src.scan().errors.is_empty());
+    assert_eq!(address_of(&src, "a"), "10.0.0.2");
+    std::fs::remove_file(dir.join("a.yaml")).unwrap();
+    assert!(src.scan().changed);
+    assert!(src.resources().is_empty());
+
+    // A new file that is empty from the start is harmless: nothing, and no error.
+    write(dir, "b.yaml", "\n");
+    let r = src.scan();
+    assert!(r.errors.is_empty(), "{r:?}");
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_before_parsing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write(dir, "a.yaml", &workload_entry("a", "10.0.0.1"));
+    let mut src = source(dir);
+    src.scan();
+    let bomb = format!("a: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    write(dir, "a.yaml", &bomb);
+    let r = src.scan();
+    assert_eq!(r.errors.len(), 1, "{r:?}");
+    let shown = r.errors[0].to_string();
+    assert!(
+        shown.contains("100000 levels deep") && shown.contains("refused before parsing"),
+        "{shown}"
+    );
+    assert_eq!(
+        address_of(&src, "a"),
+        "10.0.0.1",
+        "the last good state stays"
+    );
+}
+
+#[test]
 fn a_file_broken_from_the_start_contributes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     write(

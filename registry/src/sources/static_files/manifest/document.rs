@@ -3,6 +3,7 @@
 //! `kind` does not hide a wrong `metadata`; each section then goes through serde on its own,
 //! and the spec to its kind's conversion.
 
+use isthmus_proto::config::{yaml_depth, MAX_YAML_DEPTH};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -55,6 +56,17 @@ pub(crate) fn parse(
     let mut problems = Problems::new(path);
     let mut out: Vec<Located> = Vec::new();
     let mut seen: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    let depth = yaml_depth(text);
+    if depth > MAX_YAML_DEPTH {
+        problems.add(
+            "",
+            format!(
+                "nests {depth} levels deep, more than the {MAX_YAML_DEPTH} a resource file may: \
+                 refused before parsing"
+            ),
+        );
+        return Err(problems.errors);
+    }
     for (i, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let number = i + 1;
         problems.document = Some(number);
