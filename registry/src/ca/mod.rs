@@ -49,8 +49,8 @@ pub enum CaError {
     CsrSans { expected: String, found: String },
     #[error("the CSR asks for {requested} but the caller is {caller}")]
     IdentityMismatch { requested: String, caller: String },
-    #[error("the CSR key is not ECDSA P-256")]
-    CsrKeyType,
+    #[error("the CSR key is {0}; the mesh CA signs ECDSA P-256 keys only (as isthmusctl and the agents generate them)")]
+    CsrKeyType(String),
     #[error("requested lifetime {requested}s is above the CA's maximum of {max}s")]
     TtlTooLong { requested: u64, max: u64 },
     #[error("no bootstrap token and no client certificate: present one or the other")]
@@ -71,7 +71,7 @@ impl CaError {
             CaError::BadCsr(_) => "csr_invalid",
             CaError::CsrSans { .. } => "csr_sans",
             CaError::IdentityMismatch { .. } => "identity_mismatch",
-            CaError::CsrKeyType => "csr_key_type",
+            CaError::CsrKeyType(_) => "csr_key_type",
             CaError::TtlTooLong { .. } => "ttl_too_long",
             CaError::Unauthenticated => "unauthenticated",
             CaError::Token(t) => t.reason(),
@@ -281,11 +281,16 @@ impl CaMaterial {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<Vec<String>, CaError> {
+        // The key type first: a key the CA does not sign (RSA, Ed25519, another curve) is
+        // named as such, not reported as whatever its signature check then says.
+        if let Some(other) = csr_key_other_than_p256(csr_pem) {
+            return Err(CaError::CsrKeyType(other));
+        }
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         check_csr_sans(&csr.params.subject_alt_names, identity)?;
         if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-            return Err(CaError::CsrKeyType);
+            return Err(CaError::CsrKeyType("not ECDSA P-256".into()));
         }
         self.sign_public_key(&csr.public_key, identity, ttl, now)
     }
@@ -368,6 +373,35 @@ fn check_csr_sans(sans: &[SanType], identity: &SpiffeId) -> Result<(), CaError> 
             expected: identity.to_string(),
             found: describe(),
         }),
+    }
+}
+
+/// What the CSR's key is when it can be read and is not ECDSA P-256 (e.g. "an RSA 1024-bit
+/// key"); `None` for P-256 or a CSR that does not parse (the signature check says why).
+fn csr_key_other_than_p256(csr_pem: &str) -> Option<String> {
+    use x509_parser::prelude::*;
+    use x509_parser::public_key::PublicKey;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).ok()?;
+    let (_, csr) = X509CertificationRequest::from_der(&pem.contents).ok()?;
+    let spki = &csr.certification_request_info.subject_pki;
+    match spki.parsed().ok()? {
+        PublicKey::RSA(rsa) => Some(format!("an RSA {}-bit key", rsa.key_size())),
+        PublicKey::EC(_) => {
+            let p256 = x509_parser::oid_registry::OID_EC_P256;
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok());
+            match curve {
+                Some(c) if c == p256 => None,
+                Some(c) => Some(format!("an EC key on curve {c}")),
+                None => Some("an EC key without a named curve".into()),
+            }
+        }
+        PublicKey::DSA(_) => Some("a DSA key".into()),
+        PublicKey::GostR3410(_) | PublicKey::GostR3410_2012(_) => Some("a GOST key".into()),
+        PublicKey::Unknown(_) => Some(format!("a key of algorithm {}", spki.algorithm.algorithm)),
     }
 }
 

@@ -133,7 +133,7 @@ pub fn status_of(e: &CaError) -> Status {
         CaError::Token(_) | CaError::IdentityMismatch { .. } => Status::permission_denied(msg),
         CaError::BadCsr(_)
         | CaError::CsrSans { .. }
-        | CaError::CsrKeyType
+        | CaError::CsrKeyType(_)
         | CaError::TtlTooLong { .. } => Status::invalid_argument(msg),
         CaError::Store(_) | CaError::Read { .. } | CaError::BadFile { .. } => {
             Status::unavailable(msg)

@@ -103,6 +103,35 @@ fn leaf_has_one_uri_san_and_chains_to_the_root() {
     assert_eq!(got, ident);
 }
 
+/// An RSA 1024-bit CSR for `spiffe://mesh.test/ns/shop/sa/web` (openssl req -newkey rsa:1024).
+const RSA_1024_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----\nMIIBfjCB6AIBADAAMIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC4N+PpZ2Q6\ndGY3j6ombCKKccTeuxNClBJoxYfel2Tb0vyAv4fFBcmIxjBcl7R15/11k1zhDHBH\n9vLIhCc6xqTE2Ab1QWAW0r4MBRMEY52kQBYOwbIpdtZu7uximtZvJkKltvx0Nvbs\nzvRp6hxCCd9oTpvjc+VofcNhGjnw2DgFmQIDAQABoD8wPQYJKoZIhvcNAQkOMTAw\nLjAsBgNVHREEJTAjhiFzcGlmZmU6Ly9tZXNoLnRlc3QvbnMvc2hvcC9zYS93ZWIw\nDQYJKoZIhvcNAQELBQADgYEAdl/grYr3FWRlAOz62BjY4oz51brQCiVTeZYRzM9i\nO7wEXIUtPk7hlOzyFVJFE+0Rm/pnkE11jbPTzRhn7Q/69UljaXlijKs7/kicUO6O\nHULe/kB8gfadv4yNpEzNPakUkSuHUb+pftowyfc582KiGGFi6xS3HKc44D4iDvHk\nNVc=\n-----END CERTIFICATE REQUEST-----\n";
+
+#[test]
+fn a_csr_key_the_ca_does_not_sign_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c1 = make_ca(tmp.path(), "mesh.test", &["c1"]);
+    let m = CaMaterial::load(&c1, None).unwrap();
+    let ident = id("spiffe://mesh.test/ns/shop/sa/web");
+    let now = OffsetDateTime::now_utc();
+    let err = m
+        .sign_csr(RSA_1024_CSR, &ident, DEFAULT_LEAF_TTL, now)
+        .unwrap_err();
+    assert_eq!(err.reason(), "csr_key_type", "{err}");
+    assert!(err.to_string().contains("an RSA 1024-bit key"), "{err}");
+    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(
+        rcgen::string::Ia5String::try_from(ident.as_str()).unwrap(),
+    )];
+    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let err = m.sign_csr(&csr, &ident, DEFAULT_LEAF_TTL, now).unwrap_err();
+    assert_eq!(err.reason(), "csr_key_type", "{err}");
+    assert!(
+        err.to_string().contains("1.3.101.112"),
+        "Ed25519 named by its OID: {err}"
+    );
+}
+
 #[test]
 fn csr_with_extra_or_foreign_sans_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
