@@ -221,6 +221,8 @@ fn resolver(
             config.client_rate,
             config.client_burst,
             crate::config::DEFAULT_RATE_LIMITED_CLIENTS,
+            config.rate_limit_loopback,
+            config.rate_limit_exempt.clone(),
         ),
     )
 }

@@ -1,7 +1,7 @@
 //! The DNS proxy's configuration: one typed struct, every default a named constant, checked
 //! in one pass that reports every bad field.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -74,6 +74,13 @@ pub struct Config {
     /// Queries a second per client address; 0 disables the limit.
     pub client_rate: u32,
     pub client_burst: u32,
+    /// Rate-limit loopback clients too. Off by default: on a host, loopback is the host's
+    /// own resolver traffic (all of a VM's queries arrive from 127.0.0.1 at the agent's
+    /// proxy), which a limit would only make wait for its resolver timeout.
+    pub rate_limit_loopback: bool,
+    /// Client addresses never rate-limited besides loopback (the VM's own address, where
+    /// the agent embeds this proxy).
+    pub rate_limit_exempt: Vec<IpAddr>,
     pub tcp_idle_timeout: Duration,
     pub max_udp_payload: u16,
     /// Tasks reading the UDP socket; 0 means one per core.
@@ -109,6 +116,8 @@ impl Config {
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
             client_rate: DEFAULT_CLIENT_RATE,
             client_burst: DEFAULT_CLIENT_BURST,
+            rate_limit_loopback: false,
+            rate_limit_exempt: Vec::new(),
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             udp_workers: DEFAULT_UDP_WORKERS,

@@ -68,6 +68,12 @@ struct Args {
     /// Queries one client may send at once above that rate.
     #[arg(long, default_value_t = config::DEFAULT_CLIENT_BURST)]
     client_burst: u32,
+    /// Rate-limit loopback clients too (by default the host's own queries are not limited).
+    #[arg(long)]
+    rate_limit_loopback: bool,
+    /// A client address never rate-limited (repeatable).
+    #[arg(long = "rate-limit-exempt")]
+    rate_limit_exempt: Vec<std::net::IpAddr>,
     /// Tasks reading the UDP socket (0: one per core).
     #[arg(long, default_value_t = config::DEFAULT_UDP_WORKERS)]
     udp_workers: usize,
@@ -95,6 +101,8 @@ fn main() -> anyhow::Result<()> {
     cfg.max_tcp_connections = a.max_tcp_connections;
     cfg.client_rate = a.client_rate_limit;
     cfg.client_burst = a.client_burst;
+    cfg.rate_limit_loopback = a.rate_limit_loopback;
+    cfg.rate_limit_exempt = a.rate_limit_exempt;
     cfg.udp_workers = a.udp_workers;
     cfg.validate()?;
     if a.validate {

@@ -71,6 +71,10 @@ pub struct Resolver {
     /// The SOA of the cluster domain, in our NXDOMAIN answers (negative caching downstream).
     soa: Record,
     limiter: Option<RateLimiter>,
+    /// Loopback clients are limited only when this is set.
+    limit_loopback: bool,
+    /// Clients never limited.
+    rate_exempt: Vec<IpAddr>,
 }
 
 impl Resolver {
@@ -107,23 +111,34 @@ impl Resolver {
             max_udp_payload,
             soa,
             limiter: None,
+            limit_loopback: false,
+            rate_exempt: Vec::new(),
         }
     }
 
     /// Limits each client address to `per_second` queries (with `burst`); 0 turns it off.
+    /// Loopback clients (unless `limit_loopback`) and the `exempt` addresses are never
+    /// limited.
     pub fn with_client_rate_limit(
         mut self,
         per_second: u32,
         burst: u32,
         max_clients: usize,
+        limit_loopback: bool,
+        exempt: Vec<IpAddr>,
     ) -> Self {
         self.limiter = (per_second > 0).then(|| RateLimiter::new(per_second, burst, max_clients));
+        self.limit_loopback = limit_loopback;
+        self.rate_exempt = exempt;
         self
     }
 
     /// Whether `client` may send another query now; a refusal is counted.
     pub fn admit(&self, client: IpAddr) -> bool {
         let Some(l) = &self.limiter else { return true };
+        if (client.is_loopback() && !self.limit_loopback) || self.rate_exempt.contains(&client) {
+            return true;
+        }
         let ok = l.allow(client, Instant::now());
         if !ok {
             self.metrics.rate_limited.inc();
@@ -462,6 +477,20 @@ pub fn encode_within(mut m: Message, limit: usize) -> Vec<u8> {
 }
 
 /// A response that is only a header: for queries whose question cannot be echoed.
+/// A bare REFUSED header answering `query`, when it looks like a query at all.
+fn refusal_for(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < HEADER_LEN || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let id = u16::from_be_bytes([query[0], query[1]]);
+    Some(header_only(
+        id,
+        (query[2] >> 3) & 0x0f,
+        query[2] & 0x01 != 0,
+        ResponseCode::Refused,
+    ))
+}
+
 fn header_only(id: u16, opcode: u8, rd: bool, code: ResponseCode) -> Vec<u8> {
     let code = u16::from(code) as u8 & 0x0f;
     let mut b = vec![0u8; HEADER_LEN];
@@ -489,8 +518,13 @@ pub async fn serve_udp(socket: Arc<UdpSocket>, resolver: Arc<Resolver>, shutdown
                 }
             },
         };
-        // Over the limit: drop silently, as answering a flood would only amplify it.
+        // Over the limit: REFUSED, so the client's resolver moves on at once instead of
+        // waiting out its timeout. The answer is the bare header, never larger than the
+        // query: nothing to amplify.
         if !resolver.admit(peer.ip()) {
+            if let Some(refused) = refusal_for(&buf[..n]) {
+                send(&socket, &refused, peer).await;
+            }
             continue;
         }
         match resolver.begin(&buf[..n], Transport::Udp) {
@@ -585,6 +619,11 @@ async fn connection(mut stream: TcpStream, resolver: &Resolver, metrics: &Metric
             _ => return,
         }
         if client.is_some_and(|c| !resolver.admit(c)) {
+            if let Some(refused) = refusal_for(&buf) {
+                let mut out = (refused.len() as u16).to_be_bytes().to_vec();
+                out.extend_from_slice(&refused);
+                let _ = tokio::time::timeout(idle, stream.write_all(&out)).await;
+            }
             return;
         }
         let Some(reply) = resolver.handle(&buf, Transport::Tcp).await else {

@@ -694,11 +694,13 @@ fn a_query(id: u16, name: &str) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_over_its_rate_limit_is_dropped_and_others_are_not() {
+async fn a_client_over_its_rate_limit_is_refused_and_others_are_not() {
     let s = Setup::start(&mesh_catalog(), |c| {
         c.upstreams = vec![dead_upstream()];
         c.client_rate = 5;
         c.client_burst = 5;
+        // The flood comes from loopback addresses here, which are exempt by default.
+        c.rate_limit_loopback = true;
     })
     .await;
     s.synced().await;
@@ -710,24 +712,28 @@ async fn a_client_over_its_rate_limit_is_dropped_and_others_are_not() {
             .await
             .unwrap();
     }
-    let mut answered = 0;
+    let (mut answered, mut refused) = (0, 0);
     let mut buf = [0u8; 512];
-    while let Ok(Ok(_)) =
+    while let Ok(Ok(n)) =
         tokio::time::timeout(Duration::from_millis(500), flood.recv(&mut buf)).await
     {
-        answered += 1;
+        // RCODE is the low nibble of the fourth header byte: 5 is REFUSED.
+        match buf[3] & 0x0f {
+            5 => {
+                refused += 1;
+                assert_eq!(n, 12, "a refusal is the bare header: nothing to amplify");
+            }
+            _ => answered += 1,
+        }
     }
     assert!(answered >= 5, "the burst is answered ({answered})");
-    assert!(
-        answered < 50,
-        "the rest of the flood is dropped ({answered})"
+    assert_eq!(
+        answered + refused,
+        50,
+        "the rest of the flood is refused, not dropped: nobody waits out a timeout"
     );
     let limited = metric(&s.metrics().await, "isthmus_dns_rate_limited_total").unwrap_or(0.0);
-    assert_eq!(
-        limited as usize,
-        50 - answered,
-        "every dropped query is counted"
-    );
+    assert_eq!(limited as usize, refused, "every refused query is counted");
 
     // Another client (another source address) is answered meanwhile.
     let other = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
@@ -751,5 +757,34 @@ async fn a_client_over_its_rate_limit_is_dropped_and_others_are_not() {
         .await
         .expect("answered after a pause")
         .unwrap();
+    assert_ne!(buf[3] & 0x0f, 5, "not refused once the bucket refilled");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_clients_are_not_rate_limited_by_default() {
+    let s = Setup::start(&mesh_catalog(), |c| {
+        c.upstreams = vec![dead_upstream()];
+        c.client_rate = 5;
+        c.client_burst = 5;
+    })
+    .await;
+    s.synced().await;
+    let local = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    local.connect(s.addr()).await.unwrap();
+    let mut buf = [0u8; 512];
+    for id in 0..50u16 {
+        local
+            .send(&a_query(id, "reviews.shop.svc.cluster.local"))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), local.recv(&mut buf))
+            .await
+            .expect("every local query is answered")
+            .unwrap();
+        assert_eq!(buf[3] & 0x0f, 0, "NOERROR, never REFUSED");
+    }
+    let limited = metric(&s.metrics().await, "isthmus_dns_rate_limited_total").unwrap_or(0.0);
+    assert_eq!(limited, 0.0);
     s.stop().await;
 }

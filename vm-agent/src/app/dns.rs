@@ -51,6 +51,9 @@ async fn run(cx: &Inputs, sync: &watch::Receiver<Arc<SyncState>>) -> anyhow::Res
     dns_config.resolv_conf = cx.config.resolv_conf.clone();
     dns_config.node_id = format!("{}-dns", cx.hello.entry_name());
     dns_config.socket_mark = Some(cx.config.mark);
+    // The VM's own processes are the proxy's only clients: never rate-limit them (their
+    // captured queries come from the VM's address, or from loopback, which is exempt).
+    dns_config.rate_limit_exempt = vec![cx.address];
     // A VM without an IPv6 route cannot reach IPv6 service addresses (capture redirects
     // only what the kernel could route): give its apps IPv4 addresses only.
     dns_config.ipv6 = has_ipv6_route();
