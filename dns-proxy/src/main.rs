@@ -85,7 +85,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     isthmus_proto::telemetry::init();
     let a = Args::parse();
-    let mut cfg = Config::new(&a.network, &a.cluster, a.registry.into());
+    let mut cfg = Config::new(&a.network, &a.cluster, a.registry.settings()?);
     cfg.listen = a.listen;
     cfg.admin_addr = Some(a.admin_addr);
     cfg.namespace = a.namespace;

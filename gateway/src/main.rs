@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Parser;
 use isthmus_gateway::config::{self, GatewayConfig};
-use isthmus_proto::config::DurationFlag;
+use isthmus_proto::config::{ConfigProblems, DurationFlag};
 use isthmus_proto::model::Locality;
 use isthmus_proto::program;
 use isthmus_proto::subscription::RegistryFlags;
@@ -79,9 +79,9 @@ struct Args {
 }
 
 impl Args {
-    fn into_config(self) -> GatewayConfig {
+    fn into_config(self) -> Result<GatewayConfig, ConfigProblems> {
         let a = self;
-        let mut cfg = GatewayConfig::new(&a.network, &a.cluster, a.registry.into());
+        let mut cfg = GatewayConfig::new(&a.network, &a.cluster, a.registry.settings()?);
         cfg.token = a.token;
         cfg.locality = Locality::parse(&a.locality);
         cfg.sni_addr = a.sni_addr;
@@ -97,7 +97,7 @@ impl Args {
         cfg.max_connections = a.max_connections;
         cfg.max_connections_per_destination = a.max_connections_per_destination;
         cfg.drain_deadline = a.drain_deadline.0;
-        cfg
+        Ok(cfg)
     }
 }
 
@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     isthmus_proto::telemetry::init();
     let args = Args::parse();
     let validate_only = args.validate;
-    let cfg = args.into_config();
+    let cfg = args.into_config()?;
     cfg.validate()?;
     if validate_only {
         println!("configuration is valid");

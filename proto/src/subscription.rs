@@ -489,19 +489,43 @@ pub struct RegistryFlags {
     /// Directory with this program's key.pem and cert-chain.pem.
     #[arg(long)]
     pub cert_dir: std::path::PathBuf,
-    /// The mesh's trust domain.
-    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
+    /// The mesh's trust domain; by default the one the root certificate names.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
 }
 
-impl From<RegistryFlags> for RegistrySettings {
-    fn from(f: RegistryFlags) -> Self {
-        RegistrySettings {
-            addr: f.registry,
-            root_cert: f.root,
-            cert_dir: f.cert_dir,
-            trust_domain: f.trust_domain,
-        }
+impl RegistryFlags {
+    /// The settings, with the trust domain the root certificate names unless
+    /// `--trust-domain` says one; a `--trust-domain` that disagrees with the root is a
+    /// configuration problem naming both. An unreadable root is left to the program's own
+    /// check of `--root` (the trust domain then falls back to the default).
+    pub fn settings(self) -> Result<RegistrySettings, crate::config::ConfigProblems> {
+        let from_root = crate::tls::read_certs(&self.root)
+            .ok()
+            .and_then(|certs| crate::certs::trust_domain_of_ca(certs.first()?));
+        let trust_domain = match (self.trust_domain, from_root) {
+            (Some(flag), Some(root)) if flag != root => {
+                let mut p = crate::config::ConfigProblems::default();
+                p.push(
+                    "--trust-domain",
+                    format!(
+                        "{flag:?} disagrees with the root certificate {}, which is the root of \
+                         trust domain {root:?}: drop the flag or use the mesh's root",
+                        self.root.display()
+                    ),
+                );
+                return Err(p);
+            }
+            (Some(flag), _) => flag,
+            (None, Some(root)) => root,
+            (None, None) => DEFAULT_TRUST_DOMAIN.to_string(),
+        };
+        Ok(RegistrySettings {
+            addr: self.registry,
+            root_cert: self.root,
+            cert_dir: self.cert_dir,
+            trust_domain,
+        })
     }
 }
 
@@ -650,6 +674,46 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn the_trust_domain_comes_from_the_root_and_a_disagreeing_flag_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root-cert.pem");
+        std::fs::write(&root, crate::test_pki::TestCa::new("mesh.test").root_pem()).unwrap();
+        let flags = |td: Option<&str>, root: &std::path::Path| RegistryFlags {
+            registry: DEFAULT_REGISTRY_ADDR.into(),
+            root: root.to_path_buf(),
+            cert_dir: dir.path().to_path_buf(),
+            trust_domain: td.map(str::to_string),
+        };
+        assert_eq!(
+            flags(None, &root).settings().unwrap().trust_domain,
+            "mesh.test"
+        );
+        assert_eq!(
+            flags(Some("mesh.test"), &root)
+                .settings()
+                .unwrap()
+                .trust_domain,
+            "mesh.test"
+        );
+        let err = flags(Some("cluster.local"), &root)
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--trust-domain")
+                && err.contains("\"cluster.local\"")
+                && err.contains("\"mesh.test\""),
+            "{err}"
+        );
+        // No readable root: the default, and the program's own check names --root.
+        let missing = dir.path().join("nope.pem");
+        assert_eq!(
+            flags(None, &missing).settings().unwrap().trust_domain,
+            DEFAULT_TRUST_DOMAIN
+        );
     }
 
     #[test]

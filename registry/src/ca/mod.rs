@@ -138,19 +138,7 @@ fn dir_fingerprint(dir: &Path) -> Result<[u8; 32], CaError> {
     Ok(out)
 }
 
-/// The `spiffe://TD` URI SAN a CA certificate carries, if any.
-pub fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
-    use x509_parser::prelude::*;
-    let (_, x) = X509Certificate::from_der(der).ok()?;
-    let san = x.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => u
-            .strip_prefix("spiffe://")
-            .filter(|td| !td.contains('/'))
-            .map(str::to_string),
-        _ => None,
-    })
-}
+pub use isthmus_proto::certs::trust_domain_of_ca;
 
 /// The trust domain of a CA directory: `given` (which must match the certificates' when they
 /// name one), else the intermediate's or the root's spiffe:// URI SAN.
