@@ -72,20 +72,6 @@ impl LeafValidity {
     }
 }
 
-/// The `spiffe://TD` URI SAN a CA certificate carries, if any.
-pub fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
-    use x509_parser::prelude::*;
-    let (_, x) = X509Certificate::from_der(der).ok()?;
-    let san = x.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => u
-            .strip_prefix("spiffe://")
-            .filter(|td| !td.contains('/'))
-            .map(str::to_string),
-        _ => None,
-    })
-}
-
 /// The profile of every mesh leaf certificate: an empty subject, exactly one SAN (the URI
 /// `identity`), not a CA, digital signature and key encipherment, usable by both ends of a
 /// TLS connection (server and client auth), the issuer's key named (authority key id),

@@ -502,7 +502,7 @@ impl RegistryFlags {
     pub fn settings(self) -> Result<RegistrySettings, crate::config::ConfigProblems> {
         let from_root = crate::tls::read_certs(&self.root)
             .ok()
-            .and_then(|certs| crate::certs::trust_domain_of_ca(certs.first()?));
+            .and_then(|certs| crate::tls::trust_domain_of_ca(certs.first()?));
         let trust_domain = match (self.trust_domain, from_root) {
             (Some(flag), Some(root)) if flag != root => {
                 let mut p = crate::config::ConfigProblems::default();

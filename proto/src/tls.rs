@@ -271,6 +271,20 @@ impl Credentials {
     }
 }
 
+/// The `spiffe://TD` URI SAN a CA certificate carries, if any.
+pub fn trust_domain_of_ca(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, x) = X509Certificate::from_der(der).ok()?;
+    let san = x.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => u
+            .strip_prefix("spiffe://")
+            .filter(|td| !td.contains('/'))
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),

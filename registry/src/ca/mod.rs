@@ -138,7 +138,7 @@ fn dir_fingerprint(dir: &Path) -> Result<[u8; 32], CaError> {
     Ok(out)
 }
 
-pub use isthmus_proto::certs::trust_domain_of_ca;
+pub use isthmus_proto::tls::trust_domain_of_ca;
 
 /// The trust domain of a CA directory: `given` (which must match the certificates' when they
 /// name one), else the intermediate's or the root's spiffe:// URI SAN.
