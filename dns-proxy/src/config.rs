@@ -13,9 +13,6 @@ use crate::forwarder::UpstreamMode;
 /// Istio's DNS proxy port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15053";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
-pub use isthmus_proto::subscription::{
-    DEFAULT_REGISTRY_ADDR as DEFAULT_REGISTRY, DEFAULT_TRUST_DOMAIN,
-};
 pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 /// TTL of mesh answers: short, so a moved VIP or endpoint is picked up quickly, long enough

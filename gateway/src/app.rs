@@ -20,7 +20,7 @@ use isthmus_proto::drain;
 use isthmus_proto::model::{Node, NodeKind};
 use isthmus_proto::program::{self, Program, Readiness, Stop, Tasks};
 use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
-use isthmus_proxy::connection::Tracker;
+use isthmus_proxy::connection::{self, Tracker};
 use isthmus_proxy::metrics::Metrics;
 use isthmus_proxy::routes::{self, Reach, RouteOptions, RouteTable};
 use prometheus_client::registry::Registry;
@@ -68,13 +68,7 @@ impl GatewayHandle {
         let (tracker, deadline) = (self.tracker, self.drain_deadline);
         self.stop
             .run(async move {
-                tracing::info!(
-                    open = tracker.open(),
-                    ?deadline,
-                    "draining: no new connections; waiting for open ones"
-                );
-                let forced = tracker.drain(deadline).await;
-                tracing::info!(forced, "drained");
+                connection::drain_all(&[tracker], deadline).await;
             })
             .await;
     }

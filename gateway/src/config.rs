@@ -16,9 +16,6 @@ use serde::Serialize;
 pub const DEFAULT_SNI_ADDR: &str = "0.0.0.0:15443";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15000";
 pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
-pub use isthmus_proto::subscription::{
-    DEFAULT_REGISTRY_ADDR as DEFAULT_REGISTRY, DEFAULT_TRUST_DOMAIN,
-};
 /// Time a client has to send a complete ClientHello. Real clients send it in their first
 /// segment; the bound is for clients that connect and say nothing.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -212,13 +209,14 @@ fn check_label(p: &mut ConfigProblems, flag: &str, what: &'static str, value: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use isthmus_proto::subscription::{DEFAULT_REGISTRY_ADDR, DEFAULT_TRUST_DOMAIN};
 
     fn config() -> GatewayConfig {
         GatewayConfig::new(
             "network-b",
             "",
             RegistrySettings {
-                addr: DEFAULT_REGISTRY.into(),
+                addr: DEFAULT_REGISTRY_ADDR.into(),
                 root_cert: "/nonexistent/root-cert.pem".into(),
                 cert_dir: "/nonexistent/certs".into(),
                 trust_domain: DEFAULT_TRUST_DOMAIN.into(),

@@ -99,6 +99,11 @@ impl Readiness {
         !self.0.draining.load(Ordering::SeqCst) && self.pending().is_empty()
     }
 
+    /// Whether `name` is still pending.
+    pub fn is_pending(&self, name: &str) -> bool {
+        self.pending().contains_key(name)
+    }
+
     /// The parts still pending, in name order.
     pub fn pending_parts(&self) -> Vec<String> {
         self.pending().keys().cloned().collect()
@@ -146,10 +151,6 @@ pub struct ReadyPart {
 impl ReadyPart {
     /// Reports the part ready (the same as dropping it; reads better at the call site).
     pub fn ready(self) {}
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 impl Drop for ReadyPart {
@@ -179,14 +180,6 @@ impl Tasks {
     /// Adds a task that is already running.
     pub fn push(&mut self, name: &'static str, task: JoinHandle<()>) {
         self.0.push((name, task));
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Waits for every task, all within one `deadline`; a task still running then is
@@ -284,6 +277,7 @@ mod tests {
         assert_eq!(r.describe(), "waiting for catalog, dns");
         catalog.ready();
         assert_eq!(r.pending_parts(), vec!["dns".to_string()]);
+        assert!(r.is_pending("dns") && !r.is_pending("catalog"));
         drop(dns);
         assert!(r.is_ready());
         assert_eq!(r.describe(), "ready");

@@ -147,6 +147,31 @@ impl ConnGuard {
     }
 }
 
+/// The drain every program runs at shutdown: logs what is open, waits for the connections
+/// of every tracker (all at once) until `deadline`, then closes the rest. Returns how many
+/// were closed by force.
+pub async fn drain_all(trackers: &[Arc<Tracker>], deadline: Duration) -> usize {
+    let open: usize = trackers.iter().map(|t| t.open()).sum();
+    tracing::info!(
+        open,
+        ?deadline,
+        "draining: no new connections; waiting for open ones"
+    );
+    let drains: Vec<_> = trackers
+        .iter()
+        .map(|t| {
+            let t = t.clone();
+            tokio::spawn(async move { t.drain(deadline).await })
+        })
+        .collect();
+    let mut forced = 0;
+    for d in drains {
+        forced += d.await.unwrap_or(0);
+    }
+    tracing::info!(forced, "drained");
+    forced
+}
+
 /// A listener's handling of one accepted connection; [`serve`] runs the shared accept loop
 /// for it. The SNI passthrough, the inbound mTLS listener and the like implement it.
 pub trait ConnectionHandler: Send + Sync + 'static {

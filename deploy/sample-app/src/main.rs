@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use isthmus_proto::config::parse_duration;
+use isthmus_proto::config::DurationFlag;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -41,7 +41,7 @@ use tokio::time::{timeout_at, Instant};
 const MAX_HEAD: usize = 8 << 10;
 /// The largest request body read (and discarded).
 const MAX_BODY: u64 = 1 << 20;
-const DEFAULT_HEADER_TIMEOUT: &str = "10s";
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 1024;
 /// After refusing a request: how long, and how much, to read of what the client still sends.
 const LINGER: Duration = Duration::from_secs(1);
@@ -67,12 +67,8 @@ struct Args {
     #[arg(long)]
     healthy_file: Option<PathBuf>,
     /// How long a request head (and body) may take to arrive.
-    #[arg(long, default_value = DEFAULT_HEADER_TIMEOUT, value_parser = duration)]
-    header_timeout: Duration,
-}
-
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_HEADER_TIMEOUT))]
+    header_timeout: DurationFlag,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -82,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     let app = Arc::new(App {
         name: args.name,
         healthy_file: args.healthy_file.filter(|p| !p.as_os_str().is_empty()),
-        header_timeout: args.header_timeout,
+        header_timeout: args.header_timeout.0,
     });
 
     let listener = TcpListener::bind(listen)

@@ -39,7 +39,7 @@ impl Teardown {
         let (trackers, deadline, capture) = (self.trackers, self.drain_deadline, self.capture);
         self.stop
             .run(async move {
-                drain_connections(&trackers, deadline).await;
+                isthmus_proxy::connection::drain_all(&trackers, deadline).await;
                 capture::remove(capture).await;
             })
             .await;
@@ -58,26 +58,4 @@ async fn deregister(trigger: drain::Trigger, task: JoinHandle<()>) {
             "deregistration did not finish in time"
         );
     }
-}
-
-/// Waits for the open connections until `deadline`, then closes those left.
-async fn drain_connections(trackers: &[Arc<Tracker>], deadline: Duration) {
-    let open: usize = trackers.iter().map(|t| t.open()).sum();
-    tracing::info!(
-        open,
-        ?deadline,
-        "draining: no new connections; waiting for open ones"
-    );
-    let drains = trackers
-        .iter()
-        .map(|t| {
-            let t = t.clone();
-            tokio::spawn(async move { t.drain(deadline).await })
-        })
-        .collect::<Vec<_>>();
-    let mut forced = 0;
-    for d in drains {
-        forced += d.await.unwrap_or(0);
-    }
-    tracing::info!(forced, "drained");
 }

@@ -114,12 +114,8 @@ impl Supervisor {
     /// follows), and its service addresses are captured: an app that resolves a name must
     /// find its connection redirected.
     fn catalog_up(&self) -> bool {
-        let catalog = self.sync.borrow().synced()
-            || !self
-                .readiness
-                .pending_parts()
-                .iter()
-                .any(|p| p == super::catalog::READY_PART);
+        let catalog =
+            self.sync.borrow().synced() || !self.readiness.is_pending(super::catalog::READY_PART);
         catalog && self.capture_progress.borrow().addresses.is_some()
     }
 
