@@ -10,7 +10,7 @@
 //! - `capture`: the nftables rules (outbound, inbound, DNS) and their removal.
 //! - `notify`: the systemd notify protocol (READY, WATCHDOG, STATUS, STOPPING).
 //! - `config`: the one typed configuration, every bad flag reported at once.
-//! - `app`: the wiring, one file per start-up phase, on the gateway crate's proxy core, the
+//! - `app`: the wiring, one file per start-up phase, on the proxy core (`isthmus-proxy`), the
 //!   DNS proxy and the program skeleton of `isthmus-proto`. The modules above never import
 //!   it.
 

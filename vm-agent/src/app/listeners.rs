@@ -9,7 +9,8 @@
 //! - The explicit outbound listeners (`--outbound-listener`), and the admin and health
 //!   ports (served once the control plane they report on is running).
 //!
-//! The proxies are the gateway crate's core; a renewed certificate is swapped into them.
+//! The proxies come from the proxy core (`isthmus-proxy`); a renewed certificate is
+//! swapped into them.
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
