@@ -13,19 +13,28 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::render;
+use crate::sources::static_files::IgnoredDocument;
 use crate::sources::vm_registrations::VmRegistrations;
 use crate::views::{ViewKey, Views};
 use crate::watch::Subscribers;
 
-/// Problems the sources currently report, for `/debug/resources`.
+/// What the sources currently report, for `/debug/resources`: problems, the documents they
+/// ignore (kinds isthmus does not read) and what Istio's validation would warn about.
 #[derive(Debug, Default, Clone)]
-pub struct SourceStatus(Arc<Mutex<Vec<String>>>);
+pub struct SourceStatus(Arc<Mutex<SourceReport>>);
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SourceReport {
+    pub errors: Vec<String>,
+    pub ignored: Vec<IgnoredDocument>,
+    pub warnings: Vec<String>,
+}
 
 impl SourceStatus {
-    pub fn set(&self, errors: Vec<String>) {
-        *self.0.lock().expect("status lock") = errors;
+    pub fn set(&self, report: SourceReport) {
+        *self.0.lock().expect("status lock") = report;
     }
-    pub fn get(&self) -> Vec<String> {
+    pub fn get(&self) -> SourceReport {
         self.0.lock().expect("status lock").clone()
     }
 }
@@ -107,7 +116,13 @@ async fn resources(State(s): State<AdminState>) -> impl IntoResponse {
             )
             .collect()
     });
-    Json(json!({"resources": resources, "errors": s.sources.get()}))
+    let report = s.sources.get();
+    Json(json!({
+        "resources": resources,
+        "errors": report.errors,
+        "ignored": report.ignored,
+        "warnings": report.warnings,
+    }))
 }
 
 async fn vips(State(s): State<AdminState>) -> impl IntoResponse {

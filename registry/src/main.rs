@@ -102,13 +102,14 @@ fn main() -> ExitCode {
     let validate_only = args.validate;
     let (cfg, mut problems) = args.into_config();
     if validate_only {
-        match app::validate_resources(&cfg) {
-            Ok(n) if problems.is_empty() => {
-                println!("configuration is valid; {n} resources");
-                return ExitCode::SUCCESS;
-            }
-            Ok(_) => {}
-            Err(e) => problems.extend(e.problems),
+        let report = app::validate_resources(&cfg);
+        for line in &report.documents {
+            println!("{line}");
+        }
+        problems.extend(report.problems.problems);
+        if problems.is_empty() {
+            println!("configuration is valid; {} resources", report.resources);
+            return ExitCode::SUCCESS;
         }
     }
     if !problems.is_empty() {

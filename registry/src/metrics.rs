@@ -32,6 +32,13 @@ pub struct SourceLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IgnoredLabels {
+    pub source: &'static str,
+    /// The document's kind (`VirtualService`, `Deployment`, …), as the operator wrote it.
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VipStateLabels {
     /// "active", or "released" (held for its hostname through the grace period).
     pub state: &'static str,
@@ -45,6 +52,7 @@ pub struct RegistryMetrics {
     pub watch_refused: Family<KindLabels, Counter>,
     pub resource_errors: Family<SourceLabels, Gauge>,
     pub resource_error_events: Family<SourceLabels, Counter>,
+    pub ignored_documents: Family<IgnoredLabels, Gauge>,
     pub catalog_resources: Gauge,
     pub store_ops: Family<StoreOpLabels, Counter>,
     pub vips_allocated: Family<VipStateLabels, Gauge>,
@@ -61,6 +69,7 @@ impl Default for RegistryMetrics {
             watch_refused: Default::default(),
             resource_errors: Default::default(),
             resource_error_events: Default::default(),
+            ignored_documents: Default::default(),
             catalog_resources: Default::default(),
             store_ops: Default::default(),
             vips_allocated: Default::default(),
@@ -94,13 +103,18 @@ impl RegistryMetrics {
         );
         registry.register(
             "registry_resource_errors",
-            "Resource files currently invalid, by source",
+            "Problems currently found in the resource files (refused documents, unreadable files), by source",
             m.resource_errors.clone(),
         );
         registry.register(
             "registry_resource_error_events",
             "Times a source found invalid resources",
             m.resource_error_events.clone(),
+        );
+        registry.register(
+            "registry_ignored_documents",
+            "Documents of the resource files that are of kinds isthmus does not read, by source and kind",
+            m.ignored_documents.clone(),
         );
         registry.register(
             "registry_catalog_resources",

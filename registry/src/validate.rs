@@ -204,6 +204,178 @@ pub fn parse_cidr(s: &str) -> Result<String, Invalid> {
     Ok(format!("{ip}/{len}"))
 }
 
+// ---- Istio's forms, for manifests --------------------------------------------------------
+//
+// A manifest ported from Istio must be read as Istio's validation reads it, which is in some
+// places looser than the checks above (upper case in host and port names, host bits in a
+// CIDR). These are used by the manifest reader only; what an agent brings at registration
+// keeps the stricter checks.
+
+/// One label of a host as Istio accepts it: letters (either case), digits and '-', 1-63
+/// characters, starting and ending with a letter or digit.
+fn istio_label(label: &str) -> bool {
+    let b = label.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A ServiceEntry host, checked as Istio checks one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IstioHost {
+    /// Lower case and without a trailing dot: names are compared case-insensitively, as DNS
+    /// compares them.
+    pub name: String,
+    /// A wildcard that is not the whole first label (`*foo.example.com`): Istio warns about
+    /// it and loads it.
+    pub partial_wildcard: bool,
+}
+
+/// A host as Istio's ServiceEntry validation accepts it: not `*` alone, at most 255
+/// characters, a first label that may be or start with `*`, the other labels DNS labels
+/// (either case), an optional trailing dot, and a last label that is not all digits.
+pub fn istio_host(host: &str) -> Result<IstioHost, Invalid> {
+    let bad = |why: &str| Err(Invalid(format!("host {host:?} is not valid: {why}")));
+    if host == "*" {
+        return bad("a ServiceEntry cannot be for every host (\"*\")");
+    }
+    if host.is_empty() {
+        return bad("it is empty");
+    }
+    if host.len() > 255 {
+        return bad("it is longer than 255 characters");
+    }
+    let trimmed = host.strip_suffix('.').unwrap_or(host);
+    let (first, rest) = match trimmed.split_once('.') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (trimmed, None),
+    };
+    let first_ok = first == "*"
+        || istio_label(first)
+        || first
+            .strip_prefix("*-")
+            .or_else(|| first.strip_prefix('*'))
+            .is_some_and(istio_label);
+    if !first_ok {
+        return bad(&format!(
+            "its first label {first:?} is not a DNS label or a wildcard (\"*\", \"*name\")"
+        ));
+    }
+    if let Some(rest) = rest {
+        for label in rest.split('.') {
+            if !istio_label(label) {
+                return bad(&format!(
+                    "{label:?} is not a DNS label (letters, digits and '-', 1-63 characters)"
+                ));
+            }
+        }
+    }
+    let last = trimmed.rsplit('.').next().unwrap_or(trimmed);
+    if rest.is_some() && last.bytes().all(|b| b.is_ascii_digit()) {
+        return bad("its last label is all digits (an IP address goes in addresses)");
+    }
+    Ok(IstioHost {
+        name: trimmed.to_ascii_lowercase(),
+        partial_wildcard: first.contains('*') && first != "*",
+    })
+}
+
+/// A port name as Istio accepts one: a DNS label in either case.
+pub fn istio_port_name(name: &str) -> Result<(), Invalid> {
+    if istio_label(name) {
+        Ok(())
+    } else {
+        Err(Invalid(format!(
+            "port name {name:?} is not valid: use letters, digits and '-', 1-63 characters, \
+             starting and ending with a letter or digit"
+        )))
+    }
+}
+
+/// The protocols Istio accepts on a port, by the name it gives each (compared
+/// case-insensitively, as Istio does).
+pub const ISTIO_PROTOCOLS: &[&str] = &[
+    "HTTP",
+    "HTTPS",
+    "HTTP2",
+    "HTTP_PROXY",
+    "GRPC",
+    "GRPC-Web",
+    "TCP",
+    "TLS",
+    "UDP",
+    "Mongo",
+    "Redis",
+    "MySQL",
+];
+
+/// A port protocol in Istio's spelling, or the list it must be one of.
+pub fn istio_protocol(protocol: &str) -> Result<&'static str, Invalid> {
+    ISTIO_PROTOCOLS
+        .iter()
+        .find(|p| p.eq_ignore_ascii_case(protocol))
+        .copied()
+        .ok_or_else(|| {
+            Invalid(format!(
+                "{protocol:?} is not a protocol; use one of {}",
+                ISTIO_PROTOCOLS.join(", ")
+            ))
+        })
+}
+
+/// An address of a ServiceEntry as Istio reads one: an IP, or a CIDR whose host bits may be
+/// set (Istio's prefix parsing keeps only the prefix); returned canonical and masked
+/// (`10.1.2.3/8` is `10.0.0.0/8`).
+pub fn istio_subnet(s: &str) -> Result<String, Invalid> {
+    if !s.contains('/') {
+        return parse_ip_or_cidr(s);
+    }
+    let bad = || {
+        Err(Invalid(format!(
+            "{s:?} is not an IP address or CIDR (address/prefix-length, as in 10.0.0.0/16)"
+        )))
+    };
+    let Some((addr, len)) = s.split_once('/') else {
+        return bad();
+    };
+    let (Ok(ip), Ok(len)) = (addr.parse::<IpAddr>(), len.parse::<u8>()) else {
+        return bad();
+    };
+    if len.to_string() != s.split_once('/').map_or("", |(_, l)| l) {
+        return bad();
+    }
+    let masked = match ip {
+        IpAddr::V4(v4) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::from(std::net::Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::from(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+        }
+        _ => return bad(),
+    };
+    Ok(format!("{masked}/{len}"))
+}
+
+/// Istio's UNIX domain socket endpoint: `unix://` and an absolute path to a file, or an
+/// abstract socket (`unix://@name`). Returns the path.
+pub fn istio_unix_address(address: &str) -> Option<Result<&str, Invalid>> {
+    let path = address.strip_prefix("unix://")?;
+    if path.starts_with('@') && path.len() > 1 {
+        return Some(Ok(path));
+    }
+    if !path.starts_with('/') || path.ends_with('/') {
+        return Some(Err(Invalid(format!(
+            "{address:?} is not a UNIX socket address: after unix:// comes an absolute path \
+             to a socket file or @ and an abstract socket name"
+        ))));
+    }
+    Some(Ok(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

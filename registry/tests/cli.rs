@@ -514,3 +514,72 @@ fn vm_onboard_writes_a_bundle_the_agent_reads() {
         "{err}"
     );
 }
+
+#[test]
+fn validate_reports_every_document_of_a_directory_of_mixed_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("ca");
+    assert!(run(
+        CTL,
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--cluster",
+            "c1",
+            "--out",
+            ca.to_str().unwrap()
+        ]
+    )
+    .status
+    .success());
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/istio-compat");
+    let out = Command::new(REGISTRY)
+        .args(["--cluster", "c1", "--network", "network-a", "--ca-dir"])
+        .arg(ca.join("c1"))
+        .arg("--resources")
+        .arg(&corpus)
+        .arg("--validate")
+        .output()
+        .unwrap();
+    // The corpus holds documents Istio refuses, so the directory is not valid as a whole.
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    let line = |needle: &str| {
+        report
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{report}"))
+            .to_string()
+    };
+    assert!(
+        line("mixed-kinds.yaml (document 1): ServiceEntry bookinfo/reviews")
+            .ends_with("loaded (1 resources)")
+    );
+    assert!(
+        line("mixed-kinds.yaml (document 2): VirtualService bookinfo/reviews").contains(
+            "ignored: VirtualService (networking.istio.io/v1) is not a kind isthmus reads"
+        )
+    );
+    assert!(line("one-bad-document.yaml (document 2)").ends_with("refused"));
+    assert!(
+        line("kubectl-get-list.yaml (document 1, items[2]): DestinationRule bookinfo/ratings")
+            .contains("ignored")
+    );
+    assert!(line("warning: spec.hosts[0]").contains("partial wildcard"));
+    assert!(line("error: items[3].spec.hosts[0]").contains("bad_host.example.com"));
+    let summary = line(" documents: ");
+    assert!(
+        summary.contains(" loaded, ")
+            && summary.contains(" ignored, ")
+            && summary.contains(" refused"),
+        "{summary}"
+    );
+    // The refused documents are named on stderr as well, by file, document and field.
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("one-bad-document.yaml (document 2)") && err.contains("invalid YAML"),
+        "{err}"
+    );
+}

@@ -195,3 +195,56 @@ async fn oversized_messages_are_refused() {
     assert!(err.message().contains("CSR"), "{err:?}");
     reg.credentials("shop", "web").await.unwrap();
 }
+
+#[tokio::test]
+async fn a_mixed_file_loads_what_isthmus_reads_and_reports_the_rest_as_ignored() {
+    let mixed = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{hosts: [reviews]}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: bad, namespace: shop}}\nspec: {{address: \"not an address\"}}\n",
+        yaml::service("reviews", "shop", 9080)
+    );
+    let reg = TestRegistry::start(&[("app.yaml", &mixed)]).await.unwrap();
+    // The ServiceEntry loads although the same file holds kinds isthmus does not read and a
+    // document it refuses.
+    assert_eq!(port_of(&reg, &host("reviews", "shop")), Some(9080));
+    let (_, body) = http_get(reg.admin_addr(), "/debug/resources")
+        .await
+        .unwrap();
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    let ignored = doc["ignored"].as_array().unwrap();
+    assert_eq!(ignored.len(), 2, "{doc:#}");
+    assert_eq!(
+        ignored[0]["object"], "VirtualService shop/reviews",
+        "{doc:#}"
+    );
+    assert_eq!(ignored[0]["position"], "document 2", "{doc:#}");
+    assert!(
+        ignored[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("Deployment (apps/v1) is not a kind isthmus reads"),
+        "{doc:#}"
+    );
+    let errors = resource_errors(&reg).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("app.yaml (document 4): spec.address"),
+        "{errors:?}"
+    );
+    let m = reg.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"isthmus_registry_ignored_documents{source="static",kind="VirtualService"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"isthmus_registry_ignored_documents{source="static",kind="Deployment"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}

@@ -11,7 +11,7 @@ use isthmus_proto::identity::{validate_dns_label, TrustDomain};
 
 use crate::ca::service::CaPolicy;
 use crate::ca::CaMaterial;
-use crate::sources::static_files::{SourceDefaults, StaticSource};
+use crate::sources::static_files::{DocumentOutcome, SourceDefaults, StaticSource};
 use crate::sources::vm_registrations::DEFAULT_VM_GRACE;
 use crate::vips::DEFAULT_VIP_GRACE;
 
@@ -107,11 +107,25 @@ impl RegistryConfig {
     }
 }
 
-/// Parses the resources directory as `--validate` does: every error, named by file and
-/// field; the number of resources when there is none.
-pub fn validate_resources(cfg: &RegistryConfig) -> Result<usize, ConfigProblems> {
+/// What `--validate` found in the resources directory: a line per document (loaded,
+/// ignored or refused, with why), the resources that would load, and every problem.
+#[derive(Debug)]
+pub struct ResourcesReport {
+    pub documents: Vec<String>,
+    pub resources: usize,
+    pub problems: ConfigProblems,
+}
+
+/// Reads the resources directory as `--validate` does: what became of every document, and
+/// every problem named by file, document and field.
+pub fn validate_resources(cfg: &RegistryConfig) -> ResourcesReport {
+    let mut problems = ConfigProblems::new("the resources".to_string());
     let Some(dir) = &cfg.resources else {
-        return Ok(0);
+        return ResourcesReport {
+            documents: Vec::new(),
+            resources: 0,
+            problems,
+        };
     };
     let td = match (
         &cfg.trust_domain,
@@ -123,7 +137,43 @@ pub fn validate_resources(cfg: &RegistryConfig) -> Result<usize, ConfigProblems>
     };
     let mut source = StaticSource::new(dir.clone(), cfg.source_defaults(td));
     let scan = source.scan();
-    let mut problems = ConfigProblems::new(format!("the resources in {}", dir.display()));
+    problems = ConfigProblems::new(format!("the resources in {}", dir.display()));
     problems.extend(scan.errors.iter().map(|e| e.problem()));
-    problems.into_result().map(|()| source.resources().len())
+    let (mut loaded, mut ignored, mut refused) = (0, 0, 0);
+    let mut documents = Vec::new();
+    for (file, d) in source.documents() {
+        let at = format!("{} ({}): {}", file.display(), d.position(), d.object);
+        match d.outcome {
+            DocumentOutcome::Loaded {
+                resources,
+                warnings,
+            } => {
+                loaded += 1;
+                documents.push(format!("{at}: loaded ({resources} resources)"));
+                for w in warnings {
+                    documents.push(format!("  warning: {}: {}", w.field, w.message));
+                }
+            }
+            DocumentOutcome::Ignored { reason } => {
+                ignored += 1;
+                documents.push(format!("{at}: ignored: {reason}"));
+            }
+            DocumentOutcome::Refused { errors } => {
+                refused += 1;
+                documents.push(format!("{at}: refused"));
+                for e in errors {
+                    documents.push(format!("  error: {}: {}", e.field, e.message));
+                }
+            }
+        }
+    }
+    documents.push(format!(
+        "{} documents: {loaded} loaded, {ignored} ignored, {refused} refused",
+        loaded + ignored + refused
+    ));
+    ResourcesReport {
+        documents,
+        resources: source.resources().len(),
+        problems,
+    }
 }

@@ -10,9 +10,9 @@ use isthmus_proto::drain;
 use isthmus_proto::identity::TrustDomain;
 
 use super::config::RegistryConfig;
-use crate::admin::SourceStatus;
+use crate::admin::{SourceReport, SourceStatus};
 use crate::ingest::Ingest;
-use crate::metrics::{RegistryMetrics, SourceLabels};
+use crate::metrics::{IgnoredLabels, RegistryMetrics, SourceLabels};
 use crate::sources::static_files::{StaticSource, ORIGIN_PREFIX};
 use crate::views::Views;
 
@@ -63,18 +63,38 @@ impl StaticResources {
             .resource_errors
             .get_or_create(&labels)
             .set(scan.errors.len() as i64);
-        let messages: Vec<String> = scan.errors.iter().map(|e| e.to_string()).collect();
-        if messages != self.status.get() {
-            for m in &messages {
-                tracing::error!(error = %m, "invalid resource file; its last good state stays in force");
+        self.metrics.ignored_documents.clear();
+        for i in &scan.ignored {
+            let kind = i.object.split(' ').next().unwrap_or_default().to_string();
+            self.metrics
+                .ignored_documents
+                .get_or_create(&IgnoredLabels {
+                    source: "static",
+                    kind,
+                })
+                .inc();
+        }
+        let report = SourceReport {
+            errors: scan.errors.iter().map(|e| e.to_string()).collect(),
+            ignored: scan.ignored,
+            warnings: scan.warnings.iter().map(|w| w.to_string()).collect(),
+        };
+        let previous = self.status.get();
+        if report != previous {
+            for m in report
+                .errors
+                .iter()
+                .filter(|m| !previous.errors.contains(m))
+            {
+                tracing::error!(error = %m, "invalid resource; what it defined before stays in force");
             }
-            if !messages.is_empty() {
+            if !report.errors.is_empty() && report.errors != previous.errors {
                 self.metrics
                     .resource_error_events
                     .get_or_create(&labels)
                     .inc();
             }
-            self.status.set(messages);
+            self.status.set(report);
         }
         if let Some(resources) = resources {
             let report = self

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use isthmus_proto::model::{OwnedResource, Resource};
 use tracing::{info, warn};
 
-use manifest::Located;
+use manifest::{FileReading, Located, Outcome};
 pub use manifest::{ResourceError, SourceDefaults};
 
 /// Every resource from this source has an origin `static:<path relative to the directory>`.
@@ -45,34 +45,94 @@ pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 /// Parses one file's text into model resources, or every error found in it (all of them, not
-/// just the first). A file is all or nothing: one bad document makes the whole file invalid,
-/// so a half-applied edit never reaches the catalog.
+/// just the first). The source itself takes a file document by document (see
+/// [`read_file`]); this is the strict reading `--validate` and the tests use for one file.
 pub fn parse_file(
     path: &Path,
     text: &str,
     defaults: &SourceDefaults,
 ) -> Result<Vec<Resource>, Vec<ResourceError>> {
-    parse_located(path, text, defaults).map(|found| {
-        found
-            .into_iter()
-            .map(|l| Arc::unwrap_or_clone(l.resource))
-            .collect()
-    })
+    let reading = manifest::parse(path, text, defaults);
+    let errors = reading.errors();
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(reading
+        .located
+        .into_iter()
+        .map(|l| Arc::unwrap_or_clone(l.resource))
+        .collect())
 }
 
-fn parse_located(
-    path: &Path,
-    text: &str,
-    defaults: &SourceDefaults,
-) -> Result<Vec<Located>, Vec<ResourceError>> {
-    // serde_yaml_ng has `panic!`s reachable from malformed input; an operator's typo must not
-    // take the registry down with it.
-    std::panic::catch_unwind(|| manifest::parse(path, text, defaults)).unwrap_or_else(|_| {
-        Err(vec![file_error(
-            path,
-            "the YAML parser could not read this file; check its syntax".into(),
-        )])
-    })
+/// One file's reading, document by document: what loaded, what was ignored (kinds isthmus
+/// does not read) and what was refused, with why.
+pub fn read_file(path: &Path, text: &str, defaults: &SourceDefaults) -> Vec<DocumentSummary> {
+    summaries(&manifest::parse(path, text, defaults))
+}
+
+fn summaries(reading: &FileReading) -> Vec<DocumentSummary> {
+    reading
+        .documents
+        .iter()
+        .map(|d| DocumentSummary {
+            document: d.document,
+            item: d.item,
+            object: d.object.clone(),
+            outcome: match &d.outcome {
+                Outcome::Loaded {
+                    resources,
+                    warnings,
+                } => DocumentOutcome::Loaded {
+                    resources: *resources,
+                    warnings: warnings.clone(),
+                },
+                Outcome::Ignored(why) => DocumentOutcome::Ignored {
+                    reason: why.clone(),
+                },
+                Outcome::Refused(errors) => DocumentOutcome::Refused {
+                    errors: errors.clone(),
+                },
+            },
+        })
+        .collect()
+}
+
+/// What became of one document of a file (or one item of a `List`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentSummary {
+    /// 1-based position of the document in its file.
+    pub document: usize,
+    /// The item's index inside a `List` document.
+    pub item: Option<usize>,
+    /// `kind namespace/name`, as far as the document says.
+    pub object: String,
+    pub outcome: DocumentOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DocumentOutcome {
+    /// Loaded, with what Istio's validation would warn about.
+    Loaded {
+        resources: usize,
+        warnings: Vec<ResourceError>,
+    },
+    /// A kind isthmus does not read; the reason says which and what it reads.
+    Ignored {
+        reason: String,
+    },
+    Refused {
+        errors: Vec<ResourceError>,
+    },
+}
+
+impl DocumentSummary {
+    /// `document 2` or `document 2, items[3]`.
+    pub fn position(&self) -> String {
+        match self.item {
+            Some(i) => format!("document {}, items[{i}]", self.document),
+            None => format!("document {}", self.document),
+        }
+    }
 }
 
 fn file_error(path: &Path, message: String) -> ResourceError {
@@ -91,6 +151,35 @@ pub struct ScanResult {
     pub changed: bool,
     /// Every current problem, including those of files that did not change.
     pub errors: Vec<ResourceError>,
+    /// Every document currently ignored (a kind isthmus does not read), in every file.
+    pub ignored: Vec<IgnoredDocument>,
+    /// What Istio's validation would warn about in the documents that loaded.
+    pub warnings: Vec<ResourceError>,
+}
+
+/// A document the source does not read, and why; Display is "FILE (document N): OBJECT:
+/// ignored: REASON".
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IgnoredDocument {
+    pub file: PathBuf,
+    /// `document 2`, or `document 2, items[3]` inside a `List`.
+    pub position: String,
+    /// `kind namespace/name`, as far as the document says.
+    pub object: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for IgnoredDocument {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}: ignored: {}",
+            self.file.display(),
+            self.position,
+            self.object,
+            self.reason
+        )
+    }
 }
 
 /// The static source. Synchronous and free of timers: the registry calls [`Self::scan`] every
@@ -117,9 +206,12 @@ struct FileState {
     stamp: Option<Stamp>,
     read_at: Option<SystemTime>,
     hash: Option<[u8; 32]>,
-    /// The last version of the file that parsed; kept while the file is broken.
+    /// The resources in force from this file: those of its documents that loaded, plus,
+    /// while any document is refused, what it defined before that no loaded document defines.
     good: Option<Vec<Located>>,
     errors: Vec<ResourceError>,
+    /// What the last reading made of each document; empty when the file could not be read.
+    documents: Vec<DocumentSummary>,
 }
 
 /// What `stat` says about a file; if none of it moved, neither did the content (see
@@ -266,6 +358,8 @@ impl StaticSource {
         ScanResult {
             changed,
             errors: self.errors.clone(),
+            ignored: self.ignored(),
+            warnings: self.warnings(),
         }
     }
 
@@ -313,21 +407,61 @@ impl StaticSource {
                             ),
                         )])
                     }
-                    Ok(text) => parse_located(&path, &text, &self.defaults),
+                    Ok(text) => Ok(manifest::parse(&path, &text, &self.defaults)),
                 }
             }
         };
         match outcome {
-            Ok(found) => {
-                if !state.errors.is_empty() {
-                    info!(file = %path.display(), "static file is valid again");
+            Ok(reading) => {
+                let errors = reading.errors();
+                let documents = summaries(&reading);
+                for d in documents.iter().filter(|d| !state.documents.contains(d)) {
+                    match &d.outcome {
+                        DocumentOutcome::Ignored { reason } => {
+                            info!(file = %path.display(), document = %d.position(), "ignored: {reason}");
+                        }
+                        DocumentOutcome::Loaded { warnings, .. } => {
+                            for w in warnings {
+                                warn!("{w}");
+                            }
+                        }
+                        DocumentOutcome::Refused { .. } => {}
+                    }
                 }
-                info!(file = %path.display(), resources = found.len(), "static file loaded");
-                state.errors.clear();
-                state.good = Some(found);
+                state.documents = documents;
+                let mut good = reading.located;
+                if errors.is_empty() {
+                    if !state.errors.is_empty() {
+                        info!(file = %path.display(), "static file is valid again");
+                    }
+                } else {
+                    // A refused document may be an edit of one that loaded before: what the
+                    // file defined before and no loaded document defines now stays in force
+                    // until the file reads cleanly (deleting takes a file without errors).
+                    let previous = state.good.take().or_else(|| self.seeded.remove(rel));
+                    let defined: BTreeSet<String> = good.iter().map(|l| l.resource.key()).collect();
+                    let kept: Vec<Located> = previous
+                        .into_iter()
+                        .flatten()
+                        .filter(|l| !defined.contains(&l.resource.key()))
+                        .collect();
+                    if !kept.is_empty() {
+                        warn!(
+                            file = %path.display(),
+                            resources = kept.len(),
+                            "static file has refused documents; the resources it defined before \
+                             that its valid documents do not define stay in force until it is fixed"
+                        );
+                    }
+                    good.extend(kept);
+                }
+                info!(file = %path.display(), resources = good.len(), "static file loaded");
+                state.errors = errors;
+                state.good = Some(good);
                 true
             }
             Err(errors) => {
+                state.documents.clear();
                 state.errors = errors;
                 match (&state.good, self.seeded.remove(rel)) {
                     (None, Some(seed)) => {
@@ -402,6 +536,44 @@ impl StaticSource {
 
     pub fn errors(&self) -> &[ResourceError] {
         &self.errors
+    }
+
+    /// What the last reading of each file made of each of its documents, by file path.
+    pub fn documents(&self) -> Vec<(PathBuf, DocumentSummary)> {
+        self.files
+            .iter()
+            .flat_map(|(rel, f)| {
+                f.documents
+                    .iter()
+                    .map(move |d| (self.dir.join(rel), d.clone()))
+            })
+            .collect()
+    }
+
+    fn warnings(&self) -> Vec<ResourceError> {
+        self.files
+            .values()
+            .flat_map(|f| &f.documents)
+            .flat_map(|d| match &d.outcome {
+                DocumentOutcome::Loaded { warnings, .. } => warnings.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    fn ignored(&self) -> Vec<IgnoredDocument> {
+        self.documents()
+            .into_iter()
+            .filter_map(|(file, d)| match &d.outcome {
+                DocumentOutcome::Ignored { reason } => Some(IgnoredDocument {
+                    position: d.position(),
+                    object: d.object.clone(),
+                    reason: reason.clone(),
+                    file,
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn dir(&self) -> &Path {

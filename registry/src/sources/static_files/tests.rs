@@ -213,16 +213,26 @@ fn deeply_nested_yaml_is_refused_before_parsing() {
 }
 
 #[test]
-fn a_file_broken_from_the_start_contributes_nothing() {
+fn a_file_broken_from_the_start_contributes_only_its_valid_documents() {
     let tmp = tempfile::tempdir().unwrap();
     write(
         tmp.path(),
         "a.yaml",
-        &format!("{}---\nnot: [valid", workload_entry("a", "10.0.0.1")),
+        &format!(
+            "{}---\nnot: [valid\n---\n{}",
+            workload_entry("a", "10.0.0.1"),
+            workload_entry("b", "10.0.0.2")
+        ),
     );
     let mut src = source(tmp.path());
     let result = src.scan();
-    assert!(src.resources().is_empty());
+    assert_eq!(address_of(&src, "a"), "10.0.0.1");
+    assert_eq!(
+        address_of(&src, "b"),
+        "10.0.0.2",
+        "a syntax error costs only its document"
+    );
+    assert_eq!(src.resources().len(), 2);
     assert_eq!(result.errors.len(), 1);
     assert_eq!(result.errors[0].document, Some(2));
 }
@@ -507,4 +517,71 @@ fn deploy_examples_parse_without_errors() {
         })
         .collect();
     assert_eq!(networks, [("network-a", 1), ("network-b", 2)].into());
+}
+
+#[test]
+fn a_refused_document_keeps_what_it_defined_before_and_the_others_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut src = source(dir);
+    write(
+        dir,
+        "a.yaml",
+        &format!(
+            "{}---\n{}",
+            workload_entry("a", "10.0.0.1"),
+            workload_entry("b", "10.0.0.2")
+        ),
+    );
+    assert!(src.scan().errors.is_empty());
+    // Document 1 is broken by an edit while document 2 changes: the edit of document 2
+    // applies, and document 1's workload stays as it was.
+    write(
+        dir,
+        "a.yaml",
+        &format!(
+            "{}---\n{}",
+            workload_entry("a", "10.0.0.300"),
+            workload_entry("b", "10.0.0.22")
+        ),
+    );
+    let r = src.scan();
+    assert!(r.changed);
+    assert_eq!(r.errors.len(), 1, "{r:?}");
+    assert_eq!(r.errors[0].document, Some(1));
+    assert_eq!(address_of(&src, "a"), "10.0.0.1");
+    assert_eq!(address_of(&src, "b"), "10.0.0.22");
+    // Fixed: the file is read as written, and what it no longer defines goes.
+    write(dir, "a.yaml", &workload_entry("b", "10.0.0.23"));
+    assert!(src.scan().errors.is_empty());
+    assert_eq!(address_of(&src, "b"), "10.0.0.23");
+    assert_eq!(src.resources().len(), 1);
+}
+
+#[test]
+fn kinds_isthmus_does_not_read_are_reported_as_ignored_not_as_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut src = source(dir);
+    write(
+        dir,
+        "app.yaml",
+        &format!(
+            "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\nspec: {{host: web}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec: {{}}\n",
+            workload_entry("a", "10.0.0.1")
+        ),
+    );
+    let r = src.scan();
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(address_of(&src, "a"), "10.0.0.1");
+    let ignored: Vec<String> = r.ignored.iter().map(ToString::to_string).collect();
+    assert_eq!(ignored.len(), 2, "{ignored:#?}");
+    assert!(
+        ignored[0].contains("app.yaml (document 2): DestinationRule shop/web: ignored: DestinationRule (networking.istio.io/v1) is not a kind isthmus reads"),
+        "{ignored:#?}"
+    );
+    assert!(
+        ignored[1].contains("(document 3): Deployment web: ignored"),
+        "{ignored:#?}"
+    );
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer};
 
 use super::problems::{check_labels, Problems};
@@ -21,6 +22,30 @@ pub(super) struct RawMetadata {
     /// Accepted so Kubernetes manifests port over; nothing reads them.
     #[serde(deserialize_with = "nullable")]
     annotations: BTreeMap<String, String>,
+    // What a cluster adds to an object (`kubectl get -o yaml` prints it): accepted so such
+    // output loads; the values are neither checked nor read.
+    #[allow(dead_code)]
+    uid: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    resource_version: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    generation: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    creation_timestamp: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    deletion_timestamp: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    deletion_grace_period_seconds: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    managed_fields: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    owner_references: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    finalizers: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    self_link: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    generate_name: Option<IgnoredAny>,
 }
 
 /// Checked metadata. Values that failed their check are kept (so later checks still run) but

@@ -28,5 +28,5 @@ mod workload_entry;
 mod workload_group;
 
 pub use defaults::SourceDefaults;
-pub(crate) use document::{parse, Located};
+pub(crate) use document::{parse, FileReading, Located, Outcome};
 pub use problems::ResourceError;

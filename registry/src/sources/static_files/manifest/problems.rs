@@ -54,7 +54,11 @@ pub(super) struct Problems {
     file: PathBuf,
     /// The document being read (1-based), once reading has begun.
     pub(super) document: Option<usize>,
+    /// Put before every field: `items[3].` inside a `List` document, else empty.
+    pub(super) prefix: String,
     pub(super) errors: Vec<ResourceError>,
+    /// What Istio's validation warns about: the document loads, and the operator is told.
+    pub(super) warnings: Vec<ResourceError>,
 }
 
 impl Problems {
@@ -62,17 +66,34 @@ impl Problems {
         Self {
             file: file.to_path_buf(),
             document: None,
+            prefix: String::new(),
             errors: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
     pub(super) fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(ResourceError {
+        let e = self.at(field.into(), message.into());
+        self.errors.push(e);
+    }
+
+    /// Records a warning: the document still loads.
+    pub(super) fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let w = self.at(field.into(), message.into());
+        self.warnings.push(w);
+    }
+
+    fn at(&self, field: String, message: String) -> ResourceError {
+        let field = match (self.prefix.strip_suffix('.'), field.is_empty()) {
+            (Some(item), true) => item.to_string(),
+            _ => format!("{}{field}", self.prefix),
+        };
+        ResourceError {
             file: self.file.clone(),
             document: self.document,
-            field: field.into(),
-            message: message.into(),
-        });
+            field,
+            message,
+        }
     }
 
     /// Records `result`'s problem at `field`; returns whether the value passed.

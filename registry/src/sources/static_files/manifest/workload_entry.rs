@@ -12,7 +12,9 @@ use serde::Deserialize;
 use super::defaults::SourceDefaults;
 use super::metadata::{nullable, Meta};
 use super::problems::{check_labels, port_or_report, Problems};
-use crate::validate::{check_hostname, check_locality, check_network_id, dns_label};
+use crate::validate::{
+    check_hostname, check_locality, check_network_id, dns_label, istio_unix_address,
+};
 
 /// Kubernetes runs a pod without a service account as `default`; so do we.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
@@ -53,16 +55,20 @@ pub(super) fn workload_entry(
         // A WorkloadEntry does not know its ServiceEntry's resolution; Istio accepts both.
         address: AddressRule::IpOrHostname,
     };
-    let w = workload(&ctx, spec, d, p);
-    vec![(Resource::Workload(w), "metadata.name".into())]
+    workload(&ctx, spec, d, p)
+        .map(|w| (Resource::Workload(w), "metadata.name".to_string()))
+        .into_iter()
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum AddressRule {
-    /// Inline endpoints of a STATIC entry: dialled directly, so an IP.
+    /// Inline endpoints of a STATIC entry: dialled directly, so an IP (or a UNIX socket).
     Ip,
-    /// A WorkloadEntry, or an endpoint of a DNS entry: an IP or a name to resolve.
+    /// A WorkloadEntry: an IP, a name to resolve or a UNIX socket.
     IpOrHostname,
+    /// An endpoint of a DNS entry: an IP or a name to resolve.
+    Dns,
     /// A WorkloadGroup template: the VM brings its address.
     Absent,
 }
@@ -79,14 +85,16 @@ pub(super) struct WorkloadContext<'a> {
     pub(super) address: AddressRule,
 }
 
+/// The workload the entry describes; `None` for a UNIX socket endpoint, which Istio accepts
+/// and isthmus cannot route to (reported as a warning).
 pub(super) fn workload(
     ctx: &WorkloadContext<'_>,
     spec: WorkloadEntrySpec,
     d: &SourceDefaults,
     p: &mut Problems,
-) -> Workload {
+) -> Option<Workload> {
     let f = ctx.field;
-    let address = address(f, ctx.address, spec.address.as_deref(), p);
+    let address = address(f, ctx.address, &spec, p);
     let ports = ports(f, &spec.ports, p);
     let labels = labels(ctx, &spec.labels, p);
     let network = network(ctx, &spec, &labels, d, p);
@@ -107,11 +115,11 @@ pub(super) fn workload(
     } else {
         format!("{}/{}/{}", d.cluster, ctx.meta.namespace, ctx.name)
     };
-    Workload {
+    Some(Workload {
         uid,
         name: ctx.name.clone(),
         namespace: ctx.meta.namespace.clone(),
-        address,
+        address: Address::None,
         network,
         cluster: d.cluster.clone(),
         locality,
@@ -124,41 +132,90 @@ pub(super) fn workload(
         last_confirmed_ms: 0,
         services: ctx.services.clone(),
         service_account,
-    }
+    })
+    .filter(|_| address.is_some())
+    .map(|mut w| {
+        w.address = address.unwrap_or_default();
+        w
+    })
 }
 
-/// The address by `rule`, typed; none when absent or refused.
-fn address(f: &str, rule: AddressRule, spec: Option<&str>, p: &mut Problems) -> Address {
-    match (rule, spec) {
-        (AddressRule::Absent, _) => Address::None,
-        (_, None | Some("")) => {
-            p.add(format!("{f}.address"), "is required");
-            Address::None
-        }
-        (rule, Some(a)) => match a.parse::<IpAddr>() {
-            Ok(ip) => Address::Ip(ip),
-            Err(_) if rule == AddressRule::IpOrHostname => {
-                if check_hostname(a, false).is_err() {
-                    p.add(
-                        format!("{f}.address"),
-                        format!("{a:?} is neither an IP address nor a DNS name"),
-                    );
-                    return Address::None;
-                }
-                Address::Dns(a.to_ascii_lowercase())
-            }
-            Err(_) => {
-                p.add(
-                    format!("{f}.address"),
-                    format!(
-                        "{a:?} is not an IP address; a STATIC ServiceEntry dials its endpoints directly \
-                         (use resolution: DNS for hostnames)"
-                    ),
-                );
-                Address::None
-            }
-        },
+/// The address by `rule`, typed (`Address::None` when absent or refused), or `None` for a
+/// UNIX socket address. As in Istio, an entry that names its `network` may leave out its
+/// address (except an endpoint of a DNS entry, which must name something to resolve): it is
+/// then reached only through that network's gateway, from other networks, and that gateway
+/// forwards to the workloads it can address.
+fn address(
+    f: &str,
+    rule: AddressRule,
+    spec: &WorkloadEntrySpec,
+    p: &mut Problems,
+) -> Option<Address> {
+    let written = spec.address.as_deref().unwrap_or_default();
+    let field = format!("{f}.address");
+    if rule == AddressRule::Absent {
+        return Some(Address::None);
     }
+    if let Some(unix) = istio_unix_address(written) {
+        match unix {
+            Err(e) => p.add(&field, e),
+            Ok(_) if rule == AddressRule::Dns => p.add(
+                &field,
+                format!("{written:?}: a UNIX socket is an endpoint only with resolution STATIC"),
+            ),
+            Ok(_) => unix_warning(&field, written, p),
+        }
+        if !spec.ports.is_empty() {
+            p.add(
+                format!("{f}.ports"),
+                format!("a UNIX socket endpoint ({written}) takes no ports"),
+            );
+        }
+        return None;
+    }
+    if written.is_empty() {
+        match &spec.network {
+            Some(network) if rule != AddressRule::Dns => p.warn(
+                field,
+                format!(
+                    "is unset with network {network:?}: the workload is reached only through \
+                     that network's gateway, from other networks"
+                ),
+            ),
+            _ => p.add(field, "is required"),
+        }
+        return Some(Address::None);
+    }
+    if let Ok(ip) = written.parse::<IpAddr>() {
+        return Some(Address::Ip(ip));
+    }
+    let name = written.to_ascii_lowercase();
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    match rule {
+        AddressRule::Ip => p.add(
+            field,
+            format!(
+                "{written:?} is not an IP address; a STATIC ServiceEntry dials its endpoints \
+                 directly (use resolution: DNS for hostnames)"
+            ),
+        ),
+        _ if check_hostname(name, false).is_err() => p.add(
+            field,
+            format!("{written:?} is neither an IP address nor a DNS name"),
+        ),
+        _ => return Some(Address::Dns(name.to_string())),
+    }
+    Some(Address::None)
+}
+
+fn unix_warning(field: &str, address: &str, p: &mut Problems) {
+    p.warn(
+        field,
+        format!(
+            "{address:?} is a UNIX socket, reachable only on its own host: isthmus carries TCP \
+             between hosts and networks, so it is not an endpoint in the mesh"
+        ),
+    );
 }
 
 fn ports(f: &str, specs: &BTreeMap<String, u32>, p: &mut Problems) -> BTreeMap<String, u16> {

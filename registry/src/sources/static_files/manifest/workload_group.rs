@@ -18,10 +18,12 @@ const DEFAULT_PROBE_SUCCESS_THRESHOLD: u32 = 1;
 const DEFAULT_PROBE_FAILURE_THRESHOLD: u32 = 3;
 const DEFAULT_PROBE_PATH: &str = "/";
 
-/// A WorkloadEntry without `address`: a VM brings its own when it registers.
+/// A WorkloadEntry whose `address` is not used: a VM brings its own when it registers.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 struct WorkloadTemplateSpec {
+    /// Tolerated, as Istio tolerates it, and not used.
+    address: Option<String>,
     #[serde(deserialize_with = "nullable")]
     ports: BTreeMap<String, u32>,
     #[serde(deserialize_with = "nullable")]
@@ -117,6 +119,12 @@ pub(super) fn workload_group(
         p.add("spec.template", "is required");
         return Vec::new();
     };
+    if template.address.as_deref().is_some_and(|a| !a.is_empty()) {
+        p.warn(
+            "spec.template.address",
+            "is not used: each VM registers with its own address",
+        );
+    }
     let ctx = WorkloadContext {
         field: "spec.template",
         // A VM brings its own name and address when it registers.
@@ -127,7 +135,9 @@ pub(super) fn workload_group(
         origin: Origin::Vm,
         address: AddressRule::Absent,
     };
-    let template = workload(&ctx, template.into(), d, p);
+    let Some(template) = workload(&ctx, template.into(), d, p) else {
+        return Vec::new();
+    };
     let probe = spec.probe.and_then(|probe| convert_probe(probe, p));
     vec![(
         Resource::WorkloadGroup(WorkloadGroup {
