@@ -233,6 +233,9 @@ pub struct Service {
     /// VIPs the registry allocated for this hostname (see `allocated_addresses` in
     /// `catalog.proto`); filled in view entries only, empty in the resources sources own.
     pub allocated_addresses: Vec<String>,
+    /// Identities (SPIFFE IDs) a server of this service may present besides those of its
+    /// endpoints: a ServiceEntry's `subjectAltNames`.
+    pub subject_alt_names: Vec<String>,
     pub resolution: Resolution,
     pub scope: Scope,
     pub labels: BTreeMap<String, String>,
@@ -606,6 +609,7 @@ impl From<&Service> for pb::Service {
                 })
                 .collect(),
             allocated_addresses: s.allocated_addresses.clone(),
+            subject_alt_names: s.subject_alt_names.clone(),
             resolution: resolution_to_pb(s.resolution).into(),
             scope: scope_to_pb(s.scope).into(),
             labels: s.labels.clone().into_iter().collect(),
@@ -656,6 +660,7 @@ impl TryFrom<pb::Service> for Service {
                 })
                 .collect(),
             allocated_addresses: s.allocated_addresses,
+            subject_alt_names: s.subject_alt_names,
             resolution,
             scope,
             labels: s.labels.into_iter().collect(),

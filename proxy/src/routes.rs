@@ -350,10 +350,18 @@ impl RouteTable {
                 self.addresses.insert(ip, svc.hostname.clone());
             }
         }
+        // Identities the service names as its servers' (`subjectAltNames`): accepted from
+        // every endpoint beside the endpoint's own, as Istio accepts a service's accounts.
+        let sans: Vec<SpiffeId> = svc
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| SpiffeId::parse(san).ok())
+            .collect();
         let identities: Vec<SpiffeId> = sv
             .endpoints
             .iter()
             .flat_map(|e| e.identities.iter().cloned())
+            .chain(sans.iter().cloned())
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -373,7 +381,14 @@ impl RouteTable {
                     port: sp.number,
                     subset: subset.clone(),
                 };
-                let targets = targets_of(sv, sp.number, subset, opts.reach);
+                let mut targets = targets_of(sv, sp.number, subset, opts.reach);
+                for t in targets.iter_mut().filter(|t| !t.identities.is_empty()) {
+                    for san in &sans {
+                        if !t.identities.contains(san) {
+                            t.identities.push(san.clone());
+                        }
+                    }
+                }
                 let dest = previous
                     .destinations
                     .get(&key)

@@ -442,8 +442,8 @@ fn refresh(catalog: &Catalog, vips: &VipTable, view: &View, change: &Change) {
     view.publish(updates);
 }
 
-/// Merges the definitions of one hostname (namespace sameness): ports and addresses are the
-/// union, the first definition (by key) names the namespace. The allocated addresses are
+/// Merges the definitions of one hostname (namespace sameness): ports, addresses and
+/// subject alt names are the union, the first definition (by key) names the namespace. The allocated addresses are
 /// the hostname's active VIPs when its definitions want one; the registry's table is the
 /// only authority for them, whatever a source wrote.
 fn merged_service(defs: &[&Service], vips: &VipTable) -> Option<Service> {
@@ -463,6 +463,11 @@ fn merged_service(defs: &[&Service], vips: &VipTable) -> Option<Service> {
         for a in &d.addresses {
             if !svc.addresses.contains(a) {
                 svc.addresses.push(a.clone());
+            }
+        }
+        for san in &d.subject_alt_names {
+            if !svc.subject_alt_names.contains(san) {
+                svc.subject_alt_names.push(san.clone());
             }
         }
         for (k, v) in &d.labels {

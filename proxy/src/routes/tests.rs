@@ -210,3 +210,28 @@ fn tried_endpoints_are_skipped() {
         .pick(now, &[first.uid.clone(), second.uid.clone()])
         .is_none());
 }
+
+#[test]
+fn a_services_subject_alt_names_are_accepted_server_identities_beside_its_endpoints() {
+    let mut v = view(
+        vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1")],
+        Scope::Mesh,
+    );
+    let ViewResource::Service(sv) = v.resources.values_mut().next().unwrap() else {
+        unreachable!()
+    };
+    let sv = Arc::get_mut(sv).unwrap();
+    sv.service.subject_alt_names = vec![
+        id("postgres").to_string(),
+        // Not a SPIFFE ID: the registry reports it as not enforced; the proxy skips it.
+        "db.example.com".into(),
+    ];
+    let t = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    let d = t.lookup(HOST, 9080, "").unwrap();
+    assert_eq!(d.identities(), vec![id("postgres"), id("reviews")]);
+    // Each endpoint accepts its own identity and the service's names.
+    assert_eq!(
+        d.targets()[0].identities,
+        vec![id("reviews"), id("postgres")]
+    );
+}

@@ -73,7 +73,7 @@ pub(super) fn service_entry(
         has_selector,
         p,
     );
-    check_subject_alt_names(&spec.subject_alt_names, p);
+    let subject_alt_names = subject_alt_names(spec.subject_alt_names, p);
     let resolution = written.model();
     let scope = scope(&spec.export_to, p);
 
@@ -89,6 +89,7 @@ pub(super) fn service_entry(
                 addresses: addresses.clone(),
                 // Allocated by the registry, in the views only.
                 allocated_addresses: Vec::new(),
+                subject_alt_names: subject_alt_names.clone(),
                 resolution,
                 scope,
                 labels: meta.labels.clone(),
@@ -357,9 +358,9 @@ fn check_dynamic_dns(
 
 /// `spec.subjectAltNames`: the identities a server of this entry may present. SPIFFE IDs
 /// are added to those isthmus accepts from the entry's endpoints (as Istio adds them to the
-/// service's accounts); isthmus verifies servers by SPIFFE identity, so other names are
-/// reported as not enforced.
-fn check_subject_alt_names(names: &[String], p: &mut Problems) {
+/// service's accounts) and returned; isthmus verifies servers by SPIFFE identity, so other
+/// names are reported as not enforced.
+fn subject_alt_names(names: Vec<String>, p: &mut Problems) -> Vec<String> {
     for (i, name) in names.iter().enumerate() {
         if name.is_empty() {
             p.add(format!("spec.subjectAltNames[{i}]"), "is empty");
@@ -375,6 +376,10 @@ fn check_subject_alt_names(names: &[String], p: &mut Problems) {
             p.add(format!("spec.subjectAltNames[{i}]"), e.to_string());
         }
     }
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("spiffe://"))
+        .collect()
 }
 
 /// `spec.exportTo`: only `.` keeps the service in its cluster.

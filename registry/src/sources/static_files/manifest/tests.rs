@@ -112,6 +112,7 @@ spec:
                 },
             ],
             allocated_addresses: vec![],
+            subject_alt_names: vec![],
             resolution: Resolution::Static,
             scope: Scope::ClusterLocal,
             labels: labels(&[("team", "books")]),
