@@ -157,7 +157,7 @@ impl SpiffeId {
         service_account: &str,
     ) -> Result<Self, IdentityError> {
         validate_dns_label("namespace", namespace)?;
-        validate_dns_label("service account", service_account)?;
+        validate_service_account(service_account)?;
         Self::parse(&format!(
             "{SCHEME_PREFIX}{td}/ns/{namespace}/sa/{service_account}"
         ))
@@ -234,6 +234,33 @@ pub fn validate_dns_label(what: &'static str, value: &str) -> Result<(), Identit
     Ok(())
 }
 
+/// A Kubernetes service account name: a DNS subdomain (lower-case DNS labels joined by dots,
+/// at most 253 characters), as the API server accepts one.
+pub fn validate_service_account(value: &str) -> Result<(), IdentityError> {
+    if value.len() > 253 {
+        return Err(IdentityError::BadName {
+            what: "service account",
+            value: value.to_string(),
+            why: "it is longer than 253 characters",
+        });
+    }
+    for label in value.split('.') {
+        validate_dns_label("service account", label).map_err(|e| match e {
+            IdentityError::BadName { why, .. } => IdentityError::BadName {
+                what: "service account",
+                value: value.to_string(),
+                why: if label.is_empty() && !value.is_empty() {
+                    "it has an empty part between dots"
+                } else {
+                    why
+                },
+            },
+            other => other,
+        })?;
+    }
+    Ok(())
+}
+
 fn truncate(s: &str) -> String {
     let mut end = 64.min(s.len());
     while !s.is_char_boundary(end) {
@@ -245,6 +272,20 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_accounts_are_kubernetes_names_with_dots_allowed() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        for sa in ["default", "reader", "inventory.reader", "a-1.b-2.c"] {
+            validate_service_account(sa).unwrap_or_else(|e| panic!("{sa}: {e}"));
+            let id = SpiffeId::workload(&td, "shop", sa).unwrap();
+            assert_eq!(id.workload_parts().unwrap(), ("shop", sa));
+        }
+        for sa in ["", "Reader", "a..b", ".a", "a.", "a_b", &"a".repeat(254)] {
+            let e = validate_service_account(sa).expect_err(sa).to_string();
+            assert!(e.contains("service account"), "{sa}: {e}");
+        }
+    }
 
     #[test]
     fn valid_ids() {

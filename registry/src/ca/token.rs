@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use ::time::OffsetDateTime;
-use isthmus_proto::identity::validate_dns_label;
+use isthmus_proto::identity::{validate_dns_label, validate_service_account};
 use rcgen::SigningKey;
 
 use super::CaMaterial;
@@ -75,7 +75,7 @@ pub fn create(
     now: OffsetDateTime,
 ) -> Result<String, TokenError> {
     validate_dns_label("namespace", ns).map_err(|e| TokenError::Malformed(e.to_string()))?;
-    validate_dns_label("service account", sa).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    validate_service_account(sa).map_err(|e| TokenError::Malformed(e.to_string()))?;
     if ttl > MAX_TOKEN_TTL {
         return Err(TokenError::TtlTooLong(ttl));
     }

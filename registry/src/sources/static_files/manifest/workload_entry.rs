@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use isthmus_proto::identity::SpiffeId;
+use isthmus_proto::identity::{validate_service_account, SpiffeId};
 use isthmus_proto::model::{Address, Health, Locality, Origin, Resource, Workload};
 use serde::Deserialize;
 
@@ -287,7 +287,13 @@ fn identity(
     let service_account = spec
         .filter(|sa| !sa.is_empty())
         .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.into());
-    let sa_ok = p.check(&field, dns_label("service account", &service_account));
+    let sa_ok = match validate_service_account(&service_account) {
+        Ok(()) => true,
+        Err(e) => {
+            p.add(&field, e.to_string());
+            false
+        }
+    };
     let identity = if sa_ok && ctx.meta.namespace_ok {
         match SpiffeId::workload(&d.trust_domain, &ctx.meta.namespace, &service_account) {
             Ok(id) => Some(id),
