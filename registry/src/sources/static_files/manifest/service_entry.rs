@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::defaults::SourceDefaults;
 use super::metadata::{nullable, Meta};
-use super::problems::{check_labels, port_or_report, Problems};
+use super::problems::{port_or_report, Problems};
 use super::workload_entry::{workload, AddressRule, WorkloadContext, WorkloadEntrySpec};
 use crate::validate::{dns_label, istio_host, istio_port_name, istio_protocol, istio_subnet};
 
@@ -251,14 +251,25 @@ fn selector(spec: Option<WorkloadSelectorSpec>, p: &mut Problems) -> BTreeMap<St
         return BTreeMap::new();
     };
     if ws.labels.is_empty() {
-        // An empty selector would silently select nothing (or, read Kubernetes' way,
-        // everything in the namespace): refuse the ambiguity.
+        // Istio warns and then applies such an entry to every workload of the namespace;
+        // isthmus refuses instead: a selector that lost its labels (a templating slip)
+        // would silently make every workload of the namespace an endpoint of this host.
         p.add(
             "spec.workloadSelector.labels",
-            "at least one label is required",
+            "at least one label is required (Istio would select every workload in the \
+             namespace; name the labels, or list the endpoints)",
         );
     }
-    check_labels(p, "spec.workloadSelector.labels", &ws.labels);
+    // Istio refuses only an empty key and wildcards in a selector; a label no workload can
+    // carry simply selects nothing.
+    for (k, v) in &ws.labels {
+        if k.is_empty() || k.contains('*') || v.contains('*') {
+            p.add(
+                format!("spec.workloadSelector.labels.{k}"),
+                format!("{k}={v}: a selector label needs a key and no wildcard"),
+            );
+        }
+    }
     ws.labels
 }
 

@@ -612,8 +612,8 @@ fn every_validation_error_names_file_document_field_and_value() {
         ),
         (
             "bad label value",
-            se("{app: web}", "{app: \"web app\"}"),
-            "spec.workloadSelector.labels.app",
+            we("{address: 10.0.0.1, labels: {app: \"web app\"}}"),
+            "spec.labels.app",
             "\"web app\"",
         ),
         (
