@@ -14,6 +14,24 @@ fn run(bin: &str, args: &[&str]) -> Output {
     Command::new(bin).args(args).output().expect("run binary")
 }
 
+/// A mesh CA for trust domain cluster.local with one cluster's intermediate, under `ca`.
+fn ca_init(ca: &Path, cluster: &str) {
+    let out = run(
+        CTL,
+        &[
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--cluster",
+            cluster,
+            "--out",
+            ca.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
@@ -82,20 +100,7 @@ fn operator_workflow_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = dir.join("ca");
-    let out = run(
-        CTL,
-        &[
-            "ca",
-            "init",
-            "--trust-domain",
-            "cluster.local",
-            "--cluster",
-            "cluster-a",
-            "--out",
-            ca.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    ca_init(&ca, "cluster-a");
     assert!(ca.join("cluster-a/ca-key.pem").exists());
     // A second init refuses to overwrite and says how to rotate.
     let out = run(
@@ -315,21 +320,7 @@ fn validate_names_every_bad_file_and_field() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = dir.join("ca");
-    assert!(run(
-        CTL,
-        &[
-            "ca",
-            "init",
-            "--trust-domain",
-            "cluster.local",
-            "--cluster",
-            "c1",
-            "--out",
-            ca.to_str().unwrap()
-        ]
-    )
-    .status
-    .success());
+    ca_init(&ca, "c1");
     let res = dir.join("res");
     std::fs::create_dir_all(&res).unwrap();
     std::fs::write(
@@ -394,21 +385,7 @@ fn vm_onboard_writes_a_bundle_the_agent_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ca = dir.join("ca");
-    assert!(run(
-        CTL,
-        &[
-            "ca",
-            "init",
-            "--trust-domain",
-            "cluster.local",
-            "--cluster",
-            "cluster-a",
-            "--out",
-            ca.to_str().unwrap()
-        ]
-    )
-    .status
-    .success());
+    ca_init(&ca, "cluster-a");
     let out_dir = dir.join("vm-bundle");
     let onboard = |ttl: &str, out_dir: &Path| {
         run(
@@ -519,21 +496,7 @@ fn vm_onboard_writes_a_bundle_the_agent_reads() {
 fn validate_reports_every_document_of_a_directory_of_mixed_files() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = tmp.path().join("ca");
-    assert!(run(
-        CTL,
-        &[
-            "ca",
-            "init",
-            "--trust-domain",
-            "cluster.local",
-            "--cluster",
-            "c1",
-            "--out",
-            ca.to_str().unwrap()
-        ]
-    )
-    .status
-    .success());
+    ca_init(&ca, "c1");
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/istio-compat");
     let out = Command::new(REGISTRY)
         .args(["--cluster", "c1", "--network", "network-a", "--ca-dir"])
