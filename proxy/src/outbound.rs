@@ -275,3 +275,6 @@ async fn handle(
         rec.bytes_from_upstream,
     );
 }
+
+#[cfg(test)]
+mod tests;
