@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use isthmus_proto::model::{
-    Origin, Resolution, Resource, Scope, Service, ServiceAddress, ServicePort,
+    ExportTo, Origin, Resolution, Resource, Scope, Service, ServiceAddress, ServicePort,
 };
 use serde::Deserialize;
 
@@ -69,7 +69,7 @@ pub(super) fn service_entry(
     check_location(spec.location.as_deref(), p);
     let selector = selector(spec.workload_selector, p);
     check_istio_rules(&hosts, resolution, has_endpoints, has_selector, p);
-    let scope = scope(&spec.export_to, p);
+    let export_to = export_to(&spec.export_to, &meta.namespace, p);
 
     let mut out: Vec<(Resource, String)> = hosts
         .iter()
@@ -84,7 +84,8 @@ pub(super) fn service_entry(
                 // Allocated by the registry, in the views only.
                 allocated_addresses: Vec::new(),
                 resolution,
-                scope,
+                scope: Scope::Mesh,
+                export_to: export_to.clone(),
                 labels: meta.labels.clone(),
                 selector: selector.clone(),
             };
@@ -218,18 +219,19 @@ fn check_istio_rules(
     }
 }
 
-/// `spec.exportTo`: only `.` keeps the service in its cluster.
-fn scope(export_to: &[String], p: &mut Problems) -> Scope {
-    for (i, e) in export_to.iter().enumerate() {
-        if e != "." && e != "*" {
-            p.check(format!("spec.exportTo[{i}]"), dns_label("namespace", e));
+/// `spec.exportTo`: which namespaces see the entry, with Istio's rules for the list (see
+/// [`ExportTo::parse`]).
+fn export_to(export_to: &[String], namespace: &str, p: &mut Problems) -> ExportTo {
+    ExportTo::parse(export_to, namespace).unwrap_or_else(|problems| {
+        for e in problems {
+            let field = match e.index {
+                Some(i) => format!("spec.exportTo[{i}]"),
+                None => "spec.exportTo".into(),
+            };
+            p.add(field, e.why);
         }
-    }
-    if !export_to.is_empty() && export_to.iter().all(|e| e == ".") {
-        Scope::ClusterLocal
-    } else {
-        Scope::Mesh
-    }
+        ExportTo::Public
+    })
 }
 
 /// The inline endpoints, each a workload of every host, named `<entry>-<index>`.
