@@ -112,7 +112,8 @@ async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
             return Err(refusal(
                 "not_exported",
                 format!(
-                    "{} is cluster-local: not reachable from other networks",
+                    "{} is not exported to other networks (cluster-local, or its exportTo \
+                     is not every namespace)",
                     key.hostname
                 ),
             ));

@@ -1,7 +1,7 @@
 //! The catalog model: plain Rust types converted once from protobuf at the edge, so that
 //! code outside this crate never handles generated types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -215,6 +215,137 @@ pub enum Scope {
     ClusterLocal,
 }
 
+/// Which namespaces' proxies see a service definition: Istio's `exportTo`, read once where
+/// the definition enters the catalog (`.` is written as the definition's own namespace).
+/// Visibility decides what a proxy is told, not who may connect (authorization does that).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ExportTo {
+    /// `*` (and Istio's default when `exportTo` is absent): every namespace.
+    #[default]
+    Public,
+    /// The namespaces named; never empty.
+    Namespaces(BTreeSet<String>),
+    /// `~`: no namespace; the definition still serves its endpoints' inbound traffic.
+    Nobody,
+}
+
+impl ExportTo {
+    /// Whether a proxy in `namespace` sees the definition.
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        match self {
+            ExportTo::Public => true,
+            ExportTo::Namespaces(names) => names.contains(namespace),
+            ExportTo::Nobody => false,
+        }
+    }
+
+    pub fn is_public(&self) -> bool {
+        matches!(self, ExportTo::Public)
+    }
+
+    /// What both of two definitions of one namespace export (a definition from each of two
+    /// clusters): the union, so neither cluster's choice hides the other's.
+    pub fn union(&self, other: &ExportTo) -> ExportTo {
+        match (self, other) {
+            (ExportTo::Public, _) | (_, ExportTo::Public) => ExportTo::Public,
+            (ExportTo::Nobody, x) | (x, ExportTo::Nobody) => x.clone(),
+            (ExportTo::Namespaces(a), ExportTo::Namespaces(b)) => {
+                ExportTo::Namespaces(a.union(b).cloned().collect())
+            }
+        }
+    }
+
+    /// Reads an `exportTo` list as written in a ServiceEntry of `namespace`, by Istio's
+    /// rules: each entry `.`, `*`, `~` or a namespace name; no entry twice (`.` and the own
+    /// namespace's name are the same entry); `*` and `~` only alone. Every problem is
+    /// reported, each with the entry it is about (None: the list as a whole).
+    pub fn parse(values: &[String], namespace: &str) -> Result<ExportTo, Vec<ExportToProblem>> {
+        let mut problems = Vec::new();
+        // Entry (with `.` read as the namespace) -> how it was first written.
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for (i, v) in values.iter().enumerate() {
+            let entry = |why: String| ExportToProblem {
+                index: Some(i),
+                why,
+            };
+            let key = if v == "." { namespace } else { v.as_str() };
+            if let Some(first) = seen.insert(key, v) {
+                problems.push(entry(if first != v {
+                    format!(
+                        "\".\" and {namespace:?} (this entry's own namespace) are the same entry"
+                    )
+                } else {
+                    format!("{v:?} is listed twice")
+                }));
+                continue;
+            }
+            if !matches!(v.as_str(), "." | "*" | "~") {
+                if let Err(e) = crate::identity::validate_dns_label("namespace", v) {
+                    problems.push(entry(format!(
+                        "{e}; an entry is \".\" (this namespace), \"*\" (every namespace), \"~\" (none) or a namespace name"
+                    )));
+                }
+            }
+        }
+        if values.len() > 1 {
+            let whole = |why: &str| ExportToProblem {
+                index: None,
+                why: why.into(),
+            };
+            if seen.contains_key("*") {
+                problems.push(whole(
+                    "\"*\" (every namespace) cannot be listed with other entries",
+                ));
+            }
+            if seen.contains_key("~") {
+                problems.push(whole(
+                    "\"~\" (no namespace) cannot be listed with other entries",
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(ExportTo::from_wire(values, namespace))
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The wire form: empty for every namespace (what a catalog written before visibility
+    /// existed holds), `~` for none, else the namespaces.
+    pub fn to_wire(&self) -> Vec<String> {
+        match self {
+            ExportTo::Public => Vec::new(),
+            ExportTo::Nobody => vec!["~".into()],
+            ExportTo::Namespaces(names) => names.iter().cloned().collect(),
+        }
+    }
+
+    /// Reads the wire form; `namespace` is the definition's own (what `.` stands for).
+    pub fn from_wire(values: &[String], namespace: &str) -> ExportTo {
+        if values.is_empty() || values.iter().any(|v| v == "*") {
+            return ExportTo::Public;
+        }
+        let names: BTreeSet<String> = values
+            .iter()
+            .filter(|v| *v != "~")
+            .map(|v| if v == "." { namespace } else { v }.to_string())
+            .collect();
+        if names.is_empty() {
+            ExportTo::Nobody
+        } else {
+            ExportTo::Namespaces(names)
+        }
+    }
+}
+
+/// What is wrong with an `exportTo` list (see [`ExportTo::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportToProblem {
+    /// The entry it is about; None when it is about the list as a whole.
+    pub index: Option<usize>,
+    pub why: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceAddress {
     /// Empty: the same address in every cluster.
@@ -238,6 +369,8 @@ pub struct Service {
     pub subject_alt_names: Vec<String>,
     pub resolution: Resolution,
     pub scope: Scope,
+    /// Which namespaces see this definition (Istio's `exportTo`).
+    pub export_to: ExportTo,
     pub labels: BTreeMap<String, String>,
     pub selector: BTreeMap<String, String>,
 }
@@ -368,15 +501,24 @@ impl Resource {
     }
 
     /// A key unique within the catalog: `<kind>/<namespace>/<name>`; services are keyed by
-    /// defining cluster and hostname, since the same hostname may come from several clusters.
+    /// defining cluster, namespace, hostname and the resource that defines them, since the
+    /// same hostname may come from several clusters (one service), from several resources of
+    /// one namespace (merged into one service, as Istio merges ServiceEntries of a host) and
+    /// from several namespaces (one service each, as in Istio).
     pub fn key(&self) -> String {
         match self {
             Resource::Network(n) => format!("Network//{}", n.id),
-            Resource::Service(s) => format!("Service/{}/{}", s.cluster, s.hostname),
+            Resource::Service(s) => service_key(&s.cluster, &s.namespace, &s.hostname, &s.name),
             Resource::Workload(w) => workload_key(&w.namespace, &w.name),
             Resource::WorkloadGroup(g) => workload_group_key(&g.namespace, &g.name),
         }
     }
+}
+
+/// The catalog key of the Service `hostname` defined in `cluster` and `namespace` by the
+/// resource `name` (see [`Resource::key`]).
+pub fn service_key(cluster: &str, namespace: &str, hostname: &str, name: &str) -> String {
+    format!("Service/{cluster}/{namespace}/{hostname}/{name}")
 }
 
 /// The catalog key of the Workload `namespace/name` (see [`Resource::key`]).
@@ -612,6 +754,7 @@ impl From<&Service> for pb::Service {
             subject_alt_names: s.subject_alt_names.clone(),
             resolution: resolution_to_pb(s.resolution).into(),
             scope: scope_to_pb(s.scope).into(),
+            export_to: s.export_to.to_wire(),
             labels: s.labels.clone().into_iter().collect(),
             selector: s.selector.clone().into_iter().collect(),
             cluster: s.cluster.clone(),
@@ -645,6 +788,7 @@ impl TryFrom<pb::Service> for Service {
                 })
             })
             .collect::<Result<_, ModelError>>()?;
+        let export_to = ExportTo::from_wire(&s.export_to, &s.namespace);
         Ok(Service {
             hostname: s.hostname,
             namespace: s.namespace,
@@ -663,6 +807,7 @@ impl TryFrom<pb::Service> for Service {
             subject_alt_names: s.subject_alt_names,
             resolution,
             scope,
+            export_to,
             labels: s.labels.into_iter().collect(),
             selector: s.selector.into_iter().collect(),
         })
@@ -1064,6 +1209,90 @@ mod tests {
         let p = pb::Service::from(&s);
         assert_eq!(p.allocated_addresses, s.allocated_addresses);
         assert_eq!(Service::try_from(p).unwrap(), s);
+    }
+
+    #[test]
+    fn export_to_round_trips_through_protobuf_and_reads_istio_forms() {
+        let shop = |e: ExportTo| Service {
+            hostname: "db.example.com".into(),
+            namespace: "shop".into(),
+            export_to: e,
+            ..Default::default()
+        };
+        let names = |n: &[&str]| ExportTo::Namespaces(n.iter().map(|s| s.to_string()).collect());
+        for e in [ExportTo::Public, ExportTo::Nobody, names(&["shop", "web"])] {
+            let s = shop(e);
+            assert_eq!(Service::try_from(pb::Service::from(&s)).unwrap(), s);
+        }
+        // A definition from before visibility existed is visible everywhere, and its bytes
+        // are unchanged (no field written), so stored catalogs and view digests stay valid.
+        assert!(pb::Service::from(&shop(ExportTo::Public))
+            .export_to
+            .is_empty());
+        let wire = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(ExportTo::from_wire(&wire(&["*"]), "shop"), ExportTo::Public);
+        assert_eq!(ExportTo::from_wire(&wire(&["~"]), "shop"), ExportTo::Nobody);
+        assert_eq!(
+            ExportTo::from_wire(&wire(&[".", "web"]), "shop"),
+            names(&["shop", "web"])
+        );
+        let private = names(&["shop"]);
+        assert!(private.visible_to("shop") && !private.visible_to("web"));
+        assert!(!ExportTo::Nobody.visible_to("shop"));
+        assert_eq!(private.union(&ExportTo::Nobody), private);
+        assert_eq!(private.union(&names(&["web"])), names(&["shop", "web"]));
+        assert_eq!(private.union(&ExportTo::Public), ExportTo::Public);
+    }
+
+    #[test]
+    fn export_to_is_validated_as_istio_does() {
+        let parse = |v: &[&str]| {
+            ExportTo::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "shop")
+        };
+        let names = |n: &[&str]| ExportTo::Namespaces(n.iter().map(|s| s.to_string()).collect());
+        assert_eq!(parse(&[]).unwrap(), ExportTo::Public);
+        assert_eq!(parse(&["*"]).unwrap(), ExportTo::Public);
+        assert_eq!(parse(&["~"]).unwrap(), ExportTo::Nobody);
+        assert_eq!(parse(&["."]).unwrap(), names(&["shop"]));
+        assert_eq!(parse(&[".", "web"]).unwrap(), names(&["shop", "web"]));
+        let refused = |v: &[&str]| -> Vec<(Option<usize>, String)> {
+            parse(v)
+                .unwrap_err()
+                .into_iter()
+                .map(|p| (p.index, p.why))
+                .collect()
+        };
+        let one = |v: &[&str], index: Option<usize>, needle: &str| {
+            let got = refused(v);
+            assert!(
+                got.iter()
+                    .any(|(i, why)| *i == index && why.contains(needle)),
+                "{v:?}: {got:?}"
+            );
+        };
+        one(&["web", "web"], Some(1), "listed twice");
+        one(&[".", "shop"], Some(1), "same entry");
+        one(&["shop", "."], Some(1), "same entry");
+        one(&["*", "web"], None, "\"*\"");
+        one(&["~", "web"], None, "\"~\"");
+        one(&["~", "*"], None, "\"~\"");
+        one(&["Not_A_Label"], Some(0), "namespace");
+        one(&["a.b"], Some(0), "namespace");
+        assert_eq!(refused(&["web", "x y"]).len(), 1);
+    }
+
+    #[test]
+    fn same_hostname_in_two_namespaces_has_two_catalog_keys() {
+        let def = |ns: &str| {
+            Resource::Service(Service {
+                hostname: "db.example.com".into(),
+                namespace: ns.into(),
+                cluster: "c1".into(),
+                ..Default::default()
+            })
+        };
+        assert_eq!(def("shop").key(), "Service/c1/shop/db.example.com/");
+        assert_ne!(def("shop").key(), def("web").key());
     }
 
     #[test]

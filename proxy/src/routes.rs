@@ -339,7 +339,9 @@ impl RouteTable {
 
     fn add_service(&mut self, sv: &ServiceView, previous: &RouteTable, opts: &RouteOptions) {
         let svc = &sv.service;
-        let exported = svc.scope == Scope::Mesh;
+        // A gateway carries only what callers of every namespace may see: the SNI key does
+        // not name the caller's namespace.
+        let exported = svc.scope == Scope::Mesh && svc.export_to.is_public();
         for a in svc.addresses.iter().map(|a| &a.address) {
             if let Ok(ip) = a.parse::<IpAddr>() {
                 self.addresses.insert(ip, svc.hostname.clone());

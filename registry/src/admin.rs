@@ -51,6 +51,8 @@ struct AdminState {
 struct CatalogQuery {
     network: Option<String>,
     kind: Option<String>,
+    /// The namespace whose visibility to show; absent: every namespace, as a gateway sees.
+    namespace: Option<String>,
 }
 
 pub fn routes(
@@ -98,11 +100,22 @@ async fn catalog(State(s): State<AdminState>, Query(q): Query<CatalogQuery>) -> 
         return (StatusCode::NOT_FOUND, Json(json!({"error": format!("no network {network:?} in the catalog and no subscriber in it"), "networks": networks}))).into_response();
     }
     let gateway = q.kind.as_deref() == Some("gateway");
+    let namespace = q.namespace.filter(|n| !n.is_empty());
+    if let Some(ns) = &namespace {
+        if let Err(e) = crate::validate::dns_label("namespace", ns) {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": e.to_string()})),
+            )
+                .into_response();
+        }
+    }
     let (version, resources) = view_resources(
         &s.views,
         &ViewKey {
             network: network.clone(),
             gateway,
+            namespace: (!gateway).then_some(namespace).flatten(),
         },
     );
     Json(render::view_json(&network, &version, &resources)).into_response()

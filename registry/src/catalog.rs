@@ -32,7 +32,8 @@ fn label_key(ns: &str, k: &str, v: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Catalog {
     resources: BTreeMap<String, OwnedResource>,
-    /// hostname -> keys of the Service resources defining it (one per cluster).
+    /// hostname -> keys of the Service resources defining it (one per cluster and namespace;
+    /// keys sort by cluster, then namespace).
     service_defs: HashMap<String, BTreeSet<String>>,
     /// `ns/label=value` -> keys of the services whose selector has that pair, so that a
     /// workload finds the services selecting it without scanning its namespace.
@@ -100,6 +101,16 @@ impl Catalog {
             .collect()
     }
 
+    /// The definitions of `hostname` by namespace (each namespace's are one service, whatever
+    /// the clusters they come from; two namespaces' are two services, as in Istio).
+    pub fn service_defs_by_namespace(&self, hostname: &str) -> BTreeMap<&str, Vec<&Service>> {
+        let mut out: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
+        for s in self.service_defs(hostname) {
+            out.entry(s.namespace.as_str()).or_default().push(s);
+        }
+        out
+    }
+
     /// The Service resources defining `hostname` with their keys, in key order.
     pub fn service_def_entries(&self, hostname: &str) -> Vec<(&String, &Service)> {
         self.service_defs
@@ -120,10 +131,15 @@ impl Catalog {
         }
     }
 
-    /// Every workload serving `hostname` under any of its definitions.
-    pub fn endpoints(&self, hostname: &str) -> Vec<&Workload> {
+    /// Every workload serving `hostname` under its definitions in `namespace` (a workload
+    /// serves only services of its own namespace).
+    pub fn endpoints(&self, hostname: &str, namespace: &str) -> Vec<&Workload> {
         let mut keys: BTreeSet<&String> = BTreeSet::new();
-        for svc in self.service_defs(hostname) {
+        for svc in self
+            .service_defs(hostname)
+            .into_iter()
+            .filter(|s| s.namespace == namespace)
+        {
             if let Some(explicit) = self.workloads_by_host.get(hostname) {
                 keys.extend(explicit.iter().filter(|k| {
                     self.workload(k)
@@ -333,7 +349,7 @@ pub(crate) mod tests {
         c.upsert(wl("w2", "other", "web", "10.0.0.2", "a"));
         c.upsert(wl("w3", "shop", "db", "10.0.0.3", "a"));
         let eps: Vec<_> = c
-            .endpoints("web.shop")
+            .endpoints("web.shop", "shop")
             .iter()
             .map(|w| w.name.clone())
             .collect();
@@ -341,18 +357,18 @@ pub(crate) mod tests {
         // Relabel w3 into the service: the change names the service.
         let ch = c.upsert(wl("w3", "shop", "web", "10.0.0.3", "a"));
         assert!(ch.hostnames.contains("web.shop"));
-        assert_eq!(c.endpoints("web.shop").len(), 2);
+        assert_eq!(c.endpoints("web.shop", "shop").len(), 2);
         // Relabel out again.
         let ch = c.upsert(wl("w3", "shop", "db", "10.0.0.3", "a"));
         assert!(ch.hostnames.contains("web.shop"));
-        assert_eq!(c.endpoints("web.shop").len(), 1);
+        assert_eq!(c.endpoints("web.shop", "shop").len(), 1);
         // Identical upsert touches nothing.
         assert!(c
             .upsert(wl("w1", "shop", "web", "10.0.0.1", "a"))
             .is_empty());
         let ch = c.remove("Workload/shop/w1");
         assert!(ch.hostnames.contains("web.shop"));
-        assert!(c.endpoints("web.shop").is_empty());
+        assert!(c.endpoints("web.shop", "shop").is_empty());
     }
 
     #[test]
@@ -374,7 +390,7 @@ pub(crate) mod tests {
         }
         c.upsert(s);
         let names: Vec<_> = c
-            .endpoints("web-front.shop")
+            .endpoints("web-front.shop", "shop")
             .iter()
             .map(|w| w.name.clone())
             .collect();
@@ -384,8 +400,8 @@ pub(crate) mod tests {
             w.labels.insert("tier".into(), "front".into());
         }
         assert!(c.upsert(back).hostnames.contains("web-front.shop"));
-        assert_eq!(c.endpoints("web-front.shop").len(), 2);
-        c.remove("Service/c/web-front.shop");
+        assert_eq!(c.endpoints("web-front.shop", "shop").len(), 2);
+        c.remove("Service/c/shop/web-front.shop/web-front");
         assert!(
             c.upsert(wl("w3", "shop", "web", "10.0.0.3", "a"))
                 .is_empty(),
@@ -400,12 +416,43 @@ pub(crate) mod tests {
         c.upsert(svc("web.shop", "shop", "c2", "web"));
         c.upsert(wl("w1", "shop", "web", "10.0.0.1", "a"));
         assert_eq!(c.service_defs("web.shop").len(), 2);
-        assert_eq!(c.endpoints("web.shop").len(), 1);
-        c.remove("Service/c1/web.shop");
+        assert_eq!(c.endpoints("web.shop", "shop").len(), 1);
+        c.remove("Service/c1/shop/web.shop/web");
         assert_eq!(c.service_defs("web.shop").len(), 1);
-        assert_eq!(c.endpoints("web.shop").len(), 1);
-        c.remove("Service/c2/web.shop");
-        assert!(c.endpoints("web.shop").is_empty());
+        assert_eq!(c.endpoints("web.shop", "shop").len(), 1);
+        c.remove("Service/c2/shop/web.shop/web");
+        assert!(c.endpoints("web.shop", "shop").is_empty());
         assert_eq!(c.hostnames().count(), 0);
+    }
+
+    #[test]
+    fn same_hostname_from_two_namespaces_is_two_services() {
+        let mut c = Catalog::default();
+        c.upsert(svc("db.example.com", "shop", "c1", "db"));
+        c.upsert(svc("db.example.com", "books", "c1", "db"));
+        c.upsert(svc("db.example.com", "books", "c2", "db"));
+        c.upsert(wl("s1", "shop", "db", "10.0.0.1", "a"));
+        c.upsert(wl("b1", "books", "db", "10.0.0.2", "a"));
+        assert_eq!(
+            c.service_defs("db.example.com").len(),
+            3,
+            "no definition replaces another"
+        );
+        let by_ns = c.service_defs_by_namespace("db.example.com");
+        assert_eq!(by_ns.keys().copied().collect::<Vec<_>>(), ["books", "shop"]);
+        assert_eq!(by_ns["books"].len(), 2);
+        fn names(c: &Catalog, ns: &str) -> Vec<String> {
+            c.endpoints("db.example.com", ns)
+                .iter()
+                .map(|w| w.name.clone())
+                .collect()
+        }
+        assert_eq!(names(&c, "shop"), ["s1"]);
+        assert_eq!(names(&c, "books"), ["b1"]);
+        assert!(names(&c, "other").is_empty());
+        let ch = c.remove("Service/c1/shop/db.example.com/db");
+        assert!(ch.hostnames.contains("db.example.com"));
+        assert!(names(&c, "shop").is_empty());
+        assert_eq!(names(&c, "books"), ["b1"]);
     }
 }

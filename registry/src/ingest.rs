@@ -72,17 +72,24 @@ impl Ingest {
         let rows = self.store.list(Table::Catalog).await;
         self.count("list", rows.is_ok());
         let mut resources = Vec::new();
+        let mut rekeyed = Vec::new();
         for (key, bytes) in rows? {
             match pb::CatalogResource::decode(bytes.as_slice())
                 .map_err(|e| e.to_string())
                 .and_then(|r| OwnedResource::try_from(r).map_err(|e| e.to_string()))
             {
-                Ok(r) => resources.push(r),
+                Ok(r) => {
+                    if r.resource.key() != key {
+                        rekeyed.push((key, r.resource.key(), bytes));
+                    }
+                    resources.push(r)
+                }
                 Err(e) => {
                     tracing::error!(%key, error = %e, "skipping a stored resource that does not decode")
                 }
             }
         }
+        self.rekey(rekeyed).await?;
         let n = resources.len();
         // Reconcile before anything is served: hostnames that want a VIP and have none get
         // one (say, a catalog stored before VIPs existed, or a write that failed halfway),
@@ -106,6 +113,26 @@ impl Ingest {
             .set(self.views.with_catalog(|c| c.len()) as i64);
         self.update_vip_gauges();
         Ok(n)
+    }
+
+    /// Moves stored resources to the key they have now (a Service stored before its key
+    /// named its namespace), so that removing one later removes the row it is stored under.
+    async fn rekey(&self, rows: Vec<(String, String, Vec<u8>)>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            rows = rows.len(),
+            "moving stored resources to their current catalog keys"
+        );
+        let mut ops = Vec::with_capacity(rows.len() * 2);
+        for (old, new, bytes) in rows {
+            ops.push(Op::Delete(old));
+            ops.push(Op::Put(new, bytes));
+        }
+        let res = self.store.apply(Table::Catalog, ops).await;
+        self.count("apply", res.is_ok());
+        res
     }
 
     /// Makes the catalog's resources with an origin starting with `origin_prefix` exactly
@@ -229,7 +256,9 @@ impl Ingest {
         let plan = self.views.with_catalog_and_vips(|catalog, table| {
             let wants = catalog
                 .hostnames()
-                .filter(|h| table.get(h).is_none() && vips::wants_vip(&catalog.service_defs(h)))
+                .filter(|h| {
+                    table.get(h).is_none() && vips::hostname_wants_vip(&catalog.service_defs(h))
+                })
                 .map(|h| (h.clone(), true))
                 .collect();
             table.plan(&wants, now)
@@ -276,7 +305,7 @@ impl Ingest {
                         .map(|(_, s)| s)
                         .collect();
                     defs.extend(new_defs.get(h).into_iter().flatten());
-                    (h.to_string(), vips::wants_vip(&defs))
+                    (h.to_string(), vips::hostname_wants_vip(&defs))
                 })
                 .collect();
             table.plan(&wants, SystemTime::now())
@@ -365,6 +394,40 @@ mod tests {
         assert!(store.list(Table::Vips).await.unwrap().is_empty());
         assert!(ingest.views().with_vips(|v| v.is_empty()));
         assert_eq!(ingest.metrics.vip_allocation_failures.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_service_stored_under_its_old_key_moves_to_its_namespaced_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let web = svc("web.shop", "shop", "c", "web");
+        // As a registry that keyed services by cluster and hostname wrote it.
+        store
+            .put(
+                Table::Catalog,
+                "Service/c/web.shop",
+                pb::CatalogResource::from(&web).encode_to_vec(),
+            )
+            .await
+            .unwrap();
+        let ingest = Ingest::new(
+            store.clone(),
+            Arc::new(Views::default()),
+            RegistryMetrics::default(),
+        );
+        assert_eq!(ingest.load_from_store().await.unwrap(), 1);
+        let keys: Vec<String> = store
+            .list(Table::Catalog)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["Service/c/shop/web.shop/web"]);
+        // Its source no longer has it: the stored row goes too, so it does not come back at
+        // the next start.
+        ingest.replace_origin("test", vec![]).await.unwrap();
+        assert!(store.list(Table::Catalog).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -1,7 +1,14 @@
-//! Per-network views (split horizon). For each network the registry keeps one view for
+//! Per-network views (split horizon). For each network the registry keeps views for
 //! workloads, in which every endpoint on another network is replaced by that network's
 //! gateways weighted by the healthy endpoints behind them, and one view for that network's
 //! gateways, which holds only local endpoints (a gateway never routes to another gateway).
+//!
+//! Visibility is Istio's: a workload view is kept per namespace of its subscribers and holds
+//! for each hostname the one definition that namespace sees (see [`chosen_namespace`]); the
+//! gateway view (and an operator's) serves every namespace and holds the definition a caller
+//! of any namespace may reach. A definition not exported to every namespace is served on its
+//! own network only: the SNI key a caller sends through a gateway does not name the caller's
+//! namespace, so a gateway cannot tell whether the caller may see it.
 //!
 //! A catalog change recomputes only the touched keys, once per view: the work is the size
 //! of the change times the number of views, whatever the number of subscribers. Each view
@@ -13,10 +20,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use isthmus_proto::model::{
-    network_view_key, service_view_key, Address, EndpointKind, Health, Network, OwnedResource,
-    Scope, Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
+    network_view_key, service_view_key, Address, EndpointKind, ExportTo, Health, Network, Node,
+    NodeKind, OwnedResource, Scope, Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
 };
-use isthmus_proto::pb;
+use isthmus_proto::{pb, SpiffeId};
 use tokio::sync::watch;
 
 use crate::catalog::{Catalog, Change};
@@ -30,6 +37,43 @@ pub struct ViewKey {
     pub network: String,
     /// The gateway variant: local endpoints only.
     pub gateway: bool,
+    /// The namespace whose visibility the view follows; None: every namespace (gateways
+    /// and operators).
+    pub namespace: Option<String>,
+}
+
+impl ViewKey {
+    /// The view of workloads on `network` in `namespace` (None: every namespace).
+    pub fn workload(network: impl Into<String>, namespace: Option<String>) -> Self {
+        Self {
+            network: network.into(),
+            gateway: false,
+            namespace,
+        }
+    }
+
+    /// The view of the gateways of `network`.
+    pub fn gateway(network: impl Into<String>) -> Self {
+        Self {
+            network: network.into(),
+            gateway: true,
+            namespace: None,
+        }
+    }
+
+    /// The view a subscriber gets: a gateway's, serving every namespace; an operator's,
+    /// seeing every namespace; else the view of the namespace its certificate names (the
+    /// verified identity, never a name the subscriber merely claims).
+    pub fn for_subscriber(node: &Node, identity: &SpiffeId) -> Self {
+        match node.kind {
+            NodeKind::Gateway => Self::gateway(node.network.clone()),
+            NodeKind::Ctl => Self::workload(node.network.clone(), None),
+            NodeKind::Workload | NodeKind::Dns | NodeKind::Vm => Self::workload(
+                node.network.clone(),
+                identity.namespace().map(str::to_string),
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for ViewKey {
@@ -39,7 +83,11 @@ impl std::fmt::Display for ViewKey {
             "{}/{}",
             self.network,
             if self.gateway { "gateway" } else { "workload" }
-        )
+        )?;
+        match &self.namespace {
+            Some(ns) => write!(f, "/{ns}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -442,10 +490,47 @@ fn refresh(catalog: &Catalog, vips: &VipTable, view: &View, change: &Change) {
     view.publish(updates);
 }
 
-/// Merges the definitions of one hostname (namespace sameness): ports, addresses and
-/// subject alt names are the union, the first definition (by key) names the namespace. The allocated addresses are
-/// the hostname's active VIPs when its definitions want one; the registry's table is the
-/// only authority for them, whatever a source wrote.
+/// What the definitions of one hostname in one namespace export: the union over clusters.
+fn export_of(defs: &[&Service]) -> ExportTo {
+    defs.iter()
+        .map(|d| &d.export_to)
+        .fold(ExportTo::Nobody, |acc, e| acc.union(e))
+}
+
+/// The namespace whose definitions of a hostname a view for `audience` holds, when several
+/// namespaces define it (`by_ns`: namespace -> its definitions), with the same preference as
+/// Istio's sidecar scope: the audience's own namespace; else one that names the audience in
+/// its `exportTo`; else one exported to every namespace. Istio takes the oldest definition
+/// among equals; the catalog keeps no creation time, so the first namespace by name is
+/// taken, the same in every registry. An audience of every namespace (a gateway, an
+/// operator) gets a definition exported to every namespace, else any definition that is
+/// exported at all, which such a view holds but does not route beyond its network.
+pub fn chosen_namespace<'a>(
+    by_ns: &BTreeMap<&'a str, Vec<&Service>>,
+    audience: Option<&str>,
+) -> Option<&'a str> {
+    let exports: Vec<(&'a str, ExportTo)> = by_ns
+        .iter()
+        .map(|(ns, defs)| (*ns, export_of(defs)))
+        .collect();
+    let first = |pred: &dyn Fn(&str, &ExportTo) -> bool| {
+        exports
+            .iter()
+            .find(|(ns, e)| pred(ns, e))
+            .map(|(ns, _)| *ns)
+    };
+    match audience {
+        Some(me) => first(&|ns, e| ns == me && e.visible_to(me))
+            .or_else(|| first(&|_, e| !e.is_public() && e.visible_to(me)))
+            .or_else(|| first(&|_, e| e.is_public())),
+        None => first(&|_, e| e.is_public()).or_else(|| first(&|_, e| *e != ExportTo::Nobody)),
+    }
+}
+
+/// Merges the definitions of one hostname in one namespace (namespace sameness across
+/// clusters): ports, addresses and subject alt names are the union, the first definition (by key) names the
+/// rest. The allocated addresses are the hostname's active VIPs when these definitions want
+/// one; the registry's table is the only authority for them, whatever a source wrote.
 fn merged_service(defs: &[&Service], vips: &VipTable) -> Option<Service> {
     let (first, rest) = defs.split_first()?;
     let mut svc = (*first).clone();
@@ -454,6 +539,7 @@ fn merged_service(defs: &[&Service], vips: &VipTable) -> Option<Service> {
         .filter(|_| vips::wants_vip(defs))
         .map(|a| a.addresses())
         .unwrap_or_default();
+    svc.export_to = export_of(defs);
     for d in rest {
         for p in &d.ports {
             if !svc.ports.iter().any(|q| q.number == p.number) {
@@ -485,20 +571,24 @@ fn port_map(ports: &[ServicePort], f: impl Fn(&ServicePort) -> u16) -> BTreeMap<
     ports.iter().map(|p| (p.number, f(p))).collect()
 }
 
-/// The view of one service from `key.network`.
+/// The view of one service from `key.network`, as `key.namespace` sees it.
 pub fn build_service_view(
     catalog: &Catalog,
     vips: &VipTable,
     hostname: &str,
     key: &ViewKey,
 ) -> Option<ServiceView> {
-    let defs = catalog.service_defs(hostname);
-    let service = merged_service(&defs, vips)?;
+    let by_ns = catalog.service_defs_by_namespace(hostname);
+    let ns = chosen_namespace(&by_ns, key.namespace.as_deref())?;
+    let defs = &by_ns[ns];
+    let service = merged_service(defs, vips)?;
     let cluster_local = defs.iter().all(|d| d.scope == Scope::ClusterLocal);
+    // Only what every namespace may see goes through gateways (see the module doc).
+    let beyond_network = !cluster_local && service.export_to.is_public();
     let mut endpoints = Vec::new();
     // network -> (healthy weight, identities behind it)
     let mut remote: BTreeMap<&str, (u32, BTreeSet<&isthmus_proto::SpiffeId>)> = BTreeMap::new();
-    for w in catalog.endpoints(hostname) {
+    for w in catalog.endpoints(hostname, ns) {
         if w.network == key.network {
             if cluster_local && !defs.iter().any(|d| d.cluster == w.cluster) {
                 continue;
@@ -517,7 +607,7 @@ pub fn build_service_view(
                 uid: w.uid.clone(),
                 tunnel_port: 0,
             });
-        } else if !key.gateway && !cluster_local && w.health == Health::Healthy {
+        } else if !key.gateway && beyond_network && w.health == Health::Healthy {
             let e = remote.entry(w.network.as_str()).or_default();
             e.0 += w.effective_weight();
             e.1.extend(w.identity.iter());

@@ -2,6 +2,15 @@
 //! `240.240.0.0/16` and one IPv6 from `2001:2::/48`, so that every DNS proxy, gateway and
 //! agent in the mesh answers for it with the same virtual IPs.
 //!
+//! Who gets one follows Istio's allocation controller: not an entry with `resolution: NONE`
+//! (its traffic keeps the destination the app resolved, so a VIP would capture it into a
+//! destination with no endpoints), not a wildcard host (no one address stands for every
+//! name below it), not an entry with addresses of its own, and not one labelled out
+//! (Istio's `networking.istio.io/enable-autoallocate-ip: "false"` or our
+//! `isthmus.io/vip: none`). A hostname defined in several namespaces has one allocation,
+//! shared by the namespaces' definitions that want one; each proxy routes it to the
+//! definition its namespace sees.
+//!
 //! The search for a free address starts at an offset derived from a hash of the hostname
 //! and probes linearly, so two registries allocating independently for the same hostname
 //! usually agree, and a hostname keeps its VIPs across restarts (the table is stored). An
@@ -17,7 +26,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use isthmus_proto::model::Service;
+use isthmus_proto::model::{Resolution, Service};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{Op, Store, StoreError, Table};
@@ -25,6 +34,8 @@ use crate::store::{Op, Store, StoreError, Table};
 /// The label by which a Service opts out of VIP allocation (value [`VIP_LABEL_NONE`]).
 pub const VIP_LABEL: &str = "isthmus.io/vip";
 pub const VIP_LABEL_NONE: &str = "none";
+/// Istio's label for the same choice: `"false"` (any case, as Istio compares it) opts out.
+pub const ISTIO_AUTOALLOCATE_LABEL: &str = "networking.istio.io/enable-autoallocate-ip";
 /// How long a released allocation stays reserved for its hostname. An hour covers a
 /// redeploy that deletes and recreates a ServiceEntry, or a source that is briefly wrong,
 /// without clients that cached the VIP (DNS, connection pools) reaching another service.
@@ -42,7 +53,7 @@ pub enum VipError {
     #[error(
         "no free {family} VIP for {hostname}: all {size} addresses of {pool} are allocated or \
          in their release grace period; the service gets no VIP until one is freed (give it \
-         addresses, or label unused services {VIP_LABEL}: {VIP_LABEL_NONE})"
+         addresses, or label unused services {ISTIO_AUTOALLOCATE_LABEL}: \"false\")"
     )]
     PoolExhausted {
         hostname: String,
@@ -260,14 +271,35 @@ pub struct VipPlan {
     pub failures: Vec<VipError>,
 }
 
-/// Whether the definitions of one hostname call for an allocated VIP: a hostname whose
-/// definitions carry addresses has them already, and any definition may opt out.
+/// Whether one definition opts out of a VIP by label, ours or Istio's.
+pub fn opted_out(s: &Service) -> bool {
+    s.labels.get(VIP_LABEL).map(String::as_str) == Some(VIP_LABEL_NONE)
+        || s.labels
+            .get(ISTIO_AUTOALLOCATE_LABEL)
+            .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+}
+
+/// Whether the definitions of one hostname in one namespace (one service, whatever the
+/// clusters) call for an allocated VIP: none has addresses of its own, resolves with NONE,
+/// is a wildcard or opts out.
 pub fn wants_vip(defs: &[&Service]) -> bool {
     !defs.is_empty()
         && defs.iter().all(|s| {
             s.addresses.is_empty()
-                && s.labels.get(VIP_LABEL).map(String::as_str) != Some(VIP_LABEL_NONE)
+                && s.resolution != Resolution::None
+                && !s.hostname.starts_with("*.")
+                && !opted_out(s)
         })
+}
+
+/// Whether a hostname, from its definitions in every namespace, needs an allocation: one
+/// namespace's definitions wanting a VIP is enough.
+pub fn hostname_wants_vip(defs: &[&Service]) -> bool {
+    let mut by_ns: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
+    for s in defs {
+        by_ns.entry(s.namespace.as_str()).or_default().push(s);
+    }
+    by_ns.values().any(|d| wants_vip(d))
 }
 
 /// Whether each hostname defined by `services` wants a VIP.
@@ -279,7 +311,7 @@ pub fn wants_by_hostname<'a>(
         defs.entry(s.hostname.as_str()).or_default().push(s);
     }
     defs.into_iter()
-        .map(|(h, d)| (h.to_string(), wants_vip(&d)))
+        .map(|(h, d)| (h.to_string(), hostname_wants_vip(&d)))
         .collect()
 }
 

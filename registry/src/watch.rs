@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::Stream;
 use isthmus_proto::drain;
 use isthmus_proto::grpc::PeerInfo;
-use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::model::Node;
 use isthmus_proto::pb;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -244,10 +244,7 @@ impl pb::watch_server::Watch for WatchService {
         };
         let mut inbound = request.into_inner();
         let (node, resume_version) = self.subscribe(&mut inbound).await?;
-        let key = ViewKey {
-            network: node.network.clone(),
-            gateway: node.kind == NodeKind::Gateway,
-        };
+        let key = ViewKey::for_subscriber(&node, &identity);
         let view = self.views.view(&key);
         let resume = view.parse_version(&resume_version);
         let (id, sub_state) = self.subscribers.add(Subscriber {

@@ -34,7 +34,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    // `internal` is exported to its own namespace only: cluster-local, not for other networks.
+    // `internal` is exported to its own namespace only: not for callers of other networks.
     let internal = format!(
         "{}  exportTo:\n  - \".\"\n",
         yaml::service("internal", "shop", 9080)

@@ -130,7 +130,9 @@ async fn resume_sends_only_what_changed() {
     isthmus_tests::eventually(Duration::from_secs(10), || {
         let views = views.clone();
         async move {
-            views.with_catalog(|c| (c.endpoints(&host("reviews", "shop")).len() == 4).then_some(()))
+            views.with_catalog(|c| {
+                (c.endpoints(&host("reviews", "shop"), "shop").len() == 4).then_some(())
+            })
         }
     })
     .await
@@ -213,10 +215,14 @@ async fn fan_out_to_200_subscribers_next_to_one_that_never_reads() {
         reg.write_resource("w.yaml", &workloads(ENDPOINTS + c, "r", "reviews", NETWORK));
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let view = reg.handle().views.view(&isthmus_registry::views::ViewKey {
-        network: NETWORK.into(),
-        gateway: false,
-    });
+    // Every subscriber runs as shop/web: the view of namespace shop.
+    let view = reg
+        .handle()
+        .views
+        .view(&isthmus_registry::views::ViewKey::workload(
+            NETWORK,
+            Some("shop".into()),
+        ));
     for t in tasks {
         let (versions, last) = tokio::time::timeout(Duration::from_secs(60), t)
             .await

@@ -152,6 +152,25 @@ fn unhealthy_endpoints_are_not_targets_and_scope_is_kept() {
 }
 
 #[test]
+fn only_a_definition_for_every_namespace_is_exported() {
+    let mut v = view(
+        vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "")],
+        Scope::Mesh,
+    );
+    let t = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    assert!(t.lookup(HOST, 9080, "").unwrap().exported());
+    // Exported to shop only: a gateway cannot tell a caller's namespace from its SNI key.
+    if let Some(ViewResource::Service(sv)) = v.resources.values_mut().next() {
+        Arc::make_mut(sv).service.export_to =
+            isthmus_proto::model::ExportTo::Namespaces(["shop".to_string()].into());
+    }
+    let t = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    let d = t.lookup(HOST, 9080, "").unwrap();
+    assert!(!d.exported());
+    assert_eq!(d.targets().len(), 1, "still routed on its own network");
+}
+
+#[test]
 fn a_rebuild_keeps_the_destination_and_its_state() {
     let v = view(
         vec![

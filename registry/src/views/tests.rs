@@ -73,6 +73,7 @@ fn split_horizon_weights() {
     let a = views.view(&ViewKey {
         network: "net-a".into(),
         gateway: false,
+        namespace: None,
     });
     let sv = service_entry(&a, "web.shop");
     let local: Vec<_> = sv
@@ -112,6 +113,7 @@ fn split_horizon_weights() {
     let b = views.view(&ViewKey {
         network: "net-b".into(),
         gateway: false,
+        namespace: None,
     });
     let sv = service_entry(&b, "web.shop");
     assert_eq!(
@@ -136,6 +138,7 @@ fn gateway_view_has_only_local_endpoints() {
     let g = views.view(&ViewKey {
         network: "net-b".into(),
         gateway: true,
+        namespace: None,
     });
     let sv = service_entry(&g, "web.shop");
     assert_eq!(sv.endpoints.len(), 6);
@@ -151,6 +154,7 @@ fn unhealthy_remote_endpoints_do_not_count_and_gatewayless_networks_contribute_n
     let a = views.view(&ViewKey {
         network: "net-a".into(),
         gateway: false,
+        namespace: None,
     });
     // Two of net-b's endpoints go unhealthy: 4 left -> 2 + 2.
     let mut ups = Vec::new();
@@ -197,6 +201,7 @@ fn versions_history_and_catchup() {
     let a = views.view(&ViewKey {
         network: "net-a".into(),
         gateway: false,
+        namespace: None,
     });
     let s0 = a.seq();
     // A no-op change publishes nothing.
@@ -257,11 +262,12 @@ fn equal_content_has_an_equal_digest_whatever_the_history() {
     let key = ViewKey {
         network: "net-a".into(),
         gateway: false,
+        namespace: None,
     };
     let v2 = two.view(&key);
     two.apply(vec![svc("db.shop", "shop", "c", "db")], vec![], vec![]);
     let one_v = one.view(&key);
-    two.apply(vec![], vec!["Service/c/db.shop".into()], vec![]);
+    two.apply(vec![], vec!["Service/c/shop/db.shop/db".into()], vec![]);
     let mut up = vec![svc("web.shop", "shop", "c", "web")];
     for i in (0..3).rev() {
         up.push(wl(
@@ -307,6 +313,7 @@ fn history_is_bounded_and_old_resumes_get_a_snapshot() {
     let a = views.view(&ViewKey {
         network: "net-a".into(),
         gateway: false,
+        namespace: None,
     });
     views.apply(vec![svc("web.shop", "shop", "c", "web")], vec![], vec![]);
     for i in 0..10 {
@@ -341,9 +348,10 @@ fn removed_service_is_a_removal() {
     let a = views.view(&ViewKey {
         network: "net-a".into(),
         gateway: false,
+        namespace: None,
     });
     let s0 = a.seq();
-    views.apply(vec![], vec!["Service/c/web.shop".into()], vec![]);
+    views.apply(vec![], vec!["Service/c/shop/web.shop/web".into()], vec![]);
     match a.catchup(&Resume::at(s0)) {
         Catchup::Delta {
             removals, upserts, ..
@@ -384,10 +392,12 @@ fn service_entry_carries_its_allocated_vips_in_every_view() {
         ViewKey {
             network: "net-a".into(),
             gateway: false,
+            namespace: None,
         },
         ViewKey {
             network: "net-b".into(),
             gateway: true,
+            namespace: None,
         },
     ];
     let before: Vec<_> = keys.iter().map(|k| views.view(k)).collect();
@@ -396,6 +406,7 @@ fn service_entry_carries_its_allocated_vips_in_every_view() {
     let late = views.view(&ViewKey {
         network: "net-c".into(),
         gateway: false,
+        namespace: None,
     });
     let alloc = views
         .with_vips(|v| v.active("web.shop").cloned())
@@ -434,6 +445,7 @@ fn opted_out_service_has_no_vip_in_its_entry() {
     let a = views.view(&ViewKey {
         network: "net-a".into(),
         gateway: false,
+        namespace: None,
     });
     apply_with_vips(
         &views,
@@ -457,6 +469,7 @@ fn service_with_its_own_addresses_has_no_vip_in_its_entry() {
     let a = views.view(&ViewKey {
         network: "net-a".into(),
         gateway: false,
+        namespace: None,
     });
     let own = with_service(svc("web.shop", "shop", "c", "web"), |s| {
         s.addresses.push(isthmus_proto::model::ServiceAddress {
@@ -484,4 +497,226 @@ fn service_with_its_own_addresses_has_no_vip_in_its_entry() {
         .service
         .allocated_addresses
         .is_empty());
+}
+
+fn ns_view(views: &Views, network: &str, ns: &str) -> Arc<View> {
+    views.view(&ViewKey::workload(network, Some(ns.into())))
+}
+
+fn has_entry(view: &View, host: &str) -> bool {
+    view.state
+        .read()
+        .unwrap()
+        .entries
+        .contains_key(&service_view_key(host))
+}
+
+fn exported(r: OwnedResource, to: &[&str]) -> OwnedResource {
+    with_service(r, |s| {
+        s.export_to = ExportTo::from_wire(
+            &to.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            &s.namespace.clone(),
+        )
+    })
+}
+
+/// The addresses of the workload endpoints of `host` in `view`.
+fn workload_addresses(view: &View, host: &str) -> Vec<String> {
+    service_entry(view, host)
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Workload)
+        .map(|e| e.address.to_string())
+        .collect()
+}
+
+/// `db.example.com` defined in shop (endpoint 10.0.0.1) and books (10.0.0.2), both on
+/// net-a, with the given exportTo lists.
+fn db_in_two_namespaces(shop: &[&str], books: &[&str]) -> Views {
+    let views = Views::default();
+    apply_with_vips(
+        &views,
+        vec![
+            net("net-a", &["192.0.2.10"]),
+            exported(svc("db.example.com", "shop", "c", "db"), shop),
+            exported(svc("db.example.com", "books", "c", "db"), books),
+            wl("s1", "shop", "db", "10.0.0.1", "net-a"),
+            wl("b1", "books", "db", "10.0.0.2", "net-a"),
+        ],
+    );
+    views
+}
+
+#[test]
+fn same_hostname_in_two_namespaces_each_namespace_sees_its_own() {
+    let views = db_in_two_namespaces(&[], &[]);
+    let host = "db.example.com";
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "shop"), host),
+        ["10.0.0.1"]
+    );
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "books"), host),
+        ["10.0.0.2"]
+    );
+    // A third namespace sees both: the first by name, the same in every registry.
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "web"), host),
+        ["10.0.0.2"]
+    );
+    let gw = views.view(&ViewKey::gateway("net-a"));
+    assert_eq!(workload_addresses(&gw, host), ["10.0.0.2"]);
+    // One VIP for the hostname, in both namespaces' entries; each proxy routes it to the
+    // definition its namespace sees.
+    let shop = service_entry(&ns_view(&views, "net-a", "shop"), host);
+    let books = service_entry(&ns_view(&views, "net-a", "books"), host);
+    assert_eq!(shop.service.namespace, "shop");
+    assert_eq!(books.service.namespace, "books");
+    assert_eq!(shop.service.allocated_addresses.len(), 2);
+    assert_eq!(
+        shop.service.allocated_addresses,
+        books.service.allocated_addresses
+    );
+
+    // Removing shop's definition hands shop the other namespace's.
+    views.apply(
+        vec![],
+        vec!["Service/c/shop/db.example.com/db".into()],
+        vec![],
+    );
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "shop"), host),
+        ["10.0.0.2"]
+    );
+}
+
+#[test]
+fn export_to_decides_which_namespaces_see_a_definition() {
+    let host = "db.example.com";
+    // books keeps its definition to itself: shop and web see only shop's.
+    let views = db_in_two_namespaces(&[], &["."]);
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "books"), host),
+        ["10.0.0.2"]
+    );
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "web"), host),
+        ["10.0.0.1"]
+    );
+    // A definition that names a namespace is preferred there over a public one, as Istio
+    // lists services exported to a namespace before public ones.
+    let views = db_in_two_namespaces(&["web"], &[]);
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "web"), host),
+        ["10.0.0.1"]
+    );
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "other"), host),
+        ["10.0.0.2"]
+    );
+    // Not exported to its own namespace: shop sees books' instead.
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "shop"), host),
+        ["10.0.0.2"]
+    );
+    // `~`: nobody sees it, not even its own namespace; and books' is for books only.
+    let views = db_in_two_namespaces(&["~"], &["."]);
+    assert!(!has_entry(&ns_view(&views, "net-a", "shop"), host));
+    assert!(!has_entry(&ns_view(&views, "net-a", "web"), host));
+    assert_eq!(
+        workload_addresses(&ns_view(&views, "net-a", "books"), host),
+        ["10.0.0.2"]
+    );
+    // The gateway holds books' (exported to someone) but marked as not for every namespace,
+    // so it does not route it from other networks.
+    let gw = service_entry(&views.view(&ViewKey::gateway("net-a")), host);
+    assert_eq!(gw.service.namespace, "books");
+    assert!(!gw.service.export_to.is_public());
+    // Only `~` everywhere: no view has the hostname.
+    let views = db_in_two_namespaces(&["~"], &["~"]);
+    assert!(!has_entry(&views.view(&ViewKey::gateway("net-a")), host));
+    assert!(!has_entry(&ns_view(&views, "net-a", "books"), host));
+}
+
+#[test]
+fn a_definition_for_some_namespaces_stays_on_its_network() {
+    // web.shop has 3 endpoints on net-a and 6 on net-b (behind its two gateways).
+    let views = split_horizon_catalog();
+    let a = ns_view(&views, "net-a", "shop");
+    let gateways = |v: &View| {
+        service_entry(v, "web.shop")
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == EndpointKind::Gateway)
+            .count()
+    };
+    assert_eq!(
+        gateways(&a),
+        2,
+        "public: other networks through their gateways"
+    );
+    let restricted = exported(svc("web.shop", "shop", "c", "web"), &["."]);
+    views.apply(vec![restricted], vec![], vec![]);
+    assert_eq!(
+        gateways(&a),
+        0,
+        "only what every namespace may see crosses networks"
+    );
+    assert_eq!(workload_addresses(&a, "web.shop").len(), 3);
+    // Same-network endpoints of every cluster stay: `.` is the namespace, not the cluster.
+    assert!(!has_entry(&ns_view(&views, "net-a", "web"), "web.shop"));
+}
+
+#[test]
+fn a_subscriber_sees_the_namespace_its_certificate_names() {
+    let id = SpiffeId::parse("spiffe://td/ns/shop/sa/web").unwrap();
+    let node = |kind| Node {
+        id: "n".into(),
+        kind,
+        network: "net-a".into(),
+        ..Default::default()
+    };
+    for kind in [NodeKind::Workload, NodeKind::Vm, NodeKind::Dns] {
+        assert_eq!(
+            ViewKey::for_subscriber(&node(kind), &id),
+            ViewKey::workload("net-a", Some("shop".into()))
+        );
+    }
+    assert_eq!(
+        ViewKey::for_subscriber(&node(NodeKind::Gateway), &id),
+        ViewKey::gateway("net-a")
+    );
+    assert_eq!(
+        ViewKey::for_subscriber(&node(NodeKind::Ctl), &id),
+        ViewKey::workload("net-a", None)
+    );
+    assert_eq!(
+        ViewKey::workload("net-a", Some("shop".into())).to_string(),
+        "net-a/workload/shop"
+    );
+}
+
+#[test]
+fn resolution_none_and_istio_opt_out_have_no_vip_in_their_entry() {
+    let views = Views::default();
+    let a = views.view(&ViewKey::workload("net-a", None));
+    let none = with_service(svc("pypi.org", "shop", "c", "pypi"), |s| {
+        s.resolution = isthmus_proto::model::Resolution::None;
+        s.selector.clear();
+    });
+    let istio_out = with_service(svc("db.shop", "shop", "c", "db"), |s| {
+        s.labels
+            .insert(crate::vips::ISTIO_AUTOALLOCATE_LABEL.into(), "false".into());
+    });
+    apply_with_vips(&views, vec![none, istio_out]);
+    for host in ["pypi.org", "db.shop"] {
+        assert!(
+            service_entry(&a, host)
+                .service
+                .allocated_addresses
+                .is_empty(),
+            "{host}"
+        );
+    }
+    assert!(views.with_vips(|v| v.is_empty()));
 }

@@ -270,3 +270,70 @@ async fn stored_allocations_load_back_and_bad_rows_are_reported() {
     assert_eq!(loaded.len(), 2);
     assert_eq!(problems.len(), 2, "{problems:?}");
 }
+
+#[test]
+fn resolution_none_wildcards_and_istios_opt_out_want_no_vip() {
+    let plain = Service {
+        hostname: "pypi.org".into(),
+        namespace: "shop".into(),
+        resolution: Resolution::Dns,
+        ..Default::default()
+    };
+    assert!(wants_vip(&[&plain]));
+    // NONE: the app's own destination address is kept, so a VIP would only capture its
+    // traffic into a destination with no endpoints (Istio allocates none either).
+    let none = Service {
+        resolution: Resolution::None,
+        ..plain.clone()
+    };
+    assert!(!wants_vip(&[&none]));
+    assert!(!wants_vip(&[&plain, &none]), "one cluster's NONE is enough");
+    let wildcard = Service {
+        hostname: "*.pypi.org".into(),
+        ..plain.clone()
+    };
+    assert!(!wants_vip(&[&wildcard]));
+    for (value, wants) in [
+        ("false", false),
+        ("False", false),
+        ("true", true),
+        ("", true),
+    ] {
+        let mut labelled = plain.clone();
+        labelled
+            .labels
+            .insert(ISTIO_AUTOALLOCATE_LABEL.into(), value.into());
+        assert_eq!(wants_vip(&[&labelled]), wants, "label value {value:?}");
+        assert_eq!(opted_out(&labelled), !wants, "label value {value:?}");
+    }
+    assert_eq!(
+        ISTIO_AUTOALLOCATE_LABEL,
+        "networking.istio.io/enable-autoallocate-ip"
+    );
+}
+
+#[test]
+fn a_hostname_wants_a_vip_when_one_namespaces_definitions_do() {
+    let shop = Service {
+        hostname: "db.example.com".into(),
+        namespace: "shop".into(),
+        ..Default::default()
+    };
+    let books_own = Service {
+        namespace: "books".into(),
+        addresses: vec![ServiceAddress {
+            cluster: String::new(),
+            address: "10.96.0.10".into(),
+        }],
+        ..shop.clone()
+    };
+    // Another namespace's addresses do not stand in for this one's VIP.
+    assert!(!wants_vip(&[&shop, &books_own]), "read as one service");
+    assert!(hostname_wants_vip(&[&shop, &books_own]));
+    assert_eq!(
+        wants_by_hostname([&shop, &books_own].into_iter()),
+        want(&[("db.example.com", true)])
+    );
+    assert!(!hostname_wants_vip(&[&books_own]));
+    assert!(!hostname_wants_vip(&[]));
+}

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use isthmus_proto::identity::SpiffeId;
 use isthmus_proto::model::{
-    Origin, Resolution, Resource, Scope, Service, ServiceAddress, ServicePort,
+    ExportTo, Origin, Resolution, Resource, Scope, Service, ServiceAddress, ServicePort,
 };
 use serde::Deserialize;
 
@@ -13,7 +13,7 @@ use super::defaults::SourceDefaults;
 use super::metadata::{nullable, Meta};
 use super::problems::{port_or_report, Problems};
 use super::workload_entry::{workload, AddressRule, WorkloadContext, WorkloadEntrySpec};
-use crate::validate::{dns_label, istio_host, istio_port_name, istio_protocol, istio_subnet};
+use crate::validate::{istio_host, istio_port_name, istio_protocol, istio_subnet};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
@@ -75,7 +75,7 @@ pub(super) fn service_entry(
     );
     let subject_alt_names = subject_alt_names(spec.subject_alt_names, p);
     let resolution = written.model();
-    let scope = scope(&spec.export_to, p);
+    let export_to = export_to(&spec.export_to, &meta.namespace, p);
 
     let mut out: Vec<(Resource, String)> = hosts
         .iter()
@@ -91,7 +91,8 @@ pub(super) fn service_entry(
                 allocated_addresses: Vec::new(),
                 subject_alt_names: subject_alt_names.clone(),
                 resolution,
-                scope,
+                scope: Scope::Mesh,
+                export_to: export_to.clone(),
                 labels: meta.labels.clone(),
                 selector: selector.clone(),
             };
@@ -393,18 +394,19 @@ fn subject_alt_names(names: Vec<String>, p: &mut Problems) -> Vec<String> {
         .collect()
 }
 
-/// `spec.exportTo`: only `.` keeps the service in its cluster.
-fn scope(export_to: &[String], p: &mut Problems) -> Scope {
-    for (i, e) in export_to.iter().enumerate() {
-        if e != "." && e != "*" {
-            p.check(format!("spec.exportTo[{i}]"), dns_label("namespace", e));
+/// `spec.exportTo`: which namespaces see the entry, with Istio's rules for the list (see
+/// [`ExportTo::parse`]).
+fn export_to(export_to: &[String], namespace: &str, p: &mut Problems) -> ExportTo {
+    ExportTo::parse(export_to, namespace).unwrap_or_else(|problems| {
+        for e in problems {
+            let field = match e.index {
+                Some(i) => format!("spec.exportTo[{i}]"),
+                None => "spec.exportTo".into(),
+            };
+            p.add(field, e.why);
         }
-    }
-    if !export_to.is_empty() && export_to.iter().all(|e| e == ".") {
-        Scope::ClusterLocal
-    } else {
-        Scope::Mesh
-    }
+        ExportTo::Public
+    })
 }
 
 /// The inline endpoints, each a workload of every host, named `<entry>-<index>`.

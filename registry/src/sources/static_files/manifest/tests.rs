@@ -114,7 +114,9 @@ spec:
             allocated_addresses: vec![],
             subject_alt_names: vec![],
             resolution: Resolution::Static,
-            scope: Scope::ClusterLocal,
+            // `.`: seen by its own namespace (Istio's meaning), in every cluster.
+            scope: Scope::Mesh,
+            export_to: ExportTo::Namespaces(["shop".to_string()].into()),
             labels: labels(&[("team", "books")]),
             selector: labels(&[("app", "reviews")]),
         })
