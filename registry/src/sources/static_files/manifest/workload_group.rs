@@ -45,7 +45,8 @@ impl From<WorkloadTemplateSpec> for WorkloadEntrySpec {
 pub(super) struct WorkloadGroupSpec {
     metadata: Option<GroupMetadataSpec>,
     template: Option<WorkloadTemplateSpec>,
-    probe: Option<ProbeSpec>,
+    // Boxed: the probe is the largest part of a group, and most groups have none.
+    probe: Option<Box<ProbeSpec>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,7 +87,7 @@ pub(super) fn workload_group(
         address: AddressRule::Absent,
     };
     let template = workload(&ctx, template.into(), d, p);
-    let probe = spec.probe.and_then(|probe| readiness_probe(probe, p));
+    let probe = spec.probe.and_then(|probe| readiness_probe(*probe, p));
     vec![(
         Resource::WorkloadGroup(WorkloadGroup {
             name: meta.name.clone(),
