@@ -1,7 +1,8 @@
-//! The `httpGet` probe, as the kubelet runs it: one GET over HTTP/1.1 (or HTTPS without
-//! checking the app's certificate), the group's headers sent (a `Host` header sets the
-//! request's Host), and a status from 200 to 399 passes. Redirects are not followed: a 3xx
-//! passes, as the kubelet counts a redirect it does not follow.
+//! The `httpGet` probe, as the kubelet runs it: a GET over HTTP/1.1 (or HTTPS without checking
+//! the app's certificate), the group's headers sent (a `Host` header sets the request's Host),
+//! and a status from 200 to 399 passes. A redirect to the same host name is followed (at most
+//! 10), so `/healthz` answering `301 /healthz/` is judged by what `/healthz/` says; a redirect
+//! elsewhere is not followed and passes, as the kubelet counts it.
 //!
 //! The request is written by hand: a probe needs one request and one status line, and a
 //! hand-written request sends the path and headers exactly as the operator wrote them.
@@ -18,6 +19,8 @@ use tokio_rustls::TlsConnector;
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 /// Sent unless the group names its own `User-Agent`, so the app's logs tell probes apart.
 const USER_AGENT: &str = "isthmus-probe/1.0";
+/// The kubelet's (Go's) limit: the tenth redirect answered fails the try.
+const MAX_REDIRECTS: usize = 10;
 
 /// One `httpGet` probe, ready to run.
 pub(super) struct HttpGet<'a> {
@@ -43,14 +46,109 @@ impl HttpGet<'_> {
         )
     }
 
-    /// Runs the probe once; `Err` says why it failed.
+    /// Runs the probe once, following redirects to the same host; `Err` says why it failed.
     pub async fn run(&self, app_host: IpAddr) -> Result<(), String> {
+        let origin = hostname(self.host, app_host);
+        let (mut scheme, mut host, mut port, mut path) = (
+            self.scheme,
+            self.host.to_string(),
+            self.port,
+            self.path.to_string(),
+        );
+        for _ in 0..MAX_REDIRECTS {
+            let hop = HttpGet {
+                path: &path,
+                port,
+                host: &host,
+                scheme,
+                headers: self.headers,
+            };
+            let (code, location) = hop.once(app_host).await?;
+            let next = location
+                .filter(|_| (300..400).contains(&code))
+                .and_then(|l| hop.redirect(&l, app_host))
+                .filter(|(_, h, _, _)| hostname(h, app_host).eq_ignore_ascii_case(&origin));
+            // The kubelet's rule: 200 to 399 passes (a redirect elsewhere among them).
+            let Some(next) = next else {
+                return if (200..400).contains(&code) {
+                    Ok(())
+                } else {
+                    Err(format!("GET {}: status {code}", hop.url(app_host)))
+                };
+            };
+            (scheme, host, port, path) = next;
+        }
+        Err(format!(
+            "GET {}: stopped after {MAX_REDIRECTS} redirects",
+            self.url(app_host)
+        ))
+    }
+
+    /// Where a redirect to `location` leads: scheme, host (empty: the app's host), port and
+    /// path; `None` when it is no URL the probe can follow.
+    fn redirect(
+        &self,
+        location: &str,
+        app_host: IpAddr,
+    ) -> Option<(HttpScheme, String, u16, String)> {
+        let location = location.trim();
+        let same = (self.scheme, self.host.to_string(), self.port);
+        let (scheme, rest) = if let Some(rest) = location.strip_prefix("//") {
+            (self.scheme, rest)
+        } else if let Some((s, rest)) = location.split_once("://") {
+            let scheme = match s.to_ascii_lowercase().as_str() {
+                "http" => HttpScheme::Http,
+                "https" => HttpScheme::Https,
+                _ => return None,
+            };
+            (scheme, rest)
+        } else if location.starts_with('/') {
+            return Some((same.0, same.1, same.2, location.to_string()));
+        } else {
+            // Relative to the current path's directory.
+            let base = request_target(self.path);
+            let dir = base.split('?').next().unwrap_or("/");
+            let dir = &dir[..=dir.rfind('/').unwrap_or(0)];
+            return Some((same.0, same.1, same.2, format!("{dir}{location}")));
+        };
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        let default_port = match scheme {
+            HttpScheme::Http => 80,
+            HttpScheme::Https => 443,
+        };
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(v6) => {
+                let (h, p) = v6.split_once(']')?;
+                (h, p.strip_prefix(':'))
+            }
+            None => match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            },
+        };
+        let port = match port {
+            None | Some("") => default_port,
+            Some(p) => p.parse().ok()?,
+        };
+        let host = if host.eq_ignore_ascii_case(&hostname(self.host, app_host)) {
+            self.host.to_string()
+        } else {
+            host.to_string()
+        };
+        let path = if path.is_empty() { "/" } else { path };
+        Some((scheme, host, port, path.to_string()))
+    }
+
+    /// One request and its answer: the status code and the `Location` header, if any.
+    async fn once(&self, app_host: IpAddr) -> Result<(u16, Option<String>), String> {
         let url = self.url(app_host);
         let fail = |why: String| format!("GET {url}: {why}");
         let tcp = super::connect(self.host, app_host, self.port)
             .await
             .map_err(fail)?;
-        let code = match self.scheme {
+        match self.scheme {
             HttpScheme::Http => self.exchange(tcp, app_host).await,
             HttpScheme::Https => {
                 let name = server_name(self.host, app_host);
@@ -62,27 +160,22 @@ impl HttpGet<'_> {
                 self.exchange(tls, app_host).await
             }
         }
-        .map_err(fail)?;
-        // The kubelet's rule: 200 to 399 passes.
-        if (200..400).contains(&code) {
-            Ok(())
-        } else {
-            Err(fail(format!("status {code}")))
-        }
+        .map_err(fail)
     }
 
-    /// Sends the request on `s` and returns the response's status code.
+    /// Sends the request on `s` and returns the response's status code and `Location`.
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         mut s: S,
         app_host: IpAddr,
-    ) -> Result<u16, String> {
+    ) -> Result<(u16, Option<String>), String> {
         let request = self.request(app_host);
         s.write_all(request.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
         s.flush().await.map_err(|e| e.to_string())?;
-        status_of(&read_head(&mut s).await?)
+        let head = read_head(&mut s).await?;
+        Ok((status_of(&head)?, location_of(&head)))
     }
 
     fn request(&self, app_host: IpAddr) -> String {
@@ -111,6 +204,15 @@ impl HttpGet<'_> {
             r += &format!("{}: {}\r\n", h.name, h.value);
         }
         r + "Connection: close\r\n\r\n"
+    }
+}
+
+/// The host name a probe's URL has: its `host`, else the app's address.
+fn hostname(host: &str, app_host: IpAddr) -> String {
+    if host.is_empty() {
+        app_host.to_string()
+    } else {
+        host.trim_end_matches('.').to_string()
     }
 }
 
@@ -220,6 +322,19 @@ fn status_of(head: &[u8]) -> Result<u16, String> {
             line.chars().take(60).collect::<String>()
         )),
     }
+}
+
+fn location_of(head: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(head)
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("location")
+                .then(|| value.trim().to_string())
+        })
 }
 
 #[cfg(test)]

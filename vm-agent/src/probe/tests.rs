@@ -73,11 +73,11 @@ fn zero_fields_mean_what_they_mean_in_istios_agent() {
     );
 }
 
-/// An HTTP/1.1 server answering each connection with the next of `statuses`, over TLS when
-/// `tls` is given; returns its port and every request head it read (with the TLS server
-/// name the client sent, if any).
+/// An HTTP/1.1 server answering each connection with the next of `answers` (a status and
+/// extra header lines), over TLS when `tls` is given; returns its port and every request head
+/// it read (with the TLS server name the client sent, if any).
 async fn http_server(
-    statuses: &'static [u16],
+    answers: &'static [(u16, &'static str)],
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> (u16, Arc<Mutex<Vec<(Option<String>, String)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -85,9 +85,9 @@ async fn http_server(
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
     tokio::spawn(async move {
-        for status in statuses {
+        for (status, extra) in answers {
             let (tcp, _) = listener.accept().await.unwrap();
-            let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+            let answer = format!("HTTP/1.1 {status} X\r\n{extra}Content-Length: 0\r\n\r\n");
             match &tls {
                 None => {
                     let head = answer_on(tcp, &answer).await;
@@ -136,7 +136,7 @@ fn http_get(port: u16, host: &str, scheme: HttpScheme, headers: Vec<HttpHeader>)
 
 #[tokio::test]
 async fn http_get_passes_on_2xx_and_3xx_fails_otherwise_and_sends_the_groups_headers() {
-    let (port, seen) = http_server(&[200, 302, 503], None).await;
+    let (port, seen) = http_server(&[(200, ""), (302, ""), (503, "")], None).await;
     let headers = vec![
         HttpHeader {
             name: "Host".into(),
@@ -163,6 +163,63 @@ async fn http_get_passes_on_2xx_and_3xx_fails_otherwise_and_sends_the_groups_hea
     assert!(err.contains("refused"), "{err}");
 }
 
+#[tokio::test]
+async fn redirects_to_the_same_host_are_followed_and_others_pass() {
+    // /healthz -> /healthz/ (503): the redirect is judged by where it leads.
+    let (port, seen) = http_server(
+        &[
+            (301, "Location: /healthz/\r\n"),
+            (503, ""),
+            (302, "Location: ready\r\n"),
+            (200, ""),
+            (302, "Location: https://elsewhere.example/login\r\n"),
+        ],
+        None,
+    )
+    .await;
+    let get = ProbeAction::HttpGet {
+        path: "/healthz".into(),
+        port,
+        host: String::new(),
+        scheme: HttpScheme::Http,
+        headers: vec![],
+    };
+    let err = try_once(&get, LOCAL, T).await.unwrap_err();
+    assert!(err.contains("/healthz/: status 503"), "{err}");
+    assert_eq!(try_once(&get, LOCAL, T).await, Ok(()), "relative: /ready");
+    assert_eq!(
+        try_once(&get, LOCAL, T).await,
+        Ok(()),
+        "another host: not followed, passes"
+    );
+    let paths: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, head)| head.lines().next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "GET /healthz HTTP/1.1",
+            "GET /healthz/ HTTP/1.1",
+            "GET /healthz HTTP/1.1",
+            "GET /ready HTTP/1.1",
+            "GET /healthz HTTP/1.1",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_redirect_loop_fails_after_ten() {
+    let answers: &'static [(u16, &'static str)] = &[(302, "Location: /again\r\n"); 10];
+    let (port, _) = http_server(answers, None).await;
+    let err = try_once(&http_get(port, "", HttpScheme::Http, vec![]), LOCAL, T)
+        .await
+        .unwrap_err();
+    assert!(err.contains("stopped after 10 redirects"), "{err}");
+}
+
 /// A TLS server config with a self-signed certificate for `localhost` (the kubelet's rule:
 /// no certificate check, so any certificate does).
 fn self_signed() -> Arc<rustls::ServerConfig> {
@@ -183,7 +240,7 @@ fn self_signed() -> Arc<rustls::ServerConfig> {
 
 #[tokio::test]
 async fn https_get_takes_any_certificate_and_names_its_host_in_sni() {
-    let (port, seen) = http_server(&[200, 500, 204], Some(self_signed())).await;
+    let (port, seen) = http_server(&[(200, ""), (500, ""), (204, "")], Some(self_signed())).await;
     // A named host: the name is resolved and sent as SNI.
     let named = http_get(port, "localhost", HttpScheme::Https, vec![]);
     assert_eq!(try_once(&named, LOCAL, T).await, Ok(()));
@@ -263,7 +320,7 @@ async fn grpc_health_check_passes_only_when_serving() {
     let err = try_once(&grpc("shop.Gone"), LOCAL, T).await.unwrap_err();
     assert!(err.contains("NotFound"), "{err}");
     // An HTTP/1 server on the port: not a gRPC health server.
-    let (http_port, _) = http_server(&[200], None).await;
+    let (http_port, _) = http_server(&[(200, "")], None).await;
     let not_grpc = ProbeAction::Grpc {
         port: http_port,
         service: String::new(),
