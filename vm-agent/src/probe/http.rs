@@ -93,17 +93,22 @@ impl HttpGet<'_> {
     ) -> Option<(HttpScheme, String, u16, String)> {
         let location = location.trim();
         let same = (self.scheme, self.host.to_string(), self.port);
+        let absolute = location.split_once("://").filter(|(s, _)| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        });
         let (scheme, rest) = if let Some(rest) = location.strip_prefix("//") {
             (self.scheme, rest)
-        } else if let Some((s, rest)) = location.split_once("://") {
+        } else if location.starts_with('/') {
+            return Some((same.0, same.1, same.2, location.to_string()));
+        } else if let Some((s, rest)) = absolute {
             let scheme = match s.to_ascii_lowercase().as_str() {
                 "http" => HttpScheme::Http,
                 "https" => HttpScheme::Https,
                 _ => return None,
             };
             (scheme, rest)
-        } else if location.starts_with('/') {
-            return Some((same.0, same.1, same.2, location.to_string()));
         } else {
             // Relative to the current path's directory.
             let base = request_target(self.path);
@@ -352,6 +357,35 @@ mod tests {
         assert_eq!(request_target("/a b/%41%zz"), "/a%20b/%41%25zz");
         assert_eq!(request_target("/x#frag"), "/x");
         assert_eq!(request_target("/caf\u{e9}"), "/caf%C3%A9");
+    }
+
+    #[test]
+    fn redirect_locations_resolve_as_a_browser_would() {
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let get = HttpGet {
+            path: "/app/healthz",
+            port: 8080,
+            host: "",
+            scheme: HttpScheme::Http,
+            headers: &[],
+        };
+        let to = |l: &str| get.redirect(l, local);
+        let here = |path: &str| Some((HttpScheme::Http, String::new(), 8080, path.to_string()));
+        assert_eq!(to("/login?next=http://x/"), here("/login?next=http://x/"));
+        assert_eq!(to("ready"), here("/app/ready"));
+        assert_eq!(
+            to("https://127.0.0.1:8443/ok"),
+            Some((HttpScheme::Https, String::new(), 8443, "/ok".into()))
+        );
+        assert_eq!(
+            to("http://other.example"),
+            Some((HttpScheme::Http, "other.example".into(), 80, "/".into()))
+        );
+        assert_eq!(
+            to("//[::1]/x"),
+            Some((HttpScheme::Http, "::1".into(), 80, "/x".into()))
+        );
+        assert_eq!(to("ftp://127.0.0.1/x"), None);
     }
 
     #[test]
