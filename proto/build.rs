@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/isthmus/v1/watch.proto",
         "proto/isthmus/v1/ca.proto",
         "proto/isthmus/v1/registration.proto",
+        // The standard health protocol, for the agent's gRPC readiness probe (and its tests'
+        // servers).
+        "proto/grpc/health/v1/health.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

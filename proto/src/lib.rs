@@ -28,6 +28,12 @@ pub mod token;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("isthmus.v1");
+
+    /// The standard gRPC health protocol (`grpc.health.v1`): the client the agent's gRPC
+    /// readiness probe calls, and the server its tests answer with.
+    pub mod health {
+        tonic::include_proto!("grpc.health.v1");
+    }
 }
 
 pub use identity::{SpiffeId, TrustDomain};

@@ -445,13 +445,53 @@ impl Workload {
     }
 }
 
+/// How an `httpGet` probe talks to the app. HTTPS is checked as the kubelet checks it: the
+/// handshake must complete, the certificate is not verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HttpScheme {
+    #[default]
+    Http,
+    Https,
+}
+
+impl HttpScheme {
+    /// The spelling Istio's API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpScheme::Http => "HTTP",
+            HttpScheme::Https => "HTTPS",
+        }
+    }
+
+    /// Istio's spellings: `HTTP`, `HTTPS`, or empty for HTTP. Nothing else (Istio refuses
+    /// `https` too).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "HTTP" => Some(HttpScheme::Http),
+            "HTTPS" => Some(HttpScheme::Https),
+            _ => None,
+        }
+    }
+}
+
+/// One header an `httpGet` probe sends. A `Host` header sets the request's Host, as in
+/// Kubernetes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpHeader {
+    pub name: String,
+    pub value: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeAction {
     HttpGet {
+        /// As written in the resource (may carry a query; may lack the leading `/`).
         path: String,
         port: u16,
+        /// Where to connect (and the TLS server name when a DNS name); empty: the app's host.
         host: String,
-        scheme: String,
+        scheme: HttpScheme,
+        headers: Vec<HttpHeader>,
     },
     TcpSocket {
         host: String,
@@ -460,8 +500,15 @@ pub enum ProbeAction {
     Exec {
         command: Vec<String>,
     },
+    /// A `grpc.health.v1.Health/Check` call to the app's host; SERVING passes.
+    Grpc {
+        port: u16,
+        service: String,
+    },
 }
 
+/// A readiness probe with every timing field filled (the registry applies the defaults, see
+/// the vm-agent's ARCHITECTURE.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
     pub initial_delay_seconds: u32,
@@ -911,6 +958,43 @@ impl TryFrom<pb::Workload> for Workload {
     }
 }
 
+impl From<&ProbeAction> for pb::probe::Action {
+    fn from(a: &ProbeAction) -> Self {
+        match a {
+            ProbeAction::HttpGet {
+                path,
+                port,
+                host,
+                scheme,
+                headers,
+            } => pb::probe::Action::HttpGet(pb::HttpGet {
+                path: path.clone(),
+                port: (*port).into(),
+                host: host.clone(),
+                scheme: scheme.as_str().into(),
+                http_headers: headers
+                    .iter()
+                    .map(|h| pb::HttpHeader {
+                        name: h.name.clone(),
+                        value: h.value.clone(),
+                    })
+                    .collect(),
+            }),
+            ProbeAction::TcpSocket { host, port } => pb::probe::Action::TcpSocket(pb::TcpSocket {
+                host: host.clone(),
+                port: (*port).into(),
+            }),
+            ProbeAction::Exec { command } => pb::probe::Action::Exec(pb::Exec {
+                command: command.clone(),
+            }),
+            ProbeAction::Grpc { port, service } => pb::probe::Action::Grpc(pb::GrpcHealthCheck {
+                port: (*port).into(),
+                service: service.clone(),
+            }),
+        }
+    }
+}
+
 impl From<&Probe> for pb::Probe {
     fn from(p: &Probe) -> Self {
         Self {
@@ -919,61 +1003,59 @@ impl From<&Probe> for pb::Probe {
             timeout_seconds: p.timeout_seconds,
             success_threshold: p.success_threshold,
             failure_threshold: p.failure_threshold,
-            action: Some(match &p.action {
-                ProbeAction::HttpGet {
-                    path,
-                    port,
-                    host,
-                    scheme,
-                } => pb::probe::Action::HttpGet(pb::HttpGet {
-                    path: path.clone(),
-                    port: (*port).into(),
-                    host: host.clone(),
-                    scheme: scheme.clone(),
-                }),
-                ProbeAction::TcpSocket { host, port } => {
-                    pb::probe::Action::TcpSocket(pb::TcpSocket {
-                        host: host.clone(),
-                        port: (*port).into(),
-                    })
-                }
-                ProbeAction::Exec { command } => pb::probe::Action::Exec(pb::Exec {
-                    command: command.clone(),
-                }),
-            }),
+            action: Some((&p.action).into()),
         }
+    }
+}
+
+impl TryFrom<pb::probe::Action> for ProbeAction {
+    type Error = ModelError;
+    fn try_from(a: pb::probe::Action) -> Result<Self, ModelError> {
+        Ok(match a {
+            pb::probe::Action::HttpGet(h) => ProbeAction::HttpGet {
+                port: port("probe.httpGet.port", h.port)?,
+                scheme: HttpScheme::parse(&h.scheme).ok_or_else(|| ModelError::Invalid {
+                    field: "probe.httpGet.scheme".into(),
+                    why: format!("{:?} is not HTTP or HTTPS", h.scheme),
+                })?,
+                path: h.path,
+                host: h.host,
+                headers: h
+                    .http_headers
+                    .into_iter()
+                    .map(|h| HttpHeader {
+                        name: h.name,
+                        value: h.value,
+                    })
+                    .collect(),
+            },
+            pb::probe::Action::TcpSocket(t) => ProbeAction::TcpSocket {
+                port: port("probe.tcpSocket.port", t.port)?,
+                host: t.host,
+            },
+            pb::probe::Action::Exec(e) => ProbeAction::Exec { command: e.command },
+            pb::probe::Action::Grpc(g) => ProbeAction::Grpc {
+                port: port("probe.grpc.port", g.port)?,
+                service: g.service,
+            },
+        })
     }
 }
 
 impl TryFrom<pb::Probe> for Probe {
     type Error = ModelError;
     fn try_from(p: pb::Probe) -> Result<Self, ModelError> {
-        let action = match p.action {
-            Some(pb::probe::Action::HttpGet(h)) => ProbeAction::HttpGet {
-                port: port("probe.httpGet.port", h.port)?,
-                path: h.path,
-                host: h.host,
-                scheme: h.scheme,
-            },
-            Some(pb::probe::Action::TcpSocket(t)) => ProbeAction::TcpSocket {
-                port: port("probe.tcpSocket.port", t.port)?,
-                host: t.host,
-            },
-            Some(pb::probe::Action::Exec(e)) => ProbeAction::Exec { command: e.command },
-            None => {
-                return Err(ModelError::Invalid {
-                    field: "probe".into(),
-                    why: "no httpGet, tcpSocket or exec".into(),
-                })
-            }
-        };
+        let action = p.action.ok_or_else(|| ModelError::Invalid {
+            field: "probe".into(),
+            why: "no httpGet, tcpSocket, exec or grpc".into(),
+        })?;
         Ok(Probe {
             initial_delay_seconds: p.initial_delay_seconds,
             period_seconds: p.period_seconds,
             timeout_seconds: p.timeout_seconds,
             success_threshold: p.success_threshold,
             failure_threshold: p.failure_threshold,
-            action,
+            action: action.try_into()?,
         })
     }
 }
@@ -1383,5 +1465,59 @@ mod tests {
             err.contains("ports[0].number") && err.contains("70000"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_probe_action_round_trips_through_protobuf() {
+        let actions = [
+            ProbeAction::HttpGet {
+                path: "/ready?full=1".into(),
+                port: 8443,
+                host: "app.internal".into(),
+                scheme: HttpScheme::Https,
+                headers: vec![HttpHeader {
+                    name: "Host".into(),
+                    value: "web.example.com".into(),
+                }],
+            },
+            ProbeAction::TcpSocket {
+                host: String::new(),
+                port: 3306,
+            },
+            ProbeAction::Exec {
+                command: vec!["/bin/check".into(), "--quick".into()],
+            },
+            ProbeAction::Grpc {
+                port: 9090,
+                service: "shop.Cart".into(),
+            },
+        ];
+        for action in actions {
+            let p = Probe {
+                initial_delay_seconds: 0,
+                period_seconds: 10,
+                timeout_seconds: 1,
+                success_threshold: 1,
+                failure_threshold: 3,
+                action,
+            };
+            assert_eq!(Probe::try_from(pb::Probe::from(&p)).unwrap(), p);
+        }
+        // A scheme Istio would refuse is refused from the wire too, naming the field.
+        let mut wire = pb::HttpGet {
+            port: 80,
+            scheme: "https".into(),
+            ..Default::default()
+        };
+        let err = ProbeAction::try_from(pb::probe::Action::HttpGet(wire.clone())).unwrap_err();
+        assert!(err.to_string().contains("probe.httpGet.scheme"), "{err}");
+        wire.scheme = String::new();
+        assert!(matches!(
+            ProbeAction::try_from(pb::probe::Action::HttpGet(wire)),
+            Ok(ProbeAction::HttpGet {
+                scheme: HttpScheme::Http,
+                ..
+            })
+        ));
     }
 }

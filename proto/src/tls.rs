@@ -1,4 +1,5 @@
-//! The workspace's only rustls configuration builders, with a SPIFFE verifier on both sides.
+//! The workspace's only rustls configuration builders, with a SPIFFE verifier on both sides
+//! (and, in [`probe_client`], the readiness probes' client that verifies nothing).
 //!
 //! Mesh certificates carry exactly one URI SAN (`spiffe://TD/ns/NS/sa/SA`) and no DNS names,
 //! so WebPKI's hostname check does not apply: the chain is verified against the trust bundle
@@ -19,6 +20,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::identity::{IdentityError, SpiffeId};
+
+mod probe_client;
+pub use probe_client::probe_client_config;
 
 /// File names of a credential directory (also Istio's `cacerts`/`certs` layout).
 pub const KEY_FILE: &str = "key.pem";

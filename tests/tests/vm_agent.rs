@@ -1,8 +1,8 @@
 //! The VM agent end to end: the real `isthmus-vm-agent` binary in a VM namespace behind
 //! network A of the two-network mesh (registry in this process, east-west gateways in the
 //! network namespaces), with the sample app behind it. Onboarding, calls both ways through
-//! the gateways with capture on, DNS, the probe and the lease, restarts, a registry outage,
-//! cleanup, sd_notify, and bad bundles.
+//! the gateways with capture on, DNS, the probe (HTTP, and gRPC health) and the lease,
+//! restarts, a registry outage, cleanup, sd_notify, and bad bundles.
 //!
 //! As root these always run (and in CI they must: they fail if namespaces cannot be made);
 //! elsewhere they skip with a message.
@@ -769,4 +769,66 @@ async fn a_bad_bundle_fails_before_the_network_naming_the_file_or_field() {
             "{name}: the agent reached for the network: {err}"
         );
     }
+}
+
+/// A grpc.health.v1 server whose answer for every service follows `serving`.
+struct Switch(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+#[tonic::async_trait]
+impl isthmus_proto::pb::health::health_server::Health for Switch {
+    async fn check(
+        &self,
+        _: tonic::Request<isthmus_proto::pb::health::HealthCheckRequest>,
+    ) -> Result<tonic::Response<isthmus_proto::pb::health::HealthCheckResponse>, tonic::Status>
+    {
+        use isthmus_proto::pb::health::health_check_response::ServingStatus;
+        let status = if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        Ok(tonic::Response::new(
+            isthmus_proto::pb::health::HealthCheckResponse {
+                status: status.into(),
+            },
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_probe_from_the_group_decides_the_vms_health() {
+    // The group as an Istio user writes it: a grpc probe with no timing but the period.
+    let group = format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {{name: web, namespace: shop}}\nspec:\n  metadata: {{labels: {{app: web}}}}\n  template: {{serviceAccount: web, ports: {{grpc: {APP_PORT}}}}}\n  probe:\n    periodSeconds: 1\n    failureThreshold: 0\n    grpc: {{port: {APP_PORT}, service: shop.Web}}\n"
+    );
+    let catalog = [group, yaml::service("web", "shop", SVC_PORT)];
+    let Some(m) = Mesh::start_with("vm-grpc-probe", &catalog, |_| {}).await else {
+        return;
+    };
+    let vm = Vm::create(&m, Net::A, "web", VM_IP, "web", "web");
+    let serving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let server = tonic::transport::Server::builder()
+        .add_service(isthmus_proto::pb::health::health_server::HealthServer::new(
+            Switch(serving.clone()),
+        ))
+        .serve(SocketAddr::from((Ipv4Addr::LOCALHOST, APP_PORT)));
+    vm.rt().spawn(server);
+    let _agent = vm.start_agent(&m, &[], &[]);
+    vm.wait_ready().await;
+    let mut sub = watch_a(&m).await;
+    let is = |h: Health| move |v: &LocalView| vm_health(v) == Some(h);
+    until(&mut sub, is(Health::Healthy)).await;
+
+    // NOT_SERVING: unhealthy at the first failure (failureThreshold 0 is Istio's 1), with
+    // the answer as the reason; SERVING again: healthy.
+    serving.store(false, std::sync::atomic::Ordering::SeqCst);
+    until(&mut sub, is(Health::Unhealthy)).await;
+    let dump = vm.admin("/config_dump").await;
+    let reason = dump["app_health"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("shop.Web") && reason.contains("NOT_SERVING"),
+        "{dump}"
+    );
+    serving.store(true, std::sync::atomic::Ordering::SeqCst);
+    until(&mut sub, is(Health::Healthy)).await;
 }

@@ -10,7 +10,7 @@
 //!
 //! The tree: [`document`] reads a file's documents and their envelope (apiVersion, kind,
 //! metadata, spec) and hands each spec to its kind's module ([`service_entry`],
-//! [`workload_entry`], [`workload_group`], [`network`]); [`metadata`] checks the metadata
+//! [`workload_entry`], [`workload_group`] with its [`probe`], [`network`]); [`metadata`] checks the metadata
 //! every kind shares; [`problems`] collects what is wrong, by file, document and field. The
 //! value checks themselves (names, labels, ports, CIDRs) are [`crate::validate`]'s, shared
 //! with the VM registrations. The tests (`tests.rs`) read documents the way the source does,
@@ -20,10 +20,13 @@ mod defaults;
 mod document;
 mod metadata;
 mod network;
+mod probe;
 mod problems;
 mod service_entry;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_probe;
 mod workload_entry;
 mod workload_group;
 

@@ -357,7 +357,7 @@ spec:
             },
             probe: Some(Probe {
                 initial_delay_seconds: 2,
-                period_seconds: 5,
+                period_seconds: 10,
                 timeout_seconds: 1,
                 success_threshold: 1,
                 failure_threshold: 3,
@@ -365,7 +365,8 @@ spec:
                     path: "/healthz".into(),
                     port: 8080,
                     host: String::new(),
-                    scheme: "HTTP".into(),
+                    scheme: HttpScheme::Http,
+                    headers: vec![],
                 },
             }),
         })]
@@ -884,13 +885,8 @@ fn istio_cross_field_rules() {
             "spec.probe.httpGet.port",
         ),
         (
-            "probe path relative",
-            probe("{httpGet: {port: 80, path: healthz}}"),
-            "spec.probe.httpGet.path",
-        ),
-        (
-            "zero period",
-            probe("{periodSeconds: 0, exec: {command: [/bin/true]}}"),
+            "negative period",
+            probe("{periodSeconds: -1, exec: {command: [/bin/true]}}"),
             "spec.probe.periodSeconds",
         ),
     ] {
