@@ -1,5 +1,5 @@
 //! The proxy core's metrics. The program picks the prefix (`isthmus_gateway_` for the
-//! east-west gateway, `isthmus_agent_` for the VM agent); label sets are typed and bounded
+//! east-west gateway, `isthmus_vm_agent_` for the VM agent); label sets are typed and bounded
 //! (service hostnames come from the catalog, reasons and results are enums). Beside them,
 //! [`istio`]: Istio's standard TCP metrics under Istio's own names, which the same
 //! connections count into.
