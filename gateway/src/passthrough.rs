@@ -16,7 +16,6 @@
 //! records it splices, the ClientHello included.
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,7 +183,7 @@ async fn connect_and_relay(
     let report = p
         .metrics
         .istio
-        .open(istio_labels(p, dest, Some(up.target.addr.ip())));
+        .open(istio_labels(p, dest, Some(&up.target.uid)));
     report.add_received(hello.len() as u64);
     let relayed = relay::relay_metered(tcp, up.stream, report.meter());
     let result = finish_relay(rec, p.tracker.closing(), relayed).await;
@@ -192,12 +191,12 @@ async fn connect_and_relay(
     result
 }
 
-/// Istio's labels of a connection to `dest` (`-` for the flags), with the endpoint's
-/// address once connected.
-fn istio_labels(p: &Passthrough, dest: &Destination, endpoint: Option<IpAddr>) -> IstioLabels {
+/// Istio's labels of a connection to `dest` (`-` for the flags), with the endpoint (its
+/// uid in the view) once connected.
+fn istio_labels(p: &Passthrough, dest: &Destination, endpoint: Option<&str>) -> IstioLabels {
     let m = &p.metrics.istio;
-    let destination = endpoint.map_or_else(Peer::default, |ip| {
-        m.catalog().peer(ip, None).without_principal()
+    let destination = endpoint.map_or_else(Peer::default, |uid| {
+        m.catalog().endpoint(uid, None).without_principal()
     });
     IstioLabels::new(&Traffic {
         reporter: Reporter::source,

@@ -195,7 +195,7 @@ impl Outbound {
     ) -> IstioLabels {
         let m = &self.metrics.istio;
         let destination = match connected {
-            Some((t, id)) if !t.via_gateway => m.catalog().peer(t.addr.ip(), id),
+            Some((t, id)) if !t.via_gateway => m.catalog().endpoint(&t.uid, id),
             Some((_, Some(id))) => Peer::from_identity(id),
             _ => Peer::default(),
         };

@@ -805,6 +805,35 @@ mod istio_metrics {
     }
 
     #[tokio::test]
+    async fn an_app_that_is_not_listening_is_opened_and_closed_with_connect() {
+        let mut s = setup(Mode::Strict, AuthorizationPolicy::default()).await;
+        let mut ib = Arc::into_inner(s.ib).unwrap();
+        ib.app = AppTarget::Fixed(closed_port().await);
+        s.ib = Arc::new(ib);
+        report_as_web(&s);
+        let rec = s.serve_one();
+        let cart = s.ca.workload("shop", "cart");
+        assert_closed_without_data(s.tls_exchange(Some(&cart), b"x").await);
+        record(rec).await;
+        let text = exposition(&s);
+        let failed = ["source_workload=\"cart\"", "response_flags=\"CONNECT\""];
+        for metric in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+        ] {
+            assert_eq!(value(&text, metric, &failed), Some(1), "{metric}\n{text}");
+        }
+        assert_eq!(
+            value(
+                &text,
+                "istio_tcp_connections_opened_total",
+                &["response_flags=\"-\""]
+            ),
+            None
+        );
+    }
+
+    #[tokio::test]
     async fn a_plaintext_peer_is_unknown_and_the_policy_none() {
         let s = setup(Mode::Permissive, AuthorizationPolicy::default()).await;
         report_as_web(&s);

@@ -231,6 +231,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Catalog {
     by_address: HashMap<IpAddr, Vec<Entry>>,
+    /// uid -> (address, index in `by_address`).
+    by_uid: HashMap<String, (IpAddr, usize)>,
 }
 
 impl Catalog {
@@ -272,7 +274,16 @@ impl Catalog {
                 });
             }
         }
-        Self { by_address }
+        let by_uid = by_address
+            .iter()
+            .flat_map(|(ip, entries)| {
+                entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.uid.clone(), (*ip, i)))
+            })
+            .collect();
+        Self { by_address, by_uid }
     }
 
     /// The one workload at `ip` that runs as `identity` (any, when `None`); none when there
@@ -291,16 +302,19 @@ impl Catalog {
     /// `identity`: the catalog's workload there when it runs as that identity, else what
     /// the identity alone says.
     pub fn peer(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> Peer {
-        match (self.entry(ip, identity), identity) {
-            (Some(e), Some(id)) => Peer {
-                namespace: id.namespace().map(str::to_string),
-                principal: Some(id.clone()),
-                ..(*e.peer).clone()
-            },
-            (Some(e), None) => (*e.peer).clone(),
-            (None, Some(id)) => Peer::from_identity(id),
-            (None, None) => Peer::default(),
-        }
+        merge(self.entry(ip, identity), identity)
+    }
+
+    /// What the labels say about the endpoint `uid` (one the routing table chose from the
+    /// same view), whose identity was verified as `identity` if the reporter verified one:
+    /// its catalog labels, unless it turned out to run as another identity.
+    pub fn endpoint(&self, uid: &str, identity: Option<&SpiffeId>) -> Peer {
+        let entry = self
+            .by_uid
+            .get(uid)
+            .and_then(|(ip, i)| self.by_address.get(ip)?.get(*i))
+            .filter(|e| identity.is_none_or(|id| e.identities.contains(id)));
+        merge(entry, identity)
     }
 
     /// The service a connection to the workload at `ip` is for: `wanted` (the hostname the
@@ -312,6 +326,21 @@ impl Catalog {
             .and_then(|h| services.iter().find(|s| s.hostname == h))
             .or_else(|| services.iter().min_by(|a, b| a.hostname.cmp(&b.hostname)))
             .cloned()
+    }
+}
+
+/// One end: the catalog's workload (if one matched), with the verified identity's
+/// namespace and principal over it.
+fn merge(entry: Option<&Entry>, identity: Option<&SpiffeId>) -> Peer {
+    match (entry, identity) {
+        (Some(e), Some(id)) => Peer {
+            namespace: id.namespace().map(str::to_string),
+            principal: Some(id.clone()),
+            ..(*e.peer).clone()
+        },
+        (Some(e), None) => (*e.peer).clone(),
+        (None, Some(id)) => Peer::from_identity(id),
+        (None, None) => Peer::default(),
     }
 }
 

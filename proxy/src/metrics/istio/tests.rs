@@ -342,3 +342,48 @@ fn a_report_counts_the_close_when_it_is_dropped() {
     drop(report);
     assert_eq!(m.closed.get_or_create(&l).get(), 1);
 }
+
+#[test]
+fn an_endpoint_the_table_chose_is_found_by_uid_even_beside_others_at_its_address() {
+    let v = view(vec![
+        service_view(
+            "reviews",
+            vec![endpoint(
+                EndpointKind::Workload,
+                "10.0.0.5",
+                "r-1",
+                "reviews",
+                &[("app", "reviews")],
+            )],
+        ),
+        service_view(
+            "internal",
+            vec![endpoint(
+                EndpointKind::Workload,
+                "10.0.0.5",
+                "i-1",
+                "internal",
+                &[("app", "internal")],
+            )],
+        ),
+    ]);
+    let c = Catalog::build(&v);
+    let ip: IpAddr = "10.0.0.5".parse().unwrap();
+    // By address alone the two disagree: nobody.
+    assert_eq!(c.peer(ip, None), Peer::default());
+    assert_eq!(c.endpoint("r-1", None).workload.as_deref(), Some("reviews"));
+    assert_eq!(
+        c.endpoint("i-1", None).workload.as_deref(),
+        Some("internal")
+    );
+    let reviews = id("shop", "reviews");
+    let p = c.endpoint("r-1", Some(&reviews));
+    assert_eq!(
+        (p.app.as_deref(), p.principal.as_ref()),
+        (Some("reviews"), Some(&reviews))
+    );
+    // The server proved another identity than the catalog's: only what it proved.
+    let other = id("shop", "intruder");
+    assert_eq!(c.endpoint("r-1", Some(&other)), Peer::from_identity(&other));
+    assert_eq!(c.endpoint("gone", None), Peer::default());
+}
