@@ -5,8 +5,9 @@
 //!
 //! The peer identity reaches the operator through the access-log line (`peer=`) and the
 //! connection's span, and in-process users (the VM agent, tests) through
-//! [`Inbound::on_connection`]. It is deliberately not put into metric labels: identities
-//! are as many as the mesh has workloads, and a denial is already counted per app.
+//! [`Inbound::on_connection`]. The core's own metrics leave it out of their labels
+//! (identities are as many as the mesh has workloads, and a denial is already counted per
+//! app); Istio's standard metrics carry it as `source_principal`, as Istio does (below).
 //!
 //! [`Mode::Permissive`] also accepts plaintext, told apart by the first byte (a TLS
 //! connection opens with a handshake record, 0x16); a plaintext peer has no identity and
@@ -18,12 +19,13 @@
 //! plaintext in STRICT mode) is counted in `connections_refused{direction="inbound"}` by
 //! reason; one the policy refuses is counted in `connections{result="denied"}`.
 //!
-//! Istio's standard metrics count every connection with a peer as `reporter="destination"`:
-//! the source from the peer's verified identity (and the catalog's workload at the peer's
-//! address when it runs as that identity; a plaintext peer is `unknown`), the destination
-//! the program's own workload, the service the one the client's SNI names when the catalog
-//! says this workload serves it. There the identity is an Istio label, as Istio has it;
-//! like every label value it is verified or from the catalog, so bounded by the mesh.
+//! Istio's standard metrics count every connection past the handshake as
+//! `reporter="destination"`: the source from the peer's verified identity (and the
+//! catalog's workload at the peer's address when it runs as that identity; a plaintext peer
+//! is `unknown`), the destination the program's own workload, the service the one the
+//! client's SNI names when the catalog says this workload serves it. Like every value
+//! there, the identity is verified or from the catalog, so the label sets are bounded by
+//! the mesh.
 
 #[cfg(test)]
 mod tests;

@@ -27,9 +27,11 @@
 //! Bounded cardinality: every label value comes from the catalog (service hostnames, names
 //! and namespaces; workload labels and clusters) or from a SPIFFE identity the TLS layer
 //! verified against the mesh's roots, never from what an unauthenticated client sends. A
-//! peer's catalog labels are used only when both its address and its verified identity
-//! match a catalog workload; the SNI a client sends only picks among services the catalog
-//! already says the local workload serves.
+//! connecting peer's catalog labels are used only when both its address and its verified
+//! identity match a catalog workload; the endpoint a proxy connected to is the one its
+//! routing table chose, named by its uid in the same view (and, where the proxy verified
+//! the server, only if the server proved the catalog's identity); the SNI a client sends
+//! only picks among services the catalog already says the local workload serves.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
