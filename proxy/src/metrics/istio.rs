@@ -21,8 +21,8 @@
 //!   closed is what is open now. A connection refused before that (not TLS, no SNI, an
 //!   unknown service) is not an Istio connection and is counted only in the core's
 //!   `connections_refused`.
-//! - A value nobody knows is `unknown`; a known workload without a revision label has the
-//!   revision `latest`.
+//! - A value nobody knows is `unknown`, except a canonical revision, which is `latest` (as
+//!   Istio's sidecars write it).
 //!
 //! Bounded cardinality: every label value comes from the catalog (service hostnames, names
 //! and namespaces; workload labels and clusters) or from a SPIFFE identity the TLS layer
@@ -52,7 +52,8 @@ use crate::relay::Meter;
 pub const PREFIX: &str = "istio";
 /// Istio's value for a label nobody knows.
 pub const UNKNOWN: &str = "unknown";
-/// Istio's revision of a known workload that has no revision label.
+/// Istio's canonical revision of a workload without a revision label, or of one it knows
+/// nothing about.
 pub const LATEST: &str = "latest";
 
 /// The labels Istio reads a workload's canonical service from, first match wins.
@@ -378,6 +379,11 @@ fn or_unknown(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| UNKNOWN.to_string())
 }
 
+/// Istio writes the revision of an end it knows nothing about as `latest`, not `unknown`.
+fn or_latest(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| LATEST.to_string())
+}
+
 /// One connection as the labels describe it.
 #[derive(Debug, Clone)]
 pub struct Traffic<'a> {
@@ -412,7 +418,7 @@ impl IstioLabels {
             reporter: t.reporter,
             source_workload: or_unknown(&s.workload),
             source_canonical_service: or_unknown(&s.canonical_service),
-            source_canonical_revision: or_unknown(&s.canonical_revision),
+            source_canonical_revision: or_latest(&s.canonical_revision),
             source_workload_namespace: or_unknown(&s.namespace),
             source_principal: principal(s),
             source_app: or_unknown(&s.app),
@@ -423,7 +429,7 @@ impl IstioLabels {
             destination_service_name: service_name,
             destination_workload: or_unknown(&d.workload),
             destination_canonical_service: or_unknown(&d.canonical_service),
-            destination_canonical_revision: or_unknown(&d.canonical_revision),
+            destination_canonical_revision: or_latest(&d.canonical_revision),
             destination_workload_namespace: or_unknown(&d.namespace),
             destination_principal: principal(d),
             destination_app: or_unknown(&d.app),

@@ -243,7 +243,10 @@ fn unknown_ends_are_unknown_and_the_service_falls_back_to_the_canonical_service(
     });
     assert_eq!(l.source_workload, UNKNOWN);
     assert_eq!(l.source_principal, UNKNOWN);
-    assert_eq!(l.source_canonical_revision, UNKNOWN);
+    assert_eq!(
+        l.source_canonical_revision, LATEST,
+        "as Istio's sidecars write it"
+    );
     assert_eq!(l.destination_service, "ratings");
     assert_eq!(l.destination_service_name, "ratings");
     assert_eq!(l.destination_service_namespace, "shop");
@@ -300,7 +303,7 @@ fn the_exposition_has_istios_names_labels_and_values() {
              destination_service=\"reviews.shop.svc.cluster.local\",\
              destination_service_namespace=\"shop\",destination_service_name=\"reviews\",\
              destination_workload=\"unknown\",destination_canonical_service=\"unknown\",\
-             destination_canonical_revision=\"unknown\",destination_workload_namespace=\"shop\",\
+             destination_canonical_revision=\"latest\",destination_workload_namespace=\"shop\",\
              destination_principal=\"spiffe://cluster.local/ns/shop/sa/reviews\",\
              destination_app=\"unknown\",destination_version=\"unknown\",\
              destination_cluster=\"unknown\",request_protocol=\"tcp\",response_flags=\"{flags}\",\
