@@ -20,7 +20,9 @@ use isthmus_proto::drain;
 use isthmus_proto::model::{Node, NodeKind};
 use isthmus_proto::program::{self, Program, Readiness, Stop, Tasks};
 use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
+use isthmus_proto::tls::Credentials;
 use isthmus_proxy::connection::{self, Tracker};
+use isthmus_proxy::metrics::istio::{Local, Peer};
 use isthmus_proxy::metrics::Metrics;
 use isthmus_proxy::routes::{self, Reach, RouteOptions, RouteTable};
 use prometheus_client::registry::Registry;
@@ -117,6 +119,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     let (trigger, shutdown) = drain::channel();
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry, METRICS_PREFIX));
+    report_as(&config, &metrics);
     let mut w = Wiring {
         accept_shutdown,
         shutdown,
@@ -193,6 +196,29 @@ async fn ensure_credentials(config: &GatewayConfig) -> anyhow::Result<()> {
         })?;
     tracing::info!(identity = %creds.identity, dir = %dir.display(), "enrolled with the bootstrap token");
     Ok(())
+}
+
+/// Who the gateway is in Istio's metrics (it reports as their source): the service account
+/// of its certificate as the workload, in that identity's namespace, of its cluster.
+fn report_as(config: &GatewayConfig, metrics: &Metrics) {
+    let identity = match Credentials::from_dir(&config.registry.cert_dir) {
+        Ok(c) => c.identity,
+        Err(e) => {
+            // The Watch client reads the same files next and fails the start naming them.
+            tracing::debug!(error = %e, "no certificate to name the gateway in Istio's metrics");
+            return;
+        }
+    };
+    let peer = Peer::from_labels(
+        identity.service_account(),
+        &Default::default(),
+        &config.cluster,
+        Some(&identity),
+    );
+    metrics.istio.set_local(Local {
+        peer,
+        address: None,
+    });
 }
 
 /// Phase 3: the Watch client (as a gateway of its network) and the route follower, which

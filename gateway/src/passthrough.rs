@@ -2,12 +2,18 @@
 //! client's ClientHello without terminating TLS, routes on the SNI key
 //! `outbound_.<port>_.<subset>_.<hostname>` to a healthy local endpoint of that service,
 //! replays the bytes it read and relays both directions until both sides close (the proxy
-//! core's copy loop, `relay::relay_tcp`). The mTLS session is the client's and the
+//! core's copy loop, `relay::relay_metered`, counting Istio's bytes as it goes). The mTLS session is the client's and the
 //! endpoint's: the gateway holds no key for it.
 //!
 //! A connection that is not TLS, has no SNI, names something that is not a mesh key, or a
 //! service this network does not export, is closed at once and counted by reason; one that
 //! sends nothing is closed when the handshake timeout passes.
+//!
+//! A routed connection is counted in Istio's standard metrics as Istio's east-west gateway
+//! counts it: `reporter="source"`, the gateway itself as the source, the catalog's workload
+//! at the endpoint as the destination, and, since the gateway terminates no TLS, no
+//! principal on either side and the security policy `unknown`. Its bytes are the TLS
+//! records it splices, the ClientHello included.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,6 +25,9 @@ use isthmus_proto::sni::SniKey;
 use isthmus_proxy::client_hello::{ClientHelloReader, Hello};
 use isthmus_proxy::connection::{
     self, finish_relay, refusal, AccessRecord, ConnectionHandler, Refusal, Tracker,
+};
+use isthmus_proxy::metrics::istio::{
+    IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy, Traffic,
 };
 use isthmus_proxy::metrics::{ConnResult, Direction, Metrics};
 use isthmus_proxy::relay;
@@ -164,12 +173,38 @@ async fn connect_and_relay(
         Ok(up) => up,
         Err(e) => {
             rec.error = Some(e.to_string());
+            p.metrics
+                .istio
+                .refused(istio_labels(p, dest, None).with_flags(ResponseFlags::ConnectFailed));
             return e.result();
         }
     };
     rec.endpoint = Some(up.target.addr);
     rec.bytes_to_upstream = hello.len() as u64;
-    let result = finish_relay(rec, p.tracker.closing(), relay::relay_tcp(tcp, up.stream)).await;
+    let report = p
+        .metrics
+        .istio
+        .open(istio_labels(p, dest, Some(&up.target.uid)));
+    report.add_received(hello.len() as u64);
+    let relayed = relay::relay_metered(tcp, up.stream, report.meter());
+    let result = finish_relay(rec, p.tracker.closing(), relayed).await;
     drop(up.lease);
     result
+}
+
+/// Istio's labels of a connection to `dest` (`-` for the flags), with the endpoint (its
+/// uid in the view) once connected.
+fn istio_labels(p: &Passthrough, dest: &Destination, endpoint: Option<&str>) -> IstioLabels {
+    let m = &p.metrics.istio;
+    let destination = endpoint.map_or_else(Peer::default, |uid| {
+        m.catalog().endpoint(uid, None).without_principal()
+    });
+    IstioLabels::new(&Traffic {
+        reporter: Reporter::source,
+        source: &m.local().peer.without_principal(),
+        destination: &destination,
+        service: Some(&dest.service),
+        security: SecurityPolicy::unknown,
+        flags: ResponseFlags::None,
+    })
 }

@@ -5,8 +5,9 @@
 //!
 //! The peer identity reaches the operator through the access-log line (`peer=`) and the
 //! connection's span, and in-process users (the VM agent, tests) through
-//! [`Inbound::on_connection`]. It is deliberately not put into metric labels: identities
-//! are as many as the mesh has workloads, and a denial is already counted per app.
+//! [`Inbound::on_connection`]. The core's own metrics leave it out of their labels
+//! (identities are as many as the mesh has workloads, and a denial is already counted per
+//! app); Istio's standard metrics carry it as `source_principal`, as Istio does (below).
 //!
 //! [`Mode::Permissive`] also accepts plaintext, told apart by the first byte (a TLS
 //! connection opens with a handshake record, 0x16); a plaintext peer has no identity and
@@ -17,6 +18,14 @@
 //! A connection refused before the app is chosen (handshake timeout, failed handshake,
 //! plaintext in STRICT mode) is counted in `connections_refused{direction="inbound"}` by
 //! reason; one the policy refuses is counted in `connections{result="denied"}`.
+//!
+//! Istio's standard metrics count every connection past the handshake as
+//! `reporter="destination"`: the source from the peer's verified identity (and the
+//! catalog's workload at the peer's address when it runs as that identity; a plaintext peer
+//! is `unknown`), the destination the program's own workload, the service the one the
+//! client's SNI names when the catalog says this workload serves it. Like every value
+//! there, the identity is verified or from the catalog, so the label sets are bounded by
+//! the mesh.
 
 #[cfg(test)]
 mod tests;
@@ -33,6 +42,7 @@ use arc_swap::ArcSwap;
 use isthmus_proto::drain;
 use isthmus_proto::grpc::classify_handshake_error;
 use isthmus_proto::identity::SpiffeId;
+use isthmus_proto::sni::SniKey;
 use isthmus_proto::tls::{self, ClientAuth, Credentials, TlsError, TrustBundle};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -42,6 +52,7 @@ use crate::authz::{AuthorizationPolicy, Decision};
 use crate::connection::{
     self, finish_relay, refusal, AccessRecord, ConnectionHandler, Refusal, Tracker,
 };
+use crate::metrics::istio::{IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy, Traffic};
 use crate::metrics::{
     BytesLabels, ConnLabels, ConnResult, Direction, DirectionLabels, Flow, Metrics, OpenLabels,
     ServiceLabels,
@@ -327,10 +338,14 @@ async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
         rec.peer_identity = Some(peer.to_string());
         tracing::Span::current().record("peer", tracing::field::display(peer));
     }
+    let istio = istio_labels(ib, &accepted, rec.client.ip());
     let decision = ib.policy.load().decide(accepted.peer.as_ref());
     if let Decision::Deny { reason } = decision {
         tracing::info!(%reason, "connection denied by the authorization policy");
         rec.error = Some(reason);
+        ib.metrics
+            .istio
+            .refused(istio.with_flags(ResponseFlags::Denied));
         count(ib, rec, &service, ConnResult::denied);
         return;
     }
@@ -350,9 +365,45 @@ async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
         })
         .clone();
     open.inc();
-    let result = relay(ib, accepted.stream, app, &service, rec).await;
+    let result = relay(ib, accepted.stream, app, &service, istio, rec).await;
     open.dec();
     count(ib, rec, &service, result);
+}
+
+/// Istio's labels of an accepted connection (`-` for the flags): who the peer is, and this
+/// workload as the destination.
+fn istio_labels(ib: &Inbound, accepted: &Accepted, client: IpAddr) -> IstioLabels {
+    let m = &ib.metrics.istio;
+    let (catalog, local) = (m.catalog(), m.local());
+    let (source, destination, security) = match &accepted.peer {
+        Some(id) => (
+            catalog.peer(client, Some(id)),
+            local.peer.clone(),
+            SecurityPolicy::mutual_tls,
+        ),
+        // A plaintext peer proves nothing: its address alone does not name a workload.
+        None => (
+            Peer::default(),
+            local.peer.without_principal(),
+            SecurityPolicy::none,
+        ),
+    };
+    let wanted = accepted
+        .sni
+        .as_deref()
+        .and_then(|s| SniKey::parse(s).ok())
+        .map(|k| k.hostname);
+    let service = local
+        .address
+        .and_then(|a| catalog.service_at(a, wanted.as_deref()));
+    IstioLabels::new(&Traffic {
+        reporter: Reporter::destination,
+        source: &source,
+        destination: &destination,
+        service: service.as_ref(),
+        security,
+        flags: ResponseFlags::None,
+    })
 }
 
 fn refuse(ib: &Inbound, rec: &mut AccessRecord, r: Refusal) {
@@ -395,6 +446,7 @@ async fn relay(
     down: Downstream,
     app: SocketAddr,
     service: &str,
+    istio: IstioLabels,
     rec: &mut AccessRecord,
 ) -> ConnResult {
     let started = tokio::time::Instant::now();
@@ -414,6 +466,9 @@ async fn relay(
                     service: service.to_string(),
                 })
                 .inc();
+            ib.metrics
+                .istio
+                .refused(istio.with_flags(ResponseFlags::ConnectFailed));
             return ConnResult::upstream_connect_failed;
         }
     };
@@ -425,10 +480,13 @@ async fn relay(
         .observe(started.elapsed().as_secs_f64());
     let _ = up.set_nodelay(true);
     rec.endpoint = Some(app);
+    let report = ib.metrics.istio.open(istio);
     let relayed = async {
         match down {
-            Downstream::Tls(tls) => crate::relay::relay(*tls, up).await,
-            Downstream::Plaintext(tcp) => crate::relay::relay_tcp(tcp, up).await,
+            Downstream::Tls(tls) => crate::relay::relay_metered(*tls, up, report.meter()).await,
+            Downstream::Plaintext(tcp) => {
+                crate::relay::relay_metered(tcp, up, report.meter()).await
+            }
         }
     };
     finish_relay(rec, ib.tracker.closing(), relayed).await

@@ -22,7 +22,8 @@
 //!   origination towards a service, verified against its identities; `original_dst`: the
 //!   destination a captured (redirected) connection was made to.
 //! - `metrics`: the core's metrics, registered under the prefix the program picks
-//!   (`isthmus_gateway_`, `isthmus_agent_`).
+//!   (`isthmus_gateway_`, `isthmus_vm_agent_`), and `metrics::istio`, Istio's standard TCP
+//!   metrics under Istio's names, which the same connections count into.
 
 pub mod authz;
 pub mod balancer;

@@ -1,6 +1,12 @@
 //! The proxy core's metrics. The program picks the prefix (`isthmus_gateway_` for the
-//! east-west gateway, `isthmus_agent_` for the VM agent); label sets are typed and bounded
-//! (service hostnames come from the catalog, reasons and results are enums).
+//! east-west gateway, `isthmus_vm_agent_` for the VM agent); label sets are typed and bounded
+//! (service hostnames come from the catalog, reasons and results are enums). Beside them,
+//! [`istio`]: Istio's standard TCP metrics under Istio's own names, which the same
+//! connections count into.
+
+pub mod istio;
+
+use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -126,6 +132,8 @@ pub struct Metrics {
     pub destinations: Gauge,
     pub draining: Gauge,
     pub catalog: SyncMetrics,
+    /// Istio's standard TCP metrics (`istio_tcp_*`), registered without the prefix.
+    pub istio: Arc<istio::IstioMetrics>,
 }
 
 fn connect_histogram() -> Histogram {
@@ -146,14 +154,19 @@ impl Default for Metrics {
             destinations: Gauge::default(),
             draining: Gauge::default(),
             catalog: SyncMetrics::default(),
+            istio: Arc::default(),
         }
     }
 }
 
 impl Metrics {
-    /// Registers under `prefix` (e.g. `isthmus_gateway`).
+    /// Registers under `prefix` (e.g. `isthmus_gateway`), and Istio's standard metrics
+    /// under Istio's names.
     pub fn register(registry: &mut Registry, prefix: &str) -> Self {
-        let m = Self::default();
+        let m = Self {
+            istio: Arc::new(istio::IstioMetrics::register(registry)),
+            ..Self::default()
+        };
         let r = registry.sub_registry_with_prefix(prefix);
         r.register(
             "connections",

@@ -9,6 +9,11 @@
 //! every connection on it is carried as mTLS to one configured destination.
 //! [`serve_with`] takes the destination from each connection instead (the VM agent's
 //! capture listener: the original destination of a redirected connection).
+//!
+//! Istio's standard metrics count each connection to a known service as
+//! `reporter="source"`: the program's own workload as the source, the destination the
+//! catalog's workload at the endpoint when it is the server identity verified (through a
+//! remote gateway, what that identity alone says), `CONNECT` when no endpoint answered.
 
 use std::collections::HashMap;
 use std::io;
@@ -25,6 +30,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::connection::{accept_loop, finish_relay, AccessRecord, Tracker};
+use crate::metrics::istio::{self, IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy};
 use crate::metrics::{ConnResult, Direction, Metrics};
 use crate::routes::{LookupError, RouteTable, Target};
 use crate::upstream::{self, ConnectError, ConnectOptions, Lease};
@@ -128,6 +134,8 @@ pub struct OutboundStream {
     /// The server's verified identity (the workload's, also through a gateway).
     pub server_identity: Option<SpiffeId>,
     pub lease: Lease,
+    /// The service, as the metric labels name it.
+    pub service: istio::Service,
 }
 
 /// What outbound connections need.
@@ -174,7 +182,41 @@ impl Outbound {
             target: up.target,
             server_identity,
             lease: up.lease,
+            service: dest.service.clone(),
         })
+    }
+
+    /// Istio's labels of a connection to `service` (`-` for the flags), with the endpoint
+    /// and the server identity once connected.
+    fn istio_labels(
+        &self,
+        service: &istio::Service,
+        connected: Option<(&Target, Option<&SpiffeId>)>,
+    ) -> IstioLabels {
+        let m = &self.metrics.istio;
+        let destination = match connected {
+            Some((t, id)) if !t.via_gateway => m.catalog().endpoint(&t.uid, id),
+            Some((_, Some(id))) => Peer::from_identity(id),
+            _ => Peer::default(),
+        };
+        IstioLabels::new(&istio::Traffic {
+            reporter: Reporter::source,
+            source: &m.local().peer,
+            destination: &destination,
+            service: Some(service),
+            // Istio sets the policy only where the connection is received.
+            security: SecurityPolicy::unknown,
+            flags: ResponseFlags::None,
+        })
+    }
+
+    /// The service `target` names, when the routing table has it.
+    fn service_of(&self, target: &OutboundTarget) -> Option<istio::Service> {
+        let table = self.routes.load();
+        let dest = table
+            .lookup(&target.hostname, target.port, &target.subset)
+            .ok()?;
+        Some(dest.service.clone())
     }
 }
 
@@ -252,15 +294,24 @@ async fn handle(
             Ok(up) => up,
             Err(e) => {
                 rec.error = Some(e.to_string());
+                // A service the table does not know is no Istio connection.
+                if let (OutboundError::Connect(_), Some(svc)) = (&e, outbound.service_of(target)) {
+                    let labels = outbound.istio_labels(&svc, None);
+                    m.istio
+                        .refused(labels.with_flags(ResponseFlags::ConnectFailed));
+                }
                 return e.result();
             }
         };
         rec.endpoint = Some(up.target.addr);
         rec.peer_identity = up.server_identity.as_ref().map(|i| i.to_string());
+        let labels =
+            outbound.istio_labels(&up.service, Some((&up.target, up.server_identity.as_ref())));
+        let report = m.istio.open(labels);
         finish_relay(
             rec,
             outbound.tracker.closing(),
-            crate::relay::relay(tcp, up.stream),
+            crate::relay::relay_metered(tcp, up.stream, report.meter()),
         )
         .await
     }

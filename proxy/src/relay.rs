@@ -79,6 +79,23 @@ pub struct LiveBytes {
     pub upstream_to_client: AtomicU64,
 }
 
+/// Where a relay counts as it goes, one counter per direction (a metric's own counters,
+/// such as Istio's received and sent bytes, or a [`LiveBytes`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Meter<'a> {
+    pub client_to_upstream: &'a AtomicU64,
+    pub upstream_to_client: &'a AtomicU64,
+}
+
+impl LiveBytes {
+    pub fn meter(&self) -> Meter<'_> {
+        Meter {
+            client_to_upstream: &self.client_to_upstream,
+            upstream_to_client: &self.upstream_to_client,
+        }
+    }
+}
+
 /// Relays between two TCP sockets: the copy loop of [`relay`] (see the module docs for why
 /// not splice yet).
 pub async fn relay_tcp(client: TcpStream, upstream: TcpStream) -> RelayOutcome {
@@ -91,7 +108,7 @@ pub async fn relay_tcp_counted(
     upstream: TcpStream,
     live: &LiveBytes,
 ) -> RelayOutcome {
-    relay_tcp_impl(client, upstream, Some(live)).await
+    relay_tcp_impl(client, upstream, Some(live.meter())).await
 }
 
 /// Relays between any two byte streams (TLS on one side or both) with a copy loop per
@@ -112,13 +129,22 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    relay_impl(client, upstream, Some(live)).await
+    relay_impl(client, upstream, Some(live.meter())).await
+}
+
+/// [`relay`], counting into `meter` as it goes.
+pub async fn relay_metered<A, B>(client: A, upstream: B, meter: Meter<'_>) -> RelayOutcome
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    relay_impl(client, upstream, Some(meter)).await
 }
 
 async fn relay_tcp_impl(
     client: TcpStream,
     upstream: TcpStream,
-    live: Option<&LiveBytes>,
+    live: Option<Meter<'_>>,
 ) -> RelayOutcome {
     relay_impl(client, upstream, live).await
 }
@@ -298,13 +324,13 @@ const COPY_BUF_MIN: usize = 8 << 10;
 /// Where it stops growing.
 const COPY_BUF_MAX: usize = 256 << 10;
 
-async fn relay_impl<A, B>(mut client: A, mut upstream: B, live: Option<&LiveBytes>) -> RelayOutcome
+async fn relay_impl<A, B>(mut client: A, mut upstream: B, live: Option<Meter<'_>>) -> RelayOutcome
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut to_upstream = CopyHalf::new(live.map(|l| &l.client_to_upstream));
-    let mut to_client = CopyHalf::new(live.map(|l| &l.upstream_to_client));
+    let mut to_upstream = CopyHalf::new(live.map(|l| l.client_to_upstream));
+    let mut to_client = CopyHalf::new(live.map(|l| l.upstream_to_client));
     let result = poll_fn(|cx| {
         let up = to_upstream.poll_copy(cx, Pin::new(&mut client), Pin::new(&mut upstream))?;
         let down = to_client.poll_copy(cx, Pin::new(&mut upstream), Pin::new(&mut client))?;

@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::balancer::{self, Balancer, FailureOutcome, OutlierConfig, Policy};
+use crate::metrics::istio;
 use crate::metrics::Metrics;
 
 /// The endpoint label a non-empty subset selects on.
@@ -131,6 +132,8 @@ struct Endpoints {
 /// One service port (and subset) and the endpoints serving it.
 pub struct Destination {
     pub key: DestinationKey,
+    /// The service's hostname, name and namespace, as the metric labels name it.
+    pub service: istio::Service,
     /// Whether other networks may reach it through this network's gateway.
     exported: Mutex<bool>,
     /// Every identity the service's endpoints run as: what a client accepts from the server.
@@ -150,9 +153,10 @@ impl std::fmt::Debug for Destination {
 }
 
 impl Destination {
-    fn new(key: DestinationKey, opts: &RouteOptions) -> Self {
+    fn new(key: DestinationKey, service: istio::Service, opts: &RouteOptions) -> Self {
         Self {
             key,
+            service,
             exported: Mutex::new(true),
             identities: Mutex::new(Vec::new()),
             endpoints: Mutex::new(Endpoints {
@@ -391,11 +395,14 @@ impl RouteTable {
                         }
                     }
                 }
-                let dest = previous
-                    .destinations
-                    .get(&key)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Destination::new(key.clone(), opts)));
+                let dest = previous.destinations.get(&key).cloned().unwrap_or_else(|| {
+                    let service = istio::Service {
+                        hostname: svc.hostname.clone(),
+                        name: svc.name.clone(),
+                        namespace: svc.namespace.clone(),
+                    };
+                    Arc::new(Destination::new(key.clone(), service, opts))
+                });
                 dest.set(targets, identities.clone(), exported);
                 self.destinations.insert(key, dest);
             }
@@ -485,6 +492,9 @@ pub async fn follow(
             );
             metrics.destinations.set(table.len() as i64);
             routes.store(Arc::new(table));
+            metrics
+                .istio
+                .set_catalog(istio::Catalog::build(&state.view));
         }
         if state.synced() {
             ready.take();

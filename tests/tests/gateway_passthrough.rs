@@ -320,3 +320,54 @@ impl ByteByByte {
         self.writes.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// The sum of `metric` over the series whose labels include every `name="value"` given.
+fn istio_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Istio's standard metrics at the gateway: a routed connection is opened and closed as
+/// `reporter="source"` with the catalog's destination; one whose endpoint refuses is opened
+/// and closed at once with `response_flags="CONNECT"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_metrics_count_routed_connections_and_connect_failures() {
+    let s = setup().await;
+    let to = s.gw.sni_addr;
+    let admin = s.gw.admin_addr.unwrap();
+    // Connected, the destination is the catalog's workload; refused, nobody knows it.
+    let closed = |flags: &'static str| async move {
+        let text = http_get(admin, "/metrics").await.unwrap().1;
+        let workload = if flags == "-" { "reviews" } else { "unknown" };
+        let labels = [
+            "reporter=\"source\"",
+            "source_workload=\"gateway-network-a\"",
+            "destination_service=\"reviews.shop.svc.cluster.local\"",
+            &format!("destination_workload=\"{workload}\""),
+            &format!("destination_app=\"{workload}\""),
+            &format!("response_flags=\"{flags}\""),
+        ];
+        let opened = istio_sum(&text, "istio_tcp_connections_opened_total", &labels);
+        let closed = istio_sum(&text, "istio_tcp_connections_closed_total", &labels);
+        (opened, closed, text)
+    };
+    good_call(&s, to).await;
+    let done = eventually(Duration::from_secs(10), || async {
+        let (opened, closed, _) = closed("-").await;
+        (opened == 1.0 && closed == 1.0).then_some(())
+    })
+    .await;
+    assert!(done.is_some(), "{}", closed("-").await.2);
+
+    s.workload.stop().await;
+    assert!(tls_through(&s, to, key(REVIEWS)).await.is_err());
+    let failed = eventually(Duration::from_secs(10), || async {
+        let (opened, closed, _) = closed("CONNECT").await;
+        (opened == 1.0 && closed == 1.0).then_some(())
+    })
+    .await;
+    assert!(failed.is_some(), "{}", closed("CONNECT").await.2);
+}

@@ -615,3 +615,248 @@ async fn original_port_refuses_a_connection_that_was_not_redirected() {
         other => panic!("unexpected {other:?}: {err}"),
     }
 }
+
+// ---- Istio's standard metrics, as the destination reports them ----
+
+mod istio_metrics {
+    use std::collections::BTreeMap;
+
+    use isthmus_proto::model::{
+        Address, EndpointKind, Health, Locality, Service as CatalogService, ServiceView,
+        ViewEndpoint, ViewResource,
+    };
+    use isthmus_proto::subscription::LocalView;
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::metrics::istio::{Catalog, Local, Peer};
+
+    /// Where the catalog has the web workload (this proxy's own) and the cart client.
+    const WEB_IP: &str = "127.0.0.3";
+    const CART_IP: &str = "127.0.0.1";
+
+    fn endpoint(ip: &str, id: &SpiffeId, labels: &[(&str, &str)]) -> ViewEndpoint {
+        ViewEndpoint {
+            kind: EndpointKind::Workload,
+            address: Address::parse(ip).unwrap(),
+            ports: [(9080, 8080)].into_iter().collect(),
+            network: "network-a".into(),
+            cluster: "cluster-a".into(),
+            locality: Locality::default(),
+            identities: vec![id.clone()],
+            weight: 1,
+            health: Health::Healthy,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            uid: format!("uid-{ip}"),
+            tunnel_port: 0,
+        }
+    }
+
+    fn service(name: &str, endpoints: Vec<ViewEndpoint>) -> (String, ViewResource) {
+        let hostname = format!("{name}.shop.svc.cluster.local");
+        let service = CatalogService {
+            hostname: hostname.clone(),
+            namespace: "shop".into(),
+            name: name.into(),
+            ..Default::default()
+        };
+        (
+            format!("svc/{hostname}"),
+            ViewResource::Service(Arc::new(ServiceView { service, endpoints })),
+        )
+    }
+
+    /// Tells the proxy who it is (web, v1) and what the catalog holds.
+    fn report_as_web(s: &Setup) {
+        let web = s.server_id();
+        let cart = s.ca.id("shop", "cart");
+        let view = LocalView {
+            version: "v.1".into(),
+            resources: [
+                service(
+                    "web",
+                    vec![endpoint(WEB_IP, &web, &[("app", "web"), ("version", "v1")])],
+                ),
+                service(
+                    "cart",
+                    vec![endpoint(
+                        CART_IP,
+                        &cart,
+                        &[("app", "cart"), ("version", "v3")],
+                    )],
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let m = &s.ib.metrics.istio;
+        m.set_catalog(Catalog::build(&view));
+        let labels: BTreeMap<String, String> = [("app", "web"), ("version", "v1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.set_local(Local {
+            peer: Peer::from_labels(Some("web"), &labels, "cluster-a", Some(&web)),
+            address: Some(WEB_IP.parse().unwrap()),
+        });
+    }
+
+    /// The Istio metrics as Prometheus scrapes them.
+    fn exposition(s: &Setup) -> String {
+        let m = &s.ib.metrics.istio;
+        let mut registry = Registry::default();
+        let r = registry.sub_registry_with_prefix("istio");
+        r.register("tcp_connections_opened", "", m.opened.clone());
+        r.register("tcp_connections_closed", "", m.closed.clone());
+        r.register("tcp_received_bytes", "", m.received_bytes.clone());
+        r.register("tcp_sent_bytes", "", m.sent_bytes.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    /// The value of the one series of `metric` whose labels contain every one of `labels`.
+    fn value(text: &str, metric: &str, labels: &[&str]) -> Option<u64> {
+        let found: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .collect();
+        assert!(found.len() <= 1, "{found:?}");
+        found.first()?.rsplit(' ').next()?.parse().ok()
+    }
+
+    #[tokio::test]
+    async fn an_mtls_peer_is_the_source_and_this_workload_the_destination() {
+        let s = setup(Mode::Strict, AuthorizationPolicy::default()).await;
+        report_as_web(&s);
+        let rec = s.serve_one();
+        let cart = s.ca.workload("shop", "cart");
+        let back = s.tls_exchange(Some(&cart), b"0123456789").await.unwrap();
+        assert_eq!(back, b"0123456789");
+        record(rec).await;
+        let text = exposition(&s);
+        let series = [
+            "reporter=\"destination\"",
+            "source_workload=\"cart\"",
+            "source_canonical_revision=\"v3\"",
+            "source_workload_namespace=\"shop\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/cart\"",
+            "source_app=\"cart\"",
+            "source_version=\"v3\"",
+            "source_cluster=\"cluster-a\"",
+            "destination_service=\"web.shop.svc.cluster.local\"",
+            "destination_service_name=\"web\"",
+            "destination_workload=\"web\"",
+            "destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\"",
+            "destination_app=\"web\"",
+            "destination_version=\"v1\"",
+            "request_protocol=\"tcp\"",
+            "response_flags=\"-\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ];
+        for metric in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+        ] {
+            assert_eq!(value(&text, metric, &series), Some(1), "{metric}\n{text}");
+        }
+        assert_eq!(
+            value(&text, "istio_tcp_received_bytes_total", &series),
+            Some(10)
+        );
+        assert_eq!(
+            value(&text, "istio_tcp_sent_bytes_total", &series),
+            Some(10)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_denied_connection_is_opened_and_closed_with_deny() {
+        let s = setup(
+            Mode::Strict,
+            policy(vec![], vec![principals(&["cluster.local/ns/shop/sa/cart"])]),
+        )
+        .await;
+        report_as_web(&s);
+        let rec = s.serve_one();
+        let cart = s.ca.workload("shop", "cart");
+        assert_closed_without_data(s.tls_exchange(Some(&cart), b"secret").await);
+        record(rec).await;
+        let text = exposition(&s);
+        let denied = ["source_workload=\"cart\"", "response_flags=\"DENY\""];
+        assert_eq!(
+            value(&text, "istio_tcp_connections_opened_total", &denied),
+            Some(1),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "istio_tcp_connections_closed_total", &denied),
+            Some(1)
+        );
+        assert_eq!(
+            value(&text, "istio_tcp_received_bytes_total", &denied).unwrap_or(0),
+            0,
+            "no byte reached the app"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_app_that_is_not_listening_is_opened_and_closed_with_connect() {
+        let mut s = setup(Mode::Strict, AuthorizationPolicy::default()).await;
+        let mut ib = Arc::into_inner(s.ib).unwrap();
+        ib.app = AppTarget::Fixed(closed_port().await);
+        s.ib = Arc::new(ib);
+        report_as_web(&s);
+        let rec = s.serve_one();
+        let cart = s.ca.workload("shop", "cart");
+        assert_closed_without_data(s.tls_exchange(Some(&cart), b"x").await);
+        record(rec).await;
+        let text = exposition(&s);
+        let failed = ["source_workload=\"cart\"", "response_flags=\"CONNECT\""];
+        for metric in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+        ] {
+            assert_eq!(value(&text, metric, &failed), Some(1), "{metric}\n{text}");
+        }
+        assert_eq!(
+            value(
+                &text,
+                "istio_tcp_connections_opened_total",
+                &["response_flags=\"-\""]
+            ),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_peer_is_unknown_and_the_policy_none() {
+        let s = setup(Mode::Permissive, AuthorizationPolicy::default()).await;
+        report_as_web(&s);
+        let rec = s.serve_one();
+        assert_eq!(s.plaintext_exchange(b"plain").await.unwrap(), b"plain");
+        record(rec).await;
+        let text = exposition(&s);
+        // The catalog has cart at this address, but a plaintext peer proves nothing.
+        let series = [
+            "source_workload=\"unknown\"",
+            "source_principal=\"unknown\"",
+            "destination_workload=\"web\"",
+            "destination_principal=\"unknown\"",
+            "connection_security_policy=\"none\"",
+        ];
+        assert_eq!(
+            value(&text, "istio_tcp_connections_closed_total", &series),
+            Some(1),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "istio_tcp_received_bytes_total", &series),
+            Some(5)
+        );
+    }
+}

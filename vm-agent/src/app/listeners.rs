@@ -10,19 +10,26 @@
 //!   ports (served once the control plane they report on is running).
 //!
 //! The proxies come from the proxy core (`isthmus-proxy`); a renewed certificate is
-//! swapped into them.
+//! swapped into them. Who the VM is in Istio's standard metrics (the source of its
+//! outbound, the destination of its inbound) follows the group template: the group's name
+//! as the workload (Istio's name for an auto-registered VM), the labels the VM registers
+//! with, the bundle's namespace and cluster, and the VM's identity.
 
-use std::net::{Ipv6Addr, SocketAddr};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use isthmus_proto::drain;
+use isthmus_proto::identity::SpiffeId;
+use isthmus_proto::model::WorkloadGroup;
 use isthmus_proto::program::{self, Tasks};
 use isthmus_proto::tls::{Credentials, TrustBundle};
 use isthmus_proxy::authz::AuthorizationPolicy;
 use isthmus_proxy::connection::{refusal, Tracker};
 use isthmus_proxy::inbound::{self, AppTarget, Inbound, Mode};
+use isthmus_proxy::metrics::istio::{Local, Peer};
 use isthmus_proxy::metrics::Metrics;
 use isthmus_proxy::original_dst::original_destination;
 use isthmus_proxy::outbound::{self, ClientTls, NoDestination, Outbound, OutboundTarget};
@@ -111,6 +118,14 @@ pub(crate) async fn bind(
             ),
         );
     }
+    let me = IstioSelf::of(cx);
+    cx.metrics
+        .istio
+        .set_local(me.local(cx.group.borrow().as_ref()));
+    tasks.spawn(
+        "istio labels",
+        follow_group(cx.group.clone(), me, cx.shutdown.clone()),
+    );
     tasks.spawn(
         "certificate swap",
         follow_credentials(
@@ -288,6 +303,64 @@ fn captured_target(tcp: &TcpStream, routes: &RouteTable) -> Result<OutboundTarge
         port: original.port(),
         subset: String::new(),
     })
+}
+
+/// What the VM's own Istio labels are made of, apart from the group template.
+struct IstioSelf {
+    metrics: Arc<Metrics>,
+    group: String,
+    cluster: String,
+    identity: SpiffeId,
+    address: IpAddr,
+    /// The VM's own labels (`--label`), which the template's override as at registration.
+    labels: BTreeMap<String, String>,
+}
+
+impl IstioSelf {
+    fn of(cx: &Inputs) -> Self {
+        Self {
+            metrics: cx.metrics.clone(),
+            group: cx.bundle.group.clone(),
+            cluster: cx.bundle.cluster.clone(),
+            identity: cx.identity.clone(),
+            address: cx.address,
+            labels: cx.hello.labels.clone(),
+        }
+    }
+
+    fn local(&self, group: Option<&WorkloadGroup>) -> Local {
+        let mut labels = self.labels.clone();
+        if let Some(g) = group {
+            labels.extend(g.template.labels.clone());
+        }
+        Local {
+            peer: Peer::from_labels(
+                Some(&self.group),
+                &labels,
+                &self.cluster,
+                Some(&self.identity),
+            ),
+            address: Some(self.address),
+        }
+    }
+}
+
+/// Keeps the VM's own Istio labels current when the registry's group template changes.
+async fn follow_group(
+    mut group: watch::Receiver<Option<WorkloadGroup>>,
+    me: IstioSelf,
+    shutdown: drain::Watch,
+) {
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            r = group.changed() => if r.is_err() { return },
+        }
+        let local = me.local(group.borrow_and_update().as_ref());
+        me.metrics.istio.set_local(local);
+    }
 }
 
 /// Swaps the TLS configs when the certificate is renewed.

@@ -1,0 +1,559 @@
+//! Istio's standard TCP metrics, beside the core's own: `istio_tcp_connections_opened_total`,
+//! `istio_tcp_connections_closed_total`, `istio_tcp_received_bytes_total` and
+//! `istio_tcp_sent_bytes_total`, with Istio's label names and values, so that the dashboards
+//! and the Kiali graph an Istio user already has work on the traffic isthmus carries.
+//!
+//! It owns the label set ([`IstioLabels`]), how the labels of one end of a connection are
+//! read from the catalog and the peer's verified identity ([`Peer`]), the index of the
+//! catalog's workloads by address that the route follower keeps current ([`Catalog`]), and
+//! the per-connection report ([`TcpReport`]).
+//!
+//! What Istio defines, and isthmus does:
+//!
+//! - `reporter` is `source` for the program on the client's side of a connection (the VM
+//!   agent's outbound; the east-west gateway, which Istio's gateways report as too) and
+//!   `destination` for the server's side (the VM agent's inbound).
+//! - Received bytes are the bytes of the request (from the connecting side towards the
+//!   server), sent bytes those of the response, at every reporter; both count as the relay
+//!   moves them, not only when the connection ends.
+//! - A connection is counted opened once its destination (outbound, gateway) or its peer
+//!   (inbound) is known, and closed when it ends; both with the same labels, so opened minus
+//!   closed is what is open now. A connection refused before that (not TLS, no SNI, an
+//!   unknown service) is not an Istio connection and is counted only in the core's
+//!   `connections_refused`.
+//! - A value nobody knows is `unknown`, except a canonical revision, which is `latest` (as
+//!   Istio's sidecars write it).
+//!
+//! Bounded cardinality: every label value comes from the catalog (service hostnames, names
+//! and namespaces; workload labels and clusters) or from a SPIFFE identity the TLS layer
+//! verified against the mesh's roots, never from what an unauthenticated client sends. A
+//! connecting peer's catalog labels are used only when both its address and its verified
+//! identity match a catalog workload; the endpoint a proxy connected to is the one its
+//! routing table chose, named by its uid in the same view (and, where the proxy verified
+//! the server, only if the server proved the catalog's identity); the SNI a client sends
+//! only picks among services the catalog already says the local workload serves.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use isthmus_proto::model::{EndpointKind, ViewResource};
+use isthmus_proto::subscription::LocalView;
+use isthmus_proto::SpiffeId;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::relay::Meter;
+
+/// The metric prefix Istio's standard metrics have.
+pub const PREFIX: &str = "istio";
+/// Istio's value for a label nobody knows.
+pub const UNKNOWN: &str = "unknown";
+/// Istio's canonical revision of a workload without a revision label, or of one it knows
+/// nothing about.
+pub const LATEST: &str = "latest";
+
+/// The labels Istio reads a workload's canonical service from, first match wins.
+pub const CANONICAL_NAME_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-name",
+    "app.kubernetes.io/name",
+    "app",
+];
+/// The labels Istio reads a workload's canonical revision from, first match wins.
+pub const CANONICAL_REVISION_LABELS: [&str; 3] = [
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+];
+/// The labels `*_app` is read from (Istio's backward-compatible order: `app` first).
+pub const APP_LABELS: [&str; 3] = [
+    "app",
+    "app.kubernetes.io/name",
+    "service.istio.io/canonical-name",
+];
+/// The labels `*_version` is read from.
+pub const VERSION_LABELS: [&str; 3] = [
+    "version",
+    "app.kubernetes.io/version",
+    "service.istio.io/canonical-revision",
+];
+/// Istio's label naming a workload explicitly (a WorkloadEntry's workload name).
+pub const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+
+/// Which side of the connection the reporting program is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reporter {
+    /// The client's side: the VM agent's outbound, the east-west gateway.
+    source,
+    /// The server's side: the VM agent's inbound.
+    destination,
+}
+
+/// Whether the reporter saw the connection as mTLS. Istio sets it only at the destination;
+/// a source reports `unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SecurityPolicy {
+    unknown,
+    mutual_tls,
+    none,
+}
+
+/// Why a connection ended early, as Istio's L4 proxy (ztunnel) writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResponseFlags {
+    /// `-`: nothing went wrong before the relay.
+    None,
+    /// `DENY`: refused by the authorization policy.
+    Denied,
+    /// `CONNECT`: no endpoint (or app) could be connected to.
+    ConnectFailed,
+}
+
+impl EncodeLabelValue for ResponseFlags {
+    fn encode(&self, w: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        w.write_str(match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Denied => "DENY",
+            ResponseFlags::ConnectFailed => "CONNECT",
+        })
+    }
+}
+
+/// The protocol Istio names for the traffic: isthmus carries TCP only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RequestProtocol {
+    tcp,
+}
+
+/// What the labels say about one end of a connection. `None` is written `unknown`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+    pub principal: Option<SpiffeId>,
+    pub app: Option<String>,
+    pub version: Option<String>,
+    pub canonical_service: Option<String>,
+    pub canonical_revision: Option<String>,
+    pub cluster: Option<String>,
+}
+
+fn first_label(labels: &BTreeMap<String, String>, keys: &[&str]) -> Option<String> {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .filter(|v| !v.is_empty())
+        .cloned()
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+impl Peer {
+    /// What a verified identity alone says: the principal, and the namespace in its path.
+    pub fn from_identity(id: &SpiffeId) -> Self {
+        Self {
+            namespace: id.namespace().map(str::to_string),
+            principal: Some(id.clone()),
+            ..Self::default()
+        }
+    }
+
+    /// A workload the catalog (or the program's own configuration) knows: `name` is its
+    /// workload name when known (else the `service.istio.io/workload-name` label, else its
+    /// canonical service), the rest read from its labels as Istio reads them. `identity`
+    /// gives the principal and the namespace.
+    pub fn from_labels(
+        name: Option<&str>,
+        labels: &BTreeMap<String, String>,
+        cluster: &str,
+        identity: Option<&SpiffeId>,
+    ) -> Self {
+        let explicit = name
+            .and_then(non_empty)
+            .or_else(|| first_label(labels, &[WORKLOAD_NAME_LABEL]));
+        let canonical_service = first_label(labels, &CANONICAL_NAME_LABELS).or(explicit.clone());
+        Self {
+            workload: explicit.or(canonical_service.clone()),
+            namespace: identity.and_then(|i| i.namespace()).map(str::to_string),
+            principal: identity.cloned(),
+            app: first_label(labels, &APP_LABELS),
+            version: first_label(labels, &VERSION_LABELS),
+            canonical_service,
+            canonical_revision: Some(
+                first_label(labels, &CANONICAL_REVISION_LABELS).unwrap_or_else(|| LATEST.into()),
+            ),
+            cluster: non_empty(cluster),
+        }
+    }
+
+    /// The same workload, with the principal left out (the reporter did not verify it).
+    pub fn without_principal(&self) -> Self {
+        Self {
+            principal: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// The service a connection went to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Service {
+    pub hostname: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+/// The program's own workload: what it reports as the source (outbound, gateway) or the
+/// destination (inbound), and its address in the catalog, by which the services it serves
+/// are found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Local {
+    pub peer: Peer,
+    pub address: Option<IpAddr>,
+}
+
+/// One workload of the catalog at an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    uid: String,
+    identities: Vec<SpiffeId>,
+    peer: Arc<Peer>,
+    services: Vec<Service>,
+}
+
+/// The catalog's workloads by address: where a peer's labels and the local workload's
+/// services are looked up. Built from the network view whenever the routing table is.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    by_address: HashMap<IpAddr, Vec<Entry>>,
+    /// uid -> (address, index in `by_address`).
+    by_uid: HashMap<String, (IpAddr, usize)>,
+}
+
+impl Catalog {
+    /// Every workload endpoint of `view` with an address (gateways stand for a remote
+    /// network's workloads and are left out).
+    pub fn build(view: &LocalView) -> Self {
+        let mut by_address: HashMap<IpAddr, Vec<Entry>> = HashMap::new();
+        for res in view.resources.values() {
+            let ViewResource::Service(sv) = res else {
+                continue;
+            };
+            let svc = &sv.service;
+            let service = Service {
+                hostname: svc.hostname.clone(),
+                name: svc.name.clone(),
+                namespace: svc.namespace.clone(),
+            };
+            for e in &sv.endpoints {
+                let (EndpointKind::Workload, Some(ip)) = (e.kind, e.address.ip()) else {
+                    continue;
+                };
+                let entries = by_address.entry(ip).or_default();
+                if let Some(known) = entries.iter_mut().find(|k| k.uid == e.uid) {
+                    if !known.services.contains(&service) {
+                        known.services.push(service.clone());
+                    }
+                    continue;
+                }
+                // Only a single identity names the workload's principal.
+                let identity = match e.identities.as_slice() {
+                    [one] => Some(one),
+                    _ => None,
+                };
+                entries.push(Entry {
+                    uid: e.uid.clone(),
+                    identities: e.identities.clone(),
+                    peer: Arc::new(Peer::from_labels(None, &e.labels, &e.cluster, identity)),
+                    services: vec![service.clone()],
+                });
+            }
+        }
+        let by_uid = by_address
+            .iter()
+            .flat_map(|(ip, entries)| {
+                entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.uid.clone(), (*ip, i)))
+            })
+            .collect();
+        Self { by_address, by_uid }
+    }
+
+    /// The one workload at `ip` that runs as `identity` (any, when `None`); none when there
+    /// is none or more than one disagree.
+    fn entry(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> Option<&Entry> {
+        let mut found = self
+            .by_address
+            .get(&ip)?
+            .iter()
+            .filter(|e| identity.is_none_or(|id| e.identities.contains(id)));
+        let first = found.next()?;
+        found.all(|e| e.peer == first.peer).then_some(first)
+    }
+
+    /// What the labels say about the peer at `ip` whose identity was verified as
+    /// `identity`: the catalog's workload there when it runs as that identity, else what
+    /// the identity alone says.
+    pub fn peer(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> Peer {
+        merge(self.entry(ip, identity), identity)
+    }
+
+    /// What the labels say about the endpoint `uid` (one the routing table chose from the
+    /// same view), whose identity was verified as `identity` if the reporter verified one:
+    /// its catalog labels, unless it turned out to run as another identity.
+    pub fn endpoint(&self, uid: &str, identity: Option<&SpiffeId>) -> Peer {
+        let entry = self
+            .by_uid
+            .get(uid)
+            .and_then(|(ip, i)| self.by_address.get(ip)?.get(*i))
+            .filter(|e| identity.is_none_or(|id| e.identities.contains(id)));
+        merge(entry, identity)
+    }
+
+    /// The service a connection to the workload at `ip` is for: `wanted` (the hostname the
+    /// client named) when the catalog says the workload serves it, else the first the
+    /// workload serves.
+    pub fn service_at(&self, ip: IpAddr, wanted: Option<&str>) -> Option<Service> {
+        let services = &self.entry(ip, None)?.services;
+        wanted
+            .and_then(|h| services.iter().find(|s| s.hostname == h))
+            .or_else(|| services.iter().min_by(|a, b| a.hostname.cmp(&b.hostname)))
+            .cloned()
+    }
+}
+
+/// One end: the catalog's workload (if one matched), with the verified identity's
+/// namespace and principal over it.
+fn merge(entry: Option<&Entry>, identity: Option<&SpiffeId>) -> Peer {
+    match (entry, identity) {
+        (Some(e), Some(id)) => Peer {
+            namespace: id.namespace().map(str::to_string),
+            principal: Some(id.clone()),
+            ..(*e.peer).clone()
+        },
+        (Some(e), None) => (*e.peer).clone(),
+        (None, Some(id)) => Peer::from_identity(id),
+        (None, None) => Peer::default(),
+    }
+}
+
+/// Istio's labels of the standard metrics, in Istio's order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct IstioLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: RequestProtocol,
+    pub response_flags: ResponseFlags,
+    pub connection_security_policy: SecurityPolicy,
+}
+
+fn or_unknown(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| UNKNOWN.to_string())
+}
+
+/// Istio writes the revision of an end it knows nothing about as `latest`, not `unknown`.
+fn or_latest(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| LATEST.to_string())
+}
+
+/// One connection as the labels describe it.
+#[derive(Debug, Clone)]
+pub struct Traffic<'a> {
+    pub reporter: Reporter,
+    pub source: &'a Peer,
+    pub destination: &'a Peer,
+    /// The service, when the reporter knows it; else Istio's fallback, the destination's
+    /// canonical service.
+    pub service: Option<&'a Service>,
+    pub security: SecurityPolicy,
+    pub flags: ResponseFlags,
+}
+
+impl IstioLabels {
+    pub fn new(t: &Traffic<'_>) -> Self {
+        let (s, d) = (t.source, t.destination);
+        let principal = |p: &Peer| {
+            p.principal
+                .as_ref()
+                .map_or_else(|| UNKNOWN.to_string(), |i| i.to_string())
+        };
+        let fallback = or_unknown(&d.canonical_service);
+        let (service, service_name, service_namespace) = match t.service {
+            Some(svc) => (
+                svc.hostname.clone(),
+                svc.name.clone(),
+                svc.namespace.clone(),
+            ),
+            None => (fallback.clone(), fallback, or_unknown(&d.namespace)),
+        };
+        Self {
+            reporter: t.reporter,
+            source_workload: or_unknown(&s.workload),
+            source_canonical_service: or_unknown(&s.canonical_service),
+            source_canonical_revision: or_latest(&s.canonical_revision),
+            source_workload_namespace: or_unknown(&s.namespace),
+            source_principal: principal(s),
+            source_app: or_unknown(&s.app),
+            source_version: or_unknown(&s.version),
+            source_cluster: or_unknown(&s.cluster),
+            destination_service: service,
+            destination_service_namespace: service_namespace,
+            destination_service_name: service_name,
+            destination_workload: or_unknown(&d.workload),
+            destination_canonical_service: or_unknown(&d.canonical_service),
+            destination_canonical_revision: or_latest(&d.canonical_revision),
+            destination_workload_namespace: or_unknown(&d.namespace),
+            destination_principal: principal(d),
+            destination_app: or_unknown(&d.app),
+            destination_version: or_unknown(&d.version),
+            destination_cluster: or_unknown(&d.cluster),
+            request_protocol: RequestProtocol::tcp,
+            response_flags: t.flags,
+            connection_security_policy: t.security,
+        }
+    }
+
+    /// The same connection, ended with `flags`.
+    pub fn with_flags(self, flags: ResponseFlags) -> Self {
+        Self {
+            response_flags: flags,
+            ..self
+        }
+    }
+}
+
+/// The four counters, and what their labels are read from: the program's own workload and
+/// the catalog's workloads.
+#[derive(Debug, Default)]
+pub struct IstioMetrics {
+    pub opened: Family<IstioLabels, Counter>,
+    pub closed: Family<IstioLabels, Counter>,
+    pub received_bytes: Family<IstioLabels, Counter>,
+    pub sent_bytes: Family<IstioLabels, Counter>,
+    local: ArcSwap<Local>,
+    catalog: ArcSwap<Catalog>,
+}
+
+impl IstioMetrics {
+    /// Registers at the root of `registry` (Istio's names carry no program prefix).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix(PREFIX);
+        r.register(
+            "tcp_connections_opened",
+            "TCP connections opened (Istio standard metric)",
+            m.opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "TCP connections closed (Istio standard metric)",
+            m.closed.clone(),
+        );
+        r.register(
+            "tcp_received_bytes",
+            "Bytes of the request: from the connecting side towards the server (Istio standard metric)",
+            m.received_bytes.clone(),
+        );
+        r.register(
+            "tcp_sent_bytes",
+            "Bytes of the response: from the server back to the connecting side (Istio standard metric)",
+            m.sent_bytes.clone(),
+        );
+        m
+    }
+
+    /// The program's own workload, as it reports itself.
+    pub fn local(&self) -> Arc<Local> {
+        self.local.load_full()
+    }
+
+    pub fn set_local(&self, local: Local) {
+        self.local.store(Arc::new(local));
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.load_full()
+    }
+
+    /// Called by the route follower with each new view.
+    pub fn set_catalog(&self, catalog: Catalog) {
+        self.catalog.store(Arc::new(catalog));
+    }
+
+    /// Counts a connection opened; the report counts its bytes and its close.
+    pub fn open(&self, labels: IstioLabels) -> TcpReport {
+        self.opened.get_or_create(&labels).inc();
+        TcpReport {
+            received: self.received_bytes.get_or_create(&labels).clone(),
+            sent: self.sent_bytes.get_or_create(&labels).clone(),
+            closed: self.closed.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// A connection that ended before any byte moved (denied, or nothing to connect to):
+    /// opened and closed at once.
+    pub fn refused(&self, labels: IstioLabels) {
+        drop(self.open(labels));
+    }
+}
+
+/// One open connection's counters; dropping it counts the connection closed.
+#[derive(Debug)]
+pub struct TcpReport {
+    received: Counter,
+    sent: Counter,
+    closed: Counter,
+}
+
+impl TcpReport {
+    /// Where the relay counts as it goes: the client's bytes towards the server are
+    /// received, the server's back sent.
+    pub fn meter(&self) -> Meter<'_> {
+        Meter {
+            client_to_upstream: self.received.inner(),
+            upstream_to_client: self.sent.inner(),
+        }
+    }
+
+    /// Bytes moved outside the relay (the ClientHello the gateway read to route).
+    pub fn add_received(&self, n: u64) {
+        self.received.inc_by(n);
+    }
+}
+
+impl Drop for TcpReport {
+    fn drop(&mut self) {
+        self.closed.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests;
