@@ -720,3 +720,38 @@ fn resolution_none_and_istio_opt_out_have_no_vip_in_their_entry() {
     }
     assert!(views.with_vips(|v| v.is_empty()));
 }
+
+#[test]
+fn two_service_entries_of_one_namespace_for_one_host_are_merged_as_istio_merges_them() {
+    let views = Views::default();
+    let http = svc("shared.shop", "shop", "c", "shared");
+    let tls = with_service(svc("shared.shop", "shop", "c", "shared"), |s| {
+        s.name = "shared-tls".into();
+        s.ports[0].number = 443;
+        s.ports[0].name = "tls".into();
+        s.ports[0].protocol = "TLS".into();
+    });
+    assert_ne!(http.resource.key(), tls.resource.key());
+    apply_with_vips(&views, vec![http, tls]);
+    let a = views.view(&ViewKey {
+        network: "net-a".into(),
+        gateway: false,
+        namespace: Some("shop".into()),
+    });
+    let merged = service_entry(&a, "shared.shop");
+    let ports: Vec<u16> = merged.service.ports.iter().map(|p| p.number).collect();
+    assert_eq!(ports, [80, 443]);
+    // Removing one entry leaves the other's port.
+    views.apply(
+        vec![],
+        vec!["Service/c/shop/shared.shop/shared-tls".into()],
+        vec![],
+    );
+    let ports: Vec<u16> = service_entry(&a, "shared.shop")
+        .service
+        .ports
+        .iter()
+        .map(|p| p.number)
+        .collect();
+    assert_eq!(ports, [80]);
+}
