@@ -829,6 +829,10 @@ async fn a_grpc_probe_from_the_group_decides_the_vms_health() {
         reason.contains("shop.Web") && reason.contains("NOT_SERVING"),
         "{dump}"
     );
+    // The probe the agent runs, with its timing filled in as it reads it.
+    let probe = &dump["workload_group"]["probe"];
+    assert_eq!(probe["action"]["grpc"]["service"], "shop.Web", "{dump}");
+    assert_eq!(probe["failure_threshold"], 1, "{dump}");
     serving.store(true, std::sync::atomic::Ordering::SeqCst);
     until(&mut sub, is(Health::Healthy)).await;
 }

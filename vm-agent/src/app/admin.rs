@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use isthmus_proto::admin::{self, Readiness};
 use isthmus_proto::drain;
-use isthmus_proto::model::WorkloadGroup;
+use isthmus_proto::model::{Probe, ProbeAction, WorkloadGroup};
 use isthmus_proto::program::Tasks;
 use isthmus_proto::registration::HealthReport;
 use isthmus_proto::subscription::SyncState;
@@ -124,7 +124,7 @@ impl Dump {
                 "name": g.name,
                 "namespace": g.namespace,
                 "ports": g.template.ports,
-                "probe": g.probe.is_some(),
+                "probe": g.probe.as_ref().map(probe_json),
             })),
             "catalog": state.dump(),
             "capture": capture,
@@ -132,4 +132,41 @@ impl Dump {
             "name_table": self.dns_names.names().dump(),
         })
     }
+}
+
+/// The group's probe as the agent runs it (every timing field filled in), for
+/// `/config_dump`; header values are left out, since they may carry credentials.
+fn probe_json(p: &Probe) -> serde_json::Value {
+    let action = match &p.action {
+        ProbeAction::HttpGet {
+            path,
+            port,
+            host,
+            scheme,
+            headers,
+        } => serde_json::json!({
+            "httpGet": {
+                "scheme": scheme.as_str(),
+                "host": host,
+                "port": port,
+                "path": path,
+                "headers": headers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+            }
+        }),
+        ProbeAction::TcpSocket { host, port } => {
+            serde_json::json!({"tcpSocket": {"host": host, "port": port}})
+        }
+        ProbeAction::Exec { command } => serde_json::json!({"exec": {"command": command}}),
+        ProbeAction::Grpc { port, service } => {
+            serde_json::json!({"grpc": {"port": port, "service": service}})
+        }
+    };
+    serde_json::json!({
+        "action": action,
+        "initial_delay_seconds": p.initial_delay_seconds,
+        "period_seconds": p.period_seconds,
+        "timeout_seconds": p.timeout_seconds,
+        "success_threshold": p.success_threshold,
+        "failure_threshold": p.failure_threshold,
+    })
 }
