@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwap;
 use isthmus_proto::model::{EndpointKind, ViewResource};
@@ -460,6 +460,22 @@ pub struct IstioMetrics {
     pub sent_bytes: Family<IstioLabels, Counter>,
     local: ArcSwap<Local>,
     catalog: ArcSwap<Catalog>,
+    /// The four counters of each label set seen, so that a connection costs one lookup of
+    /// its label set instead of four (one per family).
+    handles: RwLock<HashMap<IstioLabels, Arc<Handles>>>,
+}
+
+/// Label sets whose counters are kept at hand; past this the cache starts over (the
+/// families keep every count).
+const MAX_CACHED_LABEL_SETS: usize = 4096;
+
+/// One label set's four counters.
+#[derive(Debug)]
+struct Handles {
+    opened: Counter,
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
 }
 
 impl IstioMetrics {
@@ -510,12 +526,30 @@ impl IstioMetrics {
 
     /// Counts a connection opened; the report counts its bytes and its close.
     pub fn open(&self, labels: IstioLabels) -> TcpReport {
-        self.opened.get_or_create(&labels).inc();
-        TcpReport {
-            received: self.received_bytes.get_or_create(&labels).clone(),
-            sent: self.sent_bytes.get_or_create(&labels).clone(),
-            closed: self.closed.get_or_create(&labels).clone(),
+        let handles = self.handles(labels);
+        handles.opened.inc();
+        TcpReport { handles }
+    }
+
+    fn handles(&self, labels: IstioLabels) -> Arc<Handles> {
+        if let Some(h) = self.handles.read().expect("istio handles").get(&labels) {
+            return h.clone();
         }
+        let mut cache = self.handles.write().expect("istio handles");
+        if cache.len() >= MAX_CACHED_LABEL_SETS {
+            cache.clear();
+        }
+        cache
+            .entry(labels)
+            .or_insert_with_key(|l| {
+                Arc::new(Handles {
+                    opened: self.opened.get_or_create(l).clone(),
+                    closed: self.closed.get_or_create(l).clone(),
+                    received: self.received_bytes.get_or_create(l).clone(),
+                    sent: self.sent_bytes.get_or_create(l).clone(),
+                })
+            })
+            .clone()
     }
 
     /// A connection that ended before any byte moved (denied, or nothing to connect to):
@@ -528,9 +562,7 @@ impl IstioMetrics {
 /// One open connection's counters; dropping it counts the connection closed.
 #[derive(Debug)]
 pub struct TcpReport {
-    received: Counter,
-    sent: Counter,
-    closed: Counter,
+    handles: Arc<Handles>,
 }
 
 impl TcpReport {
@@ -538,20 +570,20 @@ impl TcpReport {
     /// received, the server's back sent.
     pub fn meter(&self) -> Meter<'_> {
         Meter {
-            client_to_upstream: self.received.inner(),
-            upstream_to_client: self.sent.inner(),
+            client_to_upstream: self.handles.received.inner(),
+            upstream_to_client: self.handles.sent.inner(),
         }
     }
 
     /// Bytes moved outside the relay (the ClientHello the gateway read to route).
     pub fn add_received(&self, n: u64) {
-        self.received.inc_by(n);
+        self.handles.received.inc_by(n);
     }
 }
 
 impl Drop for TcpReport {
     fn drop(&mut self) {
-        self.closed.inc();
+        self.handles.closed.inc();
     }
 }
 
