@@ -546,3 +546,38 @@ fn validate_reports_every_document_of_a_directory_of_mixed_files() {
         "{err}"
     );
 }
+
+#[test]
+fn a_damaged_store_stops_the_start_with_the_file_named_and_is_left_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ca_init(&dir.join("ca"), "cluster-a");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let store = data.join("isthmus.redb");
+    // What an interrupted copy or a full disk leaves: the file, with nothing in it.
+    std::fs::write(&store, b"").unwrap();
+    let out = Command::new(REGISTRY)
+        .args(["--cluster", "cluster-a", "--network", "network-a"])
+        .arg("--ca-dir")
+        .arg(dir.join("ca/cluster-a"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    // A clear refusal (exit 1), not a panic (101) nor a fresh store.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&store.display().to_string())
+            && err.contains("is damaged: it is empty (0 bytes)")
+            && err.contains("Restore it from a backup"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&store).unwrap().len(),
+        0,
+        "the file was replaced"
+    );
+}

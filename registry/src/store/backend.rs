@@ -43,6 +43,13 @@ pub enum Op {
 pub enum StoreError {
     #[error("cannot open the store at {path}: {why} (is another registry using this --data-dir?)")]
     Open { path: String, why: String },
+    /// The file is there but is not a store this registry can trust; nothing was changed.
+    #[error(
+        "the store {path} is damaged: {why}. Nothing was changed. Restore it from a backup; or, \
+         to start over with an empty store, move it away (bootstrap tokens already spent become \
+         usable again and VIP allocations are forgotten)"
+    )]
+    Damaged { path: String, why: String },
     #[error("store {op} on table {table} failed: {why}")]
     Backend {
         op: &'static str,

@@ -28,18 +28,64 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens the store in `dir`, creating it when there is none. A store file that is there
+    /// but cannot be trusted (empty, truncated, overwritten) is refused and left as it is:
+    /// replacing it with a fresh store would silently make spent bootstrap tokens usable
+    /// again and hand out VIPs anew.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(DB_FILE);
+        let shown = path.display().to_string();
         let open_err = |why: String| StoreError::Open {
-            path: path.display().to_string(),
+            path: shown.clone(),
+            why,
+        };
+        let damaged = |why: String| StoreError::Damaged {
+            path: shown.clone(),
             why,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| open_err(e.to_string()))?;
+        let builder = || {
+            let mut b = redb::Builder::new();
+            b.set_cache_size(CACHE_BYTES);
+            b
+        };
+        let db = match std::fs::metadata(&path) {
+            Ok(md) if md.len() == 0 => {
+                return Err(damaged(
+                    "it is empty (0 bytes), as an interrupted copy or a full disk can leave it"
+                        .into(),
+                ))
+            }
+            Ok(_) => {
+                // Opened first, so that the file is locked against another registry while
+                // it is checked; redb panics on some damaged files (a truncated one, say)
+                // instead of returning an error, which would be a crash loop under systemd.
+                let db = match std::panic::catch_unwind(|| builder().open(&path)) {
+                    Ok(Ok(db)) => db,
+                    Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                        return Err(open_err("the database is already open".into()))
+                    }
+                    Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+                        if e.kind() != std::io::ErrorKind::InvalidData =>
+                    {
+                        return Err(open_err(e.to_string()))
+                    }
+                    Ok(Err(e)) => {
+                        return Err(damaged(format!(
+                            "it is not a store the registry can read ({e})"
+                        )))
+                    }
+                    Err(_) => return Err(damaged(PANICKED.into())),
+                };
+                // Checked on a copy, so that checking never writes to the store itself.
+                check_copy(&path).map_err(damaged)?;
+                db
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => builder()
+                .create(&path)
+                .map_err(|e| open_err(e.to_string()))?,
+            Err(e) => return Err(open_err(e.to_string())),
+        };
         // Create every table up front so that reads never meet a missing table.
         let tx = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         for t in Table::ALL {
@@ -66,6 +112,59 @@ impl EmbeddedStore {
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
+}
+
+const PANICKED: &str = "the database library could not read it (see the message above)";
+
+/// Checks a copy of the store file at `path`: it opens, every row reads, a write commits and
+/// redb's integrity check passes. redb panics on some damaged files (a truncated one, say)
+/// instead of returning an error, which would be a crash loop under systemd; a panic here is
+/// read as damage. The copy is removed afterwards.
+fn check_copy(path: &Path) -> Result<(), String> {
+    let copy = path.with_extension("redb.check");
+    std::fs::copy(path, &copy).map_err(|e| format!("cannot copy it to check it: {e}"))?;
+    let checked = std::panic::catch_unwind(|| -> Result<(), String> {
+        let mut db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .open(&copy)
+            .map_err(|e| e.to_string())?;
+        read_everything(&db)?;
+        let tx = db.begin_write().map_err(|e| e.to_string())?;
+        for t in Table::ALL {
+            tx.open_table(def(t)).map_err(|e| e.to_string())?;
+        }
+        tx.commit().map_err(|e| e.to_string())?;
+        match db.check_integrity() {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("it fails the database's integrity check".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    let _ = std::fs::remove_file(&copy);
+    match checked {
+        Ok(result) => result,
+        Err(_) => Err(PANICKED.into()),
+    }
+}
+
+/// Reads every row of every table that exists.
+fn read_everything(db: &Database) -> Result<(), String> {
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    for t in Table::ALL {
+        let table = match tx.open_table(def(t)) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(format!("table {}: {e}", t.name())),
+        };
+        for row in table
+            .iter()
+            .map_err(|e| format!("table {}: {e}", t.name()))?
+        {
+            let (k, v) = row.map_err(|e| format!("table {}: {e}", t.name()))?;
+            std::hint::black_box((k.value().len(), v.value().len()));
+        }
+    }
+    Ok(())
 }
 
 fn backend(op: &'static str, table: Table) -> impl Fn(String) -> StoreError {
@@ -176,6 +275,53 @@ mod tests {
             let store = EmbeddedStore::open(dir.path()).unwrap();
             crate::store::battery::write_durable_sample(&store).await;
         }
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        crate::store::battery::check_durable_sample(&store).await;
+    }
+
+    /// A store with a sample in it, closed; returns its file's bytes.
+    async fn written_store(dir: &Path) -> Vec<u8> {
+        {
+            let store = EmbeddedStore::open(dir).unwrap();
+            crate::store::battery::write_durable_sample(&store).await;
+        }
+        std::fs::read(dir.join(DB_FILE)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_damaged_store_is_refused_naming_the_file_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = written_store(dir.path()).await;
+        let file = dir.path().join(DB_FILE);
+        let mut padded = good[..good.len() / 2].to_vec();
+        padded.resize(good.len(), 0);
+        let mut garbage = good.clone();
+        garbage[..512].fill(0x5a);
+        for (what, bytes, needle) in [
+            ("empty", Vec::new(), "it is empty (0 bytes)"),
+            ("truncated", good[..good.len() / 3].to_vec(), "damaged"),
+            ("zero-padded", padded, "damaged"),
+            ("overwritten header", garbage, "damaged"),
+        ] {
+            std::fs::write(&file, &bytes).unwrap();
+            let err = EmbeddedStore::open(dir.path())
+                .map(|_| ())
+                .expect_err(what)
+                .to_string();
+            assert!(
+                err.contains(&file.display().to_string())
+                    && err.contains(needle)
+                    && err.contains("Restore it from a backup"),
+                "{what}: {err}"
+            );
+            assert_eq!(
+                std::fs::read(&file).unwrap(),
+                bytes,
+                "{what}: the file was changed"
+            );
+        }
+        // The good bytes back: it opens, with its contents.
+        std::fs::write(&file, &good).unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         crate::store::battery::check_durable_sample(&store).await;
     }
