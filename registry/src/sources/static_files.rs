@@ -493,6 +493,10 @@ impl StaticSource {
         let mut owners = BTreeMap::new();
         let mut effective = BTreeMap::new();
         let mut duplicates = Vec::new();
+        // Documents that lost a key to another file: refused, so what else they define (a
+        // ServiceEntry's inline endpoints, say) is not kept on its own either.
+        let mut losing: BTreeSet<(&PathBuf, Option<usize>)> = BTreeSet::new();
+        let mut unique: Vec<(String, &PathBuf, &Located)> = Vec::new();
         for (key, list) in providers {
             let keeper = self
                 .owners
@@ -502,16 +506,35 @@ impl StaticSource {
             let (owner, located) = list[keeper];
             for (i, (rel, other)) in list.iter().enumerate() {
                 if i != keeper {
+                    losing.insert((rel, other.document));
                     duplicates.push(ResourceError {
                         file: self.dir.join(rel),
                         document: other.document,
                         field: other.field.clone(),
                         message: format!(
-                            "{key} is also defined in {}, which keeps it; remove one of the two",
+                            "{key} is also defined in {}, which keeps it; remove one of the two \
+                             (nothing else of this document is taken either)",
                             self.dir.join(owner).display()
                         ),
                     });
                 }
+            }
+            if list.len() == 1 {
+                unique.push((key, owner, located));
+                continue;
+            }
+            effective.insert(
+                key.clone(),
+                OwnedResource {
+                    origin: origin(owner),
+                    resource: located.resource.clone(),
+                },
+            );
+            owners.insert(key, owner.clone());
+        }
+        for (key, owner, located) in unique {
+            if located.document.is_some() && losing.contains(&(owner, located.document)) {
+                continue;
             }
             effective.insert(
                 key.clone(),

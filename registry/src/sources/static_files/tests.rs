@@ -585,3 +585,41 @@ fn kinds_isthmus_does_not_read_are_reported_as_ignored_not_as_errors() {
         "{ignored:#?}"
     );
 }
+
+#[test]
+fn a_document_that_loses_a_key_to_another_file_keeps_nothing_else_either() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let entry = |addresses: &[&str]| {
+        let endpoints: Vec<String> = addresses
+            .iter()
+            .map(|a| format!("  - address: {a}\n"))
+            .collect();
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db, namespace: shop}}\nspec:\n  hosts: [db.example.internal]\n  ports: [{{number: 5432, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints:\n{}",
+            endpoints.concat()
+        )
+    };
+    write(dir, "a.yaml", &entry(&["10.0.0.1"]));
+    let mut src = source(dir);
+    assert!(src.scan().errors.is_empty());
+    // The same entry in another file, with a second endpoint: its service is a duplicate,
+    // and its extra endpoint (a key no one else defines) must not be stored on its own.
+    write(dir, "b.yaml", &entry(&["10.0.0.1", "10.0.0.2"]));
+    let r = src.scan();
+    assert_eq!(r.errors.len(), 2, "{r:?}");
+    assert!(
+        r.errors[0]
+            .message
+            .contains("nothing else of this document is taken"),
+        "{r:?}"
+    );
+    assert_eq!(address_of(&src, "db-0"), "10.0.0.1");
+    assert!(
+        !src.resources()
+            .iter()
+            .any(|r| r.resource.key() == "Workload/shop/db-1"),
+        "{:#?}",
+        src.resources()
+    );
+}
