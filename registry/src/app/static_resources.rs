@@ -80,6 +80,13 @@ impl StaticResources {
             warnings: scan.warnings.iter().map(|w| w.to_string()).collect(),
         };
         let previous = self.status.get();
+        for w in report
+            .warnings
+            .iter()
+            .filter(|w| !previous.warnings.contains(w))
+        {
+            tracing::warn!(warning = %w, "resource loaded with a warning");
+        }
         if report != previous {
             for m in report
                 .errors

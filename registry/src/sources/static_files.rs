@@ -197,6 +197,8 @@ pub struct StaticSource {
     owners: BTreeMap<String, PathBuf>,
     effective: BTreeMap<String, OwnedResource>,
     duplicate_errors: Vec<ResourceError>,
+    /// Workloads on a network no Network resource (and not the registry's own) defines.
+    network_warnings: Vec<ResourceError>,
     errors: Vec<ResourceError>,
 }
 
@@ -261,6 +263,7 @@ impl StaticSource {
             owners: BTreeMap::new(),
             effective: BTreeMap::new(),
             duplicate_errors: Vec::new(),
+            network_warnings: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -420,12 +423,8 @@ impl StaticSource {
                         DocumentOutcome::Ignored { reason } => {
                             info!(file = %path.display(), document = %d.position(), "ignored: {reason}");
                         }
-                        DocumentOutcome::Loaded { warnings, .. } => {
-                            for w in warnings {
-                                warn!("{w}");
-                            }
-                        }
-                        DocumentOutcome::Refused { .. } => {}
+                        // Warnings are logged by whoever reads the scan, once each.
+                        DocumentOutcome::Loaded { .. } | DocumentOutcome::Refused { .. } => {}
                     }
                 }
                 state.documents = documents;
@@ -549,6 +548,7 @@ impl StaticSource {
         self.effective = effective;
         self.owners = owners;
         self.duplicate_errors = duplicates;
+        self.network_warnings = self.unknown_networks();
         changed
     }
 
@@ -581,7 +581,48 @@ impl StaticSource {
                 DocumentOutcome::Loaded { warnings, .. } => warnings.clone(),
                 _ => Vec::new(),
             })
+            .chain(self.network_warnings.iter().cloned())
             .collect()
+    }
+
+    /// A warning for each workload on a network that neither a Network resource of this
+    /// source nor the registry's own `--network` names: nothing routes to it from other
+    /// networks (most likely a typo in `network` or `topology.istio.io/network`).
+    fn unknown_networks(&self) -> Vec<ResourceError> {
+        let known: BTreeSet<&str> = self
+            .effective
+            .values()
+            .filter_map(|r| match &*r.resource {
+                Resource::Network(n) => Some(n.id.as_str()),
+                _ => None,
+            })
+            .chain([self.defaults.network.as_str()])
+            .collect();
+        let mut out = Vec::new();
+        for (rel, file) in &self.files {
+            for l in file.good.iter().flatten() {
+                let Resource::Workload(w) = &*l.resource else {
+                    continue;
+                };
+                if known.contains(w.network.as_str()) {
+                    continue;
+                }
+                out.push(ResourceError {
+                    file: self.dir.join(rel),
+                    document: l.document,
+                    field: l.field.clone(),
+                    message: format!(
+                        "workload {}/{} is on network {:?}, which no Network resource defines \
+                         (known: {}): it is unreachable from other networks",
+                        w.namespace,
+                        w.name,
+                        w.network,
+                        known.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
+        out
     }
 
     fn ignored(&self) -> Vec<IgnoredDocument> {

@@ -623,3 +623,32 @@ fn a_document_that_loses_a_key_to_another_file_keeps_nothing_else_either() {
         src.resources()
     );
 }
+
+#[test]
+fn a_workload_on_a_network_nothing_defines_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write(
+        dir,
+        "net.yaml",
+        "apiVersion: isthmus.io/v1alpha1\nkind: Network\nmetadata: {name: network-b}\nspec:\n  gateways: [{address: 192.0.2.10}]\n",
+    );
+    write(
+        dir,
+        "vms.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: ok, namespace: shop}\nspec: {address: 10.0.0.1, network: network-b}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: typo, namespace: shop}\nspec: {address: 10.0.0.2, network: netwrk-b}\n",
+    );
+    let mut src = source(dir);
+    let r = src.scan();
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(r.warnings.len(), 1, "{r:?}");
+    let shown = r.warnings[0].to_string();
+    assert!(
+        shown.contains("vms.yaml (document 2)")
+            && shown.contains("\"netwrk-b\"")
+            && shown.contains("known: network-a, network-b"),
+        "{shown}"
+    );
+    // Both still load: the entry is valid on its own.
+    assert_eq!(address_of(&src, "typo"), "10.0.0.2");
+}
