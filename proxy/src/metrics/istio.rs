@@ -38,7 +38,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwap;
-use isthmus_proto::model::{EndpointKind, ViewResource};
+use isthmus_proto::model::{EndpointKind, ServiceView, ViewEndpoint, ViewResource};
 use isthmus_proto::subscription::LocalView;
 use isthmus_proto::SpiffeId;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -220,92 +220,117 @@ pub struct Local {
     pub address: Option<IpAddr>,
 }
 
-/// One workload of the catalog at an address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One workload endpoint of the view, pointed at rather than copied: its labels are read
+/// when a connection needs them, so the index costs a few words per endpoint.
+#[derive(Debug, Clone)]
 struct Entry {
-    uid: String,
-    identities: Vec<SpiffeId>,
-    peer: Arc<Peer>,
-    services: Vec<Service>,
+    view: Arc<ServiceView>,
+    index: usize,
 }
 
-/// The catalog's workloads by address: where a peer's labels and the local workload's
-/// services are looked up. Built from the network view whenever the routing table is.
+impl Entry {
+    fn endpoint(&self) -> &ViewEndpoint {
+        &self.view.endpoints[self.index]
+    }
+
+    fn runs_as(&self, identity: Option<&SpiffeId>) -> bool {
+        identity.is_none_or(|id| self.endpoint().identities.contains(id))
+    }
+
+    /// Whether `other` describes the same workload as far as the labels go.
+    fn same_workload(&self, other: &Entry) -> bool {
+        let (a, b) = (self.endpoint(), other.endpoint());
+        a.uid == b.uid
+            || (a.labels == b.labels && a.cluster == b.cluster && a.identities == b.identities)
+    }
+
+    fn peer(&self) -> Peer {
+        let e = self.endpoint();
+        // Only a single identity names the workload's principal.
+        let identity = match e.identities.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        };
+        Peer::from_labels(None, &e.labels, &e.cluster, identity)
+    }
+
+    fn service(&self) -> Service {
+        let svc = &self.view.service;
+        Service {
+            hostname: svc.hostname.clone(),
+            name: svc.name.clone(),
+            namespace: svc.namespace.clone(),
+        }
+    }
+}
+
+/// The catalog's workloads by address and by endpoint uid: where a peer's labels and the
+/// local workload's services are looked up. Built from the network view whenever the
+/// routing table is; it holds the view's service entries, not copies of them.
 #[derive(Debug, Default)]
 pub struct Catalog {
+    /// Address -> the view's workload endpoints there, one per service the workload serves.
     by_address: HashMap<IpAddr, Vec<Entry>>,
-    /// uid -> (address, index in `by_address`).
-    by_uid: HashMap<String, (IpAddr, usize)>,
+    /// Hash of an endpoint's uid -> the endpoints with that hash (the uid is compared on
+    /// lookup, so no uid is copied).
+    by_uid: HashMap<u64, Vec<Entry>>,
+}
+
+fn uid_hash(uid: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(uid.as_bytes());
+    h.finish()
 }
 
 impl Catalog {
     /// Every workload endpoint of `view` with an address (gateways stand for a remote
     /// network's workloads and are left out).
     pub fn build(view: &LocalView) -> Self {
-        let mut by_address: HashMap<IpAddr, Vec<Entry>> = HashMap::new();
+        let mut c = Self::default();
         for res in view.resources.values() {
             let ViewResource::Service(sv) = res else {
                 continue;
             };
-            let svc = &sv.service;
-            let service = Service {
-                hostname: svc.hostname.clone(),
-                name: svc.name.clone(),
-                namespace: svc.namespace.clone(),
-            };
-            for e in &sv.endpoints {
+            for (index, e) in sv.endpoints.iter().enumerate() {
                 let (EndpointKind::Workload, Some(ip)) = (e.kind, e.address.ip()) else {
                     continue;
                 };
-                let entries = by_address.entry(ip).or_default();
-                if let Some(known) = entries.iter_mut().find(|k| k.uid == e.uid) {
-                    if !known.services.contains(&service) {
-                        known.services.push(service.clone());
-                    }
-                    continue;
-                }
-                // Only a single identity names the workload's principal.
-                let identity = match e.identities.as_slice() {
-                    [one] => Some(one),
-                    _ => None,
+                let entry = Entry {
+                    view: sv.clone(),
+                    index,
                 };
-                entries.push(Entry {
-                    uid: e.uid.clone(),
-                    identities: e.identities.clone(),
-                    peer: Arc::new(Peer::from_labels(None, &e.labels, &e.cluster, identity)),
-                    services: vec![service.clone()],
-                });
+                c.by_uid
+                    .entry(uid_hash(&e.uid))
+                    .or_default()
+                    .push(entry.clone());
+                c.by_address.entry(ip).or_default().push(entry);
             }
         }
-        let by_uid = by_address
-            .iter()
-            .flat_map(|(ip, entries)| {
-                entries
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| (e.uid.clone(), (*ip, i)))
-            })
-            .collect();
-        Self { by_address, by_uid }
+        c
     }
 
-    /// The one workload at `ip` that runs as `identity` (any, when `None`); none when there
-    /// is none or more than one disagree.
-    fn entry(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> Option<&Entry> {
-        let mut found = self
+    /// The endpoints of the one workload at `ip` that runs as `identity` (any, when
+    /// `None`); none when there is none, or several workloads that disagree.
+    fn workload_at(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> Vec<&Entry> {
+        let found: Vec<&Entry> = self
             .by_address
-            .get(&ip)?
-            .iter()
-            .filter(|e| identity.is_none_or(|id| e.identities.contains(id)));
-        let first = found.next()?;
-        found.all(|e| e.peer == first.peer).then_some(first)
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.runs_as(identity))
+            .collect();
+        match found.split_first() {
+            Some((first, rest)) if rest.iter().all(|e| first.same_workload(e)) => found,
+            _ => Vec::new(),
+        }
     }
 
     /// What the labels say about the peer at `ip` whose identity was verified as
     /// `identity`: the catalog's workload there when it runs as that identity, else what
     /// the identity alone says.
     pub fn peer(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> Peer {
-        merge(self.entry(ip, identity), identity)
+        merge(self.workload_at(ip, identity).first().copied(), identity)
     }
 
     /// What the labels say about the endpoint `uid` (one the routing table chose from the
@@ -314,9 +339,11 @@ impl Catalog {
     pub fn endpoint(&self, uid: &str, identity: Option<&SpiffeId>) -> Peer {
         let entry = self
             .by_uid
-            .get(uid)
-            .and_then(|(ip, i)| self.by_address.get(ip)?.get(*i))
-            .filter(|e| identity.is_none_or(|id| e.identities.contains(id)));
+            .get(&uid_hash(uid))
+            .into_iter()
+            .flatten()
+            .find(|e| e.endpoint().uid == uid)
+            .filter(|e| e.runs_as(identity));
         merge(entry, identity)
     }
 
@@ -324,11 +351,15 @@ impl Catalog {
     /// client named) when the catalog says the workload serves it, else the first the
     /// workload serves.
     pub fn service_at(&self, ip: IpAddr, wanted: Option<&str>) -> Option<Service> {
-        let services = &self.entry(ip, None)?.services;
+        let entries = self.workload_at(ip, None);
         wanted
-            .and_then(|h| services.iter().find(|s| s.hostname == h))
-            .or_else(|| services.iter().min_by(|a, b| a.hostname.cmp(&b.hostname)))
-            .cloned()
+            .and_then(|h| entries.iter().find(|e| e.view.service.hostname == h))
+            .or_else(|| {
+                entries
+                    .iter()
+                    .min_by(|a, b| a.view.service.hostname.cmp(&b.view.service.hostname))
+            })
+            .map(|e| e.service())
     }
 }
 
@@ -339,9 +370,9 @@ fn merge(entry: Option<&Entry>, identity: Option<&SpiffeId>) -> Peer {
         (Some(e), Some(id)) => Peer {
             namespace: id.namespace().map(str::to_string),
             principal: Some(id.clone()),
-            ..(*e.peer).clone()
+            ..e.peer()
         },
-        (Some(e), None) => (*e.peer).clone(),
+        (Some(e), None) => e.peer(),
         (None, Some(id)) => Peer::from_identity(id),
         (None, None) => Peer::default(),
     }
