@@ -8,20 +8,9 @@ use std::time::{Duration, Instant};
 
 use isthmus_dns::DnsHandle;
 use isthmus_proto::subscription::SyncState;
-use isthmus_tests::harness::dns::{dead_upstream, dig_at, proxy_config, require, Dig, Unbound};
+use isthmus_tests::harness::dns::{dead_upstream, dig, proxy_config, require, Unbound};
 use isthmus_tests::{eventually, http_get, metric, yaml, TestRegistry, NETWORK};
 use tokio::sync::watch;
-
-async fn dig(addr: SocketAddr, args: &[&str]) -> Dig {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        dig_at(addr, &args)
-    })
-    .await
-    .unwrap()
-    .unwrap()
-}
 
 /// A ServiceEntry with explicit hosts, addresses and resolution.
 fn service_entry(name: &str, ns: &str, hosts: &[&str], addresses: &[&str], extra: &str) -> String {

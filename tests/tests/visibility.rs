@@ -3,13 +3,12 @@
 //! never captured; the same hostname defined in two namespaces is two services, each served
 //! to the namespaces its `exportTo` names; a bad `exportTo` is refused naming the entry.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use isthmus_proto::model::{service_view_key, EndpointKind, NodeKind, ViewResource};
 use isthmus_proto::subscription::{LocalView, Subscription};
 use isthmus_proxy::routes::{RouteOptions, RouteTable};
-use isthmus_tests::harness::dns::{dig_at, proxy_config, require, Dig, Unbound};
+use isthmus_tests::harness::dns::{dig, proxy_config, require, Unbound};
 use isthmus_tests::{eventually, http_get, node, yaml, TestRegistry, NETWORK};
 use serde_json::Value;
 
@@ -21,17 +20,6 @@ fn egress(name: &str, ns: &str, host: &str, resolution: &str, meta: &str, spec: 
     format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: {ns}\n{meta}spec:\n  hosts:\n  - {host}\n  ports:\n  - number: 443\n    name: tls\n    protocol: TLS\n  location: MESH_EXTERNAL\n  resolution: {resolution}\n{spec}"
     )
-}
-
-async fn dig(addr: SocketAddr, args: &[&str]) -> Dig {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        dig_at(addr, &args)
-    })
-    .await
-    .unwrap()
-    .unwrap()
 }
 
 async fn subscriber(reg: &TestRegistry, ns: &str) -> Subscription {

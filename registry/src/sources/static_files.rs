@@ -495,7 +495,8 @@ impl StaticSource {
         // Documents that lost a key to another file: refused, so what else they define (a
         // ServiceEntry's inline endpoints, say) is not kept on its own either.
         let mut losing: BTreeSet<(&PathBuf, Option<usize>)> = BTreeSet::new();
-        let mut unique: Vec<(String, &PathBuf, &Located)> = Vec::new();
+        // Each key with the file that keeps it, and whether that file alone defines it.
+        let mut kept: Vec<(String, &PathBuf, &Located, bool)> = Vec::new();
         for (key, list) in providers {
             let keeper = self
                 .owners
@@ -518,21 +519,11 @@ impl StaticSource {
                     });
                 }
             }
-            if list.len() == 1 {
-                unique.push((key, owner, located));
-                continue;
-            }
-            effective.insert(
-                key.clone(),
-                OwnedResource {
-                    origin: origin(owner),
-                    resource: located.resource.clone(),
-                },
-            );
-            owners.insert(key, owner.clone());
+            kept.push((key, owner, located, list.len() == 1));
         }
-        for (key, owner, located) in unique {
-            if located.document.is_some() && losing.contains(&(owner, located.document)) {
+        for (key, owner, located, alone) in kept {
+            // A key only a losing document defines goes with that document.
+            if alone && located.document.is_some() && losing.contains(&(owner, located.document)) {
                 continue;
             }
             effective.insert(

@@ -136,6 +136,18 @@ pub struct Dig {
     pub output: String,
 }
 
+/// [`dig_at`] from async code (on a blocking thread); a `dig` that cannot run fails the test.
+pub async fn dig(addr: SocketAddr, args: &[&str]) -> Dig {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        dig_at(addr, &args)
+    })
+    .await
+    .expect("dig task")
+    .expect("dig runs")
+}
+
 /// Runs `dig @addr -p port ARGS`.
 pub fn dig_at(addr: SocketAddr, args: &[&str]) -> anyhow::Result<Dig> {
     let out = Command::new("dig")
