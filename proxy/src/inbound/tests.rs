@@ -621,14 +621,12 @@ async fn original_port_refuses_a_connection_that_was_not_redirected() {
 mod istio_metrics {
     use std::collections::BTreeMap;
 
-    use isthmus_proto::model::{
-        Address, EndpointKind, Health, Locality, Service as CatalogService, ServiceView,
-        ViewEndpoint, ViewResource,
-    };
+    use isthmus_proto::model::{Address, EndpointKind, Health, Locality, ViewEndpoint};
     use isthmus_proto::subscription::LocalView;
     use prometheus_client::registry::Registry;
 
     use super::*;
+    use crate::metrics::istio::tests::service_view;
     use crate::metrics::istio::{Catalog, Local, Peer};
 
     /// Where the catalog has the web workload (this proxy's own) and the cart client.
@@ -655,20 +653,6 @@ mod istio_metrics {
         }
     }
 
-    fn service(name: &str, endpoints: Vec<ViewEndpoint>) -> (String, ViewResource) {
-        let hostname = format!("{name}.shop.svc.cluster.local");
-        let service = CatalogService {
-            hostname: hostname.clone(),
-            namespace: "shop".into(),
-            name: name.into(),
-            ..Default::default()
-        };
-        (
-            format!("svc/{hostname}"),
-            ViewResource::Service(Arc::new(ServiceView { service, endpoints })),
-        )
-    }
-
     /// Tells the proxy who it is (web, v1) and what the catalog holds.
     fn report_as_web(s: &Setup) {
         let web = s.server_id();
@@ -676,11 +660,11 @@ mod istio_metrics {
         let view = LocalView {
             version: "v.1".into(),
             resources: [
-                service(
+                service_view(
                     "web",
                     vec![endpoint(WEB_IP, &web, &[("app", "web"), ("version", "v1")])],
                 ),
-                service(
+                service_view(
                     "cart",
                     vec![endpoint(
                         CART_IP,

@@ -619,4 +619,4 @@ impl Drop for TcpReport {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -37,7 +37,9 @@ fn endpoint(kind: EndpointKind, ip: &str, uid: &str, sa: &str, l: &[(&str, &str)
     }
 }
 
-fn service_view(name: &str, endpoints: Vec<ViewEndpoint>) -> (String, ViewResource) {
+/// A view entry for `<name>.shop.svc.cluster.local` with `endpoints` (also used by the
+/// inbound's tests).
+pub(crate) fn service_view(name: &str, endpoints: Vec<ViewEndpoint>) -> (String, ViewResource) {
     let hostname = format!("{name}.shop.svc.cluster.local");
     let service = CatalogService {
         hostname: hostname.clone(),
