@@ -182,6 +182,17 @@ pub fn parse_ip_or_cidr(s: &str) -> Result<String, Invalid> {
 /// A CIDR in canonical form. Host bits must be zero: `10.1.2.3/8` is nearly always a typo for
 /// either an address or `10.0.0.0/8`, and guessing which would route the wrong traffic.
 pub fn parse_cidr(s: &str) -> Result<String, Invalid> {
+    let (ip, len) = split_cidr(s)?;
+    if masked(ip, len) != ip {
+        return Err(Invalid(format!(
+            "{s:?} is not a CIDR: the address has bits set beyond the /{len} prefix"
+        )));
+    }
+    Ok(format!("{ip}/{len}"))
+}
+
+/// The address and prefix length of `address/prefix-length`, each checked.
+fn split_cidr(s: &str) -> Result<(IpAddr, u32), Invalid> {
     let bad = |why: String| Err(Invalid(format!("{s:?} is not a CIDR: {why}")));
     let Some((addr, len)) = s.split_once('/') else {
         return bad("expected address/prefix-length, as in 10.0.0.0/16".into());
@@ -190,18 +201,24 @@ pub fn parse_cidr(s: &str) -> Result<String, Invalid> {
         return bad(format!("{addr:?} is not an IP address"));
     };
     let max: u32 = if ip.is_ipv4() { 32 } else { 128 };
-    let len = match len.parse::<u32>() {
-        Ok(n) if n <= max && !len.starts_with('+') => n,
-        _ => return bad(format!("the prefix length must be 0-{max}")),
-    };
-    let host_bits_set = match ip {
-        IpAddr::V4(v4) => u32::from(v4).checked_shl(len).unwrap_or(0) != 0,
-        IpAddr::V6(v6) => u128::from(v6).checked_shl(len).unwrap_or(0) != 0,
-    };
-    if host_bits_set {
-        return bad(format!("the address has bits set beyond the /{len} prefix"));
+    match len.parse::<u32>() {
+        Ok(n) if n <= max && !len.starts_with('+') => Ok((ip, n)),
+        _ => bad(format!("the prefix length must be 0-{max}")),
     }
-    Ok(format!("{ip}/{len}"))
+}
+
+/// `ip` with the bits beyond the `/len` prefix cleared.
+fn masked(ip: IpAddr, len: u32) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            IpAddr::from(std::net::Ipv4Addr::from(u32::from(v4) & mask))
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            IpAddr::from(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+        }
+    }
 }
 
 // ---- Istio's forms, for manifests --------------------------------------------------------
@@ -332,32 +349,8 @@ pub fn istio_subnet(s: &str) -> Result<String, Invalid> {
     if !s.contains('/') {
         return parse_ip_or_cidr(s);
     }
-    let bad = || {
-        Err(Invalid(format!(
-            "{s:?} is not an IP address or CIDR (address/prefix-length, as in 10.0.0.0/16)"
-        )))
-    };
-    let Some((addr, len)) = s.split_once('/') else {
-        return bad();
-    };
-    let (Ok(ip), Ok(len)) = (addr.parse::<IpAddr>(), len.parse::<u8>()) else {
-        return bad();
-    };
-    if len.to_string() != s.split_once('/').map_or("", |(_, l)| l) {
-        return bad();
-    }
-    let masked = match ip {
-        IpAddr::V4(v4) if len <= 32 => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::from(std::net::Ipv4Addr::from(u32::from(v4) & mask))
-        }
-        IpAddr::V6(v6) if len <= 128 => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            IpAddr::from(std::net::Ipv6Addr::from(u128::from(v6) & mask))
-        }
-        _ => return bad(),
-    };
-    Ok(format!("{masked}/{len}"))
+    let (ip, len) = split_cidr(s)?;
+    Ok(format!("{}/{len}", masked(ip, len)))
 }
 
 /// Istio's UNIX domain socket endpoint: `unix://` and an absolute path to a file, or an
