@@ -168,15 +168,7 @@ pub fn validate_resources(cfg: &RegistryConfig) -> ResourcesReport {
         }
     }
     // Warnings about how documents relate (a workload on a network nothing defines).
-    let per_document: Vec<_> = source
-        .documents()
-        .into_iter()
-        .flat_map(|(_, d)| match d.outcome {
-            DocumentOutcome::Loaded { warnings, .. } => warnings,
-            _ => Vec::new(),
-        })
-        .collect();
-    for w in scan.warnings.iter().filter(|w| !per_document.contains(w)) {
+    for w in source.network_warnings() {
         documents.push(format!("warning: {w}"));
     }
     documents.push(format!(

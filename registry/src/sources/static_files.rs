@@ -576,6 +576,12 @@ impl StaticSource {
             .collect()
     }
 
+    /// Workloads on a network nothing defines, as of the last scan (see
+    /// [`Self::unknown_networks`]).
+    pub fn network_warnings(&self) -> &[ResourceError] {
+        &self.network_warnings
+    }
+
     /// A warning for each workload on a network that neither a Network resource of this
     /// source nor the registry's own `--network` names: nothing routes to it from other
     /// networks (most likely a typo in `network` or `topology.istio.io/network`).
