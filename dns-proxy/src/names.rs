@@ -314,6 +314,7 @@ mod tests {
             labels: BTreeMap::new(),
             uid: addr.into(),
             tunnel_port: 0,
+            stale_since_ms: 0,
         }
     }
 

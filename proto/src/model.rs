@@ -406,6 +406,9 @@ pub struct Workload {
     pub health: Health,
     pub origin: Origin,
     pub last_confirmed_ms: i64,
+    /// Unix milliseconds since which this workload's source has been out of touch with it
+    /// (0 while current): what it says is the last that source knew.
+    pub stale_since_ms: i64,
     pub services: Vec<String>,
     pub service_account: String,
 }
@@ -547,16 +550,17 @@ impl Resource {
         }
     }
 
-    /// A key unique within the catalog: `<kind>/<namespace>/<name>`; services are keyed by
-    /// defining cluster, namespace, hostname and the resource that defines them, since the
-    /// same hostname may come from several clusters (one service), from several resources of
-    /// one namespace (merged into one service, as Istio merges ServiceEntries of a host) and
-    /// from several namespaces (one service each, as in Istio).
+    /// A key unique within the catalog: `<kind>/<namespace>/<name>`, workloads with their
+    /// cluster first; services are keyed by defining cluster, namespace, hostname and the
+    /// resource that defines them, since the same hostname may come from several clusters
+    /// (one service), from several resources of one namespace (merged into one service, as
+    /// Istio merges ServiceEntries of a host) and from several namespaces (one service each,
+    /// as in Istio).
     pub fn key(&self) -> String {
         match self {
             Resource::Network(n) => format!("Network//{}", n.id),
             Resource::Service(s) => service_key(&s.cluster, &s.namespace, &s.hostname, &s.name),
-            Resource::Workload(w) => workload_key(&w.namespace, &w.name),
+            Resource::Workload(w) => workload_key(&w.cluster, &w.namespace, &w.name),
             Resource::WorkloadGroup(g) => workload_group_key(&g.namespace, &g.name),
         }
     }
@@ -568,9 +572,11 @@ pub fn service_key(cluster: &str, namespace: &str, hostname: &str, name: &str) -
     format!("Service/{cluster}/{namespace}/{hostname}/{name}")
 }
 
-/// The catalog key of the Workload `namespace/name` (see [`Resource::key`]).
-pub fn workload_key(namespace: &str, name: &str) -> String {
-    format!("Workload/{namespace}/{name}")
+/// The catalog key of the Workload `namespace/name` of `cluster` (see [`Resource::key`]):
+/// clusters name their objects independently, so two clusters may each have a `db-0` in the
+/// same namespace, and each is its own workload.
+pub fn workload_key(cluster: &str, namespace: &str, name: &str) -> String {
+    format!("Workload/{cluster}/{namespace}/{name}")
 }
 
 /// The catalog key of the WorkloadGroup `namespace/name` (see [`Resource::key`]).
@@ -662,6 +668,9 @@ pub struct ViewEndpoint {
     pub labels: BTreeMap<String, String>,
     pub uid: String,
     pub tunnel_port: u16,
+    /// Unix milliseconds since which this endpoint has not been confirmed by its source
+    /// (0 when current); behind a gateway, the oldest of the endpoints it stands for.
+    pub stale_since_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -917,6 +926,7 @@ impl From<&Workload> for pb::Workload {
             }
             .into(),
             last_confirmed_ms: w.last_confirmed_ms,
+            stale_since_ms: w.stale_since_ms,
             services: w.services.clone(),
             service_account: w.service_account.clone(),
         }
@@ -952,6 +962,7 @@ impl TryFrom<pb::Workload> for Workload {
             health,
             origin,
             last_confirmed_ms: w.last_confirmed_ms,
+            stale_since_ms: w.stale_since_ms,
             services: w.services,
             service_account: w.service_account,
         })
@@ -1193,6 +1204,7 @@ impl From<&ViewEndpoint> for pb::ViewEndpoint {
             labels: e.labels.clone().into_iter().collect(),
             uid: e.uid.clone(),
             tunnel_port: e.tunnel_port.into(),
+            stale_since_ms: e.stale_since_ms,
         }
     }
 }
@@ -1233,6 +1245,7 @@ impl TryFrom<pb::ViewEndpoint> for ViewEndpoint {
             labels: e.labels.into_iter().collect(),
             uid: e.uid,
             tunnel_port: port_or_zero("tunnel_port", e.tunnel_port)?,
+            stale_since_ms: e.stale_since_ms,
         })
     }
 }
@@ -1396,6 +1409,7 @@ mod tests {
             last_confirmed_ms: 42,
             services: vec!["web.shop.svc.cluster.local".into()],
             service_account: "web".into(),
+            stale_since_ms: 7,
         };
         let back = Workload::try_from(pb::Workload::from(&w)).unwrap();
         assert_eq!(back, w);

@@ -366,7 +366,7 @@ pub(crate) mod tests {
         assert!(c
             .upsert(wl("w1", "shop", "web", "10.0.0.1", "a"))
             .is_empty());
-        let ch = c.remove("Workload/shop/w1");
+        let ch = c.remove("Workload/c/shop/w1");
         assert!(ch.hostnames.contains("web.shop"));
         assert!(c.endpoints("web.shop", "shop").is_empty());
     }

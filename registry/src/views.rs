@@ -22,6 +22,7 @@ use std::time::Instant;
 use isthmus_proto::model::{
     network_view_key, service_view_key, Address, EndpointKind, ExportTo, Health, Network, Node,
     NodeKind, OwnedResource, Scope, Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
+    Workload,
 };
 use isthmus_proto::{pb, SpiffeId};
 use tokio::sync::watch;
@@ -586,8 +587,7 @@ pub fn build_service_view(
     // Only what every namespace may see goes through gateways (see the module doc).
     let beyond_network = !cluster_local && service.export_to.is_public();
     let mut endpoints = Vec::new();
-    // network -> (healthy weight, identities behind it)
-    let mut remote: BTreeMap<&str, (u32, BTreeSet<&isthmus_proto::SpiffeId>)> = BTreeMap::new();
+    let mut remote: BTreeMap<&str, Behind> = BTreeMap::new();
     for w in catalog.endpoints(hostname, ns) {
         if w.network == key.network {
             if cluster_local && !defs.iter().any(|d| d.cluster == w.cluster) {
@@ -606,24 +606,18 @@ pub fn build_service_view(
                 labels: w.labels.clone(),
                 uid: w.uid.clone(),
                 tunnel_port: 0,
+                stale_since_ms: w.stale_since_ms,
             });
         } else if !key.gateway && beyond_network && w.health == Health::Healthy {
-            let e = remote.entry(w.network.as_str()).or_default();
-            e.0 += w.effective_weight();
-            e.1.extend(w.identity.iter());
+            remote.entry(w.network.as_str()).or_default().add(w);
         }
     }
-    for (net, (weight, identities)) in remote {
+    for (net, behind) in remote {
         // A network without a gateway is unreachable from here: hand out nothing for it.
         let Some(network) = catalog.network(net) else {
             continue;
         };
-        endpoints.extend(gateway_endpoints(
-            network,
-            &service,
-            weight,
-            identities.into_iter().cloned().collect(),
-        ));
+        endpoints.extend(gateway_endpoints(network, &service, behind));
     }
     endpoints.sort_by(|a, b| {
         (a.kind as u8, &a.network, &a.address, &a.uid).cmp(&(
@@ -636,14 +630,37 @@ pub fn build_service_view(
     Some(ServiceView { service, endpoints })
 }
 
-/// Splits `weight` over the network's gateways (the remainder to the first ones), dropping
-/// gateways left with nothing.
-fn gateway_endpoints(
-    network: &Network,
-    service: &Service,
+/// What a network's gateway stands for in a view: the healthy endpoints of the service on
+/// that network.
+#[derive(Default)]
+struct Behind<'a> {
     weight: u32,
-    identities: Vec<isthmus_proto::SpiffeId>,
-) -> Vec<ViewEndpoint> {
+    identities: BTreeSet<&'a SpiffeId>,
+    /// The oldest `stale_since_ms` among them (0 when all are current).
+    stale_since_ms: i64,
+}
+
+impl<'a> Behind<'a> {
+    fn add(&mut self, w: &'a Workload) {
+        self.weight += w.effective_weight();
+        self.identities.extend(w.identity.iter());
+        if w.stale_since_ms != 0
+            && (self.stale_since_ms == 0 || w.stale_since_ms < self.stale_since_ms)
+        {
+            self.stale_since_ms = w.stale_since_ms;
+        }
+    }
+}
+
+/// Splits the weight behind a network over its gateways (the remainder to the first ones),
+/// dropping gateways left with nothing.
+fn gateway_endpoints(network: &Network, service: &Service, behind: Behind) -> Vec<ViewEndpoint> {
+    let Behind {
+        weight,
+        identities,
+        stale_since_ms,
+    } = behind;
+    let identities: Vec<SpiffeId> = identities.into_iter().cloned().collect();
     let n = network.gateways.len() as u32;
     if n == 0 {
         return Vec::new();
@@ -667,6 +684,7 @@ fn gateway_endpoints(
                 labels: BTreeMap::new(),
                 uid: format!("gateway/{}/{}", network.id, g.address),
                 tunnel_port: g.tunnel_port,
+                stale_since_ms,
             })
         })
         .collect()

@@ -177,7 +177,7 @@ async fn deregister_removes_at_once_and_a_lost_agent_expires_after_the_grace_per
     let creds = reg.credentials("shop", "web").await.unwrap();
     let views = reg.handle().views.clone();
     let in_catalog = |name: &str| {
-        let key = format!("Workload/shop/{name}");
+        let key = format!("Workload/cluster-a/shop/{name}");
         views.with_catalog(|c| c.get(&key).is_some())
     };
 
@@ -401,7 +401,7 @@ async fn entries_from_before_a_restart_wait_for_their_agents() {
     reg.restart().await.unwrap();
     let views = reg.handle().views.clone();
     let health = move |name: &str| {
-        let key = format!("Workload/shop/{name}");
+        let key = format!("Workload/cluster-a/shop/{name}");
         views.with_catalog(|c| {
             c.get(&key).map(|r| match &*r.resource {
                 isthmus_proto::model::Resource::Workload(w) => w.health,

@@ -650,6 +650,7 @@ mod istio_metrics {
                 .collect(),
             uid: format!("uid-{ip}"),
             tunnel_port: 0,
+            stale_since_ms: 0,
         }
     }
 

@@ -57,6 +57,7 @@ fn routes(ca: &TestCa, server: std::net::SocketAddr, sans: Vec<String>) -> Route
         labels: BTreeMap::new(),
         uid: "db-0".into(),
         tunnel_port: 0,
+        stale_since_ms: 0,
     };
     let service = Service {
         hostname: HOST.into(),

@@ -31,6 +31,7 @@ fn endpoint(kind: EndpointKind, addr: &str, port: u16, version: &str) -> ViewEnd
         labels,
         uid: format!("{addr}:{port}"),
         tunnel_port: 0,
+        stale_since_ms: 0,
     }
 }
 

@@ -102,6 +102,7 @@ pub fn entry_from_group(
             .unwrap_or_default(),
         services: t.services.clone(),
         service_account: t.service_account.clone(),
+        stale_since_ms: 0,
     };
     Ok((workload, warnings))
 }

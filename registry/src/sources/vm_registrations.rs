@@ -186,7 +186,7 @@ impl VmRegistrations {
         remote: String,
         now: SystemTime,
     ) -> Result<Holder, VmSourceError> {
-        let key = workload_key(&workload.namespace, &workload.name);
+        let key = workload_key(&workload.cluster, &workload.namespace, &workload.name);
         let mut st = self.state.lock().await;
         let foreign = self.ingest.views().with_catalog(|c| {
             c.get(&key)

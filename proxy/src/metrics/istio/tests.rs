@@ -34,6 +34,7 @@ fn endpoint(kind: EndpointKind, ip: &str, uid: &str, sa: &str, l: &[(&str, &str)
         labels: labels(l),
         uid: uid.into(),
         tunnel_port: 0,
+        stale_since_ms: 0,
     }
 }
 

@@ -70,7 +70,7 @@ fn scan_follows_added_modified_and_deleted_files() {
     assert!(first.changed && first.errors.is_empty(), "{first:?}");
     assert_eq!(
         contents(&src),
-        pairs(&[("static:a.yaml", "Workload/shop/a")])
+        pairs(&[("static:a.yaml", "Workload/cluster-a/shop/a")])
     );
 
     write(dir, "sub/b.yml", &workload_entry("b", "10.0.0.2"));
@@ -78,8 +78,8 @@ fn scan_follows_added_modified_and_deleted_files() {
     assert_eq!(
         contents(&src),
         pairs(&[
-            ("static:a.yaml", "Workload/shop/a"),
-            ("static:sub/b.yml", "Workload/shop/b")
+            ("static:a.yaml", "Workload/cluster-a/shop/a"),
+            ("static:sub/b.yml", "Workload/cluster-a/shop/b")
         ])
     );
 
@@ -92,7 +92,7 @@ fn scan_follows_added_modified_and_deleted_files() {
     assert!(src.scan().changed);
     assert_eq!(
         contents(&src),
-        pairs(&[("static:sub/b.yml", "Workload/shop/b")])
+        pairs(&[("static:sub/b.yml", "Workload/cluster-a/shop/b")])
     );
 }
 
@@ -262,7 +262,7 @@ fn the_same_key_from_two_files_is_an_error_naming_both_and_the_first_keeps_it() 
     let second = dir.join("a-second.yaml");
     assert!(
         shown.starts_with(&format!(
-            "{} (document 2): metadata.name: Workload/shop/web",
+            "{} (document 2): metadata.name: Workload/cluster-a/shop/web",
             second.display()
         )),
         "{shown}"
@@ -280,8 +280,8 @@ fn the_same_key_from_two_files_is_an_error_naming_both_and_the_first_keeps_it() 
     assert_eq!(
         contents(&src),
         pairs(&[
-            ("static:a-second.yaml", "Workload/shop/other"),
-            ("static:a-second.yaml", "Workload/shop/web")
+            ("static:a-second.yaml", "Workload/cluster-a/shop/other"),
+            ("static:a-second.yaml", "Workload/cluster-a/shop/web")
         ])
     );
 }
@@ -297,6 +297,7 @@ fn seed_serves_store_resources_for_a_file_invalid_at_first_scan() {
         resource: std::sync::Arc::new(Resource::Workload(Workload {
             name: name.into(),
             namespace: "shop".into(),
+            cluster: "cluster-a".into(),
             address: Address::parse(address).unwrap(),
             ..Workload::default()
         })),
@@ -317,8 +318,8 @@ fn seed_serves_store_resources_for_a_file_invalid_at_first_scan() {
     assert_eq!(
         contents(&src),
         pairs(&[
-            ("static:broken.yaml", "Workload/shop/a"),
-            ("static:fine.yaml", "Workload/shop/b")
+            ("static:broken.yaml", "Workload/cluster-a/shop/a"),
+            ("static:fine.yaml", "Workload/cluster-a/shop/b")
         ])
     );
     assert_eq!(address_of(&src, "a"), "10.0.0.1");
@@ -346,8 +347,8 @@ fn hidden_and_foreign_files_are_ignored() {
     assert_eq!(
         contents(&src),
         pairs(&[
-            ("static:a.yaml", "Workload/shop/a"),
-            ("static:deep/er/c.yml", "Workload/shop/c")
+            ("static:a.yaml", "Workload/cluster-a/shop/a"),
+            ("static:deep/er/c.yml", "Workload/cluster-a/shop/c")
         ])
     );
 }
@@ -372,7 +373,7 @@ fn a_configmap_style_symlink_swap_is_seen_once() {
     assert!(result.errors.is_empty(), "{result:?}");
     assert_eq!(
         contents(&src),
-        pairs(&[("static:web.yaml", "Workload/shop/web")])
+        pairs(&[("static:web.yaml", "Workload/cluster-a/shop/web")])
     );
 
     // The update: a new directory, then an atomic rename of a new `..data` link over the old.
@@ -408,7 +409,7 @@ fn a_vanished_directory_keeps_everything() {
     );
     assert_eq!(
         contents(&src),
-        pairs(&[("static:a.yaml", "Workload/shop/a")])
+        pairs(&[("static:a.yaml", "Workload/cluster-a/shop/a")])
     );
 }
 
@@ -425,7 +426,7 @@ fn a_dangling_symlink_is_reported_and_keeps_its_resources() {
     src.scan();
     assert_eq!(
         contents(&src),
-        pairs(&[("static:a.yaml", "Workload/shop/a")])
+        pairs(&[("static:a.yaml", "Workload/cluster-a/shop/a")])
     );
     fs::remove_file(dir.join("real-a.yaml")).unwrap();
     let result = src.scan();
@@ -437,7 +438,7 @@ fn a_dangling_symlink_is_reported_and_keeps_its_resources() {
     );
     assert_eq!(
         contents(&src),
-        pairs(&[("static:a.yaml", "Workload/shop/a")])
+        pairs(&[("static:a.yaml", "Workload/cluster-a/shop/a")])
     );
 }
 
@@ -618,7 +619,7 @@ fn a_document_that_loses_a_key_to_another_file_keeps_nothing_else_either() {
     assert!(
         !src.resources()
             .iter()
-            .any(|r| r.resource.key() == "Workload/shop/db-1"),
+            .any(|r| r.resource.key() == "Workload/cluster-a/shop/db-1"),
         "{:#?}",
         src.resources()
     );

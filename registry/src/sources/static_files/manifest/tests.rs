@@ -185,6 +185,7 @@ spec:
             last_confirmed_ms: 0,
             services: hosts.clone(),
             service_account: "default".into(),
+            stale_since_ms: 0,
         })
     );
     assert_eq!(
@@ -206,6 +207,7 @@ spec:
             last_confirmed_ms: 0,
             services: hosts,
             service_account: "postgres".into(),
+            stale_since_ms: 0,
         })
     );
 }
@@ -258,6 +260,7 @@ spec:
             last_confirmed_ms: 0,
             services: vec![],
             service_account: "reviews".into(),
+            stale_since_ms: 0,
         })]
     );
 }
@@ -354,6 +357,7 @@ spec:
                 last_confirmed_ms: 0,
                 services: vec![],
                 service_account: "web".into(),
+                stale_since_ms: 0,
             },
             probe: Some(Probe {
                 initial_delay_seconds: 2,
@@ -476,8 +480,8 @@ spec: {address: 10.0.0.2}
         keys,
         [
             "Network//network-a",
-            "Workload/shop/one",
-            "Workload/shop/two"
+            "Workload/cluster-a/shop/one",
+            "Workload/cluster-a/shop/two"
         ]
     );
     assert!(parse("").is_empty());
@@ -905,7 +909,7 @@ fn the_same_key_twice_in_one_file_is_an_error() {
     assert_eq!(errors.len(), 1);
     assert_eq!(
         errors[0].to_string(),
-        "bad.yaml (document 2): metadata.name: Workload/default/w is already defined in document 1 (metadata.name)"
+        "bad.yaml (document 2): metadata.name: Workload/cluster-a/default/w is already defined in document 1 (metadata.name)"
     );
 }
 

@@ -130,6 +130,7 @@ pub(super) fn workload(
         health: Health::Healthy,
         origin: ctx.origin,
         last_confirmed_ms: 0,
+        stale_since_ms: 0,
         services: ctx.services.clone(),
         service_account,
     })
