@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::render;
+use crate::sources::kubernetes::ClusterStatuses;
 use crate::sources::static_files::IgnoredDocument;
 use crate::sources::vm_registrations::VmRegistrations;
 use crate::views::{ViewKey, Views};
@@ -45,6 +46,25 @@ struct AdminState {
     subscribers: Arc<Subscribers>,
     sources: SourceStatus,
     registrations: Arc<VmRegistrations>,
+    clusters: ClusterStatuses,
+}
+
+/// Every Kubernetes cluster's sync state: synced, objects per kind, last event and error,
+/// reconnects, and since when it has been stale; `summary` is the same in one line.
+async fn clusters_status(State(s): State<AdminState>) -> impl IntoResponse {
+    let now = crate::sources::kubernetes::now_ms();
+    let clusters: Vec<serde_json::Value> = s
+        .clusters
+        .snapshot()
+        .into_iter()
+        .map(|c| {
+            let summary = c.summary(now);
+            let mut v = serde_json::to_value(&c).unwrap_or_default();
+            v["summary"] = summary.into();
+            v
+        })
+        .collect();
+    Json(json!({ "now_ms": now, "clusters": clusters }))
 }
 
 #[derive(Deserialize)]
@@ -60,6 +80,7 @@ pub fn routes(
     subscribers: Arc<Subscribers>,
     sources: SourceStatus,
     registrations: Arc<VmRegistrations>,
+    clusters: ClusterStatuses,
 ) -> Router {
     Router::new()
         .route("/debug/catalog", get(catalog))
@@ -67,11 +88,13 @@ pub fn routes(
         .route("/debug/subscribers", get(subscribers_status))
         .route("/debug/vips", get(vips))
         .route("/debug/registrations", get(registrations_status))
+        .route("/debug/clusters", get(clusters_status))
         .with_state(AdminState {
             views,
             subscribers,
             sources,
             registrations,
+            clusters,
         })
 }
 

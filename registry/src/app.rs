@@ -21,6 +21,7 @@
 
 mod config;
 mod grpc;
+mod kubernetes;
 mod listeners;
 mod state;
 mod static_resources;
@@ -37,8 +38,9 @@ use isthmus_proto::identity::TrustDomain;
 use isthmus_proto::program::{Program, Readiness, Stop, Tasks};
 
 pub use config::{
-    validate_resources, RegistryConfig, DEFAULT_ADMIN_ADDR, DEFAULT_GRPC_ADDR,
-    DEFAULT_RESOURCE_POLL,
+    validate_resources, KubernetesConfig, LocalCluster, RegistryConfig, DEFAULT_ADMIN_ADDR,
+    DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
+    DEFAULT_RESOURCE_POLL, DEFAULT_SYSTEM_NAMESPACE,
 };
 pub use grpc::{MAX_REQUEST_BYTES, REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT};
 pub use listeners::ListenError;
@@ -49,6 +51,7 @@ use crate::ca::service::CertificateService;
 use crate::ca::Authority;
 use crate::ingest::Ingest;
 use crate::registration::RegistrationService;
+use crate::sources::kubernetes::ClusterStatuses;
 use crate::sources::vm_registrations::VmRegistrations;
 use crate::views::Views;
 use crate::watch::{Subscribers, WatchService};
@@ -69,6 +72,8 @@ pub struct RegistryHandle {
     pub ingest: Ingest,
     /// Registered VMs and their leases.
     pub registrations: Arc<VmRegistrations>,
+    /// The Kubernetes clusters' sync state (empty without clusters).
+    pub clusters: ClusterStatuses,
     pub readiness: Readiness,
     stop: Stop,
 }
@@ -125,6 +130,7 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
                 authority: state.authority,
                 ingest: state.ingest,
                 registrations: state.registrations,
+                clusters: state.clusters,
                 readiness: stop.readiness.clone(),
                 stop,
             })
@@ -151,6 +157,12 @@ async fn start(
 
     let metrics = Metrics::register();
     let state = State::open(cfg, &metrics)?;
+    if cfg.kubernetes.enabled() {
+        crate::sources::kubernetes::metrics::register(
+            &mut metrics.registry.lock().expect("metrics registry lock"),
+            state.clusters.clone(),
+        );
+    }
     let source_status = SourceStatus::default();
     serve_admin(
         listeners.admin,
@@ -188,6 +200,16 @@ async fn start(
         );
     }
     drop(resources_part);
+    kubernetes::start(
+        cfg,
+        state.trust_domain.clone(),
+        state.ingest.clone(),
+        state.clusters.clone(),
+        &readiness,
+        &mut stop.tasks,
+        &signals.rest,
+    )
+    .await?;
 
     start_upkeep(cfg, &state, &metrics, &mut stop.tasks, signals);
     serve_grpc(cfg, listeners.grpc, &metrics, &state, stop, signals)?;
@@ -210,6 +232,7 @@ fn serve_admin(
         state.subscribers.clone(),
         source_status,
         state.registrations.clone(),
+        state.clusters.clone(),
     );
     let prom = metrics.registry.clone();
     let shutdown = signals.rest.clone();

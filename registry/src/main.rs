@@ -1,5 +1,6 @@
 //! `isthmus-registry`: parses flags and runs the registry (see `app.rs`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +10,13 @@ use isthmus_proto::config::ConfigProblems;
 use isthmus_proto::config::DurationFlag;
 use isthmus_proto::program;
 use isthmus_proto::TrustDomain;
-use isthmus_registry::app::{self, RegistryConfig, DEFAULT_ADMIN_ADDR, DEFAULT_GRPC_ADDR};
+use isthmus_registry::app::{
+    self, KubernetesConfig, LocalCluster, RegistryConfig, DEFAULT_ADMIN_ADDR,
+    DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
+    DEFAULT_SYSTEM_NAMESPACE,
+};
 use isthmus_registry::ca::{DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL};
+use isthmus_registry::sources::kubernetes::DEFAULT_PROBE_INTERVAL;
 use isthmus_registry::sources::vm_registrations::DEFAULT_VM_GRACE;
 use isthmus_registry::vips::DEFAULT_VIP_GRACE;
 
@@ -67,6 +73,87 @@ struct Args {
     /// Check the configuration and the resource files, print every problem, and exit.
     #[arg(long)]
     validate: bool,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// The Kubernetes clusters to watch (none unless one of the first three is given).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Kubernetes clusters")]
+struct KubeArgs {
+    /// Watch this registry's own cluster (`--cluster`, `--network`) through this kubeconfig.
+    #[arg(long, env = "ISTHMUS_KUBECONFIG", conflicts_with = "in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch this registry's own cluster through the pod's service account.
+    #[arg(long)]
+    in_cluster: bool,
+    /// A directory of kubeconfig files, one remote cluster each, named by the file
+    /// (`cluster-b.yaml` is cluster `cluster-b`); watched for changes.
+    #[arg(long, env = "ISTHMUS_REMOTE_KUBECONFIGS")]
+    remote_kubeconfigs: Option<PathBuf>,
+    /// Do not add the remote clusters of Secrets labelled `istio/multiCluster=true` in the
+    /// system namespace of this registry's own cluster.
+    #[arg(long)]
+    no_remote_secrets: bool,
+    /// Where remote-cluster Secrets are read from.
+    #[arg(long, default_value = DEFAULT_SYSTEM_NAMESPACE)]
+    system_namespace: String,
+    /// A remote cluster's network, as CLUSTER=NETWORK (repeatable); otherwise a cluster is on
+    /// this registry's network, unless its namespaces or pods say otherwise.
+    #[arg(long = "cluster-network", value_name = "CLUSTER=NETWORK")]
+    cluster_networks: Vec<String>,
+    /// The clusters' DNS domain.
+    #[arg(long, default_value = DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
+    /// A host (exact, or `*.suffix`) whose services never leave their cluster (repeatable;
+    /// replaces the defaults `*.kube-system.svc.<domain>` and `kubernetes.default.svc.<domain>`).
+    #[arg(long = "cluster-local-host", value_name = "HOST")]
+    cluster_local_hosts: Vec<String>,
+    /// How long readiness waits for every cluster's first sync; then the registry is ready
+    /// and says which clusters lag.
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_CLUSTER_SYNC_DEADLINE))]
+    cluster_sync_deadline: DurationFlag,
+    /// Drop an unreachable cluster's endpoints after this long (by default they stay, marked
+    /// stale with their age, until the cluster is back).
+    #[arg(long)]
+    cluster_stale_after: Option<DurationFlag>,
+    /// How often each cluster's API server is probed.
+    #[arg(long, default_value_t = DurationFlag(DEFAULT_PROBE_INTERVAL))]
+    cluster_probe_interval: DurationFlag,
+}
+
+impl KubeArgs {
+    fn into_config(self, problems: &mut ConfigProblems) -> KubernetesConfig {
+        let mut cluster_networks = BTreeMap::new();
+        for pair in &self.cluster_networks {
+            match pair.split_once('=') {
+                Some((c, n)) if !c.is_empty() && !n.is_empty() => {
+                    cluster_networks.insert(c.to_string(), n.to_string());
+                }
+                _ => problems.push(
+                    "--cluster-network",
+                    format!("{pair:?} is not CLUSTER=NETWORK"),
+                ),
+            }
+        }
+        KubernetesConfig {
+            local: match (self.kubeconfig, self.in_cluster) {
+                (Some(path), _) => Some(LocalCluster::Kubeconfig(path)),
+                (None, true) => Some(LocalCluster::InCluster),
+                (None, false) => None,
+            },
+            remote_kubeconfigs: self.remote_kubeconfigs,
+            remote_secrets: !self.no_remote_secrets,
+            system_namespace: self.system_namespace,
+            cluster_networks,
+            domain: self.cluster_domain,
+            cluster_local_hosts: (!self.cluster_local_hosts.is_empty())
+                .then_some(self.cluster_local_hosts),
+            sync_deadline: self.cluster_sync_deadline.0,
+            stale_after: self.cluster_stale_after.map(|d| d.0),
+            probe_interval: self.cluster_probe_interval.0,
+        }
+    }
 }
 
 impl Args {
@@ -88,6 +175,7 @@ impl Args {
         cfg.resource_poll = self.resource_poll.0;
         cfg.vip_grace = self.vip_grace.0;
         cfg.vm_grace = self.vm_grace.0;
+        cfg.kubernetes = self.kube.into_config(&mut problems);
         cfg.check(&mut problems);
         (cfg, problems)
     }

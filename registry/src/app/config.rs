@@ -1,6 +1,7 @@
 //! The registry's configuration: one typed struct with a named default for every setting,
 //! checked in one pass that reports every problem at once.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,6 +42,94 @@ pub struct RegistryConfig {
     pub vip_grace: Duration,
     /// How long a registered VM's entry stays after its agent's stream ended.
     pub vm_grace: Duration,
+    /// The Kubernetes clusters to watch, if any.
+    pub kubernetes: KubernetesConfig,
+}
+
+/// Where the registry's own cluster's API is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalCluster {
+    Kubeconfig(PathBuf),
+    /// The service account and API server of the pod the registry runs in.
+    InCluster,
+}
+
+/// The Kubernetes source's settings (see `sources::kubernetes`).
+#[derive(Debug, Clone)]
+pub struct KubernetesConfig {
+    /// The registry's own cluster (`--cluster`, `--network`), if it watches one.
+    pub local: Option<LocalCluster>,
+    /// A directory of kubeconfig files, one remote cluster each (named by the file).
+    pub remote_kubeconfigs: Option<PathBuf>,
+    /// Whether remote-cluster Secrets in `system_namespace` of the local cluster add clusters.
+    pub remote_secrets: bool,
+    pub system_namespace: String,
+    /// Cluster id -> network, for remote clusters.
+    pub cluster_networks: BTreeMap<String, String>,
+    pub domain: String,
+    /// Host patterns kept inside their cluster; Istio's defaults when `None`.
+    pub cluster_local_hosts: Option<Vec<String>>,
+    /// How long readiness waits for the clusters' first sync.
+    pub sync_deadline: Duration,
+    /// Drop an unreachable cluster's endpoints after this long (never when `None`).
+    pub stale_after: Option<Duration>,
+    pub probe_interval: Duration,
+}
+
+pub const DEFAULT_SYSTEM_NAMESPACE: &str = "isthmus-system";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+/// Istio waits as long for remote clusters before it serves (`PILOT_REMOTE_CLUSTER_TIMEOUT`).
+pub const DEFAULT_CLUSTER_SYNC_DEADLINE: Duration = Duration::from_secs(30);
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            local: None,
+            remote_kubeconfigs: None,
+            remote_secrets: true,
+            system_namespace: DEFAULT_SYSTEM_NAMESPACE.into(),
+            cluster_networks: BTreeMap::new(),
+            domain: DEFAULT_CLUSTER_DOMAIN.into(),
+            cluster_local_hosts: None,
+            sync_deadline: DEFAULT_CLUSTER_SYNC_DEADLINE,
+            stale_after: None,
+            probe_interval: crate::sources::kubernetes::DEFAULT_PROBE_INTERVAL,
+        }
+    }
+}
+
+impl KubernetesConfig {
+    /// Whether any cluster is to be watched.
+    pub fn enabled(&self) -> bool {
+        self.local.is_some() || self.remote_kubeconfigs.is_some()
+    }
+
+    fn check(&self, problems: &mut ConfigProblems) {
+        if let Some(LocalCluster::Kubeconfig(path)) = &self.local {
+            problems.check(path.is_file(), "--kubeconfig", || {
+                format!("{}: no such file", path.display())
+            });
+        }
+        if let Some(dir) = &self.remote_kubeconfigs {
+            problems.check(dir.is_dir(), "--remote-kubeconfigs", || {
+                format!("{}: not a directory", dir.display())
+            });
+        }
+        for (id, net) in &self.cluster_networks {
+            if let Err(e) = validate_dns_label("cluster", id) {
+                problems.push("--cluster-network", e.to_string());
+            }
+            if let Err(e) = validate_dns_label("network", net) {
+                problems.push("--cluster-network", e.to_string());
+            }
+        }
+        if let Err(e) = validate_dns_label("namespace", &self.system_namespace) {
+            problems.push("--system-namespace", e.to_string());
+        }
+        if let Err(e) = crate::validate::check_dns_name("--cluster-domain", &self.domain, false) {
+            problems.push("--cluster-domain", e.message().to_string());
+        }
+    }
 }
 
 impl RegistryConfig {
@@ -61,6 +150,7 @@ impl RegistryConfig {
             listener: ListenerOptions::default(),
             vip_grace: DEFAULT_VIP_GRACE,
             vm_grace: DEFAULT_VM_GRACE,
+            kubernetes: KubernetesConfig::default(),
         }
     }
 
@@ -96,6 +186,7 @@ impl RegistryConfig {
                 format!("{}: not a directory", dir.display())
             });
         }
+        self.kubernetes.check(problems);
     }
 
     pub(super) fn source_defaults(&self, td: TrustDomain) -> SourceDefaults {

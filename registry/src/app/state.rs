@@ -16,6 +16,7 @@ use crate::ca::Authority;
 use crate::ingest::Ingest;
 use crate::metrics::RegistryMetrics;
 use crate::registration::metrics::RegistrationMetrics;
+use crate::sources::kubernetes::ClusterStatuses;
 use crate::sources::vm_registrations::metrics::LeaseMetrics;
 use crate::sources::vm_registrations::VmRegistrations;
 use crate::store::{EmbeddedStore, Store};
@@ -60,6 +61,8 @@ pub(super) struct State {
     pub ingest: Ingest,
     pub registrations: Arc<VmRegistrations>,
     pub subscribers: Arc<Subscribers>,
+    /// The Kubernetes clusters' sync state, written by their watchers.
+    pub clusters: ClusterStatuses,
 }
 
 impl State {
@@ -90,6 +93,7 @@ impl State {
             ingest,
             registrations,
             subscribers: Arc::new(Subscribers::default()),
+            clusters: ClusterStatuses::default(),
         })
     }
 
