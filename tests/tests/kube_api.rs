@@ -78,6 +78,7 @@ async fn harness_cluster_checks_what_a_cluster_checks() {
     pod_status_as_a_kubelet_writes_it(&api).await;
     reader_role_is_confined(&api).await;
     credentials_are_checked(&api).await;
+    namespaces_come_and_go(&api).await;
 
     let (apiserver, etcd) = api.pids();
     eprintln!(
@@ -259,6 +260,57 @@ async fn reader_role_is_confined(api: &KubeApi) {
         .unwrap_err()
         .to_string();
     assert!(all_secrets.contains("forbidden"), "{all_secrets}");
+
+    // A narrower role, without pods, for an account of its own.
+    let narrow = api.dir().join("narrow.kubeconfig");
+    api.service_account_kubeconfig(&narrow, READER_NAMESPACE, "narrow-reader", NARROW_ROLE)
+        .await
+        .unwrap();
+    api.kubectl_as(&narrow, &["get", "services", "-A"], None)
+        .await
+        .unwrap();
+    let pods = api.kubectl_as(&narrow, &["get", "pods", "-A"], None).await;
+    let pods = pods.unwrap_err().to_string();
+    assert!(pods.contains("forbidden"), "{pods}");
+}
+
+const NARROW_ROLE: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: narrow-reader}
+rules:
+- {apiGroups: [""], resources: [services], verbs: [get, list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: narrow-reader}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: narrow-reader}
+subjects: [{kind: ServiceAccount, name: narrow-reader, namespace: isthmus-system}]
+"#;
+
+/// Without a namespace controller the harness finalizes a deleted namespace itself.
+async fn namespaces_come_and_go(api: &KubeApi) {
+    api.create_namespace("short-lived", &[("team", "a")])
+        .await
+        .unwrap();
+    let label = api
+        .kubectl(&[
+            "get",
+            "namespace",
+            "short-lived",
+            "-o",
+            "jsonpath={.metadata.labels.team}",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(label, "a");
+    api.kubectl(&["get", "serviceaccount", "default", "-n", "short-lived"])
+        .await
+        .unwrap();
+    api.delete_namespace("short-lived").await.unwrap();
+    let gone = api.kubectl(&["get", "namespace", "short-lived"]).await;
+    let gone = gone.unwrap_err().to_string();
+    assert!(gone.contains("NotFound"), "{gone}");
 }
 
 async fn credentials_are_checked(api: &KubeApi) {

@@ -18,8 +18,10 @@
 //!
 //! Istio's CRDs (`tests/kube/istio-crds.yaml`, vendored unchanged) and isthmus's Network
 //! CRD (`deploy/kubernetes/crds/network.yaml`) are installed and Established before
-//! [`KubeApi::start`] returns. `--min-request-timeout` is short, so clients re-establish
-//! their watches every 15-30 s, and [`KubeOptions::watch_cache`] off together with
+//! [`KubeApi::start`] returns. `--min-request-timeout` is short, so a watch that names no
+//! `timeoutSeconds` of its own ends after 15-30 s and is re-established (kube-rs's
+//! `watcher` sends one, 290 s by default: set `watcher::Config::timeout` lower to see
+//! re-watches in a test), and [`KubeOptions::watch_cache`] off together with
 //! [`KubeApi::compact_etcd`] makes the next re-watch from an old resourceVersion fail with
 //! 410 Gone. [`KubeApi::stop_apiserver`] and [`KubeApi::start_apiserver`] take the API
 //! server away and bring it back on the same port, etcd keeping the data.
@@ -71,9 +73,11 @@ const ADMISSION_PLUGINS: &str = "NamespaceLifecycle,LimitRanger,ServiceAccount,N
 /// How to start the API server.
 #[derive(Debug, Clone)]
 pub struct KubeOptions {
-    /// The API server's watch cache (`--watch-cache`). Off, lists and watches are served by
-    /// etcd, so a watch resumed from a compacted revision gets 410 Gone, as after a long
-    /// disconnection from a real cluster.
+    /// The API server's watch cache (`--watch-cache`). On (a real cluster's default), lists
+    /// and watches at recent versions are served from memory even after an etcd
+    /// compaction; off, they are served by etcd, so after [`KubeApi::compact_etcd`] a watch
+    /// resumed from an older version gets 410 Gone, as after a long disconnection from a
+    /// busy cluster.
     pub watch_cache: bool,
 }
 

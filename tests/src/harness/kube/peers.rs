@@ -60,7 +60,9 @@ pub fn available() -> bool {
             eprintln!("SKIPPED: {why}; set CI=true to make this a failure");
             false
         }
-        Err(Unavailable::NoGo(why)) => panic!("{why} but CI is set (.ci/run checks for it)"),
+        Err(Unavailable::NoGo(why)) => {
+            panic!("{why} (CI is set, so this fails instead of skipping; .ci/run checks for go)")
+        }
         Err(Unavailable::BuildFailed(why)) => panic!("{why}"),
     }
 }
