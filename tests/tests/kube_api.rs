@@ -49,6 +49,35 @@ spec:
   containers: [{name: web, image: registry.example/web:1}]
 "#;
 
+const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: apps}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: apps
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.1.2.3]
+  conditions: {ready: true, serving: true, terminating: false}
+  targetRef: {kind: Pod, name: web-0, namespace: apps}
+  nodeName: node-1
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-1
+  labels: {topology.kubernetes.io/region: eu-west, topology.kubernetes.io/zone: eu-west-1a}
+"#;
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -76,6 +105,7 @@ async fn harness_cluster_checks_what_a_cluster_checks() {
 
     istio_and_isthmus_kinds(&api).await;
     pod_status_as_a_kubelet_writes_it(&api).await;
+    services_endpoint_slices_and_nodes(&api).await;
     reader_role_is_confined(&api).await;
     credentials_are_checked(&api).await;
     namespaces_come_and_go(&api).await;
@@ -168,6 +198,54 @@ async fn istio_and_isthmus_kinds(api: &KubeApi) {
     let bad_port = NETWORK.replace("sniPort: 15443", "sniPort: 70000");
     let refused = api.apply(&bad_port).await.unwrap_err().to_string();
     assert!(refused.contains("sniPort"), "{refused}");
+}
+
+/// What no controller does here, a test does: EndpointSlices are written, not derived; the
+/// API server itself still allocates ClusterIPs.
+async fn services_endpoint_slices_and_nodes(api: &KubeApi) {
+    api.apply(SERVICE).await.unwrap();
+    let ip = api
+        .kubectl(&[
+            "get",
+            "service",
+            "web",
+            "-n",
+            "apps",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .await
+        .unwrap();
+    assert!(
+        ip.starts_with("10.96."),
+        "a ClusterIP from {}: {ip}",
+        kube::SERVICE_CIDR
+    );
+    let slices = api
+        .kubectl(&[
+            "get",
+            "endpointslices",
+            "-n",
+            "apps",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            "jsonpath={.items[*].endpoints[*].addresses[*]}",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(slices, "10.1.2.3", "only the slice the test wrote");
+    let zone = api
+        .kubectl(&[
+            "get",
+            "node",
+            "node-1",
+            "-o",
+            r#"jsonpath={.metadata.labels.topology\.kubernetes\.io/zone}"#,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(zone, "eu-west-1a");
 }
 
 async fn pod_status_as_a_kubelet_writes_it(api: &KubeApi) {
