@@ -450,4 +450,23 @@ async fn compaction_expires_old_resource_versions() {
         "a watch from a compacted version: {}",
         watched.body
     );
+
+    // A test that fails with the cluster in scope stops its peers and keeps their logs.
+    let dir = api.dir().to_path_buf();
+    let (apiserver, etcd) = api.pids();
+    let failed = std::thread::spawn(move || {
+        let _api = api;
+        panic!("(expected) a test failing with its KubeApi in scope");
+    })
+    .join();
+    assert!(failed.is_err());
+    for pid in [apiserver.unwrap(), etcd] {
+        let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+        assert!(!proc.exists(), "process {pid} outlived its KubeApi");
+    }
+    assert!(
+        dir.join("apiserver.log").is_file(),
+        "the logs were not kept"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

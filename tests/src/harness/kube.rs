@@ -29,8 +29,9 @@
 //! A Kubernetes test starts with `if !kube::available() { return; }` (skips only where `go`
 //! is missing outside CI). Keep one `KubeApi` per test and run a binary's checks in
 //! sequence where they can share one: each pair costs a few seconds to start and a few
-//! hundred MB. Never keep a `KubeApi` in a `static`: statics are not dropped, and its
-//! processes die with the thread that started them.
+//! hundred MB. Never keep a `KubeApi` in a `static`: statics are not dropped, so its
+//! processes would outlive the test binary. After a failed test its directory, with the
+//! peers' logs, is kept and named on stderr.
 
 mod http;
 mod peers;
@@ -111,6 +112,21 @@ impl std::fmt::Debug for KubeApi {
             .field("url", &self.url())
             .field("etcd", &self.etcd_addr)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KubeApi {
+    /// After a failed test, keeps the peers' directory (their logs, data and keys) and
+    /// says where it is; the fields then stop the processes.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "cluster {}: kept etcd's and kube-apiserver's logs and data in {}",
+                self.name,
+                self.dir.path().display()
+            );
+        }
     }
 }
 
