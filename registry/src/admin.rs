@@ -139,6 +139,7 @@ async fn catalog(State(s): State<AdminState>, Query(q): Query<CatalogQuery>) -> 
             network: network.clone(),
             gateway,
             namespace: (!gateway).then_some(namespace).flatten(),
+            cluster: None,
         },
     );
     Json(render::view_json(&network, &version, &resources)).into_response()

@@ -41,6 +41,11 @@ pub struct ViewKey {
     /// The namespace whose visibility the view follows; None: every namespace (gateways
     /// and operators).
     pub namespace: Option<String>,
+    /// The subscriber's cluster, for cluster-local services: a proxy of cluster A sees only
+    /// cluster A's endpoints of them, and none of a cluster-local service only B defines.
+    /// None: every cluster's (gateways, which never carry cluster-local traffic, and
+    /// operators).
+    pub cluster: Option<String>,
 }
 
 impl ViewKey {
@@ -50,7 +55,14 @@ impl ViewKey {
             network: network.into(),
             gateway: false,
             namespace,
+            cluster: None,
         }
+    }
+
+    /// The same view, for a subscriber of `cluster` (see [`ViewKey::cluster`]).
+    pub fn in_cluster(mut self, cluster: &str) -> Self {
+        self.cluster = (!cluster.is_empty()).then(|| cluster.to_string());
+        self
     }
 
     /// The view of the gateways of `network`.
@@ -59,6 +71,7 @@ impl ViewKey {
             network: network.into(),
             gateway: true,
             namespace: None,
+            cluster: None,
         }
     }
 
@@ -72,7 +85,8 @@ impl ViewKey {
             NodeKind::Workload | NodeKind::Dns | NodeKind::Vm => Self::workload(
                 node.network.clone(),
                 identity.namespace().map(str::to_string),
-            ),
+            )
+            .in_cluster(&node.cluster),
         }
     }
 }
@@ -85,8 +99,11 @@ impl std::fmt::Display for ViewKey {
             self.network,
             if self.gateway { "gateway" } else { "workload" }
         )?;
-        match &self.namespace {
-            Some(ns) => write!(f, "/{ns}"),
+        if let Some(ns) = &self.namespace {
+            write!(f, "/{ns}")?;
+        }
+        match &self.cluster {
+            Some(c) => write!(f, " (cluster {c})"),
             None => Ok(()),
         }
     }
@@ -584,13 +601,27 @@ pub fn build_service_view(
     let defs = &by_ns[ns];
     let service = merged_service(defs, vips)?;
     let cluster_local = defs.iter().all(|d| d.scope == Scope::ClusterLocal);
+    // A cluster-local service is its own cluster's business: another cluster's proxies
+    // neither see it nor its endpoints.
+    let home = |cluster: &str| match &key.cluster {
+        Some(c) => c == cluster,
+        None => defs.iter().any(|d| d.cluster == cluster),
+    };
+    if cluster_local
+        && key
+            .cluster
+            .as_ref()
+            .is_some_and(|c| !defs.iter().any(|d| &d.cluster == c))
+    {
+        return None;
+    }
     // Only what every namespace may see goes through gateways (see the module doc).
     let beyond_network = !cluster_local && service.export_to.is_public();
     let mut endpoints = Vec::new();
     let mut remote: BTreeMap<&str, Behind> = BTreeMap::new();
     for w in catalog.endpoints(hostname, ns) {
         if w.network == key.network {
-            if cluster_local && !defs.iter().any(|d| d.cluster == w.cluster) {
+            if cluster_local && !home(&w.cluster) {
                 continue;
             }
             endpoints.push(ViewEndpoint {

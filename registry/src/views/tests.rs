@@ -74,6 +74,7 @@ fn split_horizon_weights() {
         network: "net-a".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     let sv = service_entry(&a, "web.shop");
     let local: Vec<_> = sv
@@ -114,6 +115,7 @@ fn split_horizon_weights() {
         network: "net-b".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     let sv = service_entry(&b, "web.shop");
     assert_eq!(
@@ -139,6 +141,7 @@ fn gateway_view_has_only_local_endpoints() {
         network: "net-b".into(),
         gateway: true,
         namespace: None,
+        cluster: None,
     });
     let sv = service_entry(&g, "web.shop");
     assert_eq!(sv.endpoints.len(), 6);
@@ -155,6 +158,7 @@ fn unhealthy_remote_endpoints_do_not_count_and_gatewayless_networks_contribute_n
         network: "net-a".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     // Two of net-b's endpoints go unhealthy: 4 left -> 2 + 2.
     let mut ups = Vec::new();
@@ -202,6 +206,7 @@ fn versions_history_and_catchup() {
         network: "net-a".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     let s0 = a.seq();
     // A no-op change publishes nothing.
@@ -263,6 +268,7 @@ fn equal_content_has_an_equal_digest_whatever_the_history() {
         network: "net-a".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     };
     let v2 = two.view(&key);
     two.apply(vec![svc("db.shop", "shop", "c", "db")], vec![], vec![]);
@@ -314,6 +320,7 @@ fn history_is_bounded_and_old_resumes_get_a_snapshot() {
         network: "net-a".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     views.apply(vec![svc("web.shop", "shop", "c", "web")], vec![], vec![]);
     for i in 0..10 {
@@ -349,6 +356,7 @@ fn removed_service_is_a_removal() {
         network: "net-a".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     let s0 = a.seq();
     views.apply(vec![], vec!["Service/c/shop/web.shop/web".into()], vec![]);
@@ -393,11 +401,13 @@ fn service_entry_carries_its_allocated_vips_in_every_view() {
             network: "net-a".into(),
             gateway: false,
             namespace: None,
+            cluster: None,
         },
         ViewKey {
             network: "net-b".into(),
             gateway: true,
             namespace: None,
+            cluster: None,
         },
     ];
     let before: Vec<_> = keys.iter().map(|k| views.view(k)).collect();
@@ -407,6 +417,7 @@ fn service_entry_carries_its_allocated_vips_in_every_view() {
         network: "net-c".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     let alloc = views
         .with_vips(|v| v.active("web.shop").cloned())
@@ -446,6 +457,7 @@ fn opted_out_service_has_no_vip_in_its_entry() {
         network: "net-a".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     apply_with_vips(
         &views,
@@ -470,6 +482,7 @@ fn service_with_its_own_addresses_has_no_vip_in_its_entry() {
         network: "net-a".into(),
         gateway: false,
         namespace: None,
+        cluster: None,
     });
     let own = with_service(svc("web.shop", "shop", "c", "web"), |s| {
         s.addresses.push(isthmus_proto::model::ServiceAddress {
@@ -737,6 +750,7 @@ fn two_service_entries_of_one_namespace_for_one_host_are_merged_as_istio_merges_
         network: "net-a".into(),
         gateway: false,
         namespace: Some("shop".into()),
+        cluster: None,
     });
     let merged = service_entry(&a, "shared.shop");
     let ports: Vec<u16> = merged.service.ports.iter().map(|p| p.number).collect();
@@ -754,4 +768,115 @@ fn two_service_entries_of_one_namespace_for_one_host_are_merged_as_istio_merges_
         .map(|p| p.number)
         .collect();
     assert_eq!(ports, [80]);
+}
+
+/// `resource` with its cluster (and, for a Service, its scope) changed.
+fn in_cluster(r: OwnedResource, cluster: &str, local: bool) -> OwnedResource {
+    let resource = match &*r.resource {
+        Resource::Service(s) => Resource::Service(Service {
+            cluster: cluster.into(),
+            scope: if local {
+                Scope::ClusterLocal
+            } else {
+                Scope::Mesh
+            },
+            ..s.clone()
+        }),
+        Resource::Workload(w) => Resource::Workload(Workload {
+            cluster: cluster.into(),
+            name: format!("{}-{cluster}", w.name),
+            ..w.clone()
+        }),
+        other => other.clone(),
+    };
+    OwnedResource::new(r.origin, resource)
+}
+
+#[test]
+fn a_cluster_local_service_is_seen_only_by_its_own_cluster_s_subscribers() {
+    let views = Views::default();
+    views.apply(
+        vec![
+            in_cluster(svc("dns.sys", "sys", "c", "dns"), "a", true),
+            in_cluster(svc("dns.sys", "sys", "c", "dns"), "b", true),
+            in_cluster(wl("d", "sys", "dns", "10.0.0.1", "net-a"), "a", false),
+            in_cluster(wl("d", "sys", "dns", "10.0.0.2", "net-a"), "b", false),
+        ],
+        vec![],
+        vec![],
+    );
+    let addresses = |key: ViewKey| -> Option<Vec<String>> {
+        let view = views.view(&key);
+        let present = view
+            .state
+            .read()
+            .unwrap()
+            .entries
+            .contains_key(&service_view_key("dns.sys"));
+        present.then(|| {
+            service_entry(&view, "dns.sys")
+                .endpoints
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect()
+        })
+    };
+    let ns = || Some("sys".to_string());
+    assert_eq!(
+        addresses(ViewKey::workload("net-a", ns()).in_cluster("a")),
+        Some(vec!["10.0.0.1".to_string()])
+    );
+    assert_eq!(
+        addresses(ViewKey::workload("net-a", ns()).in_cluster("b")),
+        Some(vec!["10.0.0.2".to_string()])
+    );
+    // A cluster that does not define it does not see it at all.
+    assert_eq!(
+        addresses(ViewKey::workload("net-a", ns()).in_cluster("c")),
+        None
+    );
+    // An operator's view (no cluster) shows every defining cluster's endpoints.
+    assert_eq!(
+        addresses(ViewKey::workload("net-a", ns())),
+        Some(vec!["10.0.0.1".to_string(), "10.0.0.2".to_string()])
+    );
+}
+
+#[test]
+fn stale_endpoints_say_since_when_and_a_gateway_carries_the_oldest_behind_it() {
+    let views = Views::default();
+    let stale = |r: OwnedResource, since: i64| -> OwnedResource {
+        let Resource::Workload(w) = &*r.resource else {
+            unreachable!()
+        };
+        OwnedResource::new(
+            r.origin.clone(),
+            Resource::Workload(Workload {
+                stale_since_ms: since,
+                ..w.clone()
+            }),
+        )
+    };
+    views.apply(
+        vec![
+            net("net-b", &["198.51.100.10"]),
+            svc("web.shop", "shop", "c", "web"),
+            stale(wl("a0", "shop", "web", "10.0.0.1", "net-a"), 1_000),
+            stale(wl("b0", "shop", "web", "10.1.0.1", "net-b"), 5_000),
+            stale(wl("b1", "shop", "web", "10.1.0.2", "net-b"), 3_000),
+            wl("b2", "shop", "web", "10.1.0.3", "net-b"),
+        ],
+        vec![],
+        vec![],
+    );
+    let view = views.view(&ViewKey::workload("net-a", None));
+    let sv = service_entry(&view, "web.shop");
+    let stale_of = |kind: EndpointKind| {
+        sv.endpoints
+            .iter()
+            .find(|e| e.kind == kind)
+            .map(|e| e.stale_since_ms)
+    };
+    assert_eq!(stale_of(EndpointKind::Workload), Some(1_000));
+    assert_eq!(stale_of(EndpointKind::Gateway), Some(3_000));
 }
