@@ -152,6 +152,7 @@ impl KubeArgs {
             sync_deadline: self.cluster_sync_deadline.0,
             stale_after: self.cluster_stale_after.map(|d| d.0),
             probe_interval: self.cluster_probe_interval.0,
+            ..KubernetesConfig::default()
         }
     }
 }

@@ -74,6 +74,8 @@ pub struct KubernetesConfig {
     /// Drop an unreachable cluster's endpoints after this long (never when `None`).
     pub stale_after: Option<Duration>,
     pub probe_interval: Duration,
+    /// How long each watch request lasts before it is renewed.
+    pub watch_timeout: Duration,
 }
 
 pub const DEFAULT_SYSTEM_NAMESPACE: &str = "isthmus-system";
@@ -94,6 +96,7 @@ impl Default for KubernetesConfig {
             sync_deadline: DEFAULT_CLUSTER_SYNC_DEADLINE,
             stale_after: None,
             probe_interval: crate::sources::kubernetes::DEFAULT_PROBE_INTERVAL,
+            watch_timeout: crate::sources::kubernetes::DEFAULT_WATCH_TIMEOUT,
         }
     }
 }

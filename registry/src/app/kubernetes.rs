@@ -39,6 +39,7 @@ pub(super) async fn start(
             .unwrap_or_else(|| default_cluster_local_hosts(&k.domain)),
         stale_after: k.stale_after,
         probe_interval: k.probe_interval,
+        watch_timeout: k.watch_timeout,
     };
     let source = Arc::new(KubernetesSource::new(
         ingest,

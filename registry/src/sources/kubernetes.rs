@@ -63,7 +63,14 @@ pub struct KubeSettings {
     /// Drop a cluster's endpoints after it has been out of reach this long (never if `None`).
     pub stale_after: Option<Duration>,
     pub probe_interval: Duration,
+    /// How long one watch request lasts before the watcher renews it from the last
+    /// resourceVersion it saw (the API server may end it sooner).
+    pub watch_timeout: Duration,
 }
+
+/// kube's and client-go's usual watch length: under the API server's own limit, so that a
+/// watch normally ends on the client's terms.
+pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 
 /// What the clusters' tasks share.
 pub(crate) struct Shared {

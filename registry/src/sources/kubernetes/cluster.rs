@@ -153,7 +153,13 @@ impl Cluster {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
-        let stores = watchers::start(&client, &objects, tx, &mut tasks);
+        let stores = watchers::start(
+            &client,
+            &objects,
+            self.shared.settings.watch_timeout,
+            tx,
+            &mut tasks,
+        );
         self.kinds = ["Service", "EndpointSlice", "Pod", "Node", "Namespace"]
             .into_iter()
             .chain(served.iter().map(|k| {
@@ -242,6 +248,7 @@ impl Cluster {
                 self.shared.statuses.update(&id, |s| {
                     let k = s.kinds.entry(kind.to_string()).or_default();
                     k.synced = true;
+                    k.lists += 1;
                     k.last_event_ms = now;
                 });
                 dirty.all = true;

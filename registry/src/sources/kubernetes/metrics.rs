@@ -28,11 +28,14 @@ pub fn register(registry: &mut prometheus_client::registry::Registry, statuses: 
 #[derive(Debug)]
 struct ClusterCollector(ClusterStatuses);
 
+/// One per-cluster gauge's value, from the status and the time now (Unix ms).
+type PerCluster = fn(&super::ClusterStatus, i64) -> f64;
+
 impl Collector for ClusterCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let all = self.0.snapshot();
         let now = now_ms();
-        let per_cluster: [(&str, &str, fn(&super::ClusterStatus, i64) -> f64); 4] = [
+        let per_cluster: [(&str, &str, PerCluster); 4] = [
             (
                 "registry_cluster_synced",
                 "1 once every kind of the cluster has been listed",

@@ -45,6 +45,9 @@ pub struct ClusterStatus {
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct KindStatus {
     pub synced: bool,
+    /// Complete lists of the kind: the first sync, then one per relist (a watch that
+    /// expired, an API server that restarted).
+    pub lists: u64,
     pub objects: usize,
     /// Unix milliseconds of the last event of this kind.
     pub last_event_ms: i64,

@@ -124,9 +124,12 @@ impl Stores {
 pub fn start(
     client: &Client,
     objects: &[(&'static str, ApiResource)],
+    timeout: std::time::Duration,
     tx: mpsc::UnboundedSender<Msg>,
     tasks: &mut JoinSet<()>,
 ) -> Stores {
+    let config = watcher::Config::default().timeout(timeout.as_secs().clamp(1, 3600) as u32);
+    let tasks = &mut Watchers { tasks, config };
     let services = watch(
         tasks,
         "Service",
@@ -216,8 +219,14 @@ pub fn start(
 
 /// One watcher and its reflector: events go to the store first, then (as a `Touched`) to
 /// the cluster's loop.
+/// Where the watchers run, and how they watch.
+struct Watchers<'a> {
+    tasks: &'a mut JoinSet<()>,
+    config: watcher::Config,
+}
+
 fn watch<K>(
-    tasks: &mut JoinSet<()>,
+    w: &mut Watchers<'_>,
     kind: &'static str,
     api: Api<K>,
     dyntype: K::DynamicType,
@@ -232,9 +241,9 @@ where
     let store = writer.as_reader();
     let stream = reflector::reflector(
         writer,
-        watcher::watcher(api, watcher::Config::default()).default_backoff(),
+        watcher::watcher(api, w.config.clone()).default_backoff(),
     );
-    tasks.spawn(async move {
+    w.tasks.spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let msg = match event {
