@@ -363,3 +363,6 @@ fn locality(node: Option<&str>, zone: Option<&str>, lookup: &dyn Lookup) -> Loca
     }
     l
 }
+
+#[cfg(test)]
+mod tests;
