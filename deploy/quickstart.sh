@@ -7,6 +7,10 @@
 #
 #   deploy/quickstart.sh             build (release), bring the mesh up, show a call across
 #                                    the networks and who saw which identity on the way
+#   deploy/quickstart.sh kubernetes  the same, with a real kube-apiserver as cluster-a's API:
+#                                    the registry watches it, and VM B calls a Kubernetes
+#                                    Service whose endpoint is VM A's app (needs Go to build
+#                                    the API server; see deploy/quickstart-kubernetes.sh)
 #   deploy/quickstart.sh down        stop everything it started and remove every namespace,
 #                                    interface, /etc/netns entry and file it created
 #   deploy/quickstart.sh status      what is up
@@ -221,7 +225,7 @@ down() {
   require_root down
   local removed=0 name pid ns out file
   # The agents first (they undo their capture), then the apps, the gateways, the registry.
-  for name in agent-a agent-b app-a app-b gateway-a gateway-b registry; do
+  for name in agent-a agent-b app-a app-b gateway-a gateway-b registry kube-apiserver etcd; do
     if pid=$(live_pid "$name"); then
       stop_pid "$pid" "$name"
       removed=1
@@ -290,7 +294,7 @@ down() {
 
 status() {
   local name ns any=0 pid
-  for name in registry gateway-a gateway-b app-a app-b agent-a agent-b; do
+  for name in etcd kube-apiserver registry gateway-a gateway-b app-a app-b agent-a agent-b; do
     if pid=$(live_pid "$name"); then
       echo "$name: running (pid $pid), log $logs/$name.log"
       any=1
@@ -331,16 +335,23 @@ build() {
     -p isthmus-gateway --bin isthmus-gateway
     -p isthmus-vm-agent --bin isthmus-vm-agent
     -p isthmus-sample-app --bin sample-app)
-  if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
-    # As the user who ran sudo: their toolchain, and target/ stays theirs.
-    local home
-    home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
-    sudo -u "$SUDO_USER" env "PATH=$home/.cargo/bin:$PATH" "HOME=$home" \
-      ${CARGO_TARGET_DIR:+"CARGO_TARGET_DIR=$CARGO_TARGET_DIR"} cargo "${args[@]}"
-  else
+  if [ -z "${SUDO_USER:-}" ] || [ "$SUDO_USER" = root ]; then
     command -v cargo >/dev/null 2>&1 ||
       die "cargo is not on PATH: install a Rust toolchain, or build first and run with ISTHMUS_NO_BUILD=1"
-    cargo "${args[@]}"
+  fi
+  as_builder cargo "${args[@]}"
+}
+
+# as_builder COMMAND ARGS...: runs a build as the user who ran sudo when there is one (their
+# toolchains, and target/ stays theirs), else as is.
+as_builder() {
+  if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+    local home
+    home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+    sudo -u "$SUDO_USER" env "PATH=$home/.cargo/bin:$home/go/bin:$PATH" "HOME=$home" \
+      ${CARGO_TARGET_DIR:+"CARGO_TARGET_DIR=$CARGO_TARGET_DIR"} "$@"
+  else
+    "$@"
   fi
 }
 
@@ -413,10 +424,14 @@ EOF
 }
 
 start_registry() {
+  local kube=()
+  if [ "$flavour" = kubernetes ]; then
+    kube=(--kubeconfig "$kube_dir/reader.kubeconfig")
+  fi
   say "starting isthmus-registry on $grpc (admin http://$admin), log $logs/registry.log"
   start registry - "$bin/isthmus-registry" --cluster "$cluster" --network network-a \
     --ca-dir "$state/ca/$cluster" --data-dir "$state/data" --resources "$state/resources" \
-    --grpc-addr "$grpc" --admin-addr "$admin"
+    --grpc-addr "$grpc" --admin-addr "$admin" "${kube[@]}"
   wait_for registry "GET http://$admin/readyz" http_ok "http://$admin/readyz"
 }
 
@@ -585,6 +600,9 @@ up() {
   fi
   build
   check_binaries
+  if [ "$flavour" = kubernetes ]; then
+    kube_build
+  fi
 
   mkdir -p "$pids" "$logs"
   trap on_up_exit EXIT
@@ -598,6 +616,10 @@ up() {
   }
 
   make_namespaces
+  if [ "$flavour" = kubernetes ]; then
+    kube_start
+    kube_objects
+  fi
   start_registry
   local x
   for x in "${nets[@]}"; do start_gateway "$x"; done
@@ -618,13 +640,24 @@ up() {
       vm_http_ok "$x" http://127.0.0.1:15021/healthz/ready
   done
   demo
+  if [ "$flavour" = kubernetes ]; then
+    kube_demo
+  fi
   print_help
 }
 
+flavour=files
+# shellcheck source=deploy/quickstart-kubernetes.sh
+. "$root/deploy/quickstart-kubernetes.sh"
+
 case "${1:-up}" in
 up) up ;;
+kubernetes)
+  flavour=kubernetes
+  up
+  ;;
 down) down ;;
 status) status ;;
 -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-*) die "unknown command '$1': use up (the default), down or status" ;;
+*) die "unknown command '$1': use up (the default), kubernetes, down or status" ;;
 esac

@@ -238,6 +238,14 @@ async fn a_cluster_s_services_pods_and_istio_objects_reach_the_view() {
         ("cluster-a", Health::Healthy, 0)
     );
 
+    // A node moved to another zone: its endpoints' locality follows.
+    api.apply(&NODE.replace("eu-west-1a", "eu-west-1b"))
+        .await
+        .unwrap();
+    until(&mut sub, "the node's new zone", |v| {
+        endpoints(v, WEB).first().map(|e| e.locality.zone.clone()) == Some("eu-west-1b".into())
+    })
+    .await;
     // A pod relabelled, an endpoint no longer ready, then gone; the Service deleted.
     api.apply(&pod("web-0", "shop", "web", "app: web, version: v2"))
         .await
@@ -304,6 +312,31 @@ async fn a_cluster_s_services_pods_and_istio_objects_reach_the_view() {
     )
     .await;
 
+    // A WorkloadGroup in the cluster is in the catalog for VMs to register from, and goes
+    // when it is deleted.
+    let group = "WorkloadGroup/shop/db-vms";
+    let in_catalog = |key: &'static str| {
+        let views = reg.handle().views.clone();
+        move || {
+            let found = views.with_catalog(|c| c.get(key).map(|r| r.origin.clone()));
+            async move { found }
+        }
+    };
+    let origin = eventually(STEP, in_catalog(group)).await;
+    assert_eq!(origin.as_deref(), Some("kube:cluster-a/"));
+    api.delete("workloadgroup", Some("shop"), "db-vms")
+        .await
+        .unwrap();
+    let gone = eventually(STEP, || {
+        let f = in_catalog(group);
+        async move { f().await.is_none().then_some(()) }
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the deleted WorkloadGroup is still in the catalog"
+    );
+
     let status = cluster_status(&reg, "cluster-a").await;
     assert_eq!(status["synced"], true, "{status:#}");
     assert_eq!(status["summary"], "synced", "{status:#}");
@@ -341,6 +374,13 @@ apiVersion: networking.istio.io/v1beta1
 kind: WorkloadEntry
 metadata: {name: db-vm, namespace: shop}
 spec: {address: 10.10.0.7, labels: {app: db}, serviceAccount: db}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: db-vms, namespace: shop}
+spec:
+  metadata: {labels: {app: db}}
+  template: {serviceAccount: db, ports: {tcp-pg: 5432}}
 ---
 apiVersion: isthmus.io/v1alpha1
 kind: Network
@@ -600,4 +640,49 @@ async fn lists(reg: &TestRegistry, kind: &str) -> u64 {
     cluster_status(reg, "cluster-a").await["kinds"][kind]["lists"]
         .as_u64()
         .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_cluster_stale_past_the_limit_is_dropped_and_comes_back_when_reachable() {
+    if !kube::available() {
+        return;
+    }
+    let mut api = KubeApi::start("cluster-a").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    shop_with_pod(&api, "10.244.0.5").await;
+    api.apply(&kube_service("web", "shop", "")).await.unwrap();
+    api.apply(&slice(
+        "web-1",
+        "shop",
+        "web",
+        &[("10.244.0.5", Some("web-0"))],
+        true,
+    ))
+    .await
+    .unwrap();
+    let reg = registry_for(&api, dir.path(), |cfg| {
+        cfg.kubernetes.stale_after = Some(Duration::from_secs(2));
+    })
+    .await;
+    let mut sub = subscriber(&reg, "shop", "cluster-a").await;
+    until(&mut sub, "web's endpoint", |v| {
+        addresses(v, WEB) == ["10.244.0.5"]
+    })
+    .await;
+    api.stop_apiserver();
+    until(&mut sub, "web dropped", |v| service(v, WEB).is_none()).await;
+    let status = cluster_status(&reg, "cluster-a").await;
+    assert_eq!(status["dropped"], true, "{status:#}");
+    assert!(
+        status["summary"].as_str().unwrap().starts_with("dropped"),
+        "{status:#}"
+    );
+    api.start_apiserver().await.unwrap();
+    until(&mut sub, "web back", |v| {
+        endpoints(v, WEB)
+            .first()
+            .is_some_and(|e| e.stale_since_ms == 0)
+    })
+    .await;
+    assert_eq!(cluster_status(&reg, "cluster-a").await["dropped"], false);
 }

@@ -57,6 +57,7 @@ pub(super) async fn start(
                 watch_secrets(
                     client,
                     k.system_namespace.clone(),
+                    cfg.cluster.clone(),
                     source.clone(),
                     k.cluster_networks.clone(),
                     cfg.network.clone(),
@@ -79,6 +80,7 @@ pub(super) async fn start(
             "remote kubeconfig directory poller",
             watch_directory(
                 dir.clone(),
+                k.local.as_ref().map(|_| cfg.cluster.clone()),
                 source.clone(),
                 k.cluster_networks.clone(),
                 cfg.network.clone(),

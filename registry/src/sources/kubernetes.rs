@@ -149,11 +149,13 @@ impl KubernetesSource {
         {
             return;
         }
-        if let Some(old) = running.remove(&spec.id) {
+        // The old watchers finish what they are writing before the new ones start, so the
+        // two never write the cluster's resources at once.
+        let previous = running.remove(&spec.id).map(|old| {
             tracing::info!(cluster = %spec.id, "cluster credentials or network changed; reconnecting");
             let _ = old.stop.send(true);
-            old.task.abort();
-        }
+            old.task
+        });
         let waits = !self
             .deadline_passed
             .load(std::sync::atomic::Ordering::SeqCst);
@@ -168,7 +170,13 @@ impl KubernetesSource {
         tracing::info!(cluster = %spec.id, network = %spec.network, credentials = %spec.credentials, server = %spec.config.cluster_url, "watching cluster");
         let (stop, stop_rx) = watch::channel(false);
         let id = spec.id.clone();
-        let task = tokio::spawn(cluster::run(spec, self.shared.clone(), stop_rx));
+        let shared = self.shared.clone();
+        let task = tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            cluster::run(spec, shared, stop_rx).await
+        });
         running.insert(
             id,
             Running {

@@ -386,12 +386,12 @@ impl Cluster {
             return;
         }
         let ctx = self.context();
-        let slices = slices_by_service(stores);
         let units: Vec<Unit> = if dirty.all {
             all_units(stores)
         } else {
             dirty.units.into_iter().collect()
         };
+        let slices = slices_by_service(stores, (!dirty.all).then_some(&units));
         let mut problems = Vec::new();
         let mut mapped: Vec<(Unit, Vec<Resource>)> = Vec::with_capacity(units.len());
         for unit in units {
@@ -599,13 +599,37 @@ fn service_of(slice: &EndpointSlice) -> Option<String> {
         .cloned()
 }
 
-fn slices_by_service(stores: &Stores) -> HashMap<(String, String), Vec<Arc<EndpointSlice>>> {
+/// The slices of each Service (of those in `only`, when given).
+fn slices_by_service(
+    stores: &Stores,
+    only: Option<&Vec<Unit>>,
+) -> HashMap<(String, String), Vec<Arc<EndpointSlice>>> {
+    let wanted: Option<std::collections::HashSet<(&str, &str)>> = only.map(|units| {
+        units
+            .iter()
+            .filter_map(|u| match u {
+                Unit::Service { namespace, name } => Some((namespace.as_str(), name.as_str())),
+                Unit::Object { .. } => None,
+            })
+            .collect()
+    });
     let mut out: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+    if wanted.as_ref().is_some_and(|w| w.is_empty()) {
+        return out;
+    }
     for slice in stores.slices.state() {
-        if let Some(name) = service_of(&slice) {
-            let ns = slice.metadata.namespace.clone().unwrap_or_default();
-            out.entry((ns, name)).or_default().push(slice);
+        let Some(name) = service_of(&slice) else {
+            continue;
+        };
+        let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
+        if wanted
+            .as_ref()
+            .is_some_and(|w| !w.contains(&(ns, name.as_str())))
+        {
+            continue;
         }
+        let ns = ns.to_string();
+        out.entry((ns, name)).or_default().push(slice);
     }
     out
 }

@@ -81,8 +81,10 @@ fn network_of(id: &str, networks: &BTreeMap<String, String>, default: &str) -> S
 /// Watches `dir` for kubeconfig files (`*.yaml`, `*.yml`, `*.kubeconfig`, or no
 /// extension), one cluster each, named by the file's stem. Polls, as the static source does,
 /// since Secret and ConfigMap volumes swap a symlink rather than write files.
+/// `local`: the registry's own cluster when it watches one; a file cannot redefine it.
 pub async fn watch_directory(
     dir: PathBuf,
+    local: Option<String>,
     source: Arc<KubernetesSource>,
     networks: BTreeMap<String, String>,
     default_network: String,
@@ -90,8 +92,17 @@ pub async fn watch_directory(
     stop: isthmus_proto::drain::Watch,
 ) {
     let mut known: BTreeSet<String> = BTreeSet::new();
+    let mut warned = false;
     loop {
-        let found = read_directory(&dir);
+        let mut found = read_directory(&dir);
+        match local.as_ref().and_then(|id| found.remove(id)) {
+            Some((path, _)) if !warned => {
+                tracing::warn!(file = %path.display(), "a kubeconfig file names this registry's own cluster; ignored");
+                warned = true;
+            }
+            Some(_) => {}
+            None => warned = false,
+        }
         for (id, (path, text)) in &found {
             let network = network_of(id, &networks, &default_network);
             let what = format!("kubeconfig {}", path.display());
@@ -162,6 +173,7 @@ fn read_directory(dir: &Path) -> BTreeMap<String, (PathBuf, String)> {
 pub async fn watch_secrets(
     client: kube::Client,
     namespace: String,
+    local: String,
     source: Arc<KubernetesSource>,
     networks: BTreeMap<String, String>,
     default_network: String,
@@ -181,6 +193,7 @@ pub async fn watch_secrets(
         };
         let Some(event) = event else { return };
         let ctx = SecretContext {
+            local: &local,
             source: &source,
             networks: &networks,
             default_network: &default_network,
@@ -225,6 +238,8 @@ fn secret_name(s: &Secret) -> String {
 }
 
 struct SecretContext<'a> {
+    /// The registry's own cluster: a Secret cannot redefine it (as in Istio).
+    local: &'a str,
     source: &'a Arc<KubernetesSource>,
     networks: &'a BTreeMap<String, String>,
     default_network: &'a str,
@@ -242,6 +257,10 @@ impl SecretContext<'_> {
             .and_then(|a| a.get(labels::NETWORK).cloned());
         let mut ids = BTreeSet::new();
         for (id, bytes) in s.data.iter().flatten() {
+            if id == self.local {
+                tracing::warn!(secret = %name, cluster = %id, "a remote-cluster Secret names this registry's own cluster; ignored");
+                continue;
+            }
             ids.insert(id.clone());
             let network = annotated_network
                 .clone()

@@ -108,13 +108,13 @@ impl Stores {
     /// Objects per kind, for the cluster's status.
     pub fn counts(&self) -> Vec<(&'static str, usize)> {
         let mut out = vec![
-            ("Service", self.services.state().len()),
-            ("EndpointSlice", self.slices.state().len()),
-            ("Pod", self.pods.state().len()),
-            ("Node", self.nodes.state().len()),
-            ("Namespace", self.namespaces.state().len()),
+            ("Service", self.services.len()),
+            ("EndpointSlice", self.slices.len()),
+            ("Pod", self.pods.len()),
+            ("Node", self.nodes.len()),
+            ("Namespace", self.namespaces.len()),
         ];
-        out.extend(self.objects.iter().map(|o| (o.kind, o.store.state().len())));
+        out.extend(self.objects.iter().map(|o| (o.kind, o.store.len())));
         out
     }
 }
