@@ -1,11 +1,14 @@
 //! `isthmusctl`: CA setup, bootstrap tokens, certificate requests, VM onboarding bundles,
-//! and a network's view. This file is the command line and its dispatch; each command is a
-//! function in the file named after what it works on ([`ca`], [`cert`], [`vm`],
-//! [`catalog`]), and [`connect`] is how the commands that talk to a registry reach it.
+//! a network's view, and the Kubernetes clusters the registry watches. This file is the
+//! command line and its dispatch; each command is a function in the file named after what
+//! it works on ([`ca`], [`cert`], [`vm`], [`catalog`], [`clusters`], [`cluster_secret`]),
+//! and [`connect`] is how the commands that talk to a registry reach it.
 
 mod ca;
 mod catalog;
 mod cert;
+mod cluster_secret;
+mod clusters;
 mod connect;
 mod vm;
 
@@ -36,6 +39,20 @@ enum Command {
     /// VMs joining the mesh.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Each Kubernetes cluster the registry watches: synced or not, objects per kind, the
+    /// age of the last event, staleness, reconnects, errors (its admin's /debug/clusters).
+    Clusters(clusters::ClustersArgs),
+    /// Kubernetes clusters joining the mesh.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Install the registry's reader role in a cluster and print a remote-cluster Secret
+    /// (Istio's shape) with a token of that role; applied in the registry's own cluster, it
+    /// makes the registry watch this one.
+    Secret(cluster_secret::SecretArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,5 +110,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Cert(CertCommand::Request(args)) => cert::request(args).await,
         Command::Vm(VmCommand::Onboard(args)) => vm::onboard(args, now),
         Command::Catalog(args) => catalog::show(args).await,
+        Command::Clusters(args) => clusters::show(args).await,
+        Command::Cluster(ClusterCommand::Secret(args)) => cluster_secret::create(args).await,
     }
 }

@@ -1,0 +1,405 @@
+//! `isthmusctl clusters`: each Kubernetes cluster the registry watches and how current it
+//! is, read from the registry admin's `/debug/clusters` and printed as a table (then each
+//! cluster's last error and problems in full) or as the JSON it serves.
+//!
+//! The admin port speaks plain HTTP/1.1 on loopback by default; one GET needs no HTTP
+//! client library, so the request is written here by hand.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the registry's admin listens when run with its defaults (it binds every address;
+/// this reaches it from the same host).
+pub(super) const DEFAULT_ADMIN: &str = "127.0.0.1:15014";
+/// How long the admin gets to answer.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer read: a status per cluster is a few KB.
+const MAX_RESPONSE: u64 = 16 << 20;
+const PATH: &str = "/debug/clusters";
+
+#[derive(Debug, Args)]
+pub(super) struct ClustersArgs {
+    /// The registry's admin address (host:port), as its --admin-addr.
+    #[arg(long, default_value = DEFAULT_ADMIN)]
+    admin: String,
+    /// Print /debug/clusters' JSON as the registry serves it.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `/debug/clusters` as served: the registry's clock and every cluster's status (the
+/// fields shown here of `sources::kubernetes::ClusterStatus`, plus its `summary`).
+#[derive(Debug, Deserialize)]
+struct ClustersReply {
+    now_ms: i64,
+    clusters: Vec<ClusterRow>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClusterRow {
+    cluster: String,
+    network: String,
+    summary: String,
+    #[serde(default)]
+    kinds: BTreeMap<String, KindRow>,
+    last_error: Option<String>,
+    #[serde(default)]
+    last_error_ms: i64,
+    #[serde(default)]
+    reconnects: u64,
+    #[serde(default)]
+    stale_since_ms: i64,
+    #[serde(default)]
+    problems: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct KindRow {
+    #[serde(default)]
+    objects: usize,
+    #[serde(default)]
+    last_event_ms: i64,
+    #[serde(default)]
+    not_installed: bool,
+}
+
+pub(super) async fn show(args: ClustersArgs) -> anyhow::Result<()> {
+    let body = get(&args.admin, PATH).await?;
+    let reply: ClustersReply = serde_json::from_str(&body).with_context(|| {
+        format!(
+            "{} at {}: not the clusters' status this isthmusctl reads",
+            PATH, args.admin
+        )
+    })?;
+    if args.json {
+        println!("{}", body.trim_end());
+    } else {
+        print!("{}", table(&reply));
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 GET of `path` at `addr`; the body of a 200 answer.
+async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
+        conn.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        conn.take(MAX_RESPONSE).read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "registry admin at {addr}: no answer within {}s",
+                ADMIN_TIMEOUT.as_secs()
+            )
+        })?
+        .with_context(|| format!("cannot reach the registry admin at {addr} (--admin)"))?;
+    let (status, body) = parse_response(&raw)
+        .with_context(|| format!("registry admin at {addr}: not an HTTP answer"))?;
+    if status != 200 {
+        bail!("registry admin at {addr}: GET {path} answered {status}: {body}");
+    }
+    Ok(body)
+}
+
+/// The status and body of an HTTP/1.x response read to its end (`Connection: close`),
+/// undoing a chunked transfer encoding.
+fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let chunked = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("transfer-encoding") && v.trim() == "chunked"
+        })
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").context("truncated chunk")?;
+        let size = size.split(';').next().unwrap_or_default().trim();
+        let n = usize::from_str_radix(size, 16).context("bad chunk size")?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.push_str(after.get(..n).context("truncated chunk")?);
+        rest = after
+            .get(n..)
+            .unwrap_or_default()
+            .trim_start_matches("\r\n");
+    }
+}
+
+/// `3s ago`, `4m ago`, `2h ago`, `5d ago`.
+fn age(now_ms: i64, then_ms: i64) -> String {
+    let s = (now_ms - then_ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// The objects of a kind, `-` when its API is not installed in the cluster.
+fn objects(c: &ClusterRow, kind: &str) -> String {
+    match c.kinds.get(kind) {
+        Some(k) if k.not_installed => "-".into(),
+        Some(k) => k.objects.to_string(),
+        None => "0".into(),
+    }
+}
+
+/// The state in a word or two: the summary up to its cause, which follows the table.
+fn state(summary: &str) -> &str {
+    summary.split_once(": ").map_or(summary, |(s, _)| s)
+}
+
+fn row(c: &ClusterRow, now_ms: i64) -> [String; 9] {
+    let last_event = c.kinds.values().map(|k| k.last_event_ms).max().unwrap_or(0);
+    [
+        c.cluster.clone(),
+        c.network.clone(),
+        state(&c.summary).to_string(),
+        objects(c, "Service"),
+        objects(c, "EndpointSlice"),
+        objects(c, "Pod"),
+        if last_event == 0 {
+            "-".into()
+        } else {
+            format!("{} ago", age(now_ms, last_event))
+        },
+        if c.stale_since_ms == 0 {
+            "-".into()
+        } else {
+            age(now_ms, c.stale_since_ms)
+        },
+        c.reconnects.to_string(),
+    ]
+}
+
+/// The table, then each cluster's state, last error and problems in full.
+fn table(reply: &ClustersReply) -> String {
+    if reply.clusters.is_empty() {
+        return "no Kubernetes clusters are watched (see --kubeconfig, --remote-kubeconfigs)\n"
+            .into();
+    }
+    const HEADER: [&str; 9] = [
+        "CLUSTER",
+        "NETWORK",
+        "STATE",
+        "SERVICES",
+        "ENDPOINTSLICES",
+        "PODS",
+        "LAST EVENT",
+        "STALE",
+        "RECONNECTS",
+    ];
+    let rows: Vec<[String; 9]> = reply
+        .clusters
+        .iter()
+        .map(|c| row(c, reply.now_ms))
+        .collect();
+    let mut widths = HEADER.map(str::len);
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let header = HEADER.map(String::from);
+    for r in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    for c in &reply.clusters {
+        details(&mut out, c, reply.now_ms);
+    }
+    out
+}
+
+/// What the table cuts short: the full summary when it carries a cause, the last error
+/// (with its age) and each problem.
+fn details(out: &mut String, c: &ClusterRow, now_ms: i64) {
+    let mut lines = Vec::new();
+    if state(&c.summary) != c.summary {
+        lines.push(c.summary.clone());
+    }
+    if let Some(e) = &c.last_error {
+        if !c.summary.ends_with(e.as_str()) {
+            let when = if c.last_error_ms == 0 {
+                String::new()
+            } else {
+                format!(" ({} ago)", age(now_ms, c.last_error_ms))
+            };
+            lines.push(format!("last error{when}: {e}"));
+        }
+    }
+    lines.extend(c.problems.iter().map(|p| format!("problem: {p}")));
+    if !lines.is_empty() {
+        let _ = writeln!(out, "\n{}:", c.cluster);
+        for l in lines {
+            let _ = writeln!(out, "  {l}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::kubernetes::{ClusterStatus, KindStatus};
+
+    /// The reply as the admin builds it from the source's own type, so a renamed field
+    /// fails here rather than showing as zero.
+    fn served(statuses: &[ClusterStatus], now_ms: i64) -> ClustersReply {
+        let clusters: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|c| {
+                let mut v = serde_json::to_value(c).unwrap();
+                v["summary"] = c.summary(now_ms).into();
+                v
+            })
+            .collect();
+        let body = serde_json::json!({"now_ms": now_ms, "clusters": clusters}).to_string();
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn kind(objects: usize, last_event_ms: i64) -> KindStatus {
+        KindStatus {
+            synced: true,
+            objects,
+            last_event_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_table_shows_each_cluster_and_then_what_went_wrong_in_full() {
+        let now = 1_000_000_000;
+        let a = ClusterStatus {
+            cluster: "cluster-a".into(),
+            network: "net-a".into(),
+            synced: true,
+            kinds: [
+                ("Service".to_string(), kind(3, now - 3_000)),
+                ("EndpointSlice".to_string(), kind(4, now - 65_000)),
+                ("Pod".to_string(), kind(5, now - 10_000)),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let b = ClusterStatus {
+            cluster: "cluster-b".into(),
+            network: "net-b".into(),
+            synced: true,
+            kinds: [("Service".to_string(), kind(1, now - 7_200_000))].into(),
+            last_error: Some("connection refused".into()),
+            last_error_ms: now - 2_000,
+            reconnects: 2,
+            stale_since_ms: now - 12_000,
+            problems: vec!["ServiceEntry shop/x: no hosts".into()],
+            ..Default::default()
+        };
+        let text = table(&served(&[a, b], now));
+        let lines: Vec<&str> = text.lines().collect();
+        let cells = |l: &str| {
+            l.split("  ")
+                .filter(|c| !c.is_empty())
+                .map(str::trim)
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[0]),
+            [
+                "CLUSTER",
+                "NETWORK",
+                "STATE",
+                "SERVICES",
+                "ENDPOINTSLICES",
+                "PODS",
+                "LAST EVENT",
+                "STALE",
+                "RECONNECTS"
+            ]
+        );
+        assert_eq!(
+            cells(lines[1]),
+            [
+                "cluster-a",
+                "net-a",
+                "synced",
+                "3",
+                "4",
+                "5",
+                "3s ago",
+                "-",
+                "0"
+            ]
+        );
+        assert_eq!(
+            cells(lines[2]),
+            [
+                "cluster-b",
+                "net-b",
+                "stale for 12s",
+                "1",
+                "0",
+                "0",
+                "2h ago",
+                "12s",
+                "2"
+            ]
+        );
+        assert!(
+            text.contains("\ncluster-b:\n  stale for 12s: connection refused\n  problem: ServiceEntry shop/x: no hosts\n"),
+            "{text}"
+        );
+        assert!(!text.contains("cluster-a:"), "{text}");
+    }
+
+    #[test]
+    fn no_clusters_says_which_flags_add_them() {
+        let text = table(&served(&[], 0));
+        assert_eq!(
+            text,
+            "no Kubernetes clusters are watched (see --kubeconfig, --remote-kubeconfigs)\n"
+        );
+    }
+
+    #[test]
+    fn a_chunked_answer_is_reassembled() {
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n";
+        assert_eq!(parse_response(raw).unwrap(), (200, "{\"a\":1}".to_string()));
+        let plain = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\nno";
+        assert_eq!(parse_response(plain).unwrap(), (503, "no".to_string()));
+    }
+}
