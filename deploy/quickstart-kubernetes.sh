@@ -159,4 +159,12 @@ kube_demo() {
   echo
   say "the registry's clusters: $bin/isthmusctl clusters --admin $admin"
   "$bin/isthmusctl" clusters --admin "$admin" | sed 's/^/    /'
+  cat <<HELP
+
+Cluster-a's API (as root):
+  $kube_bin/kubectl --kubeconfig $kube_dir/admin.kubeconfig get svc,endpointslices,pods -n shop
+  curl -s http://$admin/debug/clusters
+  Mark VM A's endpoint ready: false in the EndpointSlice hello-1 (kubectl edit) and watch
+  VM B's view follow: ip netns exec isthmus-vm-b curl -s http://127.0.0.1:15000/config_dump
+HELP
 }
