@@ -16,6 +16,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use clusters::COLUMNS as CLUSTER_COLUMNS;
+
 #[derive(Debug, Parser)]
 #[command(name = "isthmusctl", version, about = "Operate an isthmus mesh")]
 struct Cli {

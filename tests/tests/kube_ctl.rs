@@ -284,20 +284,7 @@ async fn a_secret_from_isthmusctl_joins_a_cluster_and_isthmusctl_clusters_shows_
     );
     let served: Value = serde_json::from_str(&json.stdout).expect("--json is JSON");
     let rows = rows(&table.stdout);
-    assert_eq!(
-        rows[0],
-        [
-            "CLUSTER",
-            "NETWORK",
-            "STATE",
-            "SERVICES",
-            "ENDPOINTSLICES",
-            "PODS",
-            "LAST EVENT",
-            "STALE",
-            "RECONNECTS"
-        ]
-    );
+    assert_eq!(rows[0], isthmus_registry::ctl::CLUSTER_COLUMNS);
     assert_eq!(rows.len(), 3, "{}", table.stdout);
     for (row, c) in rows[1..].iter().zip(served["clusters"].as_array().unwrap()) {
         let objects = |kind: &str| c["kinds"][kind]["objects"].to_string();

@@ -542,33 +542,37 @@ async fn clusters_join_by_secret_and_file_merge_by_namespace_and_fail_alone() {
     .expect("the removed file's cluster is gone");
 }
 
+/// Cluster-a with `web` (one pod, one endpoint) and a registry watching it, with a
+/// subscriber in `shop` that has seen the endpoint.
+async fn web_in_one_cluster(
+    options: KubeOptions,
+    adjust: impl FnOnce(&mut RegistryConfig),
+) -> (KubeApi, tempfile::TempDir, TestRegistry, Subscription) {
+    let api = KubeApi::start_with("cluster-a", options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    shop_with_pod(&api, "10.244.0.5").await;
+    api.apply(&kube_service("web", "shop", "")).await.unwrap();
+    let endpoint = [("10.244.0.5", Some("web-0"))];
+    api.apply(&slice("web-1", "shop", "web", &endpoint, true))
+        .await
+        .unwrap();
+    let reg = registry_for(&api, dir.path(), adjust).await;
+    let mut sub = subscriber(&reg, "shop", "cluster-a").await;
+    until(&mut sub, "web's endpoint", |v| {
+        addresses(v, WEB) == ["10.244.0.5"]
+    })
+    .await;
+    (api, dir, reg, sub)
+}
+
 #[tokio::test]
 async fn an_unreachable_cluster_goes_stale_and_a_relist_churns_nothing() {
     if !kube::available() {
         return;
     }
-    let mut api = KubeApi::start_with("cluster-a", KubeOptions { watch_cache: false })
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    shop_with_pod(&api, "10.244.0.5").await;
-    api.apply(&kube_service("web", "shop", "")).await.unwrap();
-    api.apply(&slice(
-        "web-1",
-        "shop",
-        "web",
-        &[("10.244.0.5", Some("web-0"))],
-        true,
-    ))
-    .await
-    .unwrap();
-    let reg = registry_for(&api, dir.path(), |cfg| {
+    let options = KubeOptions { watch_cache: false };
+    let (mut api, _dir, reg, mut sub) = web_in_one_cluster(options, |cfg| {
         cfg.kubernetes.watch_timeout = Duration::from_secs(2);
-    })
-    .await;
-    let mut sub = subscriber(&reg, "shop", "cluster-a").await;
-    until(&mut sub, "web's endpoint", |v| {
-        addresses(v, WEB) == ["10.244.0.5"]
     })
     .await;
     let before = service(&sub.view, WEB).cloned();
@@ -647,26 +651,8 @@ async fn a_cluster_stale_past_the_limit_is_dropped_and_comes_back_when_reachable
     if !kube::available() {
         return;
     }
-    let mut api = KubeApi::start("cluster-a").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    shop_with_pod(&api, "10.244.0.5").await;
-    api.apply(&kube_service("web", "shop", "")).await.unwrap();
-    api.apply(&slice(
-        "web-1",
-        "shop",
-        "web",
-        &[("10.244.0.5", Some("web-0"))],
-        true,
-    ))
-    .await
-    .unwrap();
-    let reg = registry_for(&api, dir.path(), |cfg| {
+    let (mut api, _dir, reg, mut sub) = web_in_one_cluster(KubeOptions::default(), |cfg| {
         cfg.kubernetes.stale_after = Some(Duration::from_secs(2));
-    })
-    .await;
-    let mut sub = subscriber(&reg, "shop", "cluster-a").await;
-    until(&mut sub, "web's endpoint", |v| {
-        addresses(v, WEB) == ["10.244.0.5"]
     })
     .await;
     api.stop_apiserver();

@@ -202,36 +202,38 @@ fn row(c: &ClusterRow, now_ms: i64) -> [String; 9] {
     ]
 }
 
+/// The table's columns, in order.
+pub const COLUMNS: [&str; 9] = [
+    "CLUSTER",
+    "NETWORK",
+    "STATE",
+    "SERVICES",
+    "ENDPOINTSLICES",
+    "PODS",
+    "LAST EVENT",
+    "STALE",
+    "RECONNECTS",
+];
+
 /// The table, then each cluster's state, last error and problems in full.
 fn table(reply: &ClustersReply) -> String {
     if reply.clusters.is_empty() {
         return "no Kubernetes clusters are watched (see --kubeconfig, --remote-kubeconfigs)\n"
             .into();
     }
-    const HEADER: [&str; 9] = [
-        "CLUSTER",
-        "NETWORK",
-        "STATE",
-        "SERVICES",
-        "ENDPOINTSLICES",
-        "PODS",
-        "LAST EVENT",
-        "STALE",
-        "RECONNECTS",
-    ];
     let rows: Vec<[String; 9]> = reply
         .clusters
         .iter()
         .map(|c| row(c, reply.now_ms))
         .collect();
-    let mut widths = HEADER.map(str::len);
+    let mut widths = COLUMNS.map(str::len);
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.len());
         }
     }
     let mut out = String::new();
-    let header = HEADER.map(String::from);
+    let header = COLUMNS.map(String::from);
     for r in std::iter::once(&header).chain(&rows) {
         let cells: Vec<String> = r
             .iter()
@@ -337,20 +339,7 @@ mod tests {
                 .map(String::from)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            cells(lines[0]),
-            [
-                "CLUSTER",
-                "NETWORK",
-                "STATE",
-                "SERVICES",
-                "ENDPOINTSLICES",
-                "PODS",
-                "LAST EVENT",
-                "STALE",
-                "RECONNECTS"
-            ]
-        );
+        assert_eq!(cells(lines[0]), COLUMNS);
         assert_eq!(
             cells(lines[1]),
             [

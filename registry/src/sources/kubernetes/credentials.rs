@@ -106,18 +106,7 @@ pub async fn watch_directory(
         for (id, (path, text)) in &found {
             let network = network_of(id, &networks, &default_network);
             let what = format!("kubeconfig {}", path.display());
-            match config_from_kubeconfig(&what, text, true).await {
-                Ok(config) => source.set_cluster(
-                    ClusterSpec {
-                        id: id.clone(),
-                        network: network.clone(),
-                        credentials: what,
-                        config,
-                    },
-                    fingerprint(text, &network),
-                ),
-                Err(e) => report_bad_credentials(&source, id, &e),
-            }
+            add_cluster(&source, id, network, what, text, true).await;
         }
         for gone in known.iter().filter(|id| !found.contains_key(*id)) {
             tracing::info!(cluster = %gone, dir = %dir.display(), "kubeconfig file removed");
@@ -128,6 +117,33 @@ pub async fn watch_directory(
             _ = tokio::time::sleep(poll) => {}
             _ = stop.clone().signaled() => return,
         }
+    }
+}
+
+/// Starts (or keeps, or restarts) cluster `id` from kubeconfig `text`, or reports why its
+/// credentials cannot be used.
+async fn add_cluster(
+    source: &KubernetesSource,
+    id: &str,
+    network: String,
+    what: String,
+    text: &str,
+    trusted: bool,
+) {
+    match config_from_kubeconfig(&what, text, trusted).await {
+        Ok(config) => {
+            let fingerprint = fingerprint(text, &network);
+            source.set_cluster(
+                ClusterSpec {
+                    id: id.to_string(),
+                    network,
+                    credentials: what,
+                    config,
+                },
+                fingerprint,
+            )
+        }
+        Err(e) => report_bad_credentials(source, id, &e),
     }
 }
 
@@ -277,18 +293,7 @@ impl SecretContext<'_> {
                     continue;
                 }
             };
-            match config_from_kubeconfig(&what, text, false).await {
-                Ok(config) => self.source.set_cluster(
-                    ClusterSpec {
-                        id: id.clone(),
-                        network: network.clone(),
-                        credentials: what,
-                        config,
-                    },
-                    fingerprint(text, &network),
-                ),
-                Err(e) => report_bad_credentials(self.source, id, &e),
-            }
+            add_cluster(self.source, id, network, what, text, false).await;
         }
         ids
     }

@@ -72,34 +72,32 @@ impl Collector for ClusterCollector {
                 ConstGauge::new(value(s, now)).encode(m.encode_family(&labels)?)?;
             }
         }
-        let mut m = encoder.encode_descriptor(
-            "registry_cluster_objects",
-            "Objects per kind in the cluster's watch caches",
-            None,
-            MetricType::Gauge,
-        )?;
-        for s in &all {
-            for (kind, k) in &s.kinds {
-                let labels = KindLabels {
-                    cluster: s.cluster.clone(),
-                    kind: kind.clone(),
-                };
-                ConstGauge::new(k.objects as i64).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        let mut m = encoder.encode_descriptor(
-            "registry_cluster_watch_errors",
-            "Watch failures per kind (each is retried with back-off)",
-            None,
-            MetricType::Counter,
-        )?;
-        for s in &all {
-            for (kind, k) in &s.kinds {
-                let labels = KindLabels {
-                    cluster: s.cluster.clone(),
-                    kind: kind.clone(),
-                };
-                ConstCounter::new(k.errors).encode(m.encode_family(&labels)?)?;
+        let per_kind: [(&str, &str, MetricType); 2] = [
+            (
+                "registry_cluster_objects",
+                "Objects per kind in the cluster's watch caches",
+                MetricType::Gauge,
+            ),
+            (
+                "registry_cluster_watch_errors",
+                "Watch failures per kind (each is retried with back-off)",
+                MetricType::Counter,
+            ),
+        ];
+        for (name, help, kind_of_metric) in per_kind {
+            let mut m = encoder.encode_descriptor(name, help, None, kind_of_metric)?;
+            for s in &all {
+                for (kind, k) in &s.kinds {
+                    let labels = KindLabels {
+                        cluster: s.cluster.clone(),
+                        kind: kind.clone(),
+                    };
+                    let family = m.encode_family(&labels)?;
+                    match kind_of_metric {
+                        MetricType::Counter => ConstCounter::new(k.errors).encode(family)?,
+                        _ => ConstGauge::new(k.objects as i64).encode(family)?,
+                    }
+                }
             }
         }
         Ok(())

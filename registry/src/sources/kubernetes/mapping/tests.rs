@@ -171,7 +171,11 @@ fn endpoints_take_identity_labels_network_and_locality_from_pod_node_and_namespa
     let out = map_service(&ctx(), &svc, &slices, &objects);
     let ws = workloads(&out);
     assert_eq!(ws.len(), 3);
-    let at = |a: &str| *ws.iter().find(|w| w.address == Address::Ip(a.parse().unwrap())).unwrap();
+    let at = |a: &str| {
+        *ws.iter()
+            .find(|w| w.address == Address::Ip(a.parse().unwrap()))
+            .unwrap()
+    };
     let pod = at("10.0.0.5");
     assert_eq!(
         pod.identity.as_ref().unwrap().as_str(),
