@@ -321,7 +321,7 @@ impl Registry {
     /// Waits until `/readyz` is 200 and every cluster says synced, then until the catalog
     /// holds every cluster's resources; prints both times, the memory and the CPU spent.
     async fn wait_synced(&self, apis: &[KubeApi], opts: &Opts) -> anyhow::Result<()> {
-        let cpu_before: Vec<Duration> = apis.iter().map(|a| peers_cpu(a)).sum_into();
+        let cpu_before: Vec<Duration> = apis.iter().map(peers_cpu).sum_into();
         let deadline = Duration::from_secs(900);
         let ready = loop {
             let readyz = matches!(http_get(self.admin, "/readyz").await, Ok((200, _)));
@@ -355,7 +355,7 @@ impl Registry {
             opts.services * opts.endpoints,
             complete.as_secs_f64()
         );
-        let cpu_after: Vec<Duration> = apis.iter().map(|a| peers_cpu(a)).sum_into();
+        let cpu_after: Vec<Duration> = apis.iter().map(peers_cpu).sum_into();
         println!(
             "first sync CPU: isthmus-registry {:.2} s; the API servers {:.2} s, their etcds {:.2} s (answering the lists and watches)",
             cpu_of(self.pid()).as_secs_f64(),
@@ -473,18 +473,21 @@ async fn put(api: &KubeApi, path: &str, body: &Value) -> anyhow::Result<()> {
 
 /// One flip of endpoint 0 of Service `svc` in cluster A to `ready`: for Service 0 with
 /// pods, the pod's status and then the slice, else the slice alone. Both objects are read
-/// first; returns when the first write started and how long the writes took.
+/// first; returns when the first write started, how long the writes took, and how long
+/// the read of the slice took (a request's cost without a write: connection, TLS, API).
 async fn flip(
     api: &KubeApi,
     svc: usize,
     ready: bool,
     pods: bool,
-) -> anyhow::Result<(Instant, Duration)> {
+) -> anyhow::Result<(Instant, Duration, Duration)> {
     let slice_path = format!(
         "/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices/svc-{svc}-{}",
         cluster_name(0)
     );
+    let read = Instant::now();
     let mut slice = get(api, &slice_path).await?;
+    let read = read.elapsed();
     slice["endpoints"][0]["conditions"] =
         json!({"ready": ready, "serving": ready, "terminating": false});
     let pod_path = format!("/api/v1/namespaces/{NS}/pods/svc-0-0");
@@ -502,7 +505,7 @@ async fn flip(
         put(api, &format!("{pod_path}/status"), &pod).await?;
     }
     put(api, &slice_path, &slice).await?;
-    Ok((start, start.elapsed()))
+    Ok((start, start.elapsed(), read))
 }
 
 /// Flips endpoint 0 of Service 0 (pod-backed) and then of Service 1 (no pods) to not ready
@@ -523,13 +526,22 @@ async fn flips(
     barrier.wait().await;
     let cpu = cpu_of(reg.pid());
     let mut results = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+    let (mut writes, mut reads, mut each) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..2 * per_kind {
         let svc = service_of_round(round);
         let pods = svc == 0 && opts.pods > 0;
-        let (start, write) = flip(api, svc, round % 2 == 1, pods).await?;
+        let (start, write, read) = flip(api, svc, round % 2 == 1, pods).await?;
+        writes.push(write);
+        reads.push(read);
         let (latencies, after_write) = &mut results[svc];
         let round = round_latencies(&mut rx, n, round, start).await;
         after_write.extend(round.iter().map(|d| d.saturating_sub(write)));
+        let last = round.iter().max().copied().unwrap_or_default();
+        each.push(format!(
+            "{:.0}+{:.0}",
+            ms(write),
+            ms(last.saturating_sub(write))
+        ));
         latencies.extend(round);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -551,6 +563,18 @@ async fn flips(
             ms(after_write.last().copied().unwrap_or_default()),
         );
     }
+    println!(
+        "each flip in turn, write + until the last subscriber had it (ms): {}",
+        each.join(" ")
+    );
+    writes.sort();
+    reads.sort();
+    println!(
+        "API requests: the flips' writes took median {:.1} ms, max {:.1} ms; a GET of the slice median {:.1} ms (new connection and TLS handshake each)",
+        ms(percentile(&writes, 0.5)),
+        ms(writes.last().copied().unwrap_or_default()),
+        ms(percentile(&reads, 0.5)),
+    );
     println!(
         "flips CPU: isthmus-registry {:.2} s for {} flips to {n} subscribers",
         (cpu_of(reg.pid()) - cpu).as_secs_f64(),
