@@ -519,9 +519,13 @@ async fn flips(
     let n = subs.len();
     let per_kind = 2 * opts.flips;
     let service_of_round = move |round: usize| usize::from(round >= per_kind);
-    let (barrier, mut rx) = await_rounds(subs, 2 * per_kind, move |s, round| {
+    // One round more than there are flips, never reached: every subscriber stays connected
+    // until the runtime ends, so the first ones done do not close their streams (and free
+    // their buffers) while the last flip is still reaching the others.
+    let flips = 2 * per_kind;
+    let (barrier, mut rx) = await_rounds(subs, flips + 1, move |s, round| {
         let svc = service_of_round(round);
-        healthy(s, svc, address(0, svc, 0)) == (round % 2 == 1)
+        round < flips && healthy(s, svc, address(0, svc, 0)) == (round % 2 == 1)
     });
     barrier.wait().await;
     let cpu = cpu_of(reg.pid());
