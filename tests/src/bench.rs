@@ -1,7 +1,15 @@
 //! What the benchmark drivers (`src/bin/*-bench.rs`) share: their flags, the machine they
-//! describe, the kernel's clock tick, and medians.
+//! describe, the kernel's clock tick, medians and percentiles, a process's memory, and the
+//! registry benchmarks' Watch fan-out machinery (subscribers that each wait for a series of
+//! changes, and a registry in another process to subscribe to).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use isthmus_proto::certs;
+use isthmus_proto::identity::SpiffeId;
+use isthmus_proto::subscription::Subscription;
+use tokio::sync::{mpsc, Barrier};
 
 /// Clock ticks per second, the unit of `/proc/<pid>/stat` and `/proc/stat` (asked once).
 pub fn clock_ticks() -> u64 {
@@ -57,4 +65,166 @@ pub fn arg(name: &str, default: &str) -> String {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| default.to_string())
+}
+
+/// The `p` quantile (0..=1) of sorted durations, nearest rank (0 for none).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+/// A process's resident memory (`VmRSS`), MB; 0 when it cannot be read.
+pub fn rss_of(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// A process's CPU time so far (user + system), from `/proc/<pid>/stat`.
+pub fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name (which may hold spaces and parentheses) comes field 3, the
+    // state; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let ticks: u64 = fields.iter().sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+}
+
+/// Subscribers waiting for a series of changes, one task each: round `r` is reached by a
+/// subscriber when `reached(subscription, r)` holds on its view; each then reports
+/// `(r, when)` once. The tasks start together when the caller passes the returned barrier
+/// (so none misses the first change); [`round_latencies`] collects one round.
+pub fn await_rounds<F>(
+    subs: Vec<Subscription>,
+    rounds: usize,
+    reached: F,
+) -> (Arc<Barrier>, mpsc::UnboundedReceiver<(usize, Instant)>)
+where
+    F: Fn(&Subscription, usize) -> bool + Clone + Send + 'static,
+{
+    let barrier = Arc::new(Barrier::new(subs.len() + 1));
+    let (tx, rx) = mpsc::unbounded_channel::<(usize, Instant)>();
+    for mut s in subs {
+        let tx = tx.clone();
+        let barrier = barrier.clone();
+        let reached = reached.clone();
+        tokio::spawn(async move {
+            barrier.wait().await;
+            for round in 0..rounds {
+                while !reached(&s, round) {
+                    if s.next().await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send((round, Instant::now()));
+            }
+        });
+    }
+    (barrier, rx)
+}
+
+/// How long each of `subscribers` took, from `start`, to report `round` (each within 60 s).
+pub async fn round_latencies(
+    rx: &mut mpsc::UnboundedReceiver<(usize, Instant)>,
+    subscribers: usize,
+    round: usize,
+    start: Instant,
+) -> Vec<Duration> {
+    let mut latencies = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        let (r, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("fan-out within 60s")
+            .expect("subscriber alive");
+        assert_eq!(r, round);
+        latencies.push(at - start);
+    }
+    latencies
+}
+
+/// Credentials and channels for a registry in another process, from its CA directory
+/// (as [`crate::TestRegistry::config`] lays it out) and its gRPC address.
+pub struct RemoteRegistry {
+    pub dir: std::path::PathBuf,
+    pub grpc: std::net::SocketAddr,
+}
+
+impl RemoteRegistry {
+    fn bundle(&self) -> isthmus_proto::tls::TrustBundle {
+        isthmus_proto::tls::TrustBundle::from_pem_file(
+            &self.dir.join("ca").join("root-cert.pem"),
+            crate::TRUST_DOMAIN,
+        )
+        .expect("bundle")
+    }
+
+    pub async fn channel(
+        &self,
+        creds: Option<&isthmus_proto::tls::Credentials>,
+    ) -> anyhow::Result<tonic::transport::Channel> {
+        use isthmus_proto::tls;
+        let cfg = tls::client_config(
+            creds,
+            &self.bundle(),
+            tls::ServerIdentity::TrustDomain,
+            &[tls::ALPN_H2],
+        )?;
+        Ok(isthmus_proto::grpc::connect(&self.grpc.to_string(), Arc::new(cfg)).await?)
+    }
+
+    pub async fn credentials(&self) -> anyhow::Result<isthmus_proto::tls::Credentials> {
+        let material = isthmus_registry::ca::CaMaterial::load(
+            &self.dir.join("ca").join(crate::CLUSTER),
+            None,
+        )?;
+        let token = isthmus_registry::ca::token::create(
+            &material,
+            crate::CLUSTER,
+            "bench",
+            "client",
+            Duration::from_secs(600),
+            ::time::OffsetDateTime::now_utc(),
+        )?;
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/bench/sa/client")?;
+        let (key, csr) = certs::generate_key_and_csr(&id)?;
+        let issued =
+            certs::request_certificate(self.channel(None).await?, csr, Some(token), 0).await?;
+        Ok(isthmus_proto::tls::Credentials::from_pem(
+            &issued.chain_pems.concat(),
+            &key,
+        )?)
+    }
+}
+
+/// 1,000 subscribers need 2,000 descriptors in one process (both ends of each connection).
+pub fn check_nofile() {
+    #[cfg(target_os = "linux")]
+    {
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+            if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
+                let soft: u64 = line
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if soft < 4096 {
+                    eprintln!("note: the open-file limit is {soft}; 1,000 subscribers need about 2,100 (ulimit -n)");
+                }
+            }
+        }
+    }
 }

@@ -19,20 +19,13 @@ use isthmus_proto::model::{
     Workload,
 };
 use isthmus_proto::subscription::Subscription;
-use isthmus_tests::bench::arg;
+use isthmus_tests::bench::{
+    arg, await_rounds, check_nofile, percentile, round_latencies, rss_of, RemoteRegistry,
+};
 use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::{node, TestRegistry, NETWORK};
-use tokio::sync::Barrier;
 
 const ORIGIN: &str = "bench:";
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
 
 fn service(i: usize) -> OwnedResource {
     OwnedResource {
@@ -111,26 +104,10 @@ async fn fan_out(reg: &TestRegistry, subscribers: usize, rounds: usize) -> Vec<D
         s.next().await.unwrap();
         subs.push(s);
     }
-    let barrier = Arc::new(Barrier::new(subscribers + 1));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
-    for mut s in subs {
-        let tx = tx.clone();
-        let barrier = barrier.clone();
-        let hostname = hostname.clone();
-        tokio::spawn(async move {
-            barrier.wait().await;
-            for round in 0..rounds {
-                let want = if round % 2 == 0 { 4 } else { 3 };
-                while endpoints_of(&s, &hostname) != want {
-                    if s.next().await.is_err() {
-                        return;
-                    }
-                }
-                let _ = tx.send((round, Instant::now()));
-            }
-        });
-    }
-    drop(tx);
+    let (barrier, mut rx) = await_rounds(subs, rounds, move |s, round| {
+        let want = if round % 2 == 0 { 4 } else { 3 };
+        endpoints_of(s, &hostname) == want
+    });
     barrier.wait().await;
     let mut latencies = Vec::new();
     for round in 0..rounds {
@@ -140,14 +117,7 @@ async fn fan_out(reg: &TestRegistry, subscribers: usize, rounds: usize) -> Vec<D
         }
         let start = Instant::now();
         ingest.replace_origin(ORIGIN, set).await.unwrap();
-        for _ in 0..subscribers {
-            let (r, at) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
-                .await
-                .expect("fan-out within 60s")
-                .expect("subscriber alive");
-            assert_eq!(r, round);
-            latencies.push(at - start);
-        }
+        latencies.extend(round_latencies(&mut rx, subscribers, round, start).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     latencies.sort();
@@ -207,17 +177,6 @@ async fn run_phase(phase: &str) -> anyhow::Result<()> {
         "ca" => ca().await,
         other => anyhow::bail!("unknown phase {other}"),
     }
-}
-
-fn rss_of(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
 }
 
 /// A large catalog served by the real `isthmus-registry` binary from resource files, so
@@ -364,59 +323,6 @@ async fn snapshot() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Credentials and channels for a registry in another process, from its CA directory.
-struct RemoteRegistry {
-    dir: std::path::PathBuf,
-    grpc: std::net::SocketAddr,
-}
-
-impl RemoteRegistry {
-    fn bundle(&self) -> isthmus_proto::tls::TrustBundle {
-        isthmus_proto::tls::TrustBundle::from_pem_file(
-            &self.dir.join("ca").join("root-cert.pem"),
-            isthmus_tests::TRUST_DOMAIN,
-        )
-        .expect("bundle")
-    }
-
-    async fn channel(
-        &self,
-        creds: Option<&isthmus_proto::tls::Credentials>,
-    ) -> anyhow::Result<tonic::transport::Channel> {
-        use isthmus_proto::tls;
-        let cfg = tls::client_config(
-            creds,
-            &self.bundle(),
-            tls::ServerIdentity::TrustDomain,
-            &[tls::ALPN_H2],
-        )?;
-        Ok(isthmus_proto::grpc::connect(&self.grpc.to_string(), Arc::new(cfg)).await?)
-    }
-
-    async fn credentials(&self) -> anyhow::Result<isthmus_proto::tls::Credentials> {
-        let material = isthmus_registry::ca::CaMaterial::load(
-            &self.dir.join("ca").join(isthmus_tests::CLUSTER),
-            None,
-        )?;
-        let token = isthmus_registry::ca::token::create(
-            &material,
-            isthmus_tests::CLUSTER,
-            "bench",
-            "client",
-            Duration::from_secs(600),
-            ::time::OffsetDateTime::now_utc(),
-        )?;
-        let id = SpiffeId::parse("spiffe://cluster.local/ns/bench/sa/client")?;
-        let (key, csr) = certs::generate_key_and_csr(&id)?;
-        let issued =
-            certs::request_certificate(self.channel(None).await?, csr, Some(token), 0).await?;
-        Ok(isthmus_proto::tls::Credentials::from_pem(
-            &issued.chain_pems.concat(),
-            &key,
-        )?)
-    }
-}
-
 async fn ca() -> anyhow::Result<()> {
     let cert_seconds: u64 = arg("--cert-seconds", "5").parse()?;
     // Renewals over mTLS from 8 concurrent clients.
@@ -446,23 +352,4 @@ async fn ca() -> anyhow::Result<()> {
     }
     println!("ca: {:.0} certificates/s over gRPC (8 concurrent clients; key and CSR generated client-side in the same process)", total as f64 / cert_seconds as f64);
     Ok(())
-}
-
-/// 1,000 subscribers need 2,000 descriptors in one process (both ends of each connection).
-fn check_nofile() {
-    #[cfg(target_os = "linux")]
-    {
-        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
-            if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
-                let soft: u64 = line
-                    .split_whitespace()
-                    .nth(3)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                if soft < 4096 {
-                    eprintln!("note: the open-file limit is {soft}; 1,000 subscribers need about 2,100 (ulimit -n)");
-                }
-            }
-        }
-    }
 }

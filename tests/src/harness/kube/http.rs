@@ -51,6 +51,7 @@ pub(super) async fn request(
     }
     head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
     let raw = match tls {
         None => exchange(tcp, &head).await?,
         Some(tls) => {
