@@ -29,6 +29,11 @@ use crate::views::{Catchup, Resume, View, ViewKey, Views};
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Resources per response when a snapshot is split.
 pub const SNAPSHOT_CHUNK: usize = 1000;
+/// Encoded bytes per response when a snapshot is split (a part may exceed it only by its one
+/// resource). Besides the count, since a stream keeps its encoding buffer as large as the
+/// largest message it sent: a 60,000-endpoint view in parts of 1,000 services held ~3 MB
+/// per subscriber for as long as it stayed connected.
+pub const SNAPSHOT_PART_BYTES: usize = 256 * 1024;
 /// Responses buffered between a subscriber's task and its HTTP/2 stream.
 const STREAM_BUFFER: usize = 2;
 
@@ -412,7 +417,7 @@ impl Session {
                 entries,
             } => {
                 let mut out = Vec::new();
-                let chunks: Vec<_> = entries.chunks(SNAPSHOT_CHUNK).collect();
+                let chunks = snapshot_parts(&entries, SNAPSHOT_CHUNK, SNAPSHOT_PART_BYTES);
                 if chunks.is_empty() {
                     out.push(response(
                         version.clone(),
@@ -453,6 +458,28 @@ impl Session {
     }
 }
 
+/// A snapshot's resources in parts of at most `max_resources` and about `max_bytes` each.
+fn snapshot_parts<T: AsRef<pb::ViewResource>>(
+    entries: &[T],
+    max_resources: usize,
+    max_bytes: usize,
+) -> Vec<&[T]> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in entries.iter().enumerate() {
+        let len = prost::Message::encoded_len(e.as_ref());
+        if i > start && (i - start == max_resources || bytes + len > max_bytes) {
+            parts.push(&entries[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < entries.len() {
+        parts.push(&entries[start..]);
+    }
+    parts
+}
+
 fn response(
     version: String,
     snapshot: bool,
@@ -466,5 +493,56 @@ fn response(
         upserts,
         removals,
         more,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use isthmus_proto::pb;
+
+    use super::snapshot_parts;
+
+    fn resource(key: usize, bytes: usize) -> Arc<pb::ViewResource> {
+        Arc::new(pb::ViewResource {
+            key: format!("svc/{key}{}", "x".repeat(bytes)),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn snapshot_parts_are_bounded_by_count_and_by_bytes_and_keep_every_resource_in_order() {
+        let small: Vec<_> = (0..2500).map(|i| resource(i, 0)).collect();
+        let parts = snapshot_parts(&small, 1000, 1 << 20);
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [1000, 1000, 500]
+        );
+        // Big resources: parts close at the byte limit, a single oversized one goes alone.
+        let big: Vec<_> = (0..10)
+            .map(|i| resource(i, if i == 4 { 5000 } else { 300 }))
+            .collect();
+        let parts = snapshot_parts(&big, 1000, 1000);
+        for p in &parts {
+            let bytes: usize = p
+                .iter()
+                .map(|r| prost::Message::encoded_len(r.as_ref()))
+                .sum();
+            assert!(
+                p.len() == 1 || bytes <= 1000,
+                "{} resources, {bytes} bytes",
+                p.len()
+            );
+        }
+        let keys: Vec<&str> = parts
+            .iter()
+            .flat_map(|p| p.iter())
+            .map(|r| r.key.as_str())
+            .collect();
+        let all: Vec<&str> = big.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, all);
+        assert!(parts.iter().any(|p| p.len() == 1 && p[0].key.len() > 5000));
+        assert!(snapshot_parts::<Arc<pb::ViewResource>>(&[], 1000, 1000).is_empty());
     }
 }
