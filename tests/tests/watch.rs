@@ -215,14 +215,12 @@ async fn fan_out_to_200_subscribers_next_to_one_that_never_reads() {
         reg.write_resource("w.yaml", &workloads(ENDPOINTS + c, "r", "reviews", NETWORK));
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    // Every subscriber runs as shop/web: the view of namespace shop.
-    let view = reg
-        .handle()
-        .views
-        .view(&isthmus_registry::views::ViewKey::workload(
-            NETWORK,
-            Some("shop".into()),
-        ));
+    // Every subscriber runs as shop/web in the harness's cluster: the view of namespace
+    // shop for that cluster.
+    let view = reg.handle().views.view(
+        &isthmus_registry::views::ViewKey::workload(NETWORK, Some("shop".into()))
+            .in_cluster(isthmus_tests::CLUSTER),
+    );
     for t in tasks {
         let (versions, last) = tokio::time::timeout(Duration::from_secs(60), t)
             .await
