@@ -252,50 +252,26 @@ async fn pod_status_as_a_kubelet_writes_it(api: &KubeApi) {
     api.apply(POD).await.unwrap();
     // The ServiceAccount admission plugin needs the namespace's default account, which the
     // harness made: the pod names it.
-    let sa = api
-        .kubectl(&[
-            "get",
-            "pod",
-            "web-0",
-            "-n",
-            "apps",
-            "-o",
-            "jsonpath={.spec.serviceAccountName}",
-        ])
-        .await
-        .unwrap();
-    assert_eq!(sa, "default");
+    let pod_field = |jsonpath: &'static str| async move {
+        api.kubectl(&["get", "pod", "web-0", "-n", "apps", "-o", jsonpath])
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        pod_field("jsonpath={.spec.serviceAccountName}").await,
+        "default"
+    );
     api.set_pod_status("apps", "web-0", "10.1.2.3".parse().unwrap(), true)
         .await
         .unwrap();
-    let status = api
-        .kubectl(&[
-            "get",
-            "pod",
-            "web-0",
-            "-n",
-            "apps",
-            "-o",
-            r#"jsonpath={.status.podIP} {.status.conditions[?(@.type=="Ready")].status}"#,
-        ])
-        .await
-        .unwrap();
+    let status =
+        pod_field(r#"jsonpath={.status.podIP} {.status.conditions[?(@.type=="Ready")].status}"#)
+            .await;
     assert_eq!(status, "10.1.2.3 True");
     api.set_pod_status("apps", "web-0", "10.1.2.3".parse().unwrap(), false)
         .await
         .unwrap();
-    let ready = api
-        .kubectl(&[
-            "get",
-            "pod",
-            "web-0",
-            "-n",
-            "apps",
-            "-o",
-            r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
-        ])
-        .await
-        .unwrap();
+    let ready = pod_field(r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#).await;
     assert_eq!(ready, "False");
 }
 
