@@ -3,16 +3,7 @@
 //! subcommand's, recursively) and requires a description beside or under every option, not
 //! counting clap's `[env: …]`, `[default: …]` and `[possible values: …]` notes.
 
-use isthmus_tests::harness::process::workspace_binary;
-
-const PROGRAMS: &[(&str, &str)] = &[
-    ("isthmus-gateway", "isthmus-gateway"),
-    ("isthmus-dns", "isthmus-dns"),
-    ("isthmus-registry", "isthmus-registry"),
-    ("isthmus-registry", "isthmusctl"),
-    ("isthmus-vm-agent", "isthmus-vm-agent"),
-    ("isthmus-sample-app", "sample-app"),
-];
+use isthmus_tests::harness::process::{workspace_binary, PROGRAMS};
 
 fn help(bin: &std::path::Path, args: &[String]) -> String {
     let out = std::process::Command::new(bin)

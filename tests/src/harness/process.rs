@@ -50,22 +50,48 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The workspace's programs, as (package, binary).
+pub const PROGRAMS: &[(&str, &str)] = &[
+    ("isthmus-gateway", "isthmus-gateway"),
+    ("isthmus-dns", "isthmus-dns"),
+    ("isthmus-registry", "isthmus-registry"),
+    ("isthmus-registry", "isthmusctl"),
+    ("isthmus-vm-agent", "isthmus-vm-agent"),
+    ("isthmus-sample-app", "sample-app"),
+];
+
 /// The workspace binary `bin` of `package`, next to the running test's executable; built
 /// first (a no-op when it is fresh), so a test never runs a stale build of another crate.
+///
+/// Every program is built in one `cargo build`, once per test process: each `cargo build
+/// -p X` alone resolves the features of shared dependencies for X only, so building the
+/// programs one package at a time compiled those dependencies (Kubernetes' types among
+/// them) once per package on a fresh checkout.
 pub fn workspace_binary(package: &str, bin: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    assert!(
+        PROGRAMS.contains(&(package, bin)),
+        "{package}/{bin} is not one of the workspace's programs (harness::process::PROGRAMS)"
+    );
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target/<profile>/deps");
-    let path = dir.join(bin);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-q", "-p", package, "--bin", bin]);
-    if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-        cmd.arg("--release");
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !*built {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-q"]);
+        for (package, bin) in PROGRAMS {
+            cmd.args(["-p", package, "--bin", bin]);
+        }
+        if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo build");
+        assert!(status.success(), "cannot build the workspace's programs");
+        *built = true;
     }
-    let status = cmd.status().expect("cargo build");
-    assert!(status.success(), "cannot build {bin}");
-    path
+    dir.join(bin)
 }
