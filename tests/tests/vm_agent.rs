@@ -446,8 +446,19 @@ async fn without_the_registry_the_agent_serves_its_snapshot_and_catches_up() {
         return;
     };
     s.wait_registered().await;
+    // The agent writes its snapshot at most once a second: wait until it holds the
+    // service before taking the registry away.
     let snapshot = s.vm.state_dir().join("catalog.snapshot");
-    assert!(snapshot.exists(), "no snapshot:\n{}", s.vm.log());
+    let reviews = isthmus_proto::model::service_view_key(&host("reviews"));
+    let saved = eventually(Duration::from_secs(30), || {
+        let view = std::fs::read(&snapshot)
+            .ok()
+            .and_then(|b| LocalView::decode(&b).ok());
+        let holds = view.is_some_and(|v| v.resources.contains_key(&reviews));
+        async move { holds.then_some(()) }
+    })
+    .await;
+    assert!(saved.is_some(), "no snapshot with reviews:\n{}", s.vm.log());
     let agent = s.agent.take().unwrap();
     agent.signal(Signal::SIGTERM).unwrap();
     assert!(agent.wait_timeout(WAIT).expect("stopped").success());
