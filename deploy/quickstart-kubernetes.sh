@@ -140,15 +140,7 @@ kube_demo() {
   local url=http://hello.shop.svc.cluster.local:9080/ answer=""
   echo
   say "from VM B, by the Kubernetes service's name: ip netns exec isthmus-vm-b curl -sS $url"
-  local deadline=$((SECONDS + ready_timeout))
-  while [ $SECONDS -lt $deadline ]; do
-    if answer=$(in_ns isthmus-vm-b curl -sS --max-time 5 "$url" 2>"$state/curl.err") &&
-      grep -q "hello from vm-a" <<<"$answer"; then
-      break
-    fi
-    answer=""
-    sleep 1
-  done
+  answer=$(call_until b "$url" "hello from vm-a")
   if [ -z "$answer" ]; then
     echo "quickstart: VM B could not call hello within ${ready_timeout}s: $(cat "$state/curl.err" 2>/dev/null)" >&2
     log_tail registry 20

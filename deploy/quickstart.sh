@@ -486,19 +486,25 @@ json_records() {
 }
 json_field() { sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\\([^\"]*\\)\".*/\\1/p"; }
 
+# call_until VM URL WORDS: VM's curl of URL until the answer holds WORDS (or
+# ready_timeout passes); prints the answer, or nothing (curl's error is in curl.err).
+call_until() {
+  local deadline=$((SECONDS + ready_timeout)) answer
+  while [ $SECONDS -lt $deadline ]; do
+    if answer=$(in_ns "$(ns_vm "$1")" curl -sS --max-time 5 "$2" 2>"$state/curl.err") &&
+      grep -q "$3" <<<"$answer"; then
+      printf '%s\n' "$answer"
+      return
+    fi
+    sleep 1
+  done
+}
+
 demo() {
   local url=http://reviews.shop.svc.cluster.local:9080/ answer="" err="" vip out_rec in_rec
   echo
   say "from VM A, by mesh name: ip netns exec isthmus-vm-a curl -sS $url"
-  local deadline=$((SECONDS + ready_timeout))
-  while [ $SECONDS -lt $deadline ]; do
-    if answer=$(in_ns isthmus-vm-a curl -sS --max-time 5 "$url" 2>"$state/curl.err") &&
-      grep -q "hello from vm-b" <<<"$answer"; then
-      break
-    fi
-    answer=""
-    sleep 1
-  done
+  answer=$(call_until a "$url" "hello from vm-b")
   if [ -z "$answer" ]; then
     err=$(cat "$state/curl.err" 2>/dev/null)
     echo "quickstart: VM A could not call reviews within ${ready_timeout}s: ${err:-no answer from vm-b}" >&2
