@@ -263,6 +263,22 @@ pub fn runtime(size: RuntimeSize) -> std::io::Result<tokio::runtime::Runtime> {
     b.build()
 }
 
+/// An error with its causes (`connecting: transport error: Connection refused`), which say
+/// what actually went wrong; a cause whose text the message already holds is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,10 +31,12 @@ pub(super) async fn check(
         .map_err(|e| format!("{what}: {e}"))?
         .connect_timeout(timeout)
         .timeout(timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("{what}: cannot connect: {}", chain(&e)))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        format!(
+            "{what}: cannot connect: {}",
+            isthmus_proto::program::error_chain(&e)
+        )
+    })?;
     let answer = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_string(),
@@ -51,15 +53,4 @@ pub(super) async fn check(
         )),
         Err(s) => Err(format!("{what}: {:?}: {}", s.code(), s.message())),
     }
-}
-
-/// An error with its causes, which say what actually went wrong (refused, timed out, ...).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
 }

@@ -23,6 +23,7 @@ use super::status::now_ms;
 use super::watchers::{self, Msg, Stores, Touched};
 use super::{origin, Shared};
 use crate::sources::static_files::{parse_file, SourceDefaults};
+use isthmus_proto::program::error_chain;
 
 /// A cluster to watch: its id, its network, and how to reach its API server.
 #[derive(Clone)]
@@ -138,8 +139,7 @@ impl Cluster {
 
     /// A client, the Istio kinds the cluster serves, and the watchers started.
     async fn connect(&mut self) -> Result<Connected, String> {
-        let client =
-            Client::try_from(self.spec.config.clone()).map_err(|e| watchers::error_chain(&e))?;
+        let client = Client::try_from(self.spec.config.clone()).map_err(|e| error_chain(&e))?;
         let mut objects =
             watchers::discover(&client, watchers::ISTIO_GROUP, watchers::ISTIO_KINDS).await?;
         objects.extend(
@@ -305,7 +305,7 @@ impl Cluster {
         let interval_ms = self.shared.settings.probe_interval.as_millis() as i64;
         match client.apiserver_version().await {
             Err(e) => {
-                let error = watchers::error_chain(&e);
+                let error = error_chain(&e);
                 if self.stale_since_ms == 0 && self.synced {
                     self.stale_since_ms = now;
                     tracing::warn!(cluster = %self.spec.id, %error, "API server out of reach; keeping its endpoints, marked stale");

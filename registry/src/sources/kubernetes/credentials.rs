@@ -19,7 +19,7 @@ use ring::digest;
 
 use super::{ClusterSpec, KubernetesSource};
 use crate::sources::kubernetes::mapping::labels;
-use crate::sources::kubernetes::watchers::error_chain;
+use isthmus_proto::program::error_chain;
 
 /// The label that marks a Secret as holding remote clusters' kubeconfigs (Istio's).
 pub const REMOTE_SECRET_LABEL: &str = "istio/multiCluster";

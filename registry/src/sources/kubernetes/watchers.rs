@@ -19,6 +19,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use isthmus_proto::program::error_chain;
+
 use super::mapping::{labels, Lookup};
 
 /// The kinds of Istio's API the source reads from a cluster, with isthmus' own Network.
@@ -260,21 +262,6 @@ where
         }
     });
     store
-}
-
-/// An error with its causes, so "failed to perform initial object list" says why.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// The kinds of `group` (among `kinds`) the cluster serves, each at the version the cluster
