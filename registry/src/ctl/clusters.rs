@@ -5,13 +5,14 @@
 //! The admin port speaks plain HTTP/1.1 on loopback by default; one GET needs no HTTP
 //! client library, so the request is written here by hand.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
+
+use crate::sources::kubernetes::ClusterStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where the registry's admin listens when run with its defaults (it binds every address;
@@ -33,40 +34,26 @@ pub(super) struct ClustersArgs {
     json: bool,
 }
 
-/// `/debug/clusters` as served: the registry's clock and every cluster's status (the
-/// fields shown here of `sources::kubernetes::ClusterStatus`, plus its `summary`).
+/// `/debug/clusters` as served: the registry's clock and every cluster's status.
 #[derive(Debug, Deserialize)]
 struct ClustersReply {
     now_ms: i64,
     clusters: Vec<ClusterRow>,
 }
 
+/// One cluster's status as served: the registry's own type, plus its `summary`.
 #[derive(Debug, Deserialize)]
 struct ClusterRow {
-    cluster: String,
-    network: String,
+    #[serde(flatten)]
+    status: ClusterStatus,
     summary: String,
-    #[serde(default)]
-    kinds: BTreeMap<String, KindRow>,
-    last_error: Option<String>,
-    #[serde(default)]
-    last_error_ms: i64,
-    #[serde(default)]
-    reconnects: u64,
-    #[serde(default)]
-    stale_since_ms: i64,
-    #[serde(default)]
-    problems: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct KindRow {
-    #[serde(default)]
-    objects: usize,
-    #[serde(default)]
-    last_event_ms: i64,
-    #[serde(default)]
-    not_installed: bool,
+impl std::ops::Deref for ClusterRow {
+    type Target = ClusterStatus;
+    fn deref(&self) -> &ClusterStatus {
+        &self.status
+    }
 }
 
 pub(super) async fn show(args: ClustersArgs) -> anyhow::Result<()> {

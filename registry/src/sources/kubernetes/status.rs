@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Every configured cluster's status, shared by the source and the admin server.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterStatuses(Arc<Mutex<BTreeMap<String, ClusterStatus>>>);
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct ClusterStatus {
     pub cluster: String,
     pub network: String,
@@ -42,7 +43,8 @@ pub struct ClusterStatus {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct KindStatus {
     pub synced: bool,
     /// Complete lists of the kind: the first sync, then one per relist (a watch that
