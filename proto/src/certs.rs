@@ -204,13 +204,24 @@ pub async fn request_certificate(
     token: Option<String>,
     ttl_seconds: u64,
 ) -> Result<IssuedCertificate, CertsError> {
+    let req = pb::CertificateRequest {
+        csr_pem,
+        bootstrap_token: token.unwrap_or_default(),
+        ttl_seconds,
+        ..Default::default()
+    };
+    send_certificate_request(channel, req).await
+}
+
+/// Sends one request as it is: the other forms of authentication (a pod's service-account
+/// token) fill in their own fields.
+pub async fn send_certificate_request(
+    channel: tonic::transport::Channel,
+    req: pb::CertificateRequest,
+) -> Result<IssuedCertificate, CertsError> {
     let mut client = pb::certificates_client::CertificatesClient::new(channel);
     let resp = client
-        .create_certificate(pb::CertificateRequest {
-            csr_pem,
-            bootstrap_token: token.unwrap_or_default(),
-            ttl_seconds,
-        })
+        .create_certificate(req)
         .await
         .map_err(|s| CertsError::Refused(format!("{:?}: {}", s.code(), s.message())))?
         .into_inner();

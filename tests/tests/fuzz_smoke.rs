@@ -120,6 +120,7 @@ fn certificate_request() {
         csr_pem: csr,
         bootstrap_token: String::new(),
         ttl_seconds: 3600,
+        ..Default::default()
     };
     run(fuzz::certificate_request, &[req.encode_to_vec()]);
 }

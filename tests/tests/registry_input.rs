@@ -172,6 +172,7 @@ async fn oversized_messages_are_refused() {
             csr_pem: "A".repeat(2 * 1024 * 1024),
             bootstrap_token: String::new(),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -188,6 +189,7 @@ async fn oversized_messages_are_refused() {
             csr_pem: "not a csr".into(),
             bootstrap_token: String::new(),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -259,6 +259,7 @@ async fn token_is_single_use_even_across_a_restart() {
         csr_pem: csr,
         bootstrap_token: tok.clone(),
         ttl_seconds: 0,
+        ..Default::default()
     };
     {
         let svc = service(&c1, data.path()).await;
@@ -339,6 +340,7 @@ async fn token_scope_renewal_and_ttl_rules() {
                 csr_pem: csr_admin.clone(),
                 bootstrap_token: tok.clone(),
                 ttl_seconds: 0,
+                ..Default::default()
             },
             None,
         )
@@ -353,6 +355,7 @@ async fn token_scope_renewal_and_ttl_rules() {
                 csr_pem: csr_web.clone(),
                 bootstrap_token: tok.clone(),
                 ttl_seconds: 30 * 86400,
+                ..Default::default()
             },
             None,
         )
@@ -365,6 +368,7 @@ async fn token_scope_renewal_and_ttl_rules() {
             csr_pem: csr_web.clone(),
             bootstrap_token: tok,
             ttl_seconds: 0,
+            ..Default::default()
         },
         None,
     )
@@ -376,6 +380,7 @@ async fn token_scope_renewal_and_ttl_rules() {
             csr_pem: csr_web.clone(),
             bootstrap_token: String::new(),
             ttl_seconds: 0,
+            ..Default::default()
         },
         Some(&web),
     )
@@ -387,6 +392,7 @@ async fn token_scope_renewal_and_ttl_rules() {
                 csr_pem: csr_admin,
                 bootstrap_token: String::new(),
                 ttl_seconds: 0,
+                ..Default::default()
             },
             Some(&web),
         )
@@ -399,6 +405,7 @@ async fn token_scope_renewal_and_ttl_rules() {
                 csr_pem: csr_web,
                 bootstrap_token: String::new(),
                 ttl_seconds: 0,
+                ..Default::default()
             },
             None,
         )
