@@ -78,7 +78,20 @@ fn ready_route(readiness: Readiness) -> axum::routing::MethodRouter {
 /// Serves the health port (`/healthz/ready`, Istio's path, for load balancers and
 /// orchestrators) on `listener` until `shutdown` fires; a failure is logged.
 pub async fn serve_health(listener: TcpListener, readiness: Readiness, shutdown: drain::Watch) {
-    let router = Router::new().route("/healthz/ready", ready_route(readiness));
+    serve_health_with(listener, readiness, Router::new(), shutdown).await
+}
+
+/// [`serve_health`] with the program's own routes beside `/healthz/ready` (a pod's
+/// sidecar answers the app's rewritten probes there).
+pub async fn serve_health_with(
+    listener: TcpListener,
+    readiness: Readiness,
+    extra: Router,
+    shutdown: drain::Watch,
+) {
+    let router = Router::new()
+        .route("/healthz/ready", ready_route(readiness))
+        .merge(extra);
     if let Err(e) = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.signaled())
         .await
