@@ -55,6 +55,17 @@ pub enum CaptureMode {
     /// No rules: the app talks to explicit listeners (`--outbound-listener`), and the
     /// inbound listens on the VM's address at each app port (the app on loopback only).
     None,
+    /// The rules were installed before the agent started, by `capture-init` in a pod's init
+    /// container (which has `NET_ADMIN`; the sidecar has not): the agent listens where they
+    /// point and never changes them.
+    Preinstalled,
+}
+
+impl CaptureMode {
+    /// Whether nftables rules send traffic to the agent's listeners.
+    pub fn captures(self) -> bool {
+        matches!(self, Self::Nftables | Self::Preinstalled)
+    }
 }
 
 /// One explicit outbound listener: plaintext from the app on `listen`, mTLS to `target`.
@@ -134,6 +145,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Sidecar mode: the pod the agent serves (`None` on a VM).
+    pub pod: Option<crate::pod::PodConfig>,
 }
 
 fn serialize_locality<S: serde::Serializer>(l: &Locality, s: S) -> Result<S::Ok, S::Error> {
@@ -166,6 +179,7 @@ impl AgentConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            pod: None,
         }
     }
 
@@ -214,13 +228,25 @@ impl AgentConfig {
                 "a label needs a key (KEY=VALUE)".into()
             });
         }
+        match &self.pod {
+            Some(pod) => pod.check(&mut p),
+            None => p.check(
+                self.capture != CaptureMode::Preinstalled,
+                "--capture",
+                || {
+                    "preinstalled is for a pod's sidecar, whose init container installs the \
+                 rules; on a VM use nftables or none"
+                        .into()
+                },
+            ),
+        }
         p.into_result()
     }
 
     /// The listeners' addresses: fixed where capture points at them, loopback where
     /// REDIRECT lands, none used twice. Returns the addresses in use, by flag.
     fn check_listeners(&self, p: &mut ConfigProblems) -> BTreeMap<SocketAddr, &'static str> {
-        let nftables = self.capture == CaptureMode::Nftables;
+        let nftables = self.capture.captures();
         let mut ports: BTreeMap<SocketAddr, &'static str> = BTreeMap::new();
         for (flag, addr) in [
             ("--inbound-addr", Some(self.inbound_addr)),
