@@ -122,6 +122,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         served,
         listeners.admin,
         listeners.health,
+        listeners.metrics,
         &mut tasks,
         &cx.shutdown,
     );

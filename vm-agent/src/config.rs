@@ -127,6 +127,8 @@ pub struct AgentConfig {
     pub dns_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
+    /// `/metrics` alone, for scrapers on the network (a pod's 15020).
+    pub metrics_addr: Option<SocketAddr>,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
     pub outbound_listeners: Vec<OutboundListener>,
@@ -166,6 +168,7 @@ impl AgentConfig {
             dns_addr: addr(DEFAULT_DNS_ADDR),
             admin_addr: Some(addr(DEFAULT_ADMIN_ADDR)),
             health_addr: Some(addr(DEFAULT_HEALTH_ADDR)),
+            metrics_addr: None,
             exclude_inbound_ports: DEFAULT_EXCLUDED_PORTS.to_vec(),
             exclude_outbound_ports: DEFAULT_EXCLUDED_PORTS.to_vec(),
             outbound_listeners: Vec::new(),
@@ -254,6 +257,7 @@ impl AgentConfig {
             ("--dns-addr", Some(self.dns_addr)),
             ("--admin-addr", self.admin_addr),
             ("--health-addr", self.health_addr),
+            ("--metrics-addr", self.metrics_addr),
         ] {
             let Some(addr) = addr else { continue };
             let captured = matches!(flag, "--inbound-addr" | "--outbound-addr" | "--dns-addr");

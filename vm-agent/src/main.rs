@@ -112,6 +112,10 @@ struct SidecarArgs {
     /// The mesh's trust domain [default: the one the root names].
     #[arg(long, env = "ISTHMUS_TRUST_DOMAIN")]
     trust_domain: Option<String>,
+    /// `/metrics` for scrapers (Istio's merged-metrics port); the admin port stays on
+    /// loopback.
+    #[arg(long, default_value = pod::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
     /// The app's probes the injector rewrote to the health port, as JSON.
     #[arg(long, env = "ISTHMUS_APP_PROBERS", default_value = "")]
     app_probers: String,
@@ -262,6 +266,7 @@ fn main() -> anyhow::Result<()> {
             let mut cfg = AgentConfig::new(&a.root_dir, &a.common.state_dir);
             cfg.address = Some(a.address);
             cfg.capture = CaptureMode::Preinstalled;
+            cfg.metrics_addr = Some(a.metrics_addr);
             cfg.pod = Some(PodConfig {
                 registry: a.registry,
                 cluster: a.cluster,

@@ -61,6 +61,7 @@ pub(crate) fn serve(
     admin: Admin,
     admin_listener: Option<TcpListener>,
     health_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     tasks: &mut Tasks,
     shutdown: &drain::Watch,
 ) {
@@ -74,6 +75,14 @@ pub(crate) fn serve(
         tasks.spawn("admin", async move {
             if let Err(e) = admin::serve(listener, registry, readiness, extra, shutdown).await {
                 tracing::error!(error = %e, "admin server failed");
+            }
+        });
+    }
+    if let Some(listener) = metrics_listener {
+        let (registry, shutdown) = (admin.registry.clone(), shutdown.clone());
+        tasks.spawn("metrics", async move {
+            if let Err(e) = admin::serve_metrics(listener, registry, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
             }
         });
     }

@@ -73,6 +73,7 @@ pub(crate) struct Listeners {
     pub admin_addr: Option<SocketAddr>,
     pub health: Option<TcpListener>,
     pub health_addr: Option<SocketAddr>,
+    pub metrics: Option<TcpListener>,
     /// The open connections of the inbound and outbound proxies, drained at shutdown.
     pub trackers: Vec<Arc<Tracker>>,
     pub accepting: Accepting,
@@ -141,6 +142,7 @@ pub(crate) async fn bind(
     );
     let admin = program::bind_optional(config.admin_addr, "admin").await?;
     let health = program::bind_optional(config.health_addr, "health").await?;
+    let metrics = program::bind_optional(config.metrics_addr, "metrics").await?;
     Ok(Listeners {
         inbound_addr: bound.0,
         outbound_addr: bound.1,
@@ -148,6 +150,7 @@ pub(crate) async fn bind(
         admin,
         health_addr: health.as_ref().map(TcpListener::local_addr).transpose()?,
         health,
+        metrics,
         trackers: vec![inbounds.tracker.clone(), outbound.tracker.clone()],
         accepting,
     })
