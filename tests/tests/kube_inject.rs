@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use isthmus_tests::harness::kube::{self, peers, KubeApi};
+use isthmus_tests::harness::kube::{self, KubeApi};
 use isthmus_tests::{eventually, http_get, metric, TestRegistry};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +24,9 @@ const WEBHOOK_CONFIG: &str = "isthmus-sidecar-injector";
 const WEBHOOK: &str = "sidecar-injector.isthmus.io";
 
 fn deploy_file(name: &str) -> String {
-    let path = peers::workspace().join("deploy/kubernetes").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/kubernetes")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -137,21 +139,18 @@ async fn create_injected(api: &KubeApi, object: &Value) -> Value {
         object["metadata"]["namespace"].as_str().unwrap(),
         object["metadata"]["name"].as_str().unwrap(),
     );
-    let mut last = String::new();
-    let created = eventually(STEP, || {
-        let attempt = create(api, object);
-        let last = &mut last;
-        async move {
-            match attempt.await {
-                Ok(_) => Some(()),
-                Err(e) => {
-                    *last = e.to_string();
-                    None
-                }
+    let last = std::sync::Mutex::new(String::new());
+    let created = eventually(STEP, || async {
+        match create(api, object).await {
+            Ok(_) => Some(()),
+            Err(e) => {
+                *last.lock().unwrap() = e.to_string();
+                None
             }
         }
     })
     .await;
+    let last = last.into_inner().unwrap();
     assert!(
         created.is_some(),
         "pod {ns}/{name} was never admitted: {last}"
