@@ -63,12 +63,14 @@ pub fn answer(body: &[u8], settings: &InjectSettings, metrics: &InjectMetrics) -
     };
     let value: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => return refuse(
-            "not_a_review",
-            format!(
+        Err(e) => {
+            return refuse(
+                "not_a_review",
+                format!(
                 "the body is not an AdmissionReview ({ADMISSION_API_VERSION}): it is not JSON: {e}"
             ),
-        ),
+            )
+        }
     };
     if !value.is_object() {
         return refuse(
