@@ -122,7 +122,9 @@ pub(super) fn token_auth(cfg: &RegistryConfig, source: &KubernetesSource) -> Kub
 
 /// The local cluster's client config, a description of where it came from, and a digest of
 /// it (so a restart with other credentials is noticed).
-async fn local_config(local: &LocalCluster) -> anyhow::Result<(kube::Config, String, String)> {
+pub(super) async fn local_config(
+    local: &LocalCluster,
+) -> anyhow::Result<(kube::Config, String, String)> {
     match local {
         LocalCluster::Kubeconfig(path) => {
             let what = format!("kubeconfig {}", path.display());
