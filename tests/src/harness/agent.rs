@@ -74,14 +74,7 @@ impl Vm {
     }
 
     /// As [`Vm::create`], without an onboarding bundle (a pod's namespace, say).
-    pub fn create_bare(
-        m: &Mesh,
-        net: Net,
-        name: &str,
-        ip: Ipv4Addr,
-        group: &str,
-        sa: &str,
-    ) -> Vm {
+    pub fn create_bare(m: &Mesh, net: Net, name: &str, ip: Ipv4Addr, group: &str, sa: &str) -> Vm {
         let ns = m.topo.add_vm(net, name, ip);
         ns.set_resolv_conf(&format!(
             "nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"

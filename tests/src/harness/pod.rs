@@ -28,7 +28,9 @@ pub const CA_AUDIENCE: &str = "isthmus-ca";
 
 /// Pod `name` in `ns` as the API server stores it.
 pub async fn stored_pod(api: &KubeApi, ns: &str, name: &str) -> anyhow::Result<Value> {
-    let json = api.kubectl(&["get", "pod", name, "-n", ns, "-o", "json"]).await?;
+    let json = api
+        .kubectl(&["get", "pod", name, "-n", ns, "-o", "json"])
+        .await?;
     Ok(serde_json::from_str(&json)?)
 }
 
@@ -191,8 +193,8 @@ pub fn run_init(pod_ns: &Vm, pod: &Value, agent: &Path) -> Result<String, String
         .args(&args)
         .output()
         .map_err(|e| format!("running {}: {e}", agent.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     match out.status.success() {
         true => Ok(text),
         false => Err(format!("capture-init {args:?} failed: {text}")),
