@@ -12,7 +12,7 @@ use isthmus_proto::pb;
 use isthmus_proto::tls::{self, Credentials};
 use isthmus_registry::app::LocalCluster;
 use isthmus_tests::harness::kube::{self, KubeApi, ISSUER};
-use isthmus_tests::{eventually, metric, TestRegistry, CLUSTER, TRUST_DOMAIN};
+use isthmus_tests::{eventually, http_get, metric, TestRegistry, CLUSTER, TRUST_DOMAIN};
 
 const AUDIENCE: &str = "isthmus-ca";
 /// How long the API server may take to learn of a deletion (generous: the machines are
@@ -130,12 +130,23 @@ async fn registry(a: &KubeApi, b: &KubeApi, dir: &Path) -> TestRegistry {
     b.reader_kubeconfig(&remote.join(format!("{REMOTE}.yaml")))
         .await
         .unwrap();
-    TestRegistry::start_with(&[], |cfg| {
+    let reg = TestRegistry::start_with(&[], |cfg| {
         cfg.kubernetes.local = Some(LocalCluster::Kubeconfig(own));
         cfg.kubernetes.remote_kubeconfigs = Some(remote);
     })
     .await
-    .unwrap()
+    .unwrap();
+    // The kubeconfig directory is read by a task of its own: wait until it has added B.
+    let added = eventually(STEP, || async {
+        let (_, body) = http_get(reg.admin_addr(), "/debug/clusters").await.ok()?;
+        body.contains(&format!("\"{REMOTE}\"")).then_some(())
+    })
+    .await;
+    assert!(
+        added.is_some(),
+        "{REMOTE} not among the registry's clusters"
+    );
+    reg
 }
 
 #[tokio::test]

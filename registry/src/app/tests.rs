@@ -87,6 +87,7 @@ fn every_configuration_problem_is_reported_at_once() {
     );
     cfg.ca_policy.default_ttl = cfg.ca_policy.max_ttl * 2;
     cfg.resources = Some("/nonexistent/resources".into());
+    cfg.ca_token_audience = " ".into();
     let problems = cfg.validate().unwrap_err();
     let fields: Vec<&str> = problems.problems.iter().map(|p| p.field.as_str()).collect();
     assert_eq!(
@@ -95,6 +96,7 @@ fn every_configuration_problem_is_reported_at_once() {
             "--cluster",
             "--network",
             "--cert-ttl",
+            "--ca-token-audience",
             "--ca-dir",
             "--resources"
         ]
@@ -102,4 +104,5 @@ fn every_configuration_problem_is_reported_at_once() {
     let shown = problems.to_string();
     assert!(shown.contains("\"Bad_Cluster\""), "{shown}");
     assert!(shown.contains("above --max-cert-ttl"), "{shown}");
+    assert!(shown.contains("must not be empty"), "{shown}");
 }

@@ -270,7 +270,16 @@ fn resolve_cluster(
     Ok(cluster)
 }
 
+/// The longest part of a caller's cluster name echoed back in a refusal.
+const MAX_ECHOED_CLUSTER: usize = 63;
+
 fn unknown_cluster(cluster: String, known: &[String]) -> KubeTokenError {
+    let cluster = if cluster.chars().count() > MAX_ECHOED_CLUSTER {
+        let head: String = cluster.chars().take(MAX_ECHOED_CLUSTER).collect();
+        format!("{head}...")
+    } else {
+        cluster
+    };
     KubeTokenError::UnknownCluster {
         cluster,
         known: list_or_none(known),

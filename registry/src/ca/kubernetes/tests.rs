@@ -299,6 +299,19 @@ async fn unknown_clusters_are_named_with_the_known_ones() {
         )
         .await;
     assert!(msg.contains("\"c9\"") && msg.contains("c1, c2"), "{msg}");
+    // A long name is echoed cut short.
+    let long = "x".repeat(10_000);
+    let msg = s
+        .refused(
+            request(WEB_ID, &long, &token),
+            Code::FailedPrecondition,
+            "unknown_cluster",
+        )
+        .await;
+    assert!(
+        msg.len() < 300 && msg.contains(&format!("{}...", "x".repeat(63))),
+        "{msg}"
+    );
     // Removed between the lookup and the review.
     let msg = s
         .refused(
