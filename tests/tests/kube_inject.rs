@@ -196,23 +196,33 @@ async fn configmap_root(api: &KubeApi, ns: &str) -> Option<String> {
     .ok()
 }
 
-#[tokio::test]
-async fn pods_created_through_the_api_server_are_injected() {
-    if !kube::available() {
-        return;
-    }
+/// An API server with namespace `shop` labelled for injection and the `plain` ones not, a
+/// registry watching it, and the shipped webhook configuration pointed at the registry,
+/// whose caBundle the registry has set.
+async fn injecting_cluster(plain: &[&str]) -> (KubeApi, TestRegistry, tempfile::TempDir) {
     let api = KubeApi::start("cluster-a").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     api.create_namespace("shop", &[("isthmus-injection", "enabled")])
         .await
         .unwrap();
-    api.create_namespace("plain", &[]).await.unwrap();
+    for ns in plain {
+        api.create_namespace(ns, &[]).await.unwrap();
+    }
     let reg = registry_for(&api, dir.path()).await;
     let addr = reg
         .webhook_addr()
         .expect("a registry with a cluster serves the webhook");
     register_webhook(&api, addr).await;
     ca_bundle_is_root(&api, &reg).await;
+    (api, reg, dir)
+}
+
+#[tokio::test]
+async fn pods_created_through_the_api_server_are_injected() {
+    if !kube::available() {
+        return;
+    }
+    let (api, reg, _dir) = injecting_cluster(&["plain"]).await;
     let root = root_pem(&reg);
 
     // The mesh root in the labelled namespace only.
@@ -423,14 +433,7 @@ async fn a_webhook_that_is_down_fails_closed_unless_the_policy_is_ignore() {
     if !kube::available() {
         return;
     }
-    let api = KubeApi::start("cluster-a").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    api.create_namespace("shop", &[("isthmus-injection", "enabled")])
-        .await
-        .unwrap();
-    let mut reg = registry_for(&api, dir.path()).await;
-    register_webhook(&api, reg.webhook_addr().unwrap()).await;
-    ca_bundle_is_root(&api, &reg).await;
+    let (api, mut reg, _dir) = injecting_cluster(&[]).await;
     let stored = create_injected(&api, &pod("web-1", "shop", json!({}), json!({}))).await;
     assert_eq!(
         names(&stored["spec"]["containers"]),

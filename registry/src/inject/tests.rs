@@ -80,6 +80,16 @@ fn env_of(container: &Value, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no env {name} in {container}"))
 }
 
+/// The sidecar's `ISTHMUS_APP_PROBERS`, parsed.
+fn probers_of(proxy: &Value) -> Value {
+    serde_json::from_str(
+        env_of(proxy, "ISTHMUS_APP_PROBERS")["value"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
     pod["spec"][list]
         .as_array()
@@ -245,12 +255,7 @@ fn probes_are_rewritten_to_the_sidecar_with_named_ports_resolved() {
     );
 
     let proxy = container(&pod, "containers", "isthmus-proxy");
-    let probers: Value = serde_json::from_str(
-        env_of(proxy, "ISTHMUS_APP_PROBERS")["value"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let probers = probers_of(proxy);
     assert_eq!(
         probers,
         json!({
@@ -269,12 +274,7 @@ fn http_probe_keeps_scheme_host_and_headers() {
         "httpHeaders": [{"name": "X-Probe", "value": "1"}]}, "timeoutSeconds": 2});
     let out = injected(&pod);
     let proxy = container(&out, "containers", "isthmus-proxy");
-    let probers: Value = serde_json::from_str(
-        env_of(proxy, "ISTHMUS_APP_PROBERS")["value"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let probers = probers_of(proxy);
     assert_eq!(
         probers["/app-health/web/readyz"],
         json!({"httpGet": {"path": "/r", "port": 8443, "scheme": "HTTPS", "host": "127.0.0.1",
