@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use isthmus_tests::harness::kube::{self, KubeApi};
-use isthmus_tests::{eventually, http_get, metric, TestRegistry};
+use isthmus_tests::{eventually, http_get, init_ca, metric, TestRegistry};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -72,8 +72,7 @@ fn root_pem(reg: &TestRegistry) -> String {
 }
 
 /// Waits until the registry has set the webhook's caBundle to the mesh root.
-async fn ca_bundle_is_root(api: &KubeApi, reg: &TestRegistry) {
-    let root = root_pem(reg);
+async fn ca_bundle_is_root(api: &KubeApi, root: &str) {
     let got = eventually(STEP, || async {
         let b64 = api
             .kubectl(&[
@@ -213,7 +212,7 @@ async fn injecting_cluster(plain: &[&str]) -> (KubeApi, TestRegistry, tempfile::
         .webhook_addr()
         .expect("a registry with a cluster serves the webhook");
     register_webhook(&api, addr).await;
-    ca_bundle_is_root(&api, &reg).await;
+    ca_bundle_is_root(&api, &root_pem(&reg)).await;
     (api, reg, dir)
 }
 
@@ -401,6 +400,40 @@ async fn pods_created_through_the_api_server_are_injected() {
     assert!(
         late.is_some(),
         "no isthmus-ca-root-cert in a newly labelled namespace"
+    );
+
+    // A new mesh root (the cluster's whole CA replaced on disk) reaches the ConfigMaps and
+    // the caBundle, and the webhook, now serving a certificate of the new intermediate, is
+    // still trusted by the API server.
+    let other = tempfile::tempdir().unwrap();
+    init_ca(other.path(), "cluster.local", "cluster-a", false);
+    let new_root = std::fs::read_to_string(other.path().join("cluster-a/root-cert.pem")).unwrap();
+    assert_ne!(new_root, root);
+    for file in [
+        "root-cert.pem",
+        "cert-chain.pem",
+        "ca-key.pem",
+        "ca-cert.pem",
+    ] {
+        let tmp = reg.ca_dir().join(format!("{file}.new"));
+        std::fs::copy(other.path().join("cluster-a").join(file), &tmp).unwrap();
+        std::fs::rename(&tmp, reg.ca_dir().join(file)).unwrap();
+    }
+    for ns in ["shop", "late"] {
+        let updated = eventually(STEP, || async {
+            configmap_root(&api, ns).await.filter(|r| *r == new_root)
+        })
+        .await;
+        assert!(
+            updated.is_some(),
+            "{ns}'s isthmus-ca-root-cert kept the old root"
+        );
+    }
+    ca_bundle_is_root(&api, &new_root).await;
+    let rotated = create_injected(&api, &pod("web-rotated", "shop", json!({}), json!({}))).await;
+    assert_eq!(
+        names(&rotated["spec"]["containers"]),
+        ["web", "isthmus-proxy"]
     );
 
     let metrics = reg.metrics().await;
