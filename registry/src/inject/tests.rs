@@ -721,3 +721,52 @@ fn root_configmap_carries_the_publishers_label() {
     );
     assert_eq!(cm.data.unwrap()["root-cert.pem"], "PEM");
 }
+
+#[test]
+fn provided_certificate_files_are_loaded_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let material_dir = dir.path().join("ca");
+    crate::ca::init::init(
+        &crate::ca::init::InitOptions {
+            trust_domain: isthmus_proto::identity::TrustDomain::new("cluster.local").unwrap(),
+            clusters: vec!["cluster-a".into()],
+            out: material_dir.clone(),
+            rotate: false,
+        },
+        ::time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let material = crate::ca::CaMaterial::load(&material_dir.join("cluster-a"), None).unwrap();
+    let now = ::time::OffsetDateTime::now_utc();
+    let one = rcgen::generate_simple_self_signed(vec!["webhook.example".into()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["webhook.example".into()]).unwrap();
+    let (cert, key, wrong_key) = (
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        dir.path().join("other.key"),
+    );
+    std::fs::write(&cert, one.cert.pem()).unwrap();
+    std::fs::write(&key, one.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&wrong_key, other.signing_key.serialize_pem()).unwrap();
+
+    let files = server::ServingCert::Files {
+        cert: cert.clone(),
+        key,
+    };
+    let (_, poll) = files.load(&material, now).unwrap();
+    assert_eq!(poll, server::CERT_FILE_POLL);
+
+    let mismatched = server::ServingCert::Files {
+        cert: cert.clone(),
+        key: wrong_key,
+    };
+    let err = mismatched.load(&material, now).unwrap_err().to_string();
+    assert!(err.contains("do not go together"), "{err}");
+
+    let missing = server::ServingCert::Files {
+        cert: dir.path().join("missing.crt"),
+        key: dir.path().join("tls.key"),
+    };
+    let err = missing.load(&material, now).unwrap_err().to_string();
+    assert!(err.contains("missing.crt"), "{err}");
+}
