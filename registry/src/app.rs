@@ -50,7 +50,7 @@ pub use listeners::ListenError;
 pub use upkeep::TOKEN_GC_INTERVAL;
 
 use crate::admin::{self, SourceStatus};
-use crate::ca::service::CertificateService;
+use crate::ca::service::{CertificateService, KubernetesAuth};
 use crate::ca::Authority;
 use crate::ingest::Ingest;
 use crate::registration::RegistrationService;
@@ -207,7 +207,7 @@ async fn start(
         );
     }
     drop(resources_part);
-    kubernetes::start(
+    let kube_source = kubernetes::start(
         cfg,
         state.trust_domain.clone(),
         state.ingest.clone(),
@@ -219,7 +219,16 @@ async fn start(
     .await?;
 
     start_upkeep(cfg, &state, &metrics, &mut stop.tasks, signals);
-    serve_grpc(cfg, listeners.grpc, &metrics, &state, stop, signals)?;
+    let kube_auth = kube_source.map(|source| kubernetes::token_auth(cfg, &source));
+    serve_grpc(
+        cfg,
+        listeners.grpc,
+        &metrics,
+        &state,
+        kube_auth,
+        stop,
+        signals,
+    )?;
     grpc_part.ready();
     webhook::start(
         cfg,
@@ -294,9 +303,19 @@ fn serve_grpc(
     listener: tokio::net::TcpListener,
     metrics: &Metrics,
     state: &State,
+    kube_auth: Option<KubernetesAuth>,
     stop: &mut Stop,
     signals: &Signals,
 ) -> anyhow::Result<()> {
+    let mut certificates = CertificateService::new(
+        state.authority.clone(),
+        state.store.clone(),
+        cfg.ca_policy.clone(),
+        metrics.ca.clone(),
+    );
+    if let Some(auth) = kube_auth {
+        certificates = certificates.with_kubernetes(auth);
+    }
     let (tls_tx, tls_rx) = grpc::serving_tls(&state.authority)?;
     stop.tasks.spawn(
         "serving certificate renewer",
@@ -309,12 +328,7 @@ fn serve_grpc(
             metrics.registry_metrics.clone(),
             signals.accept.clone(),
         ),
-        certificates: CertificateService::new(
-            state.authority.clone(),
-            state.store.clone(),
-            cfg.ca_policy.clone(),
-            metrics.ca.clone(),
-        ),
+        certificates,
         registration: RegistrationService::new(
             state.registrations.clone(),
             state.views.clone(),

@@ -15,6 +15,7 @@ use isthmus_registry::app::{
     DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
     DEFAULT_SYSTEM_NAMESPACE,
 };
+use isthmus_registry::ca::kubernetes::DEFAULT_TOKEN_AUDIENCE;
 use isthmus_registry::ca::{DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL};
 use isthmus_registry::inject;
 use isthmus_registry::sources::kubernetes::DEFAULT_PROBE_INTERVAL;
@@ -61,6 +62,10 @@ struct Args {
     /// Longest leaf certificate lifetime a caller may ask for.
     #[arg(long, default_value_t = DurationFlag(DEFAULT_MAX_LEAF_TTL))]
     max_cert_ttl: DurationFlag,
+    /// The audience a pod's service-account token must be projected for to get a
+    /// certificate (the CA checks it with a TokenReview in the pod's cluster).
+    #[arg(long, env = "ISTHMUS_CA_TOKEN_AUDIENCE", default_value = DEFAULT_TOKEN_AUDIENCE)]
+    ca_token_audience: String,
     /// How often the resources directory is re-read.
     #[arg(long, default_value_t = DurationFlag(app::DEFAULT_RESOURCE_POLL))]
     resource_poll: DurationFlag,
@@ -229,6 +234,7 @@ impl Args {
         cfg.admin_addr = self.admin_addr;
         cfg.ca_policy.default_ttl = self.cert_ttl.0;
         cfg.ca_policy.max_ttl = self.max_cert_ttl.0;
+        cfg.ca_token_audience = self.ca_token_audience;
         cfg.resource_poll = self.resource_poll.0;
         cfg.vip_grace = self.vip_grace.0;
         cfg.vm_grace = self.vm_grace.0;

@@ -38,6 +38,9 @@ pub struct RegistryConfig {
     pub resource_poll: Duration,
     pub ca_reload: Duration,
     pub ca_policy: CaPolicy,
+    /// The audience a pod's service-account token must be projected for to get a
+    /// certificate (checked with a TokenReview in the pod's cluster).
+    pub ca_token_audience: String,
     pub listener: ListenerOptions,
     /// How long a released VIP stays reserved for its hostname.
     pub vip_grace: Duration,
@@ -262,6 +265,7 @@ impl RegistryConfig {
             resource_poll: DEFAULT_RESOURCE_POLL,
             ca_reload: crate::ca::DEFAULT_RELOAD_INTERVAL,
             ca_policy: CaPolicy::default(),
+            ca_token_audience: crate::ca::kubernetes::DEFAULT_TOKEN_AUDIENCE.into(),
             listener: ListenerOptions::default(),
             vip_grace: DEFAULT_VIP_GRACE,
             vm_grace: DEFAULT_VM_GRACE,
@@ -316,6 +320,11 @@ impl RegistryConfig {
                 format_duration(max)
             )
         });
+        problems.check(
+            !self.ca_token_audience.trim().is_empty(),
+            "--ca-token-audience",
+            || "must not be empty: pods' tokens are projected for a named audience".to_string(),
+        );
         if let Err(e) = CaMaterial::load(&self.ca_dir, self.trust_domain.as_ref()) {
             problems.push("--ca-dir", e.to_string());
         }
