@@ -285,7 +285,12 @@ async fn pods_created_through_the_api_server_are_injected() {
         .iter()
         .find(|e| e["name"] == "ISTHMUS_APP_PROBERS")
         .expect("ISTHMUS_APP_PROBERS");
-    let probers: Value = serde_json::from_str(probers["value"].as_str().unwrap()).unwrap();
+    let probers = probers["value"].as_str().unwrap();
+    // The sidecar reads what the injector wrote.
+    if let Err(e) = isthmus_vm_agent::pod::AppProbers::parse(probers) {
+        panic!("the agent cannot read ISTHMUS_APP_PROBERS {probers}: {e}");
+    }
+    let probers: Value = serde_json::from_str(probers).unwrap();
     assert_eq!(
         probers["/app-health/web/readyz"],
         json!({"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP", "httpHeaders": []}, "timeoutSeconds": 1})
