@@ -152,4 +152,7 @@ fn the_webhook_is_served_with_a_cluster_of_its_own_or_when_asked() {
         "isthmus-registry.isthmus-system.svc:15012"
     );
     assert_eq!(s.cluster, "cluster-a");
+    assert_eq!(s.token_audience, "isthmus-ca");
+    cfg.ca_token_audience = "mesh-ca".into();
+    assert_eq!(cfg.inject_settings().token_audience, "mesh-ca");
 }
