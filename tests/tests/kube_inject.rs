@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use isthmus_tests::harness::kube::{self, KubeApi};
-use isthmus_tests::{eventually, http_get, metric, TestRegistry};
+use isthmus_tests::{eventually, http_get, init_ca, metric, TestRegistry};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -72,8 +72,7 @@ fn root_pem(reg: &TestRegistry) -> String {
 }
 
 /// Waits until the registry has set the webhook's caBundle to the mesh root.
-async fn ca_bundle_is_root(api: &KubeApi, reg: &TestRegistry) {
-    let root = root_pem(reg);
+async fn ca_bundle_is_root(api: &KubeApi, root: &str) {
     let got = eventually(STEP, || async {
         let b64 = api
             .kubectl(&[
@@ -196,23 +195,33 @@ async fn configmap_root(api: &KubeApi, ns: &str) -> Option<String> {
     .ok()
 }
 
-#[tokio::test]
-async fn pods_created_through_the_api_server_are_injected() {
-    if !kube::available() {
-        return;
-    }
+/// An API server with namespace `shop` labelled for injection and the `plain` ones not, a
+/// registry watching it, and the shipped webhook configuration pointed at the registry,
+/// whose caBundle the registry has set.
+async fn injecting_cluster(plain: &[&str]) -> (KubeApi, TestRegistry, tempfile::TempDir) {
     let api = KubeApi::start("cluster-a").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     api.create_namespace("shop", &[("isthmus-injection", "enabled")])
         .await
         .unwrap();
-    api.create_namespace("plain", &[]).await.unwrap();
+    for ns in plain {
+        api.create_namespace(ns, &[]).await.unwrap();
+    }
     let reg = registry_for(&api, dir.path()).await;
     let addr = reg
         .webhook_addr()
         .expect("a registry with a cluster serves the webhook");
     register_webhook(&api, addr).await;
-    ca_bundle_is_root(&api, &reg).await;
+    ca_bundle_is_root(&api, &root_pem(&reg)).await;
+    (api, reg, dir)
+}
+
+#[tokio::test]
+async fn pods_created_through_the_api_server_are_injected() {
+    if !kube::available() {
+        return;
+    }
+    let (api, reg, _dir) = injecting_cluster(&["plain"]).await;
     let root = root_pem(&reg);
 
     // The mesh root in the labelled namespace only.
@@ -276,7 +285,12 @@ async fn pods_created_through_the_api_server_are_injected() {
         .iter()
         .find(|e| e["name"] == "ISTHMUS_APP_PROBERS")
         .expect("ISTHMUS_APP_PROBERS");
-    let probers: Value = serde_json::from_str(probers["value"].as_str().unwrap()).unwrap();
+    let probers = probers["value"].as_str().unwrap();
+    // The sidecar reads what the injector wrote.
+    if let Err(e) = isthmus_vm_agent::pod::AppProbers::parse(probers) {
+        panic!("the agent cannot read ISTHMUS_APP_PROBERS {probers}: {e}");
+    }
+    let probers: Value = serde_json::from_str(probers).unwrap();
     assert_eq!(
         probers["/app-health/web/readyz"],
         json!({"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP", "httpHeaders": []}, "timeoutSeconds": 1})
@@ -393,6 +407,40 @@ async fn pods_created_through_the_api_server_are_injected() {
         "no isthmus-ca-root-cert in a newly labelled namespace"
     );
 
+    // A new mesh root (the cluster's whole CA replaced on disk) reaches the ConfigMaps and
+    // the caBundle, and the webhook, now serving a certificate of the new intermediate, is
+    // still trusted by the API server.
+    let other = tempfile::tempdir().unwrap();
+    init_ca(other.path(), "cluster.local", "cluster-a", false);
+    let new_root = std::fs::read_to_string(other.path().join("cluster-a/root-cert.pem")).unwrap();
+    assert_ne!(new_root, root);
+    for file in [
+        "root-cert.pem",
+        "cert-chain.pem",
+        "ca-key.pem",
+        "ca-cert.pem",
+    ] {
+        let tmp = reg.ca_dir().join(format!("{file}.new"));
+        std::fs::copy(other.path().join("cluster-a").join(file), &tmp).unwrap();
+        std::fs::rename(&tmp, reg.ca_dir().join(file)).unwrap();
+    }
+    for ns in ["shop", "late"] {
+        let updated = eventually(STEP, || async {
+            configmap_root(&api, ns).await.filter(|r| *r == new_root)
+        })
+        .await;
+        assert!(
+            updated.is_some(),
+            "{ns}'s isthmus-ca-root-cert kept the old root"
+        );
+    }
+    ca_bundle_is_root(&api, &new_root).await;
+    let rotated = create_injected(&api, &pod("web-rotated", "shop", json!({}), json!({}))).await;
+    assert_eq!(
+        names(&rotated["spec"]["containers"]),
+        ["web", "isthmus-proxy"]
+    );
+
     let metrics = reg.metrics().await;
     assert!(
         metric(&metrics, "isthmus_sidecar_injections_total").unwrap_or(0.0) >= 1.0,
@@ -423,14 +471,7 @@ async fn a_webhook_that_is_down_fails_closed_unless_the_policy_is_ignore() {
     if !kube::available() {
         return;
     }
-    let api = KubeApi::start("cluster-a").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    api.create_namespace("shop", &[("isthmus-injection", "enabled")])
-        .await
-        .unwrap();
-    let mut reg = registry_for(&api, dir.path()).await;
-    register_webhook(&api, reg.webhook_addr().unwrap()).await;
-    ca_bundle_is_root(&api, &reg).await;
+    let (api, mut reg, _dir) = injecting_cluster(&[]).await;
     let stored = create_injected(&api, &pod("web-1", "shop", json!({}), json!({}))).await;
     assert_eq!(
         names(&stored["spec"]["containers"]),

@@ -278,6 +278,8 @@ impl RegistryConfig {
     pub fn inject_settings(&self) -> InjectSettings {
         let k = &self.kubernetes;
         let mut s = InjectSettings::new(&self.cluster, &self.network, &k.system_namespace);
+        // The sidecar's token is for the CA: the audience the CA requires.
+        s.token_audience = self.ca_token_audience.clone();
         if let Some(image) = &self.webhook.image {
             s.image = image.clone();
         }

@@ -106,3 +106,56 @@ fn every_configuration_problem_is_reported_at_once() {
     assert!(shown.contains("above --max-cert-ttl"), "{shown}");
     assert!(shown.contains("must not be empty"), "{shown}");
 }
+
+#[test]
+fn webhook_settings_are_checked_all_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.webhook.cert_file = Some(tmp.path().join("missing.pem"));
+    cfg.webhook.dns_names = vec!["127.0.0.1".into(), "bad name".into()];
+    cfg.webhook.capture_cidrs = vec!["10.0.0.1/8".into()];
+    cfg.webhook.registry_address = Some("no-port".into());
+    let problems = cfg.validate().unwrap_err().to_string();
+    for expect in [
+        "--webhook-cert and --webhook-key go together",
+        "missing.pem: no such file",
+        "\"bad name\"",
+        "--inject-capture-cidr",
+        "\"no-port\" is not host:port",
+    ] {
+        assert!(problems.contains(expect), "{expect}: {problems}");
+    }
+    assert!(!problems.contains("127.0.0.1"), "{problems}");
+}
+
+#[test]
+fn the_webhook_is_served_with_a_cluster_of_its_own_or_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    assert_eq!(cfg.webhook.listen_addr(&cfg.kubernetes), None);
+    cfg.kubernetes.local = Some(LocalCluster::InCluster);
+    assert_eq!(
+        cfg.webhook.listen_addr(&cfg.kubernetes),
+        Some("0.0.0.0:15017".parse().unwrap())
+    );
+    cfg.kubernetes.local = None;
+    cfg.webhook.addr = Some("127.0.0.1:0".parse().unwrap());
+    assert_eq!(
+        cfg.webhook.listen_addr(&cfg.kubernetes),
+        Some("127.0.0.1:0".parse().unwrap())
+    );
+    // The flags' values reach the settings, canonical.
+    cfg.webhook.capture_cidrs = vec!["10.0.0.0/8".into(), "fd00::/8".into()];
+    cfg.webhook.image = Some("example/agent:2".into());
+    let s = cfg.inject_settings();
+    assert_eq!(s.capture_cidrs, ["10.0.0.0/8", "fd00::/8"]);
+    assert_eq!(s.image, "example/agent:2");
+    assert_eq!(
+        s.registry_address,
+        "isthmus-registry.isthmus-system.svc:15012"
+    );
+    assert_eq!(s.cluster, "cluster-a");
+    assert_eq!(s.token_audience, "isthmus-ca");
+    cfg.ca_token_audience = "mesh-ca".into();
+    assert_eq!(cfg.inject_settings().token_audience, "mesh-ca");
+}

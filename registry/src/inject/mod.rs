@@ -46,8 +46,9 @@ pub const ROOT_CERT_KEY: &str = "root-cert.pem";
 pub const DEFAULT_WEBHOOK_CONFIG_NAME: &str = "isthmus-sidecar-injector";
 /// Where the webhook listens unless `--webhook-addr` says otherwise.
 pub const DEFAULT_WEBHOOK_ADDR: &str = "0.0.0.0:15017";
-/// The audience of the projected service-account token the sidecar presents to the CA.
-pub const DEFAULT_TOKEN_AUDIENCE: &str = "isthmus-ca";
+/// The audience of the projected service-account token the sidecar presents to the CA
+/// (the registry injects the CA's `--ca-token-audience`).
+pub const DEFAULT_TOKEN_AUDIENCE: &str = crate::ca::kubernetes::DEFAULT_TOKEN_AUDIENCE;
 /// The mesh VIP range and a cluster's usual service CIDR: what the sidecar captures.
 pub const DEFAULT_CAPTURE_CIDRS: [&str; 2] = ["240.240.0.0/16", "10.96.0.0/12"];
 

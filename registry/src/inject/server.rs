@@ -40,6 +40,9 @@ pub const CERT_FILE_POLL: Duration = Duration::from_secs(10);
 /// Reissue no more often than this, whatever the certificate's remaining life.
 const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(60);
 const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// How long a request body may take to arrive: the API server sends a review at once, and
+/// waits at most 30 s (`timeoutSeconds`) for the answer.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServingCertError {
@@ -258,9 +261,28 @@ async fn inject_route(State(s): State<WebhookState>, headers: HeaderMap, body: B
     if let Some(n) = declared.filter(|n| *n > MAX_REVIEW_BYTES as u64) {
         return too_large(&s, format!("({n} bytes)"));
     }
-    let bytes = match axum::body::to_bytes(body, MAX_REVIEW_BYTES).await {
-        Ok(b) => b,
-        Err(e) => return too_large(&s, format!("could not be read whole ({e}) and")),
+    let read = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, MAX_REVIEW_BYTES),
+    );
+    let bytes = match read.await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return too_large(&s, format!("could not be read whole ({e}) and")),
+        Err(_) => {
+            let reason = "body_timeout";
+            s.metrics
+                .errors
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {}s\n",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            )
+                .into_response();
+        }
     };
     let (settings, metrics) = (s.settings.clone(), s.metrics.clone());
     match answer(&bytes, &settings, &metrics) {

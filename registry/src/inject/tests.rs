@@ -80,6 +80,16 @@ fn env_of(container: &Value, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no env {name} in {container}"))
 }
 
+/// The sidecar's `ISTHMUS_APP_PROBERS`, parsed.
+fn probers_of(proxy: &Value) -> Value {
+    serde_json::from_str(
+        env_of(proxy, "ISTHMUS_APP_PROBERS")["value"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
     pod["spec"][list]
         .as_array()
@@ -245,12 +255,7 @@ fn probes_are_rewritten_to_the_sidecar_with_named_ports_resolved() {
     );
 
     let proxy = container(&pod, "containers", "isthmus-proxy");
-    let probers: Value = serde_json::from_str(
-        env_of(proxy, "ISTHMUS_APP_PROBERS")["value"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let probers = probers_of(proxy);
     assert_eq!(
         probers,
         json!({
@@ -269,12 +274,7 @@ fn http_probe_keeps_scheme_host_and_headers() {
         "httpHeaders": [{"name": "X-Probe", "value": "1"}]}, "timeoutSeconds": 2});
     let out = injected(&pod);
     let proxy = container(&out, "containers", "isthmus-proxy");
-    let probers: Value = serde_json::from_str(
-        env_of(proxy, "ISTHMUS_APP_PROBERS")["value"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let probers = probers_of(proxy);
     assert_eq!(
         probers["/app-health/web/readyz"],
         json!({"httpGet": {"path": "/r", "port": 8443, "scheme": "HTTPS", "host": "127.0.0.1",
@@ -720,4 +720,53 @@ fn root_configmap_carries_the_publishers_label() {
         cluster::PUBLISHER_LABEL_VALUE
     );
     assert_eq!(cm.data.unwrap()["root-cert.pem"], "PEM");
+}
+
+#[test]
+fn provided_certificate_files_are_loaded_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let material_dir = dir.path().join("ca");
+    crate::ca::init::init(
+        &crate::ca::init::InitOptions {
+            trust_domain: isthmus_proto::identity::TrustDomain::new("cluster.local").unwrap(),
+            clusters: vec!["cluster-a".into()],
+            out: material_dir.clone(),
+            rotate: false,
+        },
+        ::time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let material = crate::ca::CaMaterial::load(&material_dir.join("cluster-a"), None).unwrap();
+    let now = ::time::OffsetDateTime::now_utc();
+    let one = rcgen::generate_simple_self_signed(vec!["webhook.example".into()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["webhook.example".into()]).unwrap();
+    let (cert, key, wrong_key) = (
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        dir.path().join("other.key"),
+    );
+    std::fs::write(&cert, one.cert.pem()).unwrap();
+    std::fs::write(&key, one.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&wrong_key, other.signing_key.serialize_pem()).unwrap();
+
+    let files = server::ServingCert::Files {
+        cert: cert.clone(),
+        key,
+    };
+    let (_, poll) = files.load(&material, now).unwrap();
+    assert_eq!(poll, server::CERT_FILE_POLL);
+
+    let mismatched = server::ServingCert::Files {
+        cert: cert.clone(),
+        key: wrong_key,
+    };
+    let err = mismatched.load(&material, now).unwrap_err().to_string();
+    assert!(err.contains("do not go together"), "{err}");
+
+    let missing = server::ServingCert::Files {
+        cert: dir.path().join("missing.crt"),
+        key: dir.path().join("tls.key"),
+    };
+    let err = missing.load(&material, now).unwrap_err().to_string();
+    assert!(err.contains("missing.crt"), "{err}");
 }
