@@ -448,7 +448,8 @@ unsynced() {
     return
   }
   for name in "${names[@]}"; do
-    awk -v c="$name" 'NR > 1 && $1 == c && $3 == "synced" { found = 1 } END { exit !found }' \
+    # The table's rows end at the first blank line; the details follow.
+    awk -v c="$name" 'NR > 1 && NF == 0 { exit } NR > 1 && $1 == c && $3 == "synced" { found = 1 } END { exit !found }' \
       <<<"$table" || echo "$name"
   done
 }
