@@ -341,7 +341,12 @@ mod dockerfiles {
             .into_iter()
             .find(|r| r.contains("cargo build"))
             .unwrap_or_else(|| panic!("{}: no cargo build", d.name));
-        let words: Vec<&str> = run.split_whitespace().collect();
+        // The cargo command alone: `mkdir -p` and the copy follow it.
+        let cargo = run
+            .split("&&")
+            .find(|c| c.contains("cargo build"))
+            .unwrap();
+        let words: Vec<&str> = cargo.split_whitespace().collect();
         let after = |flag: &str| -> Vec<String> {
             words
                 .windows(2)
