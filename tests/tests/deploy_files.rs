@@ -342,10 +342,7 @@ mod dockerfiles {
             .find(|r| r.contains("cargo build"))
             .unwrap_or_else(|| panic!("{}: no cargo build", d.name));
         // The cargo command alone: `mkdir -p` and the copy follow it.
-        let cargo = run
-            .split("&&")
-            .find(|c| c.contains("cargo build"))
-            .unwrap();
+        let cargo = run.split("&&").find(|c| c.contains("cargo build")).unwrap();
         let words: Vec<&str> = cargo.split_whitespace().collect();
         let after = |flag: &str| -> Vec<String> {
             words
@@ -354,7 +351,10 @@ mod dockerfiles {
                 .map(|w| w[1].to_string())
                 .collect()
         };
-        assert!(words.contains(&"--release") && words.contains(&"--locked"), "{run}");
+        assert!(
+            words.contains(&"--release") && words.contains(&"--locked"),
+            "{run}"
+        );
         let packages = after("-p");
         assert_eq!(packages.len(), 1, "{}: one package per image", d.name);
         (packages[0].clone(), after("--bin"))
@@ -379,7 +379,11 @@ mod dockerfiles {
             let d = Dockerfile::read(image);
             assert!(d.all("FROM").len() >= 2, "{}: not multi-stage", d.name);
             assert_eq!(d.all("FROM")[0], "${RUST_IMAGE} AS build", "{}", d.name);
-            assert!(d.arg_default("RUST_IMAGE").starts_with("rust:"), "{}", d.name);
+            assert!(
+                d.arg_default("RUST_IMAGE").starts_with("rust:"),
+                "{}",
+                d.name
+            );
             let (package, built_bins) = built(&d);
             assert_eq!(&built_bins, bins, "{}", d.name);
             for bin in &built_bins {
