@@ -566,7 +566,7 @@ async fn the_bring_up_script_installs_two_clusters_idempotently_and_removes_them
             format!("Secret/{NS}/cacerts"),
             format!("Secret/{NS}/isthmus-eastwestgateway-token"),
             format!("Secret/{NS}/istio-remote-secret-{other}"),
-            format!("MutatingWebhookConfiguration//isthmus-sidecar-injector"),
+            "MutatingWebhookConfiguration//isthmus-sidecar-injector".to_string(),
             format!("Namespace//{NS}"),
         ] {
             assert!(
