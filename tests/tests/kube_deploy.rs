@@ -447,81 +447,32 @@ async fn the_bring_up_script_installs_two_clusters_idempotently_and_removes_them
         same_server.as_str(),
         bad_label.as_str(),
     );
+    // East is fine each time; the second --cluster (or the other argument) is not.
+    let owned = |args: &[&str]| -> Vec<String> { args.iter().map(|a| a.to_string()).collect() };
+    let with_east = |more: &[&str]| -> Vec<String> {
+        let mut args = owned(&["up", "--root", root_s, "--cluster", east]);
+        args.extend(owned(more));
+        args
+    };
+    let second = |spec: &str| with_east(&["--cluster", spec]);
     for (args, what) in [
+        (second(missing_s), "does not exist"),
+        (second(unreachable_s), "does not answer"),
+        (second(reader_s), "is not a cluster administrator"),
+        (second(east), "cluster name 'east' is given twice"),
+        (second(same_server), "have the same API server"),
+        (second(bad_label), "'West_1' is not a DNS label"),
         (
-            vec![
-                "up",
-                "--root",
-                root_s,
-                "--cluster",
-                east,
-                "--cluster",
-                missing_s,
-            ],
-            "does not exist",
-        ),
-        (
-            vec![
-                "up",
-                "--root",
-                root_s,
-                "--cluster",
-                east,
-                "--cluster",
-                unreachable_s,
-            ],
-            "does not answer",
-        ),
-        (
-            vec![
-                "up",
-                "--root",
-                root_s,
-                "--cluster",
-                east,
-                "--cluster",
-                reader_s,
-            ],
-            "is not a cluster administrator",
-        ),
-        (
-            vec!["up", "--root", root_s, "--cluster", east, "--cluster", east],
-            "cluster name 'east' is given twice",
-        ),
-        (
-            vec![
-                "up",
-                "--root",
-                root_s,
-                "--cluster",
-                east,
-                "--cluster",
-                same_server,
-            ],
-            "have the same API server",
-        ),
-        (
-            vec![
-                "up",
-                "--root",
-                root_s,
-                "--cluster",
-                east,
-                "--cluster",
-                bad_label,
-            ],
-            "'West_1' is not a DNS label",
-        ),
-        (
-            vec!["up", "--root", root_s, "--cluster", east, "--wait", "soon"],
+            with_east(&["--wait", "soon"]),
             "--wait soon: not a duration",
         ),
-        (vec!["up", "--cluster", east], "--root DIR is required"),
+        (owned(&["up", "--cluster", east]), "--root DIR is required"),
         (
-            vec!["sideways", "--root", root_s],
+            owned(&["sideways", "--root", root_s]),
             "unknown command 'sideways'",
         ),
     ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let run = script(&args).await;
         assert_refused(&run, what);
     }
