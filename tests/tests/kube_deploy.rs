@@ -298,6 +298,126 @@ async fn the_kustomization_renders_and_the_api_server_accepts_every_object() {
         refused.to_string().contains("violates PodSecurity"),
         "{refused}"
     );
+
+    // The programs accept the flags the Deployments give them, as the kubelet would
+    // expand them, each mounted volume standing in a directory here.
+    let ca = tempfile::tempdir().unwrap();
+    let isthmusctl = workspace_binary("isthmus-registry", "isthmusctl");
+    let init = std::process::Command::new(&isthmusctl)
+        .args([
+            "ca",
+            "init",
+            "--trust-domain",
+            "cluster.local",
+            "--cluster",
+            "cluster1",
+            "--out",
+        ])
+        .arg(ca.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let token = std::process::Command::new(&isthmusctl)
+        .args([
+            "token",
+            "create",
+            "--namespace",
+            NS,
+            "--service-account",
+            "isthmus-eastwestgateway",
+            "--ca-dir",
+        ])
+        .arg(ca.path().join("cluster1"))
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "{token:?}");
+    let token = String::from_utf8(token.stdout).unwrap();
+    for (deployment, package, bin) in [
+        ("isthmus-registry", "isthmus-registry", "isthmus-registry"),
+        (
+            "isthmus-eastwestgateway",
+            "isthmus-gateway",
+            "isthmus-gateway",
+        ),
+    ] {
+        let d = get_json(&api, &["get", "deployment", deployment, "-n", NS]).await;
+        let scratch = tempfile::tempdir().unwrap();
+        let args = container_args(&api, &d, &ca.path().join("cluster1"), scratch.path()).await;
+        let out = std::process::Command::new(workspace_binary(package, bin))
+            .args(&args)
+            .arg("--validate")
+            .env("ISTHMUS_TOKEN", token.trim())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{bin} {args:?} --validate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The first container's args of Deployment `d` as its pod would run them: `$(VAR)`
+/// expanded from the env (ConfigMap keys read from the cluster), and each volume's mount
+/// path replaced by a directory here: Secret `cacerts` by the cluster CA directory
+/// `cacerts`, any other volume by an empty directory under `scratch`.
+async fn container_args(api: &KubeApi, d: &Value, cacerts: &Path, scratch: &Path) -> Vec<String> {
+    let pod = &d["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let mut env = BTreeMap::new();
+    for e in c["env"].as_array().into_iter().flatten() {
+        let Some(r) = e["valueFrom"]["configMapKeyRef"].as_object() else {
+            continue;
+        };
+        let cm = get_json(
+            api,
+            &["get", "configmap", r["name"].as_str().unwrap(), "-n", NS],
+        )
+        .await;
+        let value = cm["data"][r["key"].as_str().unwrap()].as_str().unwrap();
+        env.insert(e["name"].as_str().unwrap().to_string(), value.to_string());
+    }
+    let mut mounts = Vec::new();
+    for m in c["volumeMounts"].as_array().unwrap() {
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .unwrap();
+        let local = if volume["secret"]["secretName"] == "cacerts" {
+            cacerts.to_path_buf()
+        } else {
+            let dir = scratch.join(m["name"].as_str().unwrap());
+            std::fs::create_dir_all(&dir).unwrap();
+            dir
+        };
+        mounts.push((m["mountPath"].as_str().unwrap().to_string(), local));
+    }
+    c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let mut arg = a.as_str().unwrap().to_string();
+            for (name, value) in &env {
+                arg = arg.replace(&format!("$({name})"), value);
+            }
+            // `--flag=PATH`: the one mount PATH is under, replaced once.
+            let Some((flag, value)) = arg.split_once('=') else {
+                return arg;
+            };
+            let under = mounts.iter().find_map(|(path, local)| {
+                let rest = value.strip_prefix(path.as_str())?;
+                (rest.is_empty() || rest.starts_with('/'))
+                    .then(|| format!("{}{rest}", local.display()))
+            });
+            match under {
+                Some(local) => format!("{flag}={local}"),
+                None => arg,
+            }
+        })
+        .collect()
 }
 
 /// A pod with Deployment `deployment`'s template, named `name`, as its ReplicaSet would
