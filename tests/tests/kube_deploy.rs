@@ -1,7 +1,8 @@
 //! What a platform team applies, against real API servers: `deploy/kubernetes` rendered by
 //! kubectl's kustomize is accepted by the API server's schemas and admission (server-side
 //! dry run, then for real) and lands as written, its pods pass the namespace's `restricted`
-//! Pod Security level; and `deploy/multicluster.sh` brings two clusters up and down: the
+//! Pod Security level, and the registry and gateway accept the flags their Deployments give
+//! them; and `deploy/multicluster.sh` brings two clusters up and down: the
 //! objects and remote-cluster Secrets land in each, a second `up` changes nothing, bad input
 //! is refused before anything changes, the wait names the pods that cannot start (there are
 //! no nodes here), and `down` removes what `up` installed.
