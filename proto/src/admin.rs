@@ -25,29 +25,7 @@ pub async fn serve(
     shutdown: drain::Watch,
 ) -> std::io::Result<()> {
     let router = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    let mut out = String::new();
-                    let reg = metrics.lock().expect("metrics registry poisoned");
-                    match prometheus_client::encoding::text::encode(&mut out, &reg) {
-                        Ok(()) => (
-                            [(
-                                header::CONTENT_TYPE,
-                                "text/plain; version=0.0.4; charset=utf-8",
-                            )],
-                            out,
-                        )
-                            .into_response(),
-                        Err(e) => {
-                            (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
-                        }
-                    }
-                }
-            }),
-        )
+        .route("/metrics", metrics_route(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", ready_route(readiness))
         .route("/logging", get(show_logging).post(set_logging))
@@ -55,6 +33,41 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.signaled())
         .await
+}
+
+/// Serves `/metrics` alone on `listener` until `shutdown` fires: the port scrapers reach
+/// from the network (Istio's 15020), while the admin port stays on loopback.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Arc<Mutex<Registry>>,
+    shutdown: drain::Watch,
+) -> std::io::Result<()> {
+    let router = Router::new().route("/metrics", metrics_route(metrics));
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.signaled())
+        .await
+}
+
+/// The registry's metrics in Prometheus' text format, at each request.
+fn metrics_route(metrics: Arc<Mutex<Registry>>) -> axum::routing::MethodRouter {
+    get(move || {
+        let metrics = metrics.clone();
+        async move {
+            let mut out = String::new();
+            let reg = metrics.lock().expect("metrics registry poisoned");
+            match prometheus_client::encoding::text::encode(&mut out, &reg) {
+                Ok(()) => (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    out,
+                )
+                    .into_response(),
+                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+            }
+        }
+    })
 }
 
 /// 200 `ready` or 503 `not ready`, as `readiness` says at each request.
@@ -78,7 +91,20 @@ fn ready_route(readiness: Readiness) -> axum::routing::MethodRouter {
 /// Serves the health port (`/healthz/ready`, Istio's path, for load balancers and
 /// orchestrators) on `listener` until `shutdown` fires; a failure is logged.
 pub async fn serve_health(listener: TcpListener, readiness: Readiness, shutdown: drain::Watch) {
-    let router = Router::new().route("/healthz/ready", ready_route(readiness));
+    serve_health_with(listener, readiness, Router::new(), shutdown).await
+}
+
+/// [`serve_health`] with the program's own routes beside `/healthz/ready` (a pod's
+/// sidecar answers the app's rewritten probes there).
+pub async fn serve_health_with(
+    listener: TcpListener,
+    readiness: Readiness,
+    extra: Router,
+    shutdown: drain::Watch,
+) {
+    let router = Router::new()
+        .route("/healthz/ready", ready_route(readiness))
+        .merge(extra);
     if let Err(e) = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.signaled())
         .await

@@ -236,20 +236,42 @@ pub async fn serve(
     .await;
 }
 
+/// Where [`serve_with`] sends one captured connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A mesh service: mTLS to one of its endpoints.
+    Mesh(OutboundTarget),
+    /// Not a mesh address: connected to as it is, in plain TCP, from the proxy's own
+    /// socket. A pod's sidecar captures whole address ranges (its rules cannot follow the
+    /// catalog), and the app's connections to the rest of a range must still work, as
+    /// through Istio's `PassthroughCluster`.
+    Passthrough(std::net::SocketAddr),
+}
+
+impl From<OutboundTarget> for Destination {
+    fn from(t: OutboundTarget) -> Self {
+        Self::Mesh(t)
+    }
+}
+
+/// The service name passed-through connections are counted under.
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+
 /// Why [`serve_with`]'s `destination` found nowhere to send a connection: a metric label
 /// (`isthmus_gateway_connections_refused_total{reason}`) and the detail for the log.
 pub type NoDestination = crate::connection::Refusal;
 
 /// Accepts plaintext connections until `shutdown` and carries each as mTLS to the target
 /// `destination` names for it; a connection it names none for is closed and counted.
-pub async fn serve_with<D>(
+pub async fn serve_with<D, T>(
     listener: TcpListener,
     outbound: Arc<Outbound>,
     max_connections: usize,
     shutdown: drain::Watch,
     destination: D,
 ) where
-    D: Fn(&TcpStream) -> Result<OutboundTarget, NoDestination> + Send + Sync + 'static,
+    D: Fn(&TcpStream) -> Result<T, NoDestination> + Send + Sync + 'static,
+    T: Into<Destination>,
 {
     let tracker = outbound.tracker.clone();
     let destination = Arc::new(destination);
@@ -261,10 +283,15 @@ pub async fn serve_with<D>(
         shutdown,
         move |tcp, mut rec| {
             let outbound = outbound.clone();
-            let target = destination(&tcp);
+            let target = destination(&tcp).map(Into::into);
             async move {
                 match target {
-                    Ok(target) => handle(&outbound, tcp, &target, &mut rec).await,
+                    Ok(Destination::Mesh(target)) => {
+                        handle(&outbound, tcp, &target, &mut rec).await
+                    }
+                    Ok(Destination::Passthrough(addr)) => {
+                        passthrough(&outbound, tcp, addr, &mut rec).await
+                    }
                     Err(refused) => {
                         outbound.metrics.refuse(DIRECTION, refused.reason);
                         rec.error = Some(refused.detail);
@@ -276,6 +303,54 @@ pub async fn serve_with<D>(
         },
     )
     .await;
+}
+
+/// Relays a connection to `addr` in plain TCP (no identity, no Istio metrics: it is not
+/// mesh traffic), counted under [`PASSTHROUGH`].
+async fn passthrough(
+    outbound: &Outbound,
+    tcp: TcpStream,
+    addr: std::net::SocketAddr,
+    rec: &mut AccessRecord,
+) {
+    rec.destination = addr.to_string();
+    rec.service = Some(PASSTHROUGH.into());
+    let m = &outbound.metrics;
+    let open = m.open(DIRECTION, PASSTHROUGH);
+    let result = async {
+        let connect = upstream::connect_tcp(addr, outbound.connect.mark);
+        let up = match tokio::time::timeout(outbound.connect.timeout, connect).await {
+            Ok(Ok(up)) => up,
+            Ok(Err(e)) => {
+                rec.error = Some(format!("passthrough to {addr}: {e}"));
+                return ConnResult::upstream_connect_failed;
+            }
+            Err(_) => {
+                rec.error = Some(format!(
+                    "passthrough to {addr}: no answer within {:?}",
+                    outbound.connect.timeout
+                ));
+                return ConnResult::upstream_connect_failed;
+            }
+        };
+        rec.endpoint = Some(addr);
+        finish_relay(
+            rec,
+            outbound.tracker.closing(),
+            crate::relay::relay_tcp(tcp, up),
+        )
+        .await
+    }
+    .await;
+    drop(open);
+    rec.finish(result);
+    m.closed(
+        DIRECTION,
+        PASSTHROUGH,
+        result,
+        rec.bytes_to_upstream,
+        rec.bytes_from_upstream,
+    );
 }
 
 async fn handle(

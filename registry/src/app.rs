@@ -12,7 +12,9 @@
 //!    part "resources", only with `--resources`);
 //! 7. start the upkeep: CA file watcher, token and VIP sweepers ([`upkeep`]);
 //! 8. serve gRPC: serving certificate and its renewer, Watch, Certificates, Registration
-//!    ([`grpc`]; part "grpc").
+//!    ([`grpc`]; part "grpc");
+//! 9. serve the sidecar injection webhook when configured, and keep the root-cert
+//!    ConfigMaps and the webhook's `caBundle` in the registry's own cluster ([`webhook`]).
 //!
 //! Shutdown is [`isthmus_proto::program::Stop`]'s order: not ready; the gRPC server stops
 //! accepting and ends its streams (subscribers and VM agents reconnect elsewhere or later)
@@ -28,6 +30,7 @@ mod static_resources;
 #[cfg(test)]
 mod tests;
 mod upkeep;
+mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,8 +41,8 @@ use isthmus_proto::identity::TrustDomain;
 use isthmus_proto::program::{Program, Readiness, Stop, Tasks};
 
 pub use config::{
-    validate_resources, KubernetesConfig, LocalCluster, RegistryConfig, DEFAULT_ADMIN_ADDR,
-    DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
+    validate_resources, KubernetesConfig, LocalCluster, RegistryConfig, WebhookConfig,
+    DEFAULT_ADMIN_ADDR, DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
     DEFAULT_RESOURCE_POLL, DEFAULT_SYSTEM_NAMESPACE,
 };
 pub use grpc::{MAX_REQUEST_BYTES, REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT};
@@ -47,7 +50,7 @@ pub use listeners::ListenError;
 pub use upkeep::TOKEN_GC_INTERVAL;
 
 use crate::admin::{self, SourceStatus};
-use crate::ca::service::CertificateService;
+use crate::ca::service::{CertificateService, KubernetesAuth};
 use crate::ca::Authority;
 use crate::ingest::Ingest;
 use crate::registration::RegistrationService;
@@ -64,6 +67,8 @@ use static_resources::StaticResources;
 pub struct RegistryHandle {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Where the sidecar injection webhook listens, when it is served.
+    pub webhook_addr: Option<SocketAddr>,
     pub trust_domain: TrustDomain,
     pub views: Arc<Views>,
     pub subscribers: Arc<Subscribers>,
@@ -118,12 +123,14 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
         rest: rest_watch,
     };
     let (grpc_addr, admin_addr) = (listeners.grpc_addr, listeners.admin_addr);
+    let webhook_addr = listeners.webhook.as_ref().map(|(_, a)| *a);
     match start(&cfg, listeners, &mut stop, &signals).await {
         Ok(state) => {
             tracing::info!(%grpc_addr, %admin_addr, cluster = %cfg.cluster, network = %cfg.network, trust_domain = %state.trust_domain, "registry serving");
             Ok(RegistryHandle {
                 grpc_addr,
                 admin_addr,
+                webhook_addr,
                 trust_domain: state.trust_domain,
                 views: state.views,
                 subscribers: state.subscribers,
@@ -200,7 +207,7 @@ async fn start(
         );
     }
     drop(resources_part);
-    kubernetes::start(
+    let kube_source = kubernetes::start(
         cfg,
         state.trust_domain.clone(),
         state.ingest.clone(),
@@ -212,8 +219,26 @@ async fn start(
     .await?;
 
     start_upkeep(cfg, &state, &metrics, &mut stop.tasks, signals);
-    serve_grpc(cfg, listeners.grpc, &metrics, &state, stop, signals)?;
+    let kube_auth = kube_source.map(|source| kubernetes::token_auth(cfg, &source));
+    serve_grpc(
+        cfg,
+        listeners.grpc,
+        &metrics,
+        &state,
+        kube_auth,
+        stop,
+        signals,
+    )?;
     grpc_part.ready();
+    webhook::start(
+        cfg,
+        listeners.webhook.map(|(l, _)| l),
+        &state.authority,
+        &metrics.registry,
+        &mut stop.tasks,
+        &signals.rest,
+    )
+    .await?;
     Ok(state)
 }
 
@@ -278,9 +303,19 @@ fn serve_grpc(
     listener: tokio::net::TcpListener,
     metrics: &Metrics,
     state: &State,
+    kube_auth: Option<KubernetesAuth>,
     stop: &mut Stop,
     signals: &Signals,
 ) -> anyhow::Result<()> {
+    let mut certificates = CertificateService::new(
+        state.authority.clone(),
+        state.store.clone(),
+        cfg.ca_policy.clone(),
+        metrics.ca.clone(),
+    );
+    if let Some(auth) = kube_auth {
+        certificates = certificates.with_kubernetes(auth);
+    }
     let (tls_tx, tls_rx) = grpc::serving_tls(&state.authority)?;
     stop.tasks.spawn(
         "serving certificate renewer",
@@ -293,12 +328,7 @@ fn serve_grpc(
             metrics.registry_metrics.clone(),
             signals.accept.clone(),
         ),
-        certificates: CertificateService::new(
-            state.authority.clone(),
-            state.store.clone(),
-            cfg.ca_policy.clone(),
-            metrics.ca.clone(),
-        ),
+        certificates,
         registration: RegistrationService::new(
             state.registrations.clone(),
             state.views.clone(),

@@ -8,6 +8,7 @@ pub mod ca;
 pub mod catalog;
 pub mod ctl;
 pub mod ingest;
+pub mod inject;
 pub mod metrics;
 pub mod onboard;
 pub mod registration;

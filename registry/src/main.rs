@@ -11,11 +11,13 @@ use isthmus_proto::config::DurationFlag;
 use isthmus_proto::program;
 use isthmus_proto::TrustDomain;
 use isthmus_registry::app::{
-    self, KubernetesConfig, LocalCluster, RegistryConfig, DEFAULT_ADMIN_ADDR,
+    self, KubernetesConfig, LocalCluster, RegistryConfig, WebhookConfig, DEFAULT_ADMIN_ADDR,
     DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
     DEFAULT_SYSTEM_NAMESPACE,
 };
+use isthmus_registry::ca::kubernetes::DEFAULT_TOKEN_AUDIENCE;
 use isthmus_registry::ca::{DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL};
+use isthmus_registry::inject;
 use isthmus_registry::sources::kubernetes::DEFAULT_PROBE_INTERVAL;
 use isthmus_registry::sources::vm_registrations::DEFAULT_VM_GRACE;
 use isthmus_registry::vips::DEFAULT_VIP_GRACE;
@@ -60,6 +62,10 @@ struct Args {
     /// Longest leaf certificate lifetime a caller may ask for.
     #[arg(long, default_value_t = DurationFlag(DEFAULT_MAX_LEAF_TTL))]
     max_cert_ttl: DurationFlag,
+    /// The audience a pod's service-account token must be projected for to get a
+    /// certificate (the CA checks it with a TokenReview in the pod's cluster).
+    #[arg(long, env = "ISTHMUS_CA_TOKEN_AUDIENCE", default_value = DEFAULT_TOKEN_AUDIENCE)]
+    ca_token_audience: String,
     /// How often the resources directory is re-read.
     #[arg(long, default_value_t = DurationFlag(app::DEFAULT_RESOURCE_POLL))]
     resource_poll: DurationFlag,
@@ -75,6 +81,61 @@ struct Args {
     validate: bool,
     #[command(flatten)]
     kube: KubeArgs,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+/// The sidecar injection webhook (served with a cluster of its own, or with
+/// `--webhook-addr`) and what it injects.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Sidecar injection")]
+struct WebhookArgs {
+    /// Serve the mutating admission webhook (TLS, `POST /inject`) here [default:
+    /// 0.0.0.0:15017 when --kubeconfig or --in-cluster is given; otherwise not served].
+    #[arg(long)]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's serving certificate chain (PEM); without it the cluster intermediate
+    /// issues one for --webhook-dns-name and the registry keeps the webhook configuration's
+    /// caBundle at the mesh root.
+    #[arg(long, requires = "webhook_key")]
+    webhook_cert: Option<PathBuf>,
+    /// The key of --webhook-cert (PEM).
+    #[arg(long, requires = "webhook_cert")]
+    webhook_key: Option<PathBuf>,
+    /// A name of the issued serving certificate (repeatable; an IP address becomes an IP
+    /// SAN) [default: isthmus-registry.<system namespace>.svc].
+    #[arg(long = "webhook-dns-name", value_name = "NAME")]
+    webhook_dns_names: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the registry keeps at the mesh root.
+    #[arg(long, default_value = inject::DEFAULT_WEBHOOK_CONFIG_NAME)]
+    webhook_config_name: String,
+    /// The image of the injected init container and sidecar [default:
+    /// isthmus/vm-agent:<version>].
+    #[arg(long)]
+    inject_image: Option<String>,
+    /// The registry's gRPC address as injected sidecars reach it [default:
+    /// isthmus-registry.<system namespace>.svc:15012].
+    #[arg(long)]
+    inject_registry_address: Option<String>,
+    /// A CIDR whose traffic injected pods capture (repeatable) [default: 240.240.0.0/16 and
+    /// 10.96.0.0/12, the mesh VIPs and the usual service CIDR].
+    #[arg(long = "inject-capture-cidr", value_name = "CIDR")]
+    inject_capture_cidrs: Vec<String>,
+}
+
+impl WebhookArgs {
+    fn into_config(self) -> WebhookConfig {
+        WebhookConfig {
+            addr: self.webhook_addr,
+            cert_file: self.webhook_cert,
+            key_file: self.webhook_key,
+            dns_names: self.webhook_dns_names,
+            config_name: self.webhook_config_name,
+            image: self.inject_image,
+            registry_address: self.inject_registry_address,
+            capture_cidrs: self.inject_capture_cidrs,
+        }
+    }
 }
 
 /// The Kubernetes clusters to watch (none unless one of the first three is given).
@@ -173,10 +234,12 @@ impl Args {
         cfg.admin_addr = self.admin_addr;
         cfg.ca_policy.default_ttl = self.cert_ttl.0;
         cfg.ca_policy.max_ttl = self.max_cert_ttl.0;
+        cfg.ca_token_audience = self.ca_token_audience;
         cfg.resource_poll = self.resource_poll.0;
         cfg.vip_grace = self.vip_grace.0;
         cfg.vm_grace = self.vm_grace.0;
         cfg.kubernetes = self.kube.into_config(&mut problems);
+        cfg.webhook = self.webhook.into_config();
         cfg.check(&mut problems);
         (cfg, problems)
     }

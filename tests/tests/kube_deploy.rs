@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine;
 use isthmus_tests::harness::kube::{self, KubeApi};
 use isthmus_tests::harness::process::workspace_binary;
 use serde_json::Value;
@@ -688,6 +689,26 @@ async fn the_bring_up_script_installs_two_clusters_idempotently_and_removes_them
         .map(|f| read(&root.join(f)))
         .collect();
 
+    // The registry keeps the webhook's caBundle at the mesh root, under its own field
+    // manager; up must neither undo that nor conflict with it.
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(&ca_files[0]);
+    let patch = serde_json::json!([{
+        "op": "add",
+        "path": "/webhooks/0/clientConfig/caBundle",
+        "value": ca_bundle,
+    }]);
+    a.kubectl(&[
+        "patch",
+        "mutatingwebhookconfiguration",
+        "isthmus-sidecar-injector",
+        "--type=json",
+        "--field-manager=isthmus-registry",
+        "-p",
+        &patch.to_string(),
+    ])
+    .await
+    .unwrap();
+
     // A second up changes nothing.
     let before = (managed_objects(&a).await, managed_objects(&b).await);
     let second = script(&no_wait).await;
@@ -709,6 +730,19 @@ async fn the_bring_up_script_installs_two_clusters_idempotently_and_removes_them
         .map(|f| read(&root.join(f)))
         .collect();
     assert_eq!(ca_files, ca_after, "the second up minted new CA files");
+    let hook = get_json(
+        &a,
+        &[
+            "get",
+            "mutatingwebhookconfiguration",
+            "isthmus-sidecar-injector",
+        ],
+    )
+    .await;
+    assert_eq!(
+        hook["webhooks"][0]["clientConfig"]["caBundle"], ca_bundle,
+        "up reset the caBundle the registry keeps"
+    );
 
     // Waiting: no nodes, so no registry becomes ready. In west a pod exists, as its
     // ReplicaSet controller would have created it; in east none does (no controller runs).
@@ -776,6 +810,5 @@ async fn the_bring_up_script_installs_two_clusters_idempotently_and_removes_them
 }
 
 fn base64_decode(s: &str) -> String {
-    use base64::Engine;
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).unwrap()).unwrap()
 }

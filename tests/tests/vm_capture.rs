@@ -63,6 +63,7 @@ fn plan() -> CapturePlan {
         exclude_outbound_ports: vec![SSH],
         dns_servers: vec![],
         exempt_uid: None,
+        inbound_all: false,
     }
 }
 

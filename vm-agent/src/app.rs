@@ -122,6 +122,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         served,
         listeners.admin,
         listeners.health,
+        listeners.metrics,
         &mut tasks,
         &cx.shutdown,
     );
@@ -201,6 +202,13 @@ fn serve_admin(
             capture: capture.plan.clone(),
             dns_names: dns.resolver.clone(),
         },
+        app_probers: cx
+            .config
+            .pod
+            .as_ref()
+            .map(|p| p.app_probers.clone())
+            .unwrap_or_default(),
+        app_host: cx.config.app_host,
         trackers: listeners.trackers.clone(),
         registry: cx.registry.clone(),
         readiness: cx.readiness.clone(),

@@ -98,6 +98,9 @@ pub struct CapturePlan {
     pub dns_servers: Vec<IpAddr>,
     /// Exempts every socket of this uid as well, when the agent runs as a dedicated user.
     pub exempt_uid: Option<u32>,
+    /// Capture inbound TCP to every port but the excluded ones (a pod's sidecar, as Istio
+    /// captures `*`), instead of `inbound_ports` only.
+    pub inbound_all: bool,
 }
 
 /// What the capture rules cover so far: the app ports captured inbound (`None` until
@@ -201,7 +204,7 @@ impl CapturePlan {
         // Loopback traffic (the app to itself, and what the output chain redirected) had
         // its destination decided in the output hook already.
         let mut rules = vec!["iifname \"lo\" return".to_string()];
-        if self.inbound_ports.is_empty() {
+        if self.inbound_ports.is_empty() && !self.inbound_all {
             return rules;
         }
         if !self.exclude_inbound_ports.is_empty() {
@@ -210,11 +213,18 @@ impl CapturePlan {
                 set_literal(self.exclude_inbound_ports.iter().copied())
             ));
         }
-        rules.push(format!(
-            "tcp dport {} redirect to :{}",
-            set_literal(self.inbound_ports.iter().copied()),
-            self.inbound_port
-        ));
+        if self.inbound_all {
+            rules.push(format!(
+                "meta l4proto tcp redirect to :{}",
+                self.inbound_port
+            ));
+        } else {
+            rules.push(format!(
+                "tcp dport {} redirect to :{}",
+                set_literal(self.inbound_ports.iter().copied()),
+                self.inbound_port
+            ));
+        }
         rules
     }
 }
@@ -301,8 +311,12 @@ pub fn install(plan: &CapturePlan) -> Result<(), CaptureError> {
     Ok(())
 }
 
-/// The script that replaces the contents of both sets.
-fn render_destinations(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> String {
+/// The script that replaces the contents of both sets (addresses, or ranges).
+fn render_destinations<A, B>(v4: &[A], v6: &[B]) -> String
+where
+    A: Ord + std::fmt::Display,
+    B: Ord + std::fmt::Display,
+{
     fn add<T: Ord + std::fmt::Display>(s: &mut String, set: &str, addrs: &[T]) {
         let sorted: Vec<&T> = addrs.iter().collect::<BTreeSet<_>>().into_iter().collect();
         for chunk in sorted.chunks(ELEMENTS_PER_COMMAND) {
@@ -331,6 +345,102 @@ pub fn set_destinations(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> Result<(), CaptureE
          removed by a firewall reload",
     )?;
     Ok(())
+}
+
+/// Replaces the captured destinations with whole address ranges: what a pod's init step
+/// captures once (the mesh's VIP range and the cluster's service CIDR), since the sidecar
+/// itself has no right to change the rules later.
+pub fn set_ranges(ranges: &[Cidr]) -> Result<(), CaptureError> {
+    let (v4, v6): (Vec<Cidr>, Vec<Cidr>) = ranges.iter().copied().partition(Cidr::is_ipv4);
+    nft(
+        &["-f", "-"],
+        Some(&render_destinations(&v4, &v6)),
+        "capturing the mesh address ranges",
+        "is the capture installed (nft list table inet isthmus)?",
+    )?;
+    Ok(())
+}
+
+/// An address range, `ADDR/PREFIX` (a bare address is a /32 or /128), held with its host
+/// bits cleared: nftables refuses an interval element with host bits set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not ADDRESS/PREFIX (e.g. 10.96.0.0/12)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A comma-separated list of ranges; empty means none.
+pub fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 /// Whether the agent's table exists.
@@ -553,6 +663,7 @@ mod tests {
                 "fd00::53".parse().unwrap(),
             ],
             exempt_uid: None,
+            inbound_all: false,
         }
     }
 
@@ -674,6 +785,68 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_captures_every_inbound_port_but_the_excluded() {
+        let p = CapturePlan {
+            inbound_ports: vec![],
+            inbound_all: true,
+            exclude_inbound_ports: vec![15021, 15020],
+            ..plan()
+        };
+        let rules = chain_rules(&render(&p), "prerouting");
+        assert_eq!(
+            rules,
+            [
+                "iifname \"lo\" return",
+                "tcp dport { 15020, 15021 } return",
+                "meta l4proto tcp redirect to :15006",
+            ]
+        );
+    }
+
+    #[test]
+    fn ranges_parse_with_host_bits_cleared_and_name_what_is_wrong() {
+        let c: Cidr = "10.96.3.4/12".parse().unwrap();
+        assert_eq!(c.to_string(), "10.96.0.0/12");
+        assert!(c.contains("10.111.255.1".parse().unwrap()));
+        assert!(!c.contains("10.112.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        assert_eq!(
+            "240.240.0.9".parse::<Cidr>().unwrap().to_string(),
+            "240.240.0.9/32"
+        );
+        assert_eq!(
+            "2001:2::1/48".parse::<Cidr>().unwrap().to_string(),
+            "2001:2::/48"
+        );
+        assert_eq!(
+            "0.0.0.0/0".parse::<Cidr>().unwrap().to_string(),
+            "0.0.0.0/0"
+        );
+        assert_eq!(
+            parse_cidrs("240.240.0.0/16, 10.96.0.0/12,").unwrap().len(),
+            2
+        );
+        assert!(parse_cidrs("").unwrap().is_empty());
+        for (bad, want) in [
+            ("10.0.0.0/33", "0 to 32"),
+            ("ten/8", "ADDRESS/PREFIX"),
+            ("::/129", "0 to 128"),
+        ] {
+            let err = parse_cidrs(bad).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+        let script = render_destinations(&[c], &["2001:2::/48".parse::<Cidr>().unwrap()]);
+        assert!(
+            script.contains("add element inet isthmus mesh4 { 10.96.0.0/12 }"),
+            "{script}"
+        );
+        assert!(
+            script.contains("add element inet isthmus mesh6 { 2001:2::/48 }"),
+            "{script}"
+        );
+    }
+
+    #[test]
     fn a_plan_that_would_capture_wrongly_is_refused() {
         assert!(plan().problems().is_empty());
         let bad = CapturePlan {
@@ -701,7 +874,7 @@ mod tests {
     #[test]
     fn destinations_are_flushed_then_added_in_chunks() {
         assert_eq!(
-            render_destinations(&[], &[]),
+            render_destinations::<Ipv4Addr, Ipv6Addr>(&[], &[]),
             "flush set inet isthmus mesh4\nflush set inet isthmus mesh6\n"
         );
         let v4: Vec<Ipv4Addr> = (0..2500u32)
@@ -709,7 +882,7 @@ mod tests {
             .collect();
         let mut with_dup = v4.clone();
         with_dup.push(v4[0]);
-        let v6 = ["fd00::2".parse().unwrap(), "fd00::1".parse().unwrap()];
+        let v6: [Ipv6Addr; 2] = ["fd00::2".parse().unwrap(), "fd00::1".parse().unwrap()];
         let s = render_destinations(&with_dup, &v6);
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines.len(), 2 + 3 + 1, "{}", &s[..200]);
@@ -792,6 +965,11 @@ mod tests {
                 dns_servers: vec!["::1".parse().unwrap()],
                 ..plan()
             },
+            CapturePlan {
+                exempt_uid: Some(1337),
+                inbound_all: true,
+                ..plan()
+            },
         ];
         for p in &plans {
             let script = render(p);
@@ -803,7 +981,8 @@ mod tests {
         let v4: Vec<Ipv4Addr> = (0..3000u32)
             .map(|i| Ipv4Addr::from(0x0a00_0000 + i))
             .collect();
-        let script = render(&bare()) + &render_destinations(&v4, &["fd00::1".parse().unwrap()]);
+        let script =
+            render(&bare()) + &render_destinations(&v4, &["fd00::1".parse::<Ipv6Addr>().unwrap()]);
         if let Err(e) = nft(&["-c", "-f", "-"], Some(&script), "checking", "") {
             panic!("{e}");
         }

@@ -55,6 +55,17 @@ pub enum CaptureMode {
     /// No rules: the app talks to explicit listeners (`--outbound-listener`), and the
     /// inbound listens on the VM's address at each app port (the app on loopback only).
     None,
+    /// The rules were installed before the agent started, by `capture-init` in a pod's init
+    /// container (which has `NET_ADMIN`; the sidecar has not): the agent listens where they
+    /// point and never changes them.
+    Preinstalled,
+}
+
+impl CaptureMode {
+    /// Whether nftables rules send traffic to the agent's listeners.
+    pub fn captures(self) -> bool {
+        matches!(self, Self::Nftables | Self::Preinstalled)
+    }
 }
 
 /// One explicit outbound listener: plaintext from the app on `listen`, mTLS to `target`.
@@ -116,6 +127,8 @@ pub struct AgentConfig {
     pub dns_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
+    /// `/metrics` alone, for scrapers on the network (a pod's 15020).
+    pub metrics_addr: Option<SocketAddr>,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
     pub outbound_listeners: Vec<OutboundListener>,
@@ -134,6 +147,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Sidecar mode: the pod the agent serves (`None` on a VM).
+    pub pod: Option<crate::pod::PodConfig>,
 }
 
 fn serialize_locality<S: serde::Serializer>(l: &Locality, s: S) -> Result<S::Ok, S::Error> {
@@ -153,6 +168,7 @@ impl AgentConfig {
             dns_addr: addr(DEFAULT_DNS_ADDR),
             admin_addr: Some(addr(DEFAULT_ADMIN_ADDR)),
             health_addr: Some(addr(DEFAULT_HEALTH_ADDR)),
+            metrics_addr: None,
             exclude_inbound_ports: DEFAULT_EXCLUDED_PORTS.to_vec(),
             exclude_outbound_ports: DEFAULT_EXCLUDED_PORTS.to_vec(),
             outbound_listeners: Vec::new(),
@@ -166,6 +182,7 @@ impl AgentConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            pod: None,
         }
     }
 
@@ -214,13 +231,25 @@ impl AgentConfig {
                 "a label needs a key (KEY=VALUE)".into()
             });
         }
+        match &self.pod {
+            Some(pod) => pod.check(&mut p),
+            None => p.check(
+                self.capture != CaptureMode::Preinstalled,
+                "--capture",
+                || {
+                    "preinstalled is for a pod's sidecar, whose init container installs the \
+                 rules; on a VM use nftables or none"
+                        .into()
+                },
+            ),
+        }
         p.into_result()
     }
 
     /// The listeners' addresses: fixed where capture points at them, loopback where
     /// REDIRECT lands, none used twice. Returns the addresses in use, by flag.
     fn check_listeners(&self, p: &mut ConfigProblems) -> BTreeMap<SocketAddr, &'static str> {
-        let nftables = self.capture == CaptureMode::Nftables;
+        let nftables = self.capture.captures();
         let mut ports: BTreeMap<SocketAddr, &'static str> = BTreeMap::new();
         for (flag, addr) in [
             ("--inbound-addr", Some(self.inbound_addr)),
@@ -228,6 +257,7 @@ impl AgentConfig {
             ("--dns-addr", Some(self.dns_addr)),
             ("--admin-addr", self.admin_addr),
             ("--health-addr", self.health_addr),
+            ("--metrics-addr", self.metrics_addr),
         ] {
             let Some(addr) = addr else { continue };
             let captured = matches!(flag, "--inbound-addr" | "--outbound-addr" | "--dns-addr");

@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_proto::bundle::AgentBundle;
+use isthmus_proto::identity::SpiffeId;
+
+use crate::pod::{self, PodConfig};
 use isthmus_proto::certs::{self, CertsError};
 use isthmus_proto::drain;
 use isthmus_proto::subscription::RegistrySettings;
@@ -65,6 +68,8 @@ pub enum IdentityError {
     },
     #[error(transparent)]
     Bundle(#[from] isthmus_proto::bundle::BundleError),
+    #[error(transparent)]
+    Pod(#[from] crate::pod::PodError),
     #[error("the bundle's identity: {0}")]
     BundleIdentity(#[from] isthmus_proto::identity::IdentityError),
 }
@@ -133,6 +138,36 @@ pub async fn ensure(
     Ok((creds, true))
 }
 
+/// A pod's credentials: those in `cert_dir` (an emptyDir, kept across restarts of the
+/// sidecar container) when they are for `wanted` and unexpired, else new ones for the
+/// pod's service-account token. Returns true when it asked the CA.
+pub async fn ensure_pod(
+    pod: &PodConfig,
+    registry: &RegistrySettings,
+    wanted: &SpiffeId,
+) -> Result<(Credentials, bool), IdentityError> {
+    let cert_dir = &registry.cert_dir;
+    if has_credentials(cert_dir) {
+        if let Ok(creds) = Credentials::from_dir(cert_dir) {
+            let remaining = creds.leaf_validity().map(|(r, _)| r).unwrap_or(0);
+            if &creds.identity == wanted && remaining > 0 {
+                return Ok((creds, false));
+            }
+        }
+    }
+    let creds = pod::request_certificate(registry, pod, wanted).await?;
+    Ok((creds, true))
+}
+
+/// How renewals authenticate.
+#[derive(Debug, Clone)]
+pub enum Renewal {
+    /// With the current certificate (a VM: its token was spent on the first one).
+    Certificate,
+    /// With the pod's service-account token, read afresh each time.
+    PodToken(Arc<PodConfig>),
+}
+
 /// When to renew: at half the certificate's lifetime, i.e. once `remaining` is at most
 /// half of `lifetime` (now, if it already is).
 pub fn renew_in(remaining: i64, lifetime: i64) -> Duration {
@@ -140,9 +175,24 @@ pub fn renew_in(remaining: i64, lifetime: i64) -> Duration {
     Duration::from_secs(wait.max(0) as u64)
 }
 
-/// Renews once, authenticating with `current`; writes the new key and chain into the cert
+/// Renews once, authenticating as `how` says; writes the new key and chain into the cert
 /// directory and returns them.
 pub async fn renew(
+    registry: &RegistrySettings,
+    current: &Credentials,
+    how: &Renewal,
+) -> Result<Credentials, String> {
+    match how {
+        Renewal::Certificate => renew_with_certificate(registry, current)
+            .await
+            .map_err(|e| e.to_string()),
+        Renewal::PodToken(pod) => pod::request_certificate(registry, pod, &current.identity)
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+async fn renew_with_certificate(
     registry: &RegistrySettings,
     current: &Credentials,
 ) -> Result<Credentials, CertsError> {
@@ -169,6 +219,7 @@ const RENEWAL_RETRY_MAX: Duration = Duration::from_secs(60);
 /// with back-off (the certificate stays valid meanwhile), and publishes every renewal.
 pub async fn keep_renewed(
     registry: RegistrySettings,
+    how: Renewal,
     creds: watch::Sender<Arc<Credentials>>,
     metrics: crate::metrics::AgentMetrics,
     shutdown: drain::Watch,
@@ -194,7 +245,7 @@ pub async fn keep_renewed(
             _ = &mut stop => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        match renew(&registry, &current).await {
+        match renew(&registry, &current, &how).await {
             Ok(fresh) => {
                 retry.reset();
                 let (left, _) = fresh.leaf_validity().unwrap_or((0, 0));

@@ -4,6 +4,8 @@
 //! registry is unreachable. See `ARCHITECTURE.md`.
 //!
 //! - `identity`: enrolment with the bundle's token, renewal at half-life.
+//! - `pod`: sidecar mode (a Kubernetes pod's identity from its service-account token, the
+//!   app's rewritten probes, the init step's capture).
 //! - `registration`: the Registration stream (entry, health, lease, deregistration).
 //! - `probe`: the WorkloadGroup's readiness probe.
 //! - `snapshot`: the last catalog view on disk.
@@ -20,6 +22,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod notify;
+pub mod pod;
 pub mod probe;
 pub mod registration;
 pub mod snapshot;

@@ -1,14 +1,18 @@
-//! `isthmus-vm-agent`: `run` parses arguments and runs the agent until SIGTERM; `cleanup`
+//! `isthmus-vm-agent`: `run` parses arguments and runs the agent until SIGTERM; `sidecar`
+//! runs it in a Kubernetes pod and `capture-init` installs that pod's capture; `cleanup`
 //! removes every nftables rule the agent added.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use isthmus_dns::resolv_conf::ResolvConf;
 use isthmus_proto::config::DurationFlag;
 use isthmus_proto::model::Locality;
 use isthmus_proto::program;
+use isthmus_vm_agent::capture::{self, CapturePlan};
 use isthmus_vm_agent::config::{self, AgentConfig, CaptureMode, OutboundListener};
+use isthmus_vm_agent::pod::{self, AppProbers, PodConfig};
 
 /// Threads for blocking work (the `nft` command, file writes) at most.
 const MAX_BLOCKING_THREADS: usize = 4;
@@ -27,6 +31,11 @@ struct Cli {
 enum Command {
     /// Run the agent until SIGTERM (under systemd: Type=notify).
     Run(Box<RunArgs>),
+    /// Run as a Kubernetes pod's sidecar (as the registry's injector starts it).
+    Sidecar(Box<SidecarArgs>),
+    /// Install a pod's capture rules and exit (the injected init container, with
+    /// NET_ADMIN).
+    CaptureInit(Box<CaptureInitArgs>),
     /// Remove every nftables rule the agent added (idempotent; safe after a crash).
     Cleanup,
 }
@@ -37,9 +46,6 @@ struct RunArgs {
     /// token).
     #[arg(long, env = "ISTHMUS_BUNDLE", default_value = config::DEFAULT_BUNDLE_DIR)]
     bundle: PathBuf,
-    /// Where the agent keeps its key, certificates and last catalog snapshot.
-    #[arg(long, env = "ISTHMUS_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
     /// The VM's address as other workloads reach it [default: the source address of the
     /// route towards the registry].
     #[arg(long)]
@@ -47,6 +53,117 @@ struct RunArgs {
     /// nftables: capture outbound, inbound and DNS; none: explicit listeners only.
     #[arg(long, value_enum, default_value = "nftables")]
     capture: CaptureMode,
+    /// Inbound ports never captured (comma-separated).
+    #[arg(long, default_value = "22", value_parser = config::parse_ports)]
+    exclude_inbound_ports: std::vec::Vec<u16>,
+    /// Outbound ports never captured (comma-separated).
+    #[arg(long, default_value = "22", value_parser = config::parse_ports)]
+    exclude_outbound_ports: std::vec::Vec<u16>,
+    /// LISTEN=HOST:PORT: plaintext from the app on LISTEN carried as mTLS to the service
+    /// HOST:PORT (for --capture none; repeatable).
+    #[arg(long = "outbound-listener", value_parser = OutboundListener::parse)]
+    outbound_listeners: Vec<OutboundListener>,
+    /// KEY=VALUE added to the group template's labels (repeatable).
+    #[arg(long = "label", value_parser = config::parse_label)]
+    labels: Vec<(String, String)>,
+    /// region/zone/subzone of this VM.
+    #[arg(long, default_value = "")]
+    locality: String,
+    /// The mark on the agent's own sockets, which capture lets pass.
+    #[arg(long, default_value_t = config::DEFAULT_MARK, value_parser = mark)]
+    mark: u32,
+    /// Check the configuration and the bundle, then exit (nothing is sent).
+    #[arg(long)]
+    validate: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// A pod's sidecar, as the registry's injector starts it: who the pod is comes from the
+/// downward API in the environment.
+#[derive(Debug, clap::Args)]
+struct SidecarArgs {
+    /// The registry's gRPC address.
+    #[arg(long, env = "ISTHMUS_REGISTRY")]
+    registry: String,
+    /// The pod's cluster (as the registry names it).
+    #[arg(long, env = "ISTHMUS_CLUSTER")]
+    cluster: String,
+    /// The pod's network.
+    #[arg(long, env = "ISTHMUS_NETWORK")]
+    network: String,
+    #[arg(long, env = "POD_NAME")]
+    pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: String,
+    /// The pod's service account: its identity is
+    /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: String,
+    /// The pod's IP (status.podIP).
+    #[arg(long, env = "INSTANCE_IP")]
+    address: IpAddr,
+    /// The projected service-account token whose audience is the CA's.
+    #[arg(long, env = "ISTHMUS_TOKEN", default_value = pod::DEFAULT_TOKEN_PATH)]
+    token: PathBuf,
+    /// The directory of the mounted `isthmus-ca-root-cert` ConfigMap (root-cert.pem).
+    #[arg(long, env = "ISTHMUS_ROOT_DIR", default_value = pod::DEFAULT_ROOT_DIR)]
+    root_dir: PathBuf,
+    /// The mesh's trust domain [default: the one the root names].
+    #[arg(long, env = "ISTHMUS_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
+    /// `/metrics` for scrapers (Istio's merged-metrics port); the admin port stays on
+    /// loopback.
+    #[arg(long, default_value = pod::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
+    /// The app's probes the injector rewrote to the health port, as JSON.
+    #[arg(long, env = "ISTHMUS_APP_PROBERS", default_value = "")]
+    app_probers: String,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// A pod's init step: installs the capture rules once, with the sidecar's uid exempt.
+#[derive(Debug, clap::Args)]
+struct CaptureInitArgs {
+    /// The sidecar's uid: its own connections are never captured.
+    #[arg(long, default_value_t = pod::SIDECAR_UID)]
+    uid: u32,
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    #[arg(long, default_value_t = 15053)]
+    dns_port: u16,
+    /// Outbound destinations captured: the mesh's VIP range and the cluster's service CIDR
+    /// (comma-separated; a connection to an address there that the catalog does not know
+    /// is passed through).
+    #[arg(long, default_value = pod::DEFAULT_CAPTURE_CIDRS, value_parser = parse_cidrs)]
+    capture_cidr: Cidrs,
+    /// Inbound ports never captured (comma-separated; the sidecar's health and metrics
+    /// ports always).
+    #[arg(long, default_value = pod::DEFAULT_POD_EXCLUDED_INBOUND, value_parser = config::parse_ports)]
+    exclude_inbound_ports: std::vec::Vec<u16>,
+    /// Outbound ports never captured (comma-separated).
+    #[arg(long, default_value = "", value_parser = config::parse_ports)]
+    exclude_outbound_ports: std::vec::Vec<u16>,
+    /// The resolver configuration whose nameservers' DNS is captured.
+    #[arg(long, default_value = config::DEFAULT_RESOLV_CONF)]
+    resolv_conf: PathBuf,
+}
+
+type Cidrs = std::vec::Vec<capture::Cidr>;
+
+fn parse_cidrs(s: &str) -> Result<Cidrs, String> {
+    capture::parse_cidrs(s)
+}
+
+/// What a VM's agent and a pod's sidecar both take.
+#[derive(Debug, clap::Args)]
+struct CommonArgs {
+    /// Where the agent keeps its key, certificates and last catalog snapshot.
+    #[arg(long, env = "ISTHMUS_STATE_DIR", default_value = config::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     /// Inbound mTLS listener (captured connections to the app's ports land here).
     #[arg(long, default_value = config::DEFAULT_INBOUND_ADDR)]
     inbound_addr: SocketAddr,
@@ -59,32 +176,17 @@ struct RunArgs {
     /// Admin HTTP (/metrics, /config_dump, /logging, /debug/connections).
     #[arg(long, default_value = config::DEFAULT_ADMIN_ADDR)]
     admin_addr: SocketAddr,
-    /// Health HTTP (/healthz/ready).
+    /// Health HTTP (/healthz/ready; in a pod also the app's probes, /app-health/...).
     #[arg(long, default_value = config::DEFAULT_HEALTH_ADDR)]
     health_addr: SocketAddr,
-    /// Inbound ports never captured (comma-separated).
-    #[arg(long, default_value = "22", value_parser = config::parse_ports)]
-    exclude_inbound_ports: std::vec::Vec<u16>,
-    /// Outbound ports never captured (comma-separated).
-    #[arg(long, default_value = "22", value_parser = config::parse_ports)]
-    exclude_outbound_ports: std::vec::Vec<u16>,
-    /// LISTEN=HOST:PORT: plaintext from the app on LISTEN carried as mTLS to the service
-    /// HOST:PORT (for --capture none; repeatable).
-    #[arg(long = "outbound-listener", value_parser = OutboundListener::parse)]
-    outbound_listeners: Vec<OutboundListener>,
     /// Where the app listens, as the inbound reaches it.
     #[arg(long, default_value = "127.0.0.1")]
     app_host: IpAddr,
     /// An authorization policy file (allow/deny by principal and namespace).
     #[arg(long)]
     authz_policy: Option<PathBuf>,
-    /// KEY=VALUE added to the group template's labels (repeatable).
-    #[arg(long = "label", value_parser = config::parse_label)]
-    labels: Vec<(String, String)>,
-    /// region/zone/subzone of this VM.
-    #[arg(long, default_value = "")]
-    locality: String,
-    /// The resolver configuration whose nameservers are captured and forwarded to.
+    /// The resolver configuration whose nameservers are forwarded to (on a VM also
+    /// captured).
     #[arg(long, default_value = config::DEFAULT_RESOLV_CONF)]
     resolv_conf: PathBuf,
     /// Time open connections get to finish after SIGTERM.
@@ -99,15 +201,26 @@ struct RunArgs {
     /// Connections each listener holds at once; more wait in the listen backlog.
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
-    /// The mark on the agent's own sockets, which capture lets pass.
-    #[arg(long, default_value_t = config::DEFAULT_MARK, value_parser = mark)]
-    mark: u32,
     /// Runtime worker threads (a VM agent needs few).
     #[arg(long, default_value_t = config::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
-    /// Check the configuration and the bundle, then exit (nothing is sent).
-    #[arg(long)]
-    validate: bool,
+}
+
+impl CommonArgs {
+    fn apply(self, cfg: &mut AgentConfig) {
+        cfg.inbound_addr = self.inbound_addr;
+        cfg.outbound_addr = self.outbound_addr;
+        cfg.dns_addr = self.dns_addr;
+        cfg.admin_addr = Some(self.admin_addr);
+        cfg.health_addr = Some(self.health_addr);
+        cfg.app_host = self.app_host;
+        cfg.authz_policy = self.authz_policy;
+        cfg.resolv_conf = self.resolv_conf;
+        cfg.drain_deadline = self.drain_deadline.into();
+        cfg.connect_timeout = self.connect_timeout.into();
+        cfg.handshake_timeout = self.handshake_timeout.into();
+        cfg.max_connections = self.max_connections;
+    }
 }
 
 fn mark(s: &str) -> Result<u32, String> {
@@ -124,42 +237,55 @@ fn mark(s: &str) -> Result<u32, String> {
 fn main() -> anyhow::Result<()> {
     isthmus_proto::telemetry::init();
     let cli = Cli::parse();
-    let a = match cli.command {
+    let (cfg, worker_threads, validate) = match cli.command {
         Command::Cleanup => {
-            match isthmus_vm_agent::capture::cleanup()? {
-                true => println!(
-                    "removed the nftables table inet {}",
-                    isthmus_vm_agent::capture::TABLE
-                ),
+            match capture::cleanup()? {
+                true => println!("removed the nftables table inet {}", capture::TABLE),
                 false => println!("no capture rules to remove"),
             }
             return Ok(());
         }
-        Command::Run(a) => *a,
+        Command::CaptureInit(a) => return capture_init(*a),
+        Command::Run(a) => {
+            let a = *a;
+            let mut cfg = AgentConfig::new(&a.bundle, &a.common.state_dir);
+            cfg.address = a.address;
+            cfg.capture = a.capture;
+            cfg.exclude_inbound_ports = a.exclude_inbound_ports;
+            cfg.exclude_outbound_ports = a.exclude_outbound_ports;
+            cfg.outbound_listeners = a.outbound_listeners;
+            cfg.labels = a.labels.into_iter().collect();
+            cfg.locality = Locality::parse(&a.locality);
+            cfg.mark = a.mark;
+            let workers = a.common.worker_threads;
+            a.common.apply(&mut cfg);
+            (cfg, workers, a.validate)
+        }
+        Command::Sidecar(a) => {
+            let a = *a;
+            let mut cfg = AgentConfig::new(&a.root_dir, &a.common.state_dir);
+            cfg.address = Some(a.address);
+            cfg.capture = CaptureMode::Preinstalled;
+            cfg.metrics_addr = Some(a.metrics_addr);
+            cfg.pod = Some(PodConfig {
+                registry: a.registry,
+                cluster: a.cluster,
+                network: a.network,
+                namespace: a.pod_namespace,
+                name: a.pod_name,
+                service_account: a.service_account,
+                token_path: a.token,
+                trust_domain: a.trust_domain,
+                app_probers: AppProbers::parse(&a.app_probers)
+                    .map_err(|e| anyhow::anyhow!("ISTHMUS_APP_PROBERS (--app-probers): {e}"))?,
+            });
+            let workers = a.common.worker_threads;
+            a.common.apply(&mut cfg);
+            (cfg, workers, false)
+        }
     };
-    let mut cfg = AgentConfig::new(&a.bundle, &a.state_dir);
-    cfg.address = a.address;
-    cfg.capture = a.capture;
-    cfg.inbound_addr = a.inbound_addr;
-    cfg.outbound_addr = a.outbound_addr;
-    cfg.dns_addr = a.dns_addr;
-    cfg.admin_addr = Some(a.admin_addr);
-    cfg.health_addr = Some(a.health_addr);
-    cfg.exclude_inbound_ports = a.exclude_inbound_ports;
-    cfg.exclude_outbound_ports = a.exclude_outbound_ports;
-    cfg.outbound_listeners = a.outbound_listeners;
-    cfg.app_host = a.app_host;
-    cfg.authz_policy = a.authz_policy;
-    cfg.labels = a.labels.into_iter().collect();
-    cfg.locality = Locality::parse(&a.locality);
-    cfg.resolv_conf = a.resolv_conf;
-    cfg.drain_deadline = a.drain_deadline.into();
-    cfg.connect_timeout = a.connect_timeout.into();
-    cfg.handshake_timeout = a.handshake_timeout.into();
-    cfg.max_connections = a.max_connections;
-    cfg.mark = a.mark;
     cfg.validate()?;
-    if a.validate {
+    if validate {
         isthmus_proto::bundle::AgentBundle::load(&cfg.bundle_dir)?;
         println!("configuration and bundle are valid");
         return Ok(());
@@ -167,7 +293,7 @@ fn main() -> anyhow::Result<()> {
     // The blocking pool is bounded: `nft` runs there (see ARCHITECTURE.md), and a slow
     // nftables must never take more than a few threads.
     let rt = program::runtime(program::RuntimeSize {
-        worker_threads: Some(a.worker_threads),
+        worker_threads: Some(worker_threads),
         max_blocking_threads: Some(MAX_BLOCKING_THREADS),
     })?;
     rt.block_on(async {
@@ -175,4 +301,42 @@ fn main() -> anyhow::Result<()> {
         program::run_until_signal(handle).await;
         Ok(())
     })
+}
+
+/// Installs a pod's capture: every inbound TCP port but the excluded ones to the inbound
+/// listener, DNS to the resolv.conf's servers to the DNS proxy, outbound TCP to the given
+/// ranges to the outbound listener; the sidecar's uid exempt. Replaces an earlier
+/// installation (an init container re-run after a pod restart).
+fn capture_init(a: CaptureInitArgs) -> anyhow::Result<()> {
+    let plan = CapturePlan {
+        outbound_port: a.outbound_port,
+        inbound_port: a.inbound_port,
+        dns_port: a.dns_port,
+        mark: config::DEFAULT_MARK,
+        inbound_ports: Vec::new(),
+        inbound_all: true,
+        exclude_inbound_ports: a.exclude_inbound_ports,
+        exclude_outbound_ports: a.exclude_outbound_ports,
+        dns_servers: ResolvConf::read(&a.resolv_conf).addresses(),
+        exempt_uid: Some(a.uid),
+    };
+    capture::install(&plan)?;
+    capture::set_ranges(&a.capture_cidr)?;
+    println!(
+        "capture installed (nft list table inet {}): inbound TCP except ports {:?} to :{}; \
+         outbound TCP to {} to :{}; DNS to {:?} to :{}; uid {} exempt",
+        capture::TABLE,
+        plan.exclude_inbound_ports,
+        plan.inbound_port,
+        a.capture_cidr
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.outbound_port,
+        plan.dns_servers,
+        plan.dns_port,
+        a.uid
+    );
+    Ok(())
 }

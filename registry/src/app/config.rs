@@ -12,6 +12,7 @@ use isthmus_proto::identity::{validate_dns_label, TrustDomain};
 
 use crate::ca::service::CaPolicy;
 use crate::ca::CaMaterial;
+use crate::inject::{self, InjectSettings};
 use crate::sources::static_files::{DocumentOutcome, SourceDefaults, StaticSource};
 use crate::sources::vm_registrations::DEFAULT_VM_GRACE;
 use crate::vips::DEFAULT_VIP_GRACE;
@@ -37,6 +38,9 @@ pub struct RegistryConfig {
     pub resource_poll: Duration,
     pub ca_reload: Duration,
     pub ca_policy: CaPolicy,
+    /// The audience a pod's service-account token must be projected for to get a
+    /// certificate (checked with a TokenReview in the pod's cluster).
+    pub ca_token_audience: String,
     pub listener: ListenerOptions,
     /// How long a released VIP stays reserved for its hostname.
     pub vip_grace: Duration,
@@ -44,6 +48,117 @@ pub struct RegistryConfig {
     pub vm_grace: Duration,
     /// The Kubernetes clusters to watch, if any.
     pub kubernetes: KubernetesConfig,
+    /// The sidecar injection webhook and what it injects.
+    pub webhook: WebhookConfig,
+}
+
+/// The sidecar injection webhook's settings (see `inject`).
+#[derive(Debug, Clone, Default)]
+pub struct WebhookConfig {
+    /// Where the webhook listens. `None`: on [`inject::DEFAULT_WEBHOOK_ADDR`], and only
+    /// when the registry has its own cluster, so registries without Kubernetes do not
+    /// take the port.
+    pub addr: Option<SocketAddr>,
+    /// A serving certificate chain and key kept by the operator; without them the cluster
+    /// intermediate issues one for `dns_names`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Names (IP addresses become IP SANs) of the issued serving certificate; empty:
+    /// `isthmus-registry.<system namespace>.svc`.
+    pub dns_names: Vec<String>,
+    /// The MutatingWebhookConfiguration whose `caBundle` the registry keeps at the mesh
+    /// root; empty: [`inject::DEFAULT_WEBHOOK_CONFIG_NAME`].
+    pub config_name: String,
+    /// The sidecar's image; `None`: [`inject::default_image`].
+    pub image: Option<String>,
+    /// The registry's address as pods reach it; `None`: the Service in the system namespace.
+    pub registry_address: Option<String>,
+    /// CIDRs the sidecar captures; empty: [`inject::DEFAULT_CAPTURE_CIDRS`].
+    pub capture_cidrs: Vec<String>,
+}
+
+impl WebhookConfig {
+    /// Where to serve the webhook, if at all.
+    pub fn listen_addr(&self, kubernetes: &KubernetesConfig) -> Option<SocketAddr> {
+        self.addr.or_else(|| {
+            kubernetes.local.as_ref().map(|_| {
+                inject::DEFAULT_WEBHOOK_ADDR
+                    .parse()
+                    .expect("default address")
+            })
+        })
+    }
+
+    pub fn config_name(&self) -> &str {
+        if self.config_name.is_empty() {
+            inject::DEFAULT_WEBHOOK_CONFIG_NAME
+        } else {
+            &self.config_name
+        }
+    }
+
+    /// The names of the issued serving certificate.
+    pub fn dns_names(&self, system_namespace: &str) -> Vec<String> {
+        if self.dns_names.is_empty() {
+            vec![inject::default_webhook_dns_name(system_namespace)]
+        } else {
+            self.dns_names.clone()
+        }
+    }
+
+    fn check(&self, problems: &mut ConfigProblems) {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) | (None, Some(_)) => problems.push(
+                "--webhook-cert",
+                "--webhook-cert and --webhook-key go together: give both or neither",
+            ),
+            _ => {}
+        }
+        for (flag, file) in [
+            ("--webhook-cert", &self.cert_file),
+            ("--webhook-key", &self.key_file),
+        ] {
+            if let Some(path) = file {
+                problems.check(path.is_file(), flag, || {
+                    format!("{}: no such file", path.display())
+                });
+            }
+        }
+        for name in &self.dns_names {
+            if name.parse::<std::net::IpAddr>().is_err() {
+                if let Err(e) = crate::validate::check_dns_name("--webhook-dns-name", name, false) {
+                    problems.push("--webhook-dns-name", e.message().to_string());
+                }
+            }
+        }
+        if !self.config_name.is_empty() {
+            if let Err(e) =
+                crate::validate::check_dns_name("--webhook-config-name", &self.config_name, false)
+            {
+                problems.push("--webhook-config-name", e.message().to_string());
+            }
+        }
+        for cidr in &self.capture_cidrs {
+            if let Err(e) = crate::validate::parse_cidr(cidr) {
+                problems.push("--inject-capture-cidr", e.message().to_string());
+            }
+        }
+        if let Some(image) = &self.image {
+            problems.check(
+                !image.trim().is_empty() && !image.contains(char::is_whitespace),
+                "--inject-image",
+                || format!("{image:?} is not an image reference"),
+            );
+        }
+        if let Some(addr) = &self.registry_address {
+            let ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            problems.check(ok, "--inject-registry-address", || {
+                format!("{addr:?} is not host:port")
+            });
+        }
+    }
 }
 
 /// Where the registry's own cluster's API is.
@@ -150,11 +265,35 @@ impl RegistryConfig {
             resource_poll: DEFAULT_RESOURCE_POLL,
             ca_reload: crate::ca::DEFAULT_RELOAD_INTERVAL,
             ca_policy: CaPolicy::default(),
+            ca_token_audience: crate::ca::kubernetes::DEFAULT_TOKEN_AUDIENCE.into(),
             listener: ListenerOptions::default(),
             vip_grace: DEFAULT_VIP_GRACE,
             vm_grace: DEFAULT_VM_GRACE,
             kubernetes: KubernetesConfig::default(),
+            webhook: WebhookConfig::default(),
         }
+    }
+
+    /// What the webhook injects, from the flags and the registry's cluster and network.
+    pub fn inject_settings(&self) -> InjectSettings {
+        let k = &self.kubernetes;
+        let mut s = InjectSettings::new(&self.cluster, &self.network, &k.system_namespace);
+        if let Some(image) = &self.webhook.image {
+            s.image = image.clone();
+        }
+        if let Some(addr) = &self.webhook.registry_address {
+            s.registry_address = addr.clone();
+        }
+        if !self.webhook.capture_cidrs.is_empty() {
+            // Canonical form; a bad CIDR was reported by `check`.
+            s.capture_cidrs = self
+                .webhook
+                .capture_cidrs
+                .iter()
+                .filter_map(|c| crate::validate::parse_cidr(c).ok())
+                .collect();
+        }
+        s
     }
 
     /// Checks every setting and reports all problems at once.
@@ -181,6 +320,11 @@ impl RegistryConfig {
                 format_duration(max)
             )
         });
+        problems.check(
+            !self.ca_token_audience.trim().is_empty(),
+            "--ca-token-audience",
+            || "must not be empty: pods' tokens are projected for a named audience".to_string(),
+        );
         if let Err(e) = CaMaterial::load(&self.ca_dir, self.trust_domain.as_ref()) {
             problems.push("--ca-dir", e.to_string());
         }
@@ -190,6 +334,7 @@ impl RegistryConfig {
             });
         }
         self.kubernetes.check(problems);
+        self.webhook.check(problems);
     }
 
     pub(super) fn source_defaults(&self, td: TrustDomain) -> SourceDefaults {

@@ -1,6 +1,7 @@
 //! The Kubernetes source's part of start-up: the registry's own cluster, the remote clusters
 //! of its Secrets and of the kubeconfig directory, and the deadline after which readiness
-//! stops waiting for clusters that have not synced (naming them).
+//! stops waiting for clusters that have not synced (naming them); and the CA's reviewer of
+//! pods' tokens over the same clusters.
 
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use isthmus_proto::identity::TrustDomain;
 use isthmus_proto::program::{Readiness, Tasks};
 
 use super::config::{LocalCluster, RegistryConfig};
+use crate::ca::kubernetes::KubeTokenReviewer;
+use crate::ca::service::KubernetesAuth;
 use crate::ingest::Ingest;
 use crate::sources::kubernetes::{
     self, config_from_kubeconfig, default_cluster_local_hosts, watch_directory, watch_secrets,
@@ -108,9 +111,20 @@ pub(super) async fn start(
     Ok(Some(source))
 }
 
+/// The CA's check of pods' service-account tokens, against the clusters `source` watches.
+pub(super) fn token_auth(cfg: &RegistryConfig, source: &KubernetesSource) -> KubernetesAuth {
+    let local = cfg.kubernetes.local.as_ref().map(|_| cfg.cluster.clone());
+    KubernetesAuth {
+        reviewer: Arc::new(KubeTokenReviewer::new(source.clients(), local)),
+        audience: cfg.ca_token_audience.clone(),
+    }
+}
+
 /// The local cluster's client config, a description of where it came from, and a digest of
 /// it (so a restart with other credentials is noticed).
-async fn local_config(local: &LocalCluster) -> anyhow::Result<(kube::Config, String, String)> {
+pub(super) async fn local_config(
+    local: &LocalCluster,
+) -> anyhow::Result<(kube::Config, String, String)> {
     match local {
         LocalCluster::Kubeconfig(path) => {
             let what = format!("kubeconfig {}", path.display());

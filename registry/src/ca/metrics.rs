@@ -7,7 +7,7 @@ use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IssuedLabels {
-    /// "token" or "renewal".
+    /// "token", "kubernetes" or "renewal".
     pub auth: &'static str,
 }
 

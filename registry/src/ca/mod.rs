@@ -1,7 +1,9 @@
 //! The mesh CA: a root and one intermediate per cluster in Istio's `cacerts` layout, leaf
-//! certificates for SPIFFE identities, bootstrap tokens, and hot reload of the intermediate.
+//! certificates for SPIFFE identities, bootstrap tokens, pods' service-account tokens
+//! (checked with the pod's cluster), and hot reload of the intermediate.
 
 pub mod init;
+pub mod kubernetes;
 pub mod metrics;
 pub mod service;
 pub mod token;
@@ -53,10 +55,12 @@ pub enum CaError {
     CsrKeyType(String),
     #[error("requested lifetime {requested}s is above the CA's maximum of {max}s")]
     TtlTooLong { requested: u64, max: u64 },
-    #[error("no bootstrap token and no client certificate: present one or the other")]
+    #[error("no bootstrap token, no Kubernetes service-account token and no client certificate: present one of them")]
     Unauthenticated,
     #[error(transparent)]
     Token(#[from] token::TokenError),
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubeTokenError),
     #[error("store error while redeeming the token: {0}")]
     Store(String),
     #[error("signing failed: {0}")]
@@ -75,6 +79,7 @@ impl CaError {
             CaError::TtlTooLong { .. } => "ttl_too_long",
             CaError::Unauthenticated => "unauthenticated",
             CaError::Token(t) => t.reason(),
+            CaError::Kubernetes(k) => k.reason(),
             CaError::Store(_) => "store_error",
             CaError::Sign(_) => "sign_error",
         }

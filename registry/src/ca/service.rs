@@ -1,5 +1,5 @@
-//! The Certificates gRPC service: signs CSRs authenticated by a bootstrap token or by the
-//! caller's current mesh certificate.
+//! The Certificates gRPC service: signs CSRs authenticated by a bootstrap token, by a pod's
+//! Kubernetes service-account token, or by the caller's current mesh certificate.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use isthmus_proto::grpc::PeerInfo;
 use isthmus_proto::pb;
 use tonic::{Request, Response, Status};
 
+use super::kubernetes::{self, KubeTokenError, TokenReviewer};
 use super::metrics::{CaMetrics, IssuedLabels, RefusedLabels};
 use super::token::{self, TokenError};
 use super::{csr_identity, Authority, CaError};
@@ -35,6 +36,15 @@ pub struct CertificateService {
     store: Arc<dyn Store>,
     policy: CaPolicy,
     metrics: CaMetrics,
+    kubernetes: Option<KubernetesAuth>,
+}
+
+/// How the service checks Kubernetes service-account tokens.
+#[derive(Debug, Clone)]
+pub struct KubernetesAuth {
+    pub reviewer: Arc<dyn TokenReviewer>,
+    /// The audience a token must be projected for.
+    pub audience: String,
 }
 
 impl CertificateService {
@@ -49,7 +59,14 @@ impl CertificateService {
             store,
             policy,
             metrics,
+            kubernetes: None,
         }
+    }
+
+    /// Also accepts pods' service-account tokens, checked as `auth` says.
+    pub fn with_kubernetes(mut self, auth: KubernetesAuth) -> Self {
+        self.kubernetes = Some(auth);
+        self
     }
 
     /// Authenticates and signs one request; `caller` is the verified client certificate
@@ -60,6 +77,9 @@ impl CertificateService {
         caller: Option<&isthmus_proto::SpiffeId>,
     ) -> Result<pb::CertificateResponse, CaError> {
         let now = OffsetDateTime::now_utc();
+        if !req.bootstrap_token.is_empty() && !req.kubernetes_token.is_empty() {
+            return Err(KubeTokenError::Ambiguous.into());
+        }
         let ttl = match req.ttl_seconds {
             0 => self.policy.default_ttl,
             s => Duration::from_secs(s),
@@ -87,6 +107,27 @@ impl CertificateService {
                 .into());
             }
             ("token", Some(claims))
+        } else if !req.kubernetes_token.is_empty() {
+            let k = self.kubernetes.as_ref().ok_or(KubeTokenError::NoClusters)?;
+            let proven = kubernetes::authenticate(
+                k.reviewer.as_ref(),
+                &k.audience,
+                &material.trust_domain,
+                &req.cluster,
+                &req.kubernetes_token,
+                now,
+            )
+            .await?;
+            if proven.identity != requested {
+                return Err(CaError::IdentityMismatch {
+                    requested: requested.to_string(),
+                    caller: format!(
+                        "{} (the token's service account in cluster {})",
+                        proven.identity, proven.cluster
+                    ),
+                });
+            }
+            ("kubernetes", None)
         } else if let Some(caller) = caller {
             if caller != &requested {
                 return Err(CaError::IdentityMismatch {
@@ -131,6 +172,19 @@ pub fn status_of(e: &CaError) -> Status {
     match e {
         CaError::Unauthenticated => Status::unauthenticated(msg),
         CaError::Token(_) | CaError::IdentityMismatch { .. } => Status::permission_denied(msg),
+        CaError::Kubernetes(k) => match k {
+            KubeTokenError::Ambiguous => Status::invalid_argument(msg),
+            KubeTokenError::NoClusters
+            | KubeTokenError::NoLocalCluster { .. }
+            | KubeTokenError::UnknownCluster { .. } => Status::failed_precondition(msg),
+            KubeTokenError::NotJwt(_)
+            | KubeTokenError::Expired { .. }
+            | KubeTokenError::Audience { .. }
+            | KubeTokenError::Rejected { .. } => Status::unauthenticated(msg),
+            KubeTokenError::NotServiceAccount { .. } => Status::permission_denied(msg),
+            // The cluster's API server could not answer: worth retrying.
+            KubeTokenError::ReviewFailed { .. } => Status::unavailable(msg),
+        },
         CaError::BadCsr(_)
         | CaError::CsrSans { .. }
         | CaError::CsrKeyType(_)

@@ -7,6 +7,7 @@
 //! config), from kubeconfig files in a directory, and from remote-cluster Secrets in the
 //! local cluster (Istio's `istio/multiCluster=true` Secrets), each watched.
 
+mod clients;
 mod cluster;
 mod credentials;
 pub mod mapping;
@@ -23,6 +24,7 @@ use isthmus_proto::program::{Readiness, ReadyPart};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use clients::ClusterClients;
 pub use cluster::ClusterSpec;
 pub use credentials::{
     config_from_kubeconfig, digest, watch_directory, watch_secrets, CredentialError,
@@ -102,6 +104,8 @@ struct Running {
 pub struct KubernetesSource {
     shared: Arc<Shared>,
     running: Mutex<BTreeMap<String, Running>>,
+    /// A client per cluster being watched, for calls other than the watchers'.
+    clients: ClusterClients,
     readiness: Option<Readiness>,
     /// Set once the start-up deadline has passed: clusters added later do not hold readiness.
     deadline_passed: std::sync::atomic::AtomicBool,
@@ -130,6 +134,7 @@ impl KubernetesSource {
                 waiting: Mutex::new(HashMap::new()),
             }),
             running: Mutex::new(BTreeMap::new()),
+            clients: ClusterClients::default(),
             readiness,
             deadline_passed: Default::default(),
         }
@@ -137,6 +142,11 @@ impl KubernetesSource {
 
     pub fn statuses(&self) -> &ClusterStatuses {
         &self.shared.statuses
+    }
+
+    /// The clients of the clusters being watched, kept current as clusters come and go.
+    pub fn clients(&self) -> ClusterClients {
+        self.clients.clone()
     }
 
     /// Starts watching a cluster, or restarts it if it runs with other credentials or
@@ -168,6 +178,14 @@ impl KubernetesSource {
                 .insert(spec.id.clone(), part);
         }
         tracing::info!(cluster = %spec.id, network = %spec.network, credentials = %spec.credentials, server = %spec.config.cluster_url, "watching cluster");
+        match kube::Client::try_from(spec.config.clone()) {
+            Ok(client) => self.clients.insert(&spec.id, client),
+            Err(e) => {
+                // The watchers retry (and report) the same failure; only other calls lose it.
+                tracing::warn!(cluster = %spec.id, error = %isthmus_proto::program::error_chain(&e), "no API client for the cluster");
+                self.clients.remove(&spec.id);
+            }
+        }
         let (stop, stop_rx) = watch::channel(false);
         let id = spec.id.clone();
         let shared = self.shared.clone();
@@ -197,6 +215,7 @@ impl KubernetesSource {
         let Some(r) = removed else {
             return;
         };
+        self.clients.remove(id);
         let _ = r.stop.send(true);
         let _ = r.task.await;
         self.shared.cluster_ready(id);

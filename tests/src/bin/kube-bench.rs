@@ -278,6 +278,8 @@ impl Registry {
             .arg(&remotes)
             .args(["--grpc-addr", &grpc.to_string()])
             .args(["--admin-addr", &admin.to_string()])
+            // Not the default 0.0.0.0:15017 a registry with its own cluster serves on.
+            .args(["--webhook-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             // As registry-fanout-bench's snapshot phase runs it, so the memory compares.
             .env("MALLOC_ARENA_MAX", "1")

@@ -68,6 +68,13 @@ impl Vm {
     /// A VM `name` at `ip` in `net`, onboarded into WorkloadGroup `group` (service account
     /// `sa`), with a resolv.conf naming [`RESOLVER`].
     pub fn create(m: &Mesh, net: Net, name: &str, ip: Ipv4Addr, group: &str, sa: &str) -> Vm {
+        let vm = Self::create_bare(m, net, name, ip, group, sa);
+        vm.onboard(m, Duration::from_secs(600));
+        vm
+    }
+
+    /// As [`Vm::create`], without an onboarding bundle (a pod's namespace, say).
+    pub fn create_bare(m: &Mesh, net: Net, name: &str, ip: Ipv4Addr, group: &str, sa: &str) -> Vm {
         let ns = m.topo.add_vm(net, name, ip);
         ns.set_resolv_conf(&format!(
             "nameserver {RESOLVER}\noptions timeout:2 attempts:1\n"
@@ -75,7 +82,7 @@ impl Vm {
         let dir = m.dir.path().join(format!("vm-{name}"));
         std::fs::create_dir_all(&dir).unwrap();
         let rt = ns.runtime();
-        let vm = Vm {
+        Vm {
             name: name.to_string(),
             net,
             ip,
@@ -84,9 +91,7 @@ impl Vm {
             group: group.to_string(),
             sa: sa.to_string(),
             rt: Some(rt),
-        };
-        vm.onboard(m, Duration::from_secs(600));
-        vm
+        }
     }
 
     pub fn bundle_dir(&self) -> PathBuf {
@@ -143,12 +148,7 @@ impl Vm {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> std::process::Command {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let mut cmd = self.ns.command(binary);
+        let mut cmd = self.logged_command(binary, env);
         cmd.args(["run", "--bundle"])
             .arg(self.bundle_dir())
             .arg("--state-dir")
@@ -163,8 +163,24 @@ impl Vm {
                 "--connect-timeout",
                 "2s",
             ])
-            .args(args)
-            .env("LOG_FORMAT", "plain")
+            .args(args);
+        cmd
+    }
+
+    /// `program` inside the VM with `env`, its output appended to [`Vm::log_path`]; the
+    /// caller adds the arguments.
+    pub fn logged_command(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        env: &[(&str, &str)],
+    ) -> std::process::Command {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut cmd = self.ns.command(program);
+        cmd.env("LOG_FORMAT", "plain")
             .env("RUST_LOG", "info,isthmus_vm_agent=debug")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -438,6 +438,28 @@ impl KubeApi {
         Ok(token.trim().to_string())
     }
 
+    /// A token for ServiceAccount `sa` in `ns` from the TokenRequest API for `audience`,
+    /// bound to Pod `bound_pod` of `ns` when given (the token then stops authenticating
+    /// once that pod is deleted, as a projected token does).
+    pub async fn create_bound_token(
+        &self,
+        ns: &str,
+        sa: &str,
+        duration: &str,
+        audience: &str,
+        bound_pod: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let duration = format!("--duration={duration}");
+        let audience = format!("--audience={audience}");
+        let mut args = vec!["create", "token", sa, "-n", ns, &duration, &audience];
+        let pod;
+        if let Some(name) = bound_pod {
+            pod = format!("--bound-object-name={name}");
+            args.extend(["--bound-object-kind=Pod", &pod]);
+        }
+        Ok(self.kubectl(&args).await?.trim().to_string())
+    }
+
     /// A token for ServiceAccount `sa` in `ns` (which must exist), signed with the
     /// cluster's key like a TokenRequest token, that expired an hour ago.
     pub async fn expired_token(&self, ns: &str, sa: &str) -> anyhow::Result<String> {

@@ -7,6 +7,7 @@ pub mod dns;
 pub mod kube;
 pub mod mesh;
 pub mod netns;
+pub mod pod;
 pub mod process;
 pub mod registry;
 pub mod vm;

@@ -78,6 +78,16 @@ impl TestRegistry {
         let dir = tempfile::tempdir()?;
         let mut cfg = Self::config(dir.path());
         adjust(&mut cfg);
+        if cfg.kubernetes.local.is_some() && cfg.webhook.addr.is_none() {
+            // A registry with its own cluster serves the injection webhook: on loopback
+            // and port 0 here, so parallel tests do not fight over 15017, with a
+            // certificate the API server accepts for `https://127.0.0.1:<port>`.
+            cfg.webhook.addr = Some("127.0.0.1:0".parse().unwrap());
+            cfg.webhook.dns_names = vec![
+                "isthmus-registry.isthmus-system.svc".into(),
+                "127.0.0.1".into(),
+            ];
+        }
         for (name, yaml) in resources {
             std::fs::write(dir.path().join("resources").join(name), yaml)?;
         }
@@ -99,6 +109,11 @@ impl TestRegistry {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.handle().admin_addr
+    }
+
+    /// Where the injection webhook listens (registries with their own cluster serve it).
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.handle().webhook_addr
     }
 
     pub async fn stop(&mut self) {

@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use axum::extract::Path;
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use isthmus_proto::admin::{self, Readiness};
@@ -25,6 +27,8 @@ use tokio::sync::watch;
 
 use crate::capture::CapturePlan;
 use crate::identity;
+use crate::pod::AppProbers;
+use crate::probe;
 use crate::registration::RegistrationState;
 
 /// What `/config_dump` shows.
@@ -44,6 +48,9 @@ pub(crate) struct Dump {
 /// The admin port's parts besides its listener.
 pub(crate) struct Admin {
     pub dump: Dump,
+    /// A pod's app probes, answered on the health port.
+    pub app_probers: AppProbers,
+    pub app_host: IpAddr,
     pub trackers: Vec<Arc<Tracker>>,
     pub registry: Arc<Mutex<Registry>>,
     pub readiness: Readiness,
@@ -54,6 +61,7 @@ pub(crate) fn serve(
     admin: Admin,
     admin_listener: Option<TcpListener>,
     health_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     tasks: &mut Tasks,
     shutdown: &drain::Watch,
 ) {
@@ -70,12 +78,52 @@ pub(crate) fn serve(
             }
         });
     }
+    if let Some(listener) = metrics_listener {
+        let (registry, shutdown) = (admin.registry.clone(), shutdown.clone());
+        tasks.spawn("metrics", async move {
+            if let Err(e) = admin::serve_metrics(listener, registry, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
     if let Some(listener) = health_listener {
+        let extra = app_health(admin.app_probers, admin.app_host);
         tasks.spawn(
             "health",
-            admin::serve_health(listener, admin.readiness, shutdown.clone()),
+            admin::serve_health_with(listener, admin.readiness, extra, shutdown.clone()),
         );
     }
+}
+
+/// `/app-health/<container>/<probe>`: the app's probe the injector moved here, one try per
+/// request (the kubelet keeps the timing and thresholds). Its probes reach the app over
+/// loopback, where capture does not apply; from the kubelet they would have been captured
+/// and refused by the mTLS inbound.
+fn app_health(probers: AppProbers, app_host: IpAddr) -> Router {
+    let probers = Arc::new(probers);
+    Router::new().route(
+        "/app-health/{container}/{probe}",
+        get(move |Path((container, probe)): Path<(String, String)>| {
+            let probers = probers.clone();
+            async move {
+                let path = format!("/app-health/{container}/{probe}");
+                let Some(p) = probers.0.get(&path) else {
+                    let known: Vec<&String> = probers.0.keys().collect();
+                    return (
+                        StatusCode::NOT_FOUND,
+                        format!("no app probe at {path}; this pod's are {known:?}\n"),
+                    );
+                };
+                match probe::try_once(&p.action, app_host, p.timeout).await {
+                    Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                    Err(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("{}: {why}\n", p.summary),
+                    ),
+                }
+            }
+        }),
+    )
 }
 
 /// The agent's own admin routes: `/config_dump` and `/debug/connections`.

@@ -56,6 +56,21 @@ pub(crate) async fn start(
     let ready = cx.readiness.part(READY_PART);
     let (progress_tx, progress) = watch::channel(CaptureProgress::default());
     let config = &cx.config;
+    if config.capture == CaptureMode::Preinstalled {
+        // The pod's init container installed the rules (every inbound port, the mesh's
+        // address ranges outbound); the sidecar has no right to change them.
+        tracing::info!("capture rules preinstalled by the pod's init container");
+        progress_tx.send_replace(CaptureProgress {
+            ports: Some(Vec::new()),
+            addresses: Some(0),
+        });
+        ready.ready();
+        return Ok(Capture {
+            plan: None,
+            follower: None,
+            progress,
+        });
+    }
     if config.capture == CaptureMode::None {
         // Nothing to wait for: the inbound listeners are the app's ports.
         progress_tx.send_replace(CaptureProgress {
@@ -82,6 +97,7 @@ pub(crate) async fn start(
         exempt_uid: Some(nix::unistd::geteuid())
             .filter(|uid| !uid.is_root())
             .map(|uid| uid.as_raw()),
+        inbound_all: false,
     };
     install(plan.clone()).await?;
     cx.agent_metrics.capture_installed.set(1);

@@ -30,7 +30,10 @@ pub(crate) struct Catalog {
 pub(crate) fn start(cx: &Inputs, tasks: &mut Tasks) -> anyhow::Result<Catalog> {
     let node = Node {
         id: cx.hello.entry_name(),
-        kind: NodeKind::Vm,
+        kind: match cx.config.pod {
+            Some(_) => NodeKind::Workload,
+            None => NodeKind::Vm,
+        },
         network: cx.bundle.network.clone(),
         cluster: cx.bundle.cluster.clone(),
         locality: cx.config.locality.clone(),

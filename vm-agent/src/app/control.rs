@@ -54,6 +54,40 @@ pub(crate) fn start(
     );
     let (state_tx, registration) = watch::channel(RegistrationState::default());
     let (deregister, registration_shutdown) = drain::channel();
+    let renewal = match &cx.config.pod {
+        Some(pod) => identity::Renewal::PodToken(Arc::new(pod.clone())),
+        None => identity::Renewal::Certificate,
+    };
+    tasks.spawn(
+        "certificate renewal",
+        identity::keep_renewed(
+            cx.settings.clone(),
+            renewal,
+            creds,
+            cx.agent_metrics.clone(),
+            cx.shutdown.clone(),
+        ),
+    );
+    // A pod is not registered: the registry's Kubernetes source knows it already.
+    if cx.config.pod.is_some() {
+        drop(group);
+        state_tx.send_replace(RegistrationState {
+            entry: Some(format!("Pod {}/{}", cx.bundle.namespace, cx.bundle.group)),
+            namespace: Some(cx.bundle.namespace.clone()),
+            warnings: vec![
+                "a pod is not registered: the registry's Kubernetes source knows it".into(),
+            ],
+            ..RegistrationState::default()
+        });
+        return Control {
+            registration,
+            health,
+            registration_task: tokio::spawn(async move {
+                registration_shutdown.signaled().await;
+            }),
+            deregister,
+        };
+    }
     let registration_task = tokio::spawn(
         Registration {
             registry: cx.settings.clone(),
@@ -67,15 +101,6 @@ pub(crate) fn start(
             captured: captured.clone(),
         }
         .run(registration_shutdown),
-    );
-    tasks.spawn(
-        "certificate renewal",
-        identity::keep_renewed(
-            cx.settings.clone(),
-            creds,
-            cx.agent_metrics.clone(),
-            cx.shutdown.clone(),
-        ),
     );
     Control {
         registration,

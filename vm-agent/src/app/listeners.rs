@@ -32,7 +32,9 @@ use isthmus_proxy::inbound::{self, AppTarget, Inbound, Mode};
 use isthmus_proxy::metrics::istio::{Local, Peer};
 use isthmus_proxy::metrics::Metrics;
 use isthmus_proxy::original_dst::original_destination;
-use isthmus_proxy::outbound::{self, ClientTls, NoDestination, Outbound, OutboundTarget};
+use isthmus_proxy::outbound::{
+    self, ClientTls, Destination, NoDestination, Outbound, OutboundTarget,
+};
 use isthmus_proxy::routes::RouteTable;
 use isthmus_proxy::upstream::ConnectOptions;
 use tokio::net::{TcpListener, TcpStream};
@@ -71,6 +73,7 @@ pub(crate) struct Listeners {
     pub admin_addr: Option<SocketAddr>,
     pub health: Option<TcpListener>,
     pub health_addr: Option<SocketAddr>,
+    pub metrics: Option<TcpListener>,
     /// The open connections of the inbound and outbound proxies, drained at shutdown.
     pub trackers: Vec<Arc<Tracker>>,
     pub accepting: Accepting,
@@ -94,13 +97,14 @@ pub(crate) async fn bind(
         tracker: Tracker::new(),
         connect: ConnectOptions {
             timeout: config.connect_timeout,
-            mark: Some(config.mark),
+            // A pod's sidecar is exempt from capture by its uid, and may not set marks.
+            mark: (config.capture != CaptureMode::Preinstalled).then_some(config.mark),
             ..ConnectOptions::default()
         },
     });
     let mut accepting = Accepting::default();
     let (bound, served) = match config.capture {
-        CaptureMode::Nftables => {
+        CaptureMode::Nftables | CaptureMode::Preinstalled => {
             bind_captured(cx, routes, &inbounds, &outbound, &mut accepting).await?
         }
         CaptureMode::None => bind_per_port(cx, &inbounds, &mut accepting).await?,
@@ -138,6 +142,7 @@ pub(crate) async fn bind(
     );
     let admin = program::bind_optional(config.admin_addr, "admin").await?;
     let health = program::bind_optional(config.health_addr, "health").await?;
+    let metrics = program::bind_optional(config.metrics_addr, "metrics").await?;
     Ok(Listeners {
         inbound_addr: bound.0,
         outbound_addr: bound.1,
@@ -145,6 +150,7 @@ pub(crate) async fn bind(
         admin,
         health_addr: health.as_ref().map(TcpListener::local_addr).transpose()?,
         health,
+        metrics,
         trackers: vec![inbounds.tracker.clone(), outbound.tracker.clone()],
         accepting,
     })
@@ -185,6 +191,7 @@ async fn bind_captured(
             }
         }
     }
+    let passthrough = config.pod.is_some();
     for out in outs {
         let table = routes.clone();
         accepting.spawn(
@@ -194,7 +201,7 @@ async fn bind_captured(
                 outbound.clone(),
                 config.max_connections,
                 accept.clone(),
-                move |tcp: &TcpStream| captured_target(tcp, &table.load()),
+                move |tcp: &TcpStream| captured_target(tcp, &table.load(), passthrough),
             ),
         );
     }
@@ -274,8 +281,14 @@ impl InboundFactory {
 }
 
 /// The mesh destination of a captured connection: its original destination, by the
-/// service address (VIP) it was made to.
-fn captured_target(tcp: &TcpStream, routes: &RouteTable) -> Result<OutboundTarget, NoDestination> {
+/// service address (VIP) it was made to. An address the catalog does not know is refused
+/// on a VM (its rules capture only the catalog's addresses: this one was just removed),
+/// and passed through in a pod (whose rules capture whole ranges).
+fn captured_target(
+    tcp: &TcpStream,
+    routes: &RouteTable,
+    passthrough: bool,
+) -> Result<Destination, NoDestination> {
     let original = original_destination(tcp).map_err(|e| {
         refusal(
             "no_original_destination",
@@ -289,20 +302,23 @@ fn captured_target(tcp: &TcpStream, routes: &RouteTable) -> Result<OutboundTarge
             format!("{original} is the capture listener itself: nothing to forward to"),
         ));
     }
-    let hostname = routes.hostname_of(original.ip()).ok_or_else(|| {
-        refusal(
+    let Some(hostname) = routes.hostname_of(original.ip()) else {
+        if passthrough {
+            return Ok(Destination::Passthrough(original));
+        }
+        return Err(refusal(
             "unknown_service_address",
             format!(
                 "{} is not a service address in the catalog (it may have just been removed)",
                 original.ip()
             ),
-        )
-    })?;
-    Ok(OutboundTarget {
+        ));
+    };
+    Ok(Destination::Mesh(OutboundTarget {
         hostname: hostname.to_string(),
         port: original.port(),
         subset: String::new(),
-    })
+    }))
 }
 
 /// What the VM's own Istio labels are made of, apart from the group template.

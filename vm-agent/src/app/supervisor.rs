@@ -40,6 +40,8 @@ struct Supervisor {
     accept_alive: Vec<AbortHandle>,
     capture_progress: watch::Receiver<CaptureProgress>,
     metrics: AgentMetrics,
+    /// A pod's sidecar: not registered.
+    pod: bool,
 }
 
 /// Starts the supervisor; `accept_alive` are the accepting tasks it watches.
@@ -61,6 +63,7 @@ pub(crate) fn start(
         accept_alive,
         capture_progress: capture.progress.clone(),
         metrics: cx.agent_metrics.clone(),
+        pod: cx.config.pod.is_some(),
     };
     tasks.spawn("supervisor", supervisor.run(cx.shutdown.clone()));
 }
@@ -186,6 +189,7 @@ impl Supervisor {
         };
         let reg = self.registration.borrow().clone();
         let entry = match (&reg.entry, reg.connected) {
+            _ if self.pod => "a pod, known to the Kubernetes source".into(),
             (Some(e), true) => format!(
                 "registered as {e} ({})",
                 reg.health.as_deref().unwrap_or("?")
