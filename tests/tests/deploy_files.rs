@@ -1,4 +1,5 @@
-//! The files an operator installs: the VM agent's systemd unit and its sysusers.d snippet.
+//! The files an operator installs: the VM agent's systemd unit and its sysusers.d snippet,
+//! and the Dockerfiles of the program images.
 //! These checks pin what the agent relies on (notify protocol, watchdog, cleanup after any
 //! exit, one capability, a read-only system but for its state) so that dropping or
 //! weakening a directive fails here rather than on a VM.
@@ -249,4 +250,214 @@ fn systemd_accepts_the_unit() {
         out.status.success() && stderr.trim().is_empty(),
         "systemd-analyze verify: {stderr}"
     );
+}
+
+/// One Dockerfile per program image (`deploy/docker/<image>.Dockerfile`), read as the
+/// instructions Docker runs: no Docker engine is needed to check what each builds, from
+/// what, and as whom it runs.
+mod dockerfiles {
+    use std::path::PathBuf;
+
+    use isthmus_tests::harness::process::PROGRAMS;
+
+    /// The contract's images and the binaries each must hold.
+    const IMAGES: &[(&str, &[&str])] = &[
+        ("registry", &["isthmus-registry", "isthmusctl"]),
+        ("gateway", &["isthmus-gateway"]),
+        ("vm-agent", &["isthmus-vm-agent"]),
+        ("dns", &["isthmus-dns"]),
+    ];
+
+    struct Dockerfile {
+        name: String,
+        /// Instructions with their continuation lines joined, comments dropped.
+        instructions: Vec<(String, String)>,
+    }
+
+    impl Dockerfile {
+        fn read(image: &str) -> Self {
+            let path = docker_dir().join(format!("{image}.Dockerfile"));
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            let mut instructions = Vec::new();
+            let mut pending = String::new();
+            for raw in text.lines() {
+                let line = raw.trim();
+                if pending.is_empty() && (line.is_empty() || line.starts_with('#')) {
+                    continue;
+                }
+                if let Some(more) = line.strip_suffix('\\') {
+                    pending.push_str(more);
+                    pending.push(' ');
+                    continue;
+                }
+                pending.push_str(line);
+                let full = std::mem::take(&mut pending);
+                let (op, rest) = full.split_once(' ').unwrap_or((&full, ""));
+                instructions.push((op.to_uppercase(), rest.trim().to_string()));
+            }
+            Self {
+                name: path.display().to_string(),
+                instructions,
+            }
+        }
+
+        fn all(&self, op: &str) -> Vec<&str> {
+            self.instructions
+                .iter()
+                .filter(|(o, _)| o == op)
+                .map(|(_, a)| a.as_str())
+                .collect()
+        }
+
+        /// The instructions of the last stage (after its FROM).
+        fn runtime(&self) -> &[(String, String)] {
+            let last = self
+                .instructions
+                .iter()
+                .rposition(|(o, _)| o == "FROM")
+                .unwrap_or_else(|| panic!("{}: no FROM", self.name));
+            &self.instructions[last..]
+        }
+
+        /// The default of `ARG name=default`.
+        fn arg_default(&self, name: &str) -> String {
+            self.all("ARG")
+                .iter()
+                .find_map(|a| a.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{}: no ARG {name}=...", self.name))
+                .to_string()
+        }
+    }
+
+    fn docker_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker")
+    }
+
+    /// The `--bin` names of the builder's `cargo build`, with its `-p` package.
+    fn built(d: &Dockerfile) -> (String, Vec<String>) {
+        let run = d
+            .all("RUN")
+            .into_iter()
+            .find(|r| r.contains("cargo build"))
+            .unwrap_or_else(|| panic!("{}: no cargo build", d.name));
+        // The cargo command alone: `mkdir -p` and the copy follow it.
+        let cargo = run.split("&&").find(|c| c.contains("cargo build")).unwrap();
+        let words: Vec<&str> = cargo.split_whitespace().collect();
+        let after = |flag: &str| -> Vec<String> {
+            words
+                .windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].to_string())
+                .collect()
+        };
+        assert!(
+            words.contains(&"--release") && words.contains(&"--locked"),
+            "{run}"
+        );
+        let packages = after("-p");
+        assert_eq!(packages.len(), 1, "{}: one package per image", d.name);
+        (packages[0].clone(), after("--bin"))
+    }
+
+    #[test]
+    fn every_image_has_a_dockerfile_and_nothing_else_is_there() {
+        let mut found: Vec<String> = std::fs::read_dir(docker_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter_map(|f| f.strip_suffix(".Dockerfile").map(str::to_string))
+            .collect();
+        found.sort();
+        let mut expected: Vec<String> = IMAGES.iter().map(|(i, _)| i.to_string()).collect();
+        expected.sort();
+        assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn each_builds_existing_binaries_in_a_rust_stage_and_copies_only_those() {
+        for (image, bins) in IMAGES {
+            let d = Dockerfile::read(image);
+            assert!(d.all("FROM").len() >= 2, "{}: not multi-stage", d.name);
+            assert_eq!(d.all("FROM")[0], "${RUST_IMAGE} AS build", "{}", d.name);
+            assert!(
+                d.arg_default("RUST_IMAGE").starts_with("rust:"),
+                "{}",
+                d.name
+            );
+            let (package, built_bins) = built(&d);
+            assert_eq!(&built_bins, bins, "{}", d.name);
+            for bin in &built_bins {
+                assert!(
+                    PROGRAMS.contains(&(package.as_str(), bin.as_str())),
+                    "{}: {package}/{bin} is not a program of the workspace",
+                    d.name
+                );
+            }
+            let copied: Vec<String> = d
+                .runtime()
+                .iter()
+                .filter(|(o, _)| o == "COPY")
+                .map(|(_, a)| {
+                    let words: Vec<&str> = a.split_whitespace().collect();
+                    assert_eq!(words[0], "--from=build", "{}: {a}", d.name);
+                    words[1].trim_start_matches("/out/").to_string()
+                })
+                .collect();
+            assert_eq!(&copied, bins, "{}", d.name);
+            let entry = d.runtime().iter().find(|(o, _)| o == "ENTRYPOINT").unwrap();
+            assert_eq!(
+                entry.1,
+                format!("[\"/usr/local/bin/{}\"]", bins[0]),
+                "{}",
+                d.name
+            );
+            // The context is the workspace; its build output stays out of it.
+            let ignore = docker_dir().join(format!("{image}.Dockerfile.dockerignore"));
+            let ignored = std::fs::read_to_string(&ignore)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", ignore.display()));
+            assert!(ignored.lines().any(|l| l.trim() == "target"), "{ignored}");
+        }
+    }
+
+    #[test]
+    fn each_runs_as_a_non_root_user_on_a_base_named_without_a_registry_host() {
+        for (image, _) in IMAGES {
+            let d = Dockerfile::read(image);
+            let runtime = d.runtime();
+            assert_eq!(runtime[0].1, "${RUNTIME_IMAGE}", "{}", d.name);
+            let base = d.arg_default("RUNTIME_IMAGE");
+            let first = base.split('/').next().unwrap();
+            assert!(
+                !base.contains('/') || !(first.contains('.') || first.contains(':')),
+                "{}: {base} names a registry host; operators set their mirror with --build-arg",
+                d.name
+            );
+            let users: Vec<&str> = runtime
+                .iter()
+                .filter(|(o, _)| o == "USER")
+                .map(|(_, a)| a.as_str())
+                .collect();
+            let user = users
+                .last()
+                .unwrap_or_else(|| panic!("{}: no USER", d.name));
+            let uid: u32 = user
+                .split(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("{}: USER {user} is not numeric", d.name));
+            // The sidecar's uid is the one the pod's capture rules exempt (1337); the
+            // others run as distroless's nonroot user.
+            let expected = if *image == "vm-agent" { 1337 } else { 65532 };
+            assert_eq!(uid, expected, "{}", d.name);
+            if *image == "vm-agent" {
+                let installs_nft = runtime
+                    .iter()
+                    .any(|(o, a)| o == "RUN" && a.contains("install") && a.contains("nftables"));
+                assert!(installs_nft, "{}: the agent needs the nft binary", d.name);
+            } else {
+                assert!(base.starts_with("distroless/"), "{}: {base}", d.name);
+            }
+        }
+    }
 }
