@@ -34,7 +34,7 @@
 //! peers' logs, is kept and named on stderr.
 
 mod http;
-mod peers;
+pub(crate) mod peers;
 mod pki;
 
 use std::ffi::OsString;

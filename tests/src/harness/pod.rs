@@ -26,6 +26,97 @@ pub const SIDECAR_CONTAINER: &str = "isthmus-proxy";
 /// The audience of the CA's service-account tokens.
 pub const CA_AUDIENCE: &str = "isthmus-ca";
 
+/// A file of the shipped `deploy/kubernetes/`.
+pub fn deploy_file(name: &str) -> anyhow::Result<String> {
+    let path = super::kube::peers::workspace()
+        .join("deploy/kubernetes")
+        .join(name);
+    std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Writes to `path` a kubeconfig of the `isthmus-registry` service account holding
+/// exactly the shipped roles (the reader's and the registry's own: root ConfigMaps, the
+/// webhook's caBundle), installed first.
+pub async fn registry_kubeconfig(api: &KubeApi, path: &Path) -> anyhow::Result<()> {
+    let rbac = format!(
+        "{}\n---\n{}",
+        deploy_file("rbac.yaml")?,
+        deploy_file("registry-rbac.yaml")?
+    );
+    api.service_account_kubeconfig(path, "isthmus-system", "isthmus-registry", &rbac)
+        .await
+}
+
+/// Installs the shipped webhook configuration, pointed at `addr` (the registry on
+/// loopback) instead of the registry's Service.
+pub async fn register_webhook(api: &KubeApi, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    api.apply(&deploy_file("webhook.yaml")?).await?;
+    let patch = serde_json::json!([{"op": "replace", "path": "/webhooks/0/clientConfig",
+        "value": {"url": format!("https://{addr}/inject")}}]);
+    api.kubectl(&[
+        "patch",
+        "mutatingwebhookconfiguration",
+        "isthmus-sidecar-injector",
+        "--type=json",
+        "-p",
+        &patch.to_string(),
+    ])
+    .await
+    .map(drop)
+}
+
+/// Creates Pod `manifest` (`ns`/`name`) through the API server until it is stored injected
+/// (the API server loads webhook configurations asynchronously, and the registry sets the
+/// caBundle a moment after it starts), and returns it as stored.
+pub async fn create_injected(
+    api: &KubeApi,
+    manifest: &str,
+    ns: &str,
+    name: &str,
+    wait: Duration,
+) -> anyhow::Result<Value> {
+    let last = std::sync::Mutex::new(String::new());
+    let injected = eventually(wait, || async {
+        let _ = api
+            .kubectl(&[
+                "delete",
+                "pod",
+                name,
+                "-n",
+                ns,
+                "--ignore-not-found",
+                "--wait=false",
+            ])
+            .await;
+        if let Err(e) = api.apply(manifest).await {
+            *last.lock().unwrap() = e.to_string();
+            return None;
+        }
+        let pod = stored_pod(api, ns, name).await.ok()?;
+        let containers = strings_of_names(&pod["spec"]["containers"]);
+        if containers.iter().any(|c| c == SIDECAR_CONTAINER) {
+            return Some(pod);
+        }
+        *last.lock().unwrap() = format!("stored without the sidecar: {containers:?}");
+        None
+    })
+    .await;
+    injected.ok_or_else(|| {
+        anyhow::anyhow!(
+            "pod {ns}/{name} was never stored injected: {}",
+            last.into_inner().unwrap_or_default()
+        )
+    })
+}
+
+fn strings_of_names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
 /// Pod `name` in `ns` as the API server stores it.
 pub async fn stored_pod(api: &KubeApi, ns: &str, name: &str) -> anyhow::Result<Value> {
     let json = api
@@ -101,24 +192,8 @@ pub async fn published_root(api: &KubeApi, ns: &str, wait: Duration) -> Option<S
 /// A token for `sa` with the CA's audience, bound to Pod `pod` (as the kubelet's projected
 /// token is: it stops working when the pod is deleted), from the TokenRequest API.
 pub async fn pod_token(api: &KubeApi, ns: &str, sa: &str, pod: &str) -> anyhow::Result<String> {
-    let token = api
-        .kubectl(&[
-            "create",
-            "token",
-            sa,
-            "-n",
-            ns,
-            "--audience",
-            CA_AUDIENCE,
-            "--bound-object-kind",
-            "Pod",
-            "--bound-object-name",
-            pod,
-            "--duration",
-            "1h",
-        ])
-        .await?;
-    Ok(token.trim().to_string())
+    api.create_bound_token(ns, sa, "1h", CA_AUDIENCE, Some(pod))
+        .await
 }
 
 fn chmod(path: &Path, mode: u32) {
