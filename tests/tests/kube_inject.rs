@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use isthmus_tests::harness::kube::{self, KubeApi};
+use isthmus_tests::harness::pod;
 use isthmus_tests::{eventually, http_get, init_ca, metric, TestRegistry};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,25 +24,11 @@ const STEP: Duration = Duration::from_secs(60);
 const WEBHOOK_CONFIG: &str = "isthmus-sidecar-injector";
 const WEBHOOK: &str = "sidecar-injector.isthmus.io";
 
-fn deploy_file(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/kubernetes")
-        .join(name);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 /// A registry watching `api` as its own cluster through the `isthmus-registry` service
 /// account with the shipped roles (reader + registry).
 async fn registry_for(api: &KubeApi, dir: &Path) -> TestRegistry {
     let kubeconfig = dir.join("registry.kubeconfig");
-    let rbac = format!(
-        "{}\n---\n{}",
-        deploy_file("rbac.yaml"),
-        deploy_file("registry-rbac.yaml")
-    );
-    api.service_account_kubeconfig(&kubeconfig, "isthmus-system", "isthmus-registry", &rbac)
-        .await
-        .unwrap();
+    pod::registry_kubeconfig(api, &kubeconfig).await.unwrap();
     TestRegistry::start_with(&[], |cfg| {
         cfg.kubernetes.local = Some(isthmus_registry::app::LocalCluster::Kubeconfig(kubeconfig));
         cfg.kubernetes.probe_interval = Duration::from_millis(300);
@@ -52,19 +39,7 @@ async fn registry_for(api: &KubeApi, dir: &Path) -> TestRegistry {
 
 /// Installs the shipped webhook configuration, pointed at `addr` instead of the Service.
 async fn register_webhook(api: &KubeApi, addr: SocketAddr) {
-    api.apply(&deploy_file("webhook.yaml")).await.unwrap();
-    let patch = json!([{"op": "replace", "path": "/webhooks/0/clientConfig",
-        "value": {"url": format!("https://{addr}/inject")}}]);
-    api.kubectl(&[
-        "patch",
-        "mutatingwebhookconfiguration",
-        WEBHOOK_CONFIG,
-        "--type=json",
-        "-p",
-        &patch.to_string(),
-    ])
-    .await
-    .unwrap();
+    pod::register_webhook(api, addr).await.unwrap();
 }
 
 fn root_pem(reg: &TestRegistry) -> String {
