@@ -58,6 +58,18 @@ pub fn virtualized() -> bool {
         .unwrap_or(false)
 }
 
+/// The release program `name` built beside this benchmark driver (`package` is what
+/// builds it); an error saying how to build it when it is missing.
+pub fn sibling_binary(name: &str, package: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: build it with cargo build --release -p {package}",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// The value after `name` on the command line, or `default` (benchmark drivers' flags).
 pub fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();

@@ -155,21 +155,6 @@ fn not_injected(stored: &Value) {
     );
 }
 
-/// The mesh root published in namespace `ns`, if any.
-async fn configmap_root(api: &KubeApi, ns: &str) -> Option<String> {
-    api.kubectl(&[
-        "get",
-        "configmap",
-        "isthmus-ca-root-cert",
-        "-n",
-        ns,
-        "-o",
-        "jsonpath={.data.root-cert\\.pem}",
-    ])
-    .await
-    .ok()
-}
-
 /// An API server with namespace `shop` labelled for injection and the `plain` ones not, a
 /// registry watching it, and the shipped webhook configuration pointed at the registry,
 /// whose caBundle the registry has set.
@@ -201,11 +186,13 @@ async fn pods_created_through_the_api_server_are_injected() {
 
     // The mesh root in the labelled namespace only.
     let published = eventually(STEP, || async {
-        configmap_root(&api, "shop").await.filter(|r| *r == root)
+        pod::configmap_root(&api, "shop")
+            .await
+            .filter(|r| *r == root)
     })
     .await;
     assert!(published.is_some(), "no isthmus-ca-root-cert in shop");
-    assert_eq!(configmap_root(&api, "plain").await, None);
+    assert_eq!(pod::configmap_root(&api, "plain").await, None);
 
     // A pod of the labelled namespace is stored injected.
     let stored = create_injected(
@@ -364,7 +351,9 @@ async fn pods_created_through_the_api_server_are_injected() {
         .await
         .unwrap();
     let back = eventually(STEP, || async {
-        configmap_root(&api, "shop").await.filter(|r| *r == root)
+        pod::configmap_root(&api, "shop")
+            .await
+            .filter(|r| *r == root)
     })
     .await;
     assert!(back.is_some(), "isthmus-ca-root-cert was not re-created");
@@ -374,7 +363,9 @@ async fn pods_created_through_the_api_server_are_injected() {
         .await
         .unwrap();
     let late = eventually(STEP, || async {
-        configmap_root(&api, "late").await.filter(|r| *r == root)
+        pod::configmap_root(&api, "late")
+            .await
+            .filter(|r| *r == root)
     })
     .await;
     assert!(
@@ -401,7 +392,9 @@ async fn pods_created_through_the_api_server_are_injected() {
     }
     for ns in ["shop", "late"] {
         let updated = eventually(STEP, || async {
-            configmap_root(&api, ns).await.filter(|r| *r == new_root)
+            pod::configmap_root(&api, ns)
+                .await
+                .filter(|r| *r == new_root)
         })
         .await;
         assert!(

@@ -121,15 +121,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(have(p), "{p} is not installed");
     }
     let exe = std::env::current_exe()?;
-    let agent = exe
-        .parent()
-        .context("no executable directory")?
-        .join("isthmus-vm-agent");
-    anyhow::ensure!(
-        agent.is_file(),
-        "{} is missing: build it with cargo build --release -p isthmus-vm-agent",
-        agent.display()
-    );
+    let agent = isthmus_tests::bench::sibling_binary("isthmus-vm-agent", "isthmus-vm-agent")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -170,21 +170,28 @@ pub fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The mesh root published in namespace `ns` (the `isthmus-ca-root-cert` ConfigMap), if
+/// any.
+pub async fn configmap_root(api: &KubeApi, ns: &str) -> Option<String> {
+    api.kubectl(&[
+        "get",
+        "configmap",
+        "isthmus-ca-root-cert",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.data.root-cert\\.pem}",
+    ])
+    .await
+    .ok()
+}
+
 /// The mesh root the registry published into namespace `ns`, once it is there.
 pub async fn published_root(api: &KubeApi, ns: &str, wait: Duration) -> Option<String> {
     eventually(wait, || async {
-        api.kubectl(&[
-            "get",
-            "configmap",
-            "isthmus-ca-root-cert",
-            "-n",
-            ns,
-            "-o",
-            "jsonpath={.data.root-cert\\.pem}",
-        ])
-        .await
-        .ok()
-        .filter(|pem| pem.contains("BEGIN CERTIFICATE"))
+        configmap_root(api, ns)
+            .await
+            .filter(|pem| pem.contains("BEGIN CERTIFICATE"))
     })
     .await
 }

@@ -56,25 +56,17 @@ pub(crate) async fn start(
     let ready = cx.readiness.part(READY_PART);
     let (progress_tx, progress) = watch::channel(CaptureProgress::default());
     let config = &cx.config;
-    if config.capture == CaptureMode::Preinstalled {
-        // The pod's init container installed the rules (every inbound port, the mesh's
-        // address ranges outbound); the sidecar has no right to change them.
-        tracing::info!("capture rules preinstalled by the pod's init container");
+    // Nothing to install or wait for: without capture the inbound listeners are the app's
+    // ports; in a pod the init container installed the rules (every inbound port, the
+    // mesh's address ranges outbound), and the sidecar has no right to change them.
+    let fixed = match config.capture {
+        CaptureMode::None => Some(None),
+        CaptureMode::Preinstalled => Some(Some(Vec::new())),
+        CaptureMode::Nftables => None,
+    };
+    if let Some(ports) = fixed {
         progress_tx.send_replace(CaptureProgress {
-            ports: Some(Vec::new()),
-            addresses: Some(0),
-        });
-        ready.ready();
-        return Ok(Capture {
-            plan: None,
-            follower: None,
-            progress,
-        });
-    }
-    if config.capture == CaptureMode::None {
-        // Nothing to wait for: the inbound listeners are the app's ports.
-        progress_tx.send_replace(CaptureProgress {
-            ports: None,
+            ports,
             addresses: Some(0),
         });
         ready.ready();
