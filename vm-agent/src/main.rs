@@ -92,8 +92,10 @@ struct SidecarArgs {
     /// The pod's network.
     #[arg(long, env = "ISTHMUS_NETWORK")]
     network: String,
+    /// The pod's name (metadata.name).
     #[arg(long, env = "POD_NAME")]
     pod_name: String,
+    /// The pod's namespace (metadata.namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pod_namespace: String,
     /// The pod's service account: its identity is
@@ -129,10 +131,13 @@ struct CaptureInitArgs {
     /// The sidecar's uid: its own connections are never captured.
     #[arg(long, default_value_t = pod::SIDECAR_UID)]
     uid: u32,
+    /// The sidecar's inbound mTLS listener: captured inbound TCP goes there.
     #[arg(long, default_value_t = 15006)]
     inbound_port: u16,
+    /// The sidecar's outbound listener (on loopback): captured outbound TCP goes there.
     #[arg(long, default_value_t = 15001)]
     outbound_port: u16,
+    /// The sidecar's DNS proxy (on loopback): captured DNS goes there.
     #[arg(long, default_value_t = 15053)]
     dns_port: u16,
     /// Outbound destinations captured: the mesh's VIP range and the cluster's service CIDR
@@ -308,6 +313,14 @@ fn main() -> anyhow::Result<()> {
 /// ranges to the outbound listener; the sidecar's uid exempt. Replaces an earlier
 /// installation (an init container re-run after a pod restart).
 fn capture_init(a: CaptureInitArgs) -> anyhow::Result<()> {
+    // The sidecar's health and metrics ports are never captured: the kubelet and scrapers
+    // reach them in plain text.
+    let mut exclude_inbound = a.exclude_inbound_ports;
+    exclude_inbound.extend(
+        config::parse_ports(pod::DEFAULT_POD_EXCLUDED_INBOUND).map_err(anyhow::Error::msg)?,
+    );
+    exclude_inbound.sort_unstable();
+    exclude_inbound.dedup();
     let plan = CapturePlan {
         outbound_port: a.outbound_port,
         inbound_port: a.inbound_port,
@@ -315,7 +328,7 @@ fn capture_init(a: CaptureInitArgs) -> anyhow::Result<()> {
         mark: config::DEFAULT_MARK,
         inbound_ports: Vec::new(),
         inbound_all: true,
-        exclude_inbound_ports: a.exclude_inbound_ports,
+        exclude_inbound_ports: exclude_inbound,
         exclude_outbound_ports: a.exclude_outbound_ports,
         dns_servers: ResolvConf::read(&a.resolv_conf).addresses(),
         exempt_uid: Some(a.uid),
