@@ -342,15 +342,7 @@ async fn passthrough(
         .await
     }
     .await;
-    drop(open);
-    rec.finish(result);
-    m.closed(
-        DIRECTION,
-        PASSTHROUGH,
-        result,
-        rec.bytes_to_upstream,
-        rec.bytes_from_upstream,
-    );
+    close(m, open, rec, PASSTHROUGH, result);
 }
 
 async fn handle(
@@ -391,11 +383,23 @@ async fn handle(
         .await
     }
     .await;
+    close(m, open, rec, &service, result);
+}
+
+/// Ends a connection: it leaves the open gauge, its record is finished, and it is counted
+/// with its bytes under `service`.
+fn close(
+    m: &Metrics,
+    open: crate::metrics::OpenConnection,
+    rec: &mut AccessRecord,
+    service: &str,
+    result: ConnResult,
+) {
     drop(open);
     rec.finish(result);
     m.closed(
         DIRECTION,
-        &service,
+        service,
         result,
         rec.bytes_to_upstream,
         rec.bytes_from_upstream,

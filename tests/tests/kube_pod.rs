@@ -182,6 +182,35 @@ async fn a_pod_and_a_vm_call_each_other_by_name_with_their_own_identities() {
         pod_ns.log()
     );
 
+    // An address in the captured service range that the catalog does not know (a plain
+    // server in network A, as the API server's ClusterIP would be) is passed through as it
+    // is, not refused.
+    let outside: SocketAddr = "10.96.200.1:7000".parse().unwrap();
+    m.topo.netns(Net::A).add_ip(outside.ip());
+    let _outside = on(m.rt(Net::A), async move {
+        EchoApp::start(outside, "outside-the-mesh").await
+    })
+    .await
+    .unwrap();
+    let (ok, out, err) = pod_ns.sh("exec bash -c 'exec 3<>/dev/tcp/10.96.200.1/7000; head -1 <&3'");
+    assert!(
+        ok && out.trim() == "outside-the-mesh",
+        "{out} {err}\nPOD:\n{}",
+        pod_ns.log()
+    );
+    let passed = eventually(WAIT, || async {
+        let conns = pod_ns.admin("/debug/connections").await;
+        conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["service"] == "PassthroughCluster")
+            .cloned()
+    })
+    .await
+    .expect("the sidecar recorded the passed-through connection");
+    assert_eq!(passed["endpoint"], outside.to_string(), "{passed}");
+
     // Each side saw the other's own identity.
     for (agent, direction, want) in [
         (&pod_ns, "inbound", id("db")),
@@ -195,7 +224,11 @@ async fn a_pod_and_a_vm_call_each_other_by_name_with_their_own_identities() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|c| c["direction"] == direction && c["result"] == "ok")
+                .find(|c| {
+                    c["direction"] == direction
+                        && c["result"] == "ok"
+                        && c["service"] != "PassthroughCluster"
+                })
                 .map(|c| c["peer_identity"].clone())
         })
         .await;
