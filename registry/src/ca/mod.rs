@@ -295,9 +295,21 @@ impl CaMaterial {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<Vec<String>, CaError> {
-        let sign_err = |e: rcgen::Error| CaError::Sign(e.to_string());
         let validity = certs::LeafValidity::issued(now, ttl, self.not_after);
-        let params = certs::leaf_params(identity, validity, random_serial()).map_err(sign_err)?;
+        let params = certs::leaf_params(identity, validity, random_serial())
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        self.sign_params(&params, public_key)
+    }
+
+    /// Signs `params` for `public_key` with the intermediate: the chain in PEM, the leaf
+    /// first, then the intermediates up to (not including) the root. Leaves other than the
+    /// mesh's SPIFFE ones (the webhook's serving certificate) bring their own `params`.
+    pub fn sign_params(
+        &self,
+        params: &rcgen::CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<Vec<String>, CaError> {
+        let sign_err = |e: rcgen::Error| CaError::Sign(e.to_string());
         let issuer =
             rcgen::Issuer::from_ca_cert_der(&self.intermediate_der, &self.key).map_err(sign_err)?;
         let leaf = params.signed_by(public_key, &issuer).map_err(sign_err)?;
@@ -322,7 +334,7 @@ impl CaMaterial {
 }
 
 /// A random positive 128-bit serial number (RFC 5280 asks for at most 20 octets, positive).
-fn random_serial() -> rcgen::SerialNumber {
+pub(crate) fn random_serial() -> rcgen::SerialNumber {
     let mut serial: [u8; 16] = rand::random();
     serial[0] &= 0x7f;
     rcgen::SerialNumber::from_slice(&serial)

@@ -167,19 +167,14 @@ pub fn issue(
     let validity = certs::LeafValidity::issued(now, WEBHOOK_CERT_TTL, material.not_after);
     params.not_before = validity.not_before;
     params.not_after = validity.not_after;
-    let mut serial: [u8; 16] = rand::random();
-    serial[0] &= 0x7f;
-    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-
-    let chain_pem = material.chain_pems.concat();
-    let ca_chain = tls::parse_certs(Path::new(crate::ca::CA_CHAIN_FILE), chain_pem.as_bytes())
-        .map_err(|e| ServingCertError::Issue(e.to_string()))?;
+    params.serial_number = Some(crate::ca::random_serial());
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(issue_err)?;
-    let issuer =
-        rcgen::Issuer::from_ca_cert_der(&ca_chain[0], material.key()).map_err(issue_err)?;
-    let leaf = params.signed_by(&key, &issuer).map_err(issue_err)?;
-    let mut chain = vec![leaf.der().clone()];
-    chain.extend(ca_chain);
+    let chain_pem = material
+        .sign_params(&params, &key)
+        .map_err(|e| ServingCertError::Issue(e.to_string()))?
+        .concat();
+    let chain = tls::parse_certs(Path::new("<webhook certificate>"), chain_pem.as_bytes())
+        .map_err(|e| ServingCertError::Issue(e.to_string()))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     Ok((chain, key, validity.not_after))
 }
