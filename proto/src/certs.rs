@@ -253,12 +253,30 @@ pub async fn enroll(
     let id = claims
         .identity()
         .map_err(crate::token::TokenFormatError::from)?;
+    let req = pb::CertificateRequest {
+        bootstrap_token: token.trim().to_string(),
+        ..Default::default()
+    };
+    obtain(registry, None, &id, req, dir).await
+}
+
+/// A certificate of `identity` for a new key: connects to the registry (presenting
+/// `client`, for a renewal, or nothing), sends `req` (which says how the caller
+/// authenticates) with the CSR, and keeps the key and chain in `dir`.
+pub async fn obtain(
+    registry: &crate::subscription::RegistrySettings,
+    client: Option<&crate::tls::Credentials>,
+    identity: &crate::identity::SpiffeId,
+    req: pb::CertificateRequest,
+    dir: &Path,
+) -> Result<crate::tls::Credentials, CertsError> {
     let channel = registry
-        .connect(None)
+        .connect(client)
         .await
         .map_err(|e| CertsError::Connect(e.to_string()))?;
-    let (key_pem, csr_pem) = generate_key_and_csr(&id)?;
-    let issued = request_certificate(channel, csr_pem, Some(token.trim().to_string()), 0).await?;
+    let (key_pem, csr_pem) = generate_key_and_csr(identity)?;
+    let issued =
+        send_certificate_request(channel, pb::CertificateRequest { csr_pem, ..req }).await?;
     write_credentials(dir, &key_pem, &issued.chain_pems, &issued.root_pem)?;
     crate::tls::Credentials::from_dir(dir).map_err(|e| CertsError::Generate(e.to_string()))
 }

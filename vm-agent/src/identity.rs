@@ -196,19 +196,15 @@ async fn renew_with_certificate(
     registry: &RegistrySettings,
     current: &Credentials,
 ) -> Result<Credentials, CertsError> {
-    let channel = registry
-        .connect(Some(current))
-        .await
-        .map_err(|e| CertsError::Connect(e.to_string()))?;
-    let (key_pem, csr_pem) = certs::generate_key_and_csr(&current.identity)?;
-    let issued = certs::request_certificate(channel, csr_pem, None, 0).await?;
-    certs::write_credentials(
+    let req = Default::default();
+    certs::obtain(
+        registry,
+        Some(current),
+        &current.identity,
+        req,
         &registry.cert_dir,
-        &key_pem,
-        &issued.chain_pems,
-        &issued.root_pem,
-    )?;
-    Credentials::from_dir(&registry.cert_dir).map_err(|e| CertsError::Generate(e.to_string()))
+    )
+    .await
 }
 
 /// Renewal retries: the certificate stays valid meanwhile, so they can start slow.

@@ -167,31 +167,14 @@ pub async fn request_certificate(
         identity: identity.to_string(),
         source,
     };
-    let channel = registry
-        .connect(None)
+    let req = pb::CertificateRequest {
+        kubernetes_token: token,
+        cluster: pod.cluster.clone(),
+        ..Default::default()
+    };
+    certs::obtain(registry, None, identity, req, &registry.cert_dir)
         .await
-        .map_err(|e| refused(CertsError::Connect(e.to_string())))?;
-    let (key_pem, csr_pem) = certs::generate_key_and_csr(identity).map_err(refused)?;
-    let issued = certs::send_certificate_request(
-        channel,
-        pb::CertificateRequest {
-            csr_pem,
-            kubernetes_token: token,
-            cluster: pod.cluster.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(refused)?;
-    certs::write_credentials(
-        &registry.cert_dir,
-        &key_pem,
-        &issued.chain_pems,
-        &issued.root_pem,
-    )
-    .map_err(refused)?;
-    Credentials::from_dir(&registry.cert_dir)
-        .map_err(|e| refused(CertsError::Generate(e.to_string())))
+        .map_err(refused)
 }
 
 /// The app's probes the injector moved onto the agent's health port
