@@ -82,7 +82,11 @@ struct Args {
     validate: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    isthmus_proto::program::exit("isthmus-dns", run())
+}
+
+fn run() -> anyhow::Result<()> {
     isthmus_proto::telemetry::init();
     let a = Args::parse();
     let mut cfg = Config::new(&a.network, &a.cluster, a.registry.settings()?);

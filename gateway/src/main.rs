@@ -101,7 +101,11 @@ impl Args {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    isthmus_proto::program::exit("isthmus-gateway", run())
+}
+
+fn run() -> anyhow::Result<()> {
     isthmus_proto::telemetry::init();
     let args = Args::parse();
     let validate_only = args.validate;

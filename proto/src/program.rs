@@ -279,9 +279,39 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Ends a program's `main`: success exits 0; an error is printed once on stderr as
+/// `program: what failed: why` (each cause once, through [`error_chain`], and no backtrace:
+/// the reader is an operator) and exits 1.
+pub fn exit(program: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {}", error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_the_message_already_holds_is_said_once() {
+        let not_found = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(not_found())
+            .context(format!("cannot read /etc/x: {}", not_found()))
+            .context("loading the bundle");
+        assert_eq!(
+            error_chain(e.as_ref()),
+            format!("loading the bundle: cannot read /etc/x: {}", not_found())
+        );
+        let e = anyhow::Error::new(not_found()).context("cannot read /etc/x");
+        assert_eq!(
+            error_chain(e.as_ref()),
+            format!("cannot read /etc/x: {}", not_found())
+        );
+    }
 
     #[test]
     fn ready_once_every_part_is() {

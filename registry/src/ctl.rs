@@ -95,13 +95,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("isthmusctl: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    isthmus_proto::program::exit("isthmusctl", rt.block_on(run(cli.command)))
 }
 
 async fn run(cmd: Command) -> anyhow::Result<()> {

@@ -285,7 +285,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("isthmus-registry: {e:#}");
+                eprintln!("isthmus-registry: {}", program::error_chain(e.as_ref()));
                 ExitCode::FAILURE
             }
         }

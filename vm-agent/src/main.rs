@@ -239,7 +239,11 @@ fn mark(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not a non-zero mark (decimal or 0x hex)"))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    isthmus_proto::program::exit("isthmus-vm-agent", run())
+}
+
+fn run() -> anyhow::Result<()> {
     isthmus_proto::telemetry::init();
     let cli = Cli::parse();
     let (cfg, worker_threads, validate) = match cli.command {

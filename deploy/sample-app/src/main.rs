@@ -71,8 +71,12 @@ struct Args {
     header_timeout: DurationFlag,
 }
 
+fn main() -> std::process::ExitCode {
+    isthmus_proto::program::exit("sample-app", run())
+}
+
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let listen = args.listen;
     let app = Arc::new(App {
