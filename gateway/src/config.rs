@@ -127,15 +127,15 @@ impl GatewayConfig {
         if !self.cluster.is_empty() {
             check_label(&mut p, "--cluster", "cluster", &self.cluster);
         }
-        p.check(!self.registry.addr.is_empty(), "--registry", || {
-            "must name the registry's address".into()
-        });
-        p.check(self.registry.root_cert.is_file(), "--root", || {
-            format!(
-                "{}: no such file (the mesh root certificate, root-cert.pem)",
-                self.registry.root_cert.display()
-            )
-        });
+        if let Err(e) = isthmus_proto::grpc::check_address(&self.registry.addr) {
+            p.push("--registry", e.to_string());
+        }
+        self.check_root(&mut p);
+        if !self.locality.is_empty() {
+            if let Err(e) = Locality::check(&self.locality.to_string()) {
+                p.push("--locality", e);
+            }
+        }
         p.check(
             self.has_credentials() || self.token.is_some(),
             "--cert-dir",
@@ -177,6 +177,35 @@ impl GatewayConfig {
         );
         self.check_listeners(&mut p);
         p.into_result()
+    }
+
+    /// The mesh root must be a readable PEM CA certificate of a trust domain.
+    fn check_root(&self, p: &mut ConfigProblems) {
+        let root = &self.registry.root_cert;
+        if !root.is_file() {
+            p.push(
+                "--root",
+                format!(
+                    "{}: no such file (the mesh root certificate, root-cert.pem)",
+                    root.display()
+                ),
+            );
+            return;
+        }
+        match isthmus_proto::tls::read_certs(root) {
+            Err(e) => p.push("--root", e.to_string()),
+            Ok(certs) => p.check(
+                isthmus_proto::tls::trust_domain_of_ca(&certs[0]).is_some(),
+                "--root",
+                || {
+                    format!(
+                        "{}: the first certificate is not a mesh root (no spiffe://<trust domain> \
+                         name in it); use the root-cert.pem of the registry's CA",
+                        root.display()
+                    )
+                },
+            ),
+        }
     }
 
     /// Two listeners on one address (other than port 0, "any free port") cannot both bind.

@@ -273,6 +273,11 @@ pub async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Chann
         })
 }
 
+/// Checks that `addr` is an address [`connect`] can use, for a program's configuration check.
+pub fn check_address(addr: &str) -> Result<(), ConnectError> {
+    endpoint(addr).map(drop)
+}
+
 fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {
     let bad = || ConnectError::BadAddress {
         addr: addr.to_string(),

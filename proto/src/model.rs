@@ -161,6 +161,46 @@ impl Locality {
     pub fn is_empty(&self) -> bool {
         self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
     }
+
+    /// Checks a locality as every way into the mesh accepts one: at most three parts
+    /// (`region/zone/subzone`), none empty, each a Kubernetes label value. The message names
+    /// the value and what is wrong with it.
+    pub fn check(l: &str) -> Result<(), String> {
+        let parts: Vec<&str> = l.split('/').collect();
+        if parts.len() > 3 {
+            return Err(format!("{l:?} is not a locality: use region/zone/subzone"));
+        }
+        for part in parts {
+            if part.is_empty() {
+                return Err(format!(
+                    "{l:?} is not a locality: a part is empty (use region/zone/subzone)"
+                ));
+            }
+            if let Err(why) = label_name_chars(part) {
+                return Err(format!("{l:?} is not a locality: {part:?}: {why}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The characters of a Kubernetes label name or value: at most 63, letters, digits, `-`,
+/// `_` and `.`, starting and ending with a letter or digit.
+pub fn label_name_chars(s: &str) -> Result<(), &'static str> {
+    if s.len() > 63 {
+        return Err("it is longer than 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("only letters, digits, '-', '_' and '.' are allowed");
+    }
+    let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    if !alnum(s.bytes().next()) || !alnum(s.bytes().last()) {
+        return Err("it must start and end with a letter or digit");
+    }
+    Ok(())
 }
 
 impl fmt::Display for Locality {

@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 
 use isthmus_proto::identity::validate_dns_label;
+use isthmus_proto::model::{label_name_chars, Locality};
 
 /// A value that failed its check; the message names the value and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,41 +133,9 @@ pub fn check_label_value(key: &str, value: &str) -> Result<(), Invalid> {
     })
 }
 
-fn label_name_chars(s: &str) -> Result<(), &'static str> {
-    if s.len() > 63 {
-        return Err("it is longer than 63 characters");
-    }
-    if !s
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err("only letters, digits, '-', '_' and '.' are allowed");
-    }
-    let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    if !alnum(s.bytes().next()) || !alnum(s.bytes().last()) {
-        return Err("it must start and end with a letter or digit");
-    }
-    Ok(())
-}
-
+/// A locality, `region/zone/subzone` (see [`Locality::check`]).
 pub fn check_locality(l: &str) -> Result<(), Invalid> {
-    let parts: Vec<&str> = l.split('/').collect();
-    if parts.len() > 3 {
-        return Err(Invalid(format!(
-            "{l:?} is not a locality: use region/zone/subzone"
-        )));
-    }
-    for part in parts {
-        if part.is_empty() {
-            return Err(Invalid(format!(
-                "{l:?} is not a locality: a part is empty (use region/zone/subzone)"
-            )));
-        }
-        if let Err(why) = label_name_chars(part) {
-            return Err(Invalid(format!("{l:?} is not a locality: {part:?}: {why}")));
-        }
-    }
-    Ok(())
+    Locality::check(l).map_err(Invalid)
 }
 
 pub fn parse_ip_or_cidr(s: &str) -> Result<String, Invalid> {
