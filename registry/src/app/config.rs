@@ -361,7 +361,8 @@ pub struct ResourcesReport {
 /// every problem named by file, document and field.
 pub fn validate_resources(cfg: &RegistryConfig) -> ResourcesReport {
     let mut problems = ConfigProblems::new("the resources".to_string());
-    let Some(dir) = &cfg.resources else {
+    // A missing directory is already the configuration's own problem (--resources).
+    let Some(dir) = cfg.resources.as_ref().filter(|d| d.is_dir()) else {
         return ResourcesReport {
             documents: Vec::new(),
             resources: 0,

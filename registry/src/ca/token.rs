@@ -40,9 +40,9 @@ pub enum TokenError {
     Reused,
     #[error("bootstrap token is for {token} but the CSR asks for {requested}")]
     Scope { token: String, requested: String },
-    #[error("token lifetime {0:?} is above the maximum of 24h")]
+    #[error("a token lifetime of {} is above the maximum of 24h", isthmus_proto::config::format_duration(*.0))]
     TtlTooLong(Duration),
-    #[error("token lifetime {0:?} is below the minimum of 1s: the token would be expired when it is printed")]
+    #[error("a token lifetime of {} is below the minimum of 1s: the token would be expired when it is printed", isthmus_proto::config::format_duration(*.0))]
     TtlTooShort(Duration),
     #[error("cannot sign the token: {0}")]
     Sign(String),

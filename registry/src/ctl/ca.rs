@@ -85,7 +85,13 @@ pub(super) fn create_token(args: TokenArgs, now: OffsetDateTime) -> anyhow::Resu
         &args.service_account,
         ttl,
         now,
-    )?;
+    )
+    .map_err(|e| match e {
+        token::TokenError::TtlTooLong(_) | token::TokenError::TtlTooShort(_) => {
+            anyhow::Error::new(e).context("--ttl")
+        }
+        e => e.into(),
+    })?;
     println!("{t}");
     Ok(())
 }
