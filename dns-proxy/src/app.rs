@@ -48,6 +48,8 @@ pub struct DnsHandle {
     pub admin_addr: Option<SocketAddr>,
     pub resolver: Arc<Resolver>,
     pub metrics: Arc<Metrics>,
+    /// The catalog state the name table answers from: it turns synced only once the table
+    /// built from the confirmed view is in place (the catalog's own state runs ahead of it).
     pub sync: watch::Receiver<Arc<SyncState>>,
     stop: Stop,
 }
@@ -114,10 +116,12 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
     let locale = locale(&config);
     let names = Arc::new(ArcSwap::from_pointee(NameTable::unsynced(&locale)));
     let sync = catalog::start(&config, shared_sync, &mut tasks, &rest_watch)?;
+    let (answering, answering_rx) = watch::channel(Arc::new(SyncState::default()));
     tasks.spawn(
         "name table",
         catalog::follow_names(
             sync.clone(),
+            answering,
             names.clone(),
             locale,
             metrics.clone(),
@@ -150,7 +154,7 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
         admin_addr,
         resolver,
         metrics,
-        sync,
+        sync: answering_rx,
         stop: Stop {
             readiness,
             accept,
@@ -217,6 +221,7 @@ fn resolver(
             config.max_udp_payload,
             &config.cluster_domain,
         )
+        .with_client_upstream_share(config.max_inflight_per_client)
         .with_client_rate_limit(
             config.client_rate,
             config.client_burst,

@@ -3,11 +3,11 @@
 //! bounded number of entries evicted oldest first. No I/O and no clock: callers pass `now`.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 /// What an answer is cached under: the question, with the name lowercased, and whether the
 /// client asked for DNSSEC records (an answer stripped of them must not serve one that did).
@@ -29,9 +29,109 @@ pub struct CachedAnswer {
     pub authentic_data: bool,
 }
 
+/// A cached answer's records as they go on the wire after the question, encoded once when
+/// cached, so that a hit for a plain query ([`crate::fast`]) is copied out with its TTLs
+/// rewritten instead of encoded again. Compression pointers in it point into the question,
+/// which is the same for every query under the same key (the name differs in case at most).
+#[derive(Debug)]
+pub struct WireRecords {
+    /// Answer, authority and additional records (no OPT).
+    pub bytes: Vec<u8>,
+    /// Where each record's TTL is in `bytes`, and the TTL as cached.
+    pub ttls: Vec<(usize, u32)>,
+    /// Answer, authority and additional record counts.
+    pub counts: [u16; 3],
+    /// The RCODE (it fits the header: extended codes are not cached on the wire).
+    pub rcode: u8,
+    pub authentic_data: bool,
+}
+
+/// A wire answer from the cache, with what its TTLs must lose.
+#[derive(Debug)]
+pub struct WireHit {
+    pub records: Arc<WireRecords>,
+    /// Seconds the answer has spent in the cache.
+    pub age: u32,
+    /// Seconds it has left: no TTL is sent above this.
+    pub left: u32,
+}
+
+impl WireHit {
+    /// `ttl` as sent now (as [`Cache::get`] lowers it).
+    pub fn ttl(&self, ttl: u32) -> u32 {
+        ttl.saturating_sub(self.age).clamp(1, self.left)
+    }
+}
+
+impl WireRecords {
+    /// Encodes `answer` after the question `key`; `None` when it cannot be (then only the
+    /// general path answers from the entry).
+    fn encode(key: &CacheKey, answer: &CachedAnswer) -> Option<Self> {
+        let rcode = u16::from(answer.response_code);
+        if rcode > 0x0f {
+            return None;
+        }
+        let name = Name::from_ascii(format!("{}.", key.name)).ok()?;
+        let mut query = Query::query(name, key.qtype);
+        query.query_class = key.qclass;
+        let mut m = Message::new(0, MessageType::Response, OpCode::Query);
+        m.queries.push(query);
+        m.answers = answer.answers.clone();
+        m.authorities = answer.authorities.clone();
+        m.additionals = answer.additionals.clone();
+        let bytes = m.to_vec().ok()?;
+        // Skip the header and the question (a name of labels, no pointers, then type and
+        // class), then find each record's TTL.
+        let mut at = 12;
+        while *bytes.get(at)? != 0 {
+            at += 1 + usize::from(bytes[at]);
+        }
+        let start = at + 5;
+        let counts = [
+            answer.answers.len(),
+            answer.authorities.len(),
+            answer.additionals.len(),
+        ]
+        .map(|n| u16::try_from(n).unwrap_or(u16::MAX));
+        let total: usize = counts.iter().map(|&c| usize::from(c)).sum();
+        let mut ttls = Vec::with_capacity(total);
+        let mut at = start;
+        for _ in 0..total {
+            // The owner: labels ending in a zero byte or a two-byte pointer.
+            loop {
+                let len = *bytes.get(at)?;
+                if len & 0xc0 == 0xc0 {
+                    at += 2;
+                    break;
+                }
+                at += 1 + usize::from(len);
+                if len == 0 {
+                    break;
+                }
+            }
+            let fixed = bytes.get(at..at + 10)?;
+            let ttl = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+            let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+            ttls.push((at + 4 - start, ttl));
+            at += 10 + rdlen;
+        }
+        if at != bytes.len() {
+            return None;
+        }
+        Some(Self {
+            bytes: bytes[start..].to_vec(),
+            ttls,
+            counts,
+            rcode: rcode as u8,
+            authentic_data: answer.authentic_data,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     answer: CachedAnswer,
+    wire: Option<Arc<WireRecords>>,
     stored: Instant,
     expires: Instant,
     /// Distinguishes this entry from an older one under the same key in the eviction queue.
@@ -101,6 +201,25 @@ impl Cache {
         Some(answer)
     }
 
+    /// The answer under `key` as wire records, if it has them and has not expired.
+    pub fn get_wire(&self, key: &CacheKey, now: Instant) -> Option<WireHit> {
+        let inner = self.inner.lock().expect("cache poisoned");
+        let entry = inner.entries.get(key)?;
+        if now >= entry.expires {
+            // Left for the general path, which removes it.
+            return None;
+        }
+        Some(WireHit {
+            records: entry.wire.clone()?,
+            age: now.saturating_duration_since(entry.stored).as_secs() as u32,
+            left: entry
+                .expires
+                .saturating_duration_since(now)
+                .as_secs()
+                .max(1) as u32,
+        })
+    }
+
     /// Caches `response` to the question `key` if it is cacheable; returns for how long.
     pub fn insert(&self, key: CacheKey, response: &Message, now: Instant) -> Option<Duration> {
         if self.limits.max_entries == 0 {
@@ -114,6 +233,7 @@ impl Cache {
             additionals: response.additionals.clone(),
             authentic_data: response.metadata.authentic_data,
         };
+        let wire = WireRecords::encode(&key, &answer).map(Arc::new);
         let mut inner = self.inner.lock().expect("cache poisoned");
         inner.serial += 1;
         let serial = inner.serial;
@@ -122,6 +242,7 @@ impl Cache {
             key,
             Entry {
                 answer,
+                wire,
                 stored: now,
                 expires: now + ttl,
                 serial,

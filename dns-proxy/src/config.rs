@@ -26,6 +26,10 @@ pub const DEFAULT_NEGATIVE_MAX_TTL: Duration = Duration::from_secs(300);
 /// Queries waiting on upstreams at once; beyond this new ones are refused at once instead
 /// of queueing (a flood of unique names must not exhaust memory or sockets).
 pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
+/// Of those, how many one client address may hold: with a slow or dead upstream, a client
+/// sending unique names keeps its slots for the whole query timeout, and without a share
+/// one client would take them all and everyone else would be refused.
+pub const DEFAULT_MAX_INFLIGHT_PER_CLIENT: usize = DEFAULT_MAX_INFLIGHT / 8;
 pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
 /// Queries a second one client address may send (0 turns the limit off). Far above what an
 /// application resolves, so only a runaway or hostile client meets it.
@@ -67,6 +71,8 @@ pub struct Config {
     pub cache_max_ttl: Duration,
     pub negative_max_ttl: Duration,
     pub max_inflight: usize,
+    /// Of `max_inflight`, how many one client address may hold at once (at most all).
+    pub max_inflight_per_client: usize,
     pub max_tcp_connections: usize,
     /// Queries a second per client address; 0 disables the limit.
     pub client_rate: u32,
@@ -110,6 +116,7 @@ impl Config {
             cache_max_ttl: DEFAULT_CACHE_MAX_TTL,
             negative_max_ttl: DEFAULT_NEGATIVE_MAX_TTL,
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            max_inflight_per_client: DEFAULT_MAX_INFLIGHT_PER_CLIENT,
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
             client_rate: DEFAULT_CLIENT_RATE,
             client_burst: DEFAULT_CLIENT_BURST,
@@ -153,6 +160,11 @@ impl Config {
         p.check(self.max_inflight > 0, "max-inflight", || {
             "must be at least 1".into()
         });
+        p.check(
+            self.max_inflight_per_client > 0,
+            "max-inflight-per-client",
+            || "must be at least 1 (above max-inflight, a client may hold every slot)".into(),
+        );
         p.check(self.max_tcp_connections > 0, "max-tcp-connections", || {
             "must be at least 1".into()
         });
@@ -196,12 +208,14 @@ mod tests {
         c.cluster_domain = "bad..domain".into();
         c.max_udp_payload = 100;
         c.upstreams = vec![c.listen];
+        c.max_inflight_per_client = 0;
         let err = c.validate().unwrap_err().to_string();
         for field in [
             "network:",
             "cluster-domain:",
             "max-udp-payload:",
             "upstream:",
+            "max-inflight-per-client:",
         ] {
             assert!(err.contains(field), "{field} in {err}");
         }

@@ -59,7 +59,11 @@ struct Args {
     /// Queries waiting on upstreams at once; more are refused.
     #[arg(long, default_value_t = config::DEFAULT_MAX_INFLIGHT)]
     max_inflight: usize,
-    /// DNS-over-TCP clients served at once.
+    /// Of those, how many one client address may hold; more from it are refused.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_INFLIGHT_PER_CLIENT)]
+    max_inflight_per_client: usize,
+    /// DNS-over-TCP clients served at once; when all are taken, the one idle the longest
+    /// is closed for a newcomer.
     #[arg(long, default_value_t = config::DEFAULT_MAX_TCP_CONNECTIONS)]
     max_tcp_connections: usize,
     /// Queries a second one client address may send; 0 turns the limit off.
@@ -102,6 +106,7 @@ fn run() -> anyhow::Result<()> {
     cfg.cache_max_ttl = a.cache_max_ttl.0;
     cfg.negative_max_ttl = a.negative_max_ttl.0;
     cfg.max_inflight = a.max_inflight;
+    cfg.max_inflight_per_client = a.max_inflight_per_client;
     cfg.max_tcp_connections = a.max_tcp_connections;
     cfg.client_rate = a.client_rate_limit;
     cfg.client_burst = a.client_burst;

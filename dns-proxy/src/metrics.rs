@@ -96,6 +96,25 @@ pub struct MalformedLabels {
     pub reason: MalformedReason,
 }
 
+/// Why work was shed to keep one client from starving the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ShedReason {
+    /// The client already holds its share of the upstream slots: REFUSED.
+    upstream_client_share,
+    /// Every upstream slot is taken: REFUSED.
+    upstream_slots_full,
+    /// An idle TCP connection closed to make room for a new client, oldest idle first.
+    tcp_idle_closed,
+    /// Every TCP slot is busy with a query and none is idle: the new connection is closed.
+    tcp_slots_full,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub reason: ShedReason,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: String,
@@ -130,6 +149,7 @@ pub struct Metrics {
     pub catalog: isthmus_proto::subscription::SyncMetrics,
     pub tcp_connections: Gauge,
     pub rate_limited: Counter,
+    pub shed: Family<ShedLabels, Counter>,
 }
 
 fn upstream_histogram() -> Histogram {
@@ -151,6 +171,7 @@ impl Metrics {
             catalog: Default::default(),
             tcp_connections: Gauge::default(),
             rate_limited: Counter::default(),
+            shed: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("isthmus_dns");
         r.register(
@@ -201,10 +222,19 @@ impl Metrics {
         );
         r.register(
             "rate_limited",
-            "Queries dropped (UDP) or connections closed (TCP) by the per-client rate limit",
+            "Queries answered REFUSED (UDP, TCP; the connection is then closed) by the per-client rate limit",
             m.rate_limited.clone(),
         );
+        r.register(
+            "shed",
+            "Queries refused or TCP connections closed so that no client starves the others, by reason",
+            m.shed.clone(),
+        );
         m
+    }
+
+    pub fn shed(&self, reason: ShedReason) {
+        self.shed.get_or_create(&ShedLabels { reason }).inc();
     }
 
     pub fn query(&self, qtype: RecordType, outcome: Outcome) {

@@ -1,10 +1,12 @@
-//! The per-client rate limit: a token bucket per client address, refilled at a steady rate
-//! with a burst allowance. Pure logic with `now` passed in, so it is tested in simulated
-//! time; the memory it holds is bounded by a maximum number of tracked clients.
+//! Per-client limits. The rate limit: a token bucket per client address, refilled at a
+//! steady rate with a burst allowance; pure logic with `now` passed in, so it is tested in
+//! simulated time; the memory it holds is bounded by a maximum number of tracked clients.
+//! The upstream share ([`UpstreamShares`]): how many of the shared upstream slots one
+//! client address may hold at once, so one client cannot take them all.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +71,63 @@ impl RateLimiter {
     }
 }
 
+/// How many queries waiting on an upstream each client address holds, and the most one may
+/// hold. Only addresses with a query in flight are tracked, so the map is bounded by the
+/// in-flight limit.
+#[derive(Debug)]
+pub struct UpstreamShares {
+    per_client: u32,
+    held: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One upstream slot held by a client; given back when dropped.
+#[derive(Debug)]
+pub struct ShareGuard {
+    shares: Arc<UpstreamShares>,
+    client: IpAddr,
+}
+
+impl UpstreamShares {
+    pub fn new(per_client: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_client: u32::try_from(per_client.max(1)).unwrap_or(u32::MAX),
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `client`, unless it already holds its share.
+    pub fn take(self: &Arc<Self>, client: IpAddr) -> Option<ShareGuard> {
+        let mut held = self.held.lock().expect("upstream shares lock");
+        let n = held.entry(client).or_insert(0);
+        if *n >= self.per_client {
+            return None;
+        }
+        *n += 1;
+        Some(ShareGuard {
+            shares: self.clone(),
+            client,
+        })
+    }
+
+    /// Slots `client` holds now.
+    pub fn held(&self, client: IpAddr) -> u32 {
+        let held = self.held.lock().expect("upstream shares lock");
+        held.get(&client).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for ShareGuard {
+    fn drop(&mut self) {
+        let mut held = self.shares.held.lock().expect("upstream shares lock");
+        if let Some(n) = held.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.client);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +171,26 @@ mod tests {
         // Once they have refilled they are forgotten and the newcomer is admitted.
         assert!(rl.allow(ip(4), t0 + Duration::from_secs(5)));
         assert_eq!(rl.tracked_clients(), 1);
+    }
+
+    #[test]
+    fn one_client_holds_at_most_its_upstream_share() {
+        let shares = UpstreamShares::new(2);
+        let a = shares.take(ip(1)).unwrap();
+        let _b = shares.take(ip(1)).unwrap();
+        assert!(shares.take(ip(1)).is_none(), "share spent");
+        // Another client has a share of its own.
+        assert!(shares.take(ip(2)).is_some());
+        drop(a);
+        assert_eq!(shares.held(ip(1)), 1);
+        assert!(
+            shares.take(ip(1)).is_some(),
+            "a slot given back is taken again"
+        );
+        assert_eq!(
+            shares.held(ip(2)),
+            0,
+            "an address without queries is forgotten"
+        );
     }
 }

@@ -1,13 +1,14 @@
-//! The request path and its two transports.
+//! The request path, and DNS over TCP (UDP is [`crate::udp`]).
 //!
-//! [`Resolver::begin`] does everything that needs no upstream synchronously: it parses the
-//! query, answers mesh names from the name table and known answers from the cache, and
-//! refuses what it must. Only a query that needs an upstream becomes a task
+//! [`Resolver::begin`] does everything that needs no upstream synchronously: it answers a
+//! plain query of a mesh name on the wire ([`crate::fast`]), else parses the query, answers
+//! mesh names from the name table and known answers from the cache, and refuses what it
+//! must. Only a query that needs an upstream becomes a task
 //! ([`Resolver::finish`]), bounded by a semaphore. So the common case (a mesh name, a cached
 //! name) costs one parse, one table or cache lookup and one encode, with no task, no lock
 //! shared with catalog updates and no allocation beyond the answer.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,16 +17,18 @@ use hickory_proto::op::{Edns, Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use isthmus_proto::drain;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::{Cache, CacheKey, CachedAnswer};
 use crate::config::MAX_QUERY_BYTES;
+use crate::fast::PlainQuery;
 use crate::forwarder::Forwarder;
-use crate::metrics::{MalformedReason, Metrics, Outcome};
+use crate::metrics::{MalformedReason, Metrics, Outcome, QueryKind, ShedReason};
 use crate::names::{normalize, MeshName, NameTable};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{RateLimiter, ShareGuard, UpstreamShares};
 
 /// Size of a DNS header.
 const HEADER_LEN: usize = 12;
@@ -56,6 +59,8 @@ pub struct Pending {
     key: CacheKey,
     limit: usize,
     _permit: OwnedSemaphorePermit,
+    /// The client's part of its upstream share (none for a query without a known client).
+    _share: Option<ShareGuard>,
 }
 
 /// Answers queries: the name table first, then the cache, then the upstreams.
@@ -65,7 +70,14 @@ pub struct Resolver {
     cache: Cache,
     forwarder: Forwarder,
     metrics: Arc<Metrics>,
+    /// `isthmus_dns_queries_total` of A and AAAA mesh hits, looked up once: the fast path
+    /// counts without a label lookup.
+    mesh_hits: [Counter; 2],
+    /// The same of A and AAAA cache hits.
+    cache_hits: [Counter; 2],
     inflight: Arc<Semaphore>,
+    /// How many of the in-flight slots one client address may hold.
+    shares: Arc<UpstreamShares>,
     ttl: u32,
     max_udp_payload: u16,
     /// The SOA of the cluster domain, in our NXDOMAIN answers (negative caching downstream).
@@ -101,12 +113,30 @@ impl Resolver {
             ttl,
             RData::SOA(SOA::new(mname, rname, 1, 3600, 600, 86400, ttl)),
         );
+        let counter = |qtype: RecordType, outcome: Outcome| {
+            metrics
+                .queries
+                .get_or_create(&QueryKind {
+                    qtype: qtype.into(),
+                    outcome,
+                })
+                .clone()
+        };
         Self {
             names,
             cache,
             forwarder,
+            mesh_hits: [
+                counter(RecordType::A, Outcome::mesh_hit),
+                counter(RecordType::AAAA, Outcome::mesh_hit),
+            ],
+            cache_hits: [
+                counter(RecordType::A, Outcome::cache_hit),
+                counter(RecordType::AAAA, Outcome::cache_hit),
+            ],
             metrics,
             inflight: Arc::new(Semaphore::new(max_inflight)),
+            shares: UpstreamShares::new(max_inflight),
             ttl,
             max_udp_payload,
             soa,
@@ -133,6 +163,13 @@ impl Resolver {
         self
     }
 
+    /// One client address holds at most `per_client` of the upstream slots at once, so a
+    /// client sending unique names to a slow or dead upstream cannot take every slot.
+    pub fn with_client_upstream_share(mut self, per_client: usize) -> Self {
+        self.shares = UpstreamShares::new(per_client);
+        self
+    }
+
     /// Whether `client` may send another query now; a refusal is counted.
     pub fn admit(&self, client: IpAddr) -> bool {
         let Some(l) = &self.limiter else { return true };
@@ -156,7 +193,17 @@ impl Resolver {
 
     /// Handles a packet completely (forwarding inline if needed).
     pub async fn handle(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        match self.begin(packet, transport) {
+        self.handle_from(packet, transport, None).await
+    }
+
+    /// [`Resolver::handle`] for a query from `client` (see [`Resolver::begin_from`]).
+    pub async fn handle_from(
+        &self,
+        packet: &[u8],
+        transport: Transport,
+        client: Option<IpAddr>,
+    ) -> Option<Vec<u8>> {
+        match self.begin_from(packet, transport, client) {
             Step::Reply(b) => Some(b),
             Step::Drop => None,
             Step::Forward(p) => Some(self.finish(*p).await),
@@ -165,6 +212,54 @@ impl Resolver {
 
     /// The synchronous part of a query: everything but the upstream.
     pub fn begin(&self, packet: &[u8], transport: Transport) -> Step {
+        self.begin_from(packet, transport, None)
+    }
+
+    /// [`Resolver::begin`] for a query from `client`, which holds at most its share of the
+    /// upstream slots.
+    pub fn begin_from(&self, packet: &[u8], transport: Transport, client: Option<IpAddr>) -> Step {
+        match self.answer_fast(packet) {
+            Some(answer) => Step::Reply(answer),
+            None => self.begin_general(packet, transport, client),
+        }
+    }
+
+    /// The answer to a plain query of a mesh name (A or AAAA) or of a cached name, written
+    /// straight onto the wire ([`crate::fast`]); `None` for every other packet.
+    fn answer_fast(&self, packet: &[u8]) -> Option<Vec<u8>> {
+        let query = PlainQuery::parse(packet)?;
+        let table = self.names.load();
+        let name = query.name();
+        if table.lookup(name).is_some() {
+            let answer = query.answer(&table, self.ttl, self.max_udp_payload)?;
+            self.mesh_hits[usize::from(query.qtype != 1)].inc();
+            return Some(answer);
+        }
+        // The service domain is the mesh's, never the cache's (see `begin_general`).
+        if table.is_service_domain(name) {
+            return None;
+        }
+        let key = CacheKey {
+            name: name.into(),
+            qtype: RecordType::from(query.qtype),
+            qclass: DNSClass::IN,
+            dnssec_ok: query.dnssec_ok(),
+        };
+        let hit = self.cache.get_wire(&key, Instant::now())?;
+        let answer = query.answer_cached(&hit, self.max_udp_payload)?;
+        match key.qtype {
+            RecordType::A => self.cache_hits[0].inc(),
+            RecordType::AAAA => self.cache_hits[1].inc(),
+            other => {
+                self.metrics.query(other, Outcome::cache_hit);
+                0
+            }
+        };
+        Some(answer)
+    }
+
+    /// [`Resolver::begin_from`] the long way: the query decoded, the answer encoded.
+    fn begin_general(&self, packet: &[u8], transport: Transport, client: Option<IpAddr>) -> Step {
         if packet.len() < HEADER_LEN {
             self.metrics.malformed(MalformedReason::short);
             return Step::Drop;
@@ -281,15 +376,30 @@ impl Resolver {
             self.metrics.query(qtype, Outcome::cache_hit);
             return Step::Reply(self.upstream_answer(&request, hit, limit));
         }
-        match self.inflight.clone().try_acquire_owned() {
-            Ok(permit) => Step::Forward(Box::new(Pending {
+        // Shedding load beats queueing: the client retries, perhaps elsewhere. A client at
+        // its share is refused before it can take a slot another client needs.
+        let share = match client.map(|c| self.shares.take(c)) {
+            Some(None) => Err(ShedReason::upstream_client_share),
+            Some(Some(guard)) => Ok(Some(guard)),
+            None => Ok(None),
+        };
+        let slot = share.and_then(|share| {
+            self.inflight
+                .clone()
+                .try_acquire_owned()
+                .map(|permit| (permit, share))
+                .map_err(|_| ShedReason::upstream_slots_full)
+        });
+        match slot {
+            Ok((permit, share)) => Step::Forward(Box::new(Pending {
                 request,
                 key,
                 limit,
                 _permit: permit,
+                _share: share,
             })),
-            Err(_) => {
-                // Shedding load beats queueing: the client retries, perhaps elsewhere.
+            Err(reason) => {
+                self.metrics.shed(reason);
                 self.metrics.query(qtype, Outcome::refused);
                 Step::Reply(self.respond(
                     &request,
@@ -310,6 +420,7 @@ impl Resolver {
             key,
             limit,
             _permit,
+            _share,
         } = pending;
         let query = &request.queries[0];
         let dnssec_ok = key.dnssec_ok;
@@ -478,7 +589,7 @@ pub fn encode_within(mut m: Message, limit: usize) -> Vec<u8> {
 
 /// A response that is only a header: for queries whose question cannot be echoed.
 /// A bare REFUSED header answering `query`, when it looks like a query at all.
-fn refusal_for(query: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn refusal_for(query: &[u8]) -> Option<Vec<u8>> {
     if query.len() < HEADER_LEN || query[2] & 0x80 != 0 {
         return None;
     }
@@ -500,58 +611,121 @@ fn header_only(id: u16, opcode: u8, rd: bool, code: ResponseCode) -> Vec<u8> {
     b
 }
 
-/// Serves UDP on `socket` until `shutdown`; several of these may share one socket.
-pub async fn serve_udp(socket: Arc<UdpSocket>, resolver: Arc<Resolver>, shutdown: drain::Watch) {
-    // Larger than any datagram, so an oversized query is seen as such, not cut short.
-    let mut buf = vec![0u8; 65536];
-    let stop = shutdown.signaled();
-    tokio::pin!(stop);
-    loop {
-        let (n, peer) = tokio::select! {
-            _ = &mut stop => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // An ICMP error from an earlier send can surface here; the socket is fine.
-                    tracing::debug!(error = %e, "udp receive error");
-                    continue;
-                }
-            },
-        };
-        // Over the limit: REFUSED, so the client's resolver moves on at once instead of
-        // waiting out its timeout. The answer is the bare header, never larger than the
-        // query: nothing to amplify.
-        if !resolver.admit(peer.ip()) {
-            if let Some(refused) = refusal_for(&buf[..n]) {
-                send(&socket, &refused, peer).await;
-            }
-            continue;
-        }
-        match resolver.begin(&buf[..n], Transport::Udp) {
-            Step::Reply(b) => send(&socket, &b, peer).await,
-            Step::Drop => {}
-            Step::Forward(p) => {
-                let socket = socket.clone();
-                let resolver = resolver.clone();
-                tokio::spawn(async move {
-                    let b = resolver.finish(*p).await;
-                    send(&socket, &b, peer).await;
-                });
-            }
-        }
-    }
-}
-
-async fn send(socket: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
-    if let Err(e) = socket.send_to(bytes, peer).await {
-        tracing::debug!(%peer, error = %e, "udp send failed");
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 pub struct TcpLimits {
     pub max_connections: usize,
     pub idle_timeout: Duration,
+}
+
+/// The open client TCP connections, and since when each has been idle (waiting for its next
+/// query), so that when every slot is taken a new client gets the slot of the connection
+/// idle the longest (RFC 7766 6.2.3: a server under pressure closes idle connections first).
+/// Only a connection busy with a query keeps its slot against a newcomer.
+#[derive(Debug)]
+struct TcpSlots {
+    max: usize,
+    open: std::sync::Mutex<SlotTable>,
+}
+
+#[derive(Debug, Default)]
+struct SlotTable {
+    next_id: u64,
+    open: std::collections::HashMap<u64, SlotState>,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    /// `None` while a query is being answered.
+    idle_since: Option<Instant>,
+    close: Arc<tokio::sync::Notify>,
+}
+
+/// One connection's slot; given back when dropped.
+#[derive(Debug)]
+struct TcpSlot {
+    slots: Arc<TcpSlots>,
+    id: u64,
+    close: Arc<tokio::sync::Notify>,
+}
+
+/// How a new connection got its slot.
+#[derive(Debug)]
+enum Admission {
+    Free(TcpSlot),
+    /// The connection idle the longest was told to close to make room.
+    Evicted(TcpSlot),
+    /// Every connection is busy with a query.
+    Full,
+}
+
+impl TcpSlots {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.max(1),
+            open: Default::default(),
+        })
+    }
+
+    fn admit(self: &Arc<Self>, now: Instant) -> Admission {
+        let mut t = self.open.lock().expect("tcp slots lock");
+        let mut evicted = false;
+        if t.open.len() >= self.max {
+            let oldest = t
+                .open
+                .iter()
+                .filter_map(|(id, s)| s.idle_since.map(|at| (at, *id)))
+                .min();
+            let Some((_, id)) = oldest else {
+                return Admission::Full;
+            };
+            if let Some(s) = t.open.remove(&id) {
+                s.close.notify_one();
+            }
+            evicted = true;
+        }
+        let id = t.next_id;
+        t.next_id += 1;
+        let close = Arc::new(tokio::sync::Notify::new());
+        t.open.insert(
+            id,
+            SlotState {
+                idle_since: Some(now),
+                close: close.clone(),
+            },
+        );
+        let slot = TcpSlot {
+            slots: self.clone(),
+            id,
+            close,
+        };
+        if evicted {
+            Admission::Evicted(slot)
+        } else {
+            Admission::Free(slot)
+        }
+    }
+}
+
+impl TcpSlot {
+    /// Marks the connection busy (`None`) or idle since `at`.
+    fn set_idle(&self, at: Option<Instant>) {
+        let mut t = self.slots.open.lock().expect("tcp slots lock");
+        if let Some(s) = t.open.get_mut(&self.id) {
+            s.idle_since = at;
+        }
+    }
+
+    /// Resolves when a newcomer took this connection's slot.
+    async fn closed(&self) {
+        self.close.notified().await
+    }
+}
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        let mut t = self.slots.open.lock().expect("tcp slots lock");
+        t.open.remove(&self.id);
+    }
 }
 
 /// Serves DNS over TCP (RFC 7766: length-prefixed messages, several per connection).
@@ -562,7 +736,7 @@ pub async fn serve_tcp(
     limits: TcpLimits,
     shutdown: drain::Watch,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = TcpSlots::new(limits.max_connections);
     let stop = shutdown.clone().signaled();
     tokio::pin!(stop);
     loop {
@@ -577,9 +751,17 @@ pub async fn serve_tcp(
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "too many tcp clients; closing");
-            continue;
+        let slot = match slots.admit(Instant::now()) {
+            Admission::Free(slot) => slot,
+            Admission::Evicted(slot) => {
+                metrics.shed(ShedReason::tcp_idle_closed);
+                slot
+            }
+            Admission::Full => {
+                tracing::debug!(%peer, "every tcp slot is busy with a query; closing");
+                metrics.shed(ShedReason::tcp_slots_full);
+                continue;
+            }
         };
         let resolver = resolver.clone();
         let metrics = metrics.clone();
@@ -588,15 +770,21 @@ pub async fn serve_tcp(
             metrics.tcp_connections.inc();
             tokio::select! {
                 _ = shutdown.signaled() => {}
-                _ = connection(stream, &resolver, &metrics, limits.idle_timeout) => {}
+                _ = slot.closed() => {}
+                _ = connection(stream, &resolver, &metrics, limits.idle_timeout, &slot) => {}
             }
             metrics.tcp_connections.dec();
-            drop(permit);
         });
     }
 }
 
-async fn connection(mut stream: TcpStream, resolver: &Resolver, metrics: &Metrics, idle: Duration) {
+async fn connection(
+    mut stream: TcpStream,
+    resolver: &Resolver,
+    metrics: &Metrics,
+    idle: Duration,
+    slot: &TcpSlot,
+) {
     let _ = stream.set_nodelay(true);
     let client = stream.peer_addr().map(|a| a.ip()).ok();
     let mut buf = Vec::new();
@@ -626,7 +814,8 @@ async fn connection(mut stream: TcpStream, resolver: &Resolver, metrics: &Metric
             }
             return;
         }
-        let Some(reply) = resolver.handle(&buf, Transport::Tcp).await else {
+        slot.set_idle(None);
+        let Some(reply) = resolver.handle_from(&buf, Transport::Tcp, client).await else {
             return;
         };
         let mut out = Vec::with_capacity(reply.len() + 2);
@@ -636,6 +825,7 @@ async fn connection(mut stream: TcpStream, resolver: &Resolver, metrics: &Metric
             Ok(Ok(())) => {}
             _ => return,
         }
+        slot.set_idle(Some(Instant::now()));
     }
 }
 
@@ -938,5 +1128,165 @@ mod tests {
         let back = Message::from_vec(&b).unwrap();
         assert_eq!(back.answers.len(), 100);
         assert!(!back.metadata.truncation);
+    }
+
+    #[test]
+    fn a_new_tcp_client_takes_the_slot_of_the_oldest_idle_one() {
+        let slots = TcpSlots::new(2);
+        let t0 = Instant::now();
+        let Admission::Free(first) = slots.admit(t0) else {
+            panic!("a free slot")
+        };
+        let Admission::Free(second) = slots.admit(t0 + Duration::from_secs(1)) else {
+            panic!("a free slot")
+        };
+        // The first is busy with a query: the second, idle, is the one closed.
+        first.set_idle(None);
+        let Admission::Evicted(third) = slots.admit(t0 + Duration::from_secs(2)) else {
+            panic!("an idle slot taken")
+        };
+        assert!(
+            futures_util::FutureExt::now_or_never(second.closed()).is_some(),
+            "the idle connection is told to close"
+        );
+        assert!(futures_util::FutureExt::now_or_never(first.closed()).is_none());
+        // Both remaining are busy: nobody is closed for a newcomer.
+        third.set_idle(None);
+        assert!(matches!(
+            slots.admit(t0 + Duration::from_secs(3)),
+            Admission::Full
+        ));
+        drop(second);
+        assert_eq!(
+            slots.open.lock().unwrap().open.len(),
+            2,
+            "an evicted slot is not counted twice"
+        );
+        drop(first);
+        assert!(matches!(
+            slots.admit(t0 + Duration::from_secs(4)),
+            Admission::Free(_)
+        ));
+    }
+
+    #[test]
+    fn the_fast_path_answers_as_the_general_path_does() {
+        let r = resolver(
+            &[
+                (
+                    "web.shop.svc.cluster.local",
+                    vec!["10.96.0.1", "10.96.0.2", "fd00::1"],
+                ),
+                ("*.wild.example.com", vec!["240.240.0.7"]),
+                ("big.example.com", many()),
+            ],
+            true,
+        );
+        let mut dnssec = query("web.shop.svc.cluster.local.", RecordType::A, Some(1232));
+        // The DO bit, in the OPT record's flags (the last record of the query).
+        let flags = dnssec.len() - 4;
+        dnssec[flags] |= 0x80;
+        let mut mixed_case = query("Web.Shop.svc.cluster.local.", RecordType::AAAA, None);
+        mixed_case[3] |= 0x10; // CD
+        let fast = [
+            query("web.shop.svc.cluster.local.", RecordType::A, None),
+            query("web.shop.svc.cluster.local.", RecordType::AAAA, Some(4096)),
+            query("a.b.wild.example.com.", RecordType::A, None),
+            dnssec,
+            mixed_case,
+        ];
+        for p in &fast {
+            let quick = r
+                .answer_fast(p)
+                .expect("a plain mesh query takes the fast path");
+            let Step::Reply(general) = r.begin_general(p, Transport::Udp, None) else {
+                panic!("a reply")
+            };
+            let (a, b) = (
+                Message::from_vec(&quick).unwrap(),
+                Message::from_vec(&general).unwrap(),
+            );
+            assert_eq!(a.to_vec().unwrap(), b.to_vec().unwrap(), "{a:?}\n{b:?}");
+        }
+        // The rest goes the long way: a short name (CNAME chain), too big for 512 bytes,
+        // another type, an unknown name, an EDNS version above 0.
+        let mut badvers = query("web.shop.svc.cluster.local.", RecordType::A, Some(1232));
+        let version = badvers.len() - 5;
+        badvers[version] = 1;
+        for p in [
+            query("web.", RecordType::A, None),
+            query("big.example.com.", RecordType::A, None),
+            query("web.shop.svc.cluster.local.", RecordType::TXT, None),
+            query("example.org.", RecordType::A, None),
+            badvers,
+        ] {
+            assert!(r.answer_fast(&p).is_none(), "{:?}", Message::from_vec(&p));
+        }
+    }
+
+    #[test]
+    fn a_cache_hit_on_the_fast_path_is_the_general_paths_answer() {
+        let r = resolver(&[("web.shop.svc.cluster.local", vec!["10.96.0.1"])], true);
+        let now = Instant::now();
+        let owner = Name::from_ascii("www.example.org.").unwrap();
+        let target = Name::from_ascii("edge.example.net.").unwrap();
+        let mut upstream = Message::response(1, OpCode::Query);
+        upstream.metadata.authentic_data = true;
+        upstream.answers = vec![
+            Record::from_rdata(owner.clone(), 300, RData::CNAME(CNAME(target.clone()))),
+            Record::from_rdata(target.clone(), 60, RData::A(A::new(192, 0, 2, 1))),
+            Record::from_rdata(target, 60, RData::A(A::new(192, 0, 2, 2))),
+        ];
+        for dnssec_ok in [false, true] {
+            let key = CacheKey {
+                name: "www.example.org".into(),
+                qtype: RecordType::A,
+                qclass: DNSClass::IN,
+                dnssec_ok,
+            };
+            r.cache().insert(key, &upstream, now).unwrap();
+        }
+        let mut with_do = query("www.example.org.", RecordType::A, Some(1232));
+        let flags = with_do.len() - 4;
+        with_do[flags] |= 0x80;
+        for p in [
+            query("www.example.org.", RecordType::A, None),
+            query("WWW.Example.org.", RecordType::A, Some(4096)),
+            with_do,
+        ] {
+            let quick = r
+                .answer_fast(&p)
+                .expect("a cached name takes the fast path");
+            let Step::Reply(general) = r.begin_general(&p, Transport::Udp, None) else {
+                panic!("a reply")
+            };
+            let (a, b) = (
+                Message::from_vec(&quick).unwrap(),
+                Message::from_vec(&general).unwrap(),
+            );
+            // The same but for the case of the owner names: the fast path's point to the
+            // question as the client spelled it, the general path's are as cached.
+            let lower = |m: &Message| {
+                let mut m = m.clone();
+                m.queries
+                    .iter_mut()
+                    .for_each(|q| q.name = q.name.to_lowercase());
+                m.answers
+                    .iter_mut()
+                    .for_each(|r| r.name = r.name.to_lowercase());
+                m.to_vec().unwrap()
+            };
+            assert_eq!(lower(&a), lower(&b), "{a:?}\n{b:?}");
+            assert!(a.metadata.authentic_data);
+            assert_eq!(a.answers.len(), 3);
+        }
+        // Not cached: the general path (which forwards).
+        assert!(r
+            .answer_fast(&query("other.example.org.", RecordType::A, None))
+            .is_none());
+        // The service domain never comes from the cache.
+        assert!(r
+            .answer_fast(&query("gone.shop.svc.cluster.local.", RecordType::A, None))
+            .is_none());
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use isthmus_dns::DnsHandle;
 use isthmus_proto::subscription::SyncState;
-use isthmus_tests::harness::dns::{dead_upstream, dig, proxy_config, require, Unbound};
+use isthmus_tests::harness::dns::{a_query, dead_upstream, dig, proxy_config, require, Unbound};
 use isthmus_tests::{eventually, http_get, metric, yaml, TestRegistry, NETWORK};
 use tokio::sync::watch;
 
@@ -670,18 +670,6 @@ async fn allocated_vips_are_answered_distinct_and_stable_across_a_registry_resta
     s.stop().await;
 }
 
-/// An A query for `name` with `id`, as raw bytes.
-fn a_query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_its_rate_limit_is_refused_and_others_are_not() {
     let s = Setup::start(&mesh_catalog(), |c| {
@@ -775,5 +763,279 @@ async fn loopback_clients_are_not_rate_limited_by_default() {
     }
     let limited = metric(&s.metrics().await, "isthmus_dns_rate_limited_total").unwrap_or(0.0);
     assert_eq!(limited, 0.0);
+    s.stop().await;
+}
+
+/// The RCODE of a DNS answer (the low nibble of the fourth header byte).
+fn rcode(answer: &[u8]) -> u8 {
+    answer[3] & 0x0f
+}
+
+/// One query over TCP on `stream` (RFC 7766 framing); the answer's bytes.
+async fn tcp_exchange(
+    stream: &mut tokio::net::TcpStream,
+    query: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut out = (query.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(query);
+    stream.write_all(&out).await?;
+    let len = stream.read_u16().await?;
+    let mut answer = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut answer).await?;
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_names_are_answered_as_soon_as_the_handle_says_synced() {
+    // A catalog large enough that building the name table takes a while after the registry's
+    // view has arrived: the handle must not say synced before the table answers from it.
+    let mut catalog = mesh_catalog();
+    let services: Vec<String> = (0..2000)
+        .map(|i| {
+            service_entry(
+                &format!("bulk-{i}"),
+                "shop",
+                &[&format!("bulk-{i}.shop.svc.cluster.local")],
+                &[&format!("10.97.{}.{}", i / 250, i % 250 + 1)],
+                "  resolution: STATIC\n",
+            )
+        })
+        .collect();
+    catalog.push(("bulk.yaml", yaml::docs(&services)));
+    let s = Setup::start(&catalog, |c| c.upstreams = vec![dead_upstream()]).await;
+    s.synced().await;
+    let local = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    local.connect(s.addr()).await.unwrap();
+    let mut buf = [0u8; 512];
+    for (id, name) in [
+        "reviews.shop.svc.cluster.local",
+        "bulk-1999.shop.svc.cluster.local",
+    ]
+    .iter()
+    .enumerate()
+    {
+        local.send(&a_query(id as u16, name)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), local.recv(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(
+            rcode(&buf),
+            0,
+            "{name}: NOERROR once the handle says synced"
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_one_client_flooding_unique_names_to_a_silent_upstream_leaves_slots_for_others() {
+    // An upstream that never answers: every forwarded query holds its slot until the
+    // timeout, the worst case for the shared upstream slots.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let s = Setup::start(&mesh_catalog(), |c| {
+        c.upstreams = vec![silent.local_addr().unwrap()];
+        c.query_timeout = Duration::from_secs(2);
+        c.max_inflight = 16;
+        c.max_inflight_per_client = 4;
+    })
+    .await;
+    s.synced().await;
+    // The flooder (not rate-limited: loopback) asks 50 unique names at once.
+    let flood = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    flood.connect(s.addr()).await.unwrap();
+    for id in 0..50u16 {
+        flood
+            .send(&a_query(id, &format!("n{id}.flood.example")))
+            .await
+            .unwrap();
+    }
+    let mut buf = [0u8; 512];
+    let mut refused = 0;
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(500), flood.recv(&mut buf)).await
+    {
+        assert_eq!(
+            rcode(&buf),
+            5,
+            "only the queries beyond its share are answered now"
+        );
+        refused += 1;
+    }
+    assert_eq!(refused, 46, "all but its share of 4 are refused at once");
+
+    // Three other clients still get upstream slots: their queries are forwarded (and fail
+    // with SERVFAIL once the silent upstream's time is up), never REFUSED.
+    let mut others = Vec::new();
+    for (i, last) in [3u8, 4, 5].into_iter().enumerate() {
+        let c = tokio::net::UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, last), 0))
+            .await
+            .unwrap();
+        c.connect(s.addr()).await.unwrap();
+        c.send(&a_query(100 + i as u16, &format!("other-{last}.example")))
+            .await
+            .unwrap();
+        others.push(c);
+    }
+    for c in &others {
+        tokio::time::timeout(Duration::from_secs(10), c.recv(&mut buf))
+            .await
+            .expect("the other client is answered")
+            .unwrap();
+        assert_eq!(
+            rcode(&buf),
+            2,
+            "forwarded (SERVFAIL from the silent upstream), not REFUSED"
+        );
+    }
+    // Meanwhile mesh names are answered to anyone, the flooder included.
+    flood
+        .send(&a_query(999, "reviews.shop.svc.cluster.local"))
+        .await
+        .unwrap();
+    // (Its four forwarded queries' SERVFAILs may arrive first.)
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            flood.recv(&mut buf).await.unwrap();
+            if buf[..2] == 999u16.to_be_bytes() {
+                return rcode(&buf);
+            }
+        }
+    })
+    .await
+    .expect("the flooder's mesh query is answered");
+    assert_eq!(answered, 0);
+
+    let text = s.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "isthmus_dns_shed_total{reason=\"upstream_client_share\"}"
+        ),
+        Some(46.0),
+        "every refusal is counted by its reason"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "isthmus_dns_shed_total{reason=\"upstream_slots_full\"}"
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_idle_tcp_connections_cannot_lock_out_a_tcp_client() {
+    let s = Setup::start(&mesh_catalog(), |c| {
+        c.upstreams = vec![dead_upstream()];
+        c.max_tcp_connections = 8;
+    })
+    .await;
+    s.synced().await;
+    // 40 connections that never send anything: five times the slots.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(s.addr()).await.unwrap());
+    }
+    let closed = eventually(Duration::from_secs(10), || async {
+        let n = metric(
+            &s.metrics().await,
+            "isthmus_dns_shed_total{reason=\"tcp_idle_closed\"}",
+        )
+        .unwrap_or(0.0);
+        (n >= 32.0).then_some(n)
+    })
+    .await;
+    assert_eq!(
+        closed,
+        Some(32.0),
+        "the oldest idle ones made room, one per newcomer"
+    );
+    // The first connection, idle the longest, was closed.
+    let mut first = idle.remove(0);
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut first, &mut byte),
+    )
+    .await
+    .expect("the oldest idle connection is closed, not left hanging");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+    // A real client over TCP is served, several queries on one connection.
+    let mut client = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    for id in 0..3u16 {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            tcp_exchange(&mut client, &a_query(id, "reviews.shop.svc.cluster.local")),
+        )
+        .await
+        .expect("answered over TCP")
+        .expect("not reset");
+        assert_eq!(rcode(&answer), 0);
+        assert_eq!(&answer[..2], &id.to_be_bytes());
+    }
+    assert!(
+        metric(&s.metrics().await, "isthmus_dns_tcp_connections").unwrap_or(0.0) <= 10.0,
+        "the open connections stay near the limit"
+    );
+    s.stop().await;
+}
+
+/// Sends `packet` over UDP and expects an answer with its ID and `expected` RCODE, then a
+/// mesh name still answered: the proxy refused the bad input clearly and keeps serving.
+async fn answered_with_then_serving(s: &Setup, packet: &[u8], expected: u8) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(s.addr()).await.unwrap();
+    sock.send(packet).await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("the bad query is answered, not dropped")
+        .unwrap();
+    assert!(n >= 12);
+    assert_eq!(&buf[..2], &packet[..2], "the answer carries the query's ID");
+    assert_eq!(rcode(&buf), expected);
+    sock.send(&a_query(77, "reviews.shop.svc.cluster.local"))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf))
+        .await
+        .expect("still serving")
+        .unwrap();
+    assert_eq!((&buf[..2], rcode(&buf)), (&77u16.to_be_bytes()[..], 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_an_edns_record_longer_than_the_packet_is_formerr() {
+    let s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![dead_upstream()]).await;
+    s.synced().await;
+    let mut q = a_query(41, "reviews.shop.svc.cluster.local");
+    q[11] = 1; // one additional record: an OPT claiming 32 bytes of options it lacks
+    q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 32]);
+    answered_with_then_serving(&s, &q, 1).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_a_name_longer_than_255_bytes_is_formerr() {
+    let s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![dead_upstream()]).await;
+    s.synced().await;
+    let label = "a".repeat(63);
+    let long = [label.as_str(); 5].join(".");
+    answered_with_then_serving(&s, &a_query(42, &long), 1).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_an_opcode_other_than_query_is_notimp() {
+    let s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![dead_upstream()]).await;
+    s.synced().await;
+    let mut q = a_query(43, "reviews.shop.svc.cluster.local");
+    q[2] |= 4 << 3; // NOTIFY
+    answered_with_then_serving(&s, &q, 4).await;
     s.stop().await;
 }

@@ -57,9 +57,12 @@ fn watch_client(config: &Config) -> anyhow::Result<WatchClient> {
 }
 
 /// Rebuilds the name table whenever the catalog publishes a new view, and keeps the catalog
-/// metrics current; `ready` is reported once a confirmed view is in the table.
+/// metrics current; `ready` is reported once a confirmed view is in the table. Every state
+/// is passed on to `answering` only once the table built from it is in place: whoever waits
+/// there for a synced catalog (the handle's `sync`) is never answered from an older table.
 pub(super) async fn follow_names(
     sync: watch::Receiver<Arc<SyncState>>,
+    answering: watch::Sender<Arc<SyncState>>,
     names: Arc<ArcSwap<NameTable>>,
     locale: Locale,
     metrics: Arc<Metrics>,
@@ -86,6 +89,11 @@ pub(super) async fn follow_names(
             }
         }
         metrics.catalog.observe(&state);
+        answering.send_if_modified(|current| {
+            let changed = !Arc::ptr_eq(current, &state);
+            *current = state;
+            changed
+        });
         std::future::ready(())
     };
     subscription::follow(sync, shutdown, Some(CATALOG_METRICS_TICK), turn).await;

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::server::{self, Resolver, TcpLimits};
+use crate::udp;
 
 /// How many times a kernel-chosen port is tried for a port free for both UDP and TCP.
 const DNS_PORT_ATTEMPTS: usize = 16;
@@ -68,7 +69,7 @@ pub(super) fn serve(
     for _ in 0..workers {
         accepting.spawn(
             "dns udp worker",
-            server::serve_udp(udp.clone(), resolver.clone(), shutdown.clone()),
+            udp::serve(udp.clone(), resolver.clone(), shutdown.clone()),
         );
     }
     accepting.spawn(

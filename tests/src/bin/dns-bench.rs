@@ -7,14 +7,20 @@
 //!   caches the answers; every cache is warmed with one pass over the names first, so the
 //!   measurement is of cache hits, and the upstream's CPU during it is printed to show that;
 //! - both name sets again at a fixed 20,000 queries per second (`dnsperf -Q`), for average
-//!   and maximum latency at equal load rather than at saturation.
+//!   and maximum latency at equal load rather than at saturation;
+//! - a flood from another address: dnsperf in a network namespace sends mesh names far over
+//!   the per-client rate limit (10,000/s for isthmus-dns by default; unbound given the same
+//!   `ip-ratelimit`) while a client on loopback asks one name at a time, as `dig` does; its
+//!   latency is printed quiet and during the flood (needs root; skipped otherwise, or with
+//!   `--flood-seconds 0`).
 //!
 //! Each server is pinned to one core with `taskset` and dnsperf (and the upstream) to
 //! another, so the servers are compared on equal CPU; the figures are ratios measured side
 //! by side, not absolutes. The maximum latency is a single worst sample and is noisy.
 //!
 //! Run: `cargo build --release -p isthmus-dns -p isthmus-tests && target/release/dns-bench
-//! [--names 1000] [--seconds 10] [--rate 20000] [--server-cpu 1] [--client-cpu 0]`
+//! [--names 1000] [--seconds 10] [--rate 20000] [--server-cpu 1] [--client-cpu 0]
+//! [--flood-seconds 10] [--flood-rate 50000]`
 //!
 //! Needs `dnsperf`, `unbound`, `dnsmasq` and `taskset` (Debian: dnsperf, unbound, dnsmasq,
 //! util-linux). isthmus-dns runs as its own process (the binary next to this one), fed by a
@@ -27,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_tests::bench::arg;
-use isthmus_tests::harness::dns::{dig_at, free_port, have};
+use isthmus_tests::harness::dns::{a_query, dig_at, free_port, have};
+use isthmus_tests::harness::netns::{Net, Topology};
 use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::{yaml, TestRegistry, TRUST_DOMAIN};
 
@@ -183,7 +190,11 @@ fn dnsperf(addr: SocketAddr, queries: &Path, cpu: &str, args: &[String]) -> anyh
         .args(args)
         .output()
         .context("running dnsperf")?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    parse_dnsperf(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// dnsperf's summary: rate, latency, lost queries and response codes.
+fn parse_dnsperf(text: &str) -> anyhow::Result<Perf> {
     let field = |label: &str| -> Option<String> {
         text.lines()
             .find(|l| l.trim_start().starts_with(label))
@@ -368,12 +379,276 @@ fn exe_dir() -> anyhow::Result<PathBuf> {
         .to_path_buf())
 }
 
+const LOOPBACK: [u8; 4] = [127, 0, 0, 1];
+const ANY: [u8; 4] = [0, 0, 0, 0];
+
+/// One query at a time from loopback, as `dig` asks, every 10 ms for `how_long`: the time
+/// each took, and how many got no answer within a second.
+#[derive(Default)]
+struct Probe {
+    samples: Vec<Duration>,
+    lost: usize,
+}
+
+impl Probe {
+    fn run(addr: SocketAddr, name: &str, how_long: Duration) -> anyhow::Result<Probe> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut p = Probe::default();
+        let mut buf = [0u8; 512];
+        let end = Instant::now() + how_long;
+        let mut id = 0u16;
+        while Instant::now() < end {
+            id = id.wrapping_add(1);
+            let started = Instant::now();
+            socket.send(&a_query(id, name))?;
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(n) if n >= 12 && buf[..2] == id.to_be_bytes() => {
+                        p.samples.push(started.elapsed());
+                        break;
+                    }
+                    // A late answer to an earlier query.
+                    Ok(_) => continue,
+                    Err(_) => {
+                        p.lost += 1;
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        p.samples.sort();
+        Ok(p)
+    }
+
+    /// The `q`-quantile in milliseconds.
+    fn ms(&self, q: f64) -> f64 {
+        if self.samples.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.samples.len() - 1) as f64 * q).round() as usize;
+        self.samples[i].as_secs_f64() * 1000.0
+    }
+}
+
+/// What one server did during the flood.
+struct FloodRun {
+    quiet: Probe,
+    during: Probe,
+    flooder: Perf,
+}
+
+/// `dnsperf` at `rate` QPS of mesh names from network namespace A (198.18.N.10, not
+/// loopback, so rate-limited) against `server`, while a loopback client probes it.
+fn flood_run(
+    server: &Server,
+    topo: &Topology,
+    queries: &Path,
+    seconds: u64,
+    rate: u64,
+    cpu: &str,
+    probe: &str,
+) -> anyhow::Result<FloodRun> {
+    let quiet = Probe::run(server.addr, probe, Duration::from_secs(2))?;
+    let mut cmd = topo.netns(Net::A).command("taskset");
+    cmd.args(["-c", cpu, "dnsperf", "-s"])
+        .arg(topo.host_addr().to_string())
+        .arg("-p")
+        .arg(server.addr.port().to_string())
+        .arg("-d")
+        .arg(queries)
+        .args(dnsperf_args(seconds, Load::Rate(rate)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let flooder = topo
+        .spawn(cmd)
+        .context("starting dnsperf in the namespace")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let during = Probe::run(server.addr, probe, Duration::from_secs(seconds - 2))?;
+    flooder
+        .wait_timeout(Duration::from_secs(seconds + 10))
+        .context("dnsperf did not finish")?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flooder.take_stdout().context("dnsperf's output")?,
+        &mut text,
+    )?;
+    Ok(FloodRun {
+        quiet,
+        during,
+        flooder: parse_dnsperf(&text)?,
+    })
+}
+
+/// A loopback client's latency while another address floods: isthmus-dns with its default
+/// per-client limit beside unbound with the same `ip-ratelimit`.
+fn flood(
+    servers: &Servers,
+    queries: &Path,
+    seconds: u64,
+    rate: u64,
+    cpu: &str,
+) -> anyhow::Result<()> {
+    let Some(topo) = Topology::create("dns-bench") else {
+        println!(
+            "
+(no flood: network namespaces need root and `ip`)"
+        );
+        return Ok(());
+    };
+    let mut runs = Vec::new();
+    let s = servers.isthmus(ANY, &[])?;
+    runs.push((
+        "isthmus-dns",
+        flood_run(&s, &topo, queries, seconds, rate, cpu, servers.probe)?,
+    ));
+    drop(s);
+    let s = servers.unbound(
+        ANY,
+        "  access-control: 198.18.0.0/16 allow\n  ip-ratelimit: 10000\n",
+    )?;
+    runs.push((
+        "unbound",
+        flood_run(&s, &topo, queries, seconds, rate, cpu, servers.probe)?,
+    ));
+    drop(s);
+    println!(
+        "\n## A loopback client asking one name at a time (as dig does) while {} floods {rate} QPS for {seconds}s",
+        topo.netns(Net::A).name()
+    );
+    println!("limits: isthmus-dns its default (10,000/s per client, burst 20,000; loopback exempt), unbound ip-ratelimit: 10000");
+    println!(
+        "{:<12} {:>11} {:>11} {:>11} {:>11} {:>11} {:>6} {:>14} {:>20}  flooder's answers",
+        "server",
+        "quiet p50",
+        "quiet p99",
+        "flood p50",
+        "flood p99",
+        "flood max",
+        "lost",
+        "flooder QPS",
+        "flooder lost"
+    );
+    for (label, r) in &runs {
+        println!(
+            "{label:<12} {:>8.3} ms {:>8.3} ms {:>8.3} ms {:>8.3} ms {:>8.3} ms {:>6} {:>14.0} {:>20}  {}",
+            r.quiet.ms(0.5),
+            r.quiet.ms(0.99),
+            r.during.ms(0.5),
+            r.during.ms(0.99),
+            r.during.ms(1.0),
+            r.during.lost,
+            r.flooder.qps,
+            r.flooder.lost,
+            r.flooder.rcodes
+        );
+    }
+    let (a, b) = (&runs[0].1.during, &runs[1].1.during);
+    println!(
+        "isthmus-dns / unbound during the flood: p50 x{:.2}, p99 x{:.2}",
+        ratio(a.ms(0.5), b.ms(0.5)),
+        ratio(a.ms(0.99), b.ms(0.99))
+    );
+    Ok(())
+}
+
+/// What starting a measured server takes.
+struct Servers<'a> {
+    dir: &'a Path,
+    names: usize,
+    cpu: &'a str,
+    isthmus_bin: &'a Path,
+    registry: SocketAddr,
+    cert_dir: &'a Path,
+    /// The port of the common upstream on loopback.
+    upstream: u16,
+    /// A mesh name, asked until the server answers it.
+    probe: &'a str,
+}
+
+impl Servers<'_> {
+    /// isthmus-dns on `listen` (its admin port on loopback), with `extra` flags.
+    fn isthmus(&self, listen: [u8; 4], extra: &[&str]) -> anyhow::Result<Server> {
+        let port = free_port();
+        let mut c = pinned(self.cpu, self.isthmus_bin.to_str().context("path")?);
+        c.args([
+            "--listen",
+            &format!("{}:{port}", std::net::Ipv4Addr::from(listen)),
+        ])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--registry", &self.registry.to_string()])
+        .arg("--root")
+        .arg(self.cert_dir.join("root-cert.pem"))
+        .arg("--cert-dir")
+        .arg(self.cert_dir)
+        .args(["--trust-domain", TRUST_DOMAIN])
+        .args(["--network", isthmus_tests::NETWORK])
+        .args(["--cluster", isthmus_tests::CLUSTER])
+        .args(["--upstream", &format!("127.0.0.1:{}", self.upstream)])
+        .args(["--udp-workers", "1"])
+        .args(extra)
+        .env("RUST_LOG", "warn");
+        let mut s = Server {
+            label: "isthmus-dns",
+            child: ServerProcess::new(c.spawn().context("starting isthmus-dns")?),
+            addr: SocketAddr::from((LOOPBACK, port)),
+        };
+        wait_answering(&mut s, self.probe)?;
+        Ok(s)
+    }
+
+    /// unbound with local-data on `listen`, forwarding `fwd.test.` to the upstream, with
+    /// `extra` lines in its `server:` section.
+    fn unbound(&self, listen: [u8; 4], extra: &str) -> anyhow::Result<Server> {
+        let port = free_port();
+        let mut conf = unbound_conf(self.dir, "unbound", port).replace(
+            "interface: 127.0.0.1@",
+            &format!("interface: {}@", std::net::Ipv4Addr::from(listen)),
+        );
+        // Everything is local except `fwd.test.`, which falls through to the forward zone;
+        // the upstream is on loopback, which unbound refuses to query by default.
+        conf.push_str("  local-zone: \".\" static\n  local-zone: \"cluster.local.\" static\n  local-zone: \"fwd.test.\" transparent\n  do-not-query-localhost: no\n");
+        conf.push_str(extra);
+        for i in 0..self.names {
+            conf.push_str(&format!(
+                "  local-data: '{}. 30 IN A {}'\n",
+                name(i),
+                address(i)
+            ));
+        }
+        conf.push_str(&format!(
+            "forward-zone:\n  name: \"fwd.test.\"\n  forward-addr: 127.0.0.1@{}\nremote-control:\n  control-enable: no\n",
+            self.upstream
+        ));
+        let path = self.dir.join("unbound.conf");
+        std::fs::write(&path, conf)?;
+        let mut c = pinned(self.cpu, "unbound");
+        c.arg("-d").arg("-c").arg(&path);
+        let mut s = Server {
+            label: "unbound",
+            child: ServerProcess::new(c.spawn().context("starting unbound")?),
+            addr: SocketAddr::from((LOOPBACK, port)),
+        };
+        wait_answering(&mut s, self.probe)?;
+        Ok(s)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let names: usize = arg("--names", "1000").parse()?;
     let seconds: u64 = arg("--seconds", "10").parse()?;
     let rate: u64 = arg("--rate", "20000").parse()?;
     let server_cpu = arg("--server-cpu", "1");
     let client_cpu = arg("--client-cpu", "0");
+    let flood_seconds: u64 = arg("--flood-seconds", "10").parse()?;
+    let flood_rate: u64 = arg("--flood-rate", "50000").parse()?;
+    anyhow::ensure!(
+        flood_seconds == 0 || flood_seconds >= 4,
+        "--flood-seconds must be 0 (no flood) or at least 4"
+    );
     for p in ["dnsperf", "unbound", "dnsmasq", "taskset", "dig"] {
         anyhow::ensure!(have(p), "{p} is not installed");
     }
@@ -468,65 +743,26 @@ fn main() -> anyhow::Result<()> {
     };
     let mut results: Vec<(&'static str, Runs)> = Vec::new();
 
-    // isthmus-dns.
-    {
-        let port = free_port();
-        let mut c = pinned(&server_cpu, isthmus_bin.to_str().context("path")?);
-        c.args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
-            .args(["--registry", &reg.grpc_addr().to_string()])
-            .arg("--root")
-            .arg(cert_dir.join("root-cert.pem"))
-            .arg("--cert-dir")
-            .arg(&cert_dir)
-            .args(["--trust-domain", TRUST_DOMAIN])
-            .args(["--network", isthmus_tests::NETWORK])
-            .args(["--cluster", isthmus_tests::CLUSTER])
-            .args(["--upstream", &format!("127.0.0.1:{up}")])
-            .args(["--udp-workers", "1"])
-            // dnsperf is one client sending far above any application's rate; the peers
-            // have no per-client limit by default (unbound's ip-ratelimit is 0), so neither
-            // does the server measured beside them.
-            .args(["--client-rate-limit", "0"])
-            .env("RUST_LOG", "warn");
-        let mut s = Server {
-            label: "isthmus-dns",
-            child: ServerProcess::new(c.spawn().context("starting isthmus-dns")?),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        wait_answering(&mut s, &probe)?;
-        results.push(("isthmus-dns", bench.run(&mut s)?));
-    }
+    let servers = Servers {
+        dir: dir.path(),
+        names,
+        cpu: &server_cpu,
+        isthmus_bin: &isthmus_bin,
+        registry: reg.grpc_addr(),
+        cert_dir: &cert_dir,
+        upstream: up,
+        probe: &probe,
+    };
+    // dnsperf is one client sending far above any application's rate; the peers have no
+    // per-client limit by default (unbound's ip-ratelimit is 0), so neither does the
+    // server measured beside them.
+    let mut s = servers.isthmus(LOOPBACK, &["--client-rate-limit", "0"])?;
+    results.push(("isthmus-dns", bench.run(&mut s)?));
+    drop(s);
 
-    // unbound with local-data, forwarding `fwd.test.` to the upstream.
-    {
-        let port = free_port();
-        let mut conf = unbound_conf(dir.path(), "unbound", port);
-        // Everything is local except `fwd.test.`, which falls through to the forward zone;
-        // the upstream is on loopback, which unbound refuses to query by default.
-        conf.push_str("  local-zone: \".\" static\n  local-zone: \"cluster.local.\" static\n  local-zone: \"fwd.test.\" transparent\n  do-not-query-localhost: no\n");
-        for i in 0..names {
-            conf.push_str(&format!(
-                "  local-data: '{}. 30 IN A {}'\n",
-                name(i),
-                address(i)
-            ));
-        }
-        conf.push_str(&format!(
-            "forward-zone:\n  name: \"fwd.test.\"\n  forward-addr: 127.0.0.1@{up}\nremote-control:\n  control-enable: no\n"
-        ));
-        let path = dir.path().join("unbound.conf");
-        std::fs::write(&path, conf)?;
-        let mut c = pinned(&server_cpu, "unbound");
-        c.arg("-d").arg("-c").arg(&path);
-        let mut s = Server {
-            label: "unbound",
-            child: ServerProcess::new(c.spawn().context("starting unbound")?),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        wait_answering(&mut s, &probe)?;
-        results.push(("unbound", bench.run(&mut s)?));
-    }
+    let mut s = servers.unbound(LOOPBACK, "")?;
+    results.push(("unbound", bench.run(&mut s)?));
+    drop(s);
 
     // dnsmasq with a hosts file, forwarding `fwd.test` to the upstream.
     {
@@ -573,6 +809,9 @@ fn main() -> anyhow::Result<()> {
             "  {label:<12} {:.0} ms",
             r.upstream_cpu.as_secs_f64() * 1000.0
         );
+    }
+    if flood_seconds > 0 {
+        flood(&servers, &queries, flood_seconds, flood_rate, &client_cpu)?;
     }
     drop(upstream);
     rt.block_on(async {

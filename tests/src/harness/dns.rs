@@ -120,6 +120,19 @@ impl Unbound {
     }
 }
 
+/// An A query (class IN, recursion desired) for `name` with `id`, as raw bytes: what a
+/// test or a benchmark sends when it reads the answer's header itself.
+pub fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
 /// What `dig` printed, in the parts tests look at.
 #[derive(Debug, Clone)]
 pub struct Dig {
