@@ -6,7 +6,7 @@
 //!
 //! - `passthrough`: the SNI passthrough listener (15443): reads the ClientHello with the
 //!   core's `client_hello` reader, routes on the SNI key, connects through the core's
-//!   `upstream` and relays with the core's copy loop (`relay::relay_tcp`).
+//!   `upstream` and relays with the core's `splice(2)` relay (`relay::relay_tcp_metered`).
 //! - `config`: the gateway's settings, their defaults (its own; the core's for what the
 //!   core does) and the one-pass check that reports every problem.
 //! - `app`: the wiring, as phases: bind, credentials, catalog, data path, admin, health; it

@@ -2,8 +2,8 @@
 //! client's ClientHello without terminating TLS, routes on the SNI key
 //! `outbound_.<port>_.<subset>_.<hostname>` to a healthy local endpoint of that service,
 //! replays the bytes it read and relays both directions until both sides close (the proxy
-//! core's copy loop, `relay::relay_metered`, counting Istio's bytes as it goes). The mTLS session is the client's and the
-//! endpoint's: the gateway holds no key for it.
+//! core's `splice(2)` relay, `relay::relay_tcp_metered`, counting Istio's bytes as it goes).
+//! The mTLS session is the client's and the endpoint's: the gateway holds no key for it.
 //!
 //! A connection that is not TLS, has no SNI, names something that is not a mesh key, or a
 //! service this network does not export, is closed at once and counted by reason; one that
@@ -186,7 +186,7 @@ async fn connect_and_relay(
         .istio
         .open(istio_labels(p, dest, Some(&up.target.uid)));
     report.add_received(hello.len() as u64);
-    let relayed = relay::relay_metered(tcp, up.stream, report.meter());
+    let relayed = relay::relay_tcp_metered(tcp, up.stream, report.meter());
     let result = finish_relay(rec, p.tracker.closing(), relayed).await;
     drop(up.lease);
     result

@@ -297,6 +297,7 @@ pub async fn finish_relay(
             return ConnResult::drained;
         }
     };
+    rec.relay = Some(outcome.method.as_str());
     rec.bytes_to_upstream += outcome.transferred.client_to_upstream;
     rec.bytes_from_upstream += outcome.transferred.upstream_to_client;
     match outcome.error {
@@ -324,6 +325,8 @@ pub struct AccessRecord {
     pub peer_identity: Option<String>,
     pub bytes_to_upstream: u64,
     pub bytes_from_upstream: u64,
+    /// How the bytes moved (`splice` or `copy`), once a relay has ended.
+    pub relay: Option<&'static str>,
     pub result: &'static str,
     pub error: Option<String>,
 }
@@ -340,6 +343,7 @@ pub struct ConnectionSummary {
     pub peer_identity: Option<String>,
     pub bytes_to_upstream: u64,
     pub bytes_from_upstream: u64,
+    pub relay: Option<&'static str>,
     pub duration_ms: f64,
     pub result: &'static str,
     pub error: Option<String>,
@@ -359,6 +363,7 @@ impl AccessRecord {
             peer_identity: self.peer_identity.clone(),
             bytes_to_upstream: self.bytes_to_upstream,
             bytes_from_upstream: self.bytes_from_upstream,
+            relay: self.relay,
             duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             result: self.result,
             error: self.error.clone(),
@@ -380,6 +385,7 @@ impl AccessRecord {
             peer_identity: None,
             bytes_to_upstream: 0,
             bytes_from_upstream: 0,
+            relay: None,
             result: "",
             error: None,
         }
@@ -402,6 +408,7 @@ impl AccessRecord {
             peer = self.peer_identity.as_deref().unwrap_or("-"),
             bytes_to_upstream = self.bytes_to_upstream,
             bytes_from_upstream = self.bytes_from_upstream,
+            relay = self.relay.unwrap_or("-"),
             duration_ms = %format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1000.0),
             result = self.result,
             error = self.error.as_deref().unwrap_or("-"),

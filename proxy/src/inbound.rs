@@ -485,7 +485,7 @@ async fn relay(
         match down {
             Downstream::Tls(tls) => crate::relay::relay_metered(*tls, up, report.meter()).await,
             Downstream::Plaintext(tcp) => {
-                crate::relay::relay_metered(tcp, up, report.meter()).await
+                crate::relay::relay_tcp_metered(tcp, up, report.meter()).await
             }
         }
     };

@@ -9,9 +9,9 @@
 //!   changes; `balancer`: endpoint selection (locality, round robin or least connections,
 //!   outlier ejection), pure logic in simulated time; `upstream`: connecting with a timeout,
 //!   retry on another endpoint and outlier reporting.
-//! - `relay`: moving bytes both ways until both sides close. Every listener uses the copy
-//!   loop (its buffer grows from 8 KiB to 256 KiB); a `splice(2)` relay is there and
-//!   measured, but not on the data path (the relay's module docs say why).
+//! - `relay`: moving bytes both ways until both sides close: `splice(2)` between two TCP
+//!   sockets, a copy loop (its buffer grows from 8 KiB to 256 KiB) where one side is a TLS
+//!   session in this process.
 //! - `connection`: the accept loop every listener shares, the tracker that drain waits on,
 //!   and the access log.
 //! - `client_hello`: reads the server name from a client's first bytes without terminating

@@ -3,39 +3,63 @@
 //! ways until both directions have ended, respecting half-close: when one side sends FIN the
 //! other side's write half is shut down and the opposite direction goes on until it ends too.
 //!
-//! Two implementations:
+//! Two implementations, chosen by what the two sides are:
 //!
-//! - [`relay`] (and [`relay_tcp`], the same for two TCP sockets): a copy loop whose buffer
+//! - [`relay_tcp`] (and its counting forms), for two TCP sockets: on Linux `splice(2)`
+//!   through a pipe per direction, so the payload never enters user space (socket → pipe →
+//!   socket, pages moved, not copied). A direction holds its pipe only while bytes move (idle
+//!   connections hold none), and it is driven by tokio readiness, one task for both
+//!   directions. The gateway's SNI passthrough, the agent's plain-TCP passthrough and the
+//!   inbound listener's permissive plaintext use it. Elsewhere it is the copy loop.
+//! - [`relay`] (and its counting forms), for any two byte streams: a copy loop whose buffer
 //!   starts small, so that idle and chatty connections stay cheap, and doubles while reads
-//!   fill it, so that bulk transfers move in large chunks. Every listener uses it.
-//! - [`relay_splice`], Linux only: `splice(2)` through a pipe per direction, so the payload
-//!   never enters user space (socket → pipe → socket, pages moved, not copied). A direction
-//!   holds its pipe only while bytes move (idle connections hold none), and it is driven by
-//!   tokio readiness, one task for both directions. It measures faster (below), but the
-//!   gateway does not use it yet: a bulk transfer echoed through the gateway in the topology
-//!   test (512 KiB each way, written while it is read back) stalled in some runs. The same
-//!   stall showed with the copy loop and with tokio's `copy_bidirectional`, so it is
-//!   probably not the relay's, but until it is explained splice stays off the data path;
-//!   `relay-bench` keeps measuring both.
+//!   fill it, so that bulk transfers move in large chunks. Wherever one side is a TLS session
+//!   held in this process (the inbound listener, the agent's outbound) the bytes must pass
+//!   through user space to be sealed or opened, so this is the one used there.
 //!
-//! Both return what they moved even when the relay ended with an error, and can count into
-//! [`LiveBytes`] as they go, so metrics see long-lived connections before they end.
-//! An error on either side (a reset, a failed write) ends both directions; the streams are
-//! closed when the relay returns.
+//! Both return what they moved, and how ([`RelayMethod`], which the access log and
+//! `/debug/connections` show), even when the relay ended with an error, and count into a
+//! [`Meter`] as they go, so metrics see long-lived connections before they end. An error on
+//! either side (a reset, a failed write) ends both directions; the streams are closed when
+//! the relay returns. Both pass the same tests (bytes exact, half-close, resets, live
+//! counters).
+//!
+//! A stall once kept splice off the data path: a bulk transfer echoed through the gateway in
+//! the topology tests stalled in about one run in four, with every relay (splice, the copy
+//! loop, tokio's `copy_bidirectional`). The relays were innocent; the test's client was not.
+//! It wrote its whole 512 KiB before reading any of the echo, and the echo app writes back
+//! before it reads more: once the bytes in flight exceed every buffer on the path (socket
+//! buffers that TCP sizes per connection as it goes, so the limit differs from run to run),
+//! both ends wait for ever. With 100 MiB that pattern stalls with no relay at all (a TLS
+//! client straight to a TLS echo server on loopback: five runs of five) and through the
+//! gateway (four of five; the fifth had buffers large enough). The client that replaced it
+//! read while writing but never flushed, a second way to stall: a TLS `write` returns once
+//! its bytes are sealed into the session's buffer, and when the socket is full at that moment
+//! they stay in the process until the next write, flush or shutdown, so the echo of the last
+//! records never comes (seen through the gateway in one run of five with a small send buffer,
+//! and shown step by step, without timing, by a test). Read while writing and flush before
+//! waiting: the topology test now moves 100 MiB each way through the gateway (spliced) and
+//! the workload's inbound (copied), checked by SHA-256 at both ends.
 //!
 //! The measurement: `relay-bench` (in `isthmus-tests`) pushes 1 GiB at a time through
-//! each relay on loopback, the relay alone on one core. On a two-vCPU virtual machine, two
-//! runs of nine: splice moved 20.0 and 21.2 Gbit/s at 0.22 and 0.21 CPU seconds per GB in the
-//! relay thread (0.56 and 0.55 for the whole machine, sender and sink included); this copy
-//! loop 17.1 and 18.9 Gbit/s at 0.38 and 0.35 (0.63 and 0.60); tokio's
-//! `copy_bidirectional_with_sizes` with 64 KiB buffers 11.4 and 12.1 Gbit/s at 0.66 and 0.60.
-//! A direct connection, no relay: 27–30 Gbit/s. So splice needs about 40% less CPU in the
-//! relay for the same bytes; there the relay's core was half idle, the copy loop's 85% busy.
-//! The price is a little latency on small messages: a 64-byte round trip through the relay
-//! (all on one core) took 30.5 µs at the median with splice, 28.9 µs with the copy loop
-//! (12.4 µs direct), and 47 µs against 44 µs at the 99th percentile. 1 MiB pipes
-//! cost the relay less CPU per GB than 256 KiB and 64 KiB ones; copy buffers of up to 1 MiB
-//! were no faster than up to 256 KiB, which holds less memory per connection.
+//! each relay on loopback, the relay alone on one core, both relays counting into a meter as
+//! the listeners do. On an idle two-vCPU virtual machine, two runs of nine: splice moved 20.0
+//! and 21.2 Gbit/s at 0.22 and 0.21 CPU seconds per GB in the relay thread (0.56 and 0.55
+//! for the whole machine, sender and sink included); the copy loop 17.1 and 18.9 Gbit/s at
+//! 0.38 and 0.35 (0.63 and 0.60); tokio's `copy_bidirectional_with_sizes` with 64 KiB buffers
+//! 11.4 and 12.1 Gbit/s at 0.66 and 0.60. A direct connection, no relay: 27–30 Gbit/s. On the
+//! same machine busy with other work (most of its CPU taken by other processes, so the
+//! throughput figures mean nothing), two runs of five: splice 0.22 and 0.24, the copy loop
+//! 0.39 and 0.37. So splice needs about 40% less CPU in the relay for the same bytes. Nearly
+//! all of what remains is the kernel's: a profile of the relay thread shows TCP input and
+//! output (on loopback the receiving side's processing runs in the sending thread) and
+//! wake-ups; the splice calls themselves move about 220 KiB each, with one `EAGAIN` and one
+//! `epoll_wait` per burst. The price is a little latency on small messages: a 64-byte round
+//! trip through the relay (all on one core) took 30.5 µs at the median with splice, 28.9 µs
+//! with the copy loop (12.4 µs direct) on the idle machine, and 47 µs against 44 µs at the
+//! 99th percentile. 1 MiB pipes cost the relay less CPU per GB than 256 KiB and 64 KiB ones;
+//! copy buffers of up to 1 MiB were no faster than up to 256 KiB, which holds less memory
+//! per connection.
 
 use std::future::poll_fn;
 use std::io;
@@ -53,12 +77,31 @@ pub struct Transferred {
     pub upstream_to_client: u64,
 }
 
+/// How a relay moved its bytes (the access log and `/debug/connections` say which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMethod {
+    /// `splice(2)` through a pipe: the payload stayed in the kernel.
+    Splice,
+    /// Read into a buffer of this process and written out again.
+    Copy,
+}
+
+impl RelayMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayMethod::Splice => "splice",
+            RelayMethod::Copy => "copy",
+        }
+    }
+}
+
 /// How a relay ended: the bytes it moved, and the error that ended it, if one did.
 #[derive(Debug)]
 pub struct RelayOutcome {
     pub transferred: Transferred,
     /// `None` when both directions ended with FIN.
     pub error: Option<io::Error>,
+    pub method: RelayMethod,
 }
 
 impl RelayOutcome {
@@ -96,8 +139,13 @@ impl LiveBytes {
     }
 }
 
-/// Relays between two TCP sockets: the copy loop of [`relay`] (see the module docs for why
-/// not splice yet).
+/// Relays between two TCP sockets: `splice(2)` on Linux, elsewhere the copy loop of
+/// [`relay`].
+///
+/// With splice, a write to a connection the peer has reset raises `SIGPIPE`, which Rust
+/// programs ignore from the start (the write then fails with `EPIPE`); a program that
+/// restores the default action must not use this. When no pipe can be had (out of file
+/// descriptors), the relay ends with that error.
 pub async fn relay_tcp(client: TcpStream, upstream: TcpStream) -> RelayOutcome {
     relay_tcp_impl(client, upstream, None).await
 }
@@ -109,6 +157,15 @@ pub async fn relay_tcp_counted(
     live: &LiveBytes,
 ) -> RelayOutcome {
     relay_tcp_impl(client, upstream, Some(live.meter())).await
+}
+
+/// [`relay_tcp`], counting into `meter` as it goes.
+pub async fn relay_tcp_metered(
+    client: TcpStream,
+    upstream: TcpStream,
+    meter: Meter<'_>,
+) -> RelayOutcome {
+    relay_tcp_impl(client, upstream, Some(meter)).await
 }
 
 /// Relays between any two byte streams (TLS on one side or both) with a copy loop per
@@ -144,23 +201,12 @@ where
 async fn relay_tcp_impl(
     client: TcpStream,
     upstream: TcpStream,
-    live: Option<Meter<'_>>,
+    meter: Option<Meter<'_>>,
 ) -> RelayOutcome {
-    relay_impl(client, upstream, live).await
-}
-
-/// `splice(2)` between two TCP sockets (Linux; elsewhere the copy loop). Measured faster,
-/// not used by the listeners yet: see the module docs.
-///
-/// A write to a connection the peer has reset raises `SIGPIPE`, which Rust programs ignore
-/// from the start (the write then fails with `EPIPE`); a program that restores the default
-/// action must not use this. When no pipe can be had (out of file descriptors), the relay
-/// ends with that error.
-pub async fn relay_splice(client: TcpStream, upstream: TcpStream) -> RelayOutcome {
     #[cfg(target_os = "linux")]
-    return splice::relay(&client, &upstream, None).await;
+    return splice::relay(&client, &upstream, meter).await;
     #[cfg(not(target_os = "linux"))]
-    relay_impl(client, upstream, None).await
+    relay_impl(client, upstream, meter).await
 }
 
 #[cfg(target_os = "linux")]
@@ -177,7 +223,7 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use super::{LiveBytes, RelayOutcome, Transferred};
+    use super::{Meter, RelayMethod, RelayOutcome, Transferred};
 
     /// Asked for each pipe. The kernel may give less: past `fs.pipe-user-pages-soft` (64 MiB
     /// of pipe capacity per user, so 64 pipes this size) an unprivileged process gets 8 KiB
@@ -235,7 +281,7 @@ mod splice {
     pub(super) async fn relay(
         client: &TcpStream,
         upstream: &TcpStream,
-        live: Option<&LiveBytes>,
+        meter: Option<Meter<'_>>,
     ) -> RelayOutcome {
         let mut transferred = Transferred::default();
         let error = tokio::try_join!(
@@ -243,17 +289,21 @@ mod splice {
                 client,
                 upstream,
                 &mut transferred.client_to_upstream,
-                live.map(|l| &l.client_to_upstream),
+                meter.map(|m| m.client_to_upstream),
             ),
             one_way(
                 upstream,
                 client,
                 &mut transferred.upstream_to_client,
-                live.map(|l| &l.upstream_to_client),
+                meter.map(|m| m.upstream_to_client),
             ),
         )
         .err();
-        RelayOutcome { transferred, error }
+        RelayOutcome {
+            transferred,
+            error,
+            method: RelayMethod::Splice,
+        }
     }
 
     const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
@@ -346,6 +396,7 @@ where
             upstream_to_client: to_client.moved,
         },
         error: result.err(),
+        method: RelayMethod::Copy,
     }
 }
 
@@ -479,6 +530,16 @@ mod tests {
 
     const KINDS: [Kind; 2] = [Kind::Tcp, Kind::Copy];
 
+    impl Kind {
+        /// How the relay of this kind must have moved its bytes.
+        fn method(self) -> RelayMethod {
+            match self {
+                Kind::Tcp if cfg!(target_os = "linux") => RelayMethod::Splice,
+                Kind::Tcp | Kind::Copy => RelayMethod::Copy,
+            }
+        }
+    }
+
     fn payload(len: usize, seed: u64) -> Vec<u8> {
         let mut bytes = vec![0; len];
         rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
@@ -506,7 +567,7 @@ mod tests {
         let relay = tokio::spawn(async move {
             let live = live.as_deref();
             match (kind, live) {
-                (Kind::Tcp, None) => relay_splice(client_side, upstream_side).await,
+                (Kind::Tcp, None) => relay_tcp(client_side, upstream_side).await,
                 (Kind::Tcp, Some(live)) => {
                     relay_tcp_counted(client_side, upstream_side, live).await
                 }
@@ -556,6 +617,7 @@ mod tests {
             assert!(at_client == down, "{kind:?}: upstream to client");
             let outcome = finish(relay).await;
             assert!(outcome.error.is_none(), "{kind:?}: {:?}", outcome.error);
+            assert_eq!(outcome.method, kind.method());
             assert_eq!(
                 outcome.transferred,
                 Transferred {
@@ -564,6 +626,45 @@ mod tests {
                 },
                 "{kind:?}"
             );
+        }
+    }
+
+    /// As the listeners relay: into a metric's own counters, one per direction. The TCP
+    /// relay splices, and counts each direction exactly, as the copy loop does.
+    #[tokio::test]
+    async fn metered_relays_count_both_directions_into_the_meter() {
+        for kind in KINDS {
+            let (client, client_side) = tcp_pair().await;
+            let (upstream_side, server) = tcp_pair().await;
+            let (to_upstream, to_client) =
+                (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            let counters = (to_upstream.clone(), to_client.clone());
+            let relay = tokio::spawn(async move {
+                let meter = Meter {
+                    client_to_upstream: &counters.0,
+                    upstream_to_client: &counters.1,
+                };
+                match kind {
+                    Kind::Tcp => relay_tcp_metered(client_side, upstream_side, meter).await,
+                    Kind::Copy => relay_metered(client_side, upstream_side, meter).await,
+                }
+            });
+            let up = payload(5 << 20, 11);
+            let down = payload(3 << 20, 12);
+            let (at_server, at_client) =
+                tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
+            assert!(at_server == up && at_client == down, "{kind:?}");
+            let outcome = finish(relay).await;
+            assert_eq!(outcome.method, kind.method());
+            let transferred = outcome.into_result().unwrap();
+            assert_eq!(transferred.client_to_upstream, up.len() as u64, "{kind:?}");
+            assert_eq!(
+                transferred.upstream_to_client,
+                down.len() as u64,
+                "{kind:?}"
+            );
+            assert_eq!(to_upstream.load(Ordering::Relaxed), up.len() as u64);
+            assert_eq!(to_client.load(Ordering::Relaxed), down.len() as u64);
         }
     }
 

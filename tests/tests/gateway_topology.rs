@@ -8,11 +8,13 @@
 //! elsewhere they skip with a message.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_gateway::GatewayHandle;
 use isthmus_proxy::authz::{AuthorizationPolicy, Rule};
 use isthmus_tests::harness::mesh::{
-    self, host, id, yaml, Call, Mesh, Workload, APP_PORT, SNI_PORT, SVC_PORT,
+    self, bulk_echo, host, id, on, yaml, Call, Client, Mesh, Workload, APP_PORT, SNI_PORT, SVC_PORT,
 };
 use isthmus_tests::harness::netns::Net;
 use isthmus_tests::harness::process::workspace_binary;
@@ -267,32 +269,9 @@ async fn traffic_moves_off_dead_endpoints_then_fails_over_to_the_local_network()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_keeps_routing_through_a_registry_outage_and_resumes() {
-    let catalog = vec![
-        yaml::service("reviews", "shop", SVC_PORT),
-        yaml::workload(
-            "reviews-b1",
-            "shop",
-            "reviews",
-            "10.10.0.5",
-            APP_PORT,
-            "network-b",
-        ),
-    ];
-    let Some(mut m) = Mesh::start("gw-outage", &catalog).await else {
+    let Some((mut m, gw_b, _w, web)) = reviews_through_b("gw-outage").await else {
         return;
     };
-    let gw_b = m.gateway(Net::B).await;
-    let _w = m
-        .workload(
-            Net::B,
-            "10.10.0.5",
-            "reviews-b1",
-            "reviews",
-            AuthorizationPolicy::default(),
-        )
-        .await;
-    let web = m.client(Net::A, "web").await;
-    web.wait_for_targets(&host("reviews"), SVC_PORT, 1).await;
     assert_eq!(
         m.call(Net::A, &web, "reviews").await.unwrap().greeting,
         "reviews-b1"
@@ -339,11 +318,9 @@ async fn gateway_keeps_routing_through_a_registry_outage_and_resumes() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_the_gateway_process() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let catalog = vec![
+/// One service, reviews, with one workload in network B.
+fn reviews_in_b() -> Vec<String> {
+    vec![
         yaml::service("reviews", "shop", SVC_PORT),
         yaml::workload(
             "reviews-b1",
@@ -353,19 +330,41 @@ async fn sigterm_drains_the_gateway_process() {
             APP_PORT,
             "network-b",
         ),
-    ];
+    ]
+}
+
+/// The workload of [`reviews_in_b`], letting everyone in.
+async fn reviews_b1(m: &Mesh) -> Workload {
+    m.workload(
+        Net::B,
+        "10.10.0.5",
+        "reviews-b1",
+        "reviews",
+        AuthorizationPolicy::default(),
+    )
+    .await
+}
+
+/// [`reviews_in_b`] with B's gateway in-process, the reviews workload, and web in A once it
+/// routes to reviews.
+async fn reviews_through_b(name: &str) -> Option<(Mesh, GatewayHandle, Workload, Arc<Client>)> {
+    let m = Mesh::start(name, &reviews_in_b()).await?;
+    let gw = m.gateway(Net::B).await;
+    let w = reviews_b1(&m).await;
+    let web = m.client(Net::A, "web").await;
+    web.wait_for_targets(&host("reviews"), SVC_PORT, 1).await;
+    Some((m, gw, w, web))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_gateway_process() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let catalog = reviews_in_b();
     let Some(m) = Mesh::start("gw-drain", &catalog).await else {
         return;
     };
-    let _w = m
-        .workload(
-            Net::B,
-            "10.10.0.5",
-            "reviews-b1",
-            "reviews",
-            AuthorizationPolicy::default(),
-        )
-        .await;
+    let _w = reviews_b1(&m).await;
     let cert_dir = mesh::gateway_credentials(&m.reg, "network-b", m.dir.path()).await;
     let gw_ip = m.topo.gateway_addr(Net::B);
     let log = std::fs::File::create(m.dir.path().join("gateway.log")).unwrap();
@@ -415,7 +414,7 @@ async fn sigterm_drains_the_gateway_process() {
     // An in-flight transfer: half now, half after SIGTERM.
     let (go_on, wait) = tokio::sync::oneshot::channel::<()>();
     let (halfway, at_half) = tokio::sync::oneshot::channel::<()>();
-    let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+    let chunk: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
     let transfer = {
         let web = web.clone();
         let chunk = chunk.clone();
@@ -423,15 +422,25 @@ async fn sigterm_drains_the_gateway_process() {
             let (greeting, s) = web.call(&host("reviews"), SVC_PORT).await?;
             anyhow::ensure!(greeting == "reviews-b1");
             // Read while writing, as a real client does: the echo comes back as it goes.
+            // And flush before waiting for the last of the echo: a TLS write can return with
+            // its bytes still in the session's buffer (see `bulk_echo`).
             let (mut r, mut w) = tokio::io::split(s.stream);
             let mut back = vec![0u8; chunk.len()];
-            let (sent, got) = tokio::join!(w.write_all(&chunk), r.read_exact(&mut back));
+            let send = async {
+                w.write_all(&chunk).await?;
+                w.flush().await
+            };
+            let (sent, got) = tokio::join!(send, r.read_exact(&mut back));
             sent?;
             got?;
             anyhow::ensure!(back == chunk, "first half corrupted");
             let _ = halfway.send(());
             let _ = wait.await;
-            let (sent, got) = tokio::join!(w.write_all(&chunk), r.read_exact(&mut back));
+            let send = async {
+                w.write_all(&chunk).await?;
+                w.flush().await
+            };
+            let (sent, got) = tokio::join!(send, r.read_exact(&mut back));
             sent?;
             got?;
             anyhow::ensure!(back == chunk, "second half corrupted");
@@ -489,4 +498,148 @@ async fn sigterm_drains_the_gateway_process() {
         log.contains("result=\"ok\""),
         "no access-log line for the drained connection:\n{log}"
     );
+    assert!(
+        log.contains("relay=\"splice\""),
+        "the gateway did not splice the drained connection:\n{log}"
+    );
+}
+
+/// What the bulk test moves each way.
+const BULK: u64 = 100 << 20;
+
+/// 100 MiB each way through B's gateway (SNI passthrough, TCP both sides: spliced) and the
+/// workload's inbound (TLS terminated in the process: the copy loop), the client reading the
+/// echo while it writes and flushing before it waits for the last of it. Every byte arrives
+/// in order both ways (size and SHA-256 at the app and back at the client), and each hop says
+/// how it relayed.
+///
+/// This is the transfer that used to stall in about one run in four. The client wrote
+/// everything before reading the echo, which deadlocks once the bytes in flight exceed the
+/// path's socket buffers (with this size, also with no gateway or relay at all); then it read
+/// while writing but did not flush, so when its socket was full at its last write the tail
+/// stayed in its TLS session's buffer and the echo of it never came (the next test shows that
+/// step alone). `bulk_echo` does neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_echo_through_the_gateway_is_exact_both_ways() {
+    let Some((m, gw, w, web)) = reviews_through_b("gw-bulk").await else {
+        return;
+    };
+
+    let transfer = on(m.rt(Net::A), async move {
+        let (greeting, s) = web.call(&host("reviews"), SVC_PORT).await?;
+        anyhow::ensure!(greeting == "reviews-b1", "answered by {greeting}");
+        anyhow::ensure!(
+            s.target.via_gateway,
+            "not through the gateway: {:?}",
+            s.target
+        );
+        Ok(bulk_echo(s.stream, BULK).await?)
+    });
+    // A bound against a hang, not a speed limit.
+    let echo = tokio::time::timeout(Duration::from_secs(600), transfer)
+        .await
+        .expect("the bulk echo stalled")
+        .expect("the bulk echo failed");
+    assert_eq!(echo.sent.bytes, BULK);
+    assert_eq!(
+        echo.echoed, echo.sent,
+        "the echo differs from what was sent"
+    );
+    assert_eq!(
+        *w.app.received.lock().unwrap(),
+        vec![echo.sent.clone()],
+        "the app received something else"
+    );
+
+    // The gateway spliced (plain TCP both sides); the workload's inbound, which holds the
+    // TLS session, copied. Both counted every byte (the gateway also the ClientHello).
+    let spliced = eventually(Duration::from_secs(10), || async {
+        gw.tracker
+            .recent()
+            .into_iter()
+            .find(|c| c.bytes_from_upstream >= BULK)
+    })
+    .await
+    .expect("the gateway recorded no bulk connection");
+    assert_eq!(spliced.relay, Some("splice"), "{spliced:?}");
+    assert_eq!(spliced.result, "ok", "{spliced:?}");
+    assert!(spliced.bytes_to_upstream > BULK, "{spliced:?}");
+    let copied = eventually(Duration::from_secs(10), || async {
+        w.inbound
+            .tracker
+            .recent()
+            .into_iter()
+            .find(|c| c.bytes_to_upstream == BULK)
+    })
+    .await
+    .expect("the inbound recorded no bulk connection");
+    assert_eq!(copied.relay, Some("copy"), "{copied:?}");
+    assert_eq!(
+        copied.bytes_from_upstream,
+        BULK + "reviews-b1\n".len() as u64
+    );
+}
+
+/// The step that stalled the bulk echo, alone: no gateway, no relay, a TLS client and a
+/// server on loopback that does not read yet. The client writes until a `write` returns
+/// while the socket is full: it reports the bytes written, yet the session still holds
+/// them (`wants_write`), and nothing but another write, a flush or a shutdown sends them.
+/// After a flush the server gets every byte. Runs anywhere (no namespaces).
+#[tokio::test]
+async fn a_tls_write_returns_before_its_bytes_leave_the_process() {
+    use isthmus_proto::test_pki::TestCa;
+    use isthmus_proto::tls::{self, ClientAuth, ServerIdentity};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    let ca = TestCa::new("cluster.local");
+    let server_id = ca.id("shop", "reviews");
+    let server_config = tls::server_config(
+        &ca.leaf(&server_id),
+        &ca.bundle(),
+        ClientAuth::Required,
+        &[],
+    )
+    .unwrap();
+    let client_config = tls::client_config(
+        Some(&ca.workload("shop", "web")),
+        &ca.bundle(),
+        ServerIdentity::OneOf(vec![server_id]),
+        &[],
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        acceptor.accept(tcp).await.unwrap()
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut client = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+        .connect("reviews.shop.svc.cluster.local".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut server = server.await.unwrap();
+
+    // Bounded: the kernel's socket buffers hold a few MiB at most.
+    let chunk = vec![0x5au8; 64 << 10];
+    let mut written = 0usize;
+    while !client.get_ref().1.wants_write() {
+        assert!(written < 256 << 20, "the socket never filled");
+        written += client.write(&chunk).await.unwrap();
+    }
+    // The last write succeeded, and part of what it reported is still in the process.
+    let reader = tokio::spawn(async move {
+        let mut got = vec![0u8; written];
+        server.read_exact(&mut got).await.map(|_| got.len())
+    });
+    client.flush().await.unwrap();
+    assert!(!client.get_ref().1.wants_write());
+    let got = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the flushed bytes arrived")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, written);
 }

@@ -2,10 +2,14 @@
 //! between two TCP sockets on loopback, for each way of relaying:
 //!
 //! - `direct`: no relay, the sender connected straight to the sink (the baseline);
-//! - `splice`: `isthmus_proxy::relay::relay_splice` (`splice(2)` through a pipe per direction);
-//! - `copy`: `isthmus_proxy::relay::relay`, the generic copy loop (buffers 8 → 256 KiB);
+//! - `splice`: `isthmus_proxy::relay::relay_tcp_metered` (`splice(2)` through a pipe per
+//!   direction), what the gateway's SNI passthrough and every other TCP-to-TCP path use;
+//! - `copy`: `isthmus_proxy::relay::relay_metered`, the generic copy loop (buffers 8 → 256 KiB)
+//!   that paths with TLS inside the process use;
 //! - `tokio-64k`: `tokio::io::copy_bidirectional_with_sizes` with 64 KiB buffers, for
 //!   reference.
+//!
+//! Both of ours count into live byte counters as they go, as the listeners' do.
 //!
 //! Throughput: a sender thread writes `--gib` GiB through the relay to a sink thread (blocking
 //! std sockets, 256 KiB writes and reads). The relay runs alone in its own thread on a
@@ -47,7 +51,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use isthmus_proxy::relay::{relay, relay_splice, RelayOutcome, Transferred};
+use isthmus_proxy::relay::{
+    relay_metered, relay_tcp_metered, LiveBytes, RelayMethod, RelayOutcome, Transferred,
+};
 use isthmus_tests::bench::{arg, clock_ticks, median};
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -185,11 +191,12 @@ impl Relay {
                 let upstream = tokio::net::TcpStream::connect(target).await?;
                 client.set_nodelay(true)?;
                 upstream.set_nodelay(true)?;
+                let live = LiveBytes::default();
                 let start = thread_cpu()?;
                 let outcome = match way {
                     Way::Direct => unreachable!("no relay"),
-                    Way::Splice => relay_splice(client, upstream).await,
-                    Way::Copy => relay(client, upstream).await,
+                    Way::Splice => relay_tcp_metered(client, upstream, live.meter()).await,
+                    Way::Copy => relay_metered(client, upstream, live.meter()).await,
                     Way::Tokio64k => tokio_copy(client, upstream).await,
                 };
                 let cpu = thread_cpu()? - start;
@@ -219,10 +226,12 @@ async fn tokio_copy(
                 upstream_to_client,
             },
             error: None,
+            method: RelayMethod::Copy,
         },
         Err(e) => RelayOutcome {
             transferred: Transferred::default(),
             error: Some(e),
+            method: RelayMethod::Copy,
         },
     }
 }

@@ -35,12 +35,25 @@ use tokio::runtime::Runtime;
 use super::netns::{Net, Topology};
 use super::registry::{TestRegistry, CLUSTER, TRUST_DOMAIN};
 
-/// A plain TCP app: greets every connection with `<name>\n`, then echoes what it reads.
+/// A plain TCP app: greets every connection with `<name>\n`, then echoes what it reads,
+/// and once the client has shut down its write half records what it received.
 /// Stops (and refuses new connections) when dropped.
 pub struct EchoApp {
     pub addr: SocketAddr,
+    /// One entry per connection whose client finished sending, in the order they finished.
+    pub received: Arc<Mutex<Vec<Received>>>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// What one connection sent an [`EchoApp`] (after its greeting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub bytes: u64,
+    pub sha256: Vec<u8>,
+}
+
+/// The echo app's read size.
+const ECHO_CHUNK: usize = 64 << 10;
 
 impl EchoApp {
     /// Binds `addr` on the current runtime (so, in a network namespace, on its runtime).
@@ -48,23 +61,49 @@ impl EchoApp {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let greeting = format!("{name}\n").into_bytes();
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let record = received.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = listener.accept().await else {
                     return;
                 };
                 let greeting = greeting.clone();
+                let record = record.clone();
                 tokio::spawn(async move {
                     if s.write_all(&greeting).await.is_err() {
                         return;
                     }
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
+                    // Reads only once the last read is written back: the client must read
+                    // while it writes, or both wait once the path's buffers are full.
+                    let mut buf = vec![0u8; ECHO_CHUNK];
+                    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+                    let mut bytes = 0u64;
+                    loop {
+                        let n = match s.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(n) => n,
+                            Err(_) => return,
+                        };
+                        digest.update(&buf[..n]);
+                        bytes += n as u64;
+                        if s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    record.lock().unwrap().push(Received {
+                        bytes,
+                        sha256: digest.finish().as_ref().to_vec(),
+                    });
+                    let _ = s.shutdown().await;
                 });
             }
         });
-        Ok(Self { addr, task })
+        Ok(Self {
+            addr,
+            received,
+            task,
+        })
     }
 }
 
@@ -293,6 +332,76 @@ pub async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await??;
     Ok(line.trim_end().to_string())
+}
+
+/// What [`bulk_echo`] sent, and what came back.
+#[derive(Debug)]
+pub struct BulkEcho {
+    pub sent: Received,
+    pub echoed: Received,
+}
+
+/// Chunk of [`bulk_echo`]'s writes.
+const BULK_CHUNK: usize = 256 << 10;
+
+/// Sends `bytes` of pseudo-random data to an [`EchoApp`] through `stream` while reading the
+/// echo back, then ends its write half and reads until the app closes; returns the size and
+/// SHA-256 of both. The pattern holds for any amount:
+///
+/// - the echo comes back while the client is still writing (the app writes back before it
+///   reads more, so a client that wrote everything first would wait forever once the bytes in
+///   flight filled every buffer on the path);
+/// - the writer flushes before it waits for the last echo: a TLS stream's `write` returns
+///   once its bytes are sealed into the session's buffer, and if the socket was full at that
+///   moment they stay in the process until the next write, flush or shutdown.
+pub async fn bulk_echo<S>(stream: S, bytes: u64) -> std::io::Result<BulkEcho>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use rand::{RngCore, SeedableRng};
+
+    let mut block = vec![0u8; BULK_CHUNK];
+    rand::rngs::StdRng::seed_from_u64(bytes).fill_bytes(&mut block);
+    let (mut r, mut w) = tokio::io::split(stream);
+    let send = async {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut left = bytes;
+        let mut index = 0u64;
+        while left > 0 {
+            // Each chunk numbered, so that chunks swapped or repeated change the digest.
+            block[..8].copy_from_slice(&index.to_le_bytes());
+            let n = left.min(BULK_CHUNK as u64) as usize;
+            w.write_all(&block[..n]).await?;
+            digest.update(&block[..n]);
+            left -= n as u64;
+            index += 1;
+        }
+        w.flush().await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(Received {
+            bytes,
+            sha256: digest.finish().as_ref().to_vec(),
+        })
+    };
+    let receive = async {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; BULK_CHUNK];
+        let mut got = 0u64;
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            digest.update(&buf[..n]);
+            got += n as u64;
+        }
+        Ok::<_, std::io::Error>(Received {
+            bytes: got,
+            sha256: digest.finish().as_ref().to_vec(),
+        })
+    };
+    let (sent, echoed) = tokio::try_join!(send, receive)?;
+    Ok(BulkEcho { sent, echoed })
 }
 
 // ---- The two-network mesh of topology tests ----
