@@ -145,7 +145,7 @@ impl LiveBytes {
 /// With splice, a write to a connection the peer has reset raises `SIGPIPE`, which Rust
 /// programs ignore from the start (the write then fails with `EPIPE`); a program that
 /// restores the default action must not use this. When no pipe can be had (out of file
-/// descriptors), the relay ends with that error.
+/// descriptors or pipe memory), a burst is copied through user space instead.
 pub async fn relay_tcp(client: TcpStream, upstream: TcpStream) -> RelayOutcome {
     relay_tcp_impl(client, upstream, None).await
 }
@@ -249,6 +249,10 @@ mod splice {
 
     impl Pipe {
         fn take() -> io::Result<Pipe> {
+            #[cfg(test)]
+            if super::tests::NO_PIPES.get() {
+                return Err(io::Error::from_raw_os_error(Errno::EMFILE as i32));
+            }
             match POOL.with_borrow_mut(Vec::pop) {
                 Some(pipe) => Ok(pipe),
                 None => Pipe::new(),
@@ -323,7 +327,19 @@ mod splice {
     ) -> io::Result<()> {
         loop {
             src.readable().await?;
-            let pipe = Pipe::take()?;
+            let pipe = match Pipe::take() {
+                Ok(pipe) => pipe,
+                // No file descriptor or pipe memory left for a pipe: this burst goes through
+                // user space instead, so a process at its limits slows down instead of
+                // cutting connections.
+                Err(e) if is_shortage(&e) => {
+                    if copy_burst(src, dst, moved, live).await? {
+                        return shut_write(dst);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let ended = loop {
                 let mut in_pipe = match src.try_io(Interest::READABLE, || {
                     splice_io(src, &pipe.write, pipe.capacity)
@@ -355,12 +371,58 @@ mod splice {
             };
             pipe.give_back();
             if ended {
-                return match shutdown(dst.as_raw_fd(), Shutdown::Write) {
-                    // `dst` is already gone entirely; its reader reports how it went.
-                    Ok(()) | Err(Errno::ENOTCONN) => Ok(()),
-                    Err(e) => Err(e.into()),
-                };
+                return shut_write(dst);
             }
+        }
+    }
+
+    fn shut_write(dst: &TcpStream) -> io::Result<()> {
+        match shutdown(dst.as_raw_fd(), Shutdown::Write) {
+            // `dst` is already gone entirely; its reader reports how it went.
+            Ok(()) | Err(Errno::ENOTCONN) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn is_shortage(e: &io::Error) -> bool {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM]
+            .iter()
+            .any(|n| e.raw_os_error() == Some(*n as i32))
+    }
+
+    /// Copies what `src` has now to `dst` through a buffer; `true` once `src` has ended.
+    async fn copy_burst(
+        src: &TcpStream,
+        dst: &TcpStream,
+        moved: &mut u64,
+        live: Option<&AtomicU64>,
+    ) -> io::Result<bool> {
+        let mut buf = vec![0; super::COPY_BUF_MIN];
+        loop {
+            let n = match src.try_read(&mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let mut written = 0;
+            while written < n {
+                match dst.try_write(&buf[written..n]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(w) => {
+                        written += w;
+                        *moved += w as u64;
+                        if let Some(live) = live {
+                            live.fetch_add(w as u64, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            tokio::task::coop::consume_budget().await;
         }
     }
 
@@ -521,6 +583,38 @@ mod tests {
 
     /// Bounds every wait, so that a relay that fails to end fails the test instead of hanging.
     const LIMIT: Duration = Duration::from_secs(30);
+
+    thread_local! {
+        /// Makes the splice relay's pipes fail on this thread as a process out of file
+        /// descriptors sees them fail.
+        pub(super) static NO_PIPES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Out of pipes, the TCP relay copies through user space instead of failing the
+    /// connection: every byte arrives, counted, and both directions end with FIN.
+    #[tokio::test]
+    async fn without_pipes_the_tcp_relay_copies_instead() {
+        NO_PIPES.set(true);
+        let live = Arc::new(LiveBytes::default());
+        let (client, server, relay) = relayed(Kind::Tcp, Some(live.clone())).await;
+        let up = payload(1 << 20, 3);
+        let down = payload((1 << 20) + 7, 4);
+        let (at_server, at_client) =
+            tokio::join!(exchange(server, down.clone()), exchange(client, up.clone()));
+        let outcome = finish(relay).await;
+        NO_PIPES.set(false);
+        assert!(
+            at_server == up && at_client == down,
+            "bytes intact both ways"
+        );
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!(outcome.transferred.client_to_upstream, up.len() as u64);
+        assert_eq!(outcome.transferred.upstream_to_client, down.len() as u64);
+        assert_eq!(
+            live.upstream_to_client.load(Ordering::Relaxed),
+            down.len() as u64
+        );
+    }
 
     #[derive(Debug, Clone, Copy)]
     enum Kind {
