@@ -1,10 +1,11 @@
 //! The mesh's shared language, used by every isthmus program: the protobuf definitions and
 //! generated gRPC code, the catalog model converted once from them, SPIFFE identity, the only
 //! rustls builders in the workspace, gRPC over mTLS, the VM onboarding bundle, and small
-//! runtime helpers (config parsing, the program skeleton, drain, admin HTTP, telemetry). It depends on no other
-//! workspace crate.
+//! runtime helpers (config parsing, the program skeleton, drain, admin HTTP, telemetry, the
+//! allocator's settings). It depends on no other workspace crate.
 
 pub mod admin;
+pub mod allocator;
 pub mod backoff;
 pub mod bundle;
 pub mod certs;

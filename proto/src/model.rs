@@ -577,7 +577,10 @@ pub enum Resource {
     Network(Network),
     Service(Service),
     Workload(Workload),
-    WorkloadGroup(WorkloadGroup),
+    /// Boxed: a group (a workload template and a probe) is the largest variant and the
+    /// rarest, and every resource of a catalog of 100,000 workloads would otherwise be
+    /// as large as a group.
+    WorkloadGroup(Box<WorkloadGroup>),
 }
 
 impl Resource {
@@ -1149,7 +1152,7 @@ impl From<&OwnedResource> for pb::CatalogResource {
                 Resource::Network(n) => Kind::Network(n.into()),
                 Resource::Service(s) => Kind::Service(s.into()),
                 Resource::Workload(w) => Kind::Workload(w.into()),
-                Resource::WorkloadGroup(g) => Kind::WorkloadGroup(g.into()),
+                Resource::WorkloadGroup(g) => Kind::WorkloadGroup(g.as_ref().into()),
             }),
         }
     }
@@ -1163,7 +1166,7 @@ impl TryFrom<pb::CatalogResource> for OwnedResource {
             Kind::Network(n) => Resource::Network(n.try_into()?),
             Kind::Service(s) => Resource::Service(s.try_into()?),
             Kind::Workload(w) => Resource::Workload(w.try_into()?),
-            Kind::WorkloadGroup(g) => Resource::WorkloadGroup(g.try_into()?),
+            Kind::WorkloadGroup(g) => Resource::WorkloadGroup(Box::new(g.try_into()?)),
         };
         Ok(OwnedResource::new(r.origin, resource))
     }

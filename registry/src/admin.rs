@@ -105,7 +105,7 @@ pub fn view_resources(views: &Views, key: &ViewKey) -> (String, Vec<ViewResource
     let resources = st
         .entries
         .values()
-        .filter_map(|e| ViewResource::try_from(e.as_ref().clone()).ok())
+        .filter_map(|e| ViewResource::try_from(e.decode()).ok())
         .collect();
     (view.version_of(&st), resources)
 }

@@ -121,11 +121,11 @@ pub struct HistoryEntry {
 /// changes that led to it.
 pub type Digest = [u8; 16];
 
-fn entry_hash(key: &str, entry: &pb::ViewResource) -> Digest {
+fn entry_hash(key: &str, entry: &Entry) -> Digest {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(key.as_bytes());
     ctx.update(&[0]);
-    ctx.update(&prost::Message::encode_to_vec(entry));
+    ctx.update(&entry.0);
     let mut out = [0u8; 16];
     out.copy_from_slice(&ctx.finish().as_ref()[..16]);
     out
@@ -135,11 +135,41 @@ fn xor(acc: &mut Digest, h: &Digest) {
     acc.iter_mut().zip(h).for_each(|(a, b)| *a ^= b);
 }
 
+/// A view entry as the Watch sends it: the `pb::ViewResource`, encoded. Encoded, an entry is
+/// a fraction of its decoded size (a protobuf endpoint decoded is about 1.2 KB, mostly map
+/// nodes and small strings; encoded, about 150 bytes), so a view of 100,000 endpoints is
+/// kept in ~15 MB rather than ~100 MB; entries are decoded a part at a time as they are sent.
+/// Encoding is deterministic (ordered maps), so equal entries are equal bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entry(Arc<[u8]>);
+
+impl Entry {
+    pub fn encode(resource: &pb::ViewResource) -> Self {
+        Entry(prost::Message::encode_to_vec(resource).into())
+    }
+
+    /// The resource. Never fails: the bytes are the view's own encoding.
+    pub fn decode(&self) -> pb::ViewResource {
+        <pb::ViewResource as prost::Message>::decode(&self.0[..])
+            .expect("a view entry decodes: the view encoded it")
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.decode(), f)
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ViewState {
     pub seq: u64,
     pub digest: Digest,
-    pub entries: BTreeMap<String, Arc<pb::ViewResource>>,
+    pub entries: BTreeMap<String, Entry>,
     pub history: VecDeque<HistoryEntry>,
 }
 
@@ -171,7 +201,7 @@ pub enum Catchup {
     Delta {
         version: String,
         seq: u64,
-        upserts: Vec<Arc<pb::ViewResource>>,
+        upserts: Vec<Entry>,
         removals: Vec<String>,
         /// When the oldest change in this delta was published.
         oldest_change: Option<Instant>,
@@ -179,7 +209,7 @@ pub enum Catchup {
     Snapshot {
         version: String,
         seq: u64,
-        entries: Vec<Arc<pb::ViewResource>>,
+        entries: Vec<Entry>,
     },
 }
 
@@ -195,7 +225,7 @@ impl ViewState {
         }
     }
 
-    fn delta_since(&self, from: u64) -> (Vec<Arc<pb::ViewResource>>, Vec<String>, Option<Instant>) {
+    fn delta_since(&self, from: u64) -> (Vec<Entry>, Vec<String>, Option<Instant>) {
         let mut keys = BTreeSet::new();
         let mut oldest = None;
         for h in self.history.iter().filter(|h| h.seq > from) {
@@ -309,12 +339,12 @@ impl View {
 
     /// Replaces the entries under `keys` (None removes) and publishes a version when
     /// anything actually changed. Returns whether it published.
-    fn publish(&self, updates: Vec<(String, Option<pb::ViewResource>)>) -> bool {
+    fn publish(&self, updates: Vec<(String, Option<Entry>)>) -> bool {
         let mut st = self.state.write().expect("view lock");
         let mut changed = Vec::new();
         for (k, v) in updates {
             let old = st.entries.get(&k).cloned();
-            if old.as_deref() == v.as_ref() {
+            if old == v {
                 continue;
             }
             if let Some(old) = &old {
@@ -325,7 +355,7 @@ impl View {
                 Some(v) => {
                     let h = entry_hash(&k, &v);
                     xor(&mut st.digest, &h);
-                    st.entries.insert(k.clone(), Arc::new(v));
+                    st.entries.insert(k.clone(), v);
                 }
                 None => {
                     st.entries.remove(&k);
@@ -496,13 +526,17 @@ fn refresh(catalog: &Catalog, vips: &VipTable, view: &View, change: &Change) {
         for id in &change.networks {
             let entry = catalog
                 .network(id)
-                .map(|n| pb::ViewResource::from(&ViewResource::Network(Arc::new(n.clone()))));
+                .map(|n| pb::ViewResource::from(&ViewResource::Network(Arc::new(n.clone()))))
+                .map(|r| Entry::encode(&r));
             updates.push((network_view_key(id), entry));
         }
     }
+    // Each entry is encoded as soon as it is built: building a whole view (its first
+    // subscriber, a gateway change) never holds it decoded.
     for h in &hostnames {
         let entry = build_service_view(catalog, vips, h, &view.key)
-            .map(|sv| pb::ViewResource::from(&ViewResource::Service(Arc::new(sv))));
+            .map(|sv| pb::ViewResource::from(&ViewResource::Service(Arc::new(sv))))
+            .map(|r| Entry::encode(&r));
         updates.push((service_view_key(h), entry));
     }
     view.publish(updates);
@@ -552,6 +586,9 @@ pub fn chosen_namespace<'a>(
 fn merged_service(defs: &[&Service], vips: &VipTable) -> Option<Service> {
     let (first, rest) = defs.split_first()?;
     let mut svc = (*first).clone();
+    // The selector is how the registry finds the endpoints, which the entry lists: no
+    // subscriber reads it, and every proxy would keep a map of it per service.
+    svc.selector = BTreeMap::new();
     svc.allocated_addresses = vips
         .active(&first.hostname)
         .filter(|_| vips::wants_vip(defs))

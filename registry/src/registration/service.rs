@@ -62,7 +62,7 @@ impl RegistrationService {
         let key = workload_group_key(&hello.namespace, &hello.group);
         self.views
             .with_catalog(|c| match c.get(&key).map(|r| &*r.resource) {
-                Some(Resource::WorkloadGroup(g)) => Some(g.clone()),
+                Some(Resource::WorkloadGroup(g)) => Some(g.as_ref().clone()),
                 _ => None,
             })
             .ok_or_else(|| RegistrationError::UnknownGroup {

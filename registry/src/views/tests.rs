@@ -27,8 +27,7 @@ fn service_entry(view: &View, host: &str) -> ServiceView {
         .entries
         .get(&service_view_key(host))
         .expect("service in view")
-        .as_ref()
-        .clone();
+        .decode();
     match ViewResource::try_from(pbv).unwrap() {
         ViewResource::Service(s) => (*s).clone(),
         _ => panic!("not a service"),
@@ -231,7 +230,7 @@ fn versions_history_and_catchup() {
             ..
         } => {
             assert_eq!(seq, s0 + 2);
-            let keys: Vec<_> = upserts.iter().map(|u| u.key.clone()).collect();
+            let keys: Vec<_> = upserts.iter().map(|u| u.decode().key).collect();
             assert_eq!(keys, vec!["svc/db.shop", "svc/web.shop"]);
             assert!(removals.is_empty());
         }
@@ -879,4 +878,35 @@ fn stale_endpoints_say_since_when_and_a_gateway_carries_the_oldest_behind_it() {
     };
     assert_eq!(stale_of(EndpointKind::Workload), Some(1_000));
     assert_eq!(stale_of(EndpointKind::Gateway), Some(3_000));
+}
+
+/// A view entry is kept encoded and decodes to the service the view built: its endpoints
+/// (found through the selector), without the selector itself, which no subscriber reads.
+#[test]
+fn entries_are_kept_encoded_and_carry_the_endpoints_not_the_selector() {
+    let views = split_horizon_catalog();
+    let a = views.view(&ViewKey::workload("net-a", None));
+    let st = a.state.read().unwrap();
+    let entry = st
+        .entries
+        .get(&service_view_key("web.shop"))
+        .expect("service in view");
+    let decoded = entry.decode();
+    assert_eq!(entry.encoded_len(), prost::Message::encoded_len(&decoded));
+    assert_eq!(Entry::encode(&decoded), *entry);
+    drop(st);
+    let sv = service_entry(&a, "web.shop");
+    assert!(sv.service.selector.is_empty(), "{:?}", sv.service.selector);
+    // 3 local endpoints and net-b's two gateways.
+    assert_eq!(sv.endpoints.len(), 5);
+    let catalog_selector = views.with_catalog(|c| {
+        c.service_defs("web.shop")
+            .first()
+            .map(|s| s.selector.clone())
+            .unwrap_or_default()
+    });
+    assert!(
+        !catalog_selector.is_empty(),
+        "the catalog keeps the selector"
+    );
 }

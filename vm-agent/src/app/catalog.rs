@@ -6,12 +6,13 @@
 //! DNS proxy starts with the listeners.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use isthmus_proto::model::{Node, NodeKind};
 use isthmus_proto::program::Tasks;
-use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
+use isthmus_proto::subscription::{self, SyncState, WatchClient, WatchOptions};
 use isthmus_proxy::routes::{self, Reach, RouteOptions, RouteTable};
 use tokio::sync::watch;
 
@@ -20,6 +21,11 @@ use crate::snapshot;
 
 /// The readiness part held until the routing table follows a view.
 pub(crate) const READY_PART: &str = "catalog";
+
+/// How long after a view changed the allocator's free pages are handed back: by then the
+/// routing table, the DNS names, the capture sets and the snapshot file that follow the view
+/// have been rebuilt, and what they replaced freed.
+const RELEASE_AFTER_CHANGE: Duration = Duration::from_secs(1);
 
 /// The view and the routing table that follows it.
 pub(crate) struct Catalog {
@@ -75,6 +81,20 @@ pub(crate) fn start(cx: &Inputs, tasks: &mut Tasks) -> anyhow::Result<Catalog> {
             cx.metrics.clone(),
             cx.readiness.part(READY_PART),
             cx.shutdown.clone(),
+        ),
+    );
+    tasks.spawn(
+        "memory release",
+        subscription::follow(
+            sync.clone(),
+            cx.shutdown.clone(),
+            None,
+            |_, view_changed| async move {
+                if view_changed {
+                    tokio::time::sleep(RELEASE_AFTER_CHANGE).await;
+                    isthmus_proto::allocator::release_free_memory();
+                }
+            },
         ),
     );
     Ok(Catalog { sync, routes })

@@ -336,7 +336,7 @@ spec:
     );
     assert_eq!(
         resources,
-        vec![Resource::WorkloadGroup(WorkloadGroup {
+        vec![Resource::WorkloadGroup(Box::new(WorkloadGroup {
             name: "vm-web".into(),
             namespace: "shop".into(),
             labels: labels(&[("owner", "web-team")]),
@@ -373,7 +373,7 @@ spec:
                     headers: vec![],
                 },
             }),
-        })]
+        }))]
     );
 }
 

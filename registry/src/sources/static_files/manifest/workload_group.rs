@@ -99,13 +99,13 @@ pub(super) fn workload_group(
     };
     let probe = spec.probe.and_then(|probe| readiness_probe(*probe, p));
     vec![(
-        Resource::WorkloadGroup(WorkloadGroup {
+        Resource::WorkloadGroup(Box::new(WorkloadGroup {
             name: meta.name.clone(),
             namespace: meta.namespace.clone(),
             labels: meta.labels.clone(),
             template,
             probe,
-        }),
+        })),
         "metadata.name".into(),
     )]
 }
