@@ -17,8 +17,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p isthmus-dns --bin isthmus-dns \
- && mkdir -p /out && cp target/release/isthmus-dns /out/
+    cargo build --profile dist --locked -p isthmus-dns --bin isthmus-dns \
+ && mkdir -p /out && cp target/dist/isthmus-dns /out/
 
 FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/isthmus-dns /usr/local/bin/isthmus-dns

@@ -17,8 +17,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p isthmus-gateway --bin isthmus-gateway \
- && mkdir -p /out && cp target/release/isthmus-gateway /out/
+    cargo build --profile dist --locked -p isthmus-gateway --bin isthmus-gateway \
+ && mkdir -p /out && cp target/dist/isthmus-gateway /out/
 
 FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/isthmus-gateway /usr/local/bin/isthmus-gateway

@@ -17,8 +17,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p isthmus-registry --bin isthmus-registry --bin isthmusctl \
- && mkdir -p /out && cp target/release/isthmus-registry target/release/isthmusctl /out/
+    cargo build --profile dist --locked -p isthmus-registry --bin isthmus-registry --bin isthmusctl \
+ && mkdir -p /out && cp target/dist/isthmus-registry target/dist/isthmusctl /out/
 
 FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/isthmus-registry /usr/local/bin/isthmus-registry

@@ -22,8 +22,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p isthmus-vm-agent --bin isthmus-vm-agent \
- && mkdir -p /out && cp target/release/isthmus-vm-agent /out/
+    cargo build --profile dist --locked -p isthmus-vm-agent --bin isthmus-vm-agent \
+ && mkdir -p /out && cp target/dist/isthmus-vm-agent /out/
 
 FROM ${RUNTIME_IMAGE}
 RUN apt-get update \

@@ -352,8 +352,14 @@ mod dockerfiles {
                 .collect()
         };
         assert!(
-            words.contains(&"--release") && words.contains(&"--locked"),
-            "{run}"
+            after("--profile") == ["dist"] && words.contains(&"--locked"),
+            "{}: images ship the dist profile, locked: {run}",
+            d.name
+        );
+        assert!(
+            run.contains(" target/dist/"),
+            "{}: copies what it built",
+            d.name
         );
         let packages = after("-p");
         assert_eq!(packages.len(), 1, "{}: one package per image", d.name);
