@@ -191,7 +191,7 @@ async fn gateway_holds_10000_connections_idle_and_active_and_explains_its_limit(
     // CAP_SYS_RESOURCE), the test holds as many as that limit allows and says so.
     let fds = raise_fds(50_000);
     let connections = GATEWAY_CONNECTIONS
-        .min((isthmus_proto::limits::connection_budget(2)).saturating_sub(200))
+        .min(isthmus_proto::limits::connection_budget(2).saturating_sub(200))
         .min(usize::try_from(fds.saturating_sub(1500) / 2).unwrap_or(usize::MAX));
     if !enough_fds("gateway load", connections as u64, 1000) {
         return;
@@ -279,7 +279,7 @@ async fn gateway_holds_10000_connections_idle_and_active_and_explains_its_limit(
         .expect("every active connection answers within the bound")
     {
         held.push(done.unwrap().unwrap());
-        if held.len() % 1000 == 0 {
+        if held.len().is_multiple_of(1000) {
             peak = peak.max(rss_of(pid));
         }
     }
