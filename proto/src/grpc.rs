@@ -513,11 +513,23 @@ mod tests {
         let mut t = PendingTable::default();
         let o = opts(10, 2);
         let (tx, _rx1) = oneshot::channel();
-        assert!(matches!(t.admit(ip(1), &o, tx), Admission::Admitted { id: 0, evicted: false }));
+        assert!(matches!(
+            t.admit(ip(1), &o, tx),
+            Admission::Admitted {
+                id: 0,
+                evicted: false
+            }
+        ));
         let (tx, _rx2) = oneshot::channel();
-        assert!(matches!(t.admit(ip(1), &o, tx), Admission::Admitted { id: 1, .. }));
+        assert!(matches!(
+            t.admit(ip(1), &o, tx),
+            Admission::Admitted { id: 1, .. }
+        ));
         let (tx, _rx3) = oneshot::channel();
-        assert!(matches!(t.admit(ip(1), &o, tx), Admission::TooManyFromSource));
+        assert!(matches!(
+            t.admit(ip(1), &o, tx),
+            Admission::TooManyFromSource
+        ));
         // Another source is not affected; a finished one gives its place back.
         let (tx, _rx4) = oneshot::channel();
         assert!(matches!(t.admit(ip(2), &o, tx), Admission::Admitted { .. }));
@@ -535,11 +547,20 @@ mod tests {
         let (tx, mut second) = oneshot::channel();
         t.admit(ip(2), &o, tx);
         let (tx, _third) = oneshot::channel();
-        assert!(matches!(t.admit(ip(3), &o, tx), Admission::Admitted { id: 2, evicted: true }));
+        assert!(matches!(
+            t.admit(ip(3), &o, tx),
+            Admission::Admitted {
+                id: 2,
+                evicted: true
+            }
+        ));
         assert!(oldest.try_recv().is_ok(), "the oldest is told to close");
         assert!(second.try_recv().is_err(), "the others stay");
         assert_eq!(t.order.len(), 2);
-        assert!(!t.per_source.contains_key(&ip(1)), "its source's count is given back");
+        assert!(
+            !t.per_source.contains_key(&ip(1)),
+            "its source's count is given back"
+        );
         // Removing an evicted one again changes nothing.
         t.remove(0);
         assert_eq!(t.order.len(), 2);
