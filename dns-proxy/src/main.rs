@@ -118,6 +118,7 @@ fn run() -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
+    isthmus_proto::limits::raise_fd_limit("isthmus-dns");
     program::runtime(program::RuntimeSize::default())?.block_on(async {
         let handle = isthmus_dns::run(cfg).await?;
         program::run_until_signal(handle).await;

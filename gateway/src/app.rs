@@ -119,6 +119,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     let (trigger, shutdown) = drain::channel();
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry, METRICS_PREFIX));
+    isthmus_proto::limits::register(registry.sub_registry_with_prefix("isthmus"));
     report_as(&config, &metrics);
     let mut w = Wiring {
         accept_shutdown,

@@ -115,6 +115,7 @@ fn run() -> anyhow::Result<()> {
         println!("configuration is valid");
         return Ok(());
     }
+    isthmus_proto::limits::raise_fd_limit("isthmus-gateway");
     program::runtime(program::RuntimeSize::default())
         .context("starting the runtime")?
         .block_on(async {

@@ -5,10 +5,11 @@
 //! done here with tokio-rustls and the verified peer identity rides along as the
 //! connection's `ConnectInfo` ([`PeerInfo`]), found in every request's extensions.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,9 +18,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint};
@@ -29,10 +30,26 @@ use crate::identity::SpiffeId;
 use crate::tls;
 
 /// How long a client has to finish the TLS handshake; a client that sends nothing is
-/// closed after this.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; beyond this new connections wait in the kernel backlog.
+/// closed after this. A handshake takes milliseconds even across a WAN; the bound only
+/// decides how long a silent client holds a slot.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has, once TLS is up, to send its first request bytes (an HTTP/2
+/// client sends its preface at once); a client that completed TLS and stays silent is
+/// closed after this instead of holding a descriptor for ever.
+pub const DEFAULT_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections between `accept` and their first request bytes, at once. When all are
+/// taken, the oldest is closed to make room: a flood of silent connections then only
+/// shortens its own connections' lives, while a real client, which finishes in
+/// milliseconds, still gets through.
 pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Connections from one address between `accept` and their first request bytes; beyond
+/// this, a new one from that address is closed at once (one source cannot take the
+/// pending slots from everyone else).
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
+/// Connections a listener holds at once, pending and established; also bounded by the
+/// process's open-file limit (see [`crate::limits::connection_budget`]). Beyond it, a new
+/// connection is closed at once and the limit is logged and counted.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 65_536;
 /// Largest gRPC message a server or client decodes (4 MiB, gRPC's customary limit, raised
 /// for catalog snapshots).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -50,6 +67,11 @@ pub struct PeerInfo {
 pub struct TlsConnection {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    /// The first request bytes, read to see that the client speaks, given back first.
+    first: Vec<u8>,
+    first_read: usize,
+    /// The connection's place in the listener's connection limit.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConnection {
@@ -65,6 +87,17 @@ impl AsyncRead for TlsConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.first_read < self.first.len() {
+            let n = buf.remaining().min(self.first.len() - self.first_read);
+            let from = self.first_read;
+            buf.put_slice(&self.first[from..from + n]);
+            self.first_read += n;
+            if self.first_read == self.first.len() {
+                self.first = Vec::new();
+                self.first_read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -117,7 +150,9 @@ impl ListenerMetrics {
         );
         registry.register(
             "grpc_connections_refused",
-            "Connections closed before or during the TLS handshake, by reason",
+            "Connections closed before their first request, by reason (handshake_timeout, \
+             silent_after_handshake, too_many_from_source, pending_evicted, connection_limit, \
+             TLS failures)",
             m.refused.clone(),
         );
         m
@@ -148,22 +183,123 @@ pub fn classify_handshake_error(e: &io::Error) -> &'static str {
 
 #[derive(Debug, Clone)]
 pub struct ListenerOptions {
+    /// The listener's role in logs and metrics ("grpc", "webhook").
+    pub name: &'static str,
     pub handshake_timeout: Duration,
+    pub first_request_timeout: Duration,
     pub max_pending_handshakes: usize,
+    pub max_pending_per_source: usize,
+    pub max_connections: usize,
 }
 
 impl Default for ListenerOptions {
     fn default() -> Self {
         Self {
+            name: "grpc",
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            first_request_timeout: DEFAULT_FIRST_REQUEST_TIMEOUT,
             max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
+            max_pending_per_source: DEFAULT_MAX_PENDING_PER_SOURCE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
 
-/// Accepts TCP connections, completes TLS handshakes (bounded in time and number) with the
-/// current server config, and yields the connections for `serve_with_incoming`. The stream
-/// ends when `shutdown` fires.
+/// The connections between `accept` and their first request bytes: how many from each
+/// address, and, oldest first, how to close each one.
+#[derive(Debug, Default)]
+struct PendingTable {
+    next: u64,
+    order: BTreeMap<u64, (IpAddr, oneshot::Sender<()>)>,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// Why a new connection gets no pending slot.
+enum Admission {
+    /// Admitted under this id; `evicted` says whether the oldest pending one was closed
+    /// to make room.
+    Admitted {
+        id: u64,
+        evicted: bool,
+    },
+    TooManyFromSource,
+}
+
+impl PendingTable {
+    fn admit(
+        &mut self,
+        source: IpAddr,
+        opts: &ListenerOptions,
+        close: oneshot::Sender<()>,
+    ) -> Admission {
+        let from_source = self.per_source.get(&source).copied().unwrap_or(0);
+        if from_source >= opts.max_pending_per_source {
+            return Admission::TooManyFromSource;
+        }
+        let mut evicted = false;
+        if self.order.len() >= opts.max_pending_handshakes.max(1) {
+            if let Some((_, (old_source, old_close))) = self.order.pop_first() {
+                self.release_source(old_source);
+                let _ = old_close.send(());
+                evicted = true;
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        self.order.insert(id, (source, close));
+        *self.per_source.entry(source).or_insert(0) += 1;
+        Admission::Admitted { id, evicted }
+    }
+
+    /// Removes `id` (a connection that got through or failed); an evicted one is gone
+    /// already.
+    fn remove(&mut self, id: u64) {
+        if let Some((source, _)) = self.order.remove(&id) {
+            self.release_source(source);
+        }
+    }
+
+    fn release_source(&mut self, source: IpAddr) {
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+    }
+}
+
+/// A pending connection's slot, given back when the connection gets through or fails.
+struct PendingSlot {
+    table: Arc<Mutex<PendingTable>>,
+    id: u64,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        lock(&self.table).remove(self.id);
+    }
+}
+
+fn lock(table: &Mutex<PendingTable>) -> std::sync::MutexGuard<'_, PendingTable> {
+    // Every update is one step under the lock; a panic elsewhere cannot leave it torn.
+    table.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts a connection closed before its first request, by `reason`.
+fn refuse(metrics: &ListenerMetrics, reason: &'static str) {
+    metrics
+        .refused
+        .get_or_create(&RefusalLabels { reason })
+        .inc();
+}
+
+/// Accepts TCP connections, completes TLS handshakes with the current server config, waits
+/// for the client's first request bytes, and yields the connections for
+/// `serve_with_incoming`. Everything before the first request is bounded in time, in number
+/// per source address and in total (the oldest pending connection makes room for a new
+/// one); connections in all are bounded by `max_connections` and the open-file limit. Each
+/// connection closed early is counted by reason. The stream ends when `shutdown` fires.
 pub fn tls_incoming(
     listener: TcpListener,
     config: watch::Receiver<Arc<rustls::ServerConfig>>,
@@ -172,57 +308,125 @@ pub fn tls_incoming(
     shutdown: drain::Watch,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let permits = Arc::new(Semaphore::new(opts.max_pending_handshakes));
+    let max_connections = opts
+        .max_connections
+        .min(crate::limits::connection_budget(1));
+    let connections = Arc::new(Semaphore::new(max_connections));
+    let pending = Arc::new(Mutex::new(PendingTable::default()));
+    let accept_errors = crate::limits::AcceptErrors::new(opts.name);
+    let at_limit = crate::limits::AtLimit::new(opts.name, max_connections);
+    tracing::debug!(
+        listener = opts.name,
+        max_connections,
+        max_pending = opts.max_pending_handshakes,
+        max_pending_per_source = opts.max_pending_per_source,
+        "TLS listener limits"
+    );
     tokio::spawn(async move {
         let stop = shutdown.signaled();
         tokio::pin!(stop);
         loop {
-            let permit = tokio::select! {
-                _ = &mut stop => break,
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
+            // Accept first, decide after: a connection left in the kernel's backlog is one
+            // nobody can count, close or explain.
             let (tcp, remote) = tokio::select! {
                 _ = &mut stop => break,
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        accept_errors.record(&e);
+                        tokio::time::sleep(crate::limits::ACCEPT_ERROR_BACKOFF).await;
                         continue;
                     }
                 },
+            };
+            let Ok(slot) = connections.clone().try_acquire_owned() else {
+                at_limit.record("are closed at once");
+                refuse(&metrics, "connection_limit");
+                continue;
+            };
+            let (close_tx, close_rx) = oneshot::channel();
+            let admitted = lock(&pending).admit(remote.ip(), &opts, close_tx);
+            let id = match admitted {
+                Admission::TooManyFromSource => {
+                    tracing::debug!(%remote, "closed: too many pending connections from this address");
+                    refuse(&metrics, "too_many_from_source");
+                    continue;
+                }
+                Admission::Admitted { id, evicted } => {
+                    if evicted {
+                        at_limit.record("close the oldest pending connection");
+                    }
+                    id
+                }
+            };
+            let pending_slot = PendingSlot {
+                table: pending.clone(),
+                id,
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             let metrics = metrics.clone();
-            let timeout = opts.handshake_timeout;
+            let opts = opts.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                let reason = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
-                        metrics.accepted.inc();
-                        let conn = TlsConnection {
-                            inner: stream,
-                            info: PeerInfo { remote, identity },
-                        };
-                        let _ = tx.send(Ok(conn)).await;
-                        return;
-                    }
-                    Ok(Err(e)) => classify_handshake_error(&e),
-                    Err(_) => "handshake_timeout",
+                let reason = tokio::select! {
+                    _ = close_rx => "pending_evicted",
+                    r = first_request(acceptor, tcp, remote, &opts) => match r {
+                        Ok((stream, first)) => {
+                            drop(pending_slot);
+                            let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
+                            metrics.accepted.inc();
+                            let conn = TlsConnection {
+                                inner: stream,
+                                info: PeerInfo { remote, identity },
+                                first,
+                                first_read: 0,
+                                _slot: slot,
+                            };
+                            let _ = tx.send(Ok(conn)).await;
+                            return;
+                        }
+                        Err(reason) => reason,
+                    },
                 };
-                tracing::debug!(%remote, reason, "connection refused during TLS handshake");
-                metrics
-                    .refused
-                    .get_or_create(&RefusalLabels { reason })
-                    .inc();
+                tracing::debug!(%remote, reason, "connection closed before its first request");
+                refuse(&metrics, reason);
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The TLS handshake and the client's first request bytes, each within its bound; the
+/// error is the reason label.
+async fn first_request(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    opts: &ListenerOptions,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Vec<u8>), &'static str> {
+    let mut stream = match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            let reason = classify_handshake_error(&e);
+            tracing::debug!(%remote, reason, error = %e, "TLS handshake failed");
+            return Err(reason);
+        }
+        Err(_) => return Err("handshake_timeout"),
+    };
+    // An HTTP/2 preface is 24 bytes; whatever the first read brings is given back to the
+    // server through `TlsConnection`.
+    let mut first = vec![0u8; 64];
+    match tokio::time::timeout(opts.first_request_timeout, stream.read(&mut first)).await {
+        Ok(Ok(0)) => Err("closed_early"),
+        Ok(Ok(n)) => {
+            first.truncate(n);
+            Ok((stream, first))
+        }
+        Ok(Err(e)) => Err(classify_handshake_error(&e)),
+        Err(_) => Err("silent_after_handshake"),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,4 +495,79 @@ fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(total: usize, per_source: usize) -> ListenerOptions {
+        ListenerOptions {
+            max_pending_handshakes: total,
+            max_pending_per_source: per_source,
+            ..ListenerOptions::default()
+        }
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn one_source_gets_its_share_and_no_more() {
+        let mut t = PendingTable::default();
+        let o = opts(10, 2);
+        let (tx, _rx1) = oneshot::channel();
+        assert!(matches!(
+            t.admit(ip(1), &o, tx),
+            Admission::Admitted {
+                id: 0,
+                evicted: false
+            }
+        ));
+        let (tx, _rx2) = oneshot::channel();
+        assert!(matches!(
+            t.admit(ip(1), &o, tx),
+            Admission::Admitted { id: 1, .. }
+        ));
+        let (tx, _rx3) = oneshot::channel();
+        assert!(matches!(
+            t.admit(ip(1), &o, tx),
+            Admission::TooManyFromSource
+        ));
+        // Another source is not affected; a finished one gives its place back.
+        let (tx, _rx4) = oneshot::channel();
+        assert!(matches!(t.admit(ip(2), &o, tx), Admission::Admitted { .. }));
+        t.remove(0);
+        let (tx, _rx5) = oneshot::channel();
+        assert!(matches!(t.admit(ip(1), &o, tx), Admission::Admitted { .. }));
+    }
+
+    #[test]
+    fn when_all_slots_are_taken_the_oldest_is_closed() {
+        let mut t = PendingTable::default();
+        let o = opts(2, 10);
+        let (tx, mut oldest) = oneshot::channel();
+        t.admit(ip(1), &o, tx);
+        let (tx, mut second) = oneshot::channel();
+        t.admit(ip(2), &o, tx);
+        let (tx, _third) = oneshot::channel();
+        assert!(matches!(
+            t.admit(ip(3), &o, tx),
+            Admission::Admitted {
+                id: 2,
+                evicted: true
+            }
+        ));
+        assert!(oldest.try_recv().is_ok(), "the oldest is told to close");
+        assert!(second.try_recv().is_err(), "the others stay");
+        assert_eq!(t.order.len(), 2);
+        assert!(
+            !t.per_source.contains_key(&ip(1)),
+            "its source's count is given back"
+        );
+        // Removing an evicted one again changes nothing.
+        t.remove(0);
+        assert_eq!(t.order.len(), 2);
+    }
 }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod drain;
 pub mod grpc;
 pub mod identity;
+pub mod limits;
 pub mod model;
 pub mod program;
 pub mod registration;

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use isthmus_proto::drain;
+use isthmus_proto::limits::{AcceptErrors, AtLimit, ACCEPT_ERROR_BACKOFF};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tracing::Instrument;
 
 use crate::metrics::{ConnResult, Direction};
@@ -34,9 +35,6 @@ pub const RECENT_CONNECTIONS: usize = 64;
 /// [`Tracker::drain`] waits for them to go: closing a socket takes no time, so this only
 /// bounds a connection task that is slow to notice.
 pub const FORCED_CLOSE_WAIT: Duration = Duration::from_secs(2);
-/// How long the accept loop waits after a failed `accept` (out of file descriptors and
-/// the like) before it tries again, instead of spinning.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 impl Default for Tracker {
     fn default() -> Self {
@@ -210,8 +208,10 @@ pub async fn serve<H: ConnectionHandler>(
     .await;
 }
 
-/// The accept loop every listener shares: at most `max_connections` held at once (the rest
-/// wait in the listen backlog), each registered with the tracker, run in its own task and
+/// The accept loop every listener shares: at most `max_connections` held at once, fewer when
+/// the open-file limit allows fewer (the rest wait in the listen backlog; meeting the limit
+/// and a failed `accept` are logged at most every 10 s and counted in
+/// `isthmus_listener_at_limit` and `isthmus_accept_errors`), each registered with the tracker, run in its own task and
 /// span by `handle`, and logged once when it ends. Returns when `shutdown` fires; open
 /// connections carry on and the caller drains them through the tracker.
 pub async fn accept_loop<F, Fut>(
@@ -225,20 +225,32 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, AccessRecord) -> Fut,
     Fut: Future<Output = AccessRecord> + Send + 'static,
 {
+    // Each relayed connection holds two descriptors (client and upstream); beyond what the
+    // open-file limit allows, `accept` or the upstream connect would fail instead.
+    let max_connections = max_connections.min(isthmus_proto::limits::connection_budget(2));
     let slots = Arc::new(Semaphore::new(max_connections));
+    let accept_errors = AcceptErrors::new(direction.as_str());
+    let at_limit = AtLimit::new(direction.as_str(), max_connections);
     let stop = shutdown.signaled();
     tokio::pin!(stop);
     loop {
-        let slot = tokio::select! {
-            _ = &mut stop => break,
-            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(TryAcquireError::Closed) => break,
+            Err(TryAcquireError::NoPermits) => {
+                at_limit.record("wait in the listen backlog");
+                tokio::select! {
+                    _ = &mut stop => break,
+                    s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+                }
+            }
         };
         let (tcp, client) = tokio::select! {
             _ = &mut stop => break,
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    accept_errors.record(&e);
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 }

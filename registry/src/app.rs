@@ -10,7 +10,8 @@
 //!    (readiness part "catalog"), then start the VM lease timer;
 //! 6. apply the resources directory once and start its poller ([`static_resources`];
 //!    part "resources", only with `--resources`);
-//! 7. start the upkeep: CA file watcher, token and VIP sweepers ([`upkeep`]);
+//! 7. start the upkeep: CA file watcher, token and VIP sweepers, and the store's write
+//!    health (a part "store writes (<cause>)" while writes fail) ([`upkeep`]);
 //! 8. serve gRPC: serving certificate and its renewer, Watch, Certificates, Registration
 //!    ([`grpc`]; part "grpc");
 //! 9. serve the sidecar injection webhook when configured, and keep the root-cert
@@ -218,7 +219,7 @@ async fn start(
     )
     .await?;
 
-    start_upkeep(cfg, &state, &metrics, &mut stop.tasks, signals);
+    start_upkeep(cfg, &state, &metrics, &readiness, &mut stop.tasks, signals);
     let kube_auth = kube_source.map(|source| kubernetes::token_auth(cfg, &source));
     serve_grpc(
         cfg,
@@ -270,14 +271,25 @@ fn serve_admin(
     });
 }
 
-/// Phase 7: the CA file watcher and the sweepers of tokens and VIPs.
+/// Phase 7: the store's write health, the CA file watcher and the sweepers of tokens and
+/// VIPs.
 fn start_upkeep(
     cfg: &RegistryConfig,
     state: &State,
     metrics: &Metrics,
+    readiness: &Readiness,
     tasks: &mut Tasks,
     signals: &Signals,
 ) {
+    tasks.spawn(
+        "store write health",
+        upkeep::follow_store_writes(
+            state.store.clone(),
+            readiness.clone(),
+            metrics.registry_metrics.store_writable.clone(),
+            signals.rest.clone(),
+        ),
+    );
     tasks.spawn(
         "bootstrap token sweeper",
         upkeep::forget_expired_tokens(state.store.clone(), signals.rest.clone()),

@@ -271,6 +271,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(EXIT_INVALID_CONFIG);
     }
+    isthmus_proto::limits::raise_fd_limit("isthmus-registry");
     let rt = match program::runtime(program::RuntimeSize::default()) {
         Ok(rt) => rt,
         Err(e) => {

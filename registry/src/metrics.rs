@@ -55,6 +55,8 @@ pub struct RegistryMetrics {
     pub ignored_documents: Family<IgnoredLabels, Gauge>,
     pub catalog_resources: Gauge,
     pub store_ops: Family<StoreOpLabels, Counter>,
+    /// 1 while the store takes writes, 0 while they fail (a full disk, say).
+    pub store_writable: Gauge,
     pub vips_allocated: Family<VipStateLabels, Gauge>,
     pub vip_allocation_failures: Counter,
 }
@@ -72,6 +74,7 @@ impl Default for RegistryMetrics {
             ignored_documents: Default::default(),
             catalog_resources: Default::default(),
             store_ops: Default::default(),
+            store_writable: Default::default(),
             vips_allocated: Default::default(),
             vip_allocation_failures: Default::default(),
         }
@@ -125,6 +128,11 @@ impl RegistryMetrics {
             "registry_store_operations",
             "Store operations, by operation and result",
             m.store_ops.clone(),
+        );
+        registry.register(
+            "registry_store_writable",
+            "1 while the store takes writes, 0 while they fail (a full disk, an I/O error)",
+            m.store_writable.clone(),
         );
         registry.register(
             "registry_vips_allocated",

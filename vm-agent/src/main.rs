@@ -306,6 +306,7 @@ fn run() -> anyhow::Result<()> {
     isthmus_proto::allocator::limit_arenas(MALLOC_ARENAS);
     // The blocking pool is bounded: `nft` runs there (see ARCHITECTURE.md), and a slow
     // nftables must never take more than a few threads.
+    isthmus_proto::limits::raise_fd_limit("isthmus-vm-agent");
     let rt = program::runtime(program::RuntimeSize {
         worker_threads: Some(worker_threads),
         max_blocking_threads: Some(MAX_BLOCKING_THREADS),

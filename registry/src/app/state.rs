@@ -41,6 +41,7 @@ impl Metrics {
         let leases = LeaseMetrics::register(&mut prom);
         let registration = RegistrationMetrics::register(&mut prom);
         let listener = ListenerMetrics::register(&mut prom);
+        isthmus_proto::limits::register(&mut prom);
         Self {
             registry: Arc::new(Mutex::new(prom)),
             registry_metrics,

@@ -1,14 +1,17 @@
 //! The registry's periodic upkeep, each a task that sleeps between rounds and stops on the
-//! shutdown signal: forgetting redeemed bootstrap tokens past their expiry, and freeing VIPs
-//! released longer than the grace period ago.
+//! shutdown signal: forgetting redeemed bootstrap tokens past their expiry, freeing VIPs
+//! released longer than the grace period ago, and following whether the store takes writes
+//! (not ready, and retried, while it does not).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_proto::drain;
+use isthmus_proto::program::{Readiness, ReadyPart};
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::ingest::Ingest;
-use crate::store::Store;
+use crate::store::{Store, WriteHealth, RECOVERY_INTERVAL};
 use crate::vips::VIP_GC_INTERVAL;
 
 /// How often redeemed bootstrap tokens past their expiry are forgotten.
@@ -50,6 +53,50 @@ pub(super) async fn free_expired_vips(ingest: Ingest, grace: Duration, shutdown:
                 "freed VIPs past their release grace period"
             ),
             Err(e) => tracing::warn!(error = %e, "cannot free expired VIPs; retrying later"),
+        }
+    }
+}
+
+/// While the store's writes fail, the registry is not ready (the part names the cause, so
+/// `/readyz` says "waiting for store writes (the disk holding … is full …)"), the gauge is
+/// 0, and the store is tried again every [`RECOVERY_INTERVAL`] until writes succeed.
+pub(super) async fn follow_store_writes(
+    store: Arc<dyn Store>,
+    readiness: Readiness,
+    writable: Gauge,
+    shutdown: drain::Watch,
+) {
+    let mut health = store.write_health();
+    let mut not_ready: Option<ReadyPart> = None;
+    let stop = shutdown.signaled();
+    tokio::pin!(stop);
+    loop {
+        let current = health.borrow_and_update().clone();
+        match &current {
+            WriteHealth::Writable => {
+                writable.set(1);
+                if not_ready.take().is_some() {
+                    tracing::info!(store = store.kind(), "the store takes writes again");
+                }
+            }
+            WriteHealth::Unwritable { why } => {
+                writable.set(0);
+                if not_ready.is_none() {
+                    tracing::error!(store = store.kind(), %why, "store writes fail: not ready, writes refused, retrying every {}s", RECOVERY_INTERVAL.as_secs());
+                }
+                // A new cause replaces the old part, so `/readyz` names the current one.
+                not_ready = Some(readiness.part(&format!("store writes ({why})")));
+            }
+        }
+        let unwritable = current != WriteHealth::Writable;
+        tokio::select! {
+            _ = &mut stop => return,
+            changed = health.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(RECOVERY_INTERVAL), if unwritable => {
+                if let Err(e) = store.recover().await {
+                    tracing::debug!(error = %e, "the store still refuses writes");
+                }
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use isthmus_proto::drain;
+use isthmus_proto::grpc::ListenerOptions;
 use isthmus_proto::program::Tasks;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -57,7 +58,10 @@ pub(super) async fn start(
             server::serve(
                 listener,
                 rx,
-                cfg.listener.clone(),
+                ListenerOptions {
+                    name: "webhook",
+                    ..cfg.listener.clone()
+                },
                 server::routes(settings, metrics.clone()),
                 metrics.clone(),
                 shutdown.clone(),

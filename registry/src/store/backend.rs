@@ -56,8 +56,30 @@ pub enum StoreError {
         table: Table,
         why: String,
     },
+    /// Writes fail for a reason outside the registry (a full disk, an I/O error); they are
+    /// refused until a retry succeeds, without a restart.
+    #[error(
+        "cannot write to the store {path}: {why}; writes are refused until it is fixed (retried every \
+         {retry_s} s, no restart needed)"
+    )]
+    Unwritable {
+        path: String,
+        why: String,
+        retry_s: u64,
+    },
     #[error("store task failed: {0}")]
     Task(String),
+}
+
+/// Whether a store's writes succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteHealth {
+    Writable,
+    /// Writes fail; `why` names the cause and the file or disk ("the disk holding … is
+    /// full").
+    Unwritable {
+        why: String,
+    },
 }
 
 /// A durable map of tables. Every method is atomic on its own; `apply` is atomic for the
@@ -76,6 +98,18 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<bool, StoreError>;
     /// A short name for logs and metrics (`"embedded"`).
     fn kind(&self) -> &'static str;
+
+    /// Follows whether writes succeed. A store that cannot lose its writability on its own
+    /// keeps the default: always writable.
+    fn write_health(&self) -> tokio::sync::watch::Receiver<WriteHealth> {
+        tokio::sync::watch::channel(WriteHealth::Writable).1
+    }
+
+    /// Tries to make an unwritable store writable again (reopening it, say); `Ok` once
+    /// writes succeed.
+    async fn recover(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     async fn put(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         self.apply(table, vec![Op::Put(key.to_string(), value)])

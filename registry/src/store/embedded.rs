@@ -5,26 +5,55 @@
 //! gets durable state with nothing to install or operate. Each commit is fsync'd, so a
 //! redeemed token is on disk before the certificate it paid for is returned.
 
+// redb's own error is large (160 bytes); it only travels from a blocking call to the
+// store's method that turns it into a `StoreError`, once per operation.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, TableDefinition};
+use tokio::sync::watch;
 
-use super::backend::{Op, Store, StoreError, Table};
+use super::backend::{Op, Store, StoreError, Table, WriteHealth};
 
 pub const DB_FILE: &str = "isthmus.redb";
 /// redb's page cache. The catalog lives in memory anyway (the store is read at start and
 /// written through), so a small cache is enough and keeps the registry's footprint honest.
 pub const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// How often an unwritable store is reopened to see whether writes succeed again. After one
+/// failed write (a full disk, say) redb refuses every later operation until the database
+/// is opened anew.
+pub const RECOVERY_INTERVAL: Duration = Duration::from_secs(2);
+/// What a recovery writes beside the store (and removes) to see that the disk takes writes
+/// again: a few of redb's pages' worth, so that a disk with room for a header but not for
+/// a commit is not taken for a recovered one.
+const PROBE_BYTES: usize = 256 * 1024;
 
 fn def(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     TableDefinition::new(table.name())
 }
 
+fn builder() -> redb::Builder {
+    let mut b = redb::Builder::new();
+    b.set_cache_size(CACHE_BYTES);
+    b
+}
+
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     path: PathBuf,
+    /// `None` between closing a failed database and opening it again.
+    db: RwLock<Option<Database>>,
+    health: watch::Sender<WriteHealth>,
+    /// When a reopen was last tried, so that refused writes do not reopen the file each time.
+    last_recovery: Mutex<Option<Instant>>,
 }
 
 impl EmbeddedStore {
@@ -44,11 +73,6 @@ impl EmbeddedStore {
             why,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let builder = || {
-            let mut b = redb::Builder::new();
-            b.set_cache_size(CACHE_BYTES);
-            b
-        };
         let db = match std::fs::metadata(&path) {
             Ok(md) if md.len() == 0 => {
                 return Err(damaged(
@@ -78,7 +102,16 @@ impl EmbeddedStore {
                     Err(_) => return Err(damaged(PANICKED.into())),
                 };
                 // Checked on a copy, so that checking never writes to the store itself.
-                check_copy(&path).map_err(damaged)?;
+                match check_copy(&path) {
+                    Ok(()) => {}
+                    Err(CheckFailure::Copy(e)) => {
+                        return Err(open_err(format!(
+                            "cannot copy it to check it: {}",
+                            describe_io(&e, &path)
+                        )))
+                    }
+                    Err(CheckFailure::Damage(why)) => return Err(damaged(why)),
+                }
                 db
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => builder()
@@ -87,30 +120,188 @@ impl EmbeddedStore {
             Err(e) => return Err(open_err(e.to_string())),
         };
         // Create every table up front so that reads never meet a missing table.
-        let tx = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-        for t in Table::ALL {
-            tx.open_table(def(t)).map_err(|e| open_err(e.to_string()))?;
-        }
-        tx.commit().map_err(|e| open_err(e.to_string()))?;
+        create_tables(&db).map_err(|e| open_err(e.to_string()))?;
         Ok(Self {
-            db: Arc::new(db),
-            path,
+            inner: Arc::new(Inner {
+                path,
+                db: RwLock::new(Some(db)),
+                health: watch::channel(WriteHealth::Writable).0,
+                last_recovery: Mutex::new(None),
+            }),
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
-    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    async fn blocking<T, F>(
+        &self,
+        op: &'static str,
+        table: Table,
+        write: bool,
+        f: F,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
     {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.run(op, table, write, f))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+impl Inner {
+    /// Runs `f` on the database. While writes fail, a write is refused at once (after a
+    /// reopen, when one is due); a failure of the disk under `f` makes the store unwritable.
+    fn run<T>(
+        &self,
+        op: &'static str,
+        table: Table,
+        write: bool,
+        f: impl FnOnce(&Database) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        if !self.is_writable() && self.recovery_due() {
+            let _ = self.reopen();
+        }
+        if write && !self.is_writable() {
+            return Err(self.unwritable());
+        }
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = db.as_ref() else {
+            return Err(self.unwritable());
+        };
+        f(db).map_err(|e| match disk_failure(&e, &self.path) {
+            Some(why) => {
+                self.mark_unwritable(why);
+                self.unwritable()
+            }
+            None => StoreError::Backend {
+                op,
+                table,
+                why: e.to_string(),
+            },
+        })
+    }
+
+    fn is_writable(&self) -> bool {
+        matches!(*self.health.borrow(), WriteHealth::Writable)
+    }
+
+    fn recovery_due(&self) -> bool {
+        let last = self.last_recovery.lock().unwrap_or_else(|p| p.into_inner());
+        last.is_none_or(|at| at.elapsed() >= RECOVERY_INTERVAL)
+    }
+
+    fn mark_unwritable(&self, why: String) {
+        self.health.send_if_modified(|h| match h {
+            // The first cause stays: what follows ("previous I/O error") only repeats it.
+            WriteHealth::Unwritable { .. } => false,
+            WriteHealth::Writable => {
+                *h = WriteHealth::Unwritable { why };
+                true
+            }
+        });
+    }
+
+    fn unwritable(&self) -> StoreError {
+        let why = match &*self.health.borrow() {
+            WriteHealth::Unwritable { why } => why.clone(),
+            WriteHealth::Writable => "the database is being reopened".to_string(),
+        };
+        StoreError::Unwritable {
+            path: self.path.display().to_string(),
+            why,
+            retry_s: RECOVERY_INTERVAL.as_secs(),
+        }
+    }
+
+    /// Closes the database and opens it again (redb refuses everything after one failed
+    /// write until then), then checks that the disk takes a write. Writable again on
+    /// success; the cause of the failure otherwise.
+    fn reopen(&self) -> Result<(), StoreError> {
+        *self.last_recovery.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // The old one goes first: the file is locked by whichever database has it open.
+        *slot = None;
+        let failed = |why: String| {
+            self.health
+                .send_replace(WriteHealth::Unwritable { why: why.clone() });
+            self.unwritable()
+        };
+        probe_disk(&self.path).map_err(|e| failed(describe_io(&e, &self.path)))?;
+        let path = self.path.clone();
+        let db = match std::panic::catch_unwind(move || builder().open(&path)) {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => {
+                let e = redb::Error::from(e);
+                let why = disk_failure(&e, &self.path)
+                    .unwrap_or_else(|| format!("it cannot be opened again ({e})"));
+                return Err(failed(why));
+            }
+            Err(_) => return Err(failed(PANICKED.into())),
+        };
+        let committed = create_tables(&db);
+        *slot = Some(db);
+        match committed {
+            Ok(()) => {
+                self.health.send_replace(WriteHealth::Writable);
+                Ok(())
+            }
+            Err(e) => {
+                let why = disk_failure(&e, &self.path).unwrap_or_else(|| e.to_string());
+                Err(failed(why))
+            }
+        }
+    }
+}
+
+/// Creates every table that is missing, in one commit.
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    let tx = db.begin_write()?;
+    for t in Table::ALL {
+        tx.open_table(def(t))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Writes [`PROBE_BYTES`] beside the store, syncs and removes them.
+fn probe_disk(store: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let probe = store.with_extension("redb.probe");
+    let written = std::fs::File::create(&probe).and_then(|mut f| {
+        f.write_all(&vec![0u8; PROBE_BYTES])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&probe);
+    written
+}
+
+/// The operator's words for a failure of the disk under the store (`None` when `e` is not
+/// one): a full disk or quota names the filesystem to free space on.
+fn disk_failure(e: &redb::Error, path: &Path) -> Option<String> {
+    match e {
+        redb::Error::Io(io) => Some(describe_io(io, path)),
+        redb::Error::PreviousIo => {
+            Some("an earlier write failed and the database must be reopened (an I/O error)".into())
+        }
+        _ => None,
+    }
+}
+
+fn describe_io(e: &std::io::Error, path: &Path) -> String {
+    let dir = path.parent().unwrap_or(path).display();
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            format!("the disk holding {dir} is full ({e}): free space on it")
+        }
+        std::io::ErrorKind::QuotaExceeded => {
+            format!("the disk quota for {dir} is exhausted ({e}): free space or raise the quota")
+        }
+        _ => format!("I/O error on {dir} ({e})"),
     }
 }
 
@@ -120,9 +311,12 @@ const PANICKED: &str = "the database library could not read it (see the message 
 /// redb's integrity check passes. redb panics on some damaged files (a truncated one, say)
 /// instead of returning an error, which would be a crash loop under systemd; a panic here is
 /// read as damage. The copy is removed afterwards.
-fn check_copy(path: &Path) -> Result<(), String> {
+fn check_copy(path: &Path) -> Result<(), CheckFailure> {
     let copy = path.with_extension("redb.check");
-    std::fs::copy(path, &copy).map_err(|e| format!("cannot copy it to check it: {e}"))?;
+    if let Err(e) = std::fs::copy(path, &copy) {
+        let _ = std::fs::remove_file(&copy);
+        return Err(CheckFailure::Copy(e));
+    }
     let checked = std::panic::catch_unwind(|| -> Result<(), String> {
         let mut db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
@@ -142,9 +336,16 @@ fn check_copy(path: &Path) -> Result<(), String> {
     });
     let _ = std::fs::remove_file(&copy);
     match checked {
-        Ok(result) => result,
-        Err(_) => Err(PANICKED.into()),
+        Ok(result) => result.map_err(CheckFailure::Damage),
+        Err(_) => Err(CheckFailure::Damage(PANICKED.into())),
     }
+}
+
+/// Why [`check_copy`] failed: the copy could not be made (a full disk is not a damaged
+/// store), or the store is damaged.
+enum CheckFailure {
+    Copy(std::io::Error),
+    Damage(String),
 }
 
 /// Reads every row of every table that exists.
@@ -167,32 +368,26 @@ fn read_everything(db: &Database) -> Result<(), String> {
     Ok(())
 }
 
-fn backend(op: &'static str, table: Table) -> impl Fn(String) -> StoreError {
-    move |why| StoreError::Backend { op, table, why }
-}
-
 #[async_trait::async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_string();
-        self.blocking(move |db| {
-            let e = backend("get", table);
-            let tx = db.begin_read().map_err(|x| e(x.to_string()))?;
-            let t = tx.open_table(def(table)).map_err(|x| e(x.to_string()))?;
-            let v = t.get(key.as_str()).map_err(|x| e(x.to_string()))?;
+        self.blocking("get", table, false, move |db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(def(table))?;
+            let v = t.get(key.as_str())?;
             Ok(v.map(|v| v.value().to_vec()))
         })
         .await
     }
 
     async fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.blocking(move |db| {
-            let e = backend("list", table);
-            let tx = db.begin_read().map_err(|x| e(x.to_string()))?;
-            let t = tx.open_table(def(table)).map_err(|x| e(x.to_string()))?;
+        self.blocking("list", table, false, move |db| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(def(table))?;
             let mut out = Vec::new();
-            for item in t.iter().map_err(|x| e(x.to_string()))? {
-                let (k, v) = item.map_err(|x| e(x.to_string()))?;
+            for item in t.iter()? {
+                let (k, v) = item?;
                 out.push((k.value().to_string(), v.value().to_vec()));
             }
             Ok(out)
@@ -204,24 +399,23 @@ impl Store for EmbeddedStore {
         if ops.is_empty() {
             return Ok(());
         }
-        self.blocking(move |db| {
-            let e = backend("apply", table);
-            let tx = db.begin_write().map_err(|x| e(x.to_string()))?;
+        self.blocking("apply", table, true, move |db| {
+            let tx = db.begin_write()?;
             {
-                let mut t = tx.open_table(def(table)).map_err(|x| e(x.to_string()))?;
+                let mut t = tx.open_table(def(table))?;
                 for op in &ops {
                     match op {
                         Op::Put(k, v) => {
-                            t.insert(k.as_str(), v.as_slice())
-                                .map_err(|x| e(x.to_string()))?;
+                            t.insert(k.as_str(), v.as_slice())?;
                         }
                         Op::Delete(k) => {
-                            t.remove(k.as_str()).map_err(|x| e(x.to_string()))?;
+                            t.remove(k.as_str())?;
                         }
                     }
                 }
             }
-            tx.commit().map_err(|x| e(x.to_string()))
+            tx.commit()?;
+            Ok(())
         })
         .await
     }
@@ -233,20 +427,18 @@ impl Store for EmbeddedStore {
         value: Vec<u8>,
     ) -> Result<bool, StoreError> {
         let key = key.to_string();
-        self.blocking(move |db| {
-            let e = backend("insert_if_absent", table);
+        self.blocking("insert_if_absent", table, true, move |db| {
             // redb serialises write transactions, so check-then-insert inside one is atomic.
-            let tx = db.begin_write().map_err(|x| e(x.to_string()))?;
+            let tx = db.begin_write()?;
             let wrote = {
-                let mut t = tx.open_table(def(table)).map_err(|x| e(x.to_string()))?;
-                let exists = t.get(key.as_str()).map_err(|x| e(x.to_string()))?.is_some();
+                let mut t = tx.open_table(def(table))?;
+                let exists = t.get(key.as_str())?.is_some();
                 if !exists {
-                    t.insert(key.as_str(), value.as_slice())
-                        .map_err(|x| e(x.to_string()))?;
+                    t.insert(key.as_str(), value.as_slice())?;
                 }
                 !exists
             };
-            tx.commit().map_err(|x| e(x.to_string()))?;
+            tx.commit()?;
             Ok(wrote)
         })
         .await
@@ -254,6 +446,23 @@ impl Store for EmbeddedStore {
 
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+
+    fn write_health(&self) -> watch::Receiver<WriteHealth> {
+        self.inner.health.subscribe()
+    }
+
+    async fn recover(&self) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            if inner.is_writable() {
+                Ok(())
+            } else {
+                inner.reopen()
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 }
 

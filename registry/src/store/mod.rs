@@ -9,5 +9,5 @@ mod backend;
 pub(crate) mod battery;
 mod embedded;
 
-pub use backend::{Op, Store, StoreError, Table};
-pub use embedded::EmbeddedStore;
+pub use backend::{Op, Store, StoreError, Table, WriteHealth};
+pub use embedded::{EmbeddedStore, RECOVERY_INTERVAL};

@@ -69,6 +69,7 @@ impl Inputs {
         let (creds_tx, creds) = watch::channel(Arc::new(id.creds.clone()));
         let (group_tx, group) = watch::channel(registration::load_group(&config.group_path()));
         let mut registry = Registry::default();
+        isthmus_proto::limits::register(registry.sub_registry_with_prefix("isthmus"));
         let inputs = Self {
             hello: hello(&checked.bundle, &config, id.address),
             metrics: Arc::new(Metrics::register(&mut registry, crate::metrics::PREFIX)),
