@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use isthmus_proxy::authz::{AuthorizationPolicy, Rule};
 use isthmus_tests::harness::mesh::{
-    self, host, id, yaml, Call, Mesh, Workload, APP_PORT, SNI_PORT, SVC_PORT,
+    self, host, id, on, yaml, Call, Mesh, Workload, APP_PORT, SNI_PORT, SVC_PORT,
 };
 use isthmus_tests::harness::netns::Net;
 use isthmus_tests::harness::process::workspace_binary;
@@ -255,7 +255,7 @@ async fn traffic_moves_off_dead_endpoints_then_fails_over_to_the_local_network()
             );
         }
     }
-    let text = http_get(gw_b.admin_addr.unwrap(), "/metrics")
+    let text = http_get(gw_b.metrics_addr.unwrap(), "/metrics")
         .await
         .unwrap()
         .1;
@@ -315,7 +315,8 @@ async fn gateway_keeps_routing_through_a_registry_outage_and_resumes() {
             "reviews-b1"
         );
     }
-    let (_, dump) = http_get(gw_b.admin_addr.unwrap(), "/config_dump")
+    let admin = gw_b.admin_addr.unwrap();
+    let (_, dump) = on(m.rt(Net::B), async move { http_get(admin, "/config_dump").await })
         .await
         .unwrap();
     assert!(dump.contains("\"connected\":false"), "{dump}");
@@ -387,7 +388,9 @@ async fn sigterm_drains_the_gateway_process() {
         "--sni-addr",
         &format!("{gw_ip}:{SNI_PORT}"),
         "--admin-addr",
-        &format!("{gw_ip}:15000"),
+        "127.0.0.1:15000",
+        "--metrics-addr",
+        &format!("{gw_ip}:15020"),
         "--health-addr",
         &format!("{gw_ip}:15021"),
         "--drain-deadline",

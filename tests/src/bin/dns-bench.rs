@@ -474,6 +474,7 @@ fn main() -> anyhow::Result<()> {
         let mut c = pinned(&server_cpu, isthmus_bin.to_str().context("path")?);
         c.args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--registry", &reg.grpc_addr().to_string()])
             .arg("--root")
             .arg(cert_dir.join("root-cert.pem"))
