@@ -211,7 +211,17 @@ pub fn tls_incoming(
                         let _ = tx.send(Ok(conn)).await;
                         return;
                     }
-                    Ok(Err(e)) => classify_handshake_error(&e),
+                    Ok(Err(e)) => {
+                        let reason = classify_handshake_error(&e);
+                        // A certificate refused either way is an operator's problem to
+                        // fix: said with its cause. Garbage and early closes stay at debug.
+                        if let Some(cause) = tls::failure::cause_in(&e).filter(|_| {
+                            matches!(reason, "peer_rejected" | "peer_alert" | "no_client_certificate")
+                        }) {
+                            tracing::warn!(%remote, reason, %cause, "TLS handshake refused");
+                        }
+                        reason
+                    }
                     Err(_) => "handshake_timeout",
                 };
                 tracing::debug!(%remote, reason, "connection refused during TLS handshake");
@@ -229,12 +239,24 @@ pub fn tls_incoming(
 pub enum ConnectError {
     #[error("{addr:?} is not a host:port address")]
     BadAddress { addr: String },
-    #[error("cannot connect to {addr}: {source} (is the registry running and is its gRPC port reachable?)")]
+    /// Display: the TLS cause when the handshake failed (it is not a reachability
+    /// problem), else the whole chain and what to check.
+    #[error("cannot connect to {addr}: {}", connect_cause(.error))]
     Connect {
         addr: String,
-        #[source]
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
+}
+
+/// Why a connection failed: the handshake's cause, or every cause of the chain.
+fn connect_cause(e: &tonic::transport::Error) -> String {
+    match tls::failure::cause_in(e) {
+        Some(cause) => format!("TLS handshake failed: {cause}"),
+        None => format!(
+            "{} (is the registry running and is its gRPC port reachable?)",
+            crate::program::error_chain(e)
+        ),
+    }
 }
 
 /// An mTLS gRPC channel to `addr` (`host:port`), verified with `tls`.
@@ -263,14 +285,40 @@ pub async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Chann
                     })
                     .to_owned();
                 let tls = connector.connect(name, tcp).await?;
-                Ok::<_, io::Error>(TokioIo::new(tls))
+                Ok::<_, io::Error>(TokioIo::new(server_first_flight(tls).await?))
             }
         }))
         .await
-        .map_err(|source| ConnectError::Connect {
+        .map_err(|error| ConnectError::Connect {
             addr: addr.to_string(),
-            source,
+            error,
         })
+}
+
+/// A client connection whose server has spoken first.
+type Replayed = tokio::io::Join<
+    tokio::io::Chain<io::Cursor<Vec<u8>>, tokio::io::ReadHalf<ClientTlsStream>>,
+    tokio::io::WriteHalf<ClientTlsStream>,
+>;
+type ClientTlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Waits for the server's first bytes before handing the connection to HTTP/2, and replays
+/// them. In TLS 1.3 a server refuses a client certificate after the client's handshake is
+/// done: its alert arrives with the first read, and inside h2 it would lose its type and
+/// surface as a bare "transport error" at the first request. Read here, the refusal is a
+/// connect error whose cause [`tls::failure`] names. An HTTP/2 server speaks first (its
+/// SETTINGS), so an accepted connection waits no longer than that; a server silent for the
+/// connect timeout is handed over as it is.
+async fn server_first_flight(mut tls: ClientTlsStream) -> io::Result<Replayed> {
+    use tokio::io::AsyncReadExt;
+    let mut first = vec![0u8; 16 * 1024];
+    let n = match tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, tls.read(&mut first)).await {
+        Ok(read) => read?,
+        Err(_) => 0,
+    };
+    first.truncate(n);
+    let (read, write) = tokio::io::split(tls);
+    Ok(tokio::io::join(io::Cursor::new(first).chain(read), write))
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {
