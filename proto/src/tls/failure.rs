@@ -18,7 +18,7 @@ use rustls::pki_types::UnixTime;
 use rustls::{AlertDescription, CertificateError};
 
 /// A peer certificate that chains to the root but whose identity this side refuses.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityRefusal {
     #[error(
         "trust-domain mismatch: the peer identity {peer} is outside the trust domain \
@@ -40,6 +40,15 @@ pub enum IdentityRefusal {
     NotAllowed { peer: String, allowed: String },
     #[error("the peer's certificate has no usable SPIFFE identity: {0}")]
     NoIdentity(String),
+}
+
+/// The operator's words: rustls renders a refusal it carries with `Debug`
+/// (`invalid peer certificate: Other(OtherError(..))`), and that text should name the cause
+/// too.
+impl std::fmt::Debug for IdentityRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 fn aliases_text(aliases: &[String]) -> String {
