@@ -253,7 +253,9 @@ mod tests {
             req.extensions_mut().insert(ConnectInfo(peer));
             let resp = router.clone().oneshot(req).await.unwrap();
             let status = resp.status().as_u16();
-            let body = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
             let body = String::from_utf8_lossy(&body);
             assert_eq!(status, want, "{method} {path} from {peer}: {body}");
             if want == 403 {

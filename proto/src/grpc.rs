@@ -216,7 +216,10 @@ pub fn tls_incoming(
                         // A certificate refused either way is an operator's problem to
                         // fix: said with its cause. Garbage and early closes stay at debug.
                         if let Some(cause) = tls::failure::cause_in(&e).filter(|_| {
-                            matches!(reason, "peer_rejected" | "peer_alert" | "no_client_certificate")
+                            matches!(
+                                reason,
+                                "peer_rejected" | "peer_alert" | "no_client_certificate"
+                            )
                         }) {
                             tracing::warn!(%remote, reason, %cause, "TLS handshake refused");
                         }

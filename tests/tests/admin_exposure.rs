@@ -26,9 +26,12 @@ async fn from_network_a(
     admin: SocketAddr,
     private: &[(&'static str, &'static str)],
 ) -> Vec<String> {
-    let (status, metrics) = on(m.rt(Net::A), async move { http_get(scrape, "/metrics").await })
-        .await
-        .unwrap_or_else(|e| panic!("scraping {scrape} from network A: {e}"));
+    let (status, metrics) = on(
+        m.rt(Net::A),
+        async move { http_get(scrape, "/metrics").await },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("scraping {scrape} from network A: {e}"));
     assert_eq!(status, 200, "{metrics}");
     assert!(metrics.contains("isthmus_"), "{metrics}");
     let mut refusals = Vec::new();
@@ -100,9 +103,12 @@ async fn bad_input_gateway_admin_from_the_network_is_not_even_reachable() {
     let gw = m.gateway(Net::B).await;
     let metrics = gw.metrics_addr.expect("metrics port");
     assert_eq!(metrics.ip(), IpAddr::V4(m.topo.gateway_addr(Net::B)));
-    let (status, body) = on(m.rt(Net::A), async move { http_get(metrics, "/metrics").await })
-        .await
-        .unwrap();
+    let (status, body) = on(
+        m.rt(Net::A),
+        async move { http_get(metrics, "/metrics").await },
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("isthmus_gateway_"), "{body}");
     // The metrics port serves nothing else.
@@ -123,9 +129,11 @@ async fn bad_input_gateway_admin_from_the_network_is_not_even_reachable() {
     .expect_err("the gateway's admin answered from the network");
     assert!(err.to_string().contains("refused"), "{err}");
     // Inside B, on loopback, it answers.
-    let (status, dump) = on(m.rt(Net::B), async move { http_get(admin, "/config_dump").await })
-        .await
-        .unwrap();
+    let (status, dump) = on(m.rt(Net::B), async move {
+        http_get(admin, "/config_dump").await
+    })
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{dump}");
     assert!(dump.contains("\"effective\""), "{dump}");
 }
@@ -160,10 +168,16 @@ async fn bad_input_agent_admin_opened_to_the_network_still_refuses_it() {
         ("POST", "/logging?level=trace"),
     ];
     from_network_a(&m, scrape, admin, &private).await;
-    let (status, metrics) = on(m.rt(Net::A), async move { http_get(admin, "/metrics").await })
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "/metrics stays public on the admin port: {metrics}");
+    let (status, metrics) = on(
+        m.rt(Net::A),
+        async move { http_get(admin, "/metrics").await },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status, 200,
+        "/metrics stays public on the admin port: {metrics}"
+    );
     // The agent keeps serving: on its own loopback the dump answers.
     let dump = vm.admin("/config_dump").await;
     assert!(dump.is_object(), "{dump}");

@@ -316,9 +316,11 @@ async fn gateway_keeps_routing_through_a_registry_outage_and_resumes() {
         );
     }
     let admin = gw_b.admin_addr.unwrap();
-    let (_, dump) = on(m.rt(Net::B), async move { http_get(admin, "/config_dump").await })
-        .await
-        .unwrap();
+    let (_, dump) = on(m.rt(Net::B), async move {
+        http_get(admin, "/config_dump").await
+    })
+    .await
+    .unwrap();
     assert!(dump.contains("\"connected\":false"), "{dump}");
     assert!(dump.contains(&host("reviews")), "{dump}");
 

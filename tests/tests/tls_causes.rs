@@ -91,7 +91,10 @@ async fn client_error(
 
 /// The registry still serves a good client.
 async fn still_serving(reg: &TestRegistry) {
-    let good = reg.credentials("shop", "good").await.expect("a good client");
+    let good = reg
+        .credentials("shop", "good")
+        .await
+        .expect("a good client");
     let cfg = tls::client_config(
         Some(&good),
         &reg.bundle(),
@@ -213,8 +216,13 @@ async fn bad_input_tls_client_certificate_expired() {
     let reg = registry().await;
     let two_hours_ago = time::OffsetDateTime::now_utc() - Duration::from_secs(2 * 3600);
     let expired = signed(&reg, &id(TRUST_DOMAIN, "late"), two_hours_ago);
-    let err = client_error(&reg, Some(&expired), &reg.bundle(), ServerIdentity::TrustDomain)
-        .await;
+    let err = client_error(
+        &reg,
+        Some(&expired),
+        &reg.bundle(),
+        ServerIdentity::TrustDomain,
+    )
+    .await;
     assert!(err.contains("expired or not yet valid"), "{err}");
     registry_logged(&["certificate expired", "ago by this host's clock"]).await;
     still_serving(&reg).await;
@@ -225,8 +233,13 @@ async fn bad_input_tls_client_certificate_not_yet_valid_names_the_skew() {
     let reg = registry().await;
     let in_two_hours = time::OffsetDateTime::now_utc() + Duration::from_secs(2 * 3600);
     let early = signed(&reg, &id(TRUST_DOMAIN, "early"), in_two_hours);
-    let err = client_error(&reg, Some(&early), &reg.bundle(), ServerIdentity::TrustDomain)
-        .await;
+    let err = client_error(
+        &reg,
+        Some(&early),
+        &reg.bundle(),
+        ServerIdentity::TrustDomain,
+    )
+    .await;
     assert!(err.contains("expired or not yet valid"), "{err}");
     assert!(err.contains("check the clocks"), "{err}");
     // Two hours ahead, less the few minutes the CA backdates a certificate by.
@@ -255,11 +268,7 @@ async fn bad_input_vm_bundle_trust_domain_that_disagrees_with_the_root() {
     };
     let root = std::fs::read_to_string(reg.ca_root()).unwrap();
     let write = |b: &AgentBundle| {
-        std::fs::write(
-            AgentBundle::config_path(dir.path()),
-            serde_yaml_text(b),
-        )
-        .unwrap();
+        std::fs::write(AgentBundle::config_path(dir.path()), serde_yaml_text(b)).unwrap();
         std::fs::write(AgentBundle::root_cert_path(dir.path()), &root).unwrap();
     };
     write(&bundle);

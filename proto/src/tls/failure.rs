@@ -147,16 +147,22 @@ fn describe_certificate(c: &CertificateError) -> String {
 /// This side's certificate, refused by the peer: the alert is all the peer says.
 fn describe_alert(alert: AlertDescription) -> String {
     let why = match alert {
-        AlertDescription::UnknownCA => "unknown issuer: the peer does not know the issuer of \
-            this side's certificate (the two sides trust different roots)",
-        AlertDescription::CertificateExpired => "this side's certificate is expired or not yet \
+        AlertDescription::UnknownCA => {
+            "unknown issuer: the peer does not know the issuer of \
+            this side's certificate (the two sides trust different roots)"
+        }
+        AlertDescription::CertificateExpired => {
+            "this side's certificate is expired or not yet \
             valid for the peer: renew it, or check the clocks of both hosts (the peer's log \
-            names the dates and the skew)",
+            names the dates and the skew)"
+        }
         AlertDescription::CertificateUnknown
         | AlertDescription::BadCertificate
-        | AlertDescription::AccessDenied => "the peer refused this side's identity (a \
+        | AlertDescription::AccessDenied => {
+            "the peer refused this side's identity (a \
             trust-domain mismatch or an identity it does not allow; the peer's log names both \
-            sides)",
+            sides)"
+        }
         AlertDescription::CertificateRequired => {
             "the peer requires a client certificate and this side sent none"
         }
@@ -249,10 +255,22 @@ mod tests {
     fn the_refused_side_reads_the_alert() {
         for (alert, words) in [
             (AlertDescription::UnknownCA, "unknown issuer"),
-            (AlertDescription::CertificateExpired, "expired or not yet valid"),
-            (AlertDescription::CertificateUnknown, "refused this side's identity"),
-            (AlertDescription::CertificateRequired, "requires a client certificate"),
-            (AlertDescription::ProtocolVersion, "TLS alert ProtocolVersion"),
+            (
+                AlertDescription::CertificateExpired,
+                "expired or not yet valid",
+            ),
+            (
+                AlertDescription::CertificateUnknown,
+                "refused this side's identity",
+            ),
+            (
+                AlertDescription::CertificateRequired,
+                "requires a client certificate",
+            ),
+            (
+                AlertDescription::ProtocolVersion,
+                "TLS alert ProtocolVersion",
+            ),
         ] {
             let text = describe(&rustls::Error::AlertReceived(alert));
             assert!(text.contains(words), "{alert:?}: {text}");
