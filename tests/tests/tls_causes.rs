@@ -120,135 +120,149 @@ fn signed(reg: &TestRegistry, identity: &SpiffeId, from: time::OffsetDateTime) -
     Credentials::from_pem(&chain.concat(), &key).unwrap()
 }
 
+/// One refused handshake: what the client presents and trusts, and the words its error
+/// and the registry's log must hold.
+struct Case<'a> {
+    creds: Option<Credentials>,
+    bundle: TrustBundle,
+    expected: ServerIdentity,
+    client_says: &'a [&'a str],
+    registry_logs: &'a [&'a str],
+}
+
+/// Runs `case` against `reg`: both sides name the cause, and the registry keeps serving.
+async fn refused(reg: &TestRegistry, case: Case<'_>) {
+    let err = client_error(reg, case.creds.as_ref(), &case.bundle, case.expected).await;
+    for words in case.client_says {
+        assert!(err.contains(words), "{words:?} missing: {err}");
+    }
+    assert!(!err.contains("is the registry running"), "{err}");
+    registry_logged(case.registry_logs).await;
+    still_serving(reg).await;
+}
+
+/// A client presenting `creds`, trusting the registry's root.
+fn presenting(reg: &TestRegistry, creds: Credentials) -> (Option<Credentials>, TrustBundle) {
+    (Some(creds), reg.bundle())
+}
+
 #[tokio::test]
 async fn bad_input_tls_client_certificate_of_an_unknown_issuer() {
     let reg = registry().await;
     let stranger = TestCa::new(TRUST_DOMAIN).leaf(&id(TRUST_DOMAIN, "stranger"));
-    let err = client_error(
-        &reg,
-        Some(&stranger),
-        &reg.bundle(),
-        ServerIdentity::TrustDomain,
-    )
-    .await;
-    assert!(
-        err.contains("unknown issuer") && err.contains("does not know the issuer"),
-        "{err}"
-    );
-    assert!(!err.contains("is the registry running"), "{err}");
-    registry_logged(&["unknown issuer", "does not chain to this side's mesh root"]).await;
-    still_serving(&reg).await;
+    let (creds, bundle) = presenting(&reg, stranger);
+    let case = Case {
+        creds,
+        bundle,
+        expected: ServerIdentity::TrustDomain,
+        client_says: &["unknown issuer", "does not know the issuer"],
+        registry_logs: &["unknown issuer", "does not chain to this side's mesh root"],
+    };
+    refused(&reg, case).await;
 }
 
 #[tokio::test]
 async fn bad_input_tls_registry_certificate_of_an_unknown_issuer() {
     let reg = registry().await;
-    let other_root = TestCa::new(TRUST_DOMAIN).bundle();
-    let err = client_error(&reg, None, &other_root, ServerIdentity::TrustDomain).await;
-    assert!(
-        err.contains("TLS handshake failed")
-            && err.contains("unknown issuer")
-            && err.contains("does not chain to this side's mesh root"),
-        "{err}"
-    );
-    registry_logged(&["unknown issuer", "does not know the issuer of this side's"]).await;
-    still_serving(&reg).await;
+    let case = Case {
+        creds: None,
+        bundle: TestCa::new(TRUST_DOMAIN).bundle(),
+        expected: ServerIdentity::TrustDomain,
+        client_says: &[
+            "TLS handshake failed",
+            "unknown issuer",
+            "does not chain to this side's mesh root",
+        ],
+        registry_logs: &["unknown issuer", "does not know the issuer of this side's"],
+    };
+    refused(&reg, case).await;
 }
 
 #[tokio::test]
 async fn bad_input_tls_client_trust_domain_differs_from_the_registrys() {
     // The case: a client told another trust domain than the registry's root has.
     let reg = registry().await;
-    let theirs = TrustBundle::new(reg.bundle().roots().to_vec(), "other.example", &[]).unwrap();
-    let err = client_error(&reg, None, &theirs, ServerIdentity::TrustDomain).await;
-    assert!(
-        err.contains("trust-domain mismatch")
-            && err.contains("\"other.example\"")
-            && err.contains("\"cluster.local\""),
-        "{err}"
-    );
-    assert!(!err.contains("is the registry running"), "{err}");
-    registry_logged(&["refused this side's identity"]).await;
-    still_serving(&reg).await;
+    let case = Case {
+        creds: None,
+        bundle: TrustBundle::new(reg.bundle().roots().to_vec(), "other.example", &[]).unwrap(),
+        expected: ServerIdentity::TrustDomain,
+        client_says: &[
+            "trust-domain mismatch",
+            "\"other.example\"",
+            "\"cluster.local\"",
+        ],
+        registry_logs: &["refused this side's identity"],
+    };
+    refused(&reg, case).await;
 }
 
 #[tokio::test]
 async fn bad_input_tls_client_identity_outside_the_registrys_trust_domain() {
     let reg = registry().await;
-    let foreign = signed(
-        &reg,
-        &id("other.example", "web"),
-        time::OffsetDateTime::now_utc(),
-    );
-    let err = client_error(
-        &reg,
-        Some(&foreign),
-        &reg.bundle(),
-        ServerIdentity::TrustDomain,
-    )
-    .await;
-    assert!(err.contains("refused this side's identity"), "{err}");
-    registry_logged(&[
-        "trust-domain mismatch",
-        "spiffe://other.example/ns/shop/sa/web",
-        "\"cluster.local\"",
-    ])
-    .await;
-    still_serving(&reg).await;
+    let now = time::OffsetDateTime::now_utc();
+    let (creds, bundle) = presenting(&reg, signed(&reg, &id("other.example", "web"), now));
+    let case = Case {
+        creds,
+        bundle,
+        expected: ServerIdentity::TrustDomain,
+        client_says: &["refused this side's identity"],
+        registry_logs: &[
+            "trust-domain mismatch",
+            "spiffe://other.example/ns/shop/sa/web",
+            "\"cluster.local\"",
+        ],
+    };
+    refused(&reg, case).await;
 }
 
 #[tokio::test]
 async fn bad_input_tls_registry_identity_not_allowed() {
     let reg = registry().await;
-    let only = ServerIdentity::OneOf(vec![id(TRUST_DOMAIN, "someone-else")]);
-    let err = client_error(&reg, None, &reg.bundle(), only).await;
-    assert!(
-        err.contains("identity not allowed")
-            && err.contains("spiffe://cluster.local/ns/shop/sa/someone-else"),
-        "{err}"
-    );
-    registry_logged(&["refused this side's identity"]).await;
-    still_serving(&reg).await;
+    let case = Case {
+        creds: None,
+        bundle: reg.bundle(),
+        expected: ServerIdentity::OneOf(vec![id(TRUST_DOMAIN, "someone-else")]),
+        client_says: &[
+            "identity not allowed",
+            "spiffe://cluster.local/ns/shop/sa/someone-else",
+        ],
+        registry_logs: &["refused this side's identity"],
+    };
+    refused(&reg, case).await;
 }
 
 #[tokio::test]
 async fn bad_input_tls_client_certificate_expired() {
     let reg = registry().await;
     let two_hours_ago = time::OffsetDateTime::now_utc() - Duration::from_secs(2 * 3600);
-    let expired = signed(&reg, &id(TRUST_DOMAIN, "late"), two_hours_ago);
-    let err = client_error(
-        &reg,
-        Some(&expired),
-        &reg.bundle(),
-        ServerIdentity::TrustDomain,
-    )
-    .await;
-    assert!(err.contains("expired or not yet valid"), "{err}");
-    registry_logged(&["certificate expired", "ago by this host's clock"]).await;
-    still_serving(&reg).await;
+    let (creds, bundle) = presenting(&reg, signed(&reg, &id(TRUST_DOMAIN, "late"), two_hours_ago));
+    let case = Case {
+        creds,
+        bundle,
+        expected: ServerIdentity::TrustDomain,
+        client_says: &["expired or not yet valid"],
+        registry_logs: &["certificate expired", "ago by this host's clock"],
+    };
+    refused(&reg, case).await;
 }
 
 #[tokio::test]
 async fn bad_input_tls_client_certificate_not_yet_valid_names_the_skew() {
     let reg = registry().await;
     let in_two_hours = time::OffsetDateTime::now_utc() + Duration::from_secs(2 * 3600);
-    let early = signed(&reg, &id(TRUST_DOMAIN, "early"), in_two_hours);
-    let err = client_error(
-        &reg,
-        Some(&early),
-        &reg.bundle(),
-        ServerIdentity::TrustDomain,
-    )
-    .await;
-    assert!(err.contains("expired or not yet valid"), "{err}");
-    assert!(err.contains("check the clocks"), "{err}");
-    // Two hours ahead, less the few minutes the CA backdates a certificate by.
-    registry_logged(&[
-        "certificate not yet valid",
-        "ahead of this host's clock: clock skew of 1h 5",
-    ])
-    .await;
-    still_serving(&reg).await;
+    let (creds, bundle) = presenting(&reg, signed(&reg, &id(TRUST_DOMAIN, "early"), in_two_hours));
+    let case = Case {
+        creds,
+        bundle,
+        expected: ServerIdentity::TrustDomain,
+        client_says: &["expired or not yet valid", "check the clocks"],
+        // Two hours ahead, less the few minutes the CA backdates a certificate by.
+        registry_logs: &[
+            "certificate not yet valid",
+            "ahead of this host's clock: clock skew of 1h 5",
+        ],
+    };
+    refused(&reg, case).await;
 }
 
 #[tokio::test]
