@@ -27,19 +27,21 @@
 # range, never a real network; the test harness uses 198.18.1-250):
 #
 #   root namespace: isthmus-root 198.18.0.1/24, isthmus-registry on 198.18.0.1
-#        |                                        (gRPC 15012, admin 15014)
+#        |                          (gRPC 15012; admin 15014 on 127.0.0.1, where its
+#        |                           /debug/* answers)
 #   isthmus-wan: bridge br0 ── vh
 #                           ├─ va ── wan0 198.18.0.10/24 in isthmus-net-a (network-a)
 #                           └─ vb ── wan0 198.18.0.20/24 in isthmus-net-b (network-b)
 #
-#   isthmus-net-X: the gateway of network-X on its wan0 address (SNI 15443, admin 15000,
-#                  health 15021); forwarding on (in this namespace only); the nftables
+#   isthmus-net-X: the gateway of network-X on its wan0 address (SNI 15443, metrics
+#                  15020, health 15021; admin 127.0.0.1:15000 inside the namespace); forwarding on (in this namespace only); the nftables
 #                  table inet isthmus-quickstart masquerades what the VM sends out of wan0
 #     vm-X 169.254.1.1/32 ── eth0 10.10.0.7/32 in isthmus-vm-X (the VM), whose default
 #     route 10.10.0.7/32 dev vm-X                route is via 169.254.1.1
 #
 #   isthmus-vm-X: sample-app on 0.0.0.0:9080 (its source is deploy/sample-app),
-#                 isthmus-vm-agent (admin 127.0.0.1:15000, health 0.0.0.0:15021);
+#                 isthmus-vm-agent (admin 127.0.0.1:15000, metrics 0.0.0.0:15020,
+#                 health 0.0.0.0:15021);
 #                 /etc/netns/isthmus-vm-X/resolv.conf says
 #                 nameserver 10.10.0.53, and the agent answers the mesh names sent there
 #
@@ -61,7 +63,7 @@ bin="$target/release"
 wan=${ISTHMUS_WAN_PREFIX:-198.18.0}
 registry_ip="$wan.1"
 grpc="$registry_ip:15012"
-admin="$registry_ip:15014"
+admin="127.0.0.1:15014"
 vm_ip=10.10.0.7
 nameserver=10.10.0.53
 next_hop=169.254.1.1
@@ -445,7 +447,7 @@ start_gateway() {
   start "gateway-$x" "$(ns_net "$x")" "$bin/isthmus-gateway" \
     --network "$(network "$x")" --cluster "$cluster" --registry "$grpc" \
     --root "$state/ca/root-cert.pem" --cert-dir "$state/gateway-$x" --token "$token" \
-    --sni-addr "$gw:15443" --admin-addr "$gw:15000" --health-addr "$gw:15021" \
+    --sni-addr "$gw:15443" --admin-addr 127.0.0.1:15000 --metrics-addr "$gw:15020" --health-addr "$gw:15021" \
     --drain-deadline 5s
 }
 
@@ -566,14 +568,15 @@ The local mesh keeps running. Poke around (as root):
     ip netns exec isthmus-vm-b curl -s http://frontend.shop.svc.cluster.local:9080/
     ip netns exec isthmus-vm-a dig reviews.shop.svc.cluster.local
     ip netns exec isthmus-vm-a bash          (a shell on VM A)
-  The agents (admin on 127.0.0.1:15000, health on :15021, inside each VM):
+  The agents (admin on 127.0.0.1:15000, metrics on :15020, health on :15021, inside each VM):
     ip netns exec isthmus-vm-a curl -s http://127.0.0.1:15000/debug/connections
     ip netns exec isthmus-vm-b curl -s http://127.0.0.1:15021/healthz/ready
     ip netns exec isthmus-vm-a nft list ruleset
   The registry and the gateways, from this shell:
     curl -s 'http://$admin/debug/catalog?network=network-a'
     curl -s http://$admin/debug/registrations
-    curl -s http://$(gw_ip b):15000/config_dump
+    ip netns exec isthmus-net-b curl -s http://127.0.0.1:15000/config_dump
+    curl -s http://$(gw_ip b):15020/metrics
     $bin/isthmusctl catalog --registry $grpc \\
       --root $state/ca/root-cert.pem --cert-dir $state/gateway-a --network network-a
   deploy/quickstart.sh status        (as root)

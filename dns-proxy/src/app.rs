@@ -46,6 +46,8 @@ pub struct DnsHandle {
     /// Where DNS is served, over both UDP and TCP.
     pub dns_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    /// `/metrics` alone, for scrapers on the network.
+    pub metrics_addr: Option<SocketAddr>,
     pub resolver: Arc<Resolver>,
     pub metrics: Arc<Metrics>,
     /// The catalog state the name table answers from: it turns synced only once the table
@@ -59,6 +61,7 @@ impl std::fmt::Debug for DnsHandle {
         f.debug_struct("DnsHandle")
             .field("dns_addr", &self.dns_addr)
             .field("admin_addr", &self.admin_addr)
+            .field("metrics_addr", &self.metrics_addr)
             .finish()
     }
 }
@@ -139,6 +142,12 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
         &accept_watch,
     )?;
     purge::start(&resolver, &metrics, &mut tasks, &rest_watch);
+    let metrics_addr = bound
+        .metrics
+        .map(|l| {
+            isthmus_proto::admin::spawn_metrics(&mut tasks, l, registry.clone(), rest_watch.clone())
+        })
+        .transpose()?;
     let admin_addr = admin::start(
         bound.admin,
         admin::Dump::new(&config, &upstreams, &resolver, &sync),
@@ -148,10 +157,11 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
         &rest_watch,
     )?;
 
-    tracing::info!(%dns_addr, ?admin_addr, upstreams = ?upstreams, "dns proxy serving");
+    tracing::info!(%dns_addr, ?admin_addr, ?metrics_addr, upstreams = ?upstreams, "dns proxy serving");
     Ok(DnsHandle {
         dns_addr,
         admin_addr,
+        metrics_addr,
         resolver,
         metrics,
         sync: answering_rx,

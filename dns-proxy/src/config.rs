@@ -12,7 +12,11 @@ use crate::forwarder::UpstreamMode;
 
 /// Istio's DNS proxy port.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15053";
+/// Admin (`/config_dump`, `/logging`) on loopback: all but `/metrics` and health answer
+/// loopback peers only.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+/// `/metrics` for scrapers on the network (Istio's merged-metrics port).
+pub const DEFAULT_METRICS: &str = "0.0.0.0:15020";
 pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 /// TTL of mesh answers: short, so a moved VIP or endpoint is picked up quickly, long enough
@@ -54,6 +58,8 @@ pub use isthmus_proto::subscription::RegistrySettings;
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    /// `/metrics` alone, for scrapers on the network.
+    pub metrics_addr: Option<SocketAddr>,
     pub registry: RegistrySettings,
     pub node_id: String,
     pub network: String,
@@ -101,6 +107,7 @@ impl Config {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("literal"),
             admin_addr: Some(DEFAULT_ADMIN.parse().expect("literal")),
+            metrics_addr: Some(DEFAULT_METRICS.parse().expect("literal")),
             registry,
             node_id: format!("dns-{}", std::process::id()),
             network: network.into(),

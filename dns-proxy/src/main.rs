@@ -18,9 +18,13 @@ struct Args {
     /// UDP and TCP address to serve DNS on.
     #[arg(long, default_value = config::DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// Admin HTTP address (/metrics, /healthz, /readyz, /config_dump).
+    /// Admin HTTP address (/config_dump, /logging, /metrics, /healthz, /readyz): all but
+    /// /metrics and health answer loopback peers only; reach it remotely with an ssh tunnel.
     #[arg(long, default_value = config::DEFAULT_ADMIN)]
     admin_addr: SocketAddr,
+    /// /metrics alone, for scrapers on the network (Istio's merged-metrics port).
+    #[arg(long, default_value = config::DEFAULT_METRICS)]
+    metrics_addr: SocketAddr,
     #[command(flatten)]
     registry: RegistryFlags,
     /// This proxy's network (it sees the catalog as this network does).
@@ -96,6 +100,7 @@ fn run() -> anyhow::Result<()> {
     let mut cfg = Config::new(&a.network, &a.cluster, a.registry.settings()?);
     cfg.listen = a.listen;
     cfg.admin_addr = Some(a.admin_addr);
+    cfg.metrics_addr = Some(a.metrics_addr);
     cfg.namespace = a.namespace;
     cfg.cluster_domain = a.cluster_domain;
     cfg.upstreams = a.upstreams;

@@ -39,6 +39,7 @@ pub const METRICS_PREFIX: &str = "isthmus_gateway";
 pub struct GatewayHandle {
     pub sni_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub metrics: Arc<Metrics>,
@@ -53,6 +54,7 @@ impl std::fmt::Debug for GatewayHandle {
         f.debug_struct("GatewayHandle")
             .field("sni_addr", &self.sni_addr)
             .field("admin_addr", &self.admin_addr)
+            .field("metrics_addr", &self.metrics_addr)
             .field("health_addr", &self.health_addr)
             .finish()
     }
@@ -86,6 +88,7 @@ impl Program for GatewayHandle {
 struct Listeners {
     sni: TcpListener,
     admin: Option<TcpListener>,
+    metrics: Option<TcpListener>,
     health: Option<TcpListener>,
 }
 
@@ -138,6 +141,15 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
         Some(l) => Some(serve_admin(&config, l, &catalog, &mut w)?),
         None => None,
     };
+    let metrics_addr = match listeners.metrics {
+        Some(l) => Some(admin::spawn_metrics(
+            &mut w.tasks,
+            l,
+            w.registry.clone(),
+            w.shutdown.clone(),
+        )?),
+        None => None,
+    };
     let health_addr = match listeners.health {
         Some(l) => Some(serve_health(l, &mut w)?),
         None => None,
@@ -147,6 +159,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
         network = %config.network,
         %sni_addr,
         ?admin_addr,
+        ?metrics_addr,
         ?health_addr,
         registry = %config.registry.addr,
         "east-west gateway serving"
@@ -154,6 +167,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     Ok(GatewayHandle {
         sni_addr,
         admin_addr,
+        metrics_addr,
         health_addr,
         routes: catalog.routes,
         metrics: w.metrics,
@@ -176,6 +190,7 @@ async fn bind(config: &GatewayConfig) -> anyhow::Result<Listeners> {
     Ok(Listeners {
         sni: program::bind(config.sni_addr, "SNI passthrough").await?,
         admin: program::bind_optional(config.admin_addr, "admin").await?,
+        metrics: program::bind_optional(config.metrics_addr, "metrics").await?,
         health: program::bind_optional(config.health_addr, "health").await?,
     })
 }

@@ -14,7 +14,11 @@ use isthmus_proxy::upstream::{self, ConnectOptions};
 use serde::Serialize;
 
 pub const DEFAULT_SNI_ADDR: &str = "0.0.0.0:15443";
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15000";
+/// Admin (`/config_dump`, `/logging`, `/debug/*`) on loopback: it reveals the catalog and
+/// changes state; operators reach it over ssh or `kubectl port-forward`.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// `/metrics` for scrapers on the network (Istio's merged-metrics port).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
 /// Time a client has to send a complete ClientHello. Real clients send it in their first
 /// segment; the bound is for clients that connect and say nothing.
@@ -41,6 +45,8 @@ pub struct GatewayConfig {
     pub token: Option<String>,
     pub sni_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    /// `/metrics` alone, for scrapers on the network.
+    pub metrics_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -80,6 +86,7 @@ impl GatewayConfig {
             token: None,
             sni_addr: DEFAULT_SNI_ADDR.parse().expect("valid default"),
             admin_addr: Some(DEFAULT_ADMIN_ADDR.parse().expect("valid default")),
+            metrics_addr: Some(DEFAULT_METRICS_ADDR.parse().expect("valid default")),
             health_addr: Some(DEFAULT_HEALTH_ADDR.parse().expect("valid default")),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connect_timeout: upstream::DEFAULT_CONNECT_TIMEOUT,
@@ -213,6 +220,7 @@ impl GatewayConfig {
         let listeners = [
             ("--sni-addr", Some(self.sni_addr)),
             ("--admin-addr", self.admin_addr),
+            ("--metrics-addr", self.metrics_addr),
             ("--health-addr", self.health_addr),
         ];
         for (i, (flag, addr)) in listeners.iter().enumerate() {

@@ -37,9 +37,14 @@ struct Args {
     /// TLS SNI passthrough listener.
     #[arg(long, default_value = config::DEFAULT_SNI_ADDR)]
     sni_addr: SocketAddr,
-    /// Admin HTTP (/metrics, /config_dump, /logging).
+    /// Admin HTTP (/config_dump, /logging, /debug/*, /metrics): on loopback by default, and
+    /// all but /metrics, /healthz and /readyz answer loopback peers only whatever the
+    /// address; reach it remotely with an ssh tunnel or kubectl port-forward.
     #[arg(long, default_value = config::DEFAULT_ADMIN_ADDR)]
     admin_addr: SocketAddr,
+    /// /metrics alone, for scrapers on the network (Istio's merged-metrics port).
+    #[arg(long, default_value = config::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
     /// Health HTTP (/healthz/ready).
     #[arg(long, default_value = config::DEFAULT_HEALTH_ADDR)]
     health_addr: SocketAddr,
@@ -86,6 +91,7 @@ impl Args {
         cfg.locality = Locality::parse(&a.locality);
         cfg.sni_addr = a.sni_addr;
         cfg.admin_addr = Some(a.admin_addr);
+        cfg.metrics_addr = Some(a.metrics_addr);
         cfg.health_addr = Some(a.health_addr);
         cfg.handshake_timeout = a.handshake_timeout.0;
         cfg.connect_timeout = a.connect_timeout.0;

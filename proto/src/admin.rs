@@ -1,12 +1,19 @@
 //! The admin HTTP server every program runs: `/metrics`, `/healthz`, `/readyz`, `/logging`
 //! (GET shows the log filter, POST `?level=<filter>` changes it), plus the program's own
 //! routes (`/debug/*`, `/config_dump`).
+//!
+//! Only `/metrics`, `/healthz` and `/readyz` ([`PUBLIC_PATHS`]) answer any peer: everything
+//! else reveals the catalog or the configuration, or changes state, and answers a loopback
+//! peer alone, whatever address the port is bound to. Others get 403 saying how to reach
+//! it (an ssh tunnel or `kubectl port-forward`, which both arrive on loopback).
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::Query;
+use axum::extract::{ConnectInfo, Query, Request};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
@@ -16,7 +23,11 @@ use crate::drain;
 
 pub use crate::program::Readiness;
 
-/// Serves the admin routes on `listener` until `shutdown` fires.
+/// The admin paths any peer may read: what scrapers and orchestrators' probes need.
+pub const PUBLIC_PATHS: &[&str] = &["/metrics", "/healthz", "/readyz"];
+
+/// Serves the admin routes on `listener` until `shutdown` fires; all but [`PUBLIC_PATHS`]
+/// to loopback peers only.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Mutex<Registry>>,
@@ -29,10 +40,48 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", ready_route(readiness))
         .route("/logging", get(show_logging).post(set_logging))
-        .merge(extra);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.signaled())
-        .await
+        .merge(extra)
+        .layer(middleware::from_fn(loopback_unless_public));
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.signaled())
+    .await
+}
+
+/// Lets a request through when its path is public or its peer is on loopback; answers
+/// 403 naming the path, the peer and the way in otherwise.
+async fn loopback_unless_public(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    if PUBLIC_PATHS.contains(&path) || is_loopback(peer) {
+        return next.run(request).await;
+    }
+    let refusal = format!(
+        "{method} {path} is refused to {peer}: only {public} answer from the network; \
+         everything else on the admin port reveals configuration or changes state and \
+         answers loopback only. Reach it from the host itself, through an ssh tunnel \
+         (ssh -L PORT:127.0.0.1:PORT HOST) or kubectl port-forward.\n",
+        method = request.method(),
+        peer = peer.ip(),
+        public = PUBLIC_PATHS.join(", "),
+    );
+    tracing::info!(%peer, %path, "admin request from a non-loopback peer refused");
+    (StatusCode::FORBIDDEN, refusal).into_response()
+}
+
+/// A loopback peer, including an IPv4 one on a dual-stack socket (`::ffff:127.0.0.1`).
+fn is_loopback(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
 }
 
 /// Serves `/metrics` alone on `listener` until `shutdown` fires: the port scrapers reach
@@ -46,6 +95,22 @@ pub async fn serve_metrics(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.signaled())
         .await
+}
+
+/// [`serve_metrics`] as the task "metrics" of `tasks`, a failure logged; the bound address.
+pub fn spawn_metrics(
+    tasks: &mut crate::program::Tasks,
+    listener: TcpListener,
+    metrics: Arc<Mutex<Registry>>,
+    shutdown: drain::Watch,
+) -> std::io::Result<SocketAddr> {
+    let bound = listener.local_addr()?;
+    tasks.spawn("metrics", async move {
+        if let Err(e) = serve_metrics(listener, metrics, shutdown).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(bound)
 }
 
 /// The registry's metrics in Prometheus' text format, at each request.
@@ -160,6 +225,50 @@ mod tests {
                 .map(|(_, b)| b.to_string())
                 .unwrap_or_default(),
         )
+    }
+
+    #[tokio::test]
+    async fn bad_input_admin_route_from_off_loopback_is_refused_but_metrics_answer() {
+        use tower::ServiceExt;
+        let router = Router::new()
+            .route("/metrics", get(|| async { "metrics\n" }))
+            .route("/config_dump", get(|| async { "secret\n" }))
+            .layer(middleware::from_fn(loopback_unless_public));
+        for (peer, method, path, want) in [
+            ("10.0.0.9:4000", "GET", "/metrics", 200),
+            ("10.0.0.9:4000", "GET", "/config_dump", 403),
+            ("10.0.0.9:4000", "POST", "/logging?level=trace", 403),
+            ("10.0.0.9:4000", "GET", "/debug/anything", 403),
+            ("[::ffff:10.0.0.9]:4000", "GET", "/config_dump", 403),
+            ("127.0.0.1:4000", "GET", "/config_dump", 200),
+            ("[::1]:4000", "GET", "/config_dump", 200),
+            ("[::ffff:127.0.0.1]:4000", "GET", "/config_dump", 200),
+        ] {
+            let mut req = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let peer: SocketAddr = peer.parse().unwrap();
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let resp = router.clone().oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let body = String::from_utf8_lossy(&body);
+            assert_eq!(status, want, "{method} {path} from {peer}: {body}");
+            if want == 403 {
+                let bare = path.split('?').next().unwrap();
+                assert!(
+                    body.contains(bare)
+                        && body.contains(&peer.ip().to_string())
+                        && body.contains("ssh -L")
+                        && body.contains("port-forward"),
+                    "{body}"
+                );
+            }
+        }
     }
 
     #[tokio::test]

@@ -29,6 +29,9 @@ pub const MAX_BUNDLE_FILE_BYTES: u64 = 64 * 1024;
 pub struct AgentBundle {
     /// The registry's gRPC address, `host:port`.
     pub registry: String,
+    /// Absent or empty: the trust domain the root certificate names (the default trust
+    /// domain for a root that names none); present, it must agree with the root.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub trust_domain: String,
     /// The cluster whose registry (and CA) the VM joins.
     pub cluster: String,
@@ -83,7 +86,7 @@ impl AgentBundle {
     pub fn load(dir: &Path) -> Result<Self, BundleError> {
         let config_path = Self::config_path(dir);
         let text = read_bounded(&config_path)?;
-        let bundle = Self::from_yaml(&config_path, &text)?;
+        let mut bundle = Self::from_yaml(&config_path, &text)?;
         let root_path = Self::root_cert_path(dir);
         let root = read_bounded(&root_path)?;
         let roots = crate::tls::parse_certs(&root_path, root.as_bytes()).map_err(|e| {
@@ -95,6 +98,12 @@ impl AgentBundle {
                 )],
             }
         })?;
+        if bundle.trust_domain.is_empty() {
+            bundle.trust_domain = roots
+                .first()
+                .and_then(|c| crate::tls::trust_domain_of_ca(c))
+                .unwrap_or_else(|| crate::subscription::DEFAULT_TRUST_DOMAIN.to_string());
+        }
         if let Some(why) = roots
             .iter()
             .find_map(|c| root_problem(c, &bundle.trust_domain))
@@ -161,8 +170,11 @@ impl AgentBundle {
         if let Err(why) = check_host_port(&self.registry) {
             problems.push("registry", why);
         }
-        if let Err(e) = TrustDomain::new(&self.trust_domain) {
-            problems.push("trustDomain", e.to_string());
+        // Empty: the root's, filled in by `load`.
+        if !self.trust_domain.is_empty() {
+            if let Err(e) = TrustDomain::new(&self.trust_domain) {
+                problems.push("trustDomain", e.to_string());
+            }
         }
         for (field, what, value) in [
             ("cluster", "cluster", &self.cluster),
@@ -297,21 +309,15 @@ fn root_problem(cert: &rustls_pki_types::CertificateDer<'_>, trust_domain: &str)
             x509.validity().not_after
         ));
     }
-    if let Ok(Some(san)) = x509.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::URI(u) = name {
-                if let Some(td) = u.strip_prefix("spiffe://") {
-                    let td = td.trim_end_matches('/');
-                    if td != trust_domain {
-                        return Some(format!(
-                            "this is the root of trust domain {td:?}, but {AGENT_CONFIG_FILE} says trustDomain {trust_domain:?}: wrong root-cert.pem"
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    None
+    crate::tls::trust_domain_of_ca(cert)
+        .filter(|td| td != trust_domain)
+        .map(|td| {
+            format!(
+                "this is the root of trust domain {td:?}, but {AGENT_CONFIG_FILE} says \
+                 trustDomain {trust_domain:?}: wrong root-cert.pem, or drop trustDomain to \
+                 take the root's"
+            )
+        })
 }
 
 fn check_host_port(s: &str) -> Result<(), String> {

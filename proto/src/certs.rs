@@ -223,7 +223,11 @@ pub async fn send_certificate_request(
     let resp = client
         .create_certificate(req)
         .await
-        .map_err(|s| CertsError::Refused(format!("{:?}: {}", s.code(), s.message())))?
+        .map_err(|s| match crate::tls::failure::cause_in(&s) {
+            // TLS 1.3 reports a refused client certificate at the first request.
+            Some(cause) => CertsError::Connect(format!("TLS handshake failed: {cause}")),
+            None => CertsError::Refused(format!("{:?}: {}", s.code(), s.message())),
+        })?
         .into_inner();
     if resp.cert_chain_pem.is_empty() {
         return Err(CertsError::EmptyChain);

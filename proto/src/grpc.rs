@@ -408,11 +408,7 @@ async fn first_request(
     let mut stream = match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await
     {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            let reason = classify_handshake_error(&e);
-            tracing::debug!(%remote, reason, error = %e, "TLS handshake failed");
-            return Err(reason);
-        }
+        Ok(Err(e)) => return Err(handshake_refused(remote, &e)),
         Err(_) => return Err("handshake_timeout"),
     };
     // An HTTP/2 preface is 24 bytes; whatever the first read brings is given back to the
@@ -424,21 +420,50 @@ async fn first_request(
             first.truncate(n);
             Ok((stream, first))
         }
-        Ok(Err(e)) => Err(classify_handshake_error(&e)),
+        // A client that refuses our certificate says so with its first bytes.
+        Ok(Err(e)) => Err(handshake_refused(remote, &e)),
         Err(_) => Err("silent_after_handshake"),
     }
+}
+
+/// The reason a TLS handshake failed. A certificate refused either way is an operator's
+/// problem to fix, said at warn with its cause; garbage and early closes stay at debug.
+fn handshake_refused(remote: SocketAddr, e: &io::Error) -> &'static str {
+    let reason = classify_handshake_error(e);
+    match tls::failure::cause_in(e).filter(|_| {
+        matches!(
+            reason,
+            "peer_rejected" | "peer_alert" | "no_client_certificate"
+        )
+    }) {
+        Some(cause) => tracing::warn!(%remote, reason, %cause, "TLS handshake refused"),
+        None => tracing::debug!(%remote, reason, error = %e, "TLS handshake failed"),
+    }
+    reason
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("{addr:?} is not a host:port address")]
     BadAddress { addr: String },
-    #[error("cannot connect to {addr}: {source} (is the registry running and is its gRPC port reachable?)")]
+    /// Display: the TLS cause when the handshake failed (it is not a reachability
+    /// problem), else the whole chain and what to check.
+    #[error("cannot connect to {addr}: {}", connect_cause(.error))]
     Connect {
         addr: String,
-        #[source]
-        source: tonic::transport::Error,
+        error: tonic::transport::Error,
     },
+}
+
+/// Why a connection failed: the handshake's cause, or every cause of the chain.
+fn connect_cause(e: &tonic::transport::Error) -> String {
+    match tls::failure::cause_in(e) {
+        Some(cause) => format!("TLS handshake failed: {cause}"),
+        None => format!(
+            "{} (is the registry running and is its gRPC port reachable?)",
+            crate::program::error_chain(e)
+        ),
+    }
 }
 
 /// An mTLS gRPC channel to `addr` (`host:port`), verified with `tls`.
@@ -467,19 +492,102 @@ pub async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Chann
                     })
                     .to_owned();
                 let tls = connector.connect(name, tcp).await?;
-                Ok::<_, io::Error>(TokioIo::new(tls))
+                Ok::<_, io::Error>(TokioIo::new(server_first_flight(tls).await?))
             }
         }))
         .await
-        .map_err(|source| ConnectError::Connect {
+        .map_err(|error| ConnectError::Connect {
             addr: addr.to_string(),
-            source,
+            error,
         })
 }
 
 /// Checks that `addr` is an address [`connect`] can use, for a program's configuration check.
 pub fn check_address(addr: &str) -> Result<(), ConnectError> {
     endpoint(addr).map(drop)
+}
+
+/// The HTTP/2 client connection preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A client connection whose server has spoken first: its first bytes replayed to HTTP/2,
+/// and the preface HTTP/2 writes already sent.
+type Replayed = tokio::io::Join<
+    tokio::io::Chain<io::Cursor<Vec<u8>>, tokio::io::ReadHalf<ClientTlsStream>>,
+    PrefaceSent<tokio::io::WriteHalf<ClientTlsStream>>,
+>;
+type ClientTlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Sends the HTTP/2 preface and waits for the server's first bytes before handing the
+/// connection to HTTP/2, replaying them. In TLS 1.3 a server refuses a client certificate
+/// after the client's handshake is done: its alert arrives with the first read, and inside
+/// h2 it would lose its type and surface as a bare "transport error" at the first request.
+/// Read here, the refusal is a connect error whose cause [`tls::failure`] names. The preface
+/// goes first because the server waits for a client's first bytes before its HTTP/2 answers
+/// (a silent client is closed, [`ListenerOptions::first_request_timeout`]); then the server's
+/// SETTINGS come at once. A server silent for the connect timeout is handed over as it is.
+async fn server_first_flight(mut tls: ClientTlsStream) -> io::Result<Replayed> {
+    use tokio::io::AsyncWriteExt;
+    tls.write_all(H2_PREFACE).await?;
+    tls.flush().await?;
+    let mut first = vec![0u8; 16 * 1024];
+    let n = match tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, tls.read(&mut first)).await {
+        Ok(read) => read?,
+        Err(_) => 0,
+    };
+    first.truncate(n);
+    let (read, write) = tokio::io::split(tls);
+    let write = PrefaceSent {
+        inner: write,
+        skip: H2_PREFACE.len(),
+    };
+    Ok(tokio::io::join(io::Cursor::new(first).chain(read), write))
+}
+
+/// A writer whose first bytes, the HTTP/2 preface, were sent already: HTTP/2 writes them
+/// again, and they are checked and passed over.
+struct PrefaceSent<W> {
+    inner: W,
+    /// Preface bytes still to pass over.
+    skip: usize,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for PrefaceSent<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.skip == 0 {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        let at = H2_PREFACE.len() - this.skip;
+        let n = this.skip.min(buf.len());
+        if buf[..n] != H2_PREFACE[at..at + n] {
+            return Poll::Ready(Err(io::Error::other(
+                "the HTTP/2 client did not begin with its connection preface",
+            )));
+        }
+        this.skip -= n;
+        if n == buf.len() {
+            return Poll::Ready(Ok(n));
+        }
+        match Pin::new(&mut this.inner).poll_write(cx, &buf[n..]) {
+            Poll::Ready(Ok(written)) => Poll::Ready(Ok(n + written)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // What was passed over counts as written; the rest is asked again.
+            Poll::Pending => Poll::Ready(Ok(n)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {

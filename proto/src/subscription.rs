@@ -19,6 +19,10 @@ use crate::pb;
 pub enum WatchError {
     #[error("the registry refused the Watch: {code:?}: {message}")]
     Refused { code: tonic::Code, message: String },
+    /// The TLS handshake failed (TLS 1.3 reports a refused client certificate only once
+    /// the first request is under way).
+    #[error("TLS handshake with the registry failed: {cause}")]
+    Tls { cause: String },
     #[error("the Watch stream ended")]
     Closed,
     #[error("the registry sent a resource this client cannot read: {0}")]
@@ -27,6 +31,9 @@ pub enum WatchError {
 
 impl From<tonic::Status> for WatchError {
     fn from(s: tonic::Status) -> Self {
+        if let Some(cause) = crate::tls::failure::cause_in(&s) {
+            return WatchError::Tls { cause };
+        }
         WatchError::Refused {
             code: s.code(),
             message: s.message().to_string(),

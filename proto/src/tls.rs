@@ -21,7 +21,9 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::identity::{IdentityError, SpiffeId};
 
+pub mod failure;
 mod probe_client;
+pub use failure::IdentityRefusal;
 pub use probe_client::probe_client_config;
 
 /// File names of a credential directory (also Istio's `cacerts`/`certs` layout).
@@ -142,12 +144,16 @@ impl TrustBundle {
             None,
         )
         .map_err(pki_error)?;
-        let id = spiffe_id_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let id = spiffe_id_of(end_entity)
+            .map_err(|e| IdentityRefusal::NoIdentity(e.to_string()).into_rustls())?;
         if !self.accepts_domain(id.trust_domain()) {
-            return Err(rustls::Error::General(format!(
-                "peer identity {id} is outside the trust domain {}",
-                self.trust_domain()
-            )));
+            return Err(IdentityRefusal::TrustDomain {
+                peer: id.to_string(),
+                peer_domain: id.trust_domain().to_string(),
+                ours: self.trust_domain().to_string(),
+                aliases: self.trust_domains[1..].to_vec(),
+            }
+            .into_rustls());
         }
         Ok(id)
     }
@@ -162,8 +168,11 @@ pub enum PeerUsage {
 fn pki_error(e: webpki::Error) -> rustls::Error {
     use rustls::CertificateError as C;
     let ce = match e {
-        webpki::Error::CertExpired { .. } => C::Expired,
-        webpki::Error::CertNotValidYet { .. } => C::NotValidYet,
+        // The times ride along: the refusal names the dates and the clock skew.
+        webpki::Error::CertExpired { time, not_after } => C::ExpiredContext { time, not_after },
+        webpki::Error::CertNotValidYet { time, not_before } => {
+            C::NotValidYetContext { time, not_before }
+        }
         webpki::Error::UnknownIssuer => C::UnknownIssuer,
         webpki::Error::CertRevoked => C::Revoked,
         webpki::Error::InvalidSignatureForPublicKey => C::BadSignature,
@@ -468,13 +477,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             .verify_peer(end_entity, intermediates, PeerUsage::Server, now)?;
         if let ServerIdentity::OneOf(ids) = &self.expected {
             if !ids.contains(&id) {
-                return Err(rustls::Error::General(format!(
-                    "server identity {id} is not one of the expected identities [{}]",
-                    ids.iter()
+                return Err(IdentityRefusal::NotAllowed {
+                    peer: id.to_string(),
+                    allowed: ids
+                        .iter()
                         .map(|i| i.as_str())
                         .collect::<Vec<_>>()
-                        .join(", ")
-                )));
+                        .join(", "),
+                }
+                .into_rustls());
             }
         }
         Ok(ServerCertVerified::assertion())

@@ -293,7 +293,11 @@ async fn accept(ib: &Inbound, tcp: TcpStream) -> Result<Accepted, Refusal> {
                 format!("the TLS handshake did not complete within {timeout:?}"),
             ))
         }
-        Ok(Err(e)) => return Err(refusal(classify_handshake_error(&e), e)),
+        Ok(Err(e)) => {
+            // The certificate's cause in the operator's words, where TLS gives one.
+            let detail = tls::failure::cause_in(&e).unwrap_or_else(|| e.to_string());
+            return Err(refusal(classify_handshake_error(&e), detail));
+        }
         Ok(Ok(s)) => s,
     };
     let (_, conn) = stream.get_ref();

@@ -53,7 +53,10 @@ struct Args {
     /// gRPC (Watch, Registration, CA) over mTLS.
     #[arg(long, default_value = DEFAULT_GRPC_ADDR)]
     grpc_addr: SocketAddr,
-    /// Admin HTTP (/metrics, /healthz, /readyz, /debug/*, /logging).
+    /// Monitoring and admin HTTP: /metrics, /healthz and /readyz for anyone; /debug/* and
+    /// /logging for loopback peers only (others get 403). From another host, tunnel to the
+    /// host's loopback: ssh -L 15014:127.0.0.1:15014 HOST, or kubectl -n isthmus-system
+    /// port-forward deploy/isthmus-registry 15014.
     #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
     admin_addr: SocketAddr,
     /// Default leaf certificate lifetime.

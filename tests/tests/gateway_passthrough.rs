@@ -93,6 +93,7 @@ async fn setup() -> Setup {
     let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
     cfg.sni_addr = lo;
     cfg.admin_addr = Some(lo);
+    cfg.metrics_addr = Some(lo);
     cfg.health_addr = Some(lo);
     cfg.handshake_timeout = Duration::from_millis(500);
     let gw = isthmus_gateway::run(cfg).await.unwrap();

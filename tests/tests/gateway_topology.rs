@@ -257,7 +257,7 @@ async fn traffic_moves_off_dead_endpoints_then_fails_over_to_the_local_network()
             );
         }
     }
-    let text = http_get(gw_b.admin_addr.unwrap(), "/metrics")
+    let text = http_get(gw_b.metrics_addr.unwrap(), "/metrics")
         .await
         .unwrap()
         .1;
@@ -294,9 +294,12 @@ async fn gateway_keeps_routing_through_a_registry_outage_and_resumes() {
             "reviews-b1"
         );
     }
-    let (_, dump) = http_get(gw_b.admin_addr.unwrap(), "/config_dump")
-        .await
-        .unwrap();
+    let admin = gw_b.admin_addr.unwrap();
+    let (_, dump) = on(m.rt(Net::B), async move {
+        http_get(admin, "/config_dump").await
+    })
+    .await
+    .unwrap();
     assert!(dump.contains("\"connected\":false"), "{dump}");
     assert!(dump.contains(&host("reviews")), "{dump}");
 
@@ -386,7 +389,9 @@ async fn sigterm_drains_the_gateway_process() {
         "--sni-addr",
         &format!("{gw_ip}:{SNI_PORT}"),
         "--admin-addr",
-        &format!("{gw_ip}:15000"),
+        "127.0.0.1:15000",
+        "--metrics-addr",
+        &format!("{gw_ip}:15020"),
         "--health-addr",
         &format!("{gw_ip}:15021"),
         "--drain-deadline",

@@ -205,7 +205,7 @@ async fn the_three_programs_report_what_a_kiali_graph_needs() {
     // B's gateway: a source, as Istio's gateways are; the destination from the catalog,
     // no principal on either side (it terminates no TLS). Its bytes are the TLS records it
     // splices, so more than the app's, and the same as its own byte counters.
-    let admin = SocketAddr::new(m.topo.gateway_addr(Net::B).into(), 15000);
+    let admin = SocketAddr::new(m.topo.gateway_addr(Net::B).into(), 15020);
     let mesh = &m;
     let scrape_gateway = || async move {
         on(

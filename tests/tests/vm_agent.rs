@@ -421,6 +421,8 @@ async fn restarts_renew_with_the_kept_certificate_and_a_spent_token_is_refused()
             .args([
                 "--admin-addr",
                 "127.0.0.1:15100",
+                "--metrics-addr",
+                "127.0.0.1:15120",
                 "--health-addr",
                 "127.0.0.1:15121",
                 "--dns-addr",
@@ -680,6 +682,8 @@ async fn run_on_bundle(
         .arg(state)
         .args([
             "--admin-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
             "127.0.0.1:0",
             "--health-addr",
             "127.0.0.1:0",

@@ -18,7 +18,11 @@ pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15006";
 /// Outbound capture: loopback, where nftables' REDIRECT of locally made connections lands.
 pub const DEFAULT_OUTBOUND_ADDR: &str = "127.0.0.1:15001";
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:15053";
+/// Admin (`/config_dump`, `/logging`, `/debug/*`) on loopback: all but `/metrics` and
+/// health answer loopback peers only, whatever the address.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// `/metrics` for scrapers on the network (Istio's merged-metrics port).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
 /// Ports never captured in either direction unless the operator says otherwise: SSH, so a
 /// mistake in the mesh never locks the operator out of the VM.
@@ -127,7 +131,7 @@ pub struct AgentConfig {
     pub dns_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
-    /// `/metrics` alone, for scrapers on the network (a pod's 15020).
+    /// `/metrics` alone, for scrapers on the network.
     pub metrics_addr: Option<SocketAddr>,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
@@ -168,7 +172,7 @@ impl AgentConfig {
             dns_addr: addr(DEFAULT_DNS_ADDR),
             admin_addr: Some(addr(DEFAULT_ADMIN_ADDR)),
             health_addr: Some(addr(DEFAULT_HEALTH_ADDR)),
-            metrics_addr: None,
+            metrics_addr: Some(addr(DEFAULT_METRICS_ADDR)),
             exclude_inbound_ports: DEFAULT_EXCLUDED_PORTS.to_vec(),
             exclude_outbound_ports: DEFAULT_EXCLUDED_PORTS.to_vec(),
             outbound_listeners: Vec::new(),

@@ -118,10 +118,6 @@ struct SidecarArgs {
     /// The mesh's trust domain [default: the one the root names].
     #[arg(long, env = "ISTHMUS_TRUST_DOMAIN")]
     trust_domain: Option<String>,
-    /// `/metrics` for scrapers (Istio's merged-metrics port); the admin port stays on
-    /// loopback.
-    #[arg(long, default_value = pod::DEFAULT_METRICS_ADDR)]
-    metrics_addr: SocketAddr,
     /// The app's probes the injector rewrote to the health port, as JSON.
     #[arg(long, env = "ISTHMUS_APP_PROBERS", default_value = "")]
     app_probers: String,
@@ -182,9 +178,14 @@ struct CommonArgs {
     /// The embedded DNS proxy.
     #[arg(long, default_value = config::DEFAULT_DNS_ADDR)]
     dns_addr: SocketAddr,
-    /// Admin HTTP (/metrics, /config_dump, /logging, /debug/connections).
+    /// Admin HTTP (/config_dump, /logging, /debug/connections, /metrics): all but
+    /// /metrics, /healthz and /readyz answer loopback peers only; reach it remotely with an
+    /// ssh tunnel or kubectl port-forward.
     #[arg(long, default_value = config::DEFAULT_ADMIN_ADDR)]
     admin_addr: SocketAddr,
+    /// /metrics alone, for scrapers on the network (Istio's merged-metrics port).
+    #[arg(long, default_value = config::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
     /// Health HTTP (/healthz/ready; in a pod also the app's probes, /app-health/...).
     #[arg(long, default_value = config::DEFAULT_HEALTH_ADDR)]
     health_addr: SocketAddr,
@@ -221,6 +222,7 @@ impl CommonArgs {
         cfg.outbound_addr = self.outbound_addr;
         cfg.dns_addr = self.dns_addr;
         cfg.admin_addr = Some(self.admin_addr);
+        cfg.metrics_addr = Some(self.metrics_addr);
         cfg.health_addr = Some(self.health_addr);
         cfg.app_host = self.app_host;
         cfg.authz_policy = self.authz_policy;
@@ -279,7 +281,6 @@ fn run() -> anyhow::Result<()> {
             let mut cfg = AgentConfig::new(&a.root_dir, &a.common.state_dir);
             cfg.address = Some(a.address);
             cfg.capture = CaptureMode::Preinstalled;
-            cfg.metrics_addr = Some(a.metrics_addr);
             cfg.pod = Some(PodConfig {
                 registry: a.registry,
                 cluster: a.cluster,

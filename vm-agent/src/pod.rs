@@ -47,8 +47,6 @@ pub const DEFAULT_CAPTURE_CIDRS: &str = "240.240.0.0/16,10.96.0.0/12";
 /// Inbound ports never captured in a pod: the sidecar's own health and metrics ports,
 /// which the kubelet and scrapers reach in plain text.
 pub const DEFAULT_POD_EXCLUDED_INBOUND: &str = "15020,15021";
-/// Where a pod's sidecar serves `/metrics` for scrapers.
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 /// A projected token is about a kilobyte; anything much larger is the wrong file.
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 

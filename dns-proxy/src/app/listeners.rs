@@ -22,12 +22,14 @@ pub(super) struct Bound {
     /// DNS over UDP and TCP, on the same port.
     pub dns: (UdpSocket, TcpListener),
     pub admin: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
 }
 
 pub(super) async fn bind(config: &Config) -> anyhow::Result<Bound> {
     Ok(Bound {
         dns: bind_dns(config.listen).await?,
         admin: program::bind_optional(config.admin_addr, "admin").await?,
+        metrics: program::bind_optional(config.metrics_addr, "metrics").await?,
     })
 }
 

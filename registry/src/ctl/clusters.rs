@@ -26,7 +26,10 @@ const PATH: &str = "/debug/clusters";
 
 #[derive(Debug, Args)]
 pub(super) struct ClustersArgs {
-    /// The registry's admin address (host:port), as its --admin-addr.
+    /// The registry's admin address (host:port), as its --admin-addr. /debug/clusters
+    /// answers loopback peers only: from another host, tunnel first (ssh -L
+    /// 15014:127.0.0.1:15014 HOST, or kubectl -n isthmus-system port-forward
+    /// deploy/isthmus-registry 15014) and pass 127.0.0.1:15014.
     #[arg(long, default_value = DEFAULT_ADMIN)]
     admin: String,
     /// Print /debug/clusters' JSON as the registry serves it.

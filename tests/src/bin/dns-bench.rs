@@ -579,6 +579,7 @@ impl Servers<'_> {
             &format!("{}:{port}", std::net::Ipv4Addr::from(listen)),
         ])
         .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--registry", &self.registry.to_string()])
         .arg("--root")
         .arg(self.cert_dir.join("root-cert.pem"))

@@ -947,6 +947,7 @@ async fn run(
             .args(["--trust-domain", TRUST_DOMAIN])
             .args(["--sni-addr", &format!("127.0.0.1:{port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--health-addr", &health.to_string()])
             .args(["--drain-deadline", "2s"])
             .env("RUST_LOG", &opts.gateway_log)

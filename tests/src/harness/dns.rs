@@ -232,6 +232,7 @@ pub async fn proxy_config(reg: &TestRegistry, dir: &Path) -> anyhow::Result<Conf
     );
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.admin_addr = Some("127.0.0.1:0".parse()?);
+    cfg.metrics_addr = Some("127.0.0.1:0".parse()?);
     cfg.resolv_conf = dir.join("no-resolv.conf");
     Ok(cfg)
 }

@@ -522,7 +522,10 @@ impl Mesh {
             },
         );
         cfg.sni_addr = SocketAddr::new(self.topo.gateway_addr(net).into(), SNI_PORT);
-        cfg.admin_addr = Some(SocketAddr::new(self.topo.gateway_addr(net).into(), 15000));
+        // Admin on the namespace's loopback (it answers loopback peers only), metrics on
+        // the wan address, as a gateway is deployed.
+        cfg.admin_addr = Some(SocketAddr::from(([127, 0, 0, 1], 15000)));
+        cfg.metrics_addr = Some(SocketAddr::new(self.topo.gateway_addr(net).into(), 15020));
         cfg.health_addr = Some(SocketAddr::new(self.topo.gateway_addr(net).into(), 15021));
         cfg.connect_timeout = Duration::from_secs(1);
         cfg.outlier_failures = 2;

@@ -79,12 +79,11 @@ pub(crate) fn serve(
         });
     }
     if let Some(listener) = metrics_listener {
-        let (registry, shutdown) = (admin.registry.clone(), shutdown.clone());
-        tasks.spawn("metrics", async move {
-            if let Err(e) = admin::serve_metrics(listener, registry, shutdown).await {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
+        if let Err(e) =
+            admin::spawn_metrics(tasks, listener, admin.registry.clone(), shutdown.clone())
+        {
+            tracing::error!(error = %e, "metrics server failed");
+        }
     }
     if let Some(listener) = health_listener {
         let extra = app_health(admin.app_probers, admin.app_host);

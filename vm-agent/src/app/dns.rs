@@ -47,6 +47,7 @@ async fn run(cx: &Inputs, sync: &watch::Receiver<Arc<SyncState>>) -> anyhow::Res
         isthmus_dns::Config::new(&cx.bundle.network, &cx.bundle.cluster, cx.settings.clone());
     dns_config.listen = cx.config.dns_addr;
     dns_config.admin_addr = None;
+    dns_config.metrics_addr = None;
     dns_config.namespace = cx.bundle.namespace.clone();
     dns_config.resolv_conf = cx.config.resolv_conf.clone();
     dns_config.node_id = format!("{}-dns", cx.hello.entry_name());
