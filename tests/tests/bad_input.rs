@@ -58,6 +58,18 @@ struct Case {
     says: Vec<&'static str>,
 }
 
+/// `fixed`, then each default whose flag `extra` does not name, then `extra`.
+fn flags(fixed: &[&str], defaults: &[(&str, &str)], extra: &[&str]) -> Vec<String> {
+    let mut a = s(fixed);
+    for (flag, value) in defaults {
+        if !extra.contains(flag) {
+            a.extend(s(&[flag, value]));
+        }
+    }
+    a.extend(s(extra));
+    a
+}
+
 fn p(path: &Path) -> String {
     path.display().to_string()
 }
@@ -74,30 +86,31 @@ const AGENT: (&str, &str) = ("isthmus-vm-agent", "isthmus-vm-agent");
 const SAMPLE: (&str, &str) = ("isthmus-sample-app", "sample-app");
 
 fn cases(f: &Files) -> Vec<Case> {
-    // The gateway's flags, all good but the case's: a network unless the case names one,
-    // the mesh root unless the case names one, and a token so that no certificate is needed.
+    // Each program's flags, all good but the case's: a default stands unless the case
+    // names its flag. The gateway gets a token so that no certificate is needed.
     let gateway_with = |extra: &[&str]| {
-        let mut a = s(&[
+        let fixed = [
             "--cert-dir",
             &p(&f.empty_dir),
             "--token",
             "unused",
             "--validate",
-        ]);
-        if !extra.contains(&"--network") {
-            a.extend(s(&["--network", "net-a"]));
-        }
-        if !extra.contains(&"--root") {
-            a.extend(s(&["--root", &p(&f.root)]));
-        }
-        a.extend(s(extra));
-        a
+        ];
+        flags(
+            &fixed,
+            &[("--network", "net-a"), ("--root", &p(&f.root))],
+            extra,
+        )
     };
     let gateway_root = |root: &Path| gateway_with(&["--root", &p(root)]);
+    let ca_dir = p(&f.ca_dir);
     let registry = |extra: &[&str]| {
-        let mut a = s(&["--validate"]);
-        a.extend(s(extra));
-        a
+        let defaults = [
+            ("--cluster", "c1"),
+            ("--network", "net-a"),
+            ("--ca-dir", &ca_dir),
+        ];
+        flags(&["--validate"], &defaults, extra)
     };
     let dns = |extra: &[&str]| {
         let mut a = s(&["--network", "net-a", "--cert-dir"]);
@@ -106,7 +119,6 @@ fn cases(f: &Files) -> Vec<Case> {
         a.extend(s(extra));
         a
     };
-    let ca_dir = p(&f.ca_dir);
     vec![
         Case {
             name: "gateway root that is not PEM",
@@ -214,57 +226,25 @@ fn cases(f: &Files) -> Vec<Case> {
         Case {
             name: "registry CA directory without a CA",
             program: REGISTRY,
-            args: registry(&[
-                "--cluster",
-                "c1",
-                "--network",
-                "net-a",
-                "--ca-dir",
-                &p(&f.empty_dir),
-            ]),
+            args: registry(&["--ca-dir", &p(&f.empty_dir)]),
             says: vec!["--ca-dir", "ca-cert.pem"],
         },
         Case {
             name: "registry cluster that is not a DNS label",
             program: REGISTRY,
-            args: registry(&[
-                "--cluster",
-                "C_1",
-                "--network",
-                "net-a",
-                "--ca-dir",
-                &ca_dir,
-            ]),
+            args: registry(&["--cluster", "C_1"]),
             says: vec!["--cluster", "C_1"],
         },
         Case {
             name: "registry trust domain that disagrees with its CA",
             program: REGISTRY,
-            args: registry(&[
-                "--cluster",
-                "c1",
-                "--network",
-                "net-a",
-                "--ca-dir",
-                &ca_dir,
-                "--trust-domain",
-                "other.org",
-            ]),
+            args: registry(&["--trust-domain", "other.org"]),
             says: vec!["other.org", "example.org"],
         },
         Case {
             name: "registry resources directory that does not exist",
             program: REGISTRY,
-            args: registry(&[
-                "--cluster",
-                "c1",
-                "--network",
-                "net-a",
-                "--ca-dir",
-                &ca_dir,
-                "--resources",
-                &p(&f.empty_dir.join("missing")),
-            ]),
+            args: registry(&["--resources", &p(&f.empty_dir.join("missing"))]),
             says: vec!["--resources", "missing"],
         },
         Case {
