@@ -91,7 +91,14 @@ fn unknown_policy_and_bad_durations_are_refused_by_name() {
 fn a_valid_configuration_validates() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root-cert.pem");
-    std::fs::write(&root, "placeholder").unwrap();
+    // A mesh root: a CA certificate naming its trust domain.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from("spiffe://example.org").unwrap(),
+    )];
+    let key = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(&root, params.self_signed(&key).unwrap().pem()).unwrap();
     let (ok, text) = run(&[
         "--network",
         "network-b",
