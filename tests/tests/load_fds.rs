@@ -184,8 +184,12 @@ async fn wait_http_200(addr: SocketAddr, path: &str, child: &mut ServerProcess, 
     );
 }
 
+/// The two tests share this process's open-file limit: they run one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_holds_10000_connections_idle_and_active_and_explains_its_limit() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     // Both ends of every connection are in this process, and the gateway holds two
     // descriptors per connection: where the hard limit cannot be raised (no
     // CAP_SYS_RESOURCE), the test holds as many as that limit allows and says so.
@@ -350,6 +354,7 @@ async fn gateway_holds_10000_connections_idle_and_active_and_explains_its_limit(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_holds_2000_idle_grpc_connections_and_serves_real_clients() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     if !enough_fds(
         "registry load",
         raise_fds(10_000),
