@@ -5,11 +5,12 @@
 //!
 //! Two implementations, chosen by what the two sides are:
 //!
-//! - [`relay_tcp`] (and its counting forms), for two TCP sockets: on Linux `splice(2)`
-//!   through a pipe per direction, so the payload never enters user space (socket → pipe →
-//!   socket, pages moved, not copied). A direction holds its pipe only while bytes move (idle
-//!   connections hold none), and it is driven by tokio readiness, one task for both
-//!   directions. The gateway's SNI passthrough, the agent's plain-TCP passthrough and the
+//! - [`relay_tcp`] (and its counting forms), for two TCP sockets: on Linux a direction
+//!   copies short reads (a handshake flight, a request) through one small buffer per thread,
+//!   and once a read fills that buffer (bulk) it turns to `splice(2)` through a pipe, so the
+//!   bulk of the payload never enters user space (socket → pipe → socket, pages moved, not
+//!   copied). A direction holds its pipe only while bytes move (idle connections hold none,
+//!   nor a buffer), and it is driven by tokio readiness, one task for both directions. The gateway's SNI passthrough, the agent's plain-TCP passthrough and the
 //!   inbound listener's permissive plaintext use it. Elsewhere it is the copy loop.
 //! - [`relay`] (and its counting forms), for any two byte streams: a copy loop whose buffer
 //!   starts small, so that idle and chatty connections stay cheap, and doubles while reads
@@ -80,7 +81,8 @@ pub struct Transferred {
 /// How a relay moved its bytes (the access log and `/debug/connections` say which).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayMethod {
-    /// `splice(2)` through a pipe: the payload stayed in the kernel.
+    /// `splice(2)` through a pipe, for at least one direction's bulk: those bytes stayed in
+    /// the kernel (the first short reads of a direction are copied).
     Splice,
     /// Read into a buffer of this process and written out again.
     Copy,
@@ -139,8 +141,8 @@ impl LiveBytes {
     }
 }
 
-/// Relays between two TCP sockets: `splice(2)` on Linux, elsewhere the copy loop of
-/// [`relay`].
+/// Relays between two TCP sockets: on Linux short reads copied and bulk spliced
+/// (`splice(2)`), elsewhere the copy loop of [`relay`].
 ///
 /// With splice, a write to a connection the peer has reset raises `SIGPIPE`, which Rust
 /// programs ignore from the start (the write then fails with `EPIPE`); a program that
@@ -214,7 +216,7 @@ mod splice {
     use std::cell::RefCell;
     use std::io;
     use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     use nix::errno::Errno;
     use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
@@ -288,31 +290,50 @@ mod splice {
         meter: Option<Meter<'_>>,
     ) -> RelayOutcome {
         let mut transferred = Transferred::default();
+        let (mut spliced_up, mut spliced_down) = (false, false);
+        let ended = AtomicBool::new(false);
         let error = tokio::try_join!(
             one_way(
                 client,
                 upstream,
                 &mut transferred.client_to_upstream,
                 meter.map(|m| m.client_to_upstream),
+                &mut spliced_up,
+                &ended,
             ),
             one_way(
                 upstream,
                 client,
                 &mut transferred.upstream_to_client,
                 meter.map(|m| m.upstream_to_client),
+                &mut spliced_down,
+                &ended,
             ),
         )
         .err();
         RelayOutcome {
             transferred,
             error,
-            method: RelayMethod::Splice,
+            method: if spliced_up || spliced_down {
+                RelayMethod::Splice
+            } else {
+                RelayMethod::Copy
+            },
         }
     }
 
     const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
-    /// Moves `src`'s bytes to `dst` until `src` ends, then shuts down `dst`'s write half.
+    /// Moves `src`'s bytes to `dst` until `src` ends, then shuts down `dst`'s write half,
+    /// unless the other direction has ended already (`ended`): then both sockets close as
+    /// soon as the relay returns, and the close sends that FIN.
+    ///
+    /// A direction starts by copying: each read takes what `src` has into the thread's
+    /// [`SCRATCH`] buffer and writes it on. A read that fills the buffer means bulk, and from
+    /// then on the direction splices (`spliced` says it did; out of pipes it copies). Request/response traffic and
+    /// TLS handshakes, whose reads come back short, never pay for a pipe: a short read
+    /// drains the socket, so its readiness is cleared there and then (as tokio's own reads
+    /// do), where a splice would need one more call to learn it from `EAGAIN`.
     ///
     /// The pipe is filled only when empty and then drained completely: with room in the pipe,
     /// `EAGAIN` from the socket-to-pipe splice can only mean that `src` has nothing to read,
@@ -324,11 +345,30 @@ mod splice {
         dst: &TcpStream,
         moved: &mut u64,
         live: Option<&AtomicU64>,
+        spliced: &mut bool,
+        ended: &AtomicBool,
     ) -> io::Result<()> {
+        let shut_write = |dst: &TcpStream| match ended.swap(true, Ordering::Relaxed) {
+            true => Ok(()),
+            false => shut_write(dst),
+        };
+        let mut bulk = false;
         loop {
             src.readable().await?;
+            if !bulk {
+                match copy_read(src, dst, moved, live).await? {
+                    Read::Ended => return shut_write(dst),
+                    Read::Drained => {}
+                    Read::Bulk => bulk = true,
+                }
+                tokio::task::coop::consume_budget().await;
+                continue;
+            }
             let pipe = match Pipe::take() {
-                Ok(pipe) => pipe,
+                Ok(pipe) => {
+                    *spliced = true;
+                    pipe
+                }
                 // No file descriptor or pipe memory left for a pipe: this burst goes through
                 // user space instead, so a process at its limits slows down instead of
                 // cutting connections.
@@ -355,10 +395,7 @@ mod splice {
                         Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                         Ok(n) => {
                             in_pipe -= n;
-                            *moved += n as u64;
-                            if let Some(live) = live {
-                                live.fetch_add(n as u64, Ordering::Relaxed);
-                            }
+                            count(n, moved, live);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -373,6 +410,112 @@ mod splice {
             if ended {
                 return shut_write(dst);
             }
+        }
+    }
+
+    /// What one [`copy_read`] found.
+    enum Read {
+        /// `src` sent FIN.
+        Ended,
+        /// What `src` had is written (or nothing was there); its readiness is cleared.
+        Drained,
+        /// The read filled the buffer: more is probably waiting, time to splice.
+        Bulk,
+    }
+
+    /// A read of up to [`COPY_FIRST`] bytes: enough for a handshake flight or a request,
+    /// while a bulk transfer fills it at once.
+    const COPY_FIRST: usize = 16 << 10;
+
+    thread_local! {
+        /// The copying reads' buffer, one per thread: bytes stay in it only between a read and
+        /// the write that follows without waiting, so idle connections hold no buffer.
+        static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; COPY_FIRST].into_boxed_slice());
+    }
+
+    /// Reads what `src` has into [`SCRATCH`] and writes it to `dst`. What `dst` cannot take
+    /// at once is kept in a buffer of its own while this waits for room.
+    async fn copy_read(
+        src: &TcpStream,
+        dst: &TcpStream,
+        moved: &mut u64,
+        live: Option<&AtomicU64>,
+    ) -> io::Result<Read> {
+        let (read, rest) = SCRATCH.with_borrow_mut(|buf| -> io::Result<(Read, Vec<u8>)> {
+            let mut n = 0;
+            // A short read drained the socket: reporting it as `WouldBlock` makes tokio clear
+            // the readiness now (the bytes are in `n`). A FIN still shows, since tokio never
+            // clears the read-closed readiness.
+            let read = src.try_io(Interest::READABLE, || {
+                n = nix::unistd::read(src, buf)?;
+                if n > 0 && n < buf.len() {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            if n == 0 {
+                return match read {
+                    Ok(()) => Ok((Read::Ended, Vec::new())),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        Ok((Read::Drained, Vec::new()))
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            let kind = if n == buf.len() {
+                Read::Bulk
+            } else {
+                Read::Drained
+            };
+            let mut written = 0;
+            while written < n {
+                match dst.try_write(&buf[written..n]) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(w) => written += w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            count(written, moved, live);
+            Ok((kind, buf[written..n].to_vec()))
+        })?;
+        write_all(dst, &rest, moved, live).await?;
+        Ok(read)
+    }
+
+    /// Writes `bytes` to `dst`, waiting for room as needed.
+    async fn write_all(
+        dst: &TcpStream,
+        bytes: &[u8],
+        moved: &mut u64,
+        live: Option<&AtomicU64>,
+    ) -> io::Result<()> {
+        let mut written = 0;
+        while written < bytes.len() {
+            match dst.try_write(&bytes[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => {
+                    written += w;
+                    count(w, moved, live);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn count(n: usize, moved: &mut u64, live: Option<&AtomicU64>) {
+        *moved += n as u64;
+        if let Some(live) = live {
+            live.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -406,22 +549,7 @@ mod splice {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            let mut written = 0;
-            while written < n {
-                match dst.try_write(&buf[written..n]) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(w) => {
-                        written += w;
-                        *moved += w as u64;
-                        if let Some(live) = live {
-                            live.fetch_add(w as u64, Ordering::Relaxed);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            write_all(dst, &buf[..n], moved, live).await?;
             tokio::task::coop::consume_budget().await;
         }
     }
@@ -608,6 +736,7 @@ mod tests {
             "bytes intact both ways"
         );
         assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!(outcome.method, RelayMethod::Copy, "no pipe, no splice");
         assert_eq!(outcome.transferred.client_to_upstream, up.len() as u64);
         assert_eq!(outcome.transferred.upstream_to_client, down.len() as u64);
         assert_eq!(
@@ -837,6 +966,59 @@ mod tests {
             assert_eq!(
                 outcome.transferred.upstream_to_client,
                 live.upstream_to_client.load(Ordering::Relaxed)
+            );
+        }
+    }
+
+    /// A request/response exchange through the TCP relay is copied (no pipe, reads come
+    /// back short); the same relay turns to splice once bulk comes, and small messages
+    /// after the bulk still arrive exactly.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn tcp_relay_copies_short_reads_and_splices_bulk() {
+        async fn ping(from: &mut TcpStream, to: &mut TcpStream, bytes: &[u8]) {
+            from.write_all(bytes).await.unwrap();
+            let mut got = vec![0; bytes.len()];
+            tokio::time::timeout(LIMIT, to.read_exact(&mut got))
+                .await
+                .expect("relayed")
+                .unwrap();
+            assert!(got == bytes);
+        }
+        let small = payload(700, 21);
+        for bulk in [false, true] {
+            let (mut client, mut server, relay) = relayed(Kind::Tcp, None).await;
+            for _ in 0..20 {
+                ping(&mut client, &mut server, &small).await;
+                ping(&mut server, &mut client, &small).await;
+            }
+            let big = payload(4 << 20, 22);
+            if bulk {
+                let (at_server, ()) = tokio::join!(
+                    async {
+                        let mut got = vec![0; big.len()];
+                        server.read_exact(&mut got).await.unwrap();
+                        got
+                    },
+                    async { client.write_all(&big).await.unwrap() }
+                );
+                assert!(at_server == big, "bulk intact");
+                ping(&mut server, &mut client, &small).await;
+                ping(&mut client, &mut server, &small).await;
+            }
+            drop((client, server));
+            let outcome = finish(relay).await;
+            assert!(outcome.error.is_none(), "{:?}", outcome.error);
+            let expected = if bulk {
+                RelayMethod::Splice
+            } else {
+                RelayMethod::Copy
+            };
+            assert_eq!(outcome.method, expected, "bulk: {bulk}");
+            let extra = if bulk { big.len() + small.len() } else { 0 };
+            assert_eq!(
+                outcome.transferred.client_to_upstream,
+                (20 * small.len() + extra) as u64
             );
         }
     }
