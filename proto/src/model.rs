@@ -893,17 +893,18 @@ impl TryFrom<pb::Service> for Service {
             namespace: s.namespace,
             name: s.name,
             cluster: s.cluster,
-            ports,
-            addresses: s
-                .addresses
-                .into_iter()
-                .map(|a| ServiceAddress {
-                    cluster: a.cluster,
-                    address: a.address,
-                })
-                .collect(),
-            allocated_addresses: s.allocated_addresses,
-            subject_alt_names: s.subject_alt_names,
+            ports: tight(ports),
+            addresses: tight(
+                s.addresses
+                    .into_iter()
+                    .map(|a| ServiceAddress {
+                        cluster: a.cluster,
+                        address: a.address,
+                    })
+                    .collect(),
+            ),
+            allocated_addresses: tight(s.allocated_addresses),
+            subject_alt_names: tight(s.subject_alt_names),
             resolution,
             scope,
             export_to,
@@ -1252,6 +1253,15 @@ impl From<&ViewEndpoint> for pb::ViewEndpoint {
     }
 }
 
+/// `v` without spare capacity. A vector decoded from protobuf grew by doubling, and one
+/// converted from it in place (`into_iter().map(..).collect()` reuses the allocation) keeps
+/// that capacity for as long as the catalog holds it: for a service with one endpoint, room
+/// for four.
+fn tight<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
+}
+
 impl TryFrom<pb::ViewEndpoint> for ViewEndpoint {
     type Error = ModelError;
     fn try_from(e: pb::ViewEndpoint) -> Result<Self, ModelError> {
@@ -1322,11 +1332,12 @@ impl TryFrom<pb::ViewResource> for ViewResource {
         Ok(match r.resource.ok_or(ModelError::MissingKind)? {
             R::Service(s) => ViewResource::Service(Arc::new(ServiceView {
                 service: s.service.ok_or(ModelError::MissingKind)?.try_into()?,
-                endpoints: s
-                    .endpoints
-                    .into_iter()
-                    .map(TryInto::try_into)
-                    .collect::<Result<_, _>>()?,
+                endpoints: tight(
+                    s.endpoints
+                        .into_iter()
+                        .map(TryInto::try_into)
+                        .collect::<Result<_, _>>()?,
+                ),
             })),
             R::Network(n) => ViewResource::Network(Arc::new(n.try_into()?)),
         })
