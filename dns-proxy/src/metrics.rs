@@ -149,6 +149,7 @@ pub struct Metrics {
     pub catalog: isthmus_proto::subscription::SyncMetrics,
     pub tcp_connections: Gauge,
     pub rate_limited: Counter,
+    pub rate_limited_dropped: Counter,
     pub shed: Family<ShedLabels, Counter>,
 }
 
@@ -171,6 +172,7 @@ impl Metrics {
             catalog: Default::default(),
             tcp_connections: Gauge::default(),
             rate_limited: Counter::default(),
+            rate_limited_dropped: Counter::default(),
             shed: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("isthmus_dns");
@@ -224,6 +226,11 @@ impl Metrics {
             "rate_limited",
             "Queries answered REFUSED (UDP, TCP; the connection is then closed) by the per-client rate limit",
             m.rate_limited.clone(),
+        );
+        r.register(
+            "rate_limited_dropped",
+            "Queries dropped without an answer because their client was over the rate limit and over as many refusals again (a flood)",
+            m.rate_limited_dropped.clone(),
         );
         r.register(
             "shed",

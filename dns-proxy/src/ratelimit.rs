@@ -1,6 +1,14 @@
 //! Per-client limits. The rate limit: a token bucket per client address, refilled at a
 //! steady rate with a burst allowance; pure logic with `now` passed in, so it is tested in
 //! simulated time; the memory it holds is bounded by a maximum number of tracked clients.
+//!
+//! A query over the limit is refused (REFUSED, the bare header), so a resolver library moves
+//! on at once instead of waiting out its timeout. Refusals have a bucket of their own, as
+//! large as the answers' one: a client sending up to twice its limit gets an answer or a
+//! refusal for every query, and only beyond that are the extra queries dropped without a
+//! word. A flood from one address then costs the proxy a read and a lookup per packet, not
+//! a send as well, and the clients queued behind it on the same socket wait less (unbound's
+//! `ip-ratelimit` drops nine in ten over its limit).
 //! The upstream share ([`UpstreamShares`]): how many of the shared upstream slots one
 //! client address may hold at once, so one client cannot take them all.
 
@@ -12,7 +20,19 @@ use std::time::Instant;
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
+    /// What is left of the refusal budget.
+    refusals: f64,
     at: Instant,
+}
+
+/// What to do with one query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Answer,
+    /// Over the limit: answer REFUSED.
+    Refuse,
+    /// Over the limit and over the refusal budget: no answer at all.
+    Drop,
 }
 
 #[derive(Debug)]
@@ -35,34 +55,44 @@ impl RateLimiter {
         }
     }
 
-    fn refilled(&self, b: &Bucket, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        (b.tokens + elapsed * self.per_second).min(self.burst)
+    fn refill(&self, tokens: f64, since: Instant, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(since).as_secs_f64();
+        (tokens + elapsed * self.per_second).min(self.burst)
     }
 
     /// Whether `client` may send one more query at `now`.
     pub fn allow(&self, client: IpAddr, now: Instant) -> bool {
+        self.check(client, now) == Verdict::Answer
+    }
+
+    /// What to do with one more query from `client` at `now`.
+    pub fn check(&self, client: IpAddr, now: Instant) -> Verdict {
         let mut buckets = self.buckets.lock().expect("rate limiter lock");
         if !buckets.contains_key(&client) && buckets.len() >= self.max_clients {
             // Forget clients whose buckets have refilled: they are idle and lose nothing.
-            buckets.retain(|_, b| self.refilled(b, now) < self.burst);
+            buckets.retain(|_, b| self.refill(b.tokens, b.at, now) < self.burst);
             if buckets.len() >= self.max_clients {
                 // Every tracked client is busy: a flood from many addresses. Refuse the new
                 // one rather than grow without bound.
-                return false;
+                return Verdict::Refuse;
             }
         }
         let b = buckets.entry(client).or_insert(Bucket {
             tokens: self.burst,
+            refusals: self.burst,
             at: now,
         });
-        b.tokens = self.refilled(b, now);
+        b.tokens = self.refill(b.tokens, b.at, now);
+        b.refusals = self.refill(b.refusals, b.at, now);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
-            true
+            Verdict::Answer
+        } else if b.refusals >= 1.0 {
+            b.refusals -= 1.0;
+            Verdict::Refuse
         } else {
-            false
+            Verdict::Drop
         }
     }
 
@@ -156,6 +186,22 @@ mod tests {
             assert!(rl.allow(ip(1), later));
         }
         assert!(!rl.allow(ip(1), later));
+    }
+
+    /// Over the limit, as many refusals again as the limit allows answers; beyond that,
+    /// silence; both budgets come back with time.
+    #[test]
+    fn refusals_have_a_budget_of_their_own() {
+        let rl = RateLimiter::new(10, 5, 100);
+        let t0 = Instant::now();
+        let verdicts: Vec<Verdict> = (0..12).map(|_| rl.check(ip(1), t0)).collect();
+        assert_eq!(verdicts[..5], [Verdict::Answer; 5]);
+        assert_eq!(verdicts[5..10], [Verdict::Refuse; 5]);
+        assert_eq!(verdicts[10..], [Verdict::Drop; 2]);
+        let later = t0 + Duration::from_millis(100);
+        assert_eq!(rl.check(ip(1), later), Verdict::Answer);
+        assert_eq!(rl.check(ip(1), later), Verdict::Refuse);
+        assert_eq!(rl.check(ip(1), later), Verdict::Drop);
     }
 
     #[test]

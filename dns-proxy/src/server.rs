@@ -28,7 +28,7 @@ use crate::fast::PlainQuery;
 use crate::forwarder::Forwarder;
 use crate::metrics::{MalformedReason, Metrics, Outcome, QueryKind, ShedReason};
 use crate::names::{normalize, MeshName, NameTable};
-use crate::ratelimit::{RateLimiter, ShareGuard, UpstreamShares};
+use crate::ratelimit::{RateLimiter, ShareGuard, UpstreamShares, Verdict};
 
 /// Size of a DNS header.
 const HEADER_LEN: usize = 12;
@@ -170,17 +170,26 @@ impl Resolver {
         self
     }
 
-    /// Whether `client` may send another query now; a refusal is counted.
-    pub fn admit(&self, client: IpAddr) -> bool {
-        let Some(l) = &self.limiter else { return true };
+    /// What to do with another query from `client` now (see [`crate::ratelimit`]); a
+    /// refusal and a drop are counted.
+    pub fn admit(&self, client: IpAddr) -> Verdict {
+        let Some(l) = &self.limiter else {
+            return Verdict::Answer;
+        };
         if (client.is_loopback() && !self.limit_loopback) || self.rate_exempt.contains(&client) {
-            return true;
+            return Verdict::Answer;
         }
-        let ok = l.allow(client, Instant::now());
-        if !ok {
-            self.metrics.rate_limited.inc();
+        let verdict = l.check(client, Instant::now());
+        match verdict {
+            Verdict::Answer => {}
+            Verdict::Refuse => {
+                self.metrics.rate_limited.inc();
+            }
+            Verdict::Drop => {
+                self.metrics.rate_limited_dropped.inc();
+            }
         }
-        ok
+        verdict
     }
 
     pub fn names(&self) -> Arc<NameTable> {
@@ -806,13 +815,19 @@ async fn connection(
             Ok(Ok(_)) => {}
             _ => return,
         }
-        if client.is_some_and(|c| !resolver.admit(c)) {
-            if let Some(refused) = refusal_for(&buf) {
-                let mut out = (refused.len() as u16).to_be_bytes().to_vec();
-                out.extend_from_slice(&refused);
-                let _ = tokio::time::timeout(idle, stream.write_all(&out)).await;
+        // Over the limit the connection is closed, after a REFUSED while the refusal budget
+        // lasts; a TCP client sees the close at once either way.
+        match client.map_or(Verdict::Answer, |c| resolver.admit(c)) {
+            Verdict::Answer => {}
+            Verdict::Refuse => {
+                if let Some(refused) = refusal_for(&buf) {
+                    let mut out = (refused.len() as u16).to_be_bytes().to_vec();
+                    out.extend_from_slice(&refused);
+                    let _ = tokio::time::timeout(idle, stream.write_all(&out)).await;
+                }
+                return;
             }
-            return;
+            Verdict::Drop => return,
         }
         slot.set_idle(None);
         let Some(reply) = resolver.handle_from(&buf, Transport::Tcp, client).await else {

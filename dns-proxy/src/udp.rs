@@ -15,6 +15,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::config::MAX_QUERY_BYTES;
+use crate::ratelimit::Verdict;
 use crate::server::{refusal_for, Resolver, Step, Transport};
 
 /// Datagrams taken per receive at most.
@@ -112,12 +113,16 @@ async fn answer(
 ) {
     // Over the limit: REFUSED, so the client's resolver moves on at once instead of waiting
     // out its timeout. The answer is the bare header, never larger than the query: nothing
-    // to amplify.
-    if !resolver.admit(peer.ip()) {
-        if let Some(refused) = refusal_for(packet) {
-            send(socket, &refused, peer).await;
+    // to amplify. Past the refusal budget (a flood), nothing.
+    match resolver.admit(peer.ip()) {
+        Verdict::Answer => {}
+        Verdict::Refuse => {
+            if let Some(refused) = refusal_for(packet) {
+                send(socket, &refused, peer).await;
+            }
+            return;
         }
-        return;
+        Verdict::Drop => return,
     }
     match resolver.begin_from(packet, Transport::Udp, Some(peer.ip())) {
         Step::Reply(b) => send(socket, &b, peer).await,
