@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::drain;
+use crate::limits::Throttle;
 
 pub use crate::program::Readiness;
 
@@ -70,7 +71,12 @@ async fn loopback_unless_public(
         peer = peer.ip(),
         public = PUBLIC_PATHS.join(", "),
     );
-    tracing::info!(%peer, %path, "admin request from a non-loopback peer refused");
+    // A scanner could otherwise write a line per request: one line per interval, saying
+    // how many were not logged.
+    static LOG: Throttle = Throttle::new();
+    if let Some(suppressed) = LOG.allow(std::time::Instant::now()) {
+        tracing::info!(%peer, %path, suppressed, "admin request from a non-loopback peer refused");
+    }
     (StatusCode::FORBIDDEN, refusal).into_response()
 }
 

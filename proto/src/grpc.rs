@@ -27,6 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::drain;
 use crate::identity::SpiffeId;
+use crate::limits::Throttle;
 use crate::tls;
 
 /// How long a client has to finish the TLS handshake; a client that sends nothing is
@@ -314,6 +315,9 @@ pub fn tls_incoming(
     let connections = Arc::new(Semaphore::new(max_connections));
     let pending = Arc::new(Mutex::new(PendingTable::default()));
     let accept_errors = crate::limits::AcceptErrors::new(opts.name);
+    // Refused handshakes are logged once per interval per listener (a misconfigured fleet
+    // retries in a loop); every one is counted by reason.
+    let refusals_log = Arc::new(Throttle::new());
     let at_limit = crate::limits::AtLimit::new(opts.name, max_connections);
     tracing::debug!(
         listener = opts.name,
@@ -368,10 +372,11 @@ pub fn tls_incoming(
             let tx = tx.clone();
             let metrics = metrics.clone();
             let opts = opts.clone();
+            let refusals_log = refusals_log.clone();
             tokio::spawn(async move {
                 let reason = tokio::select! {
                     _ = close_rx => "pending_evicted",
-                    r = first_request(acceptor, tcp, remote, &opts) => match r {
+                    r = first_request(acceptor, tcp, remote, &opts, &refusals_log) => match r {
                         Ok((stream, first)) => {
                             drop(pending_slot);
                             let identity = tls::peer_identity(stream.get_ref().1.peer_certificates());
@@ -404,11 +409,12 @@ async fn first_request(
     tcp: TcpStream,
     remote: SocketAddr,
     opts: &ListenerOptions,
+    log: &Throttle,
 ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Vec<u8>), &'static str> {
     let mut stream = match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(tcp)).await
     {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(handshake_refused(remote, &e)),
+        Ok(Err(e)) => return Err(handshake_refused(remote, &e, log)),
         Err(_) => return Err("handshake_timeout"),
     };
     // An HTTP/2 preface is 24 bytes; whatever the first read brings is given back to the
@@ -421,14 +427,15 @@ async fn first_request(
             Ok((stream, first))
         }
         // A client that refuses our certificate says so with its first bytes.
-        Ok(Err(e)) => Err(handshake_refused(remote, &e)),
+        Ok(Err(e)) => Err(handshake_refused(remote, &e, log)),
         Err(_) => Err("silent_after_handshake"),
     }
 }
 
 /// The reason a TLS handshake failed. A certificate refused either way is an operator's
-/// problem to fix, said at warn with its cause; garbage and early closes stay at debug.
-fn handshake_refused(remote: SocketAddr, e: &io::Error) -> &'static str {
+/// problem to fix, said at warn with its cause (at most once per interval, by `log`, with
+/// the number held back); garbage and early closes stay at debug.
+fn handshake_refused(remote: SocketAddr, e: &io::Error, log: &Throttle) -> &'static str {
     let reason = classify_handshake_error(e);
     match tls::failure::cause_in(e).filter(|_| {
         matches!(
@@ -436,7 +443,11 @@ fn handshake_refused(remote: SocketAddr, e: &io::Error) -> &'static str {
             "peer_rejected" | "peer_alert" | "no_client_certificate"
         )
     }) {
-        Some(cause) => tracing::warn!(%remote, reason, %cause, "TLS handshake refused"),
+        Some(cause) => {
+            if let Some(suppressed) = log.allow(std::time::Instant::now()) {
+                tracing::warn!(%remote, reason, %cause, suppressed, "TLS handshake refused");
+            }
+        }
         None => tracing::debug!(%remote, reason, error = %e, "TLS handshake failed"),
     }
     reason

@@ -143,6 +143,13 @@ struct ThrottleState {
 }
 
 impl Throttle {
+    pub const fn new() -> Self {
+        Self(Mutex::new(ThrottleState {
+            last: None,
+            suppressed: 0,
+        }))
+    }
+
     /// Whether to log now; if so, how many occurrences were not logged since the last line.
     pub fn allow(&self, now: Instant) -> Option<u64> {
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
