@@ -105,7 +105,13 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
     let bound = listeners::bind(&config).await?;
     let (registry, shared_sync) = match embedding {
         Some(e) => (e.metrics, Some(e.sync)),
-        None => (Arc::new(Mutex::new(Registry::default())), None),
+        None => {
+            let mut registry = Registry::default();
+            // Standalone, the process's accept errors and listeners at their limit are this
+            // program's to report (a program that embeds the proxy reports its own).
+            isthmus_proto::limits::register(registry.sub_registry_with_prefix("isthmus"));
+            (Arc::new(Mutex::new(registry)), None)
+        }
     };
     let metrics = Arc::new(Metrics::register(
         &mut registry.lock().expect("metrics registry poisoned"),

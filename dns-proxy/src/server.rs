@@ -29,6 +29,7 @@ use crate::forwarder::Forwarder;
 use crate::metrics::{MalformedReason, Metrics, Outcome, QueryKind, ShedReason};
 use crate::names::{normalize, MeshName, NameTable};
 use crate::ratelimit::{RateLimiter, ShareGuard, UpstreamShares, Verdict};
+use isthmus_proto::limits::{AcceptErrors, ACCEPT_ERROR_BACKOFF};
 
 /// Size of a DNS header.
 const HEADER_LEN: usize = 12;
@@ -748,14 +749,17 @@ pub async fn serve_tcp(
     let slots = TcpSlots::new(limits.max_connections);
     let stop = shutdown.clone().signaled();
     tokio::pin!(stop);
+    let accept_errors = AcceptErrors::new("dns_tcp");
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut stop => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::debug!(error = %e, "tcp accept error");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // Out of descriptors, above all: counted, logged once per interval, and
+                    // a pause so that the loop does not spin on it.
+                    accept_errors.record(&e);
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 }
             },
