@@ -625,6 +625,14 @@ async fn systemd_hears_ready_after_the_catalog_and_no_watchdog_while_unhealthy()
         notify.until(Duration::from_secs(60), |m| m.contains("READY=1"))
     });
     assert!(ready.is_some(), "no READY:\n{}", s.vm.log());
+    // READY means an app can resolve a mesh name at once: the DNS proxy's name table is
+    // built from the catalog by then (it is built a moment after the routing table).
+    let (ok, out, err) = s.vm.sh(&format!("getent ahostsv4 {}", host("reviews")));
+    assert!(
+        ok && out.starts_with("240.240."),
+        "a mesh name right after READY: {out} {err}\n{}",
+        s.vm.log()
+    );
     let pings = tokio::task::block_in_place(|| notify.during(Duration::from_secs(2)));
     assert!(
         pings.iter().any(|m| m.contains("WATCHDOG=1")),

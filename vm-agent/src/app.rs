@@ -129,7 +129,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     // 7. READY, then the watchdog.
     let (sync, registration) = (&catalog.sync, &control.registration);
     let alive = listeners.accepting.alive;
-    supervisor::start(&cx, sync, registration, &capture, alive, &mut tasks);
+    supervisor::start(
+        &cx,
+        sync,
+        &dns.answering,
+        registration,
+        &capture,
+        alive,
+        &mut tasks,
+    );
 
     let handle = AgentHandle {
         address: cx.address,

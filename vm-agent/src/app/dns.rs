@@ -16,10 +16,18 @@ use tokio::sync::watch;
 
 use super::inputs::Inputs;
 
+/// The readiness part held until the DNS proxy answers from a confirmed view: its name table
+/// is built a moment after the routing table, and an app resolving a mesh name in between
+/// would get SERVFAIL from an agent that already said READY.
+pub(crate) const READY_PART: &str = "dns";
+
 /// The running DNS proxy: where it answers, and its name table (for `/config_dump`).
 pub(crate) struct Dns {
     pub addr: SocketAddr,
     pub resolver: Arc<Resolver>,
+    /// The catalog state its name table answers from (synced once built from a confirmed
+    /// view).
+    pub answering: watch::Receiver<Arc<SyncState>>,
 }
 
 /// Starts the DNS proxy; it stops with the rest, after the drain (apps finishing their
@@ -29,11 +37,23 @@ pub(crate) async fn start(
     sync: &watch::Receiver<Arc<SyncState>>,
     tasks: &mut Tasks,
 ) -> anyhow::Result<Dns> {
+    let ready = cx.readiness.part(READY_PART);
     let dns = run(cx, sync).await?;
     let running = Dns {
         addr: dns.dns_addr,
         resolver: dns.resolver.clone(),
+        answering: dns.sync.clone(),
     };
+    let mut answering = dns.sync.clone();
+    let shutdown = cx.shutdown.clone();
+    tasks.spawn("dns readiness", async move {
+        tokio::select! {
+            r = answering.wait_for(|s| s.synced()) => if r.is_ok() {
+                ready.ready();
+            },
+            _ = shutdown.signaled() => {}
+        }
+    });
     let shutdown = cx.shutdown.clone();
     tasks.spawn("dns", async move {
         shutdown.signaled().await;

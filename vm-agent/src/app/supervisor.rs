@@ -34,6 +34,8 @@ struct Supervisor {
     notifier: Arc<Notifier>,
     readiness: Readiness,
     sync: watch::Receiver<Arc<SyncState>>,
+    /// What the DNS proxy's name table answers from.
+    dns: watch::Receiver<Arc<SyncState>>,
     registration: watch::Receiver<RegistrationState>,
     creds: watch::Receiver<Arc<Credentials>>,
     capture: Option<Arc<Mutex<CapturePlan>>>,
@@ -48,6 +50,7 @@ struct Supervisor {
 pub(crate) fn start(
     cx: &Inputs,
     sync: &watch::Receiver<Arc<SyncState>>,
+    dns: &watch::Receiver<Arc<SyncState>>,
     registration: &watch::Receiver<RegistrationState>,
     capture: &Capture,
     accept_alive: Vec<AbortHandle>,
@@ -57,6 +60,7 @@ pub(crate) fn start(
         notifier: cx.notifier.clone(),
         readiness: cx.readiness.clone(),
         sync: sync.clone(),
+        dns: dns.clone(),
         registration: registration.clone(),
         creds: cx.creds.clone(),
         capture: capture.plan.clone(),
@@ -81,6 +85,7 @@ impl Supervisor {
         let mut not_ready = Some(self.readiness.part(READY_PART));
         let mut tick = tokio::time::interval(interval);
         let mut sync = self.sync.clone();
+        let mut dns = self.dns.clone();
         let mut progress = self.capture_progress.clone();
         loop {
             match self.self_check().await {
@@ -108,18 +113,22 @@ impl Supervisor {
                 _ = tick.tick() => {}
                 // Announce READY as soon as the first catalog and its capture are in place.
                 r = sync.changed(), if !announced => if r.is_err() { return },
+                r = dns.changed(), if !announced => if r.is_err() { return },
                 r = progress.changed(), if !announced => if r.is_err() { return },
             }
         }
     }
 
     /// The catalog is in use (from the registry, or the snapshot the routing table
-    /// follows), and its service addresses are captured: an app that resolves a name must
-    /// find its connection redirected.
+    /// follows), the DNS proxy answers from it, and its service addresses are captured: an
+    /// app that resolves a name must get its address and find its connection redirected.
     fn catalog_up(&self) -> bool {
         let catalog =
             self.sync.borrow().synced() || !self.readiness.is_pending(super::catalog::READY_PART);
-        catalog && self.capture_progress.borrow().addresses.is_some()
+        // The name table is built from the catalog's current state (the DNS proxy passes a
+        // state on once its table is built from it).
+        let dns = Arc::ptr_eq(&self.dns.borrow(), &self.sync.borrow());
+        catalog && dns && self.capture_progress.borrow().addresses.is_some()
     }
 
     /// READY=1 the first time, STATUS after; WATCHDOG=1 every time.
