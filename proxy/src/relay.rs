@@ -369,13 +369,14 @@ mod splice {
                     *spliced = true;
                     pipe
                 }
-                // No file descriptor or pipe memory left for a pipe: this burst goes through
+                // No file descriptor or pipe memory left for a pipe: this read goes through
                 // user space instead, so a process at its limits slows down instead of
-                // cutting connections.
+                // cutting connections (and takes a pipe again as soon as there is one).
                 Err(e) if is_shortage(&e) => {
-                    if copy_burst(src, dst, moved, live).await? {
+                    if let Read::Ended = copy_read(src, dst, moved, live).await? {
                         return shut_write(dst);
                     }
+                    tokio::task::coop::consume_budget().await;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -531,27 +532,6 @@ mod splice {
         [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM]
             .iter()
             .any(|n| e.raw_os_error() == Some(*n as i32))
-    }
-
-    /// Copies what `src` has now to `dst` through a buffer; `true` once `src` has ended.
-    async fn copy_burst(
-        src: &TcpStream,
-        dst: &TcpStream,
-        moved: &mut u64,
-        live: Option<&AtomicU64>,
-    ) -> io::Result<bool> {
-        let mut buf = vec![0; super::COPY_BUF_MIN];
-        loop {
-            let n = match src.try_read(&mut buf) {
-                Ok(0) => return Ok(true),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            write_all(dst, &buf[..n], moved, live).await?;
-            tokio::task::coop::consume_budget().await;
-        }
     }
 
     fn splice_io(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
