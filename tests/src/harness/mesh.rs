@@ -534,12 +534,25 @@ impl Mesh {
     }
 
     /// The east-west gateway of `net`, in-process inside the namespace.
+    /// `net`'s gateway, in-process, once it is ready (its first view is in use), as a
+    /// readiness probe would gate traffic to it: a client in another network can learn a
+    /// route before this gateway does, and a gateway without the route closes the handshake.
     pub async fn gateway(&self, net: Net) -> GatewayHandle {
         let cert_dir = gateway_credentials(&self.reg, network(net), self.dir.path()).await;
         let cfg = self.gateway_config(net, cert_dir);
-        on(self.rt(net), async move { isthmus_gateway::run(cfg).await })
+        let gw = on(self.rt(net), async move { isthmus_gateway::run(cfg).await })
             .await
-            .expect("gateway")
+            .expect("gateway");
+        let ready = super::registry::eventually(Duration::from_secs(20), || async {
+            gw.is_ready().then_some(())
+        })
+        .await;
+        assert!(
+            ready.is_some(),
+            "{}'s gateway never became ready",
+            network(net)
+        );
+        gw
     }
 
     /// A workload of service `sa` at `ip` in `net` (its app greets with `name`).
