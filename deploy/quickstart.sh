@@ -341,6 +341,9 @@ build() {
     command -v cargo >/dev/null 2>&1 ||
       die "cargo is not on PATH: install a Rust toolchain, or build first and run with ISTHMUS_NO_BUILD=1"
   fi
+  # The registry's etcd client compiles etcd's API (.proto files) when it is built.
+  [ -n "${PROTOC:-}" ] || command -v protoc >/dev/null 2>&1 ||
+    die "protoc is not on PATH (the registry's build needs it): on Debian/Ubuntu apt-get install protobuf-compiler, or build first and run with ISTHMUS_NO_BUILD=1"
   as_builder cargo "${args[@]}"
 }
 

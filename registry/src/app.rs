@@ -42,9 +42,9 @@ use isthmus_proto::identity::TrustDomain;
 use isthmus_proto::program::{Program, Readiness, Stop, Tasks};
 
 pub use config::{
-    validate_resources, KubernetesConfig, LocalCluster, RegistryConfig, WebhookConfig,
-    DEFAULT_ADMIN_ADDR, DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
-    DEFAULT_RESOURCE_POLL, DEFAULT_SYSTEM_NAMESPACE,
+    validate_resources, KubernetesConfig, LocalCluster, RegistryConfig, StoreSettings,
+    WebhookConfig, DEFAULT_ADMIN_ADDR, DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE,
+    DEFAULT_GRPC_ADDR, DEFAULT_RESOURCE_POLL, DEFAULT_SYSTEM_NAMESPACE,
 };
 pub use grpc::{MAX_REQUEST_BYTES, REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT};
 pub use listeners::ListenError;
@@ -164,7 +164,7 @@ async fn start(
     let grpc_part = readiness.part("grpc");
 
     let metrics = Metrics::register();
-    let state = State::open(cfg, &metrics)?;
+    let state = State::open(cfg, &metrics).await?;
     if cfg.kubernetes.enabled() {
         crate::sources::kubernetes::metrics::register(
             &mut metrics.registry.lock().expect("metrics registry lock"),

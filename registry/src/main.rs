@@ -11,8 +11,8 @@ use isthmus_proto::config::DurationFlag;
 use isthmus_proto::program;
 use isthmus_proto::TrustDomain;
 use isthmus_registry::app::{
-    self, KubernetesConfig, LocalCluster, RegistryConfig, WebhookConfig, DEFAULT_ADMIN_ADDR,
-    DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
+    self, KubernetesConfig, LocalCluster, RegistryConfig, StoreSettings, WebhookConfig,
+    DEFAULT_ADMIN_ADDR, DEFAULT_CLUSTER_DOMAIN, DEFAULT_CLUSTER_SYNC_DEADLINE, DEFAULT_GRPC_ADDR,
     DEFAULT_SYSTEM_NAMESPACE,
 };
 use isthmus_registry::ca::kubernetes::DEFAULT_TOKEN_AUDIENCE;
@@ -20,6 +20,7 @@ use isthmus_registry::ca::{DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL};
 use isthmus_registry::inject;
 use isthmus_registry::sources::kubernetes::DEFAULT_PROBE_INTERVAL;
 use isthmus_registry::sources::vm_registrations::DEFAULT_VM_GRACE;
+use isthmus_registry::store::{EtcdConfig, EtcdTls, DEFAULT_ETCD_PREFIX};
 use isthmus_registry::vips::DEFAULT_VIP_GRACE;
 
 /// The isthmus control plane: catalog, per-network views, Watch and the mesh CA.
@@ -43,6 +44,8 @@ struct Args {
         default_value = "/var/lib/isthmus-registry"
     )]
     data_dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// A directory of ServiceEntry / WorkloadEntry / WorkloadGroup / Network YAML files,
     /// watched for changes.
     #[arg(long, env = "ISTHMUS_RESOURCES")]
@@ -86,6 +89,73 @@ struct Args {
     kube: KubeArgs,
     #[command(flatten)]
     webhook: WebhookArgs,
+}
+
+/// Where the registry keeps its state: the embedded file, or etcd for a set of registries
+/// sharing one state.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Store")]
+struct StoreArgs {
+    /// `embedded` (one file in --data-dir; one registry) or `etcd` (several registries on
+    /// one etcd cluster; needs --etcd-endpoints).
+    #[arg(long = "store", env = "ISTHMUS_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    kind: StoreKind,
+    /// etcd client URLs, comma-separated or repeated (http://etcd-0:2379, or https:// with
+    /// --etcd-ca).
+    #[arg(
+        long = "etcd-endpoints",
+        env = "ISTHMUS_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Every key the registries write starts with this; meshes sharing one etcd use
+    /// different prefixes.
+    #[arg(long, env = "ISTHMUS_ETCD_PREFIX", default_value = DEFAULT_ETCD_PREFIX)]
+    etcd_prefix: String,
+    /// The CA certificate (PEM) that signed etcd's serving certificates.
+    #[arg(long, env = "ISTHMUS_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// This registry's client certificate (PEM), when etcd asks for one
+    /// (--client-cert-auth).
+    #[arg(long, env = "ISTHMUS_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, env = "ISTHMUS_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Etcd,
+}
+
+impl StoreArgs {
+    fn into_settings(self, problems: &mut ConfigProblems) -> StoreSettings {
+        match self.kind {
+            StoreKind::Embedded => {
+                let etcd_flags = !self.etcd_endpoints.is_empty()
+                    || self.etcd_ca.is_some()
+                    || self.etcd_cert.is_some()
+                    || self.etcd_prefix != DEFAULT_ETCD_PREFIX;
+                problems.check(!etcd_flags, "--store", || {
+                    "is embedded, but --etcd-* flags are given: add --store etcd to use etcd"
+                        .to_string()
+                });
+                StoreSettings::Embedded
+            }
+            StoreKind::Etcd => {
+                let mut etcd = EtcdConfig::new(self.etcd_endpoints);
+                etcd.prefix = self.etcd_prefix;
+                etcd.tls = self.etcd_ca.map(|ca| EtcdTls {
+                    ca,
+                    client: self.etcd_cert.zip(self.etcd_key),
+                });
+                StoreSettings::Etcd(etcd)
+            }
+        }
+    }
 }
 
 /// The sidecar injection webhook (served with a cluster of its own, or with
@@ -232,6 +302,7 @@ impl Args {
                 Err(e) => problems.push("--trust-domain", e.to_string()),
             }
         }
+        cfg.store = self.store.into_settings(&mut problems);
         cfg.resources = self.resources;
         cfg.grpc_addr = self.grpc_addr;
         cfg.admin_addr = self.admin_addr;

@@ -7,9 +7,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use isthmus_proto::certs;
-use isthmus_proto::identity::SpiffeId;
-use isthmus_proto::pb;
 use isthmus_tests::{eventually, http_get, metric, yaml, TestRegistry, NETWORK};
 
 /// A tmpfs of `size` mounted on a fresh directory, unmounted (lazily, so that a file still
@@ -69,20 +66,8 @@ fn fill(dir: &Path) -> PathBuf {
 
 /// Redeems a fresh bootstrap token: a write of the store (the token is spent).
 async fn redeem(reg: &TestRegistry, sa: &str) -> Result<(), tonic::Status> {
-    let id = SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap();
-    let (_, csr) = certs::generate_key_and_csr(&id).unwrap();
-    let token = reg.token("shop", sa, Duration::from_secs(600));
-    let mut client =
-        pb::certificates_client::CertificatesClient::new(reg.channel(None).await.unwrap());
-    client
-        .create_certificate(pb::CertificateRequest {
-            csr_pem: csr,
-            bootstrap_token: token,
-            ttl_seconds: 0,
-            ..Default::default()
-        })
+    reg.redeem(sa, reg.token("shop", sa, Duration::from_secs(600)))
         .await
-        .map(|_| ())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

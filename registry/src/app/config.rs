@@ -15,6 +15,7 @@ use crate::ca::CaMaterial;
 use crate::inject::{self, InjectSettings};
 use crate::sources::static_files::{DocumentOutcome, SourceDefaults, StaticSource};
 use crate::sources::vm_registrations::DEFAULT_VM_GRACE;
+use crate::store::EtcdConfig;
 use crate::vips::DEFAULT_VIP_GRACE;
 
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
@@ -31,7 +32,10 @@ pub struct RegistryConfig {
     pub network: String,
     pub trust_domain: Option<TrustDomain>,
     pub ca_dir: PathBuf,
+    /// Where the embedded store keeps its file (unused with [`StoreSettings::Etcd`]).
     pub data_dir: PathBuf,
+    /// Which store the registry keeps its state in.
+    pub store: StoreSettings,
     pub resources: Option<PathBuf>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -50,6 +54,15 @@ pub struct RegistryConfig {
     pub kubernetes: KubernetesConfig,
     /// The sidecar injection webhook and what it injects.
     pub webhook: WebhookConfig,
+}
+
+/// The registry's store: the embedded file (the default) or an etcd cluster shared by a
+/// set of registries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreSettings {
+    #[default]
+    Embedded,
+    Etcd(EtcdConfig),
 }
 
 /// The sidecar injection webhook's settings (see `inject`).
@@ -259,6 +272,7 @@ impl RegistryConfig {
             trust_domain: None,
             ca_dir,
             data_dir,
+            store: StoreSettings::Embedded,
             resources: None,
             grpc_addr: DEFAULT_GRPC_ADDR.parse().expect("default address"),
             admin_addr: DEFAULT_ADMIN_ADDR.parse().expect("default address"),
@@ -334,6 +348,11 @@ impl RegistryConfig {
             problems.check(dir.is_dir(), "--resources", || {
                 format!("{}: not a directory", dir.display())
             });
+        }
+        if let StoreSettings::Etcd(etcd) = &self.store {
+            if let Err((flag, why)) = etcd.validate() {
+                problems.push(flag, why);
+            }
         }
         self.kubernetes.check(problems);
         self.webhook.check(problems);

@@ -10,7 +10,7 @@ use isthmus_proto::grpc::ListenerMetrics;
 use isthmus_proto::identity::TrustDomain;
 use prometheus_client::registry::Registry;
 
-use super::config::RegistryConfig;
+use super::config::{RegistryConfig, StoreSettings};
 use crate::ca::metrics::CaMetrics;
 use crate::ca::Authority;
 use crate::ingest::Ingest;
@@ -19,7 +19,7 @@ use crate::registration::metrics::RegistrationMetrics;
 use crate::sources::kubernetes::ClusterStatuses;
 use crate::sources::vm_registrations::metrics::LeaseMetrics;
 use crate::sources::vm_registrations::VmRegistrations;
-use crate::store::{EmbeddedStore, Store};
+use crate::store::{EmbeddedStore, EtcdStore, Store};
 use crate::views::Views;
 use crate::watch::Subscribers;
 
@@ -68,9 +68,18 @@ pub(super) struct State {
 
 impl State {
     /// Opens the store and loads the CA; the catalog is still empty.
-    pub(super) fn open(cfg: &RegistryConfig, metrics: &Metrics) -> anyhow::Result<Self> {
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&cfg.data_dir).context("opening the embedded store")?);
+    pub(super) async fn open(cfg: &RegistryConfig, metrics: &Metrics) -> anyhow::Result<Self> {
+        let store: Arc<dyn Store> = match &cfg.store {
+            StoreSettings::Embedded => {
+                Arc::new(EmbeddedStore::open(&cfg.data_dir).context("opening the embedded store")?)
+            }
+            StoreSettings::Etcd(etcd) => Arc::new(
+                EtcdStore::connect(etcd.clone())
+                    .await
+                    .context("connecting to the etcd store")?,
+            ),
+        };
+        tracing::info!(store = store.kind(), "store open");
         let authority = Arc::new(
             Authority::load(&cfg.ca_dir, cfg.trust_domain.clone()).context("loading the CA")?,
         );

@@ -43,6 +43,15 @@ pub enum Op {
 pub enum StoreError {
     #[error("cannot open the store at {path}: {why} (is another registry using this --data-dir?)")]
     Open { path: String, why: String },
+    /// A store on the network (etcd) did not answer at start.
+    #[error(
+        "cannot reach the store, {at}: {why} (is etcd running there, and are --etcd-endpoints \
+         and --etcd-ca, --etcd-cert and --etcd-key right?)"
+    )]
+    Unreachable { at: String, why: String },
+    /// The store's settings are wrong; nothing was tried.
+    #[error("{0}")]
+    Settings(String),
     /// The file is there but is not a store this registry can trust; nothing was changed.
     #[error(
         "the store {path} is damaged: {why}. Nothing was changed. Restore it from a backup; or, \

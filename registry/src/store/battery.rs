@@ -106,6 +106,25 @@ async fn batches_are_atomic_and_ordered(store: &dyn Store) {
     let ops = (0..100).map(|i| Op::Delete(format!("k{i:03}"))).collect();
     store.apply(Table::Catalog, ops).await.unwrap();
     assert!(store.list(Table::Catalog).await.unwrap().is_empty());
+    // A batch larger than a backend's own limit on one transaction (etcd's 128 operations
+    // by default) is written whole, in order, and listed back in full.
+    let ops = (0..2500)
+        .map(|i| Op::Put(format!("big{i:04}"), vec![(i % 251) as u8; 16]))
+        .chain(
+            (0..2500)
+                .step_by(2)
+                .map(|i| Op::Delete(format!("big{i:04}"))),
+        )
+        .collect();
+    store.apply(Table::Catalog, ops).await.unwrap();
+    let all = store.list(Table::Catalog).await.unwrap();
+    assert_eq!(all.len(), 1250);
+    assert!(all
+        .iter()
+        .all(|(k, v)| k[3..].parse::<usize>().unwrap() % 2 == 1 && v.len() == 16));
+    let ops = all.into_iter().map(|(k, _)| Op::Delete(k)).collect();
+    store.apply(Table::Catalog, ops).await.unwrap();
+    assert!(store.list(Table::Catalog).await.unwrap().is_empty());
 }
 
 async fn tables_are_separate(store: &dyn Store) {
@@ -164,9 +183,16 @@ async fn insert_if_absent_is_exclusive(store: &dyn Store) {
 
 /// Concurrent redeemers of one token: exactly one wins.
 pub(crate) async fn concurrent_insert_if_absent(store: Arc<dyn Store>) {
+    concurrent_insert_if_absent_across(&[store]).await
+}
+
+/// Concurrent redeemers of one token spread over `stores` (several registries on one
+/// shared store): exactly one wins.
+pub(crate) async fn concurrent_insert_if_absent_across(stores: &[Arc<dyn Store>]) {
+    let store = &stores[0];
     let mut tasks = Vec::new();
     for i in 0..16u8 {
-        let s = store.clone();
+        let s = stores[i as usize % stores.len()].clone();
         tasks.push(tokio::spawn(async move {
             s.insert_if_absent(Table::RedeemedTokens, "race", vec![i])
                 .await

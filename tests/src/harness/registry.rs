@@ -48,6 +48,11 @@ impl TestRegistry {
     /// A config on loopback with fast polling, a fresh CA and empty dirs.
     pub fn config(dir: &Path) -> RegistryConfig {
         init_ca(&dir.join("ca"), TRUST_DOMAIN, CLUSTER, false);
+        Self::config_with_ca(dir)
+    }
+
+    /// [`Self::config`] for a directory whose `ca/` is there already.
+    fn config_with_ca(dir: &Path) -> RegistryConfig {
         std::fs::create_dir_all(dir.join("resources")).unwrap();
         let mut cfg = RegistryConfig::new(
             CLUSTER,
@@ -91,6 +96,25 @@ impl TestRegistry {
         for (name, yaml) in resources {
             std::fs::write(dir.path().join("resources").join(name), yaml)?;
         }
+        let handle = app::run(cfg.clone()).await?;
+        Ok(Self {
+            dir,
+            cfg,
+            handle: Some(handle),
+        })
+    }
+
+    /// Another registry of `first`'s set: a copy of its CA files (the files every registry
+    /// of a set has), its own directories and ports, and the config adjusted first (to
+    /// share `first`'s store, say).
+    pub async fn start_peer_of(
+        first: &TestRegistry,
+        adjust: impl FnOnce(&mut RegistryConfig),
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        copy_dir(&first.dir.path().join("ca"), &dir.path().join("ca"))?;
+        let mut cfg = Self::config_with_ca(dir.path());
+        adjust(&mut cfg);
         let handle = app::run(cfg.clone()).await?;
         Ok(Self {
             dir,
@@ -206,6 +230,27 @@ impl TestRegistry {
         Ok(())
     }
 
+    /// Asks for a certificate for `shop/<sa>` with the bootstrap `token` (a write of the
+    /// store: the token is spent), returning the CA's answer as it is.
+    pub async fn redeem(&self, sa: &str, token: String) -> Result<(), tonic::Status> {
+        let id =
+            SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/{sa}")).expect("identity");
+        let (_, csr) = certs::generate_key_and_csr(&id).expect("key and CSR");
+        let channel = self
+            .channel(None)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        isthmus_proto::pb::certificates_client::CertificatesClient::new(channel)
+            .create_certificate(isthmus_proto::pb::CertificateRequest {
+                csr_pem: csr,
+                bootstrap_token: token,
+                ttl_seconds: 0,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Registers a VM as its agent would, presenting `creds`.
     pub async fn register_vm(
         &self,
@@ -273,6 +318,21 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Copies the directory tree `from` to `to`, keeping file modes (keys stay 0600).
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }
 
 /// A minimal HTTP/1.0 GET: (status, body).

@@ -1,0 +1,309 @@
+//! The etcd store against a real etcd (Debian's `etcd-server`), started per test on
+//! loopback ports. Where `etcd` is not installed the tests say so and pass, except under CI
+//! (`CI=true`), where they fail: `.ci/run` installs it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::store::battery;
+
+/// One single-member etcd on loopback, with its data in a temporary directory; stopped
+/// (by its PID) when dropped.
+struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client: u16,
+    peer: u16,
+}
+
+fn etcd_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    /// Starts an etcd, or says why not and returns `None` (outside CI only).
+    async fn start(test: &str) -> Option<Etcd> {
+        let Some(bin) = etcd_binary() else {
+            assert!(
+                !in_ci(),
+                "etcd is not installed: the etcd store's tests need Debian's etcd-server \
+                 (.ci/run installs it)"
+            );
+            eprintln!("{test}: skipped, etcd is not installed (apt-get install etcd-server)");
+            return None;
+        };
+        let mut etcd = Etcd {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            client: free_port(),
+            peer: free_port(),
+        };
+        etcd.run(&bin).await;
+        Some(etcd)
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    fn config(&self) -> EtcdConfig {
+        EtcdConfig::new(vec![self.url()])
+    }
+
+    async fn run(&mut self, bin: &Path) {
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
+        let child = Command::new(bin)
+            .args([
+                "--name=test",
+                &format!("--data-dir={}", self.dir.path().join("data").display()),
+                &format!("--listen-client-urls={}", self.url()),
+                &format!("--advertise-client-urls={}", self.url()),
+                &format!("--listen-peer-urls={peer}"),
+                &format!("--initial-advertise-peer-urls={peer}"),
+                &format!("--initial-cluster=test={peer}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if EtcdStore::connect(self.config()).await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("etcd exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer within 30 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    async fn restart(&mut self) {
+        self.stop();
+        self.run(&etcd_binary().unwrap()).await;
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test]
+async fn battery() {
+    let Some(etcd) = Etcd::start("battery").await else {
+        return;
+    };
+    let store = EtcdStore::connect(etcd.config()).await.unwrap();
+    battery::run(&store).await;
+    battery::concurrent_insert_if_absent(Arc::new(store)).await;
+}
+
+/// Two registries on one etcd: one redeemer of a token wins across both.
+#[tokio::test]
+async fn one_token_is_spent_once_across_registries() {
+    let Some(etcd) = Etcd::start("one_token_is_spent_once_across_registries").await else {
+        return;
+    };
+    let a: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd.config()).await.unwrap());
+    let b: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd.config()).await.unwrap());
+    for _ in 0..5 {
+        battery::concurrent_insert_if_absent_across(&[a.clone(), b.clone()]).await;
+    }
+    // What one writes, the other reads.
+    a.put(Table::Catalog, "Network//n", b"n".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        b.get(Table::Catalog, "Network//n")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"n"[..])
+    );
+}
+
+#[tokio::test]
+async fn prefixes_keep_meshes_apart() {
+    let Some(etcd) = Etcd::start("prefixes_keep_meshes_apart").await else {
+        return;
+    };
+    let mut other = etcd.config();
+    other.prefix = "/isthmus-b/".into();
+    let a = EtcdStore::connect(etcd.config()).await.unwrap();
+    let b = EtcdStore::connect(other).await.unwrap();
+    a.put(Table::Vips, "h", b"a".to_vec()).await.unwrap();
+    assert!(b.list(Table::Vips).await.unwrap().is_empty());
+    battery::run(&b).await;
+    assert_eq!(a.list(Table::Vips).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn data_survives_an_etcd_restart() {
+    let Some(mut etcd) = Etcd::start("data_survives_an_etcd_restart").await else {
+        return;
+    };
+    battery::write_durable_sample(&EtcdStore::connect(etcd.config()).await.unwrap()).await;
+    etcd.restart().await;
+    battery::check_durable_sample(&EtcdStore::connect(etcd.config()).await.unwrap()).await;
+}
+
+/// etcd gone: writes are refused with the endpoints and the cause, the store reports itself
+/// unwritable, and once etcd is back `recover` makes it writable with nothing lost.
+#[tokio::test]
+async fn writes_are_refused_while_etcd_is_down_and_resume() {
+    let Some(mut etcd) = Etcd::start("writes_are_refused_while_etcd_is_down_and_resume").await
+    else {
+        return;
+    };
+    let store = EtcdStore::connect(etcd.config()).await.unwrap();
+    let health = store.write_health();
+    store
+        .put(Table::Catalog, "before", b"1".to_vec())
+        .await
+        .unwrap();
+    etcd.stop();
+    let err = store
+        .put(Table::Catalog, "during", b"2".to_vec())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Unwritable { .. }), "{text}");
+    assert!(text.contains(&etcd.url()), "{text}");
+    assert!(matches!(*health.borrow(), WriteHealth::Unwritable { .. }));
+    // Refused at once while unwritable, with the same cause.
+    let err = store
+        .insert_if_absent(Table::RedeemedTokens, "t", b"1".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unwritable { .. }), "{err}");
+    assert!(store.recover().await.is_err());
+
+    etcd.restart().await;
+    store.recover().await.unwrap();
+    assert_eq!(*health.borrow(), WriteHealth::Writable);
+    store
+        .put(Table::Catalog, "after", b"3".to_vec())
+        .await
+        .unwrap();
+    let keys: Vec<String> = store
+        .list(Table::Catalog)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["after", "before"]);
+}
+
+#[tokio::test]
+async fn an_etcd_that_is_not_there_is_named_at_start() {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let err = EtcdStore::connect(EtcdConfig::new(vec![url.clone()]))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Unreachable { .. }), "{text}");
+    assert!(text.contains(&url), "{text}");
+    // Bounded by the connect and request timeouts, not a hang.
+    assert!(started.elapsed() < Duration::from_secs(60), "{text}");
+}
+
+#[test]
+fn bad_settings_are_named() {
+    let cases: [(EtcdConfig, &str); 4] = [
+        (EtcdConfig::new(vec![]), "is empty"),
+        (
+            EtcdConfig::new(vec!["127.0.0.1:2379".into()]),
+            "is not a client URL",
+        ),
+        (
+            EtcdConfig::new(vec!["https://etcd-0:2379".into()]),
+            "--etcd-ca",
+        ),
+        (
+            EtcdConfig {
+                prefix: "isthmus".into(),
+                ..EtcdConfig::new(vec!["http://etcd-0:2379".into()])
+            },
+            "--etcd-prefix",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let (flag, why) = cfg.validate().unwrap_err();
+        let err = format!("{flag}: {why}");
+        assert!(err.contains(want), "{cfg:?}: {err}");
+    }
+    let missing = EtcdConfig {
+        tls: Some(EtcdTls {
+            ca: "/nonexistent/etcd-ca.pem".into(),
+            client: None,
+        }),
+        ..EtcdConfig::new(vec!["https://etcd-0:2379".into()])
+    };
+    let (flag, why) = missing.validate().unwrap_err();
+    assert_eq!(flag, "--etcd-ca");
+    assert!(why.contains("/nonexistent/etcd-ca.pem"), "{why}");
+    assert!(EtcdConfig::new(vec!["http://etcd-0:2379".into()])
+        .validate()
+        .is_ok());
+}
+
+#[test]
+fn folding_keeps_the_last_write_per_key_in_order() {
+    let put = |k: &str, v: u8| Op::Put(k.into(), vec![v]);
+    let del = |k: &str| Op::Delete(k.into());
+    assert_eq!(
+        fold(vec![
+            put("a", 1),
+            put("b", 1),
+            del("a"),
+            put("c", 1),
+            put("b", 2)
+        ]),
+        vec![del("a"), put("c", 1), put("b", 2)]
+    );
+    assert_eq!(prefix_end(b"/isthmus/vips/"), b"/isthmus/vips0".to_vec());
+    assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+}
