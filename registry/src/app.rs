@@ -188,6 +188,10 @@ async fn start(
     stop.tasks.spawn("VM lease timer", async move {
         registrations.run(shutdown).await
     });
+    let (ingest, shutdown) = (state.ingest.clone(), signals.rest.clone());
+    stop.tasks.spawn("store follower", async move {
+        ingest.follow_store(shutdown).await
+    });
     catalog_part.ready();
 
     if let Some(dir) = &cfg.resources {

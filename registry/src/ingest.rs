@@ -8,14 +8,15 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use isthmus_proto::drain;
 use isthmus_proto::model::{OwnedResource, Resource, Service};
 use isthmus_proto::pb;
 use prost::Message;
 
-use crate::metrics::{RegistryMetrics, StoreOpLabels, VipStateLabels};
-use crate::store::{Op, Store, StoreError, Table};
+use crate::metrics::{FollowLabels, RegistryMetrics, StoreOpLabels, VipStateLabels};
+use crate::store::{Op, Store, StoreChange, StoreError, Table};
 use crate::views::Views;
-use crate::vips::{self, VipChange, VipError, VipPlan};
+use crate::vips::{self, Allocation, VipChange, VipError, VipPlan};
 
 #[derive(Debug, Clone)]
 pub struct Ingest {
@@ -86,10 +87,7 @@ impl Ingest {
         let mut resources = Vec::new();
         let mut rekeyed = Vec::new();
         for (key, bytes) in rows? {
-            match pb::CatalogResource::decode(bytes.as_slice())
-                .map_err(|e| e.to_string())
-                .and_then(|r| OwnedResource::try_from(r).map_err(|e| e.to_string()))
-            {
+            match decode_resource(&bytes) {
                 Ok(r) => {
                     if r.resource.key() != key {
                         rekeyed.push((key, r.resource.key(), bytes));
@@ -252,6 +250,181 @@ impl Ingest {
         Ok(report)
     }
 
+    /// Follows a store several registries share (etcd): applies the other registries'
+    /// writes of the catalog and the VIP table to the views as the store reports them, so
+    /// every registry of the set serves the same catalog. Returns at once for a store only
+    /// this registry writes; runs until `shutdown` otherwise.
+    pub async fn follow_store(&self, shutdown: drain::Watch) {
+        let Some(mut feed) = self.store.follow() else {
+            return;
+        };
+        let stop = shutdown.signaled();
+        tokio::pin!(stop);
+        loop {
+            let first = tokio::select! {
+                _ = &mut stop => return,
+                c = feed.recv() => match c {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            // What else is waiting goes in the same pass: one views update per burst.
+            let mut batch = vec![first];
+            while batch.len() < FOLLOW_BATCH {
+                match feed.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.apply_followed(batch).await;
+        }
+    }
+
+    async fn apply_followed(&self, batch: Vec<StoreChange>) {
+        // Under the writer lock: this registry's own writes are in the views before their
+        // changes are looked at, so `superseded` sees every one of them.
+        let _writer = self.writer.lock().await;
+        let mut catalog: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        let mut vips: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        let mut own = 0u64;
+        for change in batch {
+            match change {
+                StoreChange::Resync => {
+                    // Everything read so far is covered by reading the store whole.
+                    catalog.clear();
+                    vips.clear();
+                    if let Err(e) = self.resync().await {
+                        tracing::error!(error = %e, "cannot read the shared store again; retrying on its next change");
+                    }
+                    self.followed("resync", 1);
+                }
+                StoreChange::Key {
+                    table,
+                    key,
+                    value,
+                    revision,
+                } => {
+                    if self.store.superseded(table, &key, revision) {
+                        own += 1;
+                        continue;
+                    }
+                    match table {
+                        Table::Catalog => catalog.insert(key, value),
+                        Table::Vips => vips.insert(key, value),
+                        Table::RedeemedTokens => continue,
+                    };
+                }
+            }
+        }
+        self.followed("own", own);
+        let (applied, unchanged) = self.apply_stored(catalog, vips, false);
+        self.followed("applied", applied);
+        self.followed("unchanged", unchanged);
+    }
+
+    /// Reads the catalog and VIP tables whole and makes the views match them.
+    async fn resync(&self) -> Result<(), StoreError> {
+        let vip_rows = self.store.list(Table::Vips).await;
+        self.count("list", vip_rows.is_ok());
+        let catalog_rows = self.store.list(Table::Catalog).await;
+        self.count("list", catalog_rows.is_ok());
+        let vips = vip_rows?.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let catalog = catalog_rows?
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        let (applied, _) = self.apply_stored(catalog, vips, true);
+        tracing::info!(
+            applied,
+            "read the shared store again after its change feed lost its place"
+        );
+        Ok(())
+    }
+
+    /// Applies stored rows (`None`: deleted) to the views where they differ; with `whole`,
+    /// rows the views hold and the maps lack are removed too. Returns (changes applied,
+    /// rows the views held already).
+    fn apply_stored(
+        &self,
+        catalog: BTreeMap<String, Option<Vec<u8>>>,
+        vips: BTreeMap<String, Option<Vec<u8>>>,
+        whole: bool,
+    ) -> (u64, u64) {
+        let mut unchanged = 0u64;
+        let (upserts, removals) = self.views.with_catalog(|c| {
+            let mut upserts = Vec::new();
+            let mut removals = Vec::new();
+            for (key, value) in &catalog {
+                match value.as_deref().map(decode_resource) {
+                    Some(Ok(r)) if c.get(key) == Some(&r) => unchanged += 1,
+                    Some(Ok(r)) => upserts.push(r),
+                    Some(Err(e)) => {
+                        tracing::error!(%key, error = %e, "skipping a stored resource that does not decode")
+                    }
+                    None if c.get(key).is_some() => removals.push(key.clone()),
+                    None => unchanged += 1,
+                }
+            }
+            if whole {
+                removals.extend(
+                    c.iter()
+                        .filter(|(k, _)| !catalog.contains_key(*k))
+                        .map(|(k, _)| k.clone()),
+                );
+            }
+            (upserts, removals)
+        });
+        let vip_changes: Vec<VipChange> = self.views.with_vips(|t| {
+            let mut changes = Vec::new();
+            for (hostname, value) in &vips {
+                match value.as_deref().map(|b| Allocation::decode(hostname, b)) {
+                    Some(Ok(a)) if t.get(hostname) == Some(&a) => unchanged += 1,
+                    Some(Ok(a)) => changes.push(VipChange::Put(a)),
+                    Some(Err(e)) => tracing::error!(error = %e, "skipping a stored VIP allocation"),
+                    None if t.get(hostname).is_some() => {
+                        changes.push(VipChange::Free(hostname.clone()))
+                    }
+                    None => unchanged += 1,
+                }
+            }
+            if whole {
+                changes.extend(
+                    t.iter()
+                        .filter(|a| !vips.contains_key(&a.hostname))
+                        .map(|a| VipChange::Free(a.hostname.clone())),
+                );
+            }
+            changes
+        });
+        let applied = (upserts.len() + removals.len() + vip_changes.len()) as u64;
+        if applied == 0 {
+            return (0, unchanged);
+        }
+        // Frees first: another registry may have handed a freed address to a new hostname.
+        let (frees, puts): (Vec<VipChange>, Vec<VipChange>) = vip_changes
+            .into_iter()
+            .partition(|c| matches!(c, VipChange::Free(_)));
+        let vips_changed = !frees.is_empty() || !puts.is_empty();
+        self.views.apply(Vec::new(), Vec::new(), frees);
+        self.views.apply(upserts, removals, puts);
+        self.metrics
+            .catalog_resources
+            .set(self.views.with_catalog(|c| c.len()) as i64);
+        if vips_changed {
+            self.update_vip_gauges();
+        }
+        (applied, unchanged)
+    }
+
+    fn followed(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.metrics
+                .store_followed
+                .get_or_create(&FollowLabels { outcome })
+                .inc_by(n);
+        }
+    }
+
     /// Frees the allocations released at least `grace` before `now`, then gives hostnames
     /// that found the pool full another chance. Returns how many allocations it freed.
     pub async fn free_expired_vips(
@@ -355,6 +528,15 @@ impl Ingest {
         set("active", active);
         set("released", released);
     }
+}
+
+/// Changes read from a shared store's feed applied in one pass at most.
+const FOLLOW_BATCH: usize = 1024;
+
+fn decode_resource(bytes: &[u8]) -> Result<OwnedResource, String> {
+    pb::CatalogResource::decode(bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|r| OwnedResource::try_from(r).map_err(|e| e.to_string()))
 }
 
 fn service(r: &OwnedResource) -> Option<&Service> {

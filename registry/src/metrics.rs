@@ -44,6 +44,14 @@ pub struct VipStateLabels {
     pub state: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FollowLabels {
+    /// "applied" (another registry's write, now in the views), "own" (this registry's write
+    /// or an older one), "unchanged" (the views held it already) or "resync" (the whole
+    /// store read again).
+    pub outcome: &'static str,
+}
+
 #[derive(Debug, Clone)]
 pub struct RegistryMetrics {
     pub subscribers: Family<KindLabels, Gauge>,
@@ -59,6 +67,8 @@ pub struct RegistryMetrics {
     pub store_writable: Gauge,
     pub vips_allocated: Family<VipStateLabels, Gauge>,
     pub vip_allocation_failures: Counter,
+    /// Changes read from a shared store's feed (etcd), by outcome.
+    pub store_followed: Family<FollowLabels, Counter>,
 }
 
 impl Default for RegistryMetrics {
@@ -77,6 +87,7 @@ impl Default for RegistryMetrics {
             store_writable: Default::default(),
             vips_allocated: Default::default(),
             vip_allocation_failures: Default::default(),
+            store_followed: Default::default(),
         }
     }
 }
@@ -128,6 +139,11 @@ impl RegistryMetrics {
             "registry_store_operations",
             "Store operations, by operation and result",
             m.store_ops.clone(),
+        );
+        registry.register(
+            "registry_store_changes_followed",
+            "Changes read from a store several registries share (etcd), by outcome: applied (another registry's write), own, unchanged, resync",
+            m.store_followed.clone(),
         );
         registry.register(
             "registry_store_writable",

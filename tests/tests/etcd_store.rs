@@ -1,15 +1,18 @@
 //! Registries on the etcd store (`--store etcd`), against a real etcd (Debian's
 //! `etcd-server`) the tests start: a token spent once across two registries sharing one
-//! three-member etcd, a lost member changing nothing, and an etcd outage refusing writes by
-//! name, reported by `/readyz` and a gauge, then caught up without a restart.
+//! three-member etcd, a lost member changing nothing, an etcd outage refusing writes by
+//! name, reported by `/readyz` and a gauge, then caught up without a restart, and two
+//! registries serving one catalog.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_proto::model::{service_view_key, NodeKind, ViewResource};
+use isthmus_proto::subscription::{LocalView, Subscription};
 use isthmus_registry::app::StoreSettings;
 use isthmus_registry::store::EtcdConfig;
 use isthmus_tests::harness::etcd::EtcdCluster;
-use isthmus_tests::{eventually, http_get, metric, TestRegistry};
+use isthmus_tests::{eventually, host, http_get, metric, node, yaml, TestRegistry, NETWORK};
 
 fn on_etcd(etcd: &EtcdCluster) -> StoreSettings {
     StoreSettings::Etcd(EtcdConfig::new(etcd.endpoints()))
@@ -127,4 +130,115 @@ async fn an_etcd_outage_refuses_writes_by_name_and_recovers_without_restart() {
     let again = reg.redeem("before", spent).await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::PermissionDenied, "{again:?}");
     reg.stop().await;
+}
+
+fn endpoint_count(view: &LocalView, hostname: &str) -> Option<usize> {
+    match view.resources.get(&service_view_key(hostname)) {
+        Some(ViewResource::Service(sv)) => Some(sv.endpoints.len()),
+        _ => None,
+    }
+}
+
+fn vips_of(view: &LocalView, hostname: &str) -> Option<Vec<String>> {
+    match view.resources.get(&service_view_key(hostname)) {
+        Some(ViewResource::Service(sv)) => Some(sv.service.allocated_addresses.clone()),
+        _ => None,
+    }
+}
+
+/// Receives updates until `pred` holds on the view.
+async fn until(sub: &mut Subscription, what: &str, pred: impl Fn(&LocalView) -> bool) {
+    while !pred(&sub.view) {
+        tokio::time::timeout(STEP, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no update in {STEP:?}"))
+            .expect("stream open");
+    }
+}
+
+const STEP: Duration = Duration::from_secs(20);
+
+/// Two registries on one etcd serve one catalog: what reaches one (a resource file, a VM
+/// registration) reaches the other's subscribers, VIPs included, and a subscriber moving
+/// from one to the other resumes without a full resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_of_registries_on_one_etcd_serves_one_catalog() {
+    let Some(etcd) = EtcdCluster::start("etcd_store", 1).await else {
+        return;
+    };
+    let a = TestRegistry::start_with(&[], |cfg| cfg.store = on_etcd(&etcd))
+        .await
+        .unwrap();
+    // B reads no files of its own: a set of registries reads the same files, or one of them
+    // does.
+    let b = TestRegistry::start_peer_of(&a, |cfg| {
+        cfg.store = on_etcd(&etcd);
+        cfg.resources = None;
+    })
+    .await
+    .unwrap();
+    let creds = a.credentials("shop", "web").await.unwrap();
+    let web = node("web-1", NodeKind::Workload, NETWORK);
+    let mut on_b = b.subscribe(&creds, &web).await.unwrap();
+    assert!(on_b.next().await.unwrap().snapshot);
+
+    let reviews = host("reviews", "shop");
+    a.write_resource(
+        "reviews.yaml",
+        &yaml::docs(&[
+            yaml::service("reviews", "shop", 9080),
+            yaml::workload("r-0", "shop", "reviews", "10.0.0.1", NETWORK),
+            yaml::workload("r-1", "shop", "reviews", "10.0.0.2", NETWORK),
+        ]),
+    );
+    until(&mut on_b, "A's file on B", |v| {
+        endpoint_count(v, &reviews) == Some(2)
+    })
+    .await;
+    // The VIP A allocated is the one B serves.
+    let mut on_a = a.subscribe(&creds, &web).await.unwrap();
+    assert!(on_a.next().await.unwrap().snapshot);
+    let vips = vips_of(&on_a.view, &reviews).expect("reviews on A");
+    assert!(!vips.is_empty(), "reviews has a VIP");
+    assert_eq!(vips_of(&on_b.view, &reviews), Some(vips));
+
+    // The same content has the same digest on both: a subscriber of A moving to B resumes
+    // without a full resend.
+    let digest = |v: &str| v.rsplit('.').next().unwrap().to_string();
+    assert_eq!(digest(&on_a.view.version), digest(&on_b.view.version));
+    let saved = on_a.view.clone();
+    drop(on_a);
+    let mut moved = Subscription::open(b.channel(Some(&creds)).await.unwrap(), &web, Some(saved))
+        .await
+        .unwrap();
+    let u = moved.next().await.unwrap();
+    assert!(
+        !u.snapshot && u.upserted.is_empty() && u.removed.is_empty(),
+        "resumed on B without a resend: {u:?}"
+    );
+
+    // Removed on A, gone on B.
+    std::fs::remove_file(a.resources_dir().join("reviews.yaml")).unwrap();
+    until(&mut on_b, "A's removal on B", |v| {
+        endpoint_count(v, &reviews).is_none()
+    })
+    .await;
+    let m = b.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "isthmus_registry_store_changes_followed_total{outcome=\"applied\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
+    let m = a.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "isthmus_registry_store_changes_followed_total{outcome=\"own\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
 }

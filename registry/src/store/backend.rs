@@ -17,6 +17,11 @@ pub enum Table {
 impl Table {
     pub const ALL: [Table; 3] = [Table::Catalog, Table::RedeemedTokens, Table::Vips];
 
+    /// The table named `name` (as [`Table::name`] spells it).
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Table::Catalog => "catalog",
@@ -80,6 +85,21 @@ pub enum StoreError {
     Task(String),
 }
 
+/// A change to a store several registries share, as its change feed reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    /// `key` of `table` holds `value` as of `revision` (`None`: it was deleted).
+    Key {
+        table: Table,
+        key: String,
+        value: Option<Vec<u8>>,
+        revision: i64,
+    },
+    /// The feed lost its place (the store compacted the history it was reading): whatever
+    /// follows the store must read it whole again.
+    Resync,
+}
+
 /// Whether a store's writes succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteHealth {
@@ -118,6 +138,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// writes succeed.
     async fn recover(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// For a store several registries share: every change to the catalog and VIP tables,
+    /// this registry's own included, in the store's order, starting just after what the
+    /// first `list` read. `None` for a store only this registry writes (the default).
+    fn follow(&self) -> Option<tokio::sync::mpsc::Receiver<StoreChange>> {
+        None
+    }
+
+    /// Whether a change the feed reports at `revision` is already in this registry's views:
+    /// it is this registry's own write of `key`, or older than that write.
+    fn superseded(&self, _table: Table, _key: &str, _revision: i64) -> bool {
+        false
     }
 
     async fn put(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError> {

@@ -18,18 +18,21 @@
 //! endpoints and the cause; the store reports itself unwritable (the registry turns
 //! not-ready for writes) and [`Store::recover`] probes etcd until it answers again.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
-    TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use tokio::sync::watch;
+use isthmus_proto::backoff::Backoff;
+use tokio::sync::{mpsc, watch};
 
-use super::backend::{Op, Store, StoreError, Table, WriteHealth};
+use super::backend::{Op, Store, StoreChange, StoreError, Table, WriteHealth};
 use super::RECOVERY_INTERVAL;
 
 pub const DEFAULT_PREFIX: &str = "/isthmus/";
@@ -128,6 +131,17 @@ struct Inner {
     client: Client,
     cfg: EtcdConfig,
     health: watch::Sender<WriteHealth>,
+    /// The revision of this registry's last write of each followed key whose change the
+    /// feed has not reported yet (`superseded`), by etcd key.
+    own: Mutex<HashMap<String, i64>>,
+    /// The revision the first `list` read at: the feed starts just after it.
+    listed: AtomicI64,
+}
+
+/// Whether the change feed reports `table`'s changes (the views hold them); redeemed tokens
+/// are only ever checked in the store.
+fn followed(table: Table) -> bool {
+    table != Table::RedeemedTokens
 }
 
 impl fmt::Debug for EtcdStore {
@@ -167,6 +181,8 @@ impl EtcdStore {
                 client,
                 cfg,
                 health: watch::channel(WriteHealth::Writable).0,
+                own: Mutex::default(),
+                listed: AtomicI64::new(0),
             }),
         };
         store.probe().await.map_err(open_err)?;
@@ -334,6 +350,12 @@ impl Store for EtcdStore {
                 .map_err(|e| self.failed("list", table, e))?;
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+                let _ = self.inner.listed.compare_exchange(
+                    0,
+                    revision,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
             }
             let more = resp.more();
             let kvs = resp.take_kvs();
@@ -366,9 +388,19 @@ impl Store for EtcdStore {
                     Op::Delete(k) => TxnOp::delete(self.key_of(table, k), None),
                 })
                 .collect();
-            kv.txn(Txn::new().and_then(txn_ops))
+            let resp = kv
+                .txn(Txn::new().and_then(txn_ops))
                 .await
                 .map_err(|e| self.failed("apply", table, e))?;
+            if let Some(revision) = resp.header().map(|h| h.revision()) {
+                self.written(
+                    table,
+                    chunk.iter().map(|op| match op {
+                        Op::Put(k, _) | Op::Delete(k) => k.as_str(),
+                    }),
+                    revision,
+                );
+            }
         }
         Ok(())
     }
@@ -395,11 +427,37 @@ impl Store for EtcdStore {
             .txn(txn)
             .await
             .map_err(|e| self.failed("insert_if_absent", table, e))?;
+        if resp.succeeded() {
+            if let Some(revision) = resp.header().map(|h| h.revision()) {
+                self.written(table, [key], revision);
+            }
+        }
         Ok(resp.succeeded())
     }
 
     fn kind(&self) -> &'static str {
         "etcd"
+    }
+
+    fn follow(&self) -> Option<mpsc::Receiver<StoreChange>> {
+        let (tx, rx) = mpsc::channel(FEED_CAPACITY);
+        let store = self.clone();
+        tokio::spawn(async move { store.feed(tx).await });
+        Some(rx)
+    }
+
+    fn superseded(&self, table: Table, key: &str, revision: i64) -> bool {
+        let full = self.key_of(table, key);
+        let mut own = self.inner.own.lock().unwrap_or_else(|p| p.into_inner());
+        match own.get(&full) {
+            Some(&mine) if mine == revision => {
+                // The feed reached this registry's own write: every later change is newer.
+                own.remove(&full);
+                true
+            }
+            Some(&mine) => mine > revision,
+            None => false,
+        }
     }
 
     fn write_health(&self) -> watch::Receiver<WriteHealth> {
@@ -423,6 +481,146 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    /// Remembers this registry's write of `keys` at `revision`, for `superseded`.
+    fn written<'a>(&self, table: Table, keys: impl IntoIterator<Item = &'a str>, revision: i64) {
+        if !followed(table) {
+            return;
+        }
+        let mut own = self.inner.own.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            own.insert(self.key_of(table, k), revision);
+        }
+    }
+
+    /// The change feed: an etcd watch on the prefix from just after the first list,
+    /// re-established after a failure from the next revision not yet reported (with
+    /// back-off), and a `Resync` when etcd compacted that revision away. Ends when the
+    /// receiver is dropped.
+    async fn feed(self, tx: mpsc::Sender<StoreChange>) {
+        let mut next = self.inner.listed.load(Ordering::SeqCst) + 1;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            let ended = tokio::select! {
+                _ = tx.closed() => return,
+                ended = self.watch_from(&mut next, &tx, &mut backoff) => ended,
+            };
+            match ended {
+                WatchEnded::ReceiverGone => return,
+                WatchEnded::Compacted => {
+                    // What was missed is gone from etcd's history: the follower reads the
+                    // store whole again, and the feed goes on from now.
+                    match self.current_revision().await {
+                        Ok(now) => next = now + 1,
+                        Err(why) => {
+                            tracing::warn!(store = "etcd", %why, "cannot read etcd's revision to resume the change feed");
+                            next = 0;
+                        }
+                    }
+                    if tx.send(StoreChange::Resync).await.is_err() {
+                        return;
+                    }
+                }
+                WatchEnded::Failed(why) => {
+                    tracing::warn!(store = "etcd", %why, from_revision = next, "etcd change feed lost; re-establishing");
+                }
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    /// One watch, until it fails; `next` follows the revisions reported.
+    async fn watch_from(
+        &self,
+        next: &mut i64,
+        tx: &mpsc::Sender<StoreChange>,
+        backoff: &mut Backoff,
+    ) -> WatchEnded {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision((*next).max(0))
+            .with_progress_notify();
+        let mut stream = match self
+            .inner
+            .client
+            .watch_client()
+            .watch(self.inner.cfg.prefix.clone(), Some(opts))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return WatchEnded::Failed(describe(&e)),
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => return WatchEnded::Failed("etcd ended the watch".into()),
+                Err(e) => return WatchEnded::Failed(describe(&e)),
+            };
+            if resp.compact_revision() > 0 {
+                tracing::warn!(
+                    store = "etcd",
+                    from_revision = *next,
+                    compacted_to = resp.compact_revision(),
+                    "etcd compacted the history the change feed was reading; reading the store again"
+                );
+                return WatchEnded::Compacted;
+            }
+            if resp.canceled() {
+                return WatchEnded::Failed(format!(
+                    "etcd cancelled the watch: {}",
+                    resp.cancel_reason()
+                ));
+            }
+            backoff.reset();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let revision = kv.mod_revision();
+                *next = revision + 1;
+                let Some((table, key)) = self.split_key(kv.key()) else {
+                    continue;
+                };
+                if !followed(table) {
+                    continue;
+                }
+                let value = match ev.event_type() {
+                    EventType::Put => Some(kv.value().to_vec()),
+                    EventType::Delete => None,
+                };
+                let change = StoreChange::Key {
+                    table,
+                    key,
+                    value,
+                    revision,
+                };
+                if tx.send(change).await.is_err() {
+                    return WatchEnded::ReceiverGone;
+                }
+            }
+        }
+    }
+
+    /// The table and key of an etcd key under the prefix.
+    fn split_key(&self, full: &[u8]) -> Option<(Table, String)> {
+        let rest = full.strip_prefix(self.inner.cfg.prefix.as_bytes())?;
+        let rest = std::str::from_utf8(rest).ok()?;
+        let (table, key) = rest.split_once('/')?;
+        Some((Table::from_name(table)?, key.to_string()))
+    }
+
+    async fn current_revision(&self) -> Result<i64, String> {
+        let resp = self
+            .kv()
+            .get(
+                self.key_of(Table::Catalog, ""),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(|e| describe(&e))?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
     fn write_health_why(&self) -> String {
         match &*self.inner.health.borrow() {
             WriteHealth::Unwritable { why } => why.clone(),
@@ -430,6 +628,16 @@ impl EtcdStore {
         }
     }
 }
+
+/// Why one watch of the change feed ended.
+enum WatchEnded {
+    ReceiverGone,
+    Compacted,
+    Failed(String),
+}
+
+/// Changes the feed holds for a follower that is busy applying earlier ones.
+const FEED_CAPACITY: usize = 4096;
 
 /// The smallest key greater than every key starting with `prefix`.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {

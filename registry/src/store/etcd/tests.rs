@@ -307,3 +307,275 @@ fn folding_keeps_the_last_write_per_key_in_order() {
     assert_eq!(prefix_end(b"/isthmus/vips/"), b"/isthmus/vips0".to_vec());
     assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
 }
+
+async fn next_change(feed: &mut mpsc::Receiver<StoreChange>) -> StoreChange {
+    tokio::time::timeout(Duration::from_secs(10), feed.recv())
+        .await
+        .expect("a change in time")
+        .expect("feed open")
+}
+
+/// The feed reports every write to the followed tables in order, another store's and this
+/// one's; this one's own writes (and older changes of a key it wrote since) are superseded.
+#[tokio::test]
+async fn the_feed_reports_changes_and_knows_its_own() {
+    let Some(etcd) = Etcd::start("the_feed_reports_changes_and_knows_its_own").await else {
+        return;
+    };
+    let a = EtcdStore::connect(etcd.config()).await.unwrap();
+    let b = EtcdStore::connect(etcd.config()).await.unwrap();
+    b.put(Table::Catalog, "before", b"0".to_vec())
+        .await
+        .unwrap();
+    // The feed starts after what the first list read.
+    assert_eq!(a.list(Table::Catalog).await.unwrap().len(), 1);
+    let mut feed = a.follow().expect("etcd has a feed");
+
+    b.put(Table::Catalog, "k1", b"v1".to_vec()).await.unwrap();
+    a.put(Table::Vips, "h", b"a".to_vec()).await.unwrap();
+    assert!(a
+        .insert_if_absent(Table::RedeemedTokens, "jti", b"1".to_vec())
+        .await
+        .unwrap());
+    b.delete(Table::Catalog, "k1").await.unwrap();
+
+    let StoreChange::Key {
+        table,
+        key,
+        value,
+        revision,
+    } = next_change(&mut feed).await
+    else {
+        panic!("a key change")
+    };
+    assert_eq!(
+        (table, key.as_str(), value.as_deref()),
+        (Table::Catalog, "k1", Some(&b"v1"[..]))
+    );
+    assert!(
+        !a.superseded(table, &key, revision),
+        "b's write is news to a"
+    );
+    let StoreChange::Key {
+        table,
+        key,
+        revision,
+        ..
+    } = next_change(&mut feed).await
+    else {
+        panic!("a key change")
+    };
+    assert_eq!((table, key.as_str()), (Table::Vips, "h"));
+    assert!(a.superseded(table, &key, revision), "a's own write");
+    // Redeemed tokens are not reported: the next change is b's delete.
+    let StoreChange::Key {
+        table, key, value, ..
+    } = next_change(&mut feed).await
+    else {
+        panic!("a key change")
+    };
+    assert_eq!((table, key.as_str(), value), (Table::Catalog, "k1", None));
+
+    // A change older than a's own later write of the same key is superseded too.
+    b.put(Table::Catalog, "k2", b"b".to_vec()).await.unwrap();
+    a.put(Table::Catalog, "k2", b"a".to_vec()).await.unwrap();
+    let StoreChange::Key { revision, .. } = next_change(&mut feed).await else {
+        panic!("a key change")
+    };
+    assert!(
+        a.superseded(Table::Catalog, "k2", revision),
+        "older than a's write"
+    );
+    let StoreChange::Key { revision, .. } = next_change(&mut feed).await else {
+        panic!("a key change")
+    };
+    assert!(
+        a.superseded(Table::Catalog, "k2", revision),
+        "a's write itself"
+    );
+    // Once the feed reached a's write, nothing of that key is superseded any more.
+    assert!(!a.superseded(Table::Catalog, "k2", revision + 1));
+}
+
+/// A feed whose history etcd compacted away says so (`Resync`) and goes on from now.
+#[tokio::test]
+async fn a_feed_behind_a_compaction_asks_for_a_resync() {
+    let Some(etcd) = Etcd::start("a_feed_behind_a_compaction_asks_for_a_resync").await else {
+        return;
+    };
+    let a = EtcdStore::connect(etcd.config()).await.unwrap();
+    let b = EtcdStore::connect(etcd.config()).await.unwrap();
+    a.list(Table::Catalog).await.unwrap();
+    for i in 0..5 {
+        b.put(Table::Catalog, &format!("k{i}"), vec![i])
+            .await
+            .unwrap();
+    }
+    let now = a.current_revision().await.unwrap();
+    a.inner
+        .client
+        .kv_client()
+        .compact(now, None)
+        .await
+        .expect("compact");
+    let mut feed = a.follow().expect("etcd has a feed");
+    assert_eq!(next_change(&mut feed).await, StoreChange::Resync);
+    b.put(Table::Catalog, "after", b"1".to_vec()).await.unwrap();
+    let StoreChange::Key { key, .. } = next_change(&mut feed).await else {
+        panic!("a key change")
+    };
+    assert_eq!(key, "after");
+}
+
+/// The feed survives etcd going away and coming back: what was written meanwhile (by a
+/// writer that reconnected first) is reported once it is back.
+#[tokio::test]
+async fn the_feed_resumes_after_an_etcd_restart() {
+    let Some(mut etcd) = Etcd::start("the_feed_resumes_after_an_etcd_restart").await else {
+        return;
+    };
+    let a = EtcdStore::connect(etcd.config()).await.unwrap();
+    a.list(Table::Catalog).await.unwrap();
+    let mut feed = a.follow().expect("etcd has a feed");
+    etcd.restart().await;
+    let b = EtcdStore::connect(etcd.config()).await.unwrap();
+    b.put(Table::Catalog, "while-away", b"1".to_vec())
+        .await
+        .unwrap();
+    let StoreChange::Key { key, .. } = next_change(&mut feed).await else {
+        panic!("a key change")
+    };
+    assert_eq!(key, "while-away");
+}
+
+/// Two registries' ingests on one etcd converge: what one writes (resources, VIPs, and their
+/// removal) reaches the other's views through the feed, and after a compaction the other
+/// reads the store whole again and matches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingests_on_one_etcd_converge() {
+    use crate::catalog::tests::{svc, wl};
+    use crate::ingest::Ingest;
+    use crate::metrics::RegistryMetrics;
+    use crate::views::Views;
+
+    let Some(etcd) = Etcd::start("ingests_on_one_etcd_converge").await else {
+        return;
+    };
+    let open = |metrics: RegistryMetrics| async {
+        let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd.config()).await.unwrap());
+        let ingest = Ingest::new(store, Arc::new(Views::default()), metrics);
+        ingest.load_from_store().await.unwrap();
+        ingest
+    };
+    let (a, b) = (
+        open(RegistryMetrics::default()).await,
+        open(RegistryMetrics::default()).await,
+    );
+    let (_stop, shutdown) = isthmus_proto::drain::channel();
+    for ingest in [a.clone(), b.clone()] {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { ingest.follow_store(shutdown).await });
+    }
+    // Same catalog and VIP table on both, as seen through `snapshot`.
+    let snapshot = |i: &Ingest| {
+        let catalog = i.views().with_catalog(|c| {
+            c.iter()
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect::<Vec<_>>()
+        });
+        let vips = i
+            .views()
+            .with_vips(|t| t.iter().cloned().collect::<Vec<_>>());
+        (catalog, vips)
+    };
+    let converged = |want: usize| {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            for _ in 0..200 {
+                let (sa, sb) = (snapshot(&a), snapshot(&b));
+                if sa.0.len() == want && sa == sb {
+                    return sa;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!(
+                "not converged on {want} resources:\nA: {:?}\nB: {:?}",
+                snapshot(&a),
+                snapshot(&b)
+            );
+        }
+    };
+
+    let from = |origin: &str, mut r: isthmus_proto::model::OwnedResource| {
+        r.origin = origin.into();
+        r
+    };
+    let vm0 = from("vm:b", wl("vm-0", "shop", "web", "10.0.0.9", "n"));
+    a.replace_origin(
+        "static:",
+        vec![
+            from("static:a", svc("web.shop", "shop", "c", "web")),
+            from("static:a", wl("web-0", "shop", "web", "10.0.0.1", "n")),
+        ],
+    )
+    .await
+    .unwrap();
+    let (_, vips) = converged(2).await;
+    assert_eq!(vips.len(), 1, "web.shop's VIP on both");
+    b.update_origin("vm:", vec![vm0.clone()], vec![])
+        .await
+        .unwrap();
+    converged(3).await;
+    a.replace_origin("static:", vec![]).await.unwrap();
+    let (_, vips) = converged(1).await;
+    assert!(
+        vips.iter().all(|v| !v.is_active()),
+        "web.shop's VIP released on both: {vips:?}"
+    );
+
+    // A registry whose feed starts behind a compaction reads the store whole again: C loads,
+    // then A changes the catalog and etcd compacts those changes away before C follows.
+    let c_metrics = RegistryMetrics::default();
+    let c = open(c_metrics.clone()).await;
+    a.replace_origin(
+        "static:",
+        vec![from("static:a", svc("api.shop", "shop", "c", "api"))],
+    )
+    .await
+    .unwrap();
+    b.update_origin("vm:", vec![], vec![vm0.resource.key()])
+        .await
+        .unwrap();
+    let (want, _) = converged(1).await;
+    let store = EtcdStore::connect(etcd.config()).await.unwrap();
+    let now = store.current_revision().await.unwrap();
+    store
+        .inner
+        .client
+        .kv_client()
+        .compact(now, None)
+        .await
+        .unwrap();
+    let shutdown_c = shutdown.clone();
+    let follower = c.clone();
+    tokio::spawn(async move { follower.follow_store(shutdown_c).await });
+    for _ in 0..200 {
+        if snapshot(&c) == snapshot(&a) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        snapshot(&c),
+        snapshot(&a),
+        "C matches the store after a resync"
+    );
+    assert_eq!(snapshot(&c).0, want);
+    assert_eq!(
+        c_metrics
+            .store_followed
+            .get_or_create(&crate::metrics::FollowLabels { outcome: "resync" })
+            .get(),
+        1
+    );
+}
