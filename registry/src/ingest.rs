@@ -173,7 +173,7 @@ impl Ingest {
             (changed, removals)
         });
         let upserts = changed.iter().filter_map(|k| wanted.remove(k)).collect();
-        self.commit(upserts, removals).await
+        self.commit(upserts, removals, false).await
     }
 
     /// Changes some of a source's resources without handing over the rest: `upserts` (each
@@ -187,12 +187,72 @@ impl Ingest {
         upserts: Vec<OwnedResource>,
         removals: Vec<String>,
     ) -> Result<IngestReport, StoreError> {
+        self.update(origin_prefix, upserts, removals, false).await
+    }
+
+    /// [`Self::update_origin`] for entries this registry holds while it lives (VM
+    /// registrations; see [`Store::apply_held`]): on a shared store they go with this
+    /// registry's lease, and a removal leaves an entry another registry took over.
+    pub async fn update_held(
+        &self,
+        origin_prefix: &str,
+        upserts: Vec<OwnedResource>,
+        removals: Vec<String>,
+    ) -> Result<IngestReport, StoreError> {
+        self.update(origin_prefix, upserts, removals, true).await
+    }
+
+    /// Writes every entry this registry holds from `origin_prefix` again, changed or not
+    /// (on a shared store, under its current lease), and removes `removals` it held: after
+    /// a lost lease or failed writes, when the store may lack what the views show.
+    pub async fn rewrite_held(
+        &self,
+        origin_prefix: &str,
+        all: Vec<OwnedResource>,
+        removals: Vec<String>,
+    ) -> Result<IngestReport, StoreError> {
+        let _writer = self.writer.lock().await;
+        debug_assert!(all.iter().all(|r| r.origin.starts_with(origin_prefix)));
+        let removals = self.views.with_catalog(|c| {
+            removals
+                .into_iter()
+                .filter(|k| {
+                    c.get(k)
+                        .is_some_and(|r| r.origin.starts_with(origin_prefix))
+                })
+                .filter(|k| !all.iter().any(|r| &r.resource.key() == k))
+                .collect()
+        });
+        self.commit(all, removals, true).await
+    }
+
+    /// Whether several registries share the store (see [`Store::shared`]).
+    pub fn store_is_shared(&self) -> bool {
+        self.store.shared()
+    }
+
+    /// See [`Store::lease_generation`].
+    pub fn lease_generation(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.store.lease_generation()
+    }
+
+    async fn update(
+        &self,
+        origin_prefix: &str,
+        upserts: Vec<OwnedResource>,
+        removals: Vec<String>,
+        held: bool,
+    ) -> Result<IngestReport, StoreError> {
         let _writer = self.writer.lock().await;
         debug_assert!(upserts.iter().all(|r| r.origin.starts_with(origin_prefix)));
+        // A held entry on a shared store is written even when the views hold the same: the
+        // write puts it under this registry's lease (an agent that moved here from another
+        // registry of the set).
+        let keep_unchanged = held && self.store.shared();
         let (upserts, removals) = self.views.with_catalog(|c| {
             let upserts: Vec<OwnedResource> = upserts
                 .into_iter()
-                .filter(|r| c.get(&r.resource.key()) != Some(r))
+                .filter(|r| keep_unchanged || c.get(&r.resource.key()) != Some(r))
                 .collect();
             let removals = removals
                 .into_iter()
@@ -204,15 +264,17 @@ impl Ingest {
                 .collect();
             (upserts, removals)
         });
-        self.commit(upserts, removals).await
+        self.commit(upserts, removals, held).await
     }
 
     /// Stores and applies changed resources and removals, with the VIP changes they call
-    /// for. The caller holds the writer lock and has dropped what does not change.
+    /// for; `held` writes go through [`Store::apply_held`]. The caller holds the writer lock
+    /// and has dropped what does not change.
     async fn commit(
         &self,
         upserts: Vec<OwnedResource>,
-        removals: Vec<String>,
+        mut removals: Vec<String>,
+        held: bool,
     ) -> Result<IngestReport, StoreError> {
         let changed: Vec<String> = upserts.iter().map(|r| r.resource.key()).collect();
         let mut ops = Vec::with_capacity(changed.len() + removals.len());
@@ -234,9 +296,20 @@ impl Ingest {
         // catalog write then fail, the source retries and the same plan comes out again.
         let plan = self.plan_vips(&upserts, &changed, &removals);
         self.store_vips(&plan.changes).await?;
-        let res = self.store.apply(Table::Catalog, ops).await;
+        let res = if held {
+            self.store.apply_held(Table::Catalog, ops).await
+        } else {
+            self.store
+                .apply(Table::Catalog, ops)
+                .await
+                .map(|()| Vec::new())
+        };
         self.count("apply", res.is_ok());
-        res?;
+        let not_held = res?;
+        if !not_held.is_empty() {
+            // Another registry of the set holds these now; they stay, as it wrote them.
+            removals.retain(|k| !not_held.contains(k));
+        }
         let vips_changed = !plan.changes.is_empty();
         self.views.apply(upserts, removals, plan.changes);
         self.report_vip_failures(plan.failures);

@@ -12,6 +12,7 @@ use isthmus_proto::subscription::{LocalView, Subscription};
 use isthmus_registry::app::StoreSettings;
 use isthmus_registry::store::EtcdConfig;
 use isthmus_tests::harness::etcd::EtcdCluster;
+use isthmus_tests::harness::vm::{always_for, endpoint, hello, until, until_keeping};
 use isthmus_tests::{eventually, host, http_get, metric, node, yaml, TestRegistry, NETWORK};
 
 fn on_etcd(etcd: &EtcdCluster) -> StoreSettings {
@@ -56,9 +57,16 @@ async fn two_registries_on_one_etcd_spend_a_token_once_and_survive_a_lost_member
         );
     }
 
-    // One member of three lost: nothing visible changes.
+    // One member of three lost: nothing visible changes (enough writes that requests meet
+    // the lost member's endpoint).
     etcd.stop_member(0);
-    for (reg, sa) in [(&a, "after-loss-a"), (&b, "after-loss-b")] {
+    for i in 0..20 {
+        let (reg, sa) = if i % 2 == 0 {
+            (&a, format!("after-loss-a{i}"))
+        } else {
+            (&b, format!("after-loss-b{i}"))
+        };
+        let sa = sa.as_str();
         let token = reg.token("shop", sa, Duration::from_secs(600));
         reg.redeem(sa, token.clone())
             .await
@@ -146,18 +154,6 @@ fn vips_of(view: &LocalView, hostname: &str) -> Option<Vec<String>> {
     }
 }
 
-/// Receives updates until `pred` holds on the view.
-async fn until(sub: &mut Subscription, what: &str, pred: impl Fn(&LocalView) -> bool) {
-    while !pred(&sub.view) {
-        tokio::time::timeout(STEP, sub.next())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: no update in {STEP:?}"))
-            .expect("stream open");
-    }
-}
-
-const STEP: Duration = Duration::from_secs(20);
-
 /// Two registries on one etcd serve one catalog: what reaches one (a resource file, a VM
 /// registration) reaches the other's subscribers, VIPs included, and a subscriber moving
 /// from one to the other resumes without a full resend.
@@ -191,10 +187,7 @@ async fn a_set_of_registries_on_one_etcd_serves_one_catalog() {
             yaml::workload("r-1", "shop", "reviews", "10.0.0.2", NETWORK),
         ]),
     );
-    until(&mut on_b, "A's file on B", |v| {
-        endpoint_count(v, &reviews) == Some(2)
-    })
-    .await;
+    until(&mut on_b, |v| endpoint_count(v, &reviews) == Some(2)).await;
     // The VIP A allocated is the one B serves.
     let mut on_a = a.subscribe(&creds, &web).await.unwrap();
     assert!(on_a.next().await.unwrap().snapshot);
@@ -219,10 +212,7 @@ async fn a_set_of_registries_on_one_etcd_serves_one_catalog() {
 
     // Removed on A, gone on B.
     std::fs::remove_file(a.resources_dir().join("reviews.yaml")).unwrap();
-    until(&mut on_b, "A's removal on B", |v| {
-        endpoint_count(v, &reviews).is_none()
-    })
-    .await;
+    until(&mut on_b, |v| endpoint_count(v, &reviews).is_none()).await;
     let m = b.metrics().await;
     assert!(
         metric(
@@ -241,4 +231,64 @@ async fn a_set_of_registries_on_one_etcd_serves_one_catalog() {
         .is_some_and(|n| n >= 2.0),
         "{m}"
     );
+}
+
+/// A VM's registration on a set of registries: seen by all of them; kept when its agent
+/// moves to another registry, also after the first one is gone; and gone with the lease of
+/// a registry that stopped when its agent did not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_registration_moves_between_registries_and_goes_with_a_stopped_one() {
+    let Some(etcd) = EtcdCluster::start("etcd_store", 1).await else {
+        return;
+    };
+    let grace = Duration::from_secs(3);
+    let files = [
+        (
+            "vm-web.yaml",
+            yaml::workload_group("vm-web", "shop", "web", "web", false),
+        ),
+        ("web.yaml", yaml::service("web", "shop", 80)),
+    ];
+    let refs: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
+    let mut a = TestRegistry::start_with(&refs, |cfg| {
+        cfg.store = on_etcd(&etcd);
+        cfg.vm_grace = grace;
+    })
+    .await
+    .unwrap();
+    let b = TestRegistry::start_peer_of(&a, |cfg| {
+        cfg.store = on_etcd(&etcd);
+        cfg.resources = None;
+        cfg.vm_grace = grace;
+    })
+    .await
+    .unwrap();
+    let watcher = b.credentials("shop", "watcher").await.unwrap();
+    let mut on_b = b
+        .subscribe(&watcher, &node("watcher", NodeKind::Workload, NETWORK))
+        .await
+        .unwrap();
+    assert!(on_b.next().await.unwrap().snapshot);
+    let web = host("web", "shop");
+    let has = |address: &'static str| {
+        let web = web.clone();
+        move |v: &LocalView| endpoint(v, &web, address).is_some()
+    };
+
+    let creds = a.credentials("shop", "web").await.unwrap();
+    let moving = hello("vm-web", "shop", "10.1.0.5", NETWORK);
+    let staying = hello("vm-web", "shop", "10.1.0.6", NETWORK);
+    let on_a_1 = a.register_vm(Some(&creds), &moving).await.unwrap();
+    let on_a_2 = a.register_vm(Some(&creds), &staying).await.unwrap();
+    until(&mut on_b, |v| has("10.1.0.5")(v) && has("10.1.0.6")(v)).await;
+
+    // A stops (as a crash would, it deregisters nothing); the first VM's agent moves to B.
+    a.stop().await;
+    drop((on_a_1, on_a_2));
+    let _on_b_1 = b.register_vm(Some(&creds), &moving).await.unwrap();
+    // The VM that did not move goes with A's lease; the one that moved never leaves.
+    until_keeping(&mut on_b, has("10.1.0.5"), |v| !has("10.1.0.6")(v)).await;
+    always_for(&mut on_b, grace * 2, has("10.1.0.5")).await;
+    let (status, body) = http_get(b.admin_addr(), "/readyz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
 }

@@ -19,7 +19,7 @@ use crate::registration::metrics::RegistrationMetrics;
 use crate::sources::kubernetes::ClusterStatuses;
 use crate::sources::vm_registrations::metrics::LeaseMetrics;
 use crate::sources::vm_registrations::VmRegistrations;
-use crate::store::{EmbeddedStore, EtcdStore, Store};
+use crate::store::{EmbeddedStore, EtcdConfig, EtcdStore, Store};
 use crate::views::Views;
 use crate::watch::Subscribers;
 
@@ -73,11 +73,19 @@ impl State {
             StoreSettings::Embedded => {
                 Arc::new(EmbeddedStore::open(&cfg.data_dir).context("opening the embedded store")?)
             }
-            StoreSettings::Etcd(etcd) => Arc::new(
-                EtcdStore::connect(etcd.clone())
-                    .await
-                    .context("connecting to the etcd store")?,
-            ),
+            StoreSettings::Etcd(etcd) => {
+                // VM registrations outlive a registry that stops renewing its lease by the
+                // grace period an agent has to reconnect.
+                let etcd = EtcdConfig {
+                    lease_ttl: cfg.vm_grace,
+                    ..etcd.clone()
+                };
+                Arc::new(
+                    EtcdStore::connect(etcd)
+                        .await
+                        .context("connecting to the etcd store")?,
+                )
+            }
         };
         tracing::info!(store = store.kind(), "store open");
         let authority = Arc::new(

@@ -17,7 +17,7 @@
 mod leases;
 pub mod metrics;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -103,6 +103,9 @@ struct State {
     streams: HashMap<StreamId, oneshot::Sender<String>>,
     /// A change could not be stored: the next write hands ingest the whole set.
     dirty: bool,
+    /// Removals not stored yet (on a shared store, where the whole set cannot say what
+    /// to remove: other registries' entries are there too).
+    pending_removals: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -151,6 +154,12 @@ impl VmRegistrations {
     /// catalog loaded from the store): each is removed a grace period from `now` unless
     /// its VM registers again. Returns how many.
     pub async fn adopt_stored(&self, now: SystemTime) -> usize {
+        if self.ingest.store_is_shared() {
+            // Each entry is under the lease of the registry that wrote it: it stays while
+            // that registry lives (or its agent moves here and registers again) and goes
+            // with its lease otherwise. None is this registry's to time out.
+            return 0;
+        }
         let found: Vec<(String, Workload, String)> = self
             .ingest
             .views()
@@ -314,6 +323,7 @@ impl VmRegistrations {
     pub async fn run(&self, shutdown: drain::Watch) {
         let stop = shutdown.signaled();
         tokio::pin!(stop);
+        let mut lease = self.ingest.lease_generation();
         loop {
             let (next, dirty) = {
                 let st = self.state.lock().await;
@@ -325,9 +335,24 @@ impl VmRegistrations {
             if dirty {
                 wait = wait.min(RESYNC_INTERVAL);
             }
+            let lease_lost = async {
+                match lease.as_mut() {
+                    Some(g) => g.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut stop => return,
                 _ = self.wake.notified() => continue,
+                lost = lease_lost => {
+                    if !lost {
+                        lease = None;
+                        continue;
+                    }
+                    // The entries this registry held went with its lease: all again.
+                    tracing::info!("writing this registry's VM registrations again under its new lease");
+                    self.state.lock().await.dirty = true;
+                }
                 _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
             }
             self.expire(SystemTime::now()).await;
@@ -391,21 +416,34 @@ impl VmRegistrations {
         upserts: Vec<OwnedResource>,
         removals: Vec<String>,
     ) -> Result<(), StoreError> {
-        let res = if st.dirty {
+        let res = if !st.dirty {
+            self.ingest
+                .update_held(ORIGIN_PREFIX, upserts, removals.clone())
+                .await
+        } else if self.ingest.store_is_shared() {
+            // Only what this registry holds: the other registries' entries are theirs.
+            let all = st.leases.iter().map(|(_, r)| owned(r)).collect();
+            let gone = st
+                .pending_removals
+                .iter()
+                .chain(&removals)
+                .filter(|k| st.leases.get(k).is_none())
+                .cloned()
+                .collect();
+            self.ingest.rewrite_held(ORIGIN_PREFIX, all, gone).await
+        } else {
             let all = st.leases.iter().map(|(_, r)| owned(r)).collect();
             self.ingest.replace_origin(ORIGIN_PREFIX, all).await
-        } else {
-            self.ingest
-                .update_origin(ORIGIN_PREFIX, upserts, removals)
-                .await
         };
         match res {
             Ok(_) => {
                 st.dirty = false;
+                st.pending_removals.clear();
                 Ok(())
             }
             Err(e) => {
                 st.dirty = true;
+                st.pending_removals.extend(removals);
                 self.wake.notify_one();
                 Err(e)
             }

@@ -140,6 +140,28 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Whether several registries share this store (each then writes only what it holds,
+    /// and follows the rest).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Writes entries this registry holds for as long as it lives (VM registrations). On a
+    /// shared store a put is attached to this registry's lease, so its entries vanish with
+    /// it when it stops renewing (a crash), and a delete removes an entry only while this
+    /// registry holds it: one another registry took over stays. Returns the keys not
+    /// deleted for that reason. Elsewhere the same as `apply`.
+    async fn apply_held(&self, table: Table, ops: Vec<Op>) -> Result<Vec<String>, StoreError> {
+        self.apply(table, ops).await.map(|()| Vec::new())
+    }
+
+    /// On a shared store: a number that changes each time this registry's lease was lost
+    /// and replaced (etcd unreachable past its TTL), after which the entries it holds must
+    /// be written again. `None` elsewhere.
+    fn lease_generation(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// For a store several registries share: every change to the catalog and VIP tables,
     /// this registry's own included, in the store's order, starting just after what the
     /// first `list` read. `None` for a store only this registry writes (the default).

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    TlsOptions, Txn, TxnOp, WatchOptions,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use isthmus_proto::backoff::Backoff;
 use tokio::sync::{mpsc, watch};
@@ -38,6 +38,8 @@ use super::RECOVERY_INTERVAL;
 pub const DEFAULT_PREFIX: &str = "/isthmus/";
 /// etcd's default `--max-txn-ops`: a larger batch is written as several transactions.
 pub const MAX_TXN_OPS: usize = 128;
+/// The pause before a request that never left is sent to the next endpoint.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Keys per page when a table is listed.
 const LIST_PAGE: i64 = 1000;
 /// How long a connection to an endpoint may take before the next is tried.
@@ -56,7 +58,13 @@ pub struct EtcdConfig {
     /// under different prefixes.
     pub prefix: String,
     pub tls: Option<EtcdTls>,
+    /// How long this registry's held entries (VM registrations) outlive it: the TTL of its
+    /// etcd lease, renewed every third of it. The registry sets it to `--vm-grace`.
+    pub lease_ttl: Duration,
 }
+
+/// The lease TTL unless the registry says otherwise (the VM grace period's default).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// TLS to etcd: the CA that signed etcd's serving certificates and, when etcd asks for
 /// client certificates (`--client-cert-auth`), this registry's certificate and key.
@@ -72,6 +80,7 @@ impl EtcdConfig {
             endpoints,
             prefix: DEFAULT_PREFIX.to_string(),
             tls: None,
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 
@@ -136,6 +145,18 @@ struct Inner {
     own: Mutex<HashMap<String, i64>>,
     /// The revision the first `list` read at: the feed starts just after it.
     listed: AtomicI64,
+    /// This registry's lease, granted on the first held write.
+    lease: Arc<LeaseHolder>,
+    /// Dropped with the store: ends the lease's keep-alive task.
+    _keepalive_stop: watch::Sender<()>,
+}
+
+/// This registry's etcd lease and its renewals.
+struct LeaseHolder {
+    id: tokio::sync::Mutex<Option<i64>>,
+    generation: watch::Sender<u64>,
+    stop: watch::Receiver<()>,
+    ttl: Duration,
 }
 
 /// Whether the change feed reports `table`'s changes (the views hold them); redeemed tokens
@@ -176,6 +197,13 @@ impl EtcdStore {
         let client = Client::connect(&cfg.endpoints, Some(options))
             .await
             .map_err(|e| open_err(describe(&e)))?;
+        let (keepalive_stop, stop) = watch::channel(());
+        let lease = Arc::new(LeaseHolder {
+            id: tokio::sync::Mutex::new(None),
+            generation: watch::channel(0).0,
+            stop,
+            ttl: cfg.lease_ttl.max(Duration::from_secs(2)),
+        });
         let store = Self {
             inner: Arc::new(Inner {
                 client,
@@ -183,6 +211,8 @@ impl EtcdStore {
                 health: watch::channel(WriteHealth::Writable).0,
                 own: Mutex::default(),
                 listed: AtomicI64::new(0),
+                lease,
+                _keepalive_stop: keepalive_stop,
             }),
         };
         store.probe().await.map_err(open_err)?;
@@ -195,8 +225,7 @@ impl EtcdStore {
 
     /// One cheap read, to see that etcd answers with a leader.
     async fn probe(&self) -> Result<(), String> {
-        let mut kv = self.inner.client.kv_client();
-        kv.get(
+        self.get_raw(
             self.key_of(Table::Catalog, ""),
             Some(GetOptions::new().with_count_only()),
         )
@@ -219,6 +248,50 @@ impl EtcdStore {
             .kv_client()
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// A read, tried again on another endpoint while the failure says the request never
+    /// left (a member that is down: the client's balancer learns it from a refused
+    /// connection). Any other failure is returned at once: a write that may have been
+    /// applied is never sent twice.
+    async fn get_raw(
+        &self,
+        key: impl Into<Vec<u8>>,
+        opts: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        let key = key.into();
+        self.retried(|mut kv| {
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { kv.get(key, opts).await }
+        })
+        .await
+    }
+
+    /// A transaction, tried again as [`Self::get_raw`] is.
+    async fn txn_raw(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        self.retried(|mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn retried<T, F, Fut>(&self, mut call: F) -> Result<T, etcd_client::Error>
+    where
+        F: FnMut(etcd_client::KvClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let tries = self.inner.cfg.endpoints.len() * 2 + 1;
+        let mut attempt = 1;
+        loop {
+            match call(self.kv()).await {
+                Err(e) if attempt < tries && never_sent(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Turns an etcd error into the store's: unreachable (the store turns unwritable) or a
@@ -278,6 +351,13 @@ fn unreachable(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether `e` says the request never reached etcd (no connection could be made), so
+/// sending it again cannot apply it twice.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let why = describe(e);
+    why.contains("tcp connect error") || why.contains("Connection refused")
+}
+
 /// etcd's error in the operator's words; a gRPC status shows its message, which names the
 /// cause ("etcdserver: no leader", "too many operations in txn request").
 fn describe(e: &etcd_client::Error) -> String {
@@ -325,8 +405,7 @@ fn fold(ops: Vec<Op>) -> Vec<Op> {
 impl Store for EtcdStore {
     async fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let resp = self
-            .kv()
-            .get(self.key_of(table, key), None)
+            .get_raw(self.key_of(table, key), None)
             .await
             .map_err(|e| self.failed("get", table, e))?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
@@ -334,7 +413,6 @@ impl Store for EtcdStore {
 
     async fn list(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let prefix = self.table_prefix(table);
-        let mut kv = self.kv();
         let mut out = Vec::new();
         let mut from = prefix.clone().into_bytes();
         let end = prefix_end(prefix.as_bytes());
@@ -344,8 +422,8 @@ impl Store for EtcdStore {
                 .with_range(end.clone())
                 .with_limit(LIST_PAGE)
                 .with_revision(revision);
-            let mut resp = kv
-                .get(from.clone(), Some(opts))
+            let mut resp = self
+                .get_raw(from.clone(), Some(opts))
                 .await
                 .map_err(|e| self.failed("list", table, e))?;
             if revision == 0 {
@@ -379,7 +457,6 @@ impl Store for EtcdStore {
             return Err(self.unwritable(self.write_health_why()));
         }
         let ops = fold(ops);
-        let mut kv = self.kv();
         for chunk in ops.chunks(MAX_TXN_OPS) {
             let txn_ops: Vec<TxnOp> = chunk
                 .iter()
@@ -388,8 +465,8 @@ impl Store for EtcdStore {
                     Op::Delete(k) => TxnOp::delete(self.key_of(table, k), None),
                 })
                 .collect();
-            let resp = kv
-                .txn(Txn::new().and_then(txn_ops))
+            let resp = self
+                .txn_raw(Txn::new().and_then(txn_ops))
                 .await
                 .map_err(|e| self.failed("apply", table, e))?;
             if let Some(revision) = resp.header().map(|h| h.revision()) {
@@ -423,8 +500,7 @@ impl Store for EtcdStore {
             )])
             .and_then(vec![TxnOp::put(k, value, None)]);
         let resp = self
-            .kv()
-            .txn(txn)
+            .txn_raw(txn)
             .await
             .map_err(|e| self.failed("insert_if_absent", table, e))?;
         if resp.succeeded() {
@@ -437,6 +513,72 @@ impl Store for EtcdStore {
 
     fn kind(&self) -> &'static str {
         "etcd"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn apply_held(&self, table: Table, ops: Vec<Op>) -> Result<Vec<String>, StoreError> {
+        if !matches!(*self.inner.health.borrow(), WriteHealth::Writable) {
+            return Err(self.unwritable(self.write_health_why()));
+        }
+        let lease = self.lease(table).await?;
+        let mut not_held = Vec::new();
+        let (puts, deletes): (Vec<Op>, Vec<Op>) = fold(ops)
+            .into_iter()
+            .partition(|op| matches!(op, Op::Put(..)));
+        for chunk in puts.chunks(MAX_TXN_OPS) {
+            let txn_ops: Vec<TxnOp> = chunk
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Put(k, v) => Some(TxnOp::put(
+                        self.key_of(table, k),
+                        v.clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )),
+                    Op::Delete(_) => None,
+                })
+                .collect();
+            let resp = self
+                .txn_raw(Txn::new().and_then(txn_ops))
+                .await
+                .map_err(|e| self.failed("apply_held", table, e))?;
+            if let Some(revision) = resp.header().map(|h| h.revision()) {
+                self.written(
+                    table,
+                    chunk.iter().map(|op| match op {
+                        Op::Put(k, _) | Op::Delete(k) => k.as_str(),
+                    }),
+                    revision,
+                );
+            }
+        }
+        // A delete per key, each on the condition that the entry is still under this
+        // registry's lease (etcd's transactions take one condition set).
+        for op in deletes {
+            let Op::Delete(k) = op else { continue };
+            let full = self.key_of(table, &k);
+            let txn = Txn::new()
+                .when(vec![Compare::lease(full.clone(), CompareOp::Equal, lease)])
+                .and_then(vec![TxnOp::delete(full, None)]);
+            let resp = self
+                .txn_raw(txn)
+                .await
+                .map_err(|e| self.failed("apply_held", table, e))?;
+            if resp.succeeded() {
+                if let Some(revision) = resp.header().map(|h| h.revision()) {
+                    self.written(table, [k.as_str()], revision);
+                }
+            } else {
+                not_held.push(k);
+            }
+        }
+        Ok(not_held)
+    }
+
+    fn lease_generation(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.inner.lease.generation.subscribe())
     }
 
     fn follow(&self) -> Option<mpsc::Receiver<StoreChange>> {
@@ -481,6 +623,39 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    /// This registry's lease: granted on first use, then kept alive by a task until the
+    /// store is dropped.
+    async fn lease(&self, table: Table) -> Result<i64, StoreError> {
+        let holder = &self.inner.lease;
+        let mut id = holder.id.lock().await;
+        if let Some(id) = *id {
+            return Ok(id);
+        }
+        let tries = self.inner.cfg.endpoints.len() * 2 + 1;
+        let mut attempt = 1;
+        let granted = loop {
+            let ttl = holder.ttl.as_secs() as i64;
+            match self.inner.client.lease_client().grant(ttl, None).await {
+                Ok(g) => break g.id(),
+                Err(e) if attempt < tries && never_sent(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(self.failed("lease_grant", table, e)),
+            }
+        };
+        *id = Some(granted);
+        tracing::info!(
+            store = "etcd",
+            lease = format!("{granted:x}"),
+            ttl_s = holder.ttl.as_secs(),
+            "holding an etcd lease for this registry's VM registrations"
+        );
+        let (client, holder) = (self.inner.client.clone(), holder.clone());
+        tokio::spawn(async move { keep_alive(client, holder, granted).await });
+        Ok(granted)
+    }
+
     /// Remembers this registry's write of `keys` at `revision`, for `superseded`.
     fn written<'a>(&self, table: Table, keys: impl IntoIterator<Item = &'a str>, revision: i64) {
         if !followed(table) {
@@ -611,8 +786,7 @@ impl EtcdStore {
 
     async fn current_revision(&self) -> Result<i64, String> {
         let resp = self
-            .kv()
-            .get(
+            .get_raw(
                 self.key_of(Table::Catalog, ""),
                 Some(GetOptions::new().with_count_only()),
             )
@@ -625,6 +799,61 @@ impl EtcdStore {
         match &*self.inner.health.borrow() {
             WriteHealth::Unwritable { why } => why.clone(),
             WriteHealth::Writable => String::new(),
+        }
+    }
+}
+
+/// Renews the lease every third of its TTL until the store is dropped. When etcd says the
+/// lease is gone (it was unreachable past the TTL, or someone revoked it), a new one is
+/// granted and the generation bumped, so that the registry writes its entries again.
+async fn keep_alive(client: Client, holder: Arc<LeaseHolder>, mut id: i64) {
+    let mut stop = holder.stop.clone();
+    let period = holder.ttl / 3;
+    let mut lease = client.lease_client();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let renewed = async {
+            let (mut keeper, mut stream) = lease.keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
+        }
+        .await;
+        let gone = match &renewed {
+            Ok(Some(ttl)) => *ttl <= 0,
+            // The stream ended without an answer: etcd closes it for a lease it no longer has.
+            Ok(None) => true,
+            Err(etcd_client::Error::LeaseKeepAliveError(why)) => why.contains("not found"),
+            Err(etcd_client::Error::GRpcStatus(s)) => {
+                s.code() == tonic::Code::NotFound || s.message().contains("lease not found")
+            }
+            Err(_) => false,
+        };
+        match renewed {
+            _ if gone => {
+                tracing::warn!(store = "etcd", lease = format!("{id:x}"), "this registry's etcd lease is gone (etcd was unreachable past its TTL, or it was revoked): its VM registrations are written again under a new one");
+                match lease.grant(holder.ttl.as_secs() as i64, None).await {
+                    Ok(granted) => {
+                        id = granted.id();
+                        *holder.id.lock().await = Some(id);
+                        holder.generation.send_modify(|g| *g += 1);
+                    }
+                    Err(e) => {
+                        // The next held write grants one (and renews it from a task of its
+                        // own); the bump makes the registry write its entries again.
+                        tracing::warn!(store = "etcd", error = %describe(&e), "cannot grant a new etcd lease; granting one at the next write");
+                        *holder.id.lock().await = None;
+                        holder.generation.send_modify(|g| *g += 1);
+                        return;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(store = "etcd", lease = format!("{id:x}"), error = %describe(&e), "cannot renew this registry's etcd lease; retrying");
+            }
         }
     }
 }

@@ -579,3 +579,102 @@ async fn ingests_on_one_etcd_converge() {
         1
     );
 }
+
+/// Held entries go with the lease of the registry that wrote them, and one another registry
+/// took over stays with it: its old holder can neither delete it nor take it along.
+#[tokio::test]
+async fn held_entries_go_with_their_holder_unless_taken_over() {
+    let Some(etcd) = Etcd::start("held_entries_go_with_their_holder_unless_taken_over").await
+    else {
+        return;
+    };
+    let short = EtcdConfig {
+        lease_ttl: Duration::from_secs(2),
+        ..etcd.config()
+    };
+    let a = EtcdStore::connect(short.clone()).await.unwrap();
+    let b = EtcdStore::connect(short).await.unwrap();
+    assert!(a.shared());
+    let put = |k: &str| Op::Put(k.into(), k.as_bytes().to_vec());
+    a.apply_held(Table::Catalog, vec![put("vm-1"), put("vm-2")])
+        .await
+        .unwrap();
+    // vm-2's agent moved to b.
+    b.apply_held(Table::Catalog, vec![put("vm-2")])
+        .await
+        .unwrap();
+    let not_held = a
+        .apply_held(Table::Catalog, vec![Op::Delete("vm-2".into())])
+        .await
+        .unwrap();
+    assert_eq!(not_held, ["vm-2"]);
+    assert!(b.get(Table::Catalog, "vm-2").await.unwrap().is_some());
+    // b's own delete of an entry it holds goes through.
+    b.apply_held(Table::Catalog, vec![put("vm-3")])
+        .await
+        .unwrap();
+    assert!(b
+        .apply_held(Table::Catalog, vec![Op::Delete("vm-3".into())])
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(b.get(Table::Catalog, "vm-3").await.unwrap().is_none());
+
+    // a stops renewing (it is gone): its entries go with its lease, b's stay.
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.get(Table::Catalog, "vm-1").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "vm-1 outlived its holder's lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(b.get(Table::Catalog, "vm-2").await.unwrap().is_some());
+    // While its holder lives, a held entry stays past its TTL.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(b.get(Table::Catalog, "vm-2").await.unwrap().is_some());
+}
+
+/// A lease that is gone (revoked here, as etcd does to one not renewed within its TTL) is
+/// replaced, and the generation tells the registry to write its entries again.
+#[tokio::test]
+async fn a_lost_lease_is_replaced_and_said() {
+    let Some(etcd) = Etcd::start("a_lost_lease_is_replaced_and_said").await else {
+        return;
+    };
+    let store = EtcdStore::connect(EtcdConfig {
+        lease_ttl: Duration::from_secs(3),
+        ..etcd.config()
+    })
+    .await
+    .unwrap();
+    let mut generation = store.lease_generation().expect("etcd leases");
+    store
+        .apply_held(Table::Catalog, vec![Op::Put("vm".into(), b"1".to_vec())])
+        .await
+        .unwrap();
+    let lost = store.lease(Table::Catalog).await.unwrap();
+    store
+        .inner
+        .client
+        .lease_client()
+        .revoke(lost)
+        .await
+        .unwrap();
+    assert!(store.get(Table::Catalog, "vm").await.unwrap().is_none());
+    tokio::time::timeout(Duration::from_secs(10), generation.changed())
+        .await
+        .expect("the loss is said within a renewal period")
+        .unwrap();
+    assert_ne!(store.lease(Table::Catalog).await.unwrap(), lost);
+    store
+        .apply_held(Table::Catalog, vec![Op::Put("vm".into(), b"1".to_vec())])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        store.get(Table::Catalog, "vm").await.unwrap().is_some(),
+        "written again under the new lease, which is renewed"
+    );
+}
