@@ -14,7 +14,7 @@ use isthmus_proto::pb;
 use prost::Message;
 
 use crate::metrics::{FollowLabels, RegistryMetrics, StoreOpLabels, VipStateLabels};
-use crate::store::{Op, Store, StoreChange, StoreError, Table};
+use crate::store::{Op, Store, StoreChange, StoreError, Table, VipWrite};
 use crate::views::Views;
 use crate::vips::{self, Allocation, VipChange, VipError, VipPlan};
 
@@ -109,8 +109,11 @@ impl Ingest {
             wants.entry(a.hostname.clone()).or_insert(false);
         }
         let plan = table.plan(&wants, SystemTime::now());
-        self.store_vips(&plan.changes).await?;
-        for c in &plan.changes {
+        let writes = vips::writes(&plan.changes, &table);
+        // On a shared store what another registry got in first is left out; its own
+        // allocation reaches the views through the store's feed.
+        let stored = self.store_vips(plan.changes, writes).await?;
+        for c in &stored {
             if let Err(e) = table.apply(c) {
                 tracing::error!(error = %e, "VIP change not applied");
             }
@@ -294,8 +297,22 @@ impl Ingest {
         }
         // VIPs first: a hostname is never served without the VIP it is due. Should the
         // catalog write then fail, the source retries and the same plan comes out again.
-        let plan = self.plan_vips(&upserts, &changed, &removals);
-        self.store_vips(&plan.changes).await?;
+        let mut plan = self.plan_vips(&upserts, &changed, &removals);
+        let mut vip_changes = Vec::new();
+        for attempt in 1.. {
+            let wanted = plan.changes.len();
+            let writes = self.views.with_vips(|t| vips::writes(&plan.changes, t));
+            let stored = self.store_vips(plan.changes, writes).await?;
+            if stored.len() == wanted || attempt == VIP_ATTEMPTS {
+                vip_changes.extend(stored);
+                break;
+            }
+            // Another registry of the set allocated first (for this hostname, or an address
+            // this plan chose): take what is stored in, then plan again against it.
+            self.views.apply(Vec::new(), Vec::new(), stored);
+            self.refresh_vips().await?;
+            plan = self.plan_vips(&upserts, &changed, &removals);
+        }
         let res = if held {
             self.store.apply_held(Table::Catalog, ops).await
         } else {
@@ -310,8 +327,8 @@ impl Ingest {
             // Another registry of the set holds these now; they stay, as it wrote them.
             removals.retain(|k| !not_held.contains(k));
         }
-        let vips_changed = !plan.changes.is_empty();
-        self.views.apply(upserts, removals, plan.changes);
+        let vips_changed = !vip_changes.is_empty();
+        self.views.apply(upserts, removals, vip_changes);
         self.report_vip_failures(plan.failures);
         self.metrics
             .catalog_resources
@@ -384,7 +401,7 @@ impl Ingest {
                     match table {
                         Table::Catalog => catalog.insert(key, value),
                         Table::Vips => vips.insert(key, value),
-                        Table::RedeemedTokens => continue,
+                        Table::RedeemedTokens | Table::VipAddresses => continue,
                     };
                 }
             }
@@ -510,8 +527,9 @@ impl Ingest {
         if expired.is_empty() {
             return Ok(0);
         }
+        let writes = self.views.with_vips(|t| vips::writes(&expired, t));
+        let expired = self.store_vips(expired, writes).await?;
         let freed = expired.len();
-        self.store_vips(&expired).await?;
         self.views.apply(Vec::new(), Vec::new(), expired);
         let plan = self.views.with_catalog_and_vips(|catalog, table| {
             let wants = catalog
@@ -523,8 +541,9 @@ impl Ingest {
                 .collect();
             table.plan(&wants, now)
         });
-        self.store_vips(&plan.changes).await?;
-        self.views.apply(Vec::new(), Vec::new(), plan.changes);
+        let writes = self.views.with_vips(|t| vips::writes(&plan.changes, t));
+        let stored = self.store_vips(plan.changes, writes).await?;
+        self.views.apply(Vec::new(), Vec::new(), stored);
         self.report_vip_failures(plan.failures);
         self.update_vip_gauges();
         Ok(freed)
@@ -572,13 +591,39 @@ impl Ingest {
         })
     }
 
-    async fn store_vips(&self, changes: &[VipChange]) -> Result<(), StoreError> {
+    /// Stores VIP changes (`writes` is what [`vips::writes`] made of them); returns those
+    /// stored, counting the ones another registry of a set got in first.
+    async fn store_vips(
+        &self,
+        changes: Vec<VipChange>,
+        writes: Vec<VipWrite>,
+    ) -> Result<Vec<VipChange>, StoreError> {
         if changes.is_empty() {
-            return Ok(());
+            return Ok(changes);
         }
-        let res = vips::persist(self.store.as_ref(), changes).await;
+        let wanted = changes.len();
+        let res = vips::persist(self.store.as_ref(), changes, writes).await;
         self.count("apply", res.is_ok());
-        res
+        let stored = res?;
+        let lost = wanted - stored.len();
+        if lost > 0 {
+            tracing::info!(
+                lost,
+                "another registry of the set allocated these VIPs first; taking its allocations"
+            );
+            self.metrics.vip_allocations_lost.inc_by(lost as u64);
+        }
+        Ok(stored)
+    }
+
+    /// Reads the VIP table from the store into the views (another registry's allocations
+    /// the feed has not brought yet).
+    async fn refresh_vips(&self) -> Result<(), StoreError> {
+        let rows = self.store.list(Table::Vips).await;
+        self.count("list", rows.is_ok());
+        let rows = rows?.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        self.apply_stored(BTreeMap::new(), rows, false);
+        Ok(())
     }
 
     /// A hostname the pool has no room for is served without a VIP; it gets one when it
@@ -602,6 +647,10 @@ impl Ingest {
         set("released", released);
     }
 }
+
+/// Plans of one catalog change's VIPs tried against a shared store before the hostnames
+/// still lost are left without a VIP until their next change or the sweep.
+const VIP_ATTEMPTS: usize = 5;
 
 /// Changes read from a shared store's feed applied in one pass at most.
 const FOLLOW_BATCH: usize = 1024;

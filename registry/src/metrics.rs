@@ -69,6 +69,8 @@ pub struct RegistryMetrics {
     pub vip_allocation_failures: Counter,
     /// Changes read from a shared store's feed (etcd), by outcome.
     pub store_followed: Family<FollowLabels, Counter>,
+    /// VIP allocations another registry of the set made first (this one took theirs).
+    pub vip_allocations_lost: Counter,
 }
 
 impl Default for RegistryMetrics {
@@ -88,6 +90,7 @@ impl Default for RegistryMetrics {
             vips_allocated: Default::default(),
             vip_allocation_failures: Default::default(),
             store_followed: Default::default(),
+            vip_allocations_lost: Default::default(),
         }
     }
 }
@@ -144,6 +147,11 @@ impl RegistryMetrics {
             "registry_store_changes_followed",
             "Changes read from a store several registries share (etcd), by outcome: applied (another registry's write), own, unchanged, resync",
             m.store_followed.clone(),
+        );
+        registry.register(
+            "registry_vip_allocations_lost",
+            "VIP allocations another registry sharing the store made first (this registry took theirs and planned again)",
+            m.vip_allocations_lost.clone(),
         );
         registry.register(
             "registry_store_writable",

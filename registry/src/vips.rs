@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use isthmus_proto::model::{Resolution, Service};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Op, Store, StoreError, Table};
+use crate::store::{Store, StoreError, Table, VipWrite};
 
 /// The label by which a Service opts out of VIP allocation (value [`VIP_LABEL_NONE`]).
 pub const VIP_LABEL: &str = "isthmus.io/vip";
@@ -252,13 +252,6 @@ impl VipChange {
         match self {
             VipChange::Put(a) => &a.hostname,
             VipChange::Free(h) => h,
-        }
-    }
-
-    fn to_op(&self) -> Op {
-        match self {
-            VipChange::Put(a) => Op::Put(a.hostname.clone(), a.encode()),
-            VipChange::Free(h) => Op::Delete(h.clone()),
         }
     }
 }
@@ -531,14 +524,52 @@ pub async fn load(
     Ok((table, problems))
 }
 
-/// Writes `changes` to the store in one atomic batch.
-pub async fn persist(store: &dyn Store, changes: &[VipChange]) -> Result<(), StoreError> {
+/// The store writes of `changes` against `table` as it stands before them: a hostname's
+/// first allocation claims its addresses, a new state of one keeps them, a freed one
+/// releases them if it is still stored as the table has it. (A plan never moves a
+/// hostname's allocation to other addresses.)
+pub fn writes(changes: &[VipChange], table: &VipTable) -> Vec<VipWrite> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            VipChange::Put(a) => Some(match table.get(&a.hostname) {
+                Some(old) if old.ipv4 == a.ipv4 && old.ipv6 == a.ipv6 => VipWrite::Update {
+                    hostname: a.hostname.clone(),
+                    value: a.encode(),
+                },
+                _ => VipWrite::New {
+                    hostname: a.hostname.clone(),
+                    value: a.encode(),
+                    addresses: a.addresses(),
+                },
+            }),
+            VipChange::Free(h) => table.get(h).map(|old| VipWrite::Free {
+                hostname: h.clone(),
+                expected: old.encode(),
+                addresses: old.addresses(),
+            }),
+        })
+        .collect()
+}
+
+/// Writes `changes` (`writes` is what [`writes`] made of them) and returns those stored: on
+/// a store several registries share, a change another registry got in first is left out.
+pub async fn persist(
+    store: &dyn Store,
+    changes: Vec<VipChange>,
+    writes: Vec<VipWrite>,
+) -> Result<Vec<VipChange>, StoreError> {
     if changes.is_empty() {
-        return Ok(());
+        return Ok(changes);
     }
-    store
-        .apply(Table::Vips, changes.iter().map(VipChange::to_op).collect())
-        .await
+    let lost = store.write_vips(writes).await?;
+    if lost.is_empty() {
+        return Ok(changes);
+    }
+    Ok(changes
+        .into_iter()
+        .filter(|c| !lost.iter().any(|h| h == c.hostname()))
+        .collect())
 }
 
 #[cfg(test)]

@@ -12,10 +12,18 @@ pub enum Table {
     RedeemedTokens,
     /// Allocated service VIPs.
     Vips,
+    /// On a shared store: each allocated address, keyed by itself, with the hostname that
+    /// holds it, so that two registries of a set never hand one address to two hostnames.
+    VipAddresses,
 }
 
 impl Table {
-    pub const ALL: [Table; 3] = [Table::Catalog, Table::RedeemedTokens, Table::Vips];
+    pub const ALL: [Table; 4] = [
+        Table::Catalog,
+        Table::RedeemedTokens,
+        Table::Vips,
+        Table::VipAddresses,
+    ];
 
     /// The table named `name` (as [`Table::name`] spells it).
     pub fn from_name(name: &str) -> Option<Table> {
@@ -27,6 +35,7 @@ impl Table {
             Table::Catalog => "catalog",
             Table::RedeemedTokens => "redeemed_tokens",
             Table::Vips => "vips",
+            Table::VipAddresses => "vip_addresses",
         }
     }
 }
@@ -85,6 +94,48 @@ pub enum StoreError {
     Task(String),
 }
 
+/// One write of the VIP table, with what it claims or releases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VipWrite {
+    /// A hostname's first allocation (or one with new addresses): written only if the
+    /// hostname has none stored and no other hostname holds any of `addresses`.
+    New {
+        hostname: String,
+        value: Vec<u8>,
+        addresses: Vec<String>,
+    },
+    /// A new state of an allocation already stored with the same addresses.
+    Update { hostname: String, value: Vec<u8> },
+    /// The allocation goes, and its addresses back to the pool: only if it is still stored
+    /// as `expected` (no other registry of the set changed it since).
+    Free {
+        hostname: String,
+        expected: Vec<u8>,
+        addresses: Vec<String>,
+    },
+}
+
+impl VipWrite {
+    pub fn hostname(&self) -> &str {
+        match self {
+            VipWrite::New { hostname, .. }
+            | VipWrite::Update { hostname, .. }
+            | VipWrite::Free { hostname, .. } => hostname,
+        }
+    }
+
+    /// The plain write of the VIP table, without claims or conditions.
+    pub fn op(&self) -> Op {
+        match self {
+            VipWrite::New {
+                hostname, value, ..
+            }
+            | VipWrite::Update { hostname, value } => Op::Put(hostname.clone(), value.clone()),
+            VipWrite::Free { hostname, .. } => Op::Delete(hostname.clone()),
+        }
+    }
+}
+
 /// A change to a store several registries share, as its change feed reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreChange {
@@ -138,6 +189,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// writes succeed.
     async fn recover(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Writes VIP allocations. On a shared store each write is conditional (see
+    /// [`VipWrite`]), and the hostnames of those whose condition failed are returned, not
+    /// written: another registry of the set got there first. A store only this registry
+    /// writes takes them all in one batch (the registry's writer lock already keeps
+    /// addresses unique).
+    async fn write_vips(&self, writes: Vec<VipWrite>) -> Result<Vec<String>, StoreError> {
+        self.apply(Table::Vips, writes.iter().map(VipWrite::op).collect())
+            .await
+            .map(|()| Vec::new())
     }
 
     /// Whether several registries share this store (each then writes only what it holds,

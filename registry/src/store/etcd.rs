@@ -32,7 +32,7 @@ use etcd_client::{
 use isthmus_proto::backoff::Backoff;
 use tokio::sync::{mpsc, watch};
 
-use super::backend::{Op, Store, StoreChange, StoreError, Table, WriteHealth};
+use super::backend::{Op, Store, StoreChange, StoreError, Table, VipWrite, WriteHealth};
 use super::RECOVERY_INTERVAL;
 
 pub const DEFAULT_PREFIX: &str = "/isthmus/";
@@ -160,9 +160,9 @@ struct LeaseHolder {
 }
 
 /// Whether the change feed reports `table`'s changes (the views hold them); redeemed tokens
-/// are only ever checked in the store.
+/// and address claims are only ever checked in the store.
 fn followed(table: Table) -> bool {
-    table != Table::RedeemedTokens
+    matches!(table, Table::Catalog | Table::Vips)
 }
 
 impl fmt::Debug for EtcdStore {
@@ -519,6 +519,34 @@ impl Store for EtcdStore {
         true
     }
 
+    async fn write_vips(&self, writes: Vec<VipWrite>) -> Result<Vec<String>, StoreError> {
+        if !matches!(*self.inner.health.borrow(), WriteHealth::Writable) {
+            return Err(self.unwritable(self.write_health_why()));
+        }
+        let mut lost = Vec::new();
+        let (new, rest): (Vec<VipWrite>, Vec<VipWrite>) = writes
+            .into_iter()
+            .partition(|w| matches!(w, VipWrite::New { .. }));
+        // New allocations in groups, each one transaction on all of its conditions; a group
+        // that fails is tried one allocation at a time, to find which lost.
+        for group in new.chunks(VIP_GROUP) {
+            if self.vip_txn(group).await? {
+                continue;
+            }
+            for w in group {
+                if !self.vip_txn(std::slice::from_ref(w)).await? && !self.stored_as(w).await? {
+                    lost.push(w.hostname().to_string());
+                }
+            }
+        }
+        for w in rest {
+            if !self.vip_txn(std::slice::from_ref(&w)).await? {
+                lost.push(w.hostname().to_string());
+            }
+        }
+        Ok(lost)
+    }
+
     async fn apply_held(&self, table: Table, ops: Vec<Op>) -> Result<Vec<String>, StoreError> {
         if !matches!(*self.inner.health.borrow(), WriteHealth::Writable) {
             return Err(self.unwritable(self.write_health_why()));
@@ -623,6 +651,77 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    /// One transaction writing `writes` if every one's condition holds; whether it did.
+    async fn vip_txn(&self, writes: &[VipWrite]) -> Result<bool, StoreError> {
+        let table = Table::Vips;
+        let mut when = Vec::new();
+        let mut then = Vec::new();
+        let mut written = Vec::new();
+        for w in writes {
+            let key = self.key_of(table, w.hostname());
+            written.push(w.hostname());
+            match w {
+                VipWrite::New {
+                    hostname,
+                    value,
+                    addresses,
+                } => {
+                    when.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+                    then.push(TxnOp::put(key, value.clone(), None));
+                    for a in addresses {
+                        let claim = self.key_of(Table::VipAddresses, a);
+                        when.push(Compare::create_revision(claim.clone(), CompareOp::Equal, 0));
+                        then.push(TxnOp::put(claim, hostname.clone(), None));
+                    }
+                }
+                VipWrite::Update { value, .. } => then.push(TxnOp::put(key, value.clone(), None)),
+                VipWrite::Free {
+                    hostname,
+                    expected,
+                    addresses,
+                } => {
+                    when.push(Compare::value(
+                        key.clone(),
+                        CompareOp::Equal,
+                        expected.clone(),
+                    ));
+                    then.push(TxnOp::delete(key, None));
+                    for a in addresses {
+                        let claim = self.key_of(Table::VipAddresses, a);
+                        when.push(Compare::value(
+                            claim.clone(),
+                            CompareOp::Equal,
+                            hostname.clone(),
+                        ));
+                        then.push(TxnOp::delete(claim, None));
+                    }
+                }
+            }
+        }
+        let resp = self
+            .txn_raw(Txn::new().when(when).and_then(then))
+            .await
+            .map_err(|e| self.failed("write_vips", table, e))?;
+        if resp.succeeded() {
+            if let Some(revision) = resp.header().map(|h| h.revision()) {
+                self.written(table, written, revision);
+            }
+        }
+        Ok(resp.succeeded())
+    }
+
+    /// Whether `w`'s allocation is stored exactly as it would write it (another registry
+    /// of the set, reading the same catalog, made the same allocation first).
+    async fn stored_as(&self, w: &VipWrite) -> Result<bool, StoreError> {
+        let VipWrite::New {
+            hostname, value, ..
+        } = w
+        else {
+            return Ok(false);
+        };
+        Ok(self.get(Table::Vips, hostname).await?.as_ref() == Some(value))
+    }
+
     /// This registry's lease: granted on first use, then kept alive by a task until the
     /// store is dropped.
     async fn lease(&self, table: Table) -> Result<i64, StoreError> {
@@ -864,6 +963,10 @@ enum WatchEnded {
     Compacted,
     Failed(String),
 }
+
+/// New VIP allocations per transaction: three conditions and three writes each, within
+/// etcd's default of 128 operations per transaction.
+const VIP_GROUP: usize = 40;
 
 /// Changes the feed holds for a follower that is busy applying earlier ones.
 const FEED_CAPACITY: usize = 4096;

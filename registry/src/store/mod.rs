@@ -11,6 +11,6 @@ pub(crate) mod battery;
 mod embedded;
 mod etcd;
 
-pub use backend::{Op, Store, StoreChange, StoreError, Table, WriteHealth};
+pub use backend::{Op, Store, StoreChange, StoreError, Table, VipWrite, WriteHealth};
 pub use embedded::{EmbeddedStore, RECOVERY_INTERVAL};
 pub use etcd::{EtcdConfig, EtcdStore, EtcdTls, DEFAULT_PREFIX as DEFAULT_ETCD_PREFIX};

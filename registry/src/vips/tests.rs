@@ -251,9 +251,11 @@ async fn stored_allocations_load_back_and_bad_rows_are_reported() {
     let store = EmbeddedStore::open(dir.path()).unwrap();
     let mut table = VipTable::default();
     let plan = run(&mut table, &[("a", true), ("b", true)], t(0));
-    persist(&store, &plan.changes).await.unwrap();
+    let w = writes(&plan.changes, &table);
+    persist(&store, plan.changes, w).await.unwrap();
     let released = run(&mut table, &[("b", false)], t(1));
-    persist(&store, &released.changes).await.unwrap();
+    let w = writes(&released.changes, &table);
+    persist(&store, released.changes, w).await.unwrap();
     // A row that claims a's addresses, and one that does not decode.
     let mut thief = table.get("a").unwrap().clone();
     thief.hostname = "z".into();
