@@ -27,7 +27,8 @@ pub const MAX_BUNDLE_FILE_BYTES: u64 = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AgentBundle {
-    /// The registry's gRPC address, `host:port`.
+    /// The registry's gRPC address, `host:port`; for a set of registries several,
+    /// comma-separated, or a name that resolves to each.
     pub registry: String,
     /// Absent or empty: the trust domain the root certificate names (the default trust
     /// domain for a root that names none); present, it must agree with the root.
@@ -167,8 +168,17 @@ impl AgentBundle {
     /// Every field whose value cannot work, each named.
     pub fn check(&self) -> Result<(), ConfigProblems> {
         let mut problems = ConfigProblems::new(AGENT_CONFIG_FILE);
-        if let Err(why) = check_host_port(&self.registry) {
-            problems.push("registry", why);
+        let entries = crate::registries::entries(&self.registry);
+        if entries.is_empty() {
+            problems.push(
+                "registry",
+                format!("{:?} is not host:port: empty", self.registry),
+            );
+        }
+        for e in entries {
+            if let Err(why) = check_host_port(e) {
+                problems.push("registry", why);
+            }
         }
         // Empty: the root's, filled in by `load`.
         if !self.trust_domain.is_empty() {

@@ -464,6 +464,12 @@ pub enum ConnectError {
         addr: String,
         error: tonic::transport::Error,
     },
+    /// Several registries were named and none answered; the last one's failure.
+    #[error("no registry of {tried} answered; the last: {last}")]
+    NoneAnswered {
+        tried: String,
+        last: Box<ConnectError>,
+    },
 }
 
 /// Why a connection failed: the handshake's cause, or every cause of the chain.
@@ -477,8 +483,40 @@ fn connect_cause(e: &tonic::transport::Error) -> String {
     }
 }
 
+/// An mTLS gRPC channel to one registry of `set` (a `host:port`, or several
+/// comma-separated; see [`crate::registries`]), verified with `tls`: the one followed last
+/// first, then the others, and the first that answers is followed from then on.
+pub async fn connect(set: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, ConnectError> {
+    check_address(set)?;
+    let candidates = crate::registries::candidates(set).await;
+    let mut last = None;
+    for addr in &candidates {
+        match connect_one(addr, tls.clone()).await {
+            Ok(channel) => {
+                crate::registries::answered(set, addr);
+                return Ok(channel);
+            }
+            Err(e) => {
+                tracing::debug!(registry = %addr, error = %e, "registry did not answer; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    let last = last.unwrap_or_else(|| ConnectError::BadAddress {
+        addr: set.to_string(),
+    });
+    Err(if candidates.len() > 1 {
+        ConnectError::NoneAnswered {
+            tried: candidates.join(", "),
+            last: Box::new(last),
+        }
+    } else {
+        last
+    })
+}
+
 /// An mTLS gRPC channel to `addr` (`host:port`), verified with `tls`.
-pub async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, ConnectError> {
+async fn connect_one(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, ConnectError> {
     let endpoint = endpoint(addr)?;
     let host = addr
         .rsplit_once(':')
@@ -515,7 +553,13 @@ pub async fn connect(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Chann
 
 /// Checks that `addr` is an address [`connect`] can use, for a program's configuration check.
 pub fn check_address(addr: &str) -> Result<(), ConnectError> {
-    endpoint(addr).map(drop)
+    let entries = crate::registries::entries(addr);
+    if entries.is_empty() {
+        return Err(ConnectError::BadAddress {
+            addr: addr.to_string(),
+        });
+    }
+    entries.into_iter().try_for_each(|e| endpoint(e).map(drop))
 }
 
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4).

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod model;
 pub mod program;
 pub mod registration;
+pub mod registries;
 pub mod sni;
 pub mod subscription;
 pub mod telemetry;

@@ -247,6 +247,9 @@ pub struct SyncState {
     /// Reconnects that resumed without a full resend.
     pub resumes: u64,
     pub last_error: Option<String>,
+    /// The registry of the set this client follows (the last one that answered), when the
+    /// client knows its `--registry` set.
+    pub registry: Option<String>,
 }
 
 impl SyncState {
@@ -263,6 +266,7 @@ impl SyncState {
             "last_error": self.last_error,
             "snapshots": self.snapshots,
             "resumes": self.resumes,
+            "registry": self.registry,
         })
     }
 }
@@ -341,6 +345,9 @@ pub struct WatchClient {
     node: Node,
     opts: WatchOptions,
     state: watch::Sender<Arc<SyncState>>,
+    /// The `--registry` set `connect` reaches, to say which registry is followed and to
+    /// move off one whose stream was lost (see [`crate::registries`]).
+    set: Option<String>,
 }
 
 impl std::fmt::Debug for WatchClient {
@@ -374,7 +381,16 @@ impl WatchClient {
             node,
             opts,
             state: watch::channel(Arc::new(state)).0,
+            set: None,
         }
+    }
+
+    /// Tells the client the `--registry` set its `connect` reaches (through
+    /// [`crate::grpc::connect`]): it then reports which registry it follows, and after a
+    /// lost stream the next connect tries another registry of the set first.
+    pub fn following(mut self, set: &str) -> Self {
+        self.set = Some(set.to_string());
+        self
     }
 
     pub fn state(&self) -> watch::Receiver<Arc<SyncState>> {
@@ -433,7 +449,10 @@ impl WatchClient {
                             backoff.reset();
                             last_unreachable = None;
                             let view = Arc::new(sub.view.clone());
+                            let registry =
+                                self.set.as_deref().and_then(crate::registries::followed);
                             self.publish(|s| {
+                                s.registry = registry;
                                 if update.snapshot {
                                     s.snapshots += 1;
                                 } else if !s.connected {
@@ -447,7 +466,11 @@ impl WatchClient {
                             });
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "registry watch interrupted; serving the last view and reconnecting");
+                            let registry = self.state.borrow().registry.clone();
+                            if let (Some(set), Some(addr)) = (&self.set, &registry) {
+                                crate::registries::lost(set, addr);
+                            }
+                            tracing::warn!(error = %e, registry = registry.as_deref().unwrap_or("?"), "registry watch interrupted; serving the last view and reconnecting (another registry of the set first)");
                             self.publish(|s| {
                                 s.connected = false;
                                 s.last_error = Some(e.to_string());
@@ -487,7 +510,9 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The flags every data-plane program takes to reach the registry, written once.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryFlags {
-    /// The registry's gRPC address.
+    /// The registry's gRPC address (host:port); for a set of registries several,
+    /// comma-separated, or a name that resolves to each of them. One is followed at a
+    /// time; on losing it the program moves to another.
     #[arg(long, default_value = DEFAULT_REGISTRY_ADDR)]
     pub registry: String,
     /// The mesh root certificate.
@@ -596,6 +621,7 @@ impl WatchClient {
         let last_good = Arc::new(std::sync::Mutex::new(tls_config(&registry.cert_dir)?));
         let addr = registry.addr.clone();
         let cert_dir = registry.cert_dir.clone();
+        let set = registry.addr.clone();
         Ok(WatchClient::new(
             move || {
                 let cfg = match tls_config(&cert_dir) {
@@ -614,7 +640,8 @@ impl WatchClient {
             node,
             initial,
             opts,
-        ))
+        )
+        .following(&set))
     }
 }
 
@@ -624,6 +651,17 @@ pub struct SyncMetrics {
     pub synced: prometheus_client::metrics::gauge::Gauge,
     pub connected: prometheus_client::metrics::gauge::Gauge,
     pub age_seconds: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// 1 for the registry of the set followed, 0 for one followed before.
+    pub registry: prometheus_client::metrics::family::Family<
+        RegistryLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+    followed: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RegistryLabels {
+    pub address: String,
 }
 
 impl SyncMetrics {
@@ -650,6 +688,11 @@ impl SyncMetrics {
             "Seconds since the registry last confirmed the view (-1 before the first sync)",
             m.age_seconds.clone(),
         );
+        registry.register(
+            "catalog_registry",
+            "1 for the registry of the --registry set this program follows, 0 for one it followed before",
+            m.registry.clone(),
+        );
     }
 
     pub fn observe(&self, state: &SyncState) {
@@ -662,6 +705,21 @@ impl SyncMetrics {
                 .as_secs_f64(),
             None => -1.0,
         });
+        let mut followed = self.followed.lock().unwrap_or_else(|p| p.into_inner());
+        if *followed != state.registry {
+            let gauge = |address: &String| {
+                self.registry.get_or_create(&RegistryLabels {
+                    address: address.clone(),
+                })
+            };
+            if let Some(before) = followed.as_ref() {
+                gauge(before).set(0);
+            }
+            if let Some(now) = state.registry.as_ref() {
+                gauge(now).set(1);
+            }
+            *followed = state.registry.clone();
+        }
     }
 }
 

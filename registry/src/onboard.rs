@@ -21,7 +21,8 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct OnboardOptions {
-    /// The registry's gRPC address as the VM reaches it.
+    /// The registry's gRPC address as the VM reaches it (several, comma-separated, for a
+    /// set of registries).
     pub registry: String,
     /// The cluster's CA directory (`DIR/<cluster>`); its name is the cluster.
     pub ca_dir: PathBuf,

@@ -292,3 +292,111 @@ async fn a_vm_registration_moves_between_registries_and_goes_with_a_stopped_one(
     let (status, body) = http_get(b.admin_addr(), "/readyz").await.unwrap();
     assert_eq!(status, 200, "{body}");
 }
+
+/// A Watch client given the whole set (`--registry A,B,C`) follows one registry, says which,
+/// and when that one is gone moves to another of the set and resumes there without a full
+/// resend; a certificate request given the set reaches whichever answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_the_set_moves_to_another_registry_and_resumes() {
+    use isthmus_proto::drain;
+    use isthmus_proto::subscription::{RegistrySettings, SyncMetrics, WatchClient, WatchOptions};
+
+    let Some(etcd) = EtcdCluster::start("etcd_store", 3).await else {
+        return;
+    };
+    let mut a = TestRegistry::start_with(
+        &[("reviews.yaml", &yaml::service("reviews", "shop", 9080))],
+        |cfg| cfg.store = on_etcd(&etcd),
+    )
+    .await
+    .unwrap();
+    let b = TestRegistry::start_peer_of(&a, |cfg| {
+        cfg.store = on_etcd(&etcd);
+        cfg.resources = None;
+    })
+    .await
+    .unwrap();
+    let c = TestRegistry::start_peer_of(&a, |cfg| {
+        cfg.store = on_etcd(&etcd);
+        cfg.resources = None;
+    })
+    .await
+    .unwrap();
+    let set = [&a, &b, &c]
+        .iter()
+        .map(|r| r.grpc_addr().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let certs = a.dir.path().join("gw-certs");
+    a.credentials_dir("istio-system", "gateway-network-a", &certs)
+        .await
+        .unwrap();
+    let settings = RegistrySettings {
+        addr: set.clone(),
+        root_cert: a.ca_root(),
+        cert_dir: certs,
+        trust_domain: "cluster.local".into(),
+    };
+    let client = WatchClient::over_mtls(
+        &settings,
+        node("gw", NodeKind::Gateway, NETWORK),
+        None,
+        WatchOptions {
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(400),
+        },
+    )
+    .unwrap();
+    let mut rx = client.state();
+    let (_trigger, shutdown) = drain::channel();
+    tokio::spawn(client.run(shutdown));
+    let reviews = host("reviews", "shop");
+    let synced = |s: &isthmus_proto::subscription::SyncState| {
+        s.connected && endpoint_count(&s.view, &reviews).is_some()
+    };
+    let first = rx.wait_for(|s| synced(s)).await.unwrap().clone();
+    assert_eq!(
+        first.registry,
+        Some(a.grpc_addr().to_string()),
+        "the first of the set"
+    );
+    assert_eq!(first.snapshots, 1);
+    let metrics = SyncMetrics::default();
+    metrics.observe(&first);
+
+    let a_addr = a.grpc_addr().to_string();
+    a.stop().await;
+    let moved = tokio::time::timeout(
+        Duration::from_secs(20),
+        rx.wait_for(|s| synced(s) && s.registry != first.registry),
+    )
+    .await
+    .expect("moved to another registry of the set")
+    .unwrap()
+    .clone();
+    let now = moved.registry.clone().unwrap();
+    assert!(
+        [b.grpc_addr().to_string(), c.grpc_addr().to_string()].contains(&now),
+        "{now}"
+    );
+    assert_eq!(moved.snapshots, 1, "resumed on {now} without a full resend");
+    assert!(moved.resumes >= 1);
+    assert_eq!(moved.dump()["registry"], now.as_str());
+    metrics.observe(&moved);
+    let old = metrics
+        .registry
+        .get_or_create(&isthmus_proto::subscription::RegistryLabels { address: a_addr });
+    assert_eq!(old.get(), 0);
+    let new = metrics
+        .registry
+        .get_or_create(&isthmus_proto::subscription::RegistryLabels { address: now });
+    assert_eq!(new.get(), 1);
+
+    // A new connection given the set skips the registry that is gone.
+    let creds = b.credentials("shop", "web").await.unwrap();
+    let channel = settings
+        .connect(Some(&creds))
+        .await
+        .expect("a registry of the set");
+    drop(channel);
+}

@@ -87,7 +87,8 @@ struct RunArgs {
 /// downward API in the environment.
 #[derive(Debug, clap::Args)]
 struct SidecarArgs {
-    /// The registry's gRPC address.
+    /// The registry's gRPC address; for a set of registries several, comma-separated, or a
+    /// name that resolves to each.
     #[arg(long, env = "ISTHMUS_REGISTRY")]
     registry: String,
     /// The pod's cluster (as the registry names it).

@@ -43,6 +43,8 @@ pub struct RegistrationState {
     pub last_error: Option<String>,
     /// Streams opened so far.
     pub registrations: u64,
+    /// The registry of the `--registry` set the stream is open to (or was, last).
+    pub registry: Option<String>,
 }
 
 /// The address the VM registers: the source address of the route towards the registry
@@ -122,6 +124,12 @@ impl Registration {
             self.metrics.registered.set(0);
             match ended {
                 Some(why) => {
+                    // Another registry of the set first: the entry is under the lost one's
+                    // lease only until the grace period ends.
+                    let set = &self.registry.addr;
+                    if let Some(addr) = isthmus_proto::registries::followed(set) {
+                        isthmus_proto::registries::lost(set, &addr);
+                    }
                     tracing::warn!(reason = %why, "registration stream lost; registering again");
                     self.state.send_modify(|s| {
                         s.connected = false;
@@ -237,6 +245,7 @@ impl Registration {
             s.warnings = ack.warnings.clone();
             s.last_error = None;
             s.registrations += 1;
+            s.registry = isthmus_proto::registries::followed(&self.registry.addr);
         });
         Ok(registrar)
     }

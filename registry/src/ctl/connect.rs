@@ -14,7 +14,8 @@ use crate::ca;
 
 #[derive(Debug, Args)]
 pub(super) struct RegistryConn {
-    /// The registry's gRPC address (host:port).
+    /// The registry's gRPC address (host:port); for a set of registries several,
+    /// comma-separated (the first that answers is used).
     #[arg(long)]
     pub registry: String,
     /// The mesh root certificate.

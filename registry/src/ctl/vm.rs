@@ -12,7 +12,8 @@ use isthmus_proto::config::DurationFlag;
 
 #[derive(Debug, Args)]
 pub(super) struct OnboardArgs {
-    /// The registry's gRPC address (host:port), as the VM reaches it.
+    /// The registry's gRPC address (host:port), as the VM reaches it; for a set of
+    /// registries several, comma-separated, or a name that resolves to each.
     #[arg(long)]
     registry: String,
     /// The cluster CA directory (DIR/<cluster>) whose registry the VM joins.
