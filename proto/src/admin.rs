@@ -148,7 +148,7 @@ fn ready_route(readiness: Readiness) -> axum::routing::MethodRouter {
         let why = readiness.describe();
         async move {
             if ready {
-                (StatusCode::OK, "ready\n".to_string())
+                (StatusCode::OK, format!("{why}\n"))
             } else {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -305,6 +305,14 @@ mod tests {
             .contains("waiting for started"));
         started.ready();
         assert_eq!(request(addr, "GET", "/readyz").await.0, 200);
+        // A degraded part leaves the process in service and is named.
+        let degraded = readiness.degraded("writes");
+        assert_eq!(
+            request(addr, "GET", "/readyz").await,
+            (200, "ready; degraded: writes\n".to_string())
+        );
+        drop(degraded);
+        assert_eq!(request(addr, "GET", "/readyz").await.1, "ready\n");
         let (_, metrics) = request(addr, "GET", "/metrics").await;
         assert!(metrics.contains("isthmus_test_events_total 1"), "{metrics}");
 

@@ -81,6 +81,9 @@ pub struct Readiness(Arc<ReadinessInner>);
 struct ReadinessInner {
     /// Part name -> how many holders have not yet reported it ready.
     pending: Mutex<BTreeMap<String, usize>>,
+    /// Part name -> how many holders report it down without taking the process out of
+    /// service (what it still serves is worth more than nothing).
+    degraded: Mutex<BTreeMap<String, usize>>,
     draining: AtomicBool,
 }
 
@@ -91,7 +94,24 @@ impl Readiness {
         ReadyPart {
             readiness: self.clone(),
             name: name.to_string(),
+            degraded: false,
         }
+    }
+
+    /// A part that is down until the returned guard is dropped, but that leaves the
+    /// process ready: `/readyz` stays 200 and names it ("ready; degraded: …").
+    pub fn degraded(&self, name: &str) -> ReadyPart {
+        *self.degraded_map().entry(name.to_string()).or_insert(0) += 1;
+        ReadyPart {
+            readiness: self.clone(),
+            name: name.to_string(),
+            degraded: true,
+        }
+    }
+
+    /// The degraded parts, in name order.
+    pub fn degraded_parts(&self) -> Vec<String> {
+        self.degraded_map().keys().cloned().collect()
     }
 
     /// Ready when no part is pending and the process is not draining.
@@ -118,16 +138,18 @@ impl Readiness {
         self.0.draining.load(Ordering::SeqCst)
     }
 
-    /// One line for `/readyz` and logs: `ready`, `draining`, or `waiting for a, b`.
+    /// One line for `/readyz` and logs: `ready`, `ready; degraded: a`, `draining`, or
+    /// `waiting for a, b`.
     pub fn describe(&self) -> String {
         if self.is_draining() {
             return "draining".to_string();
         }
         let pending = self.pending_parts();
-        if pending.is_empty() {
-            "ready".to_string()
-        } else {
-            format!("waiting for {}", pending.join(", "))
+        let degraded = self.degraded_parts();
+        match (pending.is_empty(), degraded.is_empty()) {
+            (true, true) => "ready".to_string(),
+            (true, false) => format!("ready; degraded: {}", degraded.join(", ")),
+            (false, _) => format!("waiting for {}", pending.join(", ")),
         }
     }
 
@@ -139,6 +161,13 @@ impl Readiness {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    fn degraded_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        self.0
+            .degraded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// One pending part of [`Readiness`]; the part is ready once this is dropped.
@@ -146,6 +175,7 @@ impl Readiness {
 pub struct ReadyPart {
     readiness: Readiness,
     name: String,
+    degraded: bool,
 }
 
 impl ReadyPart {
@@ -155,7 +185,11 @@ impl ReadyPart {
 
 impl Drop for ReadyPart {
     fn drop(&mut self) {
-        let mut pending = self.readiness.pending();
+        let mut pending = if self.degraded {
+            self.readiness.degraded_map()
+        } else {
+            self.readiness.pending()
+        };
         if let Some(n) = pending.get_mut(&self.name) {
             *n -= 1;
             if *n == 0 {

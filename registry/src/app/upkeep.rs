@@ -58,7 +58,8 @@ pub(super) async fn free_expired_vips(ingest: Ingest, grace: Duration, shutdown:
 }
 
 /// While the store's writes fail, the registry is not ready (the part names the cause, so
-/// `/readyz` says "waiting for store writes (the disk holding … is full …)"), the gauge is
+/// `/readyz` says "waiting for store writes (the disk holding … is full …)"); on a shared
+/// store it stays ready for reads and says "ready; degraded: store writes (…)". The gauge is
 /// 0, and the store is tried again every [`RECOVERY_INTERVAL`] until writes succeed.
 pub(super) async fn follow_store_writes(
     store: Arc<dyn Store>,
@@ -85,7 +86,15 @@ pub(super) async fn follow_store_writes(
                     tracing::error!(store = store.kind(), %why, "store writes fail: not ready, writes refused, retrying every {}s", RECOVERY_INTERVAL.as_secs());
                 }
                 // A new cause replaces the old part, so `/readyz` names the current one.
-                not_ready = Some(readiness.part(&format!("store writes ({why})")));
+                // A set of registries on one etcd loses writes together when etcd goes: out
+                // of service together, none would serve the reads (Watch) they all still
+                // can, so on a shared store writes down is a degraded part, not a pending one.
+                let name = format!("store writes ({why})");
+                not_ready = Some(if store.shared() {
+                    readiness.degraded(&name)
+                } else {
+                    readiness.part(&name)
+                });
             }
         }
         let unwritable = current != WriteHealth::Writable;
