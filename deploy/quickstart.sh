@@ -11,6 +11,12 @@
 #                                    the registry watches it, and VM B calls a Kubernetes
 #                                    Service whose endpoint is VM A's app (needs Go to build
 #                                    the API server; see deploy/quickstart-kubernetes.sh)
+#   deploy/quickstart.sh ha          the same with an HA set of registries: three etcd
+#                                    members and three registries on them, each pair in a
+#                                    namespace of its own (isthmus-reg-0..2, 198.18.0.2-4);
+#                                    the gateways and agents are given all three. After the
+#                                    call it stops the registry agent A follows and calls
+#                                    again (needs etcd: apt-get install etcd-server)
 #   deploy/quickstart.sh down        stop everything it started and remove every namespace,
 #                                    interface, /etc/netns entry and file it created
 #   deploy/quickstart.sh status      what is up
@@ -81,7 +87,23 @@ ns_vm() { echo "isthmus-vm-$1"; }
 network() { echo "network-$1"; }
 gw_ip() { case $1 in a) echo "$wan.10" ;; b) echo "$wan.20" ;; esac; }
 group() { case $1 in a) echo frontend ;; b) echo reviews ;; esac; }
-all_namespaces() { echo isthmus-vm-a isthmus-vm-b isthmus-net-a isthmus-net-b "$ns_wan"; }
+all_namespaces() { echo isthmus-vm-a isthmus-vm-b isthmus-net-a isthmus-net-b isthmus-reg-0 isthmus-reg-1 isthmus-reg-2 "$ns_wan"; }
+
+# The HA set (`ha`): registry I of 0..2 and its etcd member in namespace isthmus-reg-I, on
+# the WAN at .2, .3, .4.
+regs=(0 1 2)
+ns_reg() { echo "isthmus-reg-$1"; }
+reg_ip() { echo "$wan.$((2 + $1))"; }
+etcd_endpoints() {
+  local i out=()
+  for i in "${regs[@]}"; do out+=("http://$(reg_ip "$i"):2379"); done
+  (IFS=,; echo "${out[*]}")
+}
+registry_set() {
+  local i out=()
+  for i in "${regs[@]}"; do out+=("$(reg_ip "$i"):15012"); done
+  (IFS=,; echo "${out[*]}")
+}
 
 say() { printf '==> %s\n' "$*"; }
 die() {
@@ -227,7 +249,8 @@ down() {
   require_root down
   local removed=0 name pid ns out file
   # The agents first (they undo their capture), then the apps, the gateways, the registry.
-  for name in agent-a agent-b app-a app-b gateway-a gateway-b registry kube-apiserver etcd; do
+  for name in agent-a agent-b app-a app-b gateway-a gateway-b registry registry-0 registry-1 \
+    registry-2 etcd-0 etcd-1 etcd-2 kube-apiserver etcd; do
     if pid=$(live_pid "$name"); then
       stop_pid "$pid" "$name"
       removed=1
@@ -296,7 +319,8 @@ down() {
 
 status() {
   local name ns any=0 pid
-  for name in etcd kube-apiserver registry gateway-a gateway-b app-a app-b agent-a agent-b; do
+  for name in etcd kube-apiserver registry etcd-0 etcd-1 etcd-2 registry-0 registry-1 registry-2 \
+    gateway-a gateway-b app-a app-b agent-a agent-b; do
     if pid=$(live_pid "$name"); then
       echo "$name: running (pid $pid), log $logs/$name.log"
       any=1
@@ -428,6 +452,52 @@ EOF
   done
 }
 
+# The HA set's namespaces, each on the WAN bridge.
+make_registry_namespaces() {
+  local i ns
+  say "creating namespaces: isthmus-reg-0, isthmus-reg-1, isthmus-reg-2"
+  for i in "${regs[@]}"; do
+    ns=$(ns_reg "$i")
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip -n "$ns_wan" link add "vr$i" type veth peer name wan0 netns "$ns"
+    ip -n "$ns_wan" link set "vr$i" master br0 up
+    ip -n "$ns" addr add "$(reg_ip "$i")/24" dev wan0
+    ip -n "$ns" link set wan0 up
+  done
+}
+
+# Three etcd members, then three registries on them, each pair in its namespace.
+start_registry_set() {
+  local i ip ns cluster_peers=() etcd_bin
+  etcd_bin=$(command -v etcd) || die "the HA set needs etcd: apt-get install etcd-server"
+  for i in "${regs[@]}"; do cluster_peers+=("reg-$i=http://$(reg_ip "$i"):2380"); done
+  for i in "${regs[@]}"; do
+    ip=$(reg_ip "$i") ns=$(ns_reg "$i")
+    say "starting etcd member reg-$i in $ns on $ip:2379, log $logs/etcd-$i.log"
+    start "etcd-$i" "$ns" "$etcd_bin" --name "reg-$i" --data-dir "$state/etcd-$i" \
+      --listen-client-urls "http://$ip:2379" --advertise-client-urls "http://$ip:2379" \
+      --listen-peer-urls "http://$ip:2380" --initial-advertise-peer-urls "http://$ip:2380" \
+      --initial-cluster "$(IFS=,; echo "${cluster_peers[*]}")" --initial-cluster-state new \
+      --initial-cluster-token isthmus-quickstart
+  done
+  for i in "${regs[@]}"; do
+    wait_for "etcd-$i" "GET http://$(reg_ip "$i"):2379/health" http_ok "http://$(reg_ip "$i"):2379/health"
+  done
+  for i in "${regs[@]}"; do
+    ip=$(reg_ip "$i") ns=$(ns_reg "$i")
+    say "starting isthmus-registry $i in $ns on $ip:15012 (store: etcd; admin 127.0.0.1:15014 in $ns), log $logs/registry-$i.log"
+    start "registry-$i" "$ns" "$bin/isthmus-registry" --cluster "$cluster" --network network-a \
+      --ca-dir "$state/ca/$cluster" --resources "$state/resources" \
+      --store etcd --etcd-endpoints "$(etcd_endpoints)" \
+      --grpc-addr "$ip:15012" --admin-addr 127.0.0.1:15014
+  done
+  for i in "${regs[@]}"; do
+    wait_for "registry-$i" "GET http://127.0.0.1:15014/readyz in $(ns_reg "$i")" \
+      in_ns "$(ns_reg "$i")" curl -fsS --max-time 2 -o /dev/null http://127.0.0.1:15014/readyz
+  done
+}
+
 start_registry() {
   local kube=()
   if [ "$flavour" = kubernetes ]; then
@@ -473,9 +543,11 @@ start_agent() {
 }
 
 vm_http_ok() { in_ns "$(ns_vm "$1")" curl -fsS --max-time 2 -o /dev/null "$2"; }
-# The VM reaches the registry through its network (bash's /dev/tcp: nothing to install).
+# The VM reaches the registry (the first of a set) through its network (bash's /dev/tcp:
+# nothing to install).
 vm_reaches_registry() {
-  in_ns "$(ns_vm "$1")" timeout 3 bash -c "exec 3<>/dev/tcp/${grpc%:*}/${grpc##*:}"
+  local first=${grpc%%,*}
+  in_ns "$(ns_vm "$1")" timeout 3 bash -c "exec 3<>/dev/tcp/${first%:*}/${first##*:}"
 }
 
 # The records of a JSON array (or of an object's "connections" array), one per line: with
@@ -562,6 +634,59 @@ EOF
   fi
 }
 
+# The registries of the set agent A's /config_dump says it follows (catalog and
+# registration), one per line.
+agent_a_follows() {
+  in_ns isthmus-vm-a curl -fsS --max-time 2 http://127.0.0.1:15000/config_dump |
+    grep -o '"registry"[[:space:]]*:[[:space:]]*"[^",]*"' | sed 's/.*"\([^"]*\)"$/\1/' | sort -u
+}
+
+# Whether agent A follows registries other than $1 only, with its catalog connected.
+agent_a_moved_off() {
+  local now
+  now=$(agent_a_follows) || return 1
+  [ -n "$now" ] && ! grep -qx "$1" <<<"$now" &&
+    in_ns isthmus-vm-a curl -fsS --max-time 2 http://127.0.0.1:15000/config_dump | grep -q '"connected"[[:space:]]*:[[:space:]]*true'
+}
+
+# Stops the registry agent A follows and shows the mesh carrying on with the others.
+ha_demo() {
+  local url=http://reviews.shop.svc.cluster.local:9080/ followed i name="" answer now
+  echo
+  followed=$(agent_a_follows | head -n 1)
+  [ -n "$followed" ] || die "agent A's /config_dump names no registry it follows"
+  for i in "${regs[@]}"; do
+    [ "$(reg_ip "$i"):15012" = "$followed" ] && name="registry-$i"
+  done
+  [ -n "$name" ] || die "agent A follows $followed, which is not one of the set"
+  say "agent A follows $followed ($name); stopping it"
+  stop_pid "$(live_pid "$name")" "$name"
+  wait_for - "agent A following another registry of the set" agent_a_moved_off "$followed"
+  now=$(agent_a_follows | paste -sd, -)
+  say "agent A now follows $now; from VM A again: curl -sS $url"
+  answer=$(call_until a "$url" "hello from vm-b")
+  [ -n "$answer" ] || die "VM A could not call reviews after $name stopped: $(cat "$state/curl.err" 2>/dev/null)"
+  printf '%s\n' "$answer" | sed 's/^/    /'
+  echo "  (agent B and both gateways moved the same way: see each one's /config_dump)"
+}
+
+# The command that GETs PATH from a registry's admin port, from this shell (in the HA set,
+# registry 1's: its admin listens on the loopback of its namespace).
+registry_admin() {
+  if [ "$flavour" = ha ]; then
+    echo "ip netns exec $(ns_reg 1) curl -s 'http://127.0.0.1:15014$1'"
+  else
+    echo "curl -s 'http://$admin$1'"
+  fi
+}
+registry_logs() {
+  if [ "$flavour" = ha ]; then
+    echo "etcd-0,etcd-1,etcd-2,registry-0,registry-1,registry-2,"
+  else
+    echo "registry,"
+  fi
+}
+
 print_help() {
   cat <<EOF
 
@@ -576,14 +701,14 @@ The local mesh keeps running. Poke around (as root):
     ip netns exec isthmus-vm-b curl -s http://127.0.0.1:15021/healthz/ready
     ip netns exec isthmus-vm-a nft list ruleset
   The registry and the gateways, from this shell:
-    curl -s 'http://$admin/debug/catalog?network=network-a'
-    curl -s http://$admin/debug/registrations
+    $(registry_admin "/debug/catalog?network=network-a")
+    $(registry_admin /debug/registrations)
     ip netns exec isthmus-net-b curl -s http://127.0.0.1:15000/config_dump
     curl -s http://$(gw_ip b):15020/metrics
     $bin/isthmusctl catalog --registry $grpc \\
       --root $state/ca/root-cert.pem --cert-dir $state/gateway-a --network network-a
   deploy/quickstart.sh status        (as root)
-Logs: $logs/{registry,gateway-a,gateway-b,app-a,app-b,agent-a,agent-b}.log
+Logs: $logs/{$(registry_logs)gateway-a,gateway-b,app-a,app-b,agent-a,agent-b}.log
 The live catalog is in $state/resources/ (the registry re-reads it when it changes).
 Tear everything down with (as root): deploy/quickstart.sh down
 EOF
@@ -610,6 +735,9 @@ up() {
     status
     die "the local mesh is already up (or left over from a failed run): run 'deploy/quickstart.sh down' (as root) first"
   fi
+  if [ "$flavour" = ha ] && ! command -v etcd >/dev/null 2>&1; then
+    die "the HA set of registries runs on etcd, which is not installed: on Debian/Ubuntu apt-get install etcd-server"
+  fi
   build
   check_binaries
   if [ "$flavour" = kubernetes ]; then
@@ -632,7 +760,12 @@ up() {
     kube_start
     kube_objects
   fi
-  start_registry
+  if [ "$flavour" = ha ]; then
+    make_registry_namespaces
+    start_registry_set
+  else
+    start_registry
+  fi
   local x
   for x in "${nets[@]}"; do start_gateway "$x"; done
   for x in "${nets[@]}"; do
@@ -655,6 +788,9 @@ up() {
   if [ "$flavour" = kubernetes ]; then
     kube_demo
   fi
+  if [ "$flavour" = ha ]; then
+    ha_demo
+  fi
   print_help
 }
 
@@ -668,8 +804,13 @@ kubernetes)
   flavour=kubernetes
   up
   ;;
+ha)
+  flavour=ha
+  grpc=$(registry_set)
+  up
+  ;;
 down) down ;;
 status) status ;;
 -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-*) die "unknown command '$1': use up (the default), kubernetes, down or status" ;;
+*) die "unknown command '$1': use up (the default), kubernetes, ha, down or status" ;;
 esac

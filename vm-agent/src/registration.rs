@@ -48,12 +48,32 @@ pub struct RegistrationState {
 }
 
 /// The address the VM registers: the source address of the route towards the registry
-/// (no packet is sent; a UDP socket's connect only picks the route).
+/// (the first of a set that resolves; no packet is sent, a UDP socket's connect only picks
+/// the route).
 pub fn detect_address(registry: &str) -> std::io::Result<IpAddr> {
     use std::net::ToSocketAddrs;
-    let target: SocketAddr = registry.to_socket_addrs()?.next().ok_or_else(|| {
-        std::io::Error::other(format!("{registry} does not resolve to an address"))
-    })?;
+    let mut last = None;
+    let mut target = None;
+    for entry in isthmus_proto::registries::entries(registry) {
+        match entry.to_socket_addrs() {
+            Ok(mut addrs) => {
+                if let Some(a) = addrs.next() {
+                    target = Some(a);
+                    break;
+                }
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let target: SocketAddr = match (target, last) {
+        (Some(t), _) => t,
+        (None, Some(e)) => return Err(e),
+        (None, None) => {
+            return Err(std::io::Error::other(format!(
+                "{registry} does not resolve to an address"
+            )))
+        }
+    };
     let bind: SocketAddr = if target.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
     } else {
@@ -288,5 +308,26 @@ fn health_str(h: Health) -> &'static str {
     match h {
         Health::Healthy => "healthy",
         Health::Unhealthy => "unhealthy",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_is_the_route_source_towards_the_first_registry_that_resolves() {
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(detect_address("127.0.0.1:15012").unwrap(), loopback);
+        assert_eq!(
+            detect_address("127.0.0.1:15012,127.0.0.2:15012").unwrap(),
+            loopback
+        );
+        assert_eq!(
+            detect_address("no-such-registry.invalid:15012, 127.0.0.1:15012").unwrap(),
+            loopback
+        );
+        let err = detect_address("no-such-registry.invalid:15012").unwrap_err();
+        assert!(!err.to_string().is_empty());
     }
 }

@@ -118,7 +118,7 @@ impl Vm {
     pub fn onboard(&self, m: &Mesh, ttl: Duration) {
         onboard::onboard(
             &OnboardOptions {
-                registry: m.registry_addr.to_string(),
+                registry: m.registry_set.clone(),
                 ca_dir: m.reg.ca_dir(),
                 group: self.group.clone(),
                 namespace: "shop".into(),
@@ -246,18 +246,7 @@ impl Vm {
     /// Runs `script` with `sh -c` inside the VM (so with its resolv.conf), bounded in
     /// time: (exit success, stdout, stderr).
     pub fn sh(&self, script: &str) -> (bool, String, String) {
-        let out = self
-            .ns
-            .command("timeout")
-            .args(["20", "sh", "-c", script])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run in the VM");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        sh_in(&self.ns, script)
     }
 
     /// The nftables tables in the VM's namespace.
@@ -280,6 +269,22 @@ impl Vm {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     }
+}
+
+/// `sh -c script` in namespace `ns` (a VM's, from any thread), bounded to 20 s: (success,
+/// stdout, stderr).
+pub fn sh_in(ns: &Netns, script: &str) -> (bool, String, String) {
+    let out = ns
+        .command("timeout")
+        .args(["20", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run in the VM");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The registry's cluster, for bundles.

@@ -442,6 +442,9 @@ pub async fn on<T: Send + 'static>(
 pub struct Mesh {
     pub reg: TestRegistry,
     pub registry_addr: SocketAddr,
+    /// What gateways, agents and pods are given as `--registry`: the registry's address,
+    /// or with [`Mesh::start_set`] every registry of the set, comma-separated.
+    pub registry_set: String,
     pub dir: tempfile::TempDir,
     rt_a: Option<Runtime>,
     rt_b: Option<Runtime>,
@@ -496,11 +499,43 @@ impl Mesh {
         Some(Mesh {
             reg,
             registry_addr,
+            registry_set: registry_addr.to_string(),
             dir: tempfile::tempdir().unwrap(),
             rt_a: Some(rt_a),
             rt_b: Some(rt_b),
             topo,
         })
+    }
+
+    /// A mesh on a set of `size` registries sharing one store (`adjust` says which: etcd),
+    /// each reachable from the namespaces; the first is [`Mesh::reg`], the others are
+    /// returned, and [`Mesh::registry_set`] names them all.
+    pub async fn start_set(
+        name: &str,
+        catalog: &[String],
+        size: usize,
+        adjust: impl Fn(&mut isthmus_registry::app::RegistryConfig),
+    ) -> Option<(Mesh, Vec<TestRegistry>)> {
+        let mut m = Self::start_with(name, catalog, &adjust).await?;
+        let host_ip = IpAddr::V4(m.topo.host_addr());
+        let mut others = Vec::new();
+        for _ in 1..size {
+            let peer = TestRegistry::start_peer_of(&m.reg, |cfg| {
+                cfg.grpc_addr = SocketAddr::new(host_ip, 0);
+                adjust(cfg);
+                // One registry reads the files; the set shares what it stores.
+                cfg.resources = None;
+            })
+            .await
+            .expect("registry of the set");
+            others.push(peer);
+        }
+        m.registry_set = std::iter::once(m.registry_addr)
+            .chain(others.iter().map(|r| r.grpc_addr()))
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        Some((m, others))
     }
 
     pub fn rt(&self, net: Net) -> &Runtime {
@@ -515,7 +550,7 @@ impl Mesh {
             network(net),
             CLUSTER,
             RegistrySettings {
-                addr: self.registry_addr.to_string(),
+                addr: self.registry_set.clone(),
                 root_cert: self.reg.ca_root(),
                 cert_dir,
                 trust_domain: TRUST_DOMAIN.into(),

@@ -297,7 +297,7 @@ pub fn sidecar_command(
     let sidecar = container(pod, SIDECAR_CONTAINER);
     let mut env = environment(pod, sidecar, ip);
     env.retain(|(k, _)| k != "ISTHMUS_REGISTRY");
-    env.push(("ISTHMUS_REGISTRY".into(), m.registry_addr.to_string()));
+    env.push(("ISTHMUS_REGISTRY".into(), m.registry_set.clone()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut cmd = pod_ns.logged_command("setpriv", &env);
     cmd.arg(format!("--reuid={SIDECAR_UID}"))
