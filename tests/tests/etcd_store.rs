@@ -19,6 +19,17 @@ fn on_etcd(etcd: &EtcdCluster) -> StoreSettings {
     StoreSettings::Etcd(EtcdConfig::new(etcd.endpoints()))
 }
 
+/// Another registry of `first`'s set on `etcd`, reading no files of its own: a set of
+/// registries reads the same files, or one of them does.
+async fn peer_of(first: &TestRegistry, etcd: &EtcdCluster) -> TestRegistry {
+    TestRegistry::start_peer_of(first, |cfg| {
+        cfg.store = on_etcd(etcd);
+        cfg.resources = None;
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_registries_on_one_etcd_spend_a_token_once_and_survive_a_lost_member() {
     let Some(mut etcd) = EtcdCluster::start("etcd_store", 3).await else {
@@ -179,14 +190,7 @@ async fn a_set_of_registries_on_one_etcd_serves_one_catalog() {
     let a = TestRegistry::start_with(&[], |cfg| cfg.store = on_etcd(&etcd))
         .await
         .unwrap();
-    // B reads no files of its own: a set of registries reads the same files, or one of them
-    // does.
-    let b = TestRegistry::start_peer_of(&a, |cfg| {
-        cfg.store = on_etcd(&etcd);
-        cfg.resources = None;
-    })
-    .await
-    .unwrap();
+    let b = peer_of(&a, &etcd).await;
     let creds = a.credentials("shop", "web").await.unwrap();
     let web = node("web-1", NodeKind::Workload, NETWORK);
     let mut on_b = b.subscribe(&creds, &web).await.unwrap();
@@ -324,18 +328,8 @@ async fn a_client_of_the_set_moves_to_another_registry_and_resumes() {
     )
     .await
     .unwrap();
-    let b = TestRegistry::start_peer_of(&a, |cfg| {
-        cfg.store = on_etcd(&etcd);
-        cfg.resources = None;
-    })
-    .await
-    .unwrap();
-    let c = TestRegistry::start_peer_of(&a, |cfg| {
-        cfg.store = on_etcd(&etcd);
-        cfg.resources = None;
-    })
-    .await
-    .unwrap();
+    let b = peer_of(&a, &etcd).await;
+    let c = peer_of(&a, &etcd).await;
     let set = [&a, &b, &c]
         .iter()
         .map(|r| r.grpc_addr().to_string())

@@ -16,9 +16,9 @@ use isthmus_proto::model::NodeKind;
 use isthmus_proto::subscription::LocalView;
 use isthmus_registry::app::StoreSettings;
 use isthmus_registry::store::EtcdConfig;
-use isthmus_tests::harness::agent::{group_yaml, sh_in, Vm};
+use isthmus_tests::harness::agent::{sh_in, web_vm_catalog, Vm};
 use isthmus_tests::harness::etcd::EtcdCluster;
-use isthmus_tests::harness::mesh::{host, yaml, Mesh, APP_PORT, SVC_PORT};
+use isthmus_tests::harness::mesh::{host, Mesh, APP_PORT};
 use isthmus_tests::harness::netns::Net;
 use isthmus_tests::harness::vm::{always_for, endpoint, until};
 use isthmus_tests::{eventually, node};
@@ -26,22 +26,6 @@ use isthmus_tests::{eventually, node};
 const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
 const WAIT: Duration = Duration::from_secs(30);
 const GRACE: Duration = Duration::from_secs(4);
-
-fn catalog() -> Vec<String> {
-    vec![
-        group_yaml("web", "web", "web", APP_PORT, false),
-        yaml::service("web", "shop", SVC_PORT),
-        yaml::service("reviews", "shop", SVC_PORT),
-        yaml::workload(
-            "reviews-b1",
-            "shop",
-            "reviews",
-            "10.10.0.5",
-            APP_PORT,
-            "network-b",
-        ),
-    ]
-}
 
 fn has_vm(view: &LocalView) -> bool {
     endpoint(view, &host("web"), &VM_IP.to_string()).is_some()
@@ -53,7 +37,7 @@ async fn the_mesh_moves_off_a_stopped_registry_without_a_failed_call() {
         return;
     };
     let endpoints = etcd.endpoints();
-    let Some((mut m, mut others)) = Mesh::start_set("reg-ha", &catalog(), 3, |cfg| {
+    let Some((mut m, mut others)) = Mesh::start_set("reg-ha", &web_vm_catalog(false), 3, |cfg| {
         cfg.store = StoreSettings::Etcd(EtcdConfig::new(endpoints.clone()));
         cfg.vm_grace = GRACE;
     })

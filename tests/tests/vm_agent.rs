@@ -14,7 +14,7 @@ use std::time::Duration;
 use isthmus_proto::model::{Health, NodeKind};
 use isthmus_proto::subscription::{LocalView, Subscription};
 use isthmus_proxy::outbound::OutboundTarget;
-use isthmus_tests::harness::agent::{group_yaml, Vm};
+use isthmus_tests::harness::agent::{web_vm_catalog, Vm};
 use isthmus_tests::harness::mesh::{host, id, on, yaml, Mesh, APP_PORT, SVC_PORT};
 use isthmus_tests::harness::netns::{ChildGuard, Net};
 use isthmus_tests::harness::vm::{endpoint, until, until_keeping};
@@ -25,23 +25,6 @@ use tokio::net::{TcpStream, UdpSocket};
 
 const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
 const WAIT: Duration = Duration::from_secs(30);
-
-/// web: the VM's group and service; reviews: a workload in B.
-fn catalog(probe: bool) -> Vec<String> {
-    vec![
-        group_yaml("web", "web", "web", APP_PORT, probe),
-        yaml::service("web", "shop", SVC_PORT),
-        yaml::service("reviews", "shop", SVC_PORT),
-        yaml::workload(
-            "reviews-b1",
-            "shop",
-            "reviews",
-            "10.10.0.5",
-            APP_PORT,
-            "network-b",
-        ),
-    ]
-}
 
 /// A Watch of network A's view, as a workload there sees it.
 async fn watch_a(m: &Mesh) -> Subscription {
@@ -127,7 +110,7 @@ impl Scene {
         probe: bool,
         adjust: impl FnOnce(&mut isthmus_registry::app::RegistryConfig),
     ) -> Option<Scene> {
-        let m = Mesh::start_with(name, &catalog(probe), adjust).await?;
+        let m = Mesh::start_with(name, &web_vm_catalog(probe), adjust).await?;
         let gateways = vec![m.gateway(Net::A).await, m.gateway(Net::B).await];
         let reviews = m
             .workload(

@@ -53,6 +53,15 @@ pub enum Op {
     Delete(String),
 }
 
+impl Op {
+    /// The key it writes.
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Put(k, _) | Op::Delete(k) => k,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the store at {path}: {why} (is another registry using this --data-dir?)")]

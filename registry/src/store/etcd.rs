@@ -384,19 +384,11 @@ fn describe(e: &etcd_client::Error) -> String {
 fn fold(ops: Vec<Op>) -> Vec<Op> {
     let mut last = std::collections::HashMap::with_capacity(ops.len());
     for (i, op) in ops.iter().enumerate() {
-        let key = match op {
-            Op::Put(k, _) | Op::Delete(k) => k.clone(),
-        };
-        last.insert(key, i);
+        last.insert(op.key().to_string(), i);
     }
     ops.into_iter()
         .enumerate()
-        .filter(|(i, op)| {
-            let key = match op {
-                Op::Put(k, _) | Op::Delete(k) => k,
-            };
-            last.get(key) == Some(i)
-        })
+        .filter(|(i, op)| last.get(op.key()) == Some(i))
         .map(|(_, op)| op)
         .collect()
 }
@@ -453,33 +445,8 @@ impl Store for EtcdStore {
     }
 
     async fn apply(&self, table: Table, ops: Vec<Op>) -> Result<(), StoreError> {
-        if !matches!(*self.inner.health.borrow(), WriteHealth::Writable) {
-            return Err(self.unwritable(self.write_health_why()));
-        }
-        let ops = fold(ops);
-        for chunk in ops.chunks(MAX_TXN_OPS) {
-            let txn_ops: Vec<TxnOp> = chunk
-                .iter()
-                .map(|op| match op {
-                    Op::Put(k, v) => TxnOp::put(self.key_of(table, k), v.clone(), None),
-                    Op::Delete(k) => TxnOp::delete(self.key_of(table, k), None),
-                })
-                .collect();
-            let resp = self
-                .txn_raw(Txn::new().and_then(txn_ops))
-                .await
-                .map_err(|e| self.failed("apply", table, e))?;
-            if let Some(revision) = resp.header().map(|h| h.revision()) {
-                self.written(
-                    table,
-                    chunk.iter().map(|op| match op {
-                        Op::Put(k, _) | Op::Delete(k) => k.as_str(),
-                    }),
-                    revision,
-                );
-            }
-        }
-        Ok(())
+        self.writable()?;
+        self.write_chunks("apply", table, &fold(ops), None).await
     }
 
     async fn insert_if_absent(
@@ -488,9 +455,7 @@ impl Store for EtcdStore {
         key: &str,
         value: Vec<u8>,
     ) -> Result<bool, StoreError> {
-        if !matches!(*self.inner.health.borrow(), WriteHealth::Writable) {
-            return Err(self.unwritable(self.write_health_why()));
-        }
+        self.writable()?;
         let k = self.key_of(table, key);
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
@@ -520,9 +485,7 @@ impl Store for EtcdStore {
     }
 
     async fn write_vips(&self, writes: Vec<VipWrite>) -> Result<Vec<String>, StoreError> {
-        if !matches!(*self.inner.health.borrow(), WriteHealth::Writable) {
-            return Err(self.unwritable(self.write_health_why()));
-        }
+        self.writable()?;
         let mut lost = Vec::new();
         let (new, rest): (Vec<VipWrite>, Vec<VipWrite>) = writes
             .into_iter()
@@ -548,40 +511,14 @@ impl Store for EtcdStore {
     }
 
     async fn apply_held(&self, table: Table, ops: Vec<Op>) -> Result<Vec<String>, StoreError> {
-        if !matches!(*self.inner.health.borrow(), WriteHealth::Writable) {
-            return Err(self.unwritable(self.write_health_why()));
-        }
+        self.writable()?;
         let lease = self.lease(table).await?;
         let mut not_held = Vec::new();
         let (puts, deletes): (Vec<Op>, Vec<Op>) = fold(ops)
             .into_iter()
             .partition(|op| matches!(op, Op::Put(..)));
-        for chunk in puts.chunks(MAX_TXN_OPS) {
-            let txn_ops: Vec<TxnOp> = chunk
-                .iter()
-                .filter_map(|op| match op {
-                    Op::Put(k, v) => Some(TxnOp::put(
-                        self.key_of(table, k),
-                        v.clone(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )),
-                    Op::Delete(_) => None,
-                })
-                .collect();
-            let resp = self
-                .txn_raw(Txn::new().and_then(txn_ops))
-                .await
-                .map_err(|e| self.failed("apply_held", table, e))?;
-            if let Some(revision) = resp.header().map(|h| h.revision()) {
-                self.written(
-                    table,
-                    chunk.iter().map(|op| match op {
-                        Op::Put(k, _) | Op::Delete(k) => k.as_str(),
-                    }),
-                    revision,
-                );
-            }
-        }
+        self.write_chunks("apply_held", table, &puts, Some(lease))
+            .await?;
         // A delete per key, each on the condition that the entry is still under this
         // registry's lease (etcd's transactions take one condition set).
         for op in deletes {
@@ -651,6 +588,38 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    /// Writes `ops` (folded: one per key) in transactions of at most [`MAX_TXN_OPS`], in
+    /// order; puts go under `lease` when one is given.
+    async fn write_chunks(
+        &self,
+        op: &'static str,
+        table: Table,
+        ops: &[Op],
+        lease: Option<i64>,
+    ) -> Result<(), StoreError> {
+        for chunk in ops.chunks(MAX_TXN_OPS) {
+            let txn_ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|op| match op {
+                    Op::Put(k, v) => TxnOp::put(
+                        self.key_of(table, k),
+                        v.clone(),
+                        lease.map(|l| PutOptions::new().with_lease(l)),
+                    ),
+                    Op::Delete(k) => TxnOp::delete(self.key_of(table, k), None),
+                })
+                .collect();
+            let resp = self
+                .txn_raw(Txn::new().and_then(txn_ops))
+                .await
+                .map_err(|e| self.failed(op, table, e))?;
+            if let Some(revision) = resp.header().map(|h| h.revision()) {
+                self.written(table, chunk.iter().map(Op::key), revision);
+            }
+        }
+        Ok(())
+    }
+
     /// One transaction writing `writes` if every one's condition holds; whether it did.
     async fn vip_txn(&self, writes: &[VipWrite]) -> Result<bool, StoreError> {
         let table = Table::Vips;
@@ -894,10 +863,12 @@ impl EtcdStore {
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
-    fn write_health_why(&self) -> String {
+    /// Refuses a write at once while the store is unwritable (the recovery probe makes it
+    /// writable again), naming the cause.
+    fn writable(&self) -> Result<(), StoreError> {
         match &*self.inner.health.borrow() {
-            WriteHealth::Unwritable { why } => why.clone(),
-            WriteHealth::Writable => String::new(),
+            WriteHealth::Writable => Ok(()),
+            WriteHealth::Unwritable { why } => Err(self.unwritable(why.clone())),
         }
     }
 }

@@ -12,7 +12,7 @@ use isthmus_registry::onboard::{self, OnboardOptions};
 use serde_json::Value;
 use tokio::runtime::Runtime;
 
-use super::mesh::{network, on, Mesh};
+use super::mesh::{network, on, yaml, Mesh, APP_PORT, SVC_PORT};
 use super::netns::{ChildGuard, Net, Netns};
 use super::process::workspace_binary;
 use super::registry::{eventually, http_get, CLUSTER};
@@ -269,6 +269,24 @@ impl Vm {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     }
+}
+
+/// The catalog of a VM scene: web, the VM's group (with a readiness probe when `probe`)
+/// and service; reviews, a workload in network B.
+pub fn web_vm_catalog(probe: bool) -> Vec<String> {
+    vec![
+        group_yaml("web", "web", "web", APP_PORT, probe),
+        yaml::service("web", "shop", SVC_PORT),
+        yaml::service("reviews", "shop", SVC_PORT),
+        yaml::workload(
+            "reviews-b1",
+            "shop",
+            "reviews",
+            "10.10.0.5",
+            APP_PORT,
+            "network-b",
+        ),
+    ]
 }
 
 /// `sh -c script` in namespace `ns` (a VM's, from any thread), bounded to 20 s: (success,

@@ -105,6 +105,11 @@ impl Etcd {
         }
     }
 
+    /// A store on it, with the default settings.
+    async fn store(&self) -> EtcdStore {
+        EtcdStore::connect(self.config()).await.unwrap()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
     }
@@ -129,12 +134,23 @@ impl Drop for Etcd {
     }
 }
 
+/// The keys of `table`, in order.
+async fn keys(store: &EtcdStore, table: Table) -> Vec<String> {
+    store
+        .list(table)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+}
+
 #[tokio::test]
 async fn battery() {
     let Some(etcd) = Etcd::start("battery").await else {
         return;
     };
-    let store = EtcdStore::connect(etcd.config()).await.unwrap();
+    let store = etcd.store().await;
     battery::run(&store).await;
     battery::concurrent_insert_if_absent(Arc::new(store)).await;
 }
@@ -145,8 +161,8 @@ async fn one_token_is_spent_once_across_registries() {
     let Some(etcd) = Etcd::start("one_token_is_spent_once_across_registries").await else {
         return;
     };
-    let a: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd.config()).await.unwrap());
-    let b: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd.config()).await.unwrap());
+    let a: Arc<dyn Store> = Arc::new(etcd.store().await);
+    let b: Arc<dyn Store> = Arc::new(etcd.store().await);
     for _ in 0..5 {
         battery::concurrent_insert_if_absent_across(&[a.clone(), b.clone()]).await;
     }
@@ -170,7 +186,7 @@ async fn prefixes_keep_meshes_apart() {
     };
     let mut other = etcd.config();
     other.prefix = "/isthmus-b/".into();
-    let a = EtcdStore::connect(etcd.config()).await.unwrap();
+    let a = etcd.store().await;
     let b = EtcdStore::connect(other).await.unwrap();
     a.put(Table::Vips, "h", b"a".to_vec()).await.unwrap();
     assert!(b.list(Table::Vips).await.unwrap().is_empty());
@@ -183,9 +199,9 @@ async fn data_survives_an_etcd_restart() {
     let Some(mut etcd) = Etcd::start("data_survives_an_etcd_restart").await else {
         return;
     };
-    battery::write_durable_sample(&EtcdStore::connect(etcd.config()).await.unwrap()).await;
+    battery::write_durable_sample(&etcd.store().await).await;
     etcd.restart().await;
-    battery::check_durable_sample(&EtcdStore::connect(etcd.config()).await.unwrap()).await;
+    battery::check_durable_sample(&etcd.store().await).await;
 }
 
 /// etcd gone: writes are refused with the endpoints and the cause, the store reports itself
@@ -196,7 +212,7 @@ async fn writes_are_refused_while_etcd_is_down_and_resume() {
     else {
         return;
     };
-    let store = EtcdStore::connect(etcd.config()).await.unwrap();
+    let store = etcd.store().await;
     let health = store.write_health();
     store
         .put(Table::Catalog, "before", b"1".to_vec())
@@ -226,14 +242,7 @@ async fn writes_are_refused_while_etcd_is_down_and_resume() {
         .put(Table::Catalog, "after", b"3".to_vec())
         .await
         .unwrap();
-    let keys: Vec<String> = store
-        .list(Table::Catalog)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    assert_eq!(keys, ["after", "before"]);
+    assert_eq!(keys(&store, Table::Catalog).await, ["after", "before"]);
 }
 
 #[tokio::test]
@@ -322,8 +331,8 @@ async fn the_feed_reports_changes_and_knows_its_own() {
     let Some(etcd) = Etcd::start("the_feed_reports_changes_and_knows_its_own").await else {
         return;
     };
-    let a = EtcdStore::connect(etcd.config()).await.unwrap();
-    let b = EtcdStore::connect(etcd.config()).await.unwrap();
+    let a = etcd.store().await;
+    let b = etcd.store().await;
     b.put(Table::Catalog, "before", b"0".to_vec())
         .await
         .unwrap();
@@ -403,8 +412,8 @@ async fn a_feed_behind_a_compaction_asks_for_a_resync() {
     let Some(etcd) = Etcd::start("a_feed_behind_a_compaction_asks_for_a_resync").await else {
         return;
     };
-    let a = EtcdStore::connect(etcd.config()).await.unwrap();
-    let b = EtcdStore::connect(etcd.config()).await.unwrap();
+    let a = etcd.store().await;
+    let b = etcd.store().await;
     a.list(Table::Catalog).await.unwrap();
     for i in 0..5 {
         b.put(Table::Catalog, &format!("k{i}"), vec![i])
@@ -434,11 +443,11 @@ async fn the_feed_resumes_after_an_etcd_restart() {
     let Some(mut etcd) = Etcd::start("the_feed_resumes_after_an_etcd_restart").await else {
         return;
     };
-    let a = EtcdStore::connect(etcd.config()).await.unwrap();
+    let a = etcd.store().await;
     a.list(Table::Catalog).await.unwrap();
     let mut feed = a.follow().expect("etcd has a feed");
     etcd.restart().await;
-    let b = EtcdStore::connect(etcd.config()).await.unwrap();
+    let b = etcd.store().await;
     b.put(Table::Catalog, "while-away", b"1".to_vec())
         .await
         .unwrap();
@@ -462,7 +471,7 @@ async fn ingests_on_one_etcd_converge() {
         return;
     };
     let open = |metrics: RegistryMetrics| async {
-        let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd.config()).await.unwrap());
+        let store: Arc<dyn Store> = Arc::new(etcd.store().await);
         let ingest = Ingest::new(store, Arc::new(Views::default()), metrics);
         ingest.load_from_store().await.unwrap();
         ingest
@@ -547,7 +556,7 @@ async fn ingests_on_one_etcd_converge() {
         .await
         .unwrap();
     let (want, _) = converged(1).await;
-    let store = EtcdStore::connect(etcd.config()).await.unwrap();
+    let store = etcd.store().await;
     let now = store.current_revision().await.unwrap();
     store
         .inner
@@ -687,8 +696,8 @@ async fn vip_writes_claim_addresses_once_across_registries() {
     let Some(etcd) = Etcd::start("vip_writes_claim_addresses_once_across_registries").await else {
         return;
     };
-    let a = EtcdStore::connect(etcd.config()).await.unwrap();
-    let b = EtcdStore::connect(etcd.config()).await.unwrap();
+    let a = etcd.store().await;
+    let b = etcd.store().await;
     let new = |h: &str, v4: &str| VipWrite::New {
         hostname: h.into(),
         value: format!("{h}={v4}").into_bytes(),
@@ -724,14 +733,10 @@ async fn vip_writes_claim_addresses_once_across_registries() {
         .await
         .unwrap();
     assert_eq!(lost, ["four.shop"]);
-    let stored: Vec<String> = a
-        .list(Table::Vips)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(k, _)| k)
-        .collect();
-    assert_eq!(stored, ["five.shop", "one.shop", "three.shop"]);
+    assert_eq!(
+        keys(&a, Table::Vips).await,
+        ["five.shop", "one.shop", "three.shop"]
+    );
     // A free of an allocation changed since is refused; of one as stored, done, and its
     // address is free again.
     let free = |expected: &str| VipWrite::Free {
@@ -774,7 +779,7 @@ async fn racing_registries_never_give_one_vip_twice() {
     };
     let metrics = [RegistryMetrics::default(), RegistryMetrics::default()];
     let open = |metrics: RegistryMetrics| async {
-        let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(etcd.config()).await.unwrap());
+        let store: Arc<dyn Store> = Arc::new(etcd.store().await);
         let ingest = Ingest::new(store, Arc::new(Views::default()), metrics);
         ingest.load_from_store().await.unwrap();
         ingest
