@@ -6,10 +6,18 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use isthmus_proto::certs;
 use isthmus_proto::identity::SpiffeId;
+use isthmus_proto::model::{
+    Address, NodeKind, OwnedResource, Resource, Service, ServicePort, ServiceView, ViewResource,
+    Workload,
+};
 use isthmus_proto::subscription::Subscription;
 use tokio::sync::{mpsc, Barrier};
+
+use crate::{node, TestRegistry, NETWORK};
 
 /// Clock ticks per second, the unit of `/proc/<pid>/stat` and `/proc/stat` (asked once).
 pub fn clock_ticks() -> u64 {
@@ -220,6 +228,112 @@ impl RemoteRegistry {
             &key,
         )?)
     }
+}
+
+/// The origin of what the benchmarks ingest.
+pub const ORIGIN: &str = "bench:";
+
+/// Service `svc-<i>.bench.svc.cluster.local`, port 8080.
+pub fn service(i: usize) -> OwnedResource {
+    OwnedResource {
+        origin: ORIGIN.into(),
+        resource: std::sync::Arc::new(Resource::Service(Service {
+            hostname: format!("svc-{i}.bench.svc.cluster.local"),
+            namespace: "bench".into(),
+            name: format!("svc-{i}"),
+            cluster: "cluster-a".into(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                number: 8080,
+                protocol: "HTTP".into(),
+                target_port: 0,
+            }],
+            selector: [("app".to_string(), format!("svc-{i}"))].into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Endpoint `j` of service `svc` on `network`.
+pub fn workload(svc: usize, j: usize, network: &str) -> OwnedResource {
+    OwnedResource {
+        origin: ORIGIN.into(),
+        resource: std::sync::Arc::new(Resource::Workload(Workload {
+            uid: format!("cluster-a/bench/svc-{svc}-{j}"),
+            name: format!("svc-{svc}-{j}"),
+            namespace: "bench".into(),
+            address: Address::Ip(std::net::IpAddr::from([
+                10,
+                (svc / 250 % 250) as u8,
+                (svc % 250) as u8,
+                (j + 1) as u8,
+            ])),
+            network: network.into(),
+            cluster: "cluster-a".into(),
+            identity: Some(
+                SpiffeId::parse(&format!("spiffe://cluster.local/ns/bench/sa/svc-{svc}")).unwrap(),
+            ),
+            labels: [("app".to_string(), format!("svc-{svc}"))].into(),
+            ports: BTreeMap::new(),
+            weight: 1,
+            ..Default::default()
+        })),
+    }
+}
+
+/// How many endpoints `hostname` has in the subscriber's view.
+pub fn endpoints_of(sub: &Subscription, hostname: &str) -> usize {
+    match sub.view.resources.get(&format!("svc/{hostname}")) {
+        Some(ViewResource::Service(sv)) => {
+            let sv: &ServiceView = sv;
+            sv.endpoints.len()
+        }
+        _ => 0,
+    }
+}
+
+/// Fan-out latency of one endpoint change (`rounds` of them) to `subscribers` Watch
+/// subscribers spread over `regs` in turn (one registry, or a set sharing one store), the
+/// change made through the first: sorted, one per subscriber and round.
+pub async fn fan_out(regs: &[&TestRegistry], subscribers: usize, rounds: usize) -> Vec<Duration> {
+    let creds = regs[0].credentials("bench", "client").await.unwrap();
+    let ingest = regs[0].handle().ingest.clone();
+    let base: Vec<OwnedResource> = std::iter::once(service(0))
+        .chain((0..3).map(|j| workload(0, j, NETWORK)))
+        .collect();
+    ingest.replace_origin(ORIGIN, base.clone()).await.unwrap();
+    let hostname = "svc-0.bench.svc.cluster.local".to_string();
+
+    let mut subs = Vec::new();
+    for i in 0..subscribers {
+        let mut s = regs[i % regs.len()]
+            .subscribe(
+                &creds,
+                &node(&format!("bench-{i}"), NodeKind::Workload, NETWORK),
+            )
+            .await
+            .unwrap();
+        s.next().await.unwrap();
+        subs.push(s);
+    }
+    let (barrier, mut rx) = await_rounds(subs, rounds, move |s, round| {
+        let want = if round % 2 == 0 { 4 } else { 3 };
+        endpoints_of(s, &hostname) == want
+    });
+    barrier.wait().await;
+    let mut latencies = Vec::new();
+    for round in 0..rounds {
+        let mut set = base.clone();
+        if round % 2 == 0 {
+            set.push(workload(0, 3, NETWORK));
+        }
+        let start = Instant::now();
+        ingest.replace_origin(ORIGIN, set).await.unwrap();
+        latencies.extend(round_latencies(&mut rx, subscribers, round, start).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    latencies.sort();
+    latencies
 }
 
 /// 1,000 subscribers need 2,000 descriptors in one process (both ends of each connection).

@@ -8,121 +8,15 @@
 //! The registry runs in this process on loopback, next to its subscribers: on a 2-core
 //! machine the clients compete with the registry for CPU, so the figures are conservative.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_proto::certs;
-use isthmus_proto::identity::SpiffeId;
-use isthmus_proto::model::{
-    Address, NodeKind, OwnedResource, Resource, Service, ServicePort, ServiceView, ViewResource,
-    Workload,
-};
+use isthmus_proto::model::{NodeKind, ViewResource};
 use isthmus_proto::subscription::Subscription;
-use isthmus_tests::bench::{
-    arg, await_rounds, check_nofile, percentile, round_latencies, rss_of, RemoteRegistry,
-};
+use isthmus_tests::bench::{arg, check_nofile, fan_out, percentile, rss_of, RemoteRegistry};
 use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::{node, TestRegistry, NETWORK};
-
-const ORIGIN: &str = "bench:";
-
-fn service(i: usize) -> OwnedResource {
-    OwnedResource {
-        origin: ORIGIN.into(),
-        resource: std::sync::Arc::new(Resource::Service(Service {
-            hostname: format!("svc-{i}.bench.svc.cluster.local"),
-            namespace: "bench".into(),
-            name: format!("svc-{i}"),
-            cluster: "cluster-a".into(),
-            ports: vec![ServicePort {
-                name: "http".into(),
-                number: 8080,
-                protocol: "HTTP".into(),
-                target_port: 0,
-            }],
-            selector: [("app".to_string(), format!("svc-{i}"))].into(),
-            ..Default::default()
-        })),
-    }
-}
-
-fn workload(svc: usize, j: usize, network: &str) -> OwnedResource {
-    OwnedResource {
-        origin: ORIGIN.into(),
-        resource: std::sync::Arc::new(Resource::Workload(Workload {
-            uid: format!("cluster-a/bench/svc-{svc}-{j}"),
-            name: format!("svc-{svc}-{j}"),
-            namespace: "bench".into(),
-            address: Address::Ip(std::net::IpAddr::from([
-                10,
-                (svc / 250 % 250) as u8,
-                (svc % 250) as u8,
-                (j + 1) as u8,
-            ])),
-            network: network.into(),
-            cluster: "cluster-a".into(),
-            identity: Some(
-                SpiffeId::parse(&format!("spiffe://cluster.local/ns/bench/sa/svc-{svc}")).unwrap(),
-            ),
-            labels: [("app".to_string(), format!("svc-{svc}"))].into(),
-            ports: BTreeMap::new(),
-            weight: 1,
-            ..Default::default()
-        })),
-    }
-}
-
-fn endpoints_of(sub: &Subscription, hostname: &str) -> usize {
-    match sub.view.resources.get(&format!("svc/{hostname}")) {
-        Some(ViewResource::Service(sv)) => {
-            let sv: &ServiceView = sv;
-            sv.endpoints.len()
-        }
-        _ => 0,
-    }
-}
-
-async fn fan_out(reg: &TestRegistry, subscribers: usize, rounds: usize) -> Vec<Duration> {
-    let creds = reg.credentials("bench", "client").await.unwrap();
-    let ingest = reg.handle().ingest.clone();
-    let base: Vec<OwnedResource> = std::iter::once(service(0))
-        .chain((0..3).map(|j| workload(0, j, NETWORK)))
-        .collect();
-    ingest.replace_origin(ORIGIN, base.clone()).await.unwrap();
-    let hostname = "svc-0.bench.svc.cluster.local".to_string();
-
-    let mut subs = Vec::new();
-    for i in 0..subscribers {
-        let mut s = reg
-            .subscribe(
-                &creds,
-                &node(&format!("bench-{i}"), NodeKind::Workload, NETWORK),
-            )
-            .await
-            .unwrap();
-        s.next().await.unwrap();
-        subs.push(s);
-    }
-    let (barrier, mut rx) = await_rounds(subs, rounds, move |s, round| {
-        let want = if round % 2 == 0 { 4 } else { 3 };
-        endpoints_of(s, &hostname) == want
-    });
-    barrier.wait().await;
-    let mut latencies = Vec::new();
-    for round in 0..rounds {
-        let mut set = base.clone();
-        if round % 2 == 0 {
-            set.push(workload(0, 3, NETWORK));
-        }
-        let start = Instant::now();
-        ingest.replace_origin(ORIGIN, set).await.unwrap();
-        latencies.extend(round_latencies(&mut rx, subscribers, round, start).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    latencies.sort();
-    latencies
-}
 
 fn main() -> anyhow::Result<()> {
     // Each phase runs in a process of its own, so that memory figures are not inflated by
@@ -163,7 +57,7 @@ async fn run_phase(phase: &str) -> anyhow::Result<()> {
     if let Some(n) = phase.strip_prefix("fanout:") {
         let n: usize = n.parse()?;
         let reg = TestRegistry::start(&[]).await?;
-        let lat = fan_out(&reg, n, rounds).await;
+        let lat = fan_out(&[&reg], n, rounds).await;
         println!(
             "fan-out: {n} subscribers x {rounds} changes: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             percentile(&lat, 0.5).as_secs_f64() * 1e3,
