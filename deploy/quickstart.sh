@@ -598,11 +598,17 @@ demo() {
     vip=$(in_ns isthmus-vm-a getent ahostsv4 reviews.shop.svc.cluster.local | awk 'NR == 1 { print $1 }')
   fi
 
-  local conns_a conns_b
-  conns_a=$(in_ns isthmus-vm-a curl -fsS --max-time 2 http://127.0.0.1:15000/debug/connections 2>/dev/null || true)
-  conns_b=$(in_ns isthmus-vm-b curl -fsS --max-time 2 http://127.0.0.1:15000/debug/connections 2>/dev/null || true)
-  out_rec=$(json_records <<<"$conns_a" | grep '"direction"[[:space:]]*:[[:space:]]*"outbound"' | grep 'reviews' | tail -n 1 || true)
-  in_rec=$(json_records <<<"$conns_b" | grep '"direction"[[:space:]]*:[[:space:]]*"inbound"' | tail -n 1 || true)
+  local conns_a conns_b ok='"result"[[:space:]]*:[[:space:]]*"ok"'
+  # The call that answered (an earlier try may have found no endpoint yet), once both
+  # agents have recorded it: a connection is recorded when it has closed on both sides.
+  for _ in $(seq 20); do
+    conns_a=$(in_ns isthmus-vm-a curl -fsS --max-time 2 http://127.0.0.1:15000/debug/connections 2>/dev/null || true)
+    conns_b=$(in_ns isthmus-vm-b curl -fsS --max-time 2 http://127.0.0.1:15000/debug/connections 2>/dev/null || true)
+    out_rec=$(json_records <<<"$conns_a" | grep '"direction"[[:space:]]*:[[:space:]]*"outbound"' | grep 'reviews' | grep "$ok" | tail -n 1 || true)
+    in_rec=$(json_records <<<"$conns_b" | grep '"direction"[[:space:]]*:[[:space:]]*"inbound"' | grep "$ok" | tail -n 1 || true)
+    [ -n "$out_rec" ] && [ -n "$in_rec" ] && break
+    sleep 0.25
+  done
   local server_id endpoint client_id from
   server_id=$(json_field peer_identity <<<"$out_rec")
   endpoint=$(json_field endpoint <<<"$out_rec")
@@ -671,10 +677,17 @@ ha_demo() {
 }
 
 # The command that GETs PATH from a registry's admin port, from this shell (in the HA set,
-# registry 1's: its admin listens on the loopback of its namespace).
+# a running one's: its admin listens on the loopback of its namespace).
 registry_admin() {
+  local i live=0
   if [ "$flavour" = ha ]; then
-    echo "ip netns exec $(ns_reg 1) curl -s 'http://127.0.0.1:15014$1'"
+    for i in "${regs[@]}"; do
+      if running "registry-$i"; then
+        live=$i
+        break
+      fi
+    done
+    echo "ip netns exec $(ns_reg "$live") curl -s 'http://127.0.0.1:15014$1'"
   else
     echo "curl -s 'http://$admin$1'"
   fi
