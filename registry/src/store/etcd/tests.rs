@@ -18,6 +18,8 @@ struct Etcd {
     dir: tempfile::TempDir,
     client: u16,
     peer: u16,
+    /// Serving clients over TLS, asking for their certificates (`--client-cert-auth`).
+    tls: bool,
 }
 
 fn etcd_binary() -> Option<PathBuf> {
@@ -42,6 +44,17 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Starts an etcd, or says why not and returns `None` (outside CI only).
     async fn start(test: &str) -> Option<Etcd> {
+        Self::start_with(test, false).await
+    }
+
+    /// An etcd whose clients must come over TLS with a certificate its CA signed: the CA,
+    /// its serving certificate (for 127.0.0.1) and a client certificate are made with
+    /// `openssl` in its directory.
+    async fn start_tls(test: &str) -> Option<Etcd> {
+        Self::start_with(test, true).await
+    }
+
+    async fn start_with(test: &str, tls: bool) -> Option<Etcd> {
         let Some(bin) = etcd_binary() else {
             assert!(
                 !in_ci(),
@@ -56,22 +69,129 @@ impl Etcd {
             dir: tempfile::tempdir().unwrap(),
             client: free_port(),
             peer: free_port(),
+            tls,
         };
+        if tls {
+            etcd.make_certificates();
+        }
         etcd.run(&bin).await;
         Some(etcd)
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client)
     }
 
     fn config(&self) -> EtcdConfig {
-        EtcdConfig::new(vec![self.url()])
+        let mut cfg = EtcdConfig::new(vec![self.url()]);
+        if self.tls {
+            let pki = self.dir.path().join("pki");
+            cfg.tls = Some(EtcdTls {
+                ca: pki.join("ca.pem"),
+                client: Some((pki.join("client.pem"), pki.join("client.key"))),
+            });
+        }
+        cfg
+    }
+
+    fn make_certificates(&self) {
+        let pki = self.dir.path().join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&pki)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &key,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=etcd test CA",
+                ],
+            ]
+            .concat(),
+        );
+        for (name, usage) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+            ),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ] {
+            let ext = pki.join(format!("{name}.ext"));
+            std::fs::write(&ext, usage).unwrap();
+            openssl(
+                &[
+                    &["req"][..],
+                    &key,
+                    &[
+                        "-keyout",
+                        &format!("{name}.key"),
+                        "-out",
+                        &format!("{name}.csr"),
+                        "-subj",
+                        &format!("/CN=etcd test {name}"),
+                    ],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                ext.to_str().unwrap(),
+            ]);
+        }
     }
 
     async fn run(&mut self, bin: &Path) {
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
+        let pki = self.dir.path().join("pki");
+        let tls: Vec<String> = if self.tls {
+            vec![
+                format!("--cert-file={}", pki.join("server.pem").display()),
+                format!("--key-file={}", pki.join("server.key").display()),
+                format!("--trusted-ca-file={}", pki.join("ca.pem").display()),
+                "--client-cert-auth".into(),
+            ]
+        } else {
+            Vec::new()
+        };
         let child = Command::new(bin)
             .args([
                 "--name=test",
@@ -82,6 +202,7 @@ impl Etcd {
                 &format!("--initial-advertise-peer-urls={peer}"),
                 &format!("--initial-cluster=test={peer}"),
             ])
+            .args(&tls)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -153,6 +274,26 @@ async fn battery() {
     let store = etcd.store().await;
     battery::run(&store).await;
     battery::concurrent_insert_if_absent(Arc::new(store)).await;
+}
+
+/// Over TLS with a client certificate (`--client-cert-auth`): the battery passes; without
+/// the client certificate, or trusting another CA, the store does not start and says why.
+#[tokio::test]
+async fn battery_over_tls_with_a_client_certificate() {
+    let Some(etcd) = Etcd::start_tls("battery_over_tls_with_a_client_certificate").await else {
+        return;
+    };
+    battery::run(&etcd.store().await).await;
+
+    let mut anonymous = etcd.config();
+    anonymous.tls.as_mut().unwrap().client = None;
+    let err = EtcdStore::connect(anonymous).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
+    let mut stranger = etcd.config();
+    stranger.tls.as_mut().unwrap().ca = etcd.dir.path().join("pki").join("client.pem");
+    let err = EtcdStore::connect(stranger).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
+    println!("without a client certificate, or trusting another CA: {err}");
 }
 
 /// Two registries on one etcd: one redeemer of a token wins across both.
