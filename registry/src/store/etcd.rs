@@ -219,10 +219,6 @@ impl EtcdStore {
         Ok(store)
     }
 
-    pub fn config(&self) -> &EtcdConfig {
-        &self.inner.cfg
-    }
-
     /// One cheap read, to see that etcd answers with a leader.
     async fn probe(&self) -> Result<(), String> {
         self.get_raw(
