@@ -93,6 +93,10 @@ fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
     Ok(())
 }
 
+/// The namespace and service account of the registries' own certificates.
+pub const REGISTRY_NAMESPACE: &str = "isthmus-system";
+pub const REGISTRY_SERVICE_ACCOUNT: &str = "isthmus-registry";
+
 /// A SPIFFE ID: `spiffe://<trust-domain>[/<segment>...]`. Immutable and shared: a copy (a
 /// routing table's targets, a destination's accepted identities) costs no allocation.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -163,6 +167,18 @@ impl SpiffeId {
         Self::parse(&format!(
             "{SCHEME_PREFIX}{td}/ns/{namespace}/sa/{service_account}"
         ))
+    }
+
+    /// The identity of the registries of trust domain `td` (their serving certificate, and
+    /// the client certificate with which one registry imports from another).
+    pub fn registry(td: &TrustDomain) -> Self {
+        Self::workload(td, REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT)
+            .expect("the registry's namespace and service account are valid")
+    }
+
+    /// Whether this is a registry's identity (of the trust domain the handshake checked).
+    pub fn is_registry(&self) -> bool {
+        self.workload_parts() == Ok((REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT))
     }
 
     pub fn trust_domain(&self) -> &str {

@@ -655,6 +655,8 @@ pub enum NodeKind {
     Dns,
     Vm,
     Ctl,
+    /// Another cluster's registry, importing what this registry exports.
+    Peer,
 }
 
 impl NodeKind {
@@ -665,6 +667,7 @@ impl NodeKind {
             NodeKind::Dns => "dns",
             NodeKind::Vm => "vm",
             NodeKind::Ctl => "ctl",
+            NodeKind::Peer => "peer",
         }
     }
 
@@ -675,6 +678,7 @@ impl NodeKind {
             "dns" => NodeKind::Dns,
             "vm" => NodeKind::Vm,
             "ctl" => NodeKind::Ctl,
+            "peer" => NodeKind::Peer,
             _ => return None,
         })
     }
@@ -1183,6 +1187,7 @@ impl From<&Node> for pb::Node {
                 NodeKind::Dns => pb::NodeKind::Dns,
                 NodeKind::Vm => pb::NodeKind::Vm,
                 NodeKind::Ctl => pb::NodeKind::Ctl,
+                NodeKind::Peer => pb::NodeKind::Peer,
             }
             .into(),
             network: n.network.clone(),
@@ -1195,20 +1200,21 @@ impl From<&Node> for pb::Node {
 impl TryFrom<pb::Node> for Node {
     type Error = ModelError;
     fn try_from(n: pb::Node) -> Result<Self, ModelError> {
-        let kind = match n.kind() {
-            pb::NodeKind::Workload => NodeKind::Workload,
-            pb::NodeKind::Gateway => NodeKind::Gateway,
-            pb::NodeKind::Dns => NodeKind::Dns,
-            pb::NodeKind::Vm => NodeKind::Vm,
-            pb::NodeKind::Ctl => NodeKind::Ctl,
-            pb::NodeKind::Unspecified => {
-                return Err(ModelError::Invalid {
+        let kind =
+            match n.kind() {
+                pb::NodeKind::Workload => NodeKind::Workload,
+                pb::NodeKind::Gateway => NodeKind::Gateway,
+                pb::NodeKind::Dns => NodeKind::Dns,
+                pb::NodeKind::Vm => NodeKind::Vm,
+                pb::NodeKind::Ctl => NodeKind::Ctl,
+                pb::NodeKind::Peer => NodeKind::Peer,
+                pb::NodeKind::Unspecified => return Err(ModelError::Invalid {
                     field: "node.kind".into(),
-                    why: "a subscriber must name its kind (workload, gateway, dns, vm or ctl)"
-                        .into(),
-                })
-            }
-        };
+                    why:
+                        "a subscriber must name its kind (workload, gateway, dns, vm, ctl or peer)"
+                            .into(),
+                }),
+            };
         if n.network.is_empty() {
             return Err(ModelError::Invalid {
                 field: "node.network".into(),

@@ -1,5 +1,6 @@
 //! The registry's admin routes beyond `/metrics` and the health checks: `/debug/catalog`,
-//! `/debug/resources`, `/debug/subscribers`, `/debug/vips`, `/debug/registrations`.
+//! `/debug/resources`, `/debug/subscribers`, `/debug/vips`, `/debug/registrations`,
+//! `/debug/clusters`, `/debug/peers`.
 
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +15,7 @@ use serde_json::json;
 
 use crate::render;
 use crate::sources::kubernetes::ClusterStatuses;
+use crate::sources::peers::PeerStatuses;
 use crate::sources::static_files::IgnoredDocument;
 use crate::sources::vm_registrations::VmRegistrations;
 use crate::views::{ViewKey, Views};
@@ -47,6 +49,7 @@ struct AdminState {
     sources: SourceStatus,
     registrations: Arc<VmRegistrations>,
     clusters: ClusterStatuses,
+    peers: PeerStatuses,
 }
 
 /// Every Kubernetes cluster's sync state: synced, objects per kind, last event and error,
@@ -67,6 +70,25 @@ async fn clusters_status(State(s): State<AdminState>) -> impl IntoResponse {
     Json(json!({ "now_ms": now, "clusters": clusters }))
 }
 
+/// Every peered registry's import: connected, synced, the registry of its set followed,
+/// when it last confirmed its view, the last error, since when it has been stale, what it
+/// brought and what clashed; `summary` is the same in one line.
+async fn peers_status(State(s): State<AdminState>) -> impl IntoResponse {
+    let now = crate::sources::kubernetes::now_ms();
+    let peers: Vec<serde_json::Value> = s
+        .peers
+        .snapshot()
+        .into_iter()
+        .map(|p| {
+            let summary = p.summary(now);
+            let mut v = serde_json::to_value(&p).unwrap_or_default();
+            v["summary"] = summary.into();
+            v
+        })
+        .collect();
+    Json(json!({ "now_ms": now, "peers": peers }))
+}
+
 #[derive(Deserialize)]
 struct CatalogQuery {
     network: Option<String>,
@@ -81,6 +103,7 @@ pub fn routes(
     sources: SourceStatus,
     registrations: Arc<VmRegistrations>,
     clusters: ClusterStatuses,
+    peers: PeerStatuses,
 ) -> Router {
     Router::new()
         .route("/debug/catalog", get(catalog))
@@ -89,12 +112,14 @@ pub fn routes(
         .route("/debug/vips", get(vips))
         .route("/debug/registrations", get(registrations_status))
         .route("/debug/clusters", get(clusters_status))
+        .route("/debug/peers", get(peers_status))
         .with_state(AdminState {
             views,
             subscribers,
             sources,
             registrations,
             clusters,
+            peers,
         })
 }
 
@@ -111,6 +136,11 @@ pub fn view_resources(views: &Views, key: &ViewKey) -> (String, Vec<ViewResource
 }
 
 async fn catalog(State(s): State<AdminState>, Query(q): Query<CatalogQuery>) -> impl IntoResponse {
+    if q.kind.as_deref() == Some("export") {
+        // What the registries peered with this one import.
+        let (version, resources) = view_resources(&s.views, &ViewKey::export());
+        return Json(render::view_json("", &version, &resources)).into_response();
+    }
     let networks = s.views.known_networks();
     let Some(network) = q.network.filter(|n| !n.is_empty()) else {
         return (
@@ -140,6 +170,7 @@ async fn catalog(State(s): State<AdminState>, Query(q): Query<CatalogQuery>) -> 
             gateway,
             namespace: (!gateway).then_some(namespace).flatten(),
             cluster: None,
+            export: false,
         },
     );
     Json(render::view_json(&network, &version, &resources)).into_response()

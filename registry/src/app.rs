@@ -9,7 +9,8 @@
 //! 5. restore the catalog from the store and adopt the previous run's VM entries
 //!    (readiness part "catalog"), then start the VM lease timer;
 //! 6. apply the resources directory once and start its poller ([`static_resources`];
-//!    part "resources", only with `--resources`);
+//!    part "resources", only with `--resources`); then start importing from the peered
+//!    registries (`--peer`), after removing what peers no longer configured left;
 //! 7. start the upkeep: CA file watcher, token and VIP sweepers, and the store's write
 //!    health (a part "store writes (<cause>)" while writes fail) ([`upkeep`]);
 //! 8. serve gRPC: serving certificate and its renewer, Watch, Certificates, Registration
@@ -80,6 +81,8 @@ pub struct RegistryHandle {
     pub registrations: Arc<VmRegistrations>,
     /// The Kubernetes clusters' sync state (empty without clusters).
     pub clusters: ClusterStatuses,
+    /// The peered registries' import state (empty without `--peer`).
+    pub peers: crate::sources::peers::PeerStatuses,
     pub readiness: Readiness,
     stop: Stop,
 }
@@ -139,6 +142,7 @@ pub async fn run(cfg: RegistryConfig) -> anyhow::Result<RegistryHandle> {
                 ingest: state.ingest,
                 registrations: state.registrations,
                 clusters: state.clusters,
+                peers: state.peers,
                 readiness: stop.readiness.clone(),
                 stop,
             })
@@ -169,6 +173,12 @@ async fn start(
         crate::sources::kubernetes::metrics::register(
             &mut metrics.registry.lock().expect("metrics registry lock"),
             state.clusters.clone(),
+        );
+    }
+    if !cfg.peers.is_empty() {
+        crate::sources::peers::metrics::register(
+            &mut metrics.registry.lock().expect("metrics registry lock"),
+            state.peers.clone(),
         );
     }
     let source_status = SourceStatus::default();
@@ -212,6 +222,7 @@ async fn start(
         );
     }
     drop(resources_part);
+    start_peers(cfg, &state, &mut stop.tasks, &signals.rest).await?;
     let kube_source = kubernetes::start(
         cfg,
         state.trust_domain.clone(),
@@ -247,6 +258,37 @@ async fn start(
     Ok(state)
 }
 
+/// Phase 6½: the importers of the peered registries, after what the catalog held of peers no
+/// longer configured is gone.
+async fn start_peers(
+    cfg: &RegistryConfig,
+    state: &State,
+    tasks: &mut Tasks,
+    shutdown: &drain::Watch,
+) -> anyhow::Result<()> {
+    use crate::sources::peers::{self, PeerContext};
+    peers::forget_unconfigured(&state.ingest, &cfg.peers).await;
+    if cfg.peers.is_empty() {
+        return Ok(());
+    }
+    let tls = grpc::peer_client_tls(state.authority.clone())?;
+    for spec in &cfg.peers {
+        tracing::info!(peer = %spec.name, addresses = %spec.addresses, "importing the peer's services");
+        let ctx = PeerContext {
+            ingest: state.ingest.clone(),
+            tls: tls.clone(),
+            statuses: state.peers.clone(),
+            cluster: cfg.cluster.clone(),
+            network: cfg.network.clone(),
+        };
+        tasks.spawn(
+            "peer importer",
+            peers::run(spec.clone(), ctx, shutdown.clone()),
+        );
+    }
+    Ok(())
+}
+
 /// Phase 4: the admin server (`/metrics`, health, `/debug/*`), stopped with the rest.
 fn serve_admin(
     listener: tokio::net::TcpListener,
@@ -263,6 +305,7 @@ fn serve_admin(
         source_status,
         state.registrations.clone(),
         state.clusters.clone(),
+        state.peers.clone(),
     );
     let prom = metrics.registry.clone();
     let shutdown = signals.rest.clone();

@@ -5,6 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use isthmus_proto::model::{Network, OwnedResource, Resource, Service, Workload};
 
+/// The origin prefix of what a registry imports from the registries it peers with
+/// (`peer:<name>/`): such resources are never exported again, so peering cannot loop.
+pub const PEER_ORIGIN_PREFIX: &str = "peer:";
+
 /// What a change touched, for the views to recompute.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -134,6 +138,14 @@ impl Catalog {
     /// Every workload serving `hostname` under its definitions in `namespace` (a workload
     /// serves only services of its own namespace).
     pub fn endpoints(&self, hostname: &str, namespace: &str) -> Vec<&Workload> {
+        self.endpoint_entries(hostname, namespace)
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect()
+    }
+
+    /// [`Self::endpoints`] with their keys, in key order.
+    pub fn endpoint_entries(&self, hostname: &str, namespace: &str) -> Vec<(&String, &Workload)> {
         let mut keys: BTreeSet<&String> = BTreeSet::new();
         for svc in self
             .service_defs(hostname)
@@ -168,7 +180,17 @@ impl Catalog {
                 keys.extend(first.iter().filter(|k| rest.iter().all(|s| s.contains(*k))));
             }
         }
-        keys.into_iter().filter_map(|k| self.workload(k)).collect()
+        keys.into_iter()
+            .filter_map(|k| self.workload(k).map(|w| (k, w)))
+            .collect()
+    }
+
+    /// Whether the resource under `key` is this registry's own: from its sources, not
+    /// imported from a peered registry (see [`PEER_ORIGIN_PREFIX`]).
+    pub fn is_own(&self, key: &str) -> bool {
+        self.resources
+            .get(key)
+            .is_some_and(|r| !r.origin.starts_with(PEER_ORIGIN_PREFIX))
     }
 
     /// Hostnames a workload serves, as the catalog stands.

@@ -19,6 +19,7 @@ use isthmus_registry::ca::kubernetes::DEFAULT_TOKEN_AUDIENCE;
 use isthmus_registry::ca::{DEFAULT_LEAF_TTL, DEFAULT_MAX_LEAF_TTL};
 use isthmus_registry::inject;
 use isthmus_registry::sources::kubernetes::DEFAULT_PROBE_INTERVAL;
+use isthmus_registry::sources::peers::PeerSpec;
 use isthmus_registry::sources::vm_registrations::DEFAULT_VM_GRACE;
 use isthmus_registry::store::{EtcdConfig, EtcdTls, DEFAULT_ETCD_PREFIX};
 use isthmus_registry::vips::DEFAULT_VIP_GRACE;
@@ -82,6 +83,17 @@ struct Args {
     /// without deregistering, for the agent to reconnect.
     #[arg(long, default_value_t = DurationFlag(DEFAULT_VM_GRACE))]
     vm_grace: DurationFlag,
+    /// Import the services another cluster's registry exports, with the gateways of their
+    /// networks (repeatable): `[NAME=]HOST:PORT[,HOST:PORT…]`, the peer's gRPC address or its
+    /// set of registries; NAME (by default the first address) marks what it brings
+    /// (`peer:NAME/`). Both registries need certificates from the same root.
+    #[arg(
+        long = "peer",
+        env = "ISTHMUS_PEERS",
+        value_delimiter = ';',
+        value_name = "[NAME=]ADDR"
+    )]
+    peers: Vec<String>,
     /// Check the configuration and the resource files, print every problem, and exit.
     #[arg(long)]
     validate: bool,
@@ -314,6 +326,12 @@ impl Args {
         cfg.vm_grace = self.vm_grace.0;
         cfg.kubernetes = self.kube.into_config(&mut problems);
         cfg.webhook = self.webhook.into_config();
+        for p in &self.peers {
+            match PeerSpec::parse(p) {
+                Ok(spec) => cfg.peers.push(spec),
+                Err(e) => problems.push("--peer", e),
+            }
+        }
         cfg.check(&mut problems);
         (cfg, problems)
     }

@@ -46,6 +46,9 @@ pub struct ViewKey {
     /// None: every cluster's (gateways, which never carry cluster-local traffic, and
     /// operators).
     pub cluster: Option<String>,
+    /// What this registry exports to the registries peered with it (see
+    /// [`build_export_view`]); `network`, `namespace` and `cluster` are unused.
+    pub export: bool,
 }
 
 impl ViewKey {
@@ -56,6 +59,7 @@ impl ViewKey {
             gateway: false,
             namespace,
             cluster: None,
+            export: false,
         }
     }
 
@@ -72,6 +76,18 @@ impl ViewKey {
             gateway: true,
             namespace: None,
             cluster: None,
+            export: false,
+        }
+    }
+
+    /// The view other registries import (see [`build_export_view`]).
+    pub fn export() -> Self {
+        Self {
+            network: String::new(),
+            gateway: false,
+            namespace: None,
+            cluster: None,
+            export: true,
         }
     }
 
@@ -82,6 +98,7 @@ impl ViewKey {
         match node.kind {
             NodeKind::Gateway => Self::gateway(node.network.clone()),
             NodeKind::Ctl => Self::workload(node.network.clone(), None),
+            NodeKind::Peer => Self::export(),
             NodeKind::Workload | NodeKind::Dns | NodeKind::Vm => Self::workload(
                 node.network.clone(),
                 identity.namespace().map(str::to_string),
@@ -93,6 +110,9 @@ impl ViewKey {
 
 impl std::fmt::Display for ViewKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.export {
+            return write!(f, "export to peers");
+        }
         write!(
             f,
             "{}/{}",
@@ -526,6 +546,7 @@ fn refresh(catalog: &Catalog, vips: &VipTable, view: &View, change: &Change) {
         for id in &change.networks {
             let entry = catalog
                 .network(id)
+                .filter(|_| !view.key.export || catalog.is_own(&format!("Network//{id}")))
                 .map(|n| pb::ViewResource::from(&ViewResource::Network(Arc::new(n.clone()))))
                 .map(|r| Entry::encode(&r));
             updates.push((network_view_key(id), entry));
@@ -633,6 +654,9 @@ pub fn build_service_view(
     hostname: &str,
     key: &ViewKey,
 ) -> Option<ServiceView> {
+    if key.export {
+        return build_export_view(catalog, vips, hostname);
+    }
     let by_ns = catalog.service_defs_by_namespace(hostname);
     let ns = chosen_namespace(&by_ns, key.namespace.as_deref())?;
     let defs = &by_ns[ns];
@@ -661,21 +685,7 @@ pub fn build_service_view(
             if cluster_local && !home(&w.cluster) {
                 continue;
             }
-            endpoints.push(ViewEndpoint {
-                kind: EndpointKind::Workload,
-                address: w.address.clone(),
-                ports: port_map(&service.ports, |p| w.port_for(p)),
-                network: w.network.clone(),
-                cluster: w.cluster.clone(),
-                locality: w.locality.clone(),
-                identities: w.identity.iter().cloned().collect(),
-                weight: w.effective_weight(),
-                health: w.health,
-                labels: w.labels.clone(),
-                uid: w.uid.clone(),
-                tunnel_port: 0,
-                stale_since_ms: w.stale_since_ms,
-            });
+            endpoints.push(workload_endpoint(w, &service));
         } else if !key.gateway && beyond_network && w.health == Health::Healthy {
             remote.entry(w.network.as_str()).or_default().add(w);
         }
@@ -687,6 +697,11 @@ pub fn build_service_view(
         };
         endpoints.extend(gateway_endpoints(network, &service, behind));
     }
+    sort_endpoints(&mut endpoints);
+    Some(ServiceView { service, endpoints })
+}
+
+fn sort_endpoints(endpoints: &mut [ViewEndpoint]) {
     endpoints.sort_by(|a, b| {
         (a.kind as u8, &a.network, &a.address, &a.uid).cmp(&(
             b.kind as u8,
@@ -695,6 +710,59 @@ pub fn build_service_view(
             &b.uid,
         ))
     });
+}
+
+/// A workload as an endpoint of `service`, reached directly.
+fn workload_endpoint(w: &Workload, service: &Service) -> ViewEndpoint {
+    ViewEndpoint {
+        kind: EndpointKind::Workload,
+        address: w.address.clone(),
+        ports: port_map(&service.ports, |p| w.port_for(p)),
+        network: w.network.clone(),
+        cluster: w.cluster.clone(),
+        locality: w.locality.clone(),
+        identities: w.identity.iter().cloned().collect(),
+        weight: w.effective_weight(),
+        health: w.health,
+        labels: w.labels.clone(),
+        uid: w.uid.clone(),
+        tunnel_port: 0,
+        stale_since_ms: w.stale_since_ms,
+    }
+}
+
+/// What this registry exports to the registries peered with it: of its own definitions
+/// (never what it imported itself, so peering cannot loop), the one a caller of any
+/// namespace reaches, unless it is cluster-local; with every one of its own endpoints as
+/// the workload it is, on its own network, healthy or not. The importing registry puts them
+/// in its catalog and builds its views from them, so its proxies reach them through the
+/// gateways of their networks (also exported) like any other remote endpoint. No VIPs: the
+/// importing registry allocates its own.
+pub fn build_export_view(
+    catalog: &Catalog,
+    vips: &VipTable,
+    hostname: &str,
+) -> Option<ServiceView> {
+    let mut by_ns: BTreeMap<&str, Vec<&Service>> = BTreeMap::new();
+    for (k, s) in catalog.service_def_entries(hostname) {
+        if catalog.is_own(k) {
+            by_ns.entry(s.namespace.as_str()).or_default().push(s);
+        }
+    }
+    let ns = chosen_namespace(&by_ns, None)?;
+    let defs = &by_ns[ns];
+    if defs.iter().all(|d| d.scope == Scope::ClusterLocal) {
+        return None;
+    }
+    let mut service = merged_service(defs, vips)?;
+    service.allocated_addresses.clear();
+    let mut endpoints: Vec<ViewEndpoint> = catalog
+        .endpoint_entries(hostname, ns)
+        .into_iter()
+        .filter(|(k, _)| catalog.is_own(k))
+        .map(|(_, w)| workload_endpoint(w, &service))
+        .collect();
+    sort_endpoints(&mut endpoints);
     Some(ServiceView { service, endpoints })
 }
 

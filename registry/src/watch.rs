@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::Stream;
 use isthmus_proto::drain;
 use isthmus_proto::grpc::PeerInfo;
-use isthmus_proto::model::Node;
+use isthmus_proto::identity::{REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT};
+use isthmus_proto::model::{Node, NodeKind};
 use isthmus_proto::pb;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -249,6 +250,14 @@ impl pb::watch_server::Watch for WatchService {
         };
         let mut inbound = request.into_inner();
         let (node, resume_version) = self.subscribe(&mut inbound).await?;
+        if node.kind == NodeKind::Peer && !identity.is_registry() {
+            return Err(self.refuse(
+                "peer_not_allowed",
+                Status::permission_denied(format!(
+                    "only a registry ({REGISTRY_NAMESPACE}/{REGISTRY_SERVICE_ACCOUNT}) may import this registry's services as a peer; the client is {identity}"
+                )),
+            ));
+        }
         let key = ViewKey::for_subscriber(&node, &identity);
         let view = self.views.view(&key);
         let resume = view.parse_version(&resume_version);

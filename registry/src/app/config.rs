@@ -13,6 +13,7 @@ use isthmus_proto::identity::{validate_dns_label, TrustDomain};
 use crate::ca::service::CaPolicy;
 use crate::ca::CaMaterial;
 use crate::inject::{self, InjectSettings};
+use crate::sources::peers::PeerSpec;
 use crate::sources::static_files::{DocumentOutcome, SourceDefaults, StaticSource};
 use crate::sources::vm_registrations::DEFAULT_VM_GRACE;
 use crate::store::EtcdConfig;
@@ -54,6 +55,8 @@ pub struct RegistryConfig {
     pub kubernetes: KubernetesConfig,
     /// The sidecar injection webhook and what it injects.
     pub webhook: WebhookConfig,
+    /// Other clusters' registries whose exported services this one imports.
+    pub peers: Vec<PeerSpec>,
 }
 
 /// The registry's store: the embedded file (the default) or an etcd cluster shared by a
@@ -285,6 +288,7 @@ impl RegistryConfig {
             vm_grace: DEFAULT_VM_GRACE,
             kubernetes: KubernetesConfig::default(),
             webhook: WebhookConfig::default(),
+            peers: Vec::new(),
         }
     }
 
@@ -347,6 +351,15 @@ impl RegistryConfig {
         if let Some(dir) = &self.resources {
             problems.check(dir.is_dir(), "--resources", || {
                 format!("{}: not a directory", dir.display())
+            });
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for p in &self.peers {
+            problems.check(names.insert(p.name.as_str()), "--peer", || {
+                format!(
+                    "the name {:?} is given to two peers: name them NAME=ADDR",
+                    p.name
+                )
             });
         }
         if let StoreSettings::Etcd(etcd) = &self.store {

@@ -3,28 +3,27 @@
 //! listener, and tonic with the Watch, Certificates and Registration services.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_proto::drain;
 use isthmus_proto::grpc::{self, ListenerMetrics, ListenerOptions};
 use isthmus_proto::identity::SpiffeId;
 use isthmus_proto::pb;
-use isthmus_proto::tls::{self, ClientAuth, TrustBundle};
+use isthmus_proto::tls::{self, ClientAuth, ServerIdentity, TrustBundle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::ca::service::CertificateService;
 use crate::ca::{Authority, CaMaterial};
 use crate::registration::RegistrationService;
+use crate::sources::peers::ClientTls;
 use crate::watch::WatchService;
 
 /// Largest request the registry decodes: requests are small (Subscribe, Ack, a CSR, a
 /// Hello), so a bigger one is a bug or an attack.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-/// The namespace and service account of the registry's own serving certificate.
-pub const REGISTRY_NAMESPACE: &str = "isthmus-system";
-pub const REGISTRY_SERVICE_ACCOUNT: &str = "isthmus-registry";
+pub use isthmus_proto::identity::{REGISTRY_NAMESPACE, REGISTRY_SERVICE_ACCOUNT};
 /// Lifetime of the registry's serving certificate; renewed at half-life.
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// HTTP/2 pings on idle gRPC connections: a VM agent whose network was cut sends no
@@ -86,11 +85,7 @@ pub(super) async fn serve(
 }
 
 fn serving_config(material: &CaMaterial) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let id = SpiffeId::workload(
-        &material.trust_domain,
-        REGISTRY_NAMESPACE,
-        REGISTRY_SERVICE_ACCOUNT,
-    )?;
+    let id = SpiffeId::registry(&material.trust_domain);
     let creds =
         material.self_credentials(&id, SERVING_CERT_TTL, ::time::OffsetDateTime::now_utc())?;
     let bundle = TrustBundle::new(material.root_der(), material.trust_domain.as_str(), &[])?;
@@ -127,4 +122,57 @@ pub(super) async fn renew_serving_cert(
             }
         }
     }
+}
+
+/// The client TLS config this registry presents to the registries it peers with: its own
+/// identity, from its cluster's intermediate, verified against the mesh root. A new
+/// certificate is issued at half-life or when the intermediate changes; if that fails the
+/// last one is kept (and the failure logged). Fails when none can be issued at all.
+pub(super) fn peer_client_tls(authority: Arc<Authority>) -> anyhow::Result<ClientTls> {
+    struct Issued {
+        material: Arc<CaMaterial>,
+        at: Instant,
+        config: Arc<rustls::ClientConfig>,
+    }
+    fn issue(material: &CaMaterial) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let id = SpiffeId::registry(&material.trust_domain);
+        let creds =
+            material.self_credentials(&id, SERVING_CERT_TTL, ::time::OffsetDateTime::now_utc())?;
+        let bundle = TrustBundle::new(material.root_der(), material.trust_domain.as_str(), &[])?;
+        Ok(Arc::new(tls::client_config(
+            Some(&creds),
+            &bundle,
+            ServerIdentity::TrustDomain,
+            &[tls::ALPN_H2],
+        )?))
+    }
+    let material = authority.current();
+    let first =
+        issue(&material).context("issuing the registry's client certificate for its peers")?;
+    let issued = std::sync::Mutex::new(Issued {
+        material,
+        at: Instant::now(),
+        config: first,
+    });
+    Ok(Arc::new(move || {
+        let mut issued = issued.lock().unwrap_or_else(|e| e.into_inner());
+        let material = authority.current();
+        let fresh =
+            Arc::ptr_eq(&issued.material, &material) && issued.at.elapsed() < SERVING_CERT_TTL / 2;
+        if !fresh {
+            match issue(&material) {
+                Ok(config) => {
+                    *issued = Issued {
+                        material,
+                        at: Instant::now(),
+                        config,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot issue the registry's client certificate for its peers; keeping the current one")
+                }
+            }
+        }
+        issued.config.clone()
+    }))
 }

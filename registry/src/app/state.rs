@@ -17,6 +17,7 @@ use crate::ingest::Ingest;
 use crate::metrics::RegistryMetrics;
 use crate::registration::metrics::RegistrationMetrics;
 use crate::sources::kubernetes::ClusterStatuses;
+use crate::sources::peers::PeerStatuses;
 use crate::sources::vm_registrations::metrics::LeaseMetrics;
 use crate::sources::vm_registrations::VmRegistrations;
 use crate::store::{EmbeddedStore, EtcdConfig, EtcdStore, Store};
@@ -64,6 +65,8 @@ pub(super) struct State {
     pub subscribers: Arc<Subscribers>,
     /// The Kubernetes clusters' sync state, written by their watchers.
     pub clusters: ClusterStatuses,
+    /// The peered registries' sync state, written by their importers.
+    pub peers: PeerStatuses,
 }
 
 impl State {
@@ -112,6 +115,7 @@ impl State {
             registrations,
             subscribers: Arc::new(Subscribers::default()),
             clusters: ClusterStatuses::default(),
+            peers: PeerStatuses::default(),
         })
     }
 

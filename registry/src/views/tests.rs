@@ -74,6 +74,7 @@ fn split_horizon_weights() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     let sv = service_entry(&a, "web.shop");
     let local: Vec<_> = sv
@@ -115,6 +116,7 @@ fn split_horizon_weights() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     let sv = service_entry(&b, "web.shop");
     assert_eq!(
@@ -141,6 +143,7 @@ fn gateway_view_has_only_local_endpoints() {
         gateway: true,
         namespace: None,
         cluster: None,
+        export: false,
     });
     let sv = service_entry(&g, "web.shop");
     assert_eq!(sv.endpoints.len(), 6);
@@ -158,6 +161,7 @@ fn unhealthy_remote_endpoints_do_not_count_and_gatewayless_networks_contribute_n
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     // Two of net-b's endpoints go unhealthy: 4 left -> 2 + 2.
     let mut ups = Vec::new();
@@ -206,6 +210,7 @@ fn versions_history_and_catchup() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     let s0 = a.seq();
     // A no-op change publishes nothing.
@@ -268,6 +273,7 @@ fn equal_content_has_an_equal_digest_whatever_the_history() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     };
     let v2 = two.view(&key);
     two.apply(vec![svc("db.shop", "shop", "c", "db")], vec![], vec![]);
@@ -320,6 +326,7 @@ fn history_is_bounded_and_old_resumes_get_a_snapshot() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     views.apply(vec![svc("web.shop", "shop", "c", "web")], vec![], vec![]);
     for i in 0..10 {
@@ -356,6 +363,7 @@ fn removed_service_is_a_removal() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     let s0 = a.seq();
     views.apply(vec![], vec!["Service/c/shop/web.shop/web".into()], vec![]);
@@ -401,12 +409,14 @@ fn service_entry_carries_its_allocated_vips_in_every_view() {
             gateway: false,
             namespace: None,
             cluster: None,
+            export: false,
         },
         ViewKey {
             network: "net-b".into(),
             gateway: true,
             namespace: None,
             cluster: None,
+            export: false,
         },
     ];
     let before: Vec<_> = keys.iter().map(|k| views.view(k)).collect();
@@ -417,6 +427,7 @@ fn service_entry_carries_its_allocated_vips_in_every_view() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     let alloc = views
         .with_vips(|v| v.active("web.shop").cloned())
@@ -457,6 +468,7 @@ fn opted_out_service_has_no_vip_in_its_entry() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     apply_with_vips(
         &views,
@@ -482,6 +494,7 @@ fn service_with_its_own_addresses_has_no_vip_in_its_entry() {
         gateway: false,
         namespace: None,
         cluster: None,
+        export: false,
     });
     let own = with_service(svc("web.shop", "shop", "c", "web"), |s| {
         s.addresses.push(isthmus_proto::model::ServiceAddress {
@@ -750,6 +763,7 @@ fn two_service_entries_of_one_namespace_for_one_host_are_merged_as_istio_merges_
         gateway: false,
         namespace: Some("shop".into()),
         cluster: None,
+        export: false,
     });
     let merged = service_entry(&a, "shared.shop");
     let ports: Vec<u16> = merged.service.ports.iter().map(|p| p.number).collect();
@@ -909,4 +923,75 @@ fn entries_are_kept_encoded_and_carry_the_endpoints_not_the_selector() {
         !catalog_selector.is_empty(),
         "the catalog keeps the selector"
     );
+}
+
+fn from_peer(mut r: OwnedResource) -> OwnedResource {
+    r.origin = "peer:west/".into();
+    r
+}
+
+#[test]
+fn the_export_holds_own_services_with_every_endpoint_as_it_is_and_nothing_imported() {
+    let views = split_horizon_catalog();
+    // Imported from a peer: a service, a workload of an own service, a network.
+    let mut imported_wl = wl("p0", "shop", "web", "10.9.0.1", "net-c");
+    if let Resource::Workload(w) = Arc::make_mut(&mut imported_wl.resource) {
+        w.cluster = "west".into();
+    }
+    views.apply(
+        vec![
+            from_peer(svc("ratings.shop", "shop", "west", "ratings")),
+            from_peer(wl("r0", "shop", "ratings", "10.9.0.2", "net-c")),
+            from_peer(imported_wl),
+            from_peer(net("net-c", &["203.0.113.1"])),
+            with_service(svc("local.shop", "shop", "c", "local"), |s| {
+                s.scope = Scope::ClusterLocal
+            }),
+            wl("l0", "shop", "local", "10.0.1.1", "net-a"),
+        ],
+        vec![],
+        vec![],
+    );
+    let export = views.view(&ViewKey::export());
+    assert_eq!(export.key.to_string(), "export to peers");
+    let st = export.state.read().unwrap();
+    let keys: Vec<&String> = st.entries.keys().collect();
+    assert_eq!(
+        keys,
+        ["net/net-a", "net/net-b", "svc/web.shop"],
+        "own networks and the own mesh-wide service only"
+    );
+    drop(st);
+    let web = service_entry(&export, "web.shop");
+    assert_eq!(web.endpoints.len(), 9, "every own endpoint, none imported");
+    assert!(web
+        .endpoints
+        .iter()
+        .all(|e| e.kind == EndpointKind::Workload && e.tunnel_port == 0));
+    assert_eq!(
+        web.endpoints
+            .iter()
+            .filter(|e| e.network == "net-b")
+            .count(),
+        6,
+        "endpoints of other networks as they are, not behind gateways"
+    );
+    // The views of this registry's own proxies do hold what was imported.
+    let a = views.view(&ViewKey::workload("net-a", None));
+    let ratings = service_entry(&a, "ratings.shop");
+    assert_eq!(ratings.endpoints.len(), 1);
+    assert_eq!(ratings.endpoints[0].kind, EndpointKind::Gateway);
+}
+
+#[test]
+fn a_peer_subscriber_gets_the_export() {
+    let node = Node {
+        id: "registry.west".into(),
+        kind: NodeKind::Peer,
+        network: "net-c".into(),
+        ..Default::default()
+    };
+    let id =
+        SpiffeId::parse("spiffe://cluster.local/ns/isthmus-system/sa/isthmus-registry").unwrap();
+    assert_eq!(ViewKey::for_subscriber(&node, &id), ViewKey::export());
 }

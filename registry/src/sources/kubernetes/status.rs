@@ -3,14 +3,12 @@
 //! event, the last error, reconnects, and since when the cluster has been out of reach.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 /// Every configured cluster's status, shared by the source and the admin server.
-#[derive(Debug, Clone, Default)]
-pub struct ClusterStatuses(Arc<Mutex<BTreeMap<String, ClusterStatus>>>);
+pub type ClusterStatuses = crate::sources::Statuses<ClusterStatus>;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -67,33 +65,12 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
-impl ClusterStatuses {
-    pub fn snapshot(&self) -> Vec<ClusterStatus> {
-        self.lock().values().cloned().collect()
-    }
-
-    pub fn get(&self, cluster: &str) -> Option<ClusterStatus> {
-        self.lock().get(cluster).cloned()
-    }
-
-    /// Changes one cluster's status (creating it if need be).
-    pub fn update<R>(&self, cluster: &str, f: impl FnOnce(&mut ClusterStatus) -> R) -> R {
-        let mut all = self.lock();
-        let st = all
-            .entry(cluster.to_string())
-            .or_insert_with(|| ClusterStatus {
-                cluster: cluster.to_string(),
-                ..Default::default()
-            });
-        f(st)
-    }
-
-    pub fn remove(&self, cluster: &str) {
-        self.lock().remove(cluster);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ClusterStatus>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+impl crate::sources::Named for ClusterStatus {
+    fn named(name: &str) -> Self {
+        ClusterStatus {
+            cluster: name.to_string(),
+            ..Default::default()
+        }
     }
 }
 
