@@ -1,7 +1,9 @@
 //! `isthmusctl`: CA setup, bootstrap tokens, certificate requests, VM onboarding bundles,
-//! a network's view, and the Kubernetes clusters the registry watches. This file is the
+//! a network's view, the Kubernetes clusters the registry watches and the peered registries it
+//! imports from. This file is the
 //! command line and its dispatch; each command is a function in the file named after what
-//! it works on ([`ca`], [`cert`], [`vm`], [`catalog`], [`clusters`], [`cluster_secret`]),
+//! it works on ([`ca`], [`cert`], [`vm`], [`catalog`], [`clusters`], [`cluster_secret`],
+//! [`peers`]),
 //! and [`connect`] is how the commands that talk to a registry reach it.
 
 mod ca;
@@ -10,6 +12,7 @@ mod cert;
 mod cluster_secret;
 mod clusters;
 mod connect;
+mod peers;
 mod vm;
 
 use std::process::ExitCode;
@@ -47,6 +50,9 @@ enum Command {
     /// Kubernetes clusters joining the mesh.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Each registry this one imports from (--peer): connected or stale, the registry of its
+    /// set followed, what it brought, the age of its last sync (its admin's /debug/peers).
+    Peers(peers::PeersArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +113,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Vm(VmCommand::Onboard(args)) => vm::onboard(args, now),
         Command::Catalog(args) => catalog::show(args).await,
         Command::Clusters(args) => clusters::show(args).await,
+        Command::Peers(args) => peers::show(args).await,
         Command::Cluster(ClusterCommand::Secret(args)) => cluster_secret::create(args).await,
     }
 }

@@ -76,7 +76,7 @@ pub(super) async fn show(args: ClustersArgs) -> anyhow::Result<()> {
 }
 
 /// One HTTP/1.1 GET of `path` at `addr`; the body of a 200 answer.
-async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
+pub(super) async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
     let exchange = async {
         let mut conn = tokio::net::TcpStream::connect(addr).await?;
         let request =
@@ -145,7 +145,7 @@ fn dechunk(mut rest: &str) -> anyhow::Result<String> {
 }
 
 /// `3s ago`, `4m ago`, `2h ago`, `5d ago`.
-fn age(now_ms: i64, then_ms: i64) -> String {
+pub(super) fn age(now_ms: i64, then_ms: i64) -> String {
     let s = (now_ms - then_ms).max(0) / 1000;
     match s {
         0..60 => format!("{s}s"),
@@ -165,7 +165,7 @@ fn objects(c: &ClusterRow, kind: &str) -> String {
 }
 
 /// The state in a word or two: the summary up to its cause, which follows the table.
-fn state(summary: &str) -> &str {
+pub(super) fn state(summary: &str) -> &str {
     summary.split_once(": ").map_or(summary, |(s, _)| s)
 }
 
@@ -211,53 +211,78 @@ fn table(reply: &ClustersReply) -> String {
         return "no Kubernetes clusters are watched (see --kubeconfig, --remote-kubeconfigs)\n"
             .into();
     }
-    let rows: Vec<[String; 9]> = reply
+    let rows: Vec<Vec<String>> = reply
         .clusters
         .iter()
-        .map(|c| row(c, reply.now_ms))
+        .map(|c| row(c, reply.now_ms).to_vec())
         .collect();
-    let mut widths = COLUMNS.map(str::len);
-    for r in &rows {
+    let mut out = grid(&COLUMNS, &rows);
+    for c in &reply.clusters {
+        details(
+            &mut out,
+            &Details {
+                name: &c.cluster,
+                summary: &c.summary,
+                last_error: c.last_error.as_deref(),
+                last_error_ms: c.last_error_ms,
+                problems: &c.problems,
+            },
+            reply.now_ms,
+        );
+    }
+    out
+}
+
+/// Rows under their column names, each column as wide as its widest cell.
+pub(super) fn grid(columns: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = columns.iter().map(|c| c.len()).collect();
+    for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.len());
         }
     }
     let mut out = String::new();
-    let header = COLUMNS.map(String::from);
-    for r in std::iter::once(&header).chain(&rows) {
+    let header: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+    for r in std::iter::once(&header).chain(rows) {
         let cells: Vec<String> = r
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
-    for c in &reply.clusters {
-        details(&mut out, c, reply.now_ms);
-    }
     out
 }
 
-/// What the table cuts short: the full summary when it carries a cause, the last error
-/// (with its age) and each problem.
-fn details(out: &mut String, c: &ClusterRow, now_ms: i64) {
+/// What a table row cuts short about one source (a cluster, a peer).
+pub(super) struct Details<'a> {
+    pub name: &'a str,
+    pub summary: &'a str,
+    pub last_error: Option<&'a str>,
+    pub last_error_ms: i64,
+    pub problems: &'a [String],
+}
+
+/// The full summary when it carries a cause, the last error (with its age) and each
+/// problem, under the source's name; nothing when all is well.
+pub(super) fn details(out: &mut String, d: &Details, now_ms: i64) {
     let mut lines = Vec::new();
-    if state(&c.summary) != c.summary {
-        lines.push(c.summary.clone());
+    if state(d.summary) != d.summary {
+        lines.push(d.summary.to_string());
     }
-    if let Some(e) = &c.last_error {
-        if !c.summary.ends_with(e.as_str()) {
-            let when = if c.last_error_ms == 0 {
+    if let Some(e) = d.last_error {
+        if !d.summary.ends_with(e) {
+            let when = if d.last_error_ms == 0 {
                 String::new()
             } else {
-                format!(" ({} ago)", age(now_ms, c.last_error_ms))
+                format!(" ({} ago)", age(now_ms, d.last_error_ms))
             };
             lines.push(format!("last error{when}: {e}"));
         }
     }
-    lines.extend(c.problems.iter().map(|p| format!("problem: {p}")));
+    lines.extend(d.problems.iter().map(|p| format!("problem: {p}")));
     if !lines.is_empty() {
-        let _ = writeln!(out, "\n{}:", c.cluster);
+        let _ = writeln!(out, "\n{}:", d.name);
         for l in lines {
             let _ = writeln!(out, "  {l}");
         }
@@ -265,23 +290,32 @@ fn details(out: &mut String, c: &ClusterRow, now_ms: i64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::sources::kubernetes::{ClusterStatus, KindStatus};
 
-    /// The reply as the admin builds it from the source's own type, so a renamed field
-    /// fails here rather than showing as zero.
-    fn served(statuses: &[ClusterStatus], now_ms: i64) -> ClustersReply {
-        let clusters: Vec<serde_json::Value> = statuses
+    /// A reply as the admin builds it from the source's own type (each status with its
+    /// `summary`, under `list`), so a renamed field fails here rather than showing as zero.
+    pub(in crate::ctl) fn as_served<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        list: &str,
+        statuses: &[T],
+        summary: impl Fn(&T) -> String,
+        now_ms: i64,
+    ) -> R {
+        let items: Vec<serde_json::Value> = statuses
             .iter()
             .map(|c| {
                 let mut v = serde_json::to_value(c).unwrap();
-                v["summary"] = c.summary(now_ms).into();
+                v["summary"] = summary(c).into();
                 v
             })
             .collect();
-        let body = serde_json::json!({"now_ms": now_ms, "clusters": clusters}).to_string();
+        let body = serde_json::json!({"now_ms": now_ms, list: items}).to_string();
         serde_json::from_str(&body).unwrap()
+    }
+
+    fn served(statuses: &[ClusterStatus], now_ms: i64) -> ClustersReply {
+        as_served("clusters", statuses, |c| c.summary(now_ms), now_ms)
     }
 
     fn kind(objects: usize, last_event_ms: i64) -> KindStatus {
