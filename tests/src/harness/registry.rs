@@ -115,6 +115,36 @@ impl TestRegistry {
         copy_dir(&first.dir.path().join("ca"), &dir.path().join("ca"))?;
         let mut cfg = Self::config_with_ca(dir.path());
         adjust(&mut cfg);
+        Self::run_in(dir, cfg).await
+    }
+
+    /// The registry of another cluster of `first`'s mesh, as multi-primary clusters run
+    /// theirs: `first`'s root with an intermediate of its own (what `isthmusctl ca init`
+    /// adds for each cluster), its own store, ports and `resources`, and the config
+    /// adjusted first (to peer it, say).
+    pub async fn start_cluster_of(
+        first: &TestRegistry,
+        cluster: &str,
+        network: &str,
+        resources: &[(&str, &str)],
+        adjust: impl FnOnce(&mut RegistryConfig),
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        copy_dir(&first.dir.path().join("ca"), &dir.path().join("ca"))?;
+        init_ca(&dir.path().join("ca"), TRUST_DOMAIN, cluster, false);
+        let mut cfg = Self::config_with_ca(dir.path());
+        cfg.cluster = cluster.to_string();
+        cfg.network = network.to_string();
+        cfg.ca_dir = dir.path().join("ca").join(cluster);
+        for (name, yaml) in resources {
+            std::fs::write(dir.path().join("resources").join(name), yaml)?;
+        }
+        adjust(&mut cfg);
+        Self::run_in(dir, cfg).await
+    }
+
+    /// Runs a registry of `cfg` on `dir`.
+    async fn run_in(dir: tempfile::TempDir, cfg: RegistryConfig) -> anyhow::Result<Self> {
         let handle = app::run(cfg.clone()).await?;
         Ok(Self {
             dir,
@@ -173,7 +203,7 @@ impl TestRegistry {
     pub fn token(&self, ns: &str, sa: &str, ttl: Duration) -> String {
         token::create(
             &self.material(),
-            CLUSTER,
+            &self.cfg.cluster,
             ns,
             sa,
             ttl,
