@@ -17,6 +17,14 @@
 #                                    the gateways and agents are given all three. After the
 #                                    call it stops the registry agent A follows and calls
 #                                    again (needs etcd: apt-get install etcd-server)
+#   deploy/quickstart.sh peered      the same as two clusters, each with its own registry and
+#                                    store (cluster-a's on 198.18.0.1 holds network-a and VM
+#                                    A; cluster-b's on 198.18.0.5, admin 127.0.0.1:15114,
+#                                    holds network-b and VM B), peered: each imports what the
+#                                    other exports. VM A calls reviews, which only cluster-b's
+#                                    registry has; then cluster-b's registry is stopped, the
+#                                    call still goes through on what cluster-a kept (marked
+#                                    stale), and it is started again
 #   deploy/quickstart.sh down        stop everything it started and remove every namespace,
 #                                    interface, /etc/netns entry and file it created
 #   deploy/quickstart.sh status      what is up
@@ -70,6 +78,10 @@ wan=${ISTHMUS_WAN_PREFIX:-198.18.0}
 registry_ip="$wan.1"
 grpc="$registry_ip:15012"
 admin="127.0.0.1:15014"
+# `peered`: cluster-b's registry, in the root namespace too, on a second address.
+registry_b_ip="$wan.5"
+grpc_b="$registry_b_ip:15012"
+admin_b="127.0.0.1:15114"
 vm_ip=10.10.0.7
 nameserver=10.10.0.53
 next_hop=169.254.1.1
@@ -87,6 +99,11 @@ ns_vm() { echo "isthmus-vm-$1"; }
 network() { echo "network-$1"; }
 gw_ip() { case $1 in a) echo "$wan.10" ;; b) echo "$wan.20" ;; esac; }
 group() { case $1 in a) echo frontend ;; b) echo reviews ;; esac; }
+# The cluster, registry and CA directory of network X's gateway and VM: one cluster and
+# registry (set) for both, except when `peered`, where network-b is cluster-b's.
+cluster_of() { if [ "$flavour" = peered ] && [ "$1" = b ]; then echo cluster-b; else echo "$cluster"; fi; }
+reg_of() { if [ "$flavour" = peered ] && [ "$1" = b ]; then echo "$grpc_b"; else echo "$grpc"; fi; }
+ca_of() { echo "$state/ca/$(cluster_of "$1")"; }
 all_namespaces() { echo isthmus-vm-a isthmus-vm-b isthmus-net-a isthmus-net-b isthmus-reg-0 isthmus-reg-1 isthmus-reg-2 "$ns_wan"; }
 
 # The HA set (`ha`): registry I of 0..2 and its etcd member in namespace isthmus-reg-I, on
@@ -249,8 +266,8 @@ down() {
   require_root down
   local removed=0 name pid ns out file
   # The agents first (they undo their capture), then the apps, the gateways, the registry.
-  for name in agent-a agent-b app-a app-b gateway-a gateway-b registry registry-0 registry-1 \
-    registry-2 etcd-0 etcd-1 etcd-2 kube-apiserver etcd; do
+  for name in agent-a agent-b app-a app-b gateway-a gateway-b registry registry-b registry-0 \
+    registry-1 registry-2 etcd-0 etcd-1 etcd-2 kube-apiserver etcd; do
     if pid=$(live_pid "$name"); then
       stop_pid "$pid" "$name"
       removed=1
@@ -319,8 +336,8 @@ down() {
 
 status() {
   local name ns any=0 pid
-  for name in etcd kube-apiserver registry etcd-0 etcd-1 etcd-2 registry-0 registry-1 registry-2 \
-    gateway-a gateway-b app-a app-b agent-a agent-b; do
+  for name in etcd kube-apiserver registry registry-b etcd-0 etcd-1 etcd-2 registry-0 registry-1 \
+    registry-2 gateway-a gateway-b app-a app-b agent-a agent-b; do
     if pid=$(live_pid "$name"); then
       echo "$name: running (pid $pid), log $logs/$name.log"
       any=1
@@ -391,11 +408,18 @@ check_binaries() {
   done
 }
 
+# Into resources/ (the registry's), or when `peered` network-a and VM A's group into
+# resources/ (cluster-a's registry) and network-b and VM B's into resources-b/ (cluster-b's).
 render_catalog() {
   mkdir -p "$state/resources"
-  local t
+  local t out
   for t in "$root"/deploy/examples/mesh/*.yaml.in; do
-    sed "s/@WAN@/$wan/g" "$t" >"$state/resources/$(basename "${t%.in}")"
+    out="$state/resources"
+    if [ "$flavour" = peered ]; then
+      case $(basename "$t") in network-b.* | reviews.*) out="$state/resources-b" ;; esac
+      mkdir -p "$out"
+    fi
+    sed "s/@WAN@/$wan/g" "$t" >"$out/$(basename "${t%.in}")"
   done
 }
 
@@ -410,6 +434,9 @@ make_namespaces() {
   ip link add "$root_link" type veth peer name vh netns "$ns_wan"
   ip -n "$ns_wan" link set vh master br0 up
   ip addr add "$registry_ip/24" dev "$root_link"
+  if [ "$flavour" = peered ]; then
+    ip addr add "$registry_b_ip/24" dev "$root_link"
+  fi
   ip link set "$root_link" up
 
   for x in "${nets[@]}"; do
@@ -499,26 +526,41 @@ start_registry_set() {
 }
 
 start_registry() {
-  local kube=()
+  local kube=() peer=()
   if [ "$flavour" = kubernetes ]; then
     kube=(--kubeconfig "$kube_dir/reader.kubeconfig")
+  fi
+  if [ "$flavour" = peered ]; then
+    peer=(--peer "cluster-b=$grpc_b")
   fi
   say "starting isthmus-registry on $grpc (admin http://$admin), log $logs/registry.log"
   start registry - "$bin/isthmus-registry" --cluster "$cluster" --network network-a \
     --ca-dir "$state/ca/$cluster" --data-dir "$state/data" --resources "$state/resources" \
-    --grpc-addr "$grpc" --admin-addr "$admin" "${kube[@]}"
+    --grpc-addr "$grpc" --admin-addr "$admin" "${kube[@]}" "${peer[@]}"
   wait_for registry "GET http://$admin/readyz" http_ok "http://$admin/readyz"
+  if [ "$flavour" = peered ]; then
+    start_registry_b
+  fi
+}
+
+# `peered`: cluster-b's registry, with its own store and resources, importing cluster-a's.
+start_registry_b() {
+  say "starting cluster-b's isthmus-registry on $grpc_b (admin http://$admin_b), peered with cluster-a's, log $logs/registry-b.log"
+  start registry-b - "$bin/isthmus-registry" --cluster cluster-b --network network-b \
+    --ca-dir "$state/ca/cluster-b" --data-dir "$state/data-b" --resources "$state/resources-b" \
+    --grpc-addr "$grpc_b" --admin-addr "$admin_b" --peer "cluster-a=$grpc"
+  wait_for registry-b "GET http://$admin_b/readyz" http_ok "http://$admin_b/readyz"
 }
 
 start_gateway() {
   local x=$1 gw token
   gw=$(gw_ip "$x")
-  token=$("$bin/isthmusctl" token create --ca-dir "$state/ca/$cluster" \
+  token=$("$bin/isthmusctl" token create --ca-dir "$(ca_of "$x")" \
     --namespace isthmus-system --service-account "eastwest-$(network "$x")" --ttl 10m)
   say "starting the gateway of $(network "$x") in $(ns_net "$x") on $gw:15443, log $logs/gateway-$x.log"
   mkdir -p "$state/gateway-$x"
   start "gateway-$x" "$(ns_net "$x")" "$bin/isthmus-gateway" \
-    --network "$(network "$x")" --cluster "$cluster" --registry "$grpc" \
+    --network "$(network "$x")" --cluster "$(cluster_of "$x")" --registry "$(reg_of "$x")" \
     --root "$state/ca/root-cert.pem" --cert-dir "$state/gateway-$x" --token "$token" \
     --sni-addr "$gw:15443" --admin-addr 127.0.0.1:15000 --metrics-addr "$gw:15020" --health-addr "$gw:15021" \
     --drain-deadline 5s
@@ -534,7 +576,7 @@ start_agent() {
   local x=$1 g dir
   g=$(group "$x") dir="$state/vm-$x"
   mkdir -p "$dir/state"
-  "$bin/isthmusctl" vm onboard --registry "$grpc" --ca-dir "$state/ca/$cluster" \
+  "$bin/isthmusctl" vm onboard --registry "$(reg_of "$x")" --ca-dir "$(ca_of "$x")" \
     --group "$g" --namespace shop --service-account "$g" --network "$(network "$x")" \
     --out "$dir/bundle" >/dev/null
   say "starting isthmus-vm-agent in $(ns_vm "$x") (group $g, network $(network "$x")), log $logs/agent-$x.log"
@@ -546,7 +588,9 @@ vm_http_ok() { in_ns "$(ns_vm "$1")" curl -fsS --max-time 2 -o /dev/null "$2"; }
 # The VM reaches the registry (the first of a set) through its network (bash's /dev/tcp:
 # nothing to install).
 vm_reaches_registry() {
-  local first=${grpc%%,*}
+  local set first
+  set=$(reg_of "$1")
+  first=${set%%,*}
   in_ns "$(ns_vm "$1")" timeout 3 bash -c "exec 3<>/dev/tcp/${first%:*}/${first##*:}"
 }
 
@@ -676,6 +720,32 @@ ha_demo() {
   echo "  (agent B and both gateways moved the same way: see each one's /config_dump)"
 }
 
+# `peered`: where reviews came from, cluster-b's registry stopped (the call still goes
+# through on what cluster-a kept, marked stale) and started again.
+peered_demo() {
+  local url=http://reviews.shop.svc.cluster.local:9080/ answer
+  echo
+  say "cluster-a's registry imports reviews from cluster-b's: $bin/isthmusctl peers --admin $admin"
+  "$bin/isthmusctl" peers --admin "$admin" | sed 's/^/    /'
+  say "what it holds of reviews, with its origin: curl -s http://$admin/debug/resources"
+  curl -fsS --max-time 2 "http://$admin/debug/resources" | tr '{' '\n' | grep 'reviews' | grep -o '"key":"[^"]*","kind":"[^"]*","origin":"[^"]*"' | sed 's/^/    /'
+  echo
+  say "stopping cluster-b's registry"
+  stop_pid "$(live_pid registry-b)" registry-b
+  wait_for - "cluster-a's registry marking cluster-b stale" peer_is_stale
+  "$bin/isthmusctl" peers --admin "$admin" | sed 's/^/    /'
+  say "from VM A again, with cluster-b's registry down: curl -sS $url"
+  answer=$(call_until a "$url" "hello from vm-b")
+  [ -n "$answer" ] || die "VM A could not call reviews with cluster-b's registry down: $(cat "$state/curl.err" 2>/dev/null)"
+  printf '%s\n' "$answer" | sed 's/^/    /'
+  start_registry_b
+  wait_for - "cluster-a's registry current with cluster-b again" peer_is_synced
+  say "cluster-b's registry is back; cluster-a's import is current again:"
+  "$bin/isthmusctl" peers --admin "$admin" | sed 's/^/    /'
+}
+peer_is_stale() { "$bin/isthmusctl" peers --admin "$admin" | grep -q 'stale for'; }
+peer_is_synced() { "$bin/isthmusctl" peers --admin "$admin" | sed -n 2p | grep -q ' synced '; }
+
 # The command that GETs PATH from a registry's admin port, from this shell (in the HA set,
 # a running one's: its admin listens on the loopback of its namespace).
 registry_admin() {
@@ -695,6 +765,8 @@ registry_admin() {
 registry_logs() {
   if [ "$flavour" = ha ]; then
     echo "etcd-0,etcd-1,etcd-2,registry-0,registry-1,registry-2,"
+  elif [ "$flavour" = peered ]; then
+    echo "registry,registry-b,"
   else
     echo "registry,"
   fi
@@ -760,13 +832,24 @@ up() {
   mkdir -p "$pids" "$logs"
   trap on_up_exit EXIT
   render_catalog
-  say "creating the mesh CA (trust domain $trust_domain, cluster $cluster)"
-  "$bin/isthmusctl" ca init --trust-domain "$trust_domain" --cluster "$cluster" --out "$state/ca" >/dev/null
+  local clusters=(--cluster "$cluster")
+  if [ "$flavour" = peered ]; then
+    clusters+=(--cluster cluster-b)
+  fi
+  say "creating the mesh CA (trust domain $trust_domain, ${clusters[*]})"
+  "$bin/isthmusctl" ca init --trust-domain "$trust_domain" "${clusters[@]}" --out "$state/ca" >/dev/null
   "$bin/isthmus-registry" --cluster "$cluster" --network network-a --ca-dir "$state/ca/$cluster" \
     --data-dir "$state/data" --resources "$state/resources" --validate >"$logs/validate.log" 2>&1 || {
     cat "$logs/validate.log" >&2
     die "the catalog in $state/resources is invalid (rendered from deploy/examples/mesh)"
   }
+  if [ "$flavour" = peered ]; then
+    "$bin/isthmus-registry" --cluster cluster-b --network network-b --ca-dir "$state/ca/cluster-b" \
+      --data-dir "$state/data-b" --resources "$state/resources-b" --validate >"$logs/validate-b.log" 2>&1 || {
+      cat "$logs/validate-b.log" >&2
+      die "the catalog in $state/resources-b is invalid (rendered from deploy/examples/mesh)"
+    }
+  fi
 
   make_namespaces
   if [ "$flavour" = kubernetes ]; then
@@ -786,7 +869,7 @@ up() {
       http_ok "http://$(gw_ip "$x"):15021/healthz/ready"
   done
   for x in "${nets[@]}"; do
-    wait_for - "VM $x reaching the registry at $grpc" vm_reaches_registry "$x"
+    wait_for - "VM $x reaching the registry at $(reg_of "$x")" vm_reaches_registry "$x"
     start_app "$x"
   done
   for x in "${nets[@]}"; do
@@ -803,6 +886,9 @@ up() {
   fi
   if [ "$flavour" = ha ]; then
     ha_demo
+  fi
+  if [ "$flavour" = peered ]; then
+    peered_demo
   fi
   print_help
 }
@@ -822,8 +908,12 @@ ha)
   grpc=$(registry_set)
   up
   ;;
+peered)
+  flavour=peered
+  up
+  ;;
 down) down ;;
 status) status ;;
 -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-*) die "unknown command '$1': use up (the default), kubernetes, ha, down or status" ;;
+*) die "unknown command '$1': use up (the default), kubernetes, ha, peered, down or status" ;;
 esac
