@@ -20,7 +20,7 @@ mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use isthmus_proto::drain;
 use isthmus_proto::grpc::ConnectError;
@@ -39,6 +39,11 @@ pub const ORIGIN_PREFIX: &str = PEER_ORIGIN_PREFIX;
 /// How often a peer's import is looked at besides its changes: to retry a failed write and
 /// to notice a peer lost.
 const TICK: Duration = Duration::from_secs(2);
+/// On a store several registries share (each of a set importing the same peer), how often a
+/// registry that follows the peer writes its whole import again where the catalog differs:
+/// another registry of the set that lost the peer marked it stale for all of them, and
+/// nothing else would undo that while this one's view does not change.
+const SHARED_STORE_REASSERT: Duration = Duration::from_secs(30);
 
 /// The origin of peer `name`'s resources.
 pub fn origin(name: &str) -> String {
@@ -188,6 +193,8 @@ struct Import {
     /// The catalog may differ from the view (nothing imported yet, a failed write, a new
     /// staleness mark): the next turn imports the whole view.
     whole: bool,
+    /// When the whole view was last imported.
+    whole_at: Instant,
     /// What the catalog held of this peer before it first answered (from the store) has
     /// been marked stale.
     restored_marked: bool,
@@ -204,6 +211,7 @@ impl Import {
             clashes: BTreeMap::new(),
             stale_since_ms: 0,
             whole: true,
+            whole_at: Instant::now(),
             restored_marked: false,
         }
     }
@@ -222,6 +230,12 @@ impl Import {
                 self.stale_since_ms = now;
                 self.whole = true;
                 tracing::warn!(peer = %self.spec.name, error = state.last_error.as_deref().unwrap_or(""), "peer out of reach; keeping its services, marked stale");
+            }
+            if state.connected
+                && self.ctx.ingest.store_is_shared()
+                && self.whole_at.elapsed() >= SHARED_STORE_REASSERT
+            {
+                self.whole = true;
             }
             if state.synced() {
                 if self.whole || !Arc::ptr_eq(&self.view, &state.view) {
@@ -323,6 +337,7 @@ impl Import {
         match result {
             Ok(()) => {
                 if whole {
+                    self.whole_at = Instant::now();
                     self.imported = keys_now;
                 } else {
                     for k in &gone {
