@@ -315,6 +315,7 @@ mod tests {
             uid: addr.into(),
             tunnel_port: 0,
             stale_since_ms: 0,
+            subset_weights: Default::default(),
         }
     }
 
@@ -332,7 +333,11 @@ mod tests {
     }
 
     fn sv(service: Service, endpoints: Vec<ViewEndpoint>) -> ServiceView {
-        ServiceView { service, endpoints }
+        ServiceView {
+            service,
+            endpoints,
+            ..Default::default()
+        }
     }
 
     fn table() -> NameTable {

@@ -889,6 +889,7 @@ mod tests {
                             ..Default::default()
                         },
                         endpoints: vec![],
+                        ..Default::default()
                     }));
                     (r.key(), r)
                 })

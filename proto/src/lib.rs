@@ -25,6 +25,7 @@ pub mod telemetry;
 pub mod test_pki;
 pub mod tls;
 pub mod token;
+pub mod traffic;
 
 /// Generated protobuf and gRPC code. Only conversion code at the edges uses it; everything
 /// else works with [`model`].

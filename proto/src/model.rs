@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::identity::SpiffeId;
 use crate::pb;
+pub use crate::traffic::{DestinationRule, L4Route, RouteDestination, Subset, VirtualService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -581,6 +582,9 @@ pub enum Resource {
     /// rarest, and every resource of a catalog of 100,000 workloads would otherwise be
     /// as large as a group.
     WorkloadGroup(Box<WorkloadGroup>),
+    /// Boxed, like a group: rare beside workloads.
+    DestinationRule(Box<DestinationRule>),
+    VirtualService(Box<VirtualService>),
 }
 
 impl Resource {
@@ -590,6 +594,8 @@ impl Resource {
             Resource::Service(_) => "Service",
             Resource::Workload(_) => "Workload",
             Resource::WorkloadGroup(_) => "WorkloadGroup",
+            Resource::DestinationRule(_) => "DestinationRule",
+            Resource::VirtualService(_) => "VirtualService",
         }
     }
 
@@ -605,6 +611,8 @@ impl Resource {
             Resource::Service(s) => service_key(&s.cluster, &s.namespace, &s.hostname, &s.name),
             Resource::Workload(w) => workload_key(&w.cluster, &w.namespace, &w.name),
             Resource::WorkloadGroup(g) => workload_group_key(&g.namespace, &g.name),
+            Resource::DestinationRule(d) => format!("DestinationRule/{}/{}", d.namespace, d.name),
+            Resource::VirtualService(v) => format!("VirtualService/{}/{}", v.namespace, v.name),
         }
     }
 }
@@ -718,12 +726,19 @@ pub struct ViewEndpoint {
     /// Unix milliseconds since which this endpoint has not been confirmed by its source
     /// (0 when current); behind a gateway, the oldest of the endpoints it stands for.
     pub stale_since_ms: i64,
+    /// Behind a gateway: the healthy weight of each subset of the service (its
+    /// DestinationRule's) there; empty for a workload.
+    pub subset_weights: BTreeMap<String, u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceView {
     pub service: Service,
     pub endpoints: Vec<ViewEndpoint>,
+    /// The subsets of the service's DestinationRule.
+    pub subsets: Vec<Subset>,
+    /// The `tcp` and `tls` routes of the VirtualServices for this hostname, in order.
+    pub routes: Vec<L4Route>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1158,6 +1173,8 @@ impl From<&OwnedResource> for pb::CatalogResource {
                 Resource::Service(s) => Kind::Service(s.into()),
                 Resource::Workload(w) => Kind::Workload(w.into()),
                 Resource::WorkloadGroup(g) => Kind::WorkloadGroup(g.as_ref().into()),
+                Resource::DestinationRule(d) => Kind::DestinationRule(d.as_ref().into()),
+                Resource::VirtualService(v) => Kind::VirtualService(v.as_ref().into()),
             }),
         }
     }
@@ -1172,6 +1189,8 @@ impl TryFrom<pb::CatalogResource> for OwnedResource {
             Kind::Service(s) => Resource::Service(s.try_into()?),
             Kind::Workload(w) => Resource::Workload(w.try_into()?),
             Kind::WorkloadGroup(g) => Resource::WorkloadGroup(Box::new(g.try_into()?)),
+            Kind::DestinationRule(d) => Resource::DestinationRule(Box::new(d.into())),
+            Kind::VirtualService(v) => Resource::VirtualService(Box::new(v.try_into()?)),
         };
         Ok(OwnedResource::new(r.origin, resource))
     }
@@ -1254,6 +1273,11 @@ impl From<&ViewEndpoint> for pb::ViewEndpoint {
             labels: e.labels.clone().into_iter().collect(),
             uid: e.uid.clone(),
             tunnel_port: e.tunnel_port.into(),
+            subset_weights: e
+                .subset_weights
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
             stale_since_ms: e.stale_since_ms,
         }
     }
@@ -1305,6 +1329,7 @@ impl TryFrom<pb::ViewEndpoint> for ViewEndpoint {
             uid: e.uid,
             tunnel_port: port_or_zero("tunnel_port", e.tunnel_port)?,
             stale_since_ms: e.stale_since_ms,
+            subset_weights: e.subset_weights.into_iter().collect(),
         })
     }
 }
@@ -1314,6 +1339,8 @@ impl From<&ServiceView> for pb::ServiceView {
         Self {
             service: Some((&v.service).into()),
             endpoints: v.endpoints.iter().map(Into::into).collect(),
+            subsets: v.subsets.iter().map(Into::into).collect(),
+            routes: v.routes.iter().map(Into::into).collect(),
         }
     }
 }
@@ -1344,6 +1371,12 @@ impl TryFrom<pb::ViewResource> for ViewResource {
                         .map(TryInto::try_into)
                         .collect::<Result<_, _>>()?,
                 ),
+                subsets: s.subsets.into_iter().map(Into::into).collect(),
+                routes: s
+                    .routes
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<Result<_, _>>()?,
             })),
             R::Network(n) => ViewResource::Network(Arc::new(n.try_into()?)),
         })

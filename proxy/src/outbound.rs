@@ -15,7 +15,7 @@
 //! catalog's workload at the endpoint when it is the server identity verified (through a
 //! remote gateway, what that identity alone says), `CONNECT` when no endpoint answered.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -147,17 +147,24 @@ pub struct Outbound {
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<Tracker>,
     pub connect: ConnectOptions,
+    /// The local workload's labels, matched against routes' `sourceLabels`; swapped when
+    /// they change (a VM's group template).
+    pub source_labels: ArcSwap<BTreeMap<String, String>>,
 }
 
 impl Outbound {
-    /// Connects to `target` over mTLS; a failed TCP connect or handshake is counted
-    /// against the endpoint and another one is tried.
+    /// Connects to `target` over mTLS, or where its VirtualService routes it (see
+    /// [`RouteTable::resolve`]); a failed TCP connect or handshake is counted against the
+    /// endpoint and another one is tried.
     pub async fn connect(&self, target: &OutboundTarget) -> Result<OutboundStream, OutboundError> {
-        let dest = self
-            .routes
-            .load()
-            .lookup(&target.hostname, target.port, &target.subset)?;
-        let sni = SniKey::new(target.port, &target.subset, &target.hostname).to_string();
+        let dest = self.routes.load().resolve(
+            &target.hostname,
+            target.port,
+            &target.subset,
+            &self.source_labels.load(),
+        )?;
+        let key = &dest.key;
+        let sni = SniKey::new(key.port, &key.subset, &key.hostname).to_string();
         let server_name = ServerName::try_from(sni.clone())
             .map_err(|_| OutboundError::ServerName(sni.clone()))?;
         let client_tls = self.tls.load_full();

@@ -5,17 +5,26 @@
 //! object, updated in place, so open connections, round-robin position and outlier
 //! ejections carry over.
 //!
-//! Subsets: the SNI key's subset names endpoints by their `version` label (the label Istio
-//! subsets are conventionally defined on); `_` (empty) is every endpoint.
+//! Subsets: a subset the service's DestinationRule defines selects the endpoints carrying its
+//! labels (and the remote gateways with endpoints of it behind them, weighted by those);
+//! any other subset name is read by convention as the endpoints' `version` label (the label
+//! Istio subsets are conventionally defined on); `_` (empty) is every endpoint.
+//!
+//! Routes: a connection to a service whose VirtualService has a `tcp` (or `tls`) route
+//! matching it (destination port, the caller's labels) goes to one of that route's
+//! destinations, chosen by weight with a smooth weighted round robin, so the shares hold
+//! exactly over any run of connections rather than on average.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use isthmus_proto::drain;
-use isthmus_proto::model::{EndpointKind, Health, Locality, Scope, ServiceView, ViewResource};
+use isthmus_proto::model::{
+    EndpointKind, Health, L4Route, Locality, Scope, ServiceView, Subset, ViewResource,
+};
 use isthmus_proto::program::ReadyPart;
 use isthmus_proto::subscription::{self, LocalView, SyncState};
 use isthmus_proto::SpiffeId;
@@ -297,8 +306,15 @@ pub enum LookupError {
     UnknownService(String),
     #[error("service {hostname} has no port {port}")]
     UnknownPort { hostname: String, port: u16 },
-    #[error("service {hostname} has no endpoints of subset {subset} (label {SUBSET_LABEL})")]
+    #[error("service {hostname} has no subset {subset} (neither in its DestinationRule nor as a {SUBSET_LABEL} label of its endpoints)")]
     UnknownSubset { hostname: String, subset: String },
+    #[error("the route of {hostname}:{port} goes to {destination}, which {why}")]
+    RoutedNowhere {
+        hostname: String,
+        port: u16,
+        destination: String,
+        why: String,
+    },
 }
 
 impl LookupError {
@@ -308,6 +324,7 @@ impl LookupError {
             LookupError::UnknownService(_) => "unknown_service",
             LookupError::UnknownPort { .. } => "unknown_port",
             LookupError::UnknownSubset { .. } => "unknown_subset",
+            LookupError::RoutedNowhere { .. } => "routed_nowhere",
         }
     }
 }
@@ -322,6 +339,48 @@ pub struct RouteTable {
     /// Service addresses (cluster VIPs and allocated VIPs) -> hostname, for traffic that
     /// names a VIP rather than a hostname.
     addresses: HashMap<IpAddr, String>,
+    /// hostname -> the routes of its VirtualService that this caller may take.
+    routes: HashMap<String, Arc<Routes>>,
+}
+
+/// A hostname's `tcp`/`tls` routes, each with its weighted choice among its destinations.
+#[derive(Debug)]
+struct Routes {
+    routes: Vec<(L4Route, WeightedChoice)>,
+}
+
+/// A smooth weighted round robin (nginx's): over any `total` consecutive picks each
+/// destination is chosen exactly its weight's times, spread evenly.
+#[derive(Debug)]
+struct WeightedChoice {
+    weights: Vec<i64>,
+    current: Mutex<Vec<i64>>,
+}
+
+impl WeightedChoice {
+    fn new(weights: Vec<i64>) -> Self {
+        let current = Mutex::new(vec![0; weights.len()]);
+        Self { weights, current }
+    }
+
+    /// The index chosen next; None when every weight is 0.
+    fn pick(&self) -> Option<usize> {
+        let total: i64 = self.weights.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let mut current = self.current.lock().expect("route choice poisoned");
+        for (c, w) in current.iter_mut().zip(&self.weights) {
+            *c += w;
+        }
+        let (best, _) = current
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.weights[*i] > 0)
+            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))?;
+        current[best] -= total;
+        Some(best)
+    }
 }
 
 impl RouteTable {
@@ -337,8 +396,82 @@ impl RouteTable {
                 continue;
             };
             table.add_service(sv, previous, opts);
+            table.add_routes(sv, previous);
         }
         table
+    }
+
+    /// The routes of `sv`'s VirtualService, the weighted choices of `previous` kept where
+    /// the routes are the same.
+    fn add_routes(&mut self, sv: &ServiceView, previous: &RouteTable) {
+        let mine: Vec<&L4Route> = sv.routes.iter().collect();
+        if mine.is_empty() {
+            return;
+        }
+        let host = &sv.service.hostname;
+        let same = previous.routes.get(host).filter(|p| {
+            p.routes.len() == mine.len() && p.routes.iter().zip(&mine).all(|((a, _), b)| a == *b)
+        });
+        let routes = match same {
+            Some(p) => p.clone(),
+            None => Arc::new(Routes {
+                routes: mine
+                    .into_iter()
+                    .map(|r| {
+                        let weights = r.destinations.iter().map(|d| i64::from(d.weight)).collect();
+                        (r.clone(), WeightedChoice::new(weights))
+                    })
+                    .collect(),
+            }),
+        };
+        self.routes.insert(host.clone(), routes);
+    }
+
+    /// The destination a new connection to `hostname:port` from a caller labelled `source`
+    /// goes to: with no subset named, the destination its first matching route picks (by
+    /// weight), else the service port itself; with a subset, that subset.
+    pub fn resolve(
+        &self,
+        hostname: &str,
+        port: u16,
+        subset: &str,
+        source: &BTreeMap<String, String>,
+    ) -> Result<Arc<Destination>, LookupError> {
+        let route = self
+            .routes
+            .get(hostname)
+            .filter(|_| subset.is_empty())
+            .and_then(|rs| {
+                // A `tls` route matches on the SNI the app sends, which is not read here.
+                rs.routes
+                    .iter()
+                    .find(|(r, _)| r.sni_hosts.is_empty() && r.matches(port, source, None))
+            });
+        let Some((route, choice)) = route else {
+            return self.lookup(hostname, port, subset);
+        };
+        let nowhere = |destination: String, why: String| LookupError::RoutedNowhere {
+            hostname: hostname.to_string(),
+            port,
+            destination,
+            why,
+        };
+        let Some(i) = choice.pick() else {
+            return Err(nowhere(
+                "no destination".into(),
+                "has weight 0 everywhere".into(),
+            ));
+        };
+        let d = &route.destinations[i];
+        let to_port = if d.port == 0 { port } else { d.port };
+        self.lookup(&d.host, to_port, &d.subset).map_err(|e| {
+            let name = DestinationKey {
+                hostname: d.host.clone(),
+                port: to_port,
+                subset: d.subset.clone(),
+            };
+            nowhere(name.to_string(), format!("is not routable here: {e}"))
+        })
     }
 
     fn add_service(&mut self, sv: &ServiceView, previous: &RouteTable, opts: &RouteOptions) {
@@ -373,6 +506,7 @@ impl RouteTable {
             .collect();
         let mut subsets: BTreeSet<String> = BTreeSet::new();
         subsets.insert(String::new());
+        subsets.extend(sv.subsets.iter().map(|s| s.name.clone()));
         for e in &sv.endpoints {
             if let Some(v) = e.labels.get(SUBSET_LABEL) {
                 subsets.insert(v.clone());
@@ -387,7 +521,8 @@ impl RouteTable {
                     port: sp.number,
                     subset: subset.clone(),
                 };
-                let mut targets = targets_of(sv, sp.number, subset, opts.reach);
+                let defined = sv.subsets.iter().find(|s| &s.name == subset);
+                let mut targets = targets_of(sv, sp.number, subset, defined, opts.reach);
                 for t in targets.iter_mut().filter(|t| !t.identities.is_empty()) {
                     for san in &sans {
                         if !t.identities.contains(san) {
@@ -505,8 +640,15 @@ pub async fn follow(
     subscription::follow(sync, shutdown, Some(FOLLOW_TICK), turn).await;
 }
 
-/// The healthy endpoints of `sv` for one service port and subset, as connect targets.
-fn targets_of(sv: &ServiceView, port: u16, subset: &str, reach: Reach) -> Vec<Target> {
+/// The healthy endpoints of `sv` for one service port and subset (`defined` when the
+/// service's DestinationRule defines it), as connect targets.
+fn targets_of(
+    sv: &ServiceView,
+    port: u16,
+    subset: &str,
+    defined: Option<&Subset>,
+    reach: Reach,
+) -> Vec<Target> {
     sv.endpoints
         .iter()
         .filter(|e| e.health == Health::Healthy)
@@ -514,14 +656,32 @@ fn targets_of(sv: &ServiceView, port: u16, subset: &str, reach: Reach) -> Vec<Ta
             Reach::LocalWorkloads => e.kind == EndpointKind::Workload,
             Reach::Mesh => true,
         })
-        .filter(|e| {
-            // A gateway carries every subset of the services behind it: the remote gateway
-            // applies the subset.
-            subset.is_empty()
-                || e.kind == EndpointKind::Gateway
-                || e.labels.get(SUBSET_LABEL).map(String::as_str) == Some(subset)
-        })
         .filter_map(|e| {
+            // The weight this endpoint carries for the subset, if it serves it: a defined
+            // subset's weight behind a gateway is what the registry counted there; a
+            // subset by convention passes every gateway, whose side applies it.
+            let weight = match (subset.is_empty(), defined, e.kind) {
+                (true, _, _) => e.weight,
+                (false, Some(s), EndpointKind::Workload) => {
+                    if s.selects(&e.labels) {
+                        e.weight
+                    } else {
+                        return None;
+                    }
+                }
+                (false, Some(s), EndpointKind::Gateway) => *e.subset_weights.get(&s.name)?,
+                (false, None, EndpointKind::Gateway) => e.weight,
+                (false, None, EndpointKind::Workload) => {
+                    if e.labels.get(SUBSET_LABEL).map(String::as_str) == Some(subset) {
+                        e.weight
+                    } else {
+                        return None;
+                    }
+                }
+            };
+            Some((e, weight))
+        })
+        .filter_map(|(e, weight)| {
             // The proxy connects by address: an endpoint known only by a DNS name (a
             // `resolution: DNS` ServiceEntry's) is not a connect target here.
             let ip = e.address.ip()?;
@@ -533,7 +693,7 @@ fn targets_of(sv: &ServiceView, port: u16, subset: &str, reach: Reach) -> Vec<Ta
                 network: e.network.clone(),
                 locality: e.locality.clone(),
                 identities: e.identities.clone(),
-                weight: e.weight.max(1),
+                weight: weight.max(1),
             })
         })
         .collect()

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use isthmus_proto::model::{Network, OwnedResource, Resource, Service, Workload};
+use isthmus_proto::model::{
+    DestinationRule, Network, OwnedResource, Resource, Service, VirtualService, Workload,
+};
 
 /// The origin prefix of what a registry imports from the registries it peers with
 /// (`peer:<name>/`): such resources are never exported again, so peering cannot loop.
@@ -46,6 +48,10 @@ pub struct Catalog {
     workloads_by_label: HashMap<String, BTreeSet<String>>,
     /// hostname -> workloads that name it explicitly.
     workloads_by_host: HashMap<String, BTreeSet<String>>,
+    /// hostname -> keys of the DestinationRules for it.
+    rules_by_host: HashMap<String, BTreeSet<String>>,
+    /// hostname -> keys of the VirtualServices routing it.
+    routes_by_host: HashMap<String, BTreeSet<String>>,
 }
 
 impl Catalog {
@@ -123,6 +129,32 @@ impl Catalog {
             .flatten()
             .filter_map(|k| match self.resources.get(k).map(|r| &*r.resource) {
                 Some(Resource::Service(s)) => Some((k, s)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The DestinationRules for `hostname`, in key order.
+    pub fn destination_rules(&self, hostname: &str) -> Vec<&DestinationRule> {
+        self.rules_by_host
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| match self.resources.get(k).map(|r| &*r.resource) {
+                Some(Resource::DestinationRule(d)) => Some(d.as_ref()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The VirtualServices routing `hostname`, in key order.
+    pub fn virtual_services(&self, hostname: &str) -> Vec<&VirtualService> {
+        self.routes_by_host
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| match self.resources.get(k).map(|r| &*r.resource) {
+                Some(Resource::VirtualService(v)) => Some(v.as_ref()),
                 _ => None,
             })
             .collect()
@@ -258,6 +290,22 @@ impl Catalog {
                 change.hostnames.extend(self.hostnames_served_by(w));
             }
             Resource::WorkloadGroup(_) => {}
+            Resource::DestinationRule(d) => {
+                self.rules_by_host
+                    .entry(d.host.clone())
+                    .or_default()
+                    .insert(key.clone());
+                change.hostnames.insert(d.host.clone());
+            }
+            Resource::VirtualService(v) => {
+                for h in &v.hosts {
+                    self.routes_by_host
+                        .entry(h.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    change.hostnames.insert(h.clone());
+                }
+            }
         }
         self.resources.insert(key, r);
         change
@@ -297,6 +345,18 @@ impl Catalog {
                 }
             }
             Resource::WorkloadGroup(_) => {}
+            Resource::DestinationRule(d) => {
+                let host = d.host.clone();
+                remove_from(&mut self.rules_by_host, &host, key);
+                change.hostnames.insert(host);
+            }
+            Resource::VirtualService(v) => {
+                let hosts = v.hosts.clone();
+                for h in hosts {
+                    remove_from(&mut self.routes_by_host, &h, key);
+                    change.hostnames.insert(h);
+                }
+            }
         }
         self.resources.remove(key);
         change

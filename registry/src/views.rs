@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use isthmus_proto::model::{
     network_view_key, service_view_key, Address, EndpointKind, ExportTo, Health, Network, Node,
-    NodeKind, OwnedResource, Scope, Service, ServicePort, ServiceView, ViewEndpoint, ViewResource,
-    Workload,
+    NodeKind, OwnedResource, Scope, Service, ServicePort, ServiceView, Subset, ViewEndpoint,
+    ViewResource, Workload,
 };
 use isthmus_proto::{pb, SpiffeId};
 use tokio::sync::watch;
@@ -678,6 +678,17 @@ pub fn build_service_view(
     }
     // Only what every namespace may see goes through gateways (see the module doc).
     let beyond_network = !cluster_local && service.export_to.is_public();
+    let audience = key.namespace.as_deref();
+    let subsets = chosen_for(catalog.destination_rules(hostname), audience, ns, |d| {
+        (&d.namespace, &d.export_to)
+    })
+    .map(|d| d.subsets.clone())
+    .unwrap_or_default();
+    let routes = chosen_for(catalog.virtual_services(hostname), audience, ns, |v| {
+        (&v.namespace, &v.export_to)
+    })
+    .map(|v| v.routes.clone())
+    .unwrap_or_default();
     let mut endpoints = Vec::new();
     let mut remote: BTreeMap<&str, Behind> = BTreeMap::new();
     for w in catalog.endpoints(hostname, ns) {
@@ -687,7 +698,10 @@ pub fn build_service_view(
             }
             endpoints.push(workload_endpoint(w, &service));
         } else if !key.gateway && beyond_network && w.health == Health::Healthy {
-            remote.entry(w.network.as_str()).or_default().add(w);
+            remote
+                .entry(w.network.as_str())
+                .or_default()
+                .add(w, &subsets);
         }
     }
     for (net, behind) in remote {
@@ -698,7 +712,33 @@ pub fn build_service_view(
         endpoints.extend(gateway_endpoints(network, &service, behind));
     }
     sort_endpoints(&mut endpoints);
-    Some(ServiceView { service, endpoints })
+    Some(ServiceView {
+        service,
+        endpoints,
+        subsets,
+        routes,
+    })
+}
+
+/// Of the traffic resources (DestinationRules, VirtualServices) for one hostname, the one a
+/// view for `audience` (None: every namespace) applies, as Istio chooses among those visible
+/// to the caller: the audience's own namespace's, else the service's namespace's, else the
+/// first by key.
+fn chosen_for<'a, T>(
+    all: Vec<&'a T>,
+    audience: Option<&str>,
+    service_ns: &str,
+    scope: impl Fn(&T) -> (&String, &ExportTo),
+) -> Option<&'a T> {
+    let visible: Vec<&T> = all
+        .into_iter()
+        .filter(|t| audience.is_none_or(|a| scope(t).1.visible_to(a)))
+        .collect();
+    let in_ns = |ns: &str| visible.iter().find(|t| scope(t).0 == ns).copied();
+    audience
+        .and_then(in_ns)
+        .or_else(|| in_ns(service_ns))
+        .or_else(|| visible.first().copied())
 }
 
 fn sort_endpoints(endpoints: &mut [ViewEndpoint]) {
@@ -728,6 +768,7 @@ fn workload_endpoint(w: &Workload, service: &Service) -> ViewEndpoint {
         uid: w.uid.clone(),
         tunnel_port: 0,
         stale_since_ms: w.stale_since_ms,
+        subset_weights: BTreeMap::new(),
     }
 }
 
@@ -763,7 +804,11 @@ pub fn build_export_view(
         .map(|(_, w)| workload_endpoint(w, &service))
         .collect();
     sort_endpoints(&mut endpoints);
-    Some(ServiceView { service, endpoints })
+    Some(ServiceView {
+        service,
+        endpoints,
+        ..Default::default()
+    })
 }
 
 /// What a network's gateway stands for in a view: the healthy endpoints of the service on
@@ -774,11 +819,16 @@ struct Behind<'a> {
     identities: BTreeSet<&'a SpiffeId>,
     /// The oldest `stale_since_ms` among them (0 when all are current).
     stale_since_ms: i64,
+    /// The weight of each subset (of the service's DestinationRule) among them.
+    subsets: BTreeMap<String, u32>,
 }
 
 impl<'a> Behind<'a> {
-    fn add(&mut self, w: &'a Workload) {
+    fn add(&mut self, w: &'a Workload, subsets: &[Subset]) {
         self.weight += w.effective_weight();
+        for s in subsets.iter().filter(|s| s.selects(&w.labels)) {
+            *self.subsets.entry(s.name.clone()).or_default() += w.effective_weight();
+        }
         self.identities.extend(w.identity.iter());
         if w.stale_since_ms != 0
             && (self.stale_since_ms == 0 || w.stale_since_ms < self.stale_since_ms)
@@ -795,18 +845,21 @@ fn gateway_endpoints(network: &Network, service: &Service, behind: Behind) -> Ve
         weight,
         identities,
         stale_since_ms,
+        subsets,
     } = behind;
     let identities: Vec<SpiffeId> = identities.into_iter().cloned().collect();
     let n = network.gateways.len() as u32;
     if n == 0 {
         return Vec::new();
     }
+    // The remainder of a split to the first gateways.
+    let share = |total: u32, i: usize| total / n + u32::from((i as u32) < total % n);
     network
         .gateways
         .iter()
         .enumerate()
         .filter_map(|(i, g)| {
-            let w = weight / n + u32::from((i as u32) < weight % n);
+            let w = share(weight, i);
             (w > 0).then(|| ViewEndpoint {
                 kind: EndpointKind::Gateway,
                 address: Address::Ip(g.address),
@@ -821,6 +874,11 @@ fn gateway_endpoints(network: &Network, service: &Service, behind: Behind) -> Ve
                 uid: format!("gateway/{}/{}", network.id, g.address),
                 tunnel_port: g.tunnel_port,
                 stale_since_ms,
+                subset_weights: subsets
+                    .iter()
+                    .map(|(s, total)| (s.clone(), share(*total, i)))
+                    .filter(|(_, w)| *w > 0)
+                    .collect(),
             })
         })
         .collect()

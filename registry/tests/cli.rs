@@ -520,16 +520,23 @@ fn validate_reports_every_document_of_a_directory_of_mixed_files() {
         line("mixed-kinds.yaml (document 1): ServiceEntry bookinfo/reviews")
             .ends_with("loaded (1 resources)")
     );
+    // A VirtualService is read for its L4 routes; its HTTP routes are reported, not
+    // dropped silently.
     assert!(
-        line("mixed-kinds.yaml (document 2): VirtualService bookinfo/reviews").contains(
-            "ignored: VirtualService (networking.istio.io/v1) is not a kind isthmus reads"
-        )
+        line("mixed-kinds.yaml (document 2): VirtualService bookinfo/reviews")
+            .ends_with("loaded (1 resources)")
+    );
+    assert!(line("warning: spec.http").contains("HTTP routes are not honoured"));
+    assert!(
+        line("mixed-kinds.yaml (document 4): Sidecar bookinfo/default")
+            .contains("ignored: Sidecar")
     );
     assert!(line("one-bad-document.yaml (document 2)").ends_with("refused"));
     assert!(
         line("kubectl-get-list.yaml (document 1, items[2]): DestinationRule bookinfo/ratings")
-            .contains("ignored")
+            .ends_with("loaded (1 resources)")
     );
+    assert!(line("warning: items[2].spec.trafficPolicy.connectionPool").contains("not honoured"));
     assert!(line("warning: spec.hosts[0]").contains("partial wildcard"));
     assert!(line("error: items[3].spec.hosts[0]").contains("bad_host.example.com"));
     let summary = line(" documents: ");

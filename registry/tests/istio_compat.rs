@@ -20,6 +20,7 @@ fn defaults() -> SourceDefaults {
         cluster: "cluster-a".into(),
         network: "network-a".into(),
         trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        domain: "cluster.local".into(),
     }
 }
 

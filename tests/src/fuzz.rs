@@ -66,6 +66,7 @@ pub fn static_resources(data: &[u8]) {
             cluster: "cluster-a".into(),
             network: "network-a".into(),
             trust_domain: TrustDomain::new("cluster.local").unwrap(),
+            domain: "cluster.local".into(),
         };
         match parse_file(Path::new("fuzz.yaml"), text, &defaults) {
             Ok(_) => {}
@@ -222,6 +223,7 @@ fn dns_resolver() -> &'static isthmus_dns::server::Resolver {
                             ..Default::default()
                         },
                         endpoints: vec![],
+                        ..Default::default()
                     }));
                     (r.key(), r)
                 })

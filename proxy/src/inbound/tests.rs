@@ -651,6 +651,7 @@ mod istio_metrics {
             uid: format!("uid-{ip}"),
             tunnel_port: 0,
             stale_since_ms: 0,
+            subset_weights: Default::default(),
         }
     }
 

@@ -58,6 +58,7 @@ fn routes(ca: &TestCa, server: std::net::SocketAddr, sans: Vec<String>) -> Route
         uid: "db-0".into(),
         tunnel_port: 0,
         stale_since_ms: 0,
+        subset_weights: Default::default(),
     };
     let service = Service {
         hostname: HOST.into(),
@@ -78,6 +79,7 @@ fn routes(ca: &TestCa, server: std::net::SocketAddr, sans: Vec<String>) -> Route
         ViewResource::Service(Arc::new(ServiceView {
             service,
             endpoints: vec![endpoint],
+            ..Default::default()
         })),
     );
     let view = LocalView {
@@ -101,6 +103,7 @@ fn outbound(ca: &TestCa, routes: RouteTable) -> Outbound {
             attempts: 1,
             mark: None,
         },
+        source_labels: Default::default(),
     }
 }
 

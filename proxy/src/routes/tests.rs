@@ -32,6 +32,7 @@ fn endpoint(kind: EndpointKind, addr: &str, port: u16, version: &str) -> ViewEnd
         uid: format!("{addr}:{port}"),
         tunnel_port: 0,
         stale_since_ms: 0,
+        subset_weights: Default::default(),
     }
 }
 
@@ -50,7 +51,11 @@ fn view(endpoints: Vec<ViewEndpoint>, scope: Scope) -> LocalView {
         scope,
         ..Default::default()
     };
-    let sv = ServiceView { service, endpoints };
+    let sv = ServiceView {
+        service,
+        endpoints,
+        ..Default::default()
+    };
     let mut resources = std::collections::BTreeMap::new();
     resources.insert(
         "svc/reviews.shop.svc.cluster.local".to_string(),
@@ -254,4 +259,127 @@ fn a_services_subject_alt_names_are_accepted_server_identities_beside_its_endpoi
         d.targets()[0].identities,
         vec![id("reviews"), id("postgres")]
     );
+}
+
+/// `view` with a DestinationRule's subsets v1 and v2 (by `version`) and a route of
+/// `weights` to them.
+fn routed_view(endpoints: Vec<ViewEndpoint>, weights: [u32; 2]) -> LocalView {
+    let mut v = view(endpoints, Scope::Mesh);
+    let host = "reviews.shop.svc.cluster.local";
+    for r in v.resources.values_mut() {
+        if let ViewResource::Service(sv) = r {
+            let sv = Arc::make_mut(sv);
+            sv.subsets = ["v1", "v2"]
+                .iter()
+                .map(|s| Subset {
+                    name: s.to_string(),
+                    labels: [("version".to_string(), s.to_string())].into(),
+                })
+                .collect();
+            sv.routes = vec![L4Route {
+                ports: vec![9080],
+                destinations: ["v1", "v2"]
+                    .iter()
+                    .zip(weights)
+                    .map(|(s, weight)| isthmus_proto::model::RouteDestination {
+                        host: host.into(),
+                        subset: s.to_string(),
+                        port: 0,
+                        weight,
+                    })
+                    .collect(),
+                ..Default::default()
+            }];
+        }
+    }
+    v
+}
+
+#[test]
+fn a_weighted_route_holds_its_shares_exactly_and_a_remote_subset_goes_to_its_gateway() {
+    let mut gw = endpoint(EndpointKind::Gateway, "198.51.100.1", 15443, "");
+    gw.subset_weights = [("v2".to_string(), 3)].into();
+    let table = RouteTable::build(
+        &routed_view(
+            vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1"), gw],
+            [90, 10],
+        ),
+        &RouteTable::default(),
+        &RouteOptions::default(),
+    );
+    let host = "reviews.shop.svc.cluster.local";
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..1000 {
+        let d = table.resolve(host, 9080, "", &BTreeMap::new()).unwrap();
+        *counts.entry(d.key.subset.clone()).or_default() += 1;
+    }
+    assert_eq!(counts["v1"], 900);
+    assert_eq!(counts["v2"], 100);
+    // v1 is the local workload only; v2 only behind the gateway, with its subset weight.
+    let v1 = table.lookup(host, 9080, "v1").unwrap().targets();
+    assert_eq!(v1.len(), 1);
+    assert!(!v1[0].via_gateway);
+    let v2 = table.lookup(host, 9080, "v2").unwrap().targets();
+    assert_eq!(v2.len(), 1);
+    assert!(v2[0].via_gateway);
+    assert_eq!(v2[0].weight, 3);
+    // A named subset is not routed again.
+    let d = table.resolve(host, 9080, "v1", &BTreeMap::new()).unwrap();
+    assert_eq!(d.key.subset, "v1");
+}
+
+#[test]
+fn a_gateway_without_the_subset_behind_it_is_no_target_of_it() {
+    let gw = endpoint(EndpointKind::Gateway, "198.51.100.1", 15443, "");
+    let table = RouteTable::build(
+        &routed_view(
+            vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1"), gw],
+            [0, 100],
+        ),
+        &RouteTable::default(),
+        &RouteOptions::default(),
+    );
+    let host = "reviews.shop.svc.cluster.local";
+    assert!(table.lookup(host, 9080, "v2").unwrap().targets().is_empty());
+    // Weight 0 is never chosen.
+    for _ in 0..10 {
+        let d = table.resolve(host, 9080, "", &BTreeMap::new()).unwrap();
+        assert_eq!(d.key.subset, "v2");
+    }
+}
+
+#[test]
+fn routes_match_the_callers_labels_and_a_missing_destination_is_named() {
+    let mut v = routed_view(
+        vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1")],
+        [100, 0],
+    );
+    for r in v.resources.values_mut() {
+        if let ViewResource::Service(sv) = r {
+            let sv = Arc::make_mut(sv);
+            sv.routes[0].source_labels = [("app".to_string(), "canary".to_string())].into();
+            sv.routes[0].destinations[0].host = "nowhere.shop.svc.cluster.local".into();
+        }
+    }
+    let table = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    let host = "reviews.shop.svc.cluster.local";
+    // Not a canary caller: no route, the service itself.
+    let d = table.resolve(host, 9080, "", &BTreeMap::new()).unwrap();
+    assert_eq!(d.key.subset, "");
+    let canary = [("app".to_string(), "canary".to_string())].into();
+    let e = table.resolve(host, 9080, "", &canary).unwrap_err();
+    assert_eq!(e.reason(), "routed_nowhere");
+    assert!(
+        e.to_string()
+            .contains("nowhere.shop.svc.cluster.local:9080/v1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn smooth_weighted_choice_spreads_picks() {
+    let c = WeightedChoice::new(vec![5, 1, 1]);
+    let picks: Vec<usize> = (0..7).map(|_| c.pick().unwrap()).collect();
+    assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
+    assert_eq!(WeightedChoice::new(vec![0, 0]).pick(), None);
 }

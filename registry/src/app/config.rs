@@ -376,6 +376,7 @@ impl RegistryConfig {
             cluster: self.cluster.clone(),
             network: self.network.clone(),
             trust_domain: td,
+            domain: self.kubernetes.domain.clone(),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The static source: a directory of YAML manifests (Istio's `ServiceEntry`, `WorkloadEntry`,
-//! `WorkloadGroup`, and isthmus' `Network`) that an operator edits by hand or mounts from a
-//! ConfigMap. It owns turning those files into catalog resources, keeping the last good
-//! version of each file when an edit breaks it, and refusing the same resource from two
-//! files.
+//! `WorkloadGroup`, `DestinationRule` and `VirtualService`, and isthmus' `Network`) that an
+//! operator edits by hand or mounts from a ConfigMap. It owns turning those files into
+//! catalog resources, keeping the last good version of each file when an edit breaks it, and
+//! refusing the same resource from two files.
 //!
 //! The directory is polled rather than watched with inotify. A ConfigMap volume updates by
 //! writing a new hidden directory and swapping the `..data` symlink; watches on the old files

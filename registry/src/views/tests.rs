@@ -995,3 +995,105 @@ fn a_peer_subscriber_gets_the_export() {
         SpiffeId::parse("spiffe://cluster.local/ns/isthmus-system/sa/isthmus-registry").unwrap();
     assert_eq!(ViewKey::for_subscriber(&node, &id), ViewKey::export());
 }
+
+#[test]
+fn a_view_carries_its_destination_rule_subsets_routes_and_subset_weights_behind_gateways() {
+    use isthmus_proto::model::{
+        DestinationRule, L4Route, RouteDestination, Subset, VirtualService,
+    };
+    let views = split_horizon_catalog();
+    // Two of net-b's six endpoints are v2.
+    let mut up = Vec::new();
+    for i in 0..2 {
+        let mut w = wl(
+            &format!("b{i}"),
+            "shop",
+            "web",
+            &format!("10.0.0.{i}"),
+            "net-b",
+        );
+        if let Resource::Workload(w) = Arc::make_mut(&mut w.resource) {
+            w.labels.insert("version".into(), "v2".into());
+        }
+        up.push(w);
+    }
+    let subset = |name: &str| Subset {
+        name: name.into(),
+        labels: [("version".to_string(), name.to_string())].into(),
+    };
+    let rule = DestinationRule {
+        name: "web".into(),
+        namespace: "shop".into(),
+        host: "web.shop".into(),
+        subsets: vec![subset("v1"), subset("v2")],
+        export_to: ExportTo::Public,
+    };
+    let route = L4Route {
+        ports: vec![80],
+        destinations: vec![RouteDestination {
+            host: "web.shop".into(),
+            subset: "v2".into(),
+            port: 0,
+            weight: 100,
+        }],
+        ..Default::default()
+    };
+    let vs = VirtualService {
+        name: "web".into(),
+        namespace: "shop".into(),
+        hosts: vec!["web.shop".into()],
+        routes: vec![route.clone()],
+        export_to: ExportTo::Public,
+    };
+    up.push(OwnedResource::new(
+        "test",
+        Resource::DestinationRule(Box::new(rule)),
+    ));
+    up.push(OwnedResource::new(
+        "test",
+        Resource::VirtualService(Box::new(vs)),
+    ));
+    let a = views.view(&ViewKey::workload("net-a", Some("shop".into())));
+    views.apply(up, vec![], vec![]);
+    let sv = service_entry(&a, "web.shop");
+    assert_eq!(sv.subsets.len(), 2);
+    assert_eq!(sv.routes, [route]);
+    let gws: Vec<&ViewEndpoint> = sv
+        .endpoints
+        .iter()
+        .filter(|e| e.kind == EndpointKind::Gateway)
+        .collect();
+    assert_eq!(gws.len(), 2);
+    // 2 of weight 1 behind two gateways: one each; no v1 there.
+    for g in &gws {
+        assert_eq!(g.subset_weights.get("v2"), Some(&1), "{g:?}");
+        assert_eq!(g.subset_weights.get("v1"), None, "{g:?}");
+    }
+    // A rule exported elsewhere only is not this namespace's.
+    let mut hidden = DestinationRule {
+        name: "web".into(),
+        namespace: "shop".into(),
+        host: "web.shop".into(),
+        subsets: vec![subset("v3")],
+        export_to: ExportTo::Nobody,
+    };
+    views.apply(
+        vec![OwnedResource::new(
+            "test",
+            Resource::DestinationRule(Box::new(hidden.clone())),
+        )],
+        vec![],
+        vec![],
+    );
+    assert!(service_entry(&a, "web.shop").subsets.is_empty());
+    hidden.export_to = ExportTo::Public;
+    views.apply(
+        vec![OwnedResource::new(
+            "test",
+            Resource::DestinationRule(Box::new(hidden)),
+        )],
+        vec![],
+        vec![],
+    );
+    assert_eq!(service_entry(&a, "web.shop").subsets[0].name, "v3");
+}

@@ -259,6 +259,7 @@ impl Client {
                 attempts: 3,
                 mark: None,
             },
+            source_labels: Default::default(),
         });
         Ok(Self {
             outbound,

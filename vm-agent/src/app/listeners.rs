@@ -101,6 +101,7 @@ pub(crate) async fn bind(
             mark: (config.capture != CaptureMode::Preinstalled).then_some(config.mark),
             ..ConnectOptions::default()
         },
+        source_labels: Default::default(),
     });
     let mut accepting = Accepting::default();
     let (bound, served) = match config.capture {
@@ -123,12 +124,10 @@ pub(crate) async fn bind(
         );
     }
     let me = IstioSelf::of(cx);
-    cx.metrics
-        .istio
-        .set_local(me.local(cx.group.borrow().as_ref()));
+    me.apply(cx.group.borrow().as_ref(), &outbound);
     tasks.spawn(
         "istio labels",
-        follow_group(cx.group.clone(), me, cx.shutdown.clone()),
+        follow_group(cx.group.clone(), me, outbound.clone(), cx.shutdown.clone()),
     );
     tasks.spawn(
         "certificate swap",
@@ -344,11 +343,24 @@ impl IstioSelf {
         }
     }
 
-    fn local(&self, group: Option<&WorkloadGroup>) -> Local {
+    /// The VM's labels: its own, overridden by the group template's.
+    fn labels(&self, group: Option<&WorkloadGroup>) -> BTreeMap<String, String> {
         let mut labels = self.labels.clone();
         if let Some(g) = group {
             labels.extend(g.template.labels.clone());
         }
+        labels
+    }
+
+    /// Puts the VM's labels (with `group`'s) where they are read: the Istio metrics' local
+    /// side, and the outbound's routes (`sourceLabels`).
+    fn apply(&self, group: Option<&WorkloadGroup>, outbound: &Outbound) {
+        self.metrics.istio.set_local(self.local(group));
+        outbound.source_labels.store(Arc::new(self.labels(group)));
+    }
+
+    fn local(&self, group: Option<&WorkloadGroup>) -> Local {
+        let labels = self.labels(group);
         Local {
             peer: Peer::from_labels(
                 Some(&self.group),
@@ -361,10 +373,12 @@ impl IstioSelf {
     }
 }
 
-/// Keeps the VM's own Istio labels current when the registry's group template changes.
+/// Keeps the VM's own labels current (Istio metrics, routes' `sourceLabels`) when the
+/// registry's group template changes.
 async fn follow_group(
     mut group: watch::Receiver<Option<WorkloadGroup>>,
     me: IstioSelf,
+    outbound: Arc<Outbound>,
     shutdown: drain::Watch,
 ) {
     let stop = shutdown.signaled();
@@ -374,8 +388,8 @@ async fn follow_group(
             _ = &mut stop => return,
             r = group.changed() => if r.is_err() { return },
         }
-        let local = me.local(group.borrow_and_update().as_ref());
-        me.metrics.istio.set_local(local);
+        let g = group.borrow_and_update().clone();
+        me.apply(g.as_ref(), &outbound);
     }
 }
 

@@ -35,6 +35,7 @@ fn endpoint(kind: EndpointKind, ip: &str, uid: &str, sa: &str, l: &[(&str, &str)
         uid: uid.into(),
         tunnel_port: 0,
         stale_since_ms: 0,
+        subset_weights: Default::default(),
     }
 }
 
@@ -50,7 +51,11 @@ pub(crate) fn service_view(name: &str, endpoints: Vec<ViewEndpoint>) -> (String,
     };
     (
         format!("svc/{hostname}"),
-        ViewResource::Service(Arc::new(ServiceView { service, endpoints })),
+        ViewResource::Service(Arc::new(ServiceView {
+            service,
+            endpoints,
+            ..Default::default()
+        })),
     )
 }
 

@@ -490,6 +490,7 @@ impl Cluster {
             cluster: ctx.cluster.clone(),
             network,
             trust_domain: ctx.trust_domain.clone(),
+            domain: ctx.domain.clone(),
         };
         let text = match serde_json::to_string(obj.as_ref()) {
             Ok(t) => t,

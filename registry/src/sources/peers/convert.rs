@@ -178,7 +178,9 @@ mod tests {
                 uid: "cluster-b/shop/ratings-0".into(),
                 tunnel_port: 0,
                 stale_since_ms: 0,
+                subset_weights: Default::default(),
             }],
+            ..Default::default()
         }
     }
 

@@ -11,6 +11,7 @@ fn defaults() -> SourceDefaults {
         cluster: "cluster-a".into(),
         network: "network-a".into(),
         trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        domain: "cluster.local".into(),
     }
 }
 
@@ -568,7 +569,7 @@ fn kinds_isthmus_does_not_read_are_reported_as_ignored_not_as_errors() {
         dir,
         "app.yaml",
         &format!(
-            "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: web, namespace: shop}}\nspec: {{host: web}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec: {{}}\n",
+            "{}---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: web, namespace: shop}}\nspec: {{selector: {{istio: ingressgateway}}}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\nspec: {{}}\n",
             workload_entry("a", "10.0.0.1")
         ),
     );
@@ -578,7 +579,7 @@ fn kinds_isthmus_does_not_read_are_reported_as_ignored_not_as_errors() {
     let ignored: Vec<String> = r.ignored.iter().map(ToString::to_string).collect();
     assert_eq!(ignored.len(), 2, "{ignored:#?}");
     assert!(
-        ignored[0].contains("app.yaml (document 2): DestinationRule shop/web: ignored: DestinationRule (networking.istio.io/v1) is not a kind isthmus reads"),
+        ignored[0].contains("app.yaml (document 2): Gateway shop/web: ignored: Gateway (networking.istio.io/v1) is not a kind isthmus reads"),
         "{ignored:#?}"
     );
     assert!(

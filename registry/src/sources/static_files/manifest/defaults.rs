@@ -1,5 +1,5 @@
-//! What a resource falls back to when it does not say: the registry's own cluster, network
-//! and trust domain.
+//! What a resource falls back to when it does not say: the registry's own cluster, network,
+//! trust domain and DNS domain.
 
 use isthmus_proto::identity::TrustDomain;
 
@@ -9,4 +9,8 @@ pub struct SourceDefaults {
     pub cluster: String,
     pub network: String,
     pub trust_domain: TrustDomain,
+    /// The clusters' DNS domain (`cluster.local` unless the registry is told otherwise): a
+    /// short host in a DestinationRule or VirtualService (`reviews`) is resolved against it
+    /// (`reviews.<namespace>.svc.<domain>`), as Istio resolves it.
+    pub domain: String,
 }

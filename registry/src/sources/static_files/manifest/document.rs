@@ -15,10 +15,12 @@ use serde_path_to_error::Segment;
 use serde_yaml_ng::Value;
 
 use super::defaults::SourceDefaults;
+use super::destination_rule::{destination_rule, DestinationRuleSpec};
 use super::metadata::{check_metadata, Naming, RawMetadata};
 use super::network::{network, NetworkSpec};
 use super::problems::{Problems, ResourceError};
 use super::service_entry::{service_entry, ServiceEntrySpec};
+use super::virtual_service::{virtual_service, VirtualServiceSpec};
 use super::workload_entry::{workload_entry, WorkloadEntrySpec};
 use super::workload_group::{workload_group, WorkloadGroupSpec};
 
@@ -85,7 +87,7 @@ pub(crate) enum Outcome {
         resources: usize,
         warnings: Vec<ResourceError>,
     },
-    /// A kind isthmus does not read (a VirtualService, a Deployment, …); why, in words.
+    /// A kind isthmus does not read (a Gateway, a Deployment, …); why, in words.
     Ignored(String),
     /// Invalid; nothing of it was taken.
     Refused(Vec<ResourceError>),
@@ -342,14 +344,18 @@ enum Kind {
     ServiceEntry,
     WorkloadEntry,
     WorkloadGroup,
+    DestinationRule,
+    VirtualService,
     Network,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 6] = [
         Kind::ServiceEntry,
         Kind::WorkloadEntry,
         Kind::WorkloadGroup,
+        Kind::DestinationRule,
+        Kind::VirtualService,
         Kind::Network,
     ];
 
@@ -358,6 +364,8 @@ impl Kind {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::WorkloadGroup => "WorkloadGroup",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::VirtualService => "VirtualService",
             Kind::Network => "Network",
         }
     }
@@ -548,6 +556,8 @@ fn parse_document(mut value: Value, defaults: &SourceDefaults, p: &mut Problems)
         Spec::ServiceEntry(spec) => service_entry(&meta, spec, defaults, p),
         Spec::WorkloadEntry(spec) => workload_entry(&meta, spec, defaults, p),
         Spec::WorkloadGroup(spec) => workload_group(&meta, spec, defaults, p),
+        Spec::DestinationRule(spec) => destination_rule(&meta, spec, defaults, p),
+        Spec::VirtualService(spec) => virtual_service(&meta, spec, defaults, p),
         Spec::Network(spec) => network(&meta, spec, p),
     })
 }
@@ -605,6 +615,12 @@ fn sections(
         Kind::WorkloadGroup => {
             section::<WorkloadGroupSpec>(p, "spec", spec, required).map(Spec::WorkloadGroup)
         }
+        Kind::DestinationRule => {
+            section::<DestinationRuleSpec>(p, "spec", spec, required).map(Spec::DestinationRule)
+        }
+        Kind::VirtualService => {
+            section::<VirtualServiceSpec>(p, "spec", spec, required).map(Spec::VirtualService)
+        }
         Kind::Network => section::<NetworkSpec>(p, "spec", spec, required).map(Spec::Network),
     };
     let (Some(metadata), Some(spec)) = (metadata, built) else {
@@ -617,6 +633,8 @@ enum Spec {
     ServiceEntry(ServiceEntrySpec),
     WorkloadEntry(WorkloadEntrySpec),
     WorkloadGroup(WorkloadGroupSpec),
+    DestinationRule(DestinationRuleSpec),
+    VirtualService(VirtualServiceSpec),
     Network(NetworkSpec),
 }
 

@@ -1,5 +1,6 @@
 //! Manifests: YAML documents in Istio's shape (`ServiceEntry`, `WorkloadEntry`,
-//! `WorkloadGroup`) and the isthmus `Network` kind, turned into catalog resources.
+//! `WorkloadGroup`, `DestinationRule`, `VirtualService`) and the isthmus `Network` kind,
+//! turned into catalog resources.
 //!
 //! Reading happens in two passes per document. The first is structural: serde with
 //! `deny_unknown_fields`, through `serde_path_to_error` so every type error and unknown field
@@ -10,13 +11,15 @@
 //!
 //! The tree: [`document`] reads a file's documents and their envelope (apiVersion, kind,
 //! metadata, spec) and hands each spec to its kind's module ([`service_entry`],
-//! [`workload_entry`], [`workload_group`] with its [`probe`], [`network`]); [`metadata`] checks the metadata
-//! every kind shares; [`problems`] collects what is wrong, by file, document and field. The
-//! value checks themselves (names, labels, ports, CIDRs) are [`crate::validate`]'s, shared
-//! with the VM registrations. The tests (`tests.rs`) read documents the way the source does,
+//! [`workload_entry`], [`workload_group`] with its [`probe`], [`destination_rule`] and
+//! [`virtual_service`] with what they share in [`traffic`], [`network`]); [`metadata`]
+//! checks the metadata every kind shares; [`problems`] collects what is wrong, by file,
+//! document and field. The value checks themselves (names, labels, ports, CIDRs) are
+//! [`crate::validate`]'s, shared with the VM registrations. The tests (`tests.rs`) read documents the way the source does,
 //! through [`super::parse_file`], kind by kind and then error by error.
 
 mod defaults;
+mod destination_rule;
 mod document;
 mod metadata;
 mod network;
@@ -27,6 +30,8 @@ mod service_entry;
 mod tests;
 #[cfg(test)]
 mod tests_probe;
+mod traffic;
+mod virtual_service;
 mod workload_entry;
 mod workload_group;
 

@@ -394,9 +394,9 @@ fn subject_alt_names(names: Vec<String>, p: &mut Problems) -> Vec<String> {
         .collect()
 }
 
-/// `spec.exportTo`: which namespaces see the entry, with Istio's rules for the list (see
-/// [`ExportTo::parse`]).
-fn export_to(export_to: &[String], namespace: &str, p: &mut Problems) -> ExportTo {
+/// `spec.exportTo`: which namespaces see the resource, with Istio's rules for the list (see
+/// [`ExportTo::parse`]); every Istio kind that has the field reads it this way.
+pub(super) fn export_to(export_to: &[String], namespace: &str, p: &mut Problems) -> ExportTo {
     ExportTo::parse(export_to, namespace).unwrap_or_else(|problems| {
         for e in problems {
             let field = match e.index {

@@ -4,13 +4,16 @@ use std::path::Path;
 use isthmus_proto::model::*;
 use isthmus_proto::{SpiffeId, TrustDomain};
 
-use crate::sources::static_files::{parse_file, ResourceError, SourceDefaults};
+use crate::sources::static_files::{
+    parse_file, read_file, DocumentOutcome, ResourceError, SourceDefaults,
+};
 
 fn defaults() -> SourceDefaults {
     SourceDefaults {
         cluster: "cluster-a".into(),
         network: "network-a".into(),
         trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        domain: "cluster.local".into(),
     }
 }
 
@@ -32,6 +35,28 @@ fn parse_errors(text: &str) -> Vec<ResourceError> {
         Ok(resources) => panic!("expected errors, got {resources:#?}"),
         Err(errors) => errors,
     }
+}
+
+/// What a file that must load defines, and the warnings it loads with (as `--validate` and
+/// the source's scan report them).
+fn parse_with_warnings(text: &str) -> (Vec<Resource>, Vec<ResourceError>) {
+    let resources = parse(text);
+    let warnings = read_file(Path::new("test.yaml"), text, &defaults())
+        .into_iter()
+        .flat_map(|d| match d.outcome {
+            DocumentOutcome::Loaded { warnings, .. } => warnings,
+            other => panic!("document {}: {other:?}", d.document),
+        })
+        .collect();
+    (resources, warnings)
+}
+
+/// `(field, message)` of each warning, for compact assertions.
+fn fields_and_messages(warnings: &[ResourceError]) -> Vec<(&str, &str)> {
+    warnings
+        .iter()
+        .map(|w| (w.field.as_str(), w.message.as_str()))
+        .collect()
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -486,6 +511,588 @@ spec: {address: 10.0.0.2}
     );
     assert!(parse("").is_empty());
     assert!(parse("---\n---\n").is_empty());
+}
+
+// ---- traffic rules -------------------------------------------------------------------------
+
+fn the_destination_rule(resources: Vec<Resource>) -> DestinationRule {
+    match resources.as_slice() {
+        [Resource::DestinationRule(d)] => (**d).clone(),
+        other => panic!("{other:#?}"),
+    }
+}
+
+fn the_virtual_service(resources: Vec<Resource>) -> VirtualService {
+    match resources.as_slice() {
+        [Resource::VirtualService(v)] => (**v).clone(),
+        other => panic!("{other:#?}"),
+    }
+}
+
+fn destination(host: &str, subset: &str, port: u16, weight: u32) -> RouteDestination {
+    RouteDestination {
+        host: host.into(),
+        subset: subset.into(),
+        port,
+        weight,
+    }
+}
+
+/// A VirtualService `vs` in namespace `shop` whose spec is `spec` (indented two spaces).
+fn virtual_service_doc(spec: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs, namespace: shop}}\nspec:\n{spec}"
+    )
+}
+
+#[test]
+fn destination_rule_with_short_host_reads_its_subsets() {
+    let rule = the_destination_rule(parse(
+        r#"
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels:
+      version: v2
+      track: canary
+  exportTo: [".", books]
+"#,
+    ));
+    assert_eq!(
+        rule,
+        DestinationRule {
+            name: "reviews".into(),
+            namespace: "shop".into(),
+            host: "reviews.shop.svc.cluster.local".into(),
+            subsets: vec![
+                Subset {
+                    name: "v1".into(),
+                    labels: labels(&[("version", "v1")]),
+                },
+                Subset {
+                    name: "v2".into(),
+                    labels: labels(&[("version", "v2"), ("track", "canary")]),
+                },
+            ],
+            export_to: ExportTo::Namespaces(["shop".to_string(), "books".to_string()].into()),
+        }
+    );
+}
+
+#[test]
+fn traffic_rule_hosts_resolve_as_istio_resolves_short_names() {
+    let host_of = |host: &str| {
+        let text = format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r, namespace: shop}}\nspec: {{host: {host:?}}}\n"
+        );
+        the_destination_rule(parse(&text)).host
+    };
+    assert_eq!(host_of("reviews"), "reviews.shop.svc.cluster.local");
+    assert_eq!(host_of("reviews.books"), "reviews.books.svc.cluster.local");
+    assert_eq!(
+        host_of("Reviews.Books.svc.cluster.local"),
+        "reviews.books.svc.cluster.local"
+    );
+    assert_eq!(host_of("api.example.com"), "api.example.com");
+    // A trailing dot says the name is complete as written.
+    assert_eq!(host_of("example.com."), "example.com");
+    // The default namespace when the rule names none.
+    let rule = the_destination_rule(parse(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r}\nspec: {host: web}\n",
+    ));
+    assert_eq!(rule.host, "web.default.svc.cluster.local");
+    assert_eq!(rule.export_to, ExportTo::Public);
+}
+
+#[test]
+fn destination_rule_duplicate_subset_names_are_refused() {
+    let errors = parse_errors(
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v1, labels: {version: v3}}
+"#,
+    );
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        vec![
+            "bad.yaml (document 1): spec.subsets[2].name: \"v1\" is the name of another subset \
+             (spec.subsets[0]); subset names must be unique"
+        ]
+    );
+}
+
+#[test]
+fn traffic_rule_errors_name_their_field() {
+    let dr = |spec: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r, namespace: shop}}\nspec: {spec}\n")
+    };
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        (
+            "wildcard rule host",
+            dr("{host: \"*.example.com\"}"),
+            "spec.host",
+            "wildcard hosts are not supported by isthmus yet",
+        ),
+        ("no rule host", dr("{subsets: []}"), "spec.host", "is required"),
+        (
+            "subset without name",
+            dr("{host: web, subsets: [{labels: {version: v1}}]}"),
+            "spec.subsets[0].name",
+            "is required",
+        ),
+        (
+            "subset name not a DNS label",
+            dr("{host: web, subsets: [{name: V_1}]}"),
+            "spec.subsets[0].name",
+            "\"V_1\"",
+        ),
+        (
+            "bad subset label",
+            dr("{host: web, subsets: [{name: v1, labels: {version: \"a b\"}}]}"),
+            "spec.subsets[0].labels.version",
+            "\"a b\"",
+        ),
+        (
+            "unknown rule field",
+            dr("{host: web, hosts: [web]}"),
+            "spec.hosts",
+            "unknown field `hosts`",
+        ),
+        (
+            "traffic policy not a mapping",
+            dr("{host: web, trafficPolicy: [tls]}"),
+            "spec.trafficPolicy",
+            "invalid type",
+        ),
+        (
+            "wildcard virtual service host",
+            virtual_service_doc("  hosts: [\"*\"]\n  tcp: [{route: [{destination: {host: web}}]}]\n"),
+            "spec.hosts[0]",
+            "wildcard hosts are not supported by isthmus yet",
+        ),
+        (
+            "no virtual service hosts",
+            virtual_service_doc("  tcp: [{route: [{destination: {host: web}}]}]\n"),
+            "spec.hosts",
+            "at least one host is required",
+        ),
+        (
+            "no routes at all",
+            virtual_service_doc("  hosts: [web]\n"),
+            "spec",
+            "one of http, tls or tcp is required",
+        ),
+        (
+            "route without destinations",
+            virtual_service_doc("  hosts: [web]\n  tcp: [{match: [{port: 80}]}]\n"),
+            "spec.tcp[0].route",
+            "at least one destination is required",
+        ),
+        (
+            "destination without host",
+            virtual_service_doc("  hosts: [web]\n  tcp: [{route: [{destination: {subset: v1}}]}]\n"),
+            "spec.tcp[0].route[0].destination.host",
+            "is required",
+        ),
+        (
+            "wildcard destination host",
+            virtual_service_doc("  hosts: [web]\n  tcp: [{route: [{destination: {host: \"*.example.com\"}}]}]\n"),
+            "spec.tcp[0].route[0].destination.host",
+            "wildcard hosts are not supported by isthmus yet",
+        ),
+        (
+            "bad destination port",
+            virtual_service_doc("  hosts: [web]\n  tcp: [{route: [{destination: {host: web, port: {number: 70000}}}]}]\n"),
+            "spec.tcp[0].route[0].destination.port.number",
+            "70000 is not a valid port",
+        ),
+        (
+            "bad match port",
+            virtual_service_doc("  hosts: [web]\n  tcp: [{match: [{port: 65536}], route: [{destination: {host: web}}]}]\n"),
+            "spec.tcp[0].match[0].port",
+            "65536 is not a valid port",
+        ),
+        (
+            "sniHosts in a tcp match",
+            virtual_service_doc("  hosts: [web]\n  tcp: [{match: [{sniHosts: [web]}], route: [{destination: {host: web}}]}]\n"),
+            "spec.tcp[0].match[0].sniHosts",
+            "unknown field `sniHosts`",
+        ),
+        (
+            "tls route without match",
+            virtual_service_doc("  hosts: [web]\n  tls: [{route: [{destination: {host: web}}]}]\n"),
+            "spec.tls[0].match",
+            "at least one match with sniHosts is required",
+        ),
+        (
+            "tls match without sniHosts",
+            virtual_service_doc("  hosts: [web]\n  tls: [{match: [{port: 443}], route: [{destination: {host: web}}]}]\n"),
+            "spec.tls[0].match[0].sniHosts",
+            "at least one SNI host is required",
+        ),
+        (
+            "SNI host of another service",
+            virtual_service_doc("  hosts: [web]\n  tls: [{match: [{sniHosts: [db.example.com]}], route: [{destination: {host: web}}]}]\n"),
+            "spec.tls[0].match[0].sniHosts[0]",
+            "\"db.example.com\" is not one of the VirtualService's hosts",
+        ),
+        (
+            "negative weight",
+            virtual_service_doc("  hosts: [web]\n  tcp: [{route: [{destination: {host: web}, weight: -1}]}]\n"),
+            "spec.tcp[0].route[0].weight",
+            "-1",
+        ),
+    ];
+    for (what, doc, field, needle) in cases {
+        let errors = parse_file(Path::new("bad.yaml"), &doc, &defaults())
+            .err()
+            .unwrap_or_else(|| panic!("{what}: expected errors"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == field && e.message.contains(needle)),
+            "{what}: no error at {field} containing {needle:?}; got {errors:#?}"
+        );
+    }
+}
+
+#[test]
+fn destination_rule_policies_load_with_a_warning_per_field() {
+    let (resources, warnings) = parse_with_warnings(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 100}
+    outlierDetection: {consecutive5xxErrors: 7}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {simple: ROUND_ROBIN}
+  workloadSelector:
+    matchLabels: {app: web}
+"#,
+    );
+    let rule = the_destination_rule(resources);
+    assert_eq!(rule.subsets.len(), 1);
+    assert_eq!(
+        fields_and_messages(&warnings),
+        vec![
+            (
+                "spec.trafficPolicy.connectionPool",
+                "not honoured by isthmus yet (ignored)"
+            ),
+            (
+                "spec.trafficPolicy.outlierDetection",
+                "not honoured by isthmus yet (ignored)"
+            ),
+            (
+                "spec.subsets[0].trafficPolicy.loadBalancer",
+                "not honoured by isthmus yet (ignored)"
+            ),
+            (
+                "spec.workloadSelector",
+                "not honoured by isthmus yet (ignored): the rule applies to every caller"
+            ),
+        ]
+    );
+    assert_eq!(
+        warnings[0].to_string(),
+        "test.yaml (document 1): spec.trafficPolicy.connectionPool: not honoured by isthmus yet (ignored)"
+    );
+}
+
+#[test]
+fn virtual_service_tcp_route_splits_by_weight() {
+    let (resources, warnings) = parse_with_warnings(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  exportTo: ["."]
+  tcp:
+  - match:
+    - port: 9080
+      sourceLabels: {app: web}
+    route:
+    - destination: {host: reviews, subset: v1}
+      weight: 90
+    - destination:
+        host: reviews.canary
+        subset: v2
+        port: {number: 9090}
+      weight: 10
+"#,
+    );
+    assert!(warnings.is_empty(), "{warnings:#?}");
+    assert_eq!(
+        the_virtual_service(resources),
+        VirtualService {
+            name: "reviews".into(),
+            namespace: "shop".into(),
+            hosts: vec!["reviews.shop.svc.cluster.local".into()],
+            routes: vec![L4Route {
+                ports: vec![9080],
+                sni_hosts: vec![],
+                source_labels: labels(&[("app", "web")]),
+                destinations: vec![
+                    destination("reviews.shop.svc.cluster.local", "v1", 0, 90),
+                    destination("reviews.canary.svc.cluster.local", "v2", 9090, 10),
+                ],
+            }],
+            export_to: ExportTo::Namespaces(["shop".to_string()].into()),
+        }
+    );
+}
+
+#[test]
+fn virtual_service_weights_must_sum_to_100() {
+    let route = |destinations: &str| {
+        virtual_service_doc(&format!(
+            "  hosts: [web]\n  tcp:\n  - route:\n{destinations}"
+        ))
+    };
+    let errors = parse_errors(&route(
+        "    - {destination: {host: web, subset: v1}, weight: 90}\n    - {destination: {host: web, subset: v2}, weight: 20}\n",
+    ));
+    let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        vec!["bad.yaml (document 1): spec.tcp[0].route: the weights sum to 110; they must sum to 100"]
+    );
+    let errors = parse_errors(&route(
+        "    - {destination: {host: web, subset: v1}, weight: 100}\n    - {destination: {host: web, subset: v2}}\n",
+    ));
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].field, "spec.tcp[0].route[1].weight");
+    assert!(
+        errors[0]
+            .message
+            .contains("is required when a route has several destinations"),
+        "{errors:#?}"
+    );
+    let errors = parse_errors(&route("    - {destination: {host: web}, weight: 50}\n"));
+    assert_eq!(errors[0].field, "spec.tcp[0].route", "{errors:#?}");
+
+    // A drained destination (weight 0) is a weight; a lone destination takes everything.
+    let vs = the_virtual_service(parse(&route(
+        "    - {destination: {host: web, subset: v1}, weight: 100}\n    - {destination: {host: web, subset: v2}, weight: 0}\n",
+    )));
+    let weights: Vec<u32> = vs.routes[0].destinations.iter().map(|d| d.weight).collect();
+    assert_eq!(weights, [100, 0]);
+    let vs = the_virtual_service(parse(&route("    - destination: {host: web}\n")));
+    assert_eq!(
+        vs.routes[0].destinations,
+        [destination("web.shop.svc.cluster.local", "", 0, 100)]
+    );
+}
+
+#[test]
+fn virtual_service_match_entries_become_routes() {
+    let (resources, warnings) = parse_with_warnings(&virtual_service_doc(
+        r#"  hosts: [db]
+  tcp:
+  - match:
+    - port: 5432
+    - sourceLabels: {app: reporting}
+    - port: 5433
+      destinationSubnets: [10.0.0.0/8]
+      sourceNamespace: batch
+    - port: 5434
+      gateways: [edge-gateway]
+    route:
+    - destination: {host: db, subset: replica}
+  - route:
+    - destination: {host: db, subset: primary}
+"#,
+    ));
+    let vs = the_virtual_service(resources);
+    let replica = vec![destination("db.shop.svc.cluster.local", "replica", 0, 100)];
+    let primary = vec![destination("db.shop.svc.cluster.local", "primary", 0, 100)];
+    assert_eq!(
+        vs.routes,
+        vec![
+            L4Route {
+                ports: vec![5432],
+                destinations: replica.clone(),
+                ..Default::default()
+            },
+            L4Route {
+                source_labels: labels(&[("app", "reporting")]),
+                destinations: replica.clone(),
+                ..Default::default()
+            },
+            L4Route {
+                ports: vec![5433],
+                destinations: replica,
+                ..Default::default()
+            },
+            // No match: every connection.
+            L4Route {
+                destinations: primary,
+                ..Default::default()
+            },
+        ]
+    );
+    let fields: Vec<&str> = warnings.iter().map(|w| w.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.tcp[0].match[2].destinationSubnets",
+            "spec.tcp[0].match[2].sourceNamespace",
+            "spec.tcp[0].match[3].gateways",
+        ]
+    );
+    assert!(
+        warnings[0]
+            .message
+            .starts_with("not honoured by isthmus yet (ignored)"),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings[2].message.contains("edge-gateway"),
+        "{warnings:#?}"
+    );
+}
+
+#[test]
+fn virtual_service_tls_routes_match_sni_hosts_and_come_first() {
+    let vs = the_virtual_service(parse(&virtual_service_doc(
+        r#"  hosts: [api.example.com, web]
+  tcp:
+  - route:
+    - destination: {host: web}
+  tls:
+  - match:
+    - sniHosts: [API.example.com]
+      port: 443
+      sourceLabels: {app: client}
+    - sniHosts: [web.shop.svc.cluster.local]
+    route:
+    - destination: {host: api.example.com, port: {number: 8443}}
+"#,
+    )));
+    let api = vec![destination("api.example.com", "", 8443, 100)];
+    assert_eq!(
+        vs.routes,
+        vec![
+            L4Route {
+                ports: vec![443],
+                sni_hosts: vec!["api.example.com".into()],
+                source_labels: labels(&[("app", "client")]),
+                destinations: api.clone(),
+            },
+            L4Route {
+                sni_hosts: vec!["web.shop.svc.cluster.local".into()],
+                destinations: api,
+                ..Default::default()
+            },
+            L4Route {
+                destinations: vec![destination("web.shop.svc.cluster.local", "", 0, 100)],
+                ..Default::default()
+            },
+        ]
+    );
+    assert_eq!(vs.hosts, ["api.example.com", "web.shop.svc.cluster.local"]);
+}
+
+#[test]
+fn virtual_service_http_routes_load_with_a_warning() {
+    let (resources, warnings) = parse_with_warnings(&virtual_service_doc(
+        r#"  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 90
+    - destination: {host: reviews, subset: v2}
+      weight: 10
+"#,
+    ));
+    let vs = the_virtual_service(resources);
+    assert!(vs.routes.is_empty(), "{vs:#?}");
+    assert_eq!(
+        fields_and_messages(&warnings),
+        [(
+            "spec.http",
+            "isthmus carries TCP; HTTP routes are not honoured (ignored)"
+        )]
+    );
+}
+
+#[test]
+fn virtual_service_bound_to_a_gateway_only_defines_no_routes() {
+    let doc = |gateways: &str| {
+        virtual_service_doc(&format!(
+            "  hosts: [web]\n  gateways: {gateways}\n  tcp:\n  - route:\n    - destination: {{host: web}}\n"
+        ))
+    };
+    let (resources, warnings) = parse_with_warnings(&doc("[my-gateway]"));
+    let vs = the_virtual_service(resources);
+    assert!(vs.routes.is_empty(), "{vs:#?}");
+    assert_eq!(vs.hosts, ["web.shop.svc.cluster.local"]);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings[0].field, "spec.gateways");
+    assert!(
+        warnings[0]
+            .message
+            .contains("my-gateway: routes bound to ingress gateways are not honoured")
+            && warnings[0].message.contains("it defines no routes"),
+        "{warnings:#?}"
+    );
+
+    // With mesh listed, the routes apply to mesh traffic and the gateway is warned about.
+    let (resources, warnings) = parse_with_warnings(&doc("[mesh, my-gateway]"));
+    assert_eq!(the_virtual_service(resources).routes.len(), 1);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0].message.contains("mesh traffic only"),
+        "{warnings:#?}"
+    );
+    let (resources, warnings) = parse_with_warnings(&doc("[mesh]"));
+    assert_eq!(the_virtual_service(resources).routes.len(), 1);
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
+#[test]
+fn traffic_rules_are_read_under_the_api_versions_of_istio_kinds() {
+    for api_version in [
+        "networking.istio.io/v1",
+        "networking.istio.io/v1beta1",
+        "networking.istio.io/v1alpha3",
+        "isthmus.io/v1alpha1",
+    ] {
+        let text = format!(
+            "apiVersion: {api_version}\nkind: DestinationRule\nmetadata: {{name: r, namespace: shop}}\nspec: {{host: web}}\n---\napiVersion: {api_version}\nkind: VirtualService\nmetadata: {{name: r, namespace: shop}}\nspec: {{hosts: [web], tcp: [{{route: [{{destination: {{host: web}}}}]}}]}}\n"
+        );
+        let keys: Vec<String> = parse(&text).iter().map(Resource::key).collect();
+        assert_eq!(
+            keys,
+            ["DestinationRule/shop/r", "VirtualService/shop/r"],
+            "{api_version}"
+        );
+    }
 }
 
 // ---- errors --------------------------------------------------------------------------------

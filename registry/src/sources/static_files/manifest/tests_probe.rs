@@ -17,6 +17,7 @@ fn load(probe: &str) -> Result<Vec<Resource>, Vec<ResourceError>> {
         cluster: "cluster-a".into(),
         network: "network-a".into(),
         trust_domain: TrustDomain::new("cluster.local").unwrap(),
+        domain: "cluster.local".into(),
     };
     parse_file(Path::new("probe.yaml"), &text, &defaults)
 }
