@@ -201,7 +201,7 @@ async fn oversized_messages_are_refused() {
 #[tokio::test]
 async fn a_mixed_file_loads_what_isthmus_reads_and_reports_the_rest_as_ignored() {
     let mixed = format!(
-        "{}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{hosts: [reviews]}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: bad, namespace: shop}}\nspec: {{address: \"not an address\"}}\n",
+        "{}---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: shop}}\nspec: {{}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: bad, namespace: shop}}\nspec: {{address: \"not an address\"}}\n",
         yaml::service("reviews", "shop", 9080)
     );
     let reg = TestRegistry::start(&[("app.yaml", &mixed)]).await.unwrap();
@@ -214,10 +214,7 @@ async fn a_mixed_file_loads_what_isthmus_reads_and_reports_the_rest_as_ignored()
     let doc: Value = serde_json::from_str(&body).unwrap();
     let ignored = doc["ignored"].as_array().unwrap();
     assert_eq!(ignored.len(), 2, "{doc:#}");
-    assert_eq!(
-        ignored[0]["object"], "VirtualService shop/reviews",
-        "{doc:#}"
-    );
+    assert_eq!(ignored[0]["object"], "Sidecar shop/default", "{doc:#}");
     assert_eq!(ignored[0]["position"], "document 2", "{doc:#}");
     assert!(
         ignored[1]["reason"]
@@ -236,7 +233,7 @@ async fn a_mixed_file_loads_what_isthmus_reads_and_reports_the_rest_as_ignored()
     assert_eq!(
         metric(
             &m,
-            r#"isthmus_registry_ignored_documents{source="static",kind="VirtualService"}"#
+            r#"isthmus_registry_ignored_documents{source="static",kind="Sidecar"}"#
         ),
         Some(1.0),
         "{m}"

@@ -1,0 +1,167 @@
+//! Traffic management from Istio's own resources across networks (network namespaces): a
+//! DestinationRule's subsets by `version` and a VirtualService `tcp` route splitting 90/10
+//! between v1 and v2, where v2 lives only in network B and v1 in both. A client in network
+//! A makes 2,000 connections: the shares hold, and every v2 answer comes through B's
+//! gateway, which honours the subset the SNI names (it never hands a v2 connection to B's
+//! v1). Then the route moves everything to v2.
+//!
+//! Needs root (network namespaces); in CI it must run, elsewhere it skips with a message.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use isthmus_tests::eventually;
+use isthmus_tests::harness::mesh::{host, yaml, Mesh, APP_PORT, SVC_PORT};
+use isthmus_tests::harness::netns::Net;
+
+const WAIT: Duration = Duration::from_secs(30);
+const CONNECTIONS: usize = 2000;
+
+/// A WorkloadEntry of `reviews` at `address` in `network`, labelled `version`.
+fn reviews(name: &str, address: &str, network: &str, version: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  address: {address}\n  network: {network}\n  ports:\n    tcp: {APP_PORT}\n  labels:\n    app: reviews\n    version: {version}\n  serviceAccount: reviews\n"
+    )
+}
+
+const RULE: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+";
+
+fn route(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  hosts:
+  - reviews
+  tcp:
+  - match:
+    - port: {SVC_PORT}
+    route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: {v1}
+    - destination:
+        host: reviews
+        subset: v2
+      weight: {v2}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_route_splits_across_networks_and_the_far_gateway_keeps_the_subset() {
+    let catalog = vec![
+        yaml::service("reviews", "shop", SVC_PORT),
+        reviews("reviews-a-v1", "10.10.0.5", "network-a", "v1"),
+        reviews("reviews-b-v1", "10.10.0.7", "network-b", "v1"),
+        reviews("reviews-b-v2", "10.10.0.6", "network-b", "v2"),
+        RULE.to_string(),
+    ];
+    let Some(m) = Mesh::start("traffic", &catalog).await else {
+        return;
+    };
+    m.reg.write_resource("route.yaml", &route(90, 10));
+    let _gateways = [m.gateway(Net::A).await, m.gateway(Net::B).await];
+    let _a_v1 = m
+        .workload(
+            Net::A,
+            "10.10.0.5",
+            "reviews-a-v1",
+            "reviews",
+            Default::default(),
+        )
+        .await;
+    let _b_v1 = m
+        .workload(
+            Net::B,
+            "10.10.0.7",
+            "reviews-b-v1",
+            "reviews",
+            Default::default(),
+        )
+        .await;
+    let _b_v2 = m
+        .workload(
+            Net::B,
+            "10.10.0.6",
+            "reviews-b-v2",
+            "reviews",
+            Default::default(),
+        )
+        .await;
+    let web = m.client(Net::A, "web").await;
+    // The route and both subsets are in the client's table.
+    let ready = eventually(WAIT, || async {
+        let t = web.routes.load();
+        let v1 = t
+            .lookup(&host("reviews"), SVC_PORT, "v1")
+            .ok()?
+            .targets()
+            .len();
+        let v2 = t
+            .lookup(&host("reviews"), SVC_PORT, "v2")
+            .ok()?
+            .targets()
+            .len();
+        (v1 == 2 && v2 == 1).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "the subsets never reached the client");
+
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..CONNECTIONS {
+        let call = m
+            .call(Net::A, &web, "reviews")
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+        *answers.entry(call.greeting).or_default() += 1;
+    }
+    let v1 = answers.get("reviews-a-v1").copied().unwrap_or(0)
+        + answers.get("reviews-b-v1").copied().unwrap_or(0);
+    let v2 = answers.get("reviews-b-v2").copied().unwrap_or(0);
+    println!("90/10 over {CONNECTIONS} connections: {answers:?}");
+    assert_eq!(v1 + v2, CONNECTIONS, "{answers:?}");
+    let share = v2 as f64 / CONNECTIONS as f64;
+    assert!(
+        (share - 0.10).abs() <= 0.02,
+        "v2 got {share:.3}: {answers:?}"
+    );
+    assert!(
+        answers.get("reviews-b-v1").copied().unwrap_or(0) > 0,
+        "v1 behind B's gateway never answered: {answers:?}"
+    );
+
+    // Everything to v2: only B's v2 answers, through B's gateway.
+    m.reg.write_resource("route.yaml", &route(0, 100));
+    let moved = eventually(WAIT, || async {
+        let t = web.routes.load();
+        let d = t
+            .resolve(&host("reviews"), SVC_PORT, "", &BTreeMap::new())
+            .ok()?;
+        (d.key.subset == "v2").then_some(())
+    })
+    .await;
+    assert!(moved.is_some(), "the new route never reached the client");
+    for _ in 0..200 {
+        let call = m.call(Net::A, &web, "reviews").await.expect("call to v2");
+        assert_eq!(call.greeting, "reviews-b-v2");
+    }
+}
