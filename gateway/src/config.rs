@@ -114,6 +114,7 @@ impl GatewayConfig {
             consecutive_failures: self.outlier_failures,
             base_ejection: self.outlier_base_ejection,
             max_ejection: self.outlier_max_ejection,
+            ..OutlierConfig::default()
         }
     }
 

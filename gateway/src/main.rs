@@ -57,7 +57,7 @@ struct Args {
     /// Endpoints tried per connection.
     #[arg(long, default_value_t = upstream::DEFAULT_CONNECT_ATTEMPTS)]
     connect_attempts: u32,
-    /// round-robin or least-connections (power of two choices).
+    /// round-robin, least-connections (power of two choices) or random (by weight).
     #[arg(long, default_value_t = Policy::default())]
     lb_policy: Policy,
     /// Consecutive connect failures that eject an endpoint.

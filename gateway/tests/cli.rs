@@ -66,7 +66,7 @@ fn unknown_policy_and_bad_durations_are_refused_by_name() {
         "--cert-dir",
         "c",
         "--lb-policy",
-        "random",
+        "fastest",
     ]);
     assert!(!ok);
     assert!(

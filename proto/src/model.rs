@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use crate::identity::SpiffeId;
 use crate::pb;
-pub use crate::traffic::{DestinationRule, L4Route, RouteDestination, Subset, VirtualService};
+pub use crate::traffic::{
+    DestinationRule, L4Route, LoadBalancer, OutlierPolicy, RouteDestination, Subset, TrafficPolicy,
+    VirtualService,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -739,6 +742,8 @@ pub struct ServiceView {
     pub subsets: Vec<Subset>,
     /// The `tcp` and `tls` routes of the VirtualServices for this hostname, in order.
     pub routes: Vec<L4Route>,
+    /// The traffic policy of the service's DestinationRule (its subsets carry their own).
+    pub policy: TrafficPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1189,7 +1194,7 @@ impl TryFrom<pb::CatalogResource> for OwnedResource {
             Kind::Service(s) => Resource::Service(s.try_into()?),
             Kind::Workload(w) => Resource::Workload(w.try_into()?),
             Kind::WorkloadGroup(g) => Resource::WorkloadGroup(Box::new(g.try_into()?)),
-            Kind::DestinationRule(d) => Resource::DestinationRule(Box::new(d.into())),
+            Kind::DestinationRule(d) => Resource::DestinationRule(Box::new(d.try_into()?)),
             Kind::VirtualService(v) => Resource::VirtualService(Box::new(v.try_into()?)),
         };
         Ok(OwnedResource::new(r.origin, resource))
@@ -1341,6 +1346,7 @@ impl From<&ServiceView> for pb::ServiceView {
             endpoints: v.endpoints.iter().map(Into::into).collect(),
             subsets: v.subsets.iter().map(Into::into).collect(),
             routes: v.routes.iter().map(Into::into).collect(),
+            policy: (!v.policy.is_empty()).then(|| (&v.policy).into()),
         }
     }
 }
@@ -1371,7 +1377,16 @@ impl TryFrom<pb::ViewResource> for ViewResource {
                         .map(TryInto::try_into)
                         .collect::<Result<_, _>>()?,
                 ),
-                subsets: s.subsets.into_iter().map(Into::into).collect(),
+                subsets: s
+                    .subsets
+                    .into_iter()
+                    .map(TryInto::try_into)
+                    .collect::<Result<_, _>>()?,
+                policy: s
+                    .policy
+                    .map(TryInto::try_into)
+                    .transpose()?
+                    .unwrap_or_default(),
                 routes: s
                     .routes
                     .into_iter()

@@ -15,6 +15,89 @@ use crate::pb;
 pub struct Subset {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Overrides the rule's policy for this subset's connections (field by field).
+    pub policy: TrafficPolicy,
+}
+
+/// How a caller picks among a destination's endpoints (Istio's `loadBalancer.simple`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadBalancer {
+    RoundRobin,
+    /// `LEAST_REQUEST` and `LEAST_CONN`: at L4 both are the fewest open connections.
+    LeastConnections,
+    Random,
+}
+
+/// Istio's `outlierDetection`, at L4: a connect failure is the gateway error a connection
+/// can have.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutlierPolicy {
+    /// `consecutiveGatewayErrors` or `consecutive5xxErrors` (the smaller where both are
+    /// set): failed connects in a row that eject an endpoint; 0, as in Istio, never.
+    pub consecutive_errors: Option<u32>,
+    /// `baseEjectionTime`: the first ejection; each further one of the same endpoint
+    /// doubles it.
+    pub base_ejection_ms: Option<u64>,
+    /// `maxEjectionPercent`: at most this share of the endpoints ejected at once.
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// What of a DestinationRule's `trafficPolicy` isthmus honours at L4. Every field is
+/// optional: unset, the proxy's own setting applies (or an enclosing policy's).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancer>,
+    /// `connectionPool.tcp.maxConnections`: connections open at once from one caller.
+    pub max_connections: Option<u32>,
+    /// `connectionPool.tcp.connectTimeout`.
+    pub connect_timeout_ms: Option<u64>,
+    pub outlier: Option<OutlierPolicy>,
+    /// `portLevelSettings`: by service port, overriding the above field by field.
+    pub ports: BTreeMap<u16, TrafficPolicy>,
+}
+
+impl TrafficPolicy {
+    /// `self` with what `over` sets replacing it, field by field (a subset's policy over the
+    /// rule's, a port's over either).
+    pub fn overridden_by(&self, over: &TrafficPolicy) -> TrafficPolicy {
+        let outlier = match (&self.outlier, &over.outlier) {
+            (Some(a), Some(b)) => Some(OutlierPolicy {
+                consecutive_errors: b.consecutive_errors.or(a.consecutive_errors),
+                base_ejection_ms: b.base_ejection_ms.or(a.base_ejection_ms),
+                max_ejection_percent: b.max_ejection_percent.or(a.max_ejection_percent),
+            }),
+            (a, b) => b.clone().or_else(|| a.clone()),
+        };
+        TrafficPolicy {
+            load_balancer: over.load_balancer.or(self.load_balancer),
+            max_connections: over.max_connections.or(self.max_connections),
+            connect_timeout_ms: over.connect_timeout_ms.or(self.connect_timeout_ms),
+            outlier,
+            ports: BTreeMap::new(),
+        }
+    }
+
+    /// The policy for connections to `port` of `subset` (None: the whole service): the
+    /// rule's, then the subset's, each with its own port-level settings on top, Istio's
+    /// order of precedence.
+    pub fn effective(&self, subset: Option<&TrafficPolicy>, port: u16) -> TrafficPolicy {
+        let mut p = self.clone();
+        if let Some(at_port) = self.ports.get(&port) {
+            p = p.overridden_by(at_port);
+        }
+        if let Some(s) = subset {
+            p = p.overridden_by(s);
+            if let Some(at_port) = s.ports.get(&port) {
+                p = p.overridden_by(at_port);
+            }
+        }
+        p.ports.clear();
+        p
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == TrafficPolicy::default()
+    }
 }
 
 impl Subset {
@@ -32,6 +115,8 @@ pub struct DestinationRule {
     /// The fully qualified hostname it applies to.
     pub host: String,
     pub subsets: Vec<Subset>,
+    /// The rule's `trafficPolicy`, as far as isthmus honours it.
+    pub policy: TrafficPolicy,
     pub export_to: ExportTo,
 }
 
@@ -109,16 +194,75 @@ impl From<&Subset> for pb::Subset {
         Self {
             name: s.name.clone(),
             labels: s.labels.clone().into_iter().collect(),
+            policy: (!s.policy.is_empty()).then(|| (&s.policy).into()),
         }
     }
 }
 
-impl From<pb::Subset> for Subset {
-    fn from(s: pb::Subset) -> Self {
-        Self {
+impl TryFrom<pb::Subset> for Subset {
+    type Error = ModelError;
+    fn try_from(s: pb::Subset) -> Result<Self, ModelError> {
+        Ok(Self {
             name: s.name,
             labels: s.labels.into_iter().collect(),
+            policy: s
+                .policy
+                .map(TryInto::try_into)
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+}
+
+impl From<&TrafficPolicy> for pb::TrafficPolicy {
+    fn from(p: &TrafficPolicy) -> Self {
+        Self {
+            load_balancer: match p.load_balancer {
+                None => pb::LoadBalancer::Unset,
+                Some(LoadBalancer::RoundRobin) => pb::LoadBalancer::RoundRobin,
+                Some(LoadBalancer::LeastConnections) => pb::LoadBalancer::LeastConnections,
+                Some(LoadBalancer::Random) => pb::LoadBalancer::Random,
+            }
+            .into(),
+            max_connections: p.max_connections,
+            connect_timeout_ms: p.connect_timeout_ms,
+            outlier: p.outlier.as_ref().map(|o| pb::OutlierPolicy {
+                consecutive_errors: o.consecutive_errors,
+                base_ejection_ms: o.base_ejection_ms,
+                max_ejection_percent: o.max_ejection_percent,
+            }),
+            ports: p
+                .ports
+                .iter()
+                .map(|(port, at)| (u32::from(*port), at.into()))
+                .collect(),
         }
+    }
+}
+
+impl TryFrom<pb::TrafficPolicy> for TrafficPolicy {
+    type Error = ModelError;
+    fn try_from(p: pb::TrafficPolicy) -> Result<Self, ModelError> {
+        Ok(Self {
+            load_balancer: match p.load_balancer() {
+                pb::LoadBalancer::Unset => None,
+                pb::LoadBalancer::RoundRobin => Some(LoadBalancer::RoundRobin),
+                pb::LoadBalancer::LeastConnections => Some(LoadBalancer::LeastConnections),
+                pb::LoadBalancer::Random => Some(LoadBalancer::Random),
+            },
+            max_connections: p.max_connections,
+            connect_timeout_ms: p.connect_timeout_ms,
+            outlier: p.outlier.map(|o| OutlierPolicy {
+                consecutive_errors: o.consecutive_errors,
+                base_ejection_ms: o.base_ejection_ms,
+                max_ejection_percent: o.max_ejection_percent,
+            }),
+            ports: p
+                .ports
+                .into_iter()
+                .map(|(port_no, at)| Ok((port("policy.ports", port_no)?, at.try_into()?)))
+                .collect::<Result<_, ModelError>>()?,
+        })
     }
 }
 
@@ -129,20 +273,31 @@ impl From<&DestinationRule> for pb::DestinationRule {
             namespace: d.namespace.clone(),
             host: d.host.clone(),
             subsets: d.subsets.iter().map(Into::into).collect(),
+            policy: (!d.policy.is_empty()).then(|| (&d.policy).into()),
             export_to: d.export_to.to_wire(),
         }
     }
 }
 
-impl From<pb::DestinationRule> for DestinationRule {
-    fn from(d: pb::DestinationRule) -> Self {
-        Self {
+impl TryFrom<pb::DestinationRule> for DestinationRule {
+    type Error = ModelError;
+    fn try_from(d: pb::DestinationRule) -> Result<Self, ModelError> {
+        Ok(Self {
             export_to: ExportTo::from_wire(&d.export_to, &d.namespace),
             name: d.name,
             namespace: d.namespace,
             host: d.host,
-            subsets: d.subsets.into_iter().map(Into::into).collect(),
-        }
+            subsets: d
+                .subsets
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect::<Result<_, _>>()?,
+            policy: d
+                .policy
+                .map(TryInto::try_into)
+                .transpose()?
+                .unwrap_or_default(),
+        })
     }
 }
 
@@ -227,6 +382,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_effective_policy_is_rule_then_rule_port_then_subset_then_subset_port() {
+        let rule = TrafficPolicy {
+            max_connections: Some(100),
+            connect_timeout_ms: Some(1000),
+            outlier: Some(OutlierPolicy {
+                consecutive_errors: Some(5),
+                base_ejection_ms: Some(30_000),
+                ..Default::default()
+            }),
+            ports: [(
+                80,
+                TrafficPolicy {
+                    max_connections: Some(50),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let subset = TrafficPolicy {
+            connect_timeout_ms: Some(200),
+            outlier: Some(OutlierPolicy {
+                consecutive_errors: Some(2),
+                ..Default::default()
+            }),
+            ports: [(
+                80,
+                TrafficPolicy {
+                    max_connections: Some(7),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let e = rule.effective(Some(&subset), 80);
+        assert_eq!(e.max_connections, Some(7));
+        assert_eq!(e.connect_timeout_ms, Some(200));
+        let o = e.outlier.unwrap();
+        assert_eq!(o.consecutive_errors, Some(2));
+        assert_eq!(o.base_ejection_ms, Some(30_000), "kept from the rule");
+        assert_eq!(rule.effective(None, 80).max_connections, Some(50));
+        assert_eq!(rule.effective(None, 81).max_connections, Some(100));
+        assert_eq!(rule.effective(Some(&subset), 81).max_connections, Some(100));
+    }
+
+    #[test]
     fn wildcard_hosts_match_one_or_more_labels_below_the_suffix() {
         assert!(host_matches(
             "*.shop.svc.cluster.local",
@@ -269,10 +471,35 @@ mod tests {
             subsets: vec![Subset {
                 name: "v1".into(),
                 labels: [("version".to_string(), "v1".to_string())].into(),
+                policy: TrafficPolicy {
+                    max_connections: Some(5),
+                    ..Default::default()
+                },
             }],
+            policy: TrafficPolicy {
+                load_balancer: Some(LoadBalancer::Random),
+                connect_timeout_ms: Some(250),
+                outlier: Some(OutlierPolicy {
+                    consecutive_errors: Some(2),
+                    base_ejection_ms: Some(1000),
+                    max_ejection_percent: Some(50),
+                }),
+                ports: [(
+                    9080,
+                    TrafficPolicy {
+                        max_connections: Some(9),
+                        ..Default::default()
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            },
             export_to: ExportTo::Public,
         };
-        assert_eq!(DestinationRule::from(pb::DestinationRule::from(&dr)), dr);
+        assert_eq!(
+            DestinationRule::try_from(pb::DestinationRule::from(&dr)).unwrap(),
+            dr
+        );
         let vs = VirtualService {
             name: "web".into(),
             namespace: "shop".into(),

@@ -24,6 +24,8 @@ pub enum Policy {
     /// Power of two choices: of two random endpoints, the one with fewer open connections
     /// per unit of weight.
     LeastConnections,
+    /// An endpoint at random, in proportion to its weight.
+    Random,
 }
 
 impl Policy {
@@ -32,6 +34,7 @@ impl Policy {
         match self {
             Policy::RoundRobin => "round-robin",
             Policy::LeastConnections => "least-connections",
+            Policy::Random => "random",
         }
     }
 }
@@ -44,7 +47,7 @@ impl std::fmt::Display for Policy {
 
 /// A policy name that is neither `round-robin` nor `least-connections`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?}: use round-robin or least-connections")]
+#[error("{0:?}: use round-robin, least-connections or random")]
 pub struct UnknownPolicy(pub String);
 
 impl std::str::FromStr for Policy {
@@ -53,16 +56,20 @@ impl std::str::FromStr for Policy {
         match s {
             "round-robin" => Ok(Policy::RoundRobin),
             "least-connections" => Ok(Policy::LeastConnections),
+            "random" => Ok(Policy::Random),
             other => Err(UnknownPolicy(other.to_string())),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutlierConfig {
     pub consecutive_failures: u32,
     pub base_ejection: Duration,
     pub max_ejection: Duration,
+    /// At most this share (percent) of the endpoints ejected at once; a failure that would
+    /// eject more is counted and the endpoint stays (Istio's `maxEjectionPercent`).
+    pub max_ejection_percent: u32,
 }
 
 impl Default for OutlierConfig {
@@ -71,6 +78,7 @@ impl Default for OutlierConfig {
             consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
             base_ejection: DEFAULT_BASE_EJECTION,
             max_ejection: DEFAULT_MAX_EJECTION,
+            max_ejection_percent: 100,
         }
     }
 }
@@ -145,6 +153,12 @@ impl Balancer {
         &self.endpoints
     }
 
+    /// Changes the policy and the outlier settings, keeping every endpoint's state.
+    pub fn configure(&mut self, policy: Policy, outlier: OutlierConfig) {
+        self.policy = policy;
+        self.outlier = outlier;
+    }
+
     /// Replaces the endpoint set, keeping the state (connections, ejections) of endpoints
     /// whose id is still there.
     pub fn update(&mut self, endpoints: Vec<Endpoint>) {
@@ -194,6 +208,7 @@ impl Balancer {
         Some(match self.policy {
             Policy::RoundRobin => self.smooth_round_robin(&candidates),
             Policy::LeastConnections => self.two_choices(&candidates),
+            Policy::Random => self.weighted_random(&candidates),
         })
     }
 
@@ -211,6 +226,22 @@ impl Balancer {
         }
         self.state[best].current -= total;
         best
+    }
+
+    fn weighted_random(&self, candidates: &[usize]) -> usize {
+        let total: u64 = candidates
+            .iter()
+            .map(|&i| u64::from(self.endpoints[i].weight))
+            .sum();
+        let mut at = rand::thread_rng().gen_range(0..total.max(1));
+        for &i in candidates {
+            let w = u64::from(self.endpoints[i].weight);
+            if at < w {
+                return i;
+            }
+            at -= w;
+        }
+        candidates[candidates.len() - 1]
     }
 
     fn two_choices(&self, candidates: &[usize]) -> usize {
@@ -253,6 +284,14 @@ impl Balancer {
         if s.failures < cfg.consecutive_failures {
             return FailureOutcome::Counted;
         }
+        let ejected = (0..self.endpoints.len())
+            .filter(|&j| j != i && self.is_ejected(j, now))
+            .count();
+        if (ejected + 1) * 100 > cfg.max_ejection_percent as usize * self.endpoints.len() {
+            // Ejecting this one too would leave fewer endpoints than the share allowed.
+            return FailureOutcome::Counted;
+        }
+        let s = &mut self.state[i];
         s.failures = 0;
         let factor = 1u32.checked_shl(s.ejections.min(16)).unwrap_or(u32::MAX);
         let ejection = cfg
@@ -277,10 +316,10 @@ mod tests {
 
     #[test]
     fn policy_names_round_trip() {
-        for p in [Policy::RoundRobin, Policy::LeastConnections] {
+        for p in [Policy::RoundRobin, Policy::LeastConnections, Policy::Random] {
             assert_eq!(p.to_string().parse::<Policy>(), Ok(p));
         }
-        let err = "random".parse::<Policy>().unwrap_err().to_string();
+        let err = "fastest".parse::<Policy>().unwrap_err().to_string();
         assert!(err.contains("least-connections"), "{err}");
     }
 
@@ -335,11 +374,53 @@ mod tests {
     }
 
     #[test]
+    fn no_more_than_the_max_ejection_percent_is_ejected_at_once() {
+        let cfg = OutlierConfig {
+            consecutive_failures: 1,
+            max_ejection_percent: 50,
+            ..OutlierConfig::default()
+        };
+        let eps = (0..4).map(|i| ep(&format!("e{i}"), "", "", 1)).collect();
+        let mut b = Balancer::new(Policy::RoundRobin, cfg, Locality::default(), eps);
+        let t0 = Instant::now();
+        assert!(matches!(
+            b.on_connect_failed(0, t0),
+            FailureOutcome::Ejected(_)
+        ));
+        assert!(matches!(
+            b.on_connect_failed(1, t0),
+            FailureOutcome::Ejected(_)
+        ));
+        // A third of four would be 75%.
+        assert_eq!(b.on_connect_failed(2, t0), FailureOutcome::Counted);
+        assert!(!b.is_ejected(2, t0));
+        assert_eq!(b.pick(t0, &[]).map(|i| i >= 2), Some(true));
+    }
+
+    #[test]
+    fn random_follows_weights() {
+        let mut b = Balancer::new(
+            Policy::Random,
+            OutlierConfig::default(),
+            Locality::default(),
+            vec![ep("a", "", "", 3), ep("b", "", "", 1), ep("c", "", "", 0)],
+        );
+        let now = Instant::now();
+        let mut counts = [0usize; 3];
+        for _ in 0..4000 {
+            counts[b.pick(now, &[]).unwrap()] += 1;
+        }
+        assert_eq!(counts[2], 0, "weight 0 is never picked");
+        assert!((2700..3300).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
     fn consecutive_failures_eject_with_growing_back_off() {
         let cfg = OutlierConfig {
             consecutive_failures: 3,
             base_ejection: Duration::from_secs(10),
             max_ejection: Duration::from_secs(35),
+            ..OutlierConfig::default()
         };
         let mut b = Balancer::new(
             Policy::RoundRobin,

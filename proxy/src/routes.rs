@@ -17,19 +17,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use isthmus_proto::drain;
 use isthmus_proto::model::{
-    EndpointKind, Health, L4Route, Locality, Scope, ServiceView, Subset, ViewResource,
+    EndpointKind, Health, L4Route, LoadBalancer, Locality, Scope, ServiceView, Subset,
+    TrafficPolicy, ViewResource,
 };
 use isthmus_proto::program::ReadyPart;
 use isthmus_proto::subscription::{self, LocalView, SyncState};
 use isthmus_proto::SpiffeId;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 
 use crate::balancer::{self, Balancer, FailureOutcome, OutlierConfig, Policy};
 use crate::metrics::istio;
@@ -148,9 +149,24 @@ pub struct Destination {
     /// Every identity the service's endpoints run as: what a client accepts from the server.
     identities: Mutex<Vec<SpiffeId>>,
     endpoints: Mutex<Endpoints>,
-    /// Connections open to this destination (the per-destination limit).
-    pub(crate) limit: Arc<Semaphore>,
-    max_connections: usize,
+    /// Connections open to this destination, held by [`Slot`]s.
+    open: AtomicUsize,
+    /// The most open at once: the proxy's setting, or the DestinationRule's
+    /// `maxConnections`.
+    max_connections: AtomicUsize,
+    /// The DestinationRule's `connectTimeout`, in ms (0: the proxy's own).
+    connect_timeout_ms: AtomicU64,
+}
+
+/// One of a destination's open connections (its share of the connection limit), given
+/// back on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<Destination>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for Destination {
@@ -178,9 +194,74 @@ impl Destination {
                     Vec::new(),
                 ),
             }),
-            limit: Arc::new(Semaphore::new(opts.max_connections_per_destination)),
-            max_connections: opts.max_connections_per_destination,
+            open: AtomicUsize::new(0),
+            max_connections: AtomicUsize::new(opts.max_connections_per_destination),
+            connect_timeout_ms: AtomicU64::new(0),
         }
+    }
+
+    /// A slot for one more connection, unless the limit is reached.
+    pub fn take_slot(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.max_connections();
+        self.open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// The DestinationRule's connect timeout, when it sets one.
+    pub fn connect_timeout(&self) -> Option<std::time::Duration> {
+        match self.connect_timeout_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    /// Applies `policy` (the DestinationRule's, effective for this port and subset) over
+    /// the proxy's own settings in `opts`: load balancing, outlier ejection, the connection
+    /// limit and the connect timeout. Endpoints keep their state; connections open beyond
+    /// a lowered limit stay, and new ones wait for the count to fall below it.
+    fn apply(&self, policy: &TrafficPolicy, opts: &RouteOptions) {
+        let lb = match policy.load_balancer {
+            Some(LoadBalancer::RoundRobin) => Policy::RoundRobin,
+            Some(LoadBalancer::LeastConnections) => Policy::LeastConnections,
+            Some(LoadBalancer::Random) => Policy::Random,
+            None => opts.policy,
+        };
+        let mut outlier = opts.outlier;
+        if let Some(o) = &policy.outlier {
+            match o.consecutive_errors {
+                // Istio's 0: no ejection on consecutive errors.
+                Some(0) => outlier.consecutive_failures = u32::MAX,
+                Some(n) => outlier.consecutive_failures = n,
+                None => {}
+            }
+            if let Some(ms) = o.base_ejection_ms {
+                outlier.base_ejection = std::time::Duration::from_millis(ms);
+                outlier.max_ejection = outlier.max_ejection.max(outlier.base_ejection);
+            }
+            if let Some(p) = o.max_ejection_percent {
+                outlier.max_ejection_percent = p;
+            }
+        }
+        self.endpoints
+            .lock()
+            .expect("destination poisoned")
+            .balancer
+            .configure(lb, outlier);
+        let max = policy
+            .max_connections
+            .map_or(opts.max_connections_per_destination, |n| n as usize);
+        self.max_connections.store(max, Ordering::SeqCst);
+        self.connect_timeout_ms
+            .store(policy.connect_timeout_ms.unwrap_or(0), Ordering::Relaxed);
     }
 
     fn set(&self, targets: Vec<Target>, identities: Vec<SpiffeId>, exported: bool) {
@@ -207,7 +288,7 @@ impl Destination {
 
     /// The connection limit.
     pub fn max_connections(&self) -> usize {
-        self.max_connections
+        self.max_connections.load(Ordering::SeqCst)
     }
 
     pub fn exported(&self) -> bool {
@@ -267,7 +348,7 @@ impl Destination {
             key: self.key.clone(),
             exported: self.exported(),
             identities: self.identities().iter().map(|i| i.to_string()).collect(),
-            open_connections: self.max_connections - self.limit.available_permits(),
+            open_connections: self.open_connections(),
             endpoints: e
                 .targets
                 .iter()
@@ -522,6 +603,7 @@ impl RouteTable {
                     subset: subset.clone(),
                 };
                 let defined = sv.subsets.iter().find(|s| &s.name == subset);
+                let policy = sv.policy.effective(defined.map(|s| &s.policy), sp.number);
                 let mut targets = targets_of(sv, sp.number, subset, defined, opts.reach);
                 for t in targets.iter_mut().filter(|t| !t.identities.is_empty()) {
                     for san in &sans {
@@ -539,6 +621,7 @@ impl RouteTable {
                     Arc::new(Destination::new(key.clone(), service, opts))
                 });
                 dest.set(targets, identities.clone(), exported);
+                dest.apply(&policy, opts);
                 self.destinations.insert(key, dest);
             }
         }

@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::balancer::FailureOutcome;
 use crate::metrics::{Direction, DirectionLabels, Metrics, ServiceLabels};
-use crate::routes::{Destination, Target};
+use crate::routes::{Destination, Slot, Target};
 
 /// Istio's default connect timeout is 10 s; a mesh endpoint that has not answered a SYN
 /// in 5 s is better retried elsewhere.
@@ -61,13 +60,13 @@ pub enum ConnectError {
     },
 }
 
-/// Holds a connection's share of its destination: the connection-limit permit and the
+/// Holds a connection's share of its destination: the connection-limit slot and the
 /// endpoint's open-connection count, both released on drop.
 #[derive(Debug)]
 pub struct Lease {
     destination: Arc<Destination>,
     uid: String,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Drop for Lease {
@@ -98,13 +97,16 @@ where
     Fut: Future<Output = io::Result<S>>,
 {
     let name = destination.key.to_string();
-    let limit = destination.limit.clone();
-    let max = destination.max_connections();
-    let Ok(permit) = limit.try_acquire_owned() else {
+    let Some(slot) = destination.take_slot() else {
         return Err(ConnectError::LimitReached {
             destination: name,
-            limit: max,
+            limit: destination.max_connections(),
         });
+    };
+    // The DestinationRule's connect timeout, where it sets one.
+    let opts = ConnectOptions {
+        timeout: destination.connect_timeout().unwrap_or(opts.timeout),
+        ..opts
     };
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<(std::net::SocketAddr, io::Error)> = None;
@@ -145,7 +147,7 @@ where
                     lease: Lease {
                         destination: destination.clone(),
                         uid: target.uid.clone(),
-                        _permit: permit,
+                        _slot: slot,
                     },
                     target,
                 });

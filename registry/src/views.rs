@@ -679,11 +679,11 @@ pub fn build_service_view(
     // Only what every namespace may see goes through gateways (see the module doc).
     let beyond_network = !cluster_local && service.export_to.is_public();
     let audience = key.namespace.as_deref();
-    let subsets = chosen_for(catalog.destination_rules(hostname), audience, ns, |d| {
+    let rule = chosen_for(catalog.destination_rules(hostname), audience, ns, |d| {
         (&d.namespace, &d.export_to)
-    })
-    .map(|d| d.subsets.clone())
-    .unwrap_or_default();
+    });
+    let subsets = rule.map(|d| d.subsets.clone()).unwrap_or_default();
+    let policy = rule.map(|d| d.policy.clone()).unwrap_or_default();
     let routes = chosen_for(catalog.virtual_services(hostname), audience, ns, |v| {
         (&v.namespace, &v.export_to)
     })
@@ -717,6 +717,7 @@ pub fn build_service_view(
         endpoints,
         subsets,
         routes,
+        policy,
     })
 }
 

@@ -165,3 +165,112 @@ async fn a_weighted_route_splits_across_networks_and_the_far_gateway_keeps_the_s
         assert_eq!(call.greeting, "reviews-b-v2");
     }
 }
+
+/// A DestinationRule's `trafficPolicy` at the caller: `outlierDetection` ejects the endpoint
+/// that refused after one failure (for a minute, so no later connection tries it), and
+/// `connectionPool.tcp.maxConnections` refuses a third connection while two are open,
+/// naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rules_limit_and_outlier_settings_apply_at_the_caller() {
+    use isthmus_tests::harness::mesh::on;
+    let rule = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: ratings
+  namespace: shop
+spec:
+  host: ratings
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 2
+        connectTimeout: 1s
+    outlierDetection:
+      consecutive5xxErrors: 1
+      baseEjectionTime: 60s
+";
+    let catalog = vec![
+        yaml::service("ratings", "shop", SVC_PORT),
+        yaml::workload(
+            "ratings-1",
+            "shop",
+            "ratings",
+            "10.10.0.8",
+            APP_PORT,
+            "network-a",
+        ),
+        // Its address answers, but nothing listens: every connect is refused.
+        yaml::workload(
+            "ratings-2",
+            "shop",
+            "ratings",
+            "10.10.0.9",
+            APP_PORT,
+            "network-a",
+        ),
+        rule.to_string(),
+    ];
+    let Some(m) = Mesh::start("traffic-policy", &catalog).await else {
+        return;
+    };
+    let _ratings = m
+        .workload(
+            Net::A,
+            "10.10.0.8",
+            "ratings-1",
+            "ratings",
+            Default::default(),
+        )
+        .await;
+    m.topo.netns(Net::A).add_ip("10.10.0.9".parse().unwrap());
+    let web = m.client(Net::A, "web").await;
+    let ready = eventually(WAIT, || async {
+        let d = web
+            .routes
+            .load()
+            .lookup(&host("ratings"), SVC_PORT, "")
+            .ok()?;
+        (d.max_connections() == 2 && d.targets().len() == 2).then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "the rule's policy never reached the client"
+    );
+
+    for _ in 0..10 {
+        let call = m.call(Net::A, &web, "ratings").await.expect("call");
+        assert_eq!(call.greeting, "ratings-1");
+    }
+    let dump = web.routes.load().dump();
+    let dest = dump
+        .iter()
+        .find(|d| d.key.hostname == host("ratings") && d.key.subset.is_empty())
+        .unwrap();
+    let refused = dest
+        .endpoints
+        .iter()
+        .find(|e| e.target.addr.ip().to_string() == "10.10.0.9")
+        .unwrap();
+    assert!(refused.ejected, "{dest:?}");
+
+    // Two held open; the third is refused at the caller.
+    let hostname = host("ratings");
+    let open = |c: std::sync::Arc<isthmus_tests::harness::mesh::Client>| {
+        let hostname = hostname.clone();
+        on(
+            m.rt(Net::A),
+            async move { c.call(&hostname, SVC_PORT).await },
+        )
+    };
+    let first = open(web.clone()).await.expect("first");
+    let second = open(web.clone()).await.expect("second");
+    let third = open(web.clone()).await.map(|_| ()).unwrap_err();
+    assert!(
+        format!("{third:#}").contains("connection limit of 2"),
+        "{third:#}"
+    );
+    drop((first, second));
+    let again = eventually(WAIT, || async { open(web.clone()).await.ok() }).await;
+    assert!(again.is_some(), "a slot never came back");
+}

@@ -274,6 +274,7 @@ fn routed_view(endpoints: Vec<ViewEndpoint>, weights: [u32; 2]) -> LocalView {
                 .map(|s| Subset {
                     name: s.to_string(),
                     labels: [("version".to_string(), s.to_string())].into(),
+                    policy: Default::default(),
                 })
                 .collect();
             sv.routes = vec![L4Route {
@@ -382,4 +383,73 @@ fn smooth_weighted_choice_spreads_picks() {
     let picks: Vec<usize> = (0..7).map(|_| c.pick().unwrap()).collect();
     assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
     assert_eq!(WeightedChoice::new(vec![0, 0]).pick(), None);
+}
+
+#[test]
+fn a_destination_rules_policy_sets_the_limit_timeout_and_ejection_per_port_and_subset() {
+    use isthmus_proto::model::OutlierPolicy;
+    let mut v = routed_view(
+        vec![
+            endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1"),
+            endpoint(EndpointKind::Workload, "10.0.0.2", 8080, "v2"),
+        ],
+        [50, 50],
+    );
+    for r in v.resources.values_mut() {
+        if let ViewResource::Service(sv) = r {
+            let sv = Arc::make_mut(sv);
+            sv.policy = TrafficPolicy {
+                max_connections: Some(3),
+                connect_timeout_ms: Some(250),
+                outlier: Some(OutlierPolicy {
+                    consecutive_errors: Some(1),
+                    base_ejection_ms: Some(60_000),
+                    max_ejection_percent: None,
+                }),
+                ..Default::default()
+            };
+            sv.subsets[1].policy = TrafficPolicy {
+                max_connections: Some(1),
+                ..Default::default()
+            };
+        }
+    }
+    let table = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    let host = "reviews.shop.svc.cluster.local";
+    let all = table.lookup(host, 9080, "").unwrap();
+    assert_eq!(all.max_connections(), 3);
+    assert_eq!(
+        all.connect_timeout(),
+        Some(std::time::Duration::from_millis(250))
+    );
+    let slots: Vec<Slot> = (0..3).map(|_| all.take_slot().unwrap()).collect();
+    assert!(all.take_slot().is_none(), "the fourth is over the limit");
+    assert_eq!(all.open_connections(), 3);
+    drop(slots);
+    assert_eq!(all.open_connections(), 0);
+    let v2 = table.lookup(host, 9080, "v2").unwrap();
+    assert_eq!(v2.max_connections(), 1, "the subset's own limit");
+    assert_eq!(
+        v2.connect_timeout(),
+        Some(std::time::Duration::from_millis(250))
+    );
+    // One failed connect ejects (consecutive errors 1).
+    let now = Instant::now();
+    let t = all.pick(now, &[]).unwrap();
+    assert!(matches!(
+        all.on_connect_failed(&t.uid, now),
+        Some(FailureOutcome::Ejected(_))
+    ));
+    // Without a rule: the proxy's own settings.
+    let plain = RouteTable::build(
+        &view(
+            vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1")],
+            Scope::Mesh,
+        ),
+        &RouteTable::default(),
+        &RouteOptions::default(),
+    );
+    let d = plain.lookup(host, 9080, "").unwrap();
+    assert_eq!(d.max_connections(), DEFAULT_MAX_CONNECTIONS_PER_DESTINATION);
+    assert_eq!(d.connect_timeout(), None);
 }

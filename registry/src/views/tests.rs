@@ -1020,12 +1020,14 @@ fn a_view_carries_its_destination_rule_subsets_routes_and_subset_weights_behind_
     let subset = |name: &str| Subset {
         name: name.into(),
         labels: [("version".to_string(), name.to_string())].into(),
+        policy: Default::default(),
     };
     let rule = DestinationRule {
         name: "web".into(),
         namespace: "shop".into(),
         host: "web.shop".into(),
         subsets: vec![subset("v1"), subset("v2")],
+        policy: Default::default(),
         export_to: ExportTo::Public,
     };
     let route = L4Route {
@@ -1075,6 +1077,7 @@ fn a_view_carries_its_destination_rule_subsets_routes_and_subset_weights_behind_
         namespace: "shop".into(),
         host: "web.shop".into(),
         subsets: vec![subset("v3")],
+        policy: Default::default(),
         export_to: ExportTo::Nobody,
     };
     views.apply(

@@ -630,6 +630,7 @@ impl Mesh {
                 consecutive_failures: 2,
                 base_ejection: Duration::from_secs(5),
                 max_ejection: Duration::from_secs(30),
+                ..Default::default()
             },
             ..Default::default()
         };

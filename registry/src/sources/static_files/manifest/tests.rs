@@ -576,12 +576,15 @@ spec:
                 Subset {
                     name: "v1".into(),
                     labels: labels(&[("version", "v1")]),
+                    policy: TrafficPolicy::default(),
                 },
                 Subset {
                     name: "v2".into(),
                     labels: labels(&[("version", "v2"), ("track", "canary")]),
+                    policy: TrafficPolicy::default(),
                 },
             ],
+            policy: TrafficPolicy::default(),
             export_to: ExportTo::Namespaces(["shop".to_string(), "books".to_string()].into()),
         }
     );
@@ -771,8 +774,16 @@ fn traffic_rule_errors_name_their_field() {
     }
 }
 
+/// A DestinationRule `r` in namespace `shop` for host `web`, with `rest` (indented two
+/// spaces) after the host in its spec.
+fn destination_rule_doc(rest: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r, namespace: shop}}\nspec:\n  host: web\n{rest}"
+    )
+}
+
 #[test]
-fn destination_rule_policies_load_with_a_warning_per_field() {
+fn destination_rule_traffic_policies_are_honoured() {
     let (resources, warnings) = parse_with_warnings(
         r#"
 apiVersion: networking.istio.io/v1
@@ -781,35 +792,212 @@ metadata: {name: reviews, namespace: shop}
 spec:
   host: reviews
   trafficPolicy:
+    loadBalancer:
+      simple: LEAST_REQUEST
     connectionPool:
-      tcp: {maxConnections: 100}
-    outlierDetection: {consecutive5xxErrors: 7}
+      tcp:
+        maxConnections: 100
+        connectTimeout: 250ms
+    outlierDetection:
+      consecutive5xxErrors: 3
+      baseEjectionTime: 15s
+      maxEjectionPercent: 50
+      interval: 10s
+    portLevelSettings:
+    - port: {number: 9080}
+      connectionPool:
+        tcp: {maxConnections: 5}
   subsets:
   - name: v1
     labels: {version: v1}
     trafficPolicy:
-      loadBalancer: {simple: ROUND_ROBIN}
+      connectionPool:
+        tcp: {maxConnections: 2}
+"#,
+    );
+    let rule = the_destination_rule(resources);
+    assert_eq!(
+        rule.policy,
+        TrafficPolicy {
+            load_balancer: Some(LoadBalancer::LeastConnections),
+            max_connections: Some(100),
+            connect_timeout_ms: Some(250),
+            outlier: Some(OutlierPolicy {
+                consecutive_errors: Some(3),
+                base_ejection_ms: Some(15_000),
+                max_ejection_percent: Some(50),
+            }),
+            ports: [(
+                9080,
+                TrafficPolicy {
+                    max_connections: Some(5),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        }
+    );
+    assert_eq!(
+        rule.subsets,
+        vec![Subset {
+            name: "v1".into(),
+            labels: labels(&[("version", "v1")]),
+            policy: TrafficPolicy {
+                max_connections: Some(2),
+                ..Default::default()
+            },
+        }]
+    );
+    assert_eq!(
+        fields_and_messages(&warnings),
+        vec![(
+            "spec.trafficPolicy.outlierDetection.interval",
+            "not honoured by isthmus yet (ignored): isthmus ejects an endpoint on the failures \
+             themselves, with no periodic sweep"
+        )]
+    );
+}
+
+#[test]
+fn destination_rule_policy_values_read_as_istio_writes_them() {
+    let policy_of = |policy: &str| {
+        let (resources, _) = parse_with_warnings(&destination_rule_doc(&format!(
+            "  trafficPolicy: {policy}\n"
+        )));
+        the_destination_rule(resources).policy
+    };
+    let timeout = |t: &str| {
+        policy_of(&format!(
+            "{{connectionPool: {{tcp: {{connectTimeout: {t:?}}}}}}}"
+        ))
+        .connect_timeout_ms
+    };
+    assert_eq!(timeout("1s"), Some(1_000));
+    assert_eq!(timeout("1.5s"), Some(1_500));
+    assert_eq!(timeout("0.001s"), Some(1));
+    assert_eq!(timeout("2m"), Some(120_000));
+    assert_eq!(timeout("1h"), Some(3_600_000));
+    assert_eq!(timeout("1m30s"), Some(90_000));
+    let balancer =
+        |simple: &str| policy_of(&format!("{{loadBalancer: {{simple: {simple}}}}}")).load_balancer;
+    assert_eq!(balancer("ROUND_ROBIN"), Some(LoadBalancer::RoundRobin));
+    assert_eq!(balancer("LEAST_CONN"), Some(LoadBalancer::LeastConnections));
+    assert_eq!(
+        balancer("LEAST_REQUEST"),
+        Some(LoadBalancer::LeastConnections)
+    );
+    assert_eq!(balancer("RANDOM"), Some(LoadBalancer::Random));
+    assert_eq!(balancer("UNSPECIFIED"), None);
+    // A failed connect is a gateway error and a 5xx at once: the smaller count ejects first;
+    // 0 turns one count off, leaving the other.
+    let errors = |counts: &str| {
+        policy_of(&format!("{{outlierDetection: {{{counts}}}}}"))
+            .outlier
+            .and_then(|o| o.consecutive_errors)
+    };
+    assert_eq!(errors("consecutiveGatewayErrors: 4"), Some(4));
+    assert_eq!(
+        errors("consecutiveGatewayErrors: 4, consecutive5xxErrors: 7"),
+        Some(4)
+    );
+    assert_eq!(
+        errors("consecutiveGatewayErrors: 9, consecutive5xxErrors: 7"),
+        Some(7)
+    );
+    assert_eq!(
+        errors("consecutiveGatewayErrors: 0, consecutive5xxErrors: 7"),
+        Some(7)
+    );
+    // Only fields isthmus does not honour: no outlier policy at all.
+    assert_eq!(
+        policy_of("{outlierDetection: {interval: 5s}}").outlier,
+        None
+    );
+    assert!(policy_of("{tls: {mode: ISTIO_MUTUAL}}").is_empty());
+}
+
+#[test]
+fn destination_rule_policies_warn_about_each_field_not_honoured() {
+    let (resources, warnings) = parse_with_warnings(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      simple: PASSTHROUGH
+      localityLbSetting: {enabled: true}
+    connectionPool:
+      tcp:
+        maxConnections: 100
+        tcpKeepalive: {time: 7200s}
+        idleTimeout: 1h
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+    outlierDetection:
+      consecutiveErrors: 5
+      minHealthPercent: 20
+    tls: {mode: ISTIO_MUTUAL}
+    portLevelSettings:
+    - port: {number: 9080}
+      tls: {mode: DISABLE}
+    tunnel: {protocol: CONNECT, targetHost: proxy, targetPort: 8080}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 60s}
+      proxyProtocol: {version: V2}
   workloadSelector:
     matchLabels: {app: web}
 "#,
     );
     let rule = the_destination_rule(resources);
-    assert_eq!(rule.subsets.len(), 1);
+    assert_eq!(
+        rule.policy.load_balancer, None,
+        "PASSTHROUGH is not honoured"
+    );
+    assert_eq!(rule.policy.max_connections, Some(100));
+    assert_eq!(rule.policy.outlier, None);
+    assert_eq!(rule.policy.ports, [(9080, TrafficPolicy::default())].into());
+    assert_eq!(
+        rule.subsets[0].policy.load_balancer,
+        Some(LoadBalancer::RoundRobin)
+    );
+    let ignored = "not honoured by isthmus yet (ignored)";
     assert_eq!(
         fields_and_messages(&warnings),
         vec![
             (
-                "spec.trafficPolicy.connectionPool",
-                "not honoured by isthmus yet (ignored)"
+                "spec.trafficPolicy.loadBalancer.simple",
+                "not honoured by isthmus yet (ignored): isthmus always picks an endpoint, \
+                 rather than connecting to the address the caller dialled"
+            ),
+            ("spec.trafficPolicy.loadBalancer.localityLbSetting", ignored),
+            (
+                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+                ignored
+            ),
+            ("spec.trafficPolicy.connectionPool.tcp.idleTimeout", ignored),
+            ("spec.trafficPolicy.connectionPool.http", ignored),
+            (
+                "spec.trafficPolicy.outlierDetection.minHealthPercent",
+                ignored
             ),
             (
-                "spec.trafficPolicy.outlierDetection",
-                "not honoured by isthmus yet (ignored)"
+                "spec.trafficPolicy.outlierDetection.consecutiveErrors",
+                "not honoured by isthmus yet (ignored): deprecated by Istio; use \
+                 consecutiveGatewayErrors or consecutive5xxErrors"
             ),
+            ("spec.trafficPolicy.tls", ignored),
+            ("spec.trafficPolicy.portLevelSettings[0].tls", ignored),
+            ("spec.trafficPolicy.tunnel", ignored),
             (
-                "spec.subsets[0].trafficPolicy.loadBalancer",
-                "not honoured by isthmus yet (ignored)"
+                "spec.subsets[0].trafficPolicy.loadBalancer.warmupDurationSecs",
+                ignored
             ),
+            ("spec.subsets[0].trafficPolicy.proxyProtocol", ignored),
             (
                 "spec.workloadSelector",
                 "not honoured by isthmus yet (ignored): the rule applies to every caller"
@@ -817,9 +1005,165 @@ spec:
         ]
     );
     assert_eq!(
-        warnings[0].to_string(),
-        "test.yaml (document 1): spec.trafficPolicy.connectionPool: not honoured by isthmus yet (ignored)"
+        warnings[4].to_string(),
+        "test.yaml (document 1): spec.trafficPolicy.connectionPool.http: not honoured by isthmus yet (ignored)"
     );
+}
+
+#[test]
+fn destination_rule_policy_errors_name_their_path() {
+    let cases: Vec<(&str, &str, &str, &str)> = vec![
+        // (what, the spec after its host, field, a piece of the message)
+        (
+            "unknown load balancer",
+            "  trafficPolicy: {loadBalancer: {simple: FASTEST}}\n",
+            "spec.trafficPolicy.loadBalancer.simple",
+            "\"FASTEST\" is not a load balancer; use ROUND_ROBIN, LEAST_REQUEST, LEAST_CONN, \
+             RANDOM, PASSTHROUGH or UNSPECIFIED",
+        ),
+        (
+            "simple and consistentHash",
+            "  trafficPolicy: {loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}}\n",
+            "spec.trafficPolicy.loadBalancer",
+            "alternatives",
+        ),
+        (
+            "negative connections",
+            "  trafficPolicy: {connectionPool: {tcp: {maxConnections: -4}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+            "-4 is not a valid number of connections",
+        ),
+        (
+            "connections past int32",
+            "  trafficPolicy: {connectionPool: {tcp: {maxConnections: 2147483648}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+            "2147483648 is not a valid number of connections",
+        ),
+        (
+            "not a duration",
+            "  trafficPolicy: {connectionPool: {tcp: {connectTimeout: fast}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "\"fast\" is not a duration; write a number and a unit, as 250ms, 1.5s, 2m or 1h",
+        ),
+        (
+            "a number, not a duration",
+            "  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 10}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "invalid type",
+        ),
+        (
+            "below 1ms",
+            "  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 0s}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "\"0s\" is shorter than 1ms, the least Istio accepts",
+        ),
+        (
+            "finer than 1ms",
+            "  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 1.5ms}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+            "\"1.5ms\" is not a whole number of milliseconds",
+        ),
+        (
+            "negative duration",
+            "  trafficPolicy: {outlierDetection: {baseEjectionTime: -30s}}\n",
+            "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+            "\"-30s\" is negative",
+        ),
+        (
+            "bad duration in a field not honoured",
+            "  trafficPolicy: {outlierDetection: {interval: soon}}\n",
+            "spec.trafficPolicy.outlierDetection.interval",
+            "\"soon\" is not a duration",
+        ),
+        (
+            "ejection percent",
+            "  trafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}\n",
+            "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+            "150 is not a percentage (0-100)",
+        ),
+        (
+            "negative error count",
+            "  trafficPolicy: {outlierDetection: {consecutive5xxErrors: -1}}\n",
+            "spec.trafficPolicy.outlierDetection.consecutive5xxErrors",
+            "-1",
+        ),
+        (
+            "port listed twice",
+            "  trafficPolicy:\n    portLevelSettings:\n    - {port: {number: 9080}, connectionPool: {tcp: {maxConnections: 5}}}\n    - {port: {number: 9080}, loadBalancer: {simple: RANDOM}}\n",
+            "spec.trafficPolicy.portLevelSettings[1].port.number",
+            "port 9080 has its settings already (spec.trafficPolicy.portLevelSettings[0]); \
+             list each port once",
+        ),
+        (
+            "port settings without a port",
+            "  trafficPolicy: {portLevelSettings: [{loadBalancer: {simple: RANDOM}}]}\n",
+            "spec.trafficPolicy.portLevelSettings[0].port",
+            "is required",
+        ),
+        (
+            "not a port",
+            "  trafficPolicy: {portLevelSettings: [{port: {number: 70000}, loadBalancer: {simple: RANDOM}}]}\n",
+            "spec.trafficPolicy.portLevelSettings[0].port.number",
+            "70000 is not a valid port",
+        ),
+        (
+            "a port's values",
+            "  trafficPolicy: {portLevelSettings: [{port: {number: 80}, connectionPool: {tcp: {maxConnections: -1}}}]}\n",
+            "spec.trafficPolicy.portLevelSettings[0].connectionPool.tcp.maxConnections",
+            "-1 is not a valid number of connections",
+        ),
+        (
+            "unknown field in connectionPool.tcp",
+            "  trafficPolicy: {connectionPool: {tcp: {maxConnection: 5}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.maxConnection",
+            "unknown field `maxConnection`",
+        ),
+        (
+            "unknown field in a policy",
+            "  trafficPolicy: {loadBalancing: {simple: RANDOM}}\n",
+            "spec.trafficPolicy.loadBalancing",
+            "unknown field `loadBalancing`",
+        ),
+        (
+            "unknown field in a subset's policy",
+            "  subsets:\n  - name: v1\n    trafficPolicy: {outlierDetection: {consecutive5xx: 3}}\n",
+            "spec.subsets[0].trafficPolicy.outlierDetection.consecutive5xx",
+            "unknown field `consecutive5xx`",
+        ),
+        (
+            "unknown field in a port selector",
+            "  trafficPolicy: {portLevelSettings: [{port: {name: http}}]}\n",
+            "spec.trafficPolicy.portLevelSettings[0].port.name",
+            "unknown field `name`",
+        ),
+        (
+            "a subset's values",
+            "  subsets:\n  - name: v1\n    trafficPolicy: {loadBalancer: {simple: round_robin}}\n",
+            "spec.subsets[0].trafficPolicy.loadBalancer.simple",
+            "\"round_robin\" is not a load balancer",
+        ),
+        (
+            "warned section of the wrong type",
+            "  trafficPolicy: {connectionPool: {http: 5}}\n",
+            "spec.trafficPolicy.connectionPool.http",
+            "invalid type",
+        ),
+    ];
+    for (what, rest, field, needle) in cases {
+        let errors = parse_file(
+            Path::new("bad.yaml"),
+            &destination_rule_doc(rest),
+            &defaults(),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{what}: expected errors"));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field == field && e.message.contains(needle)),
+            "{what}: no error at {field} containing {needle:?}; got {errors:#?}"
+        );
+    }
 }
 
 #[test]

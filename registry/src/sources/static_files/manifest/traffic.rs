@@ -1,10 +1,8 @@
 //! What the traffic kinds (`DestinationRule`, `VirtualService`) share: their hosts, with
-//! short names resolved as Istio resolves them, and the fields isthmus accepts (so a manifest
-//! ported from Istio loads) but does not honour yet.
+//! short names resolved as Istio resolves them, durations as Istio writes them, and the fields
+//! isthmus accepts (so a manifest ported from Istio loads) but does not honour yet.
 
 use std::net::IpAddr;
-
-use serde_yaml_ng::{Mapping, Value};
 
 use super::problems::Problems;
 use crate::validate::istio_host;
@@ -106,20 +104,104 @@ pub(super) fn resolve_hosts(
     resolved
 }
 
-/// Warns, one field at a time, about every field of `section` (a policy isthmus accepts
-/// but does not apply), so the operator sees exactly what has no effect.
-pub(super) fn warn_not_honoured(p: &mut Problems, field: &str, section: &Mapping) {
-    for key in section.keys() {
-        p.warn(format!("{field}.{}", key_name(key)), NOT_HONOURED);
+const NANOS_PER_MS: u128 = 1_000_000;
+
+/// The longest duration protobuf represents (10,000 years), in nanoseconds.
+const MAX_DURATION_NANOS: u128 = 315_576_000_000 * 1_000_000_000;
+
+/// A duration as Istio's manifests write them, in nanoseconds: protobuf's JSON form (a
+/// decimal number of seconds and `s`: `1s`, `1.5s`) and the Kubernetes (Go) form Istio's
+/// schema also takes, one or more decimal numbers each with its unit (`ns`, `us`, `µs`, `ms`,
+/// `s`, `m`, `h`: `250ms`, `2m`, `1h30m`). `0` needs no unit. On error, why, for the
+/// operator (the caller names the field).
+pub(super) fn parse_duration(text: &str) -> Result<u128, String> {
+    let invalid = || {
+        format!("{text:?} is not a duration; write a number and a unit, as 250ms, 1.5s, 2m or 1h")
+    };
+    if text == "0" {
+        return Ok(0);
     }
+    if text.starts_with('-') {
+        return Err(format!("{text:?} is negative; a duration is at least 0"));
+    }
+    if text.is_empty() {
+        return Err(invalid());
+    }
+    let mut rest = text;
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let whole_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let (whole, after) = rest.split_at(whole_len);
+        let (fraction, after) = match after.strip_prefix('.') {
+            Some(after) => after.split_at(after.bytes().take_while(u8::is_ascii_digit).count()),
+            None => ("", after),
+        };
+        if whole.is_empty() && fraction.is_empty() {
+            return Err(invalid());
+        }
+        let unit_len = after
+            .char_indices()
+            .find(|(_, c)| c.is_ascii_digit() || *c == '.')
+            .map_or(after.len(), |(i, _)| i);
+        let (unit, after) = after.split_at(unit_len);
+        let unit_nanos: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60 * 1_000_000_000,
+            "h" => 3_600 * 1_000_000_000,
+            _ => return Err(invalid()),
+        };
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| invalid())?
+        };
+        // Digits past the 18th change the value by less than a nanosecond.
+        let fraction = &fraction[..fraction.len().min(18)];
+        let fraction_nanos = if fraction.is_empty() {
+            0
+        } else {
+            let digits: u128 = fraction.parse().map_err(|_| invalid())?;
+            digits * unit_nanos / 10u128.pow(fraction.len() as u32)
+        };
+        total = whole
+            .checked_mul(unit_nanos)
+            .and_then(|n| n.checked_add(fraction_nanos))
+            .and_then(|n| n.checked_add(total))
+            .filter(|n| *n <= MAX_DURATION_NANOS)
+            .ok_or_else(|| format!("{text:?} is longer than a duration can be (10000 years)"))?;
+        rest = after;
+    }
+    Ok(total)
 }
 
-/// A mapping key as a field name; YAML allows keys that are not strings.
-fn key_name(key: &Value) -> String {
-    match key {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        _ => "?".into(),
+/// A duration field Istio applies to whole milliseconds and refuses below 1ms (its
+/// `connectTimeout`, `baseEjectionTime`), in milliseconds; or `None` with its problem
+/// recorded at `field`.
+pub(super) fn duration_ms(p: &mut Problems, field: &str, text: &str) -> Option<u64> {
+    let nanos = match parse_duration(text) {
+        Ok(nanos) => nanos,
+        Err(why) => {
+            p.add(field, why);
+            return None;
+        }
+    };
+    if nanos < NANOS_PER_MS {
+        p.add(
+            field,
+            format!("{text:?} is shorter than 1ms, the least Istio accepts"),
+        );
+        return None;
     }
+    if nanos % NANOS_PER_MS != 0 {
+        p.add(
+            field,
+            format!("{text:?} is not a whole number of milliseconds, the precision Istio takes"),
+        );
+        return None;
+    }
+    // At most MAX_DURATION_NANOS, so it fits.
+    Some(u64::try_from(nanos / NANOS_PER_MS).unwrap_or(u64::MAX))
 }
