@@ -536,7 +536,6 @@ fn validate_reports_every_document_of_a_directory_of_mixed_files() {
         line("kubectl-get-list.yaml (document 1, items[2]): DestinationRule bookinfo/ratings")
             .ends_with("loaded (1 resources)")
     );
-    assert!(line("warning: items[2].spec.trafficPolicy.connectionPool").contains("not honoured"));
     assert!(line("warning: spec.hosts[0]").contains("partial wildcard"));
     assert!(line("error: items[3].spec.hosts[0]").contains("bad_host.example.com"));
     let summary = line(" documents: ");

@@ -286,6 +286,8 @@ async fn reader_role_is_confined(api: &KubeApi) {
         "serviceentries.networking.istio.io",
         "workloadentries.networking.istio.io",
         "workloadgroups.networking.istio.io",
+        "destinationrules.networking.istio.io",
+        "virtualservices.networking.istio.io",
     ] {
         let listed = api
             .kubectl_as(&kubeconfig, &["get", kind, "-A"], None)

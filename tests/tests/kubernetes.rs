@@ -286,6 +286,17 @@ async fn a_cluster_s_services_pods_and_istio_objects_reach_the_view() {
         addresses(v, "db.shop.internal") == ["10.10.0.7"]
     })
     .await;
+    // The cluster's DestinationRule and VirtualService of it (v1 and v1beta1).
+    until(&mut sub, "db's traffic rules", |v| {
+        service(v, "db.shop.internal").is_some_and(|sv| {
+            sv.subsets.iter().map(|s| s.name.as_str()).eq(["primary"])
+                && sv.policy.max_connections == Some(20)
+                && sv.routes.len() == 1
+                && sv.routes[0].destinations[0].subset == "primary"
+                && sv.routes[0].destinations[0].weight == 100
+        })
+    })
+    .await;
     // A namespace labelled onto another network: its endpoints are reached through that
     // network's gateway, which the cluster's Network object defines.
     api.create_namespace("edge", &[("topology.istio.io/network", "network-b")])
@@ -387,6 +398,22 @@ kind: Network
 metadata: {name: network-b}
 spec:
   gateways: [{address: 192.0.2.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: shop}
+spec:
+  host: db.shop.internal
+  subsets: [{name: primary, labels: {app: db}}]
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 20}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.shop.internal]
+  tcp:
+  - route: [{destination: {host: db.shop.internal, subset: primary}}]
 "#;
 
 /// A remote-cluster Secret as Istio writes one: the kubeconfig of `cluster` under its id.

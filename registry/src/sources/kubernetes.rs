@@ -1,8 +1,9 @@
 //! The Kubernetes source: any number of clusters watched the way istiod watches them in a
 //! multi-cluster mesh. Each cluster gets its own watcher set (`kube`'s watchers and
 //! reflectors over Services, EndpointSlices, Pods, Nodes, Namespaces and, where the cluster
-//! serves them, Istio's ServiceEntry/WorkloadEntry/WorkloadGroup and isthmus' Network) and
-//! its own origin in the catalog, `kube:<cluster>/`, so that removing a cluster removes
+//! serves them, Istio's ServiceEntry, WorkloadEntry, WorkloadGroup, DestinationRule and
+//! VirtualService and isthmus' Network) and its own origin in the catalog, `kube:<cluster>/`,
+//! so that removing a cluster removes
 //! exactly what it brought. Clusters come from the registry's own kubeconfig (or in-cluster
 //! config), from kubeconfig files in a directory, and from remote-cluster Secrets in the
 //! local cluster (Istio's `istio/multiCluster=true` Secrets), each watched.

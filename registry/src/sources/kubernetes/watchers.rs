@@ -25,7 +25,13 @@ use super::mapping::{labels, Lookup};
 
 /// The kinds of Istio's API the source reads from a cluster, with isthmus' own Network.
 pub const ISTIO_GROUP: &str = "networking.istio.io";
-pub const ISTIO_KINDS: &[&str] = &["ServiceEntry", "WorkloadEntry", "WorkloadGroup"];
+pub const ISTIO_KINDS: &[&str] = &[
+    "ServiceEntry",
+    "WorkloadEntry",
+    "WorkloadGroup",
+    "DestinationRule",
+    "VirtualService",
+];
 pub const ISTHMUS_GROUP: &str = "isthmus.io";
 pub const ISTHMUS_KINDS: &[&str] = &["Network"];
 
