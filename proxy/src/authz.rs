@@ -24,12 +24,17 @@
 //!   - namespaces: ["shop"]
 //!   - principals: ["spiffe://cluster.local/ns/ops/sa/*"]
 //! ```
+//!
+//! The same file holds what happens to an allowed connection per calling identity,
+//! `quotas` and `faults`, matched the same way: see [`crate::admission`].
 
 use std::path::{Path, PathBuf};
 
 pub use isthmus_proto::config::FieldProblem;
 use isthmus_proto::identity::{validate_dns_label, SpiffeId};
 use serde::Deserialize;
+
+use crate::admission::{FaultRule, QuotaRule};
 
 const SPIFFE_SCHEME: &str = "spiffe://";
 /// A policy file is a few rules; anything much larger is a mistake (a wrong path, a
@@ -38,13 +43,19 @@ pub const MAX_POLICY_BYTES: u64 = 1024 * 1024;
 
 /// Who may reach the local app. The default (no rules) allows every peer that passed the
 /// mTLS handshake, and plaintext peers where the listener accepts them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationPolicy {
     #[serde(default)]
     pub allow: Vec<Rule>,
     #[serde(default)]
     pub deny: Vec<Rule>,
+    /// Limits on each calling identity's connections ([`crate::admission`]).
+    #[serde(default)]
+    pub quotas: Vec<QuotaRule>,
+    /// Delays and resets for resilience drills ([`crate::admission`]).
+    #[serde(default)]
+    pub faults: Vec<FaultRule>,
 }
 
 /// One source match; empty fields match anything (an empty rule matches every peer,
@@ -144,27 +155,15 @@ impl AuthorizationPolicy {
         let mut problems = Vec::new();
         for (list, rules) in [("allow", &self.allow), ("deny", &self.deny)] {
             for (i, rule) in rules.iter().enumerate() {
-                for (j, p) in rule.principals.iter().enumerate() {
-                    if let Err(message) = check_principal(p) {
-                        problems.push(FieldProblem {
-                            field: format!("{list}[{i}].principals[{j}]"),
-                            message,
-                        });
-                    }
-                }
-                for (j, ns) in rule.namespaces.iter().enumerate() {
-                    if ns == "*" {
-                        continue;
-                    }
-                    if let Err(e) = validate_dns_label("namespace", ns) {
-                        problems.push(FieldProblem {
-                            field: format!("{list}[{i}].namespaces[{j}]"),
-                            message: format!("{e} (a namespace is exact or \"*\")"),
-                        });
-                    }
-                }
+                check_source(
+                    &format!("{list}[{i}]."),
+                    &rule.principals,
+                    &rule.namespaces,
+                    &mut problems,
+                );
             }
         }
+        crate::admission::check(&self.quotas, &self.faults, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -191,16 +190,54 @@ impl AuthorizationPolicy {
 impl Rule {
     /// Whether every non-empty field matches `peer`.
     pub fn matches(&self, peer: Option<&SpiffeId>) -> bool {
-        let principal_ok = self.principals.is_empty()
-            || peer.is_some_and(|id| self.principals.iter().any(|p| principal_matches(p, id)));
-        let namespace_ok = self.namespaces.is_empty()
-            || peer.is_some_and(|id| {
-                let ns = id.namespace();
-                self.namespaces
-                    .iter()
-                    .any(|want| ns.is_some_and(|ns| want == "*" || want == ns))
+        source_matches(&self.principals, &self.namespaces, peer)
+    }
+}
+
+/// Whether `peer` matches a rule's `principals` and `namespaces` (each matches when empty).
+pub(crate) fn source_matches(
+    principals: &[String],
+    namespaces: &[String],
+    peer: Option<&SpiffeId>,
+) -> bool {
+    let principal_ok = principals.is_empty()
+        || peer.is_some_and(|id| principals.iter().any(|p| principal_matches(p, id)));
+    let namespace_ok = namespaces.is_empty()
+        || peer.is_some_and(|id| {
+            let ns = id.namespace();
+            namespaces
+                .iter()
+                .any(|want| ns.is_some_and(|ns| want == "*" || want == ns))
+        });
+    principal_ok && namespace_ok
+}
+
+/// Every value of a rule's `principals` and `namespaces` that could never match as written,
+/// its field named after `prefix` (`allow[0].`).
+pub(crate) fn check_source(
+    prefix: &str,
+    principals: &[String],
+    namespaces: &[String],
+    problems: &mut Vec<FieldProblem>,
+) {
+    for (j, p) in principals.iter().enumerate() {
+        if let Err(message) = check_principal(p) {
+            problems.push(FieldProblem {
+                field: format!("{prefix}principals[{j}]"),
+                message,
             });
-        principal_ok && namespace_ok
+        }
+    }
+    for (j, ns) in namespaces.iter().enumerate() {
+        if ns == "*" {
+            continue;
+        }
+        if let Err(e) = validate_dns_label("namespace", ns) {
+            problems.push(FieldProblem {
+                field: format!("{prefix}namespaces[{j}]"),
+                message: format!("{e} (a namespace is exact or \"*\")"),
+            });
+        }
     }
 }
 
@@ -272,38 +309,47 @@ mod tests {
         let allow_web = AuthorizationPolicy {
             allow: vec![rule(&["cluster.local/ns/shop/sa/web"], &[])],
             deny: vec![],
+            ..Default::default()
         };
         let allow_web_full = AuthorizationPolicy {
             allow: vec![rule(&[WEB], &[])],
             deny: vec![],
+            ..Default::default()
         };
         let deny_web_allow_shop = AuthorizationPolicy {
             allow: vec![rule(&[], &["shop"])],
             deny: vec![rule(&["cluster.local/ns/shop/sa/web"], &[])],
+            ..Default::default()
         };
         let allow_ns_shop = AuthorizationPolicy {
             allow: vec![rule(&[], &["shop"])],
             deny: vec![],
+            ..Default::default()
         };
         let allow_any_ns = AuthorizationPolicy {
             allow: vec![rule(&[], &["*"])],
             deny: vec![],
+            ..Default::default()
         };
         let allow_any_principal = AuthorizationPolicy {
             allow: vec![rule(&["*"], &[])],
             deny: vec![],
+            ..Default::default()
         };
         let prefix = AuthorizationPolicy {
             allow: vec![rule(&["cluster.local/ns/shop/*"], &[])],
             deny: vec![],
+            ..Default::default()
         };
         let prefix_full = AuthorizationPolicy {
             allow: vec![rule(&["spiffe://cluster.local/ns/ops/*"], &[])],
             deny: vec![],
+            ..Default::default()
         };
         let suffix = AuthorizationPolicy {
             allow: vec![rule(&["*/sa/cart"], &[])],
             deny: vec![],
+            ..Default::default()
         };
         // Both fields of one rule must match; two rules are alternatives.
         let and_within_or_across = AuthorizationPolicy {
@@ -312,22 +358,27 @@ mod tests {
                 rule(&["cluster.local/ns/ops/sa/admin"], &[]),
             ],
             deny: vec![],
+            ..Default::default()
         };
         let empty_allow_rule = AuthorizationPolicy {
             allow: vec![Rule::default()],
             deny: vec![],
+            ..Default::default()
         };
         let deny_everything = AuthorizationPolicy {
             allow: vec![Rule::default()],
             deny: vec![Rule::default()],
+            ..Default::default()
         };
         let deny_ns_only = AuthorizationPolicy {
             allow: vec![],
             deny: vec![rule(&[], &["ops"])],
+            ..Default::default()
         };
         let other_td = AuthorizationPolicy {
             allow: vec![rule(&["other.domain/ns/shop/sa/web"], &[])],
             deny: vec![],
+            ..Default::default()
         };
 
         // (name, policy, peer, Ok or a piece of the denial reason)
@@ -514,6 +565,7 @@ allow:
                     Rule::default(),
                 ],
                 deny: vec![rule(&["cluster.local/ns/shop/sa/legacy"], &[])],
+                ..Default::default()
             }
         );
         let json = r#"{"allow": [{"principals": ["cluster.local/ns/shop/sa/web"]}]}"#;

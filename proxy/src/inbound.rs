@@ -17,7 +17,10 @@
 //!
 //! A connection refused before the app is chosen (handshake timeout, failed handshake,
 //! plaintext in STRICT mode) is counted in `connections_refused{direction="inbound"}` by
-//! reason; one the policy refuses is counted in `connections{result="denied"}`.
+//! reason; one the policy refuses is counted in `connections{result="denied"}`, one over a
+//! quota in `connections{result="over_quota"}` and `quota_refusals{rule,kind}`. An allowed
+//! connection may then be delayed or reset by an injected fault ([`crate::admission`]),
+//! counted in `faults_injected{rule,kind}`.
 //!
 //! Istio's standard metrics count every connection past the handshake as
 //! `reporter="destination"`: the source from the peer's verified identity (and the
@@ -48,6 +51,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{Admission, Admitted};
 use crate::authz::{AuthorizationPolicy, Decision};
 use crate::connection::{
     self, finish_relay, refusal, AccessRecord, ConnectionHandler, Refusal, Tracker,
@@ -55,7 +59,7 @@ use crate::connection::{
 use crate::metrics::istio::{IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy, Traffic};
 use crate::metrics::{
     BytesLabels, ConnLabels, ConnResult, Direction, DirectionLabels, Flow, Metrics, OpenLabels,
-    ServiceLabels,
+    RuleLabels, ServiceLabels,
 };
 use crate::original_dst::original_destination;
 
@@ -177,6 +181,10 @@ pub struct Inbound {
     pub tls: Arc<ArcSwap<rustls::ServerConfig>>,
     /// Swapped when the policy changes; each connection is decided with the current one.
     pub policy: Arc<ArcSwap<AuthorizationPolicy>>,
+    /// The policy's quotas and faults with what they count: built once from the policy
+    /// ([`Admission::new`]) and shared by every inbound listener of the program, so a
+    /// caller's quota holds across them.
+    pub admission: Arc<Admission>,
     pub mode: Mode,
     pub app: AppTarget,
     pub metrics: Arc<Metrics>,
@@ -353,6 +361,11 @@ async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
         count(ib, rec, &service, ConnResult::denied);
         return;
     }
+    // Held until the connection ends: its places in the callers' open-at-once quotas.
+    let (_admitted, istio) = match admit(ib, &accepted, app.port(), istio, rec, &service).await {
+        Some(admitted) => admitted,
+        None => return,
+    };
     if let Some(hook) = &ib.on_connection {
         hook(&InboundConnection {
             peer: accepted.peer,
@@ -372,6 +385,77 @@ async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
     let result = relay(ib, accepted.stream, app, &service, istio, rec).await;
     open.dec();
     count(ib, rec, &service, result);
+}
+
+/// Applies the quotas and faults of the policy to an allowed connection: `None` when it
+/// was refused by a quota or reset by a fault (counted, and the connection closed);
+/// otherwise what it holds and its Istio labels, flagged if it was delayed.
+async fn admit(
+    ib: &Inbound,
+    accepted: &Accepted,
+    port: u16,
+    istio: IstioLabels,
+    rec: &mut AccessRecord,
+    service: &str,
+) -> Option<(Option<Admitted>, IstioLabels)> {
+    if ib.admission.is_empty() {
+        return Some((None, istio));
+    }
+    let admitted = match ib.admission.admit(accepted.peer.as_ref(), port) {
+        Ok(a) => a,
+        Err(over) => {
+            tracing::info!(detail = %over.detail, "connection refused by a quota");
+            ib.metrics
+                .quota_refusals
+                .get_or_create(&RuleLabels {
+                    rule: format!("quotas[{}]", over.rule),
+                    kind: over.limit.as_str(),
+                })
+                .inc();
+            ib.metrics
+                .istio
+                .refused(istio.with_flags(ResponseFlags::RateLimited));
+            rec.error = Some(over.detail);
+            count(ib, rec, service, ConnResult::over_quota);
+            return None;
+        }
+    };
+    let Some(fault) = admitted.fault else {
+        return Some((Some(admitted), istio));
+    };
+    let rule = format!("faults[{}]", fault.rule);
+    let injected = |kind| {
+        ib.metrics
+            .faults
+            .get_or_create(&RuleLabels {
+                rule: rule.clone(),
+                kind,
+            })
+            .inc();
+    };
+    if let Some(delay) = fault.delay {
+        injected("delay");
+        tracing::debug!(?delay, %rule, "delaying the connection (injected fault)");
+        tokio::time::sleep(delay).await;
+    }
+    if fault.abort {
+        injected("abort");
+        tracing::info!(%rule, "resetting the connection (injected fault)");
+        // A reset, not a close: the caller sees what a crashed or refusing server gives.
+        let tcp = match &accepted.stream {
+            Downstream::Tls(tls) => tls.get_ref().0,
+            Downstream::Plaintext(tcp) => tcp,
+        };
+        let _ = tcp.set_zero_linger();
+        ib.metrics
+            .istio
+            .refused(istio.with_flags(ResponseFlags::FaultAborted));
+        rec.error = Some(format!("reset by an injected fault ({rule})"));
+        count(ib, rec, service, ConnResult::fault_abort);
+        return None;
+    }
+    let istio = istio.with_flags(ResponseFlags::FaultDelayed);
+    Some((Some(admitted), istio))
 }
 
 /// Istio's labels of an accepted connection (`-` for the flags): who the peer is, and this

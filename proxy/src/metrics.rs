@@ -56,6 +56,10 @@ pub enum ConnResult {
     connection_limit,
     /// Refused by authorization.
     denied,
+    /// Refused by a quota on the caller's connections.
+    over_quota,
+    /// Reset by an injected abort fault.
+    fault_abort,
     /// The mTLS handshake with the peer failed.
     handshake_failed,
 }
@@ -70,6 +74,8 @@ impl ConnResult {
             ConnResult::no_healthy_endpoint => "no_healthy_endpoint",
             ConnResult::connection_limit => "connection_limit",
             ConnResult::denied => "denied",
+            ConnResult::over_quota => "over_quota",
+            ConnResult::fault_abort => "fault_abort",
             ConnResult::handshake_failed => "handshake_failed",
         }
     }
@@ -110,6 +116,14 @@ pub struct RefusalLabels {
     pub reason: String,
 }
 
+/// A rule of the inbound policy (`quotas[0]`, `faults[1]`) and what it did (`rate` or
+/// `concurrent` for a quota; `delay` or `abort` for a fault).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
+    pub kind: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub service: String,
@@ -129,6 +143,10 @@ pub struct Metrics {
     pub connect_duration: Family<DirectionLabels, Histogram, fn() -> Histogram>,
     pub connect_failures: Family<ServiceLabels, Counter>,
     pub ejections: Family<ServiceLabels, Counter>,
+    /// Connections refused by a quota of the inbound policy, by rule and limit.
+    pub quota_refusals: Family<RuleLabels, Counter>,
+    /// Faults injected by the inbound policy, by rule and kind.
+    pub faults: Family<RuleLabels, Counter>,
     pub destinations: Gauge,
     pub draining: Gauge,
     pub catalog: SyncMetrics,
@@ -151,6 +169,8 @@ impl Default for Metrics {
             connect_duration: Family::new_with_constructor(connect_histogram),
             connect_failures: Family::default(),
             ejections: Family::default(),
+            quota_refusals: Family::default(),
+            faults: Family::default(),
             destinations: Gauge::default(),
             draining: Gauge::default(),
             catalog: SyncMetrics::default(),
@@ -202,6 +222,16 @@ impl Metrics {
             "endpoint_ejections",
             "Endpoints ejected by outlier detection after consecutive connect failures, by service",
             m.ejections.clone(),
+        );
+        r.register(
+            "quota_refusals",
+            "Inbound connections refused by a quota on the caller's connections, by rule (quotas[i]) and limit (rate, concurrent)",
+            m.quota_refusals.clone(),
+        );
+        r.register(
+            "faults_injected",
+            "Faults the inbound policy injected, by rule (faults[i]) and kind (delay, abort)",
+            m.faults.clone(),
         );
         r.register(
             "destinations",

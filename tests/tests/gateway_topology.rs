@@ -63,6 +63,7 @@ async fn cross_network_calls_are_end_to_end_mtls_routed_by_sni() {
             principals: vec!["cluster.local/ns/shop/sa/intruder".into()],
             namespaces: vec![],
         }],
+        ..Default::default()
     };
     let reviews_policy = AuthorizationPolicy {
         allow: vec![Rule {
@@ -70,6 +71,7 @@ async fn cross_network_calls_are_end_to_end_mtls_routed_by_sni() {
             namespaces: vec![],
         }],
         deny: vec![],
+        ..Default::default()
     };
     let reviews = m
         .workload(Net::B, "10.10.0.5", "reviews-b1", "reviews", reviews_policy)

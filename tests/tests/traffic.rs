@@ -274,3 +274,187 @@ spec:
     let again = eventually(WAIT, || async { open(web.clone()).await.ok() }).await;
     assert!(again.is_some(), "a slot never came back");
 }
+
+/// The destination's policy file, as the VM agent reads it.
+fn inbound_policy(text: &str) -> isthmus_proxy::authz::AuthorizationPolicy {
+    isthmus_proxy::authz::AuthorizationPolicy::from_yaml(std::path::Path::new("policy.yaml"), text)
+        .expect("policy")
+}
+
+/// The value of one series of a workload's inbound metrics, 0 if it was never counted.
+fn inbound_count(
+    w: &isthmus_tests::harness::mesh::Workload,
+    family: &str,
+    rule: &str,
+    kind: &'static str,
+) -> u64 {
+    use isthmus_proxy::metrics::RuleLabels;
+    let labels = RuleLabels {
+        rule: rule.to_string(),
+        kind,
+    };
+    let m = &w.inbound.metrics;
+    match family {
+        "quota" => m.quota_refusals.get_or_create(&labels).get(),
+        _ => m.faults.get_or_create(&labels).get(),
+    }
+}
+
+/// Quotas per calling identity at the destination, across networks: `ratings` in network
+/// B allows `web` two connections open at once and `cart` three new connections at a
+/// trickle of a rate. Each caller is refused over its own quota, counted by rule and limit,
+/// while the other is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_refuses_one_caller_over_it_and_not_another() {
+    use isthmus_tests::harness::mesh::on;
+    let catalog = vec![
+        yaml::service("ratings", "shop", SVC_PORT),
+        yaml::workload(
+            "ratings-1",
+            "shop",
+            "ratings",
+            "10.10.0.8",
+            APP_PORT,
+            "network-b",
+        ),
+    ];
+    let Some(m) = Mesh::start("traffic-quota", &catalog).await else {
+        return;
+    };
+    let _gateways = [m.gateway(Net::A).await, m.gateway(Net::B).await];
+    let policy = inbound_policy(
+        r#"
+quotas:
+  - principals: ["cluster.local/ns/shop/sa/web"]
+    maxConnections: 2
+  - principals: ["cluster.local/ns/shop/sa/cart"]
+    connectionsPerSecond: 0.001
+    burst: 3
+"#,
+    );
+    let ratings = m
+        .workload(Net::B, "10.10.0.8", "ratings-1", "ratings", policy)
+        .await;
+    let (web, cart) = (
+        m.client(Net::A, "web").await,
+        m.client(Net::A, "cart").await,
+    );
+    for c in [&web, &cart] {
+        c.wait_for_targets(&host("ratings"), SVC_PORT, 1).await;
+    }
+    let hostname = host("ratings");
+    let open = |c: std::sync::Arc<isthmus_tests::harness::mesh::Client>| {
+        let hostname = hostname.clone();
+        on(
+            m.rt(Net::A),
+            async move { c.call(&hostname, SVC_PORT).await },
+        )
+    };
+
+    // web: two open at once, the third refused; cart, meanwhile, is not held to web's.
+    let first = open(web.clone()).await.expect("web's first");
+    let second = open(web.clone()).await.expect("web's second");
+    assert!(
+        open(web.clone()).await.is_err(),
+        "web's third was let through"
+    );
+    assert_eq!(
+        inbound_count(&ratings, "quota", "quotas[0]", "concurrent"),
+        1
+    );
+    for i in 0..3 {
+        let (greeting, _) = open(cart.clone())
+            .await
+            .unwrap_or_else(|e| panic!("cart's call {i}: {e:#}"));
+        assert_eq!(greeting, "ratings-1");
+    }
+    // cart's burst is spent and its rate is one connection in 1,000 s.
+    assert!(
+        open(cart.clone()).await.is_err(),
+        "cart's fourth was let through"
+    );
+    assert_eq!(inbound_count(&ratings, "quota", "quotas[1]", "rate"), 1);
+    // web's connections end and web gets its places back; cart still has none.
+    drop((first, second));
+    let again = eventually(WAIT, || async { open(web.clone()).await.ok() }).await;
+    assert!(again.is_some(), "web's places never came back");
+    assert!(open(cart.clone()).await.is_err());
+    assert_eq!(inbound_count(&ratings, "quota", "quotas[0]", "rate"), 0);
+}
+
+/// Faults per calling identity at the destination, across networks: `details` in network B
+/// delays a quarter of `web`'s connections by 2 s and resets a fifth of `cart`'s. The
+/// share is exact and spread evenly (every fourth, every fifth), each delayed call took at
+/// least the delay, and each fault is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_delays_or_resets_its_share_of_one_callers_connections() {
+    const DELAY: Duration = Duration::from_secs(2);
+    let catalog = vec![
+        yaml::service("details", "shop", SVC_PORT),
+        yaml::workload(
+            "details-1",
+            "shop",
+            "details",
+            "10.10.0.9",
+            APP_PORT,
+            "network-b",
+        ),
+    ];
+    let Some(m) = Mesh::start("traffic-fault", &catalog).await else {
+        return;
+    };
+    let _gateways = [m.gateway(Net::A).await, m.gateway(Net::B).await];
+    let policy = inbound_policy(
+        r#"
+faults:
+  - principals: ["cluster.local/ns/shop/sa/web"]
+    delay:
+      fixedDelay: 2s
+      percentage: {value: 25}
+  - principals: ["cluster.local/ns/shop/sa/cart"]
+    abort:
+      percentage: {value: 20}
+"#,
+    );
+    let details = m
+        .workload(Net::B, "10.10.0.9", "details-1", "details", policy)
+        .await;
+    let (web, cart) = (
+        m.client(Net::A, "web").await,
+        m.client(Net::A, "cart").await,
+    );
+    for c in [&web, &cart] {
+        c.wait_for_targets(&host("details"), SVC_PORT, 1).await;
+    }
+
+    let mut delayed = Vec::new();
+    for i in 0..20 {
+        let started = std::time::Instant::now();
+        m.call(Net::A, &web, "details")
+            .await
+            .unwrap_or_else(|e| panic!("web's call {i}: {e:#}"));
+        if started.elapsed() >= DELAY {
+            delayed.push(i);
+        }
+    }
+    // Every fourth was delayed, and took at least the delay.
+    let picked = [3, 7, 11, 15, 19];
+    for i in picked {
+        assert!(
+            delayed.contains(&i),
+            "web's call {i} was not delayed: {delayed:?}"
+        );
+    }
+    assert_eq!(inbound_count(&details, "fault", "faults[0]", "delay"), 5);
+    assert_eq!(inbound_count(&details, "fault", "faults[0]", "abort"), 0);
+
+    let mut reset = Vec::new();
+    for i in 0..20 {
+        if m.call(Net::A, &cart, "details").await.is_err() {
+            reset.push(i);
+        }
+    }
+    assert_eq!(reset, vec![4, 9, 14, 19], "cart's failed calls");
+    assert_eq!(inbound_count(&details, "fault", "faults[1]", "abort"), 4);
+    assert_eq!(inbound_count(&details, "fault", "faults[1]", "delay"), 0);
+}

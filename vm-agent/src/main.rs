@@ -193,7 +193,9 @@ struct CommonArgs {
     /// Where the app listens, as the inbound reaches it.
     #[arg(long, default_value = "127.0.0.1")]
     app_host: IpAddr,
-    /// An authorization policy file (allow/deny by principal and namespace).
+    /// The inbound policy file: who may connect (allow/deny by principal and namespace),
+    /// quotas on each caller's connections and injected faults (see the README's traffic
+    /// management).
     #[arg(long)]
     authz_policy: Option<PathBuf>,
     /// The resolver configuration whose nameservers are forwarded to (on a VM also

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 use super::*;
+use crate::admission::Admission;
 use crate::authz::Rule;
 use crate::metrics::RefusalLabels;
 use isthmus_proto::test_pki::TestCa;
@@ -82,6 +83,7 @@ async fn setup_with(
     let hook_seen = seen.clone();
     let ib = Arc::new(Inbound {
         tls: Arc::new(ArcSwap::from_pointee(server)),
+        admission: Admission::new(&policy),
         policy: Arc::new(ArcSwap::from_pointee(policy)),
         mode,
         app: AppTarget::Fixed(app.addr),
@@ -247,7 +249,11 @@ fn assert_closed_without_data(got: io::Result<Vec<u8>>) {
 }
 
 fn policy(allow: Vec<Rule>, deny: Vec<Rule>) -> AuthorizationPolicy {
-    AuthorizationPolicy { allow, deny }
+    AuthorizationPolicy {
+        allow,
+        deny,
+        ..Default::default()
+    }
 }
 
 fn principals(p: &[&str]) -> Rule {

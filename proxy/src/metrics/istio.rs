@@ -112,6 +112,12 @@ pub enum ResponseFlags {
     Denied,
     /// `CONNECT`: no endpoint (or app) could be connected to.
     ConnectFailed,
+    /// `RL`: refused by a quota on the caller's connections (Envoy's local rate limit).
+    RateLimited,
+    /// `FI`: reset by an injected abort fault.
+    FaultAborted,
+    /// `DI`: held by an injected delay fault, then relayed.
+    FaultDelayed,
 }
 
 impl EncodeLabelValue for ResponseFlags {
@@ -121,6 +127,9 @@ impl EncodeLabelValue for ResponseFlags {
             ResponseFlags::None => "-",
             ResponseFlags::Denied => "DENY",
             ResponseFlags::ConnectFailed => "CONNECT",
+            ResponseFlags::RateLimited => "RL",
+            ResponseFlags::FaultAborted => "FI",
+            ResponseFlags::FaultDelayed => "DI",
         })
     }
 }

@@ -18,6 +18,7 @@ use isthmus_proto::model::{Node, NodeKind};
 use isthmus_proto::subscription::{RegistrySettings, SyncState, WatchClient, WatchOptions};
 use isthmus_proto::tls::{self, Credentials, ServerIdentity};
 use isthmus_proto::SpiffeId;
+use isthmus_proxy::admission::Admission;
 use isthmus_proxy::authz::AuthorizationPolicy;
 use isthmus_proxy::balancer::OutlierConfig;
 use isthmus_proxy::connection::Tracker;
@@ -146,6 +147,7 @@ impl Workload {
             tls: Arc::new(ArcSwap::from_pointee(Inbound::server_config(
                 creds, reg_bundle,
             )?)),
+            admission: Admission::new(&policy),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             mode,
             app: AppTarget::Fixed(app.addr),

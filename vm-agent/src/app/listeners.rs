@@ -26,6 +26,7 @@ use isthmus_proto::identity::SpiffeId;
 use isthmus_proto::model::WorkloadGroup;
 use isthmus_proto::program::{self, Tasks};
 use isthmus_proto::tls::{Credentials, TrustBundle};
+use isthmus_proxy::admission::Admission;
 use isthmus_proxy::authz::AuthorizationPolicy;
 use isthmus_proxy::connection::{refusal, Tracker};
 use isthmus_proxy::inbound::{self, AppTarget, Inbound, Mode};
@@ -237,6 +238,8 @@ struct InboundFactory {
     creds: Credentials,
     trust: TrustBundle,
     policy: AuthorizationPolicy,
+    /// The policy's quotas and faults, shared by every inbound listener.
+    admission: Arc<Admission>,
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
     handshake_timeout: Duration,
@@ -253,6 +256,7 @@ impl InboundFactory {
         Ok(Self {
             creds: creds.clone(),
             trust: cx.trust.clone(),
+            admission: Admission::new(&policy),
             policy,
             metrics: cx.metrics.clone(),
             tracker: Tracker::new(),
@@ -267,6 +271,7 @@ impl InboundFactory {
         Ok(Arc::new(Inbound {
             tls: Arc::new(ArcSwap::from_pointee(tls)),
             policy: Arc::new(ArcSwap::from_pointee(self.policy.clone())),
+            admission: self.admission.clone(),
             mode: Mode::Strict,
             app,
             metrics: self.metrics.clone(),
