@@ -42,6 +42,50 @@ pub struct OutlierPolicy {
     pub max_ejection_percent: Option<u32>,
 }
 
+/// Istio's `localityLbSetting`: how near endpoints are preferred.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalityLb {
+    /// `enabled: false`: every endpoint is as near as any other.
+    pub disabled: bool,
+    /// `failover`: (from region, to region); a caller of `from` whose own region has
+    /// nothing available goes to `to` before any other region.
+    pub failover: Vec<(String, String)>,
+    /// `failoverPriority`, of the locality labels: endpoints matching the caller on more
+    /// of them, in order, are preferred.
+    pub failover_priority: Vec<LocalityLevel>,
+    /// `distribute`: callers in the first locality pattern send each locality pattern of
+    /// the list its share (percent) of connections.
+    pub distribute: Vec<(String, Vec<(String, u32)>)>,
+}
+
+/// A level of a locality, as `failoverPriority` names it by its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalityLevel {
+    Region,
+    Zone,
+    Subzone,
+}
+
+impl LocalityLevel {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LocalityLevel::Region => "region",
+            LocalityLevel::Zone => "zone",
+            LocalityLevel::Subzone => "subzone",
+        }
+    }
+
+    /// The level of `region`, `zone` or `subzone`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "region" => Some(LocalityLevel::Region),
+            "zone" => Some(LocalityLevel::Zone),
+            "subzone" => Some(LocalityLevel::Subzone),
+            _ => None,
+        }
+    }
+}
+
 /// What of a DestinationRule's `trafficPolicy` isthmus honours at L4. Every field is
 /// optional: unset, the proxy's own setting applies (or an enclosing policy's).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -52,6 +96,8 @@ pub struct TrafficPolicy {
     /// `connectionPool.tcp.connectTimeout`.
     pub connect_timeout_ms: Option<u64>,
     pub outlier: Option<OutlierPolicy>,
+    /// `loadBalancer.localityLbSetting`, whole (a nearer level's replaces it).
+    pub locality: Option<LocalityLb>,
     /// `portLevelSettings`: by service port, overriding the above field by field.
     pub ports: BTreeMap<u16, TrafficPolicy>,
 }
@@ -73,6 +119,7 @@ impl TrafficPolicy {
             max_connections: over.max_connections.or(self.max_connections),
             connect_timeout_ms: over.connect_timeout_ms.or(self.connect_timeout_ms),
             outlier,
+            locality: over.locality.clone().or_else(|| self.locality.clone()),
             ports: BTreeMap::new(),
         }
     }
@@ -236,6 +283,30 @@ impl From<&TrafficPolicy> for pb::TrafficPolicy {
                 .iter()
                 .map(|(port, at)| (u32::from(*port), at.into()))
                 .collect(),
+            locality: p.locality.as_ref().map(|l| pb::LocalityLb {
+                disabled: l.disabled,
+                failover: l
+                    .failover
+                    .iter()
+                    .map(|(from, to)| pb::LocalityFailover {
+                        from: from.clone(),
+                        to: to.clone(),
+                    })
+                    .collect(),
+                failover_priority: l
+                    .failover_priority
+                    .iter()
+                    .map(|level| level.as_str().to_string())
+                    .collect(),
+                distribute: l
+                    .distribute
+                    .iter()
+                    .map(|(from, to)| pb::LocalityDistribute {
+                        from: from.clone(),
+                        to: to.iter().cloned().collect(),
+                    })
+                    .collect(),
+            }),
         }
     }
 }
@@ -262,8 +333,32 @@ impl TryFrom<pb::TrafficPolicy> for TrafficPolicy {
                 .into_iter()
                 .map(|(port_no, at)| Ok((port("policy.ports", port_no)?, at.try_into()?)))
                 .collect::<Result<_, ModelError>>()?,
+            locality: p.locality.map(locality_lb).transpose()?,
         })
     }
+}
+
+fn locality_lb(l: pb::LocalityLb) -> Result<LocalityLb, ModelError> {
+    let failover_priority = l
+        .failover_priority
+        .iter()
+        .map(|s| {
+            LocalityLevel::parse(s).ok_or_else(|| ModelError::Invalid {
+                field: "policy.locality.failover_priority".into(),
+                why: format!("{s:?} is not region, zone or subzone"),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(LocalityLb {
+        disabled: l.disabled,
+        failover: l.failover.into_iter().map(|f| (f.from, f.to)).collect(),
+        failover_priority,
+        distribute: l
+            .distribute
+            .into_iter()
+            .map(|d| (d.from, d.to.into_iter().collect()))
+            .collect(),
+    })
 }
 
 impl From<&DestinationRule> for pb::DestinationRule {
@@ -492,6 +587,15 @@ mod tests {
                     },
                 )]
                 .into(),
+                locality: Some(LocalityLb {
+                    disabled: false,
+                    failover: vec![("eu".into(), "us".into())],
+                    failover_priority: vec![LocalityLevel::Region, LocalityLevel::Subzone],
+                    distribute: vec![(
+                        "eu/*".into(),
+                        vec![("eu/a/*".into(), 60), ("eu/b/*".into(), 40)],
+                    )],
+                }),
                 ..Default::default()
             },
             export_to: ExportTo::Public,

@@ -1,5 +1,7 @@
 //! Endpoint selection for one destination: locality first (same zone, then same region,
-//! then anywhere), then the load-balancing policy among the closest healthy endpoints, with
+//! then anywhere; or as a DestinationRule's `localityLbSetting` says: regions to fail over
+//! to, a priority of locality levels, or shares per locality), then the load-balancing
+//! policy among the closest healthy endpoints, with
 //! outlier detection that ejects an endpoint after consecutive connect failures for a
 //! back-off that grows with each ejection. Pure logic: `now` is passed in, so it is tested
 //! in simulated time, and the data plane calls it without I/O.
@@ -8,6 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use isthmus_proto::model::Locality;
+pub use isthmus_proto::traffic::{LocalityLb, LocalityLevel};
 use rand::Rng;
 
 /// Consecutive connect failures that eject an endpoint (Envoy's and Istio's default).
@@ -102,17 +105,101 @@ struct State {
     ejected_until: Option<Instant>,
 }
 
-/// How close an endpoint is to the caller; lower is preferred.
-fn tier(caller: &Locality, ep: &Locality) -> u8 {
+fn level<'a>(l: &'a Locality, level: &LocalityLevel) -> &'a str {
+    match level {
+        LocalityLevel::Region => &l.region,
+        LocalityLevel::Zone => &l.zone,
+        LocalityLevel::Subzone => &l.subzone,
+    }
+}
+
+/// How close an endpoint is to the caller under `settings`; lower is preferred.
+///
+/// - Disabled, or shares by locality (`distribute`, which weighs instead): all the same.
+/// - `failoverPriority`: the number of its levels, in order, on which the endpoint does not
+///   match the caller (a level the caller does not know matches nothing).
+/// - Otherwise same zone, then same region, then the regions `failover` names for the
+///   caller's region in their order, then any other.
+fn tier(settings: &LocalityLb, distributing: bool, caller: &Locality, ep: &Locality) -> usize {
+    if settings.disabled || distributing {
+        return 0;
+    }
+    if !settings.failover_priority.is_empty() {
+        let matched = settings
+            .failover_priority
+            .iter()
+            .take_while(|l| {
+                let want = level(caller, l);
+                !want.is_empty() && want == level(ep, l)
+            })
+            .count();
+        return settings.failover_priority.len() - matched;
+    }
     if !caller.region.is_empty() && caller.region == ep.region {
-        if !caller.zone.is_empty() && caller.zone == ep.zone {
+        return if !caller.zone.is_empty() && caller.zone == ep.zone {
             0
         } else {
             1
-        }
-    } else {
-        2
+        };
     }
+    let to = settings
+        .failover
+        .iter()
+        .filter(|(from, _)| *from == caller.region)
+        .position(|(_, to)| *to == ep.region);
+    2 + to.unwrap_or(settings.failover.len())
+}
+
+/// Whether locality `l` is in `pattern`: `region/zone/subzone`, where `*` matches the rest
+/// and a pattern of fewer levels matches everything under it.
+pub fn locality_in(pattern: &str, l: &Locality) -> bool {
+    let levels = [&l.region, &l.zone, &l.subzone];
+    for (i, part) in pattern.split('/').enumerate() {
+        if part == "*" {
+            return true;
+        }
+        if i >= levels.len() || levels[i] != part {
+            return false;
+        }
+    }
+    true
+}
+
+/// Each endpoint's weight under `distribute` for a caller at `caller`: the share of the
+/// first `to` pattern its locality is in, split among that pattern's endpoints by their
+/// own weights (none: 0, never picked). `None` when no `from` pattern holds the caller.
+fn distributed(
+    settings: &LocalityLb,
+    caller: &Locality,
+    endpoints: &[Endpoint],
+) -> Option<Vec<u32>> {
+    let (_, to) = settings
+        .distribute
+        .iter()
+        .find(|(from, _)| locality_in(from, caller))?;
+    let group = |e: &Endpoint| {
+        to.iter()
+            .position(|(pattern, _)| locality_in(pattern, &e.locality))
+    };
+    let mut totals = vec![0u64; to.len()];
+    for e in endpoints {
+        if let Some(g) = group(e) {
+            totals[g] += u64::from(e.weight);
+        }
+    }
+    // Shares in ten-thousandths of the group's weight, so small groups keep their share.
+    Some(
+        endpoints
+            .iter()
+            .map(|e| match group(e) {
+                Some(g) if totals[g] > 0 && e.weight > 0 => {
+                    let w = u64::from(to[g].1) * u64::from(e.weight) * 10_000 / totals[g];
+                    u32::try_from(w.max(1)).unwrap_or(u32::MAX)
+                }
+                _ => 0,
+            })
+            .collect(),
+    )
 }
 
 /// What happened to an endpoint after a failed connect.
@@ -128,7 +215,12 @@ pub struct Balancer {
     policy: Policy,
     outlier: OutlierConfig,
     caller: Locality,
+    locality: LocalityLb,
     endpoints: Vec<Endpoint>,
+    /// The weight each endpoint is picked by: its own, or its share under `distribute`.
+    weights: Vec<u32>,
+    /// Whether `distribute` applies to this caller.
+    distributing: bool,
     state: Vec<State>,
 }
 
@@ -140,23 +232,60 @@ impl Balancer {
         endpoints: Vec<Endpoint>,
     ) -> Self {
         let state = vec![State::default(); endpoints.len()];
-        Self {
+        let mut b = Self {
             policy,
             outlier,
             caller,
+            locality: LocalityLb::default(),
             endpoints,
+            weights: Vec::new(),
+            distributing: false,
             state,
+        };
+        b.reweigh();
+        b
+    }
+
+    fn reweigh(&mut self) {
+        match distributed(&self.locality, &self.caller, &self.endpoints) {
+            Some(w) => {
+                self.weights = w;
+                self.distributing = true;
+            }
+            None => {
+                self.weights = self.endpoints.iter().map(|e| e.weight).collect();
+                self.distributing = false;
+            }
         }
+    }
+
+    fn tier(&self, i: usize) -> usize {
+        tier(
+            &self.locality,
+            self.distributing,
+            &self.caller,
+            &self.endpoints[i].locality,
+        )
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
         &self.endpoints
     }
 
-    /// Changes the policy and the outlier settings, keeping every endpoint's state.
-    pub fn configure(&mut self, policy: Policy, outlier: OutlierConfig) {
+    /// The locality settings in force.
+    pub fn locality(&self) -> &LocalityLb {
+        &self.locality
+    }
+
+    /// Changes the policy, the outlier and the locality settings, keeping every endpoint's
+    /// state.
+    pub fn configure(&mut self, policy: Policy, outlier: OutlierConfig, locality: LocalityLb) {
         self.policy = policy;
         self.outlier = outlier;
+        if locality != self.locality {
+            self.locality = locality;
+            self.reweigh();
+        }
     }
 
     /// Replaces the endpoint set, keeping the state (connections, ejections) of endpoints
@@ -173,10 +302,11 @@ impl Balancer {
             .map(|e| old.remove(&e.id).unwrap_or_default())
             .collect();
         self.endpoints = endpoints;
+        self.reweigh();
     }
 
     fn available(&self, i: usize, now: Instant) -> bool {
-        self.endpoints[i].weight > 0 && self.state[i].ejected_until.is_none_or(|t| now >= t)
+        self.weights[i] > 0 && self.state[i].ejected_until.is_none_or(|t| now >= t)
     }
 
     /// Whether the endpoint is ejected at `now`.
@@ -189,20 +319,13 @@ impl Balancer {
     pub fn pick(&mut self, now: Instant, exclude: &[usize]) -> Option<usize> {
         // The closest tier that has anything available; failover to farther tiers only
         // when the closer ones are empty or ejected.
-        let mut best_tier = u8::MAX;
-        for i in 0..self.endpoints.len() {
-            if self.available(i, now) && !exclude.contains(&i) {
-                best_tier = best_tier.min(tier(&self.caller, &self.endpoints[i].locality));
-            }
-        }
-        if best_tier == u8::MAX {
-            return None;
-        }
+        let best_tier = (0..self.endpoints.len())
+            .filter(|&i| self.available(i, now) && !exclude.contains(&i))
+            .map(|i| self.tier(i))
+            .min()?;
         let candidates: Vec<usize> = (0..self.endpoints.len())
             .filter(|&i| {
-                self.available(i, now)
-                    && !exclude.contains(&i)
-                    && tier(&self.caller, &self.endpoints[i].locality) == best_tier
+                self.available(i, now) && !exclude.contains(&i) && self.tier(i) == best_tier
             })
             .collect();
         Some(match self.policy {
@@ -213,13 +336,10 @@ impl Balancer {
     }
 
     fn smooth_round_robin(&mut self, candidates: &[usize]) -> usize {
-        let total: i64 = candidates
-            .iter()
-            .map(|&i| i64::from(self.endpoints[i].weight))
-            .sum();
+        let total: i64 = candidates.iter().map(|&i| i64::from(self.weights[i])).sum();
         let mut best = candidates[0];
         for &i in candidates {
-            self.state[i].current += i64::from(self.endpoints[i].weight);
+            self.state[i].current += i64::from(self.weights[i]);
             if self.state[i].current > self.state[best].current {
                 best = i;
             }
@@ -229,13 +349,10 @@ impl Balancer {
     }
 
     fn weighted_random(&self, candidates: &[usize]) -> usize {
-        let total: u64 = candidates
-            .iter()
-            .map(|&i| u64::from(self.endpoints[i].weight))
-            .sum();
+        let total: u64 = candidates.iter().map(|&i| u64::from(self.weights[i])).sum();
         let mut at = rand::thread_rng().gen_range(0..total.max(1));
         for &i in candidates {
-            let w = u64::from(self.endpoints[i].weight);
+            let w = u64::from(self.weights[i]);
             if at < w {
                 return i;
             }
@@ -256,7 +373,7 @@ impl Balancer {
         }
         // Compare active/weight without division: a.active * b.weight vs b.active * a.weight.
         let load = |x: usize, y: usize| {
-            u64::from(self.state[x].active) * u64::from(self.endpoints[y].weight.max(1))
+            u64::from(self.state[x].active) * u64::from(self.weights[y].max(1))
         };
         if load(a, b) <= load(b, a) {
             a
@@ -511,5 +628,166 @@ mod tests {
         // Zero weight is never picked.
         b.update(vec![ep("z", "eu", "eu-1a", 0)]);
         assert_eq!(b.pick(t0, &[]), None);
+    }
+
+    /// Which endpoints (by id) `n` picks choose, counted.
+    fn picks(
+        b: &mut Balancer,
+        n: usize,
+        exclude: &[usize],
+    ) -> std::collections::BTreeMap<String, usize> {
+        let now = Instant::now();
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let i = b.pick(now, exclude).unwrap();
+            *counts.entry(b.endpoints()[i].id.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    fn with_locality(locality: LocalityLb, eps: Vec<Endpoint>) -> Balancer {
+        let mut b = Balancer::new(Policy::RoundRobin, OutlierConfig::default(), caller(), eps);
+        b.configure(Policy::RoundRobin, OutlierConfig::default(), locality);
+        b
+    }
+
+    #[test]
+    fn failover_goes_to_the_named_region_before_any_other() {
+        let eps = vec![
+            ep("eu", "eu", "eu-1a", 1),
+            ep("us", "us", "us-1a", 1),
+            ep("ap", "ap", "ap-1a", 1),
+        ];
+        let failover = LocalityLb {
+            failover: vec![("eu".into(), "ap".into()), ("us".into(), "eu".into())],
+            ..Default::default()
+        };
+        let mut b = with_locality(failover, eps.clone());
+        assert_eq!(
+            picks(&mut b, 4, &[]).into_keys().collect::<Vec<_>>(),
+            ["eu"]
+        );
+        // eu gone: ap, which eu fails over to, and not us (the rule from us does not apply).
+        assert_eq!(
+            picks(&mut b, 4, &[0]).into_keys().collect::<Vec<_>>(),
+            ["ap"]
+        );
+        assert_eq!(
+            picks(&mut b, 4, &[0, 2]).into_keys().collect::<Vec<_>>(),
+            ["us"]
+        );
+        // Without the setting, ap and us are as far as each other.
+        let mut plain = with_locality(LocalityLb::default(), eps);
+        assert_eq!(picks(&mut plain, 4, &[0]).len(), 2);
+    }
+
+    #[test]
+    fn failover_priority_prefers_matching_levels_in_order() {
+        let eps = vec![
+            ep("same-zone-other-region", "us", "eu-1a", 1),
+            ep("same-region", "eu", "eu-1b", 1),
+            ep("nothing", "ap", "ap-1a", 1),
+        ];
+        let by_region = LocalityLb {
+            failover_priority: vec![LocalityLevel::Region, LocalityLevel::Zone],
+            ..Default::default()
+        };
+        let mut b = with_locality(by_region, eps.clone());
+        assert_eq!(
+            picks(&mut b, 3, &[]).into_keys().collect::<Vec<_>>(),
+            ["same-region"]
+        );
+        // A zone named like the caller's does not count when the region differs: the
+        // levels match in order, so the other two are equally far.
+        assert_eq!(picks(&mut b, 4, &[1]).len(), 2);
+        // Zone first: the zone match wins over the region match.
+        let by_zone = LocalityLb {
+            failover_priority: vec![LocalityLevel::Zone],
+            ..Default::default()
+        };
+        let mut b = with_locality(by_zone, eps);
+        assert_eq!(
+            picks(&mut b, 3, &[]).into_keys().collect::<Vec<_>>(),
+            ["same-zone-other-region"]
+        );
+    }
+
+    #[test]
+    fn distribute_gives_each_locality_its_share() {
+        let eps = vec![
+            ep("a1", "eu", "eu-1a", 1),
+            ep("a2", "eu", "eu-1a", 3),
+            ep("b", "eu", "eu-1b", 1),
+            ep("us", "us", "us-1a", 1),
+        ];
+        let split = LocalityLb {
+            distribute: vec![
+                ("us/*".into(), vec![("us".into(), 100)]),
+                (
+                    "eu/eu-1a/*".into(),
+                    vec![("eu/eu-1a/*".into(), 80), ("eu/eu-1b/*".into(), 20)],
+                ),
+            ],
+            ..Default::default()
+        };
+        let mut b = with_locality(split, eps.clone());
+        let got = picks(&mut b, 1000, &[]);
+        // eu-1a's 80 % split 1:3 by the endpoints' own weights; us, in no share, none.
+        assert_eq!(got.get("a1"), Some(&200));
+        assert_eq!(got.get("a2"), Some(&600));
+        assert_eq!(got.get("b"), Some(&200));
+        assert_eq!(got.get("us"), None);
+        // A caller no `from` holds keeps the usual preference.
+        let mut elsewhere = Balancer::new(
+            Policy::RoundRobin,
+            OutlierConfig::default(),
+            Locality::parse("ap/ap-1a"),
+            eps,
+        );
+        elsewhere.configure(
+            Policy::RoundRobin,
+            OutlierConfig::default(),
+            LocalityLb {
+                distribute: vec![("eu/*".into(), vec![("eu".into(), 100)])],
+                ..Default::default()
+            },
+        );
+        assert_eq!(picks(&mut elsewhere, 6, &[]).len(), 4);
+    }
+
+    #[test]
+    fn locality_patterns() {
+        let l = Locality::parse("eu/eu-1a/rack-1");
+        for yes in [
+            "*",
+            "eu",
+            "eu/*",
+            "eu/eu-1a",
+            "eu/eu-1a/*",
+            "eu/eu-1a/rack-1",
+        ] {
+            assert!(locality_in(yes, &l), "{yes}");
+        }
+        for no in [
+            "us",
+            "us/*",
+            "eu/eu-1b/*",
+            "eu/eu-1a/rack-2",
+            "eu/eu-1a/rack-1/x",
+        ] {
+            assert!(!locality_in(no, &l), "{no}");
+        }
+    }
+
+    #[test]
+    fn disabled_locality_treats_every_endpoint_alike() {
+        let eps = vec![ep("near", "eu", "eu-1a", 1), ep("far", "us", "us-1a", 1)];
+        let off = LocalityLb {
+            disabled: true,
+            ..Default::default()
+        };
+        let mut b = with_locality(off, eps);
+        let got = picks(&mut b, 10, &[]);
+        assert_eq!((got["near"], got["far"]), (5, 5));
     }
 }

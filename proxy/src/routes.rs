@@ -255,7 +255,7 @@ impl Destination {
             .lock()
             .expect("destination poisoned")
             .balancer
-            .configure(lb, outlier);
+            .configure(lb, outlier, policy.locality.clone().unwrap_or_default());
         let max = policy
             .max_connections
             .map_or(opts.max_connections_per_destination, |n| n as usize);
@@ -284,6 +284,16 @@ impl Destination {
             .map(|(i, t)| (t.uid.clone(), i))
             .collect();
         e.targets = targets;
+    }
+
+    /// The DestinationRule's `localityLbSetting` in force (the default when none).
+    pub fn locality(&self) -> balancer::LocalityLb {
+        self.endpoints
+            .lock()
+            .expect("destination poisoned")
+            .balancer
+            .locality()
+            .clone()
     }
 
     /// The connection limit.

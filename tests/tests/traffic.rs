@@ -1,9 +1,15 @@
-//! Traffic management from Istio's own resources across networks (network namespaces): a
-//! DestinationRule's subsets by `version` and a VirtualService `tcp` route splitting 90/10
-//! between v1 and v2, where v2 lives only in network B and v1 in both. A client in network
-//! A makes 2,000 connections: the shares hold, and every v2 answer comes through B's
-//! gateway, which honours the subset the SNI names (it never hands a v2 connection to B's
-//! v1). Then the route moves everything to v2.
+//! Traffic management from Istio's own resources, and the inbound policy's quotas and
+//! faults, across networks (network namespaces):
+//!
+//! - a DestinationRule's subsets by `version` and a VirtualService `tcp` route splitting
+//!   90/10 between v1 and v2, where v2 lives only in network B and v1 in both: a client in
+//!   network A makes 2,000 connections, the shares hold, and every v2 answer comes through
+//!   B's gateway, which honours the subset the SNI names; then the route moves everything
+//!   to v2;
+//! - a DestinationRule's `maxConnections`, outlier settings and `localityLbSetting` at the
+//!   caller;
+//! - quotas and injected faults per calling identity at the destination, through B's
+//!   gateway.
 //!
 //! Needs root (network namespaces); in CI it must run, elsewhere it skips with a message.
 
@@ -457,4 +463,112 @@ faults:
     assert_eq!(reset, vec![4, 9, 14, 19], "cart's failed calls");
     assert_eq!(inbound_count(&details, "fault", "faults[1]", "abort"), 4);
     assert_eq!(inbound_count(&details, "fault", "faults[1]", "delay"), 0);
+}
+
+/// A WorkloadEntry of `ratings` at `address` in network A, in `locality`.
+fn ratings_at(name: &str, address: &str, locality: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  address: {address}\n  network: network-a\n  locality: {locality}\n  ports:\n    tcp: {APP_PORT}\n  labels:\n    app: ratings\n  serviceAccount: ratings\n"
+    )
+}
+
+/// `localityLbSetting` at the caller: a caller in eu-west/zone-a whose own region has only
+/// a dead endpoint fails over to the region the rule names (ap-south), never to us-east,
+/// though both are as far; with `failoverPriority` on the zone label instead, it goes to
+/// the endpoint sharing its zone name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_failover_goes_where_the_destination_rule_says() {
+    use isthmus_proto::model::Locality;
+    let rule = |setting: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: ratings
+  namespace: shop
+spec:
+  host: ratings
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 1
+      baseEjectionTime: 60s
+    loadBalancer:
+      localityLbSetting:
+{setting}"
+        )
+    };
+    let failover = "        failover:\n        - {from: eu-west, to: ap-south}\n";
+    let by_zone = "        failoverPriority: [topology.kubernetes.io/zone]\n";
+    let catalog = vec![
+        yaml::service("ratings", "shop", SVC_PORT),
+        // Its address answers, but nothing listens: every connect to it is refused.
+        ratings_at("ratings-near", "10.10.0.10", "eu-west/zone-a"),
+        ratings_at("ratings-us", "10.10.0.11", "us-east/zone-a"),
+        ratings_at("ratings-ap", "10.10.0.12", "ap-south/zone-b"),
+    ];
+    let Some(m) = Mesh::start("traffic-locality", &catalog).await else {
+        return;
+    };
+    m.reg.write_resource("rule.yaml", &rule(failover));
+    m.topo.netns(Net::A).add_ip("10.10.0.10".parse().unwrap());
+    let _us = m
+        .workload(
+            Net::A,
+            "10.10.0.11",
+            "ratings-us",
+            "ratings",
+            Default::default(),
+        )
+        .await;
+    let _ap = m
+        .workload(
+            Net::A,
+            "10.10.0.12",
+            "ratings-ap",
+            "ratings",
+            Default::default(),
+        )
+        .await;
+    let web = m
+        .client_at(Net::A, "web", Locality::parse("eu-west/zone-a"))
+        .await;
+    let has_rule = |want: &'static str| {
+        let web = web.clone();
+        async move {
+            let d = web
+                .routes
+                .load()
+                .lookup(&host("ratings"), SVC_PORT, "")
+                .ok()?;
+            (d.targets().len() == 3 && format!("{:?}", d.locality()).contains(want)).then_some(())
+        }
+    };
+    assert!(
+        eventually(WAIT, || has_rule("ap-south")).await.is_some(),
+        "the failover rule never reached the client"
+    );
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..20 {
+        let call = m
+            .call(Net::A, &web, "ratings")
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e:#}"));
+        *answers.entry(call.greeting).or_default() += 1;
+    }
+    assert_eq!(answers, BTreeMap::from([("ratings-ap".to_string(), 20)]));
+
+    m.reg.write_resource("rule.yaml", &rule(by_zone));
+    assert!(
+        eventually(WAIT, || has_rule("Zone")).await.is_some(),
+        "the priority rule never reached the client"
+    );
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..20 {
+        let call = m
+            .call(Net::A, &web, "ratings")
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e:#}"));
+        *answers.entry(call.greeting).or_default() += 1;
+    }
+    assert_eq!(answers, BTreeMap::from([("ratings-us".to_string(), 20)]));
 }

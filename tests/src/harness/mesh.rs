@@ -14,7 +14,7 @@ use isthmus_gateway::GatewayHandle;
 use isthmus_proto::admin::Readiness;
 use isthmus_proto::drain;
 use isthmus_proto::identity::TrustDomain;
-use isthmus_proto::model::{Node, NodeKind};
+use isthmus_proto::model::{Locality, Node, NodeKind};
 use isthmus_proto::subscription::{RegistrySettings, SyncState, WatchClient, WatchOptions};
 use isthmus_proto::tls::{self, Credentials, ServerIdentity};
 use isthmus_proto::SpiffeId;
@@ -624,6 +624,11 @@ impl Mesh {
 
     /// A client workload (service account `sa`) in `net`.
     pub async fn client(&self, net: Net, sa: &str) -> Arc<Client> {
+        self.client_at(net, sa, Locality::default()).await
+    }
+
+    /// A client workload as [`Self::client`], in `locality`.
+    pub async fn client_at(&self, net: Net, sa: &str, locality: Locality) -> Arc<Client> {
         let creds = self.reg.credentials("shop", sa).await.unwrap();
         let bundle = self.reg.bundle();
         let registry = self.registry_addr;
@@ -634,6 +639,7 @@ impl Mesh {
                 max_ejection: Duration::from_secs(30),
                 ..Default::default()
             },
+            locality,
             ..Default::default()
         };
         let net_name = network(net).to_string();

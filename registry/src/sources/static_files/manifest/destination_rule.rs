@@ -7,11 +7,15 @@
 //!   open connections), `RANDOM`; `UNSPECIFIED` leaves the proxy's own choice;
 //! - `connectionPool.tcp.maxConnections` and `connectionPool.tcp.connectTimeout`;
 //! - `outlierDetection.consecutiveGatewayErrors` and `consecutive5xxErrors` (the smaller when
-//!   both are set: a failed connect is both), `baseEjectionTime` and `maxEjectionPercent`.
+//!   both are set: a failed connect is both), `baseEjectionTime` and `maxEjectionPercent`;
+//! - `loadBalancer.localityLbSetting`: `enabled`, `failover` (region to region),
+//!   `failoverPriority` of the locality labels (`topology.kubernetes.io/region`,
+//!   `topology.kubernetes.io/zone`, `topology.istio.io/subzone`), `distribute`.
 //!
 //! Accepted, so that a manifest ported from Istio loads, and warned about as not honoured, one
 //! warning a field: `loadBalancer.simple: PASSTHROUGH`; `loadBalancer.consistentHash`,
-//! `localityLbSetting`, `zoneAwareLbSetting`, `warmupDurationSecs` and `warmup`;
+//! a `failoverPriority` naming any other label (the whole list is then not applied),
+//! `zoneAwareLbSetting`, `warmupDurationSecs` and `warmup`;
 //! `connectionPool.tcp.tcpKeepalive`, `maxConnectionDuration` and `idleTimeout`;
 //! `connectionPool.http`; `outlierDetection.interval`, `consecutiveLocalOriginFailures`,
 //! `splitExternalLocalOriginErrors`, `minHealthPercent`, `consecutiveErrors` and
@@ -26,6 +30,7 @@ use std::collections::BTreeMap;
 use isthmus_proto::model::{
     DestinationRule, LoadBalancer, OutlierPolicy, Resource, Subset, TrafficPolicy,
 };
+use isthmus_proto::traffic::{LocalityLb, LocalityLevel};
 use serde::Deserialize;
 use serde_yaml_ng::Mapping;
 
@@ -97,10 +102,33 @@ struct PortSelectorSpec {
 struct LoadBalancerSpec {
     simple: Option<String>,
     consistent_hash: Option<Mapping>,
-    locality_lb_setting: Option<Mapping>,
+    locality_lb_setting: Option<LocalityLbSpec>,
     zone_aware_lb_setting: Option<Mapping>,
     warmup_duration_secs: Option<String>,
     warmup: Option<Mapping>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct LocalityLbSpec {
+    enabled: Option<bool>,
+    distribute: Vec<DistributeSpec>,
+    failover: Vec<FailoverSpec>,
+    failover_priority: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DistributeSpec {
+    from: Option<String>,
+    to: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FailoverSpec {
+    from: Option<String>,
+    to: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,7 +296,7 @@ fn settings(
 ) -> TrafficPolicy {
     let mut policy = TrafficPolicy::default();
     if let Some(spec) = load_balancer {
-        policy.load_balancer = self::load_balancer(&format!("{field}.loadBalancer"), spec, p);
+        self::load_balancer(&format!("{field}.loadBalancer"), spec, &mut policy, p);
     }
     if let Some(spec) = connection_pool {
         self::connection_pool(&format!("{field}.connectionPool"), spec, &mut policy, p);
@@ -320,8 +348,13 @@ fn port_level_settings(
         .collect()
 }
 
-/// `loadBalancer`: the `simple` policy isthmus applies, if any.
-fn load_balancer(field: &str, spec: LoadBalancerSpec, p: &mut Problems) -> Option<LoadBalancer> {
+/// `loadBalancer`: the `simple` policy and the locality settings, into `policy`.
+fn load_balancer(
+    field: &str,
+    spec: LoadBalancerSpec,
+    policy: &mut TrafficPolicy,
+    p: &mut Problems,
+) {
     if spec.simple.is_some() && spec.consistent_hash.is_some() {
         p.add(
             field,
@@ -337,11 +370,9 @@ fn load_balancer(field: &str, spec: LoadBalancerSpec, p: &mut Problems) -> Optio
         format!("{field}.consistentHash"),
         spec.consistent_hash.is_some(),
     );
-    ignored(
-        p,
-        format!("{field}.localityLbSetting"),
-        spec.locality_lb_setting.is_some(),
-    );
+    if let Some(locality) = spec.locality_lb_setting {
+        policy.locality = locality_lb(&format!("{field}.localityLbSetting"), locality, p);
+    }
     ignored(
         p,
         format!("{field}.zoneAwareLbSetting"),
@@ -354,7 +385,115 @@ fn load_balancer(field: &str, spec: LoadBalancerSpec, p: &mut Problems) -> Optio
         NOT_HONOURED,
     );
     ignored(p, format!("{field}.warmup"), spec.warmup.is_some());
-    chosen
+    policy.load_balancer = chosen;
+}
+
+/// The labels of the locality levels, as `failoverPriority` names them.
+const LOCALITY_LABELS: [(&str, LocalityLevel); 3] = [
+    ("topology.kubernetes.io/region", LocalityLevel::Region),
+    ("topology.kubernetes.io/zone", LocalityLevel::Zone),
+    ("topology.istio.io/subzone", LocalityLevel::Subzone),
+];
+
+/// `localityLbSetting`, checked as Istio checks it.
+fn locality_lb(field: &str, spec: LocalityLbSpec, p: &mut Problems) -> Option<LocalityLb> {
+    let errors = p.errors.len();
+    if !spec.distribute.is_empty() && !spec.failover.is_empty() {
+        p.add(
+            field,
+            "distribute and failover are alternatives (Istio refuses both at once); set only one",
+        );
+    }
+    let mut failover = Vec::new();
+    for (i, f) in spec.failover.iter().enumerate() {
+        let at = format!("{field}.failover[{i}]");
+        match (&f.from, &f.to) {
+            (Some(from), Some(to)) if from == to => p.add(
+                &at,
+                format!("from and to are both {from:?}: fail over to another region"),
+            ),
+            (Some(from), Some(to)) => {
+                for (name, region) in [("from", from), ("to", to)] {
+                    if region.is_empty() || region.contains('/') || region.contains('*') {
+                        p.add(
+                            format!("{at}.{name}"),
+                            format!("{region:?} is not a region (failover is from one region to another)"),
+                        );
+                    }
+                }
+                failover.push((from.clone(), to.clone()));
+            }
+            _ => p.add(&at, "needs both from and to (regions)"),
+        }
+    }
+    let mut distribute = Vec::new();
+    for (i, d) in spec.distribute.iter().enumerate() {
+        let at = format!("{field}.distribute[{i}]");
+        let Some(from) = &d.from else {
+            p.add(
+                format!("{at}.from"),
+                "is required (a locality, e.g. region/zone/*)",
+            );
+            continue;
+        };
+        check_locality_pattern(p, &format!("{at}.from"), from);
+        for pattern in d.to.keys() {
+            check_locality_pattern(p, &format!("{at}.to"), pattern);
+        }
+        let total: u64 = d.to.values().map(|&w| u64::from(w)).sum();
+        if total != 100 {
+            p.add(
+                format!("{at}.to"),
+                format!("the shares add up to {total}; they must add up to 100"),
+            );
+        }
+        distribute.push((
+            from.clone(),
+            d.to.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        ));
+    }
+    let mut failover_priority = Vec::new();
+    for (i, label) in spec.failover_priority.iter().enumerate() {
+        match LOCALITY_LABELS.iter().find(|(name, _)| name == label) {
+            Some((_, level)) => failover_priority.push(*level),
+            None => {
+                p.warn(
+                    format!("{field}.failoverPriority[{i}]"),
+                    format!(
+                        "{NOT_HONOURED}: {label:?} is not a locality label (isthmus orders by \
+                         topology.kubernetes.io/region, topology.kubernetes.io/zone and \
+                         topology.istio.io/subzone only), so failoverPriority is not applied"
+                    ),
+                );
+                failover_priority.clear();
+                break;
+            }
+        }
+    }
+    if p.errors.len() > errors {
+        return None;
+    }
+    Some(LocalityLb {
+        disabled: spec.enabled == Some(false),
+        failover,
+        failover_priority,
+        distribute,
+    })
+}
+
+/// `region`, `region/zone` or `region/zone/subzone`, or any of them ending in `/*`, or `*`.
+fn check_locality_pattern(p: &mut Problems, field: &str, pattern: &str) {
+    let parts: Vec<&str> = pattern.split('/').collect();
+    let bad_star = parts
+        .iter()
+        .enumerate()
+        .any(|(i, part)| part.contains('*') && (*part != "*" || i + 1 != parts.len()));
+    if pattern.is_empty() || parts.len() > 3 || parts.iter().any(|x| x.is_empty()) || bad_star {
+        p.add(
+            field,
+            format!("{pattern:?} is not a locality: use region, region/zone or region/zone/subzone, optionally ending in /*"),
+        );
+    }
 }
 
 /// `loadBalancer.simple`, Istio's names for its algorithms.

@@ -835,6 +835,7 @@ spec:
                 },
             )]
             .into(),
+            locality: None,
         }
     );
     assert_eq!(
@@ -917,6 +918,120 @@ fn destination_rule_policy_values_read_as_istio_writes_them() {
 }
 
 #[test]
+fn destination_rule_locality_settings_are_read_and_checked() {
+    use isthmus_proto::traffic::{LocalityLb, LocalityLevel};
+    let (resources, warnings) = parse_with_warnings(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        failover:
+        - {from: eu-west, to: eu-central}
+        failoverPriority:
+        - topology.kubernetes.io/region
+        - topology.kubernetes.io/zone
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer:
+        localityLbSetting:
+          distribute:
+          - from: eu-west/zone-a/*
+            to: {"eu-west/zone-a/*": 80, "eu-west/zone-b/*": 20}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        localityLbSetting:
+          enabled: false
+          failoverPriority: [topology.istio.io/network]
+"#,
+    );
+    let rule = the_destination_rule(resources);
+    assert_eq!(
+        rule.policy.locality,
+        Some(LocalityLb {
+            failover: vec![("eu-west".into(), "eu-central".into())],
+            failover_priority: vec![LocalityLevel::Region, LocalityLevel::Zone],
+            ..Default::default()
+        })
+    );
+    assert_eq!(
+        rule.subsets[0].policy.locality,
+        Some(LocalityLb {
+            distribute: vec![(
+                "eu-west/zone-a/*".into(),
+                vec![
+                    ("eu-west/zone-a/*".into(), 80),
+                    ("eu-west/zone-b/*".into(), 20)
+                ],
+            )],
+            ..Default::default()
+        })
+    );
+    assert_eq!(
+        rule.subsets[1].policy.locality,
+        Some(LocalityLb {
+            disabled: true,
+            ..Default::default()
+        })
+    );
+    let warned = fields_and_messages(&warnings);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert_eq!(
+        warned[0].0,
+        "spec.subsets[1].trafficPolicy.loadBalancer.localityLbSetting.failoverPriority[0]"
+    );
+    assert!(warned[0]
+        .1
+        .contains("\"topology.istio.io/network\" is not a locality label"));
+
+    let errors: Vec<String> = parse_errors(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      localityLbSetting:
+        failover:
+        - {from: eu-west, to: eu-west}
+        - {from: eu-west/zone-a, to: us}
+        - {from: eu-west}
+        distribute:
+        - from: "eu-*/zone-a"
+          to: {"eu-west/*": 70, "us/*": 20}
+        - to: {"*": 100}
+"#,
+    )
+    .iter()
+    .map(|e| e.to_string())
+    .collect();
+    for needle in [
+        "localityLbSetting: distribute and failover are alternatives",
+        "failover[0]: from and to are both \"eu-west\"",
+        "failover[1].from: \"eu-west/zone-a\" is not a region",
+        "failover[2]: needs both from and to",
+        "distribute[0].from: \"eu-*/zone-a\" is not a locality",
+        "distribute[0].to: the shares add up to 90",
+        "distribute[1].from: is required",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "{needle:?} not in {errors:#?}"
+        );
+    }
+}
+
+#[test]
 fn destination_rule_policies_warn_about_each_field_not_honoured() {
     let (resources, warnings) = parse_with_warnings(
         r#"
@@ -959,6 +1074,11 @@ spec:
         "PASSTHROUGH is not honoured"
     );
     assert_eq!(rule.policy.max_connections, Some(100));
+    assert_eq!(
+        rule.policy.locality,
+        Some(isthmus_proto::traffic::LocalityLb::default()),
+        "enabled: true is the default locality preference"
+    );
     assert_eq!(rule.policy.outlier, None);
     assert_eq!(rule.policy.ports, [(9080, TrafficPolicy::default())].into());
     assert_eq!(
@@ -974,7 +1094,6 @@ spec:
                 "not honoured by isthmus yet (ignored): isthmus always picks an endpoint, \
                  rather than connecting to the address the caller dialled"
             ),
-            ("spec.trafficPolicy.loadBalancer.localityLbSetting", ignored),
             (
                 "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
                 ignored
@@ -1005,7 +1124,7 @@ spec:
         ]
     );
     assert_eq!(
-        warnings[4].to_string(),
+        warnings[3].to_string(),
         "test.yaml (document 1): spec.trafficPolicy.connectionPool.http: not honoured by isthmus yet (ignored)"
     );
 }
