@@ -42,6 +42,18 @@ pub struct OutlierPolicy {
     pub max_ejection_percent: Option<u32>,
 }
 
+/// `connectionPool.tcp.tcpKeepalive`: keepalive on the caller's upstream sockets; a field
+/// left out keeps the system's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpKeepalive {
+    /// Unanswered probes before the connection is dropped.
+    pub probes: Option<u32>,
+    /// Idle time before the first probe.
+    pub time_ms: Option<u64>,
+    /// Time between probes.
+    pub interval_ms: Option<u64>,
+}
+
 /// Istio's `localityLbSetting`: how near endpoints are preferred.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LocalityLb {
@@ -98,6 +110,8 @@ pub struct TrafficPolicy {
     pub outlier: Option<OutlierPolicy>,
     /// `loadBalancer.localityLbSetting`, whole (a nearer level's replaces it).
     pub locality: Option<LocalityLb>,
+    /// `connectionPool.tcp.tcpKeepalive`, whole.
+    pub tcp_keepalive: Option<TcpKeepalive>,
     /// `portLevelSettings`: by service port, overriding the above field by field.
     pub ports: BTreeMap<u16, TrafficPolicy>,
 }
@@ -120,6 +134,7 @@ impl TrafficPolicy {
             connect_timeout_ms: over.connect_timeout_ms.or(self.connect_timeout_ms),
             outlier,
             locality: over.locality.clone().or_else(|| self.locality.clone()),
+            tcp_keepalive: over.tcp_keepalive.or(self.tcp_keepalive),
             ports: BTreeMap::new(),
         }
     }
@@ -307,6 +322,11 @@ impl From<&TrafficPolicy> for pb::TrafficPolicy {
                     })
                     .collect(),
             }),
+            tcp_keepalive: p.tcp_keepalive.map(|k| pb::TcpKeepalive {
+                probes: k.probes,
+                time_ms: k.time_ms,
+                interval_ms: k.interval_ms,
+            }),
         }
     }
 }
@@ -334,6 +354,11 @@ impl TryFrom<pb::TrafficPolicy> for TrafficPolicy {
                 .map(|(port_no, at)| Ok((port("policy.ports", port_no)?, at.try_into()?)))
                 .collect::<Result<_, ModelError>>()?,
             locality: p.locality.map(locality_lb).transpose()?,
+            tcp_keepalive: p.tcp_keepalive.map(|k| TcpKeepalive {
+                probes: k.probes,
+                time_ms: k.time_ms,
+                interval_ms: k.interval_ms,
+            }),
         })
     }
 }
@@ -595,6 +620,11 @@ mod tests {
                         "eu/*".into(),
                         vec![("eu/a/*".into(), 60), ("eu/b/*".into(), 40)],
                     )],
+                }),
+                tcp_keepalive: Some(TcpKeepalive {
+                    probes: Some(3),
+                    time_ms: Some(60_000),
+                    interval_ms: None,
                 }),
                 ..Default::default()
             },

@@ -29,6 +29,7 @@ use isthmus_proto::model::{
 };
 use isthmus_proto::program::ReadyPart;
 use isthmus_proto::subscription::{self, LocalView, SyncState};
+use isthmus_proto::traffic::TcpKeepalive;
 use isthmus_proto::SpiffeId;
 use serde::Serialize;
 
@@ -156,6 +157,8 @@ pub struct Destination {
     max_connections: AtomicUsize,
     /// The DestinationRule's `connectTimeout`, in ms (0: the proxy's own).
     connect_timeout_ms: AtomicU64,
+    /// The DestinationRule's `tcpKeepalive`, for the sockets connected to its endpoints.
+    tcp_keepalive: Mutex<Option<TcpKeepalive>>,
 }
 
 /// One of a destination's open connections (its share of the connection limit), given
@@ -197,6 +200,7 @@ impl Destination {
             open: AtomicUsize::new(0),
             max_connections: AtomicUsize::new(opts.max_connections_per_destination),
             connect_timeout_ms: AtomicU64::new(0),
+            tcp_keepalive: Mutex::new(None),
         }
     }
 
@@ -226,7 +230,7 @@ impl Destination {
 
     /// Applies `policy` (the DestinationRule's, effective for this port and subset) over
     /// the proxy's own settings in `opts`: load balancing, outlier ejection, the connection
-    /// limit and the connect timeout. Endpoints keep their state; connections open beyond
+    /// limit, the connect timeout and TCP keepalive. Endpoints keep their state; connections open beyond
     /// a lowered limit stay, and new ones wait for the count to fall below it.
     fn apply(&self, policy: &TrafficPolicy, opts: &RouteOptions) {
         let lb = match policy.load_balancer {
@@ -262,6 +266,12 @@ impl Destination {
         self.max_connections.store(max, Ordering::SeqCst);
         self.connect_timeout_ms
             .store(policy.connect_timeout_ms.unwrap_or(0), Ordering::Relaxed);
+        *self.tcp_keepalive.lock().expect("destination poisoned") = policy.tcp_keepalive;
+    }
+
+    /// The DestinationRule's TCP keepalive, when it sets one.
+    pub fn tcp_keepalive(&self) -> Option<TcpKeepalive> {
+        *self.tcp_keepalive.lock().expect("destination poisoned")
     }
 
     fn set(&self, targets: Vec<Target>, identities: Vec<SpiffeId>, exported: bool) {

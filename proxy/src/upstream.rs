@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
 
+use isthmus_proto::traffic::TcpKeepalive;
+
 use crate::balancer::FailureOutcome;
 use crate::metrics::{Direction, DirectionLabels, Metrics, ServiceLabels};
 use crate::routes::{Destination, Slot, Target};
@@ -130,6 +132,11 @@ where
                 .get_or_create(&DirectionLabels { direction })
                 .observe(started.elapsed().as_secs_f64());
             let _ = tcp.set_nodelay(true);
+            if let Some(keepalive) = destination.tcp_keepalive() {
+                if let Err(e) = set_keepalive(&tcp, &keepalive) {
+                    tracing::debug!(destination = %name, error = %e, "cannot set TCP keepalive");
+                }
+            }
             tokio::time::timeout(opts.timeout, first_step(tcp, target.clone()))
                 .await
                 .map_err(|_| {
@@ -184,6 +191,31 @@ where
     }
 }
 
+/// Turns keepalive on for `tcp` with the times and probes `keepalive` sets (the kernel's
+/// own for the rest); times are in whole seconds, a part of one rounded up.
+pub fn set_keepalive(tcp: &TcpStream, keepalive: &TcpKeepalive) -> io::Result<()> {
+    let seconds = |ms: u64| u32::try_from(ms.div_ceil(1000).max(1)).unwrap_or(u32::MAX);
+    sockopt_set(tcp, sockopt::KeepAlive, &true)?;
+    if let Some(ms) = keepalive.time_ms {
+        sockopt_set(tcp, sockopt::TcpKeepIdle, &seconds(ms))?;
+    }
+    if let Some(ms) = keepalive.interval_ms {
+        sockopt_set(tcp, sockopt::TcpKeepInterval, &seconds(ms))?;
+    }
+    if let Some(n) = keepalive.probes {
+        sockopt_set(tcp, sockopt::TcpKeepCount, &n)?;
+    }
+    Ok(())
+}
+
+fn sockopt_set<O: nix::sys::socket::SetSockOpt>(
+    tcp: &TcpStream,
+    opt: O,
+    value: &O::Val,
+) -> io::Result<()> {
+    setsockopt(tcp, opt, value).map_err(io::Error::from)
+}
+
 /// A TCP connection to `addr` from a socket carrying `mark`, if any.
 pub async fn connect_tcp(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
     let Some(mark) = mark else {
@@ -218,6 +250,32 @@ mod tests {
     use super::*;
     use nix::sys::socket::getsockopt;
     use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn keepalive_is_set_as_the_rule_says() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = connect_tcp(listener.local_addr().unwrap(), None)
+            .await
+            .unwrap();
+        let before = getsockopt(&tcp, sockopt::TcpKeepIdle).unwrap();
+        set_keepalive(
+            &tcp,
+            &TcpKeepalive {
+                probes: Some(4),
+                time_ms: Some(90_500),
+                interval_ms: None,
+            },
+        )
+        .unwrap();
+        assert!(getsockopt(&tcp, sockopt::KeepAlive).unwrap());
+        assert_eq!(
+            getsockopt(&tcp, sockopt::TcpKeepIdle).unwrap(),
+            91,
+            "rounded up"
+        );
+        assert_eq!(getsockopt(&tcp, sockopt::TcpKeepCount).unwrap(), 4);
+        assert_ne!(before, 91);
+    }
 
     #[tokio::test]
     async fn a_marked_connection_carries_its_mark() {

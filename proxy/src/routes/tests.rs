@@ -401,6 +401,10 @@ fn a_destination_rules_policy_sets_the_limit_timeout_and_ejection_per_port_and_s
             sv.policy = TrafficPolicy {
                 max_connections: Some(3),
                 connect_timeout_ms: Some(250),
+                tcp_keepalive: Some(isthmus_proto::traffic::TcpKeepalive {
+                    probes: Some(3),
+                    ..Default::default()
+                }),
                 outlier: Some(OutlierPolicy {
                     consecutive_errors: Some(1),
                     base_ejection_ms: Some(60_000),
@@ -422,6 +426,7 @@ fn a_destination_rules_policy_sets_the_limit_timeout_and_ejection_per_port_and_s
         all.connect_timeout(),
         Some(std::time::Duration::from_millis(250))
     );
+    assert_eq!(all.tcp_keepalive().and_then(|k| k.probes), Some(3));
     let slots: Vec<Slot> = (0..3).map(|_| all.take_slot().unwrap()).collect();
     assert!(all.take_slot().is_none(), "the fourth is over the limit");
     assert_eq!(all.open_connections(), 3);

@@ -5,7 +5,7 @@
 //! Honoured, in `trafficPolicy` and in each of its `portLevelSettings`:
 //! - `loadBalancer.simple`: `ROUND_ROBIN`, `LEAST_REQUEST` and `LEAST_CONN` (both the fewest
 //!   open connections), `RANDOM`; `UNSPECIFIED` leaves the proxy's own choice;
-//! - `connectionPool.tcp.maxConnections` and `connectionPool.tcp.connectTimeout`;
+//! - `connectionPool.tcp.maxConnections`, `connectTimeout` and `tcpKeepalive`;
 //! - `outlierDetection.consecutiveGatewayErrors` and `consecutive5xxErrors` (the smaller when
 //!   both are set: a failed connect is both), `baseEjectionTime` and `maxEjectionPercent`;
 //! - `loadBalancer.localityLbSetting`: `enabled`, `failover` (region to region),
@@ -16,7 +16,7 @@
 //! warning a field: `loadBalancer.simple: PASSTHROUGH`; `loadBalancer.consistentHash`,
 //! a `failoverPriority` naming any other label (the whole list is then not applied),
 //! `zoneAwareLbSetting`, `warmupDurationSecs` and `warmup`;
-//! `connectionPool.tcp.tcpKeepalive`, `maxConnectionDuration` and `idleTimeout`;
+//! `connectionPool.tcp.maxConnectionDuration` and `idleTimeout`;
 //! `connectionPool.http`; `outlierDetection.interval`, `consecutiveLocalOriginFailures`,
 //! `splitExternalLocalOriginErrors`, `minHealthPercent`, `consecutiveErrors` and
 //! `outlierDetectionHttpErrorCodes`; a policy's (or a port's) `tls`, and a policy's `tunnel`,
@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use isthmus_proto::model::{
     DestinationRule, LoadBalancer, OutlierPolicy, Resource, Subset, TrafficPolicy,
 };
-use isthmus_proto::traffic::{LocalityLb, LocalityLevel};
+use isthmus_proto::traffic::{LocalityLb, LocalityLevel, TcpKeepalive};
 use serde::Deserialize;
 use serde_yaml_ng::Mapping;
 
@@ -146,9 +146,18 @@ struct TcpSettingsSpec {
     /// error that says what is accepted.
     max_connections: Option<i64>,
     connect_timeout: Option<String>,
-    tcp_keepalive: Option<Mapping>,
+    tcp_keepalive: Option<TcpKeepaliveSpec>,
     max_connection_duration: Option<String>,
     idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct TcpKeepaliveSpec {
+    /// Wider than Istio's uint32, so that a negative gets an error saying what is accepted.
+    probes: Option<i64>,
+    time: Option<String>,
+    interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -388,6 +397,38 @@ fn load_balancer(
     policy.load_balancer = chosen;
 }
 
+/// `tcpKeepalive`: probes, and the idle time and interval (the kernel counts them in whole
+/// seconds: a part of a second is rounded up).
+fn tcp_keepalive(field: &str, spec: TcpKeepaliveSpec, p: &mut Problems) -> Option<TcpKeepalive> {
+    let errors = p.errors.len();
+    let probes = spec.probes.and_then(|n| match u32::try_from(n) {
+        Ok(n) if (1..=127).contains(&n) => Some(n),
+        _ => {
+            p.add(
+                format!("{field}.probes"),
+                format!("{n} is not a number of probes from 1 to 127 (the kernel's limit)"),
+            );
+            None
+        }
+    });
+    let mut seconds = |name: &str, text: Option<&str>| {
+        let at = format!("{field}.{name}");
+        let ms = duration_ms(p, &at, text?)?;
+        if ms > 32_767_000 {
+            p.add(at, format!("{ms} ms is longer than the kernel's 32767 s"));
+            return None;
+        }
+        Some(ms)
+    };
+    let time_ms = seconds("time", spec.time.as_deref());
+    let interval_ms = seconds("interval", spec.interval.as_deref());
+    (p.errors.len() == errors).then_some(TcpKeepalive {
+        probes,
+        time_ms,
+        interval_ms,
+    })
+}
+
 /// The labels of the locality levels, as `failoverPriority` names them.
 const LOCALITY_LABELS: [(&str, LocalityLevel); 3] = [
     ("topology.kubernetes.io/region", LocalityLevel::Region),
@@ -543,11 +584,9 @@ fn connection_pool(
         if let Some(timeout) = &tcp.connect_timeout {
             policy.connect_timeout_ms = duration_ms(p, &format!("{field}.connectTimeout"), timeout);
         }
-        ignored(
-            p,
-            format!("{field}.tcpKeepalive"),
-            tcp.tcp_keepalive.is_some(),
-        );
+        if let Some(keepalive) = tcp.tcp_keepalive {
+            policy.tcp_keepalive = tcp_keepalive(&format!("{field}.tcpKeepalive"), keepalive, p);
+        }
         ignored_duration(
             p,
             format!("{field}.maxConnectionDuration"),

@@ -836,6 +836,7 @@ spec:
             )]
             .into(),
             locality: None,
+            tcp_keepalive: None,
         }
     );
     assert_eq!(
@@ -1075,6 +1076,13 @@ spec:
     );
     assert_eq!(rule.policy.max_connections, Some(100));
     assert_eq!(
+        rule.policy.tcp_keepalive,
+        Some(isthmus_proto::traffic::TcpKeepalive {
+            time_ms: Some(7_200_000),
+            ..Default::default()
+        })
+    );
+    assert_eq!(
         rule.policy.locality,
         Some(isthmus_proto::traffic::LocalityLb::default()),
         "enabled: true is the default locality preference"
@@ -1093,10 +1101,6 @@ spec:
                 "spec.trafficPolicy.loadBalancer.simple",
                 "not honoured by isthmus yet (ignored): isthmus always picks an endpoint, \
                  rather than connecting to the address the caller dialled"
-            ),
-            (
-                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
-                ignored
             ),
             ("spec.trafficPolicy.connectionPool.tcp.idleTimeout", ignored),
             ("spec.trafficPolicy.connectionPool.http", ignored),
@@ -1124,7 +1128,7 @@ spec:
         ]
     );
     assert_eq!(
-        warnings[3].to_string(),
+        warnings[2].to_string(),
         "test.yaml (document 1): spec.trafficPolicy.connectionPool.http: not honoured by isthmus yet (ignored)"
     );
 }
@@ -1163,6 +1167,18 @@ fn destination_rule_policy_errors_name_their_path() {
             "  trafficPolicy: {connectionPool: {tcp: {connectTimeout: fast}}}\n",
             "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
             "\"fast\" is not a duration; write a number and a unit, as 250ms, 1.5s, 2m or 1h",
+        ),
+        (
+            "keepalive probes out of range",
+            "  trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {probes: 0}}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.probes",
+            "0 is not a number of probes from 1 to 127",
+        ),
+        (
+            "keepalive time past the kernel's",
+            "  trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 10h}}}}\n",
+            "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.time",
+            "longer than the kernel's 32767 s",
         ),
         (
             "a number, not a duration",
