@@ -13,7 +13,9 @@
 //! counts it: `reporter="source"`, the gateway itself as the source, the catalog's workload
 //! at the endpoint as the destination, and, since the gateway terminates no TLS, no
 //! principal on either side and the security policy `unknown`. Its bytes are the TLS
-//! records it splices, the ClientHello included.
+//! records it splices, the ClientHello included. In `isthmus_tcp_connections_opened_total`
+//! its hop is `direct`, within the endpoint's network, which is the gateway's own: it
+//! routes to its network's workloads only.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use isthmus_proxy::connection::{
     self, finish_relay, refusal, AccessRecord, ConnectionHandler, Refusal, Tracker,
 };
 use isthmus_proxy::metrics::istio::{
-    IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy, Traffic,
+    IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy, Traffic, Transit, Transport,
 };
 use isthmus_proxy::metrics::{ConnResult, Direction, Metrics};
 use isthmus_proxy::relay;
@@ -181,10 +183,15 @@ async fn connect_and_relay(
     };
     rec.endpoint = Some(up.target.addr);
     rec.bytes_to_upstream = hello.len() as u64;
+    let transit = Transit {
+        source_network: up.target.network.clone(),
+        destination_network: up.target.network.clone(),
+        transport: Transport::Direct,
+    };
     let report = p
         .metrics
         .istio
-        .open(istio_labels(p, dest, Some(&up.target.uid)));
+        .open_transit(istio_labels(p, dest, Some(&up.target.uid)), transit);
     report.add_received(hello.len() as u64);
     let relayed = relay::relay_tcp_metered(tcp, up.stream, report.meter());
     let result = finish_relay(rec, p.tracker.closing(), relayed).await;

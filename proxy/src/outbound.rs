@@ -14,6 +14,10 @@
 //! `reporter="source"`: the program's own workload as the source, the destination the
 //! catalog's workload at the endpoint when it is the server identity verified (through a
 //! remote gateway, what that identity alone says), `CONNECT` when no endpoint answered.
+//! A connection that reached an endpoint is also counted in
+//! `isthmus_tcp_connections_opened_total` with the program's network, the endpoint's (for a
+//! gateway, the remote network's) and the transport: `sni-gateway` through a remote
+//! network's gateway, else `direct`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -30,7 +34,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::connection::{accept_loop, finish_relay, AccessRecord, Tracker};
-use crate::metrics::istio::{self, IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy};
+use crate::metrics::istio::{
+    self, IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy, Transit, Transport,
+};
 use crate::metrics::{ConnResult, Direction, Metrics};
 use crate::routes::{LookupError, RouteTable, Target};
 use crate::upstream::{self, ConnectError, ConnectOptions, Lease};
@@ -381,7 +387,7 @@ async fn handle(
         rec.peer_identity = up.server_identity.as_ref().map(|i| i.to_string());
         let labels =
             outbound.istio_labels(&up.service, Some((&up.target, up.server_identity.as_ref())));
-        let report = m.istio.open(labels);
+        let report = m.istio.open_transit(labels, transit(m, &up.target));
         finish_relay(
             rec,
             outbound.tracker.closing(),
@@ -391,6 +397,19 @@ async fn handle(
     }
     .await;
     close(m, open, rec, &service, result);
+}
+
+/// How a connection to `target` is carried, from the program's network.
+fn transit(m: &Metrics, target: &Target) -> Transit {
+    Transit {
+        source_network: m.istio.network().to_string(),
+        destination_network: target.network.clone(),
+        transport: if target.via_gateway {
+            Transport::SniGateway
+        } else {
+            Transport::Direct
+        },
+    }
 }
 
 /// Ends a connection: it leaves the open gauge, its record is finished, and it is counted

@@ -1,9 +1,9 @@
 //! `isthmusctl`: CA setup, bootstrap tokens, certificate requests, VM onboarding bundles,
-//! a network's view, the Kubernetes clusters the registry watches and the peered registries it
-//! imports from. This file is the
-//! command line and its dispatch; each command is a function in the file named after what
-//! it works on ([`ca`], [`cert`], [`vm`], [`catalog`], [`clusters`], [`cluster_secret`],
-//! [`peers`]),
+//! a network's view, the Kubernetes clusters the registry watches, the peered registries it
+//! imports from, and who talks to whom (the mesh graph, from the proxies' metrics). This
+//! file is the command line and its dispatch; each command is a function in the file named
+//! after what it works on ([`ca`], [`cert`], [`vm`], [`catalog`], [`clusters`],
+//! [`cluster_secret`], [`peers`], [`graph`]),
 //! and [`connect`] is how the commands that talk to a registry reach it.
 
 mod ca;
@@ -12,6 +12,7 @@ mod cert;
 mod cluster_secret;
 mod clusters;
 mod connect;
+mod graph;
 mod peers;
 mod vm;
 
@@ -53,6 +54,10 @@ enum Command {
     /// Each registry this one imports from (--peer): connected or stale, the registry of its
     /// set followed, what it brought, the age of its last sync (its admin's /debug/peers).
     Peers(peers::PeersArgs),
+    /// Who talks to whom: workloads and services grouped by network and cluster, and
+    /// between them connections, bytes, refusals and the transport (direct, sni-gateway),
+    /// read from each proxy's /metrics (--metrics); as text, Graphviz DOT or SVG.
+    Graph(graph::GraphArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +119,7 @@ async fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Catalog(args) => catalog::show(args).await,
         Command::Clusters(args) => clusters::show(args).await,
         Command::Peers(args) => peers::show(args).await,
+        Command::Graph(args) => graph::show(args).await,
         Command::Cluster(ClusterCommand::Secret(args)) => cluster_secret::create(args).await,
     }
 }

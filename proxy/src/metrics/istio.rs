@@ -24,6 +24,20 @@
 //! - A value nobody knows is `unknown`, except a canonical revision, which is `latest` (as
 //!   Istio's sidecars write it).
 //!
+//! Beside Istio's four, one family of isthmus's own, `isthmus_tcp_connections_opened_total`
+//! ([`TransitLabels`]): each connection a source reports (the VM agent's outbound, the
+//! gateway) that reached an endpoint, counted when Istio's `opened` is, under the edge's
+//! workloads, namespaces, clusters and service as Istio's labels name them, plus what
+//! Istio's label set has no room for: the network of each end and the `transport` that
+//! carried it (`direct` to the endpoint; `sni-gateway`, SNI passthrough through the
+//! destination network's east-west gateway; `tunnel` is kept for the gateways' tunnels).
+//! It is a family of its own rather than a label on Istio's: Istio's dashboards and
+//! Kiali match Istio's series by Istio's label names, and a label they do not know would
+//! split every series they read; nor can the transport be derived from Istio's labels (an
+//! `unknown` destination workload is a remote network's, or one the catalog does not
+//! know). Bytes stay in Istio's families, where the relay counts them as it goes: the
+//! graph (`isthmusctl graph`) joins the two on the edge's labels.
+//!
 //! Bounded cardinality: every label value comes from the catalog (service hostnames, names
 //! and namespaces; workload labels and clusters) or from a SPIFFE identity the TLS layer
 //! verified against the mesh's roots, never from what an unauthenticated client sends. A
@@ -50,6 +64,8 @@ use crate::relay::Meter;
 
 /// The metric prefix Istio's standard metrics have.
 pub const PREFIX: &str = "istio";
+/// The prefix of isthmus's own family beside Istio's ([`TransitLabels`]).
+pub const TRANSIT_PREFIX: &str = "isthmus";
 /// Istio's value for a label nobody knows.
 pub const UNKNOWN: &str = "unknown";
 /// Istio's canonical revision of a workload without a revision label, or of one it knows
@@ -139,6 +155,85 @@ impl EncodeLabelValue for ResponseFlags {
 #[allow(non_camel_case_types)]
 pub enum RequestProtocol {
     tcp,
+}
+
+/// How a connection reached its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// `direct`: to the endpoint's own address, in the reporter's network.
+    Direct,
+    /// `sni-gateway`: to the destination network's east-west gateway, which routes the
+    /// still encrypted session on its SNI (TLS passthrough).
+    SniGateway,
+}
+
+impl Transport {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Transport::Direct => "direct",
+            Transport::SniGateway => "sni-gateway",
+        }
+    }
+}
+
+impl EncodeLabelValue for Transport {
+    fn encode(&self, w: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        w.write_str(self.as_str())
+    }
+}
+
+/// Where a connection went, beyond what Istio's labels say: the networks of both ends
+/// (empty when not known) and the transport.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Transit {
+    pub source_network: String,
+    pub destination_network: String,
+    pub transport: Transport,
+}
+
+/// What a connection is counted under in `isthmus_tcp_connections_opened_total`: the
+/// edge as Istio's labels name it (reporter, workloads, namespaces, clusters, service),
+/// the networks of both ends and the transport.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TransitLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_cluster: String,
+    pub source_network: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_cluster: String,
+    pub destination_network: String,
+    pub transport: Transport,
+}
+
+impl TransitLabels {
+    /// The edge of `istio` (the same values, so the two join), carried as `transit` says.
+    pub fn new(istio: &IstioLabels, transit: &Transit) -> Self {
+        let network = |n: &str| {
+            if n.is_empty() {
+                UNKNOWN.to_string()
+            } else {
+                n.to_string()
+            }
+        };
+        Self {
+            reporter: istio.reporter,
+            source_workload: istio.source_workload.clone(),
+            source_workload_namespace: istio.source_workload_namespace.clone(),
+            source_cluster: istio.source_cluster.clone(),
+            source_network: network(&transit.source_network),
+            destination_service: istio.destination_service.clone(),
+            destination_workload: istio.destination_workload.clone(),
+            destination_workload_namespace: istio.destination_workload_namespace.clone(),
+            destination_cluster: istio.destination_cluster.clone(),
+            destination_network: network(&transit.destination_network),
+            transport: transit.transport,
+        }
+    }
 }
 
 /// What the labels say about one end of a connection. `None` is written `unknown`.
@@ -490,32 +585,39 @@ impl IstioLabels {
     }
 }
 
-/// The four counters, and what their labels are read from: the program's own workload and
-/// the catalog's workloads.
+/// The four counters and the transit family beside them, and what their labels are read
+/// from: the program's own workload and network, and the catalog's workloads.
 #[derive(Debug, Default)]
 pub struct IstioMetrics {
     pub opened: Family<IstioLabels, Counter>,
     pub closed: Family<IstioLabels, Counter>,
     pub received_bytes: Family<IstioLabels, Counter>,
     pub sent_bytes: Family<IstioLabels, Counter>,
+    /// `isthmus_tcp_connections_opened_total`: connections by edge, networks and transport.
+    pub transits: Family<TransitLabels, Counter>,
     local: ArcSwap<Local>,
+    /// The network the program's workload is in (empty: not known).
+    network: ArcSwap<String>,
     catalog: ArcSwap<Catalog>,
-    /// The four counters of each label set seen, so that a connection costs one lookup of
-    /// its label set instead of four (one per family).
-    handles: RwLock<HashMap<IstioLabels, Arc<Handles>>>,
+    /// The counters of each label set (and transit) seen, so that a connection costs one
+    /// lookup of its label set instead of one per family.
+    handles: RwLock<HashMap<HandlesKey, Arc<Handles>>>,
 }
+
+type HandlesKey = (IstioLabels, Option<Transit>);
 
 /// Label sets whose counters are kept at hand; past this the cache starts over (the
 /// families keep every count).
 const MAX_CACHED_LABEL_SETS: usize = 4096;
 
-/// One label set's four counters.
+/// One label set's four counters, and its transit's.
 #[derive(Debug)]
 struct Handles {
     opened: Counter,
     closed: Counter,
     received: Counter,
     sent: Counter,
+    transit: Option<Counter>,
 }
 
 impl IstioMetrics {
@@ -543,6 +645,11 @@ impl IstioMetrics {
             "Bytes of the response: from the server back to the connecting side (Istio standard metric)",
             m.sent_bytes.clone(),
         );
+        registry.sub_registry_with_prefix(TRANSIT_PREFIX).register(
+            "tcp_connections_opened",
+            "TCP connections opened that reached an endpoint, as istio_tcp_connections_opened_total counts them, by the edge's workloads and service, the networks of both ends and the transport (direct, sni-gateway)",
+            m.transits.clone(),
+        );
         m
     }
 
@@ -553,6 +660,15 @@ impl IstioMetrics {
 
     pub fn set_local(&self, local: Local) {
         self.local.store(Arc::new(local));
+    }
+
+    /// The network the program's workload is in (empty: not known).
+    pub fn network(&self) -> Arc<String> {
+        self.network.load_full()
+    }
+
+    pub fn set_network(&self, network: &str) {
+        self.network.store(Arc::new(network.to_string()));
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
@@ -566,13 +682,26 @@ impl IstioMetrics {
 
     /// Counts a connection opened; the report counts its bytes and its close.
     pub fn open(&self, labels: IstioLabels) -> TcpReport {
-        let handles = self.handles(labels);
+        self.open_key((labels, None))
+    }
+
+    /// As [`open`](Self::open), for a connection that reached its endpoint as `transit`
+    /// says: counted in `isthmus_tcp_connections_opened_total` too.
+    pub fn open_transit(&self, labels: IstioLabels, transit: Transit) -> TcpReport {
+        self.open_key((labels, Some(transit)))
+    }
+
+    fn open_key(&self, key: HandlesKey) -> TcpReport {
+        let handles = self.handles(key);
         handles.opened.inc();
+        if let Some(t) = &handles.transit {
+            t.inc();
+        }
         TcpReport { handles }
     }
 
-    fn handles(&self, labels: IstioLabels) -> Arc<Handles> {
-        if let Some(h) = self.handles.read().expect("istio handles").get(&labels) {
+    fn handles(&self, key: HandlesKey) -> Arc<Handles> {
+        if let Some(h) = self.handles.read().expect("istio handles").get(&key) {
             return h.clone();
         }
         let mut cache = self.handles.write().expect("istio handles");
@@ -580,13 +709,18 @@ impl IstioMetrics {
             cache.clear();
         }
         cache
-            .entry(labels)
-            .or_insert_with_key(|l| {
+            .entry(key)
+            .or_insert_with_key(|(l, transit)| {
                 Arc::new(Handles {
                     opened: self.opened.get_or_create(l).clone(),
                     closed: self.closed.get_or_create(l).clone(),
                     received: self.received_bytes.get_or_create(l).clone(),
                     sent: self.sent_bytes.get_or_create(l).clone(),
+                    transit: transit.as_ref().map(|t| {
+                        self.transits
+                            .get_or_create(&TransitLabels::new(l, t))
+                            .clone()
+                    }),
                 })
             })
             .clone()

@@ -70,9 +70,12 @@ impl Inputs {
         let (group_tx, group) = watch::channel(registration::load_group(&config.group_path()));
         let mut registry = Registry::default();
         isthmus_proto::limits::register(registry.sub_registry_with_prefix("isthmus"));
+        let metrics = Arc::new(Metrics::register(&mut registry, crate::metrics::PREFIX));
+        // The source network of what the outbound reports (isthmus_tcp_connections_opened).
+        metrics.istio.set_network(&checked.bundle.network);
         let inputs = Self {
             hello: hello(&checked.bundle, &config, id.address),
-            metrics: Arc::new(Metrics::register(&mut registry, crate::metrics::PREFIX)),
+            metrics,
             agent_metrics: AgentMetrics::register(&mut registry),
             registry: Arc::new(Mutex::new(registry)),
             readiness: Readiness::default(),

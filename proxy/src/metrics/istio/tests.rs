@@ -398,3 +398,69 @@ fn an_endpoint_the_table_chose_is_found_by_uid_even_beside_others_at_its_address
     assert_eq!(c.endpoint("r-1", Some(&other)), Peer::from_identity(&other));
     assert_eq!(c.endpoint("gone", None), Peer::default());
 }
+
+/// The transit family: the edge under Istio's values, the networks and the transport,
+/// counted with Istio's `opened` for the same connection; a connection with no transit
+/// (the inbound's) is not in it.
+#[test]
+fn a_connection_with_a_transit_is_counted_by_edge_networks_and_transport() {
+    let mut registry = Registry::default();
+    let m = IstioMetrics::register(&mut registry);
+    let source = Peer::from_labels(Some("web"), &labels(&[]), "cluster-a", None);
+    let destination = Peer::from_identity(&id("shop", "reviews"));
+    let l = IstioLabels::new(&Traffic {
+        reporter: Reporter::source,
+        source: &source,
+        destination: &destination,
+        service: Some(&svc("reviews")),
+        security: SecurityPolicy::unknown,
+        flags: ResponseFlags::None,
+    });
+    let via = |transport| Transit {
+        source_network: "network-a".into(),
+        destination_network: "network-b".into(),
+        transport,
+    };
+    for _ in 0..2 {
+        drop(m.open_transit(l.clone(), via(Transport::SniGateway)));
+    }
+    drop(m.open_transit(
+        l.clone(),
+        Transit {
+            source_network: String::new(),
+            ..via(Transport::Direct)
+        },
+    ));
+    drop(m.open(l.clone()));
+    assert_eq!(
+        m.opened.get_or_create(&l).get(),
+        4,
+        "Istio's count has them all"
+    );
+
+    let mut text = String::new();
+    encode(&mut text, &registry).unwrap();
+    let series = |source_network: &str, transport: &str| {
+        format!(
+            "isthmus_tcp_connections_opened_total{{reporter=\"source\",source_workload=\"web\",\
+             source_workload_namespace=\"unknown\",source_cluster=\"cluster-a\",\
+             source_network=\"{source_network}\",\
+             destination_service=\"reviews.shop.svc.cluster.local\",\
+             destination_workload=\"unknown\",destination_workload_namespace=\"shop\",\
+             destination_cluster=\"unknown\",destination_network=\"network-b\",\
+             transport=\"{transport}\"}}"
+        )
+    };
+    for line in [
+        format!("{} 2", series("network-a", "sni-gateway")),
+        format!("{} 1", series("unknown", "direct")),
+    ] {
+        assert!(text.contains(&line), "missing {line}\nin\n{text}");
+    }
+    assert_eq!(
+        text.matches("isthmus_tcp_connections_opened_total{")
+            .count(),
+        2,
+        "{text}"
+    );
+}
