@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use isthmus_proto::drain;
@@ -33,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::client_hello::{self, ClientHelloReader, Hello};
 use crate::connection::{accept_loop, finish_relay, AccessRecord, Tracker};
 use crate::metrics::istio::{
     self, IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy, Transit, Transport,
@@ -129,6 +131,9 @@ pub struct OutboundTarget {
     pub port: u16,
     /// Empty: every endpoint.
     pub subset: String,
+    /// The server name the app sent in its ClientHello, for the VirtualService's `tls`
+    /// routes; `None` lets [`serve_with`] read it when the host has such routes.
+    pub sni: Option<String>,
 }
 
 /// An established mTLS connection to a service endpoint.
@@ -168,6 +173,7 @@ impl Outbound {
             target.port,
             &target.subset,
             &self.source_labels.load(),
+            target.sni.as_deref(),
         )?;
         let key = &dest.key;
         let sni = SniKey::new(key.port, &key.subset, &key.hostname).to_string();
@@ -318,6 +324,45 @@ pub async fn serve_with<D, T>(
     .await;
 }
 
+/// How long a captured connection to a host with `tls` routes may take to send its
+/// ClientHello before it is routed without a server name (by the `tcp` routes).
+pub const SNI_PEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The server name in the ClientHello `tcp` starts with, read without taking any byte off
+/// the socket (they are relayed as they are); `None` when the app sends no TLS, no name,
+/// or nothing within `timeout`.
+async fn peek_server_name(tcp: &TcpStream, timeout: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        match ClientHelloReader::new().feed(&buf[..n]) {
+            Ok(Hello::ServerName(name)) => return Some(name),
+            Err(_) => return None,
+            Ok(Hello::NeedMore) => {
+                // A ClientHello split over segments: wait for the rest. Peeking returns
+                // what is there at once, so wait a little before looking again.
+                if n == buf.len() {
+                    if buf.len() >= client_hello::MAX_CLIENT_HELLO + 64 {
+                        return None;
+                    }
+                    buf.resize(buf.len() * 2, 0);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
 /// Relays a connection to `addr` in plain TCP (no identity, no Istio metrics: it is not
 /// mesh traffic), counted under [`PASSTHROUGH`].
 async fn passthrough(
@@ -364,6 +409,16 @@ async fn handle(
     target: &OutboundTarget,
     rec: &mut AccessRecord,
 ) {
+    let sniffed;
+    let target = if target.sni.is_none() && outbound.routes.load().wants_sni(&target.hostname) {
+        sniffed = OutboundTarget {
+            sni: peek_server_name(&tcp, SNI_PEEK_TIMEOUT).await,
+            ..target.clone()
+        };
+        &sniffed
+    } else {
+        target
+    };
     let service = target.hostname.clone();
     rec.destination = format!("{}:{}", target.hostname, target.port);
     rec.service = Some(service.clone());

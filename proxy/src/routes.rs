@@ -528,25 +528,42 @@ impl RouteTable {
         self.routes.insert(host.clone(), routes);
     }
 
+    /// Whether `hostname` has `tls` routes, which match on the server name the app sends:
+    /// a caller reads its ClientHello first ([`crate::client_hello`]) only then.
+    pub fn wants_sni(&self, hostname: &str) -> bool {
+        self.routes
+            .get(hostname)
+            .is_some_and(|rs| rs.routes.iter().any(|(r, _)| !r.sni_hosts.is_empty()))
+    }
+
     /// The destination a new connection to `hostname:port` from a caller labelled `source`
     /// goes to: with no subset named, the destination its first matching route picks (by
-    /// weight), else the service port itself; with a subset, that subset.
+    /// weight), else the service port itself; with a subset, that subset. With the server
+    /// name the app sent (`sni`), its first matching `tls` route comes before the `tcp`
+    /// ones, as in Istio; without one, only `tcp` routes match.
     pub fn resolve(
         &self,
         hostname: &str,
         port: u16,
         subset: &str,
         source: &BTreeMap<String, String>,
+        sni: Option<&str>,
     ) -> Result<Arc<Destination>, LookupError> {
         let route = self
             .routes
             .get(hostname)
             .filter(|_| subset.is_empty())
             .and_then(|rs| {
-                // A `tls` route matches on the SNI the app sends, which is not read here.
-                rs.routes
+                let tls = rs
+                    .routes
                     .iter()
-                    .find(|(r, _)| r.sni_hosts.is_empty() && r.matches(port, source, None))
+                    .filter(|(r, _)| !r.sni_hosts.is_empty())
+                    .find(|(r, _)| sni.is_some() && r.matches(port, source, sni));
+                tls.or_else(|| {
+                    rs.routes
+                        .iter()
+                        .find(|(r, _)| r.sni_hosts.is_empty() && r.matches(port, source, None))
+                })
             });
         let Some((route, choice)) = route else {
             return self.lookup(hostname, port, subset);

@@ -160,7 +160,7 @@ async fn a_weighted_route_splits_across_networks_and_the_far_gateway_keeps_the_s
     let moved = eventually(WAIT, || async {
         let t = web.routes.load();
         let d = t
-            .resolve(&host("reviews"), SVC_PORT, "", &BTreeMap::new())
+            .resolve(&host("reviews"), SVC_PORT, "", &BTreeMap::new(), None)
             .ok()?;
         (d.key.subset == "v2").then_some(())
     })
@@ -571,4 +571,137 @@ spec:
         *answers.entry(call.greeting).or_default() += 1;
     }
     assert_eq!(answers, BTreeMap::from([("ratings-us".to_string(), 20)]));
+}
+
+/// A real ClientHello naming `sni`: the first bytes an app speaking TLS sends.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let cfg = rustls::ClientConfig::builder_with_provider(isthmus_proto::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// A VirtualService's `tls` route on a captured connection: the caller reads the server
+/// name from the app's ClientHello (without taking the bytes off the connection) and a
+/// name the route lists goes to v2 in network B, through B's gateway; another name, and
+/// plaintext, take the `tcp` route to v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_route_matches_the_server_name_the_app_sends() {
+    use isthmus_proto::drain;
+    use isthmus_proxy::outbound::{self, OutboundTarget};
+    use tokio::io::AsyncWriteExt;
+    let route = format!(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  hosts:
+  - reviews
+  - canary.reviews.example
+  tls:
+  - match:
+    - port: {SVC_PORT}
+      sniHosts: [canary.reviews.example]
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+  tcp:
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+"
+    );
+    let catalog = vec![
+        yaml::service("reviews", "shop", SVC_PORT),
+        reviews("reviews-a-v1", "10.10.0.5", "network-a", "v1"),
+        reviews("reviews-b-v2", "10.10.0.6", "network-b", "v2"),
+        RULE.to_string(),
+        route,
+    ];
+    let Some(m) = Mesh::start("traffic-tls", &catalog).await else {
+        return;
+    };
+    let _gateways = [m.gateway(Net::A).await, m.gateway(Net::B).await];
+    let _v1 = m
+        .workload(
+            Net::A,
+            "10.10.0.5",
+            "reviews-a-v1",
+            "reviews",
+            Default::default(),
+        )
+        .await;
+    let _v2 = m
+        .workload(
+            Net::B,
+            "10.10.0.6",
+            "reviews-b-v2",
+            "reviews",
+            Default::default(),
+        )
+        .await;
+    let web = m.client(Net::A, "web").await;
+    let ready = eventually(WAIT, || async {
+        let t = web.routes.load();
+        let n = |subset| {
+            t.lookup(&host("reviews"), SVC_PORT, subset)
+                .ok()
+                .map(|d| d.targets().len())
+        };
+        (n("v1") == Some(1) && n("v2") == Some(1) && t.wants_sni(&host("reviews"))).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "the routes never reached the client");
+
+    // The app's side: a captured listener for reviews, as the agent's capture gives it.
+    let outbound = web.outbound.clone();
+    let hostname = host("reviews");
+    let answers = isthmus_tests::harness::mesh::on(m.rt(Net::A), async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_trigger, shutdown) = drain::channel();
+        let target = OutboundTarget {
+            hostname,
+            port: SVC_PORT,
+            subset: String::new(),
+            sni: None,
+        };
+        tokio::spawn(outbound::serve(listener, outbound, target, 64, shutdown));
+        let mut answers = Vec::new();
+        let first_bytes = [
+            client_hello("canary.reviews.example"),
+            client_hello("reviews.shop.svc.cluster.local"),
+            b"plain text\n".to_vec(),
+            client_hello("canary.reviews.example"),
+        ];
+        for bytes in first_bytes {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(&bytes).await.unwrap();
+            let greeting = isthmus_tests::harness::mesh::read_line(&mut s)
+                .await
+                .unwrap_or_else(|e| format!("error: {e:#}"));
+            answers.push(greeting);
+        }
+        answers
+    })
+    .await;
+    assert_eq!(
+        answers,
+        [
+            "reviews-b-v2",
+            "reviews-a-v1",
+            "reviews-a-v1",
+            "reviews-b-v2"
+        ]
+    );
 }

@@ -168,6 +168,7 @@ async fn a_vm_joins_the_mesh_both_ways_through_the_gateways() {
                 hostname: host("web"),
                 port: SVC_PORT,
                 subset: String::new(),
+                sni: None,
             })
             .await?;
         let response = http_over(&mut up.stream).await?;

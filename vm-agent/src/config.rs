@@ -112,6 +112,7 @@ impl OutboundListener {
             hostname: self.hostname.clone(),
             port: self.port,
             subset: String::new(),
+            sni: None,
         }
     }
 }

@@ -112,6 +112,7 @@ fn target() -> OutboundTarget {
         hostname: HOST.into(),
         port: PORT,
         subset: String::new(),
+        sni: None,
     }
 }
 

@@ -311,7 +311,9 @@ fn a_weighted_route_holds_its_shares_exactly_and_a_remote_subset_goes_to_its_gat
     let host = "reviews.shop.svc.cluster.local";
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..1000 {
-        let d = table.resolve(host, 9080, "", &BTreeMap::new()).unwrap();
+        let d = table
+            .resolve(host, 9080, "", &BTreeMap::new(), None)
+            .unwrap();
         *counts.entry(d.key.subset.clone()).or_default() += 1;
     }
     assert_eq!(counts["v1"], 900);
@@ -325,7 +327,9 @@ fn a_weighted_route_holds_its_shares_exactly_and_a_remote_subset_goes_to_its_gat
     assert!(v2[0].via_gateway);
     assert_eq!(v2[0].weight, 3);
     // A named subset is not routed again.
-    let d = table.resolve(host, 9080, "v1", &BTreeMap::new()).unwrap();
+    let d = table
+        .resolve(host, 9080, "v1", &BTreeMap::new(), None)
+        .unwrap();
     assert_eq!(d.key.subset, "v1");
 }
 
@@ -344,7 +348,9 @@ fn a_gateway_without_the_subset_behind_it_is_no_target_of_it() {
     assert!(table.lookup(host, 9080, "v2").unwrap().targets().is_empty());
     // Weight 0 is never chosen.
     for _ in 0..10 {
-        let d = table.resolve(host, 9080, "", &BTreeMap::new()).unwrap();
+        let d = table
+            .resolve(host, 9080, "", &BTreeMap::new(), None)
+            .unwrap();
         assert_eq!(d.key.subset, "v2");
     }
 }
@@ -365,10 +371,12 @@ fn routes_match_the_callers_labels_and_a_missing_destination_is_named() {
     let table = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
     let host = "reviews.shop.svc.cluster.local";
     // Not a canary caller: no route, the service itself.
-    let d = table.resolve(host, 9080, "", &BTreeMap::new()).unwrap();
+    let d = table
+        .resolve(host, 9080, "", &BTreeMap::new(), None)
+        .unwrap();
     assert_eq!(d.key.subset, "");
     let canary = [("app".to_string(), "canary".to_string())].into();
-    let e = table.resolve(host, 9080, "", &canary).unwrap_err();
+    let e = table.resolve(host, 9080, "", &canary, None).unwrap_err();
     assert_eq!(e.reason(), "routed_nowhere");
     assert!(
         e.to_string()
@@ -457,4 +465,53 @@ fn a_destination_rules_policy_sets_the_limit_timeout_and_ejection_per_port_and_s
     let d = plain.lookup(host, 9080, "").unwrap();
     assert_eq!(d.max_connections(), DEFAULT_MAX_CONNECTIONS_PER_DESTINATION);
     assert_eq!(d.connect_timeout(), None);
+}
+
+#[test]
+fn a_tls_route_takes_the_server_names_it_lists_before_the_tcp_routes() {
+    // The tcp route sends everything to v1; a tls route in front of it sends the canary
+    // name to v2.
+    let mut v = routed_view(
+        vec![
+            endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1"),
+            endpoint(EndpointKind::Workload, "10.0.0.2", 8080, "v2"),
+        ],
+        [100, 0],
+    );
+    for r in v.resources.values_mut() {
+        if let ViewResource::Service(sv) = r {
+            let sv = Arc::make_mut(sv);
+            let mut tls = sv.routes[0].clone();
+            tls.sni_hosts = vec!["*.canary.example".into()];
+            tls.destinations[0].weight = 0;
+            tls.destinations[1].weight = 100;
+            sv.routes.insert(0, tls);
+        }
+    }
+    let table = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+    let host = "reviews.shop.svc.cluster.local";
+    assert!(table.wants_sni(host));
+    let none = BTreeMap::new();
+    let subset = |sni| {
+        table
+            .resolve(host, 9080, "", &none, sni)
+            .unwrap()
+            .key
+            .subset
+            .clone()
+    };
+    assert_eq!(subset(Some("api.canary.example")), "v2");
+    assert_eq!(subset(Some("api.stable.example")), "v1");
+    // Without a name (plaintext, or no SNI), only the tcp routes match.
+    assert_eq!(subset(None), "v1");
+    // A host without tls routes needs no ClientHello read.
+    let plain = RouteTable::build(
+        &routed_view(
+            vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1")],
+            [100, 0],
+        ),
+        &RouteTable::default(),
+        &RouteOptions::default(),
+    );
+    assert!(!plain.wants_sni(host));
 }

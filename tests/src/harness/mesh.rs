@@ -300,6 +300,7 @@ impl Client {
                 hostname: hostname.to_string(),
                 port,
                 subset: String::new(),
+                sni: None,
             })
             .await?;
         let greeting = read_line(&mut s.stream).await?;

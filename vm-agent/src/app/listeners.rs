@@ -322,6 +322,7 @@ fn captured_target(
         hostname: hostname.to_string(),
         port: original.port(),
         subset: String::new(),
+        sni: None,
     }))
 }
 
