@@ -306,6 +306,45 @@ fn inbound_count(
     }
 }
 
+/// `service` with one workload at `ip` in network B under the inbound `policy`, and two
+/// callers in network A, `web` and `cart`, that reach it through B's gateway.
+struct PolicyScene {
+    m: Mesh,
+    workload: isthmus_tests::harness::mesh::Workload,
+    web: std::sync::Arc<isthmus_tests::harness::mesh::Client>,
+    cart: std::sync::Arc<isthmus_tests::harness::mesh::Client>,
+    _gateways: [isthmus_gateway::GatewayHandle; 2],
+}
+
+impl PolicyScene {
+    async fn start(topology: &str, service: &str, ip: &str, policy: &str) -> Option<Self> {
+        let name = format!("{service}-1");
+        let catalog = vec![
+            yaml::service(service, "shop", SVC_PORT),
+            yaml::workload(&name, "shop", service, ip, APP_PORT, "network-b"),
+        ];
+        let m = Mesh::start(topology, &catalog).await?;
+        let _gateways = [m.gateway(Net::A).await, m.gateway(Net::B).await];
+        let workload = m
+            .workload(Net::B, ip, &name, service, inbound_policy(policy))
+            .await;
+        let (web, cart) = (
+            m.client(Net::A, "web").await,
+            m.client(Net::A, "cart").await,
+        );
+        for c in [&web, &cart] {
+            c.wait_for_targets(&host(service), SVC_PORT, 1).await;
+        }
+        Some(Self {
+            m,
+            workload,
+            web,
+            cart,
+            _gateways,
+        })
+    }
+}
+
 /// Quotas per calling identity at the destination, across networks: `ratings` in network
 /// B allows `web` two connections open at once and `cart` three new connections at a
 /// trickle of a rate. Each caller is refused over its own quota, counted by rule and limit,
@@ -313,22 +352,16 @@ fn inbound_count(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quota_refuses_one_caller_over_it_and_not_another() {
     use isthmus_tests::harness::mesh::on;
-    let catalog = vec![
-        yaml::service("ratings", "shop", SVC_PORT),
-        yaml::workload(
-            "ratings-1",
-            "shop",
-            "ratings",
-            "10.10.0.8",
-            APP_PORT,
-            "network-b",
-        ),
-    ];
-    let Some(m) = Mesh::start("traffic-quota", &catalog).await else {
-        return;
-    };
-    let _gateways = [m.gateway(Net::A).await, m.gateway(Net::B).await];
-    let policy = inbound_policy(
+    let Some(PolicyScene {
+        m,
+        workload: ratings,
+        web,
+        cart,
+        _gateways,
+    }) = PolicyScene::start(
+        "traffic-quota",
+        "ratings",
+        "10.10.0.8",
         r#"
 quotas:
   - principals: ["cluster.local/ns/shop/sa/web"]
@@ -337,17 +370,11 @@ quotas:
     connectionsPerSecond: 0.001
     burst: 3
 "#,
-    );
-    let ratings = m
-        .workload(Net::B, "10.10.0.8", "ratings-1", "ratings", policy)
-        .await;
-    let (web, cart) = (
-        m.client(Net::A, "web").await,
-        m.client(Net::A, "cart").await,
-    );
-    for c in [&web, &cart] {
-        c.wait_for_targets(&host("ratings"), SVC_PORT, 1).await;
-    }
+    )
+    .await
+    else {
+        return;
+    };
     let hostname = host("ratings");
     let open = |c: std::sync::Arc<isthmus_tests::harness::mesh::Client>| {
         let hostname = hostname.clone();
@@ -395,22 +422,16 @@ quotas:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_delays_or_resets_its_share_of_one_callers_connections() {
     const DELAY: Duration = Duration::from_secs(2);
-    let catalog = vec![
-        yaml::service("details", "shop", SVC_PORT),
-        yaml::workload(
-            "details-1",
-            "shop",
-            "details",
-            "10.10.0.9",
-            APP_PORT,
-            "network-b",
-        ),
-    ];
-    let Some(m) = Mesh::start("traffic-fault", &catalog).await else {
-        return;
-    };
-    let _gateways = [m.gateway(Net::A).await, m.gateway(Net::B).await];
-    let policy = inbound_policy(
+    let Some(PolicyScene {
+        m,
+        workload: details,
+        web,
+        cart,
+        _gateways,
+    }) = PolicyScene::start(
+        "traffic-fault",
+        "details",
+        "10.10.0.9",
         r#"
 faults:
   - principals: ["cluster.local/ns/shop/sa/web"]
@@ -421,17 +442,11 @@ faults:
     abort:
       percentage: {value: 20}
 "#,
-    );
-    let details = m
-        .workload(Net::B, "10.10.0.9", "details-1", "details", policy)
-        .await;
-    let (web, cart) = (
-        m.client(Net::A, "web").await,
-        m.client(Net::A, "cart").await,
-    );
-    for c in [&web, &cart] {
-        c.wait_for_targets(&host("details"), SVC_PORT, 1).await;
-    }
+    )
+    .await
+    else {
+        return;
+    };
 
     let mut delayed = Vec::new();
     for i in 0..20 {
