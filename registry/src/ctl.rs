@@ -13,6 +13,7 @@ mod cluster_secret;
 mod clusters;
 mod connect;
 mod graph;
+mod http;
 mod peers;
 mod vm;
 

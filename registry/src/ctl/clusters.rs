@@ -12,8 +12,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
 
+use super::http;
 use crate::sources::kubernetes::ClusterStatus;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where the registry's admin listens when run with its defaults (it binds every address;
 /// this reaches it from the same host).
@@ -77,71 +77,18 @@ pub(super) async fn show(args: ClustersArgs) -> anyhow::Result<()> {
 
 /// One HTTP/1.1 GET of `path` at `addr`; the body of a 200 answer.
 pub(super) async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let exchange = async {
-        let mut conn = tokio::net::TcpStream::connect(addr).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
-        conn.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        conn.take(MAX_RESPONSE).read_to_end(&mut raw).await?;
-        Ok::<_, std::io::Error>(raw)
-    };
-    let raw = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
+    let (status, body) = http::get(addr, path, "application/json", ADMIN_TIMEOUT, MAX_RESPONSE)
         .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "registry admin at {addr}: no answer within {}s",
-                ADMIN_TIMEOUT.as_secs()
-            )
-        })?
-        .with_context(|| format!("cannot reach the registry admin at {addr} (--admin)"))?;
-    let (status, body) = parse_response(&raw)
-        .with_context(|| format!("registry admin at {addr}: not an HTTP answer"))?;
+        .map_err(|e| match e {
+            http::GetError::Connect(_) | http::GetError::Read(_) => {
+                anyhow::anyhow!("cannot reach the registry admin at {addr} (--admin): {e}")
+            }
+            e => anyhow::anyhow!("registry admin at {addr}: {e}"),
+        })?;
     if status != 200 {
         bail!("registry admin at {addr}: GET {path} answered {status}: {body}");
     }
     Ok(body)
-}
-
-/// The status and body of an HTTP/1.x response read to its end (`Connection: close`),
-/// undoing a chunked transfer encoding.
-fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .context("no status line")?;
-    let chunked = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("transfer-encoding") && v.trim() == "chunked"
-        })
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").context("truncated chunk")?;
-        let size = size.split(';').next().unwrap_or_default().trim();
-        let n = usize::from_str_radix(size, 16).context("bad chunk size")?;
-        if n == 0 {
-            return Ok(out);
-        }
-        out.push_str(after.get(..n).context("truncated chunk")?);
-        rest = after
-            .get(n..)
-            .unwrap_or_default()
-            .trim_start_matches("\r\n");
-    }
 }
 
 /// `3s ago`, `4m ago`, `2h ago`, `5d ago`.
@@ -406,13 +353,5 @@ pub(super) mod tests {
             text,
             "no Kubernetes clusters are watched (see --kubeconfig, --remote-kubeconfigs)\n"
         );
-    }
-
-    #[test]
-    fn a_chunked_answer_is_reassembled() {
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(raw).unwrap(), (200, "{\"a\":1}".to_string()));
-        let plain = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\nno";
-        assert_eq!(parse_response(plain).unwrap(), (503, "no".to_string()));
     }
 }

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use isthmus_proto::config::parse_duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::clusters::grid;
+use super::http;
 
 /// The port a proxy serves `/metrics` on when a URL names none (Istio's merged-metrics
 /// port, the gateway's and the VM agent's default).
@@ -178,46 +178,32 @@ pub enum ScrapeError {
     NotPrometheus(#[from] ParseError),
 }
 
-/// One HTTP/1.0 GET (so the answer is never chunked); the body of a 200 answer.
+/// The body of a 200 answer to a GET of the proxy's metrics.
 async fn fetch(url: &MetricsUrl) -> Result<String, ScrapeError> {
-    let exchange = async {
-        let mut conn = tokio::net::TcpStream::connect(&url.authority)
-            .await
-            .map_err(|source| ScrapeError::Connect {
-                authority: url.authority.clone(),
-                source,
-            })?;
-        let request = format!(
-            "GET {} HTTP/1.0\r\nHost: {}\r\nAccept: text/plain\r\n\r\n",
-            url.path, url.authority
-        );
-        conn.write_all(request.as_bytes())
-            .await
-            .map_err(ScrapeError::Read)?;
-        let mut raw = Vec::new();
-        conn.take(MAX_BODY)
-            .read_to_end(&mut raw)
-            .await
-            .map_err(ScrapeError::Read)?;
-        Ok::<_, ScrapeError>(raw)
-    };
-    let raw = tokio::time::timeout(SCRAPE_TIMEOUT, exchange)
-        .await
-        .map_err(|_| ScrapeError::Timeout)??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or(ScrapeError::NotHttp)?;
-    let status: u16 = head
-        .strip_prefix("HTTP/")
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or(ScrapeError::NotHttp)?;
+    let (status, body) = http::get(
+        &url.authority,
+        &url.path,
+        "text/plain",
+        SCRAPE_TIMEOUT,
+        MAX_BODY,
+    )
+    .await
+    .map_err(|e| match e {
+        http::GetError::Connect(source) => ScrapeError::Connect {
+            authority: url.authority.clone(),
+            source,
+        },
+        http::GetError::Read(e) => ScrapeError::Read(e),
+        http::GetError::Timeout(_) => ScrapeError::Timeout,
+        http::GetError::NotHttp(_) => ScrapeError::NotHttp,
+    })?;
     if status != 200 {
         return Err(ScrapeError::Status {
             status,
             path: url.path.clone(),
         });
     }
-    Ok(body.to_string())
+    Ok(body)
 }
 
 async fn scrape(url: &MetricsUrl) -> Result<Counts, ScrapeError> {
@@ -1098,6 +1084,7 @@ fn render_svg(dot: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A VM agent in network-a that called ratings in network-b through B's gateway three
     /// times and once found no endpoint, as it exposes it.
