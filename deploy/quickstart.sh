@@ -792,6 +792,9 @@ The local mesh keeps running. Poke around (as root):
     curl -s http://$(gw_ip b):15020/metrics
     $bin/isthmusctl catalog --registry $grpc \\
       --root $state/ca/root-cert.pem --cert-dir $state/gateway-a --network network-a
+  Who talks to whom (VM A's agent and both gateways, read from network A; -o dot for Graphviz):
+    ip netns exec isthmus-net-a $bin/isthmusctl graph \\
+      --metrics http://$vm_ip:15020/metrics,http://$(gw_ip a):15020/metrics,http://$(gw_ip b):15020/metrics
   deploy/quickstart.sh status        (as root)
 Logs: $logs/{$(registry_logs)gateway-a,gateway-b,app-a,app-b,agent-a,agent-b}.log
 The live catalog is in $state/resources/ (the registry re-reads it when it changes).
