@@ -25,7 +25,7 @@ pub mod telemetry;
 pub mod test_pki;
 pub mod tls;
 pub mod token;
-pub mod traffic;
+pub use model::traffic;
 
 /// Generated protobuf and gRPC code. Only conversion code at the edges uses it; everything
 /// else works with [`model`].

@@ -6,9 +6,11 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+pub mod traffic;
+
 use crate::identity::SpiffeId;
 use crate::pb;
-pub use crate::traffic::{
+pub use traffic::{
     DestinationRule, L4Route, LoadBalancer, OutlierPolicy, RouteDestination, Subset, TrafficPolicy,
     VirtualService,
 };

@@ -26,7 +26,7 @@
 //! ```
 //!
 //! The same file holds what happens to an allowed connection per calling identity,
-//! `quotas` and `faults`, matched the same way: see [`crate::admission`].
+//! `quotas` and `faults`, matched the same way: see [`admission`].
 
 use std::path::{Path, PathBuf};
 
@@ -34,7 +34,9 @@ pub use isthmus_proto::config::FieldProblem;
 use isthmus_proto::identity::{validate_dns_label, SpiffeId};
 use serde::Deserialize;
 
-use crate::admission::{FaultRule, QuotaRule};
+pub mod admission;
+
+use admission::{FaultRule, QuotaRule};
 
 const SPIFFE_SCHEME: &str = "spiffe://";
 /// A policy file is a few rules; anything much larger is a mistake (a wrong path, a
@@ -50,10 +52,10 @@ pub struct AuthorizationPolicy {
     pub allow: Vec<Rule>,
     #[serde(default)]
     pub deny: Vec<Rule>,
-    /// Limits on each calling identity's connections ([`crate::admission`]).
+    /// Limits on each calling identity's connections ([`admission`]).
     #[serde(default)]
     pub quotas: Vec<QuotaRule>,
-    /// Delays and resets for resilience drills ([`crate::admission`]).
+    /// Delays and resets for resilience drills ([`admission`]).
     #[serde(default)]
     pub faults: Vec<FaultRule>,
 }
@@ -163,7 +165,7 @@ impl AuthorizationPolicy {
                 );
             }
         }
-        crate::admission::check(&self.quotas, &self.faults, &mut problems);
+        admission::check(&self.quotas, &self.faults, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -19,7 +19,7 @@
 //! plaintext in STRICT mode) is counted in `connections_refused{direction="inbound"}` by
 //! reason; one the policy refuses is counted in `connections{result="denied"}`, one over a
 //! quota in `connections{result="over_quota"}` and `quota_refusals{rule,kind}`. An allowed
-//! connection may then be delayed or reset by an injected fault ([`crate::admission`]),
+//! connection may then be delayed or reset by an injected fault ([`crate::authz::admission`]),
 //! counted in `faults_injected{rule,kind}`.
 //!
 //! Istio's standard metrics count every connection past the handshake as
@@ -51,7 +51,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::admission::{Admission, Admitted};
+use crate::authz::admission::{Admission, Admitted};
 use crate::authz::{AuthorizationPolicy, Decision};
 use crate::connection::{
     self, finish_relay, refusal, AccessRecord, ConnectionHandler, Refusal, Tracker,

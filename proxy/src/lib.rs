@@ -18,7 +18,7 @@
 //!   TLS (the gateway's passthrough routes on it; the SNI key itself is
 //!   `isthmus_proto::sni::SniKey`).
 //! - `inbound`: mTLS termination in front of a local app (STRICT or PERMISSIVE), with
-//!   `authz`, the authorization policy applied to each verified peer, and `admission`, the
+//!   `authz`, the authorization policy applied to each verified peer, and `authz::admission`, the
 //!   quotas and injected faults per calling identity of an allowed connection; `outbound`: mTLS
 //!   origination towards a service, verified against its identities; `original_dst`: the
 //!   destination a captured (redirected) connection was made to.
@@ -26,8 +26,8 @@
 //!   (`isthmus_gateway_`, `isthmus_vm_agent_`), and `metrics::istio`, Istio's standard TCP
 //!   metrics under Istio's names, which the same connections count into.
 
-pub mod admission;
 pub mod authz;
+pub use authz::admission;
 pub mod balancer;
 pub mod client_hello;
 pub mod connection;

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 use super::*;
-use crate::admission::Admission;
+use crate::authz::admission::Admission;
 use crate::authz::Rule;
 use crate::metrics::RefusalLabels;
 use isthmus_proto::test_pki::TestCa;

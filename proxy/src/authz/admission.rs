@@ -49,7 +49,7 @@ use isthmus_proto::config::{parse_duration, FieldProblem};
 use isthmus_proto::identity::SpiffeId;
 use serde::{Deserialize, Deserializer};
 
-use crate::authz::{check_source, source_matches, AuthorizationPolicy};
+use super::{check_source, source_matches, AuthorizationPolicy};
 
 /// Callers whose allowances are tracked at once; beyond it, the ones at rest (nothing open,
 /// a full bucket) are forgotten, which changes nothing for them.
