@@ -60,14 +60,23 @@ impl std::ops::Deref for ClusterRow {
 }
 
 pub(super) async fn show(args: ClustersArgs) -> anyhow::Result<()> {
-    let body = get(&args.admin, PATH).await?;
-    let reply: ClustersReply = serde_json::from_str(&body).with_context(|| {
-        format!(
-            "{} at {}: not the clusters' status this isthmusctl reads",
-            PATH, args.admin
-        )
+    show_status(&args.admin, PATH, "clusters'", args.json, table).await
+}
+
+/// Prints what the registry admin at `admin` serves at `path` (`what`'s status), as the
+/// JSON it serves or as `table` renders it; an answer that is not that status is an error.
+pub(super) async fn show_status<T: serde::de::DeserializeOwned>(
+    admin: &str,
+    path: &str,
+    what: &str,
+    json: bool,
+    table: fn(&T) -> String,
+) -> anyhow::Result<()> {
+    let body = get(admin, path).await?;
+    let reply: T = serde_json::from_str(&body).with_context(|| {
+        format!("{path} at {admin}: not the {what} status this isthmusctl reads")
     })?;
-    if args.json {
+    if json {
         println!("{}", body.trim_end());
     } else {
         print!("{}", table(&reply));

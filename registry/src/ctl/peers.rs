@@ -2,11 +2,10 @@
 //! import is, read from the registry admin's `/debug/peers` and printed as a table (then
 //! each peer's last error and problems in full) or as the JSON it serves.
 
-use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
 
-use super::clusters::{age, details, get, grid, state, Details, DEFAULT_ADMIN};
+use super::clusters::{age, details, grid, show_status, state, Details, DEFAULT_ADMIN};
 use crate::sources::peers::PeerStatus;
 
 const PATH: &str = "/debug/peers";
@@ -38,19 +37,7 @@ struct PeerRow {
 }
 
 pub(super) async fn show(args: PeersArgs) -> anyhow::Result<()> {
-    let body = get(&args.admin, PATH).await?;
-    let reply: PeersReply = serde_json::from_str(&body).with_context(|| {
-        format!(
-            "{} at {}: not the peers' status this isthmusctl reads",
-            PATH, args.admin
-        )
-    })?;
-    if args.json {
-        println!("{}", body.trim_end());
-    } else {
-        print!("{}", table(&reply));
-    }
-    Ok(())
+    show_status(&args.admin, PATH, "peers'", args.json, table).await
 }
 
 /// The table's columns, in order.
