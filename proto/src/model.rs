@@ -35,7 +35,7 @@ fn port(field: impl Into<String>, v: u32) -> Result<u16, ModelError> {
     }
 }
 
-fn port_or_zero(field: impl Into<String>, v: u32) -> Result<u16, ModelError> {
+pub(crate) fn port_or_zero(field: impl Into<String>, v: u32) -> Result<u16, ModelError> {
     if v == 0 {
         Ok(0)
     } else {
@@ -457,6 +457,9 @@ pub struct Workload {
     pub stale_since_ms: i64,
     pub services: Vec<String>,
     pub service_account: String,
+    /// The port on `address` where this workload's proxy accepts tunnels (HBONE, 15008); 0:
+    /// none, its ports are reached directly with mTLS.
+    pub tunnel_port: u16,
 }
 
 impl Workload {
@@ -727,6 +730,8 @@ pub struct ViewEndpoint {
     pub health: Health,
     pub labels: BTreeMap<String, String>,
     pub uid: String,
+    /// The port that accepts tunnels (HBONE) to this endpoint: a gateway's tunnel port, or a
+    /// workload's own; 0: none.
     pub tunnel_port: u16,
     /// Unix milliseconds since which this endpoint has not been confirmed by its source
     /// (0 when current); behind a gateway, the oldest of the endpoints it stands for.
@@ -999,6 +1004,7 @@ impl From<&Workload> for pb::Workload {
             stale_since_ms: w.stale_since_ms,
             services: w.services.clone(),
             service_account: w.service_account.clone(),
+            tunnel_port: w.tunnel_port.into(),
         }
     }
 }
@@ -1020,6 +1026,7 @@ impl TryFrom<pb::Workload> for Workload {
         Ok(Workload {
             identity: identity_from_pb("identity", &w.identity)?,
             address: address_from_pb("address", &w.address)?,
+            tunnel_port: port_or_zero("tunnel_port", w.tunnel_port)?,
             uid: w.uid,
             name: w.name,
             namespace: w.namespace,
@@ -1520,10 +1527,16 @@ mod tests {
             services: vec!["web.shop.svc.cluster.local".into()],
             service_account: "web".into(),
             stale_since_ms: 7,
+            tunnel_port: 15008,
         };
         let back = Workload::try_from(pb::Workload::from(&w)).unwrap();
         assert_eq!(back, w);
         assert_eq!(w.locality.to_string(), "eu/eu-1a");
+        // A tunnel port that is no port is refused with its field named.
+        let mut bad = pb::Workload::from(&w);
+        bad.tunnel_port = 70000;
+        let err = Workload::try_from(bad).unwrap_err().to_string();
+        assert!(err.starts_with("tunnel_port: "), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::identity::validate_dns_label;
-use crate::model::{Health, Locality, ModelError, WorkloadGroup};
+use crate::model::{port_or_zero, Health, Locality, ModelError, WorkloadGroup};
 use crate::pb;
 use crate::pb::register_request::Request as PbRequest;
 use tokio::sync::mpsc;
@@ -31,10 +31,13 @@ pub struct Hello {
     pub locality: Locality,
     /// Labels the VM adds to the template's.
     pub labels: BTreeMap<String, String>,
+    /// The port on `address` where the VM's agent accepts tunnels (HBONE); 0: it accepts
+    /// none.
+    pub tunnel_port: u16,
 }
 
 impl Hello {
-    /// A Hello with no network, locality or labels of its own.
+    /// A Hello with no network, locality or labels of its own, accepting no tunnels.
     pub fn new(group: &str, namespace: &str, address: IpAddr) -> Self {
         Self {
             group: group.to_string(),
@@ -43,6 +46,7 @@ impl Hello {
             network: String::new(),
             locality: Locality::default(),
             labels: BTreeMap::new(),
+            tunnel_port: 0,
         }
     }
 
@@ -274,6 +278,7 @@ impl TryFrom<pb::register_request::Hello> for Hello {
             network: h.network,
             locality: h.locality.into(),
             labels: h.labels.into_iter().collect(),
+            tunnel_port: port_or_zero("hello.tunnel_port", h.tunnel_port)?,
         })
     }
 }
@@ -287,6 +292,7 @@ impl From<&Hello> for pb::register_request::Hello {
             network: h.network.clone(),
             locality: Some((&h.locality).into()),
             labels: h.labels.clone().into_iter().collect(),
+            tunnel_port: h.tunnel_port.into(),
         }
     }
 }
@@ -395,6 +401,7 @@ mod tests {
         h.network = "network-a".into();
         h.locality = Locality::parse("eu/eu-1a");
         h.labels.insert("version".into(), "v2".into());
+        h.tunnel_port = 15008;
         let req = RegisterRequest::Hello(h);
         let back = RegisterRequest::try_from(pb::RegisterRequest::from(&req)).unwrap();
         assert_eq!(back, req);
@@ -430,6 +437,10 @@ mod tests {
         h.network = "net_a".into();
         let err = Hello::try_from(h).unwrap_err().to_string();
         assert!(err.starts_with("hello.network: "), "{err}");
+        let mut h = pb_hello("10.0.0.1");
+        h.tunnel_port = 70000;
+        let err = Hello::try_from(h).unwrap_err().to_string();
+        assert!(err.starts_with("hello.tunnel_port: "), "{err}");
     }
 
     #[test]

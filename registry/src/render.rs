@@ -39,6 +39,7 @@ fn service_json(sv: &ServiceView) -> Value {
             "health": health(e.health),
             "identities": e.identities.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
             "uid": e.uid,
+            "tunnelPort": e.tunnel_port,
         })).collect::<Vec<_>>(),
     })
 }
@@ -110,7 +111,8 @@ fn networks_table(out: &mut String, resources: &[ViewResource]) {
     }
 }
 
-/// One service's line, then its endpoints (when it has any), one line each.
+/// One service's line, then its endpoints (when it has any), one line each; `-` where an
+/// endpoint accepts no tunnels.
 fn service_table(out: &mut String, sv: &ServiceView) {
     let s = &sv.service;
     let ports: Vec<String> = s
@@ -136,8 +138,8 @@ fn service_table(out: &mut String, sv: &ServiceView) {
     }
     let _ = writeln!(
         out,
-        "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} IDENTITY",
-        "KIND", "ADDRESS", "NETWORK", "WEIGHT", "HEALTH", "PORTS"
+        "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} {:<6} IDENTITY",
+        "KIND", "ADDRESS", "NETWORK", "WEIGHT", "HEALTH", "PORTS", "TUNNEL"
     );
     for e in &sv.endpoints {
         let ports: Vec<String> = e.ports.iter().map(|(k, v)| format!("{k}->{v}")).collect();
@@ -147,16 +149,84 @@ fn service_table(out: &mut String, sv: &ServiceView) {
             1 => ids[0].clone(),
             n => format!("{} (+{} more)", ids[0], n - 1),
         };
+        let tunnel = match e.tunnel_port {
+            0 => "-".to_string(),
+            p => p.to_string(),
+        };
         let _ = writeln!(
             out,
-            "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} {}",
+            "  {:<8} {:<22} {:<12} {:>6}  {:<9} {:<14} {:<6} {}",
             endpoint_kind(e.kind),
             e.address,
             e.network,
             e.weight,
             health(e.health),
             ports.join(","),
+            tunnel,
             ids
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use isthmus_proto::model::{Address, Service, ViewEndpoint};
+
+    use super::*;
+
+    fn endpoint(address: &str, tunnel_port: u16) -> ViewEndpoint {
+        ViewEndpoint {
+            kind: EndpointKind::Workload,
+            address: Address::parse(address).unwrap(),
+            ports: [(80, 8080)].into(),
+            network: "net-a".into(),
+            cluster: "c".into(),
+            locality: Default::default(),
+            identities: vec![],
+            weight: 1,
+            health: Health::Healthy,
+            labels: Default::default(),
+            uid: format!("c/shop/{address}"),
+            tunnel_port,
+            stale_since_ms: 0,
+            subset_weights: Default::default(),
+        }
+    }
+
+    fn view() -> Vec<ViewResource> {
+        vec![ViewResource::Service(Arc::new(ServiceView {
+            service: Service {
+                hostname: "web.shop".into(),
+                ..Default::default()
+            },
+            endpoints: vec![endpoint("10.0.0.1", 15008), endpoint("10.0.0.2", 0)],
+            ..Default::default()
+        }))]
+    }
+
+    #[test]
+    fn endpoints_show_their_tunnel_port_when_they_have_one() {
+        let table = view_table("net-a", "1", &view());
+        let line = |address: &str| {
+            table
+                .lines()
+                .find(|l| l.contains(address))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert!(table.contains(" TUNNEL "), "{table}");
+        assert_eq!(line("10.0.0.1")[6], "15008", "{table}");
+        assert_eq!(line("10.0.0.2")[6], "-", "{table}");
+        let json = view_json("net-a", "1", &view());
+        let ports: Vec<&Value> = json["services"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["tunnelPort"])
+            .collect();
+        assert_eq!(ports, [&json!(15008), &json!(0)]);
     }
 }

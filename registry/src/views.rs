@@ -753,7 +753,8 @@ fn sort_endpoints(endpoints: &mut [ViewEndpoint]) {
     });
 }
 
-/// A workload as an endpoint of `service`, reached directly.
+/// A workload as an endpoint of `service`, reached directly (through its own tunnel port, when
+/// it has one).
 fn workload_endpoint(w: &Workload, service: &Service) -> ViewEndpoint {
     ViewEndpoint {
         kind: EndpointKind::Workload,
@@ -767,7 +768,7 @@ fn workload_endpoint(w: &Workload, service: &Service) -> ViewEndpoint {
         health: w.health,
         labels: w.labels.clone(),
         uid: w.uid.clone(),
-        tunnel_port: 0,
+        tunnel_port: w.tunnel_port,
         stale_since_ms: w.stale_since_ms,
         subset_weights: BTreeMap::new(),
     }

@@ -145,6 +145,7 @@ pub fn register_request(data: &[u8]) {
         assert_eq!(w.address.ip(), Some(hello.address));
         assert!(w.name.starts_with(&hello.group));
         assert_eq!(w.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(w.tunnel_port, hello.tunnel_port);
     }
 }
 

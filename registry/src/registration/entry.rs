@@ -29,9 +29,10 @@ pub fn group_identity(
 
 /// The entry a VM saying `hello` gets from `group`: the template's labels (with the VM's
 /// own added where the template is silent), ports, service account and namespace; the VM's
-/// address, and its network and locality where it names them. A group with a readiness
-/// probe starts its VMs unhealthy until their first healthy report. Returns the entry and
-/// what of the Hello was ignored.
+/// address and tunnel port (only its agent knows whether it accepts tunnels), and its
+/// network and locality where it names them. A group with a readiness probe starts its VMs
+/// unhealthy until their first healthy report. Returns the entry and what of the Hello was
+/// ignored.
 pub fn entry_from_group(
     group: &WorkloadGroup,
     hello: &Hello,
@@ -103,6 +104,7 @@ pub fn entry_from_group(
         services: t.services.clone(),
         service_account: t.service_account.clone(),
         stale_since_ms: 0,
+        tunnel_port: hello.tunnel_port,
     };
     Ok((workload, warnings))
 }
@@ -172,6 +174,7 @@ mod tests {
         );
         assert_eq!(w.ports, [("http".to_string(), 8080)].into());
         assert_eq!(w.origin, Origin::Vm);
+        assert_eq!(w.tunnel_port, 0, "the agent accepts no tunnels");
         assert_eq!(
             w.health,
             Health::Unhealthy,
@@ -197,6 +200,19 @@ mod tests {
         assert_eq!(w.network, "network-b");
         assert_eq!(w.locality, Locality::parse("us/us-2"));
         assert!(warnings[0].starts_with("hello.network"), "{warnings:?}");
+    }
+
+    #[test]
+    fn the_entry_carries_the_vm_agents_tunnel_port() {
+        let mut hello = Hello::new("vm-web", "shop", "10.1.0.5".parse().unwrap());
+        hello.tunnel_port = 15008;
+        let (w, _) = entry_from_group(&group(false), &hello, id(), SystemTime::now()).unwrap();
+        assert_eq!(w.tunnel_port, 15008);
+        assert_eq!(
+            w.ports,
+            [("http".to_string(), 8080)].into(),
+            "ports unchanged"
+        );
     }
 
     #[test]

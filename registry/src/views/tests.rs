@@ -894,6 +894,51 @@ fn stale_endpoints_say_since_when_and_a_gateway_carries_the_oldest_behind_it() {
     assert_eq!(stale_of(EndpointKind::Gateway), Some(3_000));
 }
 
+#[test]
+fn a_workload_endpoint_carries_the_workloads_own_tunnel_port() {
+    let views = Views::default();
+    let mut tunneled = wl("a0", "shop", "web", "10.0.0.1", "net-a");
+    if let Resource::Workload(w) = Arc::make_mut(&mut tunneled.resource) {
+        w.tunnel_port = 15008;
+    }
+    views.apply(
+        vec![
+            net("net-b", &["198.51.100.10"]),
+            svc("web.shop", "shop", "c", "web"),
+            tunneled,
+            wl("a1", "shop", "web", "10.0.0.2", "net-a"),
+            wl("b0", "shop", "web", "10.1.0.1", "net-b"),
+        ],
+        vec![],
+        vec![],
+    );
+    let tunnel_ports = |key: ViewKey| -> Vec<(EndpointKind, String, u16)> {
+        service_entry(&views.view(&key), "web.shop")
+            .endpoints
+            .iter()
+            .map(|e| (e.kind, e.address.to_string(), e.tunnel_port))
+            .collect()
+    };
+    assert_eq!(
+        tunnel_ports(ViewKey::workload("net-a", None)),
+        [
+            (EndpointKind::Workload, "10.0.0.1".to_string(), 15008),
+            (EndpointKind::Workload, "10.0.0.2".to_string(), 0),
+            // Behind a gateway: the gateway's tunnel port.
+            (EndpointKind::Gateway, "198.51.100.10".to_string(), 15008),
+        ]
+    );
+    // Peers import the workload as it is, tunnel port included.
+    assert_eq!(
+        tunnel_ports(ViewKey::export()),
+        [
+            (EndpointKind::Workload, "10.0.0.1".to_string(), 15008),
+            (EndpointKind::Workload, "10.0.0.2".to_string(), 0),
+            (EndpointKind::Workload, "10.1.0.1".to_string(), 0),
+        ]
+    );
+}
+
 /// A view entry is kept encoded and decodes to the service the view built: its endpoints
 /// (found through the selector), without the selector itself, which no subscriber reads.
 #[test]
@@ -964,10 +1009,12 @@ fn the_export_holds_own_services_with_every_endpoint_as_it_is_and_nothing_import
     drop(st);
     let web = service_entry(&export, "web.shop");
     assert_eq!(web.endpoints.len(), 9, "every own endpoint, none imported");
-    assert!(web
-        .endpoints
-        .iter()
-        .all(|e| e.kind == EndpointKind::Workload && e.tunnel_port == 0));
+    assert!(
+        web.endpoints
+            .iter()
+            .all(|e| e.kind == EndpointKind::Workload && e.tunnel_port == 0),
+        "workloads without a tunnel port of their own"
+    );
     assert_eq!(
         web.endpoints
             .iter()

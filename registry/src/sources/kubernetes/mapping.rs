@@ -2,8 +2,9 @@
 //! Service of hostname `name.ns.svc.<domain>` with that cluster's ClusterIP as its address in
 //! that cluster, and each address of its EndpointSlices one Workload, named after the pod
 //! behind it (identity from the pod's service account, labels from the pod, locality from
-//! its node, network from the pod, its namespace or the cluster). Pure functions of the
-//! objects, so that the watchers only decide *when* to map, never *how*.
+//! its node, network from the pod, its namespace or the cluster, tunnel port from Istio
+//! ambient's mark on the pod). Pure functions of the objects, so that the watchers only
+//! decide *when* to map, never *how*.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -31,6 +32,24 @@ pub mod labels {
     pub const EXPORT_TO: &str = "networking.istio.io/exportTo";
     /// On a Service: `"true"` keeps it inside its cluster (as a cluster-local host would).
     pub const CLUSTER_LOCAL: &str = "networking.isthmus.io/cluster-local";
+    /// On a pod (or a WorkloadEntry): [`super::AMBIENT_REDIRECTION_ENABLED`] once Istio
+    /// ambient's node proxy (ztunnel) captures its traffic.
+    pub const AMBIENT_REDIRECTION: &str = "ambient.istio.io/redirection";
+}
+
+/// The value of [`labels::AMBIENT_REDIRECTION`] on a captured workload (`pending` while
+/// capture is under way).
+pub const AMBIENT_REDIRECTION_ENABLED: &str = "enabled";
+/// The port ztunnel accepts tunnels (HBONE) on for the workloads it captures.
+pub const HBONE_PORT: u16 = 15008;
+
+/// The tunnel port of a workload whose metadata carries `annotations`: [`HBONE_PORT`] once
+/// ztunnel captures it, else 0 (its ports are reached directly).
+pub fn ambient_tunnel_port(annotations: &BTreeMap<String, String>) -> u16 {
+    match annotations.get(labels::AMBIENT_REDIRECTION) {
+        Some(v) if v == AMBIENT_REDIRECTION_ENABLED => HBONE_PORT,
+        _ => 0,
+    }
 }
 
 /// What the mapping of one cluster needs besides its objects.
@@ -264,6 +283,9 @@ fn endpoint_workload(
         .and_then(|r| lookup.pod(r.namespace.as_deref().unwrap_or(ns), r.name.as_deref()?));
     let pod_meta = pod.as_ref().map(|p| &p.metadata);
     let pod_labels = pod_meta.and_then(|m| m.labels.clone()).unwrap_or_default();
+    let tunnel_port = pod_meta
+        .and_then(|m| m.annotations.as_ref())
+        .map_or(0, ambient_tunnel_port);
     let service_account = pod
         .as_ref()
         .and_then(|p| p.spec.as_ref()?.service_account_name.clone())
@@ -303,6 +325,7 @@ fn endpoint_workload(
         services: vec![service.hostname.clone()],
         service_account,
         stale_since_ms: ctx.stale_since_ms,
+        tunnel_port,
     }
 }
 

@@ -84,6 +84,7 @@ fn workload(svc: &Service, ep: &ViewEndpoint, stale_since_ms: i64) -> Workload {
         last_confirmed_ms: 0,
         stale_since_ms: earliest(ep.stale_since_ms, stale_since_ms),
         services: vec![svc.hostname.clone()],
+        tunnel_port: ep.tunnel_port,
     }
 }
 
@@ -176,7 +177,7 @@ mod tests {
                 health: Health::Healthy,
                 labels: [("version".to_string(), "v2".to_string())].into(),
                 uid: "cluster-b/shop/ratings-0".into(),
-                tunnel_port: 0,
+                tunnel_port: 15008,
                 stale_since_ms: 0,
                 subset_weights: Default::default(),
             }],
@@ -204,6 +205,7 @@ mod tests {
         assert_eq!(w.service_account, "ratings");
         assert_eq!(w.weight, 3);
         assert_eq!(w.labels["version"], "v2");
+        assert_eq!(w.tunnel_port, 15008, "the workload's own tunnel port");
         assert!(
             w.name.starts_with("cluster-b-shop-ratings-0-"),
             "{}",

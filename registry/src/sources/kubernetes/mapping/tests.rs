@@ -225,3 +225,60 @@ fn publish_not_ready_addresses_makes_every_endpoint_ready_and_stale_marks_every_
     assert_eq!(ws[0].health, Health::Healthy);
     assert_eq!(ws[0].stale_since_ms, 1234);
 }
+
+#[test]
+fn a_pod_captured_by_ztunnel_takes_tunnels_on_the_hbone_port() {
+    let mut objects = Objects::default();
+    for (name, redirection) in [
+        ("web-0", Some("enabled")),
+        ("web-1", Some("pending")),
+        ("web-2", None),
+    ] {
+        let annotations = match redirection {
+            Some(v) => serde_json::json!({"ambient.istio.io/redirection": v}),
+            None => serde_json::json!({}),
+        };
+        objects.pods.insert(
+            ("shop".into(), name.into()),
+            Arc::new(from_json(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+                "spec": {"containers": []},
+            }))),
+        );
+    }
+    let svc = kube_service(
+        "shop",
+        "web",
+        serde_json::json!({"clusterIP": "10.96.0.10",
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+    );
+    let slices = [slice(
+        "shop",
+        "web",
+        serde_json::json!([
+            {"addresses": ["10.0.0.5"], "targetRef": {"kind": "Pod", "name": "web-0"}},
+            {"addresses": ["10.0.0.6"], "targetRef": {"kind": "Pod", "name": "web-1"}},
+            {"addresses": ["10.0.0.7"], "targetRef": {"kind": "Pod", "name": "web-2"}},
+            {"addresses": ["10.0.0.8"]},
+        ]),
+    )];
+    let out = map_service(&ctx(), &svc, &slices, &objects);
+    let mut ports: Vec<(String, u16)> = workloads(&out)
+        .iter()
+        .map(|w| (w.address.to_string(), w.tunnel_port))
+        .collect();
+    ports.sort();
+    assert_eq!(
+        ports,
+        [
+            ("10.0.0.5".to_string(), 15008),
+            ("10.0.0.6".to_string(), 0),
+            ("10.0.0.7".to_string(), 0),
+            ("10.0.0.8".to_string(), 0),
+        ]
+    );
+    // The app's own ports are unchanged: the tunnel carries connections to them.
+    assert!(workloads(&out)
+        .iter()
+        .all(|w| w.ports.get("http") == Some(&8080)));
+}

@@ -19,7 +19,8 @@ pub(super) struct RawMetadata {
     namespace: Option<String>,
     #[serde(deserialize_with = "nullable")]
     labels: BTreeMap<String, String>,
-    /// Accepted so Kubernetes manifests port over; nothing reads them.
+    /// Accepted so Kubernetes manifests port over; of Istio's, only a WorkloadEntry's
+    /// ambient redirection mark is read.
     #[serde(deserialize_with = "nullable")]
     annotations: BTreeMap<String, String>,
     // What a cluster adds to an object (`kubectl get -o yaml` prints it): accepted so such
@@ -55,6 +56,7 @@ pub(super) struct Meta {
     pub(super) namespace: String,
     pub(super) namespace_ok: bool,
     pub(super) labels: BTreeMap<String, String>,
+    pub(super) annotations: BTreeMap<String, String>,
 }
 
 /// How a kind names its objects.
@@ -108,6 +110,7 @@ pub(super) fn check_metadata(naming: Naming, raw: RawMetadata, p: &mut Problems)
         namespace,
         namespace_ok,
         labels: raw.labels,
+        annotations: raw.annotations,
     }
 }
 

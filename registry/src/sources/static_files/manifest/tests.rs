@@ -211,6 +211,7 @@ spec:
             services: hosts.clone(),
             service_account: "default".into(),
             stale_since_ms: 0,
+            tunnel_port: 0,
         })
     );
     assert_eq!(
@@ -233,6 +234,7 @@ spec:
             services: hosts,
             service_account: "postgres".into(),
             stale_since_ms: 0,
+            tunnel_port: 0,
         })
     );
 }
@@ -286,8 +288,37 @@ spec:
             services: vec![],
             service_account: "reviews".into(),
             stale_since_ms: 0,
+            tunnel_port: 0,
         })]
     );
+}
+
+#[test]
+fn workload_entry_captured_by_ztunnel_takes_tunnels_on_the_hbone_port() {
+    let entry = |redirection: &str| {
+        let resources = parse(&format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: ecs-web
+  annotations:
+    ambient.istio.io/redirection: {redirection}
+spec:
+  address: 10.0.0.12
+  ports:
+    http: 8080
+"#
+        ));
+        let Resource::Workload(w) = &resources[0] else {
+            panic!("{resources:?}")
+        };
+        w.clone()
+    };
+    let captured = entry("enabled");
+    assert_eq!(captured.tunnel_port, 15008);
+    assert_eq!(captured.ports, [("http".to_string(), 8080)].into());
+    assert_eq!(entry("pending").tunnel_port, 0, "not captured yet");
 }
 
 #[test]
@@ -383,6 +414,7 @@ spec:
                 services: vec![],
                 service_account: "web".into(),
                 stale_since_ms: 0,
+                tunnel_port: 0,
             },
             probe: Some(Probe {
                 initial_delay_seconds: 2,

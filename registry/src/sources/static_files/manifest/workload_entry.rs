@@ -1,6 +1,8 @@
 //! `WorkloadEntry`, and the workload conversion it shares with a ServiceEntry's inline
 //! endpoints and a WorkloadGroup's template: address, ports, labels, network and locality
-//! (from fields or Istio's well-known labels), identity.
+//! (from fields or Istio's well-known labels), identity. A WorkloadEntry annotated as captured
+//! by Istio ambient's ztunnel (the mark Istio reads on pods and WorkloadEntries alike) accepts
+//! tunnels on the HBONE port.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,6 +14,7 @@ use serde::Deserialize;
 use super::defaults::SourceDefaults;
 use super::metadata::{nullable, Meta};
 use super::problems::{check_labels, port_or_report, Problems};
+use crate::sources::kubernetes::mapping::ambient_tunnel_port;
 use crate::validate::{
     check_hostname, check_locality, check_network_id, dns_label, istio_unix_address,
 };
@@ -55,7 +58,9 @@ pub(super) fn workload_entry(
         // A WorkloadEntry does not know its ServiceEntry's resolution; Istio accepts both.
         address: AddressRule::IpOrHostname,
     };
+    let tunnel_port = ambient_tunnel_port(&meta.annotations);
     workload(&ctx, spec, d, p)
+        .map(|w| Workload { tunnel_port, ..w })
         .map(|w| (Resource::Workload(w), "metadata.name".to_string()))
         .into_iter()
         .collect()
@@ -133,6 +138,7 @@ pub(super) fn workload(
         stale_since_ms: 0,
         services: ctx.services.clone(),
         service_account,
+        tunnel_port: 0,
     })
     .filter(|_| address.is_some())
     .map(|mut w| {
