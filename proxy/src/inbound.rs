@@ -30,6 +30,7 @@
 //! there, the identity is verified or from the catalog, so the label sets are bounded by
 //! the mesh.
 
+pub mod hbone;
 #[cfg(test)]
 mod tests;
 
@@ -246,6 +247,18 @@ impl ConnectionHandler for Inbound {
 enum Downstream {
     Tls(Box<TlsStream<TcpStream>>),
     Plaintext(TcpStream),
+    /// A stream of a tunnel, not answered yet.
+    Tunnel(Box<hbone::Pending>),
+}
+
+impl Downstream {
+    /// Tells a tunnel's client why its stream is refused; a connection of its own is just
+    /// closed.
+    fn refuse(&mut self, status: http::StatusCode) {
+        if let Downstream::Tunnel(pending) = self {
+            pending.refuse(status);
+        }
+    }
 }
 
 struct Accepted {
@@ -345,7 +358,22 @@ async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
             return;
         }
     };
-    rec.destination = accepted.sni.clone().unwrap_or_default();
+    serve_accepted(ib, accepted, app, rec).await;
+}
+
+/// Decides, admits and relays a connection (or tunnel stream) whose peer is verified.
+async fn serve_accepted(
+    ib: &Inbound,
+    mut accepted: Accepted,
+    app: SocketAddr,
+    rec: &mut AccessRecord,
+) {
+    let service = app.to_string();
+    rec.service = Some(service.clone());
+    // A tunnel's stream has named its destination already.
+    if let Some(sni) = &accepted.sni {
+        rec.destination = sni.clone();
+    }
     if let Some(peer) = &accepted.peer {
         rec.peer_identity = Some(peer.to_string());
         tracing::Span::current().record("peer", tracing::field::display(peer));
@@ -354,6 +382,7 @@ async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
     let decision = ib.policy.load().decide(accepted.peer.as_ref());
     if let Decision::Deny { reason } = decision {
         tracing::info!(%reason, "connection denied by the authorization policy");
+        accepted.stream.refuse(http::StatusCode::UNAUTHORIZED);
         rec.error = Some(reason);
         ib.metrics
             .istio
@@ -362,7 +391,8 @@ async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
         return;
     }
     // Held until the connection ends: its places in the callers' open-at-once quotas.
-    let (_admitted, istio) = match admit(ib, &accepted, app.port(), istio, rec, &service).await {
+    let (_admitted, istio) = match admit(ib, &mut accepted, app.port(), istio, rec, &service).await
+    {
         Some(admitted) => admitted,
         None => return,
     };
@@ -392,7 +422,7 @@ async fn handle(ib: &Inbound, tcp: TcpStream, rec: &mut AccessRecord) {
 /// otherwise what it holds and its Istio labels, flagged if it was delayed.
 async fn admit(
     ib: &Inbound,
-    accepted: &Accepted,
+    accepted: &mut Accepted,
     port: u16,
     istio: IstioLabels,
     rec: &mut AccessRecord,
@@ -405,6 +435,7 @@ async fn admit(
         Ok(a) => a,
         Err(over) => {
             tracing::info!(detail = %over.detail, "connection refused by a quota");
+            accepted.stream.refuse(http::StatusCode::TOO_MANY_REQUESTS);
             ib.metrics
                 .quota_refusals
                 .get_or_create(&RuleLabels {
@@ -442,11 +473,12 @@ async fn admit(
         injected("abort");
         tracing::info!(%rule, "resetting the connection (injected fault)");
         // A reset, not a close: the caller sees what a crashed or refusing server gives.
-        let tcp = match &accepted.stream {
-            Downstream::Tls(tls) => tls.get_ref().0,
-            Downstream::Plaintext(tcp) => tcp,
-        };
-        let _ = tcp.set_zero_linger();
+        match &mut accepted.stream {
+            Downstream::Tls(tls) => drop(tls.get_ref().0.set_zero_linger()),
+            Downstream::Plaintext(tcp) => drop(tcp.set_zero_linger()),
+            // A stream's equivalent of a TCP reset (RFC 9113, 8.5).
+            Downstream::Tunnel(pending) => pending.reset(h2::Reason::CONNECT_ERROR),
+        }
         ib.metrics
             .istio
             .refused(istio.with_flags(ResponseFlags::FaultAborted));
@@ -531,7 +563,7 @@ fn count(ib: &Inbound, rec: &mut AccessRecord, service: &str, result: ConnResult
 
 async fn relay(
     ib: &Inbound,
-    down: Downstream,
+    mut down: Downstream,
     app: SocketAddr,
     service: &str,
     istio: IstioLabels,
@@ -548,6 +580,7 @@ async fn relay(
                     ib.connect_timeout
                 ),
             });
+            down.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
             ib.metrics
                 .connect_failures
                 .get_or_create(&ServiceLabels {
@@ -575,6 +608,10 @@ async fn relay(
             Downstream::Plaintext(tcp) => {
                 crate::relay::relay_tcp_metered(tcp, up, report.meter()).await
             }
+            Downstream::Tunnel(pending) => match pending.accept() {
+                Ok(stream) => crate::relay::relay_metered(stream, up, report.meter()).await,
+                Err(e) => crate::relay::RelayOutcome::failed(e),
+            },
         }
     };
     finish_relay(rec, ib.tracker.closing(), relayed).await

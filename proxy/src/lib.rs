@@ -22,6 +22,9 @@
 //!   quotas and injected faults per calling identity of an allowed connection; `outbound`: mTLS
 //!   origination towards a service, verified against its identities; `original_dst`: the
 //!   destination a captured (redirected) connection was made to.
+//! - `tunnel`: pooled tunnels between proxies (HBONE: HTTP/2 `CONNECT` streams over one
+//!   mTLS connection per peer), the client's pool and the stream type both sides relay;
+//!   `inbound::hbone` is the server side, in front of the same inbound path.
 //! - `metrics`: the core's metrics, registered under the prefix the program picks
 //!   (`isthmus_gateway_`, `isthmus_vm_agent_`), and `metrics::istio`, Istio's standard TCP
 //!   metrics under Istio's names, which the same connections count into.
@@ -37,4 +40,5 @@ pub mod original_dst;
 pub mod outbound;
 pub mod relay;
 pub mod routes;
+pub mod tunnel;
 pub mod upstream;

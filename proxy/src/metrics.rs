@@ -134,6 +134,59 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
+/// Which end of a tunnel: the proxy that opened it, or the one that accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TunnelRole {
+    client,
+    server,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TunnelLabels {
+    pub role: TunnelRole,
+    /// `hbone` (HTTP/2 over mTLS on TCP).
+    pub transport: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TunnelHandshakeLabels {
+    pub role: TunnelRole,
+    pub transport: &'static str,
+    /// `ok`, or why it failed (`connect`, `tls`, `alpn`, `http2`, `timeout`).
+    pub result: &'static str,
+}
+
+/// The pooled tunnels between proxies: how many are open, how they were set up, and the
+/// streams (proxied connections) they carried. A stream's bytes and result are counted with
+/// the other connections (`connections`, `bytes`).
+#[derive(Debug, Clone, Default)]
+pub struct TunnelMetrics {
+    pub open: Family<TunnelLabels, Gauge>,
+    pub handshakes: Family<TunnelHandshakeLabels, Counter>,
+    pub streams: Family<TunnelLabels, Counter>,
+}
+
+impl TunnelMetrics {
+    fn register_into(&self, r: &mut Registry) {
+        r.register(
+            "tunnels_open",
+            "Pooled tunnels open now, by role (client, server) and transport",
+            self.open.clone(),
+        );
+        r.register(
+            "tunnel_handshakes",
+            "Tunnels set up or failed to be, by role, transport and result",
+            self.handshakes.clone(),
+        );
+        r.register(
+            "tunnel_streams",
+            "Streams (proxied connections) opened over tunnels, by role and transport",
+            self.streams.clone(),
+        );
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     pub connections: Family<ConnLabels, Counter>,
@@ -147,6 +200,7 @@ pub struct Metrics {
     pub quota_refusals: Family<RuleLabels, Counter>,
     /// Faults injected by the inbound policy, by rule and kind.
     pub faults: Family<RuleLabels, Counter>,
+    pub tunnels: TunnelMetrics,
     pub destinations: Gauge,
     pub draining: Gauge,
     pub catalog: SyncMetrics,
@@ -171,6 +225,7 @@ impl Default for Metrics {
             ejections: Family::default(),
             quota_refusals: Family::default(),
             faults: Family::default(),
+            tunnels: TunnelMetrics::default(),
             destinations: Gauge::default(),
             draining: Gauge::default(),
             catalog: SyncMetrics::default(),
@@ -243,6 +298,7 @@ impl Metrics {
             "1 while shutting down: no new connections, open ones finishing",
             m.draining.clone(),
         );
+        m.tunnels.register_into(r);
         m.catalog.register_into(r);
         m
     }

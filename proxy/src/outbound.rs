@@ -17,11 +17,20 @@
 //! A connection that reached an endpoint is also counted in
 //! `isthmus_tcp_connections_opened_total` with the program's network, the endpoint's (for a
 //! gateway, the remote network's) and the transport: `sni-gateway` through a remote
-//! network's gateway, else `direct`.
+//! network's gateway, `hbone` over a pooled tunnel, else `direct`.
+//!
+//! With a tunnel pool ([`Outbound::tunnel`]), a connection to a workload whose proxy
+//! accepts tunnels (its endpoint has a tunnel port) is carried as a stream of the pooled
+//! tunnel to that proxy instead of an mTLS connection of its own: the tunnel's mTLS is the
+//! same certificates, verified against the same identities, so the app's bytes ride on it
+//! as they are, and only the first connection to a peer pays a handshake.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -30,6 +39,7 @@ use isthmus_proto::sni::SniKey;
 use isthmus_proto::tls::{self, Credentials, ServerIdentity, TlsError, TrustBundle};
 use isthmus_proto::SpiffeId;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -41,6 +51,8 @@ use crate::metrics::istio::{
 };
 use crate::metrics::{ConnResult, Direction, Metrics};
 use crate::routes::{LookupError, RouteTable, Target};
+use crate::tunnel::pool::{PoolKey, StreamRequest};
+use crate::tunnel::{self, H2Stream, Pool};
 use crate::upstream::{self, ConnectError, ConnectOptions, Lease};
 
 const DIRECTION: Direction = Direction::outbound;
@@ -50,8 +62,12 @@ const DIRECTION: Direction = Direction::outbound;
 pub struct ClientTls {
     creds: Credentials,
     bundle: TrustBundle,
-    configs: Mutex<HashMap<Vec<SpiffeId>, Arc<rustls::ClientConfig>>>,
+    configs: Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>,
 }
+
+/// A cached client config's accepted identities, and whether it is for a tunnel (ALPN
+/// `h2`).
+type ConfigKey = (Vec<SpiffeId>, bool);
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,8 +96,25 @@ impl ClientTls {
     /// A config that accepts exactly `expected` (any identity of the trust domain when
     /// the catalog names none).
     pub fn config(&self, expected: &[SpiffeId]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        self.cached(expected, false)
+    }
+
+    /// [`ClientTls::config`] for a tunnel: the same, offering ALPN `h2`.
+    pub fn tunnel_config(
+        &self,
+        expected: &[SpiffeId],
+    ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        self.cached(expected, true)
+    }
+
+    fn cached(
+        &self,
+        expected: &[SpiffeId],
+        tunnel: bool,
+    ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let key = (expected.to_vec(), tunnel);
         let mut cache = self.configs.lock().expect("tls cache poisoned");
-        if let Some(c) = cache.get(expected) {
+        if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
         let identity = if expected.is_empty() {
@@ -89,16 +122,17 @@ impl ClientTls {
         } else {
             ServerIdentity::OneOf(expected.to_vec())
         };
+        let alpn: &[&[u8]] = if tunnel { &[tunnel::ALPN_H2] } else { &[] };
         let cfg = Arc::new(tls::client_config(
             Some(&self.creds),
             &self.bundle,
             identity,
-            &[],
+            alpn,
         )?);
         if cache.len() >= MAX_CACHED_CONFIGS {
             cache.clear();
         }
-        cache.insert(expected.to_vec(), cfg.clone());
+        cache.insert(key, cfg.clone());
         Ok(cfg)
     }
 }
@@ -136,10 +170,64 @@ pub struct OutboundTarget {
     pub sni: Option<String>,
 }
 
-/// An established mTLS connection to a service endpoint.
+/// The bytes' way to an endpoint: an mTLS connection of its own, or a stream of a pooled
+/// tunnel to the endpoint's proxy.
+#[derive(Debug)]
+pub enum MeshStream {
+    Tls(Box<TlsStream<TcpStream>>),
+    Tunnel(H2Stream),
+}
+
+impl MeshStream {
+    pub fn is_tunnel(&self) -> bool {
+        matches!(self, MeshStream::Tunnel(_))
+    }
+}
+
+impl AsyncRead for MeshStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MeshStream::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            MeshStream::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            MeshStream::Tunnel(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            MeshStream::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An established connection to a service endpoint: mTLS, or a stream of an mTLS tunnel.
 #[derive(Debug)]
 pub struct OutboundStream {
-    pub stream: TlsStream<TcpStream>,
+    pub stream: MeshStream,
     /// Where the TCP connection went: the workload, or the remote network's gateway.
     pub target: Target,
     /// The server's verified identity (the workload's, also through a gateway).
@@ -161,6 +249,9 @@ pub struct Outbound {
     /// The local workload's labels, matched against routes' `sourceLabels`; swapped when
     /// they change (a VM's group template).
     pub source_labels: ArcSwap<BTreeMap<String, String>>,
+    /// Pooled tunnels to the endpoints' proxies that accept them; `None`: every connection
+    /// is mTLS of its own.
+    pub tunnel: Option<Pool>,
 }
 
 impl Outbound {
@@ -181,28 +272,82 @@ impl Outbound {
             .map_err(|_| OutboundError::ServerName(sni.clone()))?;
         let client_tls = self.tls.load_full();
         let service_identities = dest.identities();
-        let up = upstream::connect(&dest, self.connect, &self.metrics, DIRECTION, |tcp, t| {
+        let (dest_ref, metrics) = (&dest, &*self.metrics);
+        let up = upstream::connect_with(&dest, self.connect, metrics, |t, opts| {
             let expected = if t.identities.is_empty() {
                 service_identities.clone()
             } else {
                 t.identities.clone()
             };
-            let config = client_tls.config(&expected);
             let server_name = server_name.clone();
+            let client_tls = client_tls.clone();
             async move {
-                let config = config.map_err(io::Error::other)?;
-                TlsConnector::from(config).connect(server_name, tcp).await
+                if let Some(pool) = self.tunnel.as_ref().filter(|_| tunnels_to(&t)) {
+                    let opened = self
+                        .open_stream(pool, &t, expected, &client_tls, dest_ref, opts)
+                        .await?;
+                    return Ok((MeshStream::Tunnel(opened.stream), opened.peer));
+                }
+                let config = client_tls.config(&expected).map_err(io::Error::other)?;
+                let tcp = upstream::dial(t.addr, dest_ref, opts, metrics, DIRECTION).await?;
+                let handshake = TlsConnector::from(config).connect(server_name, tcp);
+                let stream = tokio::time::timeout(opts.timeout, handshake)
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no answer within {:?} after connecting", opts.timeout),
+                        )
+                    })??;
+                let peer = tls::peer_identity(stream.get_ref().1.peer_certificates());
+                Ok((MeshStream::Tls(Box::new(stream)), peer))
             }
         })
         .await?;
-        let server_identity = tls::peer_identity(up.stream.get_ref().1.peer_certificates());
+        let (stream, server_identity) = up.stream;
         Ok(OutboundStream {
-            stream: up.stream,
+            stream,
             target: up.target,
             server_identity,
             lease: up.lease,
             service: dest.service.clone(),
         })
+    }
+
+    /// A stream to `t` over the pooled tunnel to its proxy (dialled when none can take it).
+    async fn open_stream(
+        &self,
+        pool: &Pool,
+        t: &Target,
+        expected: Vec<SpiffeId>,
+        client_tls: &ClientTls,
+        dest: &crate::routes::Destination,
+        opts: ConnectOptions,
+    ) -> io::Result<tunnel::pool::Opened> {
+        let config = client_tls
+            .tunnel_config(&expected)
+            .map_err(io::Error::other)?;
+        let key = PoolKey {
+            addr: SocketAddr::new(t.addr.ip(), t.tunnel_port),
+            identities: expected,
+        };
+        let metrics = &*self.metrics;
+        let dial = || {
+            let config = config.clone();
+            async move {
+                let tcp = upstream::dial(key.addr, dest, opts, metrics, DIRECTION).await?;
+                // The tunnel's peer is verified by its SPIFFE identity; no name to send.
+                let name = ServerName::IpAddress(key.addr.ip().into());
+                let tls = TlsConnector::from(config).connect(name, tcp).await?;
+                let peer = tls::peer_identity(tls.get_ref().1.peer_certificates());
+                Ok((tls, peer))
+            }
+        };
+        let request = StreamRequest {
+            authority: t.addr,
+            source: self.metrics.istio.local().address,
+        };
+        pool.open(&key, dial, &request).await
     }
 
     /// Istio's labels of a connection to `service` (`-` for the flags), with the endpoint
@@ -442,7 +587,9 @@ async fn handle(
         rec.peer_identity = up.server_identity.as_ref().map(|i| i.to_string());
         let labels =
             outbound.istio_labels(&up.service, Some((&up.target, up.server_identity.as_ref())));
-        let report = m.istio.open_transit(labels, transit(m, &up.target));
+        let report = m
+            .istio
+            .open_transit(labels, transit(m, &up.target, up.stream.is_tunnel()));
         finish_relay(
             rec,
             outbound.tracker.closing(),
@@ -455,16 +602,24 @@ async fn handle(
 }
 
 /// How a connection to `target` is carried, from the program's network.
-fn transit(m: &Metrics, target: &Target) -> Transit {
+fn transit(m: &Metrics, target: &Target, tunneled: bool) -> Transit {
     Transit {
         source_network: m.istio.network().to_string(),
         destination_network: target.network.clone(),
-        transport: if target.via_gateway {
+        transport: if tunneled {
+            Transport::Hbone
+        } else if target.via_gateway {
             Transport::SniGateway
         } else {
             Transport::Direct
         },
     }
+}
+
+/// Whether a connection to `t` goes over a tunnel: a workload of this network whose proxy
+/// accepts them.
+fn tunnels_to(t: &Target) -> bool {
+    t.tunnel_port != 0 && !t.via_gateway
 }
 
 /// Ends a connection: it leaves the open gauge, its record is finished, and it is counted

@@ -107,6 +107,15 @@ pub struct RelayOutcome {
 }
 
 impl RelayOutcome {
+    /// A relay that could not start: nothing moved.
+    pub fn failed(error: io::Error) -> Self {
+        Self {
+            transferred: Transferred::default(),
+            error: Some(error),
+            method: RelayMethod::Copy,
+        }
+    }
+
     pub fn into_result(self) -> io::Result<Transferred> {
         match self.error {
             None => Ok(self.transferred),

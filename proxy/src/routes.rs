@@ -121,6 +121,9 @@ pub struct Target {
     #[serde(serialize_with = "display_all")]
     pub identities: Vec<SpiffeId>,
     pub weight: u32,
+    /// Where the endpoint's proxy accepts tunnels (HBONE) on its address; 0: it accepts
+    /// none, connect to `addr` with mTLS.
+    pub tunnel_port: u16,
 }
 
 fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -814,6 +817,7 @@ fn targets_of(
                 locality: e.locality.clone(),
                 identities: e.identities.clone(),
                 weight: weight.max(1),
+                tunnel_port: e.tunnel_port,
             })
         })
         .collect()

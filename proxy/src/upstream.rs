@@ -98,6 +98,65 @@ where
     F: Fn(TcpStream, Target) -> Fut,
     Fut: Future<Output = io::Result<S>>,
 {
+    let first_step = &first_step;
+    connect_with(destination, opts, metrics, |target, opts| async move {
+        let tcp = dial(target.addr, destination, opts, metrics, direction).await?;
+        tokio::time::timeout(opts.timeout, first_step(tcp, target))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {:?} after connecting", opts.timeout),
+                )
+            })?
+    })
+    .await
+}
+
+/// A TCP connection to `addr` for `destination`, within the timeout, with its socket
+/// options (no delay; the rule's keepalive) set; the connect time is observed.
+pub async fn dial(
+    addr: SocketAddr,
+    destination: &Destination,
+    opts: ConnectOptions,
+    metrics: &Metrics,
+    direction: Direction,
+) -> io::Result<TcpStream> {
+    let started = Instant::now();
+    let tcp = tokio::time::timeout(opts.timeout, connect_tcp(addr, opts.mark))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", opts.timeout),
+            )
+        })??;
+    metrics
+        .connect_duration
+        .get_or_create(&DirectionLabels { direction })
+        .observe(started.elapsed().as_secs_f64());
+    let _ = tcp.set_nodelay(true);
+    if let Some(keepalive) = destination.tcp_keepalive() {
+        if let Err(e) = set_keepalive(&tcp, &keepalive) {
+            tracing::debug!(destination = %destination.key, error = %e, "cannot set TCP keepalive");
+        }
+    }
+    Ok(tcp)
+}
+
+/// Connects to one endpoint of `destination` with `attempt` (given the endpoint and the
+/// options in effect: the rule's connect timeout where it sets one); a failed attempt
+/// counts as the endpoint's failure, and another endpoint is tried.
+pub async fn connect_with<S, F, Fut>(
+    destination: &Arc<Destination>,
+    opts: ConnectOptions,
+    metrics: &Metrics,
+    attempt: F,
+) -> Result<Upstream<S>, ConnectError>
+where
+    F: Fn(Target, ConnectOptions) -> Fut,
+    Fut: Future<Output = io::Result<S>>,
+{
     let name = destination.key.to_string();
     let Some(slot) = destination.take_slot() else {
         return Err(ConnectError::LimitReached {
@@ -117,35 +176,7 @@ where
             break;
         };
         tried.push(target.uid.clone());
-        let started = Instant::now();
-        let attempt = async {
-            let tcp = tokio::time::timeout(opts.timeout, connect_tcp(target.addr, opts.mark))
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connect timed out after {:?}", opts.timeout),
-                    )
-                })??;
-            metrics
-                .connect_duration
-                .get_or_create(&DirectionLabels { direction })
-                .observe(started.elapsed().as_secs_f64());
-            let _ = tcp.set_nodelay(true);
-            if let Some(keepalive) = destination.tcp_keepalive() {
-                if let Err(e) = set_keepalive(&tcp, &keepalive) {
-                    tracing::debug!(destination = %name, error = %e, "cannot set TCP keepalive");
-                }
-            }
-            tokio::time::timeout(opts.timeout, first_step(tcp, target.clone()))
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no answer within {:?} after connecting", opts.timeout),
-                    )
-                })?
-        };
+        let attempt = attempt(target.clone(), opts);
         match attempt.await {
             Ok(stream) => {
                 destination.on_connected(&target.uid);

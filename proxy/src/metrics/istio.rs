@@ -165,6 +165,8 @@ pub enum Transport {
     /// `sni-gateway`: to the destination network's east-west gateway, which routes the
     /// still encrypted session on its SNI (TLS passthrough).
     SniGateway,
+    /// `hbone`: a stream of a pooled tunnel to the endpoint's proxy.
+    Hbone,
 }
 
 impl Transport {
@@ -172,6 +174,7 @@ impl Transport {
         match self {
             Transport::Direct => "direct",
             Transport::SniGateway => "sni-gateway",
+            Transport::Hbone => "hbone",
         }
     }
 }

@@ -104,6 +104,7 @@ fn outbound(ca: &TestCa, routes: RouteTable) -> Outbound {
             mark: None,
         },
         source_labels: Default::default(),
+        tunnel: None,
     }
 }
 

@@ -262,6 +262,7 @@ impl Client {
                 mark: None,
             },
             source_labels: Default::default(),
+            tunnel: None,
         });
         Ok(Self {
             outbound,

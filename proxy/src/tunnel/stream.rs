@@ -1,0 +1,152 @@
+//! One tunnel stream as a byte stream: what the app writes goes out as DATA frames within
+//! the peer's flow-control window, what arrives is handed to the reader and only then given
+//! back to the peer as window (so a slow reader slows its writer, stream by stream, and
+//! never the tunnel's other streams). Shutting down the write half ends the stream's
+//! sending side (END_STREAM, TCP's FIN); dropping it before that resets the stream.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::io_error;
+
+/// Bytes asked for at once when writing: a write larger than this is written in parts.
+const MAX_WRITE: usize = super::MAX_SEND_BUFFER;
+
+/// An established `CONNECT` stream.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received and not yet read.
+    pending: Bytes,
+    write_closed: bool,
+    /// Whatever the stream's owner keeps alive with it (the pool's count of open streams).
+    _hold: Option<Box<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for H2Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Stream")
+            .field("pending", &self.pending.len())
+            .field("write_closed", &self.write_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            _hold: None,
+        }
+    }
+
+    /// Keeps `hold` until the stream is dropped.
+    pub fn holding(mut self, hold: impl Send + Sync + 'static) -> Self {
+        self._hold = Some(Box::new(hold));
+        self
+    }
+
+    /// Resets the stream with `reason` (`CONNECT_ERROR` is a TCP reset's equivalent).
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+
+    /// The error for a stream whose sending side the peer closed or reset.
+    fn poll_send_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        Poll::Ready(match ready!(self.send.poll_reset(cx)) {
+            Ok(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => {
+                io::ErrorKind::BrokenPipe.into()
+            }
+            Ok(reason) => io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("tunnel stream reset by the peer: {reason}"),
+            ),
+            Err(e) => io_error(e),
+        })
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.advance(n);
+                // The peer may send as much again.
+                let _ = this.recv.flow_control().release_capacity(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                // END_STREAM: the peer's FIN.
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => this.pending = data,
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        this.send.reserve_capacity(buf.len().min(MAX_WRITE));
+        loop {
+            match ready!(this.send.poll_capacity(cx)) {
+                // Capacity granted and taken back before this poll: wait for more.
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let n = n.min(buf.len());
+                    if this
+                        .send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .is_ok()
+                    {
+                        return Poll::Ready(Ok(n));
+                    }
+                    break;
+                }
+                Some(Err(_)) | None => break,
+            }
+        }
+        this.poll_send_error(cx).map(Err)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The tunnel's connection task writes frames out as they are queued.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        if this.send.send_data(Bytes::new(), true).is_ok() {
+            this.write_closed = true;
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_send_error(cx).map(Err)
+    }
+}

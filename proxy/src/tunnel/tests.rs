@@ -1,0 +1,551 @@
+//! Tunnels on loopback: the agent's outbound with a pool on one side, the tunnel listener
+//! in front of an echo app on the other, both with a test CA's certificates.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use isthmus_proto::drain;
+use isthmus_proto::model::{
+    Address, EndpointKind, Health, Locality, Service, ServicePort, ServiceView, ViewEndpoint,
+    ViewResource,
+};
+use isthmus_proto::subscription::LocalView;
+use isthmus_proto::test_pki::TestCa;
+use isthmus_proto::tls;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsConnector;
+
+use super::pool::{PoolSettings, StreamRequest};
+use super::*;
+use crate::admission::Admission;
+use crate::authz::{AuthorizationPolicy, Rule};
+use crate::connection::Tracker;
+use crate::inbound::hbone::{self, TunnelInbound};
+use crate::inbound::{AppTarget, Inbound, Mode};
+use crate::metrics::{
+    ConnLabels, ConnResult, Direction, Metrics, RefusalLabels, TunnelHandshakeLabels, TunnelLabels,
+    TunnelRole,
+};
+use crate::outbound::{ClientTls, Outbound, OutboundTarget};
+use crate::routes::{RouteOptions, RouteTable};
+use crate::upstream::ConnectOptions;
+
+const HOST: &str = "web.shop.svc.cluster.local";
+const PORT: u16 = 80;
+/// Bounds a step that should take milliseconds.
+const STEP: Duration = Duration::from_secs(10);
+
+struct Scene {
+    ca: TestCa,
+    /// The echo app behind the tunnel listener.
+    app: SocketAddr,
+    tunnel_addr: SocketAddr,
+    server: Arc<Metrics>,
+    client: Outbound,
+    _stop: drain::Trigger,
+}
+
+async fn echo_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn routes(ca: &TestCa, app: SocketAddr, tunnel_port: u16) -> RouteTable {
+    let endpoint = ViewEndpoint {
+        kind: EndpointKind::Workload,
+        address: Address::Ip(app.ip()),
+        ports: [(PORT, app.port())].into_iter().collect(),
+        network: "network-a".into(),
+        cluster: String::new(),
+        locality: Locality::default(),
+        identities: vec![ca.id("shop", "web")],
+        weight: 1,
+        health: Health::Healthy,
+        labels: BTreeMap::new(),
+        uid: "web-0".into(),
+        tunnel_port,
+        stale_since_ms: 0,
+        subset_weights: Default::default(),
+    };
+    let service = Service {
+        hostname: HOST.into(),
+        namespace: "shop".into(),
+        name: "web".into(),
+        ports: vec![ServicePort {
+            name: "http".into(),
+            number: PORT,
+            protocol: "TCP".into(),
+            target_port: 0,
+        }],
+        ..Default::default()
+    };
+    let mut resources = BTreeMap::new();
+    resources.insert(
+        format!("svc/{HOST}"),
+        ViewResource::Service(Arc::new(ServiceView {
+            service,
+            endpoints: vec![endpoint],
+            ..Default::default()
+        })),
+    );
+    let view = LocalView {
+        version: "v.1".into(),
+        resources,
+    };
+    RouteTable::build(&view, &RouteTable::default(), &RouteOptions::default())
+}
+
+impl Scene {
+    async fn start(policy: AuthorizationPolicy, settings: PoolSettings) -> Scene {
+        let ca = TestCa::new("cluster.local");
+        let app = echo_app().await;
+        let server_tls = tls::server_config(
+            &ca.workload("shop", "web"),
+            &ca.bundle(),
+            tls::ClientAuth::Required,
+            &[ALPN_H2],
+        )
+        .unwrap();
+        let server = Arc::new(Metrics::default());
+        let inbound = Arc::new(Inbound {
+            tls: Arc::new(ArcSwap::from_pointee(server_tls)),
+            admission: Admission::new(&policy),
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            mode: Mode::Strict,
+            app: AppTarget::OriginalPort { host: app.ip() },
+            metrics: server.clone(),
+            tracker: Tracker::new(),
+            handshake_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(2),
+            max_connections: 64,
+            on_connection: None,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tunnel_addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = drain::channel();
+        tokio::spawn(hbone::serve(
+            listener,
+            Arc::new(TunnelInbound {
+                inbound,
+                addresses: vec![app.ip()],
+                ports: Vec::new(),
+                app_host: app.ip(),
+                max_streams: DEFAULT_MAX_STREAMS,
+            }),
+            shutdown,
+        ));
+        let metrics = Arc::new(Metrics::default());
+        let client = Outbound {
+            routes: Arc::new(ArcSwap::from_pointee(routes(&ca, app, tunnel_addr.port()))),
+            tls: Arc::new(ArcSwap::from_pointee(ClientTls::new(
+                ca.workload("shop", "ratings"),
+                ca.bundle(),
+            ))),
+            metrics: metrics.clone(),
+            tracker: Tracker::new(),
+            connect: ConnectOptions {
+                timeout: Duration::from_secs(2),
+                attempts: 1,
+                mark: None,
+            },
+            source_labels: Default::default(),
+            tunnel: Some(Pool::new(settings, metrics)),
+        };
+        Scene {
+            ca,
+            app,
+            tunnel_addr,
+            server,
+            client,
+            _stop: stop,
+        }
+    }
+
+    fn pool(&self) -> &Pool {
+        self.client.tunnel.as_ref().unwrap()
+    }
+
+    async fn connect(&self) -> std::io::Result<crate::outbound::OutboundStream> {
+        let target = OutboundTarget {
+            hostname: HOST.into(),
+            port: PORT,
+            subset: String::new(),
+            sni: None,
+        };
+        match tokio::time::timeout(STEP, self.client.connect(&target)).await {
+            Ok(r) => r.map_err(std::io::Error::other),
+            Err(_) => panic!("connect did not finish within {STEP:?}"),
+        }
+    }
+
+    fn handshakes(&self, role: TunnelRole, result: &'static str) -> u64 {
+        let m = if role == TunnelRole::client {
+            &self.client.metrics
+        } else {
+            &self.server
+        };
+        m.tunnels
+            .handshakes
+            .get_or_create(&TunnelHandshakeLabels {
+                role,
+                transport: "hbone",
+                result,
+            })
+            .get()
+    }
+
+    fn refused(&self, reason: &str) -> u64 {
+        self.server
+            .refused
+            .get_or_create(&RefusalLabels {
+                direction: Direction::inbound,
+                reason: reason.into(),
+            })
+            .get()
+    }
+
+    /// A raw mTLS connection to the tunnel port as `shop/ratings`, offering `alpn`.
+    async fn raw_tls(
+        &self,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let config = tls::client_config(
+            Some(&self.ca.workload("shop", "ratings")),
+            &self.ca.bundle(),
+            tls::ServerIdentity::TrustDomain,
+            alpn,
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(self.tunnel_addr)
+            .await
+            .unwrap();
+        let name = ServerName::IpAddress(self.tunnel_addr.ip().into());
+        TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+    }
+}
+
+async fn echo(s: &mut (impl AsyncRead + AsyncWrite + Unpin), msg: &[u8]) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(STEP, s.read_exact(&mut got))
+        .await
+        .expect("no echo in time")
+        .unwrap();
+    got
+}
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_share_one_tunnel_and_each_reaches_the_app() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let mut calls = Vec::new();
+    for i in 0..50 {
+        let s = &s;
+        calls.push(async move {
+            let mut up = s.connect().await.unwrap();
+            assert!(up.stream.is_tunnel());
+            assert_eq!(up.server_identity, Some(s.ca.id("shop", "web")));
+            let msg = format!("hello {i}");
+            let got = echo(&mut up.stream, msg.as_bytes()).await;
+            assert_eq!(got, msg.as_bytes());
+            up.stream.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            up.stream.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "the app closed after its echo");
+        });
+    }
+    futures_join(calls).await;
+    assert_eq!(
+        s.handshakes(TunnelRole::client, "ok"),
+        1,
+        "one tunnel for all"
+    );
+    assert_eq!(s.handshakes(TunnelRole::server, "ok"), 1);
+    let streams = |m: &Metrics, role| {
+        m.tunnels
+            .streams
+            .get_or_create(&TunnelLabels {
+                role,
+                transport: "hbone",
+            })
+            .get()
+    };
+    assert_eq!(streams(&s.client.metrics, TunnelRole::client), 50);
+    assert_eq!(streams(&s.server, TunnelRole::server), 50);
+    // Every stream went through the inbound path, counted as a connection to the app.
+    let app = s.app.to_string();
+    assert!(
+        eventually(|| {
+            s.server
+                .connections
+                .get_or_create(&ConnLabels {
+                    direction: Direction::inbound,
+                    service: app.clone(),
+                    result: ConnResult::ok,
+                })
+                .get()
+                == 50
+        })
+        .await
+    );
+    assert_eq!(s.pool().open_tunnels().await, 1);
+}
+
+/// Runs the futures concurrently on this task.
+async fn futures_join<F: std::future::Future<Output = ()>>(futs: Vec<F>) {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut pending: Vec<_> = set.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut left = false;
+        for slot in pending.iter_mut() {
+            if let Some(f) = slot {
+                if f.as_mut().poll(cx).is_ready() {
+                    *slot = None;
+                } else {
+                    left = true;
+                }
+            }
+        }
+        if left {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_both_ways_while_echoing_arrives_whole() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let up = s.connect().await.unwrap();
+    const TOTAL: usize = 32 << 20;
+    let (mut r, mut w) = tokio::io::split(up.stream);
+    let writer = tokio::spawn(async move {
+        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let mut sent = 0;
+        while sent < TOTAL {
+            w.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pos = 0usize;
+    let read = async {
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            for b in &buf[..n] {
+                assert_eq!(*b, (pos % (64 * 1024) % 251) as u8, "byte {pos}");
+                pos += 1;
+            }
+            got += n;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .expect("the echo stalled");
+    writer.await.unwrap();
+    assert_eq!(got, TOTAL);
+}
+
+#[tokio::test]
+async fn a_denied_caller_gets_401_and_the_app_is_never_connected() {
+    let policy = AuthorizationPolicy {
+        allow: vec![Rule {
+            principals: vec!["cluster.local/ns/shop/sa/frontend".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let s = Scene::start(policy, PoolSettings::default()).await;
+    let err = s.connect().await.unwrap_err().to_string();
+    assert!(
+        err.contains("401") && err.contains("authorization policy"),
+        "{err}"
+    );
+    let denied = s
+        .server
+        .connections
+        .get_or_create(&ConnLabels {
+            direction: Direction::inbound,
+            service: s.app.to_string(),
+            result: ConnResult::denied,
+        })
+        .get();
+    assert_eq!(denied, 1);
+}
+
+#[tokio::test]
+async fn a_stream_to_an_app_that_is_down_gets_503() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    // The app's port, closed: take a port nothing listens on.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pool = s.pool();
+    let config = s
+        .client
+        .tls
+        .load()
+        .tunnel_config(&[s.ca.id("shop", "web")])
+        .unwrap();
+    let key = super::pool::PoolKey {
+        addr: s.tunnel_addr,
+        identities: vec![s.ca.id("shop", "web")],
+    };
+    let dial = || {
+        let config = config.clone();
+        let addr = s.tunnel_addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let tls = TlsConnector::from(config)
+                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+                .await?;
+            Ok((tls, None))
+        }
+    };
+    let err = pool
+        .open(
+            &key,
+            dial,
+            &StreamRequest {
+                authority: closed,
+                source: None,
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("503"), "{err}");
+    // A destination that is not this workload's address is refused by name.
+    let elsewhere: SocketAddr = "127.0.0.2:80".parse().unwrap();
+    let err = pool
+        .open(
+            &key,
+            dial,
+            &StreamRequest {
+                authority: elsewhere,
+                source: None,
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("400"), "{err}");
+    assert!(eventually(|| s.refused("tunnel_destination_not_local") == 1).await);
+    // Both went over the one tunnel, which still serves.
+    assert_eq!(s.handshakes(TunnelRole::client, "ok"), 1);
+    let mut up = s.connect().await.unwrap();
+    assert_eq!(echo(&mut up.stream, b"still here").await, b"still here");
+}
+
+#[tokio::test]
+async fn a_client_without_h2_is_refused_by_name() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    // Another protocol only: the TLS handshake itself fails (no common protocol).
+    let err = s.raw_tls(&[b"http/1.1"]).await.unwrap_err().to_string();
+    assert!(err.contains("NoApplicationProtocol"), "{err}");
+    assert!(eventually(|| s.handshakes(TunnelRole::server, "failed") == 1).await);
+    // No ALPN at all: TLS completes, and the tunnel refuses it by name.
+    let mut tls = s.raw_tls(&[]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(STEP, tls.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(eventually(|| s.refused("tunnel_wrong_alpn") == 1).await);
+
+    // HTTP/2 over the right ALPN, but a GET: 405.
+    let tls = s.raw_tls(&[ALPN_H2]).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::GET)
+        .uri("https://127.0.0.1/")
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(STEP, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), http::StatusCode::METHOD_NOT_ALLOWED);
+    assert!(eventually(|| s.refused("tunnel_not_connect") == 1).await);
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_closes_and_the_next_stream_opens_another() {
+    let settings = PoolSettings {
+        idle_timeout: Duration::from_millis(200),
+        ..PoolSettings::default()
+    };
+    let s = Scene::start(AuthorizationPolicy::default(), settings).await;
+    let mut up = s.connect().await.unwrap();
+    assert_eq!(echo(&mut up.stream, b"one").await, b"one");
+    // Not idle while a stream is open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.pool().open_tunnels().await, 1);
+    drop(up);
+    let mut closed = false;
+    for _ in 0..200 {
+        if s.pool().open_tunnels().await == 0 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "the idle tunnel stayed in the pool");
+    let mut up = s.connect().await.unwrap();
+    assert_eq!(echo(&mut up.stream, b"two").await, b"two");
+    assert_eq!(s.handshakes(TunnelRole::client, "ok"), 2);
+}
+
+#[tokio::test]
+async fn a_cleared_pool_keeps_streams_in_flight_and_dials_anew() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let mut first = s.connect().await.unwrap();
+    assert_eq!(echo(&mut first.stream, b"before").await, b"before");
+    // A renewed certificate: the pool is cleared.
+    s.pool().clear();
+    let mut second = s.connect().await.unwrap();
+    assert_eq!(echo(&mut second.stream, b"new").await, b"new");
+    assert_eq!(s.handshakes(TunnelRole::client, "ok"), 2);
+    // The first stream still moves bytes over the old tunnel.
+    assert_eq!(echo(&mut first.stream, b"after").await, b"after");
+}
