@@ -16,7 +16,7 @@ use isthmus_tests::eventually;
 use isthmus_tests::harness::agent::Vm;
 use isthmus_tests::harness::mesh::{host, id, on, yaml, Mesh, APP_PORT, SVC_PORT};
 use isthmus_tests::harness::netns::Net;
-use isthmus_tests::harness::registry::{http_get, CLUSTER};
+use isthmus_tests::harness::registry::{http_get, metric_sum as sum, CLUSTER};
 
 const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
 const RATINGS_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 8);
@@ -32,16 +32,6 @@ fn group(name: &str, version: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  metadata:\n    labels:\n      app: {name}\n      version: {version}\n  template:\n    serviceAccount: {name}\n    ports:\n      tcp: {APP_PORT}\n"
     )
-}
-
-/// The sum of `metric` over every series whose labels include all of `labels`.
-fn sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> u64 {
-    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .filter(|l| wanted.iter().all(|w| l.contains(w.as_str())))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
 }
 
 /// One program's Istio counters for the series matching `labels`.

@@ -152,6 +152,9 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// The port of the tunnel listener (HBONE), on the VM's address; 0: no tunnels, in
+    /// either direction.
+    pub tunnel_port: u16,
     /// Sidecar mode: the pod the agent serves (`None` on a VM).
     pub pod: Option<crate::pod::PodConfig>,
 }
@@ -187,6 +190,7 @@ impl AgentConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            tunnel_port: isthmus_proxy::tunnel::DEFAULT_PORT,
             pod: None,
         }
     }

@@ -214,6 +214,11 @@ struct CommonArgs {
     /// Connections each listener holds at once; more wait in the listen backlog.
     #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// The tunnel listener's port on the workload's address (HBONE: HTTP/2 CONNECT over
+    /// mTLS, as Istio ambient's ztunnel). Mesh connections to workloads whose proxy accepts
+    /// tunnels go over one pooled tunnel per peer; 0 turns tunnels off both ways.
+    #[arg(long, default_value_t = isthmus_proxy::tunnel::DEFAULT_PORT)]
+    tunnel_port: u16,
     /// Runtime worker threads (a VM agent needs few).
     #[arg(long, default_value_t = config::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
@@ -234,6 +239,7 @@ impl CommonArgs {
         cfg.connect_timeout = self.connect_timeout.into();
         cfg.handshake_timeout = self.handshake_timeout.into();
         cfg.max_connections = self.max_connections;
+        cfg.tunnel_port = self.tunnel_port;
     }
 }
 

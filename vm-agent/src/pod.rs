@@ -44,9 +44,10 @@ pub const SIDECAR_UID: u32 = 1337;
 /// What a pod's init step captures outbound by default: the mesh's allocated VIPs and the
 /// usual service CIDR of a cluster (set the cluster's own with `--capture-cidr`).
 pub const DEFAULT_CAPTURE_CIDRS: &str = "240.240.0.0/16,10.96.0.0/12";
-/// Inbound ports never captured in a pod: the sidecar's own health and metrics ports,
-/// which the kubelet and scrapers reach in plain text.
-pub const DEFAULT_POD_EXCLUDED_INBOUND: &str = "15020,15021";
+/// Inbound ports never captured in a pod: the sidecar's own tunnel port (tunnels end at the
+/// sidecar, not the app), and its health and metrics ports, which the kubelet and scrapers
+/// reach in plain text.
+pub const DEFAULT_POD_EXCLUDED_INBOUND: &str = "15008,15020,15021";
 /// A projected token is about a kilobyte; anything much larger is the wrong file.
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 

@@ -101,13 +101,14 @@ impl Inputs {
     }
 }
 
-/// What the VM registers as: its group, namespace and address, with the flags' labels and
-/// locality.
+/// What the VM registers as: its group, namespace and address, with the flags' labels,
+/// locality and tunnel port.
 fn hello(bundle: &AgentBundle, config: &AgentConfig, address: IpAddr) -> Hello {
     Hello {
         network: bundle.network.clone(),
         locality: config.locality.clone(),
         labels: config.labels.clone(),
+        tunnel_port: config.tunnel_port,
         ..Hello::new(&bundle.group, &bundle.namespace, address)
     }
 }

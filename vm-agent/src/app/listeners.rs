@@ -6,6 +6,9 @@
 //!   127.0.0.1 and ::1, where REDIRECT sends IPv4 and IPv6).
 //! - With `--capture none`: one inbound listener per app port on the VM's address (the
 //!   app listens on loopback only).
+//! - The tunnel listener (`--tunnel-port`, 15008 on the VM's address): HBONE streams from
+//!   other proxies, through the same authorization to the same app ports; the outbound
+//!   carries mesh connections to workloads that accept tunnels over a pool of them.
 //! - The explicit outbound listeners (`--outbound-listener`), and the admin and health
 //!   ports (served once the control plane they report on is running).
 //!
@@ -29,6 +32,7 @@ use isthmus_proto::tls::{Credentials, TrustBundle};
 use isthmus_proxy::admission::Admission;
 use isthmus_proxy::authz::AuthorizationPolicy;
 use isthmus_proxy::connection::{refusal, Tracker};
+use isthmus_proxy::inbound::hbone::{self, TunnelInbound};
 use isthmus_proxy::inbound::{self, AppTarget, Inbound, Mode};
 use isthmus_proxy::metrics::istio::{Local, Peer};
 use isthmus_proxy::metrics::Metrics;
@@ -37,6 +41,7 @@ use isthmus_proxy::outbound::{
     self, ClientTls, Destination, NoDestination, Outbound, OutboundTarget,
 };
 use isthmus_proxy::routes::RouteTable;
+use isthmus_proxy::tunnel::{self, Pool, PoolSettings};
 use isthmus_proxy::upstream::ConnectOptions;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -103,6 +108,13 @@ pub(crate) async fn bind(
             ..ConnectOptions::default()
         },
         source_labels: Default::default(),
+        tunnel: (config.tunnel_port != 0).then(|| {
+            let settings = PoolSettings {
+                timeout: config.connect_timeout,
+                ..PoolSettings::default()
+            };
+            Pool::new(settings, cx.metrics.clone())
+        }),
     });
     let mut accepting = Accepting::default();
     let (bound, served) = match config.capture {
@@ -124,6 +136,7 @@ pub(crate) async fn bind(
             ),
         );
     }
+    let tunnel = bind_tunnel(cx, &inbounds, &creds, &mut accepting).await?;
     let me = IstioSelf::of(cx);
     me.apply(cx.group.borrow().as_ref(), &outbound);
     tasks.spawn(
@@ -136,6 +149,7 @@ pub(crate) async fn bind(
             cx.creds.clone(),
             cx.trust.clone(),
             served,
+            tunnel,
             outbound.clone(),
             cx.shutdown.clone(),
         ),
@@ -233,6 +247,41 @@ async fn bind_per_port(
     Ok(((inbound_addr, config.outbound_addr), served))
 }
 
+/// The tunnel listener on the VM's address, in front of the app's ports (all of them when
+/// capture takes every port, else the group's), unless `--tunnel-port 0`.
+async fn bind_tunnel(
+    cx: &Inputs,
+    inbounds: &InboundFactory,
+    creds: &Credentials,
+    accepting: &mut Accepting,
+) -> anyhow::Result<Option<Arc<Inbound>>> {
+    let config = &cx.config;
+    if config.tunnel_port == 0 {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(cx.address, config.tunnel_port);
+    let listener = program::bind(addr, "tunnel").await?;
+    let tls = TunnelInbound::server_config(creds, &cx.trust)?;
+    let app = AppTarget::OriginalPort {
+        host: config.app_host,
+    };
+    let ib = Arc::new(inbounds.inbound(app, tls));
+    let ports = if config.pod.is_some() {
+        Vec::new()
+    } else {
+        app_ports(cx.group.borrow().as_ref())
+    };
+    let served = Arc::new(TunnelInbound {
+        inbound: ib.clone(),
+        addresses: vec![cx.address],
+        ports,
+        app_host: config.app_host,
+        max_streams: tunnel::DEFAULT_MAX_STREAMS,
+    });
+    accepting.spawn("tunnel", hbone::serve(listener, served, cx.accept.clone()));
+    Ok(Some(ib))
+}
+
 /// Makes the inbound proxies: STRICT mTLS, the authorization policy, one shared tracker.
 struct InboundFactory {
     creds: Credentials,
@@ -268,7 +317,12 @@ impl InboundFactory {
 
     fn make(&self, app: AppTarget) -> anyhow::Result<Arc<Inbound>> {
         let tls = Inbound::server_config(&self.creds, &self.trust)?;
-        Ok(Arc::new(Inbound {
+        Ok(Arc::new(self.inbound(app, tls)))
+    }
+
+    /// An inbound proxy to `app` with `tls`.
+    fn inbound(&self, app: AppTarget, tls: rustls::ServerConfig) -> Inbound {
+        Inbound {
             tls: Arc::new(ArcSwap::from_pointee(tls)),
             policy: Arc::new(ArcSwap::from_pointee(self.policy.clone())),
             admission: self.admission.clone(),
@@ -280,7 +334,7 @@ impl InboundFactory {
             connect_timeout: self.connect_timeout,
             max_connections: self.max_connections,
             on_connection: None,
-        }))
+        }
     }
 }
 
@@ -404,6 +458,7 @@ async fn follow_credentials(
     mut creds: watch::Receiver<Arc<Credentials>>,
     trust: TrustBundle,
     inbounds: Vec<Arc<Inbound>>,
+    tunnel: Option<Arc<Inbound>>,
     outbound: Arc<Outbound>,
     shutdown: drain::Watch,
 ) {
@@ -423,6 +478,18 @@ async fn follow_credentials(
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot use the renewed certificate for inbound"),
+        }
+        if let Some(ib) = &tunnel {
+            match TunnelInbound::server_config(&c, &trust) {
+                Ok(cfg) => ib.tls.store(Arc::new(cfg)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot use the renewed certificate for the tunnel listener")
+                }
+            }
+        }
+        // New tunnels with the new certificate; streams in flight finish on the old ones.
+        if let Some(pool) = &outbound.tunnel {
+            pool.clear();
         }
         outbound
             .tls
