@@ -248,7 +248,7 @@ enum Downstream {
     Tls(Box<TlsStream<TcpStream>>),
     Plaintext(TcpStream),
     /// A stream of a tunnel, not answered yet.
-    Tunnel(Box<hbone::Pending>),
+    Tunnel(Box<crate::tunnel::server::Pending>),
 }
 
 impl Downstream {

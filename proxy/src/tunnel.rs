@@ -10,10 +10,12 @@
 //!   up to a stream limit, closed after an idle timeout, cleared when the certificate is
 //!   renewed (streams in flight carry on over the old tunnel until they end).
 //!
-//! The server side, which ends a stream at the local app with the inbound path's
-//! authorization, is `inbound::hbone`.
+//! - `server`: the server side's handshake and stream loop, which each tunnel listener
+//!   gives its own handling of a stream: `inbound::hbone` ends it at the local app with
+//!   the inbound path's authorization; the gateway routes it into its network.
 
 pub mod pool;
+pub mod server;
 pub mod stream;
 #[cfg(test)]
 mod tests;

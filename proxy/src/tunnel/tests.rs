@@ -549,3 +549,59 @@ async fn a_cleared_pool_keeps_streams_in_flight_and_dials_anew() {
     // The first stream still moves bytes over the old tunnel.
     assert_eq!(echo(&mut first.stream, b"after").await, b"after");
 }
+
+#[tokio::test]
+async fn bad_input_on_the_tunnel_port_is_closed_and_counted_by_reason() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let closed = |mut io: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(STEP, io.read(&mut buf)).await.unwrap();
+        matches!(n, Ok(0) | Err(_)) || n.is_ok_and(|n| n > 0 && buf[0] == 0x15)
+    };
+
+    // Not TLS at all.
+    let mut plain = tokio::net::TcpStream::connect(s.tunnel_addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed(plain).await);
+    assert!(eventually(|| s.refused("not_tls") == 1).await);
+
+    // A client certificate of another trust domain.
+    let other = TestCa::new("other.example");
+    let config = tls::client_config(
+        Some(&other.workload("shop", "ratings")),
+        &s.ca.bundle(),
+        tls::ServerIdentity::TrustDomain,
+        &[ALPN_H2],
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(s.tunnel_addr).await.unwrap();
+    let name = ServerName::IpAddress(s.tunnel_addr.ip().into());
+    if let Ok(mut tls) = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+    {
+        // TLS 1.3: the client may finish before the server refuses its certificate.
+        let mut buf = [0u8; 16];
+        let got = tokio::time::timeout(STEP, tls.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+    }
+    assert!(eventually(|| s.handshakes(TunnelRole::server, "failed") == 2).await);
+
+    // mTLS and h2, then garbage instead of the HTTP/2 preface.
+    let mut tls = s.raw_tls(&[ALPN_H2]).await.unwrap();
+    tls.write_all(&[0xde; 64]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(STEP, tls.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(eventually(|| s.refused("tunnel_not_http2") == 1).await);
+
+    // The listener still serves.
+    let mut up = s.connect().await.unwrap();
+    assert_eq!(echo(&mut up.stream, b"fine").await, b"fine");
+}
