@@ -165,6 +165,9 @@ pub struct TunnelMetrics {
     pub open: Family<TunnelLabels, Gauge>,
     pub handshakes: Family<TunnelHandshakeLabels, Counter>,
     pub streams: Family<TunnelLabels, Counter>,
+    /// Connections made without a tunnel to a peer that names one, because its tunnel could
+    /// not be set up lately.
+    pub fallbacks: Family<TunnelLabels, Counter>,
 }
 
 impl TunnelMetrics {
@@ -183,6 +186,11 @@ impl TunnelMetrics {
             "tunnel_streams",
             "Streams (proxied connections) opened over tunnels, by role and transport",
             self.streams.clone(),
+        );
+        r.register(
+            "tunnel_fallbacks",
+            "Connections made with mTLS of their own to a peer whose tunnel could not be set up lately, by transport",
+            self.fallbacks.clone(),
         );
     }
 }

@@ -175,12 +175,15 @@ pub struct OutboundTarget {
 #[derive(Debug)]
 pub enum MeshStream {
     Tls(Box<TlsStream<TcpStream>>),
+    /// A stream of the tunnel to the workload's proxy.
     Tunnel(H2Stream),
+    /// The end-to-end mTLS inside a stream of the tunnel to the network's gateway.
+    TunnelTls(Box<TlsStream<H2Stream>>),
 }
 
 impl MeshStream {
     pub fn is_tunnel(&self) -> bool {
-        matches!(self, MeshStream::Tunnel(_))
+        !matches!(self, MeshStream::Tls(_))
     }
 }
 
@@ -193,6 +196,7 @@ impl AsyncRead for MeshStream {
         match self.get_mut() {
             MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             MeshStream::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+            MeshStream::TunnelTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -206,6 +210,7 @@ impl AsyncWrite for MeshStream {
         match self.get_mut() {
             MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             MeshStream::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+            MeshStream::TunnelTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -213,6 +218,7 @@ impl AsyncWrite for MeshStream {
         match self.get_mut() {
             MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             MeshStream::Tunnel(s) => Pin::new(s).poll_flush(cx),
+            MeshStream::TunnelTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -220,6 +226,7 @@ impl AsyncWrite for MeshStream {
         match self.get_mut() {
             MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             MeshStream::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+            MeshStream::TunnelTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -282,23 +289,25 @@ impl Outbound {
             let server_name = server_name.clone();
             let client_tls = client_tls.clone();
             async move {
-                if let Some(pool) = self.tunnel.as_ref().filter(|_| tunnels_to(&t)) {
-                    let opened = self
-                        .open_stream(pool, &t, expected, &client_tls, dest_ref, opts)
-                        .await?;
-                    return Ok((MeshStream::Tunnel(opened.stream), opened.peer));
+                let hop = Hop {
+                    target: &t,
+                    dest: dest_ref,
+                    expected,
+                    client_tls: &client_tls,
+                    server_name,
+                    opts,
+                };
+                if let Some(pool) = self.tunnel.as_ref() {
+                    if let Some(opened) = self.through_tunnel(pool, &hop).await? {
+                        return Ok(opened);
+                    }
                 }
-                let config = client_tls.config(&expected).map_err(io::Error::other)?;
+                let config = hop
+                    .client_tls
+                    .config(&hop.expected)
+                    .map_err(io::Error::other)?;
                 let tcp = upstream::dial(t.addr, dest_ref, opts, metrics, DIRECTION).await?;
-                let handshake = TlsConnector::from(config).connect(server_name, tcp);
-                let stream = tokio::time::timeout(opts.timeout, handshake)
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("no answer within {:?} after connecting", opts.timeout),
-                        )
-                    })??;
+                let stream = handshake(config, hop.server_name, tcp, opts.timeout).await?;
                 let peer = tls::peer_identity(stream.get_ref().1.peer_certificates());
                 Ok((MeshStream::Tls(Box::new(stream)), peer))
             }
@@ -314,40 +323,88 @@ impl Outbound {
         })
     }
 
-    /// A stream to `t` over the pooled tunnel to its proxy (dialled when none can take it).
-    async fn open_stream(
+    /// The connection over a pooled tunnel, where the endpoint's proxy (or its network's
+    /// gateway) takes tunnels: `None` where it takes none, or its tunnel could not be set up
+    /// lately (mTLS of its own, then; [`tunnel::FALLBACK_MEMORY`]).
+    ///
+    /// - To a workload: a stream to its `ip:port` on the tunnel to its proxy, which verifies
+    ///   the workload's identity as its own mTLS would; the app's bytes ride on it as they
+    ///   are.
+    /// - Through a gateway: a stream to `hostname:port` (and subset) on the tunnel to the
+    ///   gateway, which any proxy of the trust domain may serve; inside it, the end-to-end
+    ///   mTLS to the workload with its SNI key, exactly as SNI passthrough would carry it.
+    async fn through_tunnel(
         &self,
         pool: &Pool,
-        t: &Target,
-        expected: Vec<SpiffeId>,
-        client_tls: &ClientTls,
-        dest: &crate::routes::Destination,
-        opts: ConnectOptions,
-    ) -> io::Result<tunnel::pool::Opened> {
-        let config = client_tls
-            .tunnel_config(&expected)
-            .map_err(io::Error::other)?;
-        let key = PoolKey {
-            addr: SocketAddr::new(t.addr.ip(), t.tunnel_port),
-            identities: expected,
+        hop: &Hop<'_>,
+    ) -> io::Result<Option<(MeshStream, Option<SpiffeId>)>> {
+        let t = hop.target;
+        if t.tunnel_port == 0 {
+            return Ok(None);
+        }
+        let addr = SocketAddr::new(t.addr.ip(), t.tunnel_port);
+        if !pool.reachable(addr) {
+            pool.fell_back();
+            return Ok(None);
+        }
+        let (identities, request) = if t.via_gateway {
+            let key = &hop.dest.key;
+            let request = StreamRequest {
+                authority: format!("{}:{}", key.hostname, key.port),
+                source: None,
+                subset: Some(key.subset.clone()),
+            };
+            (Vec::new(), request)
+        } else {
+            let source = self.metrics.istio.local().address;
+            (
+                hop.expected.clone(),
+                StreamRequest::to_workload(t.addr, source),
+            )
         };
-        let metrics = &*self.metrics;
+        let config = hop
+            .client_tls
+            .tunnel_config(&identities)
+            .map_err(io::Error::other)?;
+        let key = PoolKey { addr, identities };
+        let (metrics, dest, opts) = (&*self.metrics, hop.dest, hop.opts);
         let dial = || {
             let config = config.clone();
             async move {
-                let tcp = upstream::dial(key.addr, dest, opts, metrics, DIRECTION).await?;
+                let tcp = upstream::dial(addr, dest, opts, metrics, DIRECTION).await?;
                 // The tunnel's peer is verified by its SPIFFE identity; no name to send.
-                let name = ServerName::IpAddress(key.addr.ip().into());
+                let name = ServerName::IpAddress(addr.ip().into());
                 let tls = TlsConnector::from(config).connect(name, tcp).await?;
                 let peer = tls::peer_identity(tls.get_ref().1.peer_certificates());
                 Ok((tls, peer))
             }
         };
-        let request = StreamRequest {
-            authority: t.addr,
-            source: self.metrics.istio.local().address,
+        let opened = match pool.open(&key, dial, &request).await {
+            Ok(opened) => opened,
+            // The tunnel could not be set up: mTLS of its own for a while.
+            Err(e) if !pool.reachable(addr) => {
+                tracing::info!(peer = %addr, error = %e, fallback_for = ?tunnel::FALLBACK_MEMORY, "no tunnel to the peer; connecting without one");
+                pool.fell_back();
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
         };
-        pool.open(&key, dial, &request).await
+        if !t.via_gateway {
+            return Ok(Some((MeshStream::Tunnel(opened.stream), opened.peer)));
+        }
+        let config = hop
+            .client_tls
+            .config(&hop.expected)
+            .map_err(io::Error::other)?;
+        let inner = handshake(
+            config,
+            hop.server_name.clone(),
+            opened.stream,
+            hop.opts.timeout,
+        )
+        .await?;
+        let peer = tls::peer_identity(inner.get_ref().1.peer_certificates());
+        Ok(Some((MeshStream::TunnelTls(Box::new(inner)), peer)))
     }
 
     /// Istio's labels of a connection to `service` (`-` for the flags), with the endpoint
@@ -601,25 +658,50 @@ async fn handle(
     close(m, open, rec, &service, result);
 }
 
+/// One attempt's endpoint and what connecting to it needs.
+struct Hop<'a> {
+    target: &'a Target,
+    dest: &'a crate::routes::Destination,
+    /// The identities the endpoint may present.
+    expected: Vec<SpiffeId>,
+    client_tls: &'a ClientTls,
+    /// The SNI key.
+    server_name: ServerName<'static>,
+    opts: ConnectOptions,
+}
+
+/// The mTLS handshake on `io`, within `timeout`.
+async fn handshake<IO>(
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+    io: IO,
+    timeout: Duration,
+) -> io::Result<TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::time::timeout(timeout, TlsConnector::from(config).connect(server_name, io))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?} after connecting"),
+            )
+        })?
+}
+
 /// How a connection to `target` is carried, from the program's network.
 fn transit(m: &Metrics, target: &Target, tunneled: bool) -> Transit {
     Transit {
         source_network: m.istio.network().to_string(),
         destination_network: target.network.clone(),
-        transport: if tunneled {
-            Transport::Hbone
-        } else if target.via_gateway {
-            Transport::SniGateway
-        } else {
-            Transport::Direct
+        transport: match (tunneled, target.via_gateway) {
+            (true, true) => Transport::HboneGateway,
+            (true, false) => Transport::Hbone,
+            (false, true) => Transport::SniGateway,
+            (false, false) => Transport::Direct,
         },
     }
-}
-
-/// Whether a connection to `t` goes over a tunnel: a workload of this network whose proxy
-/// accepts them.
-fn tunnels_to(t: &Target) -> bool {
-    t.tunnel_port != 0 && !t.via_gateway
 }
 
 /// Ends a connection: it leaves the open gauge, its record is finished, and it is counted

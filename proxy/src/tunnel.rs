@@ -32,6 +32,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// Streams one tunnel carries at once; the pool opens another tunnel to the same peer
 /// beyond that, and the server refuses more than that on one connection.
 pub const DEFAULT_MAX_STREAMS: u32 = 1000;
+/// A peer whose tunnel could not be set up is reached without one for this long before
+/// its tunnel is tried again.
+pub const FALLBACK_MEMORY: Duration = Duration::from_secs(30);
 /// A tunnel with no stream for this long is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 

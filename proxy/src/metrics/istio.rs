@@ -167,6 +167,9 @@ pub enum Transport {
     SniGateway,
     /// `hbone`: a stream of a pooled tunnel to the endpoint's proxy.
     Hbone,
+    /// `hbone-gateway`: the end-to-end mTLS inside a stream of a pooled tunnel to the
+    /// destination network's east-west gateway.
+    HboneGateway,
 }
 
 impl Transport {
@@ -175,6 +178,7 @@ impl Transport {
             Transport::Direct => "direct",
             Transport::SniGateway => "sni-gateway",
             Transport::Hbone => "hbone",
+            Transport::HboneGateway => "hbone-gateway",
         }
     }
 }

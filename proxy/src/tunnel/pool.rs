@@ -8,6 +8,10 @@
 //! - **Idle timeout.** A tunnel without streams for the idle timeout is closed (GOAWAY).
 //! - **A peer that went away** (its tunnel closed, or the stream cannot be opened on it) is
 //!   dialled again once for the same stream before the stream fails.
+//! - **A peer whose tunnel cannot be set up** (nothing listens on its tunnel port, UDP or
+//!   the port is blocked, its TLS fails) is remembered for [`FALLBACK_MEMORY`]: the caller
+//!   connects to it without a tunnel meanwhile ([`Pool::reachable`]), counted in
+//!   `tunnel_fallbacks`.
 //! - **Renewal.** [`Pool::clear`] (a renewed certificate) takes every tunnel out of the
 //!   pool: new streams open new tunnels with the new certificate, while streams in flight
 //!   finish over the old ones, which close when their last stream ends.
@@ -25,7 +29,7 @@ use h2::client::SendRequest;
 use isthmus_proto::identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{client_builder, io_error, H2Stream};
+use super::{client_builder, io_error, H2Stream, FALLBACK_MEMORY};
 use crate::metrics::{Metrics, TunnelHandshakeLabels, TunnelLabels, TunnelRole};
 
 pub use crate::metrics::TunnelMetrics;
@@ -63,10 +67,27 @@ pub struct PoolKey {
 /// One stream's request.
 #[derive(Debug, Clone)]
 pub struct StreamRequest {
-    /// The destination on the peer's side (`:authority`).
-    pub authority: SocketAddr,
+    /// The destination on the peer's side (`:authority`): `ip:port` of a workload behind
+    /// its own proxy, `hostname:port` of a service behind a gateway.
+    pub authority: String,
     /// The original client's address, sent as `Forwarded: for=`.
     pub source: Option<IpAddr>,
+    /// The DestinationRule subset, for a gateway (header [`SUBSET_HEADER`]).
+    pub subset: Option<String>,
+}
+
+/// The request header naming the subset of a service a gateway routes a stream to.
+pub const SUBSET_HEADER: &str = "isthmus-subset";
+
+impl StreamRequest {
+    /// A stream to `addr` on the peer proxy's own workload.
+    pub fn to_workload(addr: SocketAddr, source: Option<IpAddr>) -> Self {
+        Self {
+            authority: addr.to_string(),
+            source,
+            subset: None,
+        }
+    }
 }
 
 /// A stream opened over a tunnel, and the peer proxy's verified identity.
@@ -89,6 +110,8 @@ pub struct Pool {
 #[derive(Debug)]
 struct Inner {
     peers: Mutex<HashMap<PoolKey, Slot>>,
+    /// Peers whose tunnel could not be set up, until when they are reached without one.
+    unreachable: Mutex<HashMap<SocketAddr, Instant>>,
     settings: PoolSettings,
     metrics: Arc<Metrics>,
 }
@@ -130,6 +153,7 @@ impl Pool {
         Self {
             inner: Arc::new(Inner {
                 peers: Mutex::new(HashMap::new()),
+                unreachable: Mutex::new(HashMap::new()),
                 settings,
                 metrics,
             }),
@@ -148,6 +172,30 @@ impl Pool {
             n += slot.lock().await.len();
         }
         n
+    }
+
+    /// False while a tunnel to `addr` could not be set up within the last
+    /// [`FALLBACK_MEMORY`]: connect without one meanwhile.
+    pub fn reachable(&self, addr: SocketAddr) -> bool {
+        let mut unreachable = self.inner.unreachable.lock().expect("tunnel pool poisoned");
+        match unreachable.get(&addr) {
+            Some(until) if Instant::now() < *until => false,
+            Some(_) => {
+                unreachable.remove(&addr);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Counts a connection made without a tunnel because its peer's could not be set up.
+    pub fn fell_back(&self) {
+        self.inner
+            .metrics
+            .tunnels
+            .fallbacks
+            .get_or_create(&labels())
+            .inc();
     }
 
     /// Takes every tunnel out of the pool (see the module's documentation).
@@ -183,7 +231,7 @@ impl Pool {
         let slot = self.peers().entry(key.clone()).or_default().clone();
         let mut redialled = false;
         loop {
-            let (tunnel, new_tunnel) = self.take(&slot, &dial).await?;
+            let (tunnel, new_tunnel) = self.take(&slot, key.addr, &dial).await?;
             let count = StreamCount(tunnel.state.clone());
             match self.stream(tunnel.send.clone(), request).await {
                 Ok(stream) => {
@@ -212,7 +260,12 @@ impl Pool {
     }
 
     /// A tunnel of `slot` with room for one more stream (counted on it), dialled if none.
-    async fn take<D, Fut, T>(&self, slot: &Slot, dial: &D) -> io::Result<(Tunnel, bool)>
+    async fn take<D, Fut, T>(
+        &self,
+        slot: &Slot,
+        addr: SocketAddr,
+        dial: &D,
+    ) -> io::Result<(Tunnel, bool)>
     where
         D: Fn() -> Fut,
         Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
@@ -229,13 +282,13 @@ impl Pool {
             t.state.streams.fetch_add(1, Ordering::AcqRel);
             return Ok((t.clone(), false));
         }
-        let t = self.dial(slot, dial).await?;
+        let t = self.dial(slot, addr, dial).await?;
         t.state.streams.fetch_add(1, Ordering::AcqRel);
         tunnels.push(t.clone());
         Ok((t, true))
     }
 
-    async fn dial<D, Fut, T>(&self, slot: &Slot, dial: &D) -> io::Result<Tunnel>
+    async fn dial<D, Fut, T>(&self, slot: &Slot, addr: SocketAddr, dial: &D) -> io::Result<Tunnel>
     where
         D: Fn() -> Fut,
         Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
@@ -260,14 +313,20 @@ impl Pool {
                 })
                 .inc()
         };
+        let failed = |result, addr| {
+            counted(result);
+            let until = Instant::now() + FALLBACK_MEMORY;
+            let mut unreachable = self.inner.unreachable.lock().expect("tunnel pool poisoned");
+            unreachable.insert(addr, until);
+        };
         let (send, conn, peer) = match tokio::time::timeout(timeout, setup).await {
             Ok(Ok(set_up)) => set_up,
             Ok(Err(e)) => {
-                counted("failed");
+                failed("failed", addr);
                 return Err(e);
             }
             Err(_) => {
-                counted("timeout");
+                failed("timeout", addr);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("the tunnel was not set up within {timeout:?}"),
@@ -304,10 +363,13 @@ impl Pool {
             .map_err(|e| StreamError::Tunnel(io_error(e)))?;
         let mut req = http::Request::builder()
             .method(http::Method::CONNECT)
-            .uri(request.authority.to_string())
+            .uri(request.authority.as_str())
             .version(http::Version::HTTP_2);
         if let Some(ip) = request.source {
             req = req.header(http::header::FORWARDED, forwarded_for(ip));
+        }
+        if let Some(subset) = request.subset.as_deref().filter(|s| !s.is_empty()) {
+            req = req.header(SUBSET_HEADER, subset);
         }
         let req = req
             .body(())
@@ -336,7 +398,7 @@ impl Pool {
         };
         let status = response.status();
         if status != http::StatusCode::OK {
-            return Err(StreamError::Refused(refused(status, request.authority)));
+            return Err(StreamError::Refused(refused(status, &request.authority)));
         }
         Ok(H2Stream::new(body, response.into_body()))
     }
@@ -365,10 +427,11 @@ fn forwarded_for(ip: IpAddr) -> String {
 }
 
 /// The error for a `CONNECT` the peer answered with `status`.
-fn refused(status: http::StatusCode, authority: SocketAddr) -> io::Error {
+fn refused(status: http::StatusCode, authority: &str) -> io::Error {
     let why = match status.as_u16() {
         401 | 403 => "denied by the destination's authorization policy",
         400 => "the destination proxy does not serve that address",
+        404 => "the gateway's network does not export that service",
         429 => "over a quota of the destination's policy",
         503 => "the destination proxy could not connect to the app",
         _ => "refused by the destination proxy",

@@ -444,14 +444,7 @@ async fn a_stream_to_an_app_that_is_down_gets_503() {
         }
     };
     let err = pool
-        .open(
-            &key,
-            dial,
-            &StreamRequest {
-                authority: closed,
-                source: None,
-            },
-        )
+        .open(&key, dial, &StreamRequest::to_workload(closed, None))
         .await
         .unwrap_err()
         .to_string();
@@ -459,14 +452,7 @@ async fn a_stream_to_an_app_that_is_down_gets_503() {
     // A destination that is not this workload's address is refused by name.
     let elsewhere: SocketAddr = "127.0.0.2:80".parse().unwrap();
     let err = pool
-        .open(
-            &key,
-            dial,
-            &StreamRequest {
-                authority: elsewhere,
-                source: None,
-            },
-        )
+        .open(&key, dial, &StreamRequest::to_workload(elsewhere, None))
         .await
         .unwrap_err()
         .to_string();
@@ -604,4 +590,56 @@ async fn bad_input_on_the_tunnel_port_is_closed_and_counted_by_reason() {
     // The listener still serves.
     let mut up = s.connect().await.unwrap();
     assert_eq!(echo(&mut up.stream, b"fine").await, b"fine");
+}
+
+#[tokio::test]
+async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    // The workload's own mTLS inbound in front of the same app; its tunnel port is closed.
+    let inbound = Arc::new(Inbound {
+        tls: Arc::new(ArcSwap::from_pointee(
+            Inbound::server_config(&s.ca.workload("shop", "web"), &s.ca.bundle()).unwrap(),
+        )),
+        admission: Admission::new(&AuthorizationPolicy::default()),
+        policy: Default::default(),
+        mode: Mode::Strict,
+        app: AppTarget::Fixed(s.app),
+        metrics: Arc::new(Metrics::default()),
+        tracker: Tracker::new(),
+        handshake_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_secs(2),
+        max_connections: 64,
+        on_connection: None,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mtls = listener.local_addr().unwrap();
+    let (_stop, shutdown) = drain::channel();
+    tokio::spawn(crate::inbound::serve(listener, inbound, shutdown));
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    s.client
+        .routes
+        .store(Arc::new(routes(&s.ca, mtls, closed.port())));
+
+    for round in 0..2 {
+        let mut up = s.connect().await.unwrap();
+        assert!(!up.stream.is_tunnel(), "round {round}");
+        assert_eq!(echo(&mut up.stream, b"plain").await, b"plain");
+    }
+    let fallbacks = s
+        .client
+        .metrics
+        .tunnels
+        .fallbacks
+        .get_or_create(&TunnelLabels {
+            role: TunnelRole::client,
+            transport: "hbone",
+        })
+        .get();
+    assert_eq!(fallbacks, 2);
+    // The tunnel was tried once; the second connection remembered it.
+    assert_eq!(s.handshakes(TunnelRole::client, "failed"), 1);
 }
