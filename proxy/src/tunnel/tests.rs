@@ -643,3 +643,41 @@ async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while()
     // The tunnel was tried once; the second connection remembered it.
     assert_eq!(s.handshakes(TunnelRole::client, "failed"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_at_once_share_one_tunnel() {
+    // Each stream holds a socket to the app on the server side and one in the app.
+    isthmus_proto::limits::raise_fd_limit("tunnel test");
+    const STREAMS: usize = 1000;
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let mut open = Vec::with_capacity(STREAMS);
+    for _ in 0..STREAMS {
+        open.push(s.connect().await.unwrap());
+    }
+    // All open at once; each still carries its own bytes.
+    let mut echoes = Vec::new();
+    for (i, up) in open.iter_mut().enumerate() {
+        echoes.push(async move {
+            let msg = format!("stream {i}");
+            assert_eq!(echo(&mut up.stream, msg.as_bytes()).await, msg.as_bytes());
+        });
+    }
+    futures_join(echoes).await;
+    assert_eq!(
+        s.handshakes(TunnelRole::client, "ok"),
+        1,
+        "one tunnel for all"
+    );
+    assert_eq!(s.pool().open_tunnels().await, 1);
+    let open_now = s
+        .server
+        .tunnels
+        .open
+        .get_or_create(&TunnelLabels {
+            role: TunnelRole::server,
+            transport: "hbone",
+        })
+        .get();
+    assert_eq!(open_now, 1);
+    drop(open);
+}
