@@ -8,6 +8,24 @@ pub mod vm_registrations;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+/// On a pod or a WorkloadEntry: [`AMBIENT_REDIRECTION_ENABLED`] once Istio ambient's node
+/// proxy (ztunnel) captures its traffic (the Kubernetes and the file sources both read it).
+pub const AMBIENT_REDIRECTION: &str = "ambient.istio.io/redirection";
+/// The value of [`AMBIENT_REDIRECTION`] on a captured workload (`pending` while capture is
+/// under way).
+pub const AMBIENT_REDIRECTION_ENABLED: &str = "enabled";
+/// The port ztunnel accepts tunnels (HBONE) on for the workloads it captures.
+pub const HBONE_PORT: u16 = 15008;
+
+/// The tunnel port of a workload whose metadata carries `annotations`: [`HBONE_PORT`] once
+/// ztunnel captures it, else 0 (its ports are reached directly).
+pub fn ambient_tunnel_port(annotations: &BTreeMap<String, String>) -> u16 {
+    match annotations.get(AMBIENT_REDIRECTION) {
+        Some(v) if v == AMBIENT_REDIRECTION_ENABLED => HBONE_PORT,
+        _ => 0,
+    }
+}
+
 /// A status kept per named remote source (a Kubernetes cluster, a peered registry), created
 /// on first update under its name.
 pub trait Named: Clone + Default {

@@ -32,25 +32,10 @@ pub mod labels {
     pub const EXPORT_TO: &str = "networking.istio.io/exportTo";
     /// On a Service: `"true"` keeps it inside its cluster (as a cluster-local host would).
     pub const CLUSTER_LOCAL: &str = "networking.isthmus.io/cluster-local";
-    /// On a pod (or a WorkloadEntry): [`super::AMBIENT_REDIRECTION_ENABLED`] once Istio
-    /// ambient's node proxy (ztunnel) captures its traffic.
-    pub const AMBIENT_REDIRECTION: &str = "ambient.istio.io/redirection";
+    pub use crate::sources::AMBIENT_REDIRECTION;
 }
 
-/// The value of [`labels::AMBIENT_REDIRECTION`] on a captured workload (`pending` while
-/// capture is under way).
-pub const AMBIENT_REDIRECTION_ENABLED: &str = "enabled";
-/// The port ztunnel accepts tunnels (HBONE) on for the workloads it captures.
-pub const HBONE_PORT: u16 = 15008;
-
-/// The tunnel port of a workload whose metadata carries `annotations`: [`HBONE_PORT`] once
-/// ztunnel captures it, else 0 (its ports are reached directly).
-pub fn ambient_tunnel_port(annotations: &BTreeMap<String, String>) -> u16 {
-    match annotations.get(labels::AMBIENT_REDIRECTION) {
-        Some(v) if v == AMBIENT_REDIRECTION_ENABLED => HBONE_PORT,
-        _ => 0,
-    }
-}
+pub use crate::sources::{ambient_tunnel_port, AMBIENT_REDIRECTION_ENABLED, HBONE_PORT};
 
 /// What the mapping of one cluster needs besides its objects.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::defaults::SourceDefaults;
 use super::metadata::{nullable, Meta};
 use super::problems::{check_labels, port_or_report, Problems};
-use crate::sources::kubernetes::mapping::ambient_tunnel_port;
+use crate::sources::ambient_tunnel_port;
 use crate::validate::{
     check_hostname, check_locality, check_network_id, dns_label, istio_unix_address,
 };
