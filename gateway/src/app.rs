@@ -3,9 +3,10 @@
 //! certificate (enrol with the bootstrap token when the directory has none), follow the
 //! catalog (the Watch client, as a gateway of its network so the view holds only local
 //! endpoints, and the routing table that follows it: readiness part "catalog"), serve the
-//! data path (SNI passthrough), the admin server (with `/config_dump`) and the health
-//! server. The handle it returns stops them in the skeleton's order: not ready, stop
-//! accepting, let open connections finish until the drain deadline, stop the rest.
+//! data path (SNI passthrough, and the tunnel listener on the same routing, counting and
+//! tracker), the admin server (with `/config_dump`) and the health server. The handle it
+//! returns stops them in the skeleton's order: not ready, stop accepting (tunnels are told
+//! to go away), let open connections finish until the drain deadline, stop the rest.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,7 @@ use isthmus_proto::drain;
 use isthmus_proto::model::{Node, NodeKind};
 use isthmus_proto::program::{self, Program, Readiness, Stop, Tasks};
 use isthmus_proto::subscription::{SyncState, WatchClient, WatchOptions};
-use isthmus_proto::tls::Credentials;
+use isthmus_proto::tls::{Credentials, TrustBundle};
 use isthmus_proxy::connection::{self, Tracker};
 use isthmus_proxy::metrics::istio::{Local, Peer};
 use isthmus_proxy::metrics::Metrics;
@@ -31,6 +32,7 @@ use tokio::sync::watch;
 
 use crate::config::GatewayConfig;
 use crate::passthrough::{self, Passthrough};
+use crate::tunnel::{self, Tunnel, TunnelTls};
 
 /// The prefix of every metric the gateway exports.
 pub const METRICS_PREFIX: &str = "isthmus_gateway";
@@ -38,6 +40,7 @@ pub const METRICS_PREFIX: &str = "isthmus_gateway";
 /// A running gateway.
 pub struct GatewayHandle {
     pub sni_addr: SocketAddr,
+    pub tunnel_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub health_addr: Option<SocketAddr>,
@@ -53,6 +56,7 @@ impl std::fmt::Debug for GatewayHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayHandle")
             .field("sni_addr", &self.sni_addr)
+            .field("tunnel_addr", &self.tunnel_addr)
             .field("admin_addr", &self.admin_addr)
             .field("metrics_addr", &self.metrics_addr)
             .field("health_addr", &self.health_addr)
@@ -87,6 +91,7 @@ impl Program for GatewayHandle {
 /// Every listener, bound before anything else starts.
 struct Listeners {
     sni: TcpListener,
+    tunnel: Option<TcpListener>,
     admin: Option<TcpListener>,
     metrics: Option<TcpListener>,
     health: Option<TcpListener>,
@@ -136,7 +141,12 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     };
 
     let catalog = follow_catalog(&config, &mut w)?;
-    let sni_addr = serve_passthrough(&config, listeners.sni, &catalog, &mut w)?;
+    let passthrough = data_path(&config, &catalog, &w);
+    let sni_addr = serve_passthrough(listeners.sni, passthrough.clone(), &mut w)?;
+    let tunnel_addr = match listeners.tunnel {
+        Some(l) => Some(serve_tunnel(&config, l, passthrough, &mut w)?),
+        None => None,
+    };
     let admin_addr = match listeners.admin {
         Some(l) => Some(serve_admin(&config, l, &catalog, &mut w)?),
         None => None,
@@ -158,6 +168,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     tracing::info!(
         network = %config.network,
         %sni_addr,
+        ?tunnel_addr,
         ?admin_addr,
         ?metrics_addr,
         ?health_addr,
@@ -166,6 +177,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
     );
     Ok(GatewayHandle {
         sni_addr,
+        tunnel_addr,
         admin_addr,
         metrics_addr,
         health_addr,
@@ -189,6 +201,7 @@ pub async fn run(config: GatewayConfig) -> anyhow::Result<GatewayHandle> {
 async fn bind(config: &GatewayConfig) -> anyhow::Result<Listeners> {
     Ok(Listeners {
         sni: program::bind(config.sni_addr, "SNI passthrough").await?,
+        tunnel: program::bind_optional(config.tunnel_addr, "tunnel").await?,
         admin: program::bind_optional(config.admin_addr, "admin").await?,
         metrics: program::bind_optional(config.metrics_addr, "metrics").await?,
         health: program::bind_optional(config.health_addr, "health").await?,
@@ -280,26 +293,62 @@ fn follow_catalog(config: &GatewayConfig, w: &mut Wiring) -> anyhow::Result<Cata
     Ok(Catalog { sync, routes })
 }
 
-/// Phase 4: the data path, SNI passthrough; it stops accepting on the first trigger and
-/// its open connections are drained through the tracker.
-fn serve_passthrough(
-    config: &GatewayConfig,
-    listener: TcpListener,
-    catalog: &Catalog,
-    w: &mut Wiring,
-) -> anyhow::Result<SocketAddr> {
-    let bound = listener.local_addr()?;
-    let p = Arc::new(Passthrough {
+/// Phase 4: the data path into the network, which both listeners share: the routing table,
+/// connect options, metrics and the tracker that drain waits on.
+fn data_path(config: &GatewayConfig, catalog: &Catalog, w: &Wiring) -> Arc<Passthrough> {
+    Arc::new(Passthrough {
         routes: catalog.routes.clone(),
         metrics: w.metrics.clone(),
         tracker: w.tracker.clone(),
         handshake_timeout: config.handshake_timeout,
         connect: config.connect_options(),
         max_connections: config.max_connections,
-    });
+    })
+}
+
+/// SNI passthrough; it stops accepting on the first trigger and its open connections are
+/// drained through the tracker.
+fn serve_passthrough(
+    listener: TcpListener,
+    p: Arc<Passthrough>,
+    w: &mut Wiring,
+) -> anyhow::Result<SocketAddr> {
+    let bound = listener.local_addr()?;
     w.accepting.spawn(
         "SNI passthrough",
         passthrough::serve(listener, p, w.accept_shutdown.clone()),
+    );
+    Ok(bound)
+}
+
+/// The tunnel listener, with the gateway's certificate and the mesh root; on the first
+/// trigger it stops accepting and tells open tunnels to go away, and their streams are
+/// drained through the tracker with passthrough's connections.
+fn serve_tunnel(
+    config: &GatewayConfig,
+    listener: TcpListener,
+    p: Arc<Passthrough>,
+    w: &mut Wiring,
+) -> anyhow::Result<SocketAddr> {
+    let bound = listener.local_addr()?;
+    let registry = &config.registry;
+    let tls = TrustBundle::from_pem_file(&registry.root_cert, &registry.trust_domain)
+        .and_then(|bundle| TunnelTls::load(&registry.cert_dir, bundle))
+        .with_context(|| {
+            format!(
+                "loading the tunnel listener's credentials (root {}, certificates in {})",
+                registry.root_cert.display(),
+                registry.cert_dir.display()
+            )
+        })?;
+    let tunnel = Arc::new(Tunnel {
+        passthrough: p,
+        tls: Arc::new(tls),
+        max_streams: isthmus_proxy::tunnel::DEFAULT_MAX_STREAMS,
+    });
+    w.accepting.spawn(
+        "tunnel",
+        tunnel::serve(listener, tunnel, w.accept_shutdown.clone()),
     );
     Ok(bound)
 }
@@ -359,4 +408,96 @@ fn serve_health(listener: TcpListener, w: &mut Wiring) -> anyhow::Result<SocketA
         admin::serve_health(listener, w.readiness.clone(), w.shutdown.clone()),
     );
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use isthmus_proto::subscription::RegistrySettings;
+    use isthmus_proto::test_pki::TestCa;
+    use isthmus_proto::tls;
+    use isthmus_proxy::metrics::{Direction, RefusalLabels};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::tunnel::tests::{connect, h2_over, mtls};
+
+    /// `GET path` on the admin port: the whole response.
+    async fn admin_get(addr: SocketAddr, path: &str) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut body = String::new();
+        tcp.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
+    /// A gateway whose registry never answers serves its listeners all the same, with an
+    /// empty routing table: the tunnel port presents the certificate of the certificate
+    /// directory, refuses an unknown service by name, is in `/config_dump`, and its tunnels
+    /// go away at shutdown rather than wait for the drain deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tunnel_listener_is_wired_to_the_gateways_certificate_metrics_and_drain() {
+        let ca = TestCa::new("cluster.local");
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = ca.id("istio-system", "eastwest");
+        ca.write_credentials(dir.path(), &gateway).unwrap();
+        let mut config = GatewayConfig::new(
+            "network-b",
+            "",
+            RegistrySettings {
+                addr: "127.0.0.1:1".into(),
+                root_cert: dir.path().join(tls::ROOT_CERT_FILE),
+                cert_dir: dir.path().to_path_buf(),
+                trust_domain: ca.trust_domain().into(),
+            },
+        );
+        let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        config.sni_addr = lo;
+        config.tunnel_addr = Some(lo);
+        config.admin_addr = Some(lo);
+        config.metrics_addr = None;
+        config.health_addr = None;
+        let gw = run(config).await.unwrap();
+
+        let caller = ca.workload("shop", "ratings");
+        let tls = mtls(gw.tunnel_addr.unwrap(), &caller, &ca.bundle())
+            .await
+            .unwrap();
+        let presented = tls::peer_identity(tls.get_ref().1.peer_certificates());
+        assert_eq!(presented, Some(gateway));
+        let mut send = h2_over(tls).await;
+        let err = connect(&mut send, "reviews.shop.svc.cluster.local:9080", None)
+            .await
+            .unwrap_err();
+        assert_eq!(err, http::StatusCode::NOT_FOUND);
+        let refused = || {
+            gw.metrics
+                .refused
+                .get_or_create(&RefusalLabels {
+                    direction: Direction::passthrough,
+                    reason: "unknown_service".into(),
+                })
+                .get()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while refused() == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(refused(), 1);
+
+        let dump = admin_get(gw.admin_addr.unwrap(), "/config_dump").await;
+        assert!(dump.contains(r#""tunnel_addr":"127.0.0.1:0""#), "{dump}");
+
+        assert!(gw.tracker.open() >= 1, "the tunnel is open");
+        let started = Instant::now();
+        gw.shutdown().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "shutdown waited {:?} for the open tunnel",
+            started.elapsed()
+        );
+        drop(send);
+    }
 }

@@ -14,6 +14,9 @@ use isthmus_proxy::upstream::{self, ConnectOptions};
 use serde::Serialize;
 
 pub const DEFAULT_SNI_ADDR: &str = "0.0.0.0:15443";
+/// Tunnels (HBONE: HTTP/2 `CONNECT` over mTLS) from other networks' agents, on Istio
+/// ambient's port.
+pub const DEFAULT_TUNNEL_ADDR: &str = "0.0.0.0:15008";
 /// Admin (`/config_dump`, `/logging`, `/debug/*`) on loopback: it reveals the catalog and
 /// changes state; operators reach it over ssh or `kubectl port-forward`.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
@@ -44,6 +47,8 @@ pub struct GatewayConfig {
     #[serde(skip)]
     pub token: Option<String>,
     pub sni_addr: SocketAddr,
+    /// The tunnel listener; `None`: no tunnels, SNI passthrough only.
+    pub tunnel_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     /// `/metrics` alone, for scrapers on the network.
     pub metrics_addr: Option<SocketAddr>,
@@ -85,6 +90,7 @@ impl GatewayConfig {
             registry,
             token: None,
             sni_addr: DEFAULT_SNI_ADDR.parse().expect("valid default"),
+            tunnel_addr: Some(DEFAULT_TUNNEL_ADDR.parse().expect("valid default")),
             admin_addr: Some(DEFAULT_ADMIN_ADDR.parse().expect("valid default")),
             metrics_addr: Some(DEFAULT_METRICS_ADDR.parse().expect("valid default")),
             health_addr: Some(DEFAULT_HEALTH_ADDR.parse().expect("valid default")),
@@ -220,6 +226,7 @@ impl GatewayConfig {
     fn check_listeners(&self, p: &mut ConfigProblems) {
         let listeners = [
             ("--sni-addr", Some(self.sni_addr)),
+            ("--tunnel-addr", self.tunnel_addr),
             ("--admin-addr", self.admin_addr),
             ("--metrics-addr", self.metrics_addr),
             ("--health-addr", self.health_addr),
@@ -294,5 +301,21 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert!(p.to_string().contains("--health-addr"), "{p}");
         assert!(p.to_string().contains("--admin-addr"), "{p}");
+    }
+
+    #[test]
+    fn the_tunnel_listener_is_on_by_default_and_needs_a_port_of_its_own() {
+        let mut c = config();
+        assert_eq!(c.tunnel_addr, Some(DEFAULT_TUNNEL_ADDR.parse().unwrap()));
+        c.tunnel_addr = Some(c.sni_addr);
+        let mut p = ConfigProblems::default();
+        c.check_listeners(&mut p);
+        assert_eq!(p.len(), 1, "{p}");
+        assert!(p.to_string().contains("--tunnel-addr"), "{p}");
+        assert!(p.to_string().contains("--sni-addr"), "{p}");
+        c.tunnel_addr = None;
+        let mut p = ConfigProblems::default();
+        c.check_listeners(&mut p);
+        assert!(p.is_empty(), "{p}");
     }
 }

@@ -17,7 +17,7 @@ use isthmus_proxy::{routes, upstream};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "The isthmus east-west gateway: TLS SNI passthrough from other networks to this network's workloads"
+    about = "The isthmus east-west gateway: TLS SNI passthrough and tunnels (HBONE) from other networks to this network's workloads"
 )]
 struct Args {
     /// This gateway's network (it routes only to workloads on it).
@@ -37,6 +37,13 @@ struct Args {
     /// TLS SNI passthrough listener.
     #[arg(long, default_value = config::DEFAULT_SNI_ADDR)]
     sni_addr: SocketAddr,
+    /// Tunnel listener (HBONE: HTTP/2 CONNECT streams over mTLS from other networks'
+    /// agents, each a connection to one of this network's services).
+    #[arg(long, default_value = config::DEFAULT_TUNNEL_ADDR)]
+    tunnel_addr: SocketAddr,
+    /// Serve no tunnels: SNI passthrough only.
+    #[arg(long, conflicts_with = "tunnel_addr")]
+    no_tunnel: bool,
     /// Admin HTTP (/config_dump, /logging, /debug/*, /metrics): on loopback by default, and
     /// all but /metrics, /healthz and /readyz answer loopback peers only whatever the
     /// address; reach it remotely with an ssh tunnel or kubectl port-forward.
@@ -48,7 +55,8 @@ struct Args {
     /// Health HTTP (/healthz/ready).
     #[arg(long, default_value = config::DEFAULT_HEALTH_ADDR)]
     health_addr: SocketAddr,
-    /// Time a client has to send its ClientHello.
+    /// Time a client has to send its ClientHello (and a tunnel's client to complete its TLS
+    /// handshake, then again to send the HTTP/2 preface).
     #[arg(long, default_value_t = DurationFlag(config::DEFAULT_HANDSHAKE_TIMEOUT))]
     handshake_timeout: DurationFlag,
     /// Time to connect to one endpoint before trying another.
@@ -90,6 +98,7 @@ impl Args {
         cfg.token = a.token;
         cfg.locality = Locality::parse(&a.locality);
         cfg.sni_addr = a.sni_addr;
+        cfg.tunnel_addr = (!a.no_tunnel).then_some(a.tunnel_addr);
         cfg.admin_addr = Some(a.admin_addr);
         cfg.metrics_addr = Some(a.metrics_addr);
         cfg.health_addr = Some(a.health_addr);

@@ -16,12 +16,17 @@
 //! records it splices, the ClientHello included. In `isthmus_tcp_connections_opened_total`
 //! its hop is `direct`, within the endpoint's network, which is the gateway's own: it
 //! routes to its network's workloads only.
+//!
+//! The part after the ClientHello is the data path's, not the listener's: `route` (the
+//! lookup and its refusals) and `forward` (connect, relay, counting) serve the tunnel
+//! listener's streams (`tunnel`) as well, a stream being a `Downstream::Tunnel`.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::StatusCode;
 use isthmus_proto::drain;
 use isthmus_proto::sni::SniKey;
 use isthmus_proxy::client_hello::{ClientHelloReader, Hello};
@@ -32,8 +37,9 @@ use isthmus_proxy::metrics::istio::{
     IstioLabels, Peer, Reporter, ResponseFlags, SecurityPolicy, Traffic, Transit, Transport,
 };
 use isthmus_proxy::metrics::{ConnResult, Direction, Metrics};
-use isthmus_proxy::relay;
+use isthmus_proxy::relay::{self, RelayOutcome};
 use isthmus_proxy::routes::{Destination, RouteTable};
+use isthmus_proxy::tunnel::server::Pending;
 use isthmus_proxy::upstream::{self, ConnectOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -115,21 +121,7 @@ async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
         let (sni, hello) = read_server_name(&mut tcp, p.handshake_timeout).await?;
         rec.destination = sni.clone();
         let key = SniKey::parse(&sni).map_err(|e| refusal("not_mesh_key", e))?;
-        let table = p.routes.load();
-        let dest = table
-            .lookup(&key.hostname, key.port, &key.subset)
-            .map_err(|e| refusal(e.reason(), e))?;
-        if !dest.exported() {
-            return Err(refusal(
-                "not_exported",
-                format!(
-                    "{} is not exported to other networks (cluster-local, or its exportTo \
-                     is not every namespace)",
-                    key.hostname
-                ),
-            ));
-        }
-        Ok((dest, hello))
+        Ok::<_, Refusal>((route(p, &key)?, hello))
     };
     let (dest, hello) = match routed.await {
         Ok(r) => r,
@@ -140,10 +132,54 @@ async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
             return;
         }
     };
+    forward(p, Downstream::Passthrough { tcp, hello }, &dest, rec).await;
+}
+
+/// The destination `key` names in this network, or why a connection to it is refused: its
+/// service, port or subset is unknown here (`unknown_service`, `unknown_port`,
+/// `unknown_subset`), or the service is not exported to other networks (`not_exported`).
+/// The tunnel listener routes its streams with this same lookup.
+pub(crate) fn route(p: &Passthrough, key: &SniKey) -> Result<Arc<Destination>, Refusal> {
+    let dest = p
+        .routes
+        .load()
+        .lookup(&key.hostname, key.port, &key.subset)
+        .map_err(|e| refusal(e.reason(), e))?;
+    if !dest.exported() {
+        return Err(refusal(
+            "not_exported",
+            format!(
+                "{} is not exported to other networks (cluster-local, or its exportTo \
+                 is not every namespace)",
+                key.hostname
+            ),
+        ));
+    }
+    Ok(dest)
+}
+
+/// A routed connection into the network, before its endpoint is connected.
+pub(crate) enum Downstream {
+    /// A connection to the SNI port and what was read from it (the ClientHello), which is
+    /// replayed to the endpoint before anything else.
+    Passthrough { tcp: TcpStream, hello: Vec<u8> },
+    /// A tunnel's stream, answered `200` once the endpoint is connected, `503` when none
+    /// can be.
+    Tunnel(Box<Pending>),
+}
+
+/// Connects a routed connection to an endpoint of `dest` and relays until both sides
+/// close, counting it by service and result, its bytes, and in Istio's metrics.
+pub(crate) async fn forward(
+    p: &Passthrough,
+    down: Downstream,
+    dest: &Arc<Destination>,
+    rec: &mut AccessRecord,
+) {
     let service = dest.key.hostname.clone();
     rec.service = Some(service.clone());
     let open = p.metrics.open(DIRECTION, &service);
-    let result = connect_and_relay(p, tcp, &dest, hello, rec).await;
+    let result = connect_and_relay(p, down, dest, rec).await;
     drop(open);
     rec.finish(result);
     p.metrics.closed(
@@ -157,12 +193,15 @@ async fn handle(p: &Passthrough, mut tcp: TcpStream, rec: &mut AccessRecord) {
 
 async fn connect_and_relay(
     p: &Passthrough,
-    tcp: TcpStream,
+    mut down: Downstream,
     dest: &Arc<Destination>,
-    hello: Vec<u8>,
     rec: &mut AccessRecord,
 ) -> ConnResult {
-    let hello = Arc::new(hello);
+    // A tunnel's stream has nothing to replay: the endpoint's TCP connection is all.
+    let hello = Arc::new(match &mut down {
+        Downstream::Passthrough { hello, .. } => std::mem::take(hello),
+        Downstream::Tunnel(_) => Vec::new(),
+    });
     let up = upstream::connect(dest, p.connect, &p.metrics, DIRECTION, |mut s, _t| {
         let hello = hello.clone();
         async move {
@@ -175,6 +214,9 @@ async fn connect_and_relay(
         Ok(up) => up,
         Err(e) => {
             rec.error = Some(e.to_string());
+            if let Downstream::Tunnel(pending) = &mut down {
+                pending.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            }
             p.metrics
                 .istio
                 .refused(istio_labels(p, dest, None).with_flags(ResponseFlags::ConnectFailed));
@@ -193,9 +235,20 @@ async fn connect_and_relay(
         .istio
         .open_transit(istio_labels(p, dest, Some(&up.target.uid)), transit);
     report.add_received(hello.len() as u64);
-    let relayed = relay::relay_tcp_metered(tcp, up.stream, report.meter());
+    let (endpoint, lease) = (up.stream, up.lease);
+    let relayed = async {
+        match down {
+            Downstream::Passthrough { tcp, .. } => {
+                relay::relay_tcp_metered(tcp, endpoint, report.meter()).await
+            }
+            Downstream::Tunnel(pending) => match pending.accept() {
+                Ok(stream) => relay::relay_metered(stream, endpoint, report.meter()).await,
+                Err(e) => RelayOutcome::failed(e),
+            },
+        }
+    };
     let result = finish_relay(rec, p.tracker.closing(), relayed).await;
-    drop(up.lease);
+    drop(lease);
     result
 }
 

@@ -92,6 +92,7 @@ async fn setup() -> Setup {
     );
     let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
     cfg.sni_addr = lo;
+    cfg.tunnel_addr = Some(lo);
     cfg.admin_addr = Some(lo);
     cfg.metrics_addr = Some(lo);
     cfg.health_addr = Some(lo);

@@ -549,6 +549,7 @@ async fn the_dashboard_reads_only_metrics_the_programs_export() {
     );
     let lo: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
     cfg.sni_addr = lo;
+    cfg.tunnel_addr = Some(lo);
     cfg.admin_addr = Some(lo);
     cfg.metrics_addr = Some(lo);
     cfg.health_addr = Some(lo);

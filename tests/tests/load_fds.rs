@@ -240,6 +240,7 @@ async fn gateway_holds_10000_connections_idle_and_active_and_explains_its_limit(
             .arg(&cert_dir)
             .args(["--trust-domain", TRUST_DOMAIN])
             .args(["--sni-addr", &sni.to_string()])
+            .arg("--no-tunnel")
             .args(["--admin-addr", &admin.to_string()])
             .args(["--health-addr", &health.to_string()])
             .args(["--max-connections", &limit.to_string()])

@@ -946,6 +946,7 @@ async fn run(
             .arg(&cert_dir)
             .args(["--trust-domain", TRUST_DOMAIN])
             .args(["--sni-addr", &format!("127.0.0.1:{port}")])
+            .arg("--no-tunnel")
             .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--health-addr", &health.to_string()])
