@@ -29,6 +29,11 @@
 #                                    interface, /etc/netns entry and file it created
 #   deploy/quickstart.sh status      what is up
 #
+# Between the networks the agents carry the call over a pooled tunnel to the destination
+# network's gateway (HBONE, 15008): ISTHMUS_TRANSPORT=sni starts the agents without tunnels
+# (--tunnel-port 0), so the same call takes the gateway's SNI passthrough (15443) instead;
+# the closing "path" says which transport carried it.
+#
 # `up` refuses to start over a mesh that is up, or over what a failed `up` left for a look
 # (it says what failed, with the log's tail): run `down` first. `down` is idempotent.
 #
@@ -47,8 +52,8 @@
 #                           ├─ va ── wan0 198.18.0.10/24 in isthmus-net-a (network-a)
 #                           └─ vb ── wan0 198.18.0.20/24 in isthmus-net-b (network-b)
 #
-#   isthmus-net-X: the gateway of network-X on its wan0 address (SNI 15443, metrics
-#                  15020, health 15021; admin 127.0.0.1:15000 inside the namespace); forwarding on (in this namespace only); the nftables
+#   isthmus-net-X: the gateway of network-X on its wan0 address (SNI 15443, tunnels
+#                  15008, metrics 15020, health 15021; admin 127.0.0.1:15000 inside the namespace); forwarding on (in this namespace only); the nftables
 #                  table inet isthmus-quickstart masquerades what the VM sends out of wan0
 #     vm-X 169.254.1.1/32 ── eth0 10.10.0.7/32 in isthmus-vm-X (the VM), whose default
 #     route 10.10.0.7/32 dev vm-X                route is via 169.254.1.1
@@ -91,6 +96,7 @@ nets=(a b)
 trust_domain=cluster.local
 cluster="cluster-a"
 ready_timeout=${ISTHMUS_READY_TIMEOUT:-60}
+transport=${ISTHMUS_TRANSPORT:-tunnel}
 
 # Per network (a or b): its namespace, its VM's namespace, the network id, the gateway's
 # WAN address, and the VM's WorkloadGroup (also its service account and app label).
@@ -579,9 +585,19 @@ start_agent() {
   "$bin/isthmusctl" vm onboard --registry "$(reg_of "$x")" --ca-dir "$(ca_of "$x")" \
     --group "$g" --namespace shop --service-account "$g" --network "$(network "$x")" \
     --out "$dir/bundle" >/dev/null
-  say "starting isthmus-vm-agent in $(ns_vm "$x") (group $g, network $(network "$x")), log $logs/agent-$x.log"
+  local tunnel=()
+  [ "$transport" = sni ] && tunnel=(--tunnel-port 0)
+  say "starting isthmus-vm-agent in $(ns_vm "$x") (group $g, network $(network "$x")${tunnel[*]:+, ${tunnel[*]}}), log $logs/agent-$x.log"
   start "agent-$x" "$(ns_vm "$x")" "$bin/isthmus-vm-agent" run --bundle "$dir/bundle" \
-    --state-dir "$dir/state" --admin-addr 127.0.0.1:15000 --health-addr 0.0.0.0:15021
+    --state-dir "$dir/state" --admin-addr 127.0.0.1:15000 --health-addr 0.0.0.0:15021 "${tunnel[@]}"
+}
+
+# The transport agent A's connections to reviews took (isthmus_tcp_connections_opened_total's
+# label: hbone-gateway or sni-gateway), the one of the most connections.
+transport_taken() {
+  in_ns isthmus-vm-a curl -fsS --max-time 2 http://127.0.0.1:15000/metrics 2>/dev/null |
+    grep '^isthmus_tcp_connections_opened_total{' | grep 'destination_service="reviews' |
+    sed -n 's/.*transport="\([^"]*\)".*} \([0-9.e+]*\)$/\2 \1/p' | sort -g | tail -n 1 | cut -d' ' -f2
 }
 
 vm_http_ok() { in_ns "$(ns_vm "$1")" curl -fsS --max-time 2 -o /dev/null "$2"; }
@@ -659,15 +675,32 @@ demo() {
   client_id=$(json_field peer_identity <<<"$in_rec")
   from=$(json_field client <<<"$in_rec")
 
+  local taken gw_b
+  taken=$(transport_taken)
+  gw_b=$(gw_ip b)
   echo
-  say "the path"
+  say "the path (transport: ${taken:-?})"
   echo "  reviews.shop.svc.cluster.local resolved on VM A (its agent answers DNS) to ${vip:-?}"
-  cat <<EOF
+  if [ "$taken" = hbone-gateway ]; then
+    cat <<EOF
+  vm-a (network-a, $vm_ip): curl, unchanged, connects to ${vip:-the VIP}:9080
+    → agent A captures it and opens a stream to reviews.shop.svc.cluster.local:9080 on its
+      pooled tunnel to the gateway of network-b ($gw_b:15008: HBONE, one mTLS connection
+      for every call, as agent A's own identity); inside the stream it originates the
+      end-to-end mTLS as spiffe://$trust_domain/ns/shop/sa/frontend (server verified as ${server_id:-?})
+    → gateway B ends the tunnel, not the inner mTLS: it routes the stream by its
+      hostname:port and connects to vm-b ($vm_ip in network-b, the same address as vm-a's)
+EOF
+  else
+    cat <<EOF
   vm-a (network-a, $vm_ip): curl, unchanged, connects to ${vip:-the VIP}:9080
     → agent A captures it, originates mTLS as spiffe://$trust_domain/ns/shop/sa/frontend
       (server verified as ${server_id:-?})
-    → gateway of network-b ${endpoint:-$(gw_ip b):15443} (SNI passthrough: routes by SNI, never decrypts)
+    → gateway of network-b ${endpoint:-$gw_b:15443} (SNI passthrough: routes by SNI, never decrypts)
     → gateway B connects to vm-b ($vm_ip in network-b, the same address as vm-a's)
+EOF
+  fi
+  cat <<EOF
     → agent B accepts it${from:+ from ${from%:*}}, terminates mTLS (saw ${client_id:-?}),
       and forwards to the sample app on 127.0.0.1:9080
     → sample app: "$(head -n 1 <<<"$answer")"
@@ -819,6 +852,10 @@ up() {
   fi
   [[ $wan =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] ||
     die "ISTHMUS_WAN_PREFIX must be the first three octets of a /24 (like 198.18.0), not $wan"
+  case $transport in
+  tunnel | sni) ;;
+  *) die "ISTHMUS_TRANSPORT must be tunnel (the default: HBONE through the gateways) or sni (SNI passthrough), not $transport" ;;
+  esac
   if already_up; then
     status
     die "the local mesh is already up (or left over from a failed run): run 'deploy/quickstart.sh down' (as root) first"
