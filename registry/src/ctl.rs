@@ -56,7 +56,7 @@ enum Command {
     /// set followed, what it brought, the age of its last sync (its admin's /debug/peers).
     Peers(peers::PeersArgs),
     /// Who talks to whom: workloads and services grouped by network and cluster, and
-    /// between them connections, bytes, refusals and the transport (direct, sni-gateway),
+    /// between them connections, bytes, refusals and the transport (direct, sni-gateway, hbone, hbone-gateway),
     /// read from each proxy's /metrics (--metrics); as text, Graphviz DOT or SVG.
     Graph(graph::GraphArgs),
 }

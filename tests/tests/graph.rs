@@ -142,7 +142,8 @@ async fn the_graph_shows_a_call_across_networks_through_the_gateway() {
             .unwrap_or_else(|| panic!("no edge {from} -> {to}:\n{stdout}\n{stderr}"))
     };
     let across = row(&web_node, &service_node);
-    assert_eq!(across[2], "sni-gateway", "{stdout}");
+    // Agents take the pooled tunnel to the gateway (HBONE) by default.
+    assert_eq!(across[2], "hbone-gateway", "{stdout}");
     let connections: u64 = across[3].parse().unwrap();
     assert!(connections >= CALLS, "{stdout}");
     let (sent, received): (u64, u64) = (across[4].parse().unwrap(), across[5].parse().unwrap());
@@ -192,7 +193,7 @@ async fn the_graph_shows_a_call_across_networks_through_the_gateway() {
             .to_string()
     };
     let edge = format!(
-        "{} -> {} [label=\"sni-gateway\\n",
+        "{} -> {} [label=\"hbone-gateway\\n",
         id("shop/web"),
         id(&service)
     );
