@@ -640,7 +640,12 @@ async fn handle(
                 return e.result();
             }
         };
-        rec.endpoint = Some(up.target.addr);
+        // Where the TCP connection went: over a tunnel, the peer's tunnel port.
+        rec.endpoint = Some(if up.stream.is_tunnel() {
+            SocketAddr::new(up.target.addr.ip(), up.target.tunnel_port)
+        } else {
+            up.target.addr
+        });
         rec.peer_identity = up.server_identity.as_ref().map(|i| i.to_string());
         let labels =
             outbound.istio_labels(&up.service, Some((&up.target, up.server_identity.as_ref())));
