@@ -39,6 +39,28 @@ use crate::metrics::Metrics;
 
 /// The endpoint label a non-empty subset selects on.
 pub const SUBSET_LABEL: &str = "version";
+/// The label on a Service or ServiceEntry that keeps its connections off the pooled tunnels:
+/// `"false"` has every caller connect to its endpoints with mTLS of their own, as without
+/// tunnels (say, for an app that must see each caller's own TCP connection).
+pub const TUNNEL_LABEL: &str = "networking.isthmus.io/tunnel";
+
+/// Whether callers may take tunnels to `svc`'s endpoints (its [`TUNNEL_LABEL`]); a value
+/// other than `true` or `false` is reported and leaves the tunnels on.
+fn tunnels_allowed(svc: &isthmus_proto::model::Service) -> bool {
+    match svc.labels.get(TUNNEL_LABEL).map(String::as_str) {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            tracing::warn!(
+                service = %svc.hostname,
+                label = TUNNEL_LABEL,
+                value = other,
+                "the label is neither \"true\" nor \"false\"; tunnels stay allowed"
+            );
+            true
+        }
+    }
+}
 /// Connections to one service port at once (Envoy's circuit-breaker default is 1,024 per
 /// cluster; an east-west gateway fans in a whole network's clients, so more). The VM agent
 /// and the gateway both take this default.
@@ -772,6 +794,7 @@ fn targets_of(
     defined: Option<&Subset>,
     reach: Reach,
 ) -> Vec<Target> {
+    let tunnels = tunnels_allowed(&sv.service);
     sv.endpoints
         .iter()
         .filter(|e| e.health == Health::Healthy)
@@ -817,7 +840,7 @@ fn targets_of(
                 locality: e.locality.clone(),
                 identities: e.identities.clone(),
                 weight: weight.max(1),
-                tunnel_port: e.tunnel_port,
+                tunnel_port: if tunnels { e.tunnel_port } else { 0 },
             })
         })
         .collect()

@@ -70,6 +70,34 @@ fn view(endpoints: Vec<ViewEndpoint>, scope: Scope) -> LocalView {
 const HOST: &str = "reviews.shop.svc.cluster.local";
 
 #[test]
+fn a_service_labelled_off_the_tunnels_has_no_tunnel_port_on_its_targets() {
+    let mut ep = endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1");
+    ep.tunnel_port = 15008;
+    let tunnel_ports = |label: Option<&str>| {
+        let mut v = view(vec![ep.clone()], Scope::Mesh);
+        if let Some(ViewResource::Service(sv)) = v.resources.values_mut().next() {
+            let sv = Arc::make_mut(sv);
+            if let Some(value) = label {
+                sv.service
+                    .labels
+                    .insert(TUNNEL_LABEL.to_string(), value.to_string());
+            }
+        }
+        let t = RouteTable::build(&v, &RouteTable::default(), &RouteOptions::default());
+        let d = t.lookup(HOST, 9080, "").unwrap();
+        d.targets()
+            .iter()
+            .map(|t| t.tunnel_port)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tunnel_ports(None), [15008]);
+    assert_eq!(tunnel_ports(Some("true")), [15008]);
+    assert_eq!(tunnel_ports(Some("false")), [0]);
+    // Not a boolean: reported, and the tunnels stay on.
+    assert_eq!(tunnel_ports(Some("no")), [15008]);
+}
+
+#[test]
 fn lookup_names_what_is_missing() {
     let v = view(
         vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1")],
