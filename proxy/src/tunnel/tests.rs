@@ -47,7 +47,9 @@ struct Scene {
     tunnel_addr: SocketAddr,
     server: Arc<Metrics>,
     client: Outbound,
-    _stop: drain::Trigger,
+    /// The tunnel listener, and what stops it.
+    listener: Arc<TunnelInbound>,
+    stop: std::sync::Mutex<drain::Trigger>,
 }
 
 async fn echo_app() -> SocketAddr {
@@ -137,18 +139,15 @@ impl Scene {
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tunnel_addr = listener.local_addr().unwrap();
+        let tunnel_listener = Arc::new(TunnelInbound {
+            inbound,
+            addresses: vec![app.ip()],
+            ports: Vec::new(),
+            app_host: app.ip(),
+            max_streams: DEFAULT_MAX_STREAMS,
+        });
         let (stop, shutdown) = drain::channel();
-        tokio::spawn(hbone::serve(
-            listener,
-            Arc::new(TunnelInbound {
-                inbound,
-                addresses: vec![app.ip()],
-                ports: Vec::new(),
-                app_host: app.ip(),
-                max_streams: DEFAULT_MAX_STREAMS,
-            }),
-            shutdown,
-        ));
+        tokio::spawn(hbone::serve(listener, tunnel_listener.clone(), shutdown));
         let metrics = Arc::new(Metrics::default());
         let client = Outbound {
             routes: Arc::new(ArcSwap::from_pointee(routes(&ca, app, tunnel_addr.port()))),
@@ -172,8 +171,25 @@ impl Scene {
             tunnel_addr,
             server,
             client,
-            _stop: stop,
+            listener: tunnel_listener,
+            stop: std::sync::Mutex::new(stop),
         }
+    }
+
+    /// Stops the tunnel listener (its tunnels are told to go away) and starts it again on
+    /// the same port, as a restarted peer.
+    async fn restart_server(&self) {
+        let (stop, shutdown) = drain::channel();
+        let old = std::mem::replace(&mut *self.stop.lock().unwrap(), stop);
+        old.fire();
+        // The old listener closes once it sees the signal; bind as soon as the port is free.
+        let listener = loop {
+            match TcpListener::bind(self.tunnel_addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        tokio::spawn(hbone::serve(listener, self.listener.clone(), shutdown));
     }
 
     fn pool(&self) -> &Pool {
@@ -680,4 +696,23 @@ async fn a_thousand_streams_at_once_share_one_tunnel() {
         .get();
     assert_eq!(open_now, 1);
     drop(open);
+}
+
+#[tokio::test]
+async fn a_restarted_peer_is_dialled_again_and_no_connection_fails() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let mut before = s.connect().await.unwrap();
+    assert_eq!(echo(&mut before.stream, b"before").await, b"before");
+    drop(before);
+    s.restart_server().await;
+    // The old tunnel was told to go away (or is found dead): the next connections open a
+    // new one, and every one of them works.
+    for i in 0..5 {
+        let mut up = s.connect().await.unwrap();
+        assert!(up.stream.is_tunnel(), "connection {i}");
+        let msg = format!("after {i}");
+        assert_eq!(echo(&mut up.stream, msg.as_bytes()).await, msg.as_bytes());
+    }
+    assert_eq!(s.handshakes(TunnelRole::client, "ok"), 2);
+    assert_eq!(s.pool().open_tunnels().await, 1);
 }
