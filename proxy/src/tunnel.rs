@@ -44,9 +44,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const STREAM_WINDOW: u32 = 4 << 20;
 /// The whole tunnel's window, shared by its streams.
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
-/// The largest frame either side accepts: larger frames cost fewer headers and wake-ups
-/// for bulk transfers.
-pub const MAX_FRAME_SIZE: u32 = 1 << 20;
+/// The largest frame either side accepts: four times HTTP/2's default, so bulk moves in
+/// fewer frames, yet small enough that the streams of one tunnel take turns often (1 MiB
+/// frames measured no cheaper).
+pub const MAX_FRAME_SIZE: u32 = 64 << 10;
 /// Bytes a stream may hold in its send buffer before a write waits for the peer's window.
 pub const MAX_SEND_BUFFER: usize = 1 << 20;
 

@@ -8,7 +8,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -16,6 +16,11 @@ use super::io_error;
 
 /// Bytes asked for at once when writing: a write larger than this is written in parts.
 const MAX_WRITE: usize = super::MAX_SEND_BUFFER;
+/// Writes from this size on are copied into the stream's own buffer, whose memory is taken
+/// back for the next write once the frames sent from it are written out: a fresh
+/// allocation per bulk write would come from new pages each time (for glibc, sizes above
+/// its mmap threshold), faulted in and zeroed. Smaller writes take a small allocation.
+const REUSE_FROM: usize = 16 << 10;
 
 /// An established `CONNECT` stream.
 pub struct H2Stream {
@@ -23,6 +28,8 @@ pub struct H2Stream {
     recv: RecvStream,
     /// Received and not yet read.
     pending: Bytes,
+    /// Where bulk writes are copied to (see [`REUSE_FROM`]).
+    out: BytesMut,
     write_closed: bool,
     /// Whatever the stream's owner keeps alive with it (the pool's count of open streams).
     _hold: Option<Box<dyn Send + Sync>>,
@@ -43,6 +50,7 @@ impl H2Stream {
             send,
             recv,
             pending: Bytes::new(),
+            out: BytesMut::new(),
             write_closed: false,
             _hold: None,
         }
@@ -118,11 +126,14 @@ impl AsyncWrite for H2Stream {
                 Some(Ok(0)) => continue,
                 Some(Ok(n)) => {
                     let n = n.min(buf.len());
-                    if this
-                        .send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .is_ok()
-                    {
+                    let data = if n < REUSE_FROM {
+                        Bytes::copy_from_slice(&buf[..n])
+                    } else {
+                        this.out.reserve(n);
+                        this.out.extend_from_slice(&buf[..n]);
+                        this.out.split().freeze()
+                    };
+                    if this.send.send_data(data, false).is_ok() {
                         return Poll::Ready(Ok(n));
                     }
                     break;
