@@ -11,9 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use isthmus_proto::drain;
+use isthmus_proto::grpc::classify_handshake_error;
 use isthmus_proto::limits::{AcceptErrors, AtLimit, ACCEPT_ERROR_BACKOFF};
+use isthmus_proto::tls;
+use isthmus_proto::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::metrics::{ConnResult, Direction};
@@ -293,6 +298,42 @@ pub fn refusal(reason: &'static str, detail: impl ToString) -> Refusal {
         reason,
         detail: detail.to_string(),
     }
+}
+
+/// The server side of an mTLS handshake on `tcp` with `config`, finished by `deadline`
+/// (`timeout` is how long that allowed, for the message): the session and the client's
+/// verified identity, or the refusal it is counted under, its cause in the operator's words
+/// where TLS gives one. `listener` names who requires mTLS in the refusal of a client
+/// without a certificate (a config swapped in without client authentication must still not
+/// let an anonymous peer through).
+pub async fn accept_mtls(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    listener: &str,
+) -> Result<(TlsStream<TcpStream>, SpiffeId), Refusal> {
+    let handshake = TlsAcceptor::from(config).accept(tcp);
+    let stream = match tokio::time::timeout_at(deadline, handshake).await {
+        Err(_) => {
+            return Err(refusal(
+                "handshake_timeout",
+                format!("the TLS handshake did not complete within {timeout:?}"),
+            ))
+        }
+        Ok(Err(e)) => {
+            let detail = tls::failure::cause_in(&e).unwrap_or_else(|| e.to_string());
+            return Err(refusal(classify_handshake_error(&e), detail));
+        }
+        Ok(Ok(s)) => s,
+    };
+    let Some(peer) = tls::peer_identity(stream.get_ref().1.peer_certificates()) else {
+        return Err(refusal(
+            "no_client_certificate",
+            format!("the TLS handshake completed without a client certificate; {listener} requires mTLS"),
+        ));
+    };
+    Ok((stream, peer))
 }
 
 /// Runs a relay to its end or until the drain deadline tells open connections to close,

@@ -50,7 +50,6 @@ use isthmus_proto::sni::SniKey;
 use isthmus_proto::tls::{self, ClientAuth, Credentials, TlsError, TrustBundle};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 
 use crate::authz::admission::{Admission, Admitted};
 use crate::authz::{AuthorizationPolicy, Decision};
@@ -306,32 +305,9 @@ async fn accept(ib: &Inbound, tcp: TcpStream) -> Result<Accepted, Refusal> {
             )),
         };
     }
-    let acceptor = TlsAcceptor::from(ib.tls.load_full());
-    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-        Err(_) => {
-            return Err(refusal(
-                "handshake_timeout",
-                format!("the TLS handshake did not complete within {timeout:?}"),
-            ))
-        }
-        Ok(Err(e)) => {
-            // The certificate's cause in the operator's words, where TLS gives one.
-            let detail = tls::failure::cause_in(&e).unwrap_or_else(|| e.to_string());
-            return Err(refusal(classify_handshake_error(&e), detail));
-        }
-        Ok(Ok(s)) => s,
-    };
-    let (_, conn) = stream.get_ref();
-    let sni = conn.server_name().map(str::to_owned);
-    // With `ClientAuth::Required` a completed handshake has a verified certificate; a
-    // config swapped in without it must still not let an anonymous TLS peer through as if
-    // it were plaintext.
-    let Some(peer) = tls::peer_identity(conn.peer_certificates()) else {
-        return Err(refusal(
-            "no_client_certificate",
-            "the TLS handshake completed without a client certificate; inbound requires mTLS",
-        ));
-    };
+    let (stream, peer) =
+        connection::accept_mtls(tcp, ib.tls.load_full(), deadline, timeout, "inbound").await?;
+    let sni = stream.get_ref().1.server_name().map(str::to_owned);
     Ok(Accepted {
         stream: Downstream::Tls(Box::new(stream)),
         peer: Some(peer),

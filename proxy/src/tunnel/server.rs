@@ -20,16 +20,13 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Response, StatusCode};
 use isthmus_proto::drain;
-use isthmus_proto::grpc::classify_handshake_error;
 use isthmus_proto::identity::SpiffeId;
-use isthmus_proto::tls;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::{io_error, server_builder, H2Stream, ALPN_H2};
-use crate::connection::{refusal, AccessRecord, Refusal, Tracker};
+use crate::connection::{accept_mtls, refusal, AccessRecord, Refusal, Tracker};
 use crate::metrics::{Direction, Metrics, TunnelHandshakeLabels, TunnelLabels, TunnelRole};
 
 const TRANSPORT: &str = "hbone";
@@ -157,26 +154,9 @@ impl Listener {
         config: Arc<rustls::ServerConfig>,
     ) -> Result<(TlsStream<TcpStream>, SpiffeId), Refusal> {
         let timeout = self.handshake_timeout;
-        let tls = match tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(tcp)).await {
-            Err(_) => {
-                return Err(refusal(
-                    "handshake_timeout",
-                    format!("the TLS handshake did not complete within {timeout:?}"),
-                ))
-            }
-            Ok(Err(e)) => {
-                let detail = tls::failure::cause_in(&e).unwrap_or_else(|| e.to_string());
-                return Err(refusal(classify_handshake_error(&e), detail));
-            }
-            Ok(Ok(s)) => s,
-        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (tls, peer) = accept_mtls(tcp, config, deadline, timeout, "a tunnel").await?;
         let conn = tls.get_ref().1;
-        let Some(peer) = tls::peer_identity(conn.peer_certificates()) else {
-            return Err(refusal(
-                "no_client_certificate",
-                "the TLS handshake completed without a client certificate; a tunnel requires mTLS",
-            ));
-        };
         if conn.alpn_protocol() != Some(ALPN_H2) {
             let shown = conn.alpn_protocol().map_or_else(
                 || "none".to_string(),
