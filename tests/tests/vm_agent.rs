@@ -222,9 +222,10 @@ async fn a_vm_joins_the_mesh_both_ways_through_the_gateways() {
     .await
     .expect("an outbound record");
     assert_eq!(out_conn["peer_identity"], id("reviews").to_string());
+    // Through B's gateway, over the agent's pooled tunnel to its tunnel port.
     assert_eq!(
         out_conn["endpoint"],
-        format!("{}:15443", s.m.topo.gateway_addr(Net::B)),
+        format!("{}:15008", s.m.topo.gateway_addr(Net::B)),
         "through B's gateway: {out_conn}"
     );
 
