@@ -58,7 +58,10 @@ pub fn server_builder(max_streams: u32) -> h2::server::Builder {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_send_buffer_size(MAX_SEND_BUFFER)
-        .max_concurrent_streams(max_streams);
+        .max_concurrent_streams(max_streams)
+        // Extended CONNECT (RFC 8441) beside the classic form ztunnel sends: the target is
+        // the request's authority either way.
+        .enable_connect_protocol();
     b
 }
 

@@ -716,3 +716,35 @@ async fn a_restarted_peer_is_dialled_again_and_no_connection_fails() {
     assert_eq!(s.handshakes(TunnelRole::client, "ok"), 2);
     assert_eq!(s.pool().open_tunnels().await, 1);
 }
+
+#[tokio::test]
+async fn an_extended_connect_reaches_the_app_as_a_classic_one_does() {
+    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let tls = s.raw_tls(&[ALPN_H2]).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = tokio::time::timeout(STEP, send.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    // The server's SETTINGS arrive with the first exchange; wait until they are seen.
+    for _ in 0..100 {
+        if send.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(send.is_extended_connect_protocol_enabled());
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://{}/", s.app))
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("connect-tcp"));
+    let (resp, body) = send.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(STEP, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let mut stream = H2Stream::new(body, resp.into_body());
+    assert_eq!(echo(&mut stream, b"extended").await, b"extended");
+}
