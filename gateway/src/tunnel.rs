@@ -30,13 +30,13 @@ use arc_swap::ArcSwap;
 use http::StatusCode;
 use isthmus_proto::drain;
 use isthmus_proto::sni::SniKey;
-use isthmus_proto::tls::{self, ClientAuth, Credentials, TlsError, TrustBundle};
+use isthmus_proto::tls::{self, Credentials, TlsError, TrustBundle};
 use isthmus_proxy::connection::{self, AccessRecord, ConnectionHandler, Refusal, Tracker};
 use isthmus_proxy::metrics::Direction;
 use isthmus_proxy::routes::Destination;
+use isthmus_proxy::tunnel;
 use isthmus_proxy::tunnel::pool::SUBSET_HEADER;
 use isthmus_proxy::tunnel::server::{Listener, Pending};
-use isthmus_proxy::tunnel::ALPN_H2;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::passthrough::{self, Downstream, Passthrough};
@@ -81,7 +81,7 @@ impl TunnelTls {
     /// Loads the credentials of `cert_dir`, trusting `bundle` for clients.
     pub fn load(cert_dir: &Path, bundle: TrustBundle) -> Result<Self, TlsError> {
         let written = written(cert_dir);
-        let config = server_config(&Credentials::from_dir(cert_dir)?, &bundle)?;
+        let config = tunnel::server_config(&Credentials::from_dir(cert_dir)?, &bundle)?;
         Ok(Self {
             cert_dir: cert_dir.to_path_buf(),
             bundle,
@@ -97,8 +97,9 @@ impl TunnelTls {
         if *seen != now {
             // Once per change, failed or not: a bad file is not re-read at every handshake.
             *seen = now;
-            let loaded = Credentials::from_dir(&self.cert_dir)
-                .and_then(|creds| Ok((server_config(&creds, &self.bundle)?, creds.identity)));
+            let loaded = Credentials::from_dir(&self.cert_dir).and_then(|creds| {
+                Ok((tunnel::server_config(&creds, &self.bundle)?, creds.identity))
+            });
             match loaded {
                 Ok((config, identity)) => {
                     self.config.store(Arc::new(config));
@@ -121,13 +122,6 @@ fn written(dir: &Path) -> Written {
             .and_then(|m| m.modified())
             .ok()
     })
-}
-
-fn server_config(
-    creds: &Credentials,
-    bundle: &TrustBundle,
-) -> Result<rustls::ServerConfig, TlsError> {
-    tls::server_config(creds, bundle, ClientAuth::Required, &[ALPN_H2])
 }
 
 /// Accepts tunnels until `shutdown`, which also tells the tunnels open then to go away

@@ -362,15 +362,13 @@ impl Outbound {
                 StreamRequest::to_workload(t.addr, source),
             )
         };
-        let config = hop
-            .client_tls
-            .tunnel_config(&identities)
-            .map_err(io::Error::other)?;
         let key = PoolKey { addr, identities };
         let (metrics, dest, opts) = (&*self.metrics, hop.dest, hop.opts);
+        // Only a new tunnel needs the TLS config: a stream on an open one does not look it up.
         let dial = || {
-            let config = config.clone();
+            let config = hop.client_tls.tunnel_config(&key.identities);
             async move {
+                let config = config.map_err(io::Error::other)?;
                 let tcp = upstream::dial(addr, dest, opts, metrics, DIRECTION).await?;
                 // The tunnel's peer is verified by its SPIFFE identity; no name to send.
                 let name = ServerName::IpAddress(addr.ip().into());
@@ -685,14 +683,8 @@ async fn handshake<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::time::timeout(timeout, TlsConnector::from(config).connect(server_name, io))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {timeout:?} after connecting"),
-            )
-        })?
+    let connect = TlsConnector::from(config).connect(server_name, io);
+    upstream::answer_within(timeout, connect).await
 }
 
 /// How a connection to `target` is carried, from the program's network.

@@ -25,10 +25,14 @@ pub use stream::H2Stream;
 
 use std::time::Duration;
 
+use isthmus_proto::tls::{self, ClientAuth, Credentials, TlsError, TrustBundle};
+
 /// The tunnel port, TCP (HTTP/2) and UDP (QUIC), as in Istio ambient.
 pub const DEFAULT_PORT: u16 = 15008;
 /// The ALPN protocol of an HBONE tunnel.
 pub const ALPN_H2: &[u8] = b"h2";
+/// The `transport` label of these tunnels in the tunnel metrics.
+pub const TRANSPORT: &str = "hbone";
 /// Streams one tunnel carries at once; the pool opens another tunnel to the same peer
 /// beyond that, and the server refuses more than that on one connection.
 pub const DEFAULT_MAX_STREAMS: u32 = 1000;
@@ -50,6 +54,15 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME_SIZE: u32 = 64 << 10;
 /// Bytes a stream may hold in its send buffer before a write waits for the peer's window.
 pub const MAX_SEND_BUFFER: usize = 1 << 20;
+
+/// The TLS of a tunnel listener (the agent's, the gateway's): the listener's certificate, a
+/// client certificate of the trust domain required, ALPN `h2` only.
+pub fn server_config(
+    creds: &Credentials,
+    bundle: &TrustBundle,
+) -> Result<rustls::ServerConfig, TlsError> {
+    tls::server_config(creds, bundle, ClientAuth::Required, &[ALPN_H2])
+}
 
 /// The HTTP/2 settings of a tunnel's server side.
 pub fn server_builder(max_streams: u32) -> h2::server::Builder {

@@ -101,16 +101,23 @@ where
     let first_step = &first_step;
     connect_with(destination, opts, metrics, |target, opts| async move {
         let tcp = dial(target.addr, destination, opts, metrics, direction).await?;
-        tokio::time::timeout(opts.timeout, first_step(tcp, target))
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no answer within {:?} after connecting", opts.timeout),
-                )
-            })?
+        answer_within(opts.timeout, first_step(tcp, target)).await
     })
     .await
+}
+
+/// `step` on a new connection (a handshake, a replay), bounded by `timeout`: its own
+/// outcome, or a timeout that says the peer did not answer.
+pub async fn answer_within<T>(
+    timeout: Duration,
+    step: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(timeout, step).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?} after connecting"),
+        )
+    })?
 }
 
 /// A TCP connection to `addr` for `destination`, within the timeout, with its socket

@@ -15,20 +15,18 @@ use std::sync::Arc;
 
 use http::StatusCode;
 use isthmus_proto::drain;
-use isthmus_proto::tls::{self, ClientAuth, Credentials, TlsError, TrustBundle};
 use isthmus_proto::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{refuse, serve_accepted, Accepted, Downstream, Inbound, DIRECTION};
 use crate::connection::{accept_loop, refusal, AccessRecord, Refusal};
 use crate::tunnel::server::{Listener, Pending};
-use crate::tunnel::ALPN_H2;
 
 /// What the tunnel listener needs beside the inbound path it shares.
 #[derive(Debug)]
 pub struct TunnelInbound {
     /// Authorization, quotas, metrics, timeouts and the tracker, shared with the inbound
-    /// listener; its TLS config must offer ALPN `h2` ([`TunnelInbound::server_config`]),
+    /// listener; its TLS config must offer ALPN `h2` ([`crate::tunnel::server_config`]),
     /// and its mode is ignored (a tunnel is mTLS or nothing).
     pub inbound: Arc<Inbound>,
     /// The addresses a stream may name: the workload's own.
@@ -42,14 +40,6 @@ pub struct TunnelInbound {
 }
 
 impl TunnelInbound {
-    /// The tunnel port's TLS: the inbound's mTLS, offering ALPN `h2` only.
-    pub fn server_config(
-        creds: &Credentials,
-        bundle: &TrustBundle,
-    ) -> Result<rustls::ServerConfig, TlsError> {
-        tls::server_config(creds, bundle, ClientAuth::Required, &[ALPN_H2])
-    }
-
     fn listener(&self) -> Listener {
         let ib = &self.inbound;
         Listener {

@@ -29,12 +29,10 @@ use h2::client::SendRequest;
 use isthmus_proto::identity::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{client_builder, io_error, H2Stream, FALLBACK_MEMORY};
+use super::{client_builder, io_error, H2Stream, FALLBACK_MEMORY, TRANSPORT};
 use crate::metrics::{Metrics, TunnelHandshakeLabels, TunnelLabels, TunnelRole};
 
 pub use crate::metrics::TunnelMetrics;
-
-const TRANSPORT: &str = "hbone";
 
 /// How the pool behaves.
 #[derive(Debug, Clone, Copy)]
@@ -228,7 +226,14 @@ impl Pool {
         Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let slot = self.peers().entry(key.clone()).or_default().clone();
+        let slot = {
+            let mut peers = self.peers();
+            match peers.get(key) {
+                Some(slot) => slot.clone(),
+                // The key is cloned only for a peer seen for the first time.
+                None => peers.entry(key.clone()).or_default().clone(),
+            }
+        };
         let mut redialled = false;
         loop {
             let (tunnel, new_tunnel) = self.take(&slot, key.addr, &dial).await?;

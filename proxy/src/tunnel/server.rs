@@ -25,11 +25,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
-use super::{io_error, server_builder, H2Stream, ALPN_H2};
+use super::{io_error, server_builder, H2Stream, ALPN_H2, TRANSPORT};
 use crate::connection::{accept_mtls, refusal, AccessRecord, Refusal, Tracker};
 use crate::metrics::{Direction, Metrics, TunnelHandshakeLabels, TunnelLabels, TunnelRole};
-
-const TRANSPORT: &str = "hbone";
 
 /// A stream's request, not answered yet.
 pub struct Pending {

@@ -116,13 +116,7 @@ impl Scene {
     async fn start(policy: AuthorizationPolicy, settings: PoolSettings) -> Scene {
         let ca = TestCa::new("cluster.local");
         let app = echo_app().await;
-        let server_tls = tls::server_config(
-            &ca.workload("shop", "web"),
-            &ca.bundle(),
-            tls::ClientAuth::Required,
-            &[ALPN_H2],
-        )
-        .unwrap();
+        let server_tls = server_config(&ca.workload("shop", "web"), &ca.bundle()).unwrap();
         let server = Arc::new(Metrics::default());
         let inbound = Arc::new(Inbound {
             tls: Arc::new(ArcSwap::from_pointee(server_tls)),

@@ -261,7 +261,7 @@ async fn bind_tunnel(
     }
     let addr = SocketAddr::new(cx.address, config.tunnel_port);
     let listener = program::bind(addr, "tunnel").await?;
-    let tls = TunnelInbound::server_config(creds, &cx.trust)?;
+    let tls = tunnel::server_config(creds, &cx.trust)?;
     let app = AppTarget::OriginalPort {
         host: config.app_host,
     };
@@ -480,7 +480,7 @@ async fn follow_credentials(
             Err(e) => tracing::error!(error = %e, "cannot use the renewed certificate for inbound"),
         }
         if let Some(ib) = &tunnel {
-            match TunnelInbound::server_config(&c, &trust) {
+            match tunnel::server_config(&c, &trust) {
                 Ok(cfg) => ib.tls.store(Arc::new(cfg)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot use the renewed certificate for the tunnel listener")
