@@ -241,7 +241,7 @@ async fn connect_and_relay(
             Downstream::Passthrough { tcp, .. } => {
                 relay::relay_tcp_metered(tcp, endpoint, report.meter()).await
             }
-            Downstream::Tunnel(pending) => match pending.accept() {
+            Downstream::Tunnel(pending) => match pending.accept().await {
                 Ok(stream) => relay::relay_metered(stream, endpoint, report.meter()).await,
                 Err(e) => RelayOutcome::failed(e),
             },

@@ -453,7 +453,7 @@ async fn admit(
             Downstream::Tls(tls) => drop(tls.get_ref().0.set_zero_linger()),
             Downstream::Plaintext(tcp) => drop(tcp.set_zero_linger()),
             // A stream's equivalent of a TCP reset (RFC 9113, 8.5).
-            Downstream::Tunnel(pending) => pending.reset(h2::Reason::CONNECT_ERROR),
+            Downstream::Tunnel(pending) => pending.reset(),
         }
         ib.metrics
             .istio
@@ -584,7 +584,7 @@ async fn relay(
             Downstream::Plaintext(tcp) => {
                 crate::relay::relay_tcp_metered(tcp, up, report.meter()).await
             }
-            Downstream::Tunnel(pending) => match pending.accept() {
+            Downstream::Tunnel(pending) => match pending.accept().await {
                 Ok(stream) => crate::relay::relay_metered(stream, up, report.meter()).await,
                 Err(e) => crate::relay::RelayOutcome::failed(e),
             },

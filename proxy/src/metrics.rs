@@ -145,7 +145,7 @@ pub enum TunnelRole {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TunnelLabels {
     pub role: TunnelRole,
-    /// `hbone` (HTTP/2 over mTLS on TCP).
+    /// `hbone` (HTTP/2 over mTLS on TCP) or `quic`.
     pub transport: &'static str,
 }
 
@@ -155,6 +155,12 @@ pub struct TunnelHandshakeLabels {
     pub transport: &'static str,
     /// `ok`, or why it failed (`connect`, `tls`, `alpn`, `http2`, `timeout`).
     pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RaceLabels {
+    /// The transport whose tunnel was set up first: `quic` or `hbone`.
+    pub winner: &'static str,
 }
 
 /// The pooled tunnels between proxies: how many are open, how they were set up, and the
@@ -168,6 +174,8 @@ pub struct TunnelMetrics {
     /// Connections made without a tunnel to a peer that names one, because its tunnel could
     /// not be set up lately.
     pub fallbacks: Family<TunnelLabels, Counter>,
+    /// QUIC raced against HTTP/2 for a new tunnel, by winner.
+    pub races: Family<RaceLabels, Counter>,
 }
 
 impl TunnelMetrics {
@@ -191,6 +199,11 @@ impl TunnelMetrics {
             "tunnel_fallbacks",
             "Connections made with mTLS of their own to a peer whose tunnel could not be set up lately, by transport",
             self.fallbacks.clone(),
+        );
+        r.register(
+            "tunnel_races",
+            "New tunnels for which QUIC was raced against HTTP/2, by the transport that won",
+            self.races.clone(),
         );
     }
 }

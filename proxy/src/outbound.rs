@@ -52,7 +52,7 @@ use crate::metrics::istio::{
 use crate::metrics::{ConnResult, Direction, Metrics};
 use crate::routes::{LookupError, RouteTable, Target};
 use crate::tunnel::pool::{PoolKey, StreamRequest};
-use crate::tunnel::{self, H2Stream, Pool};
+use crate::tunnel::{self, Pool, Stream};
 use crate::upstream::{self, ConnectError, ConnectOptions, Lease};
 
 const DIRECTION: Direction = Direction::outbound;
@@ -65,9 +65,9 @@ pub struct ClientTls {
     configs: Mutex<HashMap<ConfigKey, Arc<rustls::ClientConfig>>>,
 }
 
-/// A cached client config's accepted identities, and whether it is for a tunnel (ALPN
-/// `h2`).
-type ConfigKey = (Vec<SpiffeId>, bool);
+/// A cached client config's accepted identities, and the ALPN it offers (none, a tunnel's
+/// `h2`, a QUIC tunnel's).
+type ConfigKey = (Vec<SpiffeId>, &'static [u8]);
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,7 +96,7 @@ impl ClientTls {
     /// A config that accepts exactly `expected` (any identity of the trust domain when
     /// the catalog names none).
     pub fn config(&self, expected: &[SpiffeId]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        self.cached(expected, false)
+        self.cached(expected, b"")
     }
 
     /// [`ClientTls::config`] for a tunnel: the same, offering ALPN `h2`.
@@ -104,15 +104,23 @@ impl ClientTls {
         &self,
         expected: &[SpiffeId],
     ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        self.cached(expected, true)
+        self.cached(expected, tunnel::ALPN_H2)
+    }
+
+    /// [`ClientTls::config`] for a QUIC tunnel: the same, offering its ALPN.
+    pub fn quic_config(
+        &self,
+        expected: &[SpiffeId],
+    ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        self.cached(expected, tunnel::quic::ALPN_QUIC)
     }
 
     fn cached(
         &self,
         expected: &[SpiffeId],
-        tunnel: bool,
+        alpn: &'static [u8],
     ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        let key = (expected.to_vec(), tunnel);
+        let key = (expected.to_vec(), alpn);
         let mut cache = self.configs.lock().expect("tls cache poisoned");
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
@@ -122,12 +130,12 @@ impl ClientTls {
         } else {
             ServerIdentity::OneOf(expected.to_vec())
         };
-        let alpn: &[&[u8]] = if tunnel { &[tunnel::ALPN_H2] } else { &[] };
+        let offered: &[&[u8]] = if alpn.is_empty() { &[] } else { &[alpn] };
         let cfg = Arc::new(tls::client_config(
             Some(&self.creds),
             &self.bundle,
             identity,
-            alpn,
+            offered,
         )?);
         if cache.len() >= MAX_CACHED_CONFIGS {
             cache.clear();
@@ -176,14 +184,23 @@ pub struct OutboundTarget {
 pub enum MeshStream {
     Tls(Box<TlsStream<TcpStream>>),
     /// A stream of the tunnel to the workload's proxy.
-    Tunnel(H2Stream),
+    Tunnel(Stream),
     /// The end-to-end mTLS inside a stream of the tunnel to the network's gateway.
-    TunnelTls(Box<TlsStream<H2Stream>>),
+    TunnelTls(Box<TlsStream<Stream>>),
 }
 
 impl MeshStream {
     pub fn is_tunnel(&self) -> bool {
         !matches!(self, MeshStream::Tls(_))
+    }
+
+    /// The transport of the tunnel carrying it (`hbone`, `quic`), if one does.
+    pub fn tunnel_transport(&self) -> Option<&'static str> {
+        match self {
+            MeshStream::Tls(_) => None,
+            MeshStream::Tunnel(s) => Some(s.transport()),
+            MeshStream::TunnelTls(s) => Some(s.get_ref().0.transport()),
+        }
     }
 }
 
@@ -377,7 +394,12 @@ impl Outbound {
                 Ok((tls, peer))
             }
         };
-        let opened = match pool.open(&key, dial, &request).await {
+        let quic_tls = || {
+            hop.client_tls
+                .quic_config(&key.identities)
+                .map_err(io::Error::other)
+        };
+        let opened = match pool.open(&key, dial, quic_tls, &request).await {
             Ok(opened) => opened,
             // The tunnel could not be set up: mTLS of its own for a while.
             Err(e) if !pool.reachable(addr) => {
@@ -649,7 +671,7 @@ async fn handle(
             outbound.istio_labels(&up.service, Some((&up.target, up.server_identity.as_ref())));
         let report = m
             .istio
-            .open_transit(labels, transit(m, &up.target, up.stream.is_tunnel()));
+            .open_transit(labels, transit(m, &up.target, up.stream.tunnel_transport()));
         finish_relay(
             rec,
             outbound.tracker.closing(),
@@ -688,15 +710,18 @@ where
 }
 
 /// How a connection to `target` is carried, from the program's network.
-fn transit(m: &Metrics, target: &Target, tunneled: bool) -> Transit {
+fn transit(m: &Metrics, target: &Target, tunnel: Option<&str>) -> Transit {
+    let quic = tunnel == Some(tunnel::quic::TRANSPORT);
     Transit {
         source_network: m.istio.network().to_string(),
         destination_network: target.network.clone(),
-        transport: match (tunneled, target.via_gateway) {
-            (true, true) => Transport::HboneGateway,
-            (true, false) => Transport::Hbone,
-            (false, true) => Transport::SniGateway,
-            (false, false) => Transport::Direct,
+        transport: match (tunnel.is_some(), quic, target.via_gateway) {
+            (true, true, true) => Transport::QuicGateway,
+            (true, true, false) => Transport::Quic,
+            (true, false, true) => Transport::HboneGateway,
+            (true, false, false) => Transport::Hbone,
+            (false, _, true) => Transport::SniGateway,
+            (false, _, false) => Transport::Direct,
         },
     }
 }

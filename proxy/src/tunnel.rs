@@ -15,13 +15,14 @@
 //!   the inbound path's authorization; the gateway routes it into its network.
 
 pub mod pool;
+pub mod quic;
 pub mod server;
 pub mod stream;
 #[cfg(test)]
 mod tests;
 
 pub use pool::{Pool, PoolSettings, TunnelMetrics};
-pub use stream::H2Stream;
+pub use stream::{H2Stream, Stream};
 
 use std::time::Duration;
 

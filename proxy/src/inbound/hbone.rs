@@ -1,4 +1,4 @@
-//! The VM agent's tunnel listener (HBONE on 15008/tcp): each `CONNECT` stream, its
+//! The VM agent's tunnel listeners (HBONE on 15008/tcp, QUIC on 15008/udp): each stream, its
 //! `:authority` the destination `ip:port` on this workload, goes through the same path as a
 //! connection of its own on the inbound listener (the peer's identity is the tunnel's
 //! client identity: authorization, quotas and faults, Istio's metrics, one access-log line)
@@ -74,6 +74,26 @@ pub async fn serve(listener: TcpListener, tunnel: Arc<TunnelInbound>, shutdown: 
         },
     )
     .await;
+}
+
+/// Accepts QUIC tunnels on `endpoint` (15008/udp) until `shutdown`; each stream goes the
+/// way an HTTP/2 tunnel's does.
+pub async fn serve_quic(
+    endpoint: quinn::Endpoint,
+    tunnel: Arc<TunnelInbound>,
+    shutdown: drain::Watch,
+) {
+    let listener = tunnel.listener();
+    let on_stream = move |pending, peer, mut rec: AccessRecord| {
+        let tunnel = tunnel.clone();
+        async move {
+            serve_stream(&tunnel, pending, peer, &mut rec).await;
+            rec
+        }
+    };
+    listener
+        .serve_quic(endpoint, || None, shutdown, on_stream)
+        .await;
 }
 
 async fn serve_tunnel(

@@ -170,6 +170,11 @@ pub enum Transport {
     /// `hbone-gateway`: the end-to-end mTLS inside a stream of a pooled tunnel to the
     /// destination network's east-west gateway.
     HboneGateway,
+    /// `quic`: a stream of a pooled QUIC tunnel to the endpoint's proxy.
+    Quic,
+    /// `quic-gateway`: the end-to-end mTLS inside a stream of a pooled QUIC tunnel to the
+    /// destination network's east-west gateway.
+    QuicGateway,
 }
 
 impl Transport {
@@ -179,6 +184,8 @@ impl Transport {
             Transport::SniGateway => "sni-gateway",
             Transport::Hbone => "hbone",
             Transport::HboneGateway => "hbone-gateway",
+            Transport::Quic => "quic",
+            Transport::QuicGateway => "quic-gateway",
         }
     }
 }

@@ -15,22 +15,30 @@
 //! - **Renewal.** [`Pool::clear`] (a renewed certificate) takes every tunnel out of the
 //!   pool: new streams open new tunnels with the new certificate, while streams in flight
 //!   finish over the old ones, which close when their last stream ends.
+//! - **QUIC or HTTP/2.** With [`Transports::Auto`] a new tunnel races QUIC (15008/udp)
+//!   against HTTP/2 (15008/tcp): QUIC is dialled first and HTTP/2 too once QUIC has had
+//!   [`QUIC_HEAD_START`] or failed; the first set up is taken. A peer where HTTP/2 won (UDP
+//!   blocked, no QUIC listener, QUIC slower) is dialled with HTTP/2 alone for
+//!   [`CHOICE_MEMORY`]. Races are counted by winner in `tunnel_races`.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
+use http::HeaderMap;
 use isthmus_proto::identity::SpiffeId;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::{client_builder, io_error, H2Stream, FALLBACK_MEMORY, TRANSPORT};
-use crate::metrics::{Metrics, TunnelHandshakeLabels, TunnelLabels, TunnelRole};
+use super::quic::{self, QuicStream};
+use super::{client_builder, io_error, H2Stream, Stream, FALLBACK_MEMORY, TRANSPORT};
+use crate::metrics::{Metrics, RaceLabels, TunnelHandshakeLabels, TunnelLabels, TunnelRole};
 
 pub use crate::metrics::TunnelMetrics;
 
@@ -41,9 +49,46 @@ pub struct PoolSettings {
     pub max_streams: u32,
     /// A tunnel without streams for this long is closed.
     pub idle_timeout: Duration,
-    /// For dialling a tunnel (TCP, TLS and HTTP/2) and, separately, for a stream's answer.
+    /// For dialling a tunnel (TCP, TLS and HTTP/2, or QUIC) and, separately, for a
+    /// stream's answer.
     pub timeout: Duration,
+    /// Which transports new tunnels take.
+    pub transports: Transports,
 }
+
+/// Which transports a pool's tunnels take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transports {
+    /// QUIC raced against HTTP/2, QUIC preferred (see the module's documentation).
+    #[default]
+    Auto,
+    /// QUIC alone: a peer without it is reached with mTLS of its own.
+    Quic,
+    /// HTTP/2 alone.
+    #[serde(rename = "h2")]
+    Http2,
+}
+
+impl std::str::FromStr for Transports {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Transports::Auto),
+            "quic" => Ok(Transports::Quic),
+            "h2" | "http2" => Ok(Transports::Http2),
+            _ => Err(format!(
+                "tunnel transports {s:?}: expected auto (QUIC raced against HTTP/2), quic or h2"
+            )),
+        }
+    }
+}
+
+/// How long QUIC is dialled alone before HTTP/2 is dialled beside it.
+pub const QUIC_HEAD_START: Duration = Duration::from_millis(200);
+/// How long a peer where HTTP/2 won the race is dialled with HTTP/2 alone.
+pub const CHOICE_MEMORY: Duration = Duration::from_secs(300);
 
 impl Default for PoolSettings {
     fn default() -> Self {
@@ -51,6 +96,7 @@ impl Default for PoolSettings {
             max_streams: super::DEFAULT_MAX_STREAMS,
             idle_timeout: super::DEFAULT_IDLE_TIMEOUT,
             timeout: crate::upstream::DEFAULT_CONNECT_TIMEOUT,
+            transports: Transports::default(),
         }
     }
 }
@@ -91,7 +137,7 @@ impl StreamRequest {
 /// A stream opened over a tunnel, and the peer proxy's verified identity.
 #[derive(Debug)]
 pub struct Opened {
-    pub stream: H2Stream,
+    pub stream: Stream,
     pub peer: Option<SpiffeId>,
     /// False when the stream reused a tunnel that was already open.
     pub new_tunnel: bool,
@@ -110,14 +156,54 @@ struct Inner {
     peers: Mutex<HashMap<PoolKey, Slot>>,
     /// Peers whose tunnel could not be set up, until when they are reached without one.
     unreachable: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Peers where HTTP/2 won the race, until when they are dialled with it alone.
+    http2_only: Mutex<HashMap<SocketAddr, Instant>>,
+    /// The QUIC client endpoints, IPv4 and IPv6, made on first use.
+    endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
     settings: PoolSettings,
     metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Clone)]
 struct Tunnel {
-    send: SendRequest<Bytes>,
+    conn: Conn,
     state: Arc<TunnelState>,
+}
+
+/// A tunnel's connection: where its streams are opened.
+#[derive(Debug, Clone)]
+enum Conn {
+    H2(SendRequest<Bytes>),
+    Quic(quinn::Connection),
+}
+
+impl Conn {
+    fn transport(&self) -> &'static str {
+        match self {
+            Conn::H2(_) => TRANSPORT,
+            Conn::Quic(_) => quic::TRANSPORT,
+        }
+    }
+
+    /// Streams the peer lets this tunnel carry at once.
+    fn peer_limit(&self) -> u32 {
+        match self {
+            Conn::H2(send) => u32::try_from(send.current_max_send_streams()).unwrap_or(u32::MAX),
+            // Its listener allows what ours does; a closed one takes none.
+            Conn::Quic(c) if c.close_reason().is_some() => 0,
+            Conn::Quic(_) => u32::MAX,
+        }
+    }
+}
+
+/// A tunnel just set up: its connection, the peer's identity, and the task that drives it.
+type SetUp = (Conn, Option<SpiffeId>, Driver);
+
+/// What keeps a new tunnel's connection going: HTTP/2's connection future, or nothing for
+/// QUIC (its endpoint drives it).
+enum Driver {
+    H2(Pin<Box<dyn Future<Output = Result<(), h2::Error>> + Send>>),
+    Quic(quinn::Connection),
 }
 
 #[derive(Debug)]
@@ -152,6 +238,8 @@ impl Pool {
             inner: Arc::new(Inner {
                 peers: Mutex::new(HashMap::new()),
                 unreachable: Mutex::new(HashMap::new()),
+                http2_only: Mutex::new(HashMap::new()),
+                endpoints: Mutex::new([None, None]),
                 settings,
                 metrics,
             }),
@@ -192,7 +280,7 @@ impl Pool {
             .metrics
             .tunnels
             .fallbacks
-            .get_or_create(&labels())
+            .get_or_create(&labels(TRANSPORT))
             .inc();
     }
 
@@ -212,19 +300,22 @@ impl Pool {
         self.inner.peers.lock().expect("tunnel pool poisoned")
     }
 
-    /// Opens a stream to `request.authority` over a tunnel to `key`, dialling one with
-    /// `dial` (TCP and the mTLS handshake, ALPN `h2`; it returns the peer's verified
-    /// identity) when none can take it.
-    pub async fn open<D, Fut, T>(
+    /// Opens a stream to `request.authority` over a tunnel to `key`, dialling one when none
+    /// can take it: over HTTP/2 with `dial` (TCP and the mTLS handshake, ALPN `h2`; it
+    /// returns the peer's verified identity), over QUIC with the client config `quic_tls`
+    /// gives (ALPN [`quic::ALPN_QUIC`]), as the pool's [`Transports`] say.
+    pub async fn open<D, Fut, T, Q>(
         &self,
         key: &PoolKey,
         dial: D,
+        quic_tls: Q,
         request: &StreamRequest,
     ) -> io::Result<Opened>
     where
         D: Fn() -> Fut,
         Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Q: Fn() -> io::Result<Arc<rustls::ClientConfig>>,
     {
         let slot = {
             let mut peers = self.peers();
@@ -234,17 +325,22 @@ impl Pool {
                 None => peers.entry(key.clone()).or_default().clone(),
             }
         };
+        let dialer = Dialer {
+            addr: key.addr,
+            tcp: &dial,
+            quic_tls: &quic_tls,
+        };
         let mut redialled = false;
         loop {
-            let (tunnel, new_tunnel) = self.take(&slot, key.addr, &dial).await?;
+            let (tunnel, new_tunnel) = self.take(&slot, &dialer).await?;
             let count = StreamCount(tunnel.state.clone());
-            match self.stream(tunnel.send.clone(), request).await {
+            match self.stream(&tunnel.conn, request).await {
                 Ok(stream) => {
                     self.inner
                         .metrics
                         .tunnels
                         .streams
-                        .get_or_create(&labels())
+                        .get_or_create(&labels(tunnel.conn.transport()))
                         .inc();
                     return Ok(Opened {
                         stream: stream.holding(count),
@@ -265,80 +361,58 @@ impl Pool {
     }
 
     /// A tunnel of `slot` with room for one more stream (counted on it), dialled if none.
-    async fn take<D, Fut, T>(
+    async fn take<D, Fut, T, Q>(
         &self,
         slot: &Slot,
-        addr: SocketAddr,
-        dial: &D,
+        dialer: &Dialer<'_, D, Q>,
     ) -> io::Result<(Tunnel, bool)>
     where
         D: Fn() -> Fut,
         Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Q: Fn() -> io::Result<Arc<rustls::ClientConfig>>,
     {
         let limit = self.inner.settings.max_streams;
         let mut tunnels = slot.lock().await;
         tunnels.retain(|t| !t.state.closed.load(Ordering::Acquire));
-        let found = tunnels.iter().find(|t| {
-            let peer_limit = u32::try_from(t.send.current_max_send_streams()).unwrap_or(u32::MAX);
-            t.state.usable(limit.min(peer_limit))
-        });
+        let found = tunnels
+            .iter()
+            .find(|t| t.state.usable(limit.min(t.conn.peer_limit())));
         if let Some(t) = found {
             t.state.streams.fetch_add(1, Ordering::AcqRel);
             return Ok((t.clone(), false));
         }
-        let t = self.dial(slot, addr, dial).await?;
+        let t = self.dial(slot, dialer).await?;
         t.state.streams.fetch_add(1, Ordering::AcqRel);
         tunnels.push(t.clone());
         Ok((t, true))
     }
 
-    async fn dial<D, Fut, T>(&self, slot: &Slot, addr: SocketAddr, dial: &D) -> io::Result<Tunnel>
+    /// Sets up a new tunnel to the dialer's peer with the transports it is to take; when
+    /// none can be, the peer is reached without a tunnel for [`FALLBACK_MEMORY`].
+    async fn dial<D, Fut, T, Q>(&self, slot: &Slot, dialer: &Dialer<'_, D, Q>) -> io::Result<Tunnel>
     where
         D: Fn() -> Fut,
         Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Q: Fn() -> io::Result<Arc<rustls::ClientConfig>>,
     {
-        let timeout = self.inner.settings.timeout;
-        let setup = async {
-            let (io, peer) = dial().await?;
-            let (send, conn) = client_builder()
-                .handshake::<_, Bytes>(io)
-                .await
-                .map_err(io_error)?;
-            io::Result::Ok((send, conn, peer))
+        let addr = dialer.addr;
+        let set_up = match self.inner.settings.transports {
+            Transports::Http2 => self.dial_h2(dialer).await,
+            Transports::Quic => self.dial_quic(dialer).await,
+            Transports::Auto if self.http2_only(addr) => self.dial_h2(dialer).await,
+            Transports::Auto => self.race(dialer).await,
         };
-        let handshakes = &self.inner.metrics.tunnels.handshakes;
-        let counted = |result| {
-            handshakes
-                .get_or_create(&TunnelHandshakeLabels {
-                    role: TunnelRole::client,
-                    transport: TRANSPORT,
-                    result,
-                })
-                .inc()
-        };
-        let failed = |result, addr| {
-            counted(result);
-            let until = Instant::now() + FALLBACK_MEMORY;
-            let mut unreachable = self.inner.unreachable.lock().expect("tunnel pool poisoned");
-            unreachable.insert(addr, until);
-        };
-        let (send, conn, peer) = match tokio::time::timeout(timeout, setup).await {
-            Ok(Ok(set_up)) => set_up,
-            Ok(Err(e)) => {
-                failed("failed", addr);
+        let (conn, peer, driver) = match set_up {
+            Ok(s) => s,
+            Err(e) => {
+                let until = Instant::now() + FALLBACK_MEMORY;
+                let mut unreachable = self.inner.unreachable.lock().expect("tunnel pool poisoned");
+                unreachable.insert(addr, until);
                 return Err(e);
             }
-            Err(_) => {
-                failed("timeout", addr);
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the tunnel was not set up within {timeout:?}"),
-                ));
-            }
         };
-        counted("ok");
         let state = Arc::new(TunnelState {
             streams: AtomicU32::new(0),
             closed: AtomicBool::new(false),
@@ -346,17 +420,191 @@ impl Pool {
             peer,
         });
         tokio::spawn(drive(
-            conn,
+            driver,
+            conn.transport(),
             state.clone(),
             Arc::downgrade(slot),
             self.inner.settings.idle_timeout,
             self.inner.metrics.clone(),
         ));
-        Ok(Tunnel { send, state })
+        Ok(Tunnel { conn, state })
+    }
+
+    /// True while HTTP/2 is remembered as the transport that wins to `addr`.
+    fn http2_only(&self, addr: SocketAddr) -> bool {
+        let mut chosen = self.inner.http2_only.lock().expect("tunnel pool poisoned");
+        match chosen.get(&addr) {
+            Some(until) if Instant::now() < *until => true,
+            Some(_) => {
+                chosen.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// QUIC first, HTTP/2 beside it after [`QUIC_HEAD_START`] or once QUIC failed; the
+    /// first set up wins.
+    async fn race<D, Fut, T, Q>(&self, dialer: &Dialer<'_, D, Q>) -> io::Result<SetUp>
+    where
+        D: Fn() -> Fut,
+        Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Q: Fn() -> io::Result<Arc<rustls::ClientConfig>>,
+    {
+        let quic = self.dial_quic(dialer);
+        tokio::pin!(quic);
+        let quic_failed = tokio::select! {
+            r = &mut quic => match r {
+                Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
+                Err(e) => Some(e),
+            },
+            _ = tokio::time::sleep(QUIC_HEAD_START) => None,
+        };
+        let h2 = self.dial_h2(dialer);
+        tokio::pin!(h2);
+        let (quic_error, h2_error) = match quic_failed {
+            Some(q) => match h2.await {
+                Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
+                Err(e) => (q, e),
+            },
+            None => tokio::select! {
+                r = &mut quic => match r {
+                    Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
+                    Err(q) => match h2.await {
+                        Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
+                        Err(e) => (q, e),
+                    },
+                },
+                // HTTP/2 failed first: QUIC gets one more head start, no more (a peer
+                // where nothing listens would otherwise hold the caller for the whole
+                // timeout, as a silent UDP port gives no error).
+                r = &mut h2 => match r {
+                    Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
+                    Err(e) => match tokio::time::timeout(QUIC_HEAD_START, quic).await {
+                        Ok(Ok(set_up)) => return Ok(self.won(dialer.addr, set_up)),
+                        Ok(Err(q)) => (q, e),
+                        Err(_) => (
+                            io::Error::new(io::ErrorKind::TimedOut, "no QUIC answer"),
+                            e,
+                        ),
+                    },
+                },
+            },
+        };
+        Err(io::Error::new(
+            h2_error.kind(),
+            format!("no tunnel over QUIC ({quic_error}) nor HTTP/2 ({h2_error})"),
+        ))
+    }
+
+    /// Counts a race's winner and remembers HTTP/2 where it won.
+    fn won(&self, addr: SocketAddr, set_up: SetUp) -> SetUp {
+        let winner = set_up.0.transport();
+        if winner == TRANSPORT {
+            let until = Instant::now() + CHOICE_MEMORY;
+            let mut chosen = self.inner.http2_only.lock().expect("tunnel pool poisoned");
+            chosen.insert(addr, until);
+            tracing::debug!(peer = %addr, memory = ?CHOICE_MEMORY, "HTTP/2 won the tunnel race");
+        }
+        self.inner
+            .metrics
+            .tunnels
+            .races
+            .get_or_create(&RaceLabels { winner })
+            .inc();
+        set_up
+    }
+
+    /// Runs one transport's setup within the pool's timeout, counting how it went.
+    async fn counted<F>(&self, transport: &'static str, setup: F) -> io::Result<SetUp>
+    where
+        F: Future<Output = io::Result<SetUp>>,
+    {
+        let timeout = self.inner.settings.timeout;
+        let (result, outcome) = match tokio::time::timeout(timeout, setup).await {
+            Ok(Ok(set_up)) => ("ok", Ok(set_up)),
+            Ok(Err(e)) => ("failed", Err(e)),
+            Err(_) => (
+                "timeout",
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the tunnel was not set up within {timeout:?}"),
+                )),
+            ),
+        };
+        self.inner
+            .metrics
+            .tunnels
+            .handshakes
+            .get_or_create(&TunnelHandshakeLabels {
+                role: TunnelRole::client,
+                transport,
+                result,
+            })
+            .inc();
+        outcome
+    }
+
+    async fn dial_h2<D, Fut, T, Q>(&self, dialer: &Dialer<'_, D, Q>) -> io::Result<SetUp>
+    where
+        D: Fn() -> Fut,
+        Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.counted(TRANSPORT, async {
+            let (io, peer) = (dialer.tcp)().await?;
+            let (send, conn) = client_builder()
+                .handshake::<_, Bytes>(io)
+                .await
+                .map_err(io_error)?;
+            Ok((Conn::H2(send), peer, Driver::H2(Box::pin(conn))))
+        })
+        .await
+    }
+
+    async fn dial_quic<D, Q>(&self, dialer: &Dialer<'_, D, Q>) -> io::Result<SetUp>
+    where
+        Q: Fn() -> io::Result<Arc<rustls::ClientConfig>>,
+    {
+        self.counted(quic::TRANSPORT, async {
+            let endpoint = self.endpoint(dialer.addr)?;
+            let config = quic::client_config((dialer.quic_tls)()?)?;
+            // The tunnel's peer is verified by its SPIFFE identity; the name is its address.
+            let name = dialer.addr.ip().to_string();
+            let conn = endpoint
+                .connect_with(config, dialer.addr, &name)
+                .map_err(io::Error::other)?
+                .await
+                .map_err(quic::io_error)?;
+            let peer = quic::peer_identity(&conn);
+            Ok((Conn::Quic(conn.clone()), peer, Driver::Quic(conn)))
+        })
+        .await
+    }
+
+    /// The QUIC client endpoint for `peer`'s address family, made on first use.
+    fn endpoint(&self, peer: SocketAddr) -> io::Result<quinn::Endpoint> {
+        let mut endpoints = self.inner.endpoints.lock().expect("tunnel pool poisoned");
+        let slot = &mut endpoints[usize::from(peer.is_ipv6())];
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let e = quic::client_endpoint(peer)?;
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+
+    /// Opens a stream on `conn` and waits for its answer.
+    async fn stream(&self, conn: &Conn, request: &StreamRequest) -> Result<Stream, StreamError> {
+        match conn {
+            Conn::H2(send) => self.h2_stream(send.clone(), request).await.map(Stream::H2),
+            Conn::Quic(c) => self.quic_stream(c, request).await.map(Stream::Quic),
+        }
     }
 
     /// Sends the `CONNECT` and waits for its answer.
-    async fn stream(
+    async fn h2_stream(
         &self,
         send: SendRequest<Bytes>,
         request: &StreamRequest,
@@ -369,16 +617,10 @@ impl Pool {
         let mut req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(request.authority.as_str())
-            .version(http::Version::HTTP_2);
-        if let Some(ip) = request.source {
-            req = req.header(http::header::FORWARDED, forwarded_for(ip));
-        }
-        if let Some(subset) = request.subset.as_deref().filter(|s| !s.is_empty()) {
-            req = req.header(SUBSET_HEADER, subset);
-        }
-        let req = req
+            .version(http::Version::HTTP_2)
             .body(())
             .map_err(|e| StreamError::Refused(io::Error::other(e)))?;
+        *req.headers_mut() = request.headers()?;
         let (response, body) = send
             .send_request(req, false)
             .map_err(|e| StreamError::Tunnel(io_error(e)))?;
@@ -391,15 +633,7 @@ impl Pool {
                 return Err(StreamError::Tunnel(io_error(e)))
             }
             Ok(Err(e)) => return Err(StreamError::Refused(io_error(e))),
-            Err(_) => {
-                return Err(StreamError::Refused(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the tunnel peer did not answer the CONNECT to {} within {timeout:?}",
-                        request.authority
-                    ),
-                )))
-            }
+            Err(_) => return Err(StreamError::Refused(no_answer(request, timeout))),
         };
         let status = response.status();
         if status != http::StatusCode::OK {
@@ -407,6 +641,83 @@ impl Pool {
         }
         Ok(H2Stream::new(body, response.into_body()))
     }
+
+    /// Opens a QUIC stream, sends its header and waits for its answer.
+    async fn quic_stream(
+        &self,
+        conn: &quinn::Connection,
+        request: &StreamRequest,
+    ) -> Result<QuicStream, StreamError> {
+        let timeout = self.inner.settings.timeout;
+        let header = quic::encode_request(&request.authority, &request.headers()?)
+            .map_err(StreamError::Refused)?;
+        let tunnel_gone = |e: io::Error| StreamError::Tunnel(e);
+        let (send, recv) = match tokio::time::timeout(timeout, conn.open_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(tunnel_gone(quic::io_error(e))),
+            Err(_) => {
+                return Err(tunnel_gone(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the QUIC tunnel gave no stream credit in time",
+                )))
+            }
+        };
+        let mut stream = QuicStream::new(send, recv);
+        let answer = async {
+            stream.write_all(&header).await?;
+            stream.read_response().await
+        };
+        let status = match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(status)) => status,
+            // A stream the peer refused unprocessed (it is going away), or a tunnel that
+            // died: another tunnel may carry it.
+            Ok(Err(e)) if conn.close_reason().is_some() || quic::refused_stream(&e) => {
+                return Err(tunnel_gone(e))
+            }
+            Ok(Err(e)) => return Err(StreamError::Refused(e)),
+            Err(_) => return Err(StreamError::Refused(no_answer(request, timeout))),
+        };
+        if status != http::StatusCode::OK {
+            stream.finished();
+            return Err(StreamError::Refused(refused(status, &request.authority)));
+        }
+        Ok(stream)
+    }
+}
+
+/// A new tunnel's peer and how to reach it over each transport.
+struct Dialer<'a, D, Q> {
+    addr: SocketAddr,
+    tcp: &'a D,
+    quic_tls: &'a Q,
+}
+
+impl StreamRequest {
+    /// The headers a stream's request carries beside its destination.
+    fn headers(&self) -> Result<HeaderMap, StreamError> {
+        let mut h = HeaderMap::new();
+        let bad = |e: http::header::InvalidHeaderValue| StreamError::Refused(io::Error::other(e));
+        if let Some(ip) = self.source {
+            h.insert(
+                http::header::FORWARDED,
+                forwarded_for(ip).try_into().map_err(bad)?,
+            );
+        }
+        if let Some(subset) = self.subset.as_deref().filter(|s| !s.is_empty()) {
+            h.insert(SUBSET_HEADER, subset.try_into().map_err(bad)?);
+        }
+        Ok(h)
+    }
+}
+
+fn no_answer(request: &StreamRequest, timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "the tunnel peer did not answer the CONNECT to {} within {timeout:?}",
+            request.authority
+        ),
+    )
 }
 
 enum StreamError {
@@ -416,10 +727,10 @@ enum StreamError {
     Refused(io::Error),
 }
 
-fn labels() -> TunnelLabels {
+fn labels(transport: &'static str) -> TunnelLabels {
     TunnelLabels {
         role: TunnelRole::client,
-        transport: TRANSPORT,
+        transport,
     }
 }
 
@@ -448,29 +759,56 @@ fn refused(status: http::StatusCode, authority: &str) -> io::Error {
 }
 
 /// Runs a tunnel's connection until it ends, closing it once it has been idle for
-/// `idle_timeout` (it leaves the pool; HTTP/2 sends GOAWAY once no handle is left).
-async fn drive<T>(
-    conn: h2::client::Connection<T, Bytes>,
+/// `idle_timeout` (it leaves the pool; HTTP/2 sends GOAWAY once no handle is left, a QUIC
+/// connection is closed), or once it is out of the pool and its last stream ended.
+async fn drive(
+    driver: Driver,
+    transport: &'static str,
     state: Arc<TunnelState>,
     slot: Weak<tokio::sync::Mutex<Vec<Tunnel>>>,
     idle_timeout: Duration,
     metrics: Arc<Metrics>,
-) where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let open = metrics.tunnels.open.get_or_create(&labels()).clone();
+) {
+    let open = metrics
+        .tunnels
+        .open
+        .get_or_create(&labels(transport))
+        .clone();
     open.inc();
-    tokio::pin!(conn);
-    let check = (idle_timeout / 4).max(Duration::from_millis(10));
-    loop {
-        tokio::select! {
-            ended = &mut conn => {
-                if let Err(e) = ended {
+    let (ended, quic): (Pin<Box<dyn Future<Output = ()> + Send>>, _) = match driver {
+        Driver::H2(conn) => (
+            Box::pin(async move {
+                if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "tunnel ended");
                 }
-                break;
-            }
-            _ = tokio::time::sleep(check), if !state.closed.load(Ordering::Acquire) => {
+            }),
+            None,
+        ),
+        Driver::Quic(conn) => {
+            let c = conn.clone();
+            (
+                Box::pin(async move {
+                    let e = c.closed().await;
+                    tracing::debug!(error = %e, "QUIC tunnel ended");
+                }),
+                Some(conn),
+            )
+        }
+    };
+    tokio::pin!(ended);
+    let check = (idle_timeout / 4).max(Duration::from_millis(10));
+    loop {
+        let closed = state.closed.load(Ordering::Acquire);
+        tokio::select! {
+            _ = &mut ended => break,
+            _ = tokio::time::sleep(check), if !closed || quic.is_some() => {
+                if closed {
+                    // Out of the pool: a QUIC connection is closed once its streams end.
+                    if state.streams.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                    continue;
+                }
                 let idle = state.streams.load(Ordering::Acquire) == 0
                     && state.idle_since.lock().expect("tunnel state poisoned").elapsed() >= idle_timeout;
                 if !idle {
@@ -493,6 +831,9 @@ async fn drive<T>(
     state.closed.store(true, Ordering::Release);
     if let Some(slot) = slot.upgrade() {
         slot.lock().await.retain(|t| !Arc::ptr_eq(&t.state, &state));
+    }
+    if let Some(conn) = quic {
+        conn.close(quic::code::NO_ERROR, b"done");
     }
     open.dec();
 }

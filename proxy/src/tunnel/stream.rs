@@ -161,3 +161,76 @@ impl AsyncWrite for H2Stream {
         this.poll_send_error(cx).map(Err)
     }
 }
+
+/// A tunnel stream of either transport: an HTTP/2 `CONNECT` stream or a QUIC stream.
+#[derive(Debug)]
+pub enum Stream {
+    H2(H2Stream),
+    Quic(super::quic::QuicStream),
+}
+
+impl Stream {
+    /// The tunnel metrics' `transport` label of the stream's tunnel.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Stream::H2(_) => super::TRANSPORT,
+            Stream::Quic(_) => super::quic::TRANSPORT,
+        }
+    }
+
+    /// Keeps `hold` until the stream is dropped.
+    pub fn holding(self, hold: impl Send + Sync + 'static) -> Self {
+        match self {
+            Stream::H2(s) => Stream::H2(s.holding(hold)),
+            Stream::Quic(s) => Stream::Quic(s.holding(hold)),
+        }
+    }
+
+    /// Resets the stream: the peer sees the equivalent of a TCP reset (`CONNECT_ERROR`).
+    pub fn reset(&mut self) {
+        match self {
+            Stream::H2(s) => s.reset(Reason::CONNECT_ERROR),
+            Stream::Quic(s) => s.reset(super::quic::code::CONNECT_ERROR),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::H2(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Quic(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::H2(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Quic(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::H2(s) => Pin::new(s).poll_flush(cx),
+            Stream::Quic(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::H2(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Quic(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

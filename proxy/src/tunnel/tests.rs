@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsConnector;
 
-use super::pool::{PoolSettings, StreamRequest};
+use super::pool::{PoolSettings, StreamRequest, Transports};
 use super::*;
 use crate::admission::Admission;
 use crate::authz::{AuthorizationPolicy, Rule};
@@ -50,6 +50,40 @@ struct Scene {
     /// The tunnel listener, and what stops it.
     listener: Arc<TunnelInbound>,
     stop: std::sync::Mutex<drain::Trigger>,
+    /// The transport label the client's tunnels are expected to have.
+    transport: &'static str,
+    /// Whether a QUIC listener serves beside the HTTP/2 one.
+    quic: bool,
+}
+
+/// Pool settings that take `t` alone.
+fn only(t: Transports) -> PoolSettings {
+    PoolSettings {
+        transports: t,
+        ..PoolSettings::default()
+    }
+}
+
+/// The HTTP/2 tunnels alone.
+fn h2() -> PoolSettings {
+    only(Transports::Http2)
+}
+
+/// The QUIC listener of a scene on `addr` (UDP).
+fn quic_listener(
+    ca: &TestCa,
+    addr: SocketAddr,
+    served: Arc<TunnelInbound>,
+    shutdown: drain::Watch,
+) -> std::io::Result<()> {
+    let config = quic::listener_config(
+        &ca.workload("shop", "web"),
+        &ca.bundle(),
+        DEFAULT_MAX_STREAMS,
+    )?;
+    let endpoint = quic::server_endpoint(addr, config)?;
+    tokio::spawn(hbone::serve_quic(endpoint, served, shutdown));
+    Ok(())
 }
 
 async fn echo_app() -> SocketAddr {
@@ -114,6 +148,12 @@ fn routes(ca: &TestCa, app: SocketAddr, tunnel_port: u16) -> RouteTable {
 
 impl Scene {
     async fn start(policy: AuthorizationPolicy, settings: PoolSettings) -> Scene {
+        let quic = settings.transports != Transports::Http2;
+        Self::start_with(policy, settings, quic).await
+    }
+
+    /// A scene whose tunnel port serves QUIC only when `quic`.
+    async fn start_with(policy: AuthorizationPolicy, settings: PoolSettings, quic: bool) -> Scene {
         let ca = TestCa::new("cluster.local");
         let app = echo_app().await;
         let server_tls = server_config(&ca.workload("shop", "web"), &ca.bundle()).unwrap();
@@ -141,7 +181,14 @@ impl Scene {
             max_streams: DEFAULT_MAX_STREAMS,
         });
         let (stop, shutdown) = drain::channel();
+        if quic {
+            quic_listener(&ca, tunnel_addr, tunnel_listener.clone(), shutdown.clone()).unwrap();
+        }
         tokio::spawn(hbone::serve(listener, tunnel_listener.clone(), shutdown));
+        let transport = match (settings.transports, quic) {
+            (Transports::Http2, _) | (Transports::Auto, false) => TRANSPORT,
+            _ => quic::TRANSPORT,
+        };
         let metrics = Arc::new(Metrics::default());
         let client = Outbound {
             routes: Arc::new(ArcSwap::from_pointee(routes(&ca, app, tunnel_addr.port()))),
@@ -167,6 +214,8 @@ impl Scene {
             client,
             listener: tunnel_listener,
             stop: std::sync::Mutex::new(stop),
+            transport,
+            quic,
         }
     }
 
@@ -183,6 +232,20 @@ impl Scene {
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         };
+        if self.quic {
+            // The old endpoint's socket closes once its tunnels have gone.
+            loop {
+                match quic_listener(
+                    &self.ca,
+                    self.tunnel_addr,
+                    self.listener.clone(),
+                    shutdown.clone(),
+                ) {
+                    Ok(()) => break,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }
         tokio::spawn(hbone::serve(listener, self.listener.clone(), shutdown));
     }
 
@@ -204,6 +267,15 @@ impl Scene {
     }
 
     fn handshakes(&self, role: TunnelRole, result: &'static str) -> u64 {
+        self.handshakes_on(self.transport, role, result)
+    }
+
+    fn handshakes_on(
+        &self,
+        transport: &'static str,
+        role: TunnelRole,
+        result: &'static str,
+    ) -> u64 {
         let m = if role == TunnelRole::client {
             &self.client.metrics
         } else {
@@ -213,10 +285,17 @@ impl Scene {
             .handshakes
             .get_or_create(&TunnelHandshakeLabels {
                 role,
-                transport: "hbone",
+                transport,
                 result,
             })
             .get()
+    }
+
+    fn tunnel_labels(&self, role: TunnelRole) -> TunnelLabels {
+        TunnelLabels {
+            role,
+            transport: self.transport,
+        }
     }
 
     fn refused(&self, reason: &str) -> u64 {
@@ -274,9 +353,8 @@ async fn eventually(mut check: impl FnMut() -> bool) -> bool {
     false
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_connections_share_one_tunnel_and_each_reaches_the_app() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+async fn many_connections_share_one_tunnel_and_each_reaches_the_app(settings: PoolSettings) {
+    let s = Scene::start(AuthorizationPolicy::default(), settings).await;
     let mut calls = Vec::new();
     for i in 0..50 {
         let s = &s;
@@ -303,10 +381,7 @@ async fn many_connections_share_one_tunnel_and_each_reaches_the_app() {
     let streams = |m: &Metrics, role| {
         m.tunnels
             .streams
-            .get_or_create(&TunnelLabels {
-                role,
-                transport: "hbone",
-            })
+            .get_or_create(&s.tunnel_labels(role))
             .get()
     };
     assert_eq!(streams(&s.client.metrics, TunnelRole::client), 50);
@@ -357,9 +432,8 @@ async fn futures_join<F: std::future::Future<Output = ()>>(futs: Vec<F>) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_both_ways_while_echoing_arrives_whole() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+async fn bulk_both_ways_while_echoing_arrives_whole(settings: PoolSettings) {
+    let s = Scene::start(AuthorizationPolicy::default(), settings).await;
     let up = s.connect().await.unwrap();
     const TOTAL: usize = 32 << 20;
     let (mut r, mut w) = tokio::io::split(up.stream);
@@ -395,8 +469,7 @@ async fn bulk_both_ways_while_echoing_arrives_whole() {
     assert_eq!(got, TOTAL);
 }
 
-#[tokio::test]
-async fn a_denied_caller_gets_401_and_the_app_is_never_connected() {
+async fn a_denied_caller_gets_401_and_the_app_is_never_connected(settings: PoolSettings) {
     let policy = AuthorizationPolicy {
         allow: vec![Rule {
             principals: vec!["cluster.local/ns/shop/sa/frontend".into()],
@@ -404,7 +477,7 @@ async fn a_denied_caller_gets_401_and_the_app_is_never_connected() {
         }],
         ..Default::default()
     };
-    let s = Scene::start(policy, PoolSettings::default()).await;
+    let s = Scene::start(policy, settings).await;
     let err = s.connect().await.unwrap_err().to_string();
     assert!(
         err.contains("401") && err.contains("authorization policy"),
@@ -422,9 +495,8 @@ async fn a_denied_caller_gets_401_and_the_app_is_never_connected() {
     assert_eq!(denied, 1);
 }
 
-#[tokio::test]
-async fn a_stream_to_an_app_that_is_down_gets_503() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+async fn a_stream_to_an_app_that_is_down_gets_503(settings: PoolSettings) {
+    let s = Scene::start(AuthorizationPolicy::default(), settings).await;
     // The app's port, closed: take a port nothing listens on.
     let closed = TcpListener::bind("127.0.0.1:0")
         .await
@@ -442,6 +514,13 @@ async fn a_stream_to_an_app_that_is_down_gets_503() {
         addr: s.tunnel_addr,
         identities: vec![s.ca.id("shop", "web")],
     };
+    let quic_tls = || {
+        s.client
+            .tls
+            .load()
+            .quic_config(&[s.ca.id("shop", "web")])
+            .map_err(std::io::Error::other)
+    };
     let dial = || {
         let config = config.clone();
         let addr = s.tunnel_addr;
@@ -454,7 +533,12 @@ async fn a_stream_to_an_app_that_is_down_gets_503() {
         }
     };
     let err = pool
-        .open(&key, dial, &StreamRequest::to_workload(closed, None))
+        .open(
+            &key,
+            dial,
+            quic_tls,
+            &StreamRequest::to_workload(closed, None),
+        )
         .await
         .unwrap_err()
         .to_string();
@@ -462,7 +546,12 @@ async fn a_stream_to_an_app_that_is_down_gets_503() {
     // A destination that is not this workload's address is refused by name.
     let elsewhere: SocketAddr = "127.0.0.2:80".parse().unwrap();
     let err = pool
-        .open(&key, dial, &StreamRequest::to_workload(elsewhere, None))
+        .open(
+            &key,
+            dial,
+            quic_tls,
+            &StreamRequest::to_workload(elsewhere, None),
+        )
         .await
         .unwrap_err()
         .to_string();
@@ -476,7 +565,7 @@ async fn a_stream_to_an_app_that_is_down_gets_503() {
 
 #[tokio::test]
 async fn a_client_without_h2_is_refused_by_name() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let s = Scene::start(AuthorizationPolicy::default(), h2()).await;
     // Another protocol only: the TLS handshake itself fails (no common protocol).
     let err = s.raw_tls(&[b"http/1.1"]).await.unwrap_err().to_string();
     assert!(err.contains("NoApplicationProtocol"), "{err}");
@@ -505,11 +594,10 @@ async fn a_client_without_h2_is_refused_by_name() {
     assert!(eventually(|| s.refused("tunnel_not_connect") == 1).await);
 }
 
-#[tokio::test]
-async fn an_idle_tunnel_closes_and_the_next_stream_opens_another() {
+async fn an_idle_tunnel_closes_and_the_next_stream_opens_another(settings: PoolSettings) {
     let settings = PoolSettings {
         idle_timeout: Duration::from_millis(200),
-        ..PoolSettings::default()
+        ..settings
     };
     let s = Scene::start(AuthorizationPolicy::default(), settings).await;
     let mut up = s.connect().await.unwrap();
@@ -532,9 +620,8 @@ async fn an_idle_tunnel_closes_and_the_next_stream_opens_another() {
     assert_eq!(s.handshakes(TunnelRole::client, "ok"), 2);
 }
 
-#[tokio::test]
-async fn a_cleared_pool_keeps_streams_in_flight_and_dials_anew() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+async fn a_cleared_pool_keeps_streams_in_flight_and_dials_anew(settings: PoolSettings) {
+    let s = Scene::start(AuthorizationPolicy::default(), settings).await;
     let mut first = s.connect().await.unwrap();
     assert_eq!(echo(&mut first.stream, b"before").await, b"before");
     // A renewed certificate: the pool is cleared.
@@ -548,7 +635,7 @@ async fn a_cleared_pool_keeps_streams_in_flight_and_dials_anew() {
 
 #[tokio::test]
 async fn bad_input_on_the_tunnel_port_is_closed_and_counted_by_reason() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let s = Scene::start(AuthorizationPolicy::default(), h2()).await;
     let closed = |mut io: tokio::net::TcpStream| async move {
         let mut buf = [0u8; 64];
         let n = tokio::time::timeout(STEP, io.read(&mut buf)).await.unwrap();
@@ -602,9 +689,10 @@ async fn bad_input_on_the_tunnel_port_is_closed_and_counted_by_reason() {
     assert_eq!(echo(&mut up.stream, b"fine").await, b"fine");
 }
 
-#[tokio::test]
-async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while(
+    settings: PoolSettings,
+) {
+    let s = Scene::start(AuthorizationPolicy::default(), settings).await;
     // The workload's own mTLS inbound in front of the same app; its tunnel port is closed.
     let inbound = Arc::new(Inbound {
         tls: Arc::new(ArcSwap::from_pointee(
@@ -646,20 +734,20 @@ async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while()
         .fallbacks
         .get_or_create(&TunnelLabels {
             role: TunnelRole::client,
-            transport: "hbone",
+            transport: TRANSPORT,
         })
         .get();
     assert_eq!(fallbacks, 2);
-    // The tunnel was tried once; the second connection remembered it.
-    assert_eq!(s.handshakes(TunnelRole::client, "failed"), 1);
+    // The tunnel was tried once (HTTP/2 refused at once, QUIC given its grace and
+    // dropped); the second connection remembered it.
+    assert_eq!(s.handshakes_on(TRANSPORT, TunnelRole::client, "failed"), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_streams_at_once_share_one_tunnel() {
+async fn a_thousand_streams_at_once_share_one_tunnel(settings: PoolSettings) {
     // Each stream holds a socket to the app on the server side and one in the app.
     isthmus_proto::limits::raise_fd_limit("tunnel test");
     const STREAMS: usize = 1000;
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let s = Scene::start(AuthorizationPolicy::default(), settings).await;
     let mut open = Vec::with_capacity(STREAMS);
     for _ in 0..STREAMS {
         open.push(s.connect().await.unwrap());
@@ -683,18 +771,14 @@ async fn a_thousand_streams_at_once_share_one_tunnel() {
         .server
         .tunnels
         .open
-        .get_or_create(&TunnelLabels {
-            role: TunnelRole::server,
-            transport: "hbone",
-        })
+        .get_or_create(&s.tunnel_labels(TunnelRole::server))
         .get();
     assert_eq!(open_now, 1);
     drop(open);
 }
 
-#[tokio::test]
-async fn a_restarted_peer_is_dialled_again_and_no_connection_fails() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+async fn a_restarted_peer_is_dialled_again_and_no_connection_fails(settings: PoolSettings) {
+    let s = Scene::start(AuthorizationPolicy::default(), settings).await;
     let mut before = s.connect().await.unwrap();
     assert_eq!(echo(&mut before.stream, b"before").await, b"before");
     drop(before);
@@ -713,7 +797,7 @@ async fn a_restarted_peer_is_dialled_again_and_no_connection_fails() {
 
 #[tokio::test]
 async fn an_extended_connect_reaches_the_app_as_a_classic_one_does() {
-    let s = Scene::start(AuthorizationPolicy::default(), PoolSettings::default()).await;
+    let s = Scene::start(AuthorizationPolicy::default(), h2()).await;
     let tls = s.raw_tls(&[ALPN_H2]).await.unwrap();
     let (send, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(conn);
@@ -741,4 +825,96 @@ async fn an_extended_connect_reaches_the_app_as_a_classic_one_does() {
     assert_eq!(resp.status(), http::StatusCode::OK);
     let mut stream = H2Stream::new(body, resp.into_body());
     assert_eq!(echo(&mut stream, b"extended").await, b"extended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_share_one_tunnel_and_each_reaches_the_app_over_http2() {
+    many_connections_share_one_tunnel_and_each_reaches_the_app(h2()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_share_one_tunnel_and_each_reaches_the_app_over_quic() {
+    many_connections_share_one_tunnel_and_each_reaches_the_app(only(Transports::Quic)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_both_ways_while_echoing_arrives_whole_over_http2() {
+    bulk_both_ways_while_echoing_arrives_whole(h2()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_both_ways_while_echoing_arrives_whole_over_quic() {
+    bulk_both_ways_while_echoing_arrives_whole(only(Transports::Quic)).await;
+}
+
+#[tokio::test]
+async fn a_denied_caller_gets_401_and_the_app_is_never_connected_over_http2() {
+    a_denied_caller_gets_401_and_the_app_is_never_connected(h2()).await;
+}
+
+#[tokio::test]
+async fn a_denied_caller_gets_401_and_the_app_is_never_connected_over_quic() {
+    a_denied_caller_gets_401_and_the_app_is_never_connected(only(Transports::Quic)).await;
+}
+
+#[tokio::test]
+async fn a_stream_to_an_app_that_is_down_gets_503_over_http2() {
+    a_stream_to_an_app_that_is_down_gets_503(h2()).await;
+}
+
+#[tokio::test]
+async fn a_stream_to_an_app_that_is_down_gets_503_over_quic() {
+    a_stream_to_an_app_that_is_down_gets_503(only(Transports::Quic)).await;
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_closes_and_the_next_stream_opens_another_over_http2() {
+    an_idle_tunnel_closes_and_the_next_stream_opens_another(h2()).await;
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_closes_and_the_next_stream_opens_another_over_quic() {
+    an_idle_tunnel_closes_and_the_next_stream_opens_another(only(Transports::Quic)).await;
+}
+
+#[tokio::test]
+async fn a_cleared_pool_keeps_streams_in_flight_and_dials_anew_over_http2() {
+    a_cleared_pool_keeps_streams_in_flight_and_dials_anew(h2()).await;
+}
+
+#[tokio::test]
+async fn a_cleared_pool_keeps_streams_in_flight_and_dials_anew_over_quic() {
+    a_cleared_pool_keeps_streams_in_flight_and_dials_anew(only(Transports::Quic)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_at_once_share_one_tunnel_over_http2() {
+    a_thousand_streams_at_once_share_one_tunnel(h2()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_at_once_share_one_tunnel_over_quic() {
+    a_thousand_streams_at_once_share_one_tunnel(only(Transports::Quic)).await;
+}
+
+#[tokio::test]
+async fn a_restarted_peer_is_dialled_again_and_no_connection_fails_over_http2() {
+    a_restarted_peer_is_dialled_again_and_no_connection_fails(h2()).await;
+}
+
+#[tokio::test]
+async fn a_restarted_peer_is_dialled_again_and_no_connection_fails_over_quic() {
+    a_restarted_peer_is_dialled_again_and_no_connection_fails(only(Transports::Quic)).await;
+}
+
+#[tokio::test]
+async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while_over_http2() {
+    a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while(h2()).await;
+}
+
+#[tokio::test]
+async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while_when_both_transports_fail(
+) {
+    a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while(PoolSettings::default())
+        .await;
 }

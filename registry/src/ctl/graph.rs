@@ -6,7 +6,7 @@
 //! `istio_tcp_received_bytes_total`, `istio_tcp_sent_bytes_total`) of the series a source
 //! reports (`reporter="source"`: a caller's outbound, a gateway), isthmus's
 //! `isthmus_tcp_connections_opened_total` beside them for the networks of both ends and the
-//! transport (`direct`, `sni-gateway`, `hbone`, `hbone-gateway`), joined on the edge's workload and service labels,
+//! transport (`direct`, `sni-gateway`, `hbone`, `hbone-gateway`, `quic`, `quic-gateway`), joined on the edge's workload and service labels,
 //! and each proxy's `isthmus_<program>_connections_refused_total` by reason. Destinations
 //! report only the connections their authorization denied (`response_flags="DENY"`),
 //! counted on the destination workload: a connection is drawn once, from its source.
@@ -504,7 +504,7 @@ pub struct EdgeStats {
     pub sent: f64,
     /// Bytes from the server back to the caller.
     pub received: f64,
-    /// Connections by transport (`direct`, `sni-gateway`, `hbone`, `hbone-gateway`); those the proxy gave none for
+    /// Connections by transport (`direct`, `sni-gateway`, `hbone`, `hbone-gateway`, `quic`, `quic-gateway`); those the proxy gave none for
     /// are in none.
     pub transports: BTreeMap<String, f64>,
 }
@@ -530,7 +530,7 @@ impl EdgeStats {
         }
     }
 
-    /// One transport (`direct`, `sni-gateway`, `hbone`, `hbone-gateway`), several joined with `+`, or `-` when no proxy said.
+    /// One transport (`direct`, `sni-gateway`, `hbone`, `hbone-gateway`, `quic`, `quic-gateway`), several joined with `+`, or `-` when no proxy said.
     pub fn transport(&self) -> String {
         let t: Vec<&str> = self
             .transports
@@ -984,8 +984,8 @@ impl Graph {
             let style = match transport.as_str() {
                 "direct" => "solid",
                 "sni-gateway" => "dashed",
-                "hbone" => "dotted",
-                "hbone-gateway" => "dashed",
+                "hbone" | "quic" => "dotted",
+                "hbone-gateway" | "quic-gateway" => "dashed",
                 _ => "bold",
             };
             let mut label = format!(
