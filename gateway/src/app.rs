@@ -346,6 +346,14 @@ fn serve_tunnel(
         tls: Arc::new(tls),
         max_streams: isthmus_proxy::tunnel::DEFAULT_MAX_STREAMS,
     });
+    if config.quic {
+        let initial = (*tunnel.tls.current_quic()).clone();
+        let endpoint = isthmus_proxy::tunnel::quic::server_endpoint(bound, initial)?;
+        w.accepting.spawn(
+            "QUIC tunnel",
+            tunnel::serve_quic(endpoint, tunnel.clone(), w.accept_shutdown.clone()),
+        );
+    }
     w.accepting.spawn(
         "tunnel",
         tunnel::serve(listener, tunnel, w.accept_shutdown.clone()),

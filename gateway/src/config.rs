@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     pub sni_addr: SocketAddr,
     /// The tunnel listener; `None`: no tunnels, SNI passthrough only.
     pub tunnel_addr: Option<SocketAddr>,
+    /// Tunnels over QUIC too, on the tunnel listener's port over UDP.
+    pub quic: bool,
     pub admin_addr: Option<SocketAddr>,
     /// `/metrics` alone, for scrapers on the network.
     pub metrics_addr: Option<SocketAddr>,
@@ -91,6 +93,7 @@ impl GatewayConfig {
             token: None,
             sni_addr: DEFAULT_SNI_ADDR.parse().expect("valid default"),
             tunnel_addr: Some(DEFAULT_TUNNEL_ADDR.parse().expect("valid default")),
+            quic: true,
             admin_addr: Some(DEFAULT_ADMIN_ADDR.parse().expect("valid default")),
             metrics_addr: Some(DEFAULT_METRICS_ADDR.parse().expect("valid default")),
             health_addr: Some(DEFAULT_HEALTH_ADDR.parse().expect("valid default")),

@@ -44,6 +44,9 @@ struct Args {
     /// Serve no tunnels: SNI passthrough only.
     #[arg(long, conflicts_with = "tunnel_addr")]
     no_tunnel: bool,
+    /// Serve tunnels over HTTP/2 only: no QUIC listener on the tunnel port over UDP.
+    #[arg(long)]
+    no_quic: bool,
     /// Admin HTTP (/config_dump, /logging, /debug/*, /metrics): on loopback by default, and
     /// all but /metrics, /healthz and /readyz answer loopback peers only whatever the
     /// address; reach it remotely with an ssh tunnel or kubectl port-forward.
@@ -99,6 +102,7 @@ impl Args {
         cfg.locality = Locality::parse(&a.locality);
         cfg.sni_addr = a.sni_addr;
         cfg.tunnel_addr = (!a.no_tunnel).then_some(a.tunnel_addr);
+        cfg.quic = !a.no_quic;
         cfg.admin_addr = Some(a.admin_addr);
         cfg.metrics_addr = Some(a.metrics_addr);
         cfg.health_addr = Some(a.health_addr);

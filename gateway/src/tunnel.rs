@@ -1,5 +1,6 @@
-//! The tunnel listener (HBONE, 15008/tcp): the east-west gateway's second way into its
-//! network, beside SNI passthrough. A remote network's agent opens one mTLS connection
+//! The tunnel listeners (HBONE on 15008/tcp, QUIC on 15008/udp): the east-west gateway's
+//! second way into its network, beside SNI passthrough. A QUIC tunnel's streams are
+//! handled exactly as HTTP/2's (the stream header names the same destination and subset). A remote network's agent opens one mTLS connection
 //! (ALPN `h2`, its own certificate, which must be of the mesh's trust domain) and carries
 //! each of its connections into this network as an HTTP/2 `CONNECT` stream whose
 //! `:authority` is `<hostname>:<port>` of the destination service, as the SNI key names
@@ -57,6 +58,20 @@ pub struct Tunnel {
     pub max_streams: u32,
 }
 
+impl Tunnel {
+    /// The proxy core's tunnel loop, with passthrough's metrics, tracker and timeout.
+    fn listener(&self) -> Listener {
+        let p = &self.passthrough;
+        Listener {
+            direction: DIRECTION,
+            metrics: p.metrics.clone(),
+            tracker: p.tracker.clone(),
+            handshake_timeout: p.handshake_timeout,
+            max_streams: self.max_streams,
+        }
+    }
+}
+
 /// The tunnel port's TLS: the gateway's own certificate and the mesh roots, a client
 /// certificate of the trust domain required, ALPN `h2` only.
 ///
@@ -70,6 +85,8 @@ pub struct TunnelTls {
     cert_dir: PathBuf,
     bundle: TrustBundle,
     config: ArcSwap<rustls::ServerConfig>,
+    /// The QUIC listener's, from the same credentials.
+    quic: ArcSwap<tunnel::quic::ServerConfig>,
     /// When the chain and the key in use were written.
     written: Mutex<Written>,
 }
@@ -81,28 +98,41 @@ impl TunnelTls {
     /// Loads the credentials of `cert_dir`, trusting `bundle` for clients.
     pub fn load(cert_dir: &Path, bundle: TrustBundle) -> Result<Self, TlsError> {
         let written = written(cert_dir);
-        let config = tunnel::server_config(&Credentials::from_dir(cert_dir)?, &bundle)?;
+        let (config, quic) = configs(&Credentials::from_dir(cert_dir)?, &bundle)?;
         Ok(Self {
             cert_dir: cert_dir.to_path_buf(),
             bundle,
             config: ArcSwap::from_pointee(config),
+            quic: ArcSwap::from_pointee(quic),
             written: Mutex::new(written),
         })
     }
 
     /// The config for the next handshake, re-read first if the files changed.
     pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.reread();
+        self.config.load_full()
+    }
+
+    /// The QUIC listener's config for the next handshake, re-read first if the files
+    /// changed.
+    pub fn current_quic(&self) -> Arc<tunnel::quic::ServerConfig> {
+        self.reread();
+        self.quic.load_full()
+    }
+
+    fn reread(&self) {
         let now = written(&self.cert_dir);
         let mut seen = self.written.lock().expect("tunnel TLS poisoned");
         if *seen != now {
             // Once per change, failed or not: a bad file is not re-read at every handshake.
             *seen = now;
-            let loaded = Credentials::from_dir(&self.cert_dir).and_then(|creds| {
-                Ok((tunnel::server_config(&creds, &self.bundle)?, creds.identity))
-            });
+            let loaded = Credentials::from_dir(&self.cert_dir)
+                .and_then(|creds| Ok((configs(&creds, &self.bundle)?, creds.identity)));
             match loaded {
-                Ok((config, identity)) => {
+                Ok(((config, quic), identity)) => {
                     self.config.store(Arc::new(config));
+                    self.quic.store(Arc::new(quic));
                     tracing::info!(%identity, "the tunnel port presents the rewritten certificate");
                 }
                 Err(e) => tracing::warn!(
@@ -112,8 +142,18 @@ impl TunnelTls {
                 ),
             }
         }
-        self.config.load_full()
     }
+}
+
+/// The tunnel port's TLS over TCP (ALPN `h2`) and over QUIC, from `creds`.
+fn configs(
+    creds: &Credentials,
+    bundle: &TrustBundle,
+) -> Result<(rustls::ServerConfig, tunnel::quic::ServerConfig), TlsError> {
+    let h2 = tunnel::server_config(creds, bundle)?;
+    let quic = tunnel::quic::listener_config(creds, bundle, tunnel::DEFAULT_MAX_STREAMS)
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    Ok((h2, quic))
 }
 
 fn written(dir: &Path) -> Written {
@@ -127,19 +167,29 @@ fn written(dir: &Path) -> Written {
 /// Accepts tunnels until `shutdown`, which also tells the tunnels open then to go away
 /// (GOAWAY): their streams finish, and the tracker's drain waits for them.
 pub async fn serve(listener: TcpListener, tunnel: Arc<Tunnel>, shutdown: drain::Watch) {
-    let p = &tunnel.passthrough;
     let serving = Serving {
-        listener: Listener {
-            direction: DIRECTION,
-            metrics: p.metrics.clone(),
-            tracker: p.tracker.clone(),
-            handshake_timeout: p.handshake_timeout,
-            max_streams: tunnel.max_streams,
-        },
+        listener: tunnel.listener(),
         stop: shutdown.clone(),
         tunnel,
     };
     connection::serve(listener, Arc::new(serving), shutdown).await;
+}
+
+/// Accepts QUIC tunnels on `endpoint` (the tunnel port over UDP) until `shutdown`; each
+/// stream goes the way an HTTP/2 tunnel's does.
+pub async fn serve_quic(
+    endpoint: tunnel::quic::Endpoint,
+    tunnel: Arc<Tunnel>,
+    shutdown: drain::Watch,
+) {
+    let listener = tunnel.listener();
+    let (p, l) = (tunnel.passthrough.clone(), listener.clone());
+    let on_stream = move |pending, _peer, rec| serve_stream(p.clone(), l.clone(), pending, rec);
+    let tls = tunnel.tls.clone();
+    let config = move || Some(tls.current_quic());
+    listener
+        .serve_quic(endpoint, config, shutdown, on_stream)
+        .await;
 }
 
 /// The listener while it serves: the tunnel, the core's loop settings, and the watch that

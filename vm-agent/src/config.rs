@@ -155,6 +155,9 @@ pub struct AgentConfig {
     /// The port of the tunnel listener (HBONE), on the VM's address; 0: no tunnels, in
     /// either direction.
     pub tunnel_port: u16,
+    /// Which transports the tunnels take: QUIC raced against HTTP/2 (the default), or one
+    /// alone; with HTTP/2 alone no QUIC listener is started.
+    pub tunnel_transports: isthmus_proxy::tunnel::pool::Transports,
     /// Sidecar mode: the pod the agent serves (`None` on a VM).
     pub pod: Option<crate::pod::PodConfig>,
 }
@@ -191,6 +194,7 @@ impl AgentConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             tunnel_port: isthmus_proxy::tunnel::DEFAULT_PORT,
+            tunnel_transports: Default::default(),
             pod: None,
         }
     }

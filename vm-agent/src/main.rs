@@ -219,6 +219,11 @@ struct CommonArgs {
     /// tunnels go over one pooled tunnel per peer; 0 turns tunnels off both ways.
     #[arg(long, default_value_t = isthmus_proxy::tunnel::DEFAULT_PORT)]
     tunnel_port: u16,
+    /// The tunnels' transports: `auto` races QUIC (the tunnel port over UDP) against
+    /// HTTP/2 for each new tunnel, QUIC preferred, and listens for both; `quic` or `h2`
+    /// takes one alone (with `h2` no QUIC listener is started).
+    #[arg(long, default_value = "auto", value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<isthmus_proxy::tunnel::pool::Transports>()))]
+    tunnel_transports: isthmus_proxy::tunnel::pool::Transports,
     /// Runtime worker threads (a VM agent needs few).
     #[arg(long, default_value_t = config::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
@@ -240,6 +245,7 @@ impl CommonArgs {
         cfg.handshake_timeout = self.handshake_timeout.into();
         cfg.max_connections = self.max_connections;
         cfg.tunnel_port = self.tunnel_port;
+        cfg.tunnel_transports = self.tunnel_transports;
     }
 }
 

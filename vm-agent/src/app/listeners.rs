@@ -41,7 +41,8 @@ use isthmus_proxy::outbound::{
     self, ClientTls, Destination, NoDestination, Outbound, OutboundTarget,
 };
 use isthmus_proxy::routes::RouteTable;
-use isthmus_proxy::tunnel::{self, Pool, PoolSettings};
+use isthmus_proxy::tunnel::pool::Transports;
+use isthmus_proxy::tunnel::{self, quic, Pool, PoolSettings};
 use isthmus_proxy::upstream::ConnectOptions;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -111,6 +112,7 @@ pub(crate) async fn bind(
         tunnel: (config.tunnel_port != 0).then(|| {
             let settings = PoolSettings {
                 timeout: config.connect_timeout,
+                transports: config.tunnel_transports,
                 ..PoolSettings::default()
             };
             Pool::new(settings, cx.metrics.clone())
@@ -247,14 +249,15 @@ async fn bind_per_port(
     Ok(((inbound_addr, config.outbound_addr), served))
 }
 
-/// The tunnel listener on the VM's address, in front of the app's ports (all of them when
-/// capture takes every port, else the group's), unless `--tunnel-port 0`.
+/// The tunnel listeners on the VM's address, in front of the app's ports (all of them when
+/// capture takes every port, else the group's), unless `--tunnel-port 0`: HTTP/2 on the
+/// tunnel port over TCP and, unless `--tunnel-transports h2`, QUIC on it over UDP.
 async fn bind_tunnel(
     cx: &Inputs,
     inbounds: &InboundFactory,
     creds: &Credentials,
     accepting: &mut Accepting,
-) -> anyhow::Result<Option<Arc<Inbound>>> {
+) -> anyhow::Result<Option<TunnelListeners>> {
     let config = &cx.config;
     if config.tunnel_port == 0 {
         return Ok(None);
@@ -278,8 +281,25 @@ async fn bind_tunnel(
         app_host: config.app_host,
         max_streams: tunnel::DEFAULT_MAX_STREAMS,
     });
+    let quic = if config.tunnel_transports == Transports::Http2 {
+        None
+    } else {
+        let qc = quic::listener_config(creds, &cx.trust, tunnel::DEFAULT_MAX_STREAMS)?;
+        let endpoint = quic::server_endpoint(addr, qc)?;
+        accepting.spawn(
+            "QUIC tunnel",
+            hbone::serve_quic(endpoint.clone(), served.clone(), cx.accept.clone()),
+        );
+        Some(endpoint)
+    };
     accepting.spawn("tunnel", hbone::serve(listener, served, cx.accept.clone()));
-    Ok(Some(ib))
+    Ok(Some(TunnelListeners { inbound: ib, quic }))
+}
+
+/// The tunnel listeners, for the certificate swap.
+struct TunnelListeners {
+    inbound: Arc<Inbound>,
+    quic: Option<quic::Endpoint>,
 }
 
 /// Makes the inbound proxies: STRICT mTLS, the authorization policy, one shared tracker.
@@ -458,7 +478,7 @@ async fn follow_credentials(
     mut creds: watch::Receiver<Arc<Credentials>>,
     trust: TrustBundle,
     inbounds: Vec<Arc<Inbound>>,
-    tunnel: Option<Arc<Inbound>>,
+    tunnel: Option<TunnelListeners>,
     outbound: Arc<Outbound>,
     shutdown: drain::Watch,
 ) {
@@ -479,11 +499,19 @@ async fn follow_credentials(
             }
             Err(e) => tracing::error!(error = %e, "cannot use the renewed certificate for inbound"),
         }
-        if let Some(ib) = &tunnel {
+        if let Some(t) = &tunnel {
             match tunnel::server_config(&c, &trust) {
-                Ok(cfg) => ib.tls.store(Arc::new(cfg)),
+                Ok(cfg) => t.inbound.tls.store(Arc::new(cfg)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot use the renewed certificate for the tunnel listener")
+                }
+            }
+            if let Some(endpoint) = &t.quic {
+                match quic::listener_config(&c, &trust, tunnel::DEFAULT_MAX_STREAMS) {
+                    Ok(cfg) => endpoint.set_server_config(Some(cfg)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot use the renewed certificate for the QUIC tunnel listener")
+                    }
                 }
             }
         }
