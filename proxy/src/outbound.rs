@@ -407,7 +407,14 @@ impl Outbound {
                 pool.fell_back();
                 return Ok(None);
             }
-            Err(e) => return Err(e),
+            // Named by the tunnel's address: the attempt's endpoint is the workload's or
+            // the gateway's SNI port.
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("over the tunnel to {addr}: {e}"),
+                ))
+            }
         };
         if !t.via_gateway {
             return Ok(Some((MeshStream::Tunnel(opened.stream), opened.peer)));

@@ -19,14 +19,16 @@
 //!   against HTTP/2 (15008/tcp): QUIC is dialled first and HTTP/2 too once QUIC has had
 //!   [`QUIC_HEAD_START`] or failed; the first set up is taken. A peer where HTTP/2 won (UDP
 //!   blocked, no QUIC listener, QUIC slower) is dialled with HTTP/2 alone for
-//!   [`CHOICE_MEMORY`]. Races are counted by winner in `tunnel_races`.
+//!   [`CHOICE_MEMORY`]. Races are counted by winner in `tunnel_races`. A QUIC tunnel whose
+//!   path goes silent (the request not acknowledged as received within [`SILENT_PATH`]) is
+//!   closed and its peer remembered for HTTP/2 the same way; the stream is dialled again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -89,6 +91,10 @@ impl std::str::FromStr for Transports {
 pub const QUIC_HEAD_START: Duration = Duration::from_millis(200);
 /// How long a peer where HTTP/2 won the race is dialled with HTTP/2 alone.
 pub const CHOICE_MEMORY: Duration = Duration::from_secs(300);
+/// A QUIC tunnel whose listener has not said it received a stream's request within this
+/// long has lost its path: it is closed, the stream dialled again (over HTTP/2 with
+/// [`Transports::Auto`]), and HTTP/2 remembered for the peer.
+pub const SILENT_PATH: Duration = Duration::from_secs(1);
 
 impl Default for PoolSettings {
     fn default() -> Self {
@@ -209,6 +215,9 @@ enum Driver {
 #[derive(Debug)]
 struct TunnelState {
     streams: AtomicU32,
+    /// Streams it has carried.
+    carried: AtomicU64,
+    opened: Instant,
     /// Taken out of the pool: no new stream goes over it.
     closed: AtomicBool,
     idle_since: Mutex<Instant>,
@@ -258,6 +267,59 @@ impl Pool {
             n += slot.lock().await.len();
         }
         n
+    }
+
+    /// Every tunnel in the pool by peer, and the peers remembered for HTTP/2 or for no
+    /// tunnel: what the admin's `/debug/tunnels` shows.
+    pub async fn snapshot(&self) -> PoolSnapshot {
+        let peers: Vec<(PoolKey, Slot)> = self
+            .peers()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        let mut tunnels = Vec::new();
+        for (key, slot) in peers {
+            for t in slot.lock().await.iter() {
+                let st = &t.state;
+                let quic = match &t.conn {
+                    Conn::Quic(c) => Some(c.stats()),
+                    Conn::H2(_) => None,
+                };
+                tunnels.push(TunnelInfo {
+                    peer: key.addr,
+                    transport: t.conn.transport(),
+                    peer_identity: st.peer.as_ref().map(ToString::to_string),
+                    streams_open: st.streams.load(Ordering::Acquire),
+                    streams_carried: st.carried.load(Ordering::Relaxed),
+                    age_seconds: st.opened.elapsed().as_secs(),
+                    rtt_micros: quic.as_ref().map(|q| q.path.rtt.as_micros() as u64),
+                    bytes_sent: quic.as_ref().map(|q| q.udp_tx.bytes),
+                    bytes_received: quic.as_ref().map(|q| q.udp_rx.bytes),
+                });
+            }
+        }
+        tunnels.sort_by_key(|t| t.peer);
+        let remembered = |m: &Mutex<HashMap<SocketAddr, Instant>>| {
+            let now = Instant::now();
+            let mut v: Vec<Remembered> = m
+                .lock()
+                .expect("tunnel pool poisoned")
+                .iter()
+                .filter(|(_, until)| **until > now)
+                .map(|(peer, until)| Remembered {
+                    peer: *peer,
+                    for_seconds: (*until - now).as_secs(),
+                })
+                .collect();
+            v.sort_by_key(|r| r.peer);
+            v
+        };
+        PoolSnapshot {
+            transports: self.inner.settings.transports,
+            tunnels,
+            http2_only: remembered(&self.inner.http2_only),
+            without_tunnel: remembered(&self.inner.unreachable),
+        }
     }
 
     /// False while a tunnel to `addr` could not be set up within the last
@@ -334,7 +396,7 @@ impl Pool {
         loop {
             let (tunnel, new_tunnel) = self.take(&slot, &dialer).await?;
             let count = StreamCount(tunnel.state.clone());
-            match self.stream(&tunnel.conn, request).await {
+            match self.stream(&tunnel.conn, key.addr, request).await {
                 Ok(stream) => {
                     self.inner
                         .metrics
@@ -380,10 +442,12 @@ impl Pool {
             .find(|t| t.state.usable(limit.min(t.conn.peer_limit())));
         if let Some(t) = found {
             t.state.streams.fetch_add(1, Ordering::AcqRel);
+            t.state.carried.fetch_add(1, Ordering::Relaxed);
             return Ok((t.clone(), false));
         }
         let t = self.dial(slot, dialer).await?;
         t.state.streams.fetch_add(1, Ordering::AcqRel);
+        t.state.carried.fetch_add(1, Ordering::Relaxed);
         tunnels.push(t.clone());
         Ok((t, true))
     }
@@ -415,6 +479,8 @@ impl Pool {
         };
         let state = Arc::new(TunnelState {
             streams: AtomicU32::new(0),
+            carried: AtomicU64::new(0),
+            opened: Instant::now(),
             closed: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             peer,
@@ -428,6 +494,16 @@ impl Pool {
             self.inner.metrics.clone(),
         ));
         Ok(Tunnel { conn, state })
+    }
+
+    /// Dials `addr` with HTTP/2 alone for [`CHOICE_MEMORY`] (with [`Transports::Auto`]).
+    fn remember_http2(&self, addr: SocketAddr) {
+        if self.inner.settings.transports != Transports::Auto {
+            return;
+        }
+        let until = Instant::now() + CHOICE_MEMORY;
+        let mut chosen = self.inner.http2_only.lock().expect("tunnel pool poisoned");
+        chosen.insert(addr, until);
     }
 
     /// True while HTTP/2 is remembered as the transport that wins to `addr`.
@@ -502,9 +578,7 @@ impl Pool {
     fn won(&self, addr: SocketAddr, set_up: SetUp) -> SetUp {
         let winner = set_up.0.transport();
         if winner == TRANSPORT {
-            let until = Instant::now() + CHOICE_MEMORY;
-            let mut chosen = self.inner.http2_only.lock().expect("tunnel pool poisoned");
-            chosen.insert(addr, until);
+            self.remember_http2(addr);
             tracing::debug!(peer = %addr, memory = ?CHOICE_MEMORY, "HTTP/2 won the tunnel race");
         }
         self.inner
@@ -596,10 +670,15 @@ impl Pool {
     }
 
     /// Opens a stream on `conn` and waits for its answer.
-    async fn stream(&self, conn: &Conn, request: &StreamRequest) -> Result<Stream, StreamError> {
+    async fn stream(
+        &self,
+        conn: &Conn,
+        addr: SocketAddr,
+        request: &StreamRequest,
+    ) -> Result<Stream, StreamError> {
         match conn {
             Conn::H2(send) => self.h2_stream(send.clone(), request).await.map(Stream::H2),
-            Conn::Quic(c) => self.quic_stream(c, request).await.map(Stream::Quic),
+            Conn::Quic(c) => self.quic_stream(c, addr, request).await.map(Stream::Quic),
         }
     }
 
@@ -646,6 +725,7 @@ impl Pool {
     async fn quic_stream(
         &self,
         conn: &quinn::Connection,
+        addr: SocketAddr,
         request: &StreamRequest,
     ) -> Result<QuicStream, StreamError> {
         let timeout = self.inner.settings.timeout;
@@ -663,19 +743,40 @@ impl Pool {
             }
         };
         let mut stream = QuicStream::new(send, recv);
-        let answer = async {
+        // The listener says `100` as soon as it has read the request: without it within
+        // [`SILENT_PATH`] the request did not get there (see `quic::RECEIVED`).
+        let received = async {
             stream.write_all(&header).await?;
             stream.read_response().await
         };
-        let status = match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(status)) => status,
+        let first = match tokio::time::timeout(SILENT_PATH.min(timeout), received).await {
+            Ok(r) => r,
+            Err(_) => {
+                conn.close(quic::code::NO_ERROR, b"path silent");
+                self.remember_http2(addr);
+                return Err(tunnel_gone(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the QUIC tunnel to {addr} went silent: the stream's request was not received within {SILENT_PATH:?}"),
+                )));
+            }
+        };
+        let answered = match first {
+            Ok(status) if status == quic::RECEIVED => {
+                tokio::time::timeout(timeout, stream.read_response())
+                    .await
+                    .ok()
+            }
+            other => Some(other),
+        };
+        let status = match answered {
+            Some(Ok(status)) => status,
             // A stream the peer refused unprocessed (it is going away), or a tunnel that
             // died: another tunnel may carry it.
-            Ok(Err(e)) if conn.close_reason().is_some() || quic::refused_stream(&e) => {
+            Some(Err(e)) if conn.close_reason().is_some() || quic::refused_stream(&e) => {
                 return Err(tunnel_gone(e))
             }
-            Ok(Err(e)) => return Err(StreamError::Refused(e)),
-            Err(_) => return Err(StreamError::Refused(no_answer(request, timeout))),
+            Some(Err(e)) => return Err(StreamError::Refused(e)),
+            None => return Err(StreamError::Refused(no_answer(request, timeout))),
         };
         if status != http::StatusCode::OK {
             stream.finished();
@@ -683,6 +784,43 @@ impl Pool {
         }
         Ok(stream)
     }
+}
+
+/// The pool as [`Pool::snapshot`] sees it.
+#[derive(Debug, serde::Serialize)]
+pub struct PoolSnapshot {
+    pub transports: Transports,
+    pub tunnels: Vec<TunnelInfo>,
+    /// Peers where HTTP/2 won the race (or QUIC's path went silent), dialled with it alone
+    /// for a while.
+    pub http2_only: Vec<Remembered>,
+    /// Peers whose tunnel could not be set up, reached with mTLS of their own for a while.
+    pub without_tunnel: Vec<Remembered>,
+}
+
+/// One tunnel of the pool.
+#[derive(Debug, serde::Serialize)]
+pub struct TunnelInfo {
+    pub peer: SocketAddr,
+    pub transport: &'static str,
+    pub peer_identity: Option<String>,
+    pub streams_open: u32,
+    pub streams_carried: u64,
+    pub age_seconds: u64,
+    /// QUIC only: the path's smoothed round-trip time and the UDP bytes each way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_micros: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_received: Option<u64>,
+}
+
+/// A peer remembered for a while, and for how much longer.
+#[derive(Debug, serde::Serialize)]
+pub struct Remembered {
+    pub peer: SocketAddr,
+    pub for_seconds: u64,
 }
 
 /// A new tunnel's peer and how to reach it over each transport.

@@ -16,6 +16,12 @@
 //! `isthmus-subset`); the response's status is the HTTP status an HBONE answer would have.
 //! Integers are big-endian; a header is at most [`MAX_HEADER`] bytes.
 //!
+//! The listener answers [`RECEIVED`] (`100`) as soon as it has read a request, before the
+//! final status (which may wait for a connection to the destination): a client that has
+//! no `100` within a second knows its request did not get there (UDP dropped on the way
+//! out, the peer gone), which QUIC itself would notice only at its idle timeout, and ACKs
+//! cannot tell apart from a peer still retransmitting what it sent before.
+//!
 //! Neither 0-RTT nor early data is offered: a replayed first flight would open the same
 //! connections at the destination again. Connection migration is allowed: the peer is
 //! known by its certificate, not its address, and QUIC validates a new path before it
@@ -59,12 +65,18 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// state only up to here.
 pub const MAX_HANDSHAKES: usize = 256;
 
+/// The interim answer a listener sends once it has read a stream's request.
+pub const RECEIVED: StatusCode = StatusCode::CONTINUE;
+
 /// Application error codes, as HTTP/2's (RFC 9113, 7).
 pub mod code {
     use quinn::VarInt;
     /// The tunnel or a stream ended normally.
     pub const NO_ERROR: VarInt = VarInt::from_u32(0x0);
-    /// The stream was refused before it was processed.
+    /// The peer broke the protocol (a bad stream header, the wrong ALPN, no certificate).
+    pub const PROTOCOL_ERROR: VarInt = VarInt::from_u32(0x1);
+    /// The stream was refused before it was processed (the listener is going away): another
+    /// tunnel may carry it.
     pub const REFUSED_STREAM: VarInt = VarInt::from_u32(0x7);
     /// The connection to the destination was reset or abnormally closed.
     pub const CONNECT_ERROR: VarInt = VarInt::from_u32(0xa);

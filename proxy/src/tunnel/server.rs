@@ -11,7 +11,8 @@
 //!
 //! The same listener serves QUIC tunnels from a UDP endpoint ([`Listener::serve_quic`]):
 //! the QUIC handshake (its failures counted as `tunnel_quic_handshake`), each stream's
-//! header read into the same [`Pending`] (a bad one is `tunnel_bad_header`), the same
+//! header read into the same [`Pending`] (a bad one is `tunnel_bad_header`, the stream reset
+//! with `PROTOCOL_ERROR`) and acknowledged at once with [`quic::RECEIVED`], the same
 //! handling. A QUIC connection has no GOAWAY: on shutdown its new streams are reset with
 //! `REFUSED_STREAM` (the client takes another tunnel) and it is closed once its streams in
 //! flight end. Beyond [`quic::MAX_HANDSHAKES`] handshakes at once, a new client must first
@@ -467,7 +468,7 @@ impl Listener {
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol);
         if alpn.as_deref() != Some(quic::ALPN_QUIC) {
-            conn.close(quic::code::REFUSED_STREAM, b"wrong ALPN");
+            conn.close(quic::code::PROTOCOL_ERROR, b"wrong ALPN");
             let shown = alpn.map_or_else(
                 || "none".into(),
                 |a| String::from_utf8_lossy(&a).into_owned(),
@@ -481,7 +482,7 @@ impl Listener {
             ));
         }
         let Some(peer) = quic::peer_identity(&conn) else {
-            conn.close(quic::code::REFUSED_STREAM, b"no client certificate");
+            conn.close(quic::code::PROTOCOL_ERROR, b"no client certificate");
             return Err(refusal(
                 "no_client_certificate",
                 "the QUIC handshake completed without a client certificate; a tunnel requires mTLS",
@@ -561,13 +562,13 @@ impl Listener {
                 let request = match header {
                     Ok(Ok(r)) => r,
                     Ok(Err(r)) => {
-                        QuicStream::new(send, recv).reset(quic::code::REFUSED_STREAM);
+                        QuicStream::new(send, recv).reset(quic::code::PROTOCOL_ERROR);
                         listener.metrics.refuse(listener.direction, r.reason);
                         tracing::debug!(reason = r.reason, detail = %r.detail, "tunnel stream refused");
                         return;
                     }
                     Err(_) => {
-                        QuicStream::new(send, recv).reset(quic::code::REFUSED_STREAM);
+                        QuicStream::new(send, recv).reset(quic::code::PROTOCOL_ERROR);
                         listener
                             .metrics
                             .refuse(listener.direction, "tunnel_bad_header");
@@ -575,6 +576,16 @@ impl Listener {
                         return;
                     }
                 };
+                // Received: the client knows its request got here, whatever the answer
+                // waits for (see `quic::RECEIVED`).
+                let mut send = send;
+                if send
+                    .write_all(&quic::encode_response(quic::RECEIVED))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
                 let pending = Pending {
                     method: Method::CONNECT,
                     authority: Some(request.authority),

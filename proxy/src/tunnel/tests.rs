@@ -35,6 +35,8 @@ use crate::outbound::{ClientTls, Outbound, OutboundTarget};
 use crate::routes::{RouteOptions, RouteTable};
 use crate::upstream::ConnectOptions;
 
+mod quic;
+
 const HOST: &str = "web.shop.svc.cluster.local";
 const PORT: u16 = 80;
 /// Bounds a step that should take milliseconds.
@@ -171,7 +173,13 @@ impl Scene {
             max_connections: 64,
             on_connection: None,
         });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // The QUIC listener takes the same port over UDP: one free for both.
+        let listener = loop {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            if !quic || std::net::UdpSocket::bind(l.local_addr().unwrap()).is_ok() {
+                break l;
+            }
+        };
         let tunnel_addr = listener.local_addr().unwrap();
         let tunnel_listener = Arc::new(TunnelInbound {
             inbound,
