@@ -218,6 +218,7 @@ fn serve_admin(
             .unwrap_or_default(),
         app_host: cx.config.app_host,
         trackers: listeners.trackers.clone(),
+        tunnels: listeners.tunnels.clone(),
         registry: cx.registry.clone(),
         readiness: cx.readiness.clone(),
     })

@@ -179,7 +179,7 @@ struct CommonArgs {
     /// The embedded DNS proxy.
     #[arg(long, default_value = config::DEFAULT_DNS_ADDR)]
     dns_addr: SocketAddr,
-    /// Admin HTTP (/config_dump, /logging, /debug/connections, /metrics): all but
+    /// Admin HTTP (/config_dump, /logging, /debug/connections, /debug/tunnels, /metrics): all but
     /// /metrics, /healthz and /readyz answer loopback peers only; reach it remotely with an
     /// ssh tunnel or kubectl port-forward.
     #[arg(long, default_value = config::DEFAULT_ADMIN_ADDR)]

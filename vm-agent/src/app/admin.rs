@@ -2,7 +2,8 @@
 //! were bound with the other listeners). Admin: `/metrics`, `/logging`, `/readyz`,
 //! `/config_dump` (the effective flags and what the agent holds now: identity,
 //! registration, the app's health, the group template, the catalog, the capture plan, the
-//! routing table and the DNS names) and `/debug/connections`. Health: `/healthz/ready`.
+//! routing table and the DNS names), `/debug/connections` and `/debug/tunnels`. Health:
+//! `/healthz/ready`.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use isthmus_proto::subscription::SyncState;
 use isthmus_proto::tls::Credentials;
 use isthmus_proxy::connection::Tracker;
 use isthmus_proxy::routes::RouteTable;
+use isthmus_proxy::tunnel::Pool;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -52,6 +54,8 @@ pub(crate) struct Admin {
     pub app_probers: AppProbers,
     pub app_host: IpAddr,
     pub trackers: Vec<Arc<Tracker>>,
+    /// The outbound's tunnels, for `/debug/tunnels`.
+    pub tunnels: Option<Pool>,
     pub registry: Arc<Mutex<Registry>>,
     pub readiness: Readiness,
 }
@@ -66,7 +70,7 @@ pub(crate) fn serve(
     shutdown: &drain::Watch,
 ) {
     if let Some(listener) = admin_listener {
-        let extra = routes(admin.dump, admin.trackers);
+        let extra = routes(admin.dump, admin.trackers, admin.tunnels);
         let (registry, readiness, shutdown) = (
             admin.registry.clone(),
             admin.readiness.clone(),
@@ -125,10 +129,28 @@ fn app_health(probers: AppProbers, app_host: IpAddr) -> Router {
     )
 }
 
-/// The agent's own admin routes: `/config_dump` and `/debug/connections`.
-fn routes(dump: Dump, trackers: Vec<Arc<Tracker>>) -> Router {
+/// The agent's own admin routes: `/config_dump`, `/debug/connections` and
+/// `/debug/tunnels` (the pool's tunnels by peer, and the peers remembered for HTTP/2 or
+/// for no tunnel).
+fn routes(dump: Dump, trackers: Vec<Arc<Tracker>>, tunnels: Option<Pool>) -> Router {
     let dump = Arc::new(dump);
     Router::new()
+        .route(
+            "/debug/tunnels",
+            get(move || {
+                let tunnels = tunnels.clone();
+                async move {
+                    match tunnels {
+                        Some(pool) => {
+                            Json(serde_json::to_value(pool.snapshot().await).unwrap_or_default())
+                        }
+                        None => {
+                            Json(serde_json::json!({ "tunnels": [], "off": "--tunnel-port 0" }))
+                        }
+                    }
+                }
+            }),
+        )
         .route(
             "/config_dump",
             get(move || {

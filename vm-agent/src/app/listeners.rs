@@ -83,6 +83,8 @@ pub(crate) struct Listeners {
     pub metrics: Option<TcpListener>,
     /// The open connections of the inbound and outbound proxies, drained at shutdown.
     pub trackers: Vec<Arc<Tracker>>,
+    /// The outbound's tunnel pool, unless tunnels are off.
+    pub tunnels: Option<Pool>,
     pub accepting: Accepting,
 }
 
@@ -168,6 +170,7 @@ pub(crate) async fn bind(
         health,
         metrics,
         trackers: vec![inbounds.tracker.clone(), outbound.tracker.clone()],
+        tunnels: outbound.tunnel.clone(),
         accepting,
     })
 }
