@@ -1,10 +1,11 @@
 //! Pooled tunnels between two VMs' agents on one network: the `web` VM calls the `ratings`
 //! VM by its mesh name, as an app does (capture carries it), and every connection rides one
-//! HBONE tunnel between the two agents: one handshake for all of them, each connection a
-//! stream, authorized at `ratings` as `web`'s identity, and a bulk transfer of 100 MiB each
-//! way while echoing arrives whole. A third VM whose agent runs with `--tunnel-port 0`
-//! still reaches `ratings` with mTLS of its own: the tunnel is taken only where both ends
-//! speak it.
+//! QUIC tunnel between the two agents (`web` takes QUIC alone, so the transport is known):
+//! one handshake for all of them, each connection a stream, authorized at `ratings` as
+//! `web`'s identity, and a bulk transfer of 100 MiB each way while echoing arrives whole.
+//! A VM whose agent takes HTTP/2 alone (`--tunnel-transports h2`) rides an HBONE tunnel to
+//! the same agent, and one whose agent runs with `--tunnel-port 0` still reaches `ratings`
+//! with mTLS of its own: the tunnel is taken only where both ends speak it.
 //!
 //! As root these always run (and in CI they must: they fail if namespaces cannot be made);
 //! elsewhere they skip with a message.
@@ -24,6 +25,7 @@ use tokio::net::TcpStream;
 const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
 const RATINGS_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 8);
 const LEGACY_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 9);
+const HTTP2_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 10);
 const WAIT: Duration = Duration::from_secs(60);
 /// Connections `web` makes, one after another.
 const CALLS: u64 = 20;
@@ -69,6 +71,7 @@ async fn vms_on_one_network_share_one_tunnel_and_a_vm_without_tunnels_still_conn
         group("web"),
         group("ratings"),
         group("legacy"),
+        group("h2"),
         yaml::service("ratings", "shop", SVC_PORT),
     ];
     let Some(m) = Mesh::start("tunnel", &catalog).await else {
@@ -86,7 +89,7 @@ async fn vms_on_one_network_share_one_tunnel_and_a_vm_without_tunnels_still_conn
     .expect("the echo app starts");
     let _ratings_agent = ratings.start_agent(&m, &[], &[]);
     let web = Vm::create(&m, Net::A, "web", WEB_IP, "web", "web");
-    let _web_agent = web.start_agent(&m, &[], &[]);
+    let _web_agent = web.start_agent(&m, &["--tunnel-transports", "quic"], &[]);
     ratings.wait_ready().await;
     web.wait_ready().await;
     let to = SocketAddr::new(vip(&web), SVC_PORT);
@@ -109,13 +112,14 @@ async fn vms_on_one_network_share_one_tunnel_and_a_vm_without_tunnels_still_conn
     }
 
     let client = web.metrics().await;
-    let handshakes = |text: &str, role| {
+    let handshakes_on = |text: &str, role, transport| {
         metric_sum(
             text,
             "isthmus_vm_agent_tunnel_handshakes_total",
-            &[("role", role), ("transport", "hbone"), ("result", "ok")],
+            &[("role", role), ("transport", transport), ("result", "ok")],
         )
     };
+    let handshakes = |text: &str, role| handshakes_on(text, role, "quic");
     assert_eq!(
         handshakes(&client, "client"),
         1,
@@ -134,7 +138,7 @@ async fn vms_on_one_network_share_one_tunnel_and_a_vm_without_tunnels_still_conn
         metric_sum(
             &client,
             "isthmus_tcp_connections_opened_total",
-            &[("transport", "hbone")]
+            &[("transport", "quic")]
         ),
         CALLS,
         "{client}"
@@ -181,6 +185,33 @@ async fn vms_on_one_network_share_one_tunnel_and_a_vm_without_tunnels_still_conn
         handshakes(&web.metrics().await, "client"),
         1,
         "still the one tunnel"
+    );
+
+    // A VM whose agent takes HTTP/2 alone rides an HBONE tunnel to the same agent.
+    let h2 = Vm::create(&m, Net::A, "h2", HTTP2_IP, "h2", "h2");
+    let _h2_agent = h2.start_agent(&m, &["--tunnel-transports", "h2"], &[]);
+    h2.wait_ready().await;
+    let to_h2 = SocketAddr::new(vip(&h2), SVC_PORT);
+    let reached = eventually(WAIT, || async {
+        call(&h2, to_h2, "over HTTP/2".into()).await.ok()
+    })
+    .await;
+    assert!(reached.is_some(), "h2 never reached ratings:\n{}", h2.log());
+    let text = h2.metrics().await;
+    assert_eq!(handshakes_on(&text, "client", "hbone"), 1, "{text}");
+    assert_eq!(
+        metric_sum(
+            &text,
+            "isthmus_tcp_connections_opened_total",
+            &[("transport", "hbone")]
+        ),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        handshakes_on(&ratings.metrics().await, "server", "hbone"),
+        1,
+        "ratings served the HTTP/2 tunnel beside the QUIC one"
     );
 
     // A VM whose agent takes no tunnels reaches ratings over mTLS of its own.
