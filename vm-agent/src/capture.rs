@@ -311,6 +311,29 @@ pub fn install(plan: &CapturePlan) -> Result<(), CaptureError> {
     Ok(())
 }
 
+/// Installs (or replaces) the capture for `plan` with `v4` and `v6` in its destination sets,
+/// all in one transaction: a reinstall (the app's ports changed) never leaves a moment
+/// when the mesh's addresses are not captured.
+pub fn install_with(
+    plan: &CapturePlan,
+    v4: &[Ipv4Addr],
+    v6: &[Ipv6Addr],
+) -> Result<(), CaptureError> {
+    let problems = plan.problems();
+    if !problems.is_empty() {
+        return Err(CaptureError::Plan(problems));
+    }
+    let script = render(plan) + &render_destinations(v4, v6);
+    nft(
+        &["-f", "-"],
+        Some(&script),
+        "replacing the traffic capture rules",
+        "does the agent have CAP_NET_ADMIN, and does the kernel have nf_tables with NAT \
+         (nft_nat, nft_redirect)? run with --capture none to use explicit listeners instead",
+    )?;
+    Ok(())
+}
+
 /// The script that replaces the contents of both sets (addresses, or ranges).
 fn render_destinations<A, B>(v4: &[A], v6: &[B]) -> String
 where

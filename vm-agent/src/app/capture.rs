@@ -136,6 +136,19 @@ pub(crate) async fn remove(capture: Capture) {
     }
 }
 
+/// The IPv4 and IPv6 addresses of `addrs`.
+fn split(addrs: &BTreeSet<IpAddr>) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in addrs {
+        match ip {
+            IpAddr::V4(a) => v4.push(*a),
+            IpAddr::V6(a) => v6.push(*a),
+        }
+    }
+    (v4, v6)
+}
+
 /// Keeps the capture rules in step with the catalog and the group template.
 struct Follower {
     plan: Arc<Mutex<CapturePlan>>,
@@ -186,28 +199,41 @@ impl Follower {
         }
     }
 
-    /// Reinstalls the rules when the group's app ports changed (which empties the
-    /// address sets).
+    /// Reinstalls the rules when the group's app ports changed, with the service addresses
+    /// captured now in the same transaction. The plan (which the self-check compares the
+    /// table with) takes the new ports once they are installed.
     async fn apply_ports(&mut self) {
         let ports = app_ports(self.group.borrow().as_ref());
         let reinstall = {
-            let mut p = self.plan.lock().expect("capture plan poisoned");
-            if p.inbound_ports != ports {
-                p.inbound_ports = ports;
-                Some(p.clone())
-            } else {
-                None
-            }
+            let p = self.plan.lock().expect("capture plan poisoned");
+            (p.inbound_ports != ports).then(|| {
+                let mut next = p.clone();
+                next.inbound_ports = ports;
+                next
+            })
         };
-        if let Some(p) = reinstall {
-            tracing::info!(ports = ?p.inbound_ports, "capturing inbound to the app's ports");
-            let ports = p.inbound_ports.clone();
-            match install(p).await {
-                Ok(()) => self.progress.send_modify(|c| c.ports = Some(ports)),
-                Err(e) => tracing::error!(error = %e, "cannot update the capture rules"),
+        if let Some(next) = reinstall {
+            tracing::info!(ports = ?next.inbound_ports, "capturing inbound to the app's ports");
+            let kept = self.applied.clone().unwrap_or_default();
+            let (v4, v6) = split(&kept);
+            let plan = next.clone();
+            let installed =
+                tokio::task::spawn_blocking(move || capture::install_with(&plan, &v4, &v6)).await;
+            match installed {
+                Ok(Ok(())) => {
+                    let ports = next.inbound_ports.clone();
+                    *self.plan.lock().expect("capture plan poisoned") = next;
+                    self.progress.send_modify(|c| c.ports = Some(ports));
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot update the capture rules");
+                    self.applied = None;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "capture update task failed");
+                    self.applied = None;
+                }
             }
-            // A reinstall empties the address sets.
-            self.applied = None;
         } else if self.progress.borrow().ports.is_none() {
             let ports = self
                 .plan
@@ -221,20 +247,7 @@ impl Follower {
 
     /// Replaces the captured service addresses with `wanted`.
     async fn apply_addresses(&mut self, wanted: BTreeSet<IpAddr>) {
-        let v4: Vec<Ipv4Addr> = wanted
-            .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let v6: Vec<Ipv6Addr> = wanted
-            .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V6(v6) => Some(*v6),
-                IpAddr::V4(_) => None,
-            })
-            .collect();
+        let (v4, v6) = split(&wanted);
         let n = wanted.len();
         match tokio::task::spawn_blocking(move || capture::set_destinations(&v4, &v6)).await {
             Ok(Ok(())) => {
