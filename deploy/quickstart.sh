@@ -30,9 +30,11 @@
 #   deploy/quickstart.sh status      what is up
 #
 # Between the networks the agents carry the call over a pooled tunnel to the destination
-# network's gateway (HBONE, 15008): ISTHMUS_TRANSPORT=sni starts the agents without tunnels
-# (--tunnel-port 0), so the same call takes the gateway's SNI passthrough (15443) instead;
-# the closing "path" says which transport carried it.
+# network's gateway on 15008: QUIC (15008/udp) raced against HTTP/2 (HBONE, 15008/tcp),
+# QUIC preferred. ISTHMUS_TRANSPORT picks one for a look: quic or h2 (the agents'
+# --tunnel-transports), or sni, which starts the agents without tunnels (--tunnel-port 0)
+# so the same call takes the gateway's SNI passthrough (15443); the closing "path" says
+# which transport carried it.
 #
 # `up` refuses to start over a mesh that is up, or over what a failed `up` left for a look
 # (it says what failed, with the log's tail): run `down` first. `down` is idempotent.
@@ -96,7 +98,7 @@ nets=(a b)
 trust_domain=cluster.local
 cluster="cluster-a"
 ready_timeout=${ISTHMUS_READY_TIMEOUT:-60}
-transport=${ISTHMUS_TRANSPORT:-tunnel}
+transport=${ISTHMUS_TRANSPORT:-auto}
 
 # Per network (a or b): its namespace, its VM's namespace, the network id, the gateway's
 # WAN address, and the VM's WorkloadGroup (also its service account and app label).
@@ -586,14 +588,17 @@ start_agent() {
     --group "$g" --namespace shop --service-account "$g" --network "$(network "$x")" \
     --out "$dir/bundle" >/dev/null
   local tunnel=()
-  [ "$transport" = sni ] && tunnel=(--tunnel-port 0)
+  case $transport in
+  sni) tunnel=(--tunnel-port 0) ;;
+  quic | h2) tunnel=(--tunnel-transports "$transport") ;;
+  esac
   say "starting isthmus-vm-agent in $(ns_vm "$x") (group $g, network $(network "$x")${tunnel[*]:+, ${tunnel[*]}}), log $logs/agent-$x.log"
   start "agent-$x" "$(ns_vm "$x")" "$bin/isthmus-vm-agent" run --bundle "$dir/bundle" \
     --state-dir "$dir/state" --admin-addr 127.0.0.1:15000 --health-addr 0.0.0.0:15021 "${tunnel[@]}"
 }
 
 # The transport agent A's connections to reviews took (isthmus_tcp_connections_opened_total's
-# label: hbone-gateway or sni-gateway), the one of the most connections.
+# label: quic-gateway, hbone-gateway or sni-gateway), the one of the most connections.
 transport_taken() {
   in_ns isthmus-vm-a curl -fsS --max-time 2 http://127.0.0.1:15000/metrics 2>/dev/null |
     grep '^isthmus_tcp_connections_opened_total{' | grep 'destination_service="reviews' |
@@ -681,11 +686,13 @@ demo() {
   echo
   say "the path (transport: ${taken:-?})"
   echo "  reviews.shop.svc.cluster.local resolved on VM A (its agent answers DNS) to ${vip:-?}"
-  if [ "$taken" = hbone-gateway ]; then
+  if [ "$taken" = hbone-gateway ] || [ "$taken" = quic-gateway ]; then
+    local over="HBONE: HTTP/2 over one mTLS connection on 15008/tcp"
+    [ "$taken" = quic-gateway ] && over="QUIC: one mTLS QUIC connection on 15008/udp"
     cat <<EOF
   vm-a (network-a, $vm_ip): curl, unchanged, connects to ${vip:-the VIP}:9080
     → agent A captures it and opens a stream to reviews.shop.svc.cluster.local:9080 on its
-      pooled tunnel to the gateway of network-b ($gw_b:15008: HBONE, one mTLS connection
+      pooled tunnel to the gateway of network-b ($gw_b:15008, $over
       for every call, as agent A's own identity); inside the stream it originates the
       end-to-end mTLS as spiffe://$trust_domain/ns/shop/sa/frontend (server verified as ${server_id:-?})
     → gateway B ends the tunnel, not the inner mTLS: it routes the stream by its
@@ -853,8 +860,8 @@ up() {
   [[ $wan =~ ^[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] ||
     die "ISTHMUS_WAN_PREFIX must be the first three octets of a /24 (like 198.18.0), not $wan"
   case $transport in
-  tunnel | sni) ;;
-  *) die "ISTHMUS_TRANSPORT must be tunnel (the default: HBONE through the gateways) or sni (SNI passthrough), not $transport" ;;
+  auto | tunnel | quic | h2 | sni) ;;
+  *) die "ISTHMUS_TRANSPORT must be auto (the default: QUIC raced against HTTP/2 through the gateways' tunnels), quic, h2 or sni (SNI passthrough), not $transport" ;;
   esac
   if already_up; then
     status
