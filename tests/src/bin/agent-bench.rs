@@ -26,19 +26,23 @@
 //!    for that check (an agent that did would show its period). The time to the first
 //!    notification of any kind is printed too. The spawn goes through `ip netns exec`, whose
 //!    own cost (`ip netns exec <vm> true`) is printed beside.
-//! 3. **CPU per request.** Three VMs in network A, each with its agent: the client VM
-//!    (10.10.0.7), the server VM (10.10.0.8) and a second server VM (10.10.0.9) whose agent
-//!    runs with `--tunnel-port 0`; each server group's app port 8080 is captured inbound.
+//! 3. **CPU per request.** Four VMs in network A, each with its agent: the client VM
+//!    (10.10.0.7), the server VM (10.10.0.8), a second server VM (10.10.0.9) whose agent
+//!    runs with `--tunnel-port 0`, and a third (10.10.0.10) whose agent takes HTTP/2
+//!    tunnels alone (`--tunnel-transports h2`); each server group's app port 8080 is
+//!    captured inbound.
 //!    Each server is this binary in server mode (a fixed-size echo: `--size`-byte request,
 //!    same-size reply), listening on 8080 and on 7070, a port outside the group's (not
 //!    captured). The client, this binary in client mode in the client VM, makes
 //!    `--requests` sequential requests (a) through the mesh to the first server's service
 //!    VIP (from the client VM's DNS, that is its agent's), captured into the client agent's
-//!    outbound, a stream of the pooled tunnel between the two agents, the server agent's
-//!    tunnel listener, the app (`tunnel`); (b) the same to the second server, whose agent
-//!    takes no tunnels: an mTLS connection of its own per connection, captured into that
-//!    agent's inbound (`mtls`); (c) directly to the first server's 7070 (`direct`). Two modes: a new TCP connection per request (connect, request, reply, close;
-//!    the mesh path makes a fresh mTLS connection between the agents for each) and all
+//!    outbound, a stream of the pooled QUIC tunnel between the two agents (the race's
+//!    winner), the server agent's tunnel listener, the app (`quic`); (b) the same to the
+//!    third server, over a pooled HTTP/2 tunnel (`hbone`); (c) the same to the second
+//!    server, whose agent takes no tunnels: an mTLS connection of its own per connection,
+//!    captured into that agent's inbound (`mtls`); (d) directly to the first server's 7070
+//!    (`direct`). Two modes: a new TCP connection per request (connect, request, reply,
+//!    close; the mtls path makes a fresh mTLS connection between the agents for each) and all
 //!    requests on one persistent connection. Per run: each agent's CPU, the server's, the
 //!    client's (over its timed loop), wall time and each request's latency (p50/p99).
 //!    `--rounds` rounds, the paths taking turns; medians are printed, every round too.
@@ -94,6 +98,9 @@ const CLIENT_VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
 const SERVER_VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 8);
 /// The second server VM, whose agent takes no tunnels (`--tunnel-port 0`).
 const MTLS_SERVER_VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 9);
+/// The third server VM, whose agent takes HTTP/2 tunnels alone (`--tunnel-transports h2`),
+/// so the client's race to it is won by HTTP/2.
+const H2_SERVER_VM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 10);
 /// Time for the processes to finish closing before their CPU is read again.
 const SETTLE: Duration = Duration::from_millis(300);
 /// Bounds every wait for the agent (ready, READY=1, exit).
@@ -742,23 +749,27 @@ impl Mode {
 }
 
 const MODES: [Mode; 2] = [Mode::NewConnection, Mode::Persistent];
-/// The mesh over the pooled tunnel between the agents, the mesh with an mTLS connection
-/// per connection (to the server whose agent takes no tunnels), and no mesh.
-const PATHS: [&str; 3] = ["tunnel", "mtls", "direct"];
-const TUNNEL: usize = 0;
-const MTLS: usize = 1;
-const DIRECT: usize = 2;
+/// The mesh over the pooled QUIC tunnel between the agents, over the pooled HTTP/2 tunnel
+/// (to the server whose agent takes HTTP/2 alone), with an mTLS connection per connection
+/// (to the server whose agent takes no tunnels), and no mesh.
+const PATHS: [&str; 4] = ["quic", "hbone", "mtls", "direct"];
+const QUIC: usize = 0;
+const HBONE: usize = 1;
+const MTLS: usize = 2;
+const DIRECT: usize = 3;
 
 /// Every run, by path and mode: `runs[path][mode]` holds one [`Run`] per round.
-type Rounds = [[Vec<Run>; 2]; 3];
+type Rounds = [[Vec<Run>; 2]; 4];
 
 fn req_catalog() -> Vec<String> {
     vec![
         group_yaml("client", "client", "client", CLIENT_APP_PORT, false),
         group_yaml("echo", "echo", "echo", APP_PORT, false),
         group_yaml("echo-mtls", "echo-mtls", "echo-mtls", APP_PORT, false),
+        group_yaml("echo-h2", "echo-h2", "echo-h2", APP_PORT, false),
         yaml::service("echo", "shop", SVC_PORT),
         yaml::service("echo-mtls", "shop", SVC_PORT),
+        yaml::service("echo-h2", "shop", SVC_PORT),
     ]
 }
 
@@ -895,6 +906,7 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
         "echo-mtls",
         "echo-mtls",
     );
+    let h2_server = Vm::create(&m, Net::A, "echo-h2", H2_SERVER_VM, "echo-h2", "echo-h2");
     let app_in = |vm: &Vm| -> anyhow::Result<ChildGuard> {
         let mut app = vm.ns.command(exe);
         app.args(["--role", "server"])
@@ -907,13 +919,21 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
             .stdout(Stdio::null());
         m.topo.spawn(app).context("starting the server")
     };
-    let (app, mtls_app) = (app_in(&server)?, app_in(&mtls_server)?);
+    let (app, mtls_app, h2_app) = (app_in(&server)?, app_in(&mtls_server)?, app_in(&h2_server)?);
     let log_env = [("RUST_LOG", opts.agent_log.as_str())];
     let server_agent = start_agent(&m, &server, bin, &[], &log_env)?;
     let mtls_agent = start_agent(&m, &mtls_server, bin, &["--tunnel-port", "0"], &log_env)?;
+    let h2_agent = start_agent(
+        &m,
+        &h2_server,
+        bin,
+        &["--tunnel-transports", "h2"],
+        &log_env,
+    )?;
     let client_agent = start_agent(&m, &client, bin, &[], &log_env)?;
     server.wait_ready().await;
     mtls_server.wait_ready().await;
+    h2_server.wait_ready().await;
     client.wait_ready().await;
 
     // The services' VIPs, as the client VM resolves them (through its agent's DNS).
@@ -937,6 +957,10 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
             pids: [client_pid, server_agent.pid(), app.pid()],
         },
         PathUnder {
+            addr: vip("echo-h2")?,
+            pids: [client_pid, h2_agent.pid(), h2_app.pid()],
+        },
+        PathUnder {
             addr: vip("echo-mtls")?,
             pids: [client_pid, mtls_agent.pid(), mtls_app.pid()],
         },
@@ -946,8 +970,9 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
         },
     ];
     println!(
-        "\n# requests: client VM {CLIENT_VM}; tunnel path: echo.shop.svc.cluster.local = {} (VIP, captured outbound) -> client agent -> a stream of the pooled HBONE tunnel -> server agent at {SERVER_VM} -> 127.0.0.1:{APP_PORT}; mtls path: echo-mtls.shop.svc.cluster.local = {} -> client agent -> an mTLS connection of its own -> {MTLS_SERVER_VM}:{APP_PORT} (captured inbound; that agent runs with --tunnel-port 0) -> 127.0.0.1:{APP_PORT}; direct path: {} (not captured); {} unmeasured requests before each run",
-        paths[TUNNEL].addr,
+        "\n# requests: client VM {CLIENT_VM}; quic path: echo.shop.svc.cluster.local = {} (VIP, captured outbound) -> client agent -> a stream of the pooled QUIC tunnel -> server agent at {SERVER_VM} -> 127.0.0.1:{APP_PORT}; hbone path: echo-h2.shop.svc.cluster.local = {} -> client agent -> a stream of the pooled HTTP/2 tunnel -> server agent at {H2_SERVER_VM} (--tunnel-transports h2) -> 127.0.0.1:{APP_PORT}; mtls path: echo-mtls.shop.svc.cluster.local = {} -> client agent -> an mTLS connection of its own -> {MTLS_SERVER_VM}:{APP_PORT} (captured inbound; that agent runs with --tunnel-port 0) -> 127.0.0.1:{APP_PORT}; direct path: {} (not captured); {} unmeasured requests before each run",
+        paths[QUIC].addr,
+        paths[HBONE].addr,
         paths[MTLS].addr,
         paths[DIRECT].addr,
         opts.requests / 10
@@ -967,7 +992,12 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
             }) {
                 Ok(_) => break,
                 Err(e) if Instant::now() > deadline => {
-                    let logs = [log_tail(&client), log_tail(&server), log_tail(&mtls_server)];
+                    let logs = [
+                        log_tail(&client),
+                        log_tail(&server),
+                        log_tail(&mtls_server),
+                        log_tail(&h2_server),
+                    ];
                     let why = format!("the mesh path to {} never worked", path.addr);
                     return Err(e.context(format!("{why}\nagents' logs:\n{}", logs.join("\n"))));
                 }
@@ -983,14 +1013,19 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
     anyhow::ensure!(
         recorded(&client, "outbound").await
             && recorded(&server, "inbound").await
-            && recorded(&mtls_server, "inbound").await,
+            && recorded(&mtls_server, "inbound").await
+            && recorded(&h2_server, "inbound").await,
         "the agents did not record the mesh paths' connections"
     );
     let text = client.metrics().await;
-    anyhow::ensure!(
-        text.contains("isthmus_vm_agent_tunnel_streams_total{role=\"client\",transport=\"hbone\"}"),
-        "the tunnel path took no tunnel:\n{text}"
-    );
+    for transport in ["quic", "hbone"] {
+        anyhow::ensure!(
+            text.contains(&format!(
+                "isthmus_vm_agent_tunnel_streams_total{{role=\"client\",transport=\"{transport}\"}}"
+            )),
+            "the {transport} path took no {transport} tunnel:\n{text}"
+        );
+    }
 
     let mut rounds: Rounds = Default::default();
     for round in 0..opts.rounds {
@@ -1016,6 +1051,9 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
     stop(&mtls_server, mtls_agent)?;
     drop(mtls_app);
     drop(mtls_server);
+    stop(&h2_server, h2_agent)?;
+    drop(h2_app);
+    drop(h2_server);
     stop(&client, client_agent)?;
     stop(&server, server_agent)?;
     drop(app);
@@ -1332,12 +1370,21 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
             opts.rounds
         );
         println!(
-            "{:<28} {:>10} {:>10} {:>10} {:>14} {:>12} {:>12}",
-            "", "tunnel", "mtls", "direct", "tunnel/direct", "mtls/direct", "tunnel/mtls"
+            "{:<28} {:>9} {:>9} {:>9} {:>9} {:>12} {:>13} {:>12} {:>11} {:>11}",
+            "",
+            "quic",
+            "hbone",
+            "mtls",
+            "direct",
+            "quic/direct",
+            "hbone/direct",
+            "mtls/direct",
+            "quic/mtls",
+            "quic/hbone"
         );
         for (name, pick) in figures {
             let med = |p: usize| median(rounds[p][k].iter().map(|r| pick(r, n)).collect());
-            let (tunnel, mtls, direct) = (med(TUNNEL), med(MTLS), med(DIRECT));
+            let (quic, hbone, mtls, direct) = (med(QUIC), med(HBONE), med(MTLS), med(DIRECT));
             let ratio = |a: f64, b: f64, agents: bool| {
                 if b > 0.0 && !name.starts_with("others") && (agents || !name.contains("agent")) {
                     format!("x{:.2}", a / b)
@@ -1346,10 +1393,12 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
                 }
             };
             println!(
-                "{name:<28} {tunnel:>10.1} {mtls:>10.1} {direct:>10.1} {:>14} {:>12} {:>12}",
-                ratio(tunnel, direct, false),
+                "{name:<28} {quic:>9.1} {hbone:>9.1} {mtls:>9.1} {direct:>9.1} {:>12} {:>13} {:>12} {:>11} {:>11}",
+                ratio(quic, direct, false),
+                ratio(hbone, direct, false),
                 ratio(mtls, direct, false),
-                ratio(tunnel, mtls, true)
+                ratio(quic, mtls, true),
+                ratio(quic, hbone, true)
             );
         }
     }
@@ -1392,7 +1441,7 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
         }
     }
     println!(
-        "notes: total = client (its timed loop) + server + both agents; on the direct path the agents only idle (their CPU there is their background work). Per request on the mesh paths with new connections: two captured TCP connections on each VM, and between the agents a stream of the one pooled tunnel (tunnel) or a full mTLS handshake, no resumption (mtls). Kernel work done in softirq on other processes' time is not attributed. others = what the rest of the machine used during the measured requests, in % of a core"
+        "notes: total = client (its timed loop) + server + both agents; on the direct path the agents only idle (their CPU there is their background work). Per request on the mesh paths with new connections: two captured TCP connections on each VM, and between the agents a stream of the one pooled QUIC tunnel (quic) or HTTP/2 tunnel (hbone), or a full mTLS handshake, no resumption (mtls). Kernel work done in softirq on other processes' time is not attributed. others = what the rest of the machine used during the measured requests, in % of a core"
     );
     for (p, path) in PATHS.iter().enumerate() {
         for (k, mode) in MODES.iter().enumerate() {
@@ -1440,20 +1489,25 @@ fn print_summary(opts: &Opts, memory: &[MemRow], ready: &[ReadyRow], rounds: &Ro
         let p99 = |p| med(p, k, &|r| r.p99.as_secs_f64() * 1e6);
         let x = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         println!(
-            "{}: total CPU per 1,000 requests: tunnel {:.0} ms (x{:.2} direct), mtls {:.0} ms (x{:.2}), direct {:.0} ms; both agents: tunnel {:.0} ms, mtls {:.0} ms (tunnel/mtls x{:.2}); latency p50 {:.0} / {:.0} / {:.0} µs, p99 {:.0} / {:.0} / {:.0} µs (tunnel / mtls / direct)",
+            "{}: total CPU per 1,000 requests: quic {:.0} ms (x{:.2} direct), hbone {:.0} ms (x{:.2}), mtls {:.0} ms (x{:.2}), direct {:.0} ms; both agents: quic {:.0} ms, hbone {:.0} ms, mtls {:.0} ms (quic/hbone x{:.2}); latency p50 {:.0} / {:.0} / {:.0} / {:.0} µs, p99 {:.0} / {:.0} / {:.0} / {:.0} µs (quic / hbone / mtls / direct)",
             mode.title(),
-            total(TUNNEL),
-            x(total(TUNNEL), total(DIRECT)),
+            total(QUIC),
+            x(total(QUIC), total(DIRECT)),
+            total(HBONE),
+            x(total(HBONE), total(DIRECT)),
             total(MTLS),
             x(total(MTLS), total(DIRECT)),
             total(DIRECT),
-            agents(TUNNEL),
+            agents(QUIC),
+            agents(HBONE),
             agents(MTLS),
-            x(agents(TUNNEL), agents(MTLS)),
-            p50(TUNNEL),
+            x(agents(QUIC), agents(HBONE)),
+            p50(QUIC),
+            p50(HBONE),
             p50(MTLS),
             p50(DIRECT),
-            p99(TUNNEL),
+            p99(QUIC),
+            p99(HBONE),
             p99(MTLS),
             p99(DIRECT),
         );
