@@ -299,6 +299,20 @@ impl Scene {
             .get()
     }
 
+    /// Connections the client made without a tunnel to a peer whose tunnel could not be
+    /// set up.
+    fn fallbacks(&self) -> u64 {
+        self.client
+            .metrics
+            .tunnels
+            .fallbacks
+            .get_or_create(&TunnelLabels {
+                role: TunnelRole::client,
+                transport: TRANSPORT,
+            })
+            .get()
+    }
+
     fn tunnel_labels(&self, role: TunnelRole) -> TunnelLabels {
         TunnelLabels {
             role,
@@ -735,16 +749,7 @@ async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while(
         assert!(!up.stream.is_tunnel(), "round {round}");
         assert_eq!(echo(&mut up.stream, b"plain").await, b"plain");
     }
-    let fallbacks = s
-        .client
-        .metrics
-        .tunnels
-        .fallbacks
-        .get_or_create(&TunnelLabels {
-            role: TunnelRole::client,
-            transport: TRANSPORT,
-        })
-        .get();
+    let fallbacks = s.fallbacks();
     assert_eq!(fallbacks, 2);
     // The tunnel was tried once (HTTP/2 refused at once, QUIC given its grace and
     // dropped); the second connection remembered it.

@@ -16,7 +16,7 @@ use tokio::net::UdpSocket;
 
 use super::{echo, eventually, only, Scene, STEP};
 use crate::authz::AuthorizationPolicy;
-use crate::metrics::{RaceLabels, TunnelLabels, TunnelRole};
+use crate::metrics::{RaceLabels, TunnelRole};
 use crate::tunnel::pool::{PoolSettings, Transports};
 use crate::tunnel::quic;
 
@@ -224,16 +224,7 @@ async fn auto_takes_http2_where_udp_is_not_served_and_remembers_it() {
         );
     }
     // No connection fell back to plain mTLS.
-    let fallbacks = s
-        .client
-        .metrics
-        .tunnels
-        .fallbacks
-        .get_or_create(&TunnelLabels {
-            role: TunnelRole::client,
-            transport: HBONE,
-        })
-        .get();
+    let fallbacks = s.fallbacks();
     assert_eq!(fallbacks, 0);
     // The first stream still moves bytes over the old tunnel.
     assert_eq!(echo(&mut first.stream, b"after").await, b"after");
@@ -337,15 +328,8 @@ async fn bad_input_on_the_quic_port_is_refused_and_counted_by_reason() {
     assert!(eventually(|| s.refused("tunnel_bad_header") == 3).await);
 
     // (e) The same connection still carries proper streams.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let header = quic::encode_request(&s.app.to_string(), &HeaderMap::new()).unwrap();
-    send.write_all(&header).await.unwrap();
-    let status = tokio::time::timeout(STEP, final_answer(&mut recv))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, mut stream) = raw_stream(&conn, &s.app.to_string()).await;
     assert_eq!(status, StatusCode::OK);
-    let mut stream = quic::QuicStream::new(send, recv);
     assert_eq!(echo(&mut stream, b"proper").await, b"proper");
     stream.shutdown().await.unwrap();
     let mut rest = Vec::new();
@@ -355,13 +339,7 @@ async fn bad_input_on_the_quic_port_is_refused_and_counted_by_reason() {
         .unwrap();
     assert!(rest.is_empty());
     // A destination that is not the workload's address.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let header = quic::encode_request("127.0.0.2:80", &HeaderMap::new()).unwrap();
-    send.write_all(&header).await.unwrap();
-    let status = tokio::time::timeout(STEP, final_answer(&mut recv))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, _stream) = raw_stream(&conn, "127.0.0.2:80").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(eventually(|| s.refused("tunnel_destination_not_local") == 1).await);
     assert_eq!(s.refused("tunnel_bad_header"), 3);
@@ -424,15 +402,8 @@ async fn an_initial_flood_is_answered_with_retries_and_real_clients_still_connec
     // A proper client, meanwhile: it proves its address (a Retry) and is served.
     let (_ep, conn) = dial(s.tunnel_addr, proper_client(&s)).await;
     let conn = conn.expect("a proper client during the flood");
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let header = quic::encode_request(&s.app.to_string(), &HeaderMap::new()).unwrap();
-    send.write_all(&header).await.unwrap();
-    let status = tokio::time::timeout(STEP, final_answer(&mut recv))
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, mut stream) = raw_stream(&conn, &s.app.to_string()).await;
     assert_eq!(status, StatusCode::OK);
-    let mut stream = quic::QuicStream::new(send, recv);
     assert_eq!(echo(&mut stream, b"flooded").await, b"flooded");
 
     // The pool's client too. Not retried: a pool whose tunnel cannot be set up reaches the
@@ -448,6 +419,18 @@ async fn an_initial_flood_is_answered_with_retries_and_real_clients_still_connec
     // The clients that proved their address were taken, none refused.
     assert_eq!(s.refused("tunnel_quic_handshake_limit"), 0);
     drop(sockets);
+}
+
+/// A stream to `authority` opened by hand on `conn`: its final answer, and the stream.
+async fn raw_stream(conn: &quinn::Connection, authority: &str) -> (StatusCode, quic::QuicStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let header = quic::encode_request(authority, &HeaderMap::new()).unwrap();
+    send.write_all(&header).await.unwrap();
+    let status = tokio::time::timeout(STEP, final_answer(&mut recv))
+        .await
+        .unwrap()
+        .unwrap();
+    (status, quic::QuicStream::new(send, recv))
 }
 
 /// The final answer to a stream's request, after the listener's `100` (received).
