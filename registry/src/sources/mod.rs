@@ -18,11 +18,18 @@ pub const AMBIENT_REDIRECTION_ENABLED: &str = "enabled";
 pub const HBONE_PORT: u16 = 15008;
 
 /// The tunnel port of a workload whose metadata carries `annotations`: [`HBONE_PORT`] once
-/// ztunnel captures it, else 0 (its ports are reached directly).
-pub fn ambient_tunnel_port(annotations: &BTreeMap<String, String>) -> u16 {
-    match annotations.get(AMBIENT_REDIRECTION) {
-        Some(v) if v == AMBIENT_REDIRECTION_ENABLED => HBONE_PORT,
-        _ => 0,
+/// ztunnel captures it, or once an isthmus sidecar is injected into it (its agent takes
+/// tunnels on that port of the pod's address, HTTP/2 and QUIC), else 0 (its ports are
+/// reached directly).
+pub fn tunnel_port_of(annotations: &BTreeMap<String, String>) -> u16 {
+    let ambient = annotations
+        .get(AMBIENT_REDIRECTION)
+        .is_some_and(|v| v == AMBIENT_REDIRECTION_ENABLED);
+    let sidecar = annotations.contains_key(crate::inject::STATUS_ANNOTATION);
+    if ambient || sidecar {
+        HBONE_PORT
+    } else {
+        0
     }
 }
 

@@ -35,7 +35,7 @@ pub mod labels {
     pub use crate::sources::AMBIENT_REDIRECTION;
 }
 
-pub use crate::sources::{ambient_tunnel_port, AMBIENT_REDIRECTION_ENABLED, HBONE_PORT};
+pub use crate::sources::{tunnel_port_of, AMBIENT_REDIRECTION_ENABLED, HBONE_PORT};
 
 /// What the mapping of one cluster needs besides its objects.
 #[derive(Debug, Clone)]
@@ -270,7 +270,7 @@ fn endpoint_workload(
     let pod_labels = pod_meta.and_then(|m| m.labels.clone()).unwrap_or_default();
     let tunnel_port = pod_meta
         .and_then(|m| m.annotations.as_ref())
-        .map_or(0, ambient_tunnel_port);
+        .map_or(0, tunnel_port_of);
     let service_account = pod
         .as_ref()
         .and_then(|p| p.spec.as_ref()?.service_account_name.clone())

@@ -227,17 +227,23 @@ fn publish_not_ready_addresses_makes_every_endpoint_ready_and_stale_marks_every_
 }
 
 #[test]
-fn a_pod_captured_by_ztunnel_takes_tunnels_on_the_hbone_port() {
+fn a_pod_captured_by_ztunnel_or_with_an_isthmus_sidecar_takes_tunnels_on_the_hbone_port() {
     let mut objects = Objects::default();
-    for (name, redirection) in [
-        ("web-0", Some("enabled")),
-        ("web-1", Some("pending")),
-        ("web-2", None),
+    for (name, annotations) in [
+        (
+            "web-0",
+            serde_json::json!({"ambient.istio.io/redirection": "enabled"}),
+        ),
+        (
+            "web-1",
+            serde_json::json!({"ambient.istio.io/redirection": "pending"}),
+        ),
+        ("web-2", serde_json::json!({})),
+        (
+            "web-3",
+            serde_json::json!({"sidecar.isthmus.io/status": "{}"}),
+        ),
     ] {
-        let annotations = match redirection {
-            Some(v) => serde_json::json!({"ambient.istio.io/redirection": v}),
-            None => serde_json::json!({}),
-        };
         objects.pods.insert(
             ("shop".into(), name.into()),
             Arc::new(from_json(serde_json::json!({
@@ -260,6 +266,7 @@ fn a_pod_captured_by_ztunnel_takes_tunnels_on_the_hbone_port() {
             {"addresses": ["10.0.0.6"], "targetRef": {"kind": "Pod", "name": "web-1"}},
             {"addresses": ["10.0.0.7"], "targetRef": {"kind": "Pod", "name": "web-2"}},
             {"addresses": ["10.0.0.8"]},
+            {"addresses": ["10.0.0.9"], "targetRef": {"kind": "Pod", "name": "web-3"}},
         ]),
     )];
     let out = map_service(&ctx(), &svc, &slices, &objects);
@@ -275,6 +282,7 @@ fn a_pod_captured_by_ztunnel_takes_tunnels_on_the_hbone_port() {
             ("10.0.0.6".to_string(), 0),
             ("10.0.0.7".to_string(), 0),
             ("10.0.0.8".to_string(), 0),
+            ("10.0.0.9".to_string(), 15008),
         ]
     );
     // The app's own ports are unchanged: the tunnel carries connections to them.

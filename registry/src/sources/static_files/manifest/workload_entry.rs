@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::defaults::SourceDefaults;
 use super::metadata::{nullable, Meta};
 use super::problems::{check_labels, port_or_report, Problems};
-use crate::sources::ambient_tunnel_port;
+use crate::sources::tunnel_port_of;
 use crate::validate::{
     check_hostname, check_locality, check_network_id, dns_label, istio_unix_address,
 };
@@ -58,7 +58,7 @@ pub(super) fn workload_entry(
         // A WorkloadEntry does not know its ServiceEntry's resolution; Istio accepts both.
         address: AddressRule::IpOrHostname,
     };
-    let tunnel_port = ambient_tunnel_port(&meta.annotations);
+    let tunnel_port = tunnel_port_of(&meta.annotations);
     workload(&ctx, spec, d, p)
         .map(|w| Workload { tunnel_port, ..w })
         .map(|w| (Resource::Workload(w), "metadata.name".to_string()))
