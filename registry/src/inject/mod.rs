@@ -30,8 +30,9 @@ pub const NAMESPACE_LABEL_VALUE: &str = "enabled";
 /// Per-pod opt-out, as a label or an annotation, `"false"`; Istio's key is honoured too.
 pub const INJECT_KEY: &str = "sidecar.isthmus.io/inject";
 pub const ISTIO_INJECT_KEY: &str = "sidecar.istio.io/inject";
-/// Marks an injected pod: JSON of what was added.
-pub const STATUS_ANNOTATION: &str = "sidecar.isthmus.io/status";
+/// Marks an injected pod: JSON of what was added. The catalog's sources read it too (such a
+/// pod takes tunnels), so it is defined with them.
+pub const STATUS_ANNOTATION: &str = crate::sources::SIDECAR_STATUS;
 /// Extra ports the capture leaves alone, comma-separated (Istio's keys are honoured too).
 pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.isthmus.io/excludeInboundPorts";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.isthmus.io/excludeOutboundPorts";

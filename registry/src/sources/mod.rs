@@ -16,6 +16,9 @@ pub const AMBIENT_REDIRECTION: &str = "ambient.istio.io/redirection";
 pub const AMBIENT_REDIRECTION_ENABLED: &str = "enabled";
 /// The port ztunnel accepts tunnels (HBONE) on for the workloads it captures.
 pub const HBONE_PORT: u16 = 15008;
+/// On a pod: the injector's status annotation (`inject::STATUS_ANNOTATION`), present once an
+/// isthmus sidecar is injected; its agent takes tunnels on [`HBONE_PORT`].
+pub const SIDECAR_STATUS: &str = "sidecar.isthmus.io/status";
 
 /// The tunnel port of a workload whose metadata carries `annotations`: [`HBONE_PORT`] once
 /// ztunnel captures it, or once an isthmus sidecar is injected into it (its agent takes
@@ -25,7 +28,7 @@ pub fn tunnel_port_of(annotations: &BTreeMap<String, String>) -> u16 {
     let ambient = annotations
         .get(AMBIENT_REDIRECTION)
         .is_some_and(|v| v == AMBIENT_REDIRECTION_ENABLED);
-    let sidecar = annotations.contains_key(crate::inject::STATUS_ANNOTATION);
+    let sidecar = annotations.contains_key(SIDECAR_STATUS);
     if ambient || sidecar {
         HBONE_PORT
     } else {
