@@ -160,10 +160,10 @@ pub struct Pool {
 #[derive(Debug)]
 struct Inner {
     peers: Mutex<HashMap<PoolKey, Slot>>,
-    /// Peers whose tunnel could not be set up, until when they are reached without one.
-    unreachable: Mutex<HashMap<SocketAddr, Instant>>,
-    /// Peers where HTTP/2 won the race, until when they are dialled with it alone.
-    http2_only: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Peers whose tunnel could not be set up, reached without one for a while.
+    unreachable: PeerMemory,
+    /// Peers where HTTP/2 won the race, dialled with it alone for a while.
+    http2_only: PeerMemory,
     /// The QUIC client endpoints, IPv4 and IPv6, made on first use.
     endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
     settings: PoolSettings,
@@ -246,8 +246,8 @@ impl Pool {
         Self {
             inner: Arc::new(Inner {
                 peers: Mutex::new(HashMap::new()),
-                unreachable: Mutex::new(HashMap::new()),
-                http2_only: Mutex::new(HashMap::new()),
+                unreachable: PeerMemory::default(),
+                http2_only: PeerMemory::default(),
                 endpoints: Mutex::new([None, None]),
                 settings,
                 metrics,
@@ -299,41 +299,18 @@ impl Pool {
             }
         }
         tunnels.sort_by_key(|t| t.peer);
-        let remembered = |m: &Mutex<HashMap<SocketAddr, Instant>>| {
-            let now = Instant::now();
-            let mut v: Vec<Remembered> = m
-                .lock()
-                .expect("tunnel pool poisoned")
-                .iter()
-                .filter(|(_, until)| **until > now)
-                .map(|(peer, until)| Remembered {
-                    peer: *peer,
-                    for_seconds: (*until - now).as_secs(),
-                })
-                .collect();
-            v.sort_by_key(|r| r.peer);
-            v
-        };
         PoolSnapshot {
             transports: self.inner.settings.transports,
             tunnels,
-            http2_only: remembered(&self.inner.http2_only),
-            without_tunnel: remembered(&self.inner.unreachable),
+            http2_only: self.inner.http2_only.list(),
+            without_tunnel: self.inner.unreachable.list(),
         }
     }
 
     /// False while a tunnel to `addr` could not be set up within the last
     /// [`FALLBACK_MEMORY`]: connect without one meanwhile.
     pub fn reachable(&self, addr: SocketAddr) -> bool {
-        let mut unreachable = self.inner.unreachable.lock().expect("tunnel pool poisoned");
-        match unreachable.get(&addr) {
-            Some(until) if Instant::now() < *until => false,
-            Some(_) => {
-                unreachable.remove(&addr);
-                true
-            }
-            None => true,
-        }
+        !self.inner.unreachable.holds(addr)
     }
 
     /// Counts a connection made without a tunnel because its peer's could not be set up.
@@ -440,16 +417,17 @@ impl Pool {
         let found = tunnels
             .iter()
             .find(|t| t.state.usable(limit.min(t.conn.peer_limit())));
-        if let Some(t) = found {
-            t.state.streams.fetch_add(1, Ordering::AcqRel);
-            t.state.carried.fetch_add(1, Ordering::Relaxed);
-            return Ok((t.clone(), false));
-        }
-        let t = self.dial(slot, dialer).await?;
+        let (t, new_tunnel) = match found {
+            Some(t) => (t.clone(), false),
+            None => {
+                let t = self.dial(slot, dialer).await?;
+                tunnels.push(t.clone());
+                (t, true)
+            }
+        };
         t.state.streams.fetch_add(1, Ordering::AcqRel);
         t.state.carried.fetch_add(1, Ordering::Relaxed);
-        tunnels.push(t.clone());
-        Ok((t, true))
+        Ok((t, new_tunnel))
     }
 
     /// Sets up a new tunnel to the dialer's peer with the transports it is to take; when
@@ -465,15 +443,13 @@ impl Pool {
         let set_up = match self.inner.settings.transports {
             Transports::Http2 => self.dial_h2(dialer).await,
             Transports::Quic => self.dial_quic(dialer).await,
-            Transports::Auto if self.http2_only(addr) => self.dial_h2(dialer).await,
+            Transports::Auto if self.inner.http2_only.holds(addr) => self.dial_h2(dialer).await,
             Transports::Auto => self.race(dialer).await,
         };
         let (conn, peer, driver) = match set_up {
             Ok(s) => s,
             Err(e) => {
-                let until = Instant::now() + FALLBACK_MEMORY;
-                let mut unreachable = self.inner.unreachable.lock().expect("tunnel pool poisoned");
-                unreachable.insert(addr, until);
+                self.inner.unreachable.remember(addr, FALLBACK_MEMORY);
                 return Err(e);
             }
         };
@@ -498,24 +474,8 @@ impl Pool {
 
     /// Dials `addr` with HTTP/2 alone for [`CHOICE_MEMORY`] (with [`Transports::Auto`]).
     fn remember_http2(&self, addr: SocketAddr) {
-        if self.inner.settings.transports != Transports::Auto {
-            return;
-        }
-        let until = Instant::now() + CHOICE_MEMORY;
-        let mut chosen = self.inner.http2_only.lock().expect("tunnel pool poisoned");
-        chosen.insert(addr, until);
-    }
-
-    /// True while HTTP/2 is remembered as the transport that wins to `addr`.
-    fn http2_only(&self, addr: SocketAddr) -> bool {
-        let mut chosen = self.inner.http2_only.lock().expect("tunnel pool poisoned");
-        match chosen.get(&addr) {
-            Some(until) if Instant::now() < *until => true,
-            Some(_) => {
-                chosen.remove(&addr);
-                false
-            }
-            None => false,
+        if self.inner.settings.transports == Transports::Auto {
+            self.inner.http2_only.remember(addr, CHOICE_MEMORY);
         }
     }
 
@@ -528,50 +488,40 @@ impl Pool {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         Q: Fn() -> io::Result<Arc<rustls::ClientConfig>>,
     {
-        let quic = self.dial_quic(dialer);
-        tokio::pin!(quic);
-        let quic_failed = tokio::select! {
-            r = &mut quic => match r {
-                Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
-                Err(e) => Some(e),
-            },
+        // Futures do nothing until polled: HTTP/2 is dialled only once it is awaited.
+        let (quic, h2) = (self.dial_quic(dialer), self.dial_h2(dialer));
+        tokio::pin!(quic, h2);
+        let head_start = tokio::select! {
+            r = &mut quic => Some(r),
             _ = tokio::time::sleep(QUIC_HEAD_START) => None,
         };
-        let h2 = self.dial_h2(dialer);
-        tokio::pin!(h2);
-        let (quic_error, h2_error) = match quic_failed {
-            Some(q) => match h2.await {
-                Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
-                Err(e) => (q, e),
-            },
+        let raced = match head_start {
+            Some(Ok(set_up)) => Ok(set_up),
+            Some(Err(q)) => h2.await.map_err(|e| (q, e)),
             None => tokio::select! {
                 r = &mut quic => match r {
-                    Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
-                    Err(q) => match h2.await {
-                        Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
-                        Err(e) => (q, e),
-                    },
+                    Ok(set_up) => Ok(set_up),
+                    Err(q) => h2.await.map_err(|e| (q, e)),
                 },
                 // HTTP/2 failed first: QUIC gets one more head start, no more (a peer
                 // where nothing listens would otherwise hold the caller for the whole
                 // timeout, as a silent UDP port gives no error).
                 r = &mut h2 => match r {
-                    Ok(set_up) => return Ok(self.won(dialer.addr, set_up)),
+                    Ok(set_up) => Ok(set_up),
                     Err(e) => match tokio::time::timeout(QUIC_HEAD_START, quic).await {
-                        Ok(Ok(set_up)) => return Ok(self.won(dialer.addr, set_up)),
-                        Ok(Err(q)) => (q, e),
-                        Err(_) => (
-                            io::Error::new(io::ErrorKind::TimedOut, "no QUIC answer"),
-                            e,
-                        ),
+                        Ok(r) => r.map_err(|q| (q, e)),
+                        Err(_) => Err((io::Error::new(io::ErrorKind::TimedOut, "no QUIC answer"), e)),
                     },
                 },
             },
         };
-        Err(io::Error::new(
-            h2_error.kind(),
-            format!("no tunnel over QUIC ({quic_error}) nor HTTP/2 ({h2_error})"),
-        ))
+        match raced {
+            Ok(set_up) => Ok(self.won(dialer.addr, set_up)),
+            Err((quic_error, h2_error)) => Err(io::Error::new(
+                h2_error.kind(),
+                format!("no tunnel over QUIC ({quic_error}) nor HTTP/2 ({h2_error})"),
+            )),
+        }
     }
 
     /// Counts a race's winner and remembers HTTP/2 where it won.
@@ -821,6 +771,48 @@ pub struct TunnelInfo {
 pub struct Remembered {
     pub peer: SocketAddr,
     pub for_seconds: u64,
+}
+
+/// Peers remembered for a while (reached without a tunnel, dialled with HTTP/2 alone).
+#[derive(Debug, Default)]
+struct PeerMemory(Mutex<HashMap<SocketAddr, Instant>>);
+
+impl PeerMemory {
+    fn remember(&self, peer: SocketAddr, memory: Duration) {
+        let mut peers = self.0.lock().expect("tunnel pool poisoned");
+        peers.insert(peer, Instant::now() + memory);
+    }
+
+    /// True while `peer` is remembered; an expired entry is forgotten.
+    fn holds(&self, peer: SocketAddr) -> bool {
+        let mut peers = self.0.lock().expect("tunnel pool poisoned");
+        match peers.get(&peer) {
+            Some(until) if Instant::now() < *until => true,
+            Some(_) => {
+                peers.remove(&peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The peers remembered now, with how much longer.
+    fn list(&self) -> Vec<Remembered> {
+        let now = Instant::now();
+        let mut v: Vec<Remembered> = self
+            .0
+            .lock()
+            .expect("tunnel pool poisoned")
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(peer, until)| Remembered {
+                peer: *peer,
+                for_seconds: (*until - now).as_secs(),
+            })
+            .collect();
+        v.sort_by_key(|r| r.peer);
+        v
+    }
 }
 
 /// A new tunnel's peer and how to reach it over each transport.

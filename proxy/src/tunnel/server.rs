@@ -366,14 +366,10 @@ impl Listener {
                 },
             };
             let now = handshaking.load(Ordering::Acquire);
+            // Beyond the limit the client must prove its address first (nothing is
+            // formatted here: this is the path a flood takes).
             if now >= quic::MAX_HANDSHAKES && !incoming.remote_address_validated() {
-                let r = refusal(
-                    "tunnel_quic_retry",
-                    format!(
-                        "{now} QUIC handshakes at once; the client must prove its address first"
-                    ),
-                );
-                self.metrics.refuse(self.direction, r.reason);
+                self.metrics.refuse(self.direction, "tunnel_quic_retry");
                 if incoming.may_retry() {
                     let _ = incoming.retry();
                 } else {
