@@ -147,14 +147,35 @@ pub struct TunnelLabels {
     pub role: TunnelRole,
     /// `hbone` (HTTP/2 over mTLS on TCP) or `quic`.
     pub transport: &'static str,
+    /// The peer proxy (see [`TunnelMetrics::peer`]).
+    pub peer: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct TunnelHandshakeLabels {
     pub role: TunnelRole,
     pub transport: &'static str,
+    /// The peer proxy; [`UNKNOWN_PEER`] for a client whose handshake failed before it was
+    /// identified.
+    pub peer: String,
     /// `ok`, or why it failed (`connect`, `tls`, `alpn`, `http2`, `timeout`).
     pub result: &'static str,
+}
+
+/// Which way a tunnel's bytes went, seen from this proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum TunnelFlow {
+    sent,
+    received,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TunnelBytesLabels {
+    pub role: TunnelRole,
+    pub transport: &'static str,
+    pub peer: String,
+    pub flow: TunnelFlow,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -163,41 +184,132 @@ pub struct RaceLabels {
     pub winner: &'static str,
 }
 
-/// The pooled tunnels between proxies: how many are open, how they were set up, and the
-/// streams (proxied connections) they carried. A stream's bytes and result are counted with
-/// the other connections (`connections`, `bytes`).
+/// The `peer` of a server's handshake that failed before the client was identified.
+pub const UNKNOWN_PEER: &str = "unknown";
+/// The `peer` of every peer past the first [`MAX_PEER_LABELS`].
+pub const OTHER_PEERS: &str = "other";
+/// Distinct `peer` label values the tunnel metrics take before they count the rest as
+/// [`OTHER_PEERS`]: a bound on the series a mesh of many proxies (or a client making up
+/// identities) can add.
+pub const MAX_PEER_LABELS: usize = 1024;
+
+/// The pooled tunnels between proxies, per peer proxy and transport: how many are open,
+/// how they were set up, the streams (proxied connections) they carried and the app's
+/// bytes those streams moved. A stream's result is counted with the other connections
+/// (`connections`, `bytes`).
+///
+/// The `peer` label is the peer proxy: its tunnel address (`ip:port`) where this proxy
+/// opened the tunnel (role `client`), the client's SPIFFE identity where it accepted it
+/// (role `server`).
 #[derive(Debug, Clone, Default)]
 pub struct TunnelMetrics {
     pub open: Family<TunnelLabels, Gauge>,
     pub handshakes: Family<TunnelHandshakeLabels, Counter>,
     pub streams: Family<TunnelLabels, Counter>,
+    /// The app's bytes carried by the tunnels' streams (not the framing, nor TLS or QUIC's
+    /// own overhead), counted as they move.
+    pub bytes: Family<TunnelBytesLabels, Counter>,
     /// Connections made without a tunnel to a peer that names one, because its tunnel could
     /// not be set up lately.
     pub fallbacks: Family<TunnelLabels, Counter>,
     /// QUIC raced against HTTP/2 for a new tunnel, by winner.
     pub races: Family<RaceLabels, Counter>,
+    /// The `peer` label values taken so far.
+    peers: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// One tunnel's series, looked up once when it is set up rather than per stream.
+#[derive(Debug, Clone)]
+pub struct TunnelCounters {
+    pub open: Gauge,
+    pub streams: Counter,
+    pub sent: Counter,
+    pub received: Counter,
 }
 
 impl TunnelMetrics {
+    /// The `peer` label for `peer`: itself while fewer than [`MAX_PEER_LABELS`] peers have
+    /// been seen (or it is one of them), [`OTHER_PEERS`] after.
+    pub fn peer(&self, peer: impl std::fmt::Display) -> String {
+        let peer = peer.to_string();
+        let mut peers = self.peers.lock().expect("tunnel metrics poisoned");
+        if peers.contains(&peer) {
+            return peer;
+        }
+        if peers.len() < MAX_PEER_LABELS {
+            peers.insert(peer.clone());
+            return peer;
+        }
+        OTHER_PEERS.to_string()
+    }
+
+    /// The series of a tunnel to or from `peer` (a label from [`TunnelMetrics::peer`]).
+    pub fn tunnel(&self, role: TunnelRole, transport: &'static str, peer: &str) -> TunnelCounters {
+        let labels = TunnelLabels {
+            role,
+            transport,
+            peer: peer.to_string(),
+        };
+        let bytes = |flow| {
+            self.bytes
+                .get_or_create(&TunnelBytesLabels {
+                    role,
+                    transport,
+                    peer: peer.to_string(),
+                    flow,
+                })
+                .clone()
+        };
+        TunnelCounters {
+            open: self.open.get_or_create(&labels).clone(),
+            streams: self.streams.get_or_create(&labels).clone(),
+            sent: bytes(TunnelFlow::sent),
+            received: bytes(TunnelFlow::received),
+        }
+    }
+
+    /// Counts a tunnel set up, or not, with `peer` (a label from [`TunnelMetrics::peer`]).
+    pub fn handshake(
+        &self,
+        role: TunnelRole,
+        transport: &'static str,
+        peer: &str,
+        result: &'static str,
+    ) {
+        self.handshakes
+            .get_or_create(&TunnelHandshakeLabels {
+                role,
+                transport,
+                peer: peer.to_string(),
+                result,
+            })
+            .inc();
+    }
+
     fn register_into(&self, r: &mut Registry) {
         r.register(
             "tunnels_open",
-            "Pooled tunnels open now, by role (client, server) and transport",
+            "Pooled tunnels open now, by role (client, server), transport and peer proxy",
             self.open.clone(),
         );
         r.register(
             "tunnel_handshakes",
-            "Tunnels set up or failed to be, by role, transport and result",
+            "Tunnels set up or failed to be, by role, transport, peer proxy and result",
             self.handshakes.clone(),
         );
         r.register(
             "tunnel_streams",
-            "Streams (proxied connections) opened over tunnels, by role and transport",
+            "Streams (proxied connections) opened over tunnels, by role, transport and peer proxy",
             self.streams.clone(),
         );
         r.register(
+            "tunnel_bytes",
+            "The app's bytes carried over tunnels' streams, by role, transport, peer proxy and flow (sent, received)",
+            self.bytes.clone(),
+        );
+        r.register(
             "tunnel_fallbacks",
-            "Connections made with mTLS of their own to a peer whose tunnel could not be set up lately, by transport",
+            "Connections made with mTLS of their own to a peer whose tunnel could not be set up lately, by transport and peer proxy",
             self.fallbacks.clone(),
         );
         r.register(
@@ -386,5 +498,46 @@ pub struct OpenConnection(Gauge);
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_peers_past_the_bound_are_counted_as_other() {
+        let m = TunnelMetrics::default();
+        for i in 0..MAX_PEER_LABELS {
+            assert_eq!(
+                m.peer(format!("10.0.{}.{}:15008", i / 256, i % 256)),
+                format!("10.0.{}.{}:15008", i / 256, i % 256)
+            );
+        }
+        assert_eq!(m.peer("10.9.9.9:15008"), OTHER_PEERS);
+        // A peer seen before the bound keeps its own series.
+        assert_eq!(m.peer("10.0.0.7:15008"), "10.0.0.7:15008");
+    }
+
+    #[test]
+    fn a_tunnels_series_are_its_peers() {
+        let m = TunnelMetrics::default();
+        let peer = m.peer("10.0.0.1:15008");
+        let c = m.tunnel(TunnelRole::client, "quic", &peer);
+        c.streams.inc();
+        c.sent.inc_by(5);
+        let labels = TunnelLabels {
+            role: TunnelRole::client,
+            transport: "quic",
+            peer: peer.clone(),
+        };
+        assert_eq!(m.streams.get_or_create(&labels).get(), 1);
+        let sent = TunnelBytesLabels {
+            role: TunnelRole::client,
+            transport: "quic",
+            peer,
+            flow: TunnelFlow::sent,
+        };
+        assert_eq!(m.bytes.get_or_create(&sent).get(), 5);
     }
 }

@@ -361,7 +361,7 @@ impl Outbound {
         }
         let addr = SocketAddr::new(t.addr.ip(), t.tunnel_port);
         if !pool.reachable(addr) {
-            pool.fell_back();
+            pool.fell_back(addr);
             return Ok(None);
         }
         let (identities, request) = if t.via_gateway {
@@ -404,7 +404,7 @@ impl Outbound {
             // The tunnel could not be set up: mTLS of its own for a while.
             Err(e) if !pool.reachable(addr) => {
                 tracing::info!(peer = %addr, error = %e, fallback_for = ?tunnel::FALLBACK_MEMORY, "no tunnel to the peer; connecting without one");
-                pool.fell_back();
+                pool.fell_back(addr);
                 return Ok(None);
             }
             // Named by the tunnel's address: the attempt's endpoint is the workload's or

@@ -23,6 +23,7 @@ use isthmus_proto::SpiffeId;
 use isthmus_proxy::connection::Tracker;
 use isthmus_proxy::metrics::{
     ConnLabels, ConnResult, Direction, Metrics, RefusalLabels, TunnelHandshakeLabels, TunnelRole,
+    UNKNOWN_PEER,
 };
 use isthmus_proxy::routes::{Reach, RouteOptions, RouteTable};
 use isthmus_proxy::tunnel::{H2Stream, ALPN_H2, DEFAULT_MAX_STREAMS};
@@ -223,6 +224,11 @@ impl Scene {
             .get_or_create(&TunnelHandshakeLabels {
                 role: TunnelRole::server,
                 transport: "hbone",
+                // Identified only once its handshake succeeded: `shop/ratings`.
+                peer: match result {
+                    "ok" => self.ca.id("shop", "ratings").to_string(),
+                    _ => UNKNOWN_PEER.to_string(),
+                },
                 result,
             })
             .get()

@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::quic::{self, QuicStream};
 use super::{client_builder, io_error, H2Stream, Stream, FALLBACK_MEMORY, TRANSPORT};
-use crate::metrics::{Metrics, RaceLabels, TunnelHandshakeLabels, TunnelLabels, TunnelRole};
+use crate::metrics::{Metrics, RaceLabels, TunnelCounters, TunnelLabels, TunnelRole};
 
 pub use crate::metrics::TunnelMetrics;
 
@@ -222,6 +222,8 @@ struct TunnelState {
     closed: AtomicBool,
     idle_since: Mutex<Instant>,
     peer: Option<SpiffeId>,
+    /// Its series in the tunnel metrics.
+    counters: TunnelCounters,
 }
 
 impl TunnelState {
@@ -313,13 +315,17 @@ impl Pool {
         !self.inner.unreachable.holds(addr)
     }
 
-    /// Counts a connection made without a tunnel because its peer's could not be set up.
-    pub fn fell_back(&self) {
-        self.inner
-            .metrics
-            .tunnels
+    /// Counts a connection made without a tunnel to `addr` because its tunnel could not be
+    /// set up.
+    pub fn fell_back(&self, addr: SocketAddr) {
+        let tunnels = &self.inner.metrics.tunnels;
+        tunnels
             .fallbacks
-            .get_or_create(&labels(TRANSPORT))
+            .get_or_create(&TunnelLabels {
+                role: TunnelRole::client,
+                transport: TRANSPORT,
+                peer: tunnels.peer(addr),
+            })
             .inc();
     }
 
@@ -375,14 +381,9 @@ impl Pool {
             let count = StreamCount(tunnel.state.clone());
             match self.stream(&tunnel.conn, key.addr, request).await {
                 Ok(stream) => {
-                    self.inner
-                        .metrics
-                        .tunnels
-                        .streams
-                        .get_or_create(&labels(tunnel.conn.transport()))
-                        .inc();
+                    tunnel.state.counters.streams.inc();
                     return Ok(Opened {
-                        stream: stream.holding(count),
+                        stream: stream.counted(&tunnel.state.counters).holding(count),
                         peer: tunnel.state.peer.clone(),
                         new_tunnel,
                     });
@@ -453,6 +454,8 @@ impl Pool {
                 return Err(e);
             }
         };
+        let tunnels = &self.inner.metrics.tunnels;
+        let counters = tunnels.tunnel(TunnelRole::client, conn.transport(), &tunnels.peer(addr));
         let state = Arc::new(TunnelState {
             streams: AtomicU32::new(0),
             carried: AtomicU64::new(0),
@@ -460,14 +463,13 @@ impl Pool {
             closed: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             peer,
+            counters,
         });
         tokio::spawn(drive(
             driver,
-            conn.transport(),
             state.clone(),
             Arc::downgrade(slot),
             self.inner.settings.idle_timeout,
-            self.inner.metrics.clone(),
         ));
         Ok(Tunnel { conn, state })
     }
@@ -540,8 +542,13 @@ impl Pool {
         set_up
     }
 
-    /// Runs one transport's setup within the pool's timeout, counting how it went.
-    async fn counted<F>(&self, transport: &'static str, setup: F) -> io::Result<SetUp>
+    /// Runs one transport's setup to `addr` within the pool's timeout, counting how it went.
+    async fn counted<F>(
+        &self,
+        transport: &'static str,
+        addr: SocketAddr,
+        setup: F,
+    ) -> io::Result<SetUp>
     where
         F: Future<Output = io::Result<SetUp>>,
     {
@@ -557,16 +564,8 @@ impl Pool {
                 )),
             ),
         };
-        self.inner
-            .metrics
-            .tunnels
-            .handshakes
-            .get_or_create(&TunnelHandshakeLabels {
-                role: TunnelRole::client,
-                transport,
-                result,
-            })
-            .inc();
+        let tunnels = &self.inner.metrics.tunnels;
+        tunnels.handshake(TunnelRole::client, transport, &tunnels.peer(addr), result);
         outcome
     }
 
@@ -576,7 +575,7 @@ impl Pool {
         Fut: Future<Output = io::Result<(T, Option<SpiffeId>)>>,
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.counted(TRANSPORT, async {
+        self.counted(TRANSPORT, dialer.addr, async {
             let (io, peer) = (dialer.tcp)().await?;
             let (send, conn) = client_builder()
                 .handshake::<_, Bytes>(io)
@@ -591,7 +590,7 @@ impl Pool {
     where
         Q: Fn() -> io::Result<Arc<rustls::ClientConfig>>,
     {
-        self.counted(quic::TRANSPORT, async {
+        self.counted(quic::TRANSPORT, dialer.addr, async {
             let endpoint = self.endpoint(dialer.addr)?;
             let config = quic::client_config((dialer.quic_tls)()?)?;
             // The tunnel's peer is verified by its SPIFFE identity; the name is its address.
@@ -627,8 +626,11 @@ impl Pool {
         request: &StreamRequest,
     ) -> Result<Stream, StreamError> {
         match conn {
-            Conn::H2(send) => self.h2_stream(send.clone(), request).await.map(Stream::H2),
-            Conn::Quic(c) => self.quic_stream(c, addr, request).await.map(Stream::Quic),
+            Conn::H2(send) => self
+                .h2_stream(send.clone(), request)
+                .await
+                .map(Stream::from),
+            Conn::Quic(c) => self.quic_stream(c, addr, request).await.map(Stream::from),
         }
     }
 
@@ -857,13 +859,6 @@ enum StreamError {
     Refused(io::Error),
 }
 
-fn labels(transport: &'static str) -> TunnelLabels {
-    TunnelLabels {
-        role: TunnelRole::client,
-        transport,
-    }
-}
-
 /// `Forwarded: for=` (RFC 7239): an IPv6 address is quoted and bracketed.
 fn forwarded_for(ip: IpAddr) -> String {
     match ip {
@@ -893,17 +888,11 @@ fn refused(status: http::StatusCode, authority: &str) -> io::Error {
 /// connection is closed), or once it is out of the pool and its last stream ended.
 async fn drive(
     driver: Driver,
-    transport: &'static str,
     state: Arc<TunnelState>,
     slot: Weak<tokio::sync::Mutex<Vec<Tunnel>>>,
     idle_timeout: Duration,
-    metrics: Arc<Metrics>,
 ) {
-    let open = metrics
-        .tunnels
-        .open
-        .get_or_create(&labels(transport))
-        .clone();
+    let open = state.counters.open.clone();
     open.inc();
     let (ended, quic): (Pin<Box<dyn Future<Output = ()> + Send>>, _) = match driver {
         Driver::H2(conn) => (

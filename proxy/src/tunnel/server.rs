@@ -39,7 +39,7 @@ use tracing::Instrument;
 use super::quic::{self, QuicStream};
 use super::{io_error, server_builder, H2Stream, Stream, ALPN_H2, TRANSPORT};
 use crate::connection::{accept_mtls, refusal, AccessRecord, Refusal, Tracker};
-use crate::metrics::{Direction, Metrics, TunnelHandshakeLabels, TunnelLabels, TunnelRole};
+use crate::metrics::{Direction, Metrics, TunnelCounters, TunnelRole, UNKNOWN_PEER};
 
 /// A stream's request, not answered yet.
 pub struct Pending {
@@ -48,6 +48,8 @@ pub struct Pending {
     pub authority: Option<String>,
     pub headers: http::HeaderMap,
     reply: Reply,
+    /// Where the stream's bytes are counted once accepted.
+    counters: Option<TunnelCounters>,
 }
 
 /// Where a pending stream's answer goes.
@@ -101,14 +103,21 @@ impl Pending {
                 let send = respond
                     .send_response(answer(StatusCode::OK), false)
                     .map_err(io_error)?;
-                Ok(Stream::H2(H2Stream::new(send, body)))
+                Ok(self.count(H2Stream::new(send, body).into()))
             }
             Reply::Quic { mut send, recv } => {
                 send.write_all(&quic::encode_response(StatusCode::OK))
                     .await?;
-                Ok(Stream::Quic(QuicStream::new(send, recv)))
+                Ok(self.count(QuicStream::new(send, recv).into()))
             }
             Reply::Done => Err(io::Error::other("the stream was answered already")),
+        }
+    }
+
+    fn count(&self, stream: Stream) -> Stream {
+        match &self.counters {
+            Some(c) => stream.counted(c),
+            None => stream,
         }
     }
 
@@ -174,16 +183,20 @@ pub struct Listener {
 }
 
 impl Listener {
-    fn handshake(&self, transport: &'static str, result: &'static str) {
-        self.metrics
-            .tunnels
-            .handshakes
-            .get_or_create(&TunnelHandshakeLabels {
-                role: TunnelRole::server,
-                transport,
-                result,
-            })
-            .inc();
+    /// Counts a handshake by its result, and by the client's identity where it succeeded.
+    fn handshake<T>(&self, transport: &'static str, accepted: &Result<(T, SpiffeId), Refusal>) {
+        let tunnels = &self.metrics.tunnels;
+        let (peer, result) = match accepted {
+            Ok((_, id)) => (tunnels.peer(id), "ok"),
+            Err(_) => (UNKNOWN_PEER.to_string(), "failed"),
+        };
+        tunnels.handshake(TunnelRole::server, transport, &peer, result);
+    }
+
+    /// The series of a tunnel accepted from `peer`.
+    fn counters(&self, transport: &'static str, peer: &SpiffeId) -> TunnelCounters {
+        let tunnels = &self.metrics.tunnels;
+        tunnels.tunnel(TunnelRole::server, transport, &tunnels.peer(peer))
     }
 
     /// The mTLS handshake with `config` (which must offer ALPN `h2` and require a client
@@ -194,7 +207,7 @@ impl Listener {
         config: Arc<rustls::ServerConfig>,
     ) -> Result<(TlsStream<TcpStream>, SpiffeId), Refusal> {
         let accepted = self.accept_tls(tcp, config).await;
-        self.handshake(TRANSPORT, if accepted.is_ok() { "ok" } else { "failed" });
+        self.handshake(TRANSPORT, &accepted);
         accepted
     }
 
@@ -249,11 +262,8 @@ impl Listener {
                 return self.refuse(rec, r);
             }
         };
-        let labels = TunnelLabels {
-            role: TunnelRole::server,
-            transport: TRANSPORT,
-        };
-        let open = self.metrics.tunnels.open.get_or_create(&labels).clone();
+        let counters = self.counters(TRANSPORT, &peer);
+        let open = counters.open.clone();
         open.inc();
         let client = rec.client;
         let mut streams = 0u64;
@@ -281,8 +291,9 @@ impl Listener {
                 authority: parts.uri.authority().map(|a| a.as_str().to_owned()),
                 headers: parts.headers,
                 reply: Reply::H2 { body, respond },
+                counters: None,
             };
-            self.spawn_stream(pending, &peer, client, &labels, None, &on_stream);
+            self.spawn_stream(pending, &peer, client, &counters, None, &on_stream);
         };
         open.dec();
         self.ended(rec, streams, ended);
@@ -292,17 +303,18 @@ impl Listener {
     /// (holding `hold` until it ends).
     fn spawn_stream<F, Fut>(
         &self,
-        pending: Pending,
+        mut pending: Pending,
         peer: &SpiffeId,
         client: SocketAddr,
-        labels: &TunnelLabels,
+        counters: &TunnelCounters,
         hold: Option<Arc<()>>,
         on_stream: &F,
     ) where
         F: Fn(Pending, SpiffeId, AccessRecord) -> Fut,
         Fut: Future<Output = AccessRecord> + Send + 'static,
     {
-        self.metrics.tunnels.streams.get_or_create(labels).inc();
+        counters.streams.inc();
+        pending.counters = Some(counters.clone());
         let guard = self.tracker.register();
         let span = tracing::debug_span!(
             "stream",
@@ -430,10 +442,7 @@ impl Listener {
         config: Option<Arc<quinn::ServerConfig>>,
     ) -> Result<(quinn::Connection, SpiffeId), Refusal> {
         let accepted = self.quic_handshake(incoming, config).await;
-        self.handshake(
-            quic::TRANSPORT,
-            if accepted.is_ok() { "ok" } else { "failed" },
-        );
+        self.handshake(quic::TRANSPORT, &accepted);
         accepted
     }
 
@@ -503,11 +512,8 @@ impl Listener {
         rec.destination = "tunnel".into();
         rec.peer_identity = Some(peer.to_string());
         tracing::Span::current().record("peer", tracing::field::display(&peer));
-        let labels = TunnelLabels {
-            role: TunnelRole::server,
-            transport: quic::TRANSPORT,
-        };
-        let open = self.metrics.tunnels.open.get_or_create(&labels).clone();
+        let counters = self.counters(quic::TRANSPORT, &peer);
+        let open = counters.open.clone();
         open.inc();
         let client = rec.client;
         let mut streams = 0u64;
@@ -545,11 +551,11 @@ impl Listener {
                 continue;
             }
             streams += 1;
-            let (listener, on_stream, peer, labels) = (
+            let (listener, on_stream, peer, counters) = (
                 self.clone(),
                 on_stream.clone(),
                 peer.clone(),
-                labels.clone(),
+                counters.clone(),
             );
             let hold = in_flight.clone();
             let timeout = self.handshake_timeout;
@@ -587,8 +593,9 @@ impl Listener {
                     authority: Some(request.authority),
                     headers: request.headers,
                     reply: Reply::Quic { send, recv },
+                    counters: None,
                 };
-                listener.spawn_stream(pending, &peer, client, &labels, Some(hold), &on_stream);
+                listener.spawn_stream(pending, &peer, client, &counters, Some(hold), &on_stream);
             });
         };
         open.dec();

@@ -10,9 +10,11 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::io_error;
+use crate::metrics::TunnelCounters;
 
 /// Bytes asked for at once when writing: a write larger than this is written in parts.
 const MAX_WRITE: usize = super::MAX_SEND_BUFFER;
@@ -162,35 +164,77 @@ impl AsyncWrite for H2Stream {
     }
 }
 
-/// A tunnel stream of either transport: an HTTP/2 `CONNECT` stream or a QUIC stream.
+/// A tunnel stream of either transport, an HTTP/2 `CONNECT` stream or a QUIC stream, and
+/// where the bytes it moves are counted (the tunnel metrics' `bytes`, per peer).
 #[derive(Debug)]
-pub enum Stream {
+pub struct Stream {
+    io: Io,
+    counted: Option<Counted>,
+}
+
+#[derive(Debug)]
+enum Io {
     H2(H2Stream),
     Quic(super::quic::QuicStream),
+}
+
+/// A stream's byte counters: what it wrote (`sent`) and what it read (`received`).
+#[derive(Debug)]
+struct Counted {
+    sent: Counter,
+    received: Counter,
+}
+
+impl From<H2Stream> for Stream {
+    fn from(s: H2Stream) -> Self {
+        Self {
+            io: Io::H2(s),
+            counted: None,
+        }
+    }
+}
+
+impl From<super::quic::QuicStream> for Stream {
+    fn from(s: super::quic::QuicStream) -> Self {
+        Self {
+            io: Io::Quic(s),
+            counted: None,
+        }
+    }
 }
 
 impl Stream {
     /// The tunnel metrics' `transport` label of the stream's tunnel.
     pub fn transport(&self) -> &'static str {
-        match self {
-            Stream::H2(_) => super::TRANSPORT,
-            Stream::Quic(_) => super::quic::TRANSPORT,
+        match self.io {
+            Io::H2(_) => super::TRANSPORT,
+            Io::Quic(_) => super::quic::TRANSPORT,
         }
+    }
+
+    /// Counts the bytes the stream moves into its tunnel's `sent` and `received`.
+    pub fn counted(mut self, tunnel: &TunnelCounters) -> Self {
+        self.counted = Some(Counted {
+            sent: tunnel.sent.clone(),
+            received: tunnel.received.clone(),
+        });
+        self
     }
 
     /// Keeps `hold` until the stream is dropped.
     pub fn holding(self, hold: impl Send + Sync + 'static) -> Self {
-        match self {
-            Stream::H2(s) => Stream::H2(s.holding(hold)),
-            Stream::Quic(s) => Stream::Quic(s.holding(hold)),
-        }
+        let io = match self.io {
+            Io::H2(s) => Io::H2(s.holding(hold)),
+            Io::Quic(s) => Io::Quic(s.holding(hold)),
+        };
+        Self { io, ..self }
     }
 
     /// Resets the stream: the peer sees the equivalent of a TCP reset (`CONNECT_ERROR`).
     pub fn reset(&mut self) {
-        match self {
-            Stream::H2(s) => s.reset(Reason::CONNECT_ERROR),
-            Stream::Quic(s) => s.reset(super::quic::code::CONNECT_ERROR),
+        match &mut self.io {
+            Io::H2(s) => s.reset(Reason::CONNECT_ERROR),
+            Io::Quic(s) => s.reset(super::quic::code::CONNECT_ERROR),
         }
     }
 }
@@ -201,10 +245,16 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::H2(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Quic(s) => Pin::new(s).poll_read(cx, buf),
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = match &mut this.io {
+            Io::H2(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Quic(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if let (Some(c), Poll::Ready(Ok(()))) = (&this.counted, &read) {
+            c.received.inc_by((buf.filled().len() - before) as u64);
         }
+        read
     }
 }
 
@@ -214,23 +264,28 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::H2(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Quic(s) => Pin::new(s).poll_write(cx, buf),
+        let this = self.get_mut();
+        let written = match &mut this.io {
+            Io::H2(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Quic(s) => Pin::new(s).poll_write(cx, buf),
+        };
+        if let (Some(c), Poll::Ready(Ok(n))) = (&this.counted, &written) {
+            c.sent.inc_by(*n as u64);
         }
+        written
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::H2(s) => Pin::new(s).poll_flush(cx),
-            Stream::Quic(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::H2(s) => Pin::new(s).poll_flush(cx),
+            Io::Quic(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::H2(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Quic(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::H2(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Quic(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -28,8 +28,8 @@ use crate::connection::Tracker;
 use crate::inbound::hbone::{self, TunnelInbound};
 use crate::inbound::{AppTarget, Inbound, Mode};
 use crate::metrics::{
-    ConnLabels, ConnResult, Direction, Metrics, RefusalLabels, TunnelHandshakeLabels, TunnelLabels,
-    TunnelRole,
+    ConnLabels, ConnResult, Direction, Metrics, RefusalLabels, TunnelBytesLabels, TunnelFlow,
+    TunnelHandshakeLabels, TunnelLabels, TunnelRole, UNKNOWN_PEER,
 };
 use crate::outbound::{ClientTls, Outbound, OutboundTarget};
 use crate::routes::{RouteOptions, RouteTable};
@@ -289,19 +289,59 @@ impl Scene {
         } else {
             &self.server
         };
+        let peer = match (role, result) {
+            (TunnelRole::server, "ok") => self.client_identity(),
+            (TunnelRole::server, _) => UNKNOWN_PEER.to_string(),
+            (TunnelRole::client, _) => self.tunnel_addr.to_string(),
+        };
+        Self::handshakes_with(m, transport, role, peer, result)
+    }
+
+    fn handshakes_with(
+        m: &Metrics,
+        transport: &'static str,
+        role: TunnelRole,
+        peer: String,
+        result: &'static str,
+    ) -> u64 {
         m.tunnels
             .handshakes
             .get_or_create(&TunnelHandshakeLabels {
                 role,
                 transport,
+                peer,
                 result,
             })
             .get()
     }
 
-    /// Connections the client made without a tunnel to a peer whose tunnel could not be
+    /// The client proxy's identity: the `peer` of the server's tunnel metrics.
+    fn client_identity(&self) -> String {
+        self.ca.id("shop", "ratings").to_string()
+    }
+
+    /// The app's bytes the tunnels carried, on `role`'s side, by flow.
+    fn tunnel_bytes(&self, role: TunnelRole, flow: TunnelFlow) -> u64 {
+        let labels = self.tunnel_labels(role);
+        let m = if role == TunnelRole::client {
+            &self.client.metrics
+        } else {
+            &self.server
+        };
+        m.tunnels
+            .bytes
+            .get_or_create(&TunnelBytesLabels {
+                role,
+                transport: labels.transport,
+                peer: labels.peer,
+                flow,
+            })
+            .get()
+    }
+
+    /// Connections the client made without a tunnel to `peer`, whose tunnel could not be
     /// set up.
-    fn fallbacks(&self) -> u64 {
+    fn fallbacks(&self, peer: SocketAddr) -> u64 {
         self.client
             .metrics
             .tunnels
@@ -309,14 +349,20 @@ impl Scene {
             .get_or_create(&TunnelLabels {
                 role: TunnelRole::client,
                 transport: TRANSPORT,
+                peer: peer.to_string(),
             })
             .get()
     }
 
+    /// The labels of the tunnel between the scene's proxies, on `role`'s side.
     fn tunnel_labels(&self, role: TunnelRole) -> TunnelLabels {
         TunnelLabels {
             role,
             transport: self.transport,
+            peer: match role {
+                TunnelRole::client => self.tunnel_addr.to_string(),
+                TunnelRole::server => self.client_identity(),
+            },
         }
     }
 
@@ -408,6 +454,21 @@ async fn many_connections_share_one_tunnel_and_each_reaches_the_app(settings: Po
     };
     assert_eq!(streams(&s.client.metrics, TunnelRole::client), 50);
     assert_eq!(streams(&s.server, TunnelRole::server), 50);
+    // The app's bytes, per peer: "hello 0" .. "hello 49" each way.
+    let echoed: u64 = (0..50).map(|i| format!("hello {i}").len() as u64).sum();
+    assert_eq!(s.tunnel_bytes(TunnelRole::client, TunnelFlow::sent), echoed);
+    assert_eq!(
+        s.tunnel_bytes(TunnelRole::client, TunnelFlow::received),
+        echoed
+    );
+    assert!(
+        eventually(
+            || s.tunnel_bytes(TunnelRole::server, TunnelFlow::received) == echoed
+                && s.tunnel_bytes(TunnelRole::server, TunnelFlow::sent) == echoed
+        )
+        .await,
+        "the server counts what it relayed"
+    );
     // Every stream went through the inbound path, counted as a connection to the app.
     let app = s.app.to_string();
     assert!(
@@ -749,11 +810,18 @@ async fn a_peer_whose_tunnel_cannot_be_set_up_is_reached_with_mtls_for_a_while(
         assert!(!up.stream.is_tunnel(), "round {round}");
         assert_eq!(echo(&mut up.stream, b"plain").await, b"plain");
     }
-    let fallbacks = s.fallbacks();
+    let fallbacks = s.fallbacks(closed);
     assert_eq!(fallbacks, 2);
     // The tunnel was tried once (HTTP/2 refused at once, QUIC given its grace and
     // dropped); the second connection remembered it.
-    assert_eq!(s.handshakes_on(TRANSPORT, TunnelRole::client, "failed"), 1);
+    let failed = Scene::handshakes_with(
+        &s.client.metrics,
+        TRANSPORT,
+        TunnelRole::client,
+        closed.to_string(),
+        "failed",
+    );
+    assert_eq!(failed, 1);
 }
 
 async fn a_thousand_streams_at_once_share_one_tunnel(settings: PoolSettings) {

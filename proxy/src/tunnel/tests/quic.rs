@@ -224,7 +224,7 @@ async fn auto_takes_http2_where_udp_is_not_served_and_remembers_it() {
         );
     }
     // No connection fell back to plain mTLS.
-    let fallbacks = s.fallbacks();
+    let fallbacks = s.fallbacks(s.tunnel_addr);
     assert_eq!(fallbacks, 0);
     // The first stream still moves bytes over the old tunnel.
     assert_eq!(echo(&mut first.stream, b"after").await, b"after");
