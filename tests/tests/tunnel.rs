@@ -181,11 +181,36 @@ async fn vms_on_one_network_share_one_tunnel_and_a_vm_without_tunnels_still_conn
         app.received.lock().unwrap().contains(&bulk.sent),
         "the app received something else"
     );
-    assert_eq!(
-        handshakes(&web.metrics().await, "client"),
-        1,
-        "still the one tunnel"
-    );
+    let client = web.metrics().await;
+    assert_eq!(handshakes(&client, "client"), 1, "still the one tunnel");
+    // Counted per peer: web names ratings' tunnel address, ratings names web's identity.
+    let ratings_tunnel = format!("{RATINGS_IP}:15008");
+    let web_id = id("web").to_string();
+    let bytes = |text: &str, role, peer: &str, flow| {
+        metric_sum(
+            text,
+            "isthmus_vm_agent_tunnel_bytes_total",
+            &[
+                ("role", role),
+                ("transport", "quic"),
+                ("peer", peer),
+                ("flow", flow),
+            ],
+        )
+    };
+    for flow in ["sent", "received"] {
+        assert!(
+            bytes(&client, "client", &ratings_tunnel, flow) >= BULK,
+            "web's {flow} bytes to {ratings_tunnel}:\n{client}"
+        );
+    }
+    let server = ratings.metrics().await;
+    for flow in ["sent", "received"] {
+        assert!(
+            bytes(&server, "server", &web_id, flow) >= BULK,
+            "ratings' {flow} bytes from {web_id}:\n{server}"
+        );
+    }
 
     // A VM whose agent takes HTTP/2 alone rides an HBONE tunnel to the same agent.
     let h2 = Vm::create(&m, Net::A, "h2", HTTP2_IP, "h2", "h2");

@@ -46,6 +46,14 @@
 //!    requests on one persistent connection. Per run: each agent's CPU, the server's, the
 //!    client's (over its timed loop), wall time and each request's latency (p50/p99).
 //!    `--rounds` rounds, the paths taking turns; medians are printed, every round too.
+//! 4. **Idle memory with tunnels warm.** `--peers` VMs in network A (10.10.0.20 on), each
+//!    with its agent and the echo server behind it, one service each, and the client VM.
+//!    The client's agent starts (with `--tunnel-transports quic`, then `h2`), becomes ready
+//!    and idles `--idle` seconds: its memory without a tunnel. Then the client binary makes
+//!    ten requests on new connections to each peer's service, so the agent holds one pooled
+//!    tunnel to each (checked in `/debug/tunnels`), well within the tunnels' idle timeout;
+//!    after `--idle` seconds more its memory is read again, tunnels still open. Both
+//!    readings per start, `--mem-rounds` starts per transport, medians.
 //!
 //! CPU time is each process's CPU-time clock (`clock_getcpuclockid`: user + system time of
 //! all its threads, the figure `/proc/<pid>/stat` gives in clock ticks, in nanoseconds),
@@ -59,7 +67,7 @@
 //! Run (as root, with `ip` and `nft`; about six minutes with the defaults):
 //! `cargo build --release -p isthmus-vm-agent -p isthmus-tests && target/release/agent-bench
 //! [--services 1000] [--idle 5] [--mem-rounds 3] [--starts 5] [--requests 1000]
-//! [--rounds 3] [--size 64] [--agent-log info] [--only requests]`
+//! [--rounds 3] [--size 64] [--peers 10] [--agent-log info] [--only requests|tunnels]`
 //!
 //! Everything runs in namespaces this process creates and removes (traffic never leaves
 //! them or loopback). The agent binary is the one next to this one.
@@ -121,9 +129,19 @@ fn main() -> anyhow::Result<()> {
         requests: arg("--requests", "1000").parse()?,
         rounds: arg("--rounds", "3").parse()?,
         size: arg("--size", "64").parse()?,
+        peers: arg("--peers", "10").parse()?,
         agent_log: arg("--agent-log", "info"),
-        only_requests: arg("--only", "all") == "requests",
+        only: arg("--only", "all"),
     };
+    anyhow::ensure!(
+        ["all", "requests", "tunnels"].contains(&opts.only.as_str()),
+        "--only {:?}: expected requests or tunnels",
+        opts.only
+    );
+    anyhow::ensure!(
+        (1..=200).contains(&opts.peers),
+        "--peers must be between 1 and 200"
+    );
     anyhow::ensure!(opts.services >= 1, "--services must be at least 1");
     anyhow::ensure!(opts.mem_rounds >= 1, "--mem-rounds must be at least 1");
     anyhow::ensure!(opts.starts >= 1, "--starts must be at least 1");
@@ -150,9 +168,17 @@ struct Opts {
     requests: usize,
     rounds: usize,
     size: usize,
+    /// Peer VMs the client's agent holds tunnels to in the fourth part.
+    peers: usize,
     agent_log: String,
-    /// `--only requests`: the third part alone.
-    only_requests: bool,
+    /// `all`, or one part alone: `requests` (the third), `tunnels` (the fourth).
+    only: String,
+}
+
+impl Opts {
+    fn runs(&self, part: &str) -> bool {
+        self.only == "all" || self.only == part
+    }
 }
 
 async fn run(opts: &Opts, exe: &Path, agent: &Path) -> anyhow::Result<()> {
@@ -167,22 +193,31 @@ async fn run(opts: &Opts, exe: &Path, agent: &Path) -> anyhow::Result<()> {
         ),
         ("group only".to_string(), 0),
     ];
-    for (label, n) in catalogs.iter().filter(|_| !opts.only_requests) {
+    for (label, n) in catalogs.iter().filter(|_| opts.runs("memory")) {
         eprintln!("memory and start-up with a catalog of {label}");
         let (m, rows, r) = memory_and_ready(opts, agent, label, *n).await?;
         memory.extend(rows);
         ready.extend(r);
         drop(m);
     }
-    if !opts.only_requests {
+    if opts.runs("memory") {
         print_memory(opts, &memory);
         print_ready(opts, &ready);
     }
 
-    eprintln!("requests through the mesh and direct");
-    let rounds = requests(opts, exe, agent).await?;
-    print_requests(opts, &rounds);
-    print_summary(opts, &memory, &ready, &rounds);
+    let mut rounds: Rounds = Default::default();
+    if opts.runs("requests") {
+        eprintln!("requests through the mesh and direct");
+        rounds = requests(opts, exe, agent).await?;
+        print_requests(opts, &rounds);
+    }
+    let mut warm = Vec::new();
+    if opts.runs("tunnels") {
+        eprintln!("idle memory with tunnels warm to {} peers", opts.peers);
+        warm = warm_tunnels(opts, exe, agent).await?;
+        print_warm(opts, &warm);
+    }
+    print_summary(opts, &memory, &ready, &rounds, &warm);
     Ok(())
 }
 
@@ -936,20 +971,7 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
     h2_server.wait_ready().await;
     client.wait_ready().await;
 
-    // The services' VIPs, as the client VM resolves them (through its agent's DNS).
-    let vip = |name: &str| -> anyhow::Result<SocketAddr> {
-        let (ok, out, err) = tokio::task::block_in_place(|| {
-            client.sh(&format!("getent ahostsv4 {name}.shop.svc.cluster.local"))
-        });
-        anyhow::ensure!(ok, "cannot resolve {name} in the client VM: {err}");
-        let vip: Ipv4Addr = out
-            .split_whitespace()
-            .next()
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("no address in {out:?}"))?;
-        anyhow::ensure!(vip.octets()[0] == 240, "{vip} is not a mesh VIP: {out}");
-        Ok(SocketAddr::from((vip, SVC_PORT)))
-    };
+    let vip = |name: &str| vip_in(&client, name);
     let client_pid = client_agent.pid();
     let paths = [
         PathUnder {
@@ -1021,7 +1043,7 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
     for transport in ["quic", "hbone"] {
         anyhow::ensure!(
             text.contains(&format!(
-                "isthmus_vm_agent_tunnel_streams_total{{role=\"client\",transport=\"{transport}\"}}"
+                "isthmus_vm_agent_tunnel_streams_total{{role=\"client\",transport=\"{transport}\",peer="
             )),
             "the {transport} path took no {transport} tunnel:\n{text}"
         );
@@ -1061,6 +1083,217 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
     drop(server);
     drop(m);
     Ok(rounds)
+}
+
+/// The service `name`'s VIP and port, as `client` resolves it (through its agent's DNS).
+fn vip_in(client: &Vm, name: &str) -> anyhow::Result<SocketAddr> {
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        client.sh(&format!("getent ahostsv4 {name}.shop.svc.cluster.local"))
+    });
+    anyhow::ensure!(ok, "cannot resolve {name} in the client VM: {err}");
+    let vip: Ipv4Addr = out
+        .split_whitespace()
+        .next()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no address in {out:?}"))?;
+    anyhow::ensure!(vip.octets()[0] == 240, "{vip} is not a mesh VIP: {out}");
+    Ok(SocketAddr::from((vip, SVC_PORT)))
+}
+
+// ---- 4: idle memory with tunnels warm ----
+
+/// The fourth part's peer `i`: its VM's address and its group (and service) name.
+fn warm_peer(i: usize) -> (Ipv4Addr, String) {
+    (Ipv4Addr::new(10, 10, 0, 20 + i as u8), format!("peer-{i}"))
+}
+
+/// One transport's readings: per start, the client agent's memory before its first tunnel
+/// and with one warm to every peer.
+struct WarmRow {
+    transport: &'static str,
+    samples: Vec<(MemSample, MemSample)>,
+}
+
+impl WarmRow {
+    /// The median of each field, before and with the tunnels.
+    fn medians(&self) -> (MemSample, MemSample) {
+        let med = |pick: &dyn Fn(&(MemSample, MemSample)) -> u64| {
+            median(self.samples.iter().map(|s| pick(s) as f64).collect()) as u64
+        };
+        let side = |warm: bool| {
+            let pick = |f: fn(&MemSample) -> u64| {
+                med(&move |s: &(MemSample, MemSample)| if warm { f(&s.1) } else { f(&s.0) })
+            };
+            MemSample {
+                rss: pick(|m| m.rss),
+                hwm: pick(|m| m.hwm),
+                anon: pick(|m| m.anon),
+                file: pick(|m| m.file),
+                dirty: pick(|m| m.dirty),
+                threads: pick(|m| m.threads),
+                ..MemSample::default()
+            }
+        };
+        (side(false), side(true))
+    }
+}
+
+async fn warm_tunnels(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Vec<WarmRow>> {
+    let mut catalog = vec![group_yaml(
+        "client",
+        "client",
+        "client",
+        CLIENT_APP_PORT,
+        false,
+    )];
+    for i in 0..opts.peers {
+        let (_, name) = warm_peer(i);
+        catalog.push(group_yaml(&name, &name, &name, APP_PORT, false));
+        catalog.push(yaml::service(&name, "shop", SVC_PORT));
+    }
+    let m = Mesh::start_with("agent-bench-tunnels", &catalog, |cfg| {
+        cfg.resource_poll = Duration::from_millis(500);
+    })
+    .await
+    .context("network namespaces are unavailable (run as root with iproute2)")?;
+    wait_catalog(&m, 0).await?;
+    let log_env = [("RUST_LOG", opts.agent_log.as_str())];
+    let mut peers = Vec::new();
+    for i in 0..opts.peers {
+        let (ip, name) = warm_peer(i);
+        let vm = Vm::create(&m, Net::A, &name, ip, &name, &name);
+        let mut app = vm.ns.command(exe);
+        app.args([
+            "--role",
+            "server",
+            "--listen",
+            &format!("0.0.0.0:{APP_PORT}"),
+        ])
+        .args(["--size", &opts.size.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        let app = m.topo.spawn(app).context("starting a peer's server")?;
+        let agent = start_agent(&m, &vm, bin, &[], &log_env)?;
+        peers.push((vm, app, agent));
+    }
+    for (vm, _, _) in &peers {
+        vm.wait_ready().await;
+    }
+    let client = Vm::create(&m, Net::A, "client", CLIENT_VM, "client", "client");
+    // Enrolment and the peers' endpoints, unmeasured: one request to each over QUIC.
+    let agent = start_agent(&m, &client, bin, &[], &log_env)?;
+    client.wait_ready().await;
+    let scene = Scene {
+        exe,
+        client: &client,
+        opts,
+    };
+    let mut addrs = Vec::new();
+    for i in 0..opts.peers {
+        let addr = vip_in(&client, &warm_peer(i).1)?;
+        let deadline = Instant::now() + WAIT;
+        while let Err(e) =
+            tokio::task::block_in_place(|| scene.client(addr, Mode::NewConnection, 1, 0, || {}))
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "peer {i} ({addr}) was never reached: {e:#}\n{}",
+                log_tail(&client)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        addrs.push(addr);
+    }
+    stop(&client, agent)?;
+
+    let mut rows = Vec::new();
+    for transport in ["quic", "h2"] {
+        let mut samples = Vec::new();
+        for round in 0..opts.mem_rounds {
+            let agent = start_agent(
+                &m,
+                &client,
+                bin,
+                &["--tunnel-transports", transport],
+                &log_env,
+            )?;
+            client.wait_ready().await;
+            tokio::time::sleep(opts.idle).await;
+            let cold = proc_status(agent.pid())?;
+            for addr in &addrs {
+                tokio::task::block_in_place(|| {
+                    scene.client(*addr, Mode::NewConnection, 10, 0, || {})
+                })
+                .with_context(|| format!("{transport}: requests to {addr}"))?;
+            }
+            tokio::time::sleep(opts.idle).await;
+            let hot = proc_status(agent.pid())?;
+            let tunnels = client.admin("/debug/tunnels").await;
+            let open: Vec<&serde_json::Value> = tunnels["tunnels"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default();
+            let wanted = if transport == "h2" { "hbone" } else { "quic" };
+            anyhow::ensure!(
+                open.len() == opts.peers && open.iter().all(|t| t["transport"] == wanted),
+                "{transport}: the client agent held other tunnels than one {wanted} tunnel to each of {} peers: {tunnels:#}",
+                opts.peers
+            );
+            stop(&client, agent)?;
+            eprintln!(
+                "  tunnels round {}/{}: {transport}: {} kB before, {} kB with {} tunnels",
+                round + 1,
+                opts.mem_rounds,
+                cold.rss,
+                hot.rss,
+                opts.peers
+            );
+            samples.push((cold, hot));
+        }
+        rows.push(WarmRow { transport, samples });
+    }
+    for (vm, app, agent) in peers {
+        stop(&vm, agent)?;
+        drop(app);
+        drop(vm);
+    }
+    drop(client);
+    drop(m);
+    Ok(rows)
+}
+
+fn print_warm(opts: &Opts, rows: &[WarmRow]) {
+    println!(
+        "\n## Idle memory with tunnels warm: the client agent, median of {} starts, {:.0} s idle before each reading (MiB)",
+        opts.mem_rounds,
+        opts.idle.as_secs_f64()
+    );
+    println!(
+        "{:<10} {:<22} {:>7} {:>7} {:>8} {:>8} {:>10} {:>7}",
+        "transport", "tunnels", "VmRSS", "VmHWM", "RssAnon", "RssFile", "PrivDirty", "Threads"
+    );
+    for row in rows {
+        let (cold, hot) = row.medians();
+        for (label, s) in [
+            ("none yet".to_string(), cold),
+            (format!("1 to each of {} peers", opts.peers), hot),
+        ] {
+            println!(
+                "{:<10} {:<22} {:>7} {:>7} {:>8} {:>8} {:>10} {:>7}",
+                row.transport,
+                label,
+                mib(s.rss as f64),
+                mib(s.hwm as f64),
+                mib(s.anon as f64),
+                mib(s.file as f64),
+                mib(s.dirty as f64),
+                s.threads
+            );
+        }
+    }
+    println!(
+        "notes: each peer is a VM with its own agent (default transports) and an echo server; the client's tunnels were opened by ten requests on new connections to each peer's service and were still open (their idle timeout is 60 s) when read; VmHWM is the peak since the agent started"
+    );
 }
 
 // ---- Client and server roles (run by the benchmark inside the VMs) ----
@@ -1460,7 +1693,13 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
 }
 
 /// The headline figures, each from the tables above.
-fn print_summary(opts: &Opts, memory: &[MemRow], ready: &[ReadyRow], rounds: &Rounds) {
+fn print_summary(
+    opts: &Opts,
+    memory: &[MemRow],
+    ready: &[ReadyRow],
+    rounds: &Rounds,
+    warm: &[WarmRow],
+) {
     let rss = |catalog_is_big: bool| {
         let v: Vec<f64> = memory
             .iter()
@@ -1482,7 +1721,18 @@ fn print_summary(opts: &Opts, memory: &[MemRow], ready: &[ReadyRow], rounds: &Ro
     };
     let per_k = |d: Duration| d.as_secs_f64() * 1e6 / n;
     println!("\n## Summary");
-    for (k, mode) in MODES.iter().enumerate() {
+    for row in warm {
+        let (cold, hot) = row.medians();
+        println!(
+            "idle RSS with {} {} tunnels warm: {:.1} MiB, {:.1} MiB before the first (+{:.0} kB a tunnel)",
+            opts.peers,
+            row.transport,
+            hot.rss as f64 / 1024.0,
+            cold.rss as f64 / 1024.0,
+            (hot.rss as f64 - cold.rss as f64) / opts.peers as f64
+        );
+    }
+    for (k, mode) in MODES.iter().enumerate().filter(|_| opts.runs("requests")) {
         let total = |p| med(p, k, &|r| per_k(r.total()));
         let agents = |p| med(p, k, &|r| per_k(r.agents()));
         let p50 = |p| med(p, k, &|r| r.p50.as_secs_f64() * 1e6);
@@ -1512,7 +1762,7 @@ fn print_summary(opts: &Opts, memory: &[MemRow], ready: &[ReadyRow], rounds: &Ro
             p99(DIRECT),
         );
     }
-    if opts.only_requests {
+    if !opts.runs("memory") {
         return;
     }
     println!(
