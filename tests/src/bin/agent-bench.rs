@@ -130,14 +130,16 @@ fn main() -> anyhow::Result<()> {
         rounds: arg("--rounds", "3").parse()?,
         size: arg("--size", "64").parse()?,
         peers: arg("--peers", "10").parse()?,
+        bulk_mib: arg("--bulk-mib", "256").parse()?,
         agent_log: arg("--agent-log", "info"),
         only: arg("--only", "all"),
     };
     anyhow::ensure!(
-        ["all", "requests", "tunnels"].contains(&opts.only.as_str()),
-        "--only {:?}: expected requests or tunnels",
+        ["all", "requests", "bulk", "tunnels"].contains(&opts.only.as_str()),
+        "--only {:?}: expected requests, bulk or tunnels",
         opts.only
     );
+    anyhow::ensure!(opts.bulk_mib >= 1, "--bulk-mib must be at least 1");
     anyhow::ensure!(
         (1..=200).contains(&opts.peers),
         "--peers must be between 1 and 200"
@@ -170,8 +172,11 @@ struct Opts {
     size: usize,
     /// Peer VMs the client's agent holds tunnels to in the fourth part.
     peers: usize,
+    /// MiB each way of a bulk run.
+    bulk_mib: usize,
     agent_log: String,
-    /// `all`, or one part alone: `requests` (the third), `tunnels` (the fourth).
+    /// `all`, or one part alone: `requests` (the third's requests), `bulk` (its bulk
+    /// transfers), `tunnels` (the fourth).
     only: String,
 }
 
@@ -206,10 +211,16 @@ async fn run(opts: &Opts, exe: &Path, agent: &Path) -> anyhow::Result<()> {
     }
 
     let mut rounds: Rounds = Default::default();
+    let mut bulk: BulkRounds = Default::default();
+    if opts.runs("requests") || opts.runs("bulk") {
+        eprintln!("requests and bulk transfers through the mesh and direct");
+        (rounds, bulk) = requests(opts, exe, agent).await?;
+    }
     if opts.runs("requests") {
-        eprintln!("requests through the mesh and direct");
-        rounds = requests(opts, exe, agent).await?;
         print_requests(opts, &rounds);
+    }
+    if opts.runs("bulk") {
+        print_bulk(opts, &bulk);
     }
     let mut warm = Vec::new();
     if opts.runs("tunnels") {
@@ -217,7 +228,7 @@ async fn run(opts: &Opts, exe: &Path, agent: &Path) -> anyhow::Result<()> {
         warm = warm_tunnels(opts, exe, agent).await?;
         print_warm(opts, &warm);
     }
-    print_summary(opts, &memory, &ready, &rounds, &warm);
+    print_summary(opts, &memory, &ready, &rounds, &bulk, &warm);
     Ok(())
 }
 
@@ -765,6 +776,8 @@ impl Run {
 enum Mode {
     NewConnection,
     Persistent,
+    /// One connection carrying `--bulk-mib` each way at once (the server echoes as it reads).
+    Bulk,
 }
 
 impl Mode {
@@ -772,6 +785,7 @@ impl Mode {
         match self {
             Mode::NewConnection => "new",
             Mode::Persistent => "persistent",
+            Mode::Bulk => "bulk",
         }
     }
 
@@ -779,6 +793,7 @@ impl Mode {
         match self {
             Mode::NewConnection => "a new TCP connection per request",
             Mode::Persistent => "one persistent connection",
+            Mode::Bulk => "bulk both ways on one connection",
         }
     }
 }
@@ -795,6 +810,8 @@ const DIRECT: usize = 3;
 
 /// Every run, by path and mode: `runs[path][mode]` holds one [`Run`] per round.
 type Rounds = [[Vec<Run>; 2]; 4];
+/// Per path, the bulk runs.
+type BulkRounds = [Vec<Run>; 4];
 
 fn req_catalog() -> Vec<String> {
     vec![
@@ -843,6 +860,7 @@ impl Scene<'_> {
                 .args(["--requests", &n.to_string()])
                 .args(["--warmup", &warmup.to_string()])
                 .args(["--size", &self.opts.size.to_string()])
+                .args(["--bytes", &(self.opts.bulk_mib << 20).to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -924,7 +942,7 @@ async fn recorded(vm: &Vm, direction: &str) -> bool {
         .is_some_and(|a| a.iter().any(|c| c["direction"] == direction))
 }
 
-async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds> {
+async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<(Rounds, BulkRounds)> {
     let m = Mesh::start_with("agent-bench-requests", &req_catalog(), |cfg| {
         cfg.resource_poll = Duration::from_millis(500);
     })
@@ -1050,7 +1068,7 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
     }
 
     let mut rounds: Rounds = Default::default();
-    for round in 0..opts.rounds {
+    for round in (0..opts.rounds).filter(|_| opts.runs("requests")) {
         for i in 0..PATHS.len() {
             // Each round starts with another path.
             let p = (round + i) % PATHS.len();
@@ -1070,6 +1088,22 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
             }
         }
     }
+    let mut bulk: BulkRounds = Default::default();
+    for round in (0..opts.rounds).filter(|_| opts.runs("bulk")) {
+        for i in 0..PATHS.len() {
+            let p = (round + i) % PATHS.len();
+            let r = tokio::task::block_in_place(|| scene.run(&paths[p], Mode::Bulk))
+                .with_context(|| format!("{}, bulk, round {}", PATHS[p], round + 1))?;
+            eprintln!(
+                "  round {}/{}: {} bulk: {:.0} MB/s each way",
+                round + 1,
+                opts.rounds,
+                PATHS[p],
+                (opts.bulk_mib << 20) as f64 / 1e6 / r.wall.as_secs_f64()
+            );
+            bulk[p].push(r);
+        }
+    }
     stop(&mtls_server, mtls_agent)?;
     drop(mtls_app);
     drop(mtls_server);
@@ -1082,7 +1116,7 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Rounds>
     drop(client);
     drop(server);
     drop(m);
-    Ok(rounds)
+    Ok((rounds, bulk))
 }
 
 /// The service `name`'s VIP and port, as `client` resolves it (through its agent's DNS).
@@ -1361,7 +1395,16 @@ fn client_main() -> anyhow::Result<()> {
         Ok(())
     };
     let mut latencies: Vec<Duration> = Vec::with_capacity(n);
-    let (wall, cpu) = if persistent {
+    let (wall, cpu) = if arg("--mode", "new") == "bulk" {
+        let bytes: u64 = arg("--bytes", "0").parse()?;
+        let s = connect()?;
+        ready()?;
+        let (t0, c0) = (Instant::now(), own_cpu());
+        let echoed = bulk_echo(s, bytes)?;
+        anyhow::ensure!(echoed == bytes, "{echoed} bytes echoed of {bytes}");
+        latencies.push(t0.elapsed());
+        (t0.elapsed(), own_cpu().saturating_sub(c0))
+    } else if persistent {
         let mut s = connect()?;
         for _ in 0..warmup {
             exchange(&mut s)?;
@@ -1401,7 +1444,41 @@ fn client_main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--role server`: on every `--listen` address, echoes each `--size`-byte request.
+/// Writes `bytes` on `s` (then its FIN) from one thread while reading the echo on this one
+/// until the server's FIN: the bytes that came back.
+fn bulk_echo(s: TcpStream, bytes: u64) -> anyhow::Result<u64> {
+    const CHUNK: usize = 256 << 10;
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let chunk: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            w.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut r = s;
+    r.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    loop {
+        let n = r.read(&mut buf).context("reading the echo")?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer panicked"))?
+        .context("writing")?;
+    Ok(got)
+}
+
+/// `--role server`: on every `--listen` address, echoes what it reads as it reads it (a
+/// `--size`-byte request gets its same-size reply), and ends its side at the client's FIN.
 fn server_main() -> anyhow::Result<()> {
     let size: usize = arg("--size", "64").parse()?;
     let listen: Vec<SocketAddr> = arg("--listen", "")
@@ -1423,12 +1500,19 @@ fn server_main() -> anyhow::Result<()> {
                     };
                     let _ = s.set_nodelay(true);
                     tokio::spawn(async move {
-                        let mut buf = vec![0u8; size];
-                        while s.read_exact(&mut buf).await.is_ok() {
-                            if s.write_all(&buf).await.is_err() {
-                                return;
+                        let mut buf = vec![0u8; size.max(64 << 10)];
+                        loop {
+                            match s.read(&mut buf).await {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if s.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(_) => return,
                             }
                         }
+                        let _ = s.shutdown().await;
                     });
                 }
             });
@@ -1693,11 +1777,69 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
 }
 
 /// The headline figures, each from the tables above.
+fn print_bulk(opts: &Opts, bulk: &BulkRounds) {
+    let moved = 2.0 * (opts.bulk_mib << 20) as f64 / 1e6;
+    println!(
+        "\n## Bulk: {} MiB each way at once on one connection, the server echoing as it reads; median of {} rounds",
+        opts.bulk_mib, opts.rounds
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>12} {:>12} {:>12} {:>16} {:>14}",
+        "path",
+        "MB/s each",
+        "client ag s",
+        "server ag s",
+        "client s",
+        "server s",
+        "MB/agent-CPU-s",
+        "total CPU s/GB"
+    );
+    for (p, name) in PATHS.iter().enumerate() {
+        let runs = &bulk[p];
+        if runs.is_empty() {
+            continue;
+        }
+        let med = |pick: &dyn Fn(&Run) -> f64| median(runs.iter().map(pick).collect());
+        let agents = med(&|r| r.agents().as_secs_f64());
+        println!(
+            "{:<8} {:>12.0} {:>12.3} {:>12.3} {:>12.3} {:>12.3} {:>16} {:>14.3}",
+            name,
+            med(&|r| moved / 2.0 / r.wall.as_secs_f64()),
+            med(&|r| r.client_agent_cpu.as_secs_f64()),
+            med(&|r| r.server_agent_cpu.as_secs_f64()),
+            med(&|r| r.client_cpu.as_secs_f64()),
+            med(&|r| r.server_cpu.as_secs_f64()),
+            if p == DIRECT {
+                "-".to_string()
+            } else {
+                format!("{:.0}", moved / agents)
+            },
+            med(&|r| r.total().as_secs_f64()) / (moved / 1000.0),
+        );
+    }
+    println!(
+        "notes: MB moved = both directions ({:.0} MB); MB/agent-CPU-s = that over both agents' CPU (the direct path does not pass them); total = client + server + both agents",
+        moved
+    );
+}
+
+/// Per byte, both agents' CPU on `p`'s bulk runs: MB moved per CPU-second.
+fn bulk_rate(opts: &Opts, bulk: &BulkRounds, p: usize) -> f64 {
+    let moved = 2.0 * (opts.bulk_mib << 20) as f64 / 1e6;
+    median(
+        bulk[p]
+            .iter()
+            .map(|r| moved / r.agents().as_secs_f64())
+            .collect(),
+    )
+}
+
 fn print_summary(
     opts: &Opts,
     memory: &[MemRow],
     ready: &[ReadyRow],
     rounds: &Rounds,
+    bulk: &BulkRounds,
     warm: &[WarmRow],
 ) {
     let rss = |catalog_is_big: bool| {
@@ -1721,6 +1863,17 @@ fn print_summary(
     };
     let per_k = |d: Duration| d.as_secs_f64() * 1e6 / n;
     println!("\n## Summary");
+    if opts.runs("bulk") {
+        let (q, h, m) = (
+            bulk_rate(opts, bulk, QUIC),
+            bulk_rate(opts, bulk, HBONE),
+            bulk_rate(opts, bulk, MTLS),
+        );
+        println!(
+            "bulk, MB moved per CPU-second of both agents: quic {q:.0}, hbone {h:.0}, mtls {m:.0} (QUIC costs x{:.2} of HTTP/2 per byte)",
+            h / q
+        );
+    }
     for row in warm {
         let (cold, hot) = row.medians();
         println!(
