@@ -64,7 +64,7 @@
 //! processes of the mesh path share the cores as they would on a VM. The agents log at
 //! `--agent-log` (their default, `info`), into files.
 //!
-//! Run (as root, with `ip` and `nft`; about twelve minutes with the defaults):
+//! Run (as root, with `ip` and `nft`; about ten minutes with the defaults):
 //! `cargo build --release -p isthmus-vm-agent -p isthmus-tests && target/release/agent-bench
 //! [--services 1000] [--idle 5] [--mem-rounds 3] [--starts 5] [--requests 1000]
 //! [--rounds 3] [--size 64] [--peers 10] [--agent-log info] [--only requests,bulk,tunnels]`
