@@ -297,18 +297,7 @@ pub fn render(plan: &CapturePlan) -> String {
 
 /// Installs (or replaces) the capture for `plan`, with empty destination sets.
 pub fn install(plan: &CapturePlan) -> Result<(), CaptureError> {
-    let problems = plan.problems();
-    if !problems.is_empty() {
-        return Err(CaptureError::Plan(problems));
-    }
-    nft(
-        &["-f", "-"],
-        Some(&render(plan)),
-        "installing the traffic capture rules",
-        "does the agent have CAP_NET_ADMIN, and does the kernel have nf_tables with NAT \
-         (nft_nat, nft_redirect)? run with --capture none to use explicit listeners instead",
-    )?;
-    Ok(())
+    install_with(plan, &[], &[])
 }
 
 /// Installs (or replaces) the capture for `plan` with `v4` and `v6` in its destination sets,
@@ -327,7 +316,7 @@ pub fn install_with(
     nft(
         &["-f", "-"],
         Some(&script),
-        "replacing the traffic capture rules",
+        "installing the traffic capture rules",
         "does the agent have CAP_NET_ADMIN, and does the kernel have nf_tables with NAT \
          (nft_nat, nft_redirect)? run with --capture none to use explicit listeners instead",
     )?;

@@ -48,8 +48,8 @@ pub struct Pending {
     pub authority: Option<String>,
     pub headers: http::HeaderMap,
     reply: Reply,
-    /// Where the stream's bytes are counted once accepted.
-    counters: Option<TunnelCounters>,
+    /// Its tunnel's series: the stream's bytes are counted there once accepted.
+    counters: TunnelCounters,
 }
 
 /// Where a pending stream's answer goes.
@@ -103,21 +103,14 @@ impl Pending {
                 let send = respond
                     .send_response(answer(StatusCode::OK), false)
                     .map_err(io_error)?;
-                Ok(self.count(H2Stream::new(send, body).into()))
+                Ok(Stream::from(H2Stream::new(send, body)).counted(&self.counters))
             }
             Reply::Quic { mut send, recv } => {
                 send.write_all(&quic::encode_response(StatusCode::OK))
                     .await?;
-                Ok(self.count(QuicStream::new(send, recv).into()))
+                Ok(Stream::from(QuicStream::new(send, recv)).counted(&self.counters))
             }
             Reply::Done => Err(io::Error::other("the stream was answered already")),
-        }
-    }
-
-    fn count(&self, stream: Stream) -> Stream {
-        match &self.counters {
-            Some(c) => stream.counted(c),
-            None => stream,
         }
     }
 
@@ -291,9 +284,9 @@ impl Listener {
                 authority: parts.uri.authority().map(|a| a.as_str().to_owned()),
                 headers: parts.headers,
                 reply: Reply::H2 { body, respond },
-                counters: None,
+                counters: counters.clone(),
             };
-            self.spawn_stream(pending, &peer, client, &counters, None, &on_stream);
+            self.spawn_stream(pending, &peer, client, None, &on_stream);
         };
         open.dec();
         self.ended(rec, streams, ended);
@@ -303,18 +296,16 @@ impl Listener {
     /// (holding `hold` until it ends).
     fn spawn_stream<F, Fut>(
         &self,
-        mut pending: Pending,
+        pending: Pending,
         peer: &SpiffeId,
         client: SocketAddr,
-        counters: &TunnelCounters,
         hold: Option<Arc<()>>,
         on_stream: &F,
     ) where
         F: Fn(Pending, SpiffeId, AccessRecord) -> Fut,
         Fut: Future<Output = AccessRecord> + Send + 'static,
     {
-        counters.streams.inc();
-        pending.counters = Some(counters.clone());
+        pending.counters.streams.inc();
         let guard = self.tracker.register();
         let span = tracing::debug_span!(
             "stream",
@@ -593,9 +584,9 @@ impl Listener {
                     authority: Some(request.authority),
                     headers: request.headers,
                     reply: Reply::Quic { send, recv },
-                    counters: None,
+                    counters,
                 };
-                listener.spawn_stream(pending, &peer, client, &counters, Some(hold), &on_stream);
+                listener.spawn_stream(pending, &peer, client, Some(hold), &on_stream);
             });
         };
         open.dec();

@@ -1145,34 +1145,34 @@ fn warm_peer(i: usize) -> (Ipv4Addr, String) {
     (Ipv4Addr::new(10, 10, 0, 20 + i as u8), format!("peer-{i}"))
 }
 
-/// One transport's readings: per start, the client agent's memory before its first tunnel
-/// and with one warm to every peer.
+/// One transport's readings, one per start: the client agent's memory before its first
+/// tunnel (`cold`) and with one warm to every peer (`hot`).
 struct WarmRow {
     transport: &'static str,
-    samples: Vec<(MemSample, MemSample)>,
+    cold: Vec<MemSample>,
+    hot: Vec<MemSample>,
 }
 
 impl WarmRow {
     /// The median of each field, before and with the tunnels.
     fn medians(&self) -> (MemSample, MemSample) {
-        let med = |pick: &dyn Fn(&(MemSample, MemSample)) -> u64| {
-            median(self.samples.iter().map(|s| pick(s) as f64).collect()) as u64
-        };
-        let side = |warm: bool| {
-            let pick = |f: fn(&MemSample) -> u64| {
-                med(&move |s: &(MemSample, MemSample)| if warm { f(&s.1) } else { f(&s.0) })
-            };
-            MemSample {
-                rss: pick(|m| m.rss),
-                hwm: pick(|m| m.hwm),
-                anon: pick(|m| m.anon),
-                file: pick(|m| m.file),
-                dirty: pick(|m| m.dirty),
-                threads: pick(|m| m.threads),
-                ..MemSample::default()
-            }
-        };
-        (side(false), side(true))
+        (median_sample(&self.cold), median_sample(&self.hot))
+    }
+}
+
+/// The median of each `/proc/<pid>/status` field of `samples`.
+fn median_sample(samples: &[MemSample]) -> MemSample {
+    let m = |pick: fn(&MemSample) -> u64| {
+        median(samples.iter().map(|s| pick(s) as f64).collect()) as u64
+    };
+    MemSample {
+        rss: m(|s| s.rss),
+        hwm: m(|s| s.hwm),
+        anon: m(|s| s.anon),
+        file: m(|s| s.file),
+        dirty: m(|s| s.dirty),
+        threads: m(|s| s.threads),
+        ..MemSample::default()
     }
 }
 
@@ -1246,7 +1246,11 @@ async fn warm_tunnels(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Vec
 
     let mut rows = Vec::new();
     for transport in ["quic", "h2"] {
-        let mut samples = Vec::new();
+        let mut row = WarmRow {
+            transport,
+            cold: Vec::new(),
+            hot: Vec::new(),
+        };
         for round in 0..opts.mem_rounds {
             let agent = start_agent(
                 &m,
@@ -1286,9 +1290,10 @@ async fn warm_tunnels(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<Vec
                 hot.rss,
                 opts.peers
             );
-            samples.push((cold, hot));
+            row.cold.push(cold);
+            row.hot.push(hot);
         }
-        rows.push(WarmRow { transport, samples });
+        rows.push(row);
     }
     for (vm, app, agent) in peers {
         stop(&vm, agent)?;
