@@ -67,7 +67,7 @@
 //! Run (as root, with `ip` and `nft`; about ten minutes with the defaults):
 //! `cargo build --release -p isthmus-vm-agent -p isthmus-tests && target/release/agent-bench
 //! [--services 1000] [--idle 5] [--mem-rounds 3] [--starts 5] [--requests 1000]
-//! [--rounds 3] [--size 64] [--peers 10] [--agent-log info] [--only requests,bulk,tunnels]`
+//! [--rounds 3] [--size 64] [--peers 10] [--agent-log info] [--only memory,requests,bulk,tunnels]`
 //!
 //! Everything runs in namespaces this process creates and removes (traffic never leaves
 //! them or loopback). The agent binary is the one next to this one.
@@ -139,8 +139,8 @@ fn main() -> anyhow::Result<()> {
             || opts
                 .only
                 .split(',')
-                .all(|p| ["requests", "bulk", "tunnels"].contains(&p)),
-        "--only {:?}: expected requests, bulk or tunnels, or several joined by commas",
+                .all(|p| ["memory", "requests", "bulk", "tunnels"].contains(&p)),
+        "--only {:?}: expected memory, requests, bulk or tunnels, or several joined by commas",
         opts.only
     );
     anyhow::ensure!(opts.bulk_mib >= 1, "--bulk-mib must be at least 1");
@@ -179,8 +179,8 @@ struct Opts {
     /// MiB each way of a bulk run.
     bulk_mib: usize,
     agent_log: String,
-    /// `all`, or the parts to run, joined by commas: `requests` (the third's requests),
-    /// `bulk` (its bulk transfers), `tunnels` (the fourth).
+    /// `all`, or the parts to run, joined by commas: `memory` (the first two), `requests`
+    /// (the third's requests), `bulk` (its bulk transfers), `tunnels` (the fourth).
     only: String,
 }
 
