@@ -284,17 +284,20 @@ impl Scene {
         role: TunnelRole,
         result: &'static str,
     ) -> u64 {
-        let m = if role == TunnelRole::client {
-            &self.client.metrics
-        } else {
-            &self.server
-        };
+        // A server knows its client only once the handshake succeeded.
         let peer = match (role, result) {
-            (TunnelRole::server, "ok") => self.client_identity(),
+            (TunnelRole::server, "ok") | (TunnelRole::client, _) => self.tunnel_labels(role).peer,
             (TunnelRole::server, _) => UNKNOWN_PEER.to_string(),
-            (TunnelRole::client, _) => self.tunnel_addr.to_string(),
         };
-        Self::handshakes_with(m, transport, role, peer, result)
+        Self::handshakes_with(self.metrics(role), transport, role, peer, result)
+    }
+
+    /// The metrics of `role`'s proxy: the client's pool or the server's listener.
+    fn metrics(&self, role: TunnelRole) -> &Metrics {
+        match role {
+            TunnelRole::client => &self.client.metrics,
+            TunnelRole::server => &self.server,
+        }
     }
 
     fn handshakes_with(
@@ -323,12 +326,8 @@ impl Scene {
     /// The app's bytes the tunnels carried, on `role`'s side, by flow.
     fn tunnel_bytes(&self, role: TunnelRole, flow: TunnelFlow) -> u64 {
         let labels = self.tunnel_labels(role);
-        let m = if role == TunnelRole::client {
-            &self.client.metrics
-        } else {
-            &self.server
-        };
-        m.tunnels
+        self.metrics(role)
+            .tunnels
             .bytes
             .get_or_create(&TunnelBytesLabels {
                 role,
