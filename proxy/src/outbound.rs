@@ -253,7 +253,7 @@ impl AsyncWrite for MeshStream {
 pub struct OutboundStream {
     pub stream: MeshStream,
     /// Where the TCP connection went: the workload, or the remote network's gateway.
-    pub target: Target,
+    pub target: Arc<Target>,
     /// The server's verified identity (the workload's, also through a gateway).
     pub server_identity: Option<SpiffeId>,
     pub lease: Lease,

@@ -160,7 +160,9 @@ fn display_all<T: std::fmt::Display, S: serde::Serializer>(
 }
 
 struct Endpoints {
-    targets: Vec<Target>,
+    /// Shared with the connections that picked them: a pick hands out a reference, not a
+    /// copy of the target's names and identities.
+    targets: Vec<Arc<Target>>,
     by_uid: HashMap<String, usize>,
     balancer: Balancer,
 }
@@ -318,7 +320,7 @@ impl Destination {
             .enumerate()
             .map(|(i, t)| (t.uid.clone(), i))
             .collect();
-        e.targets = targets;
+        e.targets = targets.into_iter().map(Arc::new).collect();
     }
 
     /// The DestinationRule's `localityLbSetting` in force (the default when none).
@@ -347,7 +349,7 @@ impl Destination {
             .clone()
     }
 
-    pub fn targets(&self) -> Vec<Target> {
+    pub fn targets(&self) -> Vec<Arc<Target>> {
         self.endpoints
             .lock()
             .expect("destination poisoned")
@@ -356,11 +358,11 @@ impl Destination {
     }
 
     /// Picks a target that is not ejected and not in `tried`.
-    pub fn pick(&self, now: Instant, tried: &[String]) -> Option<Target> {
+    pub fn pick(&self, now: Instant, tried: &[Arc<Target>]) -> Option<Arc<Target>> {
         let mut e = self.endpoints.lock().expect("destination poisoned");
         let exclude: Vec<usize> = tried
             .iter()
-            .filter_map(|uid| e.by_uid.get(uid).copied())
+            .filter_map(|t| e.by_uid.get(&t.uid).copied())
             .collect();
         let i = e.balancer.pick(now, &exclude)?;
         Some(e.targets[i].clone())
@@ -399,7 +401,7 @@ impl Destination {
                 .iter()
                 .enumerate()
                 .map(|(i, t)| EndpointDump {
-                    target: t.clone(),
+                    target: Target::clone(t),
                     active: e.balancer.active(i),
                     ejected: e.balancer.is_ejected(i, now),
                 })

@@ -67,13 +67,13 @@ pub enum ConnectError {
 #[derive(Debug)]
 pub struct Lease {
     destination: Arc<Destination>,
-    uid: String,
+    target: Arc<Target>,
     _slot: Slot,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.destination.on_close(&self.uid);
+        self.destination.on_close(&self.target.uid);
     }
 }
 
@@ -81,7 +81,7 @@ impl Drop for Lease {
 #[derive(Debug)]
 pub struct Upstream<S> {
     pub stream: S,
-    pub target: Target,
+    pub target: Arc<Target>,
     pub lease: Lease,
 }
 
@@ -95,7 +95,7 @@ pub async fn connect<S, F, Fut>(
     first_step: F,
 ) -> Result<Upstream<S>, ConnectError>
 where
-    F: Fn(TcpStream, Target) -> Fut,
+    F: Fn(TcpStream, Arc<Target>) -> Fut,
     Fut: Future<Output = io::Result<S>>,
 {
     let first_step = &first_step;
@@ -161,13 +161,12 @@ pub async fn connect_with<S, F, Fut>(
     attempt: F,
 ) -> Result<Upstream<S>, ConnectError>
 where
-    F: Fn(Target, ConnectOptions) -> Fut,
+    F: Fn(Arc<Target>, ConnectOptions) -> Fut,
     Fut: Future<Output = io::Result<S>>,
 {
-    let name = destination.key.to_string();
     let Some(slot) = destination.take_slot() else {
         return Err(ConnectError::LimitReached {
-            destination: name,
+            destination: destination.key.to_string(),
             limit: destination.max_connections(),
         });
     };
@@ -176,13 +175,13 @@ where
         timeout: destination.connect_timeout().unwrap_or(opts.timeout),
         ..opts
     };
-    let mut tried: Vec<String> = Vec::new();
+    let mut tried: Vec<Arc<Target>> = Vec::new();
     let mut last: Option<(std::net::SocketAddr, io::Error)> = None;
     for _ in 0..opts.attempts.max(1) {
         let Some(target) = destination.pick(Instant::now(), &tried) else {
             break;
         };
-        tried.push(target.uid.clone());
+        tried.push(target.clone());
         let attempt = attempt(target.clone(), opts);
         match attempt.await {
             Ok(stream) => {
@@ -191,7 +190,7 @@ where
                     stream,
                     lease: Lease {
                         destination: destination.clone(),
-                        uid: target.uid.clone(),
+                        target: target.clone(),
                         _slot: slot,
                     },
                     target,
@@ -207,25 +206,27 @@ where
                 {
                     metrics.ejections.get_or_create(&service).inc();
                     tracing::warn!(
-                        destination = %name,
+                        destination = %destination.key,
                         endpoint = %target.addr,
                         ejected_for = ?until.saturating_duration_since(Instant::now()),
                         "endpoint ejected after consecutive connect failures"
                     );
                 }
-                tracing::debug!(destination = %name, endpoint = %target.addr, error = %e, "connect failed; trying another endpoint");
+                tracing::debug!(destination = %destination.key, endpoint = %target.addr, error = %e, "connect failed; trying another endpoint");
                 last = Some((target.addr, e));
             }
         }
     }
     match last {
         Some((endpoint, source)) => Err(ConnectError::Failed {
-            destination: name,
+            destination: destination.key.to_string(),
             attempts: tried.len() as u32,
             endpoint,
             source,
         }),
-        None => Err(ConnectError::NoHealthyEndpoint { destination: name }),
+        None => Err(ConnectError::NoHealthyEndpoint {
+            destination: destination.key.to_string(),
+        }),
     }
 }
 

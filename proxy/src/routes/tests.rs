@@ -257,11 +257,9 @@ fn tried_endpoints_are_skipped() {
     let d = t.lookup(HOST, 9080, "").unwrap();
     let now = Instant::now();
     let first = d.pick(now, &[]).unwrap();
-    let second = d.pick(now, std::slice::from_ref(&first.uid)).unwrap();
+    let second = d.pick(now, std::slice::from_ref(&first)).unwrap();
     assert_ne!(first.uid, second.uid);
-    assert!(d
-        .pick(now, &[first.uid.clone(), second.uid.clone()])
-        .is_none());
+    assert!(d.pick(now, &[first.clone(), second.clone()]).is_none());
 }
 
 #[test]

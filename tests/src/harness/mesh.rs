@@ -666,7 +666,7 @@ impl Mesh {
             Ok(Call {
                 greeting,
                 server: s.server_identity.clone(),
-                target: s.target.clone(),
+                target: Target::clone(&s.target),
             })
         })
         .await
