@@ -73,13 +73,14 @@ impl Tracker {
         self.open.load(Ordering::SeqCst)
     }
 
-    /// Keeps `rec`'s summary among the recent connections.
-    pub fn remember(&self, rec: &AccessRecord) {
+    /// Keeps `rec`'s summary among the recent connections (its names move into it).
+    pub fn remember(&self, rec: AccessRecord) {
+        let summary = rec.into_summary();
         let mut recent = self.recent.lock().expect("recent connections poisoned");
         if recent.len() >= RECENT_CONNECTIONS {
             recent.pop_front();
         }
-        recent.push_back(rec.summary());
+        recent.push_back(summary);
     }
 
     /// The last connections that ended, newest first.
@@ -275,7 +276,7 @@ pub async fn accept_loop<F, Fut>(
             async move {
                 let rec = work.await;
                 rec.emit();
-                guard.tracker.remember(&rec);
+                guard.tracker.remember(rec);
                 drop(guard);
                 drop(slot);
             }
@@ -405,21 +406,21 @@ pub struct ConnectionSummary {
 }
 
 impl AccessRecord {
-    pub fn summary(&self) -> ConnectionSummary {
+    pub fn into_summary(self) -> ConnectionSummary {
         ConnectionSummary {
             id: self.id,
             direction: self.direction.as_str(),
             client: self.client,
-            destination: self.destination.clone(),
-            service: self.service.clone(),
+            destination: self.destination,
+            service: self.service,
             endpoint: self.endpoint,
-            peer_identity: self.peer_identity.clone(),
+            peer_identity: self.peer_identity,
             bytes_to_upstream: self.bytes_to_upstream,
             bytes_from_upstream: self.bytes_from_upstream,
             relay: self.relay,
             duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             result: self.result,
-            error: self.error.clone(),
+            error: self.error,
             ended_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

@@ -323,7 +323,7 @@ impl Listener {
             async move {
                 let rec = work.await;
                 rec.emit();
-                tracker.remember(&rec);
+                tracker.remember(rec);
                 drop(guard);
                 drop(hold);
             }
@@ -413,7 +413,7 @@ impl Listener {
                         Err(r) => listener.refuse(&mut rec, r),
                     }
                     rec.emit();
-                    tracker.remember(&rec);
+                    tracker.remember(rec);
                     drop(guard);
                 }
                 .instrument(span),
