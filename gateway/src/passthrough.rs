@@ -176,15 +176,15 @@ pub(crate) async fn forward(
     dest: &Arc<Destination>,
     rec: &mut AccessRecord,
 ) {
-    let service = dest.key.hostname.clone();
+    let service = &dest.key.hostname;
     rec.service = Some(service.clone());
-    let open = p.metrics.open(DIRECTION, &service);
+    let open = p.metrics.open(DIRECTION, service);
     let result = connect_and_relay(p, down, dest, rec).await;
     drop(open);
     rec.finish(result);
     p.metrics.closed(
         DIRECTION,
-        &service,
+        service,
         result,
         rec.bytes_to_upstream,
         rec.bytes_from_upstream,
@@ -225,15 +225,27 @@ async fn connect_and_relay(
     };
     rec.endpoint = Some(up.target.addr);
     rec.bytes_to_upstream = hello.len() as u64;
-    let transit = Transit {
-        source_network: up.target.network.clone(),
-        destination_network: up.target.network.clone(),
-        transport: Transport::Direct,
-    };
-    let report = p
-        .metrics
-        .istio
-        .open_transit(istio_labels(p, dest, Some(&up.target.uid)), transit);
+    // Every connection to one endpoint of one service has the same labels: they are
+    // built once, and found by the service and the endpoint after that.
+    let target = &up.target;
+    let report = p.metrics.istio.open_memo(
+        "gateway",
+        &[
+            &dest.service.hostname,
+            &dest.service.name,
+            &dest.service.namespace,
+            &target.uid,
+            &target.network,
+        ],
+        || {
+            let transit = Transit {
+                source_network: target.network.clone(),
+                destination_network: target.network.clone(),
+                transport: Transport::Direct,
+            };
+            (istio_labels(p, dest, Some(&target.uid)), Some(transit))
+        },
+    );
     report.add_received(hello.len() as u64);
     let (endpoint, lease) = (up.stream, up.lease);
     let relayed = async {

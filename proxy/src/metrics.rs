@@ -6,7 +6,8 @@
 
 pub mod istio;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -339,6 +340,29 @@ pub struct Metrics {
     pub catalog: SyncMetrics,
     /// Istio's standard TCP metrics (`istio_tcp_*`), registered without the prefix.
     pub istio: Arc<istio::IstioMetrics>,
+    /// Each service's series of `connections`, `connections_open` and `bytes`, by listener.
+    services: Arc<[ServiceIndex; DIRECTIONS]>,
+}
+
+/// How many [`Direction`]s and [`ConnResult`]s there are: a series past these (a variant
+/// added later and not counted here) is found in its family instead.
+const DIRECTIONS: usize = 3;
+const RESULTS: usize = 10;
+
+/// One listener's services and their series: a connection finds them by the service's
+/// name, where looking them up in the families would build (and hash) a label set, and
+/// copy the name into it, for each series it counts in.
+#[derive(Debug, Default)]
+struct ServiceIndex(RwLock<HashMap<String, Arc<ServiceSeries>>>);
+
+/// The series of one service and listener, each made in its family when first counted in
+/// (so that a result or flow that never happened has no series, as before).
+#[derive(Debug, Default)]
+struct ServiceSeries {
+    open: OnceLock<Gauge>,
+    results: [OnceLock<Counter>; RESULTS],
+    /// By [`Flow`].
+    bytes: [OnceLock<Counter>; 2],
 }
 
 fn connect_histogram() -> Histogram {
@@ -363,6 +387,7 @@ impl Default for Metrics {
             draining: Gauge::default(),
             catalog: SyncMetrics::default(),
             istio: Arc::default(),
+            services: Arc::default(),
         }
     }
 }
@@ -445,13 +470,33 @@ impl Metrics {
             .inc();
     }
 
+    fn series(&self, direction: Direction, service: &str) -> Arc<ServiceSeries> {
+        let Some(ServiceIndex(index)) = self.services.get(direction as usize) else {
+            return Arc::default();
+        };
+        if let Some(s) = index.read().expect("service series").get(service) {
+            return s.clone();
+        }
+        index
+            .write()
+            .expect("service series")
+            .entry(service.to_string())
+            .or_default()
+            .clone()
+    }
+
     /// Counts a connection to `service` as open until the returned guard drops.
     pub fn open(&self, direction: Direction, service: &str) -> OpenConnection {
         let gauge = self
-            .connections_open
-            .get_or_create(&OpenLabels {
-                direction,
-                service: service.to_string(),
+            .series(direction, service)
+            .open
+            .get_or_init(|| {
+                self.connections_open
+                    .get_or_create(&OpenLabels {
+                        direction,
+                        service: service.to_string(),
+                    })
+                    .clone()
             })
             .clone();
         gauge.inc();
@@ -467,23 +512,34 @@ impl Metrics {
         to_upstream: u64,
         from_upstream: u64,
     ) {
-        self.connections
-            .get_or_create(&ConnLabels {
-                direction,
-                service: service.to_string(),
-                result,
-            })
-            .inc();
+        let series = self.series(direction, service);
+        let count = || {
+            self.connections
+                .get_or_create(&ConnLabels {
+                    direction,
+                    service: service.to_string(),
+                    result,
+                })
+                .clone()
+        };
+        match series.results.get(result as usize) {
+            Some(c) => c.get_or_init(count).inc(),
+            None => count().inc(),
+        };
         for (flow, n) in [
             (Flow::to_upstream, to_upstream),
             (Flow::from_upstream, from_upstream),
         ] {
             if n > 0 {
-                self.bytes
-                    .get_or_create(&BytesLabels {
-                        direction,
-                        service: service.to_string(),
-                        flow,
+                series.bytes[flow as usize]
+                    .get_or_init(|| {
+                        self.bytes
+                            .get_or_create(&BytesLabels {
+                                direction,
+                                service: service.to_string(),
+                                flow,
+                            })
+                            .clone()
                     })
                     .inc_by(n);
             }
@@ -539,5 +595,76 @@ mod tests {
             flow: TunnelFlow::sent,
         };
         assert_eq!(m.bytes.get_or_create(&sent).get(), 5);
+    }
+
+    fn exposition(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_services_series_are_counted_where_the_families_show_them() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry, "t");
+        let svc = "a.ns.svc.cluster.local";
+        for _ in 0..3 {
+            let open = m.open(Direction::passthrough, svc);
+            m.closed(Direction::passthrough, svc, ConnResult::ok, 10, 0);
+            drop(open);
+        }
+        let open = m.open(Direction::passthrough, svc);
+        m.closed(Direction::inbound, svc, ConnResult::error, 0, 7);
+        // A clone counts into the same series.
+        m.clone()
+            .closed(Direction::passthrough, svc, ConnResult::ok, 1, 0);
+        let text = exposition(&registry);
+        let has = |line: &str| text.lines().any(|l| l == line);
+        assert!(
+            has(&format!(
+            "t_connections_total{{direction=\"passthrough\",service=\"{svc}\",result=\"ok\"}} 4"
+        )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(
+                "t_connections_total{{direction=\"inbound\",service=\"{svc}\",result=\"error\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(
+                "t_connections_open{{direction=\"passthrough\",service=\"{svc}\"}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(
+            "t_bytes_total{{direction=\"passthrough\",service=\"{svc}\",flow=\"to_upstream\"}} 31"
+        )),
+            "{text}"
+        );
+        assert!(
+            has(&format!(
+                "t_bytes_total{{direction=\"inbound\",service=\"{svc}\",flow=\"from_upstream\"}} 7"
+            )),
+            "{text}"
+        );
+        // What never happened has no series.
+        assert!(!text.contains("result=\"drained\""), "{text}");
+        assert!(
+            !text.contains(&format!(
+                "direction=\"passthrough\",service=\"{svc}\",flow=\"from_upstream\""
+            )),
+            "{text}"
+        );
+        assert!(
+            !text.contains("t_connections_open{direction=\"inbound\""),
+            "{text}"
+        );
+        drop(open);
+        assert!(exposition(&registry).contains(&format!(
+            "t_connections_open{{direction=\"passthrough\",service=\"{svc}\"}} 0"
+        )));
     }
 }

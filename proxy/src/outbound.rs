@@ -674,11 +674,27 @@ async fn handle(
             up.target.addr
         });
         rec.peer_identity = up.server_identity.as_ref().map(|i| i.to_string());
-        let labels =
-            outbound.istio_labels(&up.service, Some((&up.target, up.server_identity.as_ref())));
-        let report = m
-            .istio
-            .open_transit(labels, transit(m, &up.target, up.stream.tunnel_transport()));
+        // The labels follow from the service, the endpoint, the identity it proved and how
+        // it was reached: built for the first such connection, found after that.
+        let (target, identity) = (&up.target, up.server_identity.as_ref());
+        let tunnel = up.stream.tunnel_transport();
+        let report = m.istio.open_memo(
+            "outbound",
+            &[
+                &up.service.hostname,
+                &up.service.name,
+                &up.service.namespace,
+                &target.uid,
+                &target.network,
+                if target.via_gateway { "gateway" } else { "" },
+                identity.map_or("", |i| i.as_str()),
+                tunnel.unwrap_or(""),
+            ],
+            || {
+                let labels = outbound.istio_labels(&up.service, Some((target, identity)));
+                (labels, Some(transit(m, target, tunnel)))
+            },
+        );
         finish_relay(
             rec,
             outbound.tracker.closing(),

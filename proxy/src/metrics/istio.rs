@@ -49,6 +49,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwap;
@@ -616,6 +617,39 @@ pub struct IstioMetrics {
     /// The counters of each label set (and transit) seen, so that a connection costs one
     /// lookup of its label set instead of one per family.
     handles: RwLock<HashMap<HandlesKey, Arc<Handles>>>,
+    /// The counters of the connections a call site described by the few values their labels
+    /// follow from ([`open_memo`](Self::open_memo)), under the current generation.
+    memo: RwLock<HashMap<u64, MemoBucket>>,
+    /// Moves on with every change to what labels are read from (the local workload, its
+    /// network, the catalog): a memo of an earlier generation is never found again.
+    generation: AtomicU64,
+}
+
+/// The memos whose key hashes alike, with their counters.
+type MemoBucket = Vec<(Memo, Arc<Handles>)>;
+
+/// What a memoised label set was found by.
+#[derive(Debug)]
+struct Memo {
+    generation: u64,
+    site: &'static str,
+    parts: Vec<String>,
+}
+
+impl Memo {
+    fn is(&self, generation: u64, site: &str, parts: &[&str]) -> bool {
+        self.generation == generation
+            && self.site == site
+            && self.parts.len() == parts.len()
+            && self.parts.iter().zip(parts).all(|(a, b)| a == b)
+    }
+}
+
+fn memo_hash(generation: u64, site: &str, parts: &[&str]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (generation, site, parts).hash(&mut h);
+    h.finish()
 }
 
 type HandlesKey = (IstioLabels, Option<Transit>);
@@ -674,6 +708,7 @@ impl IstioMetrics {
 
     pub fn set_local(&self, local: Local) {
         self.local.store(Arc::new(local));
+        self.next_generation();
     }
 
     /// The network the program's workload is in (empty: not known).
@@ -683,6 +718,7 @@ impl IstioMetrics {
 
     pub fn set_network(&self, network: &str) {
         self.network.store(Arc::new(network.to_string()));
+        self.next_generation();
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
@@ -692,6 +728,59 @@ impl IstioMetrics {
     /// Called by the route follower with each new view.
     pub fn set_catalog(&self, catalog: Catalog) {
         self.catalog.store(Arc::new(catalog));
+        self.next_generation();
+    }
+
+    /// After what labels are read from changed (stored first): memos made before are
+    /// dropped, and one being made meanwhile, of the earlier generation, is never found.
+    fn next_generation(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.memo.write().expect("istio memo").clear();
+    }
+
+    /// As [`open`](Self::open) or [`open_transit`](Self::open_transit), for a connection
+    /// whose labels and transit `build` makes from the local workload, the catalog and
+    /// `parts` alone (the same `build` for every connection of call site `site`): they are
+    /// made for the first connection with those parts, and the next ones find their
+    /// counters by `site` and `parts`, without a label set being built, copied and hashed
+    /// for each.
+    pub fn open_memo(
+        &self,
+        site: &'static str,
+        parts: &[&str],
+        build: impl FnOnce() -> (IstioLabels, Option<Transit>),
+    ) -> TcpReport {
+        // Read before `build` loads what the labels are made from, so that labels of an
+        // older catalog are never filed under a newer generation.
+        let generation = self.generation.load(Ordering::SeqCst);
+        let hash = memo_hash(generation, site, parts);
+        let found = self
+            .memo
+            .read()
+            .expect("istio memo")
+            .get(&hash)
+            .and_then(|v| v.iter().find(|(m, _)| m.is(generation, site, parts)))
+            .map(|(_, h)| h.clone());
+        let handles = match found {
+            Some(h) => h,
+            None => {
+                let handles = self.handles(build());
+                let mut memo = self.memo.write().expect("istio memo");
+                if memo.len() >= MAX_CACHED_LABEL_SETS {
+                    memo.clear();
+                }
+                memo.entry(hash).or_default().push((
+                    Memo {
+                        generation,
+                        site,
+                        parts: parts.iter().map(|p| p.to_string()).collect(),
+                    },
+                    handles.clone(),
+                ));
+                handles
+            }
+        };
+        Self::count_open(handles)
     }
 
     /// Counts a connection opened; the report counts its bytes and its close.
@@ -706,7 +795,10 @@ impl IstioMetrics {
     }
 
     fn open_key(&self, key: HandlesKey) -> TcpReport {
-        let handles = self.handles(key);
+        Self::count_open(self.handles(key))
+    }
+
+    fn count_open(handles: Arc<Handles>) -> TcpReport {
         handles.opened.inc();
         if let Some(t) = &handles.transit {
             t.inc();

@@ -464,3 +464,73 @@ fn a_connection_with_a_transit_is_counted_by_edge_networks_and_transport() {
         "{text}"
     );
 }
+
+/// A call site's connections with the same parts share one label set, built for the first;
+/// a change to what labels are read from (here the catalog) has the next one built again,
+/// so that no connection is counted under labels of a catalog that is gone.
+#[test]
+fn memoised_labels_are_built_once_per_parts_and_again_after_the_catalog_changes() {
+    let m = IstioMetrics::default();
+    let reviews = |app: &str| {
+        view(vec![service_view(
+            "reviews",
+            vec![endpoint(
+                EndpointKind::Workload,
+                "10.0.0.5",
+                "r-1",
+                "reviews",
+                &[("app", app)],
+            )],
+        )])
+    };
+    m.set_catalog(Catalog::build(&reviews("reviews")));
+    let built = std::cell::Cell::new(0);
+    let open = |uid: &str| {
+        m.open_memo("test", &["reviews", uid], || {
+            built.set(built.get() + 1);
+            let destination = m.catalog().endpoint(uid, None);
+            let l = IstioLabels::new(&Traffic {
+                reporter: Reporter::source,
+                source: &Peer::default(),
+                destination: &destination,
+                service: Some(&svc("reviews")),
+                security: SecurityPolicy::unknown,
+                flags: ResponseFlags::None,
+            });
+            (l, None)
+        })
+    };
+    let app_of = |app: &str| {
+        let destination = m.catalog().endpoint("r-1", None);
+        assert_eq!(destination.app.as_deref(), Some(app));
+        IstioLabels::new(&Traffic {
+            reporter: Reporter::source,
+            source: &Peer::default(),
+            destination: &destination,
+            service: Some(&svc("reviews")),
+            security: SecurityPolicy::unknown,
+            flags: ResponseFlags::None,
+        })
+    };
+    for _ in 0..3 {
+        drop(open("r-1"));
+    }
+    assert_eq!(built.get(), 1, "built for the first connection only");
+    let first = app_of("reviews");
+    assert_eq!(m.opened.get_or_create(&first).get(), 3);
+    assert_eq!(m.closed.get_or_create(&first).get(), 3);
+    // Other parts: another label set.
+    drop(open("gone"));
+    assert_eq!(built.get(), 2);
+
+    m.set_catalog(Catalog::build(&reviews("reviews-v2")));
+    drop(open("r-1"));
+    assert_eq!(built.get(), 3, "built again for the new catalog");
+    let second = app_of("reviews-v2");
+    assert_eq!(m.opened.get_or_create(&second).get(), 1);
+    assert_eq!(
+        m.opened.get_or_create(&first).get(),
+        3,
+        "nothing more under the old labels"
+    );
+}
