@@ -484,33 +484,28 @@ fn memoised_labels_are_built_once_per_parts_and_again_after_the_catalog_changes(
         )])
     };
     m.set_catalog(Catalog::build(&reviews("reviews")));
-    let built = std::cell::Cell::new(0);
-    let open = |uid: &str| {
-        m.open_memo("test", &["reviews", uid], || {
-            built.set(built.get() + 1);
-            let destination = m.catalog().endpoint(uid, None);
-            let l = IstioLabels::new(&Traffic {
-                reporter: Reporter::source,
-                source: &Peer::default(),
-                destination: &destination,
-                service: Some(&svc("reviews")),
-                security: SecurityPolicy::unknown,
-                flags: ResponseFlags::None,
-            });
-            (l, None)
-        })
-    };
-    let app_of = |app: &str| {
-        let destination = m.catalog().endpoint("r-1", None);
-        assert_eq!(destination.app.as_deref(), Some(app));
+    // The gateway's labels of a connection to `uid`, as its call site builds them.
+    let labels_to = |uid: &str| {
         IstioLabels::new(&Traffic {
             reporter: Reporter::source,
             source: &Peer::default(),
-            destination: &destination,
+            destination: &m.catalog().endpoint(uid, None),
             service: Some(&svc("reviews")),
             security: SecurityPolicy::unknown,
             flags: ResponseFlags::None,
         })
+    };
+    let built = std::cell::Cell::new(0);
+    let open = |uid: &str| {
+        m.open_memo("test", &["reviews", uid], || {
+            built.set(built.get() + 1);
+            (labels_to(uid), None)
+        })
+    };
+    let app_of = |app: &str| {
+        let l = labels_to("r-1");
+        assert_eq!(l.destination_app, app);
+        l
     };
     for _ in 0..3 {
         drop(open("r-1"));
