@@ -78,6 +78,22 @@ pub fn sibling_binary(name: &str, package: &str) -> anyhow::Result<std::path::Pa
     Ok(path)
 }
 
+/// Runs a benchmark's work until it ends or the operator stops it (Ctrl-C, SIGTERM, a
+/// `timeout`): then the work is dropped where it stands, so that what it set up (network
+/// namespaces, the programs it started, temporary directories) is torn down as at the end
+/// of a run, and the benchmark ends with an error that says it was stopped. Without this
+/// the signal ended the process at once and all of that stayed behind.
+pub async fn until_stopped<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        r = work => r,
+        () = isthmus_proto::drain::os_signal() => {
+            anyhow::bail!("stopped by a signal; what the run had set up was torn down")
+        }
+    }
+}
+
 /// The value after `name` on the command line, or `default` (benchmark drivers' flags).
 pub fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();

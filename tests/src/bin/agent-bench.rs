@@ -81,7 +81,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_proto::model::{NodeKind, ViewResource};
-use isthmus_tests::bench::{arg, clock_ticks, cpu_model, median, virtualized};
+use isthmus_tests::bench::{arg, clock_ticks, cpu_model, median, until_stopped, virtualized};
 use isthmus_tests::harness::agent::{group_yaml, Vm};
 use isthmus_tests::harness::dns::have;
 use isthmus_tests::harness::mesh::{yaml, Mesh};
@@ -163,7 +163,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(&opts, &exe, &agent))
+    rt.block_on(until_stopped(run(&opts, &exe, &agent)))
 }
 
 struct Opts {

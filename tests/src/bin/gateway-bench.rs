@@ -61,7 +61,7 @@ use anyhow::Context;
 use isthmus_proto::identity::{SpiffeId, TrustDomain};
 use isthmus_proto::sni::SniKey;
 use isthmus_proto::tls::{self, ClientAuth, ServerIdentity};
-use isthmus_tests::bench::{arg, clock_ticks, cpu_model, median, virtualized};
+use isthmus_tests::bench::{arg, clock_ticks, cpu_model, median, until_stopped, virtualized};
 use isthmus_tests::harness::dns::{free_port, have};
 use isthmus_tests::harness::mesh::{self, yaml};
 use isthmus_tests::harness::process::ServerProcess;
@@ -814,7 +814,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let rounds = rt.block_on(run(&opts, cores, &gateway_bin))?;
+    let rounds = rt.block_on(until_stopped(run(&opts, cores, &gateway_bin)))?;
     let results: Vec<(&str, Figures)> = rounds
         .iter()
         .map(|(label, r)| (*label, summarize(r)))

@@ -29,7 +29,8 @@ use anyhow::Context;
 use isthmus_proto::model::{service_view_key, Health, NodeKind, ViewResource};
 use isthmus_proto::subscription::Subscription;
 use isthmus_tests::bench::{
-    arg, await_rounds, check_nofile, cpu_of, percentile, round_latencies, rss_of, RemoteRegistry,
+    arg, await_rounds, check_nofile, cpu_of, percentile, round_latencies, rss_of, until_stopped,
+    RemoteRegistry,
 };
 use isthmus_tests::harness::kube::KubeApi;
 use isthmus_tests::harness::process::ServerProcess;
@@ -113,7 +114,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(&opts))?;
+    rt.block_on(until_stopped(run(&opts)))?;
     drop(rt);
     static_fan_out(&opts)
 }

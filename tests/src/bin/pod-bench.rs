@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_registry::app::LocalCluster;
-use isthmus_tests::bench::{arg, median, rss_of};
+use isthmus_tests::bench::{arg, median, rss_of, until_stopped};
 use isthmus_tests::harness::agent::{group_yaml, Vm, HEALTH};
 use isthmus_tests::harness::kube::{self, KubeApi};
 use isthmus_tests::harness::mesh::{on, yaml, Mesh, APP_PORT, SVC_PORT};
@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(rounds, idle, &agent))
+    rt.block_on(until_stopped(run(rounds, idle, &agent)))
 }
 
 /// One measured start.

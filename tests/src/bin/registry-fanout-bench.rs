@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use isthmus_proto::certs;
 use isthmus_proto::model::{NodeKind, ViewResource};
 use isthmus_proto::subscription::Subscription;
-use isthmus_tests::bench::{arg, check_nofile, fan_out, percentile, rss_of, RemoteRegistry};
+use isthmus_tests::bench::{
+    arg, check_nofile, fan_out, percentile, rss_of, until_stopped, RemoteRegistry,
+};
 use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::{node, TestRegistry, NETWORK};
 
@@ -25,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        return rt.block_on(run_phase(&phase));
+        return rt.block_on(until_stopped(run_phase(&phase)));
     }
     check_nofile();
     println!(

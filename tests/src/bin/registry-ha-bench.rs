@@ -26,7 +26,7 @@ use isthmus_proto::subscription::{WatchClient, WatchOptions};
 use isthmus_proto::tls::{self, ServerIdentity};
 use isthmus_registry::app::{RegistryConfig, StoreSettings};
 use isthmus_registry::store::EtcdConfig;
-use isthmus_tests::bench::{arg, check_nofile, fan_out, percentile};
+use isthmus_tests::bench::{arg, check_nofile, fan_out, percentile, until_stopped};
 use isthmus_tests::harness::etcd::EtcdCluster;
 use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::harness::vm::hello;
@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run())
+    rt.block_on(until_stopped(run()))
 }
 
 async fn run() -> anyhow::Result<()> {
