@@ -6,7 +6,8 @@
 //!   ([`harness::mesh`]), the VM agent in a namespace ([`harness::agent`]), a VM on the
 //!   Registration stream ([`harness::vm`]) and real DNS peers ([`harness::dns`]);
 //! - the integration tests themselves, in `tests/` (one file per subject);
-//! - the benchmark drivers, `src/bin/*-bench.rs`, and what they share ([`bench`]);
+//! - the benchmark drivers, `src/bin/*-bench.rs`, and what they share
+//!   ([`bench`](mod@bench));
 //!
 //! and the fuzz bodies ([`fuzz`]), run under `cargo test` by `tests/fuzz_smoke.rs` and by
 //! the fuzz targets in `fuzz/`. The sample app the VM tests and the quick start run lives

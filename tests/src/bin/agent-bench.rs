@@ -1,6 +1,6 @@
 //! VM agent benchmark: the release `isthmus-vm-agent` in VM namespaces of the two-network
 //! topology (the same harness as the end-to-end tests: registry in this process, capture
-//! on, as an operator runs the agent), measured three ways.
+//! on, as an operator runs the agent), measured four ways.
 //!
 //! 1. **Idle memory.** A catalog of `--services` ServiceEntries (each selecting one
 //!    WorkloadEntry in the VM's network, so the agent's routing table holds that many
@@ -81,7 +81,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_proto::model::{NodeKind, ViewResource};
-use isthmus_tests::bench::{arg, clock_ticks, cpu_model, median, until_stopped, virtualized};
+use isthmus_tests::bench::{
+    clock_ticks, cpu_model, median, until_stopped, virtualized, Args, Flag,
+};
 use isthmus_tests::harness::agent::{group_yaml, Vm};
 use isthmus_tests::harness::dns::have;
 use isthmus_tests::harness::mesh::{yaml, Mesh};
@@ -114,25 +116,80 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// Bounds every wait for the agent (ready, READY=1, exit).
 const WAIT: Duration = Duration::from_secs(60);
 
+const ABOUT: &str = "VM agent benchmark: the release isthmus-vm-agent in VM namespaces (as \
+    root), measured four ways: idle memory and start to READY, CPU per request and bulk \
+    transfers, idle memory with tunnels warm.";
+
+const FLAGS: &[Flag] = &[
+    Flag::value("--services", "1000", "ServiceEntries in the large catalog"),
+    Flag::value(
+        "--idle",
+        "5",
+        "seconds an agent idles before its memory is read",
+    ),
+    Flag::value(
+        "--mem-rounds",
+        "3",
+        "starts of each memory variant and transport",
+    ),
+    Flag::value("--starts", "5", "starts timed to READY=1, per case"),
+    Flag::value("--requests", "1000", "requests per run, sequential"),
+    Flag::value(
+        "--rounds",
+        "3",
+        "rounds of the requests and bulk runs, paths taking turns",
+    ),
+    Flag::value("--size", "64", "bytes of each request, and of its echo"),
+    Flag::value(
+        "--peers",
+        "10",
+        "peer VMs the client's agent keeps tunnels to, 1 to 200",
+    ),
+    Flag::value("--bulk-mib", "256", "MiB each way of a bulk run"),
+    Flag::value("--agent-log", "info", "the agents' RUST_LOG"),
+    Flag::value(
+        "--only",
+        "all",
+        "the parts to run: all, or memory, requests, bulk, tunnels joined by commas",
+    ),
+    Flag::value(
+        "--role",
+        "bench",
+        "bench, or the echo server or client it starts",
+    )
+    .internal(),
+    Flag::value("--addr", "", "client: the address to send requests to").internal(),
+    Flag::value("--mode", "new", "client: new, persistent or bulk").internal(),
+    Flag::value("--warmup", "0", "client: unmeasured requests first").internal(),
+    Flag::value("--bytes", "0", "client: bytes each way of a bulk run").internal(),
+    Flag::value(
+        "--listen",
+        "",
+        "server: addresses to echo on, joined by commas",
+    )
+    .internal(),
+];
+
 fn main() -> anyhow::Result<()> {
-    match arg("--role", "bench").as_str() {
-        "server" => return server_main(),
-        "client" => return client_main(),
+    let args = Args::from_env(ABOUT, FLAGS)?;
+    match args.get::<String>("--role")?.as_str() {
+        "server" => return server_main(&args),
+        "client" => return client_main(&args),
         "bench" => {}
         other => anyhow::bail!("unknown --role {other:?}"),
     }
     let opts = Opts {
-        services: arg("--services", "1000").parse()?,
-        idle: Duration::from_secs_f64(arg("--idle", "5").parse()?),
-        mem_rounds: arg("--mem-rounds", "3").parse()?,
-        starts: arg("--starts", "5").parse()?,
-        requests: arg("--requests", "1000").parse()?,
-        rounds: arg("--rounds", "3").parse()?,
-        size: arg("--size", "64").parse()?,
-        peers: arg("--peers", "10").parse()?,
-        bulk_mib: arg("--bulk-mib", "256").parse()?,
-        agent_log: arg("--agent-log", "info"),
-        only: arg("--only", "all"),
+        services: args.get("--services")?,
+        idle: Duration::from_secs_f64(args.get("--idle")?),
+        mem_rounds: args.get("--mem-rounds")?,
+        starts: args.get("--starts")?,
+        requests: args.get("--requests")?,
+        rounds: args.get("--rounds")?,
+        size: args.get("--size")?,
+        peers: args.get("--peers")?,
+        bulk_mib: args.get("--bulk-mib")?,
+        agent_log: args.get("--agent-log")?,
+        only: args.get("--only")?,
     };
     anyhow::ensure!(
         opts.only == "all"
@@ -1372,12 +1429,14 @@ impl ClientReport {
 }
 
 /// `--role client`: sequential requests with blocking sockets, one request in flight.
-fn client_main() -> anyhow::Result<()> {
-    let addr: SocketAddr = arg("--addr", "").parse().context("--addr")?;
-    let n: usize = arg("--requests", "1000").parse()?;
-    let warmup: usize = arg("--warmup", "0").parse()?;
-    let size: usize = arg("--size", "64").parse()?;
-    let persistent = arg("--mode", "new") == "persistent";
+fn client_main(args: &Args) -> anyhow::Result<()> {
+    let addr: SocketAddr = args.get("--addr")?;
+    let n: usize = args.get("--requests")?;
+    let warmup: usize = args.get("--warmup")?;
+    let size: usize = args.get("--size")?;
+    let mode: String = args.get("--mode")?;
+    let bytes: u64 = args.get("--bytes")?;
+    let persistent = mode == "persistent";
     let msg: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     let mut back = vec![0u8; size];
     let connect = || -> anyhow::Result<TcpStream> {
@@ -1404,8 +1463,7 @@ fn client_main() -> anyhow::Result<()> {
         Ok(())
     };
     let mut latencies: Vec<Duration> = Vec::with_capacity(n);
-    let (wall, cpu) = if arg("--mode", "new") == "bulk" {
-        let bytes: u64 = arg("--bytes", "0").parse()?;
+    let (wall, cpu) = if mode == "bulk" {
         let s = connect()?;
         ready()?;
         let (t0, c0) = (Instant::now(), own_cpu());
@@ -1488,12 +1546,9 @@ fn bulk_echo(s: TcpStream, bytes: u64) -> anyhow::Result<u64> {
 
 /// `--role server`: on every `--listen` address, echoes what it reads as it reads it (a
 /// `--size`-byte request gets its same-size reply), and ends its side at the client's FIN.
-fn server_main() -> anyhow::Result<()> {
-    let size: usize = arg("--size", "64").parse()?;
-    let listen: Vec<SocketAddr> = arg("--listen", "")
-        .split(',')
-        .map(|a| a.parse().with_context(|| format!("--listen {a:?}")))
-        .collect::<anyhow::Result<_>>()?;
+fn server_main(args: &Args) -> anyhow::Result<()> {
+    let size: usize = args.get("--size")?;
+    let listen: Vec<SocketAddr> = args.get_list("--listen")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -32,7 +32,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use isthmus_tests::bench::arg;
+use isthmus_tests::bench::{Args, Flag};
 use isthmus_tests::harness::dns::{a_query, dig_at, free_port, have};
 use isthmus_tests::harness::netns::{Net, Topology};
 use isthmus_tests::harness::process::ServerProcess;
@@ -638,14 +638,45 @@ impl Servers<'_> {
     }
 }
 
+const ABOUT: &str = "DNS benchmark: dnsperf against isthmus-dns, unbound and dnsmasq, one \
+    after the other, each pinned to one core: mesh names, cached forwarded names, a fixed rate, \
+    and a flood from another address.";
+
+const FLAGS: &[Flag] = &[
+    Flag::value("--names", "1000", "mesh names, and as many forwarded names"),
+    Flag::value("--seconds", "10", "seconds of each measurement"),
+    Flag::value(
+        "--rate",
+        "20000",
+        "queries per second of the fixed-rate scenario",
+    ),
+    Flag::value(
+        "--server-cpu",
+        "1",
+        "the core each server is pinned to, as taskset -c takes it",
+    ),
+    Flag::value(
+        "--client-cpu",
+        "0",
+        "the core of dnsperf and the upstream, as taskset -c takes it",
+    ),
+    Flag::value(
+        "--flood-seconds",
+        "10",
+        "seconds of the flood: 0 (no flood) or at least 4",
+    ),
+    Flag::value("--flood-rate", "50000", "queries per second of the flood"),
+];
+
 fn main() -> anyhow::Result<()> {
-    let names: usize = arg("--names", "1000").parse()?;
-    let seconds: u64 = arg("--seconds", "10").parse()?;
-    let rate: u64 = arg("--rate", "20000").parse()?;
-    let server_cpu = arg("--server-cpu", "1");
-    let client_cpu = arg("--client-cpu", "0");
-    let flood_seconds: u64 = arg("--flood-seconds", "10").parse()?;
-    let flood_rate: u64 = arg("--flood-rate", "50000").parse()?;
+    let args = Args::from_env(ABOUT, FLAGS)?;
+    let names: usize = args.get("--names")?;
+    let seconds: u64 = args.get("--seconds")?;
+    let rate: u64 = args.get("--rate")?;
+    let server_cpu: String = args.get("--server-cpu")?;
+    let client_cpu: String = args.get("--client-cpu")?;
+    let flood_seconds: u64 = args.get("--flood-seconds")?;
+    let flood_rate: u64 = args.get("--flood-rate")?;
     anyhow::ensure!(
         flood_seconds == 0 || flood_seconds >= 4,
         "--flood-seconds must be 0 (no flood) or at least 4"

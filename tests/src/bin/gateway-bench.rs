@@ -61,7 +61,9 @@ use anyhow::Context;
 use isthmus_proto::identity::{SpiffeId, TrustDomain};
 use isthmus_proto::sni::SniKey;
 use isthmus_proto::tls::{self, ClientAuth, ServerIdentity};
-use isthmus_tests::bench::{arg, clock_ticks, cpu_model, median, until_stopped, virtualized};
+use isthmus_tests::bench::{
+    clock_ticks, cpu_model, median, until_stopped, virtualized, Args, Flag,
+};
 use isthmus_tests::harness::dns::{free_port, have};
 use isthmus_tests::harness::mesh::{self, yaml};
 use isthmus_tests::harness::process::ServerProcess;
@@ -772,17 +774,58 @@ fn print_rounds(rounds: &[(&str, Vec<Figures>)]) {
     }
 }
 
+const ABOUT: &str = "SNI passthrough benchmark: one mTLS client and TLS backend on \
+    loopback, connected directly and through isthmus-gateway, HAProxy and nginx in turn: \
+    throughput, new connections, added latency and each proxy's CPU.";
+
+const FLAGS: &[Flag] = &[
+    Flag::value(
+        "--rounds",
+        "3",
+        "rounds, the paths taking turns; medians are reported",
+    ),
+    Flag::value(
+        "--bulk-mib",
+        "1024",
+        "MiB sent on one connection, for throughput",
+    ),
+    Flag::value(
+        "--connections",
+        "3000",
+        "new connections, a full mTLS handshake each",
+    ),
+    Flag::value("--concurrency", "4", "new connections at a time"),
+    Flag::value(
+        "--pings",
+        "10000",
+        "echoes on one connection, for the added latency",
+    ),
+    Flag::value("--ping-size", "64", "bytes of each echo"),
+    Flag::value(
+        "--proxy-cpu",
+        "1",
+        "the core every proxy is pinned to, as taskset -c takes it",
+    ),
+    Flag::value(
+        "--client-cpu",
+        "0",
+        "the core of this process: client, backend and registry",
+    ),
+    Flag::value("--gateway-log", "info", "isthmus-gateway's RUST_LOG"),
+];
+
 fn main() -> anyhow::Result<()> {
+    let args = Args::from_env(ABOUT, FLAGS)?;
     let opts = Opts {
-        bulk_bytes: arg("--bulk-mib", "1024").parse::<u64>()? * 1024 * 1024,
-        connections: arg("--connections", "3000").parse()?,
-        concurrency: arg("--concurrency", "4").parse()?,
-        pings: arg("--pings", "10000").parse()?,
-        rounds: arg("--rounds", "3").parse()?,
-        ping_size: arg("--ping-size", "64").parse()?,
-        proxy_cpu: arg("--proxy-cpu", "1"),
-        client_cpu: arg("--client-cpu", "0").parse()?,
-        gateway_log: arg("--gateway-log", "info"),
+        bulk_bytes: args.get::<u64>("--bulk-mib")? * 1024 * 1024,
+        connections: args.get("--connections")?,
+        concurrency: args.get("--concurrency")?,
+        pings: args.get("--pings")?,
+        rounds: args.get("--rounds")?,
+        ping_size: args.get("--ping-size")?,
+        proxy_cpu: args.get("--proxy-cpu")?,
+        client_cpu: args.get("--client-cpu")?,
+        gateway_log: args.get("--gateway-log")?,
     };
     anyhow::ensure!(opts.ping_size >= 1, "--ping-size must be at least 1");
     anyhow::ensure!(opts.pings >= 1, "--pings must be at least 1");

@@ -29,8 +29,8 @@ use anyhow::Context;
 use isthmus_proto::model::{service_view_key, Health, NodeKind, ViewResource};
 use isthmus_proto::subscription::Subscription;
 use isthmus_tests::bench::{
-    arg, await_rounds, check_nofile, cpu_of, percentile, round_latencies, rss_of, until_stopped,
-    RemoteRegistry,
+    await_rounds, check_nofile, cpu_of, percentile, round_latencies, rss_of, until_stopped, Args,
+    Flag, RemoteRegistry,
 };
 use isthmus_tests::harness::kube::KubeApi;
 use isthmus_tests::harness::process::ServerProcess;
@@ -38,6 +38,48 @@ use isthmus_tests::{http_get, node, TestRegistry, CLUSTER, NETWORK};
 use serde_json::{json, Value};
 
 const NS: &str = "bench";
+
+const ABOUT: &str = "Kubernetes source benchmark: real API servers as clusters, watched by the \
+    release isthmus-registry: time to first sync, memory, and how long a readiness flip takes \
+    to reach many Watch subscribers, beside the static source's fan-out.";
+
+const FLAGS: &[Flag] = &[
+    Flag::switch(
+        "--quick",
+        "lower defaults for a run of a minute or two: 200 services, 100 subscribers, 3 flips",
+    ),
+    Flag::value("--clusters", "3", "API servers, one per cluster, 1 to 26"),
+    Flag::value(
+        "--services",
+        "2000",
+        "Services per cluster, 2 to 6000; 200 with --quick",
+    ),
+    Flag::value(
+        "--endpoints",
+        "10",
+        "endpoints of each Service's slice, 1 to 25",
+    ),
+    Flag::value(
+        "--subscribers",
+        "1000",
+        "Watch subscribers; 100 with --quick",
+    ),
+    Flag::value(
+        "--flips",
+        "5",
+        "flips each way per kind of Service; 3 with --quick",
+    ),
+    Flag::value(
+        "--pods",
+        "10",
+        "real pods behind the first Service in cluster A",
+    ),
+    Flag::value(
+        "--parallel",
+        "16",
+        "API requests in flight while populating a cluster",
+    ),
+];
 
 /// The sizes, from the flags (`--quick` lowers the defaults to a run of a minute or two).
 #[derive(Debug, Clone)]
@@ -52,21 +94,24 @@ struct Opts {
 }
 
 impl Opts {
-    fn parse() -> anyhow::Result<Self> {
-        let quick = std::env::args().any(|a| a == "--quick");
-        let (services, subscribers, flips) = if quick {
-            ("200", "100", "3")
-        } else {
-            ("2000", "1000", "5")
+    fn parse(args: &Args) -> anyhow::Result<Self> {
+        // `--quick` lowers three defaults; the table holds the others.
+        let quick = args.switch("--quick");
+        let sized = |name: &str, quick_default: &str| {
+            if quick {
+                args.get_or(name, quick_default)
+            } else {
+                args.get(name)
+            }
         };
         let opts = Self {
-            clusters: arg("--clusters", "3").parse()?,
-            services: arg("--services", services).parse()?,
-            endpoints: arg("--endpoints", "10").parse()?,
-            subscribers: arg("--subscribers", subscribers).parse()?,
-            flips: arg("--flips", flips).parse()?,
-            pods: arg("--pods", "10").parse()?,
-            parallel: arg("--parallel", "16").parse()?,
+            clusters: args.get("--clusters")?,
+            services: sized("--services", "200")?,
+            endpoints: args.get("--endpoints")?,
+            subscribers: sized("--subscribers", "100")?,
+            flips: sized("--flips", "3")?,
+            pods: args.get("--pods")?,
+            parallel: args.get("--parallel")?,
         };
         anyhow::ensure!(
             (1..=26).contains(&opts.clusters) && opts.services >= 2 && opts.services <= 6000,
@@ -100,8 +145,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    let opts = Opts::parse(&Args::from_env(ABOUT, FLAGS)?)?;
     check_nofile();
-    let opts = Opts::parse()?;
     println!(
         "# Kubernetes source benchmark: {} clusters x {} services x {} endpoints, {} subscribers, {} flips each way ({} cores shared by the API servers, etcd, the registry and the subscribers)",
         opts.clusters,

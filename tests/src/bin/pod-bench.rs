@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use isthmus_registry::app::LocalCluster;
-use isthmus_tests::bench::{arg, median, rss_of, until_stopped};
+use isthmus_tests::bench::{median, rss_of, until_stopped, Args, Flag};
 use isthmus_tests::harness::agent::{group_yaml, Vm, HEALTH};
 use isthmus_tests::harness::kube::{self, KubeApi};
 use isthmus_tests::harness::mesh::{on, yaml, Mesh, APP_PORT, SVC_PORT};
@@ -45,9 +45,27 @@ const POLL: Duration = Duration::from_millis(5);
 
 const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: shop, labels: {app: web}}\nspec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: example/web:1\n    ports: [{name: http, containerPort: 8080}]\n";
 
+const ABOUT: &str = "Pod sidecar benchmark: the release isthmus-vm-agent as a pod's sidecar \
+    beside the same binary as a VM's agent (as root), side by side: start to ready (first \
+    start and restart) and idle memory.";
+
+const FLAGS: &[Flag] = &[
+    Flag::value(
+        "--rounds",
+        "5",
+        "rounds, each a first start and a restart of both",
+    ),
+    Flag::value(
+        "--idle",
+        "3",
+        "seconds each idles, once ready, before its memory is read",
+    ),
+];
+
 fn main() -> anyhow::Result<()> {
-    let rounds: usize = arg("--rounds", "5").parse()?;
-    let idle = Duration::from_secs_f64(arg("--idle", "3").parse()?);
+    let args = Args::from_env(ABOUT, FLAGS)?;
+    let rounds: usize = args.get("--rounds")?;
+    let idle = Duration::from_secs_f64(args.get("--idle")?);
     anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
     let agent = isthmus_tests::bench::sibling_binary("isthmus-vm-agent", "isthmus-vm-agent")?;
     anyhow::ensure!(

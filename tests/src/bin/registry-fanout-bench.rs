@@ -15,19 +15,77 @@ use isthmus_proto::certs;
 use isthmus_proto::model::{NodeKind, ViewResource};
 use isthmus_proto::subscription::Subscription;
 use isthmus_tests::bench::{
-    arg, check_nofile, fan_out, percentile, rss_of, until_stopped, RemoteRegistry,
+    check_nofile, fan_out, percentile, rss_of, until_stopped, Args, Flag, RemoteRegistry,
 };
 use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::{node, TestRegistry, NETWORK};
 
+const ABOUT: &str = "Registry benchmark: fan-out latency of one endpoint change to N \
+    subscribers, time for a new subscriber to receive a full snapshot of a large catalog, memory \
+    at that size, and CA certificates issued per second.";
+
+const FLAGS: &[Flag] = &[
+    Flag::value(
+        "--subscribers",
+        "100,1000",
+        "subscribers of each fan-out phase, joined by commas",
+    ),
+    Flag::value("--rounds", "10", "endpoint changes per fan-out phase"),
+    Flag::value(
+        "--services",
+        "10000",
+        "services in the snapshot phase's catalog",
+    ),
+    Flag::value(
+        "--endpoints-per-service",
+        "10",
+        "endpoints of each of those services",
+    ),
+    Flag::value(
+        "--cert-seconds",
+        "5",
+        "seconds of certificate requests in the CA phase",
+    ),
+    Flag::value(
+        "--phase",
+        "",
+        "runs one phase in this process: fanout:<subscribers>, snapshot or ca",
+    )
+    .internal(),
+];
+
+/// The flags' values, all read before the first phase starts, so that a bad one stops the
+/// run at once rather than after the phases before the one that reads it.
+struct Opts {
+    subscribers: Vec<usize>,
+    rounds: usize,
+    services: usize,
+    per_service: usize,
+    cert_seconds: u64,
+}
+
+impl Opts {
+    fn read(args: &Args) -> anyhow::Result<Self> {
+        Ok(Self {
+            subscribers: args.get_list("--subscribers")?,
+            rounds: args.get("--rounds")?,
+            services: args.get("--services")?,
+            per_service: args.get("--endpoints-per-service")?,
+            cert_seconds: args.get("--cert-seconds")?,
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    let args = Args::from_env(ABOUT, FLAGS)?;
+    let opts = Opts::read(&args)?;
     // Each phase runs in a process of its own, so that memory figures are not inflated by
     // what an earlier phase left in the allocator.
-    if let Some(phase) = std::env::args().skip_while(|a| a != "--phase").nth(1) {
+    if let Some(phase) = args.given("--phase") {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        return rt.block_on(until_stopped(run_phase(&phase)));
+        return rt.block_on(until_stopped(run_phase(phase, &opts)));
     }
     check_nofile();
     println!(
@@ -37,16 +95,16 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(1)
     );
     let exe = std::env::current_exe()?;
-    let passthrough: Vec<String> = std::env::args().skip(1).collect();
-    let mut phases: Vec<String> = arg("--subscribers", "100,1000")
-        .split(',')
+    let mut phases: Vec<String> = opts
+        .subscribers
+        .iter()
         .map(|n| format!("fanout:{n}"))
         .collect();
     phases.push("snapshot".into());
     phases.push("ca".into());
     for phase in phases {
         let status = std::process::Command::new(&exe)
-            .args(&passthrough)
+            .args(args.line())
             .args(["--phase", &phase])
             .status()?;
         anyhow::ensure!(status.success(), "phase {phase} failed: {status}");
@@ -54,8 +112,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_phase(phase: &str) -> anyhow::Result<()> {
-    let rounds: usize = arg("--rounds", "10").parse()?;
+async fn run_phase(phase: &str, opts: &Opts) -> anyhow::Result<()> {
+    let rounds = opts.rounds;
     if let Some(n) = phase.strip_prefix("fanout:") {
         let n: usize = n.parse()?;
         let reg = TestRegistry::start(&[]).await?;
@@ -69,18 +127,17 @@ async fn run_phase(phase: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     match phase {
-        "snapshot" => snapshot().await,
-        "ca" => ca().await,
+        "snapshot" => snapshot(opts).await,
+        "ca" => ca(opts).await,
         other => anyhow::bail!("unknown phase {other}"),
     }
 }
 
 /// A large catalog served by the real `isthmus-registry` binary from resource files, so
 /// its memory is measured on its own: the registry process, not this driver.
-async fn snapshot() -> anyhow::Result<()> {
+async fn snapshot(opts: &Opts) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let services: usize = arg("--services", "10000").parse()?;
-    let per_service: usize = arg("--endpoints-per-service", "10").parse()?;
+    let (services, per_service) = (opts.services, opts.per_service);
     let registry_bin = std::env::current_exe()?.with_file_name("isthmus-registry");
     anyhow::ensure!(
         registry_bin.exists(),
@@ -219,8 +276,8 @@ async fn snapshot() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn ca() -> anyhow::Result<()> {
-    let cert_seconds: u64 = arg("--cert-seconds", "5").parse()?;
+async fn ca(opts: &Opts) -> anyhow::Result<()> {
+    let cert_seconds = opts.cert_seconds;
     // Renewals over mTLS from 8 concurrent clients.
     let reg = Arc::new(TestRegistry::start(&[]).await?);
     let creds = reg.credentials("bench", "client").await?;

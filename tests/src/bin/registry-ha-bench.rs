@@ -26,7 +26,7 @@ use isthmus_proto::subscription::{WatchClient, WatchOptions};
 use isthmus_proto::tls::{self, ServerIdentity};
 use isthmus_registry::app::{RegistryConfig, StoreSettings};
 use isthmus_registry::store::EtcdConfig;
-use isthmus_tests::bench::{arg, check_nofile, fan_out, percentile, until_stopped};
+use isthmus_tests::bench::{check_nofile, fan_out, percentile, until_stopped, Args, Flag};
 use isthmus_tests::harness::etcd::EtcdCluster;
 use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::harness::vm::hello;
@@ -58,7 +58,50 @@ async fn set_on(
     Ok(set)
 }
 
+const ABOUT: &str = "Registry set benchmark: three registries on a three-member etcd beside \
+    one registry on its embedded store: fan-out, failover when a registry of the set is \
+    killed, and the store's write costs.";
+
+const FLAGS: &[Flag] = &[
+    Flag::value("--subscribers", "1000", "Watch subscribers of the fan-out"),
+    Flag::value("--rounds", "10", "endpoint changes of the fan-out"),
+    Flag::value(
+        "--followers",
+        "100",
+        "Watch clients following the registry that is killed",
+    ),
+    Flag::value(
+        "--seconds",
+        "5",
+        "seconds of certificate requests per store",
+    ),
+    Flag::value("--registrations", "300", "VM registrations per store"),
+];
+
+/// The flags' values, all read before anything starts, so that a bad one stops the run at
+/// once rather than in the part that uses it.
+struct Opts {
+    subscribers: usize,
+    rounds: usize,
+    followers: usize,
+    seconds: u64,
+    registrations: usize,
+}
+
+impl Opts {
+    fn read(args: &Args) -> anyhow::Result<Self> {
+        Ok(Self {
+            subscribers: args.get("--subscribers")?,
+            rounds: args.get("--rounds")?,
+            followers: args.get("--followers")?,
+            seconds: args.get("--seconds")?,
+            registrations: args.get("--registrations")?,
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    let opts = Opts::read(&Args::from_env(ABOUT, FLAGS)?)?;
     if std::env::var_os("RUST_LOG").is_some() {
         isthmus_proto::telemetry::init();
     }
@@ -66,10 +109,10 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(until_stopped(run()))
+    rt.block_on(until_stopped(run(&opts)))
 }
 
-async fn run() -> anyhow::Result<()> {
+async fn run(opts: &Opts) -> anyhow::Result<()> {
     println!(
         "# registry set benchmark ({} cores; etcd, registries and clients share them)",
         std::thread::available_parallelism()
@@ -79,15 +122,14 @@ async fn run() -> anyhow::Result<()> {
     let Some(etcd) = EtcdCluster::start("registry-ha-bench", 3).await else {
         anyhow::bail!("etcd is not installed: apt-get install etcd-server");
     };
-    fanout(&etcd).await?;
-    failover(&etcd).await?;
-    costs(&etcd).await?;
+    fanout(&etcd, opts).await?;
+    failover(&etcd, opts).await?;
+    costs(&etcd, opts).await?;
     Ok(())
 }
 
-async fn fanout(etcd: &EtcdCluster) -> anyhow::Result<()> {
-    let n: usize = arg("--subscribers", "1000").parse()?;
-    let rounds: usize = arg("--rounds", "10").parse()?;
+async fn fanout(etcd: &EtcdCluster, opts: &Opts) -> anyhow::Result<()> {
+    let (n, rounds) = (opts.subscribers, opts.rounds);
     let single = {
         let reg = TestRegistry::start(&[]).await?;
         let lat = fan_out(&[&reg], n, rounds).await;
@@ -121,8 +163,8 @@ async fn fanout(etcd: &EtcdCluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn failover(etcd: &EtcdCluster) -> anyhow::Result<()> {
-    let followers: usize = arg("--followers", "100").parse()?;
+async fn failover(etcd: &EtcdCluster, opts: &Opts) -> anyhow::Result<()> {
+    let followers = opts.followers;
     let set = set_on(
         etcd,
         &[("svc.yaml", &yaml::service("reviews", "bench", 9080))],
@@ -285,9 +327,8 @@ async fn failover(etcd: &EtcdCluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn costs(etcd: &EtcdCluster) -> anyhow::Result<()> {
-    let seconds: u64 = arg("--seconds", "5").parse()?;
-    let registrations: usize = arg("--registrations", "300").parse()?;
+async fn costs(etcd: &EtcdCluster, opts: &Opts) -> anyhow::Result<()> {
+    let (seconds, registrations) = (opts.seconds, opts.registrations);
     let files = [(
         "vm.yaml",
         yaml::docs(&[

@@ -54,7 +54,7 @@ use anyhow::{bail, Context};
 use isthmus_proxy::relay::{
     relay_metered, relay_tcp_metered, LiveBytes, RelayMethod, RelayOutcome, Transferred,
 };
-use isthmus_tests::bench::{arg, clock_ticks, median};
+use isthmus_tests::bench::{clock_ticks, median, Args, Flag};
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 
@@ -404,20 +404,53 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+const ABOUT: &str = "Relay benchmark: how fast, and at what CPU cost, the gateway's byte relay \
+    moves bytes between two TCP sockets on loopback, for each way of relaying, beside a direct \
+    connection.";
+
+const FLAGS: &[Flag] = &[
+    Flag::value(
+        "--gib",
+        "1",
+        "GiB through the relay per throughput run, at most 64",
+    ),
+    Flag::value(
+        "--runs",
+        "9",
+        "runs of each measurement, the relays interleaved",
+    ),
+    Flag::value("--pings", "20000", "64-byte round trips per latency run"),
+    Flag::value(
+        "--ways",
+        "direct,splice,copy,tokio-64k",
+        "the ways of relaying to measure, joined by commas",
+    ),
+    Flag::value(
+        "--pin",
+        "true",
+        "true or false: the relay on CPU 1, the rest on CPU 0, given two CPUs or more",
+    ),
+    Flag::value(
+        "--max-seconds",
+        "900",
+        "seconds after which the whole benchmark stops",
+    ),
+];
+
 fn main() -> anyhow::Result<()> {
-    let gib: f64 = arg("--gib", "1").parse().context("--gib")?;
-    let runs: usize = arg("--runs", "9").parse().context("--runs")?;
-    let pings: usize = arg("--pings", "20000").parse().context("--pings")?;
-    let pin: bool = arg("--pin", "true").parse().context("--pin true|false")?;
-    let max_seconds: u64 = arg("--max-seconds", "900")
-        .parse()
-        .context("--max-seconds")?;
-    let ways: Vec<Way> = arg("--ways", "direct,splice,copy,tokio-64k")
+    let args = Args::from_env(ABOUT, FLAGS)?;
+    let gib: f64 = args.get("--gib")?;
+    let runs: usize = args.get("--runs")?;
+    let pings: usize = args.get("--pings")?;
+    let pin: bool = args.get("--pin")?;
+    let max_seconds: u64 = args.get("--max-seconds")?;
+    let ways: Vec<Way> = args
+        .get::<String>("--ways")?
         .split(',')
         .map(|name| {
             WAYS.into_iter()
                 .find(|w| w.name() == name)
-                .with_context(|| format!("unknown relay {name}"))
+                .with_context(|| format!("--ways: unknown relay {name:?} (see --help)"))
         })
         .collect::<anyhow::Result<_>>()?;
     if runs == 0 || pings == 0 || !(gib > 0.0 && gib <= 64.0) {
