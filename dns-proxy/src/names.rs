@@ -311,7 +311,7 @@ mod tests {
             identities: vec![],
             weight: 1,
             health,
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             uid: addr.into(),
             tunnel_port: 0,
             stale_since_ms: 0,

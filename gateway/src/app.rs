@@ -240,7 +240,7 @@ fn report_as(config: &GatewayConfig, metrics: &Metrics) {
     };
     let peer = Peer::from_labels(
         identity.service_account(),
-        &Default::default(),
+        &isthmus_proto::model::Labels::default(),
         &config.cluster,
         Some(&identity),
     );

@@ -6,10 +6,12 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+pub mod labels;
 pub mod traffic;
 
 use crate::identity::SpiffeId;
 use crate::pb;
+pub use labels::{LabelLookup, Labels};
 pub use traffic::{
     DestinationRule, L4Route, LoadBalancer, OutlierPolicy, RouteDestination, Subset, TrafficPolicy,
     VirtualService,
@@ -728,7 +730,7 @@ pub struct ViewEndpoint {
     pub identities: Vec<SpiffeId>,
     pub weight: u32,
     pub health: Health,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     pub uid: String,
     /// The port that accepts tunnels (HBONE) to this endpoint: a gateway's tunnel port, or a
     /// workload's own; 0: none.

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use isthmus_proto::model::{
-    network_view_key, service_view_key, Address, EndpointKind, ExportTo, Health, Network, Node,
-    NodeKind, OwnedResource, Scope, Service, ServicePort, ServiceView, Subset, ViewEndpoint,
+    network_view_key, service_view_key, Address, EndpointKind, ExportTo, Health, Labels, Network,
+    Node, NodeKind, OwnedResource, Scope, Service, ServicePort, ServiceView, Subset, ViewEndpoint,
     ViewResource, Workload,
 };
 use isthmus_proto::{pb, SpiffeId};
@@ -766,7 +766,7 @@ fn workload_endpoint(w: &Workload, service: &Service) -> ViewEndpoint {
         identities: w.identity.iter().cloned().collect(),
         weight: w.effective_weight(),
         health: w.health,
-        labels: w.labels.clone(),
+        labels: (&w.labels).into(),
         uid: w.uid.clone(),
         tunnel_port: w.tunnel_port,
         stale_since_ms: w.stale_since_ms,
@@ -872,7 +872,7 @@ fn gateway_endpoints(network: &Network, service: &Service, behind: Behind) -> Ve
                 identities: identities.clone(),
                 weight: w,
                 health: Health::Healthy,
-                labels: BTreeMap::new(),
+                labels: Labels::default(),
                 uid: format!("gateway/{}/{}", network.id, g.address),
                 tunnel_port: g.tunnel_port,
                 stale_since_ms,

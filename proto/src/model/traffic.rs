@@ -164,8 +164,10 @@ impl TrafficPolicy {
 
 impl Subset {
     /// Whether an endpoint with `labels` belongs to this subset.
-    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    pub fn selects(&self, labels: &(impl super::LabelLookup + ?Sized)) -> bool {
+        self.labels
+            .iter()
+            .all(|(k, v)| labels.label(k) == Some(v.as_str()))
     }
 }
 

@@ -47,13 +47,13 @@
 //! the server, only if the server proved the catalog's identity); the SNI a client sends
 //! only picks among services the catalog already says the local workload serves.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwap;
-use isthmus_proto::model::{EndpointKind, ServiceView, ViewEndpoint, ViewResource};
+use isthmus_proto::model::{EndpointKind, LabelLookup, ServiceView, ViewEndpoint, ViewResource};
 use isthmus_proto::subscription::LocalView;
 use isthmus_proto::SpiffeId;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -264,11 +264,11 @@ pub struct Peer {
     pub cluster: Option<String>,
 }
 
-fn first_label(labels: &BTreeMap<String, String>, keys: &[&str]) -> Option<String> {
+fn first_label(labels: &(impl LabelLookup + ?Sized), keys: &[&str]) -> Option<String> {
     keys.iter()
-        .find_map(|k| labels.get(*k))
+        .find_map(|k| labels.label(k))
         .filter(|v| !v.is_empty())
-        .cloned()
+        .map(str::to_string)
 }
 
 fn non_empty(s: &str) -> Option<String> {
@@ -291,7 +291,7 @@ impl Peer {
     /// gives the principal and the namespace.
     pub fn from_labels(
         name: Option<&str>,
-        labels: &BTreeMap<String, String>,
+        labels: &(impl LabelLookup + ?Sized),
         cluster: &str,
         identity: Option<&SpiffeId>,
     ) -> Self {

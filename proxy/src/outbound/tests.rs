@@ -54,7 +54,7 @@ fn routes(ca: &TestCa, server: std::net::SocketAddr, sans: Vec<String>) -> Route
         identities: vec![ca.id("shop", "default")],
         weight: 1,
         health: Health::Healthy,
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         uid: "db-0".into(),
         tunnel_port: 0,
         stale_since_ms: 0,

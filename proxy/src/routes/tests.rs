@@ -28,7 +28,7 @@ fn endpoint(kind: EndpointKind, addr: &str, port: u16, version: &str) -> ViewEnd
         identities: vec![id(if version.is_empty() { "gw" } else { "reviews" })],
         weight: 1,
         health: Health::Healthy,
-        labels,
+        labels: labels.into(),
         uid: format!("{addr}:{port}"),
         tunnel_port: 0,
         stale_since_ms: 0,

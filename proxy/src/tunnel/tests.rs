@@ -114,7 +114,7 @@ fn routes(ca: &TestCa, app: SocketAddr, tunnel_port: u16) -> RouteTable {
         identities: vec![ca.id("shop", "web")],
         weight: 1,
         health: Health::Healthy,
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         uid: "web-0".into(),
         tunnel_port,
         stale_since_ms: 0,

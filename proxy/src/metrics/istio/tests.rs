@@ -31,7 +31,7 @@ fn endpoint(kind: EndpointKind, ip: &str, uid: &str, sa: &str, l: &[(&str, &str)
         identities: vec![id("shop", sa)],
         weight: 1,
         health: Health::Healthy,
-        labels: labels(l),
+        labels: labels(l).into(),
         uid: uid.into(),
         tunnel_port: 0,
         stale_since_ms: 0,

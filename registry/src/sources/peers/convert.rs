@@ -72,7 +72,11 @@ fn workload(svc: &Service, ep: &ViewEndpoint, stale_since_ms: i64) -> Workload {
             .unwrap_or_default()
             .to_string(),
         identity,
-        labels: ep.labels.clone(),
+        labels: ep
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         ports: svc
             .ports
             .iter()
