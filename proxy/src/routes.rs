@@ -163,8 +163,23 @@ struct Endpoints {
     /// Shared with the connections that picked them: a pick hands out a reference, not a
     /// copy of the target's names and identities.
     targets: Vec<Arc<Target>>,
-    by_uid: HashMap<String, usize>,
+    /// Each target's index by its uid, for a destination with many targets
+    /// ([`INDEXED_FROM`]); a few are found by comparing each, which spares most
+    /// destinations (one endpoint, or two or three) a map and a copy of every uid.
+    by_uid: Option<HashMap<String, usize>>,
     balancer: Balancer,
+}
+
+/// From this many targets on, a destination finds a target by its uid in a map.
+const INDEXED_FROM: usize = 16;
+
+impl Endpoints {
+    fn index_of(&self, uid: &str) -> Option<usize> {
+        match &self.by_uid {
+            Some(by_uid) => by_uid.get(uid).copied(),
+            None => self.targets.iter().position(|t| t.uid == uid),
+        }
+    }
 }
 
 /// One service port (and subset) and the endpoints serving it.
@@ -216,7 +231,7 @@ impl Destination {
             identities: Mutex::new(Vec::new()),
             endpoints: Mutex::new(Endpoints {
                 targets: Vec::new(),
-                by_uid: HashMap::new(),
+                by_uid: None,
                 balancer: Balancer::new(
                     opts.policy,
                     opts.outlier,
@@ -315,12 +330,21 @@ impl Destination {
                 })
                 .collect(),
         );
-        e.by_uid = targets
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.uid.clone(), i))
-            .collect();
-        e.targets = targets.into_iter().map(Arc::new).collect();
+        e.by_uid = (targets.len() >= INDEXED_FROM).then(|| {
+            targets
+                .iter()
+                .enumerate()
+                // Of a uid twice, the first, as comparing each would find.
+                .rev()
+                .map(|(i, t)| (t.uid.clone(), i))
+                .collect()
+        });
+        // Not `into_iter().map(Arc::new).collect()`: that collects in place, into the
+        // allocation sized for the targets themselves, and keeps it (for one target, 736
+        // bytes held for an 8-byte pointer, per destination).
+        let mut shared = Vec::with_capacity(targets.len());
+        shared.extend(targets.into_iter().map(Arc::new));
+        e.targets = shared;
     }
 
     /// The DestinationRule's `localityLbSetting` in force (the default when none).
@@ -360,24 +384,21 @@ impl Destination {
     /// Picks a target that is not ejected and not in `tried`.
     pub fn pick(&self, now: Instant, tried: &[Arc<Target>]) -> Option<Arc<Target>> {
         let mut e = self.endpoints.lock().expect("destination poisoned");
-        let exclude: Vec<usize> = tried
-            .iter()
-            .filter_map(|t| e.by_uid.get(&t.uid).copied())
-            .collect();
+        let exclude: Vec<usize> = tried.iter().filter_map(|t| e.index_of(&t.uid)).collect();
         let i = e.balancer.pick(now, &exclude)?;
         Some(e.targets[i].clone())
     }
 
     pub fn on_connected(&self, uid: &str) {
         let mut e = self.endpoints.lock().expect("destination poisoned");
-        if let Some(&i) = e.by_uid.get(uid) {
+        if let Some(i) = e.index_of(uid) {
             e.balancer.on_connected(i);
         }
     }
 
     pub fn on_close(&self, uid: &str) {
         let mut e = self.endpoints.lock().expect("destination poisoned");
-        if let Some(&i) = e.by_uid.get(uid) {
+        if let Some(i) = e.index_of(uid) {
             e.balancer.on_close(i);
         }
     }
@@ -385,7 +406,7 @@ impl Destination {
     /// None when the target left the view meanwhile.
     pub fn on_connect_failed(&self, uid: &str, now: Instant) -> Option<FailureOutcome> {
         let mut e = self.endpoints.lock().expect("destination poisoned");
-        let i = *e.by_uid.get(uid)?;
+        let i = e.index_of(uid)?;
         Some(e.balancer.on_connect_failed(i, now))
     }
 

@@ -263,6 +263,51 @@ fn tried_endpoints_are_skipped() {
 }
 
 #[test]
+fn targets_are_found_by_uid_in_a_destination_of_few_and_of_many() {
+    for n in [2, INDEXED_FROM - 1, INDEXED_FROM, 40] {
+        let v = view(
+            (0..n)
+                .map(|i| endpoint(EndpointKind::Workload, &format!("10.0.1.{i}"), 8080, ""))
+                .collect(),
+            Scope::Mesh,
+        );
+        let opts = RouteOptions {
+            outlier: OutlierConfig {
+                consecutive_failures: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let t = RouteTable::build(&v, &RouteTable::default(), &opts);
+        let d = t.lookup(HOST, 9080, "").unwrap();
+        let now = Instant::now();
+        // Every target but the last tried: the last is the only pick left.
+        let mut tried = Vec::new();
+        for _ in 0..n - 1 {
+            tried.push(d.pick(now, &tried).unwrap());
+        }
+        let last = d.pick(now, &tried).unwrap();
+        assert!(tried.iter().all(|t| t.uid != last.uid), "{n} targets");
+        tried.push(last);
+        assert!(d.pick(now, &tried).is_none(), "{n} targets, all tried");
+        // A failure is counted against the target it names, and only that one.
+        let failed = tried[n / 2].uid.clone();
+        assert!(matches!(
+            d.on_connect_failed(&failed, now),
+            Some(FailureOutcome::Ejected(_))
+        ));
+        assert!(d.on_connect_failed("10.9.9.9:8080", now).is_none());
+        for _ in 0..2 * n {
+            assert_ne!(d.pick(now, &[]).unwrap().uid, failed, "{n} targets");
+        }
+        // No room held beyond the targets themselves.
+        let e = d.endpoints.lock().unwrap();
+        assert_eq!(e.targets.capacity(), n, "{n} targets");
+        assert_eq!(e.by_uid.is_some(), n >= INDEXED_FROM, "{n} targets");
+    }
+}
+
+#[test]
 fn a_services_subject_alt_names_are_accepted_server_identities_beside_its_endpoints() {
     let mut v = view(
         vec![endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1")],
