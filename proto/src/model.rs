@@ -448,7 +448,7 @@ pub struct Workload {
     pub cluster: String,
     pub locality: Locality,
     pub identity: Option<SpiffeId>,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     pub ports: BTreeMap<String, u16>,
     pub weight: u32,
     pub health: Health,

@@ -766,7 +766,7 @@ fn workload_endpoint(w: &Workload, service: &Service) -> ViewEndpoint {
         identities: w.identity.iter().cloned().collect(),
         weight: w.effective_weight(),
         health: w.health,
-        labels: (&w.labels).into(),
+        labels: w.labels.clone(),
         uid: w.uid.clone(),
         tunnel_port: w.tunnel_port,
         stale_since_ms: w.stale_since_ms,

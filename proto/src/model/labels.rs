@@ -38,6 +38,20 @@ impl Labels {
             .map(|i| &self.0[i].1)
     }
 
+    /// Sets label `key` to `value`, returning the value it replaces. The slice is made
+    /// again, one longer: for building a set, not for a hot path.
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                let mut pairs = std::mem::take(&mut self.0).into_vec();
+                pairs.insert(i, (key, value));
+                self.0 = pairs.into_boxed_slice();
+                None
+            }
+        }
+    }
+
     /// The labels in key order.
     pub fn iter(&self) -> Iter<'_> {
         self.0.iter().map(as_refs)
@@ -64,6 +78,15 @@ pub type Iter<'a> = std::iter::Map<
 
 fn as_refs((k, v): &(String, String)) -> (&String, &String) {
     (k, v)
+}
+
+/// As a map's indexing: the value of a label that must be set (it panics otherwise).
+impl std::ops::Index<&str> for Labels {
+    type Output = String;
+
+    fn index(&self, key: &str) -> &String {
+        self.get(key).unwrap_or_else(|| panic!("no label {key:?}"))
+    }
 }
 
 impl From<BTreeMap<String, String>> for Labels {
@@ -139,9 +162,16 @@ mod tests {
 
     #[test]
     fn a_key_given_twice_keeps_its_last_value() {
-        let labels: Labels = pairs(&[("app", "a"), ("app", "b")]).into_iter().collect();
+        let mut labels: Labels = pairs(&[("app", "a"), ("app", "b")]).into_iter().collect();
         assert_eq!(labels.get("app").map(String::as_str), Some("b"));
         assert_eq!(labels.len(), 1);
+        assert_eq!(labels.insert("app".into(), "c".into()), Some("b".into()));
+        assert_eq!(labels.insert("zone".into(), "z".into()), None);
+        assert_eq!(labels.insert("tier".into(), "t".into()), None);
+        assert_eq!(labels.insert("a".into(), "1".into()), None);
+        let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a", "app", "tier", "zone"]);
+        assert_eq!(labels.get("app").map(String::as_str), Some("c"));
         assert!(Labels::default().is_empty());
         assert_eq!(Labels::default().get("app"), None);
     }

@@ -297,7 +297,7 @@ fn endpoint_workload(
         cluster: ctx.cluster.clone(),
         locality: locality(node_name.as_deref(), ep.zone.as_deref(), lookup),
         identity,
-        labels: pod_labels,
+        labels: pod_labels.into(),
         ports,
         weight: 1,
         health: health(ep, publish_not_ready),

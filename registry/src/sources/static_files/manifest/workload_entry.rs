@@ -129,7 +129,7 @@ pub(super) fn workload(
         cluster: d.cluster.clone(),
         locality,
         identity,
-        labels,
+        labels: labels.into(),
         ports,
         weight: spec.weight.unwrap_or(DEFAULT_WEIGHT),
         health: Health::Healthy,
