@@ -419,8 +419,8 @@ pub struct Service {
     pub scope: Scope,
     /// Which namespaces see this definition (Istio's `exportTo`).
     pub export_to: ExportTo,
-    pub labels: BTreeMap<String, String>,
-    pub selector: BTreeMap<String, String>,
+    pub labels: Labels,
+    pub selector: Labels,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

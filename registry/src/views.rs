@@ -609,7 +609,7 @@ fn merged_service(defs: &[&Service], vips: &VipTable) -> Option<Service> {
     let mut svc = (*first).clone();
     // The selector is how the registry finds the endpoints, which the entry lists: no
     // subscriber reads it, and every proxy would keep a map of it per service.
-    svc.selector = BTreeMap::new();
+    svc.selector.clear();
     svc.allocated_addresses = vips
         .active(&first.hostname)
         .filter(|_| vips::wants_vip(defs))
@@ -633,7 +633,9 @@ fn merged_service(defs: &[&Service], vips: &VipTable) -> Option<Service> {
             }
         }
         for (k, v) in &d.labels {
-            svc.labels.entry(k.clone()).or_insert_with(|| v.clone());
+            if svc.labels.get(k).is_none() {
+                svc.labels.insert(k.clone(), v.clone());
+            }
         }
         if d.scope == Scope::Mesh {
             svc.scope = Scope::Mesh;

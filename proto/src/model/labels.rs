@@ -52,6 +52,10 @@ impl Labels {
         }
     }
 
+    pub fn clear(&mut self) {
+        self.0 = Box::default();
+    }
+
     /// The labels in key order.
     pub fn iter(&self) -> Iter<'_> {
         self.0.iter().map(as_refs)

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use isthmus_proto::identity::TrustDomain;
 use isthmus_proto::model::{
-    Address, ExportTo, Health, Locality, Origin, Resolution, Resource, Scope, Service,
+    Address, ExportTo, Health, Labels, Locality, Origin, Resolution, Resource, Scope, Service,
     ServiceAddress, ServicePort, Workload,
 };
 use isthmus_proto::SpiffeId;
@@ -161,8 +161,8 @@ pub fn service(ctx: &ClusterContext, svc: &KubeService) -> Option<Service> {
             Scope::Mesh
         },
         export_to,
-        labels: svc.metadata.labels.clone().unwrap_or_default(),
-        selector: BTreeMap::new(),
+        labels: svc.metadata.labels.clone().unwrap_or_default().into(),
+        selector: Labels::default(),
     })
 }
 

@@ -93,8 +93,8 @@ pub(super) fn service_entry(
                 resolution,
                 scope: Scope::Mesh,
                 export_to: export_to.clone(),
-                labels: meta.labels.clone(),
-                selector: selector.clone(),
+                labels: (&meta.labels).into(),
+                selector: (&selector).into(),
             };
             (Resource::Service(service), field.clone())
         })

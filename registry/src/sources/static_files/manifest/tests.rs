@@ -142,8 +142,8 @@ spec:
             // `.`: seen by its own namespace (Istio's meaning), in every cluster.
             scope: Scope::Mesh,
             export_to: ExportTo::Namespaces(["shop".to_string()].into()),
-            labels: labels(&[("team", "books")]),
-            selector: labels(&[("app", "reviews")]),
+            labels: labels(&[("team", "books")]).into(),
+            selector: labels(&[("app", "reviews")]).into(),
         })
     };
     assert_eq!(
