@@ -69,6 +69,17 @@ fn view(endpoints: Vec<ViewEndpoint>, scope: Scope) -> LocalView {
 
 const HOST: &str = "reviews.shop.svc.cluster.local";
 
+/// The proxy's defaults, with an endpoint ejected at its first failed connect.
+fn ejecting_at_the_first_failure() -> RouteOptions {
+    RouteOptions {
+        outlier: OutlierConfig {
+            consecutive_failures: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
 #[test]
 fn a_service_labelled_off_the_tunnels_has_no_tunnel_port_on_its_targets() {
     let mut ep = endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1");
@@ -213,13 +224,7 @@ fn a_rebuild_keeps_the_destination_and_its_state() {
         ],
         Scope::Mesh,
     );
-    let opts = RouteOptions {
-        outlier: OutlierConfig {
-            consecutive_failures: 1,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let opts = ejecting_at_the_first_failure();
     let t1 = RouteTable::build(&v, &RouteTable::default(), &opts);
     let d1 = t1.lookup(HOST, 9080, "").unwrap();
     let now = Instant::now();
@@ -271,14 +276,7 @@ fn targets_are_found_by_uid_in_a_destination_of_few_and_of_many() {
                 .collect(),
             Scope::Mesh,
         );
-        let opts = RouteOptions {
-            outlier: OutlierConfig {
-                consecutive_failures: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let t = RouteTable::build(&v, &RouteTable::default(), &opts);
+        let t = RouteTable::build(&v, &RouteTable::default(), &ejecting_at_the_first_failure());
         let d = t.lookup(HOST, 9080, "").unwrap();
         let now = Instant::now();
         // Every target but the last tried: the last is the only pick left.
