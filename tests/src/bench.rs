@@ -350,7 +350,7 @@ fn program_name(argv0: Option<String>) -> String {
 
 /// What `--help` prints: what the driver measures, how it is called, and its flags with
 /// their defaults; those it gives its own child processes come last, apart.
-pub fn usage(program: &str, about: &str, flags: &[Flag]) -> String {
+fn usage(program: &str, about: &str, flags: &[Flag]) -> String {
     use std::fmt::Write as _;
     const HELP: Flag = Flag::switch("-h, --help", "print this help and exit");
     let width = flags

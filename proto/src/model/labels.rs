@@ -61,10 +61,6 @@ impl Labels {
         self.0.iter().map(as_refs)
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(k, _)| k)
-    }
-
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -173,7 +169,7 @@ mod tests {
         assert_eq!(labels.insert("zone".into(), "z".into()), None);
         assert_eq!(labels.insert("tier".into(), "t".into()), None);
         assert_eq!(labels.insert("a".into(), "1".into()), None);
-        let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
+        let keys: Vec<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["a", "app", "tier", "zone"]);
         assert_eq!(labels.get("app").map(String::as_str), Some("c"));
         assert!(Labels::default().is_empty());

@@ -1,7 +1,6 @@
 //! Who may register into a WorkloadGroup, and the entry a VM gets from the group's
 //! template and its Hello.
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use isthmus_proto::identity::SpiffeId;
@@ -42,11 +41,7 @@ pub fn entry_from_group(
 ) -> Result<(Workload, Vec<String>), RegistrationError> {
     let t = &group.template;
     let mut warnings = Vec::new();
-    let mut labels: BTreeMap<String, String> = t
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut labels = t.labels.clone();
     for (key, value) in &hello.labels {
         let field = format!("hello.labels.{key}");
         let checked = check_label_key(key).and_then(|()| check_label_value(key, value));
@@ -97,7 +92,7 @@ pub fn entry_from_group(
             hello.locality.clone()
         },
         identity: Some(identity),
-        labels: labels.into(),
+        labels,
         ports: t.ports.clone(),
         weight: t.weight,
         health,

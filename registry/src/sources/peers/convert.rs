@@ -72,11 +72,7 @@ fn workload(svc: &Service, ep: &ViewEndpoint, stale_since_ms: i64) -> Workload {
             .unwrap_or_default()
             .to_string(),
         identity,
-        labels: ep
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        labels: ep.labels.clone(),
         ports: svc
             .ports
             .iter()
