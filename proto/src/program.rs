@@ -275,8 +275,8 @@ pub async fn run_until_signal<P: Program>(program: P) {
     program.shutdown().await;
 }
 
-/// How big a program's runtime is; the defaults are tokio's (a worker per core, 512
-/// blocking threads).
+/// How big a program's runtime is; the defaults are a worker per core the process may run
+/// on (its CPU affinity and cgroup quota) and tokio's 512 blocking threads.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RuntimeSize {
     pub worker_threads: Option<usize>,
@@ -284,13 +284,32 @@ pub struct RuntimeSize {
     pub max_blocking_threads: Option<usize>,
 }
 
-/// The runtime every program runs on.
-pub fn runtime(size: RuntimeSize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.enable_all();
-    if let Some(n) = size.worker_threads {
-        b.worker_threads(n.max(1));
+impl RuntimeSize {
+    /// The workers the runtime will have: as given (at least one), or one per core the
+    /// process may run on.
+    pub fn workers(&self) -> usize {
+        self.worker_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
     }
+}
+
+/// The runtime every program runs on. With one worker it is tokio's current-thread
+/// scheduler: every task runs on the thread that called `block_on`, so a connection's
+/// wake-ups never cross threads and no work-stealing queues are paid for. That costs a
+/// proxy measurably less CPU per connection than the multi-thread scheduler with one
+/// worker (ARCHITECTURE.md of the proxy core has the figures). With more workers it is the
+/// multi-thread scheduler. Blocking work goes to the blocking pool either way.
+pub fn runtime(size: RuntimeSize) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = size.workers();
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    b.enable_all();
     if let Some(n) = size.max_blocking_threads {
         b.max_blocking_threads(n.max(1));
     }
@@ -441,5 +460,67 @@ mod tests {
             *order.lock().unwrap(),
             vec!["stopped accepting", "drained", "stopped the rest"]
         );
+    }
+
+    #[test]
+    fn one_worker_runs_every_task_on_the_calling_thread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::runtime::RuntimeFlavor;
+
+        let rt = runtime(RuntimeSize {
+            worker_threads: Some(1),
+            max_blocking_threads: Some(2),
+        })
+        .unwrap();
+        let caller = std::thread::current().id();
+        let (flavor, task_thread, echoed, blocking) = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4];
+                s.read_exact(&mut buf).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                s.write_all(&buf).await.unwrap();
+                std::thread::current().id()
+            });
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"ping").await.unwrap();
+            let mut back = [0u8; 4];
+            c.read_exact(&mut back).await.unwrap();
+            let blocking = tokio::task::spawn_blocking(|| std::thread::current().id())
+                .await
+                .unwrap();
+            let flavor = tokio::runtime::Handle::current().runtime_flavor();
+            (flavor, server.await.unwrap(), back, blocking)
+        });
+        assert_eq!(flavor, RuntimeFlavor::CurrentThread);
+        assert_eq!(task_thread, caller, "a spawned task ran on another thread");
+        assert_eq!(&echoed, b"ping");
+        assert_ne!(
+            blocking, caller,
+            "blocking work ran on the runtime's thread"
+        );
+    }
+
+    #[test]
+    fn more_workers_run_the_multi_thread_scheduler() {
+        let size = RuntimeSize {
+            worker_threads: Some(2),
+            max_blocking_threads: None,
+        };
+        assert_eq!(size.workers(), 2);
+        let rt = runtime(size).unwrap();
+        assert_eq!(
+            rt.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
+        assert_eq!(rt.metrics().num_workers(), 2);
+        let zero = RuntimeSize {
+            worker_threads: Some(0),
+            max_blocking_threads: None,
+        };
+        assert_eq!(zero.workers(), 1, "zero workers is read as one");
+        assert!(RuntimeSize::default().workers() >= 1);
     }
 }
