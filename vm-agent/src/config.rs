@@ -36,8 +36,11 @@ pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = isthmus_proxy::upstream::DEFAULT_CONNECT_TIMEOUT;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = isthmus_proxy::inbound::DEFAULT_HANDSHAKE_TIMEOUT;
 pub const DEFAULT_MAX_CONNECTIONS: usize = isthmus_proxy::inbound::DEFAULT_MAX_CONNECTIONS;
-/// A VM agent carries one VM's traffic: two workers are plenty and keep its memory small.
-pub const DEFAULT_WORKER_THREADS: usize = 2;
+/// A VM agent carries one VM's traffic: one worker, which runs the current-thread scheduler
+/// (`program::runtime`), costs the least CPU per connection and the least memory. A VM
+/// whose mesh traffic needs more than a core raises it (`--worker-threads`); see
+/// ARCHITECTURE.md for what each costs.
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 /// The mark on the agent's own sockets, which the capture rules let pass.
 pub use crate::capture::DEFAULT_MARK;
 

@@ -224,7 +224,8 @@ struct CommonArgs {
     /// takes one alone (with `h2` no QUIC listener is started).
     #[arg(long, default_value = "auto", value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<isthmus_proxy::tunnel::pool::Transports>()))]
     tunnel_transports: isthmus_proxy::tunnel::pool::Transports,
-    /// Runtime worker threads (a VM agent needs few).
+    /// Runtime worker threads: 1 runs every task on one thread (the least CPU per
+    /// connection); more spread connections over that many cores.
     #[arg(long, default_value_t = config::DEFAULT_WORKER_THREADS)]
     worker_threads: usize,
 }

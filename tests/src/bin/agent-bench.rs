@@ -11,9 +11,9 @@
 //!    `--idle` seconds, and `VmRSS`, `VmHWM`, `RssAnon`, `RssFile` and `Threads` are read
 //!    from `/proc/<pid>/status`. Only then is `/config_dump` read, to confirm the number of
 //!    destinations and names (the RSS once it has rendered that dump is shown too: a dump
-//!    of a large catalog is itself an allocation). Besides the default, three variants show
-//!    what the figure is made of: `--worker-threads 1`, glibc's `MALLOC_ARENA_MAX=2`, and
-//!    both. Each variant is started `--mem-rounds` times; medians are printed.
+//!    of a large catalog is itself an allocation). Besides the default (one worker, one
+//!    malloc arena), three variants show what the figure is made of: `--worker-threads 2`,
+//!    glibc's `MALLOC_ARENA_MAX=2`, and both. Each variant is started `--mem-rounds` times; medians are printed.
 //! 2. **Start to READY.** With `NOTIFY_SOCKET` pointing at a datagram socket this process
 //!    binds, the time from spawning the agent to its `READY=1`, `--starts` times each: (a)
 //!    a restart (certificate and catalog snapshot in the state directory, registry up), (b)
@@ -308,7 +308,7 @@ fn print_context(opts: &Opts, agent: &Path) {
         clock_ticks(),
     );
     println!(
-        "# agent: {} ({:.1} MiB on disk), run as an operator does: capture nftables (the default), RUST_LOG={}, --worker-threads 2 (the default) unless a row says otherwise; glibc {}",
+        "# agent: {} ({:.1} MiB on disk), run as an operator does: capture nftables (the default), RUST_LOG={}, --worker-threads 1 (the default) unless a row says otherwise; glibc {}",
         first_line(agent, &["--version"]),
         std::fs::metadata(agent).map_or(0.0, |m| m.len() as f64 / 1048576.0),
         opts.agent_log,
@@ -514,8 +514,8 @@ const VARIANTS: [Variant; 4] = [
         env: &[],
     },
     Variant {
-        label: "--worker-threads 1",
-        args: &["--worker-threads", "1"],
+        label: "--worker-threads 2",
+        args: &["--worker-threads", "2"],
         env: &[],
     },
     Variant {
@@ -525,7 +525,7 @@ const VARIANTS: [Variant; 4] = [
     },
     Variant {
         label: "both",
-        args: &["--worker-threads", "1"],
+        args: &["--worker-threads", "2"],
         env: &[("MALLOC_ARENA_MAX", "2")],
     },
 ];
