@@ -44,7 +44,8 @@ pub const DEFAULT_CLIENT_BURST: u32 = 20_000;
 pub const DEFAULT_RATE_LIMITED_CLIENTS: usize = 65_536;
 /// A client TCP connection idle this long (or slow to send a whole message) is closed.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Tasks reading the UDP socket; 0 means one per core.
+/// Tasks reading the UDP socket; 0 means one per worker of the runtime (one per core for
+/// the DNS proxy on its own, one for the VM agent's by default).
 pub const DEFAULT_UDP_WORKERS: usize = 0;
 /// Largest UDP answer sent to a client that advertises a larger EDNS size (flag day 2020).
 pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1232;
@@ -92,7 +93,7 @@ pub struct Config {
     pub rate_limit_exempt: Vec<IpAddr>,
     pub tcp_idle_timeout: Duration,
     pub max_udp_payload: u16,
-    /// Tasks reading the UDP socket; 0 means one per core.
+    /// Tasks reading the UDP socket; 0 means one per worker of the runtime.
     pub udp_workers: usize,
     /// `SO_MARK` on the sockets that query upstreams: set when this proxy runs inside the
     /// VM agent, whose capture rules redirect DNS to it except packets with its mark.

@@ -82,7 +82,7 @@ struct Args {
     /// A client address never rate-limited (repeatable).
     #[arg(long = "rate-limit-exempt")]
     rate_limit_exempt: Vec<std::net::IpAddr>,
-    /// Tasks reading the UDP socket (0: one per core).
+    /// Tasks reading the UDP socket (0: one per runtime worker, which is one per core).
     #[arg(long, default_value_t = config::DEFAULT_UDP_WORKERS)]
     udp_workers: usize,
     /// Check the configuration and exit.

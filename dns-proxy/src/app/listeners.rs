@@ -51,8 +51,9 @@ async fn bind_dns(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
     Err(last.expect("tried at least once")).context("no port free for both UDP and TCP")
 }
 
-/// Starts the UDP workers (one per core unless configured) and the TCP server into
-/// `accepting`; returns the DNS address.
+/// Starts the UDP workers (one per worker of the runtime unless configured: more tasks than
+/// threads would only take turns at the socket) and the TCP server into `accepting`;
+/// returns the DNS address.
 pub(super) fn serve(
     (udp, tcp): (UdpSocket, TcpListener),
     config: &Config,
@@ -64,7 +65,7 @@ pub(super) fn serve(
     let dns_addr = udp.local_addr()?;
     let udp = Arc::new(udp);
     let workers = if config.udp_workers == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        tokio::runtime::Handle::current().metrics().num_workers()
     } else {
         config.udp_workers
     };
