@@ -287,7 +287,7 @@ pub struct RuntimeSize {
 impl RuntimeSize {
     /// The workers the runtime will have: as given (at least one), or one per core the
     /// process may run on.
-    pub fn workers(&self) -> usize {
+    fn workers(&self) -> usize {
         self.worker_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1)
