@@ -90,10 +90,100 @@ pub async fn until_stopped<T>(
 ) -> anyhow::Result<T> {
     tokio::select! {
         r = work => r,
-        () = isthmus_proto::drain::os_signal() => {
-            anyhow::bail!("stopped by a signal; what the run had set up was torn down")
-        }
+        () = isthmus_proto::drain::os_signal() => anyhow::bail!(STOPPED_BY_A_SIGNAL),
     }
+}
+
+/// How a benchmark stopped by the operator ends.
+const STOPPED_BY_A_SIGNAL: &str = "stopped by a signal; what the run had set up was torn down";
+
+/// Set once a signal came, for a benchmark driven from synchronous code.
+static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The commands [`output_unless_stopped`] is waiting for: a signal ends them.
+static WAITED_FOR: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// [`until_stopped`] for a benchmark driven from synchronous code, which no future can drop
+/// where it stands. From this call on, SIGTERM and SIGINT no longer end the process: they
+/// end the commands it waits for through [`output_unless_stopped`] and make [`stopped`] an
+/// error, so the driver returns at its next step and drops what it set up, as at the end of
+/// a run.
+pub fn stop_on_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // The handlers are in place before this returns.
+    let (mut term, mut int) = rt.block_on(async {
+        anyhow::Ok((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            STOPPED.store(true, std::sync::atomic::Ordering::SeqCst);
+            let waited_for = WAITED_FOR
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for pid in waited_for.iter() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        })?;
+    Ok(())
+}
+
+/// An error once a signal came (see [`stop_on_signal`]).
+pub fn stopped() -> anyhow::Result<()> {
+    if STOPPED.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!(STOPPED_BY_A_SIGNAL);
+    }
+    Ok(())
+}
+
+/// `cmd.output()` (no input, output and errors captured), ended early by a signal (see
+/// [`stop_on_signal`]), after which this is an error.
+pub fn output_unless_stopped(
+    cmd: &mut std::process::Command,
+) -> anyhow::Result<std::process::Output> {
+    use std::process::Stdio;
+    stopped()?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = {
+        // Spawned and listed under the lock, which the signal's thread takes after setting
+        // the flag: either it finds this command listed, or the check below sees the flag.
+        let mut waited_for = WAITED_FOR
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let child = cmd.spawn()?;
+        waited_for.push(child.id());
+        child
+    };
+    let pid = child.id();
+    if STOPPED.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let out = child.wait_with_output();
+    WAITED_FOR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|&p| p != pid);
+    stopped()?;
+    Ok(out?)
 }
 
 /// One flag of a benchmark driver, for [`Args`]; each driver lists its flags in a table.

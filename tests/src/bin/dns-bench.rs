@@ -32,7 +32,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use isthmus_tests::bench::{Args, Flag};
+use isthmus_tests::bench::{output_unless_stopped, stop_on_signal, stopped, Args, Flag};
 use isthmus_tests::harness::dns::{a_query, dig_at, free_port, have};
 use isthmus_tests::harness::netns::{Net, Topology};
 use isthmus_tests::harness::process::ServerProcess;
@@ -75,6 +75,7 @@ fn pinned(cpu: &str, program: &str) -> Command {
 fn wait_answering(server: &mut Server, probe: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
+        stopped()?;
         if let Some(status) = server.child.try_wait()? {
             anyhow::bail!("{} exited at start: {status}", server.label);
         }
@@ -180,16 +181,17 @@ fn warm(server: &mut Server, queries: &Path, cpu: &str, probe: &str) -> anyhow::
 }
 
 fn dnsperf(addr: SocketAddr, queries: &Path, cpu: &str, args: &[String]) -> anyhow::Result<Perf> {
-    let out = Command::new("taskset")
-        .args(["-c", cpu, "dnsperf", "-s"])
-        .arg(addr.ip().to_string())
-        .arg("-p")
-        .arg(addr.port().to_string())
-        .arg("-d")
-        .arg(queries)
-        .args(args)
-        .output()
-        .context("running dnsperf")?;
+    let out = output_unless_stopped(
+        Command::new("taskset")
+            .args(["-c", cpu, "dnsperf", "-s"])
+            .arg(addr.ip().to_string())
+            .arg("-p")
+            .arg(addr.port().to_string())
+            .arg("-d")
+            .arg(queries)
+            .args(args),
+    )
+    .context("running dnsperf")?;
     parse_dnsperf(&String::from_utf8_lossy(&out.stdout))
 }
 
@@ -400,6 +402,7 @@ impl Probe {
         let end = Instant::now() + how_long;
         let mut id = 0u16;
         while Instant::now() < end {
+            stopped()?;
             id = id.wrapping_add(1);
             let started = Instant::now();
             socket.send(&a_query(id, name))?;
@@ -467,6 +470,7 @@ fn flood_run(
         .spawn(cmd)
         .context("starting dnsperf in the namespace")?;
     std::thread::sleep(Duration::from_secs(1));
+    stopped()?;
     let during = Probe::run(server.addr, probe, Duration::from_secs(seconds - 2))?;
     flooder
         .wait_timeout(Duration::from_secs(seconds + 10))
@@ -690,6 +694,8 @@ fn main() -> anyhow::Result<()> {
         "{} is missing: build it with cargo build --release -p isthmus-dns",
         isthmus_bin.display()
     );
+    // Stopped early, the run still ends through its drops: servers, namespaces, directory.
+    stop_on_signal()?;
     let dir = tempfile::tempdir()?;
     let queries = dir.path().join("queries.txt");
     std::fs::write(
