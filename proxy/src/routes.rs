@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -776,6 +776,11 @@ impl RouteTable {
 /// Rebuilds `routes` whenever the Watch client publishes a new view, keeps the catalog
 /// gauges current, and reports `ready` once a view from the registry is in use. Runs until
 /// `shutdown`; the last table stays in place through registry outages.
+///
+/// The table (and Istio's catalog of peers) is built on the blocking pool: with 10,000
+/// services that takes tens of milliseconds, during which a runtime of one worker (the VM
+/// agent's default) would otherwise serve no connection. Connections keep the old table
+/// until the new one is stored.
 pub async fn follow(
     sync: tokio::sync::watch::Receiver<Arc<SyncState>>,
     routes: Arc<ArcSwap<RouteTable>>,
@@ -784,26 +789,41 @@ pub async fn follow(
     ready: ReadyPart,
     shutdown: drain::Watch,
 ) {
-    let mut ready = Some(ready);
+    let ready = Arc::new(Mutex::new(Some(ready)));
     let turn = |state: Arc<SyncState>, view_changed: bool| {
-        if view_changed {
-            let table = RouteTable::build(&state.view, &routes.load(), &opts);
-            tracing::info!(
-                version = table.version(),
-                destinations = table.len(),
-                "routing table rebuilt"
-            );
-            metrics.destinations.set(table.len() as i64);
-            routes.store(Arc::new(table));
-            metrics
-                .istio
-                .set_catalog(istio::Catalog::build(&state.view));
+        let build = view_changed.then(|| {
+            let (view, routes, opts) = (state.view.clone(), routes.clone(), opts.clone());
+            tokio::task::spawn_blocking(move || {
+                let table = RouteTable::build(&view, &routes.load(), &opts);
+                (table, istio::Catalog::build(&view))
+            })
+        });
+        let (routes, metrics, ready) = (routes.clone(), metrics.clone(), ready.clone());
+        async move {
+            if let Some(build) = build {
+                match build.await {
+                    Ok((table, catalog)) => {
+                        tracing::info!(
+                            version = table.version(),
+                            destinations = table.len(),
+                            "routing table rebuilt"
+                        );
+                        metrics.destinations.set(table.len() as i64);
+                        routes.store(Arc::new(table));
+                        metrics.istio.set_catalog(catalog);
+                    }
+                    // A panic while building: the last table stays in use.
+                    Err(e) => tracing::error!(
+                        version = state.view.version,
+                        "rebuilding the routing table failed, the last one stays in use: {e}"
+                    ),
+                }
+            }
+            if state.synced() {
+                ready.lock().unwrap_or_else(PoisonError::into_inner).take();
+            }
+            metrics.catalog.observe(&state);
         }
-        if state.synced() {
-            ready.take();
-        }
-        metrics.catalog.observe(&state);
-        std::future::ready(())
     };
     subscription::follow(sync, shutdown, Some(FOLLOW_TICK), turn).await;
 }
