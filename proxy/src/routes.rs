@@ -789,8 +789,9 @@ pub async fn follow(
     ready: ReadyPart,
     shutdown: drain::Watch,
 ) {
-    let ready = Arc::new(Mutex::new(Some(ready)));
-    let turn = |state: Arc<SyncState>, view_changed: bool| {
+    let ready = Mutex::new(Some(ready));
+    let (routes, metrics, ready) = (&routes, &metrics, &ready);
+    let turn = move |state: Arc<SyncState>, view_changed: bool| {
         let build = view_changed.then(|| {
             let (view, routes, opts) = (state.view.clone(), routes.clone(), opts.clone());
             tokio::task::spawn_blocking(move || {
@@ -798,7 +799,6 @@ pub async fn follow(
                 (table, istio::Catalog::build(&view))
             })
         });
-        let (routes, metrics, ready) = (routes.clone(), metrics.clone(), ready.clone());
         async move {
             if let Some(build) = build {
                 match build.await {

@@ -132,14 +132,17 @@ pub fn stop_on_signal() -> anyhow::Result<()> {
             let waited_for = WAITED_FOR
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for pid in waited_for.iter() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
+            waited_for.iter().for_each(|&pid| terminate(pid));
         })?;
     Ok(())
+}
+
+/// SIGTERM to a command this process started and has not reaped.
+fn terminate(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
 }
 
 /// An error once a signal came (see [`stop_on_signal`]).
@@ -172,10 +175,7 @@ pub fn output_unless_stopped(
     };
     let pid = child.id();
     if STOPPED.load(std::sync::atomic::Ordering::SeqCst) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        terminate(pid);
     }
     let out = child.wait_with_output();
     WAITED_FOR

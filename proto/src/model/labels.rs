@@ -1,17 +1,19 @@
-//! An endpoint's labels as a view carries them: a sorted list rather than a map.
+//! The catalog's label sets (a service's, a workload's, a view endpoint's): a sorted list
+//! rather than a map.
 
 use std::collections::BTreeMap;
 
 /// Labels sorted by key, each key once, in a slice of exactly their number.
 ///
-/// A view holds one set per endpoint, and a `BTreeMap` allocates a node with room for
-/// eleven pairs (544 bytes of `String` headers) for the one to three labels an endpoint
-/// usually has. The registry's views of 100,000 endpoints paid that for each, and so did
+/// A view holds one set per endpoint (and the registry's catalog one per workload), and a
+/// `BTreeMap` allocates a node with room for eleven pairs (544 bytes of `String` headers)
+/// for the one to three labels an endpoint usually has. The registry's views of 100,000 endpoints paid that for each, and so did
 /// every proxy for each endpoint in its copy of the view. Lookups are a binary search.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Labels(Box<[(String, String)]>);
 
-/// What a label selector is matched against: an endpoint's labels, or a workload's map.
+/// What a label selector is matched against: a set of [`Labels`], or a map (the VM agent's
+/// own configuration keeps one).
 pub trait LabelLookup {
     /// The value of label `key`, if set.
     fn label(&self, key: &str) -> Option<&str>;

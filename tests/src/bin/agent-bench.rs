@@ -13,7 +13,8 @@
 //!    destinations and names (the RSS once it has rendered that dump is shown too: a dump
 //!    of a large catalog is itself an allocation). Besides the default (one worker, one
 //!    malloc arena), three variants show what the figure is made of: `--worker-threads 2`,
-//!    glibc's `MALLOC_ARENA_MAX=2`, and both. Each variant is started `--mem-rounds` times; medians are printed.
+//!    glibc's `MALLOC_ARENA_MAX=2`, and both. Each variant is started `--mem-rounds`
+//!    times; medians are printed.
 //! 2. **Start to READY.** With `NOTIFY_SOCKET` pointing at a datagram socket this process
 //!    binds, the time from spawning the agent to its `READY=1`, `--starts` times each: (a)
 //!    a restart (certificate and catalog snapshot in the state directory, registry up), (b)
