@@ -16,7 +16,6 @@ use isthmus_registry::sources::static_files::{parse_file, SourceDefaults};
 use prost::Message;
 
 struct Fixture {
-    _dir: tempfile::TempDir,
     material: CaMaterial,
     server: Arc<rustls::ServerConfig>,
 }
@@ -41,11 +40,10 @@ fn fixture() -> &'static Fixture {
             tls::server_config(&creds, &bundle, ClientAuth::Optional, &[tls::ALPN_H2])
                 .expect("server config"),
         );
-        Fixture {
-            _dir: dir,
-            material,
-            server,
-        }
+        // The material is in memory now: the directory goes, rather than outliving the
+        // process in this never-dropped fixture.
+        drop(dir);
+        Fixture { material, server }
     })
 }
 
