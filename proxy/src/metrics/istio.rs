@@ -386,13 +386,27 @@ impl Entry {
 /// The catalog's workloads by address and by endpoint uid: where a peer's labels and the
 /// local workload's services are looked up. Built from the network view whenever the
 /// routing table is; it holds the view's service entries, not copies of them.
+///
+/// Both indexes are sorted lists searched by halves, not maps of lists: a map of lists
+/// cost about 330 bytes per endpoint (a list allocated for each key, with room for four,
+/// in each map), these cost 64.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    /// Address -> the view's workload endpoints there, one per service the workload serves.
-    by_address: HashMap<IpAddr, Vec<Entry>>,
-    /// Hash of an endpoint's uid -> the endpoints with that hash (the uid is compared on
-    /// lookup, so no uid is copied).
-    by_uid: HashMap<u64, Vec<Entry>>,
+    /// The view's workload endpoints by address, one per service the workload serves
+    /// (those at one address in the view's order).
+    by_address: Vec<(IpAddr, Entry)>,
+    /// The same endpoints by the hash of their uid (the uid is compared on lookup, so no
+    /// uid is copied).
+    by_uid: Vec<(u64, Entry)>,
+}
+
+/// The entries of a sorted index under `key`.
+fn under<K: Ord + Copy>(index: &[(K, Entry)], key: K) -> impl Iterator<Item = &Entry> {
+    let start = index.partition_point(|(k, _)| *k < key);
+    index[start..]
+        .iter()
+        .take_while(move |(k, _)| *k == key)
+        .map(|(_, e)| e)
 }
 
 fn uid_hash(uid: &str) -> u64 {
@@ -419,24 +433,22 @@ impl Catalog {
                     view: sv.clone(),
                     index,
                 };
-                c.by_uid
-                    .entry(uid_hash(&e.uid))
-                    .or_default()
-                    .push(entry.clone());
-                c.by_address.entry(ip).or_default().push(entry);
+                c.by_uid.push((uid_hash(&e.uid), entry.clone()));
+                c.by_address.push((ip, entry));
             }
         }
+        // Stable sorts: the entries under one key stay in the view's order.
+        c.by_address.sort_by_key(|(ip, _)| *ip);
+        c.by_address.shrink_to_fit();
+        c.by_uid.sort_by_key(|(hash, _)| *hash);
+        c.by_uid.shrink_to_fit();
         c
     }
 
     /// The endpoints of the one workload at `ip` that runs as `identity` (any, when
     /// `None`); none when there is none, or several workloads that disagree.
     fn workload_at(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> Vec<&Entry> {
-        let found: Vec<&Entry> = self
-            .by_address
-            .get(&ip)
-            .into_iter()
-            .flatten()
+        let found: Vec<&Entry> = under(&self.by_address, ip)
             .filter(|e| e.runs_as(identity))
             .collect();
         match found.split_first() {
@@ -456,11 +468,7 @@ impl Catalog {
     /// same view), whose identity was verified as `identity` if the reporter verified one:
     /// its catalog labels, unless it turned out to run as another identity.
     pub fn endpoint(&self, uid: &str, identity: Option<&SpiffeId>) -> Peer {
-        let entry = self
-            .by_uid
-            .get(&uid_hash(uid))
-            .into_iter()
-            .flatten()
+        let entry = under(&self.by_uid, uid_hash(uid))
             .find(|e| e.endpoint().uid == uid)
             .filter(|e| e.runs_as(identity));
         merge(entry, identity)
