@@ -7,6 +7,7 @@
 //! in simulated time, and the data plane calls it without I/O.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_proto::model::Locality;
@@ -214,7 +215,8 @@ pub enum FailureOutcome {
 pub struct Balancer {
     policy: Policy,
     outlier: OutlierConfig,
-    caller: Locality,
+    /// Shared by the destinations of one routing table.
+    caller: Arc<Locality>,
     locality: LocalityLb,
     endpoints: Vec<Endpoint>,
     /// The weight each endpoint is picked by: its own, or its share under `distribute`.
@@ -228,14 +230,14 @@ impl Balancer {
     pub fn new(
         policy: Policy,
         outlier: OutlierConfig,
-        caller: Locality,
+        caller: impl Into<Arc<Locality>>,
         endpoints: Vec<Endpoint>,
     ) -> Self {
         let state = vec![State::default(); endpoints.len()];
         let mut b = Self {
             policy,
             outlier,
-            caller,
+            caller: caller.into(),
             locality: LocalityLb::default(),
             endpoints,
             weights: Vec::new(),

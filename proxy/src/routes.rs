@@ -15,7 +15,7 @@
 //! destinations, chosen by weight with a smooth weighted round robin, so the shares hold
 //! exactly over any run of connections rather than on average.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -166,7 +166,7 @@ struct Endpoints {
     /// Each target's index by its uid, for a destination with many targets
     /// ([`INDEXED_FROM`]); a few are found by comparing each, which spares most
     /// destinations (one endpoint, or two or three) a map and a copy of every uid.
-    by_uid: Option<HashMap<String, usize>>,
+    by_uid: Option<Box<HashMap<String, usize>>>,
     balancer: Balancer,
 }
 
@@ -223,7 +223,13 @@ impl std::fmt::Debug for Destination {
 }
 
 impl Destination {
-    fn new(key: DestinationKey, service: istio::Service, opts: &RouteOptions) -> Self {
+    /// `caller` is `opts.locality`, shared by the table's destinations.
+    fn new(
+        key: DestinationKey,
+        service: istio::Service,
+        opts: &RouteOptions,
+        caller: &Arc<Locality>,
+    ) -> Self {
         Self {
             key,
             service,
@@ -232,12 +238,7 @@ impl Destination {
             endpoints: Mutex::new(Endpoints {
                 targets: Vec::new(),
                 by_uid: None,
-                balancer: Balancer::new(
-                    opts.policy,
-                    opts.outlier,
-                    opts.locality.clone(),
-                    Vec::new(),
-                ),
+                balancer: Balancer::new(opts.policy, opts.outlier, caller.clone(), Vec::new()),
             }),
             open: AtomicUsize::new(0),
             max_connections: AtomicUsize::new(opts.max_connections_per_destination),
@@ -331,13 +332,15 @@ impl Destination {
                 .collect(),
         );
         e.by_uid = (targets.len() >= INDEXED_FROM).then(|| {
-            targets
-                .iter()
-                .enumerate()
-                // Of a uid twice, the first, as comparing each would find.
-                .rev()
-                .map(|(i, t)| (t.uid.clone(), i))
-                .collect()
+            Box::new(
+                targets
+                    .iter()
+                    .enumerate()
+                    // Of a uid twice, the first, as comparing each would find.
+                    .rev()
+                    .map(|(i, t)| (t.uid.clone(), i))
+                    .collect(),
+            )
         });
         // Not `into_iter().map(Arc::new).collect()`: that collects in place, into the
         // allocation sized for the targets themselves, and keeps it (for one target, 736
@@ -482,14 +485,41 @@ impl LookupError {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     version: String,
-    destinations: HashMap<DestinationKey, Arc<Destination>>,
+    /// Each destination, found by its own key: a map would hold a second copy of every key.
+    destinations: HashSet<Keyed>,
     /// hostname -> its ports, to tell an unknown service from an unknown port.
-    ports: HashMap<String, BTreeSet<u16>>,
+    ports: HashMap<Arc<str>, BTreeSet<u16>>,
     /// Service addresses (cluster VIPs and allocated VIPs) -> hostname, for traffic that
-    /// names a VIP rather than a hostname.
-    addresses: HashMap<IpAddr, String>,
+    /// names a VIP rather than a hostname. A service's entries here and in `ports` share
+    /// one copy of its hostname.
+    addresses: HashMap<IpAddr, Arc<str>>,
     /// hostname -> the routes of its VirtualService that this caller may take.
     routes: HashMap<String, Arc<Routes>>,
+}
+
+/// A destination in the table's set, which compares and hashes as its key, so the set is
+/// searched by key.
+#[derive(Debug)]
+struct Keyed(Arc<Destination>);
+
+impl PartialEq for Keyed {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for Keyed {}
+
+impl std::hash::Hash for Keyed {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.key.hash(state);
+    }
+}
+
+impl std::borrow::Borrow<DestinationKey> for Keyed {
+    fn borrow(&self) -> &DestinationKey {
+        &self.0.key
+    }
 }
 
 /// A hostname's `tcp`/`tls` routes, each with its weighted choice among its destinations.
@@ -540,11 +570,12 @@ impl RouteTable {
             version: view.version.clone(),
             ..Default::default()
         };
+        let caller = Arc::new(opts.locality.clone());
         for res in view.resources.values() {
             let ViewResource::Service(sv) = res else {
                 continue;
             };
-            table.add_service(sv, previous, opts);
+            table.add_service(sv, previous, opts, &caller);
             table.add_routes(sv, previous);
         }
         table
@@ -640,19 +671,22 @@ impl RouteTable {
         })
     }
 
-    fn add_service(&mut self, sv: &ServiceView, previous: &RouteTable, opts: &RouteOptions) {
+    fn add_service(
+        &mut self,
+        sv: &ServiceView,
+        previous: &RouteTable,
+        opts: &RouteOptions,
+        caller: &Arc<Locality>,
+    ) {
         let svc = &sv.service;
         // A gateway carries only what callers of every namespace may see: the SNI key does
         // not name the caller's namespace.
         let exported = svc.scope == Scope::Mesh && svc.export_to.is_public();
-        for a in svc.addresses.iter().map(|a| &a.address) {
+        let host: Arc<str> = svc.hostname.as_str().into();
+        let addresses = svc.addresses.iter().map(|a| &a.address);
+        for a in addresses.chain(&svc.allocated_addresses) {
             if let Ok(ip) = a.parse::<IpAddr>() {
-                self.addresses.insert(ip, svc.hostname.clone());
-            }
-        }
-        for a in &svc.allocated_addresses {
-            if let Ok(ip) = a.parse::<IpAddr>() {
-                self.addresses.insert(ip, svc.hostname.clone());
+                self.addresses.insert(ip, host.clone());
             }
         }
         // Identities the service names as its servers' (`subjectAltNames`): accepted from
@@ -678,7 +712,7 @@ impl RouteTable {
                 subsets.insert(v.clone());
             }
         }
-        let ports = self.ports.entry(svc.hostname.clone()).or_default();
+        let ports = self.ports.entry(host).or_default();
         for sp in &svc.ports {
             ports.insert(sp.number);
             for subset in &subsets {
@@ -697,17 +731,19 @@ impl RouteTable {
                         }
                     }
                 }
-                let dest = previous.destinations.get(&key).cloned().unwrap_or_else(|| {
+                let dest = previous.destinations.get(&key).map(|d| d.0.clone());
+                let dest = dest.unwrap_or_else(|| {
                     let service = istio::Service {
                         hostname: svc.hostname.clone(),
                         name: svc.name.clone(),
                         namespace: svc.namespace.clone(),
                     };
-                    Arc::new(Destination::new(key.clone(), service, opts))
+                    Arc::new(Destination::new(key, service, opts, caller))
                 });
                 dest.set(targets, identities.clone(), exported);
                 dest.apply(&policy, opts);
-                self.destinations.insert(key, dest);
+                // The last of a key wins, as in a map.
+                self.destinations.replace(Keyed(dest));
             }
         }
     }
@@ -737,7 +773,7 @@ impl RouteTable {
             subset: subset.to_string(),
         };
         if let Some(d) = self.destinations.get(&key) {
-            return Ok(d.clone());
+            return Ok(d.0.clone());
         }
         match self.ports.get(hostname) {
             None => Err(LookupError::UnknownService(hostname.to_string())),
@@ -754,7 +790,7 @@ impl RouteTable {
 
     /// The hostname a service address (VIP) belongs to.
     pub fn hostname_of(&self, ip: IpAddr) -> Option<&str> {
-        self.addresses.get(&ip).map(String::as_str)
+        self.addresses.get(&ip).map(|h| &**h)
     }
 
     /// Every service address (VIP) in the table: what the VM agent captures.
@@ -765,11 +801,9 @@ impl RouteTable {
     /// Every destination with its endpoints and their state, for `/config_dump`.
     pub fn dump(&self) -> Vec<DestinationDump> {
         let now = Instant::now();
-        let mut keys: Vec<&DestinationKey> = self.destinations.keys().collect();
-        keys.sort();
-        keys.into_iter()
-            .map(|k| self.destinations[k].dump(now))
-            .collect()
+        let mut all: Vec<&Destination> = self.destinations.iter().map(|d| &*d.0).collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        all.into_iter().map(|d| d.dump(now)).collect()
     }
 }
 
