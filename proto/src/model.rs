@@ -13,8 +13,8 @@ use crate::identity::SpiffeId;
 use crate::pb;
 pub use labels::{LabelLookup, Labels};
 pub use traffic::{
-    DestinationRule, L4Route, LoadBalancer, OutlierPolicy, RouteDestination, Subset, TrafficPolicy,
-    VirtualService,
+    DestinationRule, L4Route, LoadBalancer, OutlierPolicy, PolicyBox, RouteDestination, Subset,
+    TrafficPolicy, VirtualService,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -752,7 +752,7 @@ pub struct ServiceView {
     /// The `tcp` and `tls` routes of the VirtualServices for this hostname, in order.
     pub routes: Vec<L4Route>,
     /// The traffic policy of the service's DestinationRule (its subsets carry their own).
-    pub policy: TrafficPolicy,
+    pub policy: PolicyBox,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1357,7 +1357,7 @@ impl From<&ServiceView> for pb::ServiceView {
             endpoints: v.endpoints.iter().map(Into::into).collect(),
             subsets: v.subsets.iter().map(Into::into).collect(),
             routes: v.routes.iter().map(Into::into).collect(),
-            policy: (!v.policy.is_empty()).then(|| (&v.policy).into()),
+            policy: (!v.policy.is_empty()).then(|| (&*v.policy).into()),
         }
     }
 }
@@ -1395,9 +1395,10 @@ impl TryFrom<pb::ViewResource> for ViewResource {
                     .collect::<Result<_, _>>()?,
                 policy: s
                     .policy
-                    .map(TryInto::try_into)
+                    .map(TryInto::<TrafficPolicy>::try_into)
                     .transpose()?
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .into(),
                 routes: s
                     .routes
                     .into_iter()

@@ -719,7 +719,7 @@ pub fn build_service_view(
         endpoints,
         subsets,
         routes,
-        policy,
+        policy: policy.into(),
     })
 }
 

@@ -162,6 +162,36 @@ impl TrafficPolicy {
     }
 }
 
+/// A service's traffic policy held out of line: most services have none, and a view then
+/// holds a null pointer rather than the policy's 208 bytes for each of them. It reads as
+/// the policy it holds (the empty one when none).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicyBox(Option<Box<TrafficPolicy>>);
+
+/// What a [`PolicyBox`] without a policy reads as.
+static NO_POLICY: TrafficPolicy = TrafficPolicy {
+    load_balancer: None,
+    max_connections: None,
+    connect_timeout_ms: None,
+    outlier: None,
+    locality: None,
+    tcp_keepalive: None,
+    ports: BTreeMap::new(),
+};
+
+impl From<TrafficPolicy> for PolicyBox {
+    fn from(policy: TrafficPolicy) -> Self {
+        Self((!policy.is_empty()).then(|| Box::new(policy)))
+    }
+}
+
+impl std::ops::Deref for PolicyBox {
+    type Target = TrafficPolicy;
+    fn deref(&self) -> &TrafficPolicy {
+        self.0.as_deref().unwrap_or(&NO_POLICY)
+    }
+}
+
 impl Subset {
     /// Whether an endpoint with `labels` belongs to this subset.
     pub fn selects(&self, labels: &(impl super::LabelLookup + ?Sized)) -> bool {

@@ -488,7 +488,8 @@ fn a_destination_rules_policy_sets_the_limit_timeout_and_ejection_per_port_and_s
                     max_ejection_percent: None,
                 }),
                 ..Default::default()
-            };
+            }
+            .into();
             sv.subsets[1].policy = TrafficPolicy {
                 max_connections: Some(1),
                 ..Default::default()
