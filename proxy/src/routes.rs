@@ -1,9 +1,9 @@
 //! The routing table of the proxy core: every (service hostname, service port, subset) the
-//! caller's network view names becomes a [`Destination`] with its endpoints, its balancer
-//! and its connection limit. The table is rebuilt off the data path whenever the view
-//! changes and swapped in atomically; a destination that survives a rebuild is the same
-//! object, updated in place, so open connections, round-robin position and outlier
-//! ejections carry over.
+//! caller's network view names is a [`Destination`] with its endpoints, its balancer and
+//! its connection limit, built from the service's view when a connection first needs it.
+//! The table is rebuilt off the data path whenever the view changes and swapped in
+//! atomically; a destination that survives a rebuild is the same object, updated in place,
+//! so open connections, round-robin position and outlier ejections carry over.
 //!
 //! Subsets: a subset the service's DestinationRule defines selects the endpoints carrying its
 //! labels (and the remote gateways with endpoints of it behind them, weighted by those);
@@ -483,20 +483,57 @@ impl LookupError {
     }
 }
 
-/// Every destination of one view.
+/// Every destination of one view. A destination is built from its service's view on first
+/// use (a lookup, or a route resolving to it) and kept from then on, across rebuilds: a
+/// proxy holds the services of the whole view, but most callers reach a few of them, and
+/// a built destination (its endpoints as targets, its balancer, its identities) costs
+/// several times what the view already holds for it.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     version: String,
-    /// Each destination, found by its own key: a map would hold a second copy of every key.
-    destinations: HashSet<Keyed>,
-    /// hostname -> its ports, to tell an unknown service from an unknown port.
-    ports: HashMap<Arc<str>, BTreeSet<u16>>,
-    /// Service addresses (cluster VIPs and allocated VIPs) -> hostname, for traffic that
-    /// names a VIP rather than a hostname. A service's entries here and in `ports` share
-    /// one copy of its hostname.
-    addresses: HashMap<IpAddr, Arc<str>>,
+    /// What destinations are built with: the proxy's settings, and the caller's locality
+    /// (shared by all of them).
+    opts: RouteOptions,
+    caller: Arc<Locality>,
+    /// Each service of the view, found by its hostname: what its destinations are built
+    /// from, and what tells an unknown service from an unknown port or subset.
+    services: HashSet<ByHost>,
+    /// How many destinations the view names (each service port with each of its subsets),
+    /// built or not.
+    available: usize,
+    /// The destinations built so far, each found by its own key (a map would hold a
+    /// second copy of every key).
+    built: Mutex<HashSet<Keyed>>,
+    /// Service addresses (cluster VIPs and allocated VIPs) -> their service, for traffic
+    /// that names a VIP rather than a hostname.
+    addresses: HashMap<IpAddr, Arc<ServiceView>>,
     /// hostname -> the routes of its VirtualService that this caller may take.
     routes: HashMap<String, Arc<Routes>>,
+}
+
+/// A service in the table's set, which compares and hashes as its hostname, so the set is
+/// searched by hostname without a copy of it.
+#[derive(Debug)]
+struct ByHost(Arc<ServiceView>);
+
+impl PartialEq for ByHost {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.service.hostname == other.0.service.hostname
+    }
+}
+
+impl Eq for ByHost {}
+
+impl std::hash::Hash for ByHost {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.service.hostname.hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for ByHost {
+    fn borrow(&self) -> &str {
+        &self.0.service.hostname
+    }
 }
 
 /// A destination in the table's set, which compares and hashes as its key, so the set is
@@ -565,22 +602,41 @@ impl WeightedChoice {
 }
 
 impl RouteTable {
-    /// Builds the table of `view`, reusing the destinations of `previous` that are still
-    /// there (same objects, updated in place).
+    /// Builds the table of `view`. The destinations `previous` had built that the view
+    /// still names are carried over: the same objects, updated in place. The rest are
+    /// built when first used.
     pub fn build(view: &LocalView, previous: &RouteTable, opts: &RouteOptions) -> RouteTable {
         let mut table = RouteTable {
             version: view.version.clone(),
+            opts: opts.clone(),
+            caller: Arc::new(opts.locality.clone()),
             ..Default::default()
         };
-        let caller = Arc::new(opts.locality.clone());
         for res in view.resources.values() {
             let ViewResource::Service(sv) = res else {
                 continue;
             };
-            table.add_service(sv, previous, opts, &caller);
+            table.add_service(sv);
             table.add_routes(sv, previous);
         }
+        // A destination a connection builds in `previous` after this point is built again
+        // in this table on its next use, without the state it gathered meanwhile.
+        let carried: HashSet<Keyed> = previous
+            .built()
+            .iter()
+            .filter_map(|d| {
+                let sv = table.services.get(d.0.key.hostname.as_str())?;
+                serves(&sv.0, d.0.key.port, &d.0.key.subset).ok()?;
+                table.fill(&sv.0, &d.0);
+                Some(Keyed(d.0.clone()))
+            })
+            .collect();
+        table.built = Mutex::new(carried);
         table
+    }
+
+    fn built(&self) -> std::sync::MutexGuard<'_, HashSet<Keyed>> {
+        self.built.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The routes of `sv`'s VirtualService, the weighted choices of `previous` kept where
@@ -673,24 +729,32 @@ impl RouteTable {
         })
     }
 
-    fn add_service(
-        &mut self,
-        sv: &ServiceView,
-        previous: &RouteTable,
-        opts: &RouteOptions,
-        caller: &Arc<Locality>,
-    ) {
+    /// Indexes `sv` by its hostname and its addresses.
+    fn add_service(&mut self, sv: &Arc<ServiceView>) {
         let svc = &sv.service;
-        // A gateway carries only what callers of every namespace may see: the SNI key does
-        // not name the caller's namespace.
-        let exported = svc.scope == Scope::Mesh && svc.export_to.is_public();
-        let host: Arc<str> = svc.hostname.as_str().into();
         let addresses = svc.addresses.iter().map(|a| &a.address);
         for a in addresses.chain(&svc.allocated_addresses) {
             if let Ok(ip) = a.parse::<IpAddr>() {
-                self.addresses.insert(ip, host.clone());
+                self.addresses.insert(ip, sv.clone());
             }
         }
+        let ports: BTreeSet<u16> = svc.ports.iter().map(|p| p.number).collect();
+        self.available += ports.len() * subsets_of(sv).len();
+        // The last of a hostname wins, as in a map.
+        if let Some(gone) = self.services.replace(ByHost(sv.clone())) {
+            let ports: BTreeSet<u16> = gone.0.service.ports.iter().map(|p| p.number).collect();
+            self.available -= ports.len() * subsets_of(&gone.0).len();
+        }
+    }
+
+    /// Sets `dest` (a destination of `sv`) to what `sv` says of its port and subset: its
+    /// endpoints as targets, the identities it accepts, and its traffic policy.
+    fn fill(&self, sv: &ServiceView, dest: &Destination) {
+        let svc = &sv.service;
+        let (port, subset) = (dest.key.port, dest.key.subset.as_str());
+        // A gateway carries only what callers of every namespace may see: the SNI key does
+        // not name the caller's namespace.
+        let exported = svc.scope == Scope::Mesh && svc.export_to.is_public();
         // Identities the service names as its servers' (`subjectAltNames`): accepted from
         // every endpoint beside the endpoint's own, as Istio accepts a service's accounts.
         let sans: Vec<SpiffeId> = svc
@@ -706,63 +770,54 @@ impl RouteTable {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut subsets: BTreeSet<String> = BTreeSet::new();
-        subsets.insert(String::new());
-        subsets.extend(sv.subsets.iter().map(|s| s.name.clone()));
-        for e in &sv.endpoints {
-            if let Some(v) = e.labels.get(SUBSET_LABEL) {
-                subsets.insert(v.clone());
-            }
-        }
-        let ports = self.ports.entry(host).or_default();
-        for sp in &svc.ports {
-            ports.insert(sp.number);
-            for subset in &subsets {
-                let key = DestinationKey {
-                    hostname: svc.hostname.clone(),
-                    port: sp.number,
-                    subset: subset.clone(),
-                };
-                let defined = sv.subsets.iter().find(|s| &s.name == subset);
-                let policy = sv.policy.effective(defined.map(|s| &s.policy), sp.number);
-                let mut targets = targets_of(sv, sp.number, subset, defined, opts.reach);
-                for t in targets.iter_mut().filter(|t| !t.identities.is_empty()) {
-                    for san in &sans {
-                        if !t.identities.contains(san) {
-                            t.identities.push(san.clone());
-                        }
-                    }
+        let defined = sv.subsets.iter().find(|s| s.name == subset);
+        let policy = sv.policy.effective(defined.map(|s| &s.policy), port);
+        let mut targets = targets_of(sv, port, subset, defined, self.opts.reach);
+        for t in targets.iter_mut().filter(|t| !t.identities.is_empty()) {
+            for san in &sans {
+                if !t.identities.contains(san) {
+                    t.identities.push(san.clone());
                 }
-                let dest = previous.destinations.get(&key).map(|d| d.0.clone());
-                let dest = dest.unwrap_or_else(|| {
-                    let service = istio::Service {
-                        hostname: svc.hostname.clone(),
-                        name: svc.name.clone(),
-                        namespace: svc.namespace.clone(),
-                    };
-                    Arc::new(Destination::new(key, service, opts, caller))
-                });
-                dest.set(targets, identities.clone(), exported);
-                dest.apply(&policy, opts);
-                // The last of a key wins, as in a map.
-                self.destinations.replace(Keyed(dest));
             }
         }
+        dest.set(targets, identities, exported);
+        dest.apply(&policy, &self.opts);
+    }
+
+    /// A new destination of `sv` for `key`, filled.
+    fn destination(&self, sv: &ServiceView, key: DestinationKey) -> Arc<Destination> {
+        let svc = &sv.service;
+        let service = istio::Service {
+            hostname: svc.hostname.clone(),
+            name: svc.name.clone(),
+            namespace: svc.namespace.clone(),
+        };
+        let dest = Arc::new(Destination::new(key, service, &self.opts, &self.caller));
+        self.fill(sv, &dest);
+        dest
     }
 
     pub fn version(&self) -> &str {
         &self.version
     }
 
+    /// How many destinations the view names, built or not.
     pub fn len(&self) -> usize {
-        self.destinations.len()
+        self.available
     }
 
     pub fn is_empty(&self) -> bool {
-        self.destinations.is_empty()
+        self.available == 0
     }
 
-    /// The destination for a hostname, port and subset (empty for all endpoints).
+    /// How many destinations have been built (used, or carried over from a table in which
+    /// they were).
+    pub fn built_len(&self) -> usize {
+        self.built().len()
+    }
+
+    /// The destination for a hostname, port and subset (empty for all endpoints), built
+    /// on its first use.
     pub fn lookup(
         &self,
         hostname: &str,
@@ -774,25 +829,25 @@ impl RouteTable {
             port,
             subset: subset.to_string(),
         };
-        if let Some(d) = self.destinations.get(&key) {
+        let mut built = self.built();
+        if let Some(d) = built.get(&key) {
             return Ok(d.0.clone());
         }
-        match self.ports.get(hostname) {
-            None => Err(LookupError::UnknownService(hostname.to_string())),
-            Some(p) if !p.contains(&port) => Err(LookupError::UnknownPort {
-                hostname: hostname.to_string(),
-                port,
-            }),
-            Some(_) => Err(LookupError::UnknownSubset {
-                hostname: hostname.to_string(),
-                subset: subset.to_string(),
-            }),
-        }
+        let sv = self
+            .services
+            .get(hostname)
+            .ok_or_else(|| LookupError::UnknownService(hostname.to_string()))?;
+        serves(&sv.0, port, subset)?;
+        let dest = self.destination(&sv.0, key);
+        built.insert(Keyed(dest.clone()));
+        Ok(dest)
     }
 
     /// The hostname a service address (VIP) belongs to.
     pub fn hostname_of(&self, ip: IpAddr) -> Option<&str> {
-        self.addresses.get(&ip).map(|h| &**h)
+        self.addresses
+            .get(&ip)
+            .map(|sv| sv.service.hostname.as_str())
     }
 
     /// Every service address (VIP) in the table: what the VM agent captures.
@@ -800,13 +855,70 @@ impl RouteTable {
         self.addresses.keys().copied()
     }
 
-    /// Every destination with its endpoints and their state, for `/config_dump`.
+    /// Every destination the view names with its endpoints and their state, for
+    /// `/config_dump`. One not built yet is shown as it would be built (no connections,
+    /// none ejected) and stays unbuilt.
     pub fn dump(&self) -> Vec<DestinationDump> {
         let now = Instant::now();
-        let mut all: Vec<&Destination> = self.destinations.iter().map(|d| &*d.0).collect();
+        let built = self.built();
+        let mut all = Vec::with_capacity(self.available);
+        for sv in &self.services {
+            let ports: BTreeSet<u16> = sv.0.service.ports.iter().map(|p| p.number).collect();
+            for port in ports {
+                for subset in subsets_of(&sv.0) {
+                    let key = DestinationKey {
+                        hostname: sv.0.service.hostname.clone(),
+                        port,
+                        subset,
+                    };
+                    all.push(match built.get(&key) {
+                        Some(d) => d.0.dump(now),
+                        None => self.destination(&sv.0, key).dump(now),
+                    });
+                }
+            }
+        }
         all.sort_by(|a, b| a.key.cmp(&b.key));
-        all.into_iter().map(|d| d.dump(now)).collect()
+        all
     }
+}
+
+/// The subsets `sv` has destinations for: every endpoint (`""`), each its DestinationRule
+/// defines, and each endpoint's [`SUBSET_LABEL`] value.
+fn subsets_of(sv: &ServiceView) -> BTreeSet<String> {
+    let mut subsets: BTreeSet<String> = BTreeSet::new();
+    subsets.insert(String::new());
+    subsets.extend(sv.subsets.iter().map(|s| s.name.clone()));
+    for e in &sv.endpoints {
+        if let Some(v) = e.labels.get(SUBSET_LABEL) {
+            subsets.insert(v.clone());
+        }
+    }
+    subsets
+}
+
+/// Whether `sv` has a destination for `port` and `subset`, or what it lacks.
+fn serves(sv: &ServiceView, port: u16, subset: &str) -> Result<(), LookupError> {
+    let svc = &sv.service;
+    if !svc.ports.iter().any(|p| p.number == port) {
+        return Err(LookupError::UnknownPort {
+            hostname: svc.hostname.clone(),
+            port,
+        });
+    }
+    let known = subset.is_empty()
+        || sv.subsets.iter().any(|s| s.name == subset)
+        || sv
+            .endpoints
+            .iter()
+            .any(|e| e.labels.get(SUBSET_LABEL).map(String::as_str) == Some(subset));
+    if !known {
+        return Err(LookupError::UnknownSubset {
+            hostname: svc.hostname.clone(),
+            subset: subset.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Rebuilds `routes` whenever the Watch client publishes a new view, keeps the catalog
@@ -842,6 +954,7 @@ pub async fn follow(
                         tracing::info!(
                             version = table.version(),
                             destinations = table.len(),
+                            built = table.built_len(),
                             "routing table rebuilt"
                         );
                         metrics.destinations.set(table.len() as i64);

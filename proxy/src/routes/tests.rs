@@ -250,6 +250,82 @@ fn a_rebuild_keeps_the_destination_and_its_state() {
 }
 
 #[test]
+fn destinations_are_built_on_first_use_and_kept_while_the_view_names_them() {
+    let v = view(
+        vec![
+            endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1"),
+            endpoint(EndpointKind::Workload, "10.0.0.2", 8080, "v2"),
+        ],
+        Scope::Mesh,
+    );
+    let opts = RouteOptions::default();
+    let t1 = RouteTable::build(&v, &RouteTable::default(), &opts);
+    assert_eq!(t1.len(), 3, "the port with every endpoint, v1 and v2");
+    assert_eq!(t1.built_len(), 0, "nothing is built before it is used");
+
+    // A dump shows every destination without building one.
+    let dump = t1.dump();
+    let keys: Vec<String> = dump.iter().map(|d| d.key.to_string()).collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert!(dump
+        .iter()
+        .all(|d| d.endpoints.len() == 1 || d.key.subset.is_empty()));
+    assert_eq!(t1.built_len(), 0);
+
+    // A lookup builds one, and the next lookup finds the same object.
+    let v1 = t1.lookup(HOST, 9080, "v1").unwrap();
+    assert_eq!(v1.targets().len(), 1);
+    assert!(Arc::ptr_eq(&v1, &t1.lookup(HOST, 9080, "v1").unwrap()));
+    assert_eq!(t1.built_len(), 1);
+    // A lookup that finds nothing builds nothing.
+    assert!(t1.lookup(HOST, 9080, "v9").is_err());
+    assert_eq!(t1.built_len(), 1);
+
+    // A rebuild carries the built one over, updated; it does not build the others.
+    let mut moved = view(
+        vec![
+            endpoint(EndpointKind::Workload, "10.0.0.1", 8080, "v1"),
+            endpoint(EndpointKind::Workload, "10.0.0.3", 8080, "v1"),
+        ],
+        Scope::Mesh,
+    );
+    moved.version = "v.2".into();
+    let t2 = RouteTable::build(&moved, &t1, &opts);
+    assert_eq!(t2.built_len(), 1);
+    assert_eq!(t2.len(), 2, "v2 is gone");
+    let again = t2.lookup(HOST, 9080, "v1").unwrap();
+    assert!(Arc::ptr_eq(&v1, &again), "the same destination object");
+    assert_eq!(again.targets().len(), 2, "updated in place");
+
+    // A subset the view no longer names is not carried over.
+    t2.lookup(HOST, 9080, "").unwrap();
+    let only_v2 = view(
+        vec![endpoint(EndpointKind::Workload, "10.0.0.2", 8080, "v2")],
+        Scope::Mesh,
+    );
+    let t3 = RouteTable::build(&only_v2, &t2, &opts);
+    assert_eq!(
+        t3.built_len(),
+        1,
+        "the port's destination stays, v1's does not"
+    );
+    assert_eq!(
+        t3.lookup(HOST, 9080, "v1").unwrap_err().reason(),
+        "unknown_subset"
+    );
+    let empty = LocalView {
+        version: "v.4".into(),
+        resources: Default::default(),
+    };
+    let t4 = RouteTable::build(&empty, &t3, &opts);
+    assert_eq!(
+        (t4.len(), t4.built_len()),
+        (0, 0),
+        "the service left the view"
+    );
+}
+
+#[test]
 fn tried_endpoints_are_skipped() {
     let v = view(
         vec![
