@@ -1,18 +1,32 @@
 //! Logging setup shared by every program: `LOG_FORMAT=json|plain`, level from `RUST_LOG`
 //! (default `info`), changeable at runtime through the admin port's `/logging`.
+//!
+//! A filter is a comma-separated list of `level` and `target=level` directives, as
+//! `RUST_LOG` reads them without span and field filters (tracing's `Targets`, which needs no
+//! regular-expression engine in every program).
 
 use std::sync::OnceLock;
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
+use tracing_subscriber::{fmt, reload, Registry};
 
 pub const LOG_FORMAT_ENV: &str = "LOG_FORMAT";
+pub const LOG_FILTER_ENV: &str = "RUST_LOG";
+const DEFAULT_FILTER: &str = "info";
 
-static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+static FILTER: OnceLock<reload::Handle<Targets, Registry>> = OnceLock::new();
 
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var(LOG_FILTER_ENV)
+        .ok()
+        .filter(|spec| !spec.trim().is_empty());
+    let (filter, refused) = match from_env.as_deref().map(parse_filter) {
+        Some(Ok(filter)) => (filter, None),
+        Some(Err(e)) => (default_filter(), Some(e)),
+        None => (default_filter(), None),
+    };
     let (filter, handle) = reload::Layer::new(filter);
     let json = std::env::var(LOG_FORMAT_ENV)
         .map(|v| v == "json")
@@ -39,15 +53,45 @@ pub fn init() {
     };
     if installed.is_ok() {
         let _ = FILTER.set(handle);
+        if let Some(e) = refused {
+            tracing::warn!("{LOG_FILTER_ENV}: {e}; logging at {DEFAULT_FILTER}");
+        }
     }
+}
+
+fn default_filter() -> Targets {
+    DEFAULT_FILTER.parse().expect("the default filter parses")
+}
+
+/// `spec` as a filter. Empty directives are skipped (`info,` is `info`), where tracing's
+/// parser would read one as a target that enables everything.
+fn parse_filter(spec: &str) -> Result<Targets, LogLevelError> {
+    let bad = |why: String| LogLevelError::BadFilter {
+        spec: spec.to_string(),
+        why,
+    };
+    let directives: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(bad("it has no directive".into()));
+    }
+    directives
+        .join(",")
+        .parse::<Targets>()
+        .map_err(|e| bad(e.to_string()))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogLevelError {
     #[error("logging was not set up by this process")]
     NotInitialized,
-    #[error("{0:?} is not a log filter (examples: info, debug, isthmus_registry=debug,info)")]
-    BadFilter(String),
+    #[error(
+        "{spec:?} is not a log filter: {why} (examples: info, debug, isthmus_registry=debug,info)"
+    )]
+    BadFilter { spec: String, why: String },
 }
 
 /// The current log filter, e.g. `info` or `isthmus_registry::watch=debug,info`.
@@ -60,12 +104,36 @@ pub fn current_level() -> Option<String> {
 /// Replaces the log filter (same syntax as `RUST_LOG`).
 pub fn set_level(spec: &str) -> Result<String, LogLevelError> {
     let handle = FILTER.get().ok_or(LogLevelError::NotInitialized)?;
-    let filter =
-        EnvFilter::try_new(spec).map_err(|_| LogLevelError::BadFilter(spec.to_string()))?;
+    let filter = parse_filter(spec)?;
     let shown = filter.to_string();
     handle
         .reload(filter)
         .map_err(|_| LogLevelError::NotInitialized)?;
     tracing::info!(filter = %shown, "log filter changed");
     Ok(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_is_levels_by_target_and_an_empty_directive_is_skipped() {
+        let shown = |spec: &str| parse_filter(spec).map(|f| f.to_string());
+        assert_eq!(shown("info").unwrap(), "info");
+        assert_eq!(
+            shown("info,").unwrap(),
+            "info",
+            "not a target enabling everything"
+        );
+        let both = shown(" isthmus_registry::watch=debug , warn").unwrap();
+        assert!(
+            both.contains("isthmus_registry::watch=debug") && both.contains("warn"),
+            "{both}"
+        );
+        for bad in ["", " , ", "x=y=z", "isthmus_proxy=loud"] {
+            let e = parse_filter(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?} is not a log filter: ")), "{e}");
+        }
+    }
 }
