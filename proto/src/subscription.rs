@@ -71,16 +71,23 @@ impl LocalView {
         if !resp.snapshot || resp.more {
             return Err(SnapshotError::NotASnapshot);
         }
-        let mut view = LocalView {
+        let resources = resp
+            .upserts
+            .into_iter()
+            .map(|r| Ok((r.key.clone(), ViewResource::try_from(r)?)))
+            .collect::<Result<Vec<_>, SnapshotError>>()?;
+        Ok(LocalView {
             version: resp.version,
-            resources: BTreeMap::new(),
-        };
-        for r in resp.upserts {
-            let key = r.key.clone();
-            view.resources.insert(key, ViewResource::try_from(r)?);
-        }
-        Ok(view)
+            resources: view_map(resources),
+        })
     }
+}
+
+/// A view's resources as a map, built at once: its nodes come out full, where inserting
+/// the same resources one by one in key order (as a snapshot sends them) leaves most nodes
+/// about half full. Of a key twice, the last wins, as with inserts.
+fn view_map(resources: Vec<(String, ViewResource)>) -> BTreeMap<String, ViewResource> {
+    resources.into_iter().collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +115,10 @@ pub struct Update {
 pub struct Subscription {
     requests: mpsc::Sender<pb::WatchRequest>,
     responses: Streaming<pb::WatchResponse>,
-    pub view: LocalView,
+    /// The view as of the last version applied. Shared with what the stream's owner
+    /// publishes: an update copies it only while the last one is still in use, so at rest
+    /// a program holds one copy of its view.
+    pub view: Arc<LocalView>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -124,7 +134,7 @@ impl Subscription {
     pub async fn open(
         channel: Channel,
         node: &Node,
-        resume: Option<LocalView>,
+        resume: Option<Arc<LocalView>>,
     ) -> Result<Self, WatchError> {
         let view = resume.unwrap_or_default();
         let (tx, rx) = mpsc::channel(4);
@@ -182,18 +192,21 @@ impl Subscription {
             }
             removals.extend(resp.removals);
         }
+        let view = Arc::make_mut(&mut self.view);
         if update.snapshot {
-            self.view.resources.clear();
-        }
-        for (key, res) in upserts {
-            self.view.resources.insert(key.clone(), res);
-            update.upserted.push(key);
+            update.upserted = upserts.iter().map(|(key, _)| key.clone()).collect();
+            view.resources = view_map(upserts);
+        } else {
+            for (key, res) in upserts {
+                view.resources.insert(key.clone(), res);
+                update.upserted.push(key);
+            }
         }
         for k in removals {
-            self.view.resources.remove(&k);
+            view.resources.remove(&k);
             update.removed.push(k);
         }
-        self.view.version = update.version.clone();
+        view.version = update.version.clone();
         Ok(update)
     }
 
@@ -427,7 +440,7 @@ impl WatchClient {
             crate::backoff::Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
         let mut last_unreachable: Option<String> = None;
         loop {
-            let resume = (*self.state.borrow().view).clone();
+            let resume = self.state.borrow().view.clone();
             let attempt = async {
                 let channel = (self.connect)().await.map_err(|e| e.to_string())?;
                 Subscription::open(channel, &self.node, Some(resume))
@@ -448,7 +461,7 @@ impl WatchClient {
                         Ok(update) => {
                             backoff.reset();
                             last_unreachable = None;
-                            let view = Arc::new(sub.view.clone());
+                            let view = sub.view.clone();
                             let registry =
                                 self.set.as_deref().and_then(crate::registries::followed);
                             self.publish(|s| {

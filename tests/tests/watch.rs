@@ -115,7 +115,7 @@ async fn resume_sends_only_what_changed() {
     let mut sub = Subscription::open(
         reg.channel(Some(&creds)).await.unwrap(),
         &n,
-        Some(saved.clone()),
+        Some(saved.clone().into()),
     )
     .await
     .unwrap();
@@ -137,9 +137,13 @@ async fn resume_sends_only_what_changed() {
     })
     .await
     .expect("change applied");
-    let mut sub = Subscription::open(reg.channel(Some(&creds)).await.unwrap(), &n, Some(saved))
-        .await
-        .unwrap();
+    let mut sub = Subscription::open(
+        reg.channel(Some(&creds)).await.unwrap(),
+        &n,
+        Some(saved.into()),
+    )
+    .await
+    .unwrap();
     let u = sub.next().await.unwrap();
     assert!(!u.snapshot, "resumed without a full resend");
     assert_eq!(u.upserted, vec![service_view_key(&host("reviews", "shop"))]);
@@ -155,9 +159,13 @@ async fn resume_sends_only_what_changed() {
         version: "0123456789ab.3".into(),
         ..Default::default()
     };
-    let mut sub = Subscription::open(reg.channel(Some(&creds)).await.unwrap(), &n, Some(bogus))
-        .await
-        .unwrap();
+    let mut sub = Subscription::open(
+        reg.channel(Some(&creds)).await.unwrap(),
+        &n,
+        Some(bogus.into()),
+    )
+    .await
+    .unwrap();
     assert!(sub.next().await.unwrap().snapshot);
     let m = reg.metrics().await;
     assert_eq!(

@@ -480,7 +480,9 @@ async fn subscribe_all(reg: &Registry, opts: &Opts) -> anyhow::Result<Vec<Subscr
                 })
                 .sum();
         }
-        s.view.resources.retain(|k, _| keep.contains(k));
+        std::sync::Arc::make_mut(&mut s.view)
+            .resources
+            .retain(|k, _| keep.contains(k));
         subs.push(s);
     }
     println!(
