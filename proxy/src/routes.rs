@@ -621,7 +621,9 @@ impl RouteTable {
         }
         // A destination a connection builds in `previous` after this point is built again
         // in this table on its next use, without the state it gathered meanwhile.
-        let carried: HashSet<Keyed> = previous
+        // A destination hashes and compares as its key, which never changes.
+        #[allow(clippy::mutable_key_type)]
+        let carried = previous
             .built()
             .iter()
             .filter_map(|d| {

@@ -219,13 +219,9 @@ async fn a_set_of_registries_on_one_etcd_serves_one_catalog() {
     assert_eq!(digest(&on_a.view.version), digest(&on_b.view.version));
     let saved = on_a.view.clone();
     drop(on_a);
-    let mut moved = Subscription::open(
-        b.channel(Some(&creds)).await.unwrap(),
-        &web,
-        Some(saved.into()),
-    )
-    .await
-    .unwrap();
+    let mut moved = Subscription::open(b.channel(Some(&creds)).await.unwrap(), &web, Some(saved))
+        .await
+        .unwrap();
     let u = moved.next().await.unwrap();
     assert!(
         !u.snapshot && u.upserted.is_empty() && u.removed.is_empty(),

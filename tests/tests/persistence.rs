@@ -65,7 +65,7 @@ async fn restart_on_the_same_data_dir_keeps_catalog_and_tokens() {
     let mut resumed = Subscription::open(
         reg.channel(Some(&creds)).await.unwrap(),
         &node("web", NodeKind::Workload, NETWORK),
-        Some(saved.into()),
+        Some(saved),
     )
     .await
     .unwrap();

@@ -115,7 +115,7 @@ async fn resume_sends_only_what_changed() {
     let mut sub = Subscription::open(
         reg.channel(Some(&creds)).await.unwrap(),
         &n,
-        Some(saved.clone().into()),
+        Some(saved.clone()),
     )
     .await
     .unwrap();
@@ -137,13 +137,9 @@ async fn resume_sends_only_what_changed() {
     })
     .await
     .expect("change applied");
-    let mut sub = Subscription::open(
-        reg.channel(Some(&creds)).await.unwrap(),
-        &n,
-        Some(saved.into()),
-    )
-    .await
-    .unwrap();
+    let mut sub = Subscription::open(reg.channel(Some(&creds)).await.unwrap(), &n, Some(saved))
+        .await
+        .unwrap();
     let u = sub.next().await.unwrap();
     assert!(!u.snapshot, "resumed without a full resend");
     assert_eq!(u.upserted, vec![service_view_key(&host("reviews", "shop"))]);
