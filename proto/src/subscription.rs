@@ -65,22 +65,44 @@ impl LocalView {
 
     /// A view [`encode`](Self::encode)d earlier; a damaged file is an error, never a
     /// partial view.
+    ///
+    /// Each resource is decoded and made a model resource before the next: decoding the
+    /// whole message first held every resource twice at once (its wire form's strings and
+    /// lists beside the model's), and the wire form's freed memory was left scattered among
+    /// the model's, where the allocator cannot give it back.
     pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
         use prost::Message;
-        let resp = pb::WatchResponse::decode(bytes)?;
-        if !resp.snapshot || resp.more {
+        let raw = RawResponse::decode(bytes::Bytes::copy_from_slice(bytes))?;
+        if !raw.snapshot || raw.more {
             return Err(SnapshotError::NotASnapshot);
         }
-        let resources = resp
+        let resources = raw
             .upserts
             .into_iter()
-            .map(|r| Ok((r.key.clone(), ViewResource::try_from(r)?)))
+            .map(|r| {
+                let r = pb::ViewResource::decode(r)?;
+                Ok((r.key.clone(), ViewResource::try_from(r)?))
+            })
             .collect::<Result<Vec<_>, SnapshotError>>()?;
         Ok(LocalView {
-            version: resp.version,
+            version: raw.version,
             resources: view_map(resources),
         })
     }
+}
+
+/// A `WatchResponse` with its resources left encoded (a message and a byte string are the
+/// same on the wire), to decode one at a time.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawResponse {
+    #[prost(string, tag = "1")]
+    version: String,
+    #[prost(bool, tag = "2")]
+    snapshot: bool,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    upserts: Vec<bytes::Bytes>,
+    #[prost(bool, tag = "5")]
+    more: bool,
 }
 
 /// A view's resources as a map, built at once: its nodes come out full, where inserting
@@ -167,23 +189,15 @@ impl Subscription {
     /// in several parts is applied only once its last part arrived, so a stream that breaks
     /// halfway leaves the view (and the version to resume from) as it was.
     pub async fn receive(&mut self) -> Result<Update, WatchError> {
-        let mut parts = Vec::new();
-        loop {
-            let resp = self.responses.message().await?.ok_or(WatchError::Closed)?;
-            let more = resp.more;
-            parts.push(resp);
-            if !more {
-                break;
-            }
-        }
-        // Decode everything before touching the view: a bad resource changes nothing.
-        let mut update = Update {
-            parts: parts.len(),
-            ..Default::default()
-        };
+        // Decode everything before touching the view: a bad resource changes nothing. Each
+        // part is made model resources as it arrives, rather than holding every part's
+        // wire form until the last.
+        let mut update = Update::default();
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
-        for resp in parts {
+        loop {
+            let resp = self.responses.message().await?.ok_or(WatchError::Closed)?;
+            update.parts += 1;
             update.snapshot |= resp.snapshot;
             update.version = resp.version;
             for r in resp.upserts {
@@ -191,6 +205,9 @@ impl Subscription {
                 upserts.push((key, ViewResource::try_from(r)?));
             }
             removals.extend(resp.removals);
+            if !resp.more {
+                break;
+            }
         }
         let view = Arc::make_mut(&mut self.view);
         if update.snapshot {
