@@ -70,9 +70,12 @@ impl LocalView {
     /// whole message first held every resource twice at once (its wire form's strings and
     /// lists beside the model's), and the wire form's freed memory was left scattered among
     /// the model's, where the allocator cannot give it back.
-    pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
+    ///
+    /// Takes the bytes whole (a file's `Vec<u8>` is no copy): each resource is decoded from
+    /// a slice of them.
+    pub fn decode(bytes: impl Into<bytes::Bytes>) -> Result<Self, SnapshotError> {
         use prost::Message;
-        let raw = RawResponse::decode(bytes::Bytes::copy_from_slice(bytes))?;
+        let raw = RawResponse::decode(bytes.into())?;
         if !raw.snapshot || raw.more {
             return Err(SnapshotError::NotASnapshot);
         }

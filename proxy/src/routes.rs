@@ -740,12 +740,10 @@ impl RouteTable {
                 self.addresses.insert(ip, sv.clone());
             }
         }
-        let ports: BTreeSet<u16> = svc.ports.iter().map(|p| p.number).collect();
-        self.available += ports.len() * subsets_of(sv).len();
+        self.available += port_numbers(sv).len() * subsets_of(sv).len();
         // The last of a hostname wins, as in a map.
         if let Some(gone) = self.services.replace(ByHost(sv.clone())) {
-            let ports: BTreeSet<u16> = gone.0.service.ports.iter().map(|p| p.number).collect();
-            self.available -= ports.len() * subsets_of(&gone.0).len();
+            self.available -= port_numbers(&gone.0).len() * subsets_of(&gone.0).len();
         }
     }
 
@@ -865,8 +863,7 @@ impl RouteTable {
         let built = self.built();
         let mut all = Vec::with_capacity(self.available);
         for sv in &self.services {
-            let ports: BTreeSet<u16> = sv.0.service.ports.iter().map(|p| p.number).collect();
-            for port in ports {
+            for port in port_numbers(&sv.0) {
                 for subset in subsets_of(&sv.0) {
                     let key = DestinationKey {
                         hostname: sv.0.service.hostname.clone(),
@@ -883,6 +880,11 @@ impl RouteTable {
         all.sort_by(|a, b| a.key.cmp(&b.key));
         all
     }
+}
+
+/// The port numbers `sv` has destinations for (a number named twice is one).
+fn port_numbers(sv: &ServiceView) -> BTreeSet<u16> {
+    sv.service.ports.iter().map(|p| p.number).collect()
 }
 
 /// The subsets `sv` has destinations for: every endpoint (`""`), each its DestinationRule

@@ -440,7 +440,7 @@ async fn without_the_registry_the_agent_serves_its_snapshot_and_catches_up() {
     let saved = eventually(Duration::from_secs(30), || {
         let view = std::fs::read(&snapshot)
             .ok()
-            .and_then(|b| LocalView::decode(&b).ok());
+            .and_then(|b| LocalView::decode(b).ok());
         let holds = view.is_some_and(|v| v.resources.contains_key(&reviews));
         async move { holds.then_some(()) }
     })

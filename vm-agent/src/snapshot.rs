@@ -29,7 +29,7 @@ pub fn load(path: &Path) -> Option<(LocalView, SystemTime)> {
     let written = std::fs::metadata(path)
         .and_then(|m| m.modified())
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    match LocalView::decode(&bytes) {
+    match LocalView::decode(bytes) {
         Ok(view) => Some((view, written)),
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "ignoring a damaged catalog snapshot");
