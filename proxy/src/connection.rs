@@ -271,7 +271,11 @@ pub async fn accept_loop<F, Fut>(
             %client,
             peer = tracing::field::Empty
         );
-        let work = handle(tcp, AccessRecord::new(guard.id, direction, client));
+        // A connection's future is large (every step from the first read to the relay is in
+        // its state, several kilobytes). Boxed, it is written once into its allocation and
+        // the task holds a pointer; unboxed, spawning and completing the task copied all of
+        // it several times per connection.
+        let work = Box::pin(handle(tcp, AccessRecord::new(guard.id, direction, client)));
         tokio::spawn(
             async move {
                 let rec = work.await;

@@ -317,7 +317,9 @@ impl Listener {
         let mut stream_rec = AccessRecord::new(guard.id, self.direction, client);
         stream_rec.peer_identity = Some(peer.to_string());
         stream_rec.destination = pending.authority.clone().unwrap_or_default();
-        let work = on_stream(pending, peer.clone(), stream_rec);
+        // Boxed, as the accept loop boxes a connection's: a stream's future is large, and
+        // the task then holds a pointer rather than copying it as it starts and ends.
+        let work = Box::pin(on_stream(pending, peer.clone(), stream_rec));
         let tracker = self.tracker.clone();
         tokio::spawn(
             async move {
