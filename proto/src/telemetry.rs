@@ -41,15 +41,13 @@ pub fn init() {
                     .with_writer(std::io::stderr),
             )
             .try_init()
-    } else {
+    } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // Colour only for a person at a terminal, never into files or journals.
         registry
-            .with(
-                fmt::layer()
-                    .with_writer(std::io::stderr)
-                    // Colour only for a person at a terminal, never into files or journals.
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-            )
+            .with(fmt::layer().with_writer(std::io::stderr).with_ansi(true))
             .try_init()
+    } else {
+        registry.with(plain_layer(std::io::stderr)).try_init()
     };
     if installed.is_ok() {
         let _ = FILTER.set(handle);
@@ -57,6 +55,27 @@ pub fn init() {
             tracing::warn!("{LOG_FILTER_ENV}: {e}; logging at {DEFAULT_FILTER}");
         }
     }
+}
+
+/// Plain text for files and journals: tracing's text format, its fields written as
+/// `name=value` (`Debug`, so strings are quoted and escaped) by a formatter with no styling.
+/// tracing's default field formatter paints every name and `=` with an empty style when
+/// colour is off, which was about a third of the instructions of a gateway's access-log line.
+fn plain_layer<S, W>(writer: W) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> fmt::MakeWriter<'w> + 'static,
+{
+    use tracing_subscriber::field::MakeExt;
+    let fields = fmt::format::debug_fn(|w, field, value| match field.name() {
+        "message" => write!(w, "{value:?}"),
+        name => write!(w, "{}={value:?}", name.strip_prefix("r#").unwrap_or(name)),
+    })
+    .delimited(" ");
+    fmt::layer()
+        .with_writer(writer)
+        .with_ansi(false)
+        .fmt_fields(fields)
 }
 
 fn default_filter() -> Targets {
@@ -116,6 +135,46 @@ pub fn set_level(spec: &str) -> Result<String, LogLevelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the plain format writes, as tracing's default field formatter wrote it.
+    #[test]
+    fn plain_lines_write_fields_as_name_equals_value() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::registry().with(plain_layer(move || sink.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let addr: std::net::SocketAddr = "10.0.0.1:443".parse().unwrap();
+            tracing::info!(
+                target: "isthmus::access",
+                conn = 7u64,
+                client = %addr,
+                service = "reviews.shop.svc",
+                error = "bad\nline",
+                "connection"
+            );
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.ends_with(
+                " INFO isthmus::access: connection conn=7 client=10.0.0.1:443 \
+                 service=\"reviews.shop.svc\" error=\"bad\\nline\"\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1, "a newline in a value is escaped");
+    }
 
     #[test]
     fn a_filter_is_levels_by_target_and_an_empty_directive_is_skipped() {
