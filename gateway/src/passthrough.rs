@@ -46,6 +46,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 const DIRECTION: Direction = Direction::passthrough;
 
+/// Bytes the first read of a connection has room for: a ClientHello is usually 0.3–2 KiB.
+const FIRST_READ: usize = 4096;
+
 /// What the listener needs, shared by every connection.
 #[derive(Debug)]
 pub struct Passthrough {
@@ -84,9 +87,10 @@ async fn read_server_name(
 ) -> Result<(String, Vec<u8>), Refusal> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut reader = ClientHelloReader::new();
-    let mut buf = [0u8; 4096];
+    // Room for a usual ClientHello at once; the bytes are read straight into what is kept.
+    reader.buffer().reserve(FIRST_READ);
     loop {
-        let n = match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+        match tokio::time::timeout_at(deadline, tcp.read_buf(reader.buffer())).await {
             Err(_) => {
                 return Err(refusal(
                     "handshake_timeout",
@@ -106,9 +110,9 @@ async fn read_server_name(
                     ),
                 ))
             }
-            Ok(Ok(n)) => n,
-        };
-        match reader.feed(&buf[..n]) {
+            Ok(Ok(_)) => {}
+        }
+        match reader.parse() {
             Ok(Hello::NeedMore) => continue,
             Ok(Hello::ServerName(name)) => return Ok((name, reader.into_received())),
             Err(e) => return Err(refusal(e.reason(), e)),

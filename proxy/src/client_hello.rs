@@ -82,6 +82,18 @@ impl ClientHelloReader {
     /// Adds bytes from the client and says whether the server name is known yet.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Hello, HelloError> {
         self.received.extend_from_slice(bytes);
+        self.parse()
+    }
+
+    /// Where the next bytes from the client go: a reader appends to it (into its spare
+    /// capacity, with no copy and no zeroing), then calls [`parse`](Self::parse).
+    pub fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.received
+    }
+
+    /// Says whether the bytes received so far (see [`buffer`](Self::buffer)) name the server
+    /// yet; as [`feed`](Self::feed) does after adding its bytes.
+    pub fn parse(&mut self) -> Result<Hello, HelloError> {
         if self.received.len() > MAX_CLIENT_HELLO + RECORD_HEADER * 4 {
             return Err(HelloError::TooLarge);
         }
