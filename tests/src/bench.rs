@@ -533,6 +533,15 @@ pub fn cpu_of(pid: u32) -> Duration {
     Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
 }
 
+/// A process's CPU time so far (user + system, all its threads, ended ones included) to the
+/// nanosecond: its CPU-time clock (`clock_getcpuclockid`). Where that clock cannot be read,
+/// [`cpu_of`]'s clock ticks.
+pub fn cpu_ns_of(pid: u32) -> Duration {
+    let clock = nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(pid as i32))
+        .and_then(nix::time::clock_gettime);
+    clock.map_or_else(|_| cpu_of(pid), Duration::from)
+}
+
 /// Subscribers waiting for a series of changes, one task each: round `r` is reached by a
 /// subscriber when `reached(subscription, r)` holds on its view; each then reports
 /// `(r, when)` once. The tasks start together when the caller passes the returned barrier

@@ -83,7 +83,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use isthmus_proto::model::{NodeKind, ViewResource};
 use isthmus_tests::bench::{
-    clock_ticks, cpu_model, median, until_stopped, virtualized, Args, Flag,
+    clock_ticks, cpu_model, cpu_ns_of, median, until_stopped, virtualized, Args, Flag,
 };
 use isthmus_tests::harness::agent::{group_yaml, Vm};
 use isthmus_tests::harness::dns::have;
@@ -92,8 +92,7 @@ use isthmus_tests::harness::netns::{ChildGuard, Net};
 use isthmus_tests::harness::process::ServerProcess;
 use isthmus_tests::node;
 use nix::sys::signal::Signal;
-use nix::time::{clock_getcpuclockid, clock_gettime, ClockId};
-use nix::unistd::Pid;
+use nix::time::{clock_gettime, ClockId};
 
 /// The memory VM's group, service account and app port.
 const MEM_GROUP: &str = "web";
@@ -372,27 +371,6 @@ fn thousands(n: usize) -> String {
 }
 
 // ---- CPU ----
-
-/// CPU time (user + system, all threads) of process `pid`: its CPU-time clock, to the
-/// nanosecond; `/proc/<pid>/stat` (to the clock tick) where that clock is unavailable.
-fn cpu_of(pid: u32) -> anyhow::Result<Duration> {
-    let clock = clock_getcpuclockid(Pid::from_raw(pid as i32))
-        .and_then(clock_gettime)
-        .map(Duration::from);
-    match clock {
-        Ok(d) => Ok(d),
-        Err(_) => cpu_from_stat(pid),
-    }
-}
-
-fn cpu_from_stat(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
-}
 
 fn own_cpu() -> Duration {
     clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID)
@@ -959,7 +937,7 @@ impl Scene<'_> {
     fn run(&self, path: &PathUnder, mode: Mode) -> anyhow::Result<Run> {
         let (addr, pids) = (path.addr, path.pids);
         let cpus = || -> anyhow::Result<[Duration; 3]> {
-            Ok([cpu_of(pids[0])?, cpu_of(pids[1])?, cpu_of(pids[2])?])
+            Ok([cpu_ns_of(pids[0]), cpu_ns_of(pids[1]), cpu_ns_of(pids[2])])
         };
         let mut start = None;
         let r = self.client(

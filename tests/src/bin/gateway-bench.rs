@@ -19,8 +19,9 @@
 //!   (after 1,000 unmeasured ones); round-trip p50/p99, what each proxy adds to the direct
 //!   p50/p99, and the proxy's CPU per round trip.
 //!
-//! Proxy CPU is utime + stime of the proxy process from `/proc/<pid>/stat` (clock ticks,
-//! usually 10 ms), read before and after each measurement (after a short settle, so that
+//! Proxy CPU is the proxy process's CPU-time clock (`clock_getcpuclockid`: user + system
+//! time of all its threads, to the nanosecond; clock ticks from `/proc/<pid>/stat` where it
+//! cannot be read), read before and after each measurement (after a short settle, so that
 //! closing the connections is counted). It is the figure that compares the proxies on equal
 //! terms; throughput and connections/s are also limited by the client's core.
 //!
@@ -62,7 +63,7 @@ use isthmus_proto::identity::{SpiffeId, TrustDomain};
 use isthmus_proto::sni::SniKey;
 use isthmus_proto::tls::{self, ClientAuth, ServerIdentity};
 use isthmus_tests::bench::{
-    clock_ticks, cpu_model, median, until_stopped, virtualized, Args, Flag,
+    clock_ticks, cpu_model, cpu_ns_of, median, until_stopped, virtualized, Args, Flag,
 };
 use isthmus_tests::harness::dns::{free_port, have};
 use isthmus_tests::harness::mesh::{self, yaml};
@@ -127,9 +128,9 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
-/// The proxy's CPU, if there is a proxy (none for the direct baseline).
+/// The proxy's CPU, to the nanosecond, if there is a proxy (none for the direct baseline).
 fn proxy_cpu(pid: Option<u32>) -> anyhow::Result<Option<Duration>> {
-    pid.map(cpu_time).transpose()
+    Ok(pid.map(cpu_ns_of))
 }
 
 fn cpu_delta(before: Option<Duration>, after: Option<Duration>) -> Option<Duration> {
@@ -869,7 +870,7 @@ fn main() -> anyhow::Result<()> {
     print_table(&results);
     print_rounds(&rounds);
     println!(
-        "\nnotes: the client's core does the TLS of both ends (and the direct path's copying), so throughput and connections/s are bounded by it, and a proxy on its own core can beat the direct path; the proxy CPU figures compare the proxies. Ratios above x1 mean isthmus-gateway takes more (CPU, latency) or delivers more (throughput, connections/s). CPU is read at clock-tick resolution. \"others' CPU\" is what the rest of the machine used in each phase (from /proc/stat, less this process and the proxy, 0 when within two clock ticks), in % of a core."
+        "\nnotes: the client's core does the TLS of both ends (and the direct path's copying), so throughput and connections/s are bounded by it, and a proxy on its own core can beat the direct path; the proxy CPU figures compare the proxies. Ratios above x1 mean isthmus-gateway takes more (CPU, latency) or delivers more (throughput, connections/s). The proxies' CPU is read to the nanosecond, the rest of the machine's at clock-tick resolution. \"others' CPU\" is what the rest of the machine used in each phase (from /proc/stat, less this process and the proxy, 0 when within two clock ticks), in % of a core."
     );
     for (label, r) in &rounds {
         for (round, f) in r.iter().enumerate() {
@@ -961,10 +962,9 @@ async fn run(
         opts.pings
     );
     println!(
-        "# peers: {}; {}; SNI key {key}; proxy CPU from /proc/<pid>/stat at {} ticks/s",
+        "# peers: {}; {}; SNI key {key}; proxy CPU from its CPU-time clock",
         first_line("haproxy", &["-v"]),
         first_line("nginx", &["-v"]),
-        clock_ticks()
     );
 
     // Every proxy is started (and checked to route) first; idle, it costs nothing, and the
