@@ -760,19 +760,7 @@ impl SyncMetrics {
 mod tests {
     use super::*;
 
-    /// Log lines written while a test runs, at every level.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::telemetry::tests::Captured;
 
     #[test]
     fn the_trust_domain_comes_from_the_root_and_a_disagreeing_flag_is_refused() {

@@ -133,25 +133,27 @@ pub fn set_level(spec: &str) -> Result<String, LogLevelError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Log lines written while a test runs (a writer for a test's subscriber).
+    #[derive(Clone, Default)]
+    pub(crate) struct Captured(pub(crate) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     /// What the plain format writes, as tracing's default field formatter wrote it.
     #[test]
     fn plain_lines_write_fields_as_name_equals_value() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Lines(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let lines = Lines::default();
+        let lines = Captured::default();
         let sink = lines.clone();
         let subscriber = tracing_subscriber::registry().with(plain_layer(move || sink.clone()));
         tracing::subscriber::with_default(subscriber, || {
