@@ -41,8 +41,11 @@
 //!    winner), the server agent's tunnel listener, the app (`quic`); (b) the same to the
 //!    third server, over a pooled HTTP/2 tunnel (`hbone`); (c) the same to the second
 //!    server, whose agent takes no tunnels: an mTLS connection of its own per connection,
-//!    captured into that agent's inbound (`mtls`); (d) directly to the first server's 7070
-//!    (`direct`). Two modes: a new TCP connection per request (connect, request, reply,
+//!    captured into that agent's inbound (`mtls`); (d) through two HAProxy processes in
+//!    plain TCP mode, one thread each, in place of the agents: the client VM's on its
+//!    loopback, the server VM's on its address, then the first server's 7070 (`haproxy`:
+//!    no TLS, no capture, so what any two user-space proxies on the path cost at least);
+//!    (e) directly to the first server's 7070 (`direct`). Two modes: a new TCP connection per request (connect, request, reply,
 //!    close; the mtls path makes a fresh mTLS connection between the agents for each) and all
 //!    requests on one persistent connection. Per run: each agent's CPU, the server's, the
 //!    client's (over its timed loop), wall time and each request's latency (p50/p99).
@@ -65,7 +68,7 @@
 //! processes of the mesh path share the cores as they would on a VM. The agents log at
 //! `--agent-log` (their default, `info`), into files.
 //!
-//! Run (as root, with `ip` and `nft`; about ten minutes with the defaults):
+//! Run (as root, with `ip`, `nft` and `haproxy`; about ten minutes with the defaults):
 //! `cargo build --release -p isthmus-vm-agent -p isthmus-tests && target/release/agent-bench
 //! [--services 1000] [--idle 5] [--mem-rounds 3] [--starts 5] [--requests 1000]
 //! [--rounds 3] [--size 64] [--peers 10] [--agent-log info] [--only memory,requests,bulk,tunnels]`
@@ -213,6 +216,12 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(opts.size >= 1, "--size must be at least 1");
     for p in ["ip", "nft", "getent"] {
         anyhow::ensure!(have(p), "{p} is not installed");
+    }
+    if opts.runs("requests") || opts.runs("bulk") {
+        anyhow::ensure!(
+            have("haproxy"),
+            "haproxy is not installed (the requests and bulk runs measure two HAProxy hops beside the mesh)"
+        );
     }
     let exe = std::env::current_exe()?;
     let agent = isthmus_tests::bench::sibling_binary("isthmus-vm-agent", "isthmus-vm-agent")?;
@@ -841,17 +850,50 @@ impl Mode {
 const MODES: [Mode; 2] = [Mode::NewConnection, Mode::Persistent];
 /// The mesh over the pooled QUIC tunnel between the agents, over the pooled HTTP/2 tunnel
 /// (to the server whose agent takes HTTP/2 alone), with an mTLS connection per connection
-/// (to the server whose agent takes no tunnels), and no mesh.
-const PATHS: [&str; 4] = ["quic", "hbone", "mtls", "direct"];
+/// (to the server whose agent takes no tunnels); two plain-TCP HAProxy hops in place of the
+/// two agents (no TLS, no capture: what any pair of user-space proxies costs at least); and
+/// no proxy.
+const PATHS: [&str; 5] = ["quic", "hbone", "mtls", "haproxy", "direct"];
 const QUIC: usize = 0;
 const HBONE: usize = 1;
 const MTLS: usize = 2;
-const DIRECT: usize = 3;
+const HAPROXY: usize = 3;
+const DIRECT: usize = 4;
+/// Where the client VM's HAProxy listens (on its loopback) and the server VM's (on its
+/// address): ports outside every group's, so nothing captures them.
+const HAPROXY_CLIENT_PORT: u16 = 7001;
+const HAPROXY_SERVER_PORT: u16 = 7002;
 
 /// Every run, by path and mode: `runs[path][mode]` holds one [`Run`] per round.
-type Rounds = [[Vec<Run>; 2]; 4];
+type Rounds = [[Vec<Run>; 2]; 5];
 /// Per path, the bulk runs.
-type BulkRounds = [Vec<Run>; 4];
+type BulkRounds = [Vec<Run>; 5];
+
+/// A HAProxy forwarding TCP from `bind` to `to`, one thread, no logging, in `vm`.
+fn haproxy_in(
+    m: &Mesh,
+    vm: &Vm,
+    dir: &Path,
+    bind: SocketAddr,
+    to: SocketAddr,
+) -> anyhow::Result<ChildGuard> {
+    let conf = dir.join(format!("haproxy-{}.cfg", bind.port()));
+    std::fs::write(
+        &conf,
+        format!(
+            "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+             timeout client 60s\n  timeout server 60s\nfrontend in\n  bind {bind}\n  \
+             default_backend out\nbackend out\n  server app {to}\n"
+        ),
+    )?;
+    let mut cmd = vm.ns.command("haproxy");
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    m.topo.spawn(cmd).context("starting haproxy")
+}
 
 fn req_catalog() -> Vec<String> {
     vec![
@@ -1029,6 +1071,22 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<(Rounds
     h2_server.wait_ready().await;
     client.wait_ready().await;
 
+    let dir = tempfile::tempdir()?;
+    let haproxy_server = haproxy_in(
+        &m,
+        &server,
+        dir.path(),
+        SocketAddr::from((SERVER_VM, HAPROXY_SERVER_PORT)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, DIRECT_PORT)),
+    )?;
+    let haproxy_client = haproxy_in(
+        &m,
+        &client,
+        dir.path(),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, HAPROXY_CLIENT_PORT)),
+        SocketAddr::from((SERVER_VM, HAPROXY_SERVER_PORT)),
+    )?;
+
     let vip = |name: &str| vip_in(&client, name);
     let client_pid = client_agent.pid();
     let paths = [
@@ -1045,15 +1103,20 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<(Rounds
             pids: [client_pid, mtls_agent.pid(), mtls_app.pid()],
         },
         PathUnder {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, HAPROXY_CLIENT_PORT)),
+            pids: [haproxy_client.pid(), haproxy_server.pid(), app.pid()],
+        },
+        PathUnder {
             addr: SocketAddr::from((SERVER_VM, DIRECT_PORT)),
             pids: [client_pid, server_agent.pid(), app.pid()],
         },
     ];
     println!(
-        "\n# requests: client VM {CLIENT_VM}; quic path: echo.shop.svc.cluster.local = {} (VIP, captured outbound) -> client agent -> a stream of the pooled QUIC tunnel -> server agent at {SERVER_VM} -> 127.0.0.1:{APP_PORT}; hbone path: echo-h2.shop.svc.cluster.local = {} -> client agent -> a stream of the pooled HTTP/2 tunnel -> server agent at {H2_SERVER_VM} (--tunnel-transports h2) -> 127.0.0.1:{APP_PORT}; mtls path: echo-mtls.shop.svc.cluster.local = {} -> client agent -> an mTLS connection of its own -> {MTLS_SERVER_VM}:{APP_PORT} (captured inbound; that agent runs with --tunnel-port 0) -> 127.0.0.1:{APP_PORT}; direct path: {} (not captured); {} unmeasured requests before each run",
+        "\n# requests: client VM {CLIENT_VM}; quic path: echo.shop.svc.cluster.local = {} (VIP, captured outbound) -> client agent -> a stream of the pooled QUIC tunnel -> server agent at {SERVER_VM} -> 127.0.0.1:{APP_PORT}; hbone path: echo-h2.shop.svc.cluster.local = {} -> client agent -> a stream of the pooled HTTP/2 tunnel -> server agent at {H2_SERVER_VM} (--tunnel-transports h2) -> 127.0.0.1:{APP_PORT}; mtls path: echo-mtls.shop.svc.cluster.local = {} -> client agent -> an mTLS connection of its own -> {MTLS_SERVER_VM}:{APP_PORT} (captured inbound; that agent runs with --tunnel-port 0) -> 127.0.0.1:{APP_PORT}; haproxy path: {} (the client VM's HAProxy) -> {SERVER_VM}:{HAPROXY_SERVER_PORT} (the server VM's) -> 127.0.0.1:{DIRECT_PORT}, plain TCP, one thread each, not captured; direct path: {} (not captured); {} unmeasured requests before each run",
         paths[QUIC].addr,
         paths[HBONE].addr,
         paths[MTLS].addr,
+        paths[HAPROXY].addr,
         paths[DIRECT].addr,
         opts.requests / 10
     );
@@ -1144,6 +1207,8 @@ async fn requests(opts: &Opts, exe: &Path, bin: &Path) -> anyhow::Result<(Rounds
             bulk[p].push(r);
         }
     }
+    drop(haproxy_client);
+    drop(haproxy_server);
     stop(&mtls_server, mtls_agent)?;
     drop(mtls_app);
     drop(mtls_server);
@@ -1730,21 +1795,25 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
             opts.rounds
         );
         println!(
-            "{:<28} {:>9} {:>9} {:>9} {:>9} {:>12} {:>13} {:>12} {:>11} {:>11}",
+            "{:<28} {:>9} {:>9} {:>9} {:>9} {:>9} {:>12} {:>13} {:>12} {:>15} {:>11} {:>11} {:>14}",
             "",
             "quic",
             "hbone",
             "mtls",
+            "haproxy",
             "direct",
             "quic/direct",
             "hbone/direct",
             "mtls/direct",
+            "haproxy/direct",
             "quic/mtls",
-            "quic/hbone"
+            "quic/hbone",
+            "hbone/haproxy"
         );
         for (name, pick) in figures {
             let med = |p: usize| median(rounds[p][k].iter().map(|r| pick(r, n)).collect());
-            let (quic, hbone, mtls, direct) = (med(QUIC), med(HBONE), med(MTLS), med(DIRECT));
+            let (quic, hbone, mtls, relay, direct) =
+                (med(QUIC), med(HBONE), med(MTLS), med(HAPROXY), med(DIRECT));
             let ratio = |a: f64, b: f64, agents: bool| {
                 if b > 0.0 && !name.starts_with("others") && (agents || !name.contains("agent")) {
                     format!("x{:.2}", a / b)
@@ -1753,12 +1822,14 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
                 }
             };
             println!(
-                "{name:<28} {quic:>9.1} {hbone:>9.1} {mtls:>9.1} {direct:>9.1} {:>12} {:>13} {:>12} {:>11} {:>11}",
+                "{name:<28} {quic:>9.1} {hbone:>9.1} {mtls:>9.1} {relay:>9.1} {direct:>9.1} {:>12} {:>13} {:>12} {:>15} {:>11} {:>11} {:>14}",
                 ratio(quic, direct, false),
                 ratio(hbone, direct, false),
                 ratio(mtls, direct, false),
+                ratio(relay, direct, false),
                 ratio(quic, mtls, true),
-                ratio(quic, hbone, true)
+                ratio(quic, hbone, true),
+                ratio(hbone, relay, true)
             );
         }
     }
@@ -1801,7 +1872,7 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
         }
     }
     println!(
-        "notes: total = client (its timed loop) + server + both agents; on the direct path the agents only idle (their CPU there is their background work). Per request on the mesh paths with new connections: two captured TCP connections on each VM, and between the agents a stream of the one pooled QUIC tunnel (quic) or HTTP/2 tunnel (hbone), or a full mTLS handshake, no resumption (mtls). Kernel work done in softirq on other processes' time is not attributed. others = what the rest of the machine used during the measured requests, in % of a core"
+        "notes: total = client (its timed loop) + server + both agents; on the haproxy path the two HAProxy processes stand in the agents' columns; on the direct path the agents only idle (their CPU there is their background work). Per request on the mesh paths with new connections: two captured TCP connections on each VM, and between the agents a stream of the one pooled QUIC tunnel (quic) or HTTP/2 tunnel (hbone), or a full mTLS handshake, no resumption (mtls). Kernel work done in softirq on other processes' time is not attributed. others = what the rest of the machine used during the measured requests, in % of a core"
     );
     for (p, path) in PATHS.iter().enumerate() {
         for (k, mode) in MODES.iter().enumerate() {
@@ -1861,7 +1932,7 @@ fn print_bulk(opts: &Opts, bulk: &BulkRounds) {
         );
     }
     println!(
-        "notes: MB moved = both directions ({:.0} MB); MB/agent-CPU-s = that over both agents' CPU (the direct path does not pass them); total = client + server + both agents",
+        "notes: MB moved = both directions ({:.0} MB); MB/agent-CPU-s = that over both agents' CPU (the haproxy path's: both HAProxys'; the direct path passes neither); total = client + server + both agents",
         moved
     );
 }
@@ -1907,13 +1978,14 @@ fn print_summary(
     let per_k = |d: Duration| d.as_secs_f64() * 1e6 / n;
     println!("\n## Summary");
     if opts.runs("bulk") {
-        let (q, h, m) = (
+        let (q, h, m, r) = (
             bulk_rate(opts, bulk, QUIC),
             bulk_rate(opts, bulk, HBONE),
             bulk_rate(opts, bulk, MTLS),
+            bulk_rate(opts, bulk, HAPROXY),
         );
         println!(
-            "bulk, MB moved per CPU-second of both agents: quic {q:.0}, hbone {h:.0}, mtls {m:.0} (QUIC costs x{:.2} of HTTP/2 per byte)",
+            "bulk, MB moved per CPU-second of both agents: quic {q:.0}, hbone {h:.0}, mtls {m:.0} (QUIC costs x{:.2} of HTTP/2 per byte); two plain HAProxy hops {r:.0}",
             h / q
         );
     }
@@ -1935,7 +2007,7 @@ fn print_summary(
         let p99 = |p| med(p, k, &|r| r.p99.as_secs_f64() * 1e6);
         let x = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         println!(
-            "{}: total CPU per 1,000 requests: quic {:.0} ms (x{:.2} direct), hbone {:.0} ms (x{:.2}), mtls {:.0} ms (x{:.2}), direct {:.0} ms; both agents: quic {:.0} ms, hbone {:.0} ms, mtls {:.0} ms (quic/hbone x{:.2}); latency p50 {:.0} / {:.0} / {:.0} / {:.0} µs, p99 {:.0} / {:.0} / {:.0} / {:.0} µs (quic / hbone / mtls / direct)",
+            "{}: total CPU per 1,000 requests: quic {:.0} ms (x{:.2} direct), hbone {:.0} ms (x{:.2}), mtls {:.0} ms (x{:.2}), two plain HAProxy hops {:.0} ms (x{:.2}), direct {:.0} ms; both agents: quic {:.0} ms, hbone {:.0} ms, mtls {:.0} ms (quic/hbone x{:.2}); latency p50 {:.0} / {:.0} / {:.0} / {:.0} µs, p99 {:.0} / {:.0} / {:.0} / {:.0} µs (quic / hbone / mtls / direct)",
             mode.title(),
             total(QUIC),
             x(total(QUIC), total(DIRECT)),
@@ -1943,6 +2015,8 @@ fn print_summary(
             x(total(HBONE), total(DIRECT)),
             total(MTLS),
             x(total(MTLS), total(DIRECT)),
+            total(HAPROXY),
+            x(total(HAPROXY), total(DIRECT)),
             total(DIRECT),
             agents(QUIC),
             agents(HBONE),
