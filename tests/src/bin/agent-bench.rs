@@ -45,10 +45,12 @@
 //!    plain TCP mode, one thread each, in place of the agents: the client VM's on its
 //!    loopback, the server VM's on its address, then the first server's 7070 (`haproxy`:
 //!    no TLS, no capture, so what any two user-space proxies on the path cost at least);
-//!    (e) directly to the first server's 7070 (`direct`). Two modes: a new TCP connection per request (connect, request, reply,
-//!    close; the mtls path makes a fresh mTLS connection between the agents for each) and all
-//!    requests on one persistent connection. Per run: each agent's CPU, the server's, the
-//!    client's (over its timed loop), wall time and each request's latency (p50/p99).
+//!    (e) directly to the first server's 7070 (`direct`). Two modes: a new TCP connection
+//!    per request (connect, request, reply, close; the mtls path makes an mTLS connection
+//!    of its own between the agents for each, which resumes the session of the one before
+//!    it) and all requests on one persistent connection. Per run: each agent's CPU, the
+//!    server's, the client's (over its timed loop), wall time and each request's latency
+//!    (p50/p99).
 //!    `--rounds` rounds, the paths taking turns; medians are printed, every round too.
 //! 4. **Idle memory with tunnels warm.** `--peers` VMs in network A (10.10.0.20 on), each
 //!    with its agent and the echo server behind it, one service each, and the client VM.
@@ -1872,7 +1874,7 @@ fn print_requests(opts: &Opts, rounds: &Rounds) {
         }
     }
     println!(
-        "notes: total = client (its timed loop) + server + both agents; on the haproxy path the two HAProxy processes stand in the agents' columns; on the direct path the agents only idle (their CPU there is their background work). Per request on the mesh paths with new connections: two captured TCP connections on each VM, and between the agents a stream of the one pooled QUIC tunnel (quic) or HTTP/2 tunnel (hbone), or a full mTLS handshake, no resumption (mtls). Kernel work done in softirq on other processes' time is not attributed. others = what the rest of the machine used during the measured requests, in % of a core"
+        "notes: total = client (its timed loop) + server + both agents; on the haproxy path the two HAProxy processes stand in the agents' columns; on the direct path the agents only idle (their CPU there is their background work). Per request on the mesh paths with new connections: two captured TCP connections on each VM, and between the agents a stream of the one pooled QUIC tunnel (quic) or HTTP/2 tunnel (hbone), or an mTLS connection of its own (mtls: TLS 1.3 between the agents; after the first, each resumes the session before it, a key exchange without certificates). Kernel work done in softirq on other processes' time is not attributed. others = what the rest of the machine used during the measured requests, in % of a core"
     );
     for (p, path) in PATHS.iter().enumerate() {
         for (k, mode) in MODES.iter().enumerate() {
