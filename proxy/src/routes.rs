@@ -901,22 +901,17 @@ fn subsets_of(sv: &ServiceView) -> BTreeSet<String> {
     subsets
 }
 
-/// Whether `sv` has a destination for `port` and `subset`, or what it lacks.
+/// Whether `sv` has a destination for `port` and `subset` (one of [`port_numbers`] and one
+/// of [`subsets_of`]), or what it lacks.
 fn serves(sv: &ServiceView, port: u16, subset: &str) -> Result<(), LookupError> {
     let svc = &sv.service;
-    if !svc.ports.iter().any(|p| p.number == port) {
+    if !port_numbers(sv).contains(&port) {
         return Err(LookupError::UnknownPort {
             hostname: svc.hostname.clone(),
             port,
         });
     }
-    let known = subset.is_empty()
-        || sv.subsets.iter().any(|s| s.name == subset)
-        || sv
-            .endpoints
-            .iter()
-            .any(|e| e.labels.get(SUBSET_LABEL).map(String::as_str) == Some(subset));
-    if !known {
+    if !subsets_of(sv).contains(subset) {
         return Err(LookupError::UnknownSubset {
             hostname: svc.hostname.clone(),
             subset: subset.to_string(),
