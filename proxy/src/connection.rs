@@ -459,19 +459,64 @@ impl AccessRecord {
             target: "isthmus::access",
             conn = self.id,
             direction = self.direction.as_str(),
-            client = %self.client,
+            client = %LogAddr(self.client),
             destination = %self.destination,
             service = self.service.as_deref().unwrap_or("-"),
-            endpoint = %self.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            endpoint = %OrDash(self.endpoint.map(LogAddr)),
             peer = self.peer_identity.as_deref().unwrap_or("-"),
             bytes_to_upstream = self.bytes_to_upstream,
             bytes_from_upstream = self.bytes_from_upstream,
             relay = self.relay.unwrap_or("-"),
-            duration_ms = %format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1000.0),
+            duration_ms = %Millis(self.started.elapsed()),
             result = self.result,
             error = self.error.as_deref().unwrap_or("-"),
             "connection"
         );
+    }
+}
+
+/// A value of the access-log line that may not be known yet: `-` then.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// A socket address as `Display` writes it. An IPv4 one is written by `itoa`, a part at a
+/// time: std's writes each address into a buffer first, in case a width asks for padding.
+struct LogAddr(SocketAddr);
+
+impl std::fmt::Display for LogAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        let SocketAddr::V4(v4) = self.0 else {
+            return self.0.fmt(f);
+        };
+        let mut digits = itoa::Buffer::new();
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                f.write_char('.')?;
+            }
+            f.write_str(digits.format(octet))?;
+        }
+        f.write_char(':')?;
+        f.write_str(digits.format(v4.port()))
+    }
+}
+
+/// A duration in milliseconds to the microsecond (`12.345`), written from integers: the
+/// line is written for every connection, and a float with a precision is the slow way.
+struct Millis(Duration);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let micros = self.0.as_micros();
+        write!(f, "{}.{:03}", micros / 1000, micros % 1000)
     }
 }
 
@@ -504,5 +549,29 @@ mod tests {
         assert_eq!(t.drain(Duration::from_secs(5)).await, 1);
         conn.await.unwrap();
         assert_eq!(t.open(), 0);
+    }
+
+    #[test]
+    fn access_log_values_are_written_as_the_line_shows_them() {
+        assert_eq!(OrDash::<SocketAddr>(None).to_string(), "-");
+        let addr: SocketAddr = "10.1.2.3:8080".parse().unwrap();
+        assert_eq!(OrDash(Some(addr)).to_string(), "10.1.2.3:8080");
+        for addr in [
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "127.0.0.1:15443",
+            "[::1]:80",
+            "[fe80::1%2]:15008",
+            "[::ffff:10.0.0.1]:443",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(LogAddr(addr).to_string(), addr.to_string());
+        }
+        assert_eq!(Millis(Duration::from_micros(12_345)).to_string(), "12.345");
+        assert_eq!(Millis(Duration::from_nanos(999)).to_string(), "0.000");
+        assert_eq!(
+            Millis(Duration::from_micros(7_001_020)).to_string(),
+            "7001.020"
+        );
     }
 }
