@@ -36,6 +36,13 @@
 //! RUST_LOG; the log goes to a file); the HAProxy and nginx configurations have no access
 //! log.
 //!
+//! Every proxy relays a half-close, as a mesh gateway must (TLS 1.3 lets each side end its
+//! half on its own, and a protocol may send a FIN and then wait for its answer): when one
+//! side's FIN arrives it is passed on, and the other direction carries on until its own FIN.
+//! isthmus-gateway and HAProxy always do; nginx does with `proxy_half_close on`, which its
+//! configuration here sets (nginx's default closes both sides at the first FIN, so it would
+//! read, write and shut down less per connection than a proxy that keeps TLS's close intact).
+//!
 //! The two cores must be otherwise idle: the output shows the CPU every other process used
 //! (from /proc/stat) in each phase, and a warning, with the process that used most, for
 //! every phase where it was above 5% of a core; the median over the rounds keeps one
@@ -80,8 +87,8 @@ const SERVICE_PORT: u16 = 9080;
 /// First byte of a connection: the backend echoes what it reads.
 const ECHO: u8 = b'E';
 /// First byte of a connection: an 8-byte little-endian length follows, then that many bytes,
-/// which the backend reads and acknowledges with one byte (no half-close is needed, which
-/// nginx's stream proxy does not relay by default).
+/// which the backend reads and acknowledges with one byte (the bulk figure does not depend
+/// on how a proxy ends a connection).
 const SINK: u8 = b'S';
 const ACK: u8 = b'K';
 /// Time for a proxy to finish closing connections before its CPU is read again.
@@ -581,7 +588,7 @@ fn nginx_conf(dir: &Path, port: u16, key: &str, backend: SocketAddr) -> String {
          worker_processes 1;\ndaemon off;\nmaster_process off;\n\
          pid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
          events {{\n  worker_connections 4096;\n}}\n\
-         stream {{\n  map_hash_bucket_size 128;\n  map $ssl_preread_server_name $up {{\n    {key} backend;\n  }}\n  upstream backend {{\n    server {backend};\n  }}\n  server {{\n    listen 127.0.0.1:{port};\n    ssl_preread on;\n    proxy_pass $up;\n  }}\n}}\n"
+         stream {{\n  map_hash_bucket_size 128;\n  map $ssl_preread_server_name $up {{\n    {key} backend;\n  }}\n  upstream backend {{\n    server {backend};\n  }}\n  server {{\n    listen 127.0.0.1:{port};\n    ssl_preread on;\n    proxy_pass $up;\n    proxy_half_close on;\n  }}\n}}\n"
     )
 }
 
