@@ -113,9 +113,11 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
             (Arc::new(Mutex::new(registry)), None)
         }
     };
-    let metrics = Arc::new(Metrics::register(
-        &mut registry.lock().expect("metrics registry poisoned"),
-    ));
+    let metrics = {
+        let mut registry = registry.lock().expect("metrics registry poisoned");
+        crate::udp::receive_buffer::register(&mut registry, &bound.dns.0)?;
+        Arc::new(Metrics::register(&mut registry))
+    };
     let readiness = Readiness::default();
     let (accept, accept_watch) = drain::channel();
     let (rest, rest_watch) = drain::channel();

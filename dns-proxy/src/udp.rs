@@ -4,6 +4,8 @@
 //! single datagram. Answers go out with a non-blocking send each, awaiting writability only
 //! when the socket's buffer is full.
 
+pub mod receive_buffer;
+
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;

@@ -773,6 +773,50 @@ async fn loopback_clients_are_not_rate_limited_by_default() {
     s.stop().await;
 }
 
+/// A local burst far above any rate limit, sent without waiting for answers: the proxy's
+/// socket holds it (its receive buffer is sized for bursts), and whatever the kernel still
+/// drops is counted. Every query is either handled or counted as dropped: none vanishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_burst_is_held_or_its_kernel_drops_are_counted() {
+    const BURST: usize = 5_000;
+    let s = Setup::start(&mesh_catalog(), |c| c.upstreams = vec![dead_upstream()]).await;
+    s.synced().await;
+    let metrics = s.metrics().await;
+    let buffer = metric(&metrics, "isthmus_dns_udp_receive_buffer_bytes").unwrap_or(0.0);
+    assert!(buffer > 0.0, "the receive buffer is exported:\n{metrics}");
+    let local = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    local.connect(s.addr()).await.unwrap();
+    for id in 0..BURST {
+        local
+            .send(&a_query(id as u16, "reviews.shop.svc.cluster.local"))
+            .await
+            .unwrap();
+    }
+    let accounted = |m: &str| {
+        let handled = isthmus_tests::metric_sum(m, "isthmus_dns_queries_total", &[]) as usize;
+        let dropped = metric(m, "isthmus_dns_udp_receive_drops_total").unwrap_or(0.0) as usize;
+        (handled, dropped)
+    };
+    let settled = isthmus_tests::eventually(Duration::from_secs(20), || async {
+        let (handled, dropped) = accounted(&s.metrics().await);
+        (handled + dropped >= BURST).then_some((handled, dropped))
+    })
+    .await;
+    let (handled, dropped) = settled.unwrap_or_else(|| {
+        panic!(
+            "{BURST} sent, but handled and dropped are {:?}",
+            accounted(&metrics)
+        )
+    });
+    assert_eq!(
+        handled + dropped,
+        BURST,
+        "handled {handled}, dropped {dropped}"
+    );
+    eprintln!("burst of {BURST}: {handled} handled, {dropped} dropped by the kernel, buffer {buffer} bytes");
+    s.stop().await;
+}
+
 /// The RCODE of a DNS answer (the low nibble of the fourth header byte).
 fn rcode(answer: &[u8]) -> u8 {
     answer[3] & 0x0f

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::server::{self, Resolver, TcpLimits};
-use crate::udp;
+use crate::udp::{self, receive_buffer};
 
 /// How many times a kernel-chosen port is tried for a port free for both UDP and TCP.
 const DNS_PORT_ATTEMPTS: usize = 16;
@@ -33,6 +33,28 @@ pub(super) async fn bind(config: &Config) -> anyhow::Result<Bound> {
     })
 }
 
+/// Asks for a receive buffer that holds a burst of queries (`udp::receive_buffer`) and says
+/// what was granted; a smaller one is a warning, not a failure.
+fn size_receive_buffer(udp: &UdpSocket, addr: SocketAddr) {
+    let want = receive_buffer::RECEIVE_BUFFER;
+    match receive_buffer::size_receive_buffer(udp, want) {
+        // The kernel reports twice what it granted.
+        Ok(reported) if reported / 2 >= want => {
+            tracing::debug!(%addr, bytes = reported / 2, "DNS over UDP: receive buffer");
+        }
+        Ok(reported) => tracing::warn!(
+            %addr,
+            granted_bytes = reported / 2,
+            wanted_bytes = want,
+            "DNS over UDP: the receive buffer is smaller than asked for, so a burst of \
+             queries past it is dropped by the kernel (counted in \
+             isthmus_dns_udp_receive_drops); raise net.core.rmem_max or give the process \
+             CAP_NET_ADMIN"
+        ),
+        Err(e) => tracing::warn!(%addr, error = %e, "DNS over UDP: cannot size the receive buffer"),
+    }
+}
+
 /// Binds UDP and TCP on the same port (the kernel picks one for port 0).
 async fn bind_dns(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
     let mut last = None;
@@ -41,6 +63,7 @@ async fn bind_dns(addr: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> 
             .await
             .with_context(|| format!("binding DNS on udp {addr}"))?;
         let bound = udp.local_addr()?;
+        size_receive_buffer(&udp, bound);
         match program::bind(bound, "DNS over TCP").await {
             Ok(tcp) => return Ok((udp, tcp)),
             // Only a kernel-chosen port can be retried: that one was free for UDP only.
