@@ -4,7 +4,7 @@
 //! A burst of queries larger than the buffer is dropped by the kernel before any worker can
 //! read it, with no answer and nothing in the proxy's own counters: for the client a silent
 //! drop, which a resolver library waits out (5 s by default). The system's default buffer
-//! (`net.core.rmem_default`, 208 KiB on most systems) holds about 500 small queries. The
+//! (`net.core.rmem_default`, 208 KiB on most systems) holds about 250 small queries. The
 //! proxy asks for [`RECEIVE_BUFFER`]: with `CAP_NET_ADMIN` (the VM agent has it for its
 //! nftables rules) past `net.core.rmem_max`, without it up to that limit. The size granted
 //! is logged at start, and the kernel's drop count for the socket is exported at every
@@ -19,9 +19,12 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
-/// Bytes of receive buffer asked for the DNS socket: about 10,000 queries of a usual size
+/// Bytes of receive buffer asked for the DNS socket: about 2,500 queries of a usual size
 /// (each datagram is charged its payload and the kernel's bookkeeping, ~400 bytes in all).
-pub const RECEIVE_BUFFER: usize = 4 << 20;
+/// Larger is not better: during a flood from another address, every query queued ahead of a
+/// local one is a wait, and a 4 MiB buffer tripled a loopback client's 99th percentile
+/// (dns-bench's flood) where 1 MiB kept it where the system's default left it.
+pub const RECEIVE_BUFFER: usize = 1 << 20;
 
 /// Asks for `want` bytes of receive buffer on `socket`, past `net.core.rmem_max` where the
 /// process may (`SO_RCVBUFFORCE`), and returns the size the kernel reports (it doubles what
