@@ -25,6 +25,7 @@ mod purge;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context;
 use arc_swap::ArcSwap;
 use isthmus_proto::admin::Readiness;
 use isthmus_proto::drain;
@@ -115,7 +116,8 @@ pub async fn run_with(config: Config, embedding: Option<Embedding>) -> anyhow::R
     };
     let metrics = {
         let mut registry = registry.lock().expect("metrics registry poisoned");
-        crate::udp::receive_buffer::register(&mut registry, &bound.dns.0)?;
+        crate::udp::receive_buffer::register(&mut registry, &bound.dns.0)
+            .context("reading the DNS socket for its receive-buffer metrics")?;
         Arc::new(Metrics::register(&mut registry))
     };
     let readiness = Readiness::default();

@@ -48,7 +48,7 @@ fn size_receive_buffer(udp: &UdpSocket, addr: SocketAddr) {
             wanted_bytes = want,
             "DNS over UDP: the receive buffer is smaller than asked for, so a burst of \
              queries past it is dropped by the kernel (counted in \
-             isthmus_dns_udp_receive_drops); raise net.core.rmem_max or give the process \
+             isthmus_dns_udp_receive_drops_total); raise net.core.rmem_max or give the process \
              CAP_NET_ADMIN"
         ),
         Err(e) => tracing::warn!(%addr, error = %e, "DNS over UDP: cannot size the receive buffer"),

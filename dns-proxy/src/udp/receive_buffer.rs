@@ -8,7 +8,7 @@
 //! proxy asks for [`RECEIVE_BUFFER`]: with `CAP_NET_ADMIN` (the VM agent has it for its
 //! nftables rules) past `net.core.rmem_max`, without it up to that limit. The size granted
 //! is logged at start, and the kernel's drop count for the socket is exported at every
-//! scrape as `isthmus_dns_udp_receive_drops`, read from `/proc/net/udp` and `udp6`.
+//! scrape as `isthmus_dns_udp_receive_drops_total`, read from `/proc/net/udp` and `udp6`.
 
 use std::os::fd::AsFd;
 
@@ -37,14 +37,14 @@ pub fn size_receive_buffer(socket: &impl AsFd, want: usize) -> std::io::Result<u
 }
 
 /// The socket's inode number, which `/proc/net/udp` names it by.
-pub fn inode_of(socket: &impl AsFd) -> std::io::Result<u64> {
+fn inode_of(socket: &impl AsFd) -> std::io::Result<u64> {
     Ok(nix::sys::stat::fstat(socket.as_fd())?.st_ino)
 }
 
 /// The kernel's count of datagrams dropped on the UDP socket with inode `inode`, from the
 /// `drops` column of `/proc/net/udp` or `udp6` (this process's network namespace); `None`
 /// when neither lists it.
-pub fn drops_of(inode: u64) -> Option<u64> {
+fn drops_of(inode: u64) -> Option<u64> {
     ["/proc/self/net/udp", "/proc/self/net/udp6"]
         .iter()
         .filter_map(|table| std::fs::read_to_string(table).ok())
@@ -80,9 +80,9 @@ pub fn register(
 
 /// Exports the DNS socket's receive buffer and its kernel drops, read at scrape time.
 #[derive(Debug)]
-pub struct ReceiveCollector {
-    pub inode: u64,
-    pub buffer_bytes: usize,
+struct ReceiveCollector {
+    inode: u64,
+    buffer_bytes: usize,
 }
 
 impl Collector for ReceiveCollector {
