@@ -1,7 +1,7 @@
 //! DNS test helpers: a real `unbound` on loopback serving `local-data`, the real `dig`, and
 //! a DNS proxy config pointed at a test registry.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,16 +33,7 @@ pub fn require(program: &str, package: &str) -> bool {
     false
 }
 
-/// A loopback port free (at the moment) for both UDP and TCP.
-pub fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+pub use super::process::free_port;
 
 /// A loopback address where nothing answers DNS: queries to it are refused at once.
 pub fn dead_upstream() -> SocketAddr {

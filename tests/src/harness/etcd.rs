@@ -6,12 +6,12 @@
 //! Where `etcd` is not installed, [`EtcdCluster::start`] says so and returns `None`, except
 //! under CI (`CI=true`), where it panics: `.ci/run` installs it.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::process::ServerProcess;
+use super::process::{free_port, ServerProcess};
 use super::registry::{eventually, http_get};
 
 /// How long a member gets to report itself healthy.
@@ -40,9 +40,7 @@ fn etcd_binary() -> Option<PathBuf> {
 }
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 impl EtcdCluster {

@@ -50,7 +50,7 @@ use serde_json::json;
 pub use http::Response;
 pub use peers::{available, bin_dir, peers, Peers};
 
-use super::process::ServerProcess;
+use super::process::{free_port, ServerProcess};
 
 /// The namespace of the registry's reader account, as in `deploy/kubernetes/rbac.yaml`.
 pub const READER_NAMESPACE: &str = "isthmus-system";
@@ -130,13 +130,6 @@ impl Drop for KubeApi {
     }
 }
 
-/// A loopback TCP port free at the moment.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// The last lines of a peer's log, for an error saying why it did not start.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -180,7 +173,7 @@ impl KubeApi {
         let started = Instant::now();
         let (etcd, etcd_addr) = start_etcd(peers, dir.path()).await?;
         let etcd_ready = started.elapsed();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let apiserver_args = apiserver_args(dir.path(), addr, etcd_addr, &options);
         let mut api = KubeApi {
             apiserver: None,
@@ -755,8 +748,8 @@ async fn start_etcd(peers: &Peers, dir: &Path) -> anyhow::Result<(ServerProcess,
     let log = dir.join("etcd.log");
     let mut last = None;
     for _ in 0..3 {
-        let client = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let peer = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let peer = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let args: Vec<OsString> = vec![
             format!("--data-dir={}", dir.join("etcd").display()).into(),
             format!("--listen-client-url=http://{client}").into(),

@@ -2,12 +2,35 @@
 //! stopped by its own PID when its handle drops, however the caller ends — SIGTERM first,
 //! so it can shut down cleanly, then SIGKILL if it lingers — and always reaped.
 
+use std::net::{TcpListener, UdpSocket};
 use std::ops::{Deref, DerefMut};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// How long a process gets after SIGTERM before it is killed.
 const GRACE: Duration = Duration::from_secs(5);
+
+/// A loopback port free at the moment for both TCP and UDP, for a server a test starts.
+///
+/// It is picked below the kernel's ephemeral range: a port the kernel hands out
+/// (`bind(0)`) can be handed out again, to any process's outgoing connection, before the
+/// server binds it (or binds it again on a restart); one below that range is only ever
+/// taken by a listener that asks for it by number.
+pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(2048);
+    loop {
+        let port = 1024 + rand::random::<u16>() % (low - 1024);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct ServerProcess(Child);

@@ -33,12 +33,27 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
+/// A loopback port free at the moment, picked below the kernel's ephemeral range: a port
+/// the kernel hands out (`bind(0)`) can be handed out again, to any test's outgoing
+/// connection, before etcd binds it; one below that range only to a listener that asks
+/// for it by number.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = low.max(2048);
+    loop {
+        let port = rand::random::<u16>() % (low - 1024) + 1024;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Whether etcd's log says it lost one of its ports to another process.
+fn lost_a_port(log: &str) -> bool {
+    log.contains("address already in use")
 }
 
 impl Etcd {
@@ -73,6 +88,14 @@ impl Etcd {
         };
         if tls {
             etcd.make_certificates();
+        }
+        // A port taken between the pick and etcd's bind: twice more on fresh ports.
+        for _ in 0..2 {
+            if etcd.try_run(&bin).await {
+                return Some(etcd);
+            }
+            etcd.client = free_port();
+            etcd.peer = free_port();
         }
         etcd.run(&bin).await;
         Some(etcd)
@@ -179,6 +202,11 @@ impl Etcd {
     }
 
     async fn run(&mut self, bin: &Path) {
+        assert!(self.try_run(bin).await, "etcd lost a port:\n{}", self.log());
+    }
+
+    /// Starts etcd and waits until it answers: false if it exited for want of a port.
+    async fn try_run(&mut self, bin: &Path) -> bool {
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
         let pki = self.dir.path().join("pki");
@@ -212,10 +240,15 @@ impl Etcd {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if EtcdStore::connect(self.config()).await.is_ok() {
-                return;
+                return true;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("etcd exited ({status}):\n{}", self.log());
+                let log = self.log();
+                if lost_a_port(&log) {
+                    self.child = None;
+                    return false;
+                }
+                panic!("etcd exited ({status}):\n{log}");
             }
             assert!(
                 Instant::now() < deadline,
