@@ -882,36 +882,45 @@ impl RouteTable {
     }
 }
 
-/// The port numbers `sv` has destinations for (a number named twice is one).
-fn port_numbers(sv: &ServiceView) -> BTreeSet<u16> {
-    sv.service.ports.iter().map(|p| p.number).collect()
+/// Every port number `sv` names, a number named twice as often as it is named.
+fn ports_named(sv: &ServiceView) -> impl Iterator<Item = u16> + '_ {
+    sv.service.ports.iter().map(|p| p.number)
 }
 
-/// The subsets `sv` has destinations for: every endpoint (`""`), each its DestinationRule
-/// defines, and each endpoint's [`SUBSET_LABEL`] value.
+/// Every subset `sv` names, some more than once: every endpoint (`""`), each its
+/// DestinationRule defines, and each endpoint's [`SUBSET_LABEL`] value.
+fn subsets_named(sv: &ServiceView) -> impl Iterator<Item = &str> + '_ {
+    std::iter::once("")
+        .chain(sv.subsets.iter().map(|s| s.name.as_str()))
+        .chain(
+            sv.endpoints
+                .iter()
+                .filter_map(|e| e.labels.get(SUBSET_LABEL).map(String::as_str)),
+        )
+}
+
+/// The port numbers `sv` has destinations for (a number named twice is one).
+fn port_numbers(sv: &ServiceView) -> BTreeSet<u16> {
+    ports_named(sv).collect()
+}
+
+/// The subsets `sv` has destinations for, each once (see [`subsets_named`]).
 fn subsets_of(sv: &ServiceView) -> BTreeSet<String> {
-    let mut subsets: BTreeSet<String> = BTreeSet::new();
-    subsets.insert(String::new());
-    subsets.extend(sv.subsets.iter().map(|s| s.name.clone()));
-    for e in &sv.endpoints {
-        if let Some(v) = e.labels.get(SUBSET_LABEL) {
-            subsets.insert(v.clone());
-        }
-    }
-    subsets
+    subsets_named(sv).map(str::to_string).collect()
 }
 
 /// Whether `sv` has a destination for `port` and `subset` (one of [`port_numbers`] and one
-/// of [`subsets_of`]), or what it lacks.
+/// of [`subsets_of`]), or what it lacks. It scans instead of building those sets: a table
+/// rebuild asks this of every destination it carries over.
 fn serves(sv: &ServiceView, port: u16, subset: &str) -> Result<(), LookupError> {
     let svc = &sv.service;
-    if !port_numbers(sv).contains(&port) {
+    if !ports_named(sv).any(|p| p == port) {
         return Err(LookupError::UnknownPort {
             hostname: svc.hostname.clone(),
             port,
         });
     }
-    if !subsets_of(sv).contains(subset) {
+    if !subsets_named(sv).any(|s| s == subset) {
         return Err(LookupError::UnknownSubset {
             hostname: svc.hostname.clone(),
             subset: subset.to_string(),
