@@ -515,7 +515,8 @@ struct Millis(Duration);
 
 impl std::fmt::Display for Millis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let micros = self.0.as_micros();
+        // As u64 (585,000 years of microseconds): std formats a u128 the long way.
+        let micros = u64::try_from(self.0.as_micros()).unwrap_or(u64::MAX);
         write!(f, "{}.{:03}", micros / 1000, micros % 1000)
     }
 }
