@@ -802,12 +802,10 @@ async fn a_local_burst_is_held_or_its_kernel_drops_are_counted() {
         (handled + dropped >= BURST).then_some((handled, dropped))
     })
     .await;
-    let (handled, dropped) = settled.unwrap_or_else(|| {
-        panic!(
-            "{BURST} sent, but handled and dropped are {:?}",
-            accounted(&metrics)
-        )
-    });
+    let Some((handled, dropped)) = settled else {
+        let now = accounted(&s.metrics().await);
+        panic!("{BURST} sent, but handled and dropped are {now:?}");
+    };
     assert_eq!(
         handled + dropped,
         BURST,
